@@ -1,0 +1,1 @@
+"""kt-core's Hydra configs (installed as the ``kt_conf`` package)."""

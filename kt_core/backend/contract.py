@@ -1,0 +1,242 @@
+"""The device contract: one abstract class every device plugin implements.
+
+A plugin describes one kind of device (``cpu``, ``cuda``, ...). Its class-level
+``probe()`` says whether the kind is usable here *without initialising it* (no
+CUDA context at import or probe time); an instance then exposes resources
+(devices, memory, pinned host buffers, streams, events) and ops.
+
+Every op has a reference implementation in :class:`kt_core.backend.TorchBackend`
+on plain torch; plugins override the hot ones with their own kernels. The
+conformance suite (``tests/conformance``) compares every op of every available
+plugin against a float64 reference.
+
+Tensor layouts used by the ops (T tokens, H hidden, E experts, K top-k):
+
+- paged KV cache: ``k_cache`` / ``v_cache`` of shape
+  ``[num_blocks, block_size, num_kv_heads, head_dim]``; a sequence's blocks are
+  listed in a row of ``block_tables [B, max_blocks]`` (int32), a token's slot is
+  ``block * block_size + offset``.
+- varlen batches: queries of all sequences concatenated ``[T, Hq, D]`` with
+  ``query_start_loc [B+1]`` (cumulative), ``seq_lens [B]`` the context length of
+  each sequence *including* the new tokens (so prefix-cached or chunked prefill
+  is the same call).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
+
+
+class Op(str, Enum):
+    """Operations of the contract; ``supports(op, dtype, quant)`` is asked per op."""
+
+    LINEAR = "linear"
+    MOE_EXPERTS = "moe_experts"
+    ATTENTION_PREFILL = "attention_prefill"
+    ATTENTION_DECODE = "attention_decode"
+    WRITE_KV = "write_kv"
+    COPY_BLOCKS = "copy_blocks"
+    SWAP_BLOCKS = "swap_blocks"
+    RMSNORM = "rmsnorm"
+    ROPE = "rope"
+    ROUTE = "route"
+    SAMPLE = "sample"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether a device kind is usable here, and why (always a reason, also when usable)."""
+
+    available: bool
+    reason: str
+    device_count: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    total_bytes: int
+
+
+class Backend(abc.ABC):
+    """A device plugin. Subclass :class:`kt_core.backend.TorchBackend`, not this,
+    unless the plugin does not run on torch at all.
+
+    Class attributes:
+      name:          the plugin's registry name (``cuda``, ``cpu``, ...)
+      device_type:   the torch device string (ROCm is ``cuda``, Ascend is ``npu``)
+      dist_backend:  torch.distributed backend name (nccl, gloo, xccl, hccl)
+      visible_devices_env: environment variable that limits visible devices
+    """
+
+    name: ClassVar[str]
+    device_type: ClassVar[str]
+    dist_backend: ClassVar[str] = "gloo"
+    visible_devices_env: ClassVar[Optional[str]] = None
+
+    # ---- identity and probing (class-level: nothing is initialised) ----
+    @classmethod
+    @abc.abstractmethod
+    def probe(cls) -> ProbeResult:
+        """Availability plus a human reason; must not initialise the device."""
+
+    @classmethod
+    def score(cls) -> int:
+        """Rank among variants of one kind (higher is better); 0 = unusable here."""
+        return 1 if cls.probe().available else 0
+
+    # ---- resources ----
+    @abc.abstractmethod
+    def devices(self) -> list[DeviceInfo]:
+        """The devices of this kind visible to the process."""
+
+    @abc.abstractmethod
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        """Free and total memory of device ``index`` in bytes."""
+
+    @abc.abstractmethod
+    def torch_device(self, index: int = 0) -> torch.device:
+        """The torch device tensors of device ``index`` live on."""
+
+    @abc.abstractmethod
+    def host_buffer(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor this device copies to/from asynchronously (pinned where it can)."""
+
+    @abc.abstractmethod
+    def new_stream(self, index: int = 0) -> Any:
+        """A new stream (work queue) on device ``index``."""
+
+    @abc.abstractmethod
+    def new_event(self, index: int = 0) -> Any:
+        """A new event to record on a stream and wait for."""
+
+    @abc.abstractmethod
+    def synchronize(self, index: Optional[int] = None) -> None:
+        """Wait for all queued work on device ``index`` (all devices if None)."""
+
+    # ---- capabilities (class-level, so the planner can ask about an absent device) ----
+    @classmethod
+    @abc.abstractmethod
+    def supports(cls, op: Op | str, dtype: torch.dtype, quant: Quant | str = Quant.NONE) -> bool:
+        """Whether ``op`` runs here with activations in ``dtype`` and weights in ``quant``."""
+
+    # ---- expert GEMM and dense ----
+    @abc.abstractmethod
+    def linear(self, x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x @ W.T + b``; ``weight`` is a tensor or a :class:`QuantizedWeight`."""
+
+    @abc.abstractmethod
+    def moe_experts(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        experts: ExpertWeights,
+        activation: str = "silu",
+    ) -> torch.Tensor:
+        """Weighted sum over the routes that land on experts this device holds.
+
+        hidden [T, H]; topk_ids [T, K] (global expert ids); topk_weights [T, K].
+        Routes to experts not in ``experts.expert_ids`` contribute zero, so the
+        partial sums of several devices add up to the full MoE output.
+        """
+
+    # ---- attention over the paged cache ----
+    @abc.abstractmethod
+    def attention_prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        scale: float,
+        causal: bool = True,
+        sliding_window: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Varlen attention of new queries [T, Hq, D] over each sequence's cached context."""
+
+    @abc.abstractmethod
+    def attention_decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+        sliding_window: Optional[int] = None,
+    ) -> torch.Tensor:
+        """One query per sequence, q [B, Hq, D], over its seq_lens[b] cached tokens."""
+
+    # ---- cache ops ----
+    @abc.abstractmethod
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store k/v [T, Hkv, D] at flat slots [T] (negative slots are skipped: padding)."""
+
+    @abc.abstractmethod
+    def copy_blocks(self, caches: Sequence[torch.Tensor], block_mapping: torch.Tensor) -> None:
+        """For every (src, dst) row of ``block_mapping [N, 2]`` copy block src to dst in each cache."""
+
+    @abc.abstractmethod
+    def swap_blocks(self, src: torch.Tensor, dst: torch.Tensor, block_mapping: torch.Tensor) -> None:
+        """Copy blocks between caches on different devices (host <-> device), rows (src, dst)."""
+
+    # ---- small ops ----
+    @abc.abstractmethod
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMS normalisation over the last dim, computed in float32, returned in x's dtype."""
+
+    @abc.abstractmethod
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+             cos_sin: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding on q [T, Hq, D] and k [T, Hk, D].
+
+        ``cos_sin [max_pos, rot_dim]`` holds cos in the first half, sin in the second;
+        the first ``rot_dim`` features rotate (partial rotary), the rest pass through.
+        ``interleaved`` pairs (0,1),(2,3).. (GPT-J / DeepSeek MLA); else halves (NeoX / Llama).
+        """
+
+    @abc.abstractmethod
+    def route(self, logits: torch.Tensor, top_k: int, scoring: str = "softmax",
+              renormalize: bool = True, n_group: int = 1, topk_group: int = 1,
+              bias: Optional[torch.Tensor] = None, routed_scaling_factor: float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> (weights float32 [T, K], ids int64 [T, K]).
+
+        scoring: ``softmax`` (Mixtral, Qwen), ``sigmoid`` (DeepSeek-V3; ``bias`` is the
+        e_score_correction_bias used only for choosing), ``softmax_topk`` (softmax over
+        the chosen logits, GPT-OSS). ``n_group > 1`` limits the choice to the best
+        ``topk_group`` groups (group score: max for softmax, sum of top-2 for sigmoid).
+        """
+
+    @abc.abstractmethod
+    def sampling_probs(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+        """Per-row sampling distribution [B, V] after temperature, top-k, top-p and min-p
+        (top_k <= 0 / top_p >= 1 / min_p <= 0 disable a filter). Rows with temperature 0
+        are greedy: all mass on the argmax."""
+
+    @abc.abstractmethod
+    def sample(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+               top_p: torch.Tensor, min_p: torch.Tensor,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw one token id per row from :meth:`sampling_probs`; int64 [B]."""
+
+__all__ = ["Backend", "DeviceInfo", "ExpertWeights", "MemoryInfo", "Op", "ProbeResult", "Quant", "QuantizedWeight"]

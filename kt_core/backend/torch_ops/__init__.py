@@ -1,0 +1,1 @@
+"""Reference implementations of the contract's ops on plain torch (any device)."""

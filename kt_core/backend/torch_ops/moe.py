@@ -1,0 +1,84 @@
+"""Expert GEMM and dense linear on torch: the reference every native kernel matches."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kt_core.weights.quant import ExpertWeights, Weight, dequantize
+
+ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+# GPT-OSS clamped SwiGLU constants (fixed by that architecture)
+SWIGLU_OAI_ALPHA = 1.702
+SWIGLU_OAI_LIMIT = 7.0
+
+
+def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    w = dequantize(weight, x.dtype) if not isinstance(weight, torch.Tensor) else weight
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up, in the inputs' dtype."""
+    if activation == "silu":
+        return F.silu(gate) * up
+    if activation == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    if activation == "swiglu_oai":
+        gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
+        up = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
+        return (up + 1) * (gate * torch.sigmoid(gate * SWIGLU_OAI_ALPHA))
+    raise ValueError(f"unknown MoE activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+
+
+def local_route_index(topk_ids: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """For every route, the index of its expert among ``expert_ids`` or -1 if not held here."""
+    size = int(max(int(topk_ids.max()), int(expert_ids.max()))) + 1 if topk_ids.numel() else 1
+    lut = torch.full((size,), -1, dtype=torch.long, device=topk_ids.device)
+    lut[expert_ids.to(topk_ids.device, torch.long)] = torch.arange(
+        expert_ids.numel(), device=topk_ids.device)
+    return lut[topk_ids.long()]
+
+
+def _expert_weight(w: Weight, e: int, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(w, torch.Tensor):
+        return w[e].to(dtype)
+    return dequantize(w.select(e), dtype)
+
+
+def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                experts: ExpertWeights, activation: str = "silu") -> torch.Tensor:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown MoE activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    T, K = topk_ids.shape
+    out = torch.zeros(T, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    if T == 0 or experts.expert_ids.numel() == 0:
+        return out.to(hidden.dtype)
+    local = local_route_index(topk_ids, experts.expert_ids).reshape(-1)
+    held = (local >= 0).nonzero().squeeze(-1)
+    if held.numel() == 0:
+        return out.to(hidden.dtype)
+    order = local[held].argsort(stable=True)
+    routes = held[order]
+    counts = torch.bincount(local[routes], minlength=experts.expert_ids.numel()).tolist()
+    tokens = routes // K
+    weights = topk_weights.reshape(-1)[routes].float()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok = tokens[start:start + n]
+        x = hidden[tok]
+        g = F.linear(x, _expert_weight(experts.gate, e, x.dtype))
+        u = F.linear(x, _expert_weight(experts.up, e, x.dtype))
+        if experts.gate_bias is not None:
+            g = g + experts.gate_bias[e].to(x.dtype)
+        if experts.up_bias is not None:
+            u = u + experts.up_bias[e].to(x.dtype)
+        y = F.linear(gated_activation(g, u, activation), _expert_weight(experts.down, e, x.dtype))
+        if experts.down_bias is not None:
+            y = y + experts.down_bias[e].to(x.dtype)
+        out.index_add_(0, tok, y.float() * weights[start:start + n, None])
+        start += n
+    return out.to(hidden.dtype)

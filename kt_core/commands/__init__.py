@@ -1,0 +1,1 @@
+"""One module per ``kt`` verb: ``HELP``, ``USAGE``, optional ``FLAGS``, ``run(overrides, flags)``."""

@@ -1,0 +1,123 @@
+"""Structured-config schema of every Hydra group; registered in Hydra's ConfigStore.
+
+The root ``KtConfig`` types every group, so a misspelled key or a wrong type
+fails at compose time naming the key. Each group's dataclass is also stored
+under ``schema/<group>`` so a vendor package can extend or reuse it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ExpertStrategy(str, Enum):
+    uniform = "uniform"  # the same number of experts per layer on each accelerator
+    front_loading = "front_loading"  # fill accelerators from the first MoE layer on
+    frequency = "frequency"  # most-activated experts first (needs stats_file)
+    auto = "auto"  # fill free memory minus reserve, most-used first when stats exist
+    explicit = "explicit"  # the per-layer lists in ``layers``
+
+
+class WeightFormat(str, Enum):
+    none = "none"  # weights stay in model.dtype
+    int8 = "int8"
+    int4 = "int4"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class DeviceConfig:
+    """One device kind the run uses. Keyed by a name under ``device`` (cpu, cuda, ...)."""
+
+    backend: str = MISSING  # registry name of the plugin
+    count: Optional[int] = None  # devices of this kind to use; null = all visible (1 if absent)
+    memory_gb: Optional[float] = None  # budget per device; null = its free memory at start
+    reserve_gb: float = 1.0  # kept free on each device for the runtime and fragmentation
+    threads: Optional[int] = None  # cpu: worker threads; null = physical cores
+    visible: Optional[str] = None  # device ids to expose, e.g. "0,2" (sets the plugin's env var)
+
+
+@dataclass
+class ExpertPolicyConfig:
+    strategy: ExpertStrategy = ExpertStrategy.auto
+    per_device: Optional[int] = None  # experts per MoE layer on each accelerator; null = fill
+    stats_file: Optional[str] = None  # routing statistics for ``frequency`` / ``auto``
+    layers: Dict[str, List[int]] = field(default_factory=dict)  # explicit: layer -> expert ids
+
+
+@dataclass
+class TopologyConfig:
+    """Who does what. Device references: ``accel`` (all accelerators, layers split evenly),
+    ``accel:N`` (the N-th accelerator device), ``cpu``, or a device name / ``name:N``."""
+
+    name: str = MISSING
+    description: str = ""
+    attention: List[str] = field(default_factory=lambda: ["cpu"])
+    dense: List[str] = field(default_factory=lambda: ["cpu"])
+    experts: List[str] = field(default_factory=lambda: ["cpu"])  # priority order; last takes the rest
+    min_accelerators: int = 0
+    expert_policy: ExpertPolicyConfig = field(default_factory=ExpertPolicyConfig)
+    deferred_experts: int = 0  # routes per token that finish on CPU one layer later
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # HF-format folder; null = the embedded synthetic default
+    dtype: DType = DType.bfloat16
+    max_seq_len: int = 4096
+    allow_bin_weights: bool = False  # .bin checkpoints (loaded with weights_only=True) only if set
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING
+    experts: WeightFormat = WeightFormat.none
+    dense: WeightFormat = WeightFormat.none
+    group_size: int = 128  # int4 group along the input dim
+    symmetric: bool = True
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key_env: str = "KT_API_KEY"  # name of the env var holding the key; never the key itself
+    max_queue: int = 64
+    max_batch: int = 16
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class KtConfig:
+    device: Dict[str, DeviceConfig] = field(default_factory=dict)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+GROUP_SCHEMAS = {
+    "device": DeviceConfig,
+    "topology": TopologyConfig,
+    "model": ModelConfig,
+    "quant": QuantConfig,
+    "server": ServerConfig,
+}
+
+
+def register() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="kt_schema", node=KtConfig)
+    for group, node in GROUP_SCHEMAS.items():
+        cs.store(group=f"schema/{group}", name=group, node=node)

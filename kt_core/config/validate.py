@@ -1,0 +1,221 @@
+"""Checks a composed config against the registered plugins (and, optionally, the machine).
+
+``resolve_topology(cfg)`` turns the topology's device references into concrete
+device slots and fails, before any weight is read, with one line that names the
+problem and the override that fixes it:
+
+- a reference to a device that is not configured, or an accelerator role when
+  ``device=cpu`` selects none;
+- an unknown backend plugin;
+- with ``check_devices`` (``kt config``, ``kt run``): a device that is absent here
+  (with its probe's reason), more devices than are visible, a memory budget larger
+  than the device;
+- a weight format or dtype a device cannot run (asked through ``supports``).
+``kt plan`` resolves with ``check_devices=False``: it plans for the described
+machine whether or not its devices are here.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from kt_core.backend.contract import Op
+from kt_core.backend.registry import PluginStatus, Registry, registry as default_registry
+from kt_core.errors import ConfigError, KtError
+
+GIB = 1 << 30
+ROLES = ("attention", "dense", "experts")
+_REF = re.compile(r"^(?P<name>[A-Za-z_][\w-]*)(?::(?P<index>\d+))?$")
+
+
+@dataclass(frozen=True)
+class DeviceSlot:
+    """One physical device a run uses: device config ``name``, plugin ``backend``, ``index``."""
+
+    name: str
+    backend: str
+    index: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.index}"
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.backend == "cpu"
+
+
+@dataclass
+class ResolvedTopology:
+    name: str
+    slots: dict[str, list[DeviceSlot]]  # device config name -> its devices
+    roles: dict[str, list[DeviceSlot]]  # attention / dense / experts -> devices, in order
+
+    @property
+    def accelerators(self) -> list[DeviceSlot]:
+        return [s for name, slots in self.slots.items() for s in slots if not s.is_cpu]
+
+    @property
+    def used(self) -> list[DeviceSlot]:
+        seen: dict[str, DeviceSlot] = {}
+        for slots in self.roles.values():
+            for s in slots:
+                seen.setdefault(s.label, s)
+        return list(seen.values())
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(name)]
+
+
+def _accel_choices(reg: Registry) -> str:
+    avail = [n for n in reg.available() if n != "cpu"]
+    return "device=" + "|".join(avail) if avail else "device=cuda|rocm|xpu|ascend on a machine that has one"
+
+
+def _count(name: str, dcfg: DictConfig, st: PluginStatus, check: bool, planned: int) -> int:
+    if dcfg.count is not None:
+        if dcfg.count < 1:
+            raise ConfigError(f"device.{name}.count={dcfg.count} must be at least 1")
+        visible = st.probe.device_count if st.available and st.probe else 0
+        if check and visible and dcfg.count > visible:
+            raise ConfigError(f"device.{name}.count={dcfg.count} but only {visible} {name} device(s) "
+                              f"are visible; fix: device.{name}.count={visible}")
+        return int(dcfg.count)
+    if st.available and st.probe and st.probe.device_count:
+        return st.probe.device_count
+    return planned  # describing an absent device: as many as the topology needs
+
+
+def _slots(cfg: DictConfig, reg: Registry, check: bool) -> dict[str, list[DeviceSlot]]:
+    out: dict[str, list[DeviceSlot]] = {}
+    for name, dcfg in cfg.device.items():
+        try:
+            st = reg.status(dcfg.backend)
+        except KtError as exc:
+            raise ConfigError(f"device.{name}.backend: {exc}") from None
+        planned = max(1, cfg.topology.min_accelerators) if dcfg.backend != "cpu" else 1
+        n = _count(name, dcfg, st, check, planned)
+        out[name] = [DeviceSlot(name, dcfg.backend, i) for i in range(n)]
+    return out
+
+
+def _resolve_ref(ref: str, role: str, topo: str, slots: dict[str, list[DeviceSlot]],
+                 reg: Registry, cfg: DictConfig) -> list[DeviceSlot]:
+    m = _REF.match(str(ref))
+    configured = ", ".join(slots)
+    if not m:
+        raise ConfigError(f"topology.{role} entry '{ref}' is not a device reference; use accel, accel:N, "
+                          f"cpu, or a configured device ({configured}) with an optional :N")
+    name, index = m.group("name"), m.group("index")
+    if name == "accel":
+        pool = [s for ss in slots.values() for s in ss if not s.is_cpu]
+        if not pool:
+            selected = ",".join(k for k in cfg.device if k != "cpu") or "cpu"
+            raise ConfigError(f"topology '{topo}' puts {role} on an accelerator but device={selected} "
+                              f"selects none; fix: {_accel_choices(reg)}, or topology=cpu_only")
+    elif name in slots:
+        pool = slots[name]
+    else:
+        raise ConfigError(f"topology.{role} names device '{name}', which is not configured "
+                          f"(configured: {configured}); fix: device={name} (device=[a,b] selects several)")
+    if index is None:
+        return pool
+    i = int(index)
+    if i >= len(pool):
+        owner = pool[0].name if pool else name
+        raise ConfigError(f"topology.{role} entry '{ref}' needs {i + 1} {name} device(s) but the config "
+                          f"has {len(pool)}; fix: device.{owner}.count={i + 1} or use {name}:0")
+    return [pool[i]]
+
+
+def _check_present(slot: DeviceSlot, topo: str, reg: Registry, cfg: DictConfig) -> None:
+    st = reg.status(slot.backend)
+    if not st.available:
+        alt = "topology=cpu_only" if slot.is_cpu else f"{_accel_choices(reg)}, or topology=cpu_only"
+        raise ConfigError(f"topology '{topo}' needs device '{slot.name}', which is unavailable here: "
+                          f"{st.reason}; fix: {alt} (kt plan works without the device)")
+
+
+def _check_budget(name: str, dcfg: DictConfig, reg: Registry, check: bool) -> None:
+    if dcfg.reserve_gb < 0:
+        raise ConfigError(f"device.{name}.reserve_gb={dcfg.reserve_gb} must be >= 0")
+    if dcfg.memory_gb is None:
+        return
+    if dcfg.memory_gb <= dcfg.reserve_gb:
+        raise ConfigError(f"device.{name}.memory_gb={dcfg.memory_gb} leaves nothing after "
+                          f"reserve_gb={dcfg.reserve_gb}; raise memory_gb or lower reserve_gb")
+    if not check:
+        return
+    backend = reg.get(dcfg.backend)
+    total = backend.memory_info(0).total_bytes / GIB
+    if dcfg.memory_gb > total:
+        raise ConfigError(f"device.{name}.memory_gb={dcfg.memory_gb:g} is more than the {total:.1f} GiB "
+                          f"device {name}:0 has; fix: device.{name}.memory_gb={max(total - dcfg.reserve_gb, 0):.0f}")
+
+
+def _check_formats(cfg: DictConfig, roles: dict[str, list[DeviceSlot]], reg: Registry) -> None:
+    dtype = torch_dtype(cfg.model.dtype.value if hasattr(cfg.model.dtype, "value") else cfg.model.dtype)
+    asks = {
+        "attention": (Op.ATTENTION_PREFILL, "none", "model.dtype=float32 or bfloat16"),
+        "dense": (Op.LINEAR, cfg.quant.dense, "quant.dense=none"),
+        "experts": (Op.MOE_EXPERTS, cfg.quant.experts, "quant=none or quant=int8"),
+    }
+    for role, (op, quant, fix) in asks.items():
+        quant = quant.value if hasattr(quant, "value") else str(quant)
+        for slot in roles[role]:
+            cls = reg.status(slot.backend).cls
+            if cls is not None and not cls.supports(op, dtype, quant):
+                raise ConfigError(f"device '{slot.name}' cannot run {op.value} with {quant} weights and "
+                                  f"{dtype} activations; fix: {fix}, or move {role} to another device")
+
+
+def _check_policy(cfg: DictConfig) -> None:
+    pol = cfg.topology.expert_policy
+    strategy = pol.strategy.value if hasattr(pol.strategy, "value") else str(pol.strategy)
+    if strategy == "frequency" and not pol.stats_file:
+        raise ConfigError("topology.expert_policy.strategy=frequency needs "
+                          "topology.expert_policy.stats_file=PATH (a routing-statistics file)")
+    if strategy == "explicit" and not pol.layers:
+        raise ConfigError("topology.expert_policy.strategy=explicit needs per-layer expert lists in "
+                          "topology.expert_policy.layers, e.g. '+topology.expert_policy.layers={\"3\":[0,5,9]}'")
+    if pol.per_device is not None and pol.per_device < 0:
+        raise ConfigError(f"topology.expert_policy.per_device={pol.per_device} must be >= 0")
+    if cfg.topology.deferred_experts < 0:
+        raise ConfigError(f"topology.deferred_experts={cfg.topology.deferred_experts} must be >= 0")
+
+
+def resolve_topology(cfg: DictConfig, check_devices: bool = True,
+                     reg: Optional[Registry] = None) -> ResolvedTopology:
+    """Concrete devices for every role; raises ConfigError (one line) on any mistake."""
+    reg = reg or default_registry()
+    topo = cfg.topology.name
+    if "cpu" not in cfg.device:
+        raise ConfigError("device.cpu is missing: the host CPU is always a device; "
+                          "remove the override that deleted it")
+    slots = _slots(cfg, reg, check_devices)
+    roles = {}
+    for role in ROLES:
+        refs = list(cfg.topology[role])
+        if not refs:
+            raise ConfigError(f"topology.{role} is empty; name at least one device (e.g. cpu)")
+        roles[role] = [s for ref in refs for s in _resolve_ref(ref, role, topo, slots, reg, cfg)]
+    resolved = ResolvedTopology(topo, slots, roles)
+    n_accel = len({s.label for s in resolved.used if not s.is_cpu})
+    if n_accel < cfg.topology.min_accelerators:
+        names = sorted({s.name for s in resolved.accelerators}) or ["cuda"]
+        raise ConfigError(f"topology '{topo}' needs at least {cfg.topology.min_accelerators} accelerator "
+                          f"devices but the config uses {n_accel}; fix: device.{names[0]}.count="
+                          f"{cfg.topology.min_accelerators} (with that many visible) or topology=hybrid_1gpu")
+    if check_devices:
+        for slot in resolved.used:
+            _check_present(slot, topo, reg, cfg)
+    for name in {s.name for s in resolved.used}:
+        _check_budget(name, cfg.device[name], reg, check_devices)
+    _check_formats(cfg, roles, reg)
+    _check_policy(cfg)
+    return resolved

@@ -1,0 +1,160 @@
+"""Weight quantization formats and the expert-weight container.
+
+Formats (all quantize along the *input* dim, the last dim of a weight):
+
+- ``int8``: symmetric, one float scale per output row (per channel).
+- ``int4``: group-wise, ``group_size`` inputs share a scale (and, when
+  asymmetric, a zero point). Two 4-bit codes pack into one byte, the even
+  input index in the low nibble.
+
+These are the reference encodings: native kernels may repack them into their
+own layouts at load time, but they must dequantize to the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional, Union
+
+import torch
+
+
+class Quant(str, Enum):
+    """Weight formats. ``NONE`` means the weights are in the activation dtype."""
+
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight ``[..., out, in]``; leading dims (e.g. experts) are allowed."""
+
+    format: Quant
+    qdata: torch.Tensor  # int8 [..., out, in] or uint8 [..., out, in // 2] for int4
+    scales: torch.Tensor  # float32 [..., out, n_groups]
+    zeros: Optional[torch.Tensor]  # float32 [..., out, n_groups] (asymmetric int4 only)
+    group_size: int
+    in_features: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.qdata.shape[:-1], self.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        return self.qdata.device
+
+    def select(self, index: int) -> "QuantizedWeight":
+        """The weight of one entry along the first leading dim (one expert)."""
+        return QuantizedWeight(self.format, self.qdata[index], self.scales[index],
+                               None if self.zeros is None else self.zeros[index],
+                               self.group_size, self.in_features)
+
+    def to(self, device: Union[str, torch.device]) -> "QuantizedWeight":
+        return QuantizedWeight(self.format, self.qdata.to(device), self.scales.to(device),
+                               None if self.zeros is None else self.zeros.to(device),
+                               self.group_size, self.in_features)
+
+    def nbytes(self) -> int:
+        n = self.qdata.numel() * self.qdata.element_size() + self.scales.numel() * 4
+        return n + (0 if self.zeros is None else self.zeros.numel() * 4)
+
+
+Weight = Union[torch.Tensor, QuantizedWeight]
+
+
+def _check_groups(in_features: int, group_size: int) -> None:
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size {group_size} must divide the input dim {in_features}; "
+                         f"pick one of 32, 64, 128 that divides it")
+
+
+def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
+             symmetric: bool = True) -> Weight:
+    """Quantize a float weight ``[..., out, in]`` into ``fmt`` (``none`` returns it unchanged)."""
+    fmt = Quant(fmt)
+    if fmt is Quant.NONE:
+        return weight
+    w = weight.float()
+    in_features = w.shape[-1]
+    if fmt is Quant.INT8:
+        scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+        q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
+        return QuantizedWeight(fmt, q, scale, None, in_features, in_features)
+    _check_groups(in_features, group_size)
+    if in_features % 2:
+        raise ValueError(f"int4 needs an even input dim, got {in_features}")
+    g = w.reshape(*w.shape[:-1], in_features // group_size, group_size)
+    if symmetric:
+        scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7.0
+        codes = torch.round(g / scale).clamp_(-8, 7) + 8  # stored biased to 0..15
+        zeros = None
+    else:
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+        zero = torch.round(-lo / scale).clamp_(0, 15)
+        codes = (torch.round(g / scale) + zero).clamp_(0, 15)
+        zeros = zero.squeeze(-1)
+    codes = codes.to(torch.uint8).reshape(*w.shape)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return QuantizedWeight(fmt, packed.contiguous(), scale.squeeze(-1), zeros, group_size, in_features)
+
+
+def dequantize(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight a quantized weight stands for (identity on plain tensors)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(dtype)
+    if weight.format is Quant.INT8:
+        return (weight.qdata.float() * weight.scales).to(dtype)
+    packed = weight.qdata
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], weight.in_features)
+    n_groups = weight.in_features // weight.group_size
+    g = codes.float().reshape(*codes.shape[:-1], n_groups, weight.group_size)
+    zero = (torch.full_like(weight.scales, 8.0) if weight.zeros is None else weight.zeros).unsqueeze(-1)
+    return ((g - zero) * weight.scales.unsqueeze(-1)).reshape(codes.shape).to(dtype)
+
+
+def weight_format(weight: Weight) -> Quant:
+    return Quant.NONE if isinstance(weight, torch.Tensor) else weight.format
+
+
+@dataclass
+class ExpertWeights:
+    """The experts one device holds for one MoE layer.
+
+    gate, up: ``[E_local, I, H]``; down: ``[E_local, H, I]``; each a tensor or a
+    :class:`QuantizedWeight` with the expert as leading dim. ``expert_ids`` are
+    the global ids of the local experts, in the order of the leading dim.
+    Optional biases (GPT-OSS): gate_bias/up_bias ``[E_local, I]``, down_bias ``[E_local, H]``.
+    """
+
+    expert_ids: torch.Tensor
+    gate: Weight
+    up: Weight
+    down: Weight
+    gate_bias: Optional[torch.Tensor] = None
+    up_bias: Optional[torch.Tensor] = None
+    down_bias: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        n = int(self.expert_ids.numel())
+        for name in ("gate", "up", "down"):
+            w = getattr(self, name)
+            if w.shape[0] != n:
+                raise ValueError(f"ExpertWeights.{name} holds {w.shape[0]} experts but expert_ids lists {n}")
+        if len({int(i) for i in self.expert_ids.tolist()}) != n:
+            raise ValueError("ExpertWeights.expert_ids has duplicates")
+
+    @property
+    def format(self) -> Quant:
+        return weight_format(self.gate)
+
+    def nbytes(self) -> int:
+        total = 0
+        for w in (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias):
+            if w is None:
+                continue
+            total += w.nbytes() if isinstance(w, QuantizedWeight) else w.numel() * w.element_size()
+        return total

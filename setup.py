@@ -1,0 +1,45 @@
+"""kt-core: run large Mixture-of-Experts models across accelerators and CPUs.
+
+Packaging notes:
+- ``backends/`` (the device plugins) installs as the ``kt_backends`` package and
+  ``conf/`` (the Hydra configs) as ``kt_conf``, so an installed wheel and an
+  editable checkout find them the same way.
+- Every backend, built-in or not, registers through the ``kt_core.backends``
+  entry-point group; a vendor wheel adds its own entry there.
+- torch is a range: the README pins the CPU wheel for CPU-only machines.
+"""
+from setuptools import find_packages, setup
+
+BACKENDS = ["cpu", "cuda", "rocm", "xpu", "ascend"]
+
+setup(
+    name="kt-core",
+    version="0.1.0",
+    description="Hybrid accelerator + CPU inference for large Mixture-of-Experts LLMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kt_core", "kt_core.*"]) + ["kt_backends", "kt_conf"]
+    + [f"kt_backends.{b}" for b in BACKENDS],
+    package_dir={"kt_backends": "backends", "kt_conf": "conf"},
+    package_data={"kt_conf": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4,<3",
+        "hydra-core>=1.3.2,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "psutil>=5.9",
+        "rich>=13",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "tokenizers>=0.19", "pyyaml>=6"],
+        "server": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "cuda": ["cupy-cuda12x>=13"],
+        "opencl": ["pyopencl>=2024.1"],
+    },
+    entry_points={
+        "console_scripts": ["kt=kt_core.cli:main"],
+        "kt_core.backends": [f"{b}=kt_backends.{b}:Backend" for b in BACKENDS],
+    },
+)

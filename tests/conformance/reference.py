@@ -1,0 +1,147 @@
+"""Float64 references for the contract's ops, written naively and independently of
+kt_core's torch implementation (loops over tokens, heads and groups)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kt_core.weights.quant import dequantize
+
+
+def linear(x, w, b=None):
+    y = x.double() @ dequantize(w, torch.float64).T
+    return y if b is None else y + b.double()
+
+
+def act(g, u, kind):
+    if kind == "silu":
+        return g / (1 + torch.exp(-g)) * u
+    if kind == "gelu_tanh":
+        return 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3))) * u
+    if kind == "swiglu_oai":
+        g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
+        return (u + 1) * g / (1 + torch.exp(-1.702 * g))
+    raise ValueError(kind)
+
+
+def moe(hidden, ids, weights, experts, kind="silu"):
+    held = {int(e): i for i, e in enumerate(experts.expert_ids.tolist())}
+    gate, up, down = (dequantize(w, torch.float64) for w in (experts.gate, experts.up, experts.down))
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t in range(hidden.shape[0]):
+        x = hidden[t].double()
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e not in held:
+                continue
+            i = held[e]
+            g, u = gate[i] @ x, up[i] @ x
+            if experts.gate_bias is not None:
+                g, u = g + experts.gate_bias[i].double(), u + experts.up_bias[i].double()
+            y = down[i] @ act(g, u, kind)
+            if experts.down_bias is not None:
+                y = y + experts.down_bias[i].double()
+            out[t] += float(weights[t, k]) * y
+    return out
+
+
+def attention(q, ks, vs, scale, causal=True, window=None):
+    """q [n, Hq, D] for the last n positions of a context with keys ks/vs [L, Hkv, D]."""
+    n, Hq, _ = q.shape
+    L, Hkv, _ = ks.shape
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(n):
+        pos = L - n + i
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            s = []
+            for j in range(L):
+                ok = (not causal or j <= pos) and (window is None or j > pos - window)
+                s.append(float(q[i, h].double() @ ks[j, kh].double()) * scale if ok else -math.inf)
+            s = torch.tensor(s, dtype=torch.float64)
+            p = torch.softmax(s, 0)
+            out[i, h] = (p[:, None] * vs[:, kh].double()).sum(0)
+    return out
+
+
+def rmsnorm(x, w, eps):
+    x = x.double()
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def rope(x, pos, theta, rot, interleaved):
+    """Rotate pairs explicitly: angle pos * theta[i] for pair i."""
+    x = x.double().clone()
+    out = x.clone()
+    for t in range(x.shape[0]):
+        for i in range(rot // 2):
+            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + rot // 2)
+            ang = float(pos[t]) * float(theta[i])
+            c, s = math.cos(ang), math.sin(ang)
+            out[t, :, a] = x[t, :, a] * c - x[t, :, b] * s
+            out[t, :, b] = x[t, :, b] * c + x[t, :, a] * s
+    return out
+
+
+def route(logits, top_k, scoring, renorm, n_group, topk_group, bias, scale):
+    T, E = logits.shape
+    ws, idss = [], []
+    for t in range(T):
+        lg = logits[t].double()
+        if scoring == "softmax_topk":
+            order = sorted(range(E), key=lambda e: -float(lg[e]))[:top_k]
+            w = torch.softmax(lg[order], 0) * scale
+            ws.append(w)
+            idss.append(order)
+            continue
+        sc = torch.softmax(lg, 0) if scoring == "softmax" else 1 / (1 + torch.exp(-lg))
+        ch = sc + (bias.double() if bias is not None else 0)
+        allowed = set(range(E))
+        if n_group > 1:
+            size = E // n_group
+            gscore = []
+            for g in range(n_group):
+                vals = sorted((float(v) for v in ch[g * size:(g + 1) * size]), reverse=True)
+                gscore.append(sum(vals[:2]) if scoring == "sigmoid" else vals[0])
+            best = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
+            allowed = {e for g in best for e in range(g * size, (g + 1) * size)}
+        order = sorted(allowed, key=lambda e: -float(ch[e]))[:top_k]
+        w = sc[order]
+        if renorm:
+            w = w / w.sum()
+        ws.append(w * scale)
+        idss.append(order)
+    return torch.stack(ws), torch.tensor(idss)
+
+
+def sampling_probs(logits, temp, top_k, top_p, min_p):
+    rows = []
+    for b in range(logits.shape[0]):
+        lg = logits[b].double()
+        V = lg.numel()
+        if float(temp[b]) <= 0:
+            p = torch.zeros(V, dtype=torch.float64)
+            p[int(lg.argmax())] = 1
+            rows.append(p)
+            continue
+        x = lg / float(temp[b])
+        keep = torch.ones(V, dtype=torch.bool)
+        k = int(top_k[b])
+        if 0 < k < V:
+            kth = sorted(x.tolist(), reverse=True)[k - 1]
+            keep &= x >= kth
+        p = torch.softmax(x.masked_fill(~keep, -math.inf), 0)
+        if float(top_p[b]) < 1:
+            order = sorted(range(V), key=lambda i: -float(p[i]))
+            mass = 0.0
+            for j, i in enumerate(order):
+                if j > 0 and mass >= float(top_p[b]):
+                    keep[i] = False
+                mass += float(p[i])
+            p = torch.softmax(x.masked_fill(~keep, -math.inf), 0)
+        if float(min_p[b]) > 0:
+            keep &= p >= float(min_p[b]) * float(p.max())
+            p = p * keep
+        rows.append(p / p.sum())
+    return torch.stack(rows)

@@ -1,0 +1,52 @@
+"""Shared pytest options and fixtures.
+
+``--backend NAME`` (repeatable, or comma-separated) limits backend-parametrised
+tests (the conformance suite) to those plugins; by default every registered
+plugin is a parameter and the absent ones skip with their probe's reason.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", action="append", default=[],
+                     help="run backend-parametrised tests on these plugins only (e.g. --backend cuda)")
+    parser.addoption("--strict-backend", action="store_true",
+                     help="fail, instead of skip, when a backend named by --backend is unavailable "
+                          "(vendor CI: a broken driver must not pass as all-skipped)")
+
+
+def _requested(config) -> list[str]:
+    out = []
+    for item in config.getoption("--backend"):
+        out += [x.strip() for x in item.split(",") if x.strip()]
+    return out
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_name" in metafunc.fixturenames:
+        from kt_core.backend.registry import registry
+
+        names = _requested(metafunc.config) or registry().names()
+        unknown = [n for n in names if n not in registry().names()]
+        if unknown:
+            raise pytest.UsageError(f"--backend {', '.join(unknown)}: not registered; "
+                                    f"registered: {', '.join(registry().names())}")
+        metafunc.parametrize("backend_name", names)
+
+
+@pytest.fixture
+def backend(backend_name, request):
+    from kt_core.backend.registry import registry
+
+    st = registry().status(backend_name)
+    if not st.available:
+        if request.config.getoption("--strict-backend") and backend_name in _requested(request.config):
+            pytest.fail(f"--strict-backend: {backend_name} is unavailable: {st.reason}")
+        pytest.skip(f"{backend_name}: {st.reason}")
+    return registry().get(backend_name)

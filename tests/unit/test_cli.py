@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kt_core.cli import main
+
+
+def run(capsys, *args):
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_help_lists_verbs(capsys):
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0 and "devices" in out and "config" in out and "doctor" in out
+
+
+def test_devices_table_and_json(capsys):
+    rc, out, _ = run(capsys, "devices")
+    assert rc == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert " available " in lines["cpu"] and "ISA" in lines["cpu"]
+    assert "CPU ISA: AVX2" in out and "AMX" in out
+    rc, out, _ = run(capsys, "devices", "--json")
+    data = json.loads(out)
+    by = {p["backend"]: p for p in data["plugins"]}
+    assert set(by) >= {"cpu", "cuda", "rocm", "xpu", "ascend"}
+    assert by["cpu"]["available"] and by["cpu"]["devices"][0]["total_bytes"] > 0
+    for name in ("cuda", "rocm", "xpu", "ascend"):
+        if not by[name]["available"]:
+            assert by[name]["reason"] and not by[name]["devices"]
+
+
+def test_config_prints_yaml_and_roles(capsys):
+    import yaml
+
+    rc, out, _ = run(capsys, "config", "quant=int4", "quant.group_size=64")
+    assert rc == 0
+    data = yaml.safe_load(out)
+    assert data["quant"]["experts"] == "int4" and data["quant"]["group_size"] == 64
+    assert "#   experts: cpu:0" in out
+
+
+def test_config_mistakes_are_one_line_exit_2(capsys):
+    rc, out, err = run(capsys, "config", "device.cpu.memroy_gb=3")
+    assert rc == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "did you mean 'device.cpu.memory_gb'" in err
+    rc, _, err = run(capsys, "config", "topology=hybrid_1gpu", "device=cpu")
+    assert rc == 2 and "selects none" in err
+    rc, _, err = run(capsys, "config", "--bogus")
+    assert rc == 2 and "unknown flag" in err
+    rc, _, err = run(capsys, "frobnicate")
+    assert rc == 2 and "unknown verb" in err
+
+
+def test_config_without_device_check_describes_absent_machine(capsys):
+    rc, out, _ = run(capsys, "config", "topology=hybrid_1gpu", "device.cuda.memory_gb=24", "--no-device-check")
+    assert rc == 0 and "memory_gb: 24.0" in out and "#   attention: cuda:0" in out
+
+
+def test_doctor(capsys):
+    rc, out, _ = run(capsys, "doctor")
+    assert rc in (0, 1)
+    for key in ("torch", "cpu", "compiler", "plugin cpu", "plugin cuda", "hydra", "what to do"):
+        assert key in out
+
+
+def test_console_script_has_no_traceback_on_user_error():
+    proc = subprocess.run([sys.executable, "-m", "kt_core", "config", "topology=nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "no topology option 'nope'" in proc.stderr

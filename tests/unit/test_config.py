@@ -1,0 +1,125 @@
+import pytest
+from importlib.metadata import EntryPoint
+
+from kt_core.backend.registry import GROUP, Registry, registry
+from kt_core.config import compose
+from kt_core.config.compose import group_options
+from kt_core.config.validate import resolve_topology
+from kt_core.errors import ConfigError
+
+TOPOLOGIES = group_options("topology")
+DEVICES = group_options("device")
+ACCEL_TOPOLOGIES = {"single_gpu", "hybrid_1gpu", "hybrid_multi_gpu"}
+
+
+def test_groups_ship_the_expected_options():
+    assert {"cpu_only", "single_gpu", "hybrid_1gpu", "hybrid_multi_gpu"} <= set(TOPOLOGIES)
+    assert {"cpu", "cuda", "rocm", "xpu", "ascend"} == set(DEVICES)
+    for group in ("model", "quant", "server"):
+        assert group_options(group)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_every_topology_x_device_composes_or_fails_in_one_line(topology, device):
+    cfg = compose([f"topology={topology}", f"device={device}"])
+    assert cfg.topology.name == topology and "cpu" in cfg.device
+    if device == "cpu" and topology in ACCEL_TOPOLOGIES:
+        with pytest.raises(ConfigError, match="selects none") as err:
+            resolve_topology(cfg, check_devices=False)
+        assert "\n" not in str(err.value)
+        return
+    planned = resolve_topology(cfg, check_devices=False)  # plan for the described machine
+    assert planned.roles["experts"]
+    if topology in ACCEL_TOPOLOGIES:
+        assert planned.roles["attention"][0].backend == device
+    st = registry().status(device)
+    used_absent = [s for s in planned.used if not registry().status(s.backend).available]
+    if used_absent:
+        with pytest.raises(ConfigError) as err:
+            resolve_topology(cfg, check_devices=True)
+        msg = str(err.value)
+        assert "\n" not in msg and st.reason in msg and "topology=cpu_only" in msg
+    else:
+        resolve_topology(cfg, check_devices=True)
+
+
+def test_hybrid_topology_layout():
+    cfg = compose(["topology=hybrid_1gpu", "device.cuda.memory_gb=24"])
+    t = resolve_topology(cfg, check_devices=False)
+    assert [s.label for s in t.roles["attention"]] == ["cuda:0"]
+    assert [s.label for s in t.roles["experts"]] == ["cuda:0", "cpu:0"]
+    assert cfg.device.cuda.memory_gb == 24.0
+    multi = resolve_topology(compose(["topology=hybrid_multi_gpu", "device=rocm"]), check_devices=False)
+    assert [s.label for s in multi.roles["dense"]] == ["rocm:0", "rocm:1"]
+    with pytest.raises(ConfigError, match="device.rocm.count=2"):
+        resolve_topology(compose(["topology=hybrid_multi_gpu", "device=rocm", "device.rocm.count=1"]),
+                         check_devices=False)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("device.cpu.memroy_gb=3", "unknown config key 'device.cpu.memroy_gb': did you mean 'device.cpu.memory_gb'?"),
+    ("topologyy=hybrid_1gpu", "unknown config key 'topologyy': did you mean 'topology'?"),
+    ("topology.expert_policy.stratgy=auto", "did you mean 'topology.expert_policy.strategy'?"),
+    ("topology=hybrid_2gpu", "no topology option 'hybrid_2gpu'; did you mean topology=hybrid_1gpu?"),
+    ("quant.experts=int5", "bad value for 'quant.experts': Invalid value 'int5'"),
+    ("device.cpu.memory_gb=lots", "bad value for 'device.cpu.memory_gb'"),
+    ("server.port=eighty", "bad value for 'server.port'"),
+    ("device.cuda.memory_gb=24", "device 'cuda' is not selected"),
+    ("a=b=c", "cannot parse override 'a=b=c'"),
+])
+def test_mistakes_fail_at_compose_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose([override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["device.cpu.memory_gb=100000"], "is more than the"),
+    (["device.cpu.memory_gb=2", "device.cpu.reserve_gb=4"], "leaves nothing after reserve_gb"),
+    (["topology.expert_policy.strategy=frequency"], "needs topology.expert_policy.stats_file"),
+    (["topology.attention=[gpu]"], "topology.attention names device 'gpu', which is not configured"),
+    (["topology.dense=[cpu:3]"], "needs 4 cpu device(s)"),
+    (["topology.experts=[]"], "topology.experts is empty"),
+    (["topology.deferred_experts=-1"], "must be >= 0"),
+])
+def test_topology_validation(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        resolve_topology(compose(overrides), check_devices=True)
+    assert message in str(err.value)
+
+
+def test_unsupported_quant_on_a_device_fails_before_loading(tmp_path, monkeypatch):
+    # a vendor's device option can live in the user config folder beside machine/
+    (tmp_path / "device").mkdir()
+    (tmp_path / "device" / "narrow.yaml").write_text("narrow:\n  backend: narrow\n")
+    monkeypatch.setenv("KT_CONFIG_DIR", str(tmp_path))
+    reg = Registry([EntryPoint("cpu", "kt_backends.cpu:Backend", GROUP),
+                    EntryPoint("narrow", "tests.unit.plugins_for_tests:Narrow", GROUP)])
+    cfg = compose(["device=narrow", "topology.experts=[narrow,cpu]", "quant=int4"])
+    with pytest.raises(ConfigError, match="device 'narrow' cannot run moe_experts with int4 weights"):
+        resolve_topology(cfg, reg=reg)
+    resolve_topology(compose(["device=narrow", "topology.experts=[narrow,cpu]", "quant=int8"]), reg=reg)
+    several = compose(["device=[cuda,narrow]"])
+    assert set(several.device) == {"cpu", "cuda", "narrow"}
+
+
+def test_machine_local_file_from_user_config_dir(tmp_path, monkeypatch):
+    (tmp_path / "machine").mkdir()
+    (tmp_path / "machine" / "local.yaml").write_text(
+        "# @package _global_\ndevice:\n  cpu:\n    threads: 7\nserver:\n  port: 9999\n")
+    monkeypatch.setenv("KT_CONFIG_DIR", str(tmp_path))
+    cfg = compose([])
+    assert cfg.device.cpu.threads == 7 and cfg.server.port == 9999
+    assert compose(["server.port=1234"]).server.port == 1234  # command line still wins
+    monkeypatch.setenv("KT_CONFIG_DIR", str(tmp_path / "nowhere"))
+    assert compose([]).server.port == 8000
+
+
+def test_no_secret_or_machine_path_in_shipped_configs():
+    from kt_core.config import config_dir
+
+    for path in config_dir().rglob("*.yaml"):
+        text = path.read_text()
+        assert "/home/" not in text and "/root/" not in text and "C:\\Users" not in text, path
+        assert "api_key:" not in text and "secret" not in text.lower(), path

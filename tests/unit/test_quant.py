@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, dequantize, quantize
+
+
+def test_int4_layout_is_the_documented_one():
+    # codes 0..15 along the input dim, even index in the low nibble; symmetric zero point is 8
+    qdata = torch.tensor([[0x10, 0xF8]], dtype=torch.uint8)  # codes 0,1 | 8,15
+    w = QuantizedWeight(Quant.INT4, qdata, torch.tensor([[0.5]]), None, 4, 4)
+    assert dequantize(w).tolist() == [[-4.0, -3.5, 0.0, 3.5]]
+    asym = QuantizedWeight(Quant.INT4, qdata, torch.tensor([[0.5]]), torch.tensor([[1.0]]), 4, 4)
+    assert dequantize(asym).tolist() == [[-0.5, 0.0, 3.5, 7.0]]
+
+
+@pytest.mark.parametrize("fmt,sym,bound", [("int8", True, 1 / 254), ("int4", True, 1 / 14), ("int4", False, 1 / 30)])
+def test_roundtrip_error_is_within_half_a_step(fmt, sym, bound):
+    w = torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(0))
+    q = quantize(w, fmt, group_size=32, symmetric=sym)
+    err = (dequantize(q) - w).abs()
+    if fmt == "int8":
+        step = w.abs().amax(-1, keepdim=True)
+    else:
+        g = w.reshape(3, 16, 2, 32)
+        rng = g.abs().amax(-1, keepdim=True) if sym else (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True))
+        step, err = rng, err.reshape(3, 16, 2, 32)
+    assert bool((err <= step * bound + 1e-6).all())
+    assert q.shape == w.shape and q.select(1).shape == w[1].shape
+
+
+def test_bad_group_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="group_size 48 must divide the input dim 64"):
+        quantize(torch.randn(4, 64), "int4", group_size=48)
+
+
+def test_expert_weights_checks_shapes():
+    g = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match="holds 2 experts but expert_ids lists 3"):
+        ExpertWeights(torch.tensor([0, 1, 2]), g, g, torch.zeros(2, 8, 4))
+    with pytest.raises(ValueError, match="duplicates"):
+        ExpertWeights(torch.tensor([1, 1]), g, g, torch.zeros(2, 8, 4))
