@@ -31,9 +31,11 @@ setup(
         "safetensors>=0.4",
         "psutil>=5.9",
         "rich>=13",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.45", "tokenizers>=0.19", "pyyaml>=6"],
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.56", "pyyaml>=6"],
         "server": ["fastapi>=0.110", "uvicorn>=0.29"],
         "cuda": ["cupy-cuda12x>=13"],
         "opencl": ["pyopencl>=2024.1"],

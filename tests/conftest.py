@@ -50,3 +50,19 @@ def backend(backend_name, request):
             pytest.fail(f"--strict-backend: {backend_name} is unavailable: {st.reason}")
         pytest.skip(f"{backend_name}: {st.reason}")
     return registry().get(backend_name)
+
+
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(name) -> folder with a random checkpoint written by transformers (cached)."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            from tests.parity.tiny import build
+
+            made[name] = build(name, tmp_path_factory.mktemp(name))
+        return made[name]
+    return get

@@ -40,6 +40,7 @@ class Op(str, Enum):
     MOE_EXPERTS = "moe_experts"
     ATTENTION_PREFILL = "attention_prefill"
     ATTENTION_DECODE = "attention_decode"
+    ATTENTION_MLA = "attention_mla"
     WRITE_KV = "write_kv"
     COPY_BLOCKS = "copy_blocks"
     SWAP_BLOCKS = "swap_blocks"
@@ -168,8 +169,12 @@ class Backend(abc.ABC):
         scale: float,
         causal: bool = True,
         sliding_window: Optional[int] = None,
+        sinks: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Varlen attention of new queries [T, Hq, D] over each sequence's cached context."""
+        """Varlen attention of new queries [T, Hq, D] over each sequence's cached context.
+
+        ``sliding_window`` w: a query at position p sees keys in (p - w, p]. ``sinks [Hq]``:
+        a per-head logit that joins the softmax denominator and attends to nothing."""
 
     @abc.abstractmethod
     def attention_decode(
@@ -181,14 +186,37 @@ class Backend(abc.ABC):
         seq_lens: torch.Tensor,
         scale: float,
         sliding_window: Optional[int] = None,
+        sinks: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """One query per sequence, q [B, Hq, D], over its seq_lens[b] cached tokens."""
 
+    @abc.abstractmethod
+    def attention_mla(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        latent_cache: torch.Tensor,
+        w_uk: torch.Tensor,
+        w_uv: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        scale: float,
+        causal: bool = True,
+    ) -> torch.Tensor:
+        """Multi-head latent attention (DeepSeek MLA) over the compressed cache.
+
+        q_nope [T, H, dn], q_pe [T, H, dr] (roped); ``latent_cache [nb, bs, 1, lora + dr]``
+        holds per token the normalised compressed KV and the roped shared key; w_uk
+        [H, dn, lora] / w_uv [H, dv, lora] are the key / value halves of kv_b_proj.
+        Varlen like ``attention_prefill`` (decode is n = 1 per sequence). Returns [T, H, dv]."""
+
     # ---- cache ops ----
     @abc.abstractmethod
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Store k/v [T, Hkv, D] at flat slots [T] (negative slots are skipped: padding)."""
+    def write_kv(self, k: torch.Tensor, v: Optional[torch.Tensor], k_cache: torch.Tensor,
+                 v_cache: Optional[torch.Tensor], slot_mapping: torch.Tensor) -> None:
+        """Store k/v [T, Hkv, D] at flat slots [T] (negative slots are skipped: padding).
+        For the MLA latent cache, k is the latent [T, 1, lora + dr] and v / v_cache are None."""
 
     @abc.abstractmethod
     def copy_blocks(self, caches: Sequence[torch.Tensor], block_mapping: torch.Tensor) -> None:

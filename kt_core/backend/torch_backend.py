@@ -98,12 +98,19 @@ class TorchBackend(Backend):
         return moe.moe_experts(hidden, topk_ids, topk_weights, experts, activation)
 
     def attention_prefill(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                          causal=True, sliding_window=None):
+                          causal=True, sliding_window=None, sinks=None):
         return attention.attention_prefill(q, k_cache, v_cache, block_tables, seq_lens,
-                                           query_start_loc, scale, causal, sliding_window)
+                                           query_start_loc, scale, causal, sliding_window, sinks)
 
-    def attention_decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None):
-        return attention.attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    def attention_decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
+                         sinks=None):
+        return attention.attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                          sliding_window, sinks)
+
+    def attention_mla(self, q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
+                      query_start_loc, scale, causal=True):
+        return attention.attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
+                                       query_start_loc, scale, causal)
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         cache.write_kv(k, v, k_cache, v_cache, slot_mapping)

@@ -46,11 +46,11 @@ def moe(hidden, ids, weights, experts, kind="silu"):
     return out
 
 
-def attention(q, ks, vs, scale, causal=True, window=None):
+def attention(q, ks, vs, scale, causal=True, window=None, sinks=None):
     """q [n, Hq, D] for the last n positions of a context with keys ks/vs [L, Hkv, D]."""
     n, Hq, _ = q.shape
     L, Hkv, _ = ks.shape
-    out = torch.zeros(q.shape, dtype=torch.float64)
+    out = torch.zeros(n, Hq, vs.shape[-1], dtype=torch.float64)
     for i in range(n):
         pos = L - n + i
         for h in range(Hq):
@@ -59,8 +59,9 @@ def attention(q, ks, vs, scale, causal=True, window=None):
             for j in range(L):
                 ok = (not causal or j <= pos) and (window is None or j > pos - window)
                 s.append(float(q[i, h].double() @ ks[j, kh].double()) * scale if ok else -math.inf)
-            s = torch.tensor(s, dtype=torch.float64)
-            p = torch.softmax(s, 0)
+            if sinks is not None:
+                s.append(float(sinks[h]))
+            p = torch.softmax(torch.tensor(s, dtype=torch.float64), 0)[:L]
             out[i, h] = (p[:, None] * vs[:, kh].double()).sum(0)
     return out
 
@@ -145,3 +146,14 @@ def sampling_probs(logits, temp, top_k, top_p, min_p):
             p = p * keep
         rows.append(p / p.sum())
     return torch.stack(rows)
+
+
+def mla(q_nope, q_pe, c, k_pe, w_uk, w_uv, scale):
+    """Un-absorbed MLA: expand per-head keys/values from the latent and attend causally.
+    q_* [n, H, *] are the last n positions of a context with latent c [L, lora], k_pe [L, dr]."""
+    H = q_nope.shape[1]
+    k_nope = torch.einsum("sl,hnl->shn", c.double(), w_uk.double())
+    v = torch.einsum("sl,hvl->shv", c.double(), w_uv.double())
+    k = torch.cat([k_nope, k_pe.double()[:, None, :].expand(-1, H, -1)], dim=-1)
+    q = torch.cat([q_nope.double(), q_pe.double()], dim=-1)
+    return attention(q, k, v, scale, causal=True)

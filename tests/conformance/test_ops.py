@@ -310,3 +310,53 @@ def test_sample_greedy_seeded_and_distribution(backend):
     greedy = _sampling_args(backend, torch.float32, [(0.0, 0, 1.0, 0.0)] * 3)
     lg = on(backend, rnd(3, V, seed=82).float())
     assert torch.equal(backend.sample(lg, *greedy).cpu(), lg.argmax(-1).cpu())
+
+
+def test_attention_with_sinks(backend, dtype):
+    need(backend, Op.ATTENTION_PREFILL, dtype)
+    Hq, Hkv, D, lens, new = 4, 2, 16, [9, 12], [9, 1]
+    kc, vc, tables, ks, vs = paged(backend, dtype, lens, Hkv, D, seed=90)
+    sinks = rnd(Hq, seed=91).float()
+    q = rnd(sum(new), Hq, D, seed=92).to(dtype)
+    qsl = torch.tensor([0, 9, 10], dtype=torch.int32)
+    sl = on(backend, torch.tensor(lens, dtype=torch.int32))
+    out = backend.attention_prefill(on(backend, q), kc, vc, tables, sl, on(backend, qsl), D ** -0.5,
+                                    sliding_window=4, sinks=on(backend, sinks))
+    expected = torch.cat([ref.attention(q[qsl[b]:qsl[b + 1]], ks[b], vs[b], D ** -0.5, True, 4, sinks)
+                          for b in range(2)])
+    check("attention_prefill", dtype, out, expected)
+    dec = backend.attention_decode(on(backend, q[9:10].repeat(2, 1, 1)), kc, vc, tables, sl, D ** -0.5,
+                                   sinks=on(backend, sinks))
+    expected = torch.cat([ref.attention(q[9:10], ks[b], vs[b], D ** -0.5, True, None, sinks) for b in range(2)])
+    check("attention_decode", dtype, dec, expected)
+
+
+def test_attention_mla(backend, dtype):
+    need(backend, Op.ATTENTION_MLA, dtype)
+    H, dn, dr, dv, lora, bs = 4, 16, 8, 12, 24, 4
+    lens, new = [11, 6], [11, 2]
+    nb = 8
+    cache = torch.zeros(nb, bs, 1, lora + dr, dtype=dtype)
+    tables = torch.tensor([[5, 2, 7], [0, 3, 0]], dtype=torch.int32)
+    lat = [rnd(L, lora + dr, seed=100 + b).to(dtype) for b, L in enumerate(lens)]
+    for b, L in enumerate(lens):
+        for p in range(L):
+            cache[tables[b, p // bs], p % bs, 0] = lat[b][p]
+    w_uk, w_uv = rnd(H, dn, lora, scale=0.2, seed=110).to(dtype), rnd(H, dv, lora, scale=0.2, seed=111).to(dtype)
+    q_nope, q_pe = rnd(sum(new), H, dn, seed=112).to(dtype), rnd(sum(new), H, dr, seed=113).to(dtype)
+    qsl = torch.tensor([0, 11, 13], dtype=torch.int32)
+    scale = (dn + dr) ** -0.5
+    out = backend.attention_mla(on(backend, q_nope), on(backend, q_pe), on(backend, cache), on(backend, w_uk),
+                                on(backend, w_uv), on(backend, tables), on(backend, torch.tensor(lens, dtype=torch.int32)),
+                                on(backend, qsl), scale)
+    expected = torch.cat([ref.mla(q_nope[qsl[b]:qsl[b + 1]], q_pe[qsl[b]:qsl[b + 1]], lat[b][:, :lora],
+                                  lat[b][:, lora:], w_uk, w_uv, scale) for b in range(2)])
+    check("attention_mla", dtype, out, expected)
+
+
+def test_write_latent(backend, dtype):
+    need(backend, Op.WRITE_KV, dtype)
+    cache = on(backend, torch.zeros(3, 4, 1, 10, dtype=dtype))
+    lat = rnd(2, 1, 10, seed=120).to(dtype)
+    backend.write_kv(on(backend, lat), None, cache, None, on(backend, torch.tensor([5, 0])))
+    assert torch.equal(cache[1, 1].cpu(), lat[0]) and torch.equal(cache[0, 0].cpu(), lat[1])

@@ -16,6 +16,7 @@ TOLERANCE = {
     "moe_experts":       {F32: 1e-5, BF16: 3e-2, F16: 4e-3},
     "attention_prefill": {F32: 1e-5, BF16: 1.6e-2, F16: 2e-3},
     "attention_decode":  {F32: 1e-5, BF16: 1.6e-2, F16: 2e-3},
+    "attention_mla":     {F32: 1e-5, BF16: 1.6e-2, F16: 2e-3},
     "rmsnorm":           {F32: 1e-6, BF16: 8e-3, F16: 1e-3},
     "rope":              {F32: 1e-6, BF16: 8e-3, F16: 1e-3},
     "route":             {F32: 1e-6, BF16: 1e-6, F16: 1e-6},  # router math is float32 for every input dtype

@@ -24,17 +24,26 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
     return mask
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [Hq, n, D], k/v [Hkv, L, D] (GQA by head groups), mask [n, L] or [Hq, n, L]."""
-    groups = q.shape[0] // k.shape[0]
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+           sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [..., Hq, n, D], k/v [..., Hkv, L, D] (GQA by head groups), boolean mask broadcastable
+    to [..., Hq, n, L]. ``sinks [Hq]``: a learned logit per head that joins the softmax
+    denominator but attends to nothing (GPT-OSS)."""
+    groups = q.shape[-3] // k.shape[-3]
     if groups > 1:
-        k = k.repeat_interleave(groups, dim=0)
-        v = v.repeat_interleave(groups, dim=0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return (probs @ v.float()).to(q.dtype)
 
 
 def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                      causal=True, sliding_window=None) -> torch.Tensor:
+                      causal=True, sliding_window=None, sinks=None) -> torch.Tensor:
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     for b, length in enumerate(seq_lens.tolist()):
@@ -50,12 +59,13 @@ def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_l
         q_pos = torch.arange(length - n, length, device=q.device)
         k_pos = torch.arange(length, device=q.device)
         mask = _visible(q_pos, k_pos, causal, sliding_window)
-        o = _sdpa(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale)
+        o = attend(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale, sinks)
         out[qs:qe] = o.transpose(0, 1)
     return out
 
 
-def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None) -> torch.Tensor:
+def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
+                     sinks=None) -> torch.Tensor:
     B = q.shape[0]
     if B == 0:
         return torch.empty_like(q)
@@ -70,8 +80,35 @@ def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding
     mask = pos[None, :] < lens[:, None]
     if sliding_window is not None:
         mask &= pos[None, :] >= lens[:, None] - sliding_window
-    groups = q.shape[1] // k.shape[2]
-    k = k.transpose(1, 2).repeat_interleave(groups, dim=1)  # [B, Hq, L, D]
-    v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-    o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    o = attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :], scale, sinks)
     return o[:, :, 0, :]
+
+
+def attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
+                  causal=True) -> torch.Tensor:
+    """Multi-head latent attention in the absorbed form, over the latent cache.
+
+    q_nope [T, H, dn], q_pe [T, H, dr]; latent_cache [nb, bs, 1, lora + dr] holds the
+    normalised compressed KV and the roped key part; w_uk [H, dn, lora] and
+    w_uv [H, dv, lora] are kv_b_proj's key and value halves. Returns [T, H, dv].
+    """
+    lora = w_uk.shape[-1]
+    out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_uv.shape[1])
+    q_abs = torch.einsum("thn,hnl->thl", q_nope.float(), w_uk.float())
+    starts = query_start_loc.tolist()
+    for b, length in enumerate(seq_lens.tolist()):
+        qs, qe = starts[b], starts[b + 1]
+        n = qe - qs
+        if n == 0:
+            continue
+        ctx = gather_context(latent_cache, block_tables[b], length)[:, 0].float()  # [L, lora + dr]
+        c, k_pe = ctx[:, :lora], ctx[:, lora:]
+        scores = (torch.einsum("thl,sl->hts", q_abs[qs:qe], c)
+                  + torch.einsum("thr,sr->hts", q_pe[qs:qe].float(), k_pe)) * scale
+        if causal:
+            q_pos = torch.arange(length - n, length, device=c.device)
+            visible = torch.arange(length, device=c.device)[None, :] <= q_pos[:, None]
+            scores = scores.masked_fill(~visible, float("-inf"))
+        o_lat = torch.einsum("hts,sl->thl", torch.softmax(scores, dim=-1), c)
+        out[qs:qe] = torch.einsum("thl,hvl->thv", o_lat, w_uv.float()).to(out.dtype)
+    return out

@@ -10,9 +10,11 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     slots = slot_mapping.to(k_cache.device).long()
     valid = slots >= 0
     if not bool(valid.all()):
-        k, v, slots = k[valid], v[valid], slots[valid]
+        k, slots = k[valid], slots[valid]
+        v = None if v is None else v[valid]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k.to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
+    if v_cache is not None:
+        v_cache.view(-1, *v_cache.shape[2:])[slots] = v.to(v_cache.dtype)
 
 
 def copy_blocks(caches: Sequence[torch.Tensor], block_mapping: torch.Tensor) -> None:

@@ -1,0 +1,114 @@
+"""The building blocks of every supported decoder, computed through the device contract.
+
+One attention class covers MHA/GQA (with biases, QK-norm, sliding windows and
+sinks as data); ``MLAttention`` is DeepSeek's latent attention; one ``MoEBlock``
+covers every router and activation, optionally with a (gated) shared expert.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kt_core.backend.contract import Backend
+from kt_core.backend.torch_ops.moe import gated_activation
+from kt_core.kvcache.paged import Batch
+from kt_core.models.spec import ModelSpec
+from kt_core.weights.quant import ExpertWeights, Weight
+
+
+class Attention:
+    def __init__(self, w: dict, spec: ModelSpec, layer: int) -> None:
+        self.w, self.spec = w, spec
+        self.window = spec.window(layer)
+
+    def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, v_cache, cos_sin) -> torch.Tensor:
+        s, w, T = self.spec, self.w, x.shape[0]
+        q = be.linear(x, w["q"], w.get("q_bias")).view(T, s.num_heads, s.head_dim)
+        k = be.linear(x, w["k"], w.get("k_bias")).view(T, s.num_kv_heads, s.head_dim)
+        v = be.linear(x, w["v"], w.get("v_bias")).view(T, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = be.rmsnorm(q, w["q_norm"], s.rms_eps), be.rmsnorm(k, w["k_norm"], s.rms_eps)
+        q, k = be.rope(q, k, batch.positions, cos_sin, s.rope.interleaved)
+        be.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        sinks = w.get("sinks")
+        if batch.is_decode:
+            o = be.attention_decode(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, s.softmax_scale,
+                                    self.window, sinks)
+        else:
+            o = be.attention_prefill(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
+                                     batch.query_start_loc, s.softmax_scale, True, self.window, sinks)
+        return be.linear(o.reshape(T, -1), w["o"], w.get("o_bias"))
+
+
+class MLAttention:
+    """DeepSeek-V2/V3 multi-head latent attention over the compressed KV cache."""
+
+    def __init__(self, w: dict, spec: ModelSpec, layer: int) -> None:
+        self.w, self.spec = w, spec
+        m = spec.mla
+        kv_b = w["kv_b"].float().view(spec.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        self.w_uk = kv_b[:, : m.qk_nope_head_dim].to(w["kv_b"].dtype).contiguous()
+        self.w_uv = kv_b[:, m.qk_nope_head_dim:].to(w["kv_b"].dtype).contiguous()
+
+    def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, v_cache, cos_sin) -> torch.Tensor:
+        s, w, m, T = self.spec, self.w, self.spec.mla, x.shape[0]
+        if m.q_lora_rank:
+            q = be.linear(be.rmsnorm(be.linear(x, w["q_a"]), w["q_a_norm"], s.rms_eps), w["q_b"])
+        else:
+            q = be.linear(x, w["q"])
+        q = q.view(T, s.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim)
+        q_nope, q_pe = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim:]
+        kv = be.linear(x, w["kv_a"])
+        c, k_pe = kv[:, : m.kv_lora_rank], kv[:, m.kv_lora_rank:]
+        c = be.rmsnorm(c, w["kv_a_norm"], s.rms_eps)
+        q_pe, k_pe = be.rope(q_pe.contiguous(), k_pe[:, None, :].contiguous(), batch.positions, cos_sin,
+                             s.rope.interleaved)
+        be.write_kv(torch.cat((c, k_pe[:, 0]), dim=-1)[:, None, :], None, k_cache, None, batch.slot_mapping)
+        o = be.attention_mla(q_nope, q_pe, k_cache, self.w_uk, self.w_uv, batch.block_tables, batch.seq_lens,
+                             batch.query_start_loc, s.softmax_scale)
+        return be.linear(o.reshape(T, -1), w["o"])
+
+
+class DenseMLP:
+    def __init__(self, gate: Weight, up: Weight, down: Weight) -> None:
+        self.gate, self.up, self.down = gate, up, down
+
+    def __call__(self, be: Backend, x: torch.Tensor) -> torch.Tensor:
+        return be.linear(gated_activation(be.linear(x, self.gate), be.linear(x, self.up), "silu"), self.down)
+
+
+class MoEBlock:
+    """Router -> routed experts (partial sums over every shard that holds some) [+ shared expert].
+
+    ``shards`` pairs a backend with the experts it holds; with one shard this is a
+    plain MoE layer, with several the partial sums are added (hybrid placement).
+    """
+
+    def __init__(self, spec: ModelSpec, router: torch.Tensor, router_bias: Optional[torch.Tensor],
+                 score_bias: Optional[torch.Tensor], shards: list[tuple[Backend, ExpertWeights]],
+                 shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None) -> None:
+        self.moe = spec.moe
+        self.router = router.float()
+        self.router_bias = None if router_bias is None else router_bias.float()
+        self.score_bias, self.shards, self.shared, self.shared_gate = score_bias, shards, shared, shared_gate
+
+    def route(self, be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.moe
+        logits = F.linear(x.float(), self.router, self.router_bias)
+        return be.route(logits, m.top_k, m.scoring, m.renormalize, m.n_group, m.topk_group, self.score_bias,
+                        m.routed_scaling_factor)
+
+    def __call__(self, be: Backend, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(be, x)
+        out = None
+        for shard_be, experts in self.shards:
+            part = shard_be.moe_experts(x, ids, weights, experts, self.moe.activation)
+            out = part if out is None else out + part
+        if self.shared is not None:
+            s = self.shared(be, x)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(be.linear(x, self.shared_gate)) * s
+            out = out + s
+        return out

@@ -1,0 +1,214 @@
+"""``CausalLM``: a decoder-only model assembled from a checkpoint and a ``ModelSpec``.
+
+Weights are read tensor by tensor from the checkpoint, cast to the model dtype,
+quantized where the quant config says so, and placed on the backend's device.
+The forward pass goes layer by layer through the device contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from kt_core.backend.contract import Backend
+from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
+from kt_core.kvcache.paged import Batch, PagedKVCache
+from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
+from kt_core.models.spec import ModelSpec
+from kt_core.progress import progress
+from kt_core.weights.checkpoint import Checkpoint
+from kt_core.weights.quant import ExpertWeights, Quant, quantize
+
+
+@dataclass
+class QuantPlan:
+    experts: Quant = Quant.NONE
+    dense: Quant = Quant.NONE
+    group_size: int = 128
+    symmetric: bool = True
+
+
+class _Reader:
+    """Reads, checks, casts and places one layer's tensors."""
+
+    def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan):
+        self.ck, self.spec, self.dtype, self.device, self.qp = ck, spec, dtype, device, qp
+
+    def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
+
+    def opt(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        return self.t(name, shape, dtype) if name in self.ck else None
+
+    def dense(self, name: str, shape):
+        w = self.t(name, shape)
+        if self.qp.dense is Quant.NONE:
+            return w
+        return quantize(w.float(), self.qp.dense, self.qp.group_size, self.qp.symmetric).to(self.device)
+
+    def experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, **biases):
+        qp = self.qp
+
+        def q(w):
+            w = w.to(self.dtype)
+            if qp.experts is Quant.NONE:
+                return w.to(self.device)
+            return quantize(w.float(), qp.experts, qp.group_size, qp.symmetric).to(self.device)
+
+        placed = {k: None if v is None else v.to(self.dtype).to(self.device) for k, v in biases.items()}
+        return ExpertWeights(ids.to(self.device), q(gate), q(up), q(down), **placed)
+
+
+def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
+    H, nh, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    a = p + "self_attn."
+    if spec.mla is not None:
+        m = spec.mla
+        qd = nh * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+        w = {"kv_a": r.dense(a + "kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, H)),
+             "kv_a_norm": r.t(a + "kv_a_layernorm.weight", (m.kv_lora_rank,)),
+             "kv_b": r.t(a + "kv_b_proj.weight", (nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)),
+             "o": r.dense(a + "o_proj.weight", (H, nh * m.v_head_dim))}
+        if m.q_lora_rank:
+            w.update(q_a=r.dense(a + "q_a_proj.weight", (m.q_lora_rank, H)),
+                     q_a_norm=r.t(a + "q_a_layernorm.weight", (m.q_lora_rank,)),
+                     q_b=r.dense(a + "q_b_proj.weight", (qd, m.q_lora_rank)))
+        else:
+            w["q"] = r.dense(a + "q_proj.weight", (qd, H))
+        return MLAttention(w, spec, i)
+    w = {"q": r.dense(a + "q_proj.weight", (nh * hd, H)), "k": r.dense(a + "k_proj.weight", (nkv * hd, H)),
+         "v": r.dense(a + "v_proj.weight", (nkv * hd, H)), "o": r.dense(a + "o_proj.weight", (H, nh * hd))}
+    if spec.qkv_bias:
+        w.update(q_bias=r.t(a + "q_proj.bias", (nh * hd,)), k_bias=r.t(a + "k_proj.bias", (nkv * hd,)),
+                 v_bias=r.t(a + "v_proj.bias", (nkv * hd,)))
+    if spec.o_bias:
+        w["o_bias"] = r.t(a + "o_proj.bias", (H,))
+    if spec.qk_norm:
+        w.update(q_norm=r.t(a + "q_norm.weight", (hd,)), k_norm=r.t(a + "k_norm.weight", (hd,)))
+    if spec.sinks:
+        w["sinks"] = r.t(a + "sinks", (nh,), torch.float32)
+    return Attention(w, spec, i)
+
+
+def _mlp(r: _Reader, p: str, H: int, inter: int) -> DenseMLP:
+    return DenseMLP(r.dense(p + "gate_proj.weight", (inter, H)), r.dense(p + "up_proj.weight", (inter, H)),
+                    r.dense(p + "down_proj.weight", (H, inter)))
+
+
+def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
+    return torch.stack([ck.get(n, shape) for n in names])
+
+
+def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int]) -> ExpertWeights:
+    """The experts ``ids`` of one MoE layer, in the checkpoint's naming for this family."""
+    ck, m, H = r.ck, spec.moe, spec.hidden_size
+    I = m.intermediate
+    idx = torch.tensor(ids, dtype=torch.long)
+    if spec.family == "gpt_oss":
+        e = p + "mlp.experts."
+        gate_up = ck.get(e + "gate_up_proj", (m.num_experts, H, 2 * I))[idx]
+        bias = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * I))[idx]
+        down = ck.get(e + "down_proj", (m.num_experts, I, H))[idx]
+        return r.experts(gate_up[..., ::2].transpose(1, 2), gate_up[..., 1::2].transpose(1, 2),
+                         down.transpose(1, 2), idx, gate_bias=bias[..., ::2], up_bias=bias[..., 1::2],
+                         down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])
+    if spec.family == "mixtral":
+        e, names = p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
+    else:
+        e, names = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
+    g = _stack(ck, [f"{e}{j}.{names[0]}.weight" for j in ids], (I, H))
+    u = _stack(ck, [f"{e}{j}.{names[1]}.weight" for j in ids], (I, H))
+    d = _stack(ck, [f"{e}{j}.{names[2]}.weight" for j in ids], (H, I))
+    return r.experts(g, u, d, idx)
+
+
+ExpertPlacer = Callable[[int], list[tuple[Backend, list[int]]]]
+
+
+def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optional[ExpertPlacer]) -> MoEBlock:
+    m, H = spec.moe, spec.hidden_size
+    E = m.num_experts
+    if spec.family == "gpt_oss":
+        router, rbias = r.t(p + "mlp.router.weight", (E, H), torch.float32), r.t(p + "mlp.router.bias", (E,), torch.float32)
+    else:
+        gate = p + ("block_sparse_moe.gate.weight" if spec.family == "mixtral" else "mlp.gate.weight")
+        router, rbias = r.t(gate, (E, H), torch.float32), None
+    score_bias = r.t(p + "mlp.gate.e_score_correction_bias", (E,), torch.float32) if m.score_bias else None
+    groups = placer(i) if placer else [(be, list(range(E)))]
+    shards = []
+    for shard_be, ids in groups:
+        if ids:
+            sub = _Reader(r.ck, spec, r.dtype, shard_be.torch_device(0), r.qp)
+            shards.append((shard_be, load_experts(sub, p, spec, ids)))
+    shared = shared_gate = None
+    if m.shared_intermediate:
+        name = "mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts."
+        shared = _mlp(r, p + name, H, m.shared_intermediate)
+        if m.shared_gate:
+            shared_gate = r.t(p + "mlp.shared_expert_gate.weight", (1, H))
+    return MoEBlock(spec, router, rbias, score_bias, shards, shared, shared_gate)
+
+
+class Layer:
+    def __init__(self, attn, ffn, norm1: torch.Tensor, norm2: torch.Tensor) -> None:
+        self.attn, self.ffn, self.norm1, self.norm2 = attn, ffn, norm1, norm2
+
+
+class CausalLM:
+    def __init__(self, spec: ModelSpec, backend: Backend, dtype: torch.dtype, embed: torch.Tensor,
+                 layers: list[Layer], norm: torch.Tensor, lm_head, cos_sin: torch.Tensor) -> None:
+        self.spec, self.be, self.dtype = spec, backend, dtype
+        self.device = backend.torch_device(0)
+        self.embed, self.layers, self.norm, self.lm_head, self.cos_sin = embed, layers, norm, lm_head, cos_sin
+
+    @classmethod
+    def load(cls, ck: Checkpoint, spec: ModelSpec, backend: Backend, dtype: torch.dtype,
+             qp: Optional[QuantPlan] = None, max_positions: Optional[int] = None,
+             placer: Optional[ExpertPlacer] = None) -> "CausalLM":
+        qp = qp or QuantPlan()
+        device = backend.torch_device(0)
+        r = _Reader(ck, spec, dtype, device, qp)
+        H, V = spec.hidden_size, spec.vocab_size
+        embed = r.t("model.embed_tokens.weight", (V, H))
+        layers = []
+        with progress(f"loading {spec.arch} ({spec.num_layers} layers)", spec.num_layers) as advance:
+            for i in range(spec.num_layers):
+                p = f"model.layers.{i}."
+                attn = _attention(r, p, spec, i)
+                ffn = _moe(r, p, spec, i, backend, placer) if spec.is_moe(i) else _mlp(r, p + "mlp.", H, spec.intermediate_size)
+                layers.append(Layer(attn, ffn, r.t(p + "input_layernorm.weight", (H,)),
+                                    r.t(p + "post_attention_layernorm.weight", (H,))))
+                advance()
+        norm = r.t("model.norm.weight", (H,))
+        if spec.tie_embeddings or "lm_head.weight" not in ck:
+            lm_head = embed
+        else:
+            lm_head = r.dense("lm_head.weight", (V, H))
+        inv_freq, mscale = spec.rope.inv_freq()
+        n_pos = max_positions or spec.max_positions
+        cos_sin = rope_cos_sin(spec.rope.rot_dim, n_pos, inv_freq=inv_freq, mscale=mscale).to(device)
+        return cls(spec, backend, dtype, embed, layers, norm, lm_head, cos_sin)
+
+    def new_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+        s = self.spec
+        if s.mla is not None:
+            return PagedKVCache(s.num_layers, num_blocks, block_size, 1, s.mla.kv_lora_rank + s.mla.qk_rope_head_dim,
+                                self.dtype, self.device, latent=True)
+        return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
+        """Logits (float32) of ``batch.logits_rows``."""
+        be, eps = self.be, self.spec.rms_eps
+        if int(batch.positions.max()) >= self.cos_sin.shape[0]:
+            from kt_core.errors import KtError
+
+            raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
+                          f"{self.cos_sin.shape[0]} tokens; shorten the prompt or max_new_tokens")
+        h = self.embed[batch.tokens]
+        for i, layer in enumerate(self.layers):
+            h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), batch, cache.k[i], cache.v[i], self.cos_sin)
+            h = h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
+        h = be.rmsnorm(h[batch.logits_rows], self.norm, eps)
+        return be.linear(h, self.lm_head).float()

@@ -1,0 +1,116 @@
+"""Reading Hugging Face checkpoint folders without unpickling anything.
+
+Safetensors files (single or sharded with ``model.safetensors.index.json``) are
+memory-mapped and read tensor by tensor, so a layer is only read when it is
+placed. ``.bin`` pickles are refused unless the caller allows them, and then
+loaded with ``torch.load(weights_only=True)``. Every failure is a one-line
+``KtError`` naming the file or tensor and what to do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from kt_core.errors import KtError
+
+log = logging.getLogger(__name__)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KtError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KtError(f"{what} {path} is not valid JSON ({exc}); re-download or fix it") from None
+
+
+class Checkpoint:
+    """Lazy tensor access to one HF-format model folder."""
+
+    def __init__(self, path: str | Path, allow_bin: bool = False) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise KtError(f"model folder not found: {self.path}")
+        self.config = read_json(self.path / "config.json", "config.json")
+        self._where: dict[str, Path] = {}  # tensor name -> file
+        self._open: dict[Path, object] = {}
+        self._bin: dict[str, torch.Tensor] = {}
+        self._index(allow_bin)
+
+    # ---- discovery ------------------------------------------------------------
+    def _index(self, allow_bin: bool) -> None:
+        index = self.path / "model.safetensors.index.json"
+        files = sorted(self.path.glob("*.safetensors"))
+        if index.is_file():
+            weight_map = read_json(index, "safetensors index").get("weight_map") or {}
+            for name, fname in weight_map.items():
+                self._where[name] = self.path / fname
+            missing = sorted({p for p in self._where.values() if not p.is_file()})
+            if missing:
+                raise KtError(f"the safetensors index names shards that are missing: "
+                              f"{', '.join(p.name for p in missing[:3])}; download them again")
+            return
+        if files:
+            for f in files:
+                for name in self._handle(f).keys():
+                    self._where[name] = f
+            return
+        bins = sorted(self.path.glob("*.bin"))
+        if bins:
+            if not allow_bin:
+                raise KtError(f"{self.path} holds only .bin (pickle) weights, which are not loaded by default; "
+                              "convert them to safetensors, or set model.allow_bin_weights=true to load them "
+                              "with torch.load(weights_only=True)")
+            for f in bins:
+                try:
+                    state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as exc:
+                    raise KtError(f"{f.name} could not be loaded safely ({type(exc).__name__}: {exc}); "
+                                  "convert it to safetensors") from None
+                self._bin.update(state)
+            return
+        raise KtError(f"no weights in {self.path}: expected *.safetensors (or model.safetensors.index.json)")
+
+    def _handle(self, f: Path):
+        if f not in self._open:
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise KtError(f"{f.name} is corrupt or truncated ({exc}); download it again") from None
+        return self._open[f]
+
+    # ---- access ---------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return sorted(set(self._where) | set(self._bin))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where or name in self._bin
+
+    def get(self, name: str, shape: Optional[Iterable[int]] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Read one tensor; ``shape`` is checked when given."""
+        if name in self._bin:
+            t = self._bin[name]
+        elif name in self._where:
+            try:
+                t = self._handle(self._where[name]).get_tensor(name)
+            except KtError:
+                raise
+            except Exception as exc:
+                raise KtError(f"tensor {name} in {self._where[name].name} could not be read ({exc}); "
+                              "the file is probably truncated: download it again") from None
+        else:
+            raise KtError(f"tensor {name} is missing from the checkpoint in {self.path}")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise KtError(f"tensor {name} has shape {tuple(t.shape)} but the config implies {tuple(shape)}; "
+                          "config.json and the weights do not belong together")
+        return t if dtype is None else t.to(dtype)
+
+    def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
+        return self.get(name, shape, dtype) if name in self else None

@@ -1,0 +1,81 @@
+"""Tiny random checkpoints of every supported architecture, written with transformers'
+own ``save_pretrained`` so the parity tests compare against the reference implementation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_scaled": ("LlamaConfig", "LlamaForCausalLM",
+                     dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+                          num_key_value_heads=4, tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[1],
+                       norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                       decoder_sparse_step=2, mlp_only_layers=[])),
+    "qwen3_moe_unnormed": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                           dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                                norm_topk_prob=False, mlp_only_layers=[0])),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1,
+                         first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                         routed_scaling_factor=1.5, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+                         qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                         first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                         norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8,
+                         qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4)),
+    "deepseek_v3_yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                         dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2,
+                              first_k_dense_replace=0, n_group=2, topk_group=1, norm_topk_prob=True,
+                              kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                              v_head_dim=8, num_key_value_heads=4,
+                              rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                            "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1})),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=4,
+                     max_position_embeddings=131072,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+}
+
+
+def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: float = 0.08) -> Path:
+    """Write a tiny random checkpoint of ``name`` to ``out`` and return it."""
+    import transformers
+
+    cfg_cls, model_cls, extra = CONFIGS[name]
+    cfg = getattr(transformers, cfg_cls)(**{**BASE, **extra})
+    cfg.initializer_range = init_std
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).to(dtype).eval()
+    with torch.no_grad():  # random biases / norms / sinks so every parameter matters
+        for pname, p in model.named_parameters():
+            if p.dim() == 1 or "bias" in pname or "sinks" in pname:
+                base = 1.0 if ("norm" in pname and "bias" not in pname) else 0.0
+                p.copy_(base + 0.1 * torch.randn_like(p))
+        for pname, buf in model.named_buffers():
+            if "e_score_correction_bias" in pname:
+                buf.copy_(0.05 * torch.randn_like(buf))
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def hf_model(path: Path, dtype=torch.float32):
+    import transformers
+
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(path, dtype=dtype).eval()
