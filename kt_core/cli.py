@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-VERBS = ("devices", "config", "doctor")
+VERBS = ("run", "chat", "synth", "devices", "config", "doctor")
 
 
 def _usage() -> str:

@@ -98,12 +98,29 @@ class ServerConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """Sampling settings of ``kt run`` / ``kt chat`` (the server takes them per request)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    chat: bool = False  # kt run: wrap the prompt in the model's chat template
+
+
+@dataclass
 class KtConfig:
     device: Dict[str, DeviceConfig] = field(default_factory=dict)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prompt: Optional[str] = None  # kt run: the text to continue
 
 
 GROUP_SCHEMAS = {
@@ -112,6 +129,7 @@ GROUP_SCHEMAS = {
     "model": ModelConfig,
     "quant": QuantConfig,
     "server": ServerConfig,
+    "generate": GenerateConfig,
 }
 
 

