@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 HELP = "write a synthetic checkpoint (real layer shapes, calibrated routers, real tokenizer)"
-USAGE = """kt synth [arch=NAME] [preset=NAME] [layers=N] out=DIR [seed=N] [tokenizer=qwen|deepseek|mistral]
+USAGE = """kt synth [arch=NAME] [preset=NAME] [layers=N] out=DIR [seed=N] [tokenizer=qwen|deepseek|mistral] [vocab=N]
 
   kt synth arch=qwen3_moe layers=2 preset=qwen3-30b-a3b out=/tmp/q30b-2l
   kt synth arch=deepseek_v3 layers=4 out=/tmp/dsv3-4l
+  kt synth arch=qwen3_moe layers=2 vocab=32000 tokenizer=mistral out=/tmp/bench   # the e2e benchmark model
 
 Prints, for each MoE layer, how many distinct experts the sample prompt reached."""
-KEYS = {"arch": str, "preset": str, "layers": int, "out": str, "seed": int, "tokenizer": str}
+KEYS = {"arch": str, "preset": str, "layers": int, "out": str, "seed": int, "tokenizer": str, "vocab": int}
 
 
 def run(overrides, flags) -> int:
@@ -28,7 +29,8 @@ def run(overrides, flags) -> int:
             raise KtError(f"{key}={value!r} must be {KEYS[key].__name__}") from None
     if "out" not in args:
         raise KtError(f"kt synth needs out=DIR; archs: {', '.join(ARCH_PRESET)}; presets: {', '.join(PRESETS)}")
-    report = synthesize(Path(args.pop("out")), **args)
+    vocab = args.pop("vocab", None)
+    report = synthesize(Path(args.pop("out")), shape={"vocab_size": vocab} if vocab else None, **args)
     s = report.spec
     print(f"wrote {s.arch} ({s.num_layers} layers, hidden {s.hidden_size}, vocab {s.vocab_size}) to {report.path}")
     if report.reached:

@@ -40,7 +40,9 @@ def sampling_probs(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
 
 
 def sample(logits, temperature, top_k, top_p, min_p, generator: Optional[torch.Generator] = None):
+    greedy = temperature.to(logits.device).reshape(-1) <= 0
+    if bool(greedy.all()):  # nothing to draw: skip the sort and softmax over the vocabulary
+        return logits.argmax(dim=-1)
     probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
     ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    greedy = temperature.to(logits.device).reshape(-1) <= 0
     return torch.where(greedy, logits.argmax(dim=-1), ids)

@@ -1,0 +1,108 @@
+"""End-to-end prefill and decode tokens/s of kt-core vs Hugging Face transformers, same
+synthetic checkpoint, same thread count, each implementation in its own process (so peak
+RSS is its own), repeated alternately; prints one JSON line per run and a summary line per
+implementation with medians and the ratio to transformers.
+
+    python bench/e2e.py                                   # builds the default benchmark model once
+    python bench/e2e.py --model DIR --prompt-tokens 256 --new-tokens 32 --repeats 3 --threads 2
+
+Default model: 2-layer Qwen3-30B-A3B shapes (hidden 2048, 128 experts, top-8), vocab 32000
+(Mixtral's tokenizer), bf16, written by `kt synth` into the kt cache folder.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, median, peak_rss_mb, set_threads  # noqa: E402
+
+
+def default_model() -> Path:
+    from kt_core.models.synthetic import cache_dir, synthesize
+
+    path = cache_dir() / "models" / "bench-qwen3-30b-a3b-2l-v32000"
+    if not (path / "model.safetensors.index.json").is_file():
+        print(f"building the benchmark model into {path} (once)", file=sys.stderr)
+        synthesize(path, arch="qwen3_moe", preset="qwen3-30b-a3b", layers=2, tokenizer="mistral",
+                   shape={"vocab_size": 32000})
+    return path
+
+
+def run_one(impl: str, model: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+    import torch
+
+    set_threads(threads)
+    ids = [(i * 7919) % 30000 + 100 for i in range(prompt_tokens)]
+    t0 = time.perf_counter()
+    if impl == "kt-core":
+        import kt_core
+
+        engine = kt_core.Engine.from_pretrained(model, overrides=["model.dtype=bfloat16"])
+        load_s = time.perf_counter() - t0
+        engine.generate(ids[:16], max_new_tokens=4, ignore_eos=True)  # warm-up
+        t = time.perf_counter()
+        engine.generate(ids, max_new_tokens=1, ignore_eos=True)
+        prefill_s = time.perf_counter() - t
+        r = engine.generate(ids, max_new_tokens=new_tokens + 1, ignore_eos=True)
+        decode_s = r.timing["decode_s"]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+        load_s = time.perf_counter() - t0
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            m.generate(x[:, :16], max_new_tokens=4, do_sample=False)
+            t = time.perf_counter()
+            m.generate(x, max_new_tokens=1, do_sample=False)
+            prefill_s = time.perf_counter() - t
+            t = time.perf_counter()
+            m.generate(x, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
+            decode_s = time.perf_counter() - t - prefill_s
+    return {"impl": impl, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads,
+            "load_s": round(load_s, 2), "prefill_tokens_per_s": prompt_tokens / prefill_s,
+            "decode_tokens_per_s": new_tokens / decode_s, "peak_rss_mb": round(peak_rss_mb())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impls", default="kt-core,transformers")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        emit(run_one(a.child, a.model, a.prompt_tokens, a.new_tokens, a.threads))
+        return
+    model = a.model or default_model()
+    runs: dict[str, list[dict]] = {}
+    for _ in range(a.repeats):
+        for impl in a.impls.split(","):
+            cmd = [sys.executable, __file__, "--child", impl, "--model", str(model), "--prompt-tokens",
+                   str(a.prompt_tokens), "--new-tokens", str(a.new_tokens), "--threads", str(a.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            print(out, flush=True)
+            import json
+
+            runs.setdefault(impl, []).append(json.loads(out))
+    base = runs.get("transformers")
+    for impl, rs in runs.items():
+        rec = {"impl": impl, "summary": True, "runs": len(rs),
+               "prefill_tokens_per_s": median([r["prefill_tokens_per_s"] for r in rs]),
+               "decode_tokens_per_s": median([r["decode_tokens_per_s"] for r in rs]),
+               "peak_rss_mb": median([r["peak_rss_mb"] for r in rs])}
+        if base:
+            for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+                rec[k.replace("tokens_per_s", "vs_transformers")] = rec[k] / median([r[k] for r in base])
+        emit(rec)
+
+
+if __name__ == "__main__":
+    main()
