@@ -84,6 +84,7 @@ class Engine:
         backend = registry().get(slot.backend)
         ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
         spec = parse_config(ck.config)
+        spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + generation_eos(ck.path)))
         qp = QuantPlan(Quant(_enum_value(cfg.quant.experts)), Quant(_enum_value(cfg.quant.dense)),
                        int(cfg.quant.group_size), bool(cfg.quant.symmetric))
         dtype = torch_dtype(_enum_value(cfg.model.dtype))
@@ -236,6 +237,21 @@ class Engine:
         if len(ids) > self.max_seq_len:
             raise KtError(f"prompt of {len(ids)} tokens is longer than the context of {self.max_seq_len}")
         return [int(t) for t in ids]
+
+
+def generation_eos(path) -> tuple[int, ...]:
+    """End-of-sequence ids from generation_config.json (what transformers' generate stops on)."""
+    from pathlib import Path
+
+    from kt_core.weights.checkpoint import read_json
+
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return ()
+    eos = read_json(f, "generation_config.json").get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 
 
 def _quote(value: str) -> str:

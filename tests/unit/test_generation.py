@@ -86,3 +86,24 @@ def test_bad_token_ids(engine):
         engine.logits([1, 10**9])
     with pytest.raises(KtError, match="prompt is empty"):
         engine.generate([], max_new_tokens=1)
+
+
+def test_generation_config_eos_stops_generation(tmp_path):
+    import json
+    import shutil
+
+    src = tmp_path / "m"
+    synthesize(src, preset="tiny-qwen3-moe", layers=1, shape=SHAPE, sample_tokens=32)
+    plain = kt_core.Engine.from_pretrained(src, overrides=["model.dtype=float32"])
+    greedy = plain.generate("Hi", max_new_tokens=10, ignore_eos=True).token_ids
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["eos_token_id"] = None
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [greedy[3]]}))
+    shutil.copy(src / "tokenizer_config.json", tmp_path / "keep.json")
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    tc["eos_token"] = None
+    (src / "tokenizer_config.json").write_text(json.dumps(tc))
+    engine = kt_core.Engine.from_pretrained(src, overrides=["model.dtype=float32"])
+    r = engine.generate("Hi", max_new_tokens=10)
+    assert r.token_ids == greedy[: greedy.index(greedy[3])] and r.finish_reason == "stop"
