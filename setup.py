@@ -8,9 +8,37 @@ Packaging notes:
   entry-point group; a vendor wheel adds its own entry there.
 - torch is a range: the README pins the CPU wheel for CPU-only machines.
 """
-from setuptools import find_packages, setup
+import os
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 BACKENDS = ["cpu", "cuda", "rocm", "xpu", "ascend"]
+
+
+class OptionalBuildExt(build_ext):
+    """Build the native CPU kernels if a C++ compiler is there; otherwise warn and go on:
+    the torch path runs and `kt doctor` says why the native one is missing."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # no compiler, no headers, ...
+            print(f"WARNING: native CPU kernels not built ({exc}); kt-core will use its torch path",
+                  file=sys.stderr)
+
+
+if sys.platform == "win32":
+    CXX_FLAGS = ["/O2", "/std:c++17", "/EHsc"]
+else:
+    CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]  # ISA flags are per function, never global
+
+NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
+    Extension("kt_backends.cpu._kt_cpu", sources=["backends/cpu/native/kt_cpu.cpp"],
+              depends=["backends/cpu/native/kernels.hpp", "backends/cpu/native/threadpool.hpp"],
+              extra_compile_args=CXX_FLAGS, language="c++")
+]
 
 setup(
     name="kt-core",
@@ -22,7 +50,9 @@ setup(
     packages=find_packages(include=["kt_core", "kt_core.*"]) + ["kt_backends", "kt_conf"]
     + [f"kt_backends.{b}" for b in BACKENDS],
     package_dir={"kt_backends": "backends", "kt_conf": "conf"},
-    package_data={"kt_conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"kt_conf": ["*.yaml", "*/*.yaml"], "kt_backends.cpu": ["native/*.cpp", "native/*.hpp"]},
+    ext_modules=NATIVE,
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "torch>=2.4,<3",
         "hydra-core>=1.3.2,<1.4",

@@ -1,5 +1,5 @@
-"""The host CPU as a device. Ops run on torch for now; the native expert kernels
-(runtime ISA dispatch) plug in here when they are built."""
+"""The host CPU as a device: torch for most ops, the native expert kernels (runtime ISA
+dispatch, see ``native/``) for expert GEMM when they are built and the format is theirs."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -9,6 +9,7 @@ import torch
 
 from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import VARIANT_SCORE, cpu_info
+from kt_backends.cpu import native
 from kt_core.backend.torch_backend import TorchBackend
 
 
@@ -23,9 +24,9 @@ class CpuBackend(TorchBackend):
         return ProbeResult(
             True,
             f"{info.model or info.arch}: {info.physical_cores} cores, ISA {info.isa_summary()}; "
-            f"expert kernels: torch ({torch.backends.cpu.get_cpu_capability()})",
+            f"expert kernels: {native.status()}",
             1,
-            {"variant": info.variant, "flags_source": info.source, "kernels": "torch"},
+            {"variant": info.variant, "flags_source": info.source, "kernels": native.status()},
         )
 
     @classmethod
@@ -54,6 +55,24 @@ class CpuBackend(TorchBackend):
 
     def synchronize(self, index: Optional[int] = None) -> None:
         return None  # CPU ops complete before they return
+
+    def prepare_experts(self, experts):
+        if native.available():
+            packed = native.pack(experts)
+            if packed is not None:
+                return packed
+        return experts
+
+    def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
+        if isinstance(experts, native.PackedExperts):
+            return native.moe_forward(experts, hidden, topk_ids, topk_weights, activation)
+        return super().moe_experts(hidden, topk_ids, topk_weights, experts, activation)
+
+    def set_threads(self, n: int) -> None:
+        """Threads for torch ops and the native kernels' pool."""
+        torch.set_num_threads(n)
+        if native.available():
+            native.set_threads(n)
 
 
 Backend = CpuBackend

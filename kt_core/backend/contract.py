@@ -136,6 +136,11 @@ class Backend(abc.ABC):
         """Whether ``op`` runs here with activations in ``dtype`` and weights in ``quant``."""
 
     # ---- expert GEMM and dense ----
+    def prepare_experts(self, experts: ExpertWeights) -> Any:
+        """Repack experts this device will hold into its kernels' layout, once, at load time.
+        The result is what ``moe_experts`` then receives; the default keeps them as they are."""
+        return experts
+
     @abc.abstractmethod
     def linear(self, x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x @ W.T + b``; ``weight`` is a tensor or a :class:`QuantizedWeight`."""

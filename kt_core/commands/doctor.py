@@ -61,8 +61,13 @@ def checks() -> tuple[list[tuple[str, str, str]], list[str]]:
         todo.append("this CPU lacks AVX2/FMA: CPU experts run on torch's generic path and will be slow")
     status, text = _compiler()
     rows.append(("compiler", status, text))
-    rows.append(("cpu kernels", "note", "torch path is live: native CPU expert kernels are not part of "
-                                        "this build yet"))
+    from kt_backends.cpu import native
+
+    live = native.status()
+    rows.append(("cpu kernels", "ok" if native.available() else "note", f"expert GEMM path: {live}"))
+    if not native.available() and "KT_NO_NATIVE" not in live:
+        todo.append(f"native CPU kernels are off ({live.split(': ', 1)[-1].rstrip(')')}); "
+                    "CPU experts run on the slower torch path")
     accel = []
     for name, st in registry().plugins().items():
         if st.error and st.cls is None:

@@ -140,7 +140,7 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
     for shard_be, ids in groups:
         if ids:
             sub = _Reader(r.ck, spec, r.dtype, shard_be.torch_device(0), r.qp)
-            shards.append((shard_be, load_experts(sub, p, spec, ids)))
+            shards.append((shard_be, shard_be.prepare_experts(load_experts(sub, p, spec, ids))))
     shared = shared_gate = None
     if m.shared_intermediate:
         name = "mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts."

@@ -56,6 +56,18 @@ def apply_visible_devices(cfg: DictConfig) -> None:
             os.environ[env] = str(d.visible)
 
 
+def configure_cpu_threads(cfg: DictConfig) -> None:
+    """device.cpu.threads (default: physical cores) for torch and the native kernels' pool."""
+    from kt_core.backend.cpuinfo import cpu_info
+
+    n = cfg.device.cpu.threads or cpu_info().physical_cores
+    if n < 1:
+        raise KtError(f"device.cpu.threads={n} must be at least 1")
+    cpu = registry().get("cpu")
+    if hasattr(cpu, "set_threads"):
+        cpu.set_threads(int(n))
+
+
 class Engine:
     def __init__(self, cfg: DictConfig, spec: ModelSpec, model: CausalLM, tokenizer: Optional[Tokenizer],
                  max_batch: int = 4) -> None:
@@ -80,6 +92,7 @@ class Engine:
             cfg.model.path = str(default_checkpoint())
         topo = resolve_topology(cfg, check_devices=True)
         apply_visible_devices(cfg)
+        configure_cpu_threads(cfg)
         slot = topo.roles["attention"][0]
         backend = registry().get(slot.backend)
         ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))

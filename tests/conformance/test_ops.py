@@ -73,11 +73,12 @@ def make_experts(E_held, H, I, quant, dtype, ids, bias=False, symmetric=True):
     return ExpertWeights(torch.tensor(ids), w((E_held, I, H), 3), w((E_held, I, H), 4), w((E_held, H, I), 5), **kw)
 
 
-def experts_on(backend, ex: ExpertWeights) -> ExpertWeights:
+def experts_on(backend, ex: ExpertWeights):
+    """Move to the device and let the backend repack them, as the model loader does."""
     dev = backend.torch_device(0)
     mv = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    return ExpertWeights(ex.expert_ids.to(dev), mv(ex.gate), mv(ex.up), mv(ex.down),
-                         mv(ex.gate_bias), mv(ex.up_bias), mv(ex.down_bias))
+    return backend.prepare_experts(ExpertWeights(ex.expert_ids.to(dev), mv(ex.gate), mv(ex.up), mv(ex.down),
+                                                 mv(ex.gate_bias), mv(ex.up_bias), mv(ex.down_bias)))
 
 
 @pytest.mark.parametrize("quant,symmetric", [("none", True), ("int8", True), ("int4", True), ("int4", False)],

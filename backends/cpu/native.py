@@ -1,0 +1,246 @@
+"""The native CPU expert kernels: loading, weight packing, calls.
+
+The extension (``_kt_cpu``, built by setup.py from ``native/``) exposes a C ABI over raw
+pointers; we call it through ctypes, which releases the GIL during the call, so a
+``submit`` on a helper thread overlaps with whatever the caller does next.
+``KT_NO_NATIVE=1`` turns the native path off (the torch path runs).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
+
+NR = 16
+FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
+ABI_VERSION = 1
+
+
+class _Proj(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("data_stride", ctypes.c_int64), ("param_stride", ctypes.c_int64)]
+
+
+class _MoeArgs(ctypes.Structure):
+    _fields_ = [("T", ctypes.c_int64), ("H", ctypes.c_int64), ("I", ctypes.c_int64), ("top_k", ctypes.c_int64),
+                ("n_local", ctypes.c_int64), ("n_global", ctypes.c_int64), ("fmt", ctypes.c_int),
+                ("group", ctypes.c_int), ("activation", ctypes.c_int), ("x", ctypes.c_void_p),
+                ("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("local_of", ctypes.c_void_p),
+                ("gate", _Proj), ("up", _Proj), ("down", _Proj), ("out", ctypes.c_void_p)]
+
+
+_lib: Optional[ctypes.CDLL] = None
+_why: Optional[str] = None
+_lock = threading.Lock()
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _why
+    with _lock:
+        if _lib is not None or _why is not None:
+            return _lib
+        if os.environ.get("KT_NO_NATIVE", "") not in ("", "0"):
+            _why = "disabled by KT_NO_NATIVE=1"
+            return None
+        spec = importlib.util.find_spec("kt_backends.cpu._kt_cpu")
+        if spec is None or not spec.origin:
+            _why = ("not built (no C++ compiler when kt-core was installed?); install one and reinstall: "
+                    "pip install -e .")
+            return None
+        try:
+            lib = ctypes.CDLL(spec.origin)
+            if lib.kt_abi_version() != ABI_VERSION:
+                _why = f"built extension has ABI {lib.kt_abi_version()}, expected {ABI_VERSION}: reinstall kt-core"
+                return None
+        except OSError as exc:
+            _why = f"failed to load {spec.origin}: {exc}"
+            return None
+        lib.kt_variant.restype = ctypes.c_char_p
+        lib.kt_isa.restype = ctypes.c_uint32
+        lib.kt_membw.restype = ctypes.c_double
+        lib.kt_membw.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        lib.kt_moe_forward.argtypes = [ctypes.POINTER(_MoeArgs)]
+        lib.kt_moe_args_size.restype = ctypes.c_int64
+        lib.kt_set_variant.argtypes = [ctypes.c_char_p]
+        if lib.kt_moe_args_size() != ctypes.sizeof(_MoeArgs):
+            _why = "argument layout mismatch between Python and the built extension: reinstall kt-core"
+            return None
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def status() -> str:
+    lib = _load()
+    if lib is None:
+        return f"torch (native kernels: {_why})"
+    return f"native {lib.kt_variant().decode()} ({lib.kt_threads()} threads)"
+
+
+def variant() -> Optional[str]:
+    lib = _load()
+    return lib.kt_variant().decode() if lib else None
+
+
+def set_variant(name: str) -> None:
+    """Force a kernel variant (tests, benchmarks); a variant the CPU lacks is refused."""
+    lib = _need()
+    rc = lib.kt_set_variant(name.encode())
+    if rc:
+        raise ValueError(f"kernel variant '{name}' is {'unknown' if rc == -2 else 'not supported by this CPU'}")
+
+
+def set_threads(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    _need().kt_set_threads(int(n))
+
+
+def threads() -> int:
+    return int(_need().kt_threads())
+
+
+def memory_bandwidth_gbps(megabytes: int = 512, iters: int = 5) -> float:
+    """Streaming-read bandwidth with the native multi-threaded loop (what decode can reach)."""
+    buf = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    return float(_need().kt_membw(buf.data_ptr(), buf.numel(), iters))
+
+
+def _need() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_why}")
+    return lib
+
+
+# ---------------------------------------------------------------- packing
+@dataclass
+class PackedProj:
+    data: torch.Tensor  # [E, P, K(/2), 16]
+    scale: Optional[torch.Tensor]
+    zero: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]  # float32 [E, M]
+
+
+@dataclass
+class PackedExperts:
+    """Experts repacked into the native kernel's panel layout (see native/kernels.hpp)."""
+
+    expert_ids: torch.Tensor
+    fmt: str
+    group: int
+    hidden: int
+    inter: int
+    gate: PackedProj
+    up: PackedProj
+    down: PackedProj
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in (self.gate, self.up, self.down)
+                   for t in (p.data, p.scale, p.zero, p.bias) if t is not None)
+
+
+def _panels(t: torch.Tensor) -> torch.Tensor:
+    """[E, M, X] -> [E, ceil(M/16), X, 16] with zero rows padding M."""
+    E, M, X = t.shape
+    pad = (-M) % NR
+    if pad:
+        t = torch.cat([t, t.new_zeros(E, pad, X)], dim=1)
+    return t.reshape(E, -1, NR, X).transpose(2, 3).contiguous()
+
+
+def _pack_proj(w, bias: Optional[torch.Tensor]) -> PackedProj:
+    b = None if bias is None else bias.float().contiguous()
+    if isinstance(w, torch.Tensor):
+        return PackedProj(_panels(w.view(torch.int16)), None, None, b)
+    if w.format is Quant.INT8:
+        scale = _panels(w.scales.float()).reshape(w.scales.shape[0], -1).contiguous()  # [E, P*16]
+        return PackedProj(_panels(w.qdata), scale, None, b)
+    scale = _panels(w.scales.float())  # [E, P, G, 16]
+    zero = None if w.zeros is None else _panels(w.zeros.float())
+    return PackedProj(_panels(w.qdata), scale, zero, b)
+
+
+def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
+    """The packed form, or None when the kernels do not take this format (torch path then)."""
+    if ex.gate.device.type != "cpu":
+        return None
+    fmt = ex.format
+    if fmt is Quant.NONE:
+        if any(w.dtype != torch.bfloat16 for w in (ex.gate, ex.up, ex.down)):
+            return None  # fp32 / fp16 weights: the torch path keeps their precision
+        name, group = "bf16", 0
+    elif fmt is Quant.INT8:
+        if ex.gate.group_size != ex.gate.in_features or ex.down.group_size != ex.down.in_features:
+            return None
+        name, group = "int8", 0
+    else:
+        group = ex.gate.group_size
+        if ex.down.group_size != group or group % 2 or (ex.gate.zeros is None) != (ex.down.zeros is None):
+            return None
+        name = "int4"
+    H, I = ex.gate.shape[2], ex.gate.shape[1]
+    return PackedExperts(ex.expert_ids.long().contiguous(), name, group, H, I, _pack_proj(ex.gate, ex.gate_bias),
+                         _pack_proj(ex.up, ex.up_bias), _pack_proj(ex.down, ex.down_bias))
+
+
+# ---------------------------------------------------------------- calls
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _proj(p: PackedProj) -> _Proj:
+    E = p.data.shape[0]
+    per_param = 0 if p.scale is None else p.scale.numel() // E
+    return _Proj(p.data.data_ptr(), _ptr(p.scale), _ptr(p.zero), _ptr(p.bias),
+                 p.data.numel() * p.data.element_size() // E, per_param)
+
+
+def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                activation: str = "silu") -> torch.Tensor:
+    """Weighted sum over the routes to the packed experts; same contract as ``moe_experts``."""
+    lib = _need()
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown MoE activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    x = hidden.float().contiguous()
+    ids = topk_ids.long().contiguous()
+    w = topk_weights.float().contiguous()
+    T, K = ids.shape
+    out = torch.empty(T, packed.hidden, dtype=torch.float32)
+    if T == 0:
+        return out.to(hidden.dtype)
+    n_global = max(int(ids.max()), int(packed.expert_ids.max())) + 1
+    if int(ids.min()) < 0:
+        raise ValueError("topk_ids has negative expert ids")
+    local_of = torch.full((n_global,), -1, dtype=torch.long)
+    local_of[packed.expert_ids] = torch.arange(packed.expert_ids.numel())
+    args = _MoeArgs(T, packed.hidden, packed.inter, K, packed.expert_ids.numel(), n_global, FORMATS[packed.fmt],
+                    packed.group, ACTIVATIONS[activation], x.data_ptr(), ids.data_ptr(), w.data_ptr(),
+                    local_of.data_ptr(), _proj(packed.gate), _proj(packed.up), _proj(packed.down), out.data_ptr())
+    rc = lib.kt_moe_forward(ctypes.byref(args))
+    if rc:
+        raise RuntimeError(f"native moe_forward failed with code {rc}")
+    return out.to(hidden.dtype)
+
+
+_executor: Optional[ThreadPoolExecutor] = None
+
+
+def submit(packed: PackedExperts, hidden, topk_ids, topk_weights, activation: str = "silu") -> Future:
+    """Start ``moe_forward`` on a helper thread (the GIL is released while it runs)."""
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-cpu-moe")
+    return _executor.submit(moe_forward, packed, hidden, topk_ids, topk_weights, activation)

@@ -1,0 +1,224 @@
+// Panel GEMM kernels for the expert weights, one set per ISA.
+//
+// Weight layout (repacked at load time by kt_backends.cpu.native.pack): a matrix of M
+// output rows and K inputs is stored as ceil(M/16) panels; panel p holds rows
+// [16p, 16p+16) input-major, so one input step of a panel is 16 consecutive values:
+//   bf16: uint16 [P][K][16]
+//   int8: int8   [P][K][16], one float scale per row            scale [P*16]
+//   int4: uint8  [P][K/2][16], byte = code(k even) | code(k odd) << 4,
+//         per (group, row) scale and zero point                  scale/zero [P][K/g][16]
+//         (symmetric int4 has no zero array: codes are biased by 8)
+// panel_gemm computes out[i][j] = sum_k X[i][k] * W[16p + j][k] for n rows of X.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#define KT_X86 1
+#include <immintrin.h>
+#endif
+
+#if defined(_MSC_VER) && !defined(__clang__)
+#define KT_TARGET(x)  // MSVC compiles intrinsics of any ISA without per-function flags
+#else
+#define KT_TARGET(x) __attribute__((target(x)))
+#endif
+
+namespace kt {
+
+enum Format : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2 };
+constexpr int NR = 16;  // rows per panel
+constexpr int KB = 256; // input block kept hot in L1 while token tiles sweep it
+
+struct Weight {
+  int fmt;
+  int64_t M, K;
+  int group;            // int4 group size along K
+  const void* data;     // this expert's panels
+  const float* scale;   // int8: [P*16]; int4: [P][K/g][16]
+  const float* zero;    // int4 asymmetric: [P][K/g][16]; null = symmetric (8)
+};
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---------------------------------------------------------------- generic (any CPU)
+inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scale, float* zero) {
+  if (w.fmt == FMT_BF16) return bf16_to_f32(static_cast<const uint16_t*>(w.data)[(p * w.K + k) * NR + j]);
+  if (w.fmt == FMT_INT8) {
+    *scale = w.scale[p * NR + j];
+    *zero = 0.f;
+    return static_cast<const int8_t*>(w.data)[(p * w.K + k) * NR + j];
+  }
+  const uint8_t b = static_cast<const uint8_t*>(w.data)[(p * (w.K / 2) + k / 2) * NR + j];
+  int64_t g = k / w.group, G = w.K / w.group;
+  *scale = w.scale[(p * G + g) * NR + j];
+  *zero = w.zero ? w.zero[(p * G + g) * NR + j] : 8.f;
+  return static_cast<float>((k & 1) ? (b >> 4) : (b & 15));
+}
+
+inline void panel_gemm_generic(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < w.K; ++k) {
+        float s = 1.f, z = 0.f;
+        float q = weight_at(w, p, k, j, &s, &z);
+        acc += static_cast<double>(X[i * ldx + k]) * (w.fmt == FMT_BF16 ? q : (q - z) * s);
+      }
+      out[i * NR + j] = static_cast<float>(acc);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA
+#ifdef KT_X86
+KT_TARGET("avx2,fma") inline __m256 load_bf16x8(const uint16_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+KT_TARGET("avx2,fma") inline __m256 load_i8x8(const int8_t* p) {
+  __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+}
+KT_TARGET("avx2,fma") inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+
+// Up to 4 rows of X against one panel over inputs [k0, k1); acc[i][0..1] hold 16 outputs.
+template <int MR>
+KT_TARGET("avx2,fma") inline void tile_bf16(const uint16_t* wp, const float* X, int64_t ldx, int64_t k0, int64_t k1,
+                                            __m256 (&acc)[4][2]) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint16_t* row = wp + k * NR;
+    __m256 w0 = load_bf16x8(row), w1 = load_bf16x8(row + 8);
+    for (int i = 0; i < MR; ++i) {
+      __m256 x = _mm256_broadcast_ss(X + i * ldx + k);
+      acc[i][0] = _mm256_fmadd_ps(x, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(x, w1, acc[i][1]);
+    }
+  }
+}
+
+template <int MR>
+KT_TARGET("avx2,fma") inline void tile_i8(const int8_t* wp, const float* X, int64_t ldx, int64_t k0, int64_t k1,
+                                          __m256 (&acc)[4][2]) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const int8_t* row = wp + k * NR;
+    __m256 w0 = load_i8x8(row), w1 = load_i8x8(row + 8);
+    for (int i = 0; i < MR; ++i) {
+      __m256 x = _mm256_broadcast_ss(X + i * ldx + k);
+      acc[i][0] = _mm256_fmadd_ps(x, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(x, w1, acc[i][1]);
+    }
+  }
+}
+
+// int4 over one group [k0, k0 + g): acc += scale * (sum_k code*x - zero * sum_k x)
+template <int MR>
+KT_TARGET("avx2,fma") inline void tile_i4_group(const uint8_t* wp, const float* X, int64_t ldx, int64_t k0, int g,
+                                                const float* s, const float* z, __m256 (&acc)[4][2]) {
+  __m256 ga[4][2], xs[4];
+  for (int i = 0; i < MR; ++i) ga[i][0] = ga[i][1] = xs[i] = _mm256_setzero_ps();
+  const __m128i lo_mask = _mm_set1_epi8(0x0F);
+  for (int64_t k = k0; k < k0 + g; k += 2) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
+    __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
+    __m256 a0 = u8x8_to_ps(lo), a1 = u8x8_to_ps(_mm_srli_si128(lo, 8));
+    __m256 b0 = u8x8_to_ps(hi), b1 = u8x8_to_ps(_mm_srli_si128(hi, 8));
+    for (int i = 0; i < MR; ++i) {
+      __m256 xe = _mm256_broadcast_ss(X + i * ldx + k), xo = _mm256_broadcast_ss(X + i * ldx + k + 1);
+      ga[i][0] = _mm256_fmadd_ps(xe, a0, ga[i][0]);
+      ga[i][1] = _mm256_fmadd_ps(xe, a1, ga[i][1]);
+      ga[i][0] = _mm256_fmadd_ps(xo, b0, ga[i][0]);
+      ga[i][1] = _mm256_fmadd_ps(xo, b1, ga[i][1]);
+      xs[i] = _mm256_add_ps(xs[i], _mm256_add_ps(xe, xo));
+    }
+  }
+  __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+  __m256 z0 = z ? _mm256_loadu_ps(z) : _mm256_set1_ps(8.f), z1 = z ? _mm256_loadu_ps(z + 8) : _mm256_set1_ps(8.f);
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z0, xs[i], ga[i][0]), s0, acc[i][0]);
+    acc[i][1] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z1, xs[i], ga[i][1]), s1, acc[i][1]);
+  }
+}
+
+template <int MR>
+KT_TARGET("avx2,fma") inline void rows_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {
+  __m256 acc[4][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  if (w.fmt == FMT_BF16) {
+    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * w.K * NR;
+    tile_bf16<MR>(wp, X, ldx, 0, w.K, acc);
+  } else if (w.fmt == FMT_INT8) {
+    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
+    tile_i8<MR>(wp, X, ldx, 0, w.K, acc);
+    __m256 s0 = _mm256_loadu_ps(w.scale + p * NR), s1 = _mm256_loadu_ps(w.scale + p * NR + 8);
+    for (int i = 0; i < MR; ++i) {
+      acc[i][0] = _mm256_mul_ps(acc[i][0], s0);
+      acc[i][1] = _mm256_mul_ps(acc[i][1], s1);
+    }
+  } else {
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
+    const int64_t G = w.K / w.group;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* s = w.scale + (p * G + g) * NR;
+      const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
+      tile_i4_group<MR>(wp, X, ldx, g * w.group, w.group, s, z, acc);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(out + i * NR, acc[i][0]);
+    _mm256_storeu_ps(out + i * NR + 8, acc[i][1]);
+  }
+}
+
+KT_TARGET("avx2,fma") inline void panel_gemm_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
+                                                  float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) rows_avx2<4>(w, p, X + i * ldx, ldx, out + i * NR);
+  switch (n - i) {
+    case 3: rows_avx2<3>(w, p, X + i * ldx, ldx, out + i * NR); break;
+    case 2: rows_avx2<2>(w, p, X + i * ldx, ldx, out + i * NR); break;
+    case 1: rows_avx2<1>(w, p, X + i * ldx, ldx, out + i * NR); break;
+    default: break;
+  }
+}
+
+// Streaming read of n floats (memory-bandwidth probe): returns their sum so nothing is elided.
+KT_TARGET("avx2,fma") inline float stream_sum_avx2(const float* a, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(a + i));
+    s1 = _mm256_add_ps(s1, _mm256_loadu_ps(a + i + 8));
+    s2 = _mm256_add_ps(s2, _mm256_loadu_ps(a + i + 16));
+    s3 = _mm256_add_ps(s3, _mm256_loadu_ps(a + i + 24));
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  float tmp[8];
+  _mm256_storeu_ps(tmp, s);
+  float r = 0;
+  for (float v : tmp) r += v;
+  for (; i < n; ++i) r += a[i];
+  return r;
+}
+#endif  // KT_X86
+
+inline float stream_sum_generic(const float* a, int64_t n) {
+  float r0 = 0, r1 = 0, r2 = 0, r3 = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    r0 += a[i];
+    r1 += a[i + 1];
+    r2 += a[i + 2];
+    r3 += a[i + 3];
+  }
+  for (; i < n; ++i) r0 += a[i];
+  return r0 + r1 + r2 + r3;
+}
+
+}  // namespace kt

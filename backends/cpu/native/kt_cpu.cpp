@@ -1,0 +1,281 @@
+// kt-core's CPU expert kernels: a C ABI over raw pointers (no libtorch, so one build
+// serves every torch version), runtime ISA dispatch, a persistent thread pool.
+// Python loads this module and calls it through ctypes (which releases the GIL, so
+// the caller's other threads keep running while a kernel runs).
+#include <Python.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "kernels.hpp"
+#include "threadpool.hpp"
+
+#if defined(_MSC_VER)
+#include <intrin.h>
+#define KT_API extern "C" __declspec(dllexport)
+#else
+#define KT_API extern "C" __attribute__((visibility("default")))
+#if defined(KT_X86)
+#include <cpuid.h>
+#endif
+#endif
+
+namespace kt {
+
+enum Isa : uint32_t {
+  ISA_AVX2 = 1u << 0, ISA_FMA = 1u << 1, ISA_AVX512F = 1u << 2, ISA_AVX512BW = 1u << 3,
+  ISA_AVX512VNNI = 1u << 4, ISA_AVX512BF16 = 1u << 5, ISA_AMX_TILE = 1u << 6, ISA_AMX_INT8 = 1u << 7,
+  ISA_AMX_BF16 = 1u << 8, ISA_AVX_VNNI = 1u << 9,
+};
+
+#if defined(KT_X86)
+static void cpuid(int leaf, int sub, unsigned r[4]) {
+#if defined(_MSC_VER)
+  int v[4];
+  __cpuidex(v, leaf, sub);
+  for (int i = 0; i < 4; ++i) r[i] = static_cast<unsigned>(v[i]);
+#else
+  __cpuid_count(leaf, sub, r[0], r[1], r[2], r[3]);
+#endif
+}
+static uint64_t xgetbv0() {
+#if defined(_MSC_VER)
+  return _xgetbv(0);
+#else
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+#endif
+}
+#endif
+
+// What the CPU supports *and* the OS saves the state of (XCR0), so no illegal instruction.
+static uint32_t detect_isa() {
+  uint32_t isa = 0;
+#if defined(KT_X86)
+  unsigned r[4];
+  cpuid(0, 0, r);
+  const unsigned max_leaf = r[0];
+  cpuid(1, 0, r);
+  const bool osxsave = (r[2] >> 27) & 1, fma = (r[2] >> 12) & 1;
+  if (!osxsave || max_leaf < 7) return 0;
+  const uint64_t xcr0 = xgetbv0();
+  const bool avx_os = (xcr0 & 0x6) == 0x6, avx512_os = (xcr0 & 0xE6) == 0xE6, amx_os = (xcr0 & 0x60000) == 0x60000;
+  cpuid(7, 0, r);
+  const unsigned b = r[1], c = r[2], d = r[3];
+  cpuid(7, 1, r);
+  const unsigned a1 = r[0];
+  if (avx_os && ((b >> 5) & 1)) isa |= ISA_AVX2;
+  if (avx_os && fma) isa |= ISA_FMA;
+  if (avx_os && ((a1 >> 4) & 1)) isa |= ISA_AVX_VNNI;
+  if (avx512_os) {
+    if ((b >> 16) & 1) isa |= ISA_AVX512F;
+    if ((b >> 30) & 1) isa |= ISA_AVX512BW;
+    if ((c >> 11) & 1) isa |= ISA_AVX512VNNI;
+    if ((a1 >> 5) & 1) isa |= ISA_AVX512BF16;
+  }
+  if (amx_os) {
+    if ((d >> 24) & 1) isa |= ISA_AMX_TILE;
+    if ((d >> 25) & 1) isa |= ISA_AMX_INT8;
+    if ((d >> 22) & 1) isa |= ISA_AMX_BF16;
+  }
+#endif
+  return isa;
+}
+
+enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1 };
+static const char* kVariantNames[] = {"generic", "avx2"};
+
+static int best_variant(uint32_t isa) {
+  if ((isa & ISA_AVX2) && (isa & ISA_FMA)) return VARIANT_AVX2;
+  return VARIANT_GENERIC;
+}
+
+struct State {
+  uint32_t isa = detect_isa();
+  int variant = best_variant(isa);
+  std::unique_ptr<ThreadPool> pool;
+  ThreadPool& threads() {
+    if (!pool) pool.reset(new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))));
+    return *pool;
+  }
+};
+static State& state() {
+  static State s;
+  return s;
+}
+
+static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
+#if defined(KT_X86)
+  if (state().variant == VARIANT_AVX2) return panel_gemm_avx2(w, p, X, ldx, n, out);
+#endif
+  panel_gemm_generic(w, p, X, ldx, n, out);
+}
+
+// ---------------------------------------------------------------- fused MoE
+enum Activation : int { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_SWIGLU_OAI = 2 };
+
+struct Proj {  // one projection (gate, up or down) of all local experts
+  const void* data;
+  const float* scale;
+  const float* zero;
+  const float* bias;      // [E][M] or null
+  int64_t data_stride;    // bytes per expert
+  int64_t param_stride;   // floats per expert in scale / zero
+};
+
+struct MoeArgs {
+  int64_t T, H, I, top_k, n_local, n_global;
+  int fmt, group, activation;
+  const float* x;           // [T][H]
+  const int64_t* ids;       // [T][top_k] global expert ids
+  const float* weights;     // [T][top_k]
+  const int64_t* local_of;  // [n_global] global id -> local index or -1
+  Proj gate, up, down;
+  float* out;               // [T][H], overwritten
+};
+
+static Weight weight_of(const MoeArgs& a, const Proj& p, int64_t e, int64_t M, int64_t K) {
+  Weight w;
+  w.fmt = a.fmt;
+  w.M = M;
+  w.K = K;
+  w.group = a.group;
+  w.data = static_cast<const uint8_t*>(p.data) + e * p.data_stride;
+  w.scale = p.scale ? p.scale + e * p.param_stride : nullptr;
+  w.zero = p.zero ? p.zero + e * p.param_stride : nullptr;
+  return w;
+}
+
+static inline float act(float g, float u, int kind) {
+  if (kind == ACT_SILU) return g / (1.f + std::exp(-g)) * u;
+  if (kind == ACT_GELU_TANH) {
+    const float c = 0.7978845608028654f;
+    return 0.5f * g * (1.f + std::tanh(c * (g + 0.044715f * g * g * g))) * u;
+  }
+  g = std::min(g, 7.f);
+  u = std::max(std::min(u, 7.f), -7.f);
+  return (u + 1.f) * g / (1.f + std::exp(-1.702f * g));
+}
+
+static int moe_forward(const MoeArgs& a) {
+  const int64_t T = a.T, H = a.H, I = a.I;
+  const int64_t Pi = (I + NR - 1) / NR, Ph = (H + NR - 1) / NR, Ipad = Pi * NR;
+  std::memset(a.out, 0, sizeof(float) * T * H);
+  // routes per local expert
+  std::vector<std::vector<int64_t>> tok(a.n_local);
+  std::vector<std::vector<float>> wt(a.n_local);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < a.top_k; ++k) {
+      int64_t g = a.ids[t * a.top_k + k];
+      if (g < 0 || g >= a.n_global) return -1;
+      int64_t e = a.local_of[g];
+      if (e < 0) continue;
+      tok[e].push_back(t);
+      wt[e].push_back(a.weights[t * a.top_k + k]);
+    }
+  std::vector<int64_t> active, xoff;  // active experts and their row offset in the gathered X / A
+  int64_t rows = 0;
+  for (int64_t e = 0; e < a.n_local; ++e)
+    if (!tok[e].empty()) {
+      active.push_back(e);
+      xoff.push_back(rows);
+      rows += static_cast<int64_t>(tok[e].size());
+    }
+  if (active.empty()) return 0;
+  std::vector<float> X(rows * H), A(rows * Ipad, 0.f);
+  for (size_t ai = 0; ai < active.size(); ++ai)
+    for (size_t r = 0; r < tok[active[ai]].size(); ++r)
+      std::memcpy(&X[(xoff[ai] + r) * H], a.x + tok[active[ai]][r] * H, sizeof(float) * H);
+  ThreadPool& pool = state().threads();
+  // stage 1: gate and up panels -> activation, item = (active expert, panel of I)
+  const int64_t n1 = static_cast<int64_t>(active.size()) * Pi;
+  pool.run(n1, [&](int64_t item) {
+    const int64_t ai = item / Pi, p = item % Pi, e = active[ai], n = static_cast<int64_t>(tok[e].size());
+    std::vector<float> g(n * NR), u(n * NR);
+    panel_gemm(weight_of(a, a.gate, e, I, H), p, &X[xoff[ai] * H], H, n, g.data());
+    panel_gemm(weight_of(a, a.up, e, I, H), p, &X[xoff[ai] * H], H, n, u.data());
+    for (int64_t r = 0; r < n; ++r)
+      for (int j = 0; j < NR && p * NR + j < I; ++j) {
+        float gv = g[r * NR + j], uv = u[r * NR + j];
+        if (a.gate.bias) gv += a.gate.bias[e * I + p * NR + j];
+        if (a.up.bias) uv += a.up.bias[e * I + p * NR + j];
+        A[(xoff[ai] + r) * Ipad + p * NR + j] = act(gv, uv, a.activation);
+      }
+  });
+  // stage 2: down panels, item = panel of H (owns those output columns: no races)
+  pool.run(Ph, [&](int64_t q) {
+    std::vector<float> y;
+    for (size_t ai = 0; ai < active.size(); ++ai) {
+      const int64_t e = active[ai], n = static_cast<int64_t>(tok[e].size());
+      y.resize(n * NR);
+      panel_gemm(weight_of(a, a.down, e, H, I), q, &A[xoff[ai] * Ipad], Ipad, n, y.data());
+      for (int64_t r = 0; r < n; ++r) {
+        float* o = a.out + tok[e][r] * H;
+        const float w = wt[e][r];
+        for (int j = 0; j < NR && q * NR + j < H; ++j) {
+          float v = y[r * NR + j];
+          if (a.down.bias) v += a.down.bias[e * H + q * NR + j];
+          o[q * NR + j] += w * v;
+        }
+      }
+    }
+  });
+  return 0;
+}
+
+}  // namespace kt
+
+// ---------------------------------------------------------------- C ABI (ctypes)
+KT_API int kt_abi_version() { return 1; }
+KT_API uint32_t kt_isa() { return kt::state().isa; }
+KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
+KT_API int kt_set_variant(const char* name) {
+  for (int v = 0; v < 2; ++v)
+    if (std::strcmp(name, kt::kVariantNames[v]) == 0) {
+      if (v > kt::best_variant(kt::state().isa)) return -1;  // never run what the CPU lacks
+      kt::state().variant = v;
+      return 0;
+    }
+  return -2;
+}
+KT_API void kt_set_threads(int n) { kt::state().threads().resize(n); }
+KT_API int kt_threads() { return kt::state().threads().size(); }
+KT_API int kt_moe_forward(const kt::MoeArgs* args) { return kt::moe_forward(*args); }
+KT_API int64_t kt_moe_args_size() { return static_cast<int64_t>(sizeof(kt::MoeArgs)); }
+
+// Multi-threaded streaming read over a buffer of n floats, `iters` times; returns GB/s.
+KT_API double kt_membw(const float* buf, int64_t n, int iters) {
+  kt::ThreadPool& pool = kt::state().threads();
+  const int64_t parts = pool.size();
+  std::vector<float> sink(parts, 0.f);
+  auto run_once = [&] {
+    pool.run(parts, [&](int64_t i) {
+      const int64_t lo = n * i / parts, hi = n * (i + 1) / parts;
+#if defined(KT_X86)
+      sink[i] += kt::state().variant == kt::VARIANT_AVX2 ? kt::stream_sum_avx2(buf + lo, hi - lo)
+                                                          : kt::stream_sum_generic(buf + lo, hi - lo);
+#else
+      sink[i] += kt::stream_sum_generic(buf + lo, hi - lo);
+#endif
+    });
+  };
+  run_once();  // warm-up: page in, spin up workers
+  auto t0 = std::chrono::steady_clock::now();
+  for (int it = 0; it < iters; ++it) run_once();
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  volatile float keep = 0;
+  for (float v : sink) keep = keep + v;
+  return static_cast<double>(n) * sizeof(float) * iters / s / 1e9;
+}
+
+// A CPython module so setuptools builds and names it like any extension; the functions
+// above are reached through ctypes on this same file.
+static struct PyModuleDef kt_module = {PyModuleDef_HEAD_INIT, "_kt_cpu", "kt-core CPU kernels (C ABI via ctypes)",
+                                       -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+PyMODINIT_FUNC PyInit__kt_cpu(void) { return PyModule_Create(&kt_module); }

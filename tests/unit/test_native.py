@@ -1,0 +1,92 @@
+"""The native CPU expert kernels against the torch reference path, per format and variant."""
+import pytest
+import torch
+
+from kt_backends.cpu import native
+from kt_core.backend.torch_ops.moe import moe_experts as torch_moe
+from kt_core.weights.quant import ExpertWeights, quantize
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native CPU kernels: {native.status()}")
+
+
+def experts(fmt, E=6, H=96, I=40, group=32, symmetric=True, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        t = (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(torch.bfloat16)
+        return t if fmt == "bf16" else quantize(t.float(), fmt, group_size=group, symmetric=symmetric)
+    kw = {}
+    if bias:
+        kw = {k: torch.randn(E, n, generator=g) * 0.1 for k, n in (("gate_bias", I), ("up_bias", I), ("down_bias", H))}
+    ids = torch.randperm(20, generator=g)[:E]
+    return ExpertWeights(ids, w(E, I, H), w(E, I, H), w(E, H, I), **kw)
+
+
+def routes(T, ex, K=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.cat([ex.expert_ids, torch.tensor([19, 18])])  # some routes go to experts held elsewhere
+    ids = torch.stack([pool[torch.randperm(pool.numel(), generator=g)[:K]] for _ in range(T)])
+    return ids, torch.rand(T, K, generator=g)
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-9))
+
+
+CASES = [("bf16", 32, True), ("int8", 32, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True)]
+
+
+@pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
+@pytest.mark.parametrize("T", [1, 5, 37])
+@pytest.mark.parametrize("activation,bias", [("silu", False), ("gelu_tanh", False), ("swiglu_oai", True)])
+def test_native_matches_torch_path(fmt, group, sym, T, activation, bias):
+    I = 40 if fmt != "int4" else max(64, group)  # 40: rows that do not fill a 16-row panel
+    ex = experts(fmt, H=128, I=I, group=group, symmetric=sym, bias=bias)
+    packed = native.pack(ex)
+    assert packed is not None and packed.fmt == fmt
+    x = torch.randn(T, 128, generator=torch.Generator().manual_seed(2))
+    ids, w = routes(T, ex)
+    ref = torch_moe(x, ids, w, ex, activation)
+    out = native.moe_forward(packed, x, ids, w, activation)
+    assert rel(out, ref) < 2e-5
+
+
+def test_variants_and_thread_counts_agree():
+    ex = experts("int4", H=128, I=64, group=32)
+    packed = native.pack(ex)
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(3))
+    ids, w = routes(9, ex)
+    best = native.variant()
+    base = native.moe_forward(packed, x, ids, w)
+    try:
+        native.set_variant("generic")
+        assert rel(native.moe_forward(packed, x, ids, w), base) < 2e-5
+        native.set_threads(1)
+        one = native.moe_forward(packed, x, ids, w)
+    finally:
+        native.set_variant(best)
+        native.set_threads(2)
+    assert rel(one, base) < 2e-5
+    assert torch.equal(native.moe_forward(packed, x, ids, w), base), "same variant, same result"
+    with pytest.raises(ValueError, match="unknown"):
+        native.set_variant("sse9")
+
+
+def test_async_submit_and_bf16_io():
+    ex = experts("bf16", H=128, I=48)
+    packed = native.pack(ex)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    ids, w = routes(4, ex)
+    fut = native.submit(packed, x, ids, w)
+    out = fut.result(timeout=60)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, native.moe_forward(packed, x, ids, w))
+
+
+def test_formats_it_does_not_take_stay_on_torch():
+    fp32 = experts("bf16")
+    fp32 = ExpertWeights(fp32.expert_ids, fp32.gate.float(), fp32.up.float(), fp32.down.float())
+    assert native.pack(fp32) is None
+
+
+def test_memory_bandwidth_probe():
+    assert native.memory_bandwidth_gbps(megabytes=64, iters=2) > 0.5
