@@ -63,6 +63,11 @@ class CpuBackend(TorchBackend):
                 return packed
         return experts
 
+    def linear(self, x, weight, bias=None):
+        if native.takes_linear(x, weight):
+            return native.linear(x, weight, bias)
+        return super().linear(x, weight, bias)
+
     def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
         if isinstance(experts, native.PackedExperts):
             return native.moe_forward(experts, hidden, topk_ids, topk_weights, activation)

@@ -71,6 +71,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.kt_moe_forward.argtypes = [ctypes.POINTER(_MoeArgs)]
         lib.kt_moe_args_size.restype = ctypes.c_int64
         lib.kt_set_variant.argtypes = [ctypes.c_char_p]
+        lib.kt_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         if lib.kt_moe_args_size() != ctypes.sizeof(_MoeArgs):
             _why = "argument layout mismatch between Python and the built extension: reinstall kt-core"
             return None
@@ -233,6 +235,24 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
     if rc:
         raise RuntimeError(f"native moe_forward failed with code {rc}")
     return out.to(hidden.dtype)
+
+
+def takes_linear(x: torch.Tensor, weight) -> bool:
+    """Whether the native dense kernel serves this call: bf16 row-major weights on the CPU."""
+    return (isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.device.type == "cpu" and weight.is_contiguous() and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with bf16 weights streamed in their own layout; x's dtype out."""
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, x.shape[-1]).float().contiguous()
+    M, K = weight.shape
+    out = torch.empty(xf.shape[0], M, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    _need().kt_linear_bf16(xf.data_ptr(), xf.shape[0], K, weight.data_ptr(), M, _ptr(b), out.data_ptr())
+    return out.reshape(*lead, M).to(x.dtype)
 
 
 _executor: Optional[ThreadPoolExecutor] = None

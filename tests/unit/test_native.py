@@ -90,3 +90,18 @@ def test_formats_it_does_not_take_stay_on_torch():
 
 def test_memory_bandwidth_probe():
     assert native.memory_bandwidth_gbps(megabytes=64, iters=2) > 0.5
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 17])
+@pytest.mark.parametrize("M,K", [(33, 64), (64, 100), (7, 8)])
+def test_dense_linear_matches_torch(T, M, K):
+    g = torch.Generator().manual_seed(T * M)
+    w = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(M, generator=g)
+    x = torch.randn(2, T, K, generator=g)
+    assert native.takes_linear(x, w)
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    out = native.linear(x, w, b)
+    assert out.shape == (2, T, M) and out.dtype == torch.float32
+    assert rel(out, ref) < 1e-5
+    assert not native.takes_linear(x, w.float())

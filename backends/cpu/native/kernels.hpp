@@ -188,6 +188,41 @@ KT_TARGET("avx2,fma") inline void panel_gemm_avx2(const Weight& w, int64_t p, co
   }
 }
 
+// Dense rows (row-major bf16 [M][K], the checkpoint's own layout): out[t][r] = X[t] . W[r]
+// for MR tokens and 2 rows at a time; memory-bound at decode, no repacking needed.
+template <int MR>
+KT_TARGET("avx2,fma") inline void dense_rows_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t ldx,
+                                                  int64_t K, float* o0, float* o1, int64_t ldo) {
+  __m256 a[MR][2];
+  for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 v0 = load_bf16x8(w0 + k), v1 = load_bf16x8(w1 + k);
+    for (int i = 0; i < MR; ++i) {
+      __m256 x = _mm256_loadu_ps(X + i * ldx + k);
+      a[i][0] = _mm256_fmadd_ps(x, v0, a[i][0]);
+      a[i][1] = _mm256_fmadd_ps(x, v1, a[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 2; ++r) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a[i][r]), _mm256_extractf128_ps(a[i][r], 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      float v = _mm_cvtss_f32(h);
+      const uint16_t* w = r ? w1 : w0;
+      for (int64_t kk = k; kk < K; ++kk) v += X[i * ldx + kk] * bf16_to_f32(w[kk]);
+      (r ? o1 : o0)[i * ldo] = v;
+    }
+}
+
+KT_TARGET("avx2,fma") inline void dense_pair_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t n,
+                                                  int64_t K, float* o0, float* o1, int64_t ldo) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) dense_rows_avx2<4>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
+  for (; i < n; ++i) dense_rows_avx2<1>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
+}
+
 // Streaming read of n floats (memory-bandwidth probe): returns their sum so nothing is elided.
 KT_TARGET("avx2,fma") inline float stream_sum_avx2(const float* a, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
@@ -207,6 +242,19 @@ KT_TARGET("avx2,fma") inline float stream_sum_avx2(const float* a, int64_t n) {
   return r;
 }
 #endif  // KT_X86
+
+inline void dense_pair_generic(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t n, int64_t K,
+                               float* o0, float* o1, int64_t ldo) {
+  for (int64_t i = 0; i < n; ++i) {
+    double a0 = 0, a1 = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      a0 += static_cast<double>(X[i * K + k]) * bf16_to_f32(w0[k]);
+      a1 += static_cast<double>(X[i * K + k]) * bf16_to_f32(w1[k]);
+    }
+    o0[i * ldo] = static_cast<float>(a0);
+    o1[i * ldo] = static_cast<float>(a1);
+  }
+}
 
 inline float stream_sum_generic(const float* a, int64_t n) {
   float r0 = 0, r1 = 0, r2 = 0, r3 = 0;

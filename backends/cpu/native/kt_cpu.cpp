@@ -229,6 +229,38 @@ static int moe_forward(const MoeArgs& a) {
   return 0;
 }
 
+// out[T][M] = x[T][K] . W[M][K]^T (+ bias), W bf16 row-major; items = blocks of 32 rows.
+static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
+                       float* out) {
+  const int64_t RB = 32, blocks = (M + RB - 1) / RB;
+  const bool avx2 = state().variant == VARIANT_AVX2;
+  state().threads().run(blocks, [&](int64_t b) {
+    const int64_t r0 = b * RB, r1 = std::min(M, r0 + RB);
+    for (int64_t r = r0; r < r1; r += 2) {
+      const uint16_t* w0 = w + r * K;
+      const uint16_t* w1 = (r + 1 < r1) ? w0 + K : w0;  // odd tail: compute row r twice, keep one
+      float tail;
+      float* o1 = (r + 1 < r1) ? out + r + 1 : &tail;
+      const int64_t ldo1 = (r + 1 < r1) ? M : 0;
+#if defined(KT_X86)
+      if (avx2) {
+        if (ldo1) dense_pair_avx2(w0, w1, x, T, K, out + r, o1, M);
+        else for (int64_t t = 0; t < T; ++t) dense_pair_avx2(w0, w1, x + t * K, 1, K, out + t * M + r, &tail, 0);
+      } else
+#endif
+      {
+        (void)avx2;
+        if (ldo1) dense_pair_generic(w0, w1, x, T, K, out + r, o1, M);
+        else for (int64_t t = 0; t < T; ++t) dense_pair_generic(w0, w1, x + t * K, 1, K, out + t * M + r, &tail, 0);
+      }
+    }
+    if (bias)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t r = r0; r < r1; ++r) out[t * M + r] += bias[r];
+  });
+  return 0;
+}
+
 }  // namespace kt
 
 // ---------------------------------------------------------------- C ABI (ctypes)
@@ -247,6 +279,10 @@ KT_API int kt_set_variant(const char* name) {
 KT_API void kt_set_threads(int n) { kt::state().threads().resize(n); }
 KT_API int kt_threads() { return kt::state().threads().size(); }
 KT_API int kt_moe_forward(const kt::MoeArgs* args) { return kt::moe_forward(*args); }
+KT_API int kt_linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
+                          float* out) {
+  return kt::linear_bf16(x, T, K, w, M, bias, out);
+}
 KT_API int64_t kt_moe_args_size() { return static_cast<int64_t>(sizeof(kt::MoeArgs)); }
 
 // Multi-threaded streaming read over a buffer of n floats, `iters` times; returns GB/s.
