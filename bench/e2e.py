@@ -56,13 +56,16 @@ def run_one(impl: str, model: Path, prompt_tokens: int, new_tokens: int, threads
         load_s = time.perf_counter() - t0
         x = torch.tensor([ids])
         with torch.inference_mode():
-            m.generate(x[:, :16], max_new_tokens=4, do_sample=False)
+            m.generate(x[:, :16], max_new_tokens=4, do_sample=False)  # warm-up
             t = time.perf_counter()
-            m.generate(x, max_new_tokens=1, do_sample=False)
+            out = m(x, use_cache=True)
             prefill_s = time.perf_counter() - t
-            t = time.perf_counter()
-            m.generate(x, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, do_sample=False)
-            decode_s = time.perf_counter() - t - prefill_s
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()  # decode only: one token at a time over the cache, greedy
+            for _ in range(new_tokens):
+                out = m(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            decode_s = time.perf_counter() - t
     return {"impl": impl, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "threads": threads,
             "load_s": round(load_s, 2), "prefill_tokens_per_s": prompt_tokens / prefill_s,
             "decode_tokens_per_s": new_tokens / decode_s, "peak_rss_mb": round(peak_rss_mb())}

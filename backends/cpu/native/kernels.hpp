@@ -216,6 +216,29 @@ KT_TARGET("avx2,fma") inline void dense_rows_avx2(const uint16_t* w0, const uint
     }
 }
 
+// One token against 4 rows: four independent weight streams keep more loads in flight.
+KT_TARGET("avx2,fma") inline void dense_quad_avx2(const uint16_t* w, int64_t K, const float* x, float* o) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(xv, load_bf16x8(w + k), a0);
+    a1 = _mm256_fmadd_ps(xv, load_bf16x8(w + K + k), a1);
+    a2 = _mm256_fmadd_ps(xv, load_bf16x8(w + 2 * K + k), a2);
+    a3 = _mm256_fmadd_ps(xv, load_bf16x8(w + 3 * K + k), a3);
+  }
+  // horizontal sums of the four accumulators at once
+  __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+  __m256 s = _mm256_hadd_ps(s01, s23);
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  float v[4];
+  _mm_storeu_ps(v, r);
+  for (int j = 0; j < 4; ++j) {
+    for (int64_t kk = k; kk < K; ++kk) v[j] += x[kk] * bf16_to_f32(w[j * K + kk]);
+    o[j] = v[j];
+  }
+}
+
 KT_TARGET("avx2,fma") inline void dense_pair_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t n,
                                                   int64_t K, float* o0, float* o1, int64_t ldo) {
   int64_t i = 0;

@@ -197,7 +197,11 @@ static int moe_forward(const MoeArgs& a) {
   const int64_t n1 = static_cast<int64_t>(active.size()) * Pi;
   pool.run(n1, [&](int64_t item) {
     const int64_t ai = item / Pi, p = item % Pi, e = active[ai], n = static_cast<int64_t>(tok[e].size());
-    std::vector<float> g(n * NR), u(n * NR);
+    thread_local std::vector<float> g, u;  // per-thread scratch: no allocation per item
+    if (static_cast<int64_t>(g.size()) < n * NR) {
+      g.resize(n * NR);
+      u.resize(n * NR);
+    }
     panel_gemm(weight_of(a, a.gate, e, I, H), p, &X[xoff[ai] * H], H, n, g.data());
     panel_gemm(weight_of(a, a.up, e, I, H), p, &X[xoff[ai] * H], H, n, u.data());
     for (int64_t r = 0; r < n; ++r)
@@ -210,10 +214,10 @@ static int moe_forward(const MoeArgs& a) {
   });
   // stage 2: down panels, item = panel of H (owns those output columns: no races)
   pool.run(Ph, [&](int64_t q) {
-    std::vector<float> y;
+    thread_local std::vector<float> y;
     for (size_t ai = 0; ai < active.size(); ++ai) {
       const int64_t e = active[ai], n = static_cast<int64_t>(tok[e].size());
-      y.resize(n * NR);
+      if (static_cast<int64_t>(y.size()) < n * NR) y.resize(n * NR);
       panel_gemm(weight_of(a, a.down, e, H, I), q, &A[xoff[ai] * Ipad], Ipad, n, y.data());
       for (int64_t r = 0; r < n; ++r) {
         float* o = a.out + tok[e][r] * H;
@@ -236,7 +240,12 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
   const bool avx2 = state().variant == VARIANT_AVX2;
   state().threads().run(blocks, [&](int64_t b) {
     const int64_t r0 = b * RB, r1 = std::min(M, r0 + RB);
-    for (int64_t r = r0; r < r1; r += 2) {
+    int64_t r = r0;
+#if defined(KT_X86)
+    if (avx2 && T == 1)  // decode: 4 rows per pass
+      for (; r + 4 <= r1; r += 4) dense_quad_avx2(w + r * K, K, x, out + r);
+#endif
+    for (; r < r1; r += 2) {
       const uint16_t* w0 = w + r * K;
       const uint16_t* w1 = (r + 1 < r1) ? w0 + K : w0;  // odd tail: compute row r twice, keep one
       float tail;

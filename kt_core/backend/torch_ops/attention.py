@@ -66,22 +66,31 @@ def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_l
 
 def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
                      sinks=None) -> torch.Tensor:
-    B = q.shape[0]
+    B, Hq, D = q.shape
     if B == 0:
         return torch.empty_like(q)
-    block_size = k_cache.shape[1]
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     max_len = int(seq_lens.max())
     n_blocks = (max_len + block_size - 1) // block_size
     blocks = block_tables[:, :n_blocks].long()
-    k = k_cache[blocks].flatten(1, 2)[:, :max_len]  # [B, L, Hkv, D]
-    v = v_cache[blocks].flatten(1, 2)[:, :max_len]
+    k = k_cache[blocks].flatten(1, 2)[:, :max_len].float()  # [B, L, Hkv, D]
+    v = v_cache[blocks].flatten(1, 2)[:, :max_len].float()
     pos = torch.arange(max_len, device=q.device)
     lens = seq_lens.to(q.device).long()
     mask = pos[None, :] < lens[:, None]
     if sliding_window is not None:
         mask &= pos[None, :] >= lens[:, None] - sliding_window
-    o = attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :], scale, sinks)
-    return o[:, :, 0, :]
+    # GQA without copying K/V per query head: group the query heads of each KV head
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, Hkv, Hq // Hkv, 1).expand(B, -1, -1, 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(B, Hq, D).to(q.dtype)
 
 
 def attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
