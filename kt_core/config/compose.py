@@ -108,6 +108,9 @@ def _unknown_key(full_key: str) -> str:
         name = parent.split(".")[1]
         return (f"device '{name}' is not selected in this config, so '{full_key}' cannot be set; "
                 f"select it with device={name} (or a topology that uses it; device=[a,b] selects several)")
+    if leaf in valid:  # a real key whose value is a mapping: Hydra adds entries with '+'
+        return (f"'{full_key}' holds a mapping; set it with +{full_key}={{KEY:VALUE,...}}, "
+                f"e.g. +topology.expert_policy.layers={{3:[0,5,9]}}")
     msg = f"unknown config key '{full_key}'"
     close = difflib.get_close_matches(leaf, valid, n=1)
     if close:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -44,6 +44,8 @@ class DeviceConfig:
     reserve_gb: float = 1.0  # kept free on each device for the runtime and fragmentation
     threads: Optional[int] = None  # cpu: worker threads; null = physical cores
     visible: Optional[str] = None  # device ids to expose, e.g. "0,2" (sets the plugin's env var)
+    bandwidth_gbps: Optional[float] = None  # memory bandwidth for plan estimates; null = kind default
+    tflops: Optional[float] = None  # dense bf16 compute for plan estimates; null = kind default
 
 
 @dataclass
@@ -51,7 +53,7 @@ class ExpertPolicyConfig:
     strategy: ExpertStrategy = ExpertStrategy.auto
     per_device: Optional[int] = None  # experts per MoE layer on each accelerator; null = fill
     stats_file: Optional[str] = None  # routing statistics for ``frequency`` / ``auto``
-    layers: Dict[str, List[int]] = field(default_factory=dict)  # explicit: layer -> expert ids
+    layers: Dict[int, List[int]] = field(default_factory=dict)  # explicit: layer -> expert ids
 
 
 @dataclass
@@ -76,6 +78,7 @@ class ModelConfig:
     dtype: DType = DType.bfloat16
     max_seq_len: int = 4096
     allow_bin_weights: bool = False  # .bin checkpoints (loaded with weights_only=True) only if set
+    hf_config: Optional[Dict[str, Any]] = None  # a config.json copy: plan a model without its files
 
 
 @dataclass
@@ -112,6 +115,22 @@ class GenerateConfig:
     chat: bool = False  # kt run: wrap the prompt in the model's chat template
 
 
+class PlanFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@dataclass
+class PlanConfig:
+    """``kt plan`` settings: output format and what the KV cache must hold."""
+
+    format: PlanFormat = PlanFormat.table
+    kv_tokens: Optional[int] = None  # tokens of KV cache to reserve; null = model.max_seq_len x batch
+    batch: int = 1  # concurrent sequences the KV budget is sized for
+    context_tokens: int = 1024  # context length the decode estimate assumes
+    prefill_chunk: int = 512  # tokens per prefill step (sizes activations)
+
+
 @dataclass
 class KtConfig:
     device: Dict[str, DeviceConfig] = field(default_factory=dict)
@@ -120,6 +139,7 @@ class KtConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     prompt: Optional[str] = None  # kt run: the text to continue
 
 
@@ -130,6 +150,7 @@ GROUP_SCHEMAS = {
     "quant": QuantConfig,
     "server": ServerConfig,
     "generate": GenerateConfig,
+    "plan": PlanConfig,
 }
 
 

@@ -182,7 +182,7 @@ def _check_policy(cfg: DictConfig) -> None:
                           "topology.expert_policy.stats_file=PATH (a routing-statistics file)")
     if strategy == "explicit" and not pol.layers:
         raise ConfigError("topology.expert_policy.strategy=explicit needs per-layer expert lists in "
-                          "topology.expert_policy.layers, e.g. '+topology.expert_policy.layers={\"3\":[0,5,9]}'")
+                          "topology.expert_policy.layers, e.g. '+topology.expert_policy.layers={3:[0,5,9]}'")
     if pol.per_device is not None and pol.per_device < 0:
         raise ConfigError(f"topology.expert_policy.per_device={pol.per_device} must be >= 0")
     if cfg.topology.deferred_experts < 0:

@@ -190,6 +190,28 @@ class CausalLM:
         cos_sin = rope_cos_sin(spec.rope.rot_dim, n_pos, inv_freq=inv_freq, mscale=mscale).to(device)
         return cls(spec, backend, dtype, embed, layers, norm, lm_head, cos_sin)
 
+    def weight_bytes(self) -> int:
+        """Bytes of every weight this model holds (shared tensors counted once)."""
+        seen: dict[int, int] = {}
+
+        def add(obj) -> None:
+            if isinstance(obj, torch.Tensor):
+                seen[obj.data_ptr()] = obj.numel() * obj.element_size()
+            elif hasattr(obj, "nbytes") and callable(obj.nbytes):
+                seen[id(obj)] = obj.nbytes()
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    add(v)
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    add(v)
+            elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+                for k, v in vars(obj).items():
+                    if k not in ("spec", "moe", "be", "w_uk", "w_uv"):  # w_uk/w_uv are views of kv_b
+                        add(v)
+        add([self.embed, self.layers, self.norm, self.lm_head])
+        return sum(seen.values())
+
     def new_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
         s = self.spec
         if s.mla is not None:

@@ -178,6 +178,8 @@ def parse_config(c: dict) -> ModelSpec:
     """Build the spec from a config.json dict; unsupported architectures fail with the list."""
     archs = c.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None and not archs:  # no architectures list: fall back to model_type
+        arch = next((a for a, fam in ARCHITECTURES.items() if fam == c.get("model_type")), None)
     if arch is None:
         raise KtError(f"unsupported architecture {archs or c.get('model_type')!r}; supported: "
                       f"{', '.join(ARCHITECTURES)}")

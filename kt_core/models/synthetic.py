@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from kt_core.errors import KtError
+from kt_core.models.shapes import TensorInfo, layer_tensors
 from kt_core.models.spec import ModelSpec, parse_config
 from kt_core.models.tokenizer_sources import write_tokenizer
 from kt_core.progress import progress
@@ -151,81 +152,25 @@ def build_config(arch: Optional[str], preset: Optional[str], layers: Optional[in
     return cfg
 
 
+def _init(t: TensorInfo, seed: int) -> torch.Tensor:
+    """Deterministic values for one tensor: fan-in-scaled weights, unit norms, small biases."""
+    name = t.name
+    if t.group == "router":
+        return torch.zeros(t.shape)  # calibrated on the sample prompt (routers) or left at zero (biases)
+    if name.endswith("sinks"):
+        return _rand(name, t.shape, seed, 0.5)
+    if "norm" in name.rsplit(".", 2)[-2] or t.group == "norm":
+        return 1.0 + _rand(name, t.shape, seed, 0.02)
+    if not t.linear:
+        return _rand(name, t.shape, seed, 0.02)  # biases
+    fan_in = t.shape[-2] if name.endswith("gate_up_proj") or (name.endswith("down_proj") and len(t.shape) == 3
+                                                             and t.group == "experts") else t.shape[-1]
+    return _rand(name, t.shape, seed, fan_in ** -0.5)
+
+
 def _layer_tensors(spec: ModelSpec, i: int, seed: int) -> dict[str, torch.Tensor]:
     """Every tensor of layer ``i`` (float32), named as the architecture's checkpoints name them."""
-    H, nh, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-    p = f"model.layers.{i}."
-    t: dict[str, torch.Tensor] = {}
-
-    def lin(name, out_f, in_f):
-        t[name] = _rand(name, (out_f, in_f), seed, in_f ** -0.5)
-
-    def vec(name, n, base=0.0, std=0.02):
-        t[name] = base + _rand(name, (n,), seed, std)
-
-    a = p + "self_attn."
-    if spec.mla is not None:
-        m = spec.mla
-        qd = nh * (m.qk_nope_head_dim + m.qk_rope_head_dim)
-        if m.q_lora_rank:
-            lin(a + "q_a_proj.weight", m.q_lora_rank, H)
-            vec(a + "q_a_layernorm.weight", m.q_lora_rank, 1.0)
-            lin(a + "q_b_proj.weight", qd, m.q_lora_rank)
-        else:
-            lin(a + "q_proj.weight", qd, H)
-        lin(a + "kv_a_proj_with_mqa.weight", m.kv_lora_rank + m.qk_rope_head_dim, H)
-        vec(a + "kv_a_layernorm.weight", m.kv_lora_rank, 1.0)
-        lin(a + "kv_b_proj.weight", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
-        lin(a + "o_proj.weight", H, nh * m.v_head_dim)
-    else:
-        for n, rows in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
-            lin(f"{a}{n}_proj.weight", rows, H)
-            if spec.qkv_bias:
-                vec(f"{a}{n}_proj.bias", rows)
-        lin(a + "o_proj.weight", H, nh * hd)
-        if spec.o_bias:
-            vec(a + "o_proj.bias", H)
-        if spec.qk_norm:
-            vec(a + "q_norm.weight", hd, 1.0)
-            vec(a + "k_norm.weight", hd, 1.0)
-        if spec.sinks:
-            vec(a + "sinks", nh, 0.0, 0.5)
-    vec(p + "input_layernorm.weight", H, 1.0)
-    vec(p + "post_attention_layernorm.weight", H, 1.0)
-    if not spec.is_moe(i):
-        for n, (o, inn) in {"gate_proj": (spec.intermediate_size, H), "up_proj": (spec.intermediate_size, H),
-                            "down_proj": (H, spec.intermediate_size)}.items():
-            lin(f"{p}mlp.{n}.weight", o, inn)
-        return t
-    m, E, I = spec.moe, spec.moe.num_experts, spec.moe.intermediate
-    if spec.family == "gpt_oss":
-        e = p + "mlp.experts."
-        t[e + "gate_up_proj"] = _rand(e + "gate_up_proj", (E, H, 2 * I), seed, H ** -0.5)
-        t[e + "gate_up_proj_bias"] = _rand(e + "gate_up_proj_bias", (E, 2 * I), seed, 0.02)
-        t[e + "down_proj"] = _rand(e + "down_proj", (E, I, H), seed, I ** -0.5)
-        t[e + "down_proj_bias"] = _rand(e + "down_proj_bias", (E, H), seed, 0.02)
-        t[p + "mlp.router.weight"] = torch.zeros(E, H)
-        t[p + "mlp.router.bias"] = torch.zeros(E)
-        return t
-    if spec.family == "mixtral":
-        e, names, router = p + "block_sparse_moe.experts.", ("w1", "w3", "w2"), p + "block_sparse_moe.gate.weight"
-    else:
-        e, names, router = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj"), p + "mlp.gate.weight"
-    for j in range(E):
-        lin(f"{e}{j}.{names[0]}.weight", I, H)
-        lin(f"{e}{j}.{names[1]}.weight", I, H)
-        lin(f"{e}{j}.{names[2]}.weight", H, I)
-    t[router] = torch.zeros(E, H)
-    if m.score_bias:
-        t[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(E)
-    if m.shared_intermediate:
-        s = p + ("mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts.")
-        lin(s + "gate_proj.weight", m.shared_intermediate, H)
-        lin(s + "up_proj.weight", m.shared_intermediate, H)
-        lin(s + "down_proj.weight", H, m.shared_intermediate)
-        if m.shared_gate:
-            lin(p + "mlp.shared_expert_gate.weight", 1, H)
-    return t
+    return {t.name: _init(t, seed) for t in layer_tensors(spec, i)}
 
 
 def _router_name(spec: ModelSpec, i: int) -> str:

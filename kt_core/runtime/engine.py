@@ -86,6 +86,9 @@ class Engine:
         if path is not None:
             overrides.append(f"model.path={_quote(str(path))}")
         cfg = compose(overrides)
+        if cfg.model.path is None and cfg.model.hf_config is not None:
+            raise KtError(f"model={cfg.model.name} is a config for kt plan only (no weights); point "
+                          "model.path at the downloaded model folder to run it")
         if cfg.model.path is None:
             from kt_core.models.synthetic import default_checkpoint
 
@@ -97,6 +100,9 @@ class Engine:
         backend = registry().get(slot.backend)
         ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
         spec = parse_config(ck.config)
+        from kt_core.placement.plan import make_plan
+
+        make_plan(spec, cfg, topo, check_devices=True)  # a plan that cannot fit fails before any weight is read
         spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + generation_eos(ck.path)))
         qp = QuantPlan(Quant(_enum_value(cfg.quant.experts)), Quant(_enum_value(cfg.quant.dense)),
                        int(cfg.quant.group_size), bool(cfg.quant.symmetric))

@@ -1,0 +1,130 @@
+"""Every tensor of a checkpoint, by name and shape, from the ``ModelSpec`` alone.
+
+One table serves the planner (sizes without weights) and the synthetic-checkpoint
+writer (which fills the same names), so both agree with what the loader reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from kt_core.models.spec import ModelSpec
+
+# what a tensor is, for placement: "embed", "lm_head", "norm", "attention", "dense" (a dense MLP
+# layer), "router", "shared" (shared experts and their gate), "experts"
+GROUPS = ("embed", "lm_head", "norm", "attention", "dense", "router", "shared", "experts")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    group: str
+    layer: Optional[int] = None
+    expert: Optional[int] = None  # set for per-expert tensors
+    linear: bool = False  # a weight matrix that the dense / expert quant formats apply to
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
+    H, nh, nkv, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    a = f"model.layers.{i}.self_attn."
+    out: list[TensorInfo] = []
+
+    def lin(name, *shape):
+        out.append(TensorInfo(a + name, shape, "attention", i, linear=True))
+
+    def vec(name, n):
+        out.append(TensorInfo(a + name, (n,), "attention", i))
+
+    if spec.mla is not None:
+        m = spec.mla
+        qd = nh * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+        if m.q_lora_rank:
+            lin("q_a_proj.weight", m.q_lora_rank, H)
+            vec("q_a_layernorm.weight", m.q_lora_rank)
+            lin("q_b_proj.weight", qd, m.q_lora_rank)
+        else:
+            lin("q_proj.weight", qd, H)
+        lin("kv_a_proj_with_mqa.weight", m.kv_lora_rank + m.qk_rope_head_dim, H)
+        vec("kv_a_layernorm.weight", m.kv_lora_rank)
+        lin("kv_b_proj.weight", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
+        lin("o_proj.weight", H, nh * m.v_head_dim)
+        return out
+    for n, rows in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
+        lin(f"{n}_proj.weight", rows, H)
+        if spec.qkv_bias:
+            vec(f"{n}_proj.bias", rows)
+    lin("o_proj.weight", H, nh * hd)
+    if spec.o_bias:
+        vec("o_proj.bias", H)
+    if spec.qk_norm:
+        vec("q_norm.weight", hd)
+        vec("k_norm.weight", hd)
+    if spec.sinks:
+        vec("sinks", nh)
+    return out
+
+
+def _mlp(prefix: str, H: int, inter: int, group: str, i: int) -> list[TensorInfo]:
+    return [TensorInfo(prefix + "gate_proj.weight", (inter, H), group, i, linear=True),
+            TensorInfo(prefix + "up_proj.weight", (inter, H), group, i, linear=True),
+            TensorInfo(prefix + "down_proj.weight", (H, inter), group, i, linear=True)]
+
+
+def _moe(spec: ModelSpec, i: int) -> list[TensorInfo]:
+    p, m, H = f"model.layers.{i}.", spec.moe, spec.hidden_size
+    E, I = m.num_experts, m.intermediate
+    if spec.family == "gpt_oss":
+        e = p + "mlp.experts."
+        # fused over experts in the checkpoint; sized per expert for placement
+        return [TensorInfo(p + "mlp.router.weight", (E, H), "router", i),
+                TensorInfo(p + "mlp.router.bias", (E,), "router", i),
+                TensorInfo(e + "gate_up_proj", (E, H, 2 * I), "experts", i, linear=True),
+                TensorInfo(e + "gate_up_proj_bias", (E, 2 * I), "experts", i),
+                TensorInfo(e + "down_proj", (E, I, H), "experts", i, linear=True),
+                TensorInfo(e + "down_proj_bias", (E, H), "experts", i)]
+    if spec.family == "mixtral":
+        e, names, router = p + "block_sparse_moe.experts.", ("w1", "w3", "w2"), p + "block_sparse_moe.gate.weight"
+    else:
+        e, names, router = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj"), p + "mlp.gate.weight"
+    out = [TensorInfo(router, (E, H), "router", i)]
+    if m.score_bias:
+        out.append(TensorInfo(p + "mlp.gate.e_score_correction_bias", (E,), "router", i))
+    for j in range(E):
+        out += [TensorInfo(f"{e}{j}.{names[0]}.weight", (I, H), "experts", i, j, True),
+                TensorInfo(f"{e}{j}.{names[1]}.weight", (I, H), "experts", i, j, True),
+                TensorInfo(f"{e}{j}.{names[2]}.weight", (H, I), "experts", i, j, True)]
+    if m.shared_intermediate:
+        s = p + ("mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts.")
+        out += _mlp(s, H, m.shared_intermediate, "shared", i)
+        if m.shared_gate:
+            out.append(TensorInfo(p + "mlp.shared_expert_gate.weight", (1, H), "shared", i, linear=True))
+    return out
+
+
+def layer_tensors(spec: ModelSpec, i: int) -> list[TensorInfo]:
+    H = spec.hidden_size
+    p = f"model.layers.{i}."
+    out = _attention(spec, i)
+    out += [TensorInfo(p + "input_layernorm.weight", (H,), "norm", i),
+            TensorInfo(p + "post_attention_layernorm.weight", (H,), "norm", i)]
+    out += _moe(spec, i) if spec.is_moe(i) else _mlp(p + "mlp.", H, spec.intermediate_size, "dense", i)
+    return out
+
+
+def model_tensors(spec: ModelSpec) -> list[TensorInfo]:
+    H, V = spec.hidden_size, spec.vocab_size
+    out = [TensorInfo("model.embed_tokens.weight", (V, H), "embed")]
+    for i in range(spec.num_layers):
+        out += layer_tensors(spec, i)
+    out.append(TensorInfo("model.norm.weight", (H,), "norm"))
+    if not spec.tie_embeddings:
+        out.append(TensorInfo("lm_head.weight", (V, H), "lm_head", linear=True))
+    return out

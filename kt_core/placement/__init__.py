@@ -1,0 +1,1 @@
+"""Placement: which device holds which tensor, and whether it fits."""

@@ -1,0 +1,141 @@
+"""The planner: parameter totals, placement strategies, the memory table against a loaded model,
+fit errors, and kt plan's output."""
+import json
+
+import pytest
+import torch
+
+import kt_core
+from kt_core.cli import main
+from kt_core.config import compose
+from kt_core.config.validate import resolve_topology
+from kt_core.errors import KtError
+from kt_core.models.shapes import model_tensors
+from kt_core.models.spec import parse_config
+from kt_core.placement.plan import count_params, make_plan
+from tests.parity.tiny import CONFIGS, build
+
+HAND_COUNTS = {"deepseek_v3": 671e9, "qwen3_235b_a22b": 235e9, "qwen3_30b_a3b": 30.5e9, "mixtral_8x7b": 46.7e9}
+
+
+def plan_for(*overrides, check=False):
+    from kt_core.commands.plan import model_spec
+
+    cfg = compose(list(overrides))
+    return make_plan(model_spec(cfg), cfg, resolve_topology(cfg, check_devices=check))
+
+
+@pytest.mark.parametrize("model,expected", list(HAND_COUNTS.items()))
+def test_shipped_configs_total_matches_the_published_count(model, expected):
+    plan = plan_for(f"model={model}", "device.cpu.memory_gb=4096")
+    assert abs(plan.total_params - expected) / expected < 0.02, plan.total_params
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                                  "mixtral", "qwen2_tied_mha"])
+def test_parameter_count_equals_transformers(name, tmp_path):
+    import transformers
+
+    cfg_cls, model_cls, extra = CONFIGS[name]
+    from tests.parity.tiny import BASE
+
+    model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**{**BASE, **extra}))
+    theirs = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if "e_score_correction_bias" in n)
+    spec = parse_config(json.loads(model.config.to_json_string()))
+    assert count_params(spec) == theirs
+    path = build(name, tmp_path / name)  # the names a saved checkpoint really has
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    names = {t.name for t in model_tensors(parse_config(json.loads((path / "config.json").read_text())))}
+    assert names == saved - {"lm_head.weight"} if spec.tie_embeddings else names == saved
+
+
+def test_hybrid_strategies_partition_the_experts():
+    base = ["model=qwen3_30b_a3b", "topology=hybrid_1gpu", "device.cuda.memory_gb=12", "quant=int4",
+            "device.cpu.memory_gb=64"]
+    for strategy, extra in [("auto", []), ("uniform", ["topology.expert_policy.per_device=16"]),
+                            ("front_loading", [])]:
+        plan = plan_for(*base, f"topology.expert_policy.strategy={strategy}", *extra)
+        gpu, cpu = plan.devices["cuda:0"], plan.devices["cpu:0"]
+        for layer in range(48):
+            held = sorted(plan.experts_of("cuda:0", layer) + plan.experts_of("cpu:0", layer))
+            assert held == list(range(128)), (strategy, layer)
+        assert gpu.total_bytes <= gpu.budget_bytes
+        if strategy == "uniform":
+            assert all(len(plan.experts_of("cuda:0", layer)) == 16 for layer in range(48))
+        if strategy == "front_loading":
+            counts = [len(plan.experts_of("cuda:0", layer)) for layer in range(48)]
+            assert counts[0] == 128 and counts == sorted(counts, reverse=True)
+    assert plan.est_decode_tokens_per_s > 0 and plan.bound_by in ("cuda:0", "cpu:0")
+
+
+def test_frequency_strategy_takes_the_hottest_experts(tmp_path):
+    stats = {"layers": {str(layer): [0.0] * 128 for layer in range(48)}}
+    stats["layers"]["5"][77] = 1000.0
+    stats["layers"]["9"][3] = 900.0
+    f = tmp_path / "stats.json"
+    f.write_text(json.dumps(stats))
+    plan = plan_for("model=qwen3_30b_a3b", "topology=hybrid_1gpu", "device.cuda.memory_gb=12", "quant=int4",
+                    "device.cpu.memory_gb=64", "topology.expert_policy.strategy=frequency",
+                    f"topology.expert_policy.stats_file={f}", "topology.expert_policy.per_device=1")
+    gpu = {layer: ids for layer, ids in plan.devices["cuda:0"].experts.items() if ids}
+    assert 77 in gpu[5] and 3 in gpu[9]
+    f.write_text(json.dumps({"layers": {"0": [1, 2]}}))
+    with pytest.raises(KtError, match="belongs to another model"):
+        plan_for("model=qwen3_30b_a3b", "topology=hybrid_1gpu", "device.cuda.memory_gb=12",
+                 "topology.expert_policy.strategy=frequency", f"topology.expert_policy.stats_file={f}")
+
+
+def test_explicit_lists():
+    plan = plan_for("model=mixtral_8x7b", "topology=hybrid_1gpu", "device.cuda.memory_gb=24", "quant=int4",
+                    "device.cpu.memory_gb=128", "topology.expert_policy.strategy=explicit",
+                    '+topology.expert_policy.layers={0:[1,5],31:[7]}')
+    assert plan.experts_of("cuda:0", 0) == [1, 5] and plan.experts_of("cuda:0", 31) == [7]
+    assert plan.experts_of("cuda:0", 3) == [] and len(plan.experts_of("cpu:0", 0)) == 6
+
+
+def test_plan_that_cannot_fit_names_device_shortfall_and_fixes():
+    with pytest.raises(KtError) as err:
+        plan_for("model=deepseek_v3", "topology=hybrid_1gpu", "device.cuda.memory_gb=24", "device.cpu.memory_gb=4096")
+    msg = str(err.value)
+    assert "cuda:0 needs" in msg and "GiB short" in msg and "quant.dense=int8" in msg and "model.max_seq_len" in msg
+    with pytest.raises(KtError, match="give the budget of each cuda device with device.cuda.memory_gb"):
+        plan_for("model=deepseek_v3", "topology=hybrid_1gpu")
+
+
+def test_memory_table_matches_the_loaded_model(tmp_path):
+    from kt_core.models.synthetic import synthesize
+
+    shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64, vocab_size=152000)
+    path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=3, shape=shape, sample_tokens=32).path
+    for quant in ("none", "int8", "int4"):
+        overrides = [f"model.path={path}", f"quant={quant}", "quant.group_size=32"]
+        plan = plan_for(*overrides, check=True)
+        engine = kt_core.Engine.from_pretrained(path, overrides=overrides)
+        actual = engine.model.weight_bytes()
+        planned = plan.devices["cpu:0"].weights_bytes
+        assert abs(planned - actual) / actual < 0.05, (quant, planned, actual)
+
+
+def test_kt_plan_cli_table_and_json(capsys):
+    rc = main(["plan", "model=qwen3_30b_a3b", "topology=hybrid_1gpu", "device.cuda.memory_gb=24",
+               "device.cpu.memory_gb=64", "plan.format=json"])
+    data = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data["total_params"] > 30e9 and data["est_decode_tokens_per_s"] > 0
+    for d in data["devices"].values():
+        assert {"weights_bytes", "kv_bytes", "total_bytes", "budget_bytes"} <= set(d)
+    rc = main(["plan", "model=deepseek_v3", "topology=hybrid_1gpu", "device.cuda.memory_gb=24"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "OVER BUDGET" in out and "671.03B parameters" in out and "does not fit" in err
+
+
+def test_engine_refuses_a_plan_that_does_not_fit_before_reading_weights(tmp_path, tiny_checkpoint):
+    with pytest.raises(KtError, match="cpu:0 needs .* GiB short"):
+        kt_core.Engine.from_pretrained(tiny_checkpoint("qwen3_moe"),
+                                       overrides=["device.cpu.memory_gb=4.001", "device.cpu.reserve_gb=4"])
+    with pytest.raises(KtError, match="is a config for kt plan only"):
+        kt_core.Engine.from_pretrained(None, overrides=["model=mixtral_8x7b"])
