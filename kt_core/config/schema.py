@@ -132,6 +132,15 @@ class PlanConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """``kt profile``: prompts to route, where to write the statistics."""
+
+    prompts: Optional[str] = None  # text file, one prompt per line (or .jsonl with "prompt"); null = built-in
+    out: str = "routing_stats.json"
+    max_new_tokens: int = 0  # also route this many generated tokens per prompt
+
+
+@dataclass
 class KtConfig:
     device: Dict[str, DeviceConfig] = field(default_factory=dict)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
@@ -140,6 +149,7 @@ class KtConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     prompt: Optional[str] = None  # kt run: the text to continue
 
 
@@ -151,6 +161,7 @@ GROUP_SCHEMAS = {
     "server": ServerConfig,
     "generate": GenerateConfig,
     "plan": PlanConfig,
+    "profile": ProfileConfig,
 }
 
 

@@ -90,6 +90,8 @@ class MoEBlock:
                  score_bias: Optional[torch.Tensor], shards: list[tuple[Backend, ExpertWeights]],
                  shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None) -> None:
         self.moe = spec.moe
+        self.layer: Optional[int] = None
+        self.recorder = None  # callable(layer, topk_ids) while routing statistics are collected
         self.router = router.float()
         self.router_bias = None if router_bias is None else router_bias.float()
         self.score_bias, self.shards, self.shared, self.shared_gate = score_bias, shards, shared, shared_gate
@@ -102,6 +104,8 @@ class MoEBlock:
 
     def __call__(self, be: Backend, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(be, x)
+        if self.recorder is not None:
+            self.recorder(self.layer, ids)
         out = None
         for shard_be, experts in self.shards:
             part = shard_be.moe_experts(x, ids, weights, experts, self.moe.activation)

@@ -147,7 +147,9 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
         shared = _mlp(r, p + name, H, m.shared_intermediate)
         if m.shared_gate:
             shared_gate = r.t(p + "mlp.shared_expert_gate.weight", (1, H))
-    return MoEBlock(spec, router, rbias, score_bias, shards, shared, shared_gate)
+    block = MoEBlock(spec, router, rbias, score_bias, shards, shared, shared_gate)
+    block.layer = i
+    return block
 
 
 class Layer:
