@@ -25,7 +25,7 @@ class CpuBackend(TorchBackend):
             True,
             f"{info.model or info.arch}: {info.physical_cores} cores, ISA {info.isa_summary()}; "
             f"expert kernels: {native.status()}",
-            1,
+            info.physical_cores,  # logical CPU devices it can be split into (device.cpu.count)
             {"variant": info.variant, "flags_source": info.source, "kernels": native.status()},
         )
 
@@ -33,13 +33,17 @@ class CpuBackend(TorchBackend):
     def score(cls) -> int:
         return VARIANT_SCORE[cpu_info().variant]
 
+    logical = 1  # logical devices (device.cpu.count): separate worker pools on separate cores
+
     def devices(self) -> list[DeviceInfo]:
         info = cpu_info()
-        return [DeviceInfo(0, info.model or info.arch, int(psutil.virtual_memory().total))]
+        total = int(psutil.virtual_memory().total) // self.logical
+        return [DeviceInfo(i, f"{info.model or info.arch} (part {i})" if self.logical > 1 else info.model or info.arch,
+                           total) for i in range(self.logical)]
 
     def memory_info(self, index: int = 0) -> MemoryInfo:
         vm = psutil.virtual_memory()
-        return MemoryInfo(int(vm.available), int(vm.total))
+        return MemoryInfo(int(vm.available) // self.logical, int(vm.total) // self.logical)
 
     def torch_device(self, index: int = 0) -> torch.device:
         return torch.device("cpu")
@@ -56,10 +60,11 @@ class CpuBackend(TorchBackend):
     def synchronize(self, index: Optional[int] = None) -> None:
         return None  # CPU ops complete before they return
 
-    def prepare_experts(self, experts):
+    def prepare_experts(self, experts, index: int = 0):
         if native.available():
             packed = native.pack(experts)
             if packed is not None:
+                packed.pool = index
                 return packed
         return experts
 
@@ -70,14 +75,23 @@ class CpuBackend(TorchBackend):
 
     def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
         if isinstance(experts, native.PackedExperts):
-            return native.moe_forward(experts, hidden, topk_ids, topk_weights, activation)
+            return native.moe_forward(experts, hidden, topk_ids, topk_weights, activation, experts.pool)
         return super().moe_experts(hidden, topk_ids, topk_weights, experts, activation)
 
-    def set_threads(self, n: int) -> None:
-        """Threads for torch ops and the native kernels' pool."""
-        torch.set_num_threads(n)
+    def moe_experts_async(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
+        if isinstance(experts, native.PackedExperts):  # on the logical device's own workers
+            return native.submit(experts, hidden, topk_ids, topk_weights, activation, experts.pool)
+        return super().moe_experts_async(hidden, topk_ids, topk_weights, experts, activation)
+
+    def set_threads(self, n: int, logical: int = 1) -> None:
+        """Split n threads over ``logical`` devices: torch ops and pool 0 serve cpu:0, pool i
+        serves cpu:i (the dense GEMV uses pool 0)."""
+        CpuBackend.logical = max(1, logical)
+        per = max(1, n // CpuBackend.logical)
+        torch.set_num_threads(per)
         if native.available():
-            native.set_threads(n)
+            for i in range(CpuBackend.logical):
+                native.set_pool_threads(i, per)
 
 
 Backend = CpuBackend

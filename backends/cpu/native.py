@@ -22,7 +22,7 @@ from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
 NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 class _Proj(ctypes.Structure):
@@ -35,7 +35,7 @@ class _MoeArgs(ctypes.Structure):
                 ("n_local", ctypes.c_int64), ("n_global", ctypes.c_int64), ("fmt", ctypes.c_int),
                 ("group", ctypes.c_int), ("activation", ctypes.c_int), ("x", ctypes.c_void_p),
                 ("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("local_of", ctypes.c_void_p),
-                ("gate", _Proj), ("up", _Proj), ("down", _Proj), ("out", ctypes.c_void_p)]
+                ("gate", _Proj), ("up", _Proj), ("down", _Proj), ("out", ctypes.c_void_p), ("pool", ctypes.c_int)]
 
 
 _lib: Optional[ctypes.CDLL] = None
@@ -71,6 +71,8 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.kt_moe_forward.argtypes = [ctypes.POINTER(_MoeArgs)]
         lib.kt_moe_args_size.restype = ctypes.c_int64
         lib.kt_set_variant.argtypes = [ctypes.c_char_p]
+        lib.kt_set_pool_threads.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.kt_pool_threads.argtypes = [ctypes.c_int]
         lib.kt_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         if lib.kt_moe_args_size() != ctypes.sizeof(_MoeArgs):
@@ -114,6 +116,16 @@ def threads() -> int:
     return int(_need().kt_threads())
 
 
+def set_pool_threads(pool: int, n: int) -> None:
+    """Workers of logical CPU device ``pool`` (cpu:N); pools run concurrently."""
+    if n < 1 or _need().kt_set_pool_threads(int(pool), int(n)):
+        raise ValueError(f"cannot give cpu:{pool} {n} threads (pool 0..63, threads >= 1)")
+
+
+def pool_threads(pool: int) -> int:
+    return int(_need().kt_pool_threads(int(pool)))
+
+
 def memory_bandwidth_gbps(megabytes: int = 512, iters: int = 5) -> float:
     """Streaming-read bandwidth with the native multi-threaded loop (what decode can reach)."""
     buf = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
@@ -148,6 +160,7 @@ class PackedExperts:
     gate: PackedProj
     up: PackedProj
     down: PackedProj
+    pool: int = 0  # logical CPU device (cpu:N) whose workers run these experts
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in (self.gate, self.up, self.down)
@@ -211,7 +224,7 @@ def _proj(p: PackedProj) -> _Proj:
 
 
 def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                activation: str = "silu") -> torch.Tensor:
+                activation: str = "silu", pool: int = 0) -> torch.Tensor:
     """Weighted sum over the routes to the packed experts; same contract as ``moe_experts``."""
     lib = _need()
     if activation not in ACTIVATIONS:
@@ -230,7 +243,8 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
     local_of[packed.expert_ids] = torch.arange(packed.expert_ids.numel())
     args = _MoeArgs(T, packed.hidden, packed.inter, K, packed.expert_ids.numel(), n_global, FORMATS[packed.fmt],
                     packed.group, ACTIVATIONS[activation], x.data_ptr(), ids.data_ptr(), w.data_ptr(),
-                    local_of.data_ptr(), _proj(packed.gate), _proj(packed.up), _proj(packed.down), out.data_ptr())
+                    local_of.data_ptr(), _proj(packed.gate), _proj(packed.up), _proj(packed.down), out.data_ptr(),
+                    pool)
     rc = lib.kt_moe_forward(ctypes.byref(args))
     if rc:
         raise RuntimeError(f"native moe_forward failed with code {rc}")
@@ -255,12 +269,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return out.reshape(*lead, M).to(x.dtype)
 
 
-_executor: Optional[ThreadPoolExecutor] = None
+_executors: dict[int, ThreadPoolExecutor] = {}
 
 
-def submit(packed: PackedExperts, hidden, topk_ids, topk_weights, activation: str = "silu") -> Future:
-    """Start ``moe_forward`` on a helper thread (the GIL is released while it runs)."""
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-cpu-moe")
-    return _executor.submit(moe_forward, packed, hidden, topk_ids, topk_weights, activation)
+def submit(packed: PackedExperts, hidden, topk_ids, topk_weights, activation: str = "silu", pool: int = 0) -> Future:
+    """Start ``moe_forward`` on a helper thread of logical device ``pool`` (the GIL is released
+    while the kernel runs, so the caller keeps working)."""
+    with _lock:
+        ex = _executors.get(pool)
+        if ex is None:
+            ex = _executors[pool] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kt-cpu{pool}-moe")
+    return ex.submit(moe_forward, packed, hidden, topk_ids, topk_weights, activation, pool)

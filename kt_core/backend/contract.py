@@ -24,6 +24,7 @@ Tensor layouts used by the ops (T tokens, H hidden, E experts, K top-k):
 from __future__ import annotations
 
 import abc
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Optional, Sequence
@@ -136,10 +137,21 @@ class Backend(abc.ABC):
         """Whether ``op`` runs here with activations in ``dtype`` and weights in ``quant``."""
 
     # ---- expert GEMM and dense ----
-    def prepare_experts(self, experts: ExpertWeights) -> Any:
-        """Repack experts this device will hold into its kernels' layout, once, at load time.
+    def prepare_experts(self, experts: ExpertWeights, index: int = 0) -> Any:
+        """Repack experts device ``index`` will hold into its kernels' layout, once, at load time.
         The result is what ``moe_experts`` then receives; the default keeps them as they are."""
         return experts
+
+    def moe_experts_async(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          experts: Any, activation: str = "silu") -> "Future":
+        """Start ``moe_experts`` and return a Future of its result, so the caller can compute
+        other shards meanwhile. The default computes now and returns a finished Future."""
+        fut: Future = Future()
+        try:
+            fut.set_result(self.moe_experts(hidden, topk_ids, topk_weights, experts, activation))
+        except Exception as exc:  # surfaced by fut.result()
+            fut.set_exception(exc)
+        return fut
 
     @abc.abstractmethod
     def linear(self, x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -52,6 +52,7 @@ class DeviceConfig:
 class ExpertPolicyConfig:
     strategy: ExpertStrategy = ExpertStrategy.auto
     per_device: Optional[int] = None  # experts per MoE layer on each accelerator; null = fill
+    fraction: Optional[float] = None  # or this share of each layer's experts per accelerator (0..1)
     stats_file: Optional[str] = None  # routing statistics for ``frequency`` / ``auto``
     layers: Dict[int, List[int]] = field(default_factory=dict)  # explicit: layer -> expert ids
 

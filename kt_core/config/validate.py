@@ -86,6 +86,8 @@ def _count(name: str, dcfg: DictConfig, st: PluginStatus, check: bool, planned: 
             raise ConfigError(f"device.{name}.count={dcfg.count} but only {visible} {name} device(s) "
                               f"are visible; fix: device.{name}.count={visible}")
         return int(dcfg.count)
+    if dcfg.backend == "cpu":
+        return 1  # logical CPU devices only when asked for (device.cpu.count=N)
     if st.available and st.probe and st.probe.device_count:
         return st.probe.device_count
     return planned  # describing an absent device: as many as the topology needs
@@ -185,6 +187,8 @@ def _check_policy(cfg: DictConfig) -> None:
                           "topology.expert_policy.layers, e.g. '+topology.expert_policy.layers={3:[0,5,9]}'")
     if pol.per_device is not None and pol.per_device < 0:
         raise ConfigError(f"topology.expert_policy.per_device={pol.per_device} must be >= 0")
+    if pol.fraction is not None and not 0 <= pol.fraction <= 1:
+        raise ConfigError(f"topology.expert_policy.fraction={pol.fraction} must be between 0 and 1")
     if cfg.topology.deferred_experts < 0:
         raise ConfigError(f"topology.deferred_experts={cfg.topology.deferred_experts} must be >= 0")
 

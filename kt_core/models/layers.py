@@ -82,12 +82,12 @@ class DenseMLP:
 class MoEBlock:
     """Router -> routed experts (partial sums over every shard that holds some) [+ shared expert].
 
-    ``shards`` pairs a backend with the experts it holds; with one shard this is a
-    plain MoE layer, with several the partial sums are added (hybrid placement).
+    ``shards`` are (backend, torch device, experts it holds); with one shard this is a plain
+    MoE layer, with several the partial sums are added (hybrid placement), overlapped.
     """
 
     def __init__(self, spec: ModelSpec, router: torch.Tensor, router_bias: Optional[torch.Tensor],
-                 score_bias: Optional[torch.Tensor], shards: list[tuple[Backend, ExpertWeights]],
+                 score_bias: Optional[torch.Tensor], shards: list[tuple[Backend, torch.device, object]],
                  shared: Optional[DenseMLP] = None, shared_gate: Optional[torch.Tensor] = None) -> None:
         self.moe = spec.moe
         self.layer: Optional[int] = None
@@ -106,13 +106,25 @@ class MoEBlock:
         weights, ids = self.route(be, x)
         if self.recorder is not None:
             self.recorder(self.layer, ids)
+        act = self.moe.activation
+        # every shard after the first starts asynchronously on its own device (its inputs moved
+        # there once); the first shard (the accelerator's, by topology order) and the shared
+        # expert run meanwhile; the partial sums are added where the hidden states live
+        pending = []
+        for shard_be, device, experts in self.shards[1:]:
+            moved = [t if t.device == device else t.to(device) for t in (x, ids, weights)]
+            pending.append(shard_be.moe_experts_async(*moved, experts, act))
         out = None
-        for shard_be, experts in self.shards:
-            part = shard_be.moe_experts(x, ids, weights, experts, self.moe.activation)
-            out = part if out is None else out + part
+        if self.shards:
+            shard_be, device, experts = self.shards[0]
+            moved = [t if t.device == device else t.to(device) for t in (x, ids, weights)]
+            out = shard_be.moe_experts(*moved, experts, act).to(x.device)
         if self.shared is not None:
             s = self.shared(be, x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(be.linear(x, self.shared_gate)) * s
-            out = out + s
+            out = s if out is None else out + s
+        for fut in pending:
+            part = fut.result().to(x.device)
+            out = part if out is None else out + part
         return out

@@ -123,7 +123,8 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int]) -> ExpertW
     return r.experts(g, u, d, idx)
 
 
-ExpertPlacer = Callable[[int], list[tuple[Backend, list[int]]]]
+# layer -> [(backend, device index, expert ids)] for every device that holds experts of that layer
+ExpertPlacer = Callable[[int], list[tuple[Backend, int, list[int]]]]
 
 
 def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optional[ExpertPlacer]) -> MoEBlock:
@@ -135,12 +136,13 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
         gate = p + ("block_sparse_moe.gate.weight" if spec.family == "mixtral" else "mlp.gate.weight")
         router, rbias = r.t(gate, (E, H), torch.float32), None
     score_bias = r.t(p + "mlp.gate.e_score_correction_bias", (E,), torch.float32) if m.score_bias else None
-    groups = placer(i) if placer else [(be, list(range(E)))]
+    groups = placer(i) if placer else [(be, 0, list(range(E)))]
     shards = []
-    for shard_be, ids in groups:
+    for shard_be, index, ids in groups:
         if ids:
-            sub = _Reader(r.ck, spec, r.dtype, shard_be.torch_device(0), r.qp)
-            shards.append((shard_be, shard_be.prepare_experts(load_experts(sub, p, spec, ids))))
+            device = shard_be.torch_device(index)
+            sub = _Reader(r.ck, spec, r.dtype, device, r.qp)
+            shards.append((shard_be, device, shard_be.prepare_experts(load_experts(sub, p, spec, ids), index)))
     shared = shared_gate = None
     if m.shared_intermediate:
         name = "mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts."

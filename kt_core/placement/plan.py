@@ -41,7 +41,7 @@ class DevicePlan:
     kv_bytes: int = 0
     activation_bytes: int = 0
     reserve_bytes: int = 0
-    experts: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> expert ids held
+    experts: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> expert ids held (sorted)
     roles: set[str] = field(default_factory=set)
     bandwidth_gbps: float = 0.0
     tflops: float = 0.0
@@ -119,6 +119,10 @@ def _budget(slot: DeviceSlot, cfg: DictConfig, check_devices: bool) -> int:
 
     st = registry().status(slot.backend)
     if st.available:
+        if slot.backend == "cpu":  # logical CPU devices share the host's RAM
+            import psutil
+
+            return int(psutil.virtual_memory().total) // max(1, int(d.count or 1))
         return registry().get(slot.backend).memory_info(slot.index).total_bytes
     raise KtError(f"device '{slot.name}' is not on this machine, so its memory is unknown; give the budget of "
                   f"each {slot.name} device with device.{slot.name}.memory_gb=N")
@@ -256,13 +260,15 @@ def _place_experts(spec, cfg, topo, devices, moe_layers, per_expert, strategy) -
         else:
             room = d.budget_bytes - d.total_bytes
             per_layer = pol.per_device
+            if per_layer is None and pol.fraction is not None:
+                per_layer = int(round(pol.fraction * E))
             chosen = _choose(strategy if not (strategy == "explicit" and i > 0) else "uniform", moe_layers, E, pool,
                              max(room, 0) // bpe, per_layer if not (strategy == "explicit" and i > 0) else 0,
                              freq, explicit)
         for layer, ids in chosen.items():
             if not ids:
                 continue
-            d.experts.setdefault(layer, []).extend(ids)
+            d.experts[layer] = sorted(d.experts.get(layer, []) + list(ids))
             d.weights_bytes += len(ids) * per_expert[layer]
         pool = {layer: [e for e in ids if e not in set(chosen.get(layer, []))] for layer, ids in pool.items()}
 

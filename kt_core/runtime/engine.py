@@ -57,15 +57,19 @@ def apply_visible_devices(cfg: DictConfig) -> None:
 
 
 def configure_cpu_threads(cfg: DictConfig) -> None:
-    """device.cpu.threads (default: physical cores) for torch and the native kernels' pool."""
+    """device.cpu.threads (default: physical cores) split over device.cpu.count logical devices."""
     from kt_core.backend.cpuinfo import cpu_info
 
     n = cfg.device.cpu.threads or cpu_info().physical_cores
     if n < 1:
         raise KtError(f"device.cpu.threads={n} must be at least 1")
+    logical = int(cfg.device.cpu.count or 1)
+    if logical > n:
+        raise KtError(f"device.cpu.count={logical} logical CPU devices need at least {logical} threads "
+                      f"(device.cpu.threads={n})")
     cpu = registry().get("cpu")
     if hasattr(cpu, "set_threads"):
-        cpu.set_threads(int(n))
+        cpu.set_threads(int(n), logical)
 
 
 class Engine:
@@ -97,18 +101,28 @@ class Engine:
         apply_visible_devices(cfg)
         configure_cpu_threads(cfg)
         slot = topo.roles["attention"][0]
+        if {s.label for s in topo.roles["attention"] + topo.roles["dense"]} != {slot.label}:
+            raise KtError(f"topology '{topo.name}' splits attention/dense layers over several devices, which the "
+                          "executor does not run yet; use one device for attention and dense "
+                          "(e.g. topology=hybrid_1gpu) — kt plan can still size it")
         backend = registry().get(slot.backend)
         ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
         spec = parse_config(ck.config)
         from kt_core.placement.plan import make_plan
 
-        make_plan(spec, cfg, topo, check_devices=True)  # a plan that cannot fit fails before any weight is read
+        plan = make_plan(spec, cfg, topo, check_devices=True)  # a plan that cannot fit fails before any read
         spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + generation_eos(ck.path)))
         qp = QuantPlan(Quant(_enum_value(cfg.quant.experts)), Quant(_enum_value(cfg.quant.dense)),
                        int(cfg.quant.group_size), bool(cfg.quant.symmetric))
         dtype = torch_dtype(_enum_value(cfg.model.dtype))
         n_pos = min(int(cfg.model.max_seq_len), spec.max_positions)
-        model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos)
+        expert_slots = topo.roles["experts"]
+
+        def placer(layer: int):
+            return [(registry().get(s.backend), s.index, plan.experts_of(s.label, layer)) for s in expert_slots]
+
+        model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos, placer=placer)
+        model.plan = plan
         tokenizer = Tokenizer.from_dir(ck.path) if Tokenizer.present(ck.path) else None
         return cls(cfg, spec, model, tokenizer, max_batch=max_batch)
 

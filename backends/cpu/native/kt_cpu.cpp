@@ -96,13 +96,18 @@ static int best_variant(uint32_t isa) {
   return VARIANT_GENERIC;
 }
 
+// One pool per logical CPU device: experts of cpu:0 and cpu:1 run on separate workers, so
+// two shards of one layer can be computed at the same time (the hybrid executor on a CPU host).
+constexpr int kMaxPools = 64;
 struct State {
   uint32_t isa = detect_isa();
   int variant = best_variant(isa);
-  std::unique_ptr<ThreadPool> pool;
-  ThreadPool& threads() {
-    if (!pool) pool.reset(new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))));
-    return *pool;
+  std::unique_ptr<ThreadPool> pools[kMaxPools];
+  std::mutex mu;
+  ThreadPool& threads(int dev = 0) {
+    std::lock_guard<std::mutex> lk(mu);
+    if (!pools[dev]) pools[dev].reset(new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))));
+    return *pools[dev];
   }
 };
 static State& state() {
@@ -138,6 +143,7 @@ struct MoeArgs {
   const int64_t* local_of;  // [n_global] global id -> local index or -1
   Proj gate, up, down;
   float* out;               // [T][H], overwritten
+  int pool;                 // logical CPU device whose workers run it
 };
 
 static Weight weight_of(const MoeArgs& a, const Proj& p, int64_t e, int64_t M, int64_t K) {
@@ -164,6 +170,7 @@ static inline float act(float g, float u, int kind) {
 }
 
 static int moe_forward(const MoeArgs& a) {
+  if (a.pool < 0 || a.pool >= kMaxPools) return -2;
   const int64_t T = a.T, H = a.H, I = a.I;
   const int64_t Pi = (I + NR - 1) / NR, Ph = (H + NR - 1) / NR, Ipad = Pi * NR;
   std::memset(a.out, 0, sizeof(float) * T * H);
@@ -192,7 +199,7 @@ static int moe_forward(const MoeArgs& a) {
   for (size_t ai = 0; ai < active.size(); ++ai)
     for (size_t r = 0; r < tok[active[ai]].size(); ++r)
       std::memcpy(&X[(xoff[ai] + r) * H], a.x + tok[active[ai]][r] * H, sizeof(float) * H);
-  ThreadPool& pool = state().threads();
+  ThreadPool& pool = state().threads(a.pool);
   // stage 1: gate and up panels -> activation, item = (active expert, panel of I)
   const int64_t n1 = static_cast<int64_t>(active.size()) * Pi;
   pool.run(n1, [&](int64_t item) {
@@ -273,7 +280,7 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
 }  // namespace kt
 
 // ---------------------------------------------------------------- C ABI (ctypes)
-KT_API int kt_abi_version() { return 1; }
+KT_API int kt_abi_version() { return 2; }
 KT_API uint32_t kt_isa() { return kt::state().isa; }
 KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
 KT_API int kt_set_variant(const char* name) {
@@ -287,6 +294,15 @@ KT_API int kt_set_variant(const char* name) {
 }
 KT_API void kt_set_threads(int n) { kt::state().threads().resize(n); }
 KT_API int kt_threads() { return kt::state().threads().size(); }
+KT_API int kt_set_pool_threads(int pool, int n) {
+  if (pool < 0 || pool >= kt::kMaxPools) return -1;
+  kt::state().threads(pool).resize(n);
+  return 0;
+}
+KT_API int kt_pool_threads(int pool) {
+  if (pool < 0 || pool >= kt::kMaxPools) return -1;
+  return kt::state().threads(pool).size();
+}
 KT_API int kt_moe_forward(const kt::MoeArgs* args) { return kt::moe_forward(*args); }
 KT_API int kt_linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
                           float* out) {
