@@ -95,6 +95,21 @@ class MoEBlock:
         self.router = router.float()
         self.router_bias = None if router_bias is None else router_bias.float()
         self.score_bias, self.shards, self.shared, self.shared_gate = score_bias, shards, shared, shared_gate
+        self.deferred = 0  # expert deferral: this many lowest-weight routes finish one layer later
+        self._pending_deferred: list = []
+
+    def pop_deferred(self) -> list:
+        """Futures of the deferred routes of the last call (added by the model after the next layer)."""
+        out, self._pending_deferred = self._pending_deferred, []
+        return out
+
+    def _start(self, x, ids, weights, act) -> list:
+        """Start every shard but the first asynchronously, inputs moved to its device once."""
+        pending = []
+        for shard_be, device, experts in self.shards[1:]:
+            moved = [t if t.device == device else t.to(device) for t in (x, ids, weights)]
+            pending.append(shard_be.moe_experts_async(*moved, experts, act))
+        return pending
 
     def route(self, be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.moe
@@ -107,13 +122,19 @@ class MoEBlock:
         if self.recorder is not None:
             self.recorder(self.layer, ids)
         act = self.moe.activation
-        # every shard after the first starts asynchronously on its own device (its inputs moved
-        # there once); the first shard (the accelerator's, by topology order) and the shared
-        # expert run meanwhile; the partial sums are added where the hidden states live
-        pending = []
-        for shard_be, device, experts in self.shards[1:]:
-            moved = [t if t.device == device else t.to(device) for t in (x, ids, weights)]
-            pending.append(shard_be.moe_experts_async(*moved, experts, act))
+        if 0 < self.deferred < ids.shape[1]:
+            order = weights.argsort(dim=-1, descending=True)
+            weights, ids = weights.gather(1, order), ids.gather(1, order)
+            keep = ids.shape[1] - self.deferred
+            late_ids, late_w = ids[:, keep:].contiguous(), weights[:, keep:].contiguous()
+            ids, weights = ids[:, :keep].contiguous(), weights[:, :keep].contiguous()
+            self._pending_deferred = [
+                shard_be.moe_experts_async(*[t if t.device == device else t.to(device) for t in (x, late_ids, late_w)],
+                                           experts, act) for shard_be, device, experts in self.shards]
+        # every shard after the first starts asynchronously on its own device; the first shard
+        # (the accelerator's, by topology order) and the shared expert run meanwhile; the
+        # partial sums are added where the hidden states live
+        pending = self._start(x, ids, weights, act)
         out = None
         if self.shards:
             shard_be, device, experts = self.shards[0]

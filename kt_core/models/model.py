@@ -169,7 +169,7 @@ class CausalLM:
     @classmethod
     def load(cls, ck: Checkpoint, spec: ModelSpec, backend: Backend, dtype: torch.dtype,
              qp: Optional[QuantPlan] = None, max_positions: Optional[int] = None,
-             placer: Optional[ExpertPlacer] = None) -> "CausalLM":
+             placer: Optional[ExpertPlacer] = None, deferred_experts: int = 0) -> "CausalLM":
         qp = qp or QuantPlan()
         device = backend.torch_device(0)
         r = _Reader(ck, spec, dtype, device, qp)
@@ -180,7 +180,11 @@ class CausalLM:
             for i in range(spec.num_layers):
                 p = f"model.layers.{i}."
                 attn = _attention(r, p, spec, i)
-                ffn = _moe(r, p, spec, i, backend, placer) if spec.is_moe(i) else _mlp(r, p + "mlp.", H, spec.intermediate_size)
+                if spec.is_moe(i):
+                    ffn = _moe(r, p, spec, i, backend, placer)
+                    ffn.deferred = deferred_experts
+                else:
+                    ffn = _mlp(r, p + "mlp.", H, spec.intermediate_size)
                 layers.append(Layer(attn, ffn, r.t(p + "input_layernorm.weight", (H,)),
                                     r.t(p + "post_attention_layernorm.weight", (H,))))
                 advance()
@@ -233,8 +237,14 @@ class CausalLM:
             raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
                           f"{self.cos_sin.shape[0]} tokens; shorten the prompt or max_new_tokens")
         h = self.embed[batch.tokens]
+        carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)
         for i, layer in enumerate(self.layers):
             h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), batch, cache.k[i], cache.v[i], self.cos_sin)
             h = h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
+            for fut in carry:
+                h = h + fut.result().to(h.device)
+            carry = layer.ffn.pop_deferred() if isinstance(layer.ffn, MoEBlock) else []
+        for fut in carry:
+            h = h + fut.result().to(h.device)
         h = be.rmsnorm(h[batch.logits_rows], self.norm, eps)
         return be.linear(h, self.lm_head).float()

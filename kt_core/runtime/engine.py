@@ -121,7 +121,12 @@ class Engine:
         def placer(layer: int):
             return [(registry().get(s.backend), s.index, plan.experts_of(s.label, layer)) for s in expert_slots]
 
-        model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos, placer=placer)
+        deferred = int(cfg.topology.deferred_experts)
+        if deferred and spec.moe is not None and deferred >= spec.moe.top_k:
+            raise KtError(f"topology.deferred_experts={deferred} must be below the model's top-k "
+                          f"({spec.moe.top_k}): at least one route per token must finish in its own layer")
+        model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos, placer=placer,
+                              deferred_experts=deferred)
         model.plan = plan
         tokenizer = Tokenizer.from_dir(ck.path) if Tokenizer.present(ck.path) else None
         return cls(cfg, spec, model, tokenizer, max_batch=max_batch)

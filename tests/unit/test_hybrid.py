@@ -95,3 +95,18 @@ def test_unsupported_layouts_fail_clearly(model):
         kt_core.Engine.from_pretrained(model, overrides=["topology=hybrid_cpu", "topology.attention=[cpu]"])
     with pytest.raises(KtError, match="device.cpu.count=2 logical CPU devices need at least 2 threads"):
         kt_core.Engine.from_pretrained(model, overrides=["topology=hybrid_cpu", "device.cpu.threads=1"])
+
+
+def test_expert_deferral_changes_logits_measurably_and_only_when_on(model, reference):
+    logits, tokens = reference
+    off = hybrid(model, "topology.deferred_experts=0")
+    assert close(off.logits(PROMPT), logits)
+    on = hybrid(model, "topology.deferred_experts=1")
+    deferred = on.logits(PROMPT)
+    rel = float((deferred - logits).abs().max() / logits.abs().max())
+    agree = float((deferred.argmax(-1) == logits.argmax(-1)).float().mean())
+    print(f"expert deferral d=1 of top-4: max relative logit change {rel:.3f}, argmax agreement {agree:.2f}")
+    assert 1e-4 < rel < 0.5, "deferral must change the result, by a bounded amount"
+    assert on.generate(PROMPT, max_new_tokens=4, ignore_eos=True).finish_reason == "length"
+    with pytest.raises(KtError, match="must be below the model's top-k"):
+        hybrid(model, "topology.deferred_experts=4")
