@@ -28,6 +28,14 @@ class Batch:
     is_decode: bool
     logits_rows: torch.Tensor  # rows of the hidden states whose logits are wanted
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same step described with tensors on ``device`` (layers on several devices)."""
+        if self.tokens.device == device:
+            return self
+        mv = lambda t: t.to(device)  # noqa: E731
+        return Batch(mv(self.tokens), mv(self.positions), mv(self.query_start_loc), mv(self.seq_lens),
+                     mv(self.block_tables), mv(self.slot_mapping), self.is_decode, mv(self.logits_rows))
+
 
 @dataclass
 class SeqState:
@@ -37,12 +45,15 @@ class SeqState:
 
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, latent: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device, latent: bool = False,
+                 layer_devices: Optional[list[torch.device]] = None) -> None:
+        """``layer_devices``: where each layer's blocks live (default: all on ``device``)."""
         self.block_size, self.num_blocks, self.latent = block_size, num_blocks, latent
         shape = (num_blocks, block_size, 1 if latent else kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devs = layer_devices or [device] * num_layers
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
         self.v: list[Optional[torch.Tensor]] = (
-            [None] * num_layers if latent else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+            [None] * num_layers if latent else [torch.zeros(shape, dtype=dtype, device=d) for d in devs])
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.seqs: dict[int, SeqState] = {}
         self.device = device

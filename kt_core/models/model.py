@@ -154,49 +154,64 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
     return block
 
 
+# layer -> (backend, device index) that holds its attention, norms, dense MLP / router / shared experts
+LayerPlacer = Callable[[int], tuple[Backend, int]]
+
+
 class Layer:
-    def __init__(self, attn, ffn, norm1: torch.Tensor, norm2: torch.Tensor) -> None:
+    def __init__(self, attn, ffn, norm1: torch.Tensor, norm2: torch.Tensor, be: Backend, device: torch.device,
+                 cos_sin: torch.Tensor) -> None:
         self.attn, self.ffn, self.norm1, self.norm2 = attn, ffn, norm1, norm2
+        self.be, self.device, self.cos_sin = be, device, cos_sin
 
 
 class CausalLM:
-    def __init__(self, spec: ModelSpec, backend: Backend, dtype: torch.dtype, embed: torch.Tensor,
-                 layers: list[Layer], norm: torch.Tensor, lm_head, cos_sin: torch.Tensor) -> None:
-        self.spec, self.be, self.dtype = spec, backend, dtype
-        self.device = backend.torch_device(0)
-        self.embed, self.layers, self.norm, self.lm_head, self.cos_sin = embed, layers, norm, lm_head, cos_sin
+    """Layers may live on different devices (layers split over accelerators): the hidden states
+    move to a layer's device once, at its start; logits come from the last layer's device."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, embed: torch.Tensor, layers: list[Layer],
+                 norm: torch.Tensor, lm_head) -> None:
+        self.spec, self.dtype = spec, dtype
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.be, self.device = layers[-1].be, layers[-1].device  # where logits and sampling happen
+        self.cos_sin = layers[0].cos_sin
 
     @classmethod
     def load(cls, ck: Checkpoint, spec: ModelSpec, backend: Backend, dtype: torch.dtype,
              qp: Optional[QuantPlan] = None, max_positions: Optional[int] = None,
-             placer: Optional[ExpertPlacer] = None, deferred_experts: int = 0) -> "CausalLM":
+             placer: Optional[ExpertPlacer] = None, deferred_experts: int = 0,
+             homes: Optional[LayerPlacer] = None) -> "CausalLM":
         qp = qp or QuantPlan()
-        device = backend.torch_device(0)
-        r = _Reader(ck, spec, dtype, device, qp)
         H, V = spec.hidden_size, spec.vocab_size
-        embed = r.t("model.embed_tokens.weight", (V, H))
+        inv_freq, mscale = spec.rope.inv_freq()
+        table = rope_cos_sin(spec.rope.rot_dim, max_positions or spec.max_positions, inv_freq=inv_freq, mscale=mscale)
+        tables: dict[torch.device, torch.Tensor] = {}
         layers = []
         with progress(f"loading {spec.arch} ({spec.num_layers} layers)", spec.num_layers) as advance:
             for i in range(spec.num_layers):
+                be, index = homes(i) if homes else (backend, 0)
+                device = be.torch_device(index)
+                r = _Reader(ck, spec, dtype, device, qp)
                 p = f"model.layers.{i}."
                 attn = _attention(r, p, spec, i)
                 if spec.is_moe(i):
-                    ffn = _moe(r, p, spec, i, backend, placer)
+                    ffn = _moe(r, p, spec, i, be, placer)
                     ffn.deferred = deferred_experts
                 else:
                     ffn = _mlp(r, p + "mlp.", H, spec.intermediate_size)
+                if device not in tables:
+                    tables[device] = table.to(device)
                 layers.append(Layer(attn, ffn, r.t(p + "input_layernorm.weight", (H,)),
-                                    r.t(p + "post_attention_layernorm.weight", (H,))))
+                                    r.t(p + "post_attention_layernorm.weight", (H,)), be, device, tables[device]))
                 advance()
-        norm = r.t("model.norm.weight", (H,))
+        first, last = _Reader(ck, spec, dtype, layers[0].device, qp), _Reader(ck, spec, dtype, layers[-1].device, qp)
+        embed = first.t("model.embed_tokens.weight", (V, H))
+        norm = last.t("model.norm.weight", (H,))
         if spec.tie_embeddings or "lm_head.weight" not in ck:
-            lm_head = embed
+            lm_head = embed if layers[0].device == layers[-1].device else last.t("model.embed_tokens.weight", (V, H))
         else:
-            lm_head = r.dense("lm_head.weight", (V, H))
-        inv_freq, mscale = spec.rope.inv_freq()
-        n_pos = max_positions or spec.max_positions
-        cos_sin = rope_cos_sin(spec.rope.rot_dim, n_pos, inv_freq=inv_freq, mscale=mscale).to(device)
-        return cls(spec, backend, dtype, embed, layers, norm, lm_head, cos_sin)
+            lm_head = last.dense("lm_head.weight", (V, H))
+        return cls(spec, dtype, embed, layers, norm, lm_head)
 
     def weight_bytes(self) -> int:
         """Bytes of every weight this model holds (shared tensors counted once)."""
@@ -215,36 +230,44 @@ class CausalLM:
                     add(v)
             elif hasattr(obj, "__dict__") and not isinstance(obj, type):
                 for k, v in vars(obj).items():
-                    if k not in ("spec", "moe", "be", "w_uk", "w_uv"):  # w_uk/w_uv are views of kv_b
+                    if k not in ("spec", "moe", "be", "w_uk", "w_uv", "cos_sin", "device"):  # w_uk/w_uv: kv_b views
                         add(v)
         add([self.embed, self.layers, self.norm, self.lm_head])
         return sum(seen.values())
 
     def new_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
         s = self.spec
+        devices = [layer.device for layer in self.layers]
         if s.mla is not None:
             return PagedKVCache(s.num_layers, num_blocks, block_size, 1, s.mla.kv_lora_rank + s.mla.qk_rope_head_dim,
-                                self.dtype, self.device, latent=True)
-        return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device)
+                                self.dtype, self.device, latent=True, layer_devices=devices)
+        return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device,
+                            layer_devices=devices)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
         """Logits (float32) of ``batch.logits_rows``."""
-        be, eps = self.be, self.spec.rms_eps
+        eps = self.spec.rms_eps
         if int(batch.positions.max()) >= self.cos_sin.shape[0]:
             from kt_core.errors import KtError
 
             raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
                           f"{self.cos_sin.shape[0]} tokens; shorten the prompt or max_new_tokens")
-        h = self.embed[batch.tokens]
+        on = {batch.tokens.device: batch}  # the step's metadata, moved once per device
+        h = self.embed[batch.to(self.layers[0].device).tokens]
         carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)
         for i, layer in enumerate(self.layers):
-            h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), batch, cache.k[i], cache.v[i], self.cos_sin)
+            be = layer.be
+            if h.device != layer.device:
+                h = h.to(layer.device)  # once per device boundary
+            b = on.setdefault(layer.device, batch.to(layer.device))
+            h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, cache.k[i], cache.v[i], layer.cos_sin)
             h = h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
             for fut in carry:
                 h = h + fut.result().to(h.device)
             carry = layer.ffn.pop_deferred() if isinstance(layer.ffn, MoEBlock) else []
         for fut in carry:
             h = h + fut.result().to(h.device)
-        h = be.rmsnorm(h[batch.logits_rows], self.norm, eps)
+        be = self.be
+        h = be.rmsnorm(h[on.setdefault(self.device, batch.to(self.device)).logits_rows], self.norm, eps)
         return be.linear(h, self.lm_head).float()

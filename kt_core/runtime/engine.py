@@ -101,10 +101,6 @@ class Engine:
         apply_visible_devices(cfg)
         configure_cpu_threads(cfg)
         slot = topo.roles["attention"][0]
-        if {s.label for s in topo.roles["attention"] + topo.roles["dense"]} != {slot.label}:
-            raise KtError(f"topology '{topo.name}' splits attention/dense layers over several devices, which the "
-                          "executor does not run yet; use one device for attention and dense "
-                          "(e.g. topology=hybrid_1gpu) — kt plan can still size it")
         backend = registry().get(slot.backend)
         ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
         spec = parse_config(ck.config)
@@ -121,12 +117,23 @@ class Engine:
         def placer(layer: int):
             return [(registry().get(s.backend), s.index, plan.experts_of(s.label, layer)) for s in expert_slots]
 
+        slots = {s.label: s for s in topo.used}
+        for layer, label in plan.layer_attention.items():
+            if plan.layer_dense[layer] != label:
+                raise KtError(f"layer {layer} has its attention on {label} but its dense weights on "
+                              f"{plan.layer_dense[layer]}; the executor keeps them together: give topology.attention "
+                              "and topology.dense the same devices")
+
+        def homes(layer: int):
+            s = slots[plan.layer_attention[layer]]
+            return registry().get(s.backend), s.index
+
         deferred = int(cfg.topology.deferred_experts)
         if deferred and spec.moe is not None and deferred >= spec.moe.top_k:
             raise KtError(f"topology.deferred_experts={deferred} must be below the model's top-k "
                           f"({spec.moe.top_k}): at least one route per token must finish in its own layer")
         model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos, placer=placer,
-                              deferred_experts=deferred)
+                              deferred_experts=deferred, homes=homes)
         model.plan = plan
         tokenizer = Tokenizer.from_dir(ck.path) if Tokenizer.present(ck.path) else None
         return cls(cfg, spec, model, tokenizer, max_batch=max_batch)

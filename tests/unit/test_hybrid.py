@@ -90,9 +90,18 @@ def test_plan_memory_per_device_matches_loaded(model):
     assert loaded[1] and abs(planned - loaded[1]) / loaded[1] < 0.05, (planned, loaded)
 
 
+def test_layers_split_over_two_devices(model, reference):
+    """hybrid_multi_gpu's layout on logical CPU devices: layers split, hidden states move once."""
+    engine = hybrid(model, "topology.attention=[cpu]", "topology.dense=[cpu]", "topology.experts=[cpu]")
+    plan = engine.model.plan
+    assert set(plan.layer_attention.values()) == {"cpu:0", "cpu:1"}
+    assert close(engine.logits(PROMPT), reference[0])
+    assert engine.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids == reference[1]
+
+
 def test_unsupported_layouts_fail_clearly(model):
-    with pytest.raises(KtError, match="splits attention/dense layers over several devices"):
-        kt_core.Engine.from_pretrained(model, overrides=["topology=hybrid_cpu", "topology.attention=[cpu]"])
+    with pytest.raises(KtError, match="keeps them together"):
+        kt_core.Engine.from_pretrained(model, overrides=["topology=hybrid_cpu", "topology.dense=[cpu:1]"])
     with pytest.raises(KtError, match="device.cpu.count=2 logical CPU devices need at least 2 threads"):
         kt_core.Engine.from_pretrained(model, overrides=["topology=hybrid_cpu", "device.cpu.threads=1"])
 
