@@ -18,6 +18,22 @@ from kt_core.models.spec import ModelSpec
 from kt_core.weights.quant import ExpertWeights, Weight
 
 
+def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a tensor between devices for an expert shard. Accelerator -> host goes through a
+    pinned buffer and waits for the copy on the source stream (the CPU reads it next); host ->
+    accelerator copies from pinned memory without blocking the host."""
+    if t.device == device:
+        return t
+    if device.type == "cpu" and t.device.type != "cpu":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        torch.get_device_module(t.device.type).current_stream(t.device).synchronize()
+        return host
+    if t.device.type == "cpu" and device.type != "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class Attention:
     def __init__(self, w: dict, spec: ModelSpec, layer: int) -> None:
         self.w, self.spec = w, spec
@@ -107,8 +123,7 @@ class MoEBlock:
         """Start every shard but the first asynchronously, inputs moved to its device once."""
         pending = []
         for shard_be, device, experts in self.shards[1:]:
-            moved = [t if t.device == device else t.to(device) for t in (x, ids, weights)]
-            pending.append(shard_be.moe_experts_async(*moved, experts, act))
+            pending.append(shard_be.moe_experts_async(*[move(t, device) for t in (x, ids, weights)], experts, act))
         return pending
 
     def route(self, be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +144,8 @@ class MoEBlock:
             late_ids, late_w = ids[:, keep:].contiguous(), weights[:, keep:].contiguous()
             ids, weights = ids[:, :keep].contiguous(), weights[:, :keep].contiguous()
             self._pending_deferred = [
-                shard_be.moe_experts_async(*[t if t.device == device else t.to(device) for t in (x, late_ids, late_w)],
-                                           experts, act) for shard_be, device, experts in self.shards]
+                shard_be.moe_experts_async(*[move(t, device) for t in (x, late_ids, late_w)], experts, act)
+                for shard_be, device, experts in self.shards]
         # every shard after the first starts asynchronously on its own device; the first shard
         # (the accelerator's, by topology order) and the shared expert run meanwhile; the
         # partial sums are added where the hidden states live
@@ -138,14 +153,13 @@ class MoEBlock:
         out = None
         if self.shards:
             shard_be, device, experts = self.shards[0]
-            moved = [t if t.device == device else t.to(device) for t in (x, ids, weights)]
-            out = shard_be.moe_experts(*moved, experts, act).to(x.device)
+            out = move(shard_be.moe_experts(*[move(t, device) for t in (x, ids, weights)], experts, act), x.device)
         if self.shared is not None:
             s = self.shared(be, x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(be.linear(x, self.shared_gate)) * s
             out = s if out is None else out + s
         for fut in pending:
-            part = fut.result().to(x.device)
+            part = move(fut.result(), x.device)
             out = part if out is None else out + part
         return out
