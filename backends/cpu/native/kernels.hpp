@@ -88,27 +88,17 @@ KT_TARGET("avx2,fma") inline __m256 load_i8x8(const int8_t* p) {
 }
 KT_TARGET("avx2,fma") inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
+KT_TARGET("avx2,fma") inline __m256 load8(const uint16_t* p) { return load_bf16x8(p); }
+KT_TARGET("avx2,fma") inline __m256 load8(const int8_t* p) { return load_i8x8(p); }
+
 // Up to 4 rows of X against one panel over inputs [k0, k1); acc[i][0..1] hold 16 outputs.
-template <int MR>
-KT_TARGET("avx2,fma") inline void tile_bf16(const uint16_t* wp, const float* X, int64_t ldx, int64_t k0, int64_t k1,
+// T is the stored element (bf16 bits or int8 codes).
+template <int MR, typename T>
+KT_TARGET("avx2,fma") inline void tile_rows(const T* wp, const float* X, int64_t ldx, int64_t k0, int64_t k1,
                                             __m256 (&acc)[4][2]) {
   for (int64_t k = k0; k < k1; ++k) {
-    const uint16_t* row = wp + k * NR;
-    __m256 w0 = load_bf16x8(row), w1 = load_bf16x8(row + 8);
-    for (int i = 0; i < MR; ++i) {
-      __m256 x = _mm256_broadcast_ss(X + i * ldx + k);
-      acc[i][0] = _mm256_fmadd_ps(x, w0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(x, w1, acc[i][1]);
-    }
-  }
-}
-
-template <int MR>
-KT_TARGET("avx2,fma") inline void tile_i8(const int8_t* wp, const float* X, int64_t ldx, int64_t k0, int64_t k1,
-                                          __m256 (&acc)[4][2]) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const int8_t* row = wp + k * NR;
-    __m256 w0 = load_i8x8(row), w1 = load_i8x8(row + 8);
+    const T* row = wp + k * NR;
+    __m256 w0 = load8(row), w1 = load8(row + 8);
     for (int i = 0; i < MR; ++i) {
       __m256 x = _mm256_broadcast_ss(X + i * ldx + k);
       acc[i][0] = _mm256_fmadd_ps(x, w0, acc[i][0]);
@@ -152,10 +142,10 @@ KT_TARGET("avx2,fma") inline void rows_avx2(const Weight& w, int64_t p, const fl
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   if (w.fmt == FMT_BF16) {
     const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * w.K * NR;
-    tile_bf16<MR>(wp, X, ldx, 0, w.K, acc);
+    tile_rows<MR>(wp, X, ldx, 0, w.K, acc);
   } else if (w.fmt == FMT_INT8) {
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
-    tile_i8<MR>(wp, X, ldx, 0, w.K, acc);
+    tile_rows<MR>(wp, X, ldx, 0, w.K, acc);
     __m256 s0 = _mm256_loadu_ps(w.scale + p * NR), s1 = _mm256_loadu_ps(w.scale + p * NR + 8);
     for (int i = 0; i < MR; ++i) {
       acc[i][0] = _mm256_mul_ps(acc[i][0], s0);

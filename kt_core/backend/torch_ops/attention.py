@@ -42,18 +42,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return (probs @ v.float()).to(q.dtype)
 
 
-def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                      causal=True, sliding_window=None, sinks=None) -> torch.Tensor:
-    out = torch.empty_like(q)
+def sequences(seq_lens: torch.Tensor, query_start_loc: torch.Tensor):
+    """(b, first query row, end row, context length) of every sequence with new queries."""
     starts = query_start_loc.tolist()
     for b, length in enumerate(seq_lens.tolist()):
         qs, qe = starts[b], starts[b + 1]
-        n = qe - qs
-        if n == 0:
+        if qe == qs:
             continue
-        if n > length:
-            raise ValueError(f"sequence {b}: {n} new queries but seq_len {length}; "
+        if qe - qs > length:
+            raise ValueError(f"sequence {b}: {qe - qs} new queries but seq_len {length}; "
                              "seq_lens must count the cached context plus the new tokens")
+        yield b, qs, qe, length
+
+
+def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                      causal=True, sliding_window=None, sinks=None) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for b, qs, qe, length in sequences(seq_lens, query_start_loc):
+        n = qe - qs
         k = gather_context(k_cache, block_tables[b], length)
         v = gather_context(v_cache, block_tables[b], length)
         q_pos = torch.arange(length - n, length, device=q.device)
@@ -104,12 +110,8 @@ def attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens
     lora = w_uk.shape[-1]
     out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_uv.shape[1])
     q_abs = torch.einsum("thn,hnl->thl", q_nope.float(), w_uk.float())
-    starts = query_start_loc.tolist()
-    for b, length in enumerate(seq_lens.tolist()):
-        qs, qe = starts[b], starts[b + 1]
+    for b, qs, qe, length in sequences(seq_lens, query_start_loc):
         n = qe - qs
-        if n == 0:
-            continue
         ctx = gather_context(latent_cache, block_tables[b], length)[:, 0].float()  # [L, lora + dr]
         c, k_pe = ctx[:, :lora], ctx[:, lora:]
         scores = (torch.einsum("thl,sl->hts", q_abs[qs:qe], c)
