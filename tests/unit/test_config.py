@@ -121,5 +121,5 @@ def test_no_secret_or_machine_path_in_shipped_configs():
 
     for path in config_dir().rglob("*.yaml"):
         text = path.read_text()
-        assert "/home/" not in text and "/root/" not in text and "C:\\Users" not in text, path
+        assert "/home/" not in text and "/root/" not in text and "C:\\Users" not in text, path  # no machine paths
         assert "api_key:" not in text and "secret" not in text.lower(), path
