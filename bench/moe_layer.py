@@ -51,12 +51,14 @@ def routes(T: int, seed: int):
     return ids, w / w.sum(-1, keepdim=True)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, repeats: int, n_sets: int) -> float:
+    """Median time of fn(i) over repeats, cycling routing sets i so a decode step cannot reuse
+    the previous step's experts from cache."""
+    fn(0)  # warm-up
     times = []
-    for _ in range(repeats):
+    for r in range(repeats):
         t = time.perf_counter()
-        fn()
+        fn(r % n_sets)
         times.append(time.perf_counter() - t)
     return median(times)
 
@@ -69,6 +71,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch-path rows (slow at large T)")
+    ap.add_argument("--sets", type=int, default=16, help="distinct routings cycled while timing")
     a = ap.parse_args()
     set_threads(a.threads)
     if not native.available():
@@ -86,15 +89,16 @@ def main() -> None:
         per_expert = packed.nbytes() / E
         for T in [int(t) for t in a.tokens.split(",")]:
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
-            ids, w = routes(T, T)
-            touched = int(ids.unique().numel()) * per_expert
+            sets = [routes(T, T * 1000 + i) for i in range(a.sets)]
+            ids, w = sets[0]
+            touched = median([int(i.unique().numel()) for i, _ in sets]) * per_expert
             ref = torch_moe(x.float(), ids, w, ref_ex)
-            impls = [("kt-core", lambda: native.moe_forward(packed, x, ids, w))]
+            impls = [("kt-core", lambda i: native.moe_forward(packed, x, *sets[i]))]
             if not a.no_torch:
-                impls.append(("torch", lambda: torch_moe(x, ids, w, ex)))
+                impls.append(("torch", lambda i: torch_moe(x, *sets[i], ex)))
             for impl, fn in impls:
-                out = fn()
-                s = timed(fn, a.repeats)
+                out = fn(0)
+                s = timed(fn, a.repeats, a.sets)
                 emit({"impl": impl, "format": fmt if fmt != "int4" else f"int4_g{a.group}", "tokens": T,
                       "threads": a.threads, "ms": s * 1e3, "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9,
                       "bw_fraction": touched / s / 1e9 / bw,
