@@ -47,7 +47,10 @@ class DevicePlan:
     tflops: float = 0.0
     assumed_speed: bool = False
     decode_bytes: float = 0.0  # bytes read per decoded token
+    decode_flops: float = 0.0
     decode_s: float = 0.0
+    dense_params: int = 0  # non-expert parameters a decode step multiplies with (not the embedding)
+    embed_bytes: int = 0  # the embedding table: one row read per token, not the whole table
 
     @property
     def total_bytes(self) -> int:
@@ -216,6 +219,10 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
             else:
                 where = attn_of[t.layer] if t.group in ("attention", "norm") else dense_of[t.layer]
         devices[where].weights_bytes += b
+        if t.group == "embed":
+            devices[where].embed_bytes += b
+        elif t.linear or t.group == "router":
+            devices[where].dense_params += t.numel
         devices[where].roles.add({"embed": "dense", "lm_head": "dense", "norm": "attention"}.get(t.group, t.group))
     per_expert = {layer: total // spec.moe.num_experts for layer, total in expert_total.items()}
     # KV and activations
@@ -233,7 +240,13 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     if moe_layers:
         _place_experts(spec, cfg, topo, devices, moe_layers, per_expert, strategy)
     plan = Plan(spec, devices, total_params, attn_of, dense_of, strategy)
-    _estimate(plan, cfg, per_expert, dtype_bytes, kv_layer)
+    per_expert_params: dict[int, int] = {}  # parameters of one expert (expert 0, or a slice of fused ones)
+    for t in tensors:
+        if t.group == "experts" and t.linear:
+            n = t.numel if t.expert is not None else t.numel // spec.moe.num_experts
+            if t.expert in (None, 0):
+                per_expert_params[t.layer] = per_expert_params.get(t.layer, 0) + n
+    _estimate(plan, cfg, per_expert, per_expert_params, dtype_bytes, kv_layer)
     problem = fit_error(plan, cfg)
     if enforce_fit and problem:
         raise problem
@@ -297,35 +310,42 @@ def fit_error(plan: Plan, cfg: DictConfig) -> Optional[KtError]:
     return None
 
 
-def _estimate(plan: Plan, cfg: DictConfig, per_expert: dict[int, int], dtype_bytes: int, kv_layer: int) -> None:
-    """Roofline decode estimate at batch 1: each device's bytes / bandwidth (or FLOPs / peak);
-    per MoE layer the accelerator's and the CPU's expert shares overlap, the rest is serial."""
+def _estimate(plan: Plan, cfg: DictConfig, per_expert: dict[int, int], per_expert_params: dict[int, int],
+              dtype_bytes: int, kv_layer: int) -> None:
+    """Roofline decode estimate at batch 1: each share costs max(bytes / bandwidth,
+    2 * params / peak FLOPS) on its device; per MoE layer the expert shares of the devices
+    overlap (the slowest counts), everything else runs one after the other."""
     spec, ctx = plan.spec, int(cfg.plan.context_tokens)
     dev = plan.devices
-    dense_bytes = {label: d.weights_bytes - sum(len(v) * per_expert[k] for k, v in d.experts.items())
-                   for label, d in dev.items()}
+
+    def cost(d: DevicePlan, nbytes: float, flops: float) -> float:
+        return max(nbytes / (d.bandwidth_gbps * 1e9), flops / (d.tflops * 1e12))
+
+    serial = 0.0
     for label, d in dev.items():
-        d.decode_bytes = float(dense_bytes[label])
+        expert_bytes = sum(len(v) * per_expert[k] for k, v in d.experts.items())
+        d.decode_bytes = float(d.weights_bytes - expert_bytes - d.embed_bytes)
+        d.decode_flops = 2.0 * d.dense_params
     for layer, label in plan.layer_attention.items():
         dev[label].decode_bytes += kv_layer * ctx
-    t_serial = {label: 0.0 for label in dev}
-    t_overlap = 0.0
-    for label, d in dev.items():
-        t_serial[label] = d.decode_bytes / (d.bandwidth_gbps * 1e9)
+    for d in dev.values():
+        serial += cost(d, d.decode_bytes, d.decode_flops)
     k = spec.moe.top_k if spec.moe else 0
+    overlap = 0.0
     for layer in sorted(spec.moe_layers):
-        shares = {}
-        for label, d in dev.items():
+        shares = []
+        for d in dev.values():
             held = len(d.experts.get(layer, []))
             if held:
                 routes = k * held / spec.moe.num_experts
-                b = routes * per_expert[layer]
+                b, f = routes * per_expert[layer], 2.0 * routes * per_expert_params[layer]
                 d.decode_bytes += b
-                shares[label] = b / (d.bandwidth_gbps * 1e9)
-        t_overlap += max(shares.values(), default=0.0)
-    for label, d in dev.items():
-        d.decode_s = d.decode_bytes / (d.bandwidth_gbps * 1e9)
-    total = sum(t_serial.values()) + t_overlap
+                d.decode_flops += f
+                shares.append(cost(d, b, f))
+        overlap += max(shares, default=0.0)
+    for d in dev.values():
+        d.decode_s = cost(d, d.decode_bytes, d.decode_flops)
+    total = serial + overlap
     plan.est_decode_tokens_per_s = 1.0 / total if total > 0 else 0.0
     plan.bound_by = max(dev, key=lambda label: dev[label].decode_s)
 

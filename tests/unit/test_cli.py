@@ -121,3 +121,15 @@ def test_kt_synth_prints_experts_reached(cache_env, tmp_path):
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     bad = kt(cache_env, "synth", "arch=qwen3_moe", "foo=1")
     assert bad.returncode == 2 and "kt synth takes" in bad.stderr
+
+
+def test_kt_bench_measures_and_saves_overrides_for_the_planner(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KT_CONFIG_DIR", str(tmp_path))
+    assert main(["bench", "--save"]) == 0
+    out = capsys.readouterr().out
+    assert "GB/s" in out and "device.cpu.bandwidth_gbps=" in out
+    saved = (tmp_path / "machine" / "local.yaml").read_text()
+    assert saved.startswith("# @package _global_") and "bandwidth_gbps" in saved
+    assert main(["bench", "--save"]) == 0 and "never overwritten" in capsys.readouterr().out
+    assert main(["plan", "model=mixtral_8x7b", "device.cpu.memory_gb=128"]) == 0
+    assert "(bandwidth assumed" not in capsys.readouterr().out  # the measured value was used
