@@ -16,7 +16,7 @@ import sys
 import typing
 from importlib.resources import files
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -150,7 +150,3 @@ def explain(exc: BaseException) -> str:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def config_value(cfg: DictConfig, key: str, default: Optional[object] = None) -> object:
-    return OmegaConf.select(cfg, key, default=default)
