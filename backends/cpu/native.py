@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
+from kt_core.weights.quant import ExpertWeights, Quant
 
 NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}

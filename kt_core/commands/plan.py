@@ -41,7 +41,9 @@ def run(overrides, flags) -> int:
     cfg = compose(overrides)
     topo = resolve_topology(cfg, check_devices=False)
     plan = make_plan(model_spec(cfg), cfg, topo, enforce_fit=False)
-    fmt = cfg.plan.format.value if hasattr(cfg.plan.format, "value") else str(cfg.plan.format)
+    from kt_core.config.schema import choice
+
+    fmt = choice(cfg.plan.format)
     print(json.dumps(plan.as_json(), indent=2) if fmt == "json" else describe(plan))
     problem = fit_error(plan, cfg)
     if problem:  # the table is printed either way; a plan that cannot fit is an error

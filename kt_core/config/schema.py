@@ -14,6 +14,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+def choice(v) -> str:
+    """The plain string of a config value that the schema types as an Enum."""
+    return v.value if isinstance(v, Enum) else str(v)
+
+
 class ExpertStrategy(str, Enum):
     uniform = "uniform"  # the same number of experts per layer on each accelerator
     front_loading = "front_loading"  # fill accelerators from the first MoE layer on

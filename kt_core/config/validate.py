@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from kt_core.backend.contract import Op
 from kt_core.backend.registry import PluginStatus, Registry, registry as default_registry
+from kt_core.config.schema import choice
 from kt_core.errors import ConfigError, KtError
 
 GIB = 1 << 30
@@ -161,14 +162,14 @@ def _check_budget(name: str, dcfg: DictConfig, reg: Registry, check: bool) -> No
 
 
 def _check_formats(cfg: DictConfig, roles: dict[str, list[DeviceSlot]], reg: Registry) -> None:
-    dtype = torch_dtype(cfg.model.dtype.value if hasattr(cfg.model.dtype, "value") else cfg.model.dtype)
+    dtype = torch_dtype(choice(cfg.model.dtype))
     asks = {
         "attention": (Op.ATTENTION_PREFILL, "none", "model.dtype=float32 or bfloat16"),
         "dense": (Op.LINEAR, cfg.quant.dense, "quant.dense=none"),
         "experts": (Op.MOE_EXPERTS, cfg.quant.experts, "quant=none or quant=int8"),
     }
     for role, (op, quant, fix) in asks.items():
-        quant = quant.value if hasattr(quant, "value") else str(quant)
+        quant = choice(quant)
         for slot in roles[role]:
             cls = reg.status(slot.backend).cls
             if cls is not None and not cls.supports(op, dtype, quant):
@@ -178,7 +179,7 @@ def _check_formats(cfg: DictConfig, roles: dict[str, list[DeviceSlot]], reg: Reg
 
 def _check_policy(cfg: DictConfig) -> None:
     pol = cfg.topology.expert_policy
-    strategy = pol.strategy.value if hasattr(pol.strategy, "value") else str(pol.strategy)
+    strategy = choice(pol.strategy)
     if strategy == "frequency" and not pol.stats_file:
         raise ConfigError("topology.expert_policy.strategy=frequency needs "
                           "topology.expert_policy.stats_file=PATH (a routing-statistics file)")

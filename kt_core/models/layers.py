@@ -15,7 +15,7 @@ from kt_core.backend.contract import Backend
 from kt_core.backend.torch_ops.moe import gated_activation
 from kt_core.kvcache.paged import Batch
 from kt_core.models.spec import ModelSpec
-from kt_core.weights.quant import ExpertWeights, Weight
+from kt_core.weights.quant import Weight
 
 
 def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -123,7 +123,7 @@ def write_mistral(out: Path) -> None:
         raise KtError("the mistral tokenizer needs sentencepiece: pip install sentencepiece "
                       "(without it mistral-common silently loads a 3-token vocabulary)")
     import sentencepiece as spm
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     sp = spm.SentencePieceProcessor(model_file=str(_package_dir("mistral_common", "mistral-common")
                                                    / "data" / "tokenizer.model.v1"))

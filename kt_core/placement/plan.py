@@ -18,6 +18,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from kt_core.config.schema import choice
 from kt_core.config.validate import GIB, DeviceSlot, ResolvedTopology
 from kt_core.errors import KtError
 from kt_core.models.shapes import TensorInfo, model_tensors
@@ -27,10 +28,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # (memory GB/s, dense bf16 TFLOPS) assumed for a kind when the config gives none
 KIND_DEFAULTS = {"cuda": (900.0, 150.0), "rocm": (800.0, 120.0), "xpu": (450.0, 60.0), "ascend": (800.0, 150.0),
                  "cpu": (40.0, 1.0)}
-
-
-def _s(v) -> str:
-    return v.value if hasattr(v, "value") else str(v)
 
 
 @dataclass
@@ -187,9 +184,9 @@ def _choose(strategy: str, moe_layers: list[int], E: int, pool: dict[int, list[i
 def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_devices: bool = False,
               enforce_fit: bool = True) -> Plan:
     """The plan; with ``enforce_fit`` a device over its budget raises (one line, with fixes)."""
-    dtype_bytes = DTYPE_BYTES[_s(cfg.model.dtype)]
+    dtype_bytes = DTYPE_BYTES[choice(cfg.model.dtype)]
     q = cfg.quant
-    qe, qd, group, sym = _s(q.experts), _s(q.dense), int(q.group_size), bool(q.symmetric)
+    qe, qd, group, sym = choice(q.experts), choice(q.dense), int(q.group_size), bool(q.symmetric)
     tensors = model_tensors(spec)
     total_params = sum(t.numel for t in tensors)
     used = topo.used
@@ -235,7 +232,7 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     for label in {*attn_of.values(), *dense_of.values()}:
         devices[label].activation_bytes = chunk * (8 * spec.hidden_size + 3 * inter) * 4 + chunk * spec.vocab_size * 4
     # experts
-    strategy = _s(cfg.topology.expert_policy.strategy)
+    strategy = choice(cfg.topology.expert_policy.strategy)
     moe_layers = sorted(spec.moe_layers)
     if moe_layers:
         _place_experts(spec, cfg, topo, devices, moe_layers, per_expert, strategy)
@@ -297,9 +294,9 @@ def fit_error(plan: Plan, cfg: DictConfig) -> Optional[KtError]:
         if d.experts and d.slot.backend != "cpu" and cfg.topology.expert_policy.per_device:
             fixes.append("fewer accelerator experts (topology.expert_policy.per_device=N, or strategy=auto to fill "
                          "what fits)")
-        if _s(cfg.quant.experts) != "int4" and d.experts:
+        if choice(cfg.quant.experts) != "int4" and d.experts:
             fixes.append("smaller experts (quant=int4)")
-        if _s(cfg.quant.dense) == "none" and d.weights_bytes > d.kv_bytes:
+        if choice(cfg.quant.dense) == "none" and d.weights_bytes > d.kv_bytes:
             fixes.append("smaller dense weights (quant.dense=int8)")
         if d.kv_bytes:
             fixes.append(f"a shorter context (model.max_seq_len={max(256, int(cfg.model.max_seq_len) // 2)})")

@@ -11,13 +11,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig
 
 from kt_core.backend.registry import registry
 from kt_core.config import compose
+from kt_core.config.schema import choice
 from kt_core.config.validate import resolve_topology, torch_dtype
 from kt_core.errors import KtError
 from kt_core.kvcache.paged import PagedKVCache
@@ -39,10 +40,6 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (eos / stop string / stop token) or "length"
     timing: dict[str, float] = field(default_factory=dict)
-
-
-def _enum_value(v: Any) -> str:
-    return v.value if hasattr(v, "value") else str(v)
 
 
 def apply_visible_devices(cfg: DictConfig) -> None:
@@ -108,9 +105,9 @@ class Engine:
 
         plan = make_plan(spec, cfg, topo, check_devices=True)  # a plan that cannot fit fails before any read
         spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + generation_eos(ck.path)))
-        qp = QuantPlan(Quant(_enum_value(cfg.quant.experts)), Quant(_enum_value(cfg.quant.dense)),
+        qp = QuantPlan(Quant(choice(cfg.quant.experts)), Quant(choice(cfg.quant.dense)),
                        int(cfg.quant.group_size), bool(cfg.quant.symmetric))
-        dtype = torch_dtype(_enum_value(cfg.model.dtype))
+        dtype = torch_dtype(choice(cfg.model.dtype))
         n_pos = min(int(cfg.model.max_seq_len), spec.max_positions)
         expert_slots = topo.roles["experts"]
 

@@ -3,7 +3,6 @@ gives the single-device result, and the plan's per-device memory matches what is
 import json
 
 import pytest
-import torch
 
 import kt_core
 from kt_backends.cpu import native
