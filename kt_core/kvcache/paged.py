@@ -4,15 +4,23 @@ Layouts (see the device contract): MHA/GQA caches are ``k`` and ``v`` of shape
 ``[num_blocks, block_size, num_kv_heads, head_dim]``; MLA keeps one latent cache
 ``[num_blocks, block_size, 1, kv_lora_rank + qk_rope_head_dim]`` (the compressed
 KV plus the roped key part) and no separate values.
+
+Blocks are reference-counted so that full blocks can be shared between sequences
+with the same prefix (``kt_core.kvcache.prefix``). A block is *free* (on the free
+list), *used* (referenced by at least one sequence) or *idle* (unreferenced but
+still holding a cached prefix, evictable).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from kt_core.errors import KtError
+
+if TYPE_CHECKING:
+    from kt_core.kvcache.prefix import PrefixCache
 
 
 @dataclass
@@ -41,6 +49,7 @@ class Batch:
 class SeqState:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks, in order
 
 
 class PagedKVCache:
@@ -49,38 +58,92 @@ class PagedKVCache:
                  layer_devices: Optional[list[torch.device]] = None) -> None:
         """``layer_devices``: where each layer's blocks live (default: all on ``device``)."""
         self.block_size, self.num_blocks, self.latent = block_size, num_blocks, latent
-        shape = (num_blocks, block_size, 1 if latent else kv_heads, head_dim)
+        self.dtype = dtype
+        self.block_shape = (block_size, 1 if latent else kv_heads, head_dim)
+        shape = (num_blocks, *self.block_shape)
         devs = layer_devices or [device] * num_layers
         self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
         self.v: list[Optional[torch.Tensor]] = (
             [None] * num_layers if latent else [torch.zeros(shape, dtype=dtype, device=d) for d in devs])
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
+        self.refs = [0] * num_blocks
         self.seqs: dict[int, SeqState] = {}
         self.device = device
+        self.prefix: Optional["PrefixCache"] = None
+
+    @property
+    def layout(self) -> str:
+        return "mla-latent" if self.latent else "mha"
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
+        """Blocks referenced by at least one live sequence."""
+        return sum(1 for r in self.refs if r > 0)
+
+    @property
+    def available_blocks(self) -> int:
+        """Blocks a new sequence could get: free ones plus idle cached ones (evictable)."""
+        return len(self.free_blocks) + (self.prefix.idle_count if self.prefix else 0)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + [v for v in self.v if v is not None])
 
+    def block_bytes(self) -> int:
+        per_layer = self.k[0][0].numel() * self.k[0].element_size()
+        return per_layer * len(self.k) * (1 if self.latent else 2)
+
+    # ---- allocation -------------------------------------------------------------
+    def alloc(self) -> int:
+        if self.free_blocks:
+            b = self.free_blocks.pop()
+        elif self.prefix is not None and self.prefix.idle_count:
+            b = self.prefix.evict_one()
+        else:
+            raise KtError(f"KV cache is full: all {self.num_blocks} blocks are in use; shorten the prompt/"
+                          "max_new_tokens, lower the batch or give the cache more memory (plan.kv_tokens)")
+        self.refs[b] = 1
+        return b
+
+    def release_block(self, b: int) -> None:
+        self.refs[b] -= 1
+        if self.refs[b] == 0 and not (self.prefix is not None and self.prefix.park(b)):
+            self.free_blocks.append(b)
+
     def _grow(self, seq: SeqState, new_len: int) -> None:
         need = (new_len + self.block_size - 1) // self.block_size - len(seq.blocks)
-        if need > len(self.free_blocks):
-            raise KtError(f"KV cache is full: {need} more blocks needed, {len(self.free_blocks)} free of "
+        if need > self.available_blocks:
+            raise KtError(f"KV cache is full: {need} more blocks needed, {self.available_blocks} available of "
                           f"{self.num_blocks}; shorten the prompt/max_new_tokens or give the cache more memory")
         for _ in range(max(need, 0)):
-            seq.blocks.append(self.free_blocks.pop())
+            seq.blocks.append(self.alloc())
 
     def free(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None:
-            self.free_blocks.extend(reversed(seq.blocks))
+            for b in reversed(seq.blocks):
+                self.release_block(b)
 
     def length(self, seq_id: int) -> int:
         return self.seqs[seq_id].length if seq_id in self.seqs else 0
 
+    # ---- prefix sharing -----------------------------------------------------------
+    def attach_prefix(self, seq_id: int, tokens: list[int]) -> int:
+        """Start ``seq_id`` with the longest cached prefix of ``tokens`` (whole blocks, leaving
+        at least one token to compute). Returns the number of tokens whose KV is reused."""
+        if self.prefix is None or seq_id in self.seqs:
+            return 0
+        seq = self.seqs[seq_id] = SeqState()
+        seq.blocks, seq.hashes = self.prefix.lookup(tokens, (len(tokens) - 1) // self.block_size)
+        seq.length = len(seq.blocks) * self.block_size
+        return seq.length
+
+    def commit(self, seq_id: int, tokens: list[int]) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache (``tokens``: every
+        token of the sequence so far)."""
+        if self.prefix is not None and seq_id in self.seqs:
+            self.prefix.register(self.seqs[seq_id], tokens)
+
+    # ---- one step ------------------------------------------------------------------
     def prepare(self, seq_ids: list[int], new_tokens: list[list[int]], all_logits: bool = False) -> Batch:
         """Reserve slots for each sequence's new tokens and describe the step."""
         tokens, positions, slots, starts, lens, tables = [], [], [], [0], [], []
@@ -114,3 +177,14 @@ class PagedKVCache:
             is_decode=all(len(t) == 1 for t in new_tokens),
             logits_rows=torch.tensor(rows, dtype=torch.long, device=dev),
         )
+
+    # ---- block contents (prefix-cache tiers) ----------------------------------------
+    def read_block(self, b: int) -> list[torch.Tensor]:
+        """Copies of block ``b`` of every layer on the host: K of each layer, then V of each layer."""
+        parts = [k[b] for k in self.k] + [v[b] for v in self.v if v is not None]
+        return [p.to("cpu", copy=True) for p in parts]
+
+    def write_block(self, b: int, parts: list[torch.Tensor]) -> None:
+        caches = self.k + [v for v in self.v if v is not None]
+        for cache, p in zip(caches, parts):
+            cache[b].copy_(p.to(cache.device, non_blocking=True))

@@ -25,7 +25,7 @@ from kt_core.kvcache.paged import PagedKVCache
 from kt_core.models.model import CausalLM, QuantPlan
 from kt_core.models.spec import ModelSpec, parse_config
 from kt_core.models.tokenizer import Tokenizer
-from kt_core.runtime.sampling import SamplingParams, apply_repetition_penalty, find_stop
+from kt_core.runtime.sampling import SamplingParams
 from kt_core.weights.checkpoint import Checkpoint
 from kt_core.weights.quant import Quant
 
@@ -71,13 +71,32 @@ def configure_cpu_threads(cfg: DictConfig) -> None:
 
 class Engine:
     def __init__(self, cfg: DictConfig, spec: ModelSpec, model: CausalLM, tokenizer: Optional[Tokenizer],
-                 max_batch: int = 4) -> None:
+                 max_batch: int = 4, fingerprint: str = "") -> None:
         self.cfg, self.spec, self.model, self.tokenizer = cfg, spec, model, tokenizer
         self.max_seq_len = min(int(cfg.model.max_seq_len), spec.max_positions)
         self.block_size = 16
-        blocks = math.ceil(self.max_seq_len / self.block_size) * max_batch
+        self.max_batch = max(int(max_batch), 1)
+        # the plan's KV budget: plan.kv_tokens, or the context times the batch it is sized for
+        kv_tokens = cfg.plan.kv_tokens or self.max_seq_len * max(int(cfg.plan.batch), self.max_batch)
+        blocks = max(math.ceil(int(kv_tokens) / self.block_size), 1)
         self.cache: PagedKVCache = model.new_cache(blocks, self.block_size)
+        self.fingerprint = fingerprint
+        eos = set(spec.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.prefix_cache = None
         self._next_seq = 0
+
+    def enable_prefix_cache(self, host_bytes: int = 0, disk_dir=None, disk_bytes: int = 0):
+        """Share the KV of common prompt prefixes (device blocks, then host RAM, then a disk folder)."""
+        from kt_core.kvcache.prefix import PrefixCache
+
+        if self.prefix_cache is None:
+            fp = f"{self.fingerprint}|{self.cfg.model.dtype}|{self.cfg.quant.experts}|{self.cfg.quant.dense}|" \
+                 f"{self.cfg.quant.group_size}|{self.cfg.quant.symmetric}"
+            self.prefix_cache = PrefixCache(self.cache, fp, host_bytes, disk_dir, disk_bytes)
+        return self.prefix_cache
 
     # ---- construction -----------------------------------------------------------
     @classmethod
@@ -133,7 +152,7 @@ class Engine:
                               deferred_experts=deferred, homes=homes)
         model.plan = plan
         tokenizer = Tokenizer.from_dir(ck.path) if Tokenizer.present(ck.path) else None
-        return cls(cfg, spec, model, tokenizer, max_batch=max_batch)
+        return cls(cfg, spec, model, tokenizer, max_batch=max_batch, fingerprint=ck.fingerprint())
 
     # ---- one prefill --------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -171,94 +190,38 @@ class Engine:
         results = self._generate([self._check_ids(self.encode_prompt(p)) for p in prompts], params, on_token)
         return results[0] if single else results
 
-    @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], p: SamplingParams, on_token: Optional[TokenCallback]):
-        be, dev = self.model.be, self.model.device
-        eos = set() if p.ignore_eos else set(self.spec.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer and self.tokenizer.eos_token_id is not None else set())
-        stop_ids = set(p.stop_token_ids) | eos
-        for ids in prompts:
-            if len(ids) + p.max_new_tokens > self.max_seq_len:
-                raise KtError(f"prompt of {len(ids)} tokens + max_new_tokens={p.max_new_tokens} exceeds the "
-                              f"context of {self.max_seq_len}; shorten one or raise model.max_seq_len")
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(p.seed if p.seed is not None else torch.seed())
-        n = len(prompts)
-        out: list[list[int]] = [[] for _ in range(n)]
-        texts, emitted = [""] * n, [0] * n
-        finish: list[Optional[str]] = [None] * n
-        seqs = [self._new_seq() for _ in range(n)]
+        from kt_core.runtime.scheduler import Request, Scheduler
+
+        sched = Scheduler(self, max_batch=self.max_batch, max_queue=len(prompts),
+                          prefill_chunk=int(self.cfg.plan.prefill_chunk))
+        index: dict[int, int] = {}
+
+        def sink(r: Request, tok: Optional[int], text: str) -> None:
+            if on_token is not None and tok is not None:
+                on_token(index[r.id], tok, text)
+
         t0 = time.perf_counter()
-        ttft = decode_s = 0.0
+        reqs = []
         try:
-            active = list(range(n))
-            step_tokens = [prompts[i] for i in active]
-            if p.max_new_tokens == 0:
-                active = []
-            while active:
-                batch = self.cache.prepare([seqs[i] for i in active], step_tokens)
-                t_step = time.perf_counter()
-                logits = self.model.forward(batch, self.cache)
-                if not ttft:
-                    ttft = time.perf_counter() - t0
-                else:
-                    decode_s += time.perf_counter() - t_step
-                logits = apply_repetition_penalty(logits, [prompts[i] + out[i] for i in active],
-                                                  [p.repetition_penalty] * len(active))
-                rows = len(active)
-                next_ids = be.sample(logits, torch.full((rows,), p.temperature, device=dev),
-                                     torch.full((rows,), p.top_k, device=dev, dtype=torch.long),
-                                     torch.full((rows,), p.top_p, device=dev), torch.full((rows,), p.min_p, device=dev),
-                                     generator=gen).tolist()
-                still = []
-                for i, tok in zip(active, next_ids):
-                    if tok in stop_ids:
-                        finish[i] = "stop"
-                        continue
-                    out[i].append(tok)
-                    if self.tokenizer is not None:
-                        finish[i] = self._update_text(i, out[i], texts, emitted, p, tok, on_token) or finish[i]
-                    elif on_token:
-                        on_token(i, tok, "")
-                    if finish[i] is None and len(out[i]) >= p.max_new_tokens:
-                        finish[i] = "length"
-                    if finish[i] is None:
-                        still.append(i)
-                active = still
-                step_tokens = [[out[i][-1]] for i in active]
+            for i, ids in enumerate(prompts):
+                reqs.append(sched.submit(Request(ids, p, sink)))
+                index[reqs[-1].id] = i
+            while sched.has_work():
+                sched.step()
         finally:
-            for s in seqs:
-                self.cache.free(s)
-        total = time.perf_counter() - t0
-        n_decode = sum(max(len(o) - 1, 0) for o in out)
-        timing = {"total_s": total, "ttft_s": ttft, "decode_s": decode_s,
+            sched.abort_all("generation was interrupted")
+        firsts = [r.first_token_at for r in reqs if r.first_token_at is not None]
+        ends = [r.finished_at for r in reqs if r.finished_at is not None]
+        ttft = min(firsts) - t0 if firsts else 0.0
+        decode_s = max(ends) - min(firsts) if firsts and ends else 0.0
+        n_decode = sum(max(len(r.output) - 1, 0) for r in reqs)
+        timing = {"total_s": time.perf_counter() - t0, "ttft_s": ttft, "decode_s": decode_s,
                   "prefill_tokens_per_s": sum(map(len, prompts)) / ttft if ttft else 0.0,
                   "decode_tokens_per_s": n_decode / decode_s if decode_s else 0.0}
-        return [GenerationResult(texts[i] if self.tokenizer else "", out[i], len(prompts[i]),
-                                 finish[i] or "length", dict(timing)) for i in range(n)]
-
-    def _update_text(self, i, ids, texts, emitted, p: SamplingParams, tok, on_token) -> Optional[str]:
-        """Detokenize incrementally, apply stop strings, stream the stable new text."""
-        full = self.tokenizer.decode(ids, skip_special_tokens=True)
-        reason = None
-        cut = find_stop(full, p.stop, len(texts[i]))
-        if cut is not None:
-            full, reason = full[:cut], "stop"
-        texts[i] = full
-        # hold back a trailing partial UTF-8 character and any prefix of a stop string
-        stable = len(full) if reason else len(full.rstrip("\ufffd"))
-        if not reason:
-            for s in p.stop:
-                for k in range(min(len(s) - 1, stable), 0, -1):
-                    if full[:stable].endswith(s[:k]):
-                        stable -= k
-                        break
-        if on_token and stable > emitted[i]:
-            on_token(i, tok, full[emitted[i]:stable])
-            emitted[i] = stable
-        elif on_token and reason is None:
-            on_token(i, tok, "")
-        return reason
+        return [GenerationResult(r.text.text if r.text is not None else "", r.output, len(r.prompt),
+                                 r.finish_reason if r.finish_reason in ("stop", "length") else "length", dict(timing))
+                for r in reqs]
 
     # ---- helpers ------------------------------------------------------------------
     def _new_seq(self) -> int:

@@ -61,3 +61,47 @@ def find_stop(text: str, stops: Sequence[str], search_from: int) -> Optional[int
         if i >= 0 and (best is None or i < best):
             best = i
     return best
+
+
+class TextStream:
+    """Incremental detokenization with stop strings.
+
+    Decodes only a short window of recent tokens each step (the window's start stays a
+    few tokens back so tokenizers that merge or strip spaces decode consistently), holds
+    back a trailing partial UTF-8 character and any tail that could begin a stop string,
+    and cuts the text where a stop string starts."""
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()) -> None:
+        self.tok, self.stops = tokenizer, [s for s in stops if s]
+        self.text = ""  # everything decoded so far (cut at a stop string once one is seen)
+        self.emitted = 0  # characters of ``text`` already handed out
+        self._prefix = self._read = 0  # token offsets of the decode window
+
+    def push(self, ids: list[int]) -> tuple[str, Optional[str]]:
+        """``ids``: every output token so far. Returns (new stable text, "stop" or None)."""
+        dec = lambda a, b=None: self.tok.decode(ids[a:b], skip_special_tokens=True)  # noqa: E731
+        before = dec(self._prefix, self._read)
+        now = dec(self._prefix)
+        reason = None
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            searched = len(self.text)
+            self.text += now[len(before):]
+            self._prefix, self._read = max(self._read - 4, 0), len(ids)
+            cut = find_stop(self.text, self.stops, searched)
+            if cut is not None:
+                self.text, reason = self.text[:cut], "stop"
+        stable = len(self.text)
+        if reason is None:
+            for s in self.stops:
+                for k in range(min(len(s) - 1, stable), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        stable = min(stable, len(self.text) - k)
+                        break
+        new = self.text[self.emitted:stable] if stable > self.emitted else ""
+        self.emitted = max(self.emitted, stable)
+        return new, reason
+
+    def flush(self) -> str:
+        """The text still held back (called once the sequence has ended)."""
+        new, self.emitted = self.text[self.emitted:], len(self.text)
+        return new

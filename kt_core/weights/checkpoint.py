@@ -86,6 +86,17 @@ class Checkpoint:
                 raise KtError(f"{f.name} is corrupt or truncated ({exc}); download it again") from None
         return self._open[f]
 
+    def fingerprint(self) -> str:
+        """Names this exact checkpoint: its config plus every weight file's name, size and mtime
+        (a re-downloaded or edited file gets a new fingerprint)."""
+        import hashlib
+
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for f in sorted(set(self._where.values())) or sorted(self.path.glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()
+
     # ---- access ---------------------------------------------------------------
     def keys(self) -> list[str]:
         return sorted(set(self._where) | set(self._bin))

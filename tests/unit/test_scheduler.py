@@ -1,0 +1,182 @@
+"""Continuous batching, chunked prefill and the prefix cache (device / host / disk tiers)."""
+import threading
+
+import pytest
+import torch
+
+import kt_core
+from kt_core.errors import KtError
+from kt_core.kvcache.prefix import SUFFIX, chain_hashes
+from kt_core.models.synthetic import synthesize
+from kt_core.runtime.sampling import SamplingParams
+from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=512)
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sched") / "m"
+    synthesize(path, preset="tiny-qwen3-moe", layers=2, shape=SHAPE, sample_tokens=64)
+    return path
+
+
+def _engine(path, **kw):
+    return kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32", "model.max_seq_len=256"], **kw)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    return _engine(model_path)
+
+
+def _prompt(n, seed=0):
+    return torch.randint(5, 1000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _run(engine, prompts, chunk=512, max_batch=16, params=GREEDY):
+    sched = Scheduler(engine, max_batch=max_batch, max_queue=64, prefill_chunk=chunk)
+    reqs = [sched.submit(Request(p, params)) for p in prompts]
+    while sched.has_work():
+        sched.step()
+    return [r.output for r in reqs], sched
+
+
+def test_batched_and_chunked_outputs_equal_one_at_a_time(engine):
+    prompts = [_prompt(n, i) for i, n in enumerate((5, 40, 17, 70))]
+    alone = [_run(engine, [p])[0][0] for p in prompts]
+    together, _ = _run(engine, prompts, chunk=24, max_batch=3)  # chunks of 24, one request waits for a slot
+    assert together == alone
+    assert engine.cache.used_blocks == 0
+
+
+def test_request_joining_a_running_decode_batch(engine):
+    a, b = _prompt(12, 1), _prompt(30, 2)
+    alone = [_run(engine, [p])[0][0] for p in (a, b)]
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=8)
+    ra = sched.submit(Request(a, GREEDY))
+    for _ in range(4):  # a is decoding when b arrives; b's prefill is split into chunks of 8
+        sched.step()
+    assert ra.output and not ra.finished
+    rb = sched.submit(Request(b, GREEDY))
+    steps_with_both = 0
+    while sched.has_work():
+        both = ra in sched.running and rb in sched.running
+        sched.step()
+        steps_with_both += both
+    assert [ra.output, rb.output] == alone and steps_with_both >= 4
+
+
+def test_queue_bound_cancel_and_timeout_free_blocks(engine):
+    sched = Scheduler(engine, max_batch=1, max_queue=1, prefill_chunk=512)
+    running = sched.submit(Request(_prompt(20), SamplingParams(max_new_tokens=50, ignore_eos=True)))
+    sched.step()
+    waiting = sched.submit(Request(_prompt(10), GREEDY, timeout_s=0.0))
+    with pytest.raises(QueueFull, match="max_queue=1"):
+        sched.submit(Request(_prompt(10), GREEDY))
+    sched.cancel(running)
+    sched.step()
+    assert running.finish_reason == "cancelled" and waiting.finish_reason == "timeout"
+    assert engine.cache.used_blocks == 0 and not sched.has_work()
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_outputs(model_path):
+    shared = _prompt(64, 7)
+    prompts = [shared + _prompt(9, 8), shared + _prompt(5, 9)]
+    plain = _engine(model_path)
+    want = [_run(plain, [p])[0][0] for p in prompts]
+    cached = _engine(model_path)
+    pc = cached.enable_prefix_cache()
+    got = [_run(cached, [p])[0][0] for p in prompts]
+    assert got == want
+    assert pc.stats["device"] == 4, "the second prompt reuses the 4 full blocks of the shared 64 tokens"
+    assert cached.cache.used_blocks == 0 and pc.idle_count > 0
+    # logits after a cached prefix equal a cold prefill
+    r = Request(prompts[1], SamplingParams(max_new_tokens=1))
+    s = Scheduler(cached)
+    s.submit(r)
+    s.step()
+    assert r.cached_tokens == 64
+
+
+def _disk_engine(path, folder, **kw):
+    e = _engine(path)
+    return e, e.enable_prefix_cache(host_bytes=kw.get("host", 0), disk_dir=folder, disk_bytes=kw.get("disk", 1 << 30))
+
+
+def test_disk_tier_survives_a_restart_and_rejects_bad_entries(model_path, tmp_path):
+    prompt = _prompt(50, 3)
+    want = _run(_engine(model_path), [prompt])[0][0]
+    first, pc = _disk_engine(model_path, tmp_path)
+    assert _run(first, [prompt])[0][0] == want
+    assert pc.flush() == 3  # 50 prompt + 8 generated tokens -> 3 full blocks
+    files = sorted(tmp_path.glob(f"*{SUFFIX}"))
+    assert len(files) == 3 and not list(tmp_path.glob("*.tmp"))
+
+    second, pc2 = _disk_engine(model_path, tmp_path)  # a new process would see the same folder
+    out, _ = _run(second, [prompt])
+    assert out[0] == want and pc2.stats["disk"] == 3
+
+    # a corrupted entry, then a truncated one: each is dropped (logged, deleted), never fed to the model
+    chain = [tmp_path / f"{h.hex()}{SUFFIX}" for h in chain_hashes(pc.seed, prompt + want, 16)]
+    data = chain[2].read_bytes()
+    chain[2].write_bytes(data[:-7] + bytes(7 * [data[-1] ^ 0xFF]))
+    third, pc3 = _disk_engine(model_path, tmp_path)
+    assert _run(third, [prompt])[0][0] == want
+    assert pc3.stats["disk"] == 2 and pc3.disk.dropped == 1 and not chain[2].exists()
+    chain[0].write_bytes(chain[0].read_bytes()[:100])
+    fourth, pc4 = _disk_engine(model_path, tmp_path)
+    assert _run(fourth, [prompt])[0][0] == want
+    assert pc4.stats["disk"] == 0 and pc4.disk.dropped == 1 and not chain[0].exists()
+
+
+def test_disk_entries_of_another_model_are_refused(model_path, tmp_path):
+    prompt = _prompt(40, 4)
+    e, pc = _disk_engine(model_path, tmp_path)
+    _run(e, [prompt])
+    pc.flush()
+    other = _engine(model_path)
+    other.fingerprint = "another-model"
+    pc2 = other.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
+    _run(other, [prompt])
+    assert pc2.stats["disk"] == 0  # another model's chain hashes differ: no entry is even read
+    # an entry whose header names another model is refused even under the right name
+    victim = next(tmp_path.glob(f"*{SUFFIX}"))
+    pc2.disk.header = dict(pc2.disk.header, model="x")
+    assert pc2.disk._check(victim.read_bytes(), victim.stem).startswith("written for model=")
+
+
+def test_host_tier_and_disk_cap(model_path, tmp_path):
+    e = kt_core.Engine.from_pretrained(model_path, overrides=["model.dtype=float32", "model.max_seq_len=64",
+                                                              "plan.kv_tokens=64"], max_batch=1)
+    bb = e.cache.block_bytes()
+    pc = e.enable_prefix_cache(host_bytes=2 * bb, disk_dir=tmp_path, disk_bytes=3 * (bb + 1024))
+    prompts = [_prompt(40, s) for s in range(4)]
+    first = [_run(e, [p], params=SamplingParams(max_new_tokens=4, ignore_eos=True))[0][0] for p in prompts]
+    # 4 blocks of KV in all: every new prompt evicts older blocks to host RAM, then disk (capped)
+    assert len(pc.host) <= 2 and pc.disk.used_bytes <= 3 * (bb + 1024)
+    again = _run(e, [prompts[-2]], params=SamplingParams(max_new_tokens=4, ignore_eos=True))[0][0]
+    assert again == first[-2] and pc.stats["host"] + pc.stats["disk"] > 0
+
+
+def test_scheduler_thread_serves_concurrent_submitters(engine):
+    sched = Scheduler(engine, max_batch=4, max_queue=32, prefill_chunk=16)
+    stop = threading.Event()
+    worker = threading.Thread(target=sched.run, args=(stop,), daemon=True)
+    worker.start()
+    reqs = [sched.submit(Request(_prompt(10 + i, i), GREEDY)) for i in range(10)]
+    for r in reqs:
+        assert r.done.wait(60), "request did not finish"
+    stop.set()
+    worker.join(10)
+    assert all(r.finish_reason == "length" and len(r.output) == 8 for r in reqs)
+    assert engine.cache.used_blocks == 0
+
+
+def test_request_that_cannot_fit_the_cache_is_refused(model_path):
+    e = kt_core.Engine.from_pretrained(model_path, overrides=["model.dtype=float32", "model.max_seq_len=256",
+                                                              "plan.kv_tokens=32"], max_batch=1)
+    with pytest.raises(KtError, match="exceeds the context|KV blocks"):
+        Scheduler(e).submit(Request(_prompt(250), SamplingParams(max_new_tokens=4)))
