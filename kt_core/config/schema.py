@@ -101,9 +101,15 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key_env: str = "KT_API_KEY"  # name of the env var holding the key; never the key itself
-    max_queue: int = 64
-    max_batch: int = 16
+    max_queue: int = 64  # waiting requests beyond this get 429
+    max_batch: int = 16  # sequences in the running batch (also sizes the KV cache unless plan.kv_tokens)
     request_timeout_s: float = 600.0
+    shutdown_grace_s: float = 10.0  # on Ctrl+C / SIGTERM running requests get this long to finish
+    model_id: Optional[str] = None  # the name clients send as "model"; null = model.name, or the folder's name
+    prefix_cache: bool = True
+    prefix_host_gb: float = 2.0  # host-RAM tier for prefix blocks pushed out of the KV cache
+    prefix_disk_dir: Optional[str] = None  # disk tier folder; null = <kt cache dir>/prefix-cache
+    prefix_disk_gb: float = 10.0  # 0 disables the disk tier
 
 
 @dataclass

@@ -1,0 +1,383 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one ``Scheduler``.
+
+The scheduler runs in its own thread (it owns the engine); HTTP handlers submit
+requests and receive tokens through asyncio queues fed from that thread. On
+shutdown (Ctrl+C / SIGTERM, or ``KtServer.handle_exit``) the server stops taking
+requests (503), lets running ones finish for ``server.shutdown_grace_s`` seconds,
+then ends the rest with an error event, so every open stream ends with a final
+event and ``[DONE]``; the prefix cache is flushed to its disk tier last.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kt_core.errors import KtError
+from kt_core.runtime.sampling import SamplingParams
+from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
+from kt_core.serving.protocol import ChatRequest, CompletionRequest, error_body
+
+log = logging.getLogger("kt_core.serve")
+
+
+class ServerState:
+    def __init__(self, engine, server_cfg, model_id: str) -> None:
+        self.engine, self.cfg, self.model_id = engine, server_cfg, model_id
+        self.scheduler = Scheduler(engine, max_batch=int(server_cfg.max_batch), max_queue=int(server_cfg.max_queue),
+                                   prefill_chunk=int(engine.cfg.plan.prefill_chunk))
+        key = os.environ.get(server_cfg.api_key_env) if server_cfg.api_key_env else None
+        self.api_key = key or None
+        self.stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.drain_deadline: Optional[float] = None
+        self.created = int(time.time())
+
+    @classmethod
+    def for_engine(cls, engine, default_id: Optional[str] = None) -> "ServerState":
+        """Serve ``engine`` under its config's ``server`` group (prefix cache tiers included)."""
+        from pathlib import Path
+
+        s = engine.cfg.server
+        if s.prefix_cache:
+            from kt_core.models.synthetic import cache_dir
+
+            disk = Path(s.prefix_disk_dir).expanduser() if s.prefix_disk_dir else cache_dir() / "prefix-cache"
+            engine.enable_prefix_cache(host_bytes=int(float(s.prefix_host_gb) * 2**30),
+                                       disk_dir=disk if s.prefix_disk_gb > 0 else None,
+                                       disk_bytes=int(float(s.prefix_disk_gb) * 2**30))
+        # the name clients send: server.model_id, else ``default_id``, else the model folder's name
+        return cls(engine, s, s.model_id or default_id or Path(str(engine.cfg.model.path)).name)
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="kt-scheduler", daemon=True)
+            self.thread.start()
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while not self.stop.is_set():
+            if self.drain_deadline is not None and time.monotonic() > self.drain_deadline and sched.has_work():
+                sched.abort_all(f"the server shut down (server.shutdown_grace_s={self.cfg.shutdown_grace_s:g})")
+            with sched.cond:
+                if not sched.has_work():
+                    sched.cond.wait(0.25)
+                    continue
+            try:
+                sched.step()
+            except Exception as exc:  # a failed step must not kill the server: fail its requests
+                log.exception("a decode step failed")
+                sched.abort_all(f"internal error in the decode step: {type(exc).__name__}: {exc}")
+        sched.abort_all("the server shut down")
+
+    def begin_shutdown(self) -> None:
+        """Stop taking requests; running ones get ``shutdown_grace_s`` seconds to finish."""
+        if self.drain_deadline is None:
+            with self.scheduler.cond:
+                self.scheduler.draining = True
+                self.scheduler.cond.notify()
+            self.drain_deadline = time.monotonic() + float(self.cfg.shutdown_grace_s)
+            log.info("shutting down: %d running, %d waiting; they get %.0f s to finish",
+                     len(self.scheduler.running), len(self.scheduler.waiting), self.cfg.shutdown_grace_s)
+
+    def close(self) -> None:
+        self.begin_shutdown()
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+        pc = self.engine.prefix_cache
+        if pc is not None and pc.disk is not None:
+            n = pc.flush()
+            log.info("prefix cache: %d blocks written to %s", n, pc.disk.folder)
+
+    # ---- Prometheus text ------------------------------------------------------------
+    def metrics(self) -> str:
+        s, c = self.scheduler, self.engine.cache
+        pc = self.engine.prefix_cache
+        rows = [
+            ("kt_queue_depth", "gauge", "Requests waiting for a batch slot.", len(s.waiting)),
+            ("kt_running_requests", "gauge", "Requests in the running batch.", len(s.running)),
+            ("kt_generation_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
+             round(s.tokens_per_s(), 3)),
+            ("kt_kv_blocks_used", "gauge", "KV blocks referenced by running requests.", c.used_blocks),
+            ("kt_kv_blocks_cached", "gauge", "Idle KV blocks holding cached prefixes.", pc.idle_count if pc else 0),
+            ("kt_kv_blocks_total", "gauge", "KV blocks in the cache.", c.num_blocks),
+            ("kt_prefix_cache_hit_rate", "gauge", "Prompt blocks served from the prefix cache / blocks looked up.",
+             round(pc.hit_rate(), 4) if pc else 0.0),
+        ]
+        for key, help_ in (("requests", "Requests accepted."), ("finished", "Requests finished."),
+                           ("rejected", "Requests refused because the queue was full."),
+                           ("cancelled", "Requests cancelled by their client."),
+                           ("timeouts", "Requests that ran past server.request_timeout_s."),
+                           ("prompt_tokens", "Prompt tokens admitted."),
+                           ("generation_tokens", "Tokens generated."), ("steps", "Forward steps run.")):
+            rows.append((f"kt_{key}_total", "counter", help_, s.counters[key]))
+        out = []
+        for name, kind, help_, value in rows:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        if pc is not None:
+            out += ["# HELP kt_prefix_cache_hits_total Prompt blocks served from each prefix-cache tier.",
+                    "# TYPE kt_prefix_cache_hits_total counter"]
+            out += [f'kt_prefix_cache_hits_total{{tier="{t}"}} {pc.stats[t]}' for t in ("device", "host", "disk")]
+            out += ["# HELP kt_prefix_cache_queries_total Prompt blocks looked up.",
+                    "# TYPE kt_prefix_cache_queries_total counter", f"kt_prefix_cache_queries_total {pc.stats['queries']}"]
+        return "\n".join(out) + "\n"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        state.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, state.close)
+
+    app = FastAPI(title="kt-core", lifespan=lifespan, docs_url=None, redoc_url=None)
+    engine = state.engine
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req, exc: ApiError):
+        return JSONResponse(exc.body, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            msg, loc = f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})", []
+        else:
+            msg = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(msg, param=".".join(loc) or None, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500
+                                       else "server_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_req, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def _auth(request: HttpRequest, call_next):
+        if state.api_key and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {state.api_key}":
+                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>' (the key "
+                                               f"is the value of ${state.cfg.api_key_env} on the server)",
+                                               "invalid_request_error", code="invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.scheduler.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return {"status": "ok", "model": state.model_id}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        _check_model(state, model_id)
+        return _model_card(state)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: HttpRequest):
+        _check_model(state, body.model)
+        if body.logprobs is not None or body.echo or body.suffix:
+            raise ApiError(400, "logprobs, echo and suffix are not supported by kt-core", param="logprobs")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ApiError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
+            prompt = prompt[0]
+        ids = _encode(engine, prompt)
+        return await _respond(state, request, body, ids, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: HttpRequest):
+        _check_model(state, body.model)
+        if body.logprobs or body.tools:
+            raise ApiError(400, "logprobs and tools are not supported by kt-core", param="logprobs")
+        if engine.tokenizer is None or not engine.tokenizer.chat_template:
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        try:
+            ids = engine.encode_prompt([m.plain() for m in body.messages])
+        except KtError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await _respond(state, request, body, ids, max_tokens, chat=True)
+
+    return app
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "kt-core",
+            "max_model_len": state.engine.max_seq_len}
+
+
+def _check_model(state: ServerState, name: str) -> None:
+    if name != state.model_id:
+        raise ApiError(404, f"the model '{name}' does not exist on this server; it serves '{state.model_id}'",
+                       param="model", code="model_not_found")
+
+
+def _encode(engine, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        if engine.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return engine.tokenizer.encode(prompt)
+    return list(prompt)
+
+
+async def _respond(state: ServerState, http, body, ids: list[int], max_tokens: Optional[int], chat: bool):
+    engine = state.engine
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="prompt")
+    if len(ids) >= engine.max_seq_len:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; this model's context is {engine.max_seq_len} "
+                       "tokens and leaves no room to generate", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = engine.max_seq_len - len(ids)
+    if len(ids) + max_tokens > engine.max_seq_len:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this model's "
+                       f"context of {engine.max_seq_len} tokens; lower max_tokens", param="max_tokens",
+                       code="context_length_exceeded")
+    params = SamplingParams(max_tokens, body.temperature, body.top_k, body.top_p, body.min_p, body.repetition_penalty,
+                            body.seed, tuple(body.stop_list()), (), body.ignore_eos)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(r: Request, tok: Optional[int], text: str) -> None:  # scheduler thread
+        loop.call_soon_threadsafe(queue.put_nowait, (tok, text))
+
+    req = Request(ids, params, sink, timeout_s=float(state.cfg.request_timeout_s))
+    try:
+        state.scheduler.submit(req)
+    except QueueFull as exc:
+        status = 503 if state.scheduler.draining else 429
+        raise ApiError(status, str(exc), "server_error" if status == 503 else "rate_limit_error",
+                       code="server_shutting_down" if status == 503 else "rate_limit_exceeded") from None
+    except KtError as exc:
+        raise ApiError(400, str(exc), param="prompt") from None
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(state, req, queue, rid, created, chat, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    text = []
+    while True:
+        try:
+            tok, piece = await asyncio.wait_for(queue.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await http.is_disconnected():
+                state.scheduler.cancel(req)
+                await asyncio.wait_for(_drain(queue), timeout=30)
+                raise ApiError(499, "the client closed the request") from None
+            continue
+        text.append(piece)
+        if tok is None:
+            break
+    _raise_if_failed(req)
+    choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+               "finish_reason": req.finish_reason, "logprobs": None} if chat
+              else {"index": 0, "text": "".join(text), "finish_reason": req.finish_reason, "logprobs": None})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": state.model_id, "choices": [choice], "usage": _usage(req)}
+
+
+async def _drain(queue: asyncio.Queue) -> None:
+    while (await queue.get())[0] is not None:
+        pass
+
+
+def _raise_if_failed(req: Request) -> None:
+    if req.finish_reason == "timeout":
+        raise ApiError(408, req.error or "timeout", "timeout_error", code="timeout")
+    if req.finish_reason in ("abort", "cancelled"):
+        raise ApiError(503, req.error or "aborted", "server_error", code="server_shutting_down")
+
+
+def _usage(req: Request) -> dict:
+    n_prompt, n_out = len(req.prompt), len(req.output)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(state: ServerState, req: Request, queue: asyncio.Queue, rid: str, created: int, chat: bool,
+                  include_usage: bool):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: Optional[str], finish: Optional[str] = None, role: bool = False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            c = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            c = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return {"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [c]}
+
+    try:
+        if chat:
+            yield _sse(chunk(None, role=True))
+        while True:
+            tok, piece = await queue.get()
+            if piece:
+                yield _sse(chunk(piece))
+            if tok is None:
+                break
+        if req.finish_reason in ("stop", "length"):
+            yield _sse(chunk(None if chat else "", req.finish_reason))
+        else:  # timed out or ended by shutdown: an error event, then the stream ends normally
+            code = "timeout" if req.finish_reason == "timeout" else "server_shutting_down"
+            yield _sse(error_body(req.error or req.finish_reason, "server_error", code=code))
+        if include_usage:
+            yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [],
+                        "usage": _usage(req)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if not req.finished:  # the client went away mid-stream: free its KV blocks
+            state.scheduler.cancel(req)
+
+
+def make_server(state: ServerState, host: str, port: int, log_level: str = "info"):
+    """A uvicorn server whose exit signal first drains the scheduler (see module doc)."""
+    import uvicorn
+
+    class KtServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=float(state.cfg.shutdown_grace_s) + 15, access_log=False)
+    return KtServer(config)
