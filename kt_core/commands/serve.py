@@ -22,8 +22,11 @@ def build_state(overrides):
     from kt_core.runtime.engine import Engine
     from kt_core.serving.app import ServerState
 
-    cfg = compose(list(overrides))
-    engine = Engine.from_pretrained(None, overrides=list(overrides), max_batch=int(cfg.server.max_batch))
+    overrides = list(overrides)
+    cfg = compose(overrides)
+    if not any(o.lstrip("+").startswith("plan.batch=") for o in overrides):
+        overrides.append(f"plan.batch={int(cfg.server.max_batch)}")  # the plan checks the KV the server will use
+    engine = Engine.from_pretrained(None, overrides=overrides, max_batch=int(cfg.server.max_batch))
     return ServerState.for_engine(engine, default_id=None if cfg.model.path else "default")
 
 
@@ -37,5 +40,9 @@ def run(overrides, flags) -> int:
     print(f"kt serve: '{state.model_id}' on http://{s.host}:{s.port}/v1 (context {state.engine.max_seq_len}, "
           f"batch {s.max_batch}, KV {state.engine.cache.num_blocks} blocks, API key {key}); Ctrl+C stops",
           file=sys.stderr)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it drained on; the drain is done
+        pass
+    print("kt serve: stopped", file=sys.stderr)
     return 0

@@ -281,3 +281,37 @@ def test_graceful_shutdown_ends_streams_and_disk_tier_survives_restart(model_pat
         assert b.metrics()['kt_prefix_cache_hits_total{tier="disk"}'] >= 1
     finally:
         b.stop()
+
+
+def test_kt_serve_command_serves_and_stops_on_ctrl_c(model_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "kt_core.cli", "serve", f"model.path={model_path}", f"server.port={port}",
+           f"server.prefix_disk_dir={tmp_path}", "model.dtype=float32", f"model.max_seq_len={CONTEXT}"]
+    win = sys.platform == "win32"
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ, KT_API_KEY=""),
+                            creationflags=subprocess.CREATE_NEW_PROCESS_GROUP if win else 0)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "kt serve did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [model_path.name]
+        assert client.completions.create(model=model_path.name, prompt="hi", max_tokens=3).usage.completion_tokens <= 3
+        proc.send_signal(signal.CTRL_BREAK_EVENT if win else signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "kt serve: stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -180,3 +180,21 @@ def test_request_that_cannot_fit_the_cache_is_refused(model_path):
                                                               "plan.kv_tokens=32"], max_batch=1)
     with pytest.raises(KtError, match="exceeds the context|KV blocks"):
         Scheduler(e).submit(Request(_prompt(250), SamplingParams(max_new_tokens=4)))
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "mixtral"])
+def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, arch):
+    """Blocks shared, demoted to disk and read back give the same greedy tokens on MLA's latent
+    cache (no V tensors) as on a K/V cache."""
+    path = tiny_checkpoint(arch)
+    ov = ["model.dtype=float32", "model.max_seq_len=128"]
+    prompt = [t % 90 + 1 for t in _prompt(40, 11)]  # the tiny vocabulary has 96 tokens
+    want = _run(kt_core.Engine.from_pretrained(path, overrides=ov), [prompt])[0][0]
+    e = kt_core.Engine.from_pretrained(path, overrides=ov)
+    pc = e.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
+    assert e.cache.layout == ("mla-latent" if arch == "deepseek_v3" else "mha")
+    assert _run(e, [prompt])[0][0] == want
+    assert pc.flush() >= 2
+    fresh = kt_core.Engine.from_pretrained(path, overrides=ov)
+    pc2 = fresh.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
+    assert _run(fresh, [prompt])[0][0] == want and pc2.stats["disk"] == 2

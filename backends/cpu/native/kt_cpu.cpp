@@ -111,8 +111,11 @@ struct State {
   }
 };
 static State& state() {
-  static State s;
-  return s;
+  // Never destroyed: at process exit the OS ends the workers. Destroying pools from a static
+  // destructor while another (daemon) thread is still inside a kernel would join or destroy
+  // threads under it and abort the process ("terminate called without an active exception").
+  static State* s = new State;
+  return *s;
 }
 
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
