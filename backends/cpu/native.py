@@ -20,9 +20,9 @@ import torch
 from kt_core.weights.quant import ExpertWeights, Quant
 
 NR = 16
-FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 class _Proj(ctypes.Structure):
@@ -180,9 +180,13 @@ def _pack_proj(w, bias: Optional[torch.Tensor]) -> PackedProj:
     b = None if bias is None else bias.float().contiguous()
     if isinstance(w, torch.Tensor):
         return PackedProj(_panels(w.view(torch.int16)), None, None, b)
-    if w.format is Quant.INT8:
+    if w.format in (Quant.INT8, Quant.W8A8):
         scale = _panels(w.scales.float()).reshape(w.scales.shape[0], -1).contiguous()  # [E, P*16]
-        return PackedProj(_panels(w.qdata), scale, None, b)
+        data = _panels(w.qdata)  # [E, P, K, 16]
+        if w.format is Quant.W8A8:  # [E, P, K/4, 16, 4]: 4 inputs of a row side by side
+            E, P, K, _ = data.shape
+            data = data.reshape(E, P, K // 4, 4, NR).transpose(3, 4).contiguous()
+        return PackedProj(data, scale, None, b)
     scale = _panels(w.scales.float())  # [E, P, G, 16]
     zero = None if w.zeros is None else _panels(w.zeros.float())
     return PackedProj(_panels(w.qdata), scale, zero, b)
@@ -197,10 +201,18 @@ def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
         if any(w.dtype != torch.bfloat16 for w in (ex.gate, ex.up, ex.down)):
             return None  # fp32 / fp16 weights: the torch path keeps their precision
         name, group = "bf16", 0
-    elif fmt is Quant.INT8:
+    elif fmt in (Quant.INT8, Quant.W8A8):
         if ex.gate.group_size != ex.gate.in_features or ex.down.group_size != ex.down.in_features:
             return None
-        name, group = "int8", 0
+        if fmt is Quant.W8A8 and (ex.gate.in_features % 4 or ex.down.in_features % 4):
+            return None  # the int8 dot products take inputs four at a time
+        name, group = fmt.value, 0
+    elif fmt is Quant.FP8:
+        per_row = all(w.group_size == w.in_features for w in (ex.gate, ex.down))
+        group = 0 if per_row else ex.gate.group_size  # 0: one scale per row, whatever K is
+        if not per_row and ex.down.group_size != group:
+            return None
+        name = "fp8"
     else:
         group = ex.gate.group_size
         if ex.down.group_size != group or group % 2 or (ex.gate.zeros is None) != (ex.down.zeros is None):

@@ -27,7 +27,7 @@ class TorchBackend(Backend):
     #: dtypes this device computes in (subclasses narrow it)
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     #: weight formats its linear / moe_experts accept
-    quants: tuple[Quant, ...] = (Quant.NONE, Quant.INT8, Quant.INT4)
+    quants: tuple[Quant, ...] = (Quant.NONE, Quant.INT8, Quant.INT4, Quant.FP8, Quant.W8A8)
 
     def __init__(self) -> None:
         probe = type(self).probe()

@@ -29,8 +29,10 @@ class ExpertStrategy(str, Enum):
 
 class WeightFormat(str, Enum):
     none = "none"  # weights stay in model.dtype
-    int8 = "int8"
-    int4 = "int4"
+    int8 = "int8"  # per-channel symmetric, weight-only
+    int4 = "int4"  # group-wise (quant.group_size), symmetric or not
+    fp8 = "fp8"  # float8 e4m3, a scale per (row, group_size inputs); 0 = per channel
+    w8a8 = "w8a8"  # int8 weights and int8 activations quantized per token at run time
 
 
 class DType(str, Enum):
@@ -92,7 +94,7 @@ class QuantConfig:
     name: str = MISSING
     experts: WeightFormat = WeightFormat.none
     dense: WeightFormat = WeightFormat.none
-    group_size: int = 128  # int4 group along the input dim
+    group_size: int = 128  # int4 / fp8 group along the input dim (fp8: 0 = one scale per row)
     symmetric: bool = True
 
 

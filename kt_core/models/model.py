@@ -13,12 +13,13 @@ import torch
 
 from kt_core.backend.contract import Backend
 from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
+from kt_core.errors import KtError
 from kt_core.kvcache.paged import Batch, PagedKVCache
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
 from kt_core.models.spec import ModelSpec
 from kt_core.progress import progress
 from kt_core.weights.checkpoint import Checkpoint
-from kt_core.weights.quant import ExpertWeights, Quant, quantize
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, quantize
 
 
 @dataclass
@@ -117,10 +118,26 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int]) -> ExpertW
         e, names = p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
     else:
         e, names = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
-    g = _stack(ck, [f"{e}{j}.{names[0]}.weight" for j in ids], (I, H))
-    u = _stack(ck, [f"{e}{j}.{names[1]}.weight" for j in ids], (I, H))
-    d = _stack(ck, [f"{e}{j}.{names[2]}.weight" for j in ids], (H, I))
+    lists = [[f"{e}{j}.{n}.weight" for j in ids] for n in names]
+    if r.qp.experts is Quant.FP8 and all(ck.is_fp8(n) for n in lists[0][:1] + lists[2][:1]):
+        # an fp8 checkpoint served in fp8: keep its codes and block scales, no requantization
+        g, u, d = (_stack_fp8(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I))))
+        return ExpertWeights(idx.to(r.device), g.to(r.device), u.to(r.device), d.to(r.device))
+    g = _stack(ck, lists[0], (I, H))
+    u = _stack(ck, lists[1], (I, H))
+    d = _stack(ck, lists[2], (H, I))
     return r.experts(g, u, d, idx)
+
+
+def _stack_fp8(ck: Checkpoint, names: list[str], shape) -> QuantizedWeight:
+    ws = []
+    for n in names:
+        w = ck.fp8_weight(n)
+        if tuple(w.shape) != tuple(shape):
+            raise KtError(f"tensor {n} has shape {tuple(w.shape)} but the config implies {tuple(shape)}")
+        ws.append(w)
+    return QuantizedWeight(Quant.FP8, torch.stack([w.qdata for w in ws]), torch.stack([w.scales for w in ws]), None,
+                           ws[0].group_size, ws[0].in_features)
 
 
 # layer -> [(backend, device index, expert ids)] for every device that holds experts of that layer

@@ -94,8 +94,10 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
     fused = len(t.shape) == 3  # GPT-OSS fused experts: input dim is -2
     k = t.shape[-2] if fused else t.shape[-1]
     rows = t.numel // k
-    if fmt == "int8":
+    if fmt in ("int8", "w8a8"):
         return t.numel + rows * 4
+    if fmt == "fp8":
+        return t.numel + rows * max(k // group, 1) * 4 if group > 0 else t.numel + rows * 4
     groups = rows * max(k // group, 1)
     return t.numel // 2 + groups * 4 * (1 if symmetric else 2)
 

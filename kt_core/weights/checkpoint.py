@@ -29,6 +29,9 @@ def read_json(path: Path, what: str) -> dict:
         raise KtError(f"{what} {path} is not valid JSON ({exc}); re-download or fix it") from None
 
 
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
 class Checkpoint:
     """Lazy tensor access to one HF-format model folder."""
 
@@ -121,7 +124,42 @@ class Checkpoint:
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise KtError(f"tensor {name} has shape {tuple(t.shape)} but the config implies {tuple(shape)}; "
                           "config.json and the weights do not belong together")
+        if t.dtype in FP8_DTYPES:  # fp8 checkpoints (DeepSeek-V3, Qwen3-FP8): codes x block scales
+            from kt_core.weights.quant import dequantize
+
+            t = dequantize(self.fp8_weight(name, t), torch.float32)
         return t if dtype is None else t.to(dtype)
+
+    def is_fp8(self, name: str) -> bool:
+        return name in self and f"{name}_scale_inv" in self
+
+    def fp8_weight(self, name: str, raw: Optional[torch.Tensor] = None):
+        """An fp8 weight kept as codes with its ``<name>_scale_inv`` block scales (QuantizedWeight)."""
+        from kt_core.weights.quant import from_fp8_blocks
+
+        if raw is None:
+            raw = self._raw(name)
+        if raw.dtype not in FP8_DTYPES:
+            raise KtError(f"tensor {name} is {raw.dtype}, not float8")
+        if raw.dtype != torch.float8_e4m3fn:
+            raise KtError(f"tensor {name} is {raw.dtype}; kt-core reads float8 e4m3 (e4m3fn) checkpoints only")
+        scale_name = f"{name}_scale_inv"
+        if scale_name not in self:
+            raise KtError(f"fp8 tensor {name} has no {scale_name} (block scales); this checkpoint's fp8 layout "
+                          "is not supported: convert it to bf16")
+        scales = self._raw(scale_name)
+        block = int((self.config.get("quantization_config") or {}).get("weight_block_size", [128, 128])[-1])
+        try:
+            return from_fp8_blocks(raw, scales, block)
+        except ValueError as exc:
+            raise KtError(f"{name}: {exc}") from None
+
+    def _raw(self, name: str) -> torch.Tensor:
+        if name in self._bin:
+            return self._bin[name]
+        if name not in self._where:
+            raise KtError(f"tensor {name} is missing from the checkpoint in {self.path}")
+        return self._handle(self._where[name]).get_tensor(name)
 
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
         return self.get(name, shape, dtype) if name in self else None

@@ -6,6 +6,12 @@ Formats (all quantize along the *input* dim, the last dim of a weight):
 - ``int4``: group-wise, ``group_size`` inputs share a scale (and, when
   asymmetric, a zero point). Two 4-bit codes pack into one byte, the even
   input index in the low nibble.
+- ``fp8``: float8 e4m3 codes (stored as their bytes) with a float scale per
+  (row, group of ``group_size`` inputs); DeepSeek-V3's 128x128 block scales are
+  this with each block's scale repeated over its 128 rows (``from_fp8_blocks``).
+  ``group_size`` 0 means one scale per row (per channel).
+- ``w8a8``: the int8 weights above, and activations quantized to int8 per token
+  (per row) on the fly: ``fake_quant_activations`` is the exact reference.
 
 These are the reference encodings: native kernels may repack them into their
 own layouts at load time, but they must dequantize to the same values.
@@ -25,6 +31,11 @@ class Quant(str, Enum):
     NONE = "none"
     INT8 = "int8"
     INT4 = "int4"
+    FP8 = "fp8"
+    W8A8 = "w8a8"
+
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
 @dataclass
@@ -32,7 +43,7 @@ class QuantizedWeight:
     """A quantized weight ``[..., out, in]``; leading dims (e.g. experts) are allowed."""
 
     format: Quant
-    qdata: torch.Tensor  # int8 [..., out, in] or uint8 [..., out, in // 2] for int4
+    qdata: torch.Tensor  # int8 [..., out, in]; uint8 [..., out, in // 2] for int4; uint8 e4m3 bytes for fp8
     scales: torch.Tensor  # float32 [..., out, n_groups]
     zeros: Optional[torch.Tensor]  # float32 [..., out, n_groups] (asymmetric int4 only)
     group_size: int
@@ -79,7 +90,14 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
         return weight
     w = weight.float()
     in_features = w.shape[-1]
-    if fmt is Quant.INT8:
+    if fmt is Quant.FP8:
+        group = in_features if group_size <= 0 else group_size
+        _check_groups(in_features, group)
+        g = w.reshape(*w.shape[:-1], in_features // group, group)
+        scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+        q = (g / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(w.shape)
+        return QuantizedWeight(fmt, q.view(torch.uint8), scale.squeeze(-1), None, group, in_features)
+    if fmt in (Quant.INT8, Quant.W8A8):
         scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
         q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
         return QuantizedWeight(fmt, q, scale, None, in_features, in_features)
@@ -106,14 +124,39 @@ def dequantize(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tens
     """The float weight a quantized weight stands for (identity on plain tensors)."""
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype)
-    if weight.format is Quant.INT8:
+    if weight.format in (Quant.INT8, Quant.W8A8):
         return (weight.qdata.float() * weight.scales).to(dtype)
+    if weight.format is Quant.FP8:
+        v = weight.qdata.view(torch.float8_e4m3fn).float()
+        g = v.reshape(*v.shape[:-1], weight.in_features // weight.group_size, weight.group_size)
+        return (g * weight.scales.unsqueeze(-1)).reshape(v.shape).to(dtype)
     packed = weight.qdata
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], weight.in_features)
     n_groups = weight.in_features // weight.group_size
     g = codes.float().reshape(*codes.shape[:-1], n_groups, weight.group_size)
     zero = (torch.full_like(weight.scales, 8.0) if weight.zeros is None else weight.zeros).unsqueeze(-1)
     return ((g - zero) * weight.scales.unsqueeze(-1)).reshape(codes.shape).to(dtype)
+
+
+def from_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> QuantizedWeight:
+    """A float8 e4m3 checkpoint weight ``[out, in]`` with per-block scales ``[ceil(out/b), ceil(in/b)]``
+    (DeepSeek-V3's ``weight_scale_inv``: the float value is ``code * scale``), kept as fp8."""
+    out_f, in_f = weight.shape[-2:]
+    if in_f % block:
+        raise ValueError(f"fp8 block scales need the input dim {in_f} to be a multiple of {block}")
+    want = ((out_f + block - 1) // block, in_f // block)
+    if tuple(scale_inv.shape[-2:]) != want:
+        raise ValueError(f"fp8 weight {tuple(weight.shape)} needs block scales of shape {want}, "
+                         f"got {tuple(scale_inv.shape)}")
+    rows = scale_inv.float().repeat_interleave(block, dim=-2)[..., :out_f, :]
+    return QuantizedWeight(Quant.FP8, weight.contiguous().view(torch.uint8), rows.contiguous(), None, block, in_f)
+
+
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """What w8a8 kernels compute with: each row quantized to int8 with scale amax/127, dequantized."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 127.0
+    return (torch.round(xf / scale).clamp_(-127, 127) * scale).to(x.dtype)
 
 
 def weight_format(weight: Weight) -> Quant:

@@ -6,11 +6,18 @@ import math
 
 import torch
 
-from kt_core.weights.quant import dequantize
+from kt_core.weights.quant import Quant, dequantize, fake_quant_activations, weight_format
+
+
+def _dyn(w):
+    """w8a8 weights see their activations quantized per row (fake_quant_activations), in float64."""
+    if weight_format(w) is not Quant.W8A8:
+        return lambda t: t
+    return lambda t: fake_quant_activations(t.double())
 
 
 def linear(x, w, b=None):
-    y = x.double() @ dequantize(w, torch.float64).T
+    y = _dyn(w)(x.double()) @ dequantize(w, torch.float64).T
     return y if b is None else y + b.double()
 
 
@@ -28,9 +35,10 @@ def act(g, u, kind):
 def moe(hidden, ids, weights, experts, kind="silu"):
     held = {int(e): i for i, e in enumerate(experts.expert_ids.tolist())}
     gate, up, down = (dequantize(w, torch.float64) for w in (experts.gate, experts.up, experts.down))
+    dyn = _dyn(experts.gate)
     out = torch.zeros(hidden.shape, dtype=torch.float64)
     for t in range(hidden.shape[0]):
-        x = hidden[t].double()
+        x = dyn(hidden[t:t + 1].double())[0]
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
             if e not in held:
@@ -39,7 +47,7 @@ def moe(hidden, ids, weights, experts, kind="silu"):
             g, u = gate[i] @ x, up[i] @ x
             if experts.gate_bias is not None:
                 g, u = g + experts.gate_bias[i].double(), u + experts.up_bias[i].double()
-            y = down[i] @ act(g, u, kind)
+            y = down[i] @ dyn(act(g, u, kind)[None])[0]
             if experts.down_bias is not None:
                 y = y + experts.down_bias[i].double()
             out[t] += float(weights[t, k]) * y

@@ -48,7 +48,7 @@ def rnd(*shape, scale=1.0, seed=0):
 
 
 # ---------------------------------------------------------------- dense / experts
-@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["none", "int8", "int4", "fp8", "w8a8"])
 def test_linear(backend, dtype, quant):
     need(backend, Op.LINEAR, dtype, quant)
     x = rnd(7, 64).to(dtype)
@@ -58,7 +58,7 @@ def test_linear(backend, dtype, quant):
     dev_w = on(backend, w) if isinstance(w, torch.Tensor) else w.to(backend.torch_device(0))
     out = backend.linear(on(backend, x), dev_w, on(backend, b))
     assert out.dtype == dtype
-    check("linear", dtype, out, ref.linear(x, w, b))
+    check("linear_w8a8" if quant == "w8a8" else "linear", dtype, out, ref.linear(x, w, b))
 
 
 def make_experts(E_held, H, I, quant, dtype, ids, bias=False, symmetric=True):
@@ -81,8 +81,9 @@ def experts_on(backend, ex: ExpertWeights):
                                                  mv(ex.gate_bias), mv(ex.up_bias), mv(ex.down_bias)))
 
 
-@pytest.mark.parametrize("quant,symmetric", [("none", True), ("int8", True), ("int4", True), ("int4", False)],
-                         ids=["none", "int8", "int4sym", "int4asym"])
+@pytest.mark.parametrize("quant,symmetric", [("none", True), ("int8", True), ("int4", True), ("int4", False),
+                                             ("fp8", True), ("w8a8", True)],
+                         ids=["none", "int8", "int4sym", "int4asym", "fp8", "w8a8"])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_moe_experts(backend, dtype, quant, symmetric, tokens):
     need(backend, Op.MOE_EXPERTS, dtype, quant)
@@ -94,7 +95,7 @@ def test_moe_experts(backend, dtype, quant, symmetric, tokens):
     wts = torch.rand(tokens, K, generator=torch.Generator().manual_seed(12))
     out = backend.moe_experts(on(backend, x), on(backend, ids), on(backend, wts), experts_on(backend, ex))
     assert out.dtype == dtype
-    check("moe_experts", dtype, out, ref.moe(x, ids, wts, ex))
+    check("moe_experts_w8a8" if quant == "w8a8" else "moe_experts", dtype, out, ref.moe(x, ids, wts, ex))
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu_oai"])

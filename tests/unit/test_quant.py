@@ -39,3 +39,28 @@ def test_expert_weights_checks_shapes():
         ExpertWeights(torch.tensor([0, 1, 2]), g, g, torch.zeros(2, 8, 4))
     with pytest.raises(ValueError, match="duplicates"):
         ExpertWeights(torch.tensor([1, 1]), g, g, torch.zeros(2, 8, 4))
+
+
+@pytest.mark.parametrize("group", [32, 0])
+def test_fp8_round_trip_and_packing(group):
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(5))
+    q = quantize(w, "fp8", group_size=group)
+    assert q.qdata.dtype == torch.uint8 and q.scales.shape == (48, 64 // (group or 64))
+    back = dequantize(q)
+    rel = float((back - w).norm() / w.norm())
+    assert 0 < rel < 0.04, rel  # e4m3 keeps 3 mantissa bits: ~2-3% rms error
+    # every code decodes to the fp8 grid value, scaled
+    assert torch.equal(q.qdata.view(torch.float8_e4m3fn).float().abs().amax(dim=-1) <= 448, torch.ones(48, dtype=torch.bool))
+
+
+def test_w8a8_weights_are_int8_and_activations_fake_quantize():
+    from kt_core.weights.quant import fake_quant_activations
+
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(6))
+    a, b = quantize(w, "w8a8"), quantize(w, "int8")
+    assert torch.equal(a.qdata, b.qdata) and torch.equal(dequantize(a), dequantize(b))
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(7))
+    fq = fake_quant_activations(x)
+    step = x.abs().amax(dim=-1, keepdim=True) / 127
+    assert torch.all((fq - x).abs() <= step / 2 + 1e-7)
+    assert torch.allclose(fq / step, torch.round(fq / step), atol=1e-4)

@@ -8,10 +8,15 @@
 //   int4: uint8  [P][K/2][16], byte = code(k even) | code(k odd) << 4,
 //         per (group, row) scale and zero point                  scale/zero [P][K/g][16]
 //         (symmetric int4 has no zero array: codes are biased by 8)
-// panel_gemm computes out[i][j] = sum_k X[i][k] * W[16p + j][k] for n rows of X.
+//   fp8:  uint8  [P][K][16] float8 e4m3 bytes, per (group, row) scale  scale [P][K/g][16]
+//   w8a8: int8   [P][K/4][16][4] (4 consecutive inputs of a row together, the order the
+//         integer dot-product instructions read), one float scale per row  scale [P*16]
+// panel_gemm computes out[i][j] = sum_k X[i][k] * W[16p + j][k] for n rows of X;
+// panel_gemm_q8 the same for w8a8 from int8 rows Xq with a scale per row.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
@@ -27,18 +32,26 @@
 
 namespace kt {
 
-enum Format : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2 };
+enum Format : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3, FMT_W8A8 = 4 };
 constexpr int NR = 16;  // rows per panel
 constexpr int KB = 256; // input block kept hot in L1 while token tiles sweep it
 
 struct Weight {
   int fmt;
   int64_t M, K;
-  int group;            // int4 group size along K
+  int group;            // int4 / fp8 group size along K
   const void* data;     // this expert's panels
-  const float* scale;   // int8: [P*16]; int4: [P][K/g][16]
+  const float* scale;   // int8, w8a8: [P*16]; int4, fp8: [P][K/g][16]
   const float* zero;    // int4 asymmetric: [P][K/g][16]; null = symmetric (8)
 };
+
+// float8 e4m3fn -> float (finite codes; quantizers never emit the NaN code)
+inline float fp8_to_f32(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  const float mag = e == 0 ? static_cast<float>(m) * (1.f / 512.f)
+                           : std::ldexp(1.f + static_cast<float>(m) * 0.125f, e - 7);
+  return (b & 0x80) ? -mag : mag;
+}
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -54,6 +67,12 @@ inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scal
     *scale = w.scale[p * NR + j];
     *zero = 0.f;
     return static_cast<const int8_t*>(w.data)[(p * w.K + k) * NR + j];
+  }
+  if (w.fmt == FMT_FP8) {
+    int64_t G = w.K / w.group;
+    *scale = w.scale[(p * G + k / w.group) * NR + j];
+    *zero = 0.f;
+    return fp8_to_f32(static_cast<const uint8_t*>(w.data)[(p * w.K + k) * NR + j]);
   }
   const uint8_t b = static_cast<const uint8_t*>(w.data)[(p * (w.K / 2) + k / 2) * NR + j];
   int64_t g = k / w.group, G = w.K / w.group;
@@ -76,25 +95,36 @@ inline void panel_gemm_generic(const Weight& w, int64_t p, const float* X, int64
   }
 }
 
-// ---------------------------------------------------------------- AVX2 + FMA
+inline void panel_gemm_q8_generic(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
+                                  int64_t n, float* out) {
+  const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
+  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < NR; ++j) {
+      int32_t acc = 0;
+      for (int64_t k = 0; k < w.K; ++k) acc += int32_t(wp[((k / 4) * NR + j) * 4 + k % 4]) * Xq[i * ldx + k];
+      out[i * NR + j] = static_cast<float>(acc) * w.scale[p * NR + j] * xs[i];
+    }
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA (+ F16C for fp8)
 #ifdef KT_X86
-KT_TARGET("avx2,fma") inline __m256 load_bf16x8(const uint16_t* p) {
+KT_TARGET("avx2,fma,f16c") inline __m256 load_bf16x8(const uint16_t* p) {
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
-KT_TARGET("avx2,fma") inline __m256 load_i8x8(const int8_t* p) {
+KT_TARGET("avx2,fma,f16c") inline __m256 load_i8x8(const int8_t* p) {
   __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
 }
-KT_TARGET("avx2,fma") inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+KT_TARGET("avx2,fma,f16c") inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
-KT_TARGET("avx2,fma") inline __m256 load8(const uint16_t* p) { return load_bf16x8(p); }
-KT_TARGET("avx2,fma") inline __m256 load8(const int8_t* p) { return load_i8x8(p); }
+KT_TARGET("avx2,fma,f16c") inline __m256 load8(const uint16_t* p) { return load_bf16x8(p); }
+KT_TARGET("avx2,fma,f16c") inline __m256 load8(const int8_t* p) { return load_i8x8(p); }
 
 // Up to 4 rows of X against one panel over inputs [k0, k1); acc[i][0..1] hold 16 outputs.
 // T is the stored element (bf16 bits or int8 codes).
 template <int MR, typename T>
-KT_TARGET("avx2,fma") inline void tile_rows(const T* wp, const float* X, int64_t ldx, int64_t k0, int64_t k1,
+KT_TARGET("avx2,fma,f16c") inline void tile_rows(const T* wp, const float* X, int64_t ldx, int64_t k0, int64_t k1,
                                             __m256 (&acc)[4][2]) {
   for (int64_t k = k0; k < k1; ++k) {
     const T* row = wp + k * NR;
@@ -109,7 +139,7 @@ KT_TARGET("avx2,fma") inline void tile_rows(const T* wp, const float* X, int64_t
 
 // int4 over one group [k0, k0 + g): acc += scale * (sum_k code*x - zero * sum_k x)
 template <int MR>
-KT_TARGET("avx2,fma") inline void tile_i4_group(const uint8_t* wp, const float* X, int64_t ldx, int64_t k0, int g,
+KT_TARGET("avx2,fma,f16c") inline void tile_i4_group(const uint8_t* wp, const float* X, int64_t ldx, int64_t k0, int g,
                                                 const float* s, const float* z, __m256 (&acc)[4][2]) {
   __m256 ga[4][2], xs[4];
   for (int i = 0; i < MR; ++i) ga[i][0] = ga[i][1] = xs[i] = _mm256_setzero_ps();
@@ -136,8 +166,77 @@ KT_TARGET("avx2,fma") inline void tile_i4_group(const uint8_t* wp, const float* 
   }
 }
 
+// fp8 over one group: e4m3 bytes -> fp16 bits (sign, then exponent and mantissa shifted
+// into place; subnormals come out right), F16C converts, the 2^8 bias gap goes into the scale.
 template <int MR>
-KT_TARGET("avx2,fma") inline void rows_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {
+KT_TARGET("avx2,fma,f16c") inline void tile_f8_group(const uint8_t* wp, const float* X, int64_t ldx, int64_t k0,
+                                                     int g, const float* s, __m256 (&acc)[4][2]) {
+  __m256 ga[4][2];
+  for (int i = 0; i < MR; ++i) ga[i][0] = ga[i][1] = _mm256_setzero_ps();
+  const __m256i m7f = _mm256_set1_epi16(0x7F), m80 = _mm256_set1_epi16(0x80);
+  for (int64_t k = k0; k < k0 + g; ++k) {
+    __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR)));
+    __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, m7f), 7),
+                                   _mm256_slli_epi16(_mm256_and_si256(h, m80), 8));
+    __m256 w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(bits)), w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(bits, 1));
+    for (int i = 0; i < MR; ++i) {
+      __m256 x = _mm256_broadcast_ss(X + i * ldx + k);
+      ga[i][0] = _mm256_fmadd_ps(x, w0, ga[i][0]);
+      ga[i][1] = _mm256_fmadd_ps(x, w1, ga[i][1]);
+    }
+  }
+  const __m256 bias = _mm256_set1_ps(256.f);
+  __m256 s0 = _mm256_mul_ps(_mm256_loadu_ps(s), bias), s1 = _mm256_mul_ps(_mm256_loadu_ps(s + 8), bias);
+  for (int i = 0; i < MR; ++i) {
+    acc[i][0] = _mm256_fmadd_ps(ga[i][0], s0, acc[i][0]);
+    acc[i][1] = _mm256_fmadd_ps(ga[i][1], s1, acc[i][1]);
+  }
+}
+
+// w8a8: int8 x int8 dot products. maddubs needs an unsigned operand: |x| against w with x's
+// sign moved onto it (|x|, |w| <= 127, so a pair sum <= 32258 never saturates int16).
+template <int MR>
+KT_TARGET("avx2,fma,f16c") inline void rows_q8_avx2(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx,
+                                               const float* xs, float* out) {
+  __m256i acc[4][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k4 = 0; k4 < w.K / 4; ++k4) {
+    __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k4 * 64));
+    __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k4 * 64 + 32));
+    for (int i = 0; i < MR; ++i) {
+      int32_t four;
+      std::memcpy(&four, Xq + i * ldx + 4 * k4, 4);
+      __m256i xb = _mm256_set1_epi32(four), ax = _mm256_sign_epi8(xb, xb);
+      __m256i p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb));
+      __m256i p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb));
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(p0, ones));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(p1, ones));
+    }
+  }
+  __m256 s0 = _mm256_loadu_ps(w.scale + p * NR), s1 = _mm256_loadu_ps(w.scale + p * NR + 8);
+  for (int i = 0; i < MR; ++i) {
+    __m256 xsc = _mm256_set1_ps(xs[i]);
+    _mm256_storeu_ps(out + i * NR, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), s0), xsc));
+    _mm256_storeu_ps(out + i * NR + 8, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][1]), s1), xsc));
+  }
+}
+
+KT_TARGET("avx2,fma,f16c") inline void panel_gemm_q8_avx2(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx,
+                                                     const float* xs, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) rows_q8_avx2<4>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR);
+  switch (n - i) {
+    case 3: rows_q8_avx2<3>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR); break;
+    case 2: rows_q8_avx2<2>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR); break;
+    case 1: rows_q8_avx2<1>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR); break;
+    default: break;
+  }
+}
+
+template <int MR>
+KT_TARGET("avx2,fma,f16c") inline void rows_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {
   __m256 acc[4][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   if (w.fmt == FMT_BF16) {
@@ -151,6 +250,11 @@ KT_TARGET("avx2,fma") inline void rows_avx2(const Weight& w, int64_t p, const fl
       acc[i][0] = _mm256_mul_ps(acc[i][0], s0);
       acc[i][1] = _mm256_mul_ps(acc[i][1], s1);
     }
+  } else if (w.fmt == FMT_FP8) {
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * w.K * NR;
+    const int64_t G = w.K / w.group;
+    for (int64_t g = 0; g < G; ++g)
+      tile_f8_group<MR>(wp, X, ldx, g * w.group, w.group, w.scale + (p * G + g) * NR, acc);
   } else {
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
     const int64_t G = w.K / w.group;
@@ -166,7 +270,7 @@ KT_TARGET("avx2,fma") inline void rows_avx2(const Weight& w, int64_t p, const fl
   }
 }
 
-KT_TARGET("avx2,fma") inline void panel_gemm_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
+KT_TARGET("avx2,fma,f16c") inline void panel_gemm_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
                                                   float* out) {
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) rows_avx2<4>(w, p, X + i * ldx, ldx, out + i * NR);
@@ -181,7 +285,7 @@ KT_TARGET("avx2,fma") inline void panel_gemm_avx2(const Weight& w, int64_t p, co
 // Dense rows (row-major bf16 [M][K], the checkpoint's own layout): out[t][r] = X[t] . W[r]
 // for MR tokens and 2 rows at a time; memory-bound at decode, no repacking needed.
 template <int MR>
-KT_TARGET("avx2,fma") inline void dense_rows_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t ldx,
+KT_TARGET("avx2,fma,f16c") inline void dense_rows_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t ldx,
                                                   int64_t K, float* o0, float* o1, int64_t ldo) {
   __m256 a[MR][2];
   for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
@@ -207,7 +311,7 @@ KT_TARGET("avx2,fma") inline void dense_rows_avx2(const uint16_t* w0, const uint
 }
 
 // One token against 4 rows: four independent weight streams keep more loads in flight.
-KT_TARGET("avx2,fma") inline void dense_quad_avx2(const uint16_t* w, int64_t K, const float* x, float* o) {
+KT_TARGET("avx2,fma,f16c") inline void dense_quad_avx2(const uint16_t* w, int64_t K, const float* x, float* o) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
@@ -229,7 +333,7 @@ KT_TARGET("avx2,fma") inline void dense_quad_avx2(const uint16_t* w, int64_t K, 
   }
 }
 
-KT_TARGET("avx2,fma") inline void dense_pair_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t n,
+KT_TARGET("avx2,fma,f16c") inline void dense_pair_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t n,
                                                   int64_t K, float* o0, float* o1, int64_t ldo) {
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) dense_rows_avx2<4>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
@@ -237,7 +341,7 @@ KT_TARGET("avx2,fma") inline void dense_pair_avx2(const uint16_t* w0, const uint
 }
 
 // Streaming read of n floats (memory-bandwidth probe): returns their sum so nothing is elided.
-KT_TARGET("avx2,fma") inline float stream_sum_avx2(const float* a, int64_t n) {
+KT_TARGET("avx2,fma,f16c") inline float stream_sum_avx2(const float* a, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {

@@ -30,7 +30,7 @@ namespace kt {
 enum Isa : uint32_t {
   ISA_AVX2 = 1u << 0, ISA_FMA = 1u << 1, ISA_AVX512F = 1u << 2, ISA_AVX512BW = 1u << 3,
   ISA_AVX512VNNI = 1u << 4, ISA_AVX512BF16 = 1u << 5, ISA_AMX_TILE = 1u << 6, ISA_AMX_INT8 = 1u << 7,
-  ISA_AMX_BF16 = 1u << 8, ISA_AVX_VNNI = 1u << 9,
+  ISA_AMX_BF16 = 1u << 8, ISA_AVX_VNNI = 1u << 9, ISA_F16C = 1u << 10,
 };
 
 #if defined(KT_X86)
@@ -62,7 +62,7 @@ static uint32_t detect_isa() {
   cpuid(0, 0, r);
   const unsigned max_leaf = r[0];
   cpuid(1, 0, r);
-  const bool osxsave = (r[2] >> 27) & 1, fma = (r[2] >> 12) & 1;
+  const bool osxsave = (r[2] >> 27) & 1, fma = (r[2] >> 12) & 1, f16c = (r[2] >> 29) & 1;
   if (!osxsave || max_leaf < 7) return 0;
   const uint64_t xcr0 = xgetbv0();
   const bool avx_os = (xcr0 & 0x6) == 0x6, avx512_os = (xcr0 & 0xE6) == 0xE6, amx_os = (xcr0 & 0x60000) == 0x60000;
@@ -72,6 +72,7 @@ static uint32_t detect_isa() {
   const unsigned a1 = r[0];
   if (avx_os && ((b >> 5) & 1)) isa |= ISA_AVX2;
   if (avx_os && fma) isa |= ISA_FMA;
+  if (avx_os && f16c) isa |= ISA_F16C;
   if (avx_os && ((a1 >> 4) & 1)) isa |= ISA_AVX_VNNI;
   if (avx512_os) {
     if ((b >> 16) & 1) isa |= ISA_AVX512F;
@@ -92,7 +93,7 @@ enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1 };
 static const char* kVariantNames[] = {"generic", "avx2"};
 
 static int best_variant(uint32_t isa) {
-  if ((isa & ISA_AVX2) && (isa & ISA_FMA)) return VARIANT_AVX2;
+  if ((isa & ISA_AVX2) && (isa & ISA_FMA) && (isa & ISA_F16C)) return VARIANT_AVX2;
   return VARIANT_GENERIC;
 }
 
@@ -125,6 +126,30 @@ static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, 
   panel_gemm_generic(w, p, X, ldx, n, out);
 }
 
+static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs, int64_t n,
+                          float* out) {
+#if defined(KT_X86)
+  if (state().variant == VARIANT_AVX2) return panel_gemm_q8_avx2(w, p, Xq, ldx, xs, n, out);
+#endif
+  panel_gemm_q8_generic(w, p, Xq, ldx, xs, n, out);
+}
+
+// Rows of X -> int8 codes and one scale per row (amax / 127, round half to even): w8a8's
+// dynamic activation quantization, the same arithmetic as fake_quant_activations in Python.
+static void quantize_rows(const float* X, int64_t rows, int64_t ld, int64_t K, int8_t* Xq, float* xs) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = X + r * ld;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float scale = std::max(amax, 1e-30f) / 127.f;
+    xs[r] = scale;
+    for (int64_t k = 0; k < ld; ++k) {
+      float q = k < K ? std::nearbyint(x[k] / scale) : 0.f;
+      Xq[r * ld + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+    }
+  }
+}
+
 // ---------------------------------------------------------------- fused MoE
 enum Activation : int { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_SWIGLU_OAI = 2 };
 
@@ -154,7 +179,7 @@ static Weight weight_of(const MoeArgs& a, const Proj& p, int64_t e, int64_t M, i
   w.fmt = a.fmt;
   w.M = M;
   w.K = K;
-  w.group = a.group;
+  w.group = a.group > 0 ? static_cast<int>(a.group) : static_cast<int>(K);  // 0: per row
   w.data = static_cast<const uint8_t*>(p.data) + e * p.data_stride;
   w.scale = p.scale ? p.scale + e * p.param_stride : nullptr;
   w.zero = p.zero ? p.zero + e * p.param_stride : nullptr;
@@ -203,6 +228,14 @@ static int moe_forward(const MoeArgs& a) {
     for (size_t r = 0; r < tok[active[ai]].size(); ++r)
       std::memcpy(&X[(xoff[ai] + r) * H], a.x + tok[active[ai]][r] * H, sizeof(float) * H);
   ThreadPool& pool = state().threads(a.pool);
+  const bool q8 = a.fmt == FMT_W8A8;
+  std::vector<int8_t> Xq, Aq;
+  std::vector<float> xs, as;
+  if (q8) {  // activations to int8 per row, once per call
+    Xq.resize(rows * H);
+    xs.resize(rows);
+    quantize_rows(X.data(), rows, H, H, Xq.data(), xs.data());
+  }
   // stage 1: gate and up panels -> activation, item = (active expert, panel of I)
   const int64_t n1 = static_cast<int64_t>(active.size()) * Pi;
   pool.run(n1, [&](int64_t item) {
@@ -212,8 +245,13 @@ static int moe_forward(const MoeArgs& a) {
       g.resize(n * NR);
       u.resize(n * NR);
     }
-    panel_gemm(weight_of(a, a.gate, e, I, H), p, &X[xoff[ai] * H], H, n, g.data());
-    panel_gemm(weight_of(a, a.up, e, I, H), p, &X[xoff[ai] * H], H, n, u.data());
+    if (q8) {
+      panel_gemm_q8(weight_of(a, a.gate, e, I, H), p, &Xq[xoff[ai] * H], H, &xs[xoff[ai]], n, g.data());
+      panel_gemm_q8(weight_of(a, a.up, e, I, H), p, &Xq[xoff[ai] * H], H, &xs[xoff[ai]], n, u.data());
+    } else {
+      panel_gemm(weight_of(a, a.gate, e, I, H), p, &X[xoff[ai] * H], H, n, g.data());
+      panel_gemm(weight_of(a, a.up, e, I, H), p, &X[xoff[ai] * H], H, n, u.data());
+    }
     for (int64_t r = 0; r < n; ++r)
       for (int j = 0; j < NR && p * NR + j < I; ++j) {
         float gv = g[r * NR + j], uv = u[r * NR + j];
@@ -222,13 +260,21 @@ static int moe_forward(const MoeArgs& a) {
         A[(xoff[ai] + r) * Ipad + p * NR + j] = act(gv, uv, a.activation);
       }
   });
+  if (q8) {
+    Aq.resize(rows * Ipad);
+    as.resize(rows);
+    pool.run(rows, [&](int64_t r) { quantize_rows(&A[r * Ipad], 1, Ipad, I, &Aq[r * Ipad], &as[r]); });
+  }
   // stage 2: down panels, item = panel of H (owns those output columns: no races)
   pool.run(Ph, [&](int64_t q) {
     thread_local std::vector<float> y;
     for (size_t ai = 0; ai < active.size(); ++ai) {
       const int64_t e = active[ai], n = static_cast<int64_t>(tok[e].size());
       if (static_cast<int64_t>(y.size()) < n * NR) y.resize(n * NR);
-      panel_gemm(weight_of(a, a.down, e, H, I), q, &A[xoff[ai] * Ipad], Ipad, n, y.data());
+      if (q8)
+        panel_gemm_q8(weight_of(a, a.down, e, H, I), q, &Aq[xoff[ai] * Ipad], Ipad, &as[xoff[ai]], n, y.data());
+      else
+        panel_gemm(weight_of(a, a.down, e, H, I), q, &A[xoff[ai] * Ipad], Ipad, n, y.data());
       for (int64_t r = 0; r < n; ++r) {
         float* o = a.out + tok[e][r] * H;
         const float w = wt[e][r];
@@ -283,7 +329,7 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
 }  // namespace kt
 
 // ---------------------------------------------------------------- C ABI (ctypes)
-KT_API int kt_abi_version() { return 2; }
+KT_API int kt_abi_version() { return 3; }
 KT_API uint32_t kt_isa() { return kt::state().isa; }
 KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
 KT_API int kt_set_variant(const char* name) {

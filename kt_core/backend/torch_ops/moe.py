@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kt_core.weights.quant import ExpertWeights, Weight, dequantize
+from kt_core.weights.quant import ExpertWeights, Quant, Weight, dequantize, fake_quant_activations, weight_format
 
 ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
 # GPT-OSS clamped SwiGLU constants (fixed by that architecture)
@@ -15,6 +15,8 @@ SWIGLU_OAI_LIMIT = 7.0
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if weight_format(weight) is Quant.W8A8:
+        x = fake_quant_activations(x)
     w = dequantize(weight, x.dtype) if not isinstance(weight, torch.Tensor) else weight
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
@@ -65,18 +67,19 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     tokens = routes // K
     weights = topk_weights.reshape(-1)[routes].float()
     start = 0
+    dyn = (lambda t: fake_quant_activations(t)) if experts.format is Quant.W8A8 else (lambda t: t)  # noqa: E731
     for e, n in enumerate(counts):
         if n == 0:
             continue
         tok = tokens[start:start + n]
-        x = hidden[tok]
+        x = dyn(hidden[tok])
         g = F.linear(x, _expert_weight(experts.gate, e, x.dtype))
         u = F.linear(x, _expert_weight(experts.up, e, x.dtype))
         if experts.gate_bias is not None:
             g = g + experts.gate_bias[e].to(x.dtype)
         if experts.up_bias is not None:
             u = u + experts.up_bias[e].to(x.dtype)
-        y = F.linear(gated_activation(g, u, activation), _expert_weight(experts.down, e, x.dtype))
+        y = F.linear(dyn(gated_activation(g, u, activation)), _expert_weight(experts.down, e, x.dtype))
         if experts.down_bias is not None:
             y = y + experts.down_bias[e].to(x.dtype)
         out.index_add_(0, tok, y.float() * weights[start:start + n, None])
