@@ -3,6 +3,14 @@ the CPU: kt-core's native kernels vs the torch path, per weight format and token
 
     python bench/moe_layer.py                                  # T = 1,16,128,512; bf16,int8,int4
     python bench/moe_layer.py --tokens 1,128 --formats bf16,int4 --repeats 7 --threads 2
+    python bench/moe_layer.py --vs-ktkernel --ktkernel-python /tmp/venv-kt/bin/python
+
+--vs-ktkernel adds rows with impl "kt-kernel": kt-kernel's AVX2 MoE operator on the same weights
+(bf16; int4 with the same codes and bf16-rounded scales; fp8 with the same 128x128-block codes;
+int8/w8a8 as its llamafile Q8_0, which it quantizes itself, so its rel_err there is against the
+original weights), same inputs and routings, one row per kt-kernel thread count (1..--threads).
+kt-kernel runs in the interpreter given by --ktkernel-python (default: this one, when it can
+import kt_kernel), via bench/_ktkernel_runner.py.
 
 One JSON line per (impl, format, tokens): ms (median), tokens_per_s, weight_gbps (bytes of
 the experts the tokens touched / time), bw_fraction (of the memory bandwidth measured in this
@@ -25,7 +33,7 @@ from _common import emit, median, repo_on_path, set_threads  # noqa: E402
 repo_on_path()
 from kt_backends.cpu import native  # noqa: E402
 from kt_core.backend.torch_ops.moe import moe_experts as torch_moe  # noqa: E402
-from kt_core.weights.quant import ExpertWeights, dequantize, quantize  # noqa: E402
+from kt_core.weights.quant import ExpertWeights, QuantizedWeight, dequantize, from_fp8_blocks, quantize  # noqa: E402
 
 E, K, H, I = 128, 8, 2048, 768
 
@@ -36,12 +44,90 @@ def make_weights(seed: int = 0):
             for shape in ((I, H), (I, H), (H, I))]
 
 
-def build(fmt: str, base, group: int):
-    if fmt == "bf16":
+# --formats names -> (quant format, group size; None = --group)
+FORMATS = {"bf16": ("none", 0), "int8": ("int8", 0), "w8a8": ("w8a8", 0), "int4": ("int4", None),
+           "fp8": ("fp8", 128), "fp8_pc": ("fp8", 0)}
+
+
+def build(fmt: str, base, group: int, like_ktkernel: bool = False):
+    """The experts in ``fmt``; ``like_ktkernel``: in the exact values kt-kernel can also take
+    (int4 scales rounded to bf16, fp8 with 128x128 block scales)."""
+    if fmt not in FORMATS:
+        sys.exit(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    quant, g = FORMATS[fmt]
+    if quant == "none":
         ws = base
+    elif like_ktkernel and fmt == "fp8":
+        ws = [fp8_blocks(w) for w in base]
     else:
-        ws = [quantize(w.float(), fmt, group_size=group) for w in base]
+        ws = [quantize(w.float(), quant, group_size=group if g is None else g) for w in base]
+        if like_ktkernel and quant == "int4":
+            ws = [QuantizedWeight(w.format, w.qdata, w.scales.to(torch.bfloat16).float(), w.zeros, w.group_size,
+                                  w.in_features) for w in ws]
     return ExpertWeights(torch.arange(E), *ws)
+
+
+def fp8_blocks(w: torch.Tensor, b: int = 128) -> QuantizedWeight:
+    n_e, n, k = w.shape
+    f = w.float().reshape(n_e, n // b, b, k // b, b)
+    scale = f.abs().amax(dim=(2, 4)).clamp_min(1e-12) / 448.0
+    codes = (f / scale[:, :, None, :, None]).to(torch.float8_e4m3fn).reshape(n_e, n, k)
+    return from_fp8_blocks(codes, scale, b)
+
+
+def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert):
+    """kt-kernel's operator on the same weights and inputs, in its own interpreter; JSON rows."""
+    import json
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    kind = {"bf16": "bf16", "int4": "int4", "fp8": "fp8", "int8": "q8_0", "w8a8": "q8_0"}.get(fmt)
+    if kind is None:
+        emit({"impl": "kt-kernel", "format": label(fmt, a.group), "skipped": "no kt-kernel AVX2 operator for it"})
+        return
+    t = {}
+    if kind in ("bf16", "q8_0"):
+        t.update(gate=base[0], up=base[1], down=base[2])
+    else:
+        for name in ("gate", "up", "down"):
+            w = getattr(ex, name)
+            t[f"{name}_codes"] = w.qdata.contiguous()
+            sc = w.scales if kind == "int4" else w.scales[:, ::128, :]  # rows repeat each block's scale
+            t[f"{name}_scales"] = (sc.to(torch.bfloat16) if kind == "int4" else sc.float()).contiguous()
+    for T, sets in sets_by_t.items():
+        t[f"x_{T}"] = xs[T].contiguous()
+        for i, (ids, w) in enumerate(sets):
+            t[f"ids_{T}_{i}"], t[f"w_{T}_{i}"] = ids.long().contiguous(), w.float().contiguous()
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"E": E, "K": K, "H": H, "I": I, "kind": kind, "group": a.group if kind == "int4" else 128,
+               "tokens": list(sets_by_t), "sets": a.sets, "repeats": a.repeats,
+               "threads": list(range(1, a.threads + 1))}
+        Path(tmp, "job.json").write_text(json.dumps(job))
+        save_file(t, str(Path(tmp, "inputs.safetensors")))
+        runner = Path(__file__).resolve().parent / "_ktkernel_runner.py"
+        proc = subprocess.run([a.ktkernel_python, str(runner), "--job", tmp], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            emit({"impl": "kt-kernel", "format": label(fmt, a.group), "returncode": proc.returncode,
+                  "error": (proc.stderr.strip() or proc.stdout.strip())[-400:]})
+            return
+        outs = load_file(str(Path(tmp, "outputs.safetensors")))
+        for r in json.loads(Path(tmp, "results.json").read_text()):
+            T, s = r["tokens"], r["ms"] / 1e3
+            ref = ref_orig[T] if kind == "q8_0" else refs[T]
+            out = outs[f"out_{T}_{r['threads']}"].float()
+            touched = median([int(i.unique().numel()) for i, _ in sets_by_t[T]]) * per_expert
+            emit({"impl": "kt-kernel", "format": label(fmt, a.group) + ("(as q8_0)" if kind == "q8_0" else ""),
+                  "tokens": T, "threads": r["threads"], "ms": r["ms"], "tokens_per_s": T / s,
+                  "weight_gbps": touched / s / 1e9, "bw_fraction": touched / s / 1e9 / bw,
+                  "rel_err": float((out - ref).abs().max() / ref.abs().max()),
+                  "rel_err_basis": "original weights" if kind == "q8_0" else "dequantized weights"})
+
+
+def label(fmt: str, group: int) -> str:
+    return {"int4": f"int4_g{group}", "fp8": "fp8_g128", "fp8_pc": "fp8_per_channel"}.get(fmt, fmt)
 
 
 def routes(T: int, seed: int):
@@ -66,13 +152,22 @@ def timed(fn, repeats: int, n_sets: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,16,128,512")
-    ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--formats", default="bf16,int8,w8a8,int4,fp8", help=f"any of {','.join(FORMATS)}")
     ap.add_argument("--group", type=int, default=32, help="int4 group size")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch-path rows (slow at large T)")
     ap.add_argument("--sets", type=int, default=16, help="distinct routings cycled while timing")
+    ap.add_argument("--vs-ktkernel", action="store_true", help="add kt-kernel rows (see the module doc)")
+    ap.add_argument("--ktkernel-python", default=None, help="interpreter with kt-kernel installed")
     a = ap.parse_args()
+    if a.vs_ktkernel and a.ktkernel_python is None:
+        import importlib.util
+
+        if importlib.util.find_spec("kt_kernel") is None:
+            sys.exit("--vs-ktkernel: kt_kernel is not importable here; pass --ktkernel-python PATH "
+                     "(see ../shared/tools/ktkernel-bench/README.md for its venv)")
+        a.ktkernel_python = sys.executable
     set_threads(a.threads)
     if not native.available():
         sys.exit(f"native kernels unavailable: {native.status()}")
@@ -81,28 +176,36 @@ def main() -> None:
     emit({"impl": "membw", "gbps": bw, "threads": a.threads, "variant": native.variant()})
     base = make_weights()
     for fmt in a.formats.split(","):
-        ex = build(fmt, base, a.group)
+        ex = build(fmt, base, a.group, like_ktkernel=a.vs_ktkernel)
         packed = native.pack(ex)
         deq = [dequantize(w) for w in (ex.gate, ex.up, ex.down)]
         ref_ex = ExpertWeights(torch.arange(E), *deq)
         quant_err = max(float((d - b.float()).abs().max() / b.float().abs().max()) for d, b in zip(deq, base))
         per_expert = packed.nbytes() / E
+        xs, sets_by_t, refs, ref_orig = {}, {}, {}, {}
+        orig_ex = ExpertWeights(torch.arange(E), *[b.float() for b in base])
         for T in [int(t) for t in a.tokens.split(",")]:
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
             sets = [routes(T, T * 1000 + i) for i in range(a.sets)]
             ids, w = sets[0]
             touched = median([int(i.unique().numel()) for i, _ in sets]) * per_expert
-            ref = torch_moe(x.float(), ids, w, ref_ex)
+            # the reference on the dequantized weights (w8a8: and the same activation quantization)
+            ref = torch_moe(x.float(), ids, w, ref_ex if FORMATS[fmt][0] != "w8a8" else ex)
+            xs[T], sets_by_t[T], refs[T] = x, sets, ref
+            if a.vs_ktkernel:
+                ref_orig[T] = torch_moe(x.float(), ids, w, orig_ex)
             impls = [("kt-core", lambda i: native.moe_forward(packed, x, *sets[i]))]
             if not a.no_torch:
                 impls.append(("torch", lambda i: torch_moe(x, *sets[i], ex)))
             for impl, fn in impls:
                 out = fn(0)
                 s = timed(fn, a.repeats, a.sets)
-                emit({"impl": impl, "format": fmt if fmt != "int4" else f"int4_g{a.group}", "tokens": T,
+                emit({"impl": impl, "format": label(fmt, a.group), "tokens": T,
                       "threads": a.threads, "ms": s * 1e3, "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9,
                       "bw_fraction": touched / s / 1e9 / bw,
                       "rel_err": float((out.float() - ref).abs().max() / ref.abs().max()), "quant_err": quant_err})
+        if a.vs_ktkernel:
+            ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert)
 
 
 if __name__ == "__main__":
