@@ -96,6 +96,8 @@ class QuantConfig:
     dense: WeightFormat = WeightFormat.none
     group_size: int = 128  # int4 / fp8 group along the input dim (fp8: 0 = one scale per row)
     symmetric: bool = True
+    # `kt quantize` output to load the experts from; null = <model.path>/kt-experts-<tag>.ktq when present
+    prepacked: Optional[str] = None
 
 
 @dataclass

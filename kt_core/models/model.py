@@ -28,6 +28,7 @@ class QuantPlan:
     dense: Quant = Quant.NONE
     group_size: int = 128
     symmetric: bool = True
+    prequant: Optional[object] = None  # a PrequantFile (kt quantize) to take the experts from
 
 
 class _Reader:
@@ -46,7 +47,7 @@ class _Reader:
         w = self.t(name, shape)
         if self.qp.dense is Quant.NONE:
             return w
-        return quantize(w.float(), self.qp.dense, self.qp.group_size, self.qp.symmetric).to(self.device)
+        return _quantize(w, self.qp.dense, self.qp, name).to(self.device)
 
     def experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, **biases):
         qp = self.qp
@@ -55,10 +56,17 @@ class _Reader:
             w = w.to(self.dtype)
             if qp.experts is Quant.NONE:
                 return w.to(self.device)
-            return quantize(w.float(), qp.experts, qp.group_size, qp.symmetric).to(self.device)
+            return _quantize(w, qp.experts, qp, "experts").to(self.device)
 
         placed = {k: None if v is None else v.to(self.dtype).to(self.device) for k, v in biases.items()}
         return ExpertWeights(ids.to(self.device), q(gate), q(up), q(down), **placed)
+
+
+def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str):
+    try:
+        return quantize(w.float(), fmt, qp.group_size, qp.symmetric)
+    except ValueError as exc:
+        raise KtError(f"cannot quantize {what} to {fmt.value}: {exc}") from None
 
 
 def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
@@ -101,8 +109,12 @@ def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
     return torch.stack([ck.get(n, shape) for n in names])
 
 
-def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int]) -> ExpertWeights:
-    """The experts ``ids`` of one MoE layer, in the checkpoint's naming for this family."""
+def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Optional[int] = None) -> ExpertWeights:
+    """The experts ``ids`` of one MoE layer, in the checkpoint's naming for this family
+    (or from the ``kt quantize`` file when one is in use)."""
+    pre = r.qp.prequant
+    if pre is not None and layer is not None and pre.has_layer(layer):
+        return pre.experts(layer, ids, r.device)
     ck, m, H = r.ck, spec.moe, spec.hidden_size
     I = m.intermediate
     idx = torch.tensor(ids, dtype=torch.long)
@@ -159,7 +171,7 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
         if ids:
             device = shard_be.torch_device(index)
             sub = _Reader(r.ck, spec, r.dtype, device, r.qp)
-            shards.append((shard_be, device, shard_be.prepare_experts(load_experts(sub, p, spec, ids), index)))
+            shards.append((shard_be, device, shard_be.prepare_experts(load_experts(sub, p, spec, ids, i), index)))
     shared = shared_gate = None
     if m.shared_intermediate:
         name = "mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts."

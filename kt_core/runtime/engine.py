@@ -126,6 +126,7 @@ class Engine:
         spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + generation_eos(ck.path)))
         qp = QuantPlan(Quant(choice(cfg.quant.experts)), Quant(choice(cfg.quant.dense)),
                        int(cfg.quant.group_size), bool(cfg.quant.symmetric))
+        qp.prequant = open_prequant(cfg, ck, spec, qp)
         dtype = torch_dtype(choice(cfg.model.dtype))
         n_pos = min(int(cfg.model.max_seq_len), spec.max_positions)
         expert_slots = topo.roles["experts"]
@@ -151,6 +152,7 @@ class Engine:
         model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos, placer=placer,
                               deferred_experts=deferred, homes=homes)
         model.plan = plan
+        model.prequant = qp.prequant  # the kt quantize file the experts came from, if any
         tokenizer = Tokenizer.from_dir(ck.path) if Tokenizer.present(ck.path) else None
         return cls(cfg, spec, model, tokenizer, max_batch=max_batch, fingerprint=ck.fingerprint())
 
@@ -242,6 +244,26 @@ class Engine:
         if len(ids) > self.max_seq_len:
             raise KtError(f"prompt of {len(ids)} tokens is longer than the context of {self.max_seq_len}")
         return [int(t) for t in ids]
+
+
+def open_prequant(cfg, ck: Checkpoint, spec: ModelSpec, qp: QuantPlan):
+    """The `kt quantize` file for these quant settings: quant.prepacked, else the default file in
+    the model folder when it exists. A stale or damaged one is refused (KtError), not misread."""
+    from pathlib import Path
+
+    from kt_core.weights.prequant import PrequantFile, default_path
+
+    if qp.experts is Quant.NONE or spec.moe is None:
+        if cfg.quant.prepacked:
+            raise KtError("quant.prepacked is set but quant.experts=none; pick the quant it was made with")
+        return None
+    given = cfg.quant.prepacked
+    path = Path(given).expanduser() if given else default_path(ck.path, qp.experts.value, qp.group_size, qp.symmetric)
+    if not path.is_file():
+        if given:
+            raise KtError(f"quant.prepacked={given} does not exist; create it with `kt quantize out={given}`")
+        return None
+    return PrequantFile(path, ck.fingerprint(), spec.arch, qp.experts.value, qp.group_size, qp.symmetric)
 
 
 def generation_eos(path) -> tuple[int, ...]:

@@ -78,7 +78,7 @@ Weight = Union[torch.Tensor, QuantizedWeight]
 
 def _check_groups(in_features: int, group_size: int) -> None:
     if group_size <= 0 or in_features % group_size:
-        raise ValueError(f"group_size {group_size} must divide the input dim {in_features}; "
+        raise ValueError(f"quant.group_size={group_size} must divide the input dim {in_features}; "
                          f"pick one of 32, 64, 128 that divides it")
 
 
