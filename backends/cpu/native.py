@@ -22,7 +22,7 @@ from kt_core.weights.quant import ExpertWeights, Quant
 NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 class _Proj(ctypes.Structure):
@@ -183,9 +183,9 @@ def _pack_proj(w, bias: Optional[torch.Tensor]) -> PackedProj:
     if w.format in (Quant.INT8, Quant.W8A8):
         scale = _panels(w.scales.float()).reshape(w.scales.shape[0], -1).contiguous()  # [E, P*16]
         data = _panels(w.qdata)  # [E, P, K, 16]
-        if w.format is Quant.W8A8:  # [E, P, K/4, 16, 4]: 4 inputs of a row side by side
-            E, P, K, _ = data.shape
-            data = data.reshape(E, P, K // 4, 4, NR).transpose(3, 4).contiguous()
+        E, P, K, _ = data.shape
+        step = 4 if w.format is Quant.W8A8 else 2  # inputs of a row side by side: [E, P, K/step, 16, step]
+        data = data.reshape(E, P, K // step, step, NR).transpose(3, 4).contiguous()
         return PackedProj(data, scale, None, b)
     scale = _panels(w.scales.float())  # [E, P, G, 16]
     zero = None if w.zeros is None else _panels(w.zeros.float())
@@ -204,8 +204,9 @@ def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
     elif fmt in (Quant.INT8, Quant.W8A8):
         if ex.gate.group_size != ex.gate.in_features or ex.down.group_size != ex.down.in_features:
             return None
-        if fmt is Quant.W8A8 and (ex.gate.in_features % 4 or ex.down.in_features % 4):
-            return None  # the int8 dot products take inputs four at a time
+        step = 4 if fmt is Quant.W8A8 else 2
+        if ex.gate.in_features % step or ex.down.in_features % step:
+            return None  # the integer dot products take inputs in pairs (w8a8: fours)
         name, group = fmt.value, 0
     elif fmt is Quant.FP8:
         per_row = all(w.group_size == w.in_features for w in (ex.gate, ex.down))

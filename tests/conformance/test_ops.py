@@ -95,7 +95,8 @@ def test_moe_experts(backend, dtype, quant, symmetric, tokens):
     wts = torch.rand(tokens, K, generator=torch.Generator().manual_seed(12))
     out = backend.moe_experts(on(backend, x), on(backend, ids), on(backend, wts), experts_on(backend, ex))
     assert out.dtype == dtype
-    check("moe_experts_w8a8" if quant == "w8a8" else "moe_experts", dtype, out, ref.moe(x, ids, wts, ex))
+    op = {"w8a8": "moe_experts_w8a8", "int8": "moe_experts_intq", "int4": "moe_experts_intq"}.get(quant, "moe_experts")
+    check(op, dtype, out, ref.moe(x, ids, wts, ex))
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu_oai"])

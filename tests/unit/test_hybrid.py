@@ -21,7 +21,7 @@ def model(tmp_path_factory):
 
 
 # fp32 activations and int8 experts: both placements run the native kernels and differ only in
-# the order partial sums are added
+# the order partial sums are added (which can move an int16 activation code by one step, 3e-5)
 EXACT = ["model.dtype=float32", "quant=int8"]
 
 
@@ -37,7 +37,7 @@ def hybrid(model, *overrides):
 
 
 def close(a, b):
-    return float((a - b).abs().max() / b.abs().max()) < 1e-5
+    return float((a - b).abs().max() / b.abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize("policy", [

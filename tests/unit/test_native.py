@@ -35,7 +35,9 @@ def rel(a, b):
 
 CASES = [("bf16", 32, True), ("int8", 32, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True),
          ("fp8", 32, True), ("fp8", 0, True), ("w8a8", 0, True)]
-TOL = {"w8a8": 5e-3}  # a rounding flip of one activation code; everything else is float summation order
+# w8a8: a rounding flip of one activation code; int8 / int4: the AVX2 kernels carry activations as
+# int16 (relative step 1/32767); everything else is float summation order
+TOL = {"w8a8": 5e-3, "int8": 1e-4, "int4": 1e-4}
 
 
 @pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])

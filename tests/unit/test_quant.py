@@ -29,7 +29,7 @@ def test_roundtrip_error_is_within_half_a_step(fmt, sym, bound):
 
 
 def test_bad_group_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="group_size 48 must divide the input dim 64"):
+    with pytest.raises(ValueError, match="group_size=48 must divide the input dim 64"):
         quantize(torch.randn(4, 64), "int4", group_size=48)
 
 

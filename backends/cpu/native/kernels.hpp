@@ -4,7 +4,7 @@
 // output rows and K inputs is stored as ceil(M/16) panels; panel p holds rows
 // [16p, 16p+16) input-major, so one input step of a panel is 16 consecutive values:
 //   bf16: uint16 [P][K][16]
-//   int8: int8   [P][K][16], one float scale per row            scale [P*16]
+//   int8: int8   [P][K/2][16][2] (input pairs of a row together), one float scale per row  scale [P*16]
 //   int4: uint8  [P][K/2][16], byte = code(k even) | code(k odd) << 4,
 //         per (group, row) scale and zero point                  scale/zero [P][K/g][16]
 //         (symmetric int4 has no zero array: codes are biased by 8)
@@ -12,10 +12,13 @@
 //   w8a8: int8   [P][K/4][16][4] (4 consecutive inputs of a row together, the order the
 //         integer dot-product instructions read), one float scale per row  scale [P*16]
 // panel_gemm computes out[i][j] = sum_k X[i][k] * W[16p + j][k] for n rows of X;
-// panel_gemm_q8 the same for w8a8 from int8 rows Xq with a scale per row.
+// panel_gemm_q8 the same for w8a8 from int8 rows Xq with a scale per row; the AVX2 int8 and
+// int4 kernels take X as int16 rows (scale amax/32767 per row: relative error ~1e-5) so the
+// codes multiply as integers (madd_epi16) instead of being converted to floats one by one.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -66,7 +69,7 @@ inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scal
   if (w.fmt == FMT_INT8) {
     *scale = w.scale[p * NR + j];
     *zero = 0.f;
-    return static_cast<const int8_t*>(w.data)[(p * w.K + k) * NR + j];
+    return static_cast<const int8_t*>(w.data)[((p * (w.K / 2) + k / 2) * NR + j) * 2 + (k & 1)];
   }
   if (w.fmt == FMT_FP8) {
     int64_t G = w.K / w.group;
@@ -112,14 +115,8 @@ KT_TARGET("avx2,fma,f16c") inline __m256 load_bf16x8(const uint16_t* p) {
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
-KT_TARGET("avx2,fma,f16c") inline __m256 load_i8x8(const int8_t* p) {
-  __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-}
-KT_TARGET("avx2,fma,f16c") inline __m256 u8x8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 
 KT_TARGET("avx2,fma,f16c") inline __m256 load8(const uint16_t* p) { return load_bf16x8(p); }
-KT_TARGET("avx2,fma,f16c") inline __m256 load8(const int8_t* p) { return load_i8x8(p); }
 
 // Up to 4 rows of X against one panel over inputs [k0, k1); acc[i][0..1] hold 16 outputs.
 // T is the stored element (bf16 bits or int8 codes).
@@ -137,32 +134,110 @@ KT_TARGET("avx2,fma,f16c") inline void tile_rows(const T* wp, const float* X, in
   }
 }
 
-// int4 over one group [k0, k0 + g): acc += scale * (sum_k code*x - zero * sum_k x)
+// Activations as int16 for the int8 / int4 kernels (see the header comment).
+struct X16 {
+  const int16_t* q;     // [n][ldx]
+  const float* scale;   // [n]
+  const int32_t* gsum;  // [n][K/group]: sum of q over each int4 group (int4 only)
+  int64_t ldx, ldg;
+};
+
+// int8 weights x int16 activations: 16 rows x one input pair per step, int32 sums flushed to
+// float every 256 inputs (128 pairs x 2 x 127 x 32767 < 2^31).
 template <int MR>
-KT_TARGET("avx2,fma,f16c") inline void tile_i4_group(const uint8_t* wp, const float* X, int64_t ldx, int64_t k0, int g,
-                                                const float* s, const float* z, __m256 (&acc)[4][2]) {
-  __m256 ga[4][2], xs[4];
-  for (int i = 0; i < MR; ++i) ga[i][0] = ga[i][1] = xs[i] = _mm256_setzero_ps();
-  const __m128i lo_mask = _mm_set1_epi8(0x0F);
-  for (int64_t k = k0; k < k0 + g; k += 2) {
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
-    __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
-    __m256 a0 = u8x8_to_ps(lo), a1 = u8x8_to_ps(_mm_srli_si128(lo, 8));
-    __m256 b0 = u8x8_to_ps(hi), b1 = u8x8_to_ps(_mm_srli_si128(hi, 8));
+KT_TARGET("avx2,fma,f16c") inline void rows_i8_avx2(const Weight& w, int64_t p, const X16& x, float* out) {
+  __m256 acc[4][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
+  for (int64_t k0 = 0; k0 < w.K; k0 += 256) {
+    const int64_t k1 = std::min<int64_t>(w.K, k0 + 256);
+    __m256i a[4][2];
+    for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 2) {
+      const int8_t* row = wp + k * NR;
+      __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+      __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
+      for (int i = 0; i < MR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, x.q + i * x.ldx + k, 4);
+        __m256i xp = _mm256_set1_epi32(pair);
+        a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(w0, xp));
+        a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(w1, xp));
+      }
+    }
     for (int i = 0; i < MR; ++i) {
-      __m256 xe = _mm256_broadcast_ss(X + i * ldx + k), xo = _mm256_broadcast_ss(X + i * ldx + k + 1);
-      ga[i][0] = _mm256_fmadd_ps(xe, a0, ga[i][0]);
-      ga[i][1] = _mm256_fmadd_ps(xe, a1, ga[i][1]);
-      ga[i][0] = _mm256_fmadd_ps(xo, b0, ga[i][0]);
-      ga[i][1] = _mm256_fmadd_ps(xo, b1, ga[i][1]);
-      xs[i] = _mm256_add_ps(xs[i], _mm256_add_ps(xe, xo));
+      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_cvtepi32_ps(a[i][0]));
+      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_cvtepi32_ps(a[i][1]));
     }
   }
-  __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
-  __m256 z0 = z ? _mm256_loadu_ps(z) : _mm256_set1_ps(8.f), z1 = z ? _mm256_loadu_ps(z + 8) : _mm256_set1_ps(8.f);
+  __m256 s0 = _mm256_loadu_ps(w.scale + p * NR), s1 = _mm256_loadu_ps(w.scale + p * NR + 8);
   for (int i = 0; i < MR; ++i) {
-    acc[i][0] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z0, xs[i], ga[i][0]), s0, acc[i][0]);
-    acc[i][1] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z1, xs[i], ga[i][1]), s1, acc[i][1]);
+    __m256 xs = _mm256_set1_ps(x.scale[i]);
+    _mm256_storeu_ps(out + i * NR, _mm256_mul_ps(_mm256_mul_ps(acc[i][0], s0), xs));
+    _mm256_storeu_ps(out + i * NR + 8, _mm256_mul_ps(_mm256_mul_ps(acc[i][1], s1), xs));
+  }
+}
+
+// int4 codes (0..15) x int16 activations per group; then scale * (sum code*x - zero * sum x).
+// A byte holds inputs k (low nibble) and k+1 (high) of one row; interleaving the low and high
+// nibble bytes puts each row's input pair side by side for madd_epi16.
+template <int MR>
+KT_TARGET("avx2,fma,f16c") inline void rows_i4_avx2(const Weight& w, int64_t p, const X16& x, float* out) {
+  __m256 acc[4][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
+  const int64_t G = w.K / w.group;
+  const __m128i lo_mask = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i a[4][2];
+    for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
+    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
+      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
+      __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
+      __m256i w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
+      __m256i w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi));
+      for (int i = 0; i < MR; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, x.q + i * x.ldx + k, 4);
+        __m256i xp = _mm256_set1_epi32(pair);
+        a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(w0, xp));
+        a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(w1, xp));
+      }
+    }
+    const float* s = w.scale + (p * G + g) * NR;
+    const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
+    __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+    __m256 z0 = z ? _mm256_loadu_ps(z) : _mm256_set1_ps(8.f), z1 = z ? _mm256_loadu_ps(z + 8) : _mm256_set1_ps(8.f);
+    for (int i = 0; i < MR; ++i) {
+      __m256 xs = _mm256_set1_ps(static_cast<float>(x.gsum[i * x.ldg + g]));
+      acc[i][0] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z0, xs, _mm256_cvtepi32_ps(a[i][0])), s0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z1, xs, _mm256_cvtepi32_ps(a[i][1])), s1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    __m256 xs = _mm256_set1_ps(x.scale[i]);
+    _mm256_storeu_ps(out + i * NR, _mm256_mul_ps(acc[i][0], xs));
+    _mm256_storeu_ps(out + i * NR + 8, _mm256_mul_ps(acc[i][1], xs));
+  }
+}
+
+template <int MR>
+KT_TARGET("avx2,fma,f16c") inline void rows_x16_avx2(const Weight& w, int64_t p, const X16& x, int64_t i,
+                                                     float* out) {
+  X16 xi{x.q + i * x.ldx, x.scale + i, x.gsum ? x.gsum + i * x.ldg : nullptr, x.ldx, x.ldg};
+  if (w.fmt == FMT_INT8) rows_i8_avx2<MR>(w, p, xi, out + i * NR);
+  else rows_i4_avx2<MR>(w, p, xi, out + i * NR);
+}
+
+KT_TARGET("avx2,fma,f16c") inline void panel_gemm_x16_avx2(const Weight& w, int64_t p, const X16& x, int64_t n,
+                                                           float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) rows_x16_avx2<4>(w, p, x, i, out);
+  switch (n - i) {
+    case 3: rows_x16_avx2<3>(w, p, x, i, out); break;
+    case 2: rows_x16_avx2<2>(w, p, x, i, out); break;
+    case 1: rows_x16_avx2<1>(w, p, x, i, out); break;
+    default: break;
   }
 }
 
@@ -242,27 +317,11 @@ KT_TARGET("avx2,fma,f16c") inline void rows_avx2(const Weight& w, int64_t p, con
   if (w.fmt == FMT_BF16) {
     const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * w.K * NR;
     tile_rows<MR>(wp, X, ldx, 0, w.K, acc);
-  } else if (w.fmt == FMT_INT8) {
-    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
-    tile_rows<MR>(wp, X, ldx, 0, w.K, acc);
-    __m256 s0 = _mm256_loadu_ps(w.scale + p * NR), s1 = _mm256_loadu_ps(w.scale + p * NR + 8);
-    for (int i = 0; i < MR; ++i) {
-      acc[i][0] = _mm256_mul_ps(acc[i][0], s0);
-      acc[i][1] = _mm256_mul_ps(acc[i][1], s1);
-    }
   } else if (w.fmt == FMT_FP8) {
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * w.K * NR;
     const int64_t G = w.K / w.group;
     for (int64_t g = 0; g < G; ++g)
       tile_f8_group<MR>(wp, X, ldx, g * w.group, w.group, w.scale + (p * G + g) * NR, acc);
-  } else {
-    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
-    const int64_t G = w.K / w.group;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* s = w.scale + (p * G + g) * NR;
-      const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
-      tile_i4_group<MR>(wp, X, ldx, g * w.group, w.group, s, z, acc);
-    }
   }
   for (int i = 0; i < MR; ++i) {
     _mm256_storeu_ps(out + i * NR, acc[i][0]);

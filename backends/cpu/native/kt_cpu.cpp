@@ -121,7 +121,8 @@ static State& state() {
 
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
 #if defined(KT_X86)
-  if (state().variant == VARIANT_AVX2) return panel_gemm_avx2(w, p, X, ldx, n, out);
+  if (state().variant == VARIANT_AVX2 && (w.fmt == FMT_BF16 || w.fmt == FMT_FP8))
+    return panel_gemm_avx2(w, p, X, ldx, n, out);  // int8 / int4 go through panel_gemm_x16_avx2
 #endif
   panel_gemm_generic(w, p, X, ldx, n, out);
 }
@@ -132,6 +133,28 @@ static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t 
   if (state().variant == VARIANT_AVX2) return panel_gemm_q8_avx2(w, p, Xq, ldx, xs, n, out);
 #endif
   panel_gemm_q8_generic(w, p, Xq, ldx, xs, n, out);
+}
+
+// Rows of X -> int16 codes, a scale per row (amax / 32767) and, for int4, the sum of the codes
+// of every group of `group` inputs (the zero-point term). Columns K..ld are zero.
+static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
+                            float* scale, int32_t* gsum) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = X + r * ld;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float s = std::max(amax, 1e-30f) / 32767.f, inv = 1.f / s;
+    scale[r] = s;
+    for (int64_t k = 0; k < ld; ++k)
+      q[r * ld + k] = k < K ? static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, std::nearbyint(x[k] * inv))))
+                            : int16_t(0);
+    if (gsum)
+      for (int64_t g = 0; g < K / group; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[r * ld + k];
+        gsum[r * (K / group) + g] = sum;
+      }
+  }
 }
 
 // Rows of X -> int8 codes and one scale per row (amax / 127, round half to even): w8a8's
@@ -229,12 +252,25 @@ static int moe_forward(const MoeArgs& a) {
       std::memcpy(&X[(xoff[ai] + r) * H], a.x + tok[active[ai]][r] * H, sizeof(float) * H);
   ThreadPool& pool = state().threads(a.pool);
   const bool q8 = a.fmt == FMT_W8A8;
+#if defined(KT_X86)
+  const bool x16 = (a.fmt == FMT_INT8 || a.fmt == FMT_INT4) && state().variant == VARIANT_AVX2;
+#else
+  const bool x16 = false;
+#endif
+  const int64_t grp = a.fmt == FMT_INT4 ? a.group : 0, G1 = grp ? H / grp : 0, G2 = grp ? I / grp : 0;
   std::vector<int8_t> Xq, Aq;
+  std::vector<int16_t> X16q, A16q;
+  std::vector<int32_t> xg, ag;
   std::vector<float> xs, as;
   if (q8) {  // activations to int8 per row, once per call
     Xq.resize(rows * H);
     xs.resize(rows);
     quantize_rows(X.data(), rows, H, H, Xq.data(), xs.data());
+  } else if (x16) {  // activations to int16 per row
+    X16q.resize(rows * H);
+    xs.resize(rows);
+    xg.resize(rows * G1 + 1);
+    quantize_rows16(X.data(), rows, H, H, grp, X16q.data(), xs.data(), grp ? xg.data() : nullptr);
   }
   // stage 1: gate and up panels -> activation, item = (active expert, panel of I)
   const int64_t n1 = static_cast<int64_t>(active.size()) * Pi;
@@ -248,6 +284,12 @@ static int moe_forward(const MoeArgs& a) {
     if (q8) {
       panel_gemm_q8(weight_of(a, a.gate, e, I, H), p, &Xq[xoff[ai] * H], H, &xs[xoff[ai]], n, g.data());
       panel_gemm_q8(weight_of(a, a.up, e, I, H), p, &Xq[xoff[ai] * H], H, &xs[xoff[ai]], n, u.data());
+#if defined(KT_X86)
+    } else if (x16) {
+      X16 xv{&X16q[xoff[ai] * H], &xs[xoff[ai]], grp ? &xg[xoff[ai] * G1] : nullptr, H, G1};
+      panel_gemm_x16_avx2(weight_of(a, a.gate, e, I, H), p, xv, n, g.data());
+      panel_gemm_x16_avx2(weight_of(a, a.up, e, I, H), p, xv, n, u.data());
+#endif
     } else {
       panel_gemm(weight_of(a, a.gate, e, I, H), p, &X[xoff[ai] * H], H, n, g.data());
       panel_gemm(weight_of(a, a.up, e, I, H), p, &X[xoff[ai] * H], H, n, u.data());
@@ -264,6 +306,13 @@ static int moe_forward(const MoeArgs& a) {
     Aq.resize(rows * Ipad);
     as.resize(rows);
     pool.run(rows, [&](int64_t r) { quantize_rows(&A[r * Ipad], 1, Ipad, I, &Aq[r * Ipad], &as[r]); });
+  } else if (x16) {
+    A16q.resize(rows * Ipad);
+    as.resize(rows);
+    ag.resize(rows * G2 + 1);
+    pool.run(rows, [&](int64_t r) {
+      quantize_rows16(&A[r * Ipad], 1, Ipad, I, grp, &A16q[r * Ipad], &as[r], grp ? &ag[r * G2] : nullptr);
+    });
   }
   // stage 2: down panels, item = panel of H (owns those output columns: no races)
   pool.run(Ph, [&](int64_t q) {
@@ -273,6 +322,12 @@ static int moe_forward(const MoeArgs& a) {
       if (static_cast<int64_t>(y.size()) < n * NR) y.resize(n * NR);
       if (q8)
         panel_gemm_q8(weight_of(a, a.down, e, H, I), q, &Aq[xoff[ai] * Ipad], Ipad, &as[xoff[ai]], n, y.data());
+#if defined(KT_X86)
+      else if (x16)
+        panel_gemm_x16_avx2(weight_of(a, a.down, e, H, I), q,
+                            X16{&A16q[xoff[ai] * Ipad], &as[xoff[ai]], grp ? &ag[xoff[ai] * G2] : nullptr, Ipad, G2},
+                            n, y.data());
+#endif
       else
         panel_gemm(weight_of(a, a.down, e, H, I), q, &A[xoff[ai] * Ipad], Ipad, n, y.data());
       for (int64_t r = 0; r < n; ++r) {
@@ -329,7 +384,7 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
 }  // namespace kt
 
 // ---------------------------------------------------------------- C ABI (ctypes)
-KT_API int kt_abi_version() { return 3; }
+KT_API int kt_abi_version() { return 4; }
 KT_API uint32_t kt_isa() { return kt::state().isa; }
 KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
 KT_API int kt_set_variant(const char* name) {
