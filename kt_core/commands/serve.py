@@ -20,7 +20,7 @@ def build_state(overrides):
     """Load the engine for serving: KV cache sized for server.max_batch sequences, prefix cache on."""
     from kt_core.config import compose
     from kt_core.runtime.engine import Engine
-    from kt_core.serving.app import ServerState
+    from kt_core.server.app import ServerState
 
     overrides = list(overrides)
     cfg = compose(overrides)
@@ -31,7 +31,7 @@ def build_state(overrides):
 
 
 def run(overrides, flags) -> int:
-    from kt_core.serving.app import make_server
+    from kt_core.server.app import make_server
 
     state = build_state(overrides)
     s = state.cfg

@@ -11,7 +11,7 @@ import pytest
 
 import kt_core
 from kt_core.models.synthetic import synthesize
-from kt_core.serving.app import ServerState, make_server
+from kt_core.server.app import ServerState, make_server
 
 openai = pytest.importorskip("openai")
 

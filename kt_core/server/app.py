@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kt_core.errors import KtError
 from kt_core.runtime.sampling import SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
-from kt_core.serving.protocol import ChatRequest, CompletionRequest, error_body
+from kt_core.server.protocol import ChatRequest, CompletionRequest, error_body
 
 log = logging.getLogger("kt_core.serve")
 
