@@ -142,6 +142,19 @@ struct X16 {
   int64_t ldx, ldg;
 };
 
+// a[i] += 16 rows' (w0: rows 0-7, w1: rows 8-15) int16 input pairs (k, k+1) . row i of X
+template <int MR>
+KT_TARGET("avx2,fma,f16c") inline void madd_pairs(__m256i w0, __m256i w1, const X16& x, int64_t k,
+                                                  __m256i (&a)[4][2]) {
+  for (int i = 0; i < MR; ++i) {
+    int32_t pair;
+    std::memcpy(&pair, x.q + i * x.ldx + k, 4);
+    __m256i xp = _mm256_set1_epi32(pair);
+    a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(w0, xp));
+    a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(w1, xp));
+  }
+}
+
 // int8 weights x int16 activations: 16 rows x one input pair per step, int32 sums flushed to
 // float every 256 inputs (128 pairs x 2 x 127 x 32767 < 2^31).
 template <int MR>
@@ -155,15 +168,8 @@ KT_TARGET("avx2,fma,f16c") inline void rows_i8_avx2(const Weight& w, int64_t p, 
     for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
     for (int64_t k = k0; k < k1; k += 2) {
       const int8_t* row = wp + k * NR;
-      __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-      __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16)));
-      for (int i = 0; i < MR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, x.q + i * x.ldx + k, 4);
-        __m256i xp = _mm256_set1_epi32(pair);
-        a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(w0, xp));
-        a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(w1, xp));
-      }
+      madd_pairs<MR>(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))),
+                     _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16))), x, k, a);
     }
     for (int i = 0; i < MR; ++i) {
       acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_cvtepi32_ps(a[i][0]));
@@ -194,15 +200,8 @@ KT_TARGET("avx2,fma,f16c") inline void rows_i4_avx2(const Weight& w, int64_t p, 
     for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
       __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
-      __m256i w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
-      __m256i w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi));
-      for (int i = 0; i < MR; ++i) {
-        int32_t pair;
-        std::memcpy(&pair, x.q + i * x.ldx + k, 4);
-        __m256i xp = _mm256_set1_epi32(pair);
-        a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(w0, xp));
-        a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(w1, xp));
-      }
+      madd_pairs<MR>(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi)), _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi)),
+                     x, k, a);
     }
     const float* s = w.scale + (p * G + g) * NR;
     const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
