@@ -110,3 +110,35 @@ def test_dense_linear_matches_torch(T, M, K):
     assert out.shape == (2, T, M) and out.dtype == torch.float32
     assert rel(out, ref) < 1e-5
     assert not native.takes_linear(x, w.float())
+
+
+VARIANTS = ["generic", "avx2", "avx512"]
+
+
+def supported_variants():
+    best = native.variant()
+    return VARIANTS[: VARIANTS.index(best) + 1] if best in VARIANTS else [best]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "w8a8", "int4", "fp8"])
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+def test_every_simd_variant_matches_generic(fmt, variant):
+    """Runs on CPUs that have the variant (vendor CI); elsewhere it checks the variant is refused."""
+    best = native.variant()
+    if variant not in supported_variants():
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            native.set_variant(variant)
+        assert native.variant() == best
+        pytest.skip(f"this CPU's best kernel variant is {best}; {variant} cannot run here")
+    ex = experts(fmt, H=128, I=64, group=32)
+    packed = native.pack(ex)
+    x = torch.randn(7, 128, generator=torch.Generator().manual_seed(8))
+    ids, w = routes(7, ex)
+    try:
+        native.set_variant("generic")
+        ref = native.moe_forward(packed, x, ids, w)
+        native.set_variant(variant)
+        out = native.moe_forward(packed, x, ids, w)
+    finally:
+        native.set_variant(best)
+    assert rel(out, ref) < TOL.get(fmt, 2e-5)

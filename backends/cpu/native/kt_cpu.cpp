@@ -8,11 +8,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "kernels.hpp"
+#include "kernels_avx512.hpp"
 #include "threadpool.hpp"
 
 #if defined(_MSC_VER)
@@ -89,11 +92,14 @@ static uint32_t detect_isa() {
   return isa;
 }
 
-enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1 };
-static const char* kVariantNames[] = {"generic", "avx2"};
+enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVX512 = 2 };
+static const char* kVariantNames[] = {"generic", "avx2", "avx512"};
+constexpr int kVariants = 3;
 
 static int best_variant(uint32_t isa) {
-  if ((isa & ISA_AVX2) && (isa & ISA_FMA) && (isa & ISA_F16C)) return VARIANT_AVX2;
+  const bool avx2 = (isa & ISA_AVX2) && (isa & ISA_FMA) && (isa & ISA_F16C);
+  if (avx2 && (isa & ISA_AVX512F) && (isa & ISA_AVX512BW) && (isa & ISA_AVX512VNNI)) return VARIANT_AVX512;
+  if (avx2) return VARIANT_AVX2;
   return VARIANT_GENERIC;
 }
 
@@ -119,10 +125,16 @@ static State& state() {
   return *s;
 }
 
+static bool avx512_ok(int fmt);  // the AVX-512 kernels of fmt passed their first-use check
+static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
+                            float* scale, int32_t* gsum);
+
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
 #if defined(KT_X86)
-  if (state().variant == VARIANT_AVX2 && (w.fmt == FMT_BF16 || w.fmt == FMT_FP8))
-    return panel_gemm_avx2(w, p, X, ldx, n, out);  // int8 / int4 go through panel_gemm_x16_avx2
+  if (w.fmt == FMT_BF16 || w.fmt == FMT_FP8) {  // int8 / int4 go through panel_x16
+    if (state().variant == VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_avx512(w, p, X, ldx, n, out);
+    if (state().variant >= VARIANT_AVX2) return panel_gemm_avx2(w, p, X, ldx, n, out);
+  }
 #endif
   panel_gemm_generic(w, p, X, ldx, n, out);
 }
@@ -130,9 +142,88 @@ static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, 
 static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs, int64_t n,
                           float* out) {
 #if defined(KT_X86)
-  if (state().variant == VARIANT_AVX2) return panel_gemm_q8_avx2(w, p, Xq, ldx, xs, n, out);
+  if (state().variant == VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_q8_avx512(w, p, Xq, ldx, xs, n, out);
+  if (state().variant >= VARIANT_AVX2) return panel_gemm_q8_avx2(w, p, Xq, ldx, xs, n, out);
 #endif
   panel_gemm_q8_generic(w, p, Xq, ldx, xs, n, out);
+}
+
+#if defined(KT_X86)
+static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float* out) {
+  if (state().variant == VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_x16_avx512(w, p, x, n, out);
+  panel_gemm_x16_avx2(w, p, x, n, out);
+}
+
+// First use of an AVX-512 kernel: run it and its AVX2 twin (which the test suite covers on
+// every x86 CI machine) on the same random panel; if they disagree, say so once and keep
+// using AVX2 for that format, so an AVX-512 bug can cost speed but never a wrong answer.
+static bool self_check(int fmt) {
+  const int64_t K = 512, n = 5, group = 32;
+  uint32_t seed = 12345u + static_cast<uint32_t>(fmt);
+  auto rnd = [&] { seed = seed * 1664525u + 1013904223u; return seed >> 8; };
+  std::vector<uint8_t> data(K * NR * 2);
+  for (auto& b : data) b = static_cast<uint8_t>(rnd());
+  if (fmt == FMT_FP8)
+    for (auto& b : data) if ((b & 0x7F) == 0x7F) b &= 0xFE;  // no NaN codes
+  if (fmt == FMT_BF16)
+    for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));  // +-[2^-7, 2^2)
+  if (fmt == FMT_INT8 || fmt == FMT_W8A8)
+    for (auto& b : data) if (b == 0x80) b = 0x81;  // codes stay within +-127
+  std::vector<float> scale(K / group * NR), zero(K / group * NR), X(n * K), a(n * NR), b(n * NR), xs(n);
+  for (auto& v : scale) v = 0.001f + static_cast<float>(rnd() % 1000) * 1e-5f;
+  for (auto& v : zero) v = static_cast<float>(rnd() % 16);
+  for (auto& v : X) v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) * 1e-3f;
+  for (auto& v : xs) v = 0.01f + static_cast<float>(rnd() % 100) * 1e-4f;
+  Weight w;
+  w.fmt = fmt;
+  w.M = NR;
+  w.K = K;
+  w.group = fmt == FMT_INT4 || fmt == FMT_FP8 ? static_cast<int>(group) : static_cast<int>(K);
+  w.data = data.data();
+  w.scale = scale.data();
+  w.zero = fmt == FMT_INT4 ? zero.data() : nullptr;
+  if (fmt == FMT_BF16 || fmt == FMT_FP8) {
+    panel_gemm_avx512(w, 0, X.data(), K, n, a.data());
+    panel_gemm_avx2(w, 0, X.data(), K, n, b.data());
+  } else if (fmt == FMT_W8A8) {
+    std::vector<int8_t> Xq(n * K);
+    for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rnd() % 255) - 127);
+    panel_gemm_q8_avx512(w, 0, Xq.data(), K, xs.data(), n, a.data());
+    panel_gemm_q8_avx2(w, 0, Xq.data(), K, xs.data(), n, b.data());
+  } else {
+    std::vector<int16_t> q(n * K);
+    std::vector<int32_t> gsum(n * (K / group));
+    quantize_rows16(X.data(), n, K, K, fmt == FMT_INT4 ? group : 0, q.data(), xs.data(),
+                    fmt == FMT_INT4 ? gsum.data() : nullptr);
+    X16 x{q.data(), xs.data(), fmt == FMT_INT4 ? gsum.data() : nullptr, K, K / group};
+    panel_gemm_x16_avx512(w, 0, x, n, a.data());
+    panel_gemm_x16_avx2(w, 0, x, n, b.data());
+  }
+  float err = 0.f, mag = 1e-30f;
+  for (int64_t i = 0; i < n * NR; ++i) {
+    err = std::max(err, std::fabs(a[i] - b[i]));
+    mag = std::max(mag, std::fabs(b[i]));
+  }
+  const bool ok = err <= 1e-4f * mag && std::isfinite(err);
+  if (!ok)
+    std::fprintf(stderr, "kt-core: the AVX-512 kernel for format %d disagrees with AVX2 (relative error %g); "
+                 "using AVX2 for it. Please report this with `kt doctor` output.\n", fmt, err / mag);
+  return ok;
+}
+#endif
+
+static bool avx512_ok(int fmt) {
+#if defined(KT_X86)
+  static std::mutex mu;
+  static int verdict[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 0 unknown, 1 ok, -1 fall back
+  std::lock_guard<std::mutex> lk(mu);
+  if (fmt < 0 || fmt >= 8) return false;
+  if (verdict[fmt] == 0) verdict[fmt] = self_check(fmt) ? 1 : -1;
+  return verdict[fmt] == 1;
+#else
+  (void)fmt;
+  return false;
+#endif
 }
 
 // Rows of X -> int16 codes, a scale per row (amax / 32767) and, for int4, the sum of the codes
@@ -253,7 +344,7 @@ static int moe_forward(const MoeArgs& a) {
   ThreadPool& pool = state().threads(a.pool);
   const bool q8 = a.fmt == FMT_W8A8;
 #if defined(KT_X86)
-  const bool x16 = (a.fmt == FMT_INT8 || a.fmt == FMT_INT4) && state().variant == VARIANT_AVX2;
+  const bool x16 = (a.fmt == FMT_INT8 || a.fmt == FMT_INT4) && state().variant >= VARIANT_AVX2;
 #else
   const bool x16 = false;
 #endif
@@ -287,8 +378,8 @@ static int moe_forward(const MoeArgs& a) {
 #if defined(KT_X86)
     } else if (x16) {
       X16 xv{&X16q[xoff[ai] * H], &xs[xoff[ai]], grp ? &xg[xoff[ai] * G1] : nullptr, H, G1};
-      panel_gemm_x16_avx2(weight_of(a, a.gate, e, I, H), p, xv, n, g.data());
-      panel_gemm_x16_avx2(weight_of(a, a.up, e, I, H), p, xv, n, u.data());
+      panel_x16(weight_of(a, a.gate, e, I, H), p, xv, n, g.data());
+      panel_x16(weight_of(a, a.up, e, I, H), p, xv, n, u.data());
 #endif
     } else {
       panel_gemm(weight_of(a, a.gate, e, I, H), p, &X[xoff[ai] * H], H, n, g.data());
@@ -324,7 +415,7 @@ static int moe_forward(const MoeArgs& a) {
         panel_gemm_q8(weight_of(a, a.down, e, H, I), q, &Aq[xoff[ai] * Ipad], Ipad, &as[xoff[ai]], n, y.data());
 #if defined(KT_X86)
       else if (x16)
-        panel_gemm_x16_avx2(weight_of(a, a.down, e, H, I), q,
+        panel_x16(weight_of(a, a.down, e, H, I), q,
                             X16{&A16q[xoff[ai] * Ipad], &as[xoff[ai]], grp ? &ag[xoff[ai] * G2] : nullptr, Ipad, G2},
                             n, y.data());
 #endif
@@ -348,7 +439,7 @@ static int moe_forward(const MoeArgs& a) {
 static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
                        float* out) {
   const int64_t RB = 32, blocks = (M + RB - 1) / RB;
-  const bool avx2 = state().variant == VARIANT_AVX2;
+  const bool avx2 = state().variant >= VARIANT_AVX2;
   state().threads().run(blocks, [&](int64_t b) {
     const int64_t r0 = b * RB, r1 = std::min(M, r0 + RB);
     int64_t r = r0;
@@ -388,7 +479,7 @@ KT_API int kt_abi_version() { return 4; }
 KT_API uint32_t kt_isa() { return kt::state().isa; }
 KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
 KT_API int kt_set_variant(const char* name) {
-  for (int v = 0; v < 2; ++v)
+  for (int v = 0; v < kt::kVariants; ++v)
     if (std::strcmp(name, kt::kVariantNames[v]) == 0) {
       if (v > kt::best_variant(kt::state().isa)) return -1;  // never run what the CPU lacks
       kt::state().variant = v;
@@ -423,7 +514,7 @@ KT_API double kt_membw(const float* buf, int64_t n, int iters) {
     pool.run(parts, [&](int64_t i) {
       const int64_t lo = n * i / parts, hi = n * (i + 1) / parts;
 #if defined(KT_X86)
-      sink[i] += kt::state().variant == kt::VARIANT_AVX2 ? kt::stream_sum_avx2(buf + lo, hi - lo)
+      sink[i] += kt::state().variant >= kt::VARIANT_AVX2 ? kt::stream_sum_avx2(buf + lo, hi - lo)
                                                           : kt::stream_sum_generic(buf + lo, hi - lo);
 #else
       sink[i] += kt::stream_sum_generic(buf + lo, hi - lo);

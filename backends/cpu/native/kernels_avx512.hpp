@@ -1,0 +1,162 @@
+// AVX-512 (F + BW + VNNI) panel kernels: the AVX2 kernels' arithmetic with one 16-row panel
+// step per zmm register. Same layouts as kernels.hpp. Picked at run time only on CPUs (and
+// OSes) that have these features, and checked against the generic kernels on first use
+// (kt_cpu.cpp, self_check): a disagreement logs and falls back to AVX2.
+#pragma once
+#include "kernels.hpp"
+
+#ifdef KT_X86
+namespace kt {
+
+#define KT_AVX512 KT_TARGET("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
+
+// fp8 e4m3 bytes of one panel step -> 16 floats times 2^-8 (see tile_f8_group in kernels.hpp)
+KT_AVX512 inline __m512 fp8x16_512(const uint8_t* p) {
+  __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7),
+                                 _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8));
+  return _mm512_cvtph_ps(bits);
+}
+
+template <int MR>
+KT_AVX512 inline void rows_f_avx512(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {
+  __m512 acc[4];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  if (w.fmt == FMT_BF16) {
+    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * w.K * NR;
+    for (int64_t k = 0; k < w.K; ++k) {
+      __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR))), 16));
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(X[i * ldx + k]), v, acc[i]);
+    }
+  } else {  // FMT_FP8
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * w.K * NR;
+    const int64_t G = w.K / w.group;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 ga[4];
+      for (int i = 0; i < MR; ++i) ga[i] = _mm512_setzero_ps();
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) {
+        __m512 v = fp8x16_512(wp + k * NR);
+        for (int i = 0; i < MR; ++i) ga[i] = _mm512_fmadd_ps(_mm512_set1_ps(X[i * ldx + k]), v, ga[i]);
+      }
+      __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w.scale + (p * G + g) * NR), _mm512_set1_ps(256.f));
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(ga[i], s, acc[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(out + i * NR, acc[i]);
+}
+
+// a[i] += the 16 rows' int16 input pairs (k, k+1) . row i of X
+template <int MR>
+KT_AVX512 inline void madd_pairs_512(__m512i w, const X16& x, int64_t k, __m512i (&a)[4]) {
+  for (int i = 0; i < MR; ++i) {
+    int32_t pair;
+    std::memcpy(&pair, x.q + i * x.ldx + k, 4);
+    a[i] = _mm512_add_epi32(a[i], _mm512_madd_epi16(w, _mm512_set1_epi32(pair)));
+  }
+}
+
+template <int MR>
+KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, float* out) {
+  __m512 acc[4];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  __m512i a[4];
+  if (w.fmt == FMT_INT8) {
+    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
+    for (int64_t k0 = 0; k0 < w.K; k0 += 256) {  // int32 sums flushed every 256 inputs
+      for (int i = 0; i < MR; ++i) a[i] = _mm512_setzero_si512();
+      for (int64_t k = k0; k < std::min<int64_t>(w.K, k0 + 256); k += 2)
+        madd_pairs_512<MR>(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR))),
+                           x, k, a);
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_cvtepi32_ps(a[i]));
+    }
+    __m512 s = _mm512_loadu_ps(w.scale + p * NR);
+    for (int i = 0; i < MR; ++i) acc[i] = _mm512_mul_ps(acc[i], s);
+  } else {  // FMT_INT4
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
+    const int64_t G = w.K / w.group;
+    const __m128i lo_mask = _mm_set1_epi8(0x0F);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int i = 0; i < MR; ++i) a[i] = _mm512_setzero_si512();
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
+        __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
+        __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+        madd_pairs_512<MR>(_mm512_cvtepu8_epi16(pairs), x, k, a);
+      }
+      const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
+      __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR), zz = z ? _mm512_loadu_ps(z) : _mm512_set1_ps(8.f);
+      for (int i = 0; i < MR; ++i) {
+        __m512 xs = _mm512_set1_ps(static_cast<float>(x.gsum[i * x.ldg + g]));
+        acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zz, xs, _mm512_cvtepi32_ps(a[i])), s, acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(acc[i], _mm512_set1_ps(x.scale[i])));
+}
+
+// w8a8 with VNNI: dpbusd takes |x| (unsigned) against w with x's sign moved onto it
+template <int MR>
+KT_AVX512 inline void rows_q8_avx512(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
+                                     float* out) {
+  __m512i acc[4];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
+  const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < w.K / 4; ++k4) {
+    __m512i wv = _mm512_loadu_si512(wp + k4 * 64);
+    for (int i = 0; i < MR; ++i) {
+      int32_t four;
+      std::memcpy(&four, Xq + i * ldx + 4 * k4, 4);
+      __m512i xb = _mm512_set1_epi32(four);
+      __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xb), zero, wv);
+      acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_abs_epi8(xb), ws);
+    }
+  }
+  __m512 s = _mm512_loadu_ps(w.scale + p * NR);
+  for (int i = 0; i < MR; ++i)
+    _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i]), s), _mm512_set1_ps(xs[i])));
+}
+
+// n rows of X in tiles of 4: f(MR tag, first row)
+#define KT_TILES_512(n, CALL4, CALL3, CALL2, CALL1) \
+  do {                                              \
+    int64_t i = 0;                                  \
+    for (; i + 4 <= (n); i += 4) CALL4;             \
+    switch ((n) - i) {                              \
+      case 3: CALL3; break;                         \
+      case 2: CALL2; break;                         \
+      case 1: CALL1; break;                         \
+      default: break;                               \
+    }                                               \
+  } while (0)
+
+KT_AVX512 inline void panel_gemm_avx512(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
+                                        float* out) {
+  KT_TILES_512(n, rows_f_avx512<4>(w, p, X + i * ldx, ldx, out + i * NR),
+               rows_f_avx512<3>(w, p, X + i * ldx, ldx, out + i * NR),
+               rows_f_avx512<2>(w, p, X + i * ldx, ldx, out + i * NR),
+               rows_f_avx512<1>(w, p, X + i * ldx, ldx, out + i * NR));
+}
+
+KT_AVX512 inline X16 x16_rows(const X16& x, int64_t i) {
+  return X16{x.q + i * x.ldx, x.scale + i, x.gsum ? x.gsum + i * x.ldg : nullptr, x.ldx, x.ldg};
+}
+
+KT_AVX512 inline void panel_gemm_x16_avx512(const Weight& w, int64_t p, const X16& x, int64_t n, float* out) {
+  KT_TILES_512(n, rows_x16_avx512<4>(w, p, x16_rows(x, i), out + i * NR),
+               rows_x16_avx512<3>(w, p, x16_rows(x, i), out + i * NR),
+               rows_x16_avx512<2>(w, p, x16_rows(x, i), out + i * NR),
+               rows_x16_avx512<1>(w, p, x16_rows(x, i), out + i * NR));
+}
+
+KT_AVX512 inline void panel_gemm_q8_avx512(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
+                                           int64_t n, float* out) {
+  KT_TILES_512(n, rows_q8_avx512<4>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR),
+               rows_q8_avx512<3>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR),
+               rows_q8_avx512<2>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR),
+               rows_q8_avx512<1>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR));
+}
+
+}  // namespace kt
+#endif
