@@ -15,6 +15,7 @@ blocks at the next step. ``Engine.generate`` and the HTTP server both drive this
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 import time
@@ -26,6 +27,9 @@ import torch
 
 from kt_core.errors import KtError
 from kt_core.runtime.sampling import SamplingParams, TextStream, apply_repetition_penalty
+
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(KtError):
@@ -53,6 +57,7 @@ class Request:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     computed: int = 0  # prompt tokens whose KV exists
     reserved_blocks: int = 0
+    stop_ids: set = field(default_factory=set)  # token ids that end it (its own + eos unless ignore_eos)
     created: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
     finished_at: Optional[float] = None
@@ -76,6 +81,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.cond = threading.Condition()
         self.draining = False
+        self.drain_deadline: Optional[float] = None
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generation_tokens": 0,
                          "cancelled": 0, "timeouts": 0, "rejected": 0, "steps": 0}
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) of recent steps
@@ -89,6 +95,7 @@ class Scheduler:
             raise KtError(f"prompt of {len(prompt)} tokens + max_new_tokens={req.params.max_new_tokens} exceeds "
                           f"the context of {eng.max_seq_len}; shorten one or raise model.max_seq_len")
         req.prompt = prompt
+        req.stop_ids = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.engine.eos_ids)
         req.reserved_blocks = math.ceil((len(prompt) + req.params.max_new_tokens) / self.cache.block_size)
         if req.reserved_blocks > self.cache.num_blocks:
             raise KtError(f"this request needs {req.reserved_blocks} KV blocks but the cache has "
@@ -121,15 +128,30 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- from the thread that owns the engine -------------------------------------------
+    def drain(self, grace_s: float) -> None:
+        """Stop taking requests; what is queued or running gets ``grace_s`` seconds to finish."""
+        with self.cond:
+            if not self.draining:
+                self.draining = True
+                self.drain_deadline = time.monotonic() + grace_s
+                self.cond.notify()
+
     def run(self, stop: threading.Event) -> None:
-        """Step while there is work; sleep (no spinning) while idle; return when ``stop`` is set."""
+        """Step while there is work; sleep (no spinning) while idle; return when ``stop`` is set.
+        A step that raises fails the requests in flight, not the loop."""
         while not stop.is_set():
+            if self.drain_deadline is not None and time.monotonic() > self.drain_deadline and self.has_work():
+                self.abort_all("the server shut down before the request finished (server.shutdown_grace_s)")
             with self.cond:
                 if not self.has_work():
-                    self.cond.wait(0.5)
+                    self.cond.wait(0.25)
                     continue
-            self.step()
-        self.abort_all("the server is shutting down")
+            try:
+                self.step()
+            except Exception as exc:
+                log.exception("a decode step failed")
+                self.abort_all(f"internal error in the decode step: {type(exc).__name__}: {exc}")
+        self.abort_all("the server shut down")
 
     def abort_all(self, why: str) -> None:
         with self.cond:
@@ -193,7 +215,7 @@ class Scheduler:
             self._emit(r, tok)
 
     def _emit(self, r: Request, tok: int) -> None:
-        if tok in self._stop_ids(r):
+        if tok in r.stop_ids:
             self._finish(r, "stop")
             return
         r.output.append(tok)
@@ -205,12 +227,6 @@ class Scheduler:
             self._finish(r, reason)
         elif len(r.output) >= r.params.max_new_tokens:
             self._finish(r, "length")
-
-    def _stop_ids(self, r: Request) -> set[int]:
-        ids = set(r.params.stop_token_ids)
-        if not r.params.ignore_eos:
-            ids |= self.engine.eos_ids
-        return ids
 
     def _finish(self, r: Request, reason: str, error: Optional[str] = None) -> None:
         if r.finished:

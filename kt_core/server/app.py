@@ -42,7 +42,6 @@ class ServerState:
         self.api_key = key or None
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
-        self.drain_deadline: Optional[float] = None
         self.created = int(time.time())
 
     @classmethod
@@ -63,34 +62,17 @@ class ServerState:
 
     def start(self) -> None:
         if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name="kt-scheduler", daemon=True)
+            self.thread = threading.Thread(target=self.scheduler.run, args=(self.stop,), name="kt-scheduler",
+                                           daemon=True)
             self.thread.start()
-
-    def _loop(self) -> None:
-        sched = self.scheduler
-        while not self.stop.is_set():
-            if self.drain_deadline is not None and time.monotonic() > self.drain_deadline and sched.has_work():
-                sched.abort_all(f"the server shut down (server.shutdown_grace_s={self.cfg.shutdown_grace_s:g})")
-            with sched.cond:
-                if not sched.has_work():
-                    sched.cond.wait(0.25)
-                    continue
-            try:
-                sched.step()
-            except Exception as exc:  # a failed step must not kill the server: fail its requests
-                log.exception("a decode step failed")
-                sched.abort_all(f"internal error in the decode step: {type(exc).__name__}: {exc}")
-        sched.abort_all("the server shut down")
 
     def begin_shutdown(self) -> None:
         """Stop taking requests; running ones get ``shutdown_grace_s`` seconds to finish."""
-        if self.drain_deadline is None:
-            with self.scheduler.cond:
-                self.scheduler.draining = True
-                self.scheduler.cond.notify()
-            self.drain_deadline = time.monotonic() + float(self.cfg.shutdown_grace_s)
+        s = self.scheduler
+        if not s.draining:
             log.info("shutting down: %d running, %d waiting; they get %.0f s to finish",
-                     len(self.scheduler.running), len(self.scheduler.waiting), self.cfg.shutdown_grace_s)
+                     len(s.running), len(s.waiting), self.cfg.shutdown_grace_s)
+        s.drain(float(self.cfg.shutdown_grace_s))
 
     def close(self) -> None:
         self.begin_shutdown()

@@ -109,18 +109,7 @@ class Checkpoint:
 
     def get(self, name: str, shape: Optional[Iterable[int]] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Read one tensor; ``shape`` is checked when given."""
-        if name in self._bin:
-            t = self._bin[name]
-        elif name in self._where:
-            try:
-                t = self._handle(self._where[name]).get_tensor(name)
-            except KtError:
-                raise
-            except Exception as exc:
-                raise KtError(f"tensor {name} in {self._where[name].name} could not be read ({exc}); "
-                              "the file is probably truncated: download it again") from None
-        else:
-            raise KtError(f"tensor {name} is missing from the checkpoint in {self.path}")
+        t = self._raw(name)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise KtError(f"tensor {name} has shape {tuple(t.shape)} but the config implies {tuple(shape)}; "
                           "config.json and the weights do not belong together")
@@ -155,11 +144,18 @@ class Checkpoint:
             raise KtError(f"{name}: {exc}") from None
 
     def _raw(self, name: str) -> torch.Tensor:
+        """The tensor as stored (no dequantization, no checks)."""
         if name in self._bin:
             return self._bin[name]
         if name not in self._where:
             raise KtError(f"tensor {name} is missing from the checkpoint in {self.path}")
-        return self._handle(self._where[name]).get_tensor(name)
+        try:
+            return self._handle(self._where[name]).get_tensor(name)
+        except KtError:
+            raise
+        except Exception as exc:
+            raise KtError(f"tensor {name} in {self._where[name].name} could not be read ({exc}); "
+                          "the file is probably truncated: download it again") from None
 
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
         return self.get(name, shape, dtype) if name in self else None
