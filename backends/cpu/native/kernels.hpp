@@ -38,6 +38,9 @@ namespace kt {
 enum Format : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3, FMT_W8A8 = 4 };
 constexpr int NR = 16;  // rows per panel
 constexpr int KB = 256; // input block kept hot in L1 while token tiles sweep it
+#ifndef KT_PREFETCH
+#define KT_PREFETCH 1024  // bytes ahead in a panel stream that the int kernels prefetch
+#endif
 
 struct Weight {
   int fmt;
@@ -125,6 +128,7 @@ KT_TARGET("avx2,fma,f16c") inline void tile_rows(const T* wp, const float* X, in
                                             __m256 (&acc)[4][2]) {
   for (int64_t k = k0; k < k1; ++k) {
     const T* row = wp + k * NR;
+    _mm_prefetch(reinterpret_cast<const char*>(row) + KT_PREFETCH, _MM_HINT_T0);
     __m256 w0 = load8(row), w1 = load8(row + 8);
     for (int i = 0; i < MR; ++i) {
       __m256 x = _mm256_broadcast_ss(X + i * ldx + k);
@@ -168,6 +172,7 @@ KT_TARGET("avx2,fma,f16c") inline void rows_i8_avx2(const Weight& w, int64_t p, 
     for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
     for (int64_t k = k0; k < k1; k += 2) {
       const int8_t* row = wp + k * NR;
+      _mm_prefetch(reinterpret_cast<const char*>(row) + KT_PREFETCH, _MM_HINT_T0);
       madd_pairs<MR>(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))),
                      _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16))), x, k, a);
     }
@@ -198,6 +203,7 @@ KT_TARGET("avx2,fma,f16c") inline void rows_i4_avx2(const Weight& w, int64_t p, 
     __m256i a[4][2];
     for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
     for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
+      if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + (k / 2) * NR) + KT_PREFETCH, _MM_HINT_T0);
       __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
       __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
       madd_pairs<MR>(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi)), _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi)),
@@ -249,6 +255,7 @@ KT_TARGET("avx2,fma,f16c") inline void tile_f8_group(const uint8_t* wp, const fl
   for (int i = 0; i < MR; ++i) ga[i][0] = ga[i][1] = _mm256_setzero_ps();
   const __m256i m7f = _mm256_set1_epi16(0x7F), m80 = _mm256_set1_epi16(0x80);
   for (int64_t k = k0; k < k0 + g; ++k) {
+    if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
     __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR)));
     __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, m7f), 7),
                                    _mm256_slli_epi16(_mm256_and_si256(h, m80), 8));
@@ -277,6 +284,7 @@ KT_TARGET("avx2,fma,f16c") inline void rows_q8_avx2(const Weight& w, int64_t p, 
   const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t k4 = 0; k4 < w.K / 4; ++k4) {
+    _mm_prefetch(reinterpret_cast<const char*>(wp + k4 * 64) + KT_PREFETCH, _MM_HINT_T0);
     __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k4 * 64));
     __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k4 * 64 + 32));
     for (int i = 0; i < MR; ++i) {

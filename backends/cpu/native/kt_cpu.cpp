@@ -363,15 +363,22 @@ static int moe_forward(const MoeArgs& a) {
     xg.resize(rows * G1 + 1);
     quantize_rows16(X.data(), rows, H, H, grp, X16q.data(), xs.data(), grp ? xg.data() : nullptr);
   }
-  // stage 1: gate and up panels -> activation, item = (active expert, panel of I)
-  const int64_t n1 = static_cast<int64_t>(active.size()) * Pi;
-  pool.run(n1, [&](int64_t item) {
-    const int64_t ai = item / Pi, p = item % Pi, e = active[ai], n = static_cast<int64_t>(tok[e].size());
+  // Items cover runs of consecutive panels of one expert, so each reads one long contiguous
+  // stream (short streams leave the hardware prefetchers cold: int4 panels are only 1-6 KB);
+  // about 8 items per worker keep the load balanced.
+  const int64_t per_worker = 8 * static_cast<int64_t>(pool.size());
+  const int64_t n_active = static_cast<int64_t>(active.size());
+  const int64_t pb1 = std::max<int64_t>(1, std::min<int64_t>(Pi, n_active * Pi / per_worker));
+  const int64_t blocks1 = (Pi + pb1 - 1) / pb1;
+  // stage 1: gate and up panels -> activation, item = (active expert, run of panels of I)
+  pool.run(n_active * blocks1, [&](int64_t item) {
+    const int64_t ai = item / blocks1, e = active[ai], n = static_cast<int64_t>(tok[e].size());
     thread_local std::vector<float> g, u;  // per-thread scratch: no allocation per item
     if (static_cast<int64_t>(g.size()) < n * NR) {
       g.resize(n * NR);
       u.resize(n * NR);
     }
+    for (int64_t p = (item % blocks1) * pb1; p < std::min(Pi, (item % blocks1 + 1) * pb1); ++p) {
     if (q8) {
       panel_gemm_q8(weight_of(a, a.gate, e, I, H), p, &Xq[xoff[ai] * H], H, &xs[xoff[ai]], n, g.data());
       panel_gemm_q8(weight_of(a, a.up, e, I, H), p, &Xq[xoff[ai] * H], H, &xs[xoff[ai]], n, u.data());
@@ -392,6 +399,7 @@ static int moe_forward(const MoeArgs& a) {
         if (a.up.bias) uv += a.up.bias[e * I + p * NR + j];
         A[(xoff[ai] + r) * Ipad + p * NR + j] = act(gv, uv, a.activation);
       }
+    }
   });
   if (q8) {
     Aq.resize(rows * Ipad);
@@ -405,10 +413,12 @@ static int moe_forward(const MoeArgs& a) {
       quantize_rows16(&A[r * Ipad], 1, Ipad, I, grp, &A16q[r * Ipad], &as[r], grp ? &ag[r * G2] : nullptr);
     });
   }
-  // stage 2: down panels, item = panel of H (owns those output columns: no races)
-  pool.run(Ph, [&](int64_t q) {
+  // stage 2: down panels, item = run of panels of H (owns those output columns: no races)
+  const int64_t pb2 = std::max<int64_t>(1, Ph / per_worker), blocks2 = (Ph + pb2 - 1) / pb2;
+  pool.run(blocks2, [&](int64_t b) {
     thread_local std::vector<float> y;
-    for (size_t ai = 0; ai < active.size(); ++ai) {
+    for (size_t ai = 0; ai < active.size(); ++ai)
+    for (int64_t q = b * pb2; q < std::min(Ph, (b + 1) * pb2); ++q) {
       const int64_t e = active[ai], n = static_cast<int64_t>(tok[e].size());
       if (static_cast<int64_t>(y.size()) < n * NR) y.resize(n * NR);
       if (q8)
