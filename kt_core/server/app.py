@@ -229,11 +229,10 @@ def _check_model(state: ServerState, name: str) -> None:
 
 
 def _encode(engine, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        if engine.tokenizer is None:
-            raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
-        return engine.tokenizer.encode(prompt)
-    return list(prompt)
+    try:
+        return engine.encode_prompt(prompt)
+    except KtError as exc:  # no tokenizer for a text prompt
+        raise ApiError(400, str(exc), param="prompt") from None
 
 
 async def _respond(state: ServerState, http, body, ids: list[int], max_tokens: Optional[int], chat: bool):

@@ -226,42 +226,34 @@ static bool avx512_ok(int fmt) {
 #endif
 }
 
-// Rows of X -> int16 codes, a scale per row (amax / 32767) and, for int4, the sum of the codes
-// of every group of `group` inputs (the zero-point term). Columns K..ld are zero.
-static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
-                            float* scale, int32_t* gsum) {
+// Rows of X -> integer codes in [-qmax, qmax] and one scale per row (amax / qmax, round half to
+// even); columns K..ld are zero. int8 (qmax 127) is w8a8's dynamic activation quantization, the
+// same arithmetic as fake_quant_activations in Python; int16 (qmax 32767) feeds the int8 / int4
+// kernels.
+template <typename Q>
+static void quantize_rows(const float* X, int64_t rows, int64_t ld, int64_t K, float qmax, Q* q, float* scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = X + r * ld;
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float s = std::max(amax, 1e-30f) / 32767.f, inv = 1.f / s;
+    const float s = std::max(amax, 1e-30f) / qmax;
     scale[r] = s;
     for (int64_t k = 0; k < ld; ++k)
-      q[r * ld + k] = k < K ? static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, std::nearbyint(x[k] * inv))))
-                            : int16_t(0);
-    if (gsum)
-      for (int64_t g = 0; g < K / group; ++g) {
-        int32_t sum = 0;
-        for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[r * ld + k];
-        gsum[r * (K / group) + g] = sum;
-      }
+      q[r * ld + k] = static_cast<Q>(k < K ? std::min(qmax, std::max(-qmax, std::nearbyint(x[k] / s))) : 0.f);
   }
 }
 
-// Rows of X -> int8 codes and one scale per row (amax / 127, round half to even): w8a8's
-// dynamic activation quantization, the same arithmetic as fake_quant_activations in Python.
-static void quantize_rows(const float* X, int64_t rows, int64_t ld, int64_t K, int8_t* Xq, float* xs) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = X + r * ld;
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float scale = std::max(amax, 1e-30f) / 127.f;
-    xs[r] = scale;
-    for (int64_t k = 0; k < ld; ++k) {
-      float q = k < K ? std::nearbyint(x[k] / scale) : 0.f;
-      Xq[r * ld + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, q)));
+// int16 rows plus, for int4 (group > 0), the sum of the codes of every group (the zero-point term)
+static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
+                            float* scale, int32_t* gsum) {
+  quantize_rows<int16_t>(X, rows, ld, K, 32767.f, q, scale);
+  if (!gsum) return;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < K / group; ++g) {
+      int32_t sum = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[r * ld + k];
+      gsum[r * (K / group) + g] = sum;
     }
-  }
 }
 
 // ---------------------------------------------------------------- fused MoE
@@ -356,7 +348,7 @@ static int moe_forward(const MoeArgs& a) {
   if (q8) {  // activations to int8 per row, once per call
     Xq.resize(rows * H);
     xs.resize(rows);
-    quantize_rows(X.data(), rows, H, H, Xq.data(), xs.data());
+    quantize_rows<int8_t>(X.data(), rows, H, H, 127.f, Xq.data(), xs.data());
   } else if (x16) {  // activations to int16 per row
     X16q.resize(rows * H);
     xs.resize(rows);
@@ -404,7 +396,7 @@ static int moe_forward(const MoeArgs& a) {
   if (q8) {
     Aq.resize(rows * Ipad);
     as.resize(rows);
-    pool.run(rows, [&](int64_t r) { quantize_rows(&A[r * Ipad], 1, Ipad, I, &Aq[r * Ipad], &as[r]); });
+    pool.run(rows, [&](int64_t r) { quantize_rows<int8_t>(&A[r * Ipad], 1, Ipad, I, 127.f, &Aq[r * Ipad], &as[r]); });
   } else if (x16) {
     A16q.resize(rows * Ipad);
     as.resize(rows);
