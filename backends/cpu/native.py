@@ -12,7 +12,7 @@ import importlib.util
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,7 +22,7 @@ from kt_core.weights.quant import ExpertWeights, Quant
 NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 class _Proj(ctypes.Structure):
@@ -161,6 +161,16 @@ class PackedExperts:
     up: PackedProj
     down: PackedProj
     pool: int = 0  # logical CPU device (cpu:N) whose workers run these experts
+    _call: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+
+    def call_parts(self) -> tuple:
+        """What every call passes unchanged: the global id -> local index map (ids past its end
+        are other devices' experts) and the three projections' argument structs."""
+        if self._call is None:
+            local_of = torch.full((int(self.expert_ids.max()) + 1,), -1, dtype=torch.long)
+            local_of[self.expert_ids] = torch.arange(self.expert_ids.numel())
+            self._call = (local_of, _proj(self.gate), _proj(self.up), _proj(self.down))
+        return self._call
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in (self.gate, self.up, self.down)
@@ -189,7 +199,21 @@ def _pack_proj(w, bias: Optional[torch.Tensor]) -> PackedProj:
         return PackedProj(data, scale, None, b)
     scale = _panels(w.scales.float())  # [E, P, G, 16]
     zero = None if w.zeros is None else _panels(w.zeros.float())
-    return PackedProj(_panels(w.qdata), scale, zero, b)
+    data = _panels(w.qdata) if w.format is Quant.FP8 else _int4_quads(w.qdata)
+    return PackedProj(data, scale, zero, b)
+
+
+def _int4_quads(qdata: torch.Tensor) -> torch.Tensor:
+    """int4 codes [E, M, K/2] (low nibble = even input) -> the kernel's quad layout
+    [E, P, K/4, 32] bytes (native/kernels.hpp): per 4 inputs of a panel, 16 little-endian
+    16-bit words; word 2l+e holds code(row l + 8h, input 4q + 2s + e) in its nibble h + 2s."""
+    E, M, half = qdata.shape
+    codes = torch.stack((qdata & 0xF, qdata >> 4), dim=-1).reshape(E, M, 2 * half)
+    c = _panels(codes)  # [E, P, K, 16 rows]
+    P, K = c.shape[1], c.shape[2]
+    # [E, P, q, s, e, h, l] -> [E, P, q, l, e, s, h]: bytes (q, l, e, s), nibble h
+    c = c.reshape(E, P, K // 4, 2, 2, 2, 8).permute(0, 1, 2, 6, 4, 3, 5)
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(E, P, K // 4, 32).contiguous()
 
 
 def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
@@ -216,8 +240,10 @@ def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
         name = "fp8"
     else:
         group = ex.gate.group_size
-        if ex.down.group_size != group or group % 2 or (ex.gate.zeros is None) != (ex.down.zeros is None):
-            return None
+        if ex.down.group_size != group or group % 4 or (ex.gate.zeros is None) != (ex.down.zeros is None):
+            return None  # the int4 kernel reads inputs in fours (a 16-bit word per row pair of inputs)
+        if group > 4096:
+            return None  # a group's int32 sum of code x int16 activation could overflow
         name = "int4"
     H, I = ex.gate.shape[2], ex.gate.shape[1]
     return PackedExperts(ex.expert_ids.long().contiguous(), name, group, H, I, _pack_proj(ex.gate, ex.gate_bias),
@@ -249,16 +275,13 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
     out = torch.empty(T, packed.hidden, dtype=torch.float32)
     if T == 0:
         return out.to(hidden.dtype)
-    n_global = max(int(ids.max()), int(packed.expert_ids.max())) + 1
-    if int(ids.min()) < 0:
-        raise ValueError("topk_ids has negative expert ids")
-    local_of = torch.full((n_global,), -1, dtype=torch.long)
-    local_of[packed.expert_ids] = torch.arange(packed.expert_ids.numel())
-    args = _MoeArgs(T, packed.hidden, packed.inter, K, packed.expert_ids.numel(), n_global, FORMATS[packed.fmt],
-                    packed.group, ACTIVATIONS[activation], x.data_ptr(), ids.data_ptr(), w.data_ptr(),
-                    local_of.data_ptr(), _proj(packed.gate), _proj(packed.up), _proj(packed.down), out.data_ptr(),
-                    pool)
+    local_of, gate, up, down = packed.call_parts()
+    args = _MoeArgs(T, packed.hidden, packed.inter, K, packed.expert_ids.numel(), local_of.numel(),
+                    FORMATS[packed.fmt], packed.group, ACTIVATIONS[activation], x.data_ptr(), ids.data_ptr(),
+                    w.data_ptr(), local_of.data_ptr(), gate, up, down, out.data_ptr(), pool)
     rc = lib.kt_moe_forward(ctypes.byref(args))
+    if rc == -1:
+        raise ValueError("topk_ids has negative expert ids")
     if rc:
         raise RuntimeError(f"native moe_forward failed with code {rc}")
     return out.to(hidden.dtype)

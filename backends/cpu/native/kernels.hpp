@@ -5,9 +5,11 @@
 // [16p, 16p+16) input-major, so one input step of a panel is 16 consecutive values:
 //   bf16: uint16 [P][K][16]
 //   int8: int8   [P][K/2][16][2] (input pairs of a row together), one float scale per row  scale [P*16]
-//   int4: uint8  [P][K/2][16], byte = code(k even) | code(k odd) << 4,
+//   int4: uint16 [P][K/4][16]: per 4 inputs (4q..4q+3) of a panel, 16 words; word 2l+e holds
+//         code(row l + 8h, input 4q + 2s + e) in its nibble h + 2s (h, s, e in {0, 1}), so a
+//         shift and a mask give a madd_epi16 operand (8 rows x one input pair) with no shuffle;
 //         per (group, row) scale and zero point                  scale/zero [P][K/g][16]
-//         (symmetric int4 has no zero array: codes are biased by 8)
+//         (symmetric int4 has no zero array: codes are biased by 8; groups are multiples of 4)
 //   fp8:  uint8  [P][K][16] float8 e4m3 bytes, per (group, row) scale  scale [P][K/g][16]
 //   w8a8: int8   [P][K/4][16][4] (4 consecutive inputs of a row together, the order the
 //         integer dot-product instructions read), one float scale per row  scale [P*16]
@@ -80,11 +82,12 @@ inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scal
     *zero = 0.f;
     return fp8_to_f32(static_cast<const uint8_t*>(w.data)[(p * w.K + k) * NR + j]);
   }
-  const uint8_t b = static_cast<const uint8_t*>(w.data)[(p * (w.K / 2) + k / 2) * NR + j];
+  const int l = j % 8, h = j / 8, s = static_cast<int>(k >> 1) & 1, e = static_cast<int>(k & 1);
+  const uint16_t word = static_cast<const uint16_t*>(w.data)[(p * (w.K / 4) + k / 4) * NR + 2 * l + e];
   int64_t g = k / w.group, G = w.K / w.group;
   *scale = w.scale[(p * G + g) * NR + j];
   *zero = w.zero ? w.zero[(p * G + g) * NR + j] : 8.f;
-  return static_cast<float>((k & 1) ? (b >> 4) : (b & 15));
+  return static_cast<float>((word >> (4 * (h + 2 * s))) & 15);
 }
 
 inline void panel_gemm_generic(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
@@ -190,24 +193,33 @@ KT_TARGET("avx2,fma,f16c") inline void rows_i8_avx2(const Weight& w, int64_t p, 
 }
 
 // int4 codes (0..15) x int16 activations per group; then scale * (sum code*x - zero * sum x).
-// A byte holds inputs k (low nibble) and k+1 (high) of one row; interleaving the low and high
-// nibble bytes puts each row's input pair side by side for madd_epi16.
+// One 32-byte load holds 16 rows x 4 inputs; nibble m of every word, shifted down and masked,
+// is a madd operand (m even: rows 0-7, odd: rows 8-15; m < 2: inputs 4q, 4q+1, else 4q+2, 4q+3).
 template <int MR>
 KT_TARGET("avx2,fma,f16c") inline void rows_i4_avx2(const Weight& w, int64_t p, const X16& x, float* out) {
   __m256 acc[4][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
   const int64_t G = w.K / w.group;
-  const __m128i lo_mask = _mm_set1_epi8(0x0F);
+  const __m256i mask = _mm256_set1_epi16(0x000F);
   for (int64_t g = 0; g < G; ++g) {
     __m256i a[4][2];
     for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
-    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
-      if ((k & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + (k / 2) * NR) + KT_PREFETCH, _MM_HINT_T0);
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
-      __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
-      madd_pairs<MR>(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi)), _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi)),
-                     x, k, a);
+    const uint8_t* gp = wp + g * w.group * (NR / 2);
+    const int16_t* xq = x.q + g * w.group;
+    for (int64_t q = 0; q < w.group / 4; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(gp + q * 32) + KT_PREFETCH, _MM_HINT_T0);
+      const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + q * 32));
+      const __m256i n0 = _mm256_and_si256(u, mask), n1 = _mm256_and_si256(_mm256_srli_epi16(u, 4), mask);
+      const __m256i n2 = _mm256_and_si256(_mm256_srli_epi16(u, 8), mask), n3 = _mm256_srli_epi16(u, 12);
+      for (int i = 0; i < MR; ++i) {
+        int32_t p0, p1;
+        std::memcpy(&p0, xq + i * x.ldx + 4 * q, 4);
+        std::memcpy(&p1, xq + i * x.ldx + 4 * q + 2, 4);
+        const __m256i x0 = _mm256_set1_epi32(p0), x1 = _mm256_set1_epi32(p1);
+        a[i][0] = _mm256_add_epi32(a[i][0], _mm256_add_epi32(_mm256_madd_epi16(n0, x0), _mm256_madd_epi16(n2, x1)));
+        a[i][1] = _mm256_add_epi32(a[i][1], _mm256_add_epi32(_mm256_madd_epi16(n1, x0), _mm256_madd_epi16(n3, x1)));
+      }
     }
     const float* s = w.scale + (p * G + g) * NR;
     const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
@@ -404,6 +416,33 @@ KT_TARGET("avx2,fma,f16c") inline void dense_pair_avx2(const uint16_t* w0, const
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) dense_rows_avx2<4>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
   for (; i < n; ++i) dense_rows_avx2<1>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
+}
+
+// One row of quantize_rows (kt_cpu.cpp): codes in [-qmax, qmax] of x / (amax / qmax), rounded
+// half to even by the same IEEE division and rounding as the scalar loop, so the codes are
+// identical; Q is int16_t or int8_t. Returns the scale.
+template <typename Q>
+KT_TARGET("avx2,fma,f16c") inline float quantize_row_avx2(const float* x, int64_t ld, int64_t K, float qmax, Q* q) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const int64_t K8 = K / 8 * 8;
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + k), absmask));
+  float lanes[8], amax = 0.f;
+  _mm256_storeu_ps(lanes, m);
+  for (float v : lanes) amax = std::max(amax, v);
+  for (int64_t j = K8; j < K; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float s = std::max(amax, 1e-30f) / qmax;
+  const __m256 vs = _mm256_set1_ps(s), hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+    const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    if (sizeof(Q) == 2) _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), h);
+    else _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(h, h));
+  }
+  for (int64_t j = K8; j < K; ++j) q[j] = static_cast<Q>(std::min(qmax, std::max(-qmax, std::nearbyint(x[j] / s))));
+  for (int64_t j = K; j < ld; ++j) q[j] = 0;
+  return s;
 }
 
 // Streaming read of n floats (memory-bandwidth probe): returns their sum so nothing is elided.

@@ -8,7 +8,9 @@
 #ifdef KT_X86
 namespace kt {
 
+#ifndef KT_AVX512  // tests/native/simd_emulated.cpp sets it to compile these under SIMDe
 #define KT_AVX512 KT_TARGET("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
+#endif
 
 // fp8 e4m3 bytes of one panel step -> 16 floats times 2^-8 (see tile_f8_group in kernels.hpp)
 KT_AVX512 inline __m512 fp8x16_512(const uint8_t* p) {
@@ -72,17 +74,21 @@ KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, 
     }
     __m512 s = _mm512_loadu_ps(w.scale + p * NR);
     for (int i = 0; i < MR; ++i) acc[i] = _mm512_mul_ps(acc[i], s);
-  } else {  // FMT_INT4
+  } else {  // FMT_INT4: the 32 bytes of 4 inputs in both halves; lanes 0-7 (rows 0-7) take
+            // nibble 2s of each word, lanes 8-15 (rows 8-15) nibble 2s + 1, for input pair s
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
     const int64_t G = w.K / w.group;
-    const __m128i lo_mask = _mm_set1_epi8(0x0F);
+    const __m512i mask = _mm512_set1_epi16(0x000F);
+    const __m512i sh0 = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(4), 1);
+    const __m512i sh1 = _mm512_inserti64x4(_mm512_set1_epi16(8), _mm256_set1_epi16(12), 1);
     for (int64_t g = 0; g < G; ++g) {
       for (int i = 0; i < MR; ++i) a[i] = _mm512_setzero_si512();
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k / 2) * NR));
-        __m128i lo = _mm_and_si128(b, lo_mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), lo_mask);
-        __m256i pairs = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-        madd_pairs_512<MR>(_mm512_cvtepu8_epi16(pairs), x, k, a);
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 4) {
+        const __m512i u = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 8)));
+        const __m512i n0 = _mm512_and_si512(_mm512_srlv_epi16(u, sh0), mask);
+        const __m512i n1 = _mm512_and_si512(_mm512_srlv_epi16(u, sh1), mask);
+        madd_pairs_512<MR>(n0, x, k, a);
+        madd_pairs_512<MR>(n1, x, k + 2, a);
       }
       const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
       __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR), zz = z ? _mm512_loadu_ps(z) : _mm512_set1_ps(8.f);

@@ -234,6 +234,12 @@ template <typename Q>
 static void quantize_rows(const float* X, int64_t rows, int64_t ld, int64_t K, float qmax, Q* q, float* scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = X + r * ld;
+#if defined(KT_X86)
+    if (state().variant >= VARIANT_AVX2) {
+      scale[r] = quantize_row_avx2<Q>(x, ld, K, qmax, q + r * ld);
+      continue;
+    }
+#endif
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
     const float s = std::max(amax, 1e-30f) / qmax;
@@ -274,7 +280,7 @@ struct MoeArgs {
   const float* x;           // [T][H]
   const int64_t* ids;       // [T][top_k] global expert ids
   const float* weights;     // [T][top_k]
-  const int64_t* local_of;  // [n_global] global id -> local index or -1
+  const int64_t* local_of;  // [n_global] global id -> local index or -1 (ids >= n_global: not local)
   Proj gate, up, down;
   float* out;               // [T][H], overwritten
   int pool;                 // logical CPU device whose workers run it
@@ -314,7 +320,8 @@ static int moe_forward(const MoeArgs& a) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t k = 0; k < a.top_k; ++k) {
       int64_t g = a.ids[t * a.top_k + k];
-      if (g < 0 || g >= a.n_global) return -1;
+      if (g < 0) return -1;
+      if (g >= a.n_global) continue;  // beyond the local map: an expert another device holds
       int64_t e = a.local_of[g];
       if (e < 0) continue;
       tok[e].push_back(t);
@@ -329,10 +336,7 @@ static int moe_forward(const MoeArgs& a) {
       rows += static_cast<int64_t>(tok[e].size());
     }
   if (active.empty()) return 0;
-  std::vector<float> X(rows * H), A(rows * Ipad, 0.f);
-  for (size_t ai = 0; ai < active.size(); ++ai)
-    for (size_t r = 0; r < tok[active[ai]].size(); ++r)
-      std::memcpy(&X[(xoff[ai] + r) * H], a.x + tok[active[ai]][r] * H, sizeof(float) * H);
+  std::vector<float> X, A(rows * Ipad, 0.f);
   ThreadPool& pool = state().threads(a.pool);
   const bool q8 = a.fmt == FMT_W8A8;
 #if defined(KT_X86)
@@ -345,15 +349,36 @@ static int moe_forward(const MoeArgs& a) {
   std::vector<int16_t> X16q, A16q;
   std::vector<int32_t> xg, ag;
   std::vector<float> xs, as;
-  if (q8) {  // activations to int8 per row, once per call
+  // The rows each active expert takes, gathered contiguous; integer formats quantize each token
+  // once (not once per route) and gather its codes.
+  auto gather = [&](auto* dst, const auto* src, int64_t width) {
+    for (size_t ai = 0; ai < active.size(); ++ai)
+      for (size_t r = 0; r < tok[active[ai]].size(); ++r)
+        std::memcpy(dst + (xoff[ai] + r) * width, src + tok[active[ai]][r] * width, sizeof(*dst) * width);
+  };
+  std::vector<float> ts(T);
+  if (q8) {  // activations to int8 per token
+    std::vector<int8_t> tq(T * H);
+    pool.run(T, [&](int64_t t) { quantize_rows<int8_t>(a.x + t * H, 1, H, H, 127.f, &tq[t * H], &ts[t]); });
     Xq.resize(rows * H);
     xs.resize(rows);
-    quantize_rows<int8_t>(X.data(), rows, H, H, 127.f, Xq.data(), xs.data());
-  } else if (x16) {  // activations to int16 per row
+    gather(Xq.data(), tq.data(), H);
+    gather(xs.data(), ts.data(), 1);
+  } else if (x16) {  // activations to int16 per token
+    std::vector<int16_t> tq(T * H);
+    std::vector<int32_t> tg(T * G1 + 1);
+    pool.run(T, [&](int64_t t) {
+      quantize_rows16(a.x + t * H, 1, H, H, grp, &tq[t * H], &ts[t], grp ? &tg[t * G1] : nullptr);
+    });
     X16q.resize(rows * H);
     xs.resize(rows);
     xg.resize(rows * G1 + 1);
-    quantize_rows16(X.data(), rows, H, H, grp, X16q.data(), xs.data(), grp ? xg.data() : nullptr);
+    gather(X16q.data(), tq.data(), H);
+    gather(xs.data(), ts.data(), 1);
+    if (grp) gather(xg.data(), tg.data(), G1);
+  } else {
+    X.resize(rows * H);
+    gather(X.data(), a.x, H);
   }
   // Items cover runs of consecutive panels of one expert, so each reads one long contiguous
   // stream (short streams leave the hardware prefetchers cold: int4 panels are only 1-6 KB);
@@ -477,7 +502,7 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
 }  // namespace kt
 
 // ---------------------------------------------------------------- C ABI (ctypes)
-KT_API int kt_abi_version() { return 4; }
+KT_API int kt_abi_version() { return 5; }
 KT_API uint32_t kt_isa() { return kt::state().isa; }
 KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
 KT_API int kt_set_variant(const char* name) {

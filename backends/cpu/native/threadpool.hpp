@@ -3,14 +3,26 @@
 // process that is not running kernels is not starved by busy-waiting workers.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#include <immintrin.h>
+#endif
 
 namespace kt {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
 
 class ThreadPool {
  public:
@@ -43,6 +55,7 @@ class ThreadPool {
       next_.store(0);
       done_.store(0);
       ++generation_;
+      generation_seen_.store(generation_, std::memory_order_release);
     }
     cv_.notify_all();
     work(&fn, n_items);
@@ -70,6 +83,12 @@ class ThreadPool {
     for (;;) {
       const std::function<void(int64_t)>* fn;
       int64_t total;
+      // Spin a short while (a kernel's next stage usually follows within microseconds), then
+      // sleep: a bounded spin costs at most kSpin of a core after the last job, never more.
+      const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+      while (generation_seen_.load(std::memory_order_acquire) == seen &&
+             std::chrono::steady_clock::now() < spin_until)
+        cpu_relax();
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return quit_ || (generation_ != seen && fn_ != nullptr); });
@@ -103,6 +122,8 @@ class ThreadPool {
   std::atomic<int64_t> next_{0}, done_{0};
   std::atomic<int> active_{0};
   uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_seen_{0};  // generation_, readable without the lock (spinning)
+  static constexpr std::chrono::microseconds kSpin{200};
   bool quit_ = false;
 };
 
