@@ -1,0 +1,89 @@
+// The AVX-512 kernels (backends/cpu/native/kernels_avx512.hpp) run on a CPU without AVX-512:
+// their _mm512_* intrinsics are mapped onto SIMDe's portable implementations (the pytest
+// wrapper, tests/unit/test_simd_emulated.py, writes that mapping into the generated header
+// "kt_simde_map.h" and compiles this file with AVX2 enabled). Every format, several token
+// counts (the 4-row tiles and their tails) and panels are compared with the AVX2 kernels,
+// which the rest of the suite checks against torch. Prints one line per case and exits 1 on
+// a mismatch.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+
+#include "kernels.hpp"  // the real intrinsics' headers first, then the renaming
+#include "kt_simde_map.h"
+#define KT_AVX512 KT_TARGET("avx2,fma,f16c")
+#include "kernels_avx512.hpp"
+
+using namespace kt;
+
+static int failures = 0;
+
+static void compare(const char* what, int n, const std::vector<float>& got, const std::vector<float>& want) {
+  float err = 0.f, mag = 1e-30f;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, std::fabs(got[i] - want[i]));
+    mag = std::max(mag, std::fabs(want[i]));
+  }
+  const bool ok = err <= 1e-5f * mag && std::isfinite(err);
+  std::printf("%s %s n=%d relative error %.3g\n", ok ? "ok  " : "FAIL", what, n, err / mag);
+  if (!ok) ++failures;
+}
+
+int main() {
+  std::mt19937 rng(7);
+  const int64_t K = 512, P = 3;
+  for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_W8A8, FMT_INT4})
+    for (int group : {32, 128})
+      for (bool zeros : {false, true}) {
+        if ((fmt != FMT_INT4 && fmt != FMT_FP8) && group != 32) continue;  // no groups
+        if (fmt != FMT_INT4 && zeros) continue;
+        std::vector<uint8_t> data(P * K * NR * 2);
+        for (auto& b : data) b = static_cast<uint8_t>(rng());
+        if (fmt == FMT_FP8)
+          for (auto& b : data) if ((b & 0x7F) == 0x7F) b &= 0xFE;  // no NaN codes
+        if (fmt == FMT_BF16)
+          for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));
+        if (fmt == FMT_INT8 || fmt == FMT_W8A8)
+          for (auto& b : data) if (b == 0x80) b = 0x81;
+        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8) ? group : static_cast<int>(K);
+        std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
+        for (auto& v : scale) v = 0.001f + static_cast<float>(rng() % 1000) * 1e-5f;
+        for (auto& v : zero) v = static_cast<float>(rng() % 16);
+        Weight w{fmt, P * NR, K, g, data.data(), scale.data(), zeros ? zero.data() : nullptr};
+        for (int n : {1, 2, 3, 4, 5, 8, 9}) {
+          std::vector<float> X(n * K), xs(n), a(n * NR), b(n * NR);
+          std::vector<int8_t> Xq(n * K);
+          std::vector<int16_t> q(n * K);
+          std::vector<int32_t> gsum(n * (K / g), 0);
+          for (auto& v : X) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f;
+          for (auto& v : xs) v = 0.01f + static_cast<float>(rng() % 100) * 1e-4f;
+          for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+          for (int64_t i = 0; i < n * K; ++i) {
+            q[i] = static_cast<int16_t>(static_cast<int>(rng() % 65535) - 32767);
+            gsum[(i / K) * (K / g) + (i % K) / g] += q[i];
+          }
+          X16 x{q.data(), xs.data(), gsum.data(), K, K / g};
+          char what[96];
+          std::snprintf(what, sizeof what, "fmt=%d group=%d zeros=%d", fmt, g, zeros ? 1 : 0);
+          for (int64_t p = 0; p < P; ++p) {
+            if (fmt == FMT_BF16 || fmt == FMT_FP8) {
+              panel_gemm_avx512(w, p, X.data(), K, n, a.data());
+              panel_gemm_avx2(w, p, X.data(), K, n, b.data());
+            } else if (fmt == FMT_W8A8) {
+              panel_gemm_q8_avx512(w, p, Xq.data(), K, xs.data(), n, a.data());
+              panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
+            } else {
+              panel_gemm_x16_avx512(w, p, x, n, a.data());
+              panel_gemm_x16_avx2(w, p, x, n, b.data());
+            }
+            compare(what, n, a, b);
+          }
+        }
+      }
+  std::printf("%d failures\n", failures);
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,68 @@
+"""The SIMD kernels this CPU cannot run, run anyway: the AVX-512 kernels compiled against
+SIMDe's portable AVX-512 (PyPI ``simde-py``) and compared with the AVX2 kernels on every
+format, token-tile tail and panel offset (tests/native/simd_emulated.cpp). This checks their
+arithmetic and data layout on any x86 machine with AVX2; what emulation cannot check (the
+real instructions' timing, the OS saving the registers) the first-use self-check in
+kt_cpu.cpp covers on the hardware itself."""
+from __future__ import annotations
+
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kt_backends.cpu import native
+
+ROOT = Path(__file__).resolve().parents[2]
+NATIVE_SRC = ROOT / "backends" / "cpu" / "native"
+HARNESS = ROOT / "tests" / "native" / "simd_emulated.cpp"
+
+
+def _compiler() -> str | None:
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _simde_include() -> str | None:
+    try:
+        import simde_py
+    except ImportError:
+        return None
+    return simde_py.get_include()
+
+
+def simde_map() -> str:
+    """#defines that send every _mm512_* intrinsic (and the 512-bit types) the AVX-512
+    kernels use to SIMDe's implementation of it."""
+    names = sorted(set(re.findall(r"\b_mm512_\w+", (NATIVE_SRC / "kernels_avx512.hpp").read_text())))
+    lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d")]
+    lines += [f"#define {n} simde{n}" for n in names]
+    return "\n".join(lines) + "\n"
+
+
+def test_avx512_kernels_match_avx2_under_emulation(tmp_path):
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the emulation harness is built for x86-64 (it runs the AVX2 kernels natively)")
+    if not native.available() or native.variant() == "generic":
+        pytest.skip(f"needs a CPU with AVX2+FMA+F16C and the native kernels ({native.status()})")
+    cxx, include = _compiler(), _simde_include()
+    if cxx is None:
+        pytest.skip("no C++ compiler (c++, g++ or clang++) on PATH")
+    if include is None:
+        pytest.skip("SIMDe headers missing: pip install simde-py (in kt-core's [dev] extra)")
+    (tmp_path / "kt_simde_map.h").write_text(simde_map())
+    exe = tmp_path / "simd_emulated"
+    build = subprocess.run([cxx, "-O1", "-std=c++17", "-mavx2", "-mfma", "-mf16c", f"-I{include}", f"-I{tmp_path}",
+                            f"-I{NATIVE_SRC}", str(HARNESS), "-o", str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    failed = [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
+    assert run.returncode == 0 and not failed, "\n".join(failed[:20]) or run.stderr[-2000:]
+    assert re.search(r"^0 failures$", run.stdout, re.M), run.stdout[-2000:]
+    assert run.stdout.count("ok  ") >= 150  # every case ran
