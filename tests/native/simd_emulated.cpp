@@ -1,8 +1,9 @@
-// The AVX-512 kernels (backends/cpu/native/kernels_avx512.hpp) run on a CPU without AVX-512:
-// their _mm512_* intrinsics are mapped onto SIMDe's portable implementations (the pytest
+// The AVX-512 and AMX kernels (backends/cpu/native/kernels_avx512.hpp, kernels_amx.hpp) run on
+// a CPU without them: the _mm512_* intrinsics are mapped onto SIMDe's portable implementations
+// and the tile instructions onto amx_model.h (the pytest
 // wrapper, tests/unit/test_simd_emulated.py, writes that mapping into the generated header
 // "kt_simde_map.h" and compiles this file with AVX2 enabled). Every format, several token
-// counts (the 4-row tiles and their tails) and panels are compared with the AVX2 kernels,
+// counts (the 4-row and 16-token tiles and their tails) and panels are compared with the AVX2 kernels,
 // which the rest of the suite checks against torch. Prints one line per case and exits 1 on
 // a mismatch.
 #include <cstdio>
@@ -15,8 +16,13 @@
 
 #include "kernels.hpp"  // the real intrinsics' headers first, then the renaming
 #include "kt_simde_map.h"
+#include "amx_model.h"
 #define KT_AVX512 KT_TARGET("avx2,fma,f16c")
-#include "kernels_avx512.hpp"
+#define KT_AMX KT_TARGET("avx2,fma,f16c")
+#include "kernels_amx.hpp"  // and kernels_avx512.hpp
+#ifndef KT_HAVE_AMX
+#error "kernels_amx.hpp compiled its AMX kernels out"
+#endif
 
 using namespace kt;
 
@@ -84,6 +90,40 @@ int main() {
           }
         }
       }
+  // AMX: bf16 and w8a8 over whole 16-token tiles plus tails (bf16-exact activations, as the
+  // MoE's hidden states are; see kernels_amx.hpp)
+  for (int fmt : {FMT_BF16, FMT_W8A8}) {
+    std::vector<uint8_t> data(P * K * NR * 2);
+    for (auto& b : data) b = static_cast<uint8_t>(rng());
+    if (fmt == FMT_BF16)
+      for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));
+    else
+      for (auto& b : data) if (b == 0x80) b = 0x81;
+    std::vector<float> scale(P * NR);
+    for (auto& v : scale) v = 0.001f + static_cast<float>(rng() % 1000) * 1e-5f;
+    Weight w{fmt, P * NR, K, static_cast<int>(K), data.data(), scale.data(), nullptr};
+    for (int n : {16, 17, 19, 32, 35}) {
+      std::vector<float> X(n * K), xs(n), a(n * NR), b(n * NR);
+      std::vector<int8_t> Xq(n * K);
+      for (auto& v : X) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+      for (auto& v : xs) v = 0.01f + static_cast<float>(rng() % 100) * 1e-4f;
+      for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+      if (!amx_takes(w, n)) {
+        std::printf("FAIL amx does not take fmt=%d n=%d\n", fmt, n);
+        ++failures;
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        if (fmt == FMT_BF16) {
+          panel_gemm_bf16_amx(w, p, X.data(), K, n, a.data());
+          panel_gemm_avx2(w, p, X.data(), K, n, b.data());
+        } else {
+          panel_gemm_q8_amx(w, p, Xq.data(), K, xs.data(), n, a.data());
+          panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
+        }
+        compare(fmt == FMT_BF16 ? "amx bf16" : "amx w8a8", n, a, b);
+      }
+    }
+  }
   std::printf("%d failures\n", failures);
   return failures ? 1 : 0;
 }

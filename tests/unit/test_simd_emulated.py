@@ -1,9 +1,10 @@
 """The SIMD kernels this CPU cannot run, run anyway: the AVX-512 kernels compiled against
-SIMDe's portable AVX-512 (PyPI ``simde-py``) and compared with the AVX2 kernels on every
-format, token-tile tail and panel offset (tests/native/simd_emulated.cpp). This checks their
-arithmetic and data layout on any x86 machine with AVX2; what emulation cannot check (the
-real instructions' timing, the OS saving the registers) the first-use self-check in
-kt_cpu.cpp covers on the hardware itself."""
+SIMDe's portable AVX-512 (PyPI ``simde-py``), the AMX kernels against a model of the tile
+instructions (tests/native/amx_model.h), both compared with the AVX2 kernels on every format,
+token-tile tail and panel offset (tests/native/simd_emulated.cpp). This checks their
+arithmetic and data layouts on any x86 machine with AVX2; what emulation cannot check (the
+real instructions, the OS granting their state) the first-use self-check in kt_cpu.cpp covers
+on the hardware itself."""
 from __future__ import annotations
 
 import platform
@@ -40,13 +41,14 @@ def _simde_include() -> str | None:
 def simde_map() -> str:
     """#defines that send every _mm512_* intrinsic (and the 512-bit types) the AVX-512
     kernels use to SIMDe's implementation of it."""
-    names = sorted(set(re.findall(r"\b_mm512_\w+", (NATIVE_SRC / "kernels_avx512.hpp").read_text())))
+    src = "".join((NATIVE_SRC / name).read_text() for name in ("kernels_avx512.hpp", "kernels_amx.hpp"))
+    names = sorted(set(re.findall(r"\b_mm512_\w+", src)))
     lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d")]
     lines += [f"#define {n} simde{n}" for n in names]
     return "\n".join(lines) + "\n"
 
 
-def test_avx512_kernels_match_avx2_under_emulation(tmp_path):
+def test_avx512_and_amx_kernels_match_avx2_under_emulation(tmp_path):
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("the emulation harness is built for x86-64 (it runs the AVX2 kernels natively)")
     if not native.available() or native.variant() == "generic":
@@ -66,3 +68,4 @@ def test_avx512_kernels_match_avx2_under_emulation(tmp_path):
     assert run.returncode == 0 and not failed, "\n".join(failed[:20]) or run.stderr[-2000:]
     assert re.search(r"^0 failures$", run.stdout, re.M), run.stdout[-2000:]
     assert run.stdout.count("ok  ") >= 150  # every case ran
+    assert run.stdout.count("ok   amx") == 30

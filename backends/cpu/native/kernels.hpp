@@ -61,6 +61,12 @@ inline float fp8_to_f32(uint8_t b) {
   return (b & 0x80) ? -mag : mag;
 }
 
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
   float f;

@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -15,7 +16,7 @@
 #include <vector>
 
 #include "kernels.hpp"
-#include "kernels_avx512.hpp"
+#include "kernels_amx.hpp"  // and kernels_avx512.hpp
 #include "threadpool.hpp"
 
 #if defined(_MSC_VER)
@@ -26,6 +27,10 @@
 #if defined(KT_X86)
 #include <cpuid.h>
 #endif
+#endif
+#if defined(__linux__) && defined(KT_HAVE_AMX)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace kt {
@@ -57,6 +62,19 @@ static uint64_t xgetbv0() {
 }
 #endif
 
+// AMX's tile data is large, so Linux (5.16+) hands it to a process only on request; until then
+// the first tile instruction would fault. Windows grants it on first use.
+static bool amx_permitted() {
+#if defined(__linux__) && defined(KT_HAVE_AMX)
+  const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#elif defined(KT_HAVE_AMX)
+  return true;
+#else
+  return false;  // not compiled in (MSVC builds): never selected
+#endif
+}
+
 // What the CPU supports *and* the OS saves the state of (XCR0), so no illegal instruction.
 static uint32_t detect_isa() {
   uint32_t isa = 0;
@@ -83,8 +101,8 @@ static uint32_t detect_isa() {
     if ((c >> 11) & 1) isa |= ISA_AVX512VNNI;
     if ((a1 >> 5) & 1) isa |= ISA_AVX512BF16;
   }
-  if (amx_os) {
-    if ((d >> 24) & 1) isa |= ISA_AMX_TILE;
+  if (amx_os && ((d >> 24) & 1) && amx_permitted()) {
+    isa |= ISA_AMX_TILE;
     if ((d >> 25) & 1) isa |= ISA_AMX_INT8;
     if ((d >> 22) & 1) isa |= ISA_AMX_BF16;
   }
@@ -92,13 +110,18 @@ static uint32_t detect_isa() {
   return isa;
 }
 
-enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVX512 = 2 };
-static const char* kVariantNames[] = {"generic", "avx2", "avx512"};
-constexpr int kVariants = 3;
+// Each variant includes the ones before it: amx runs prefill tiles of bf16 / w8a8 on AMX and
+// everything else on its AVX-512 kernels.
+enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVX512 = 2, VARIANT_AMX = 3 };
+static const char* kVariantNames[] = {"generic", "avx2", "avx512", "amx"};
+constexpr int kVariants = 4;
 
 static int best_variant(uint32_t isa) {
   const bool avx2 = (isa & ISA_AVX2) && (isa & ISA_FMA) && (isa & ISA_F16C);
-  if (avx2 && (isa & ISA_AVX512F) && (isa & ISA_AVX512BW) && (isa & ISA_AVX512VNNI)) return VARIANT_AVX512;
+  const bool avx512 = avx2 && (isa & ISA_AVX512F) && (isa & ISA_AVX512BW) && (isa & ISA_AVX512VNNI);
+  const uint32_t amx = ISA_AMX_TILE | ISA_AMX_INT8 | ISA_AMX_BF16;
+  if (avx512 && (isa & amx) == amx) return VARIANT_AMX;
+  if (avx512) return VARIANT_AVX512;
   if (avx2) return VARIANT_AVX2;
   return VARIANT_GENERIC;
 }
@@ -126,13 +149,18 @@ static State& state() {
 }
 
 static bool avx512_ok(int fmt);  // the AVX-512 kernels of fmt passed their first-use check
+static bool amx_ok(int fmt);     // the AMX kernels of fmt passed theirs
 static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
                             float* scale, int32_t* gsum);
 
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
 #if defined(KT_X86)
   if (w.fmt == FMT_BF16 || w.fmt == FMT_FP8) {  // int8 / int4 go through panel_x16
-    if (state().variant == VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_avx512(w, p, X, ldx, n, out);
+#if defined(KT_HAVE_AMX)
+    if (state().variant >= VARIANT_AMX && amx_takes(w, n) && amx_ok(w.fmt) && avx512_ok(w.fmt))
+      return panel_gemm_bf16_amx(w, p, X, ldx, n, out);
+#endif
+    if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_avx512(w, p, X, ldx, n, out);
     if (state().variant >= VARIANT_AVX2) return panel_gemm_avx2(w, p, X, ldx, n, out);
   }
 #endif
@@ -142,7 +170,11 @@ static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, 
 static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs, int64_t n,
                           float* out) {
 #if defined(KT_X86)
-  if (state().variant == VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_q8_avx512(w, p, Xq, ldx, xs, n, out);
+#if defined(KT_HAVE_AMX)
+  if (state().variant >= VARIANT_AMX && amx_takes(w, n) && amx_ok(w.fmt) && avx512_ok(w.fmt))
+    return panel_gemm_q8_amx(w, p, Xq, ldx, xs, n, out);
+#endif
+  if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_q8_avx512(w, p, Xq, ldx, xs, n, out);
   if (state().variant >= VARIANT_AVX2) return panel_gemm_q8_avx2(w, p, Xq, ldx, xs, n, out);
 #endif
   panel_gemm_q8_generic(w, p, Xq, ldx, xs, n, out);
@@ -150,15 +182,15 @@ static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t 
 
 #if defined(KT_X86)
 static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float* out) {
-  if (state().variant == VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_x16_avx512(w, p, x, n, out);
+  if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_x16_avx512(w, p, x, n, out);
   panel_gemm_x16_avx2(w, p, x, n, out);
 }
 
-// First use of an AVX-512 kernel: run it and its AVX2 twin (which the test suite covers on
-// every x86 CI machine) on the same random panel; if they disagree, say so once and keep
-// using AVX2 for that format, so an AVX-512 bug can cost speed but never a wrong answer.
-static bool self_check(int fmt) {
-  const int64_t K = 512, n = 5, group = 32;
+// First use of an AVX-512 (amx: AMX) kernel: run it and its AVX2 twin (which the test suite
+// covers on every x86 CI machine) on the same random panel; if they disagree, say so once and
+// keep using the variant below for that format, so a bug can cost speed but never a wrong answer.
+static bool self_check(int fmt, bool amx) {
+  const int64_t K = 512, n = amx ? 19 : 5, group = 32;  // amx: one 16-token tile and a tail
   uint32_t seed = 12345u + static_cast<uint32_t>(fmt);
   auto rnd = [&] { seed = seed * 1664525u + 1013904223u; return seed >> 8; };
   std::vector<uint8_t> data(K * NR * 2);
@@ -172,7 +204,10 @@ static bool self_check(int fmt) {
   std::vector<float> scale(K / group * NR), zero(K / group * NR), X(n * K), a(n * NR), b(n * NR), xs(n);
   for (auto& v : scale) v = 0.001f + static_cast<float>(rnd() % 1000) * 1e-5f;
   for (auto& v : zero) v = static_cast<float>(rnd() % 16);
-  for (auto& v : X) v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) * 1e-3f;
+  for (auto& v : X) {  // bf16-exact values, as the MoE's hidden states are (AMX multiplies bf16)
+    v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) * 1e-3f;
+    v = bf16_to_f32(static_cast<uint16_t>(f32_bits(v) >> 16));
+  }
   for (auto& v : xs) v = 0.01f + static_cast<float>(rnd() % 100) * 1e-4f;
   Weight w;
   w.fmt = fmt;
@@ -183,12 +218,20 @@ static bool self_check(int fmt) {
   w.scale = scale.data();
   w.zero = fmt == FMT_INT4 ? zero.data() : nullptr;
   if (fmt == FMT_BF16 || fmt == FMT_FP8) {
-    panel_gemm_avx512(w, 0, X.data(), K, n, a.data());
+#if defined(KT_HAVE_AMX)
+    if (amx) panel_gemm_bf16_amx(w, 0, X.data(), K, n, a.data());
+    else
+#endif
+      panel_gemm_avx512(w, 0, X.data(), K, n, a.data());
     panel_gemm_avx2(w, 0, X.data(), K, n, b.data());
   } else if (fmt == FMT_W8A8) {
     std::vector<int8_t> Xq(n * K);
     for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rnd() % 255) - 127);
-    panel_gemm_q8_avx512(w, 0, Xq.data(), K, xs.data(), n, a.data());
+#if defined(KT_HAVE_AMX)
+    if (amx) panel_gemm_q8_amx(w, 0, Xq.data(), K, xs.data(), n, a.data());
+    else
+#endif
+      panel_gemm_q8_avx512(w, 0, Xq.data(), K, xs.data(), n, a.data());
     panel_gemm_q8_avx2(w, 0, Xq.data(), K, xs.data(), n, b.data());
   } else {
     std::vector<int16_t> q(n * K);
@@ -206,25 +249,34 @@ static bool self_check(int fmt) {
   }
   const bool ok = err <= 1e-4f * mag && std::isfinite(err);
   if (!ok)
-    std::fprintf(stderr, "kt-core: the AVX-512 kernel for format %d disagrees with AVX2 (relative error %g); "
-                 "using AVX2 for it. Please report this with `kt doctor` output.\n", fmt, err / mag);
+    std::fprintf(stderr, "kt-core: the %s kernel for format %d disagrees with AVX2 (relative error %g); "
+                 "not using it. Please report this with `kt doctor` output.\n", amx ? "AMX" : "AVX-512", fmt,
+                 err / mag);
   return ok;
 }
 #endif
 
-static bool avx512_ok(int fmt) {
+static bool checked_ok(int fmt, bool amx) {
 #if defined(KT_X86)
   static std::mutex mu;
-  static int verdict[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 0 unknown, 1 ok, -1 fall back
-  std::lock_guard<std::mutex> lk(mu);
+  static std::atomic<int> verdict[2][8] = {};  // 0 unknown, 1 ok, -1 fall back
   if (fmt < 0 || fmt >= 8) return false;
-  if (verdict[fmt] == 0) verdict[fmt] = self_check(fmt) ? 1 : -1;
-  return verdict[fmt] == 1;
+  std::atomic<int>& v = verdict[amx ? 1 : 0][fmt];
+  int known = v.load(std::memory_order_acquire);  // every panel call asks: no lock once known
+  if (known == 0) {
+    std::lock_guard<std::mutex> lk(mu);
+    known = v.load(std::memory_order_acquire);
+    if (known == 0) v.store(known = self_check(fmt, amx) ? 1 : -1, std::memory_order_release);
+  }
+  return known == 1;
 #else
   (void)fmt;
+  (void)amx;
   return false;
 #endif
 }
+static bool avx512_ok(int fmt) { return checked_ok(fmt, false); }
+static bool amx_ok(int fmt) { return checked_ok(fmt, true); }
 
 // Rows of X -> integer codes in [-qmax, qmax] and one scale per row (amax / qmax, round half to
 // even); columns K..ld are zero. int8 (qmax 127) is w8a8's dynamic activation quantization, the
