@@ -424,6 +424,29 @@ KT_TARGET("avx2,fma,f16c") inline void dense_pair_avx2(const uint16_t* w0, const
   for (; i < n; ++i) dense_rows_avx2<1>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
 }
 
+// e^x, x = n ln2 + r with |r| <= ln2/2 and e^r by its Taylor series to r^6 (relative error
+// < 1e-7 over the clamped range, which keeps 2^n a normal float).
+KT_TARGET("avx2,fma,f16c") inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts (exact n * hi)
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out[0..16) = silu(g) * u = g / (1 + e^-g) * u: the MoE's activation for one panel's 16 outputs
+KT_TARGET("avx2,fma,f16c") inline void silu_mul16_avx2(const float* g, const float* u, float* out) {
+  for (int h = 0; h < 16; h += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + h);
+    const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+    _mm256_storeu_ps(out + h, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + h)));
+  }
+}
+
 // One row of quantize_rows (kt_cpu.cpp): codes in [-qmax, qmax] of x / (amax / qmax), rounded
 // half to even by the same IEEE division and rounding as the scalar loop, so the codes are
 // identical; Q is int16_t or int8_t. Returns the scale.

@@ -361,6 +361,13 @@ static inline float act(float g, float u, int kind) {
   return (u + 1.f) * g / (1.f + std::exp(-1.702f * g));
 }
 
+struct MoeScratch {  // one moe_forward call's buffers
+  std::vector<float> X, A, xs, as, ts;
+  std::vector<int8_t> Xq, Aq, tq8;
+  std::vector<int16_t> X16q, A16q, tq16;
+  std::vector<int32_t> xg, ag, tg;
+};
+
 static int moe_forward(const MoeArgs& a) {
   if (a.pool < 0 || a.pool >= kMaxPools) return -2;
   const int64_t T = a.T, H = a.H, I = a.I;
@@ -388,7 +395,14 @@ static int moe_forward(const MoeArgs& a) {
       rows += static_cast<int64_t>(tok[e].size());
     }
   if (active.empty()) return 0;
-  std::vector<float> X, A(rows * Ipad, 0.f);
+  // Buffers kept by the calling thread between calls: a prefill chunk needs tens of MB, and
+  // fresh pages cost a fault each (in a VM that was ~7% of a 512-token call).
+  thread_local MoeScratch sc;
+  std::vector<float>&X = sc.X, &A = sc.A, &xs = sc.xs, &as = sc.as, &ts = sc.ts;
+  std::vector<int8_t>&Xq = sc.Xq, &Aq = sc.Aq;
+  std::vector<int16_t>&X16q = sc.X16q, &A16q = sc.A16q;
+  std::vector<int32_t>&xg = sc.xg, &ag = sc.ag;
+  A.assign(rows * Ipad, 0.f);
   ThreadPool& pool = state().threads(a.pool);
   const bool q8 = a.fmt == FMT_W8A8;
 #if defined(KT_X86)
@@ -397,10 +411,6 @@ static int moe_forward(const MoeArgs& a) {
   const bool x16 = false;
 #endif
   const int64_t grp = a.fmt == FMT_INT4 ? a.group : 0, G1 = grp ? H / grp : 0, G2 = grp ? I / grp : 0;
-  std::vector<int8_t> Xq, Aq;
-  std::vector<int16_t> X16q, A16q;
-  std::vector<int32_t> xg, ag;
-  std::vector<float> xs, as;
   // The rows each active expert takes, gathered contiguous; integer formats quantize each token
   // once (not once per route) and gather its codes.
   auto gather = [&](auto* dst, const auto* src, int64_t width) {
@@ -408,17 +418,20 @@ static int moe_forward(const MoeArgs& a) {
       for (size_t r = 0; r < tok[active[ai]].size(); ++r)
         std::memcpy(dst + (xoff[ai] + r) * width, src + tok[active[ai]][r] * width, sizeof(*dst) * width);
   };
-  std::vector<float> ts(T);
+  ts.resize(T);
   if (q8) {  // activations to int8 per token
-    std::vector<int8_t> tq(T * H);
+    std::vector<int8_t>& tq = sc.tq8;
+    tq.resize(T * H);
     pool.run(T, [&](int64_t t) { quantize_rows<int8_t>(a.x + t * H, 1, H, H, 127.f, &tq[t * H], &ts[t]); });
     Xq.resize(rows * H);
     xs.resize(rows);
     gather(Xq.data(), tq.data(), H);
     gather(xs.data(), ts.data(), 1);
   } else if (x16) {  // activations to int16 per token
-    std::vector<int16_t> tq(T * H);
-    std::vector<int32_t> tg(T * G1 + 1);
+    std::vector<int16_t>& tq = sc.tq16;
+    std::vector<int32_t>& tg = sc.tg;
+    tq.resize(T * H);
+    tg.resize(T * G1 + 1);
     pool.run(T, [&](int64_t t) {
       quantize_rows16(a.x + t * H, 1, H, H, grp, &tq[t * H], &ts[t], grp ? &tg[t * G1] : nullptr);
     });
@@ -439,6 +452,7 @@ static int moe_forward(const MoeArgs& a) {
   const int64_t n_active = static_cast<int64_t>(active.size());
   const int64_t pb1 = std::max<int64_t>(1, std::min<int64_t>(Pi, n_active * Pi / per_worker));
   const int64_t blocks1 = (Pi + pb1 - 1) / pb1;
+  const bool silu_fast = a.activation == ACT_SILU && !a.gate.bias && !a.up.bias && state().variant >= VARIANT_AVX2;
   // stage 1: gate and up panels -> activation, item = (active expert, run of panels of I)
   pool.run(n_active * blocks1, [&](int64_t item) {
     const int64_t ai = item / blocks1, e = active[ai], n = static_cast<int64_t>(tok[e].size());
@@ -461,6 +475,12 @@ static int moe_forward(const MoeArgs& a) {
       panel_gemm(weight_of(a, a.gate, e, I, H), p, &X[xoff[ai] * H], H, n, g.data());
       panel_gemm(weight_of(a, a.up, e, I, H), p, &X[xoff[ai] * H], H, n, u.data());
     }
+#if defined(KT_X86)
+    if (silu_fast && p * NR + NR <= I) {
+      for (int64_t r = 0; r < n; ++r) silu_mul16_avx2(&g[r * NR], &u[r * NR], &A[(xoff[ai] + r) * Ipad + p * NR]);
+      continue;
+    }
+#endif
     for (int64_t r = 0; r < n; ++r)
       for (int j = 0; j < NR && p * NR + j < I; ++j) {
         float gv = g[r * NR + j], uv = u[r * NR + j];
