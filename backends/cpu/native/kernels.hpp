@@ -271,8 +271,26 @@ KT_TARGET("avx2,fma,f16c") inline void tile_f8_group(const uint8_t* wp, const fl
                                                      int g, const float* s, __m256 (&acc)[4][2]) {
   __m256 ga[4][2];
   for (int i = 0; i < MR; ++i) ga[i][0] = ga[i][1] = _mm256_setzero_ps();
+  // Two inputs per step: each byte as the high half of a 16-bit word, shifted right one with the
+  // sign copied, bit 14 cleared = the same fp16 bits, with in-lane shuffles only. The
+  // unpacks' lane order gives (k, rows 0-7), (k, 8-15), (k+1, 0-7), (k+1, 8-15).
+  const __m256i zero = _mm256_setzero_si256(), keep = _mm256_set1_epi16(static_cast<short>(0xBFFF));
+  int64_t k = k0;
+  for (; k + 2 <= k0 + g; k += 2) {
+    if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR));
+    const __m256i lo = _mm256_and_si256(_mm256_srai_epi16(_mm256_unpacklo_epi8(zero, b), 1), keep);
+    const __m256i hi = _mm256_and_si256(_mm256_srai_epi16(_mm256_unpackhi_epi8(zero, b), 1), keep);
+    const __m256 w00 = _mm256_cvtph_ps(_mm256_castsi256_si128(lo)), w01 = _mm256_cvtph_ps(_mm256_castsi256_si128(hi));
+    const __m256 w10 = _mm256_cvtph_ps(_mm256_extracti128_si256(lo, 1)), w11 = _mm256_cvtph_ps(_mm256_extracti128_si256(hi, 1));
+    for (int i = 0; i < MR; ++i) {
+      const __m256 x0 = _mm256_broadcast_ss(X + i * ldx + k), x1 = _mm256_broadcast_ss(X + i * ldx + k + 1);
+      ga[i][0] = _mm256_fmadd_ps(x1, w10, _mm256_fmadd_ps(x0, w00, ga[i][0]));
+      ga[i][1] = _mm256_fmadd_ps(x1, w11, _mm256_fmadd_ps(x0, w01, ga[i][1]));
+    }
+  }
   const __m256i m7f = _mm256_set1_epi16(0x7F), m80 = _mm256_set1_epi16(0x80);
-  for (int64_t k = k0; k < k0 + g; ++k) {
+  for (; k < k0 + g; ++k) {  // an odd group's last input
     if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
     __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR)));
     __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, m7f), 7),
