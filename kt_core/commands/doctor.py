@@ -37,6 +37,28 @@ def _compiler() -> tuple[str, str]:
     return "note", f"{missing}; to build native kernels: {fix}"
 
 
+# the native kernel variant that a CPU flag-level variant (kt_core.backend.cpuinfo) allows
+_NATIVE_FOR_FLAGS = {"amx": "amx", "avx512_bf16": "avx512", "avx512_vnni": "avx512", "avx512": "avx2",
+                     "avx2": "avx2", "generic": "generic"}
+_NATIVE_ORDER = ["generic", "avx2", "avx512", "amx"]
+
+
+def variant_gap(flags_variant: str, native_variant: str | None) -> str | None:
+    """What to do when the native kernels run a lower variant than the CPU's flags allow
+    (the OS did not enable the wider state), or None."""
+    want = _NATIVE_FOR_FLAGS.get(flags_variant)
+    if native_variant not in _NATIVE_ORDER or want is None:
+        return None
+    if _NATIVE_ORDER.index(native_variant) >= _NATIVE_ORDER.index(want):
+        return None
+    if want == "amx":
+        why = ("the OS did not grant AMX's tile state (Linux grants it from kernel 5.16 on request; "
+               "MSVC builds do not compile the AMX kernels)")
+    else:
+        why = "the OS does not save the AVX-512 registers (XCR0), as in some VMs"
+    return f"the CPU has {want.upper()} but the native kernels run {native_variant}: {why}; prefill is slower"
+
+
 def checks() -> tuple[list[tuple[str, str, str]], list[str]]:
     import torch
 
@@ -65,6 +87,9 @@ def checks() -> tuple[list[tuple[str, str, str]], list[str]]:
 
     live = native.status()
     rows.append(("cpu kernels", "ok" if native.available() else "note", f"expert GEMM path: {live}"))
+    gap = variant_gap(info.variant, native.variant())
+    if gap:
+        todo.append(gap)
     if not native.available() and "KT_NO_NATIVE" not in live:
         todo.append(f"native CPU kernels are off ({live.split(': ', 1)[-1].rstrip(')')}); "
                     "CPU experts run on the slower torch path")

@@ -133,3 +133,16 @@ def test_kt_bench_measures_and_saves_overrides_for_the_planner(capsys, tmp_path,
     assert main(["bench", "--save"]) == 0 and "never overwritten" in capsys.readouterr().out
     assert main(["plan", "model=mixtral_8x7b", "device.cpu.memory_gb=128"]) == 0
     assert "(bandwidth assumed" not in capsys.readouterr().out  # the measured value was used
+
+
+def test_doctor_explains_a_native_variant_below_the_cpu_flags():
+    from kt_core.commands.doctor import variant_gap
+
+    assert variant_gap("amx", "amx") is None
+    assert variant_gap("avx2", "avx2") is None
+    assert variant_gap("avx512", "avx2") is None  # AVX-512 without VNNI: AVX2 is the native best
+    assert variant_gap("generic", None) is None  # native kernels off: reported elsewhere
+    amx = variant_gap("amx", "avx512")
+    assert "AMX" in amx and "tile state" in amx and "5.16" in amx
+    zmm = variant_gap("avx512_vnni", "avx2")
+    assert "AVX512" in zmm and "XCR0" in zmm
