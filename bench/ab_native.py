@@ -1,0 +1,134 @@
+"""A/B of native kernel builds in one process: the way to judge a kernel change on a noisy machine.
+
+Each --rev (a git revision, or "worktree" for the files as they are now) has its
+backends/cpu/native/ sources compiled into its own shared library with setup.py's flags; all
+are loaded side by side (ctypes, separate paths, so separate kernel state and thread pools) and
+called in alternating blocks on the same packed weights, inputs and routings of one
+Qwen3-30B-A3B-shaped MoE layer. The first call's outputs are compared bit for bit.
+
+    python bench/ab_native.py --rev HEAD~1 --rev worktree --format int4 --tokens 1
+    python bench/ab_native.py --rev main --rev worktree --format int8 --tokens 512 --blocks 5
+
+One JSON line per revision: median and 25th-percentile ms, the ratio to the first revision,
+and the largest output difference from it. Revisions must share the worktree's native ABI
+(weights are packed by the worktree's Python code). Needs a POSIX C++ compiler (c++); on
+Windows, compare revisions by reinstalling each and running bench/moe_layer.py.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, set_threads  # noqa: E402
+from moe_layer import FORMATS, E, H, I, K, build, make_weights, routes  # noqa: E402
+
+from kt_backends.cpu import native  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE = Path("backends") / "cpu" / "native"
+
+
+def sources(rev: str, into: Path) -> Path:
+    """backends/cpu/native/ as of rev, copied into a fresh folder."""
+    dst = into / rev.replace("/", "_").replace("~", "-").replace("^", "-")
+    if rev == "worktree":
+        shutil.copytree(ROOT / NATIVE, dst)
+        return dst
+    dst.mkdir(parents=True)
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{NATIVE.as_posix()}"], cwd=ROOT,
+                           capture_output=True, text=True)
+    if names.returncode:
+        sys.exit(f"--rev {rev}: {names.stderr.strip() or 'no native sources at that revision'}")
+    for name in names.stdout.split():
+        blob = subprocess.run(["git", "show", f"{rev}:{(NATIVE / name).as_posix()}"], cwd=ROOT, capture_output=True)
+        (dst / name).write_bytes(blob.stdout)
+    return dst
+
+
+def compile_lib(src: Path) -> Path:
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None or sys.platform == "win32":
+        sys.exit("ab_native.py needs a POSIX C++ compiler (c++, g++ or clang++) on PATH")
+    out = src / "kt_cpu_ab.so"
+    cmd = [cxx, "-O3", "-std=c++17", "-fvisibility=hidden", "-shared", "-fPIC",
+           f"-I{sysconfig.get_paths()['include']}", str(src / "kt_cpu.cpp"), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"compiling {src} failed:\n{done.stderr[-3000:]}")
+    return out
+
+
+def load(path: Path, threads: int, rev: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.kt_abi_version() != native.ABI_VERSION or lib.kt_moe_args_size() != ctypes.sizeof(native._MoeArgs):
+        sys.exit(f"--rev {rev}: native ABI {lib.kt_abi_version()}, the worktree packs weights for "
+                 f"ABI {native.ABI_VERSION}: compare revisions that share it")
+    lib.kt_moe_forward.argtypes = [ctypes.POINTER(native._MoeArgs)]
+    lib.kt_set_threads(threads)
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rev", action="append", required=True, help="git revision or 'worktree' (2 or more)")
+    ap.add_argument("--format", default="int4", choices=sorted(FORMATS))
+    ap.add_argument("--group", type=int, default=32, help="int4 group size")
+    ap.add_argument("--tokens", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=15, help="alternating blocks per revision")
+    ap.add_argument("--block-size", type=int, default=0, help="calls per block (default: 20 at T=1, else 2)")
+    a = ap.parse_args()
+    if len(a.rev) < 2:
+        sys.exit("give at least two --rev (e.g. --rev HEAD --rev worktree)")
+    if not native.available():
+        sys.exit(f"native kernels unavailable: {native.status()}")
+    set_threads(a.threads)
+    packed = native.pack(build(a.format, make_weights(), a.group))
+    T = a.tokens
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).float()
+    # routings cycled so a call cannot reuse the previous call's experts from cache; the tensors
+    # behind the raw pointers stay referenced by `sets` and `outs`
+    sets = [(ids.long().contiguous(), w.float().contiguous()) for ids, w in (routes(T, 1000 + i) for i in range(16))]
+    local_of, gate, up, down = packed.call_parts()
+    outs = [torch.empty(T, H) for _ in sets]
+    args = [native._MoeArgs(T, H, I, K, E, local_of.numel(), native.FORMATS[packed.fmt], packed.group, 0,
+                            x.data_ptr(), ids.data_ptr(), w.data_ptr(), local_of.data_ptr(), gate, up, down,
+                            out.data_ptr(), 0)
+            for (ids, w), out in zip(sets, outs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = [load(compile_lib(sources(rev, Path(tmp))), a.threads, rev) for rev in a.rev]
+        first = []
+        for lib in libs:
+            lib.kt_moe_forward(ctypes.byref(args[0]))
+            first.append(outs[0].clone())
+        block = a.block_size or (20 if T == 1 else 2)
+        times: list[list[float]] = [[] for _ in libs]
+        for b in range(a.blocks):
+            for j, lib in enumerate(libs):
+                time.sleep(0.002)  # let the previous build's workers go to sleep
+                for c in range(block + 1):
+                    t0 = time.perf_counter()
+                    lib.kt_moe_forward(ctypes.byref(args[(b * block + c) % len(args)]))
+                    if c:  # the first call of a block wakes this build's workers
+                        times[j].append(time.perf_counter() - t0)
+    base = statistics.median(times[0])
+    for rev, t, out in zip(a.rev, times, first):
+        ms = statistics.median(t)
+        emit({"impl": "ab", "rev": rev, "format": a.format, "tokens": T, "threads": a.threads, "ms": ms * 1e3,
+              "p25_ms": statistics.quantiles(t, n=4)[0] * 1e3, "ratio_vs_first": ms / base,
+              "max_abs_diff_vs_first": float((out - first[0]).abs().max())})
+
+
+if __name__ == "__main__":
+    main()
