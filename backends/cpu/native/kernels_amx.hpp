@@ -8,11 +8,14 @@
 //         input (the activation product) is rounded, as a bf16 model computes it anyway.
 // Tiles of fewer than 16 tokens and other formats run on the AVX-512 kernels. Picked at run time
 // on CPUs with AMX-TILE/INT8/BF16 once the OS has granted the tile state (kt_cpu.cpp), and each
-// format checked against AVX2 on first use. GCC / Clang only (KT_HAVE_AMX).
+// format checked against AVX2 on first use. GCC 11+ / Clang 12+ only (KT_HAVE_AMX; MSVC: not yet).
 #pragma once
 #include "kernels_avx512.hpp"
 
-#if defined(KT_X86) && (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
+// AMX intrinsics and target names arrived in GCC 11 and Clang 12; older compilers (Ubuntu 20.04's
+// GCC 9) build everything else.
+#if defined(KT_X86) && defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define KT_HAVE_AMX 1
 namespace kt {
 

@@ -10,19 +10,8 @@
 #include <mutex>
 #include <thread>
 #include <vector>
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
-#include <immintrin.h>
-#endif
 
 namespace kt {
-
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
-  _mm_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
 
 class ThreadPool {
  public:
@@ -83,12 +72,13 @@ class ThreadPool {
     for (;;) {
       const std::function<void(int64_t)>* fn;
       int64_t total;
-      // Spin a short while (a kernel's next stage usually follows within microseconds), then
-      // sleep: a bounded spin costs at most kSpin of a core after the last job, never more.
+      // Poll a short while (a kernel's next stage usually follows within microseconds), then
+      // sleep. Polling yields the core, so a thread with work (another pool's worker, the
+      // caller) runs first on a busy machine; it lasts at most kSpin after the last job.
       const auto spin_until = std::chrono::steady_clock::now() + kSpin;
       while (generation_seen_.load(std::memory_order_acquire) == seen &&
              std::chrono::steady_clock::now() < spin_until)
-        cpu_relax();
+        std::this_thread::yield();
       {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return quit_ || (generation_ != seen && fn_ != nullptr); });
