@@ -37,7 +37,7 @@ else:
 NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
     Extension("kt_backends.cpu._kt_cpu", sources=["backends/cpu/native/kt_cpu.cpp"],
               depends=["backends/cpu/native/kernels.hpp", "backends/cpu/native/kernels_avx512.hpp",
-                       "backends/cpu/native/kernels_amx.hpp",
+                       "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_int_avx2.inc",
                        "backends/cpu/native/threadpool.hpp"],
               extra_compile_args=CXX_FLAGS, language="c++")
 ]
@@ -52,7 +52,7 @@ setup(
     packages=find_packages(include=["kt_core", "kt_core.*"]) + ["kt_backends", "kt_conf"]
     + [f"kt_backends.{b}" for b in BACKENDS],
     package_dir={"kt_backends": "backends", "kt_conf": "conf"},
-    package_data={"kt_conf": ["*.yaml", "*/*.yaml"], "kt_backends.cpu": ["native/*.cpp", "native/*.hpp"]},
+    package_data={"kt_conf": ["*.yaml", "*/*.yaml"], "kt_backends.cpu": ["native/*.cpp", "native/*.hpp", "native/*.inc"]},
     ext_modules=NATIVE,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[

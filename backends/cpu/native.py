@@ -22,7 +22,7 @@ from kt_core.weights.quant import ExpertWeights, Quant
 NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 class _Proj(ctypes.Structure):
@@ -71,6 +71,7 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.kt_moe_forward.argtypes = [ctypes.POINTER(_MoeArgs)]
         lib.kt_moe_args_size.restype = ctypes.c_int64
         lib.kt_set_variant.argtypes = [ctypes.c_char_p]
+        lib.kt_variant_supported.argtypes = [ctypes.c_char_p]
         lib.kt_set_pool_threads.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.kt_pool_threads.argtypes = [ctypes.c_int]
         lib.kt_linear_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -96,6 +97,15 @@ def status() -> str:
 def variant() -> Optional[str]:
     lib = _load()
     return lib.kt_variant().decode() if lib else None
+
+
+VARIANTS = ("generic", "avx2", "avx_vnni", "avx512", "amx")  # the extension's kernel variants
+
+
+def supported_variants() -> list[str]:
+    """The variants this CPU (and this build's compiler) can run; the last is the default."""
+    lib = _need()
+    return [v for v in VARIANTS if lib.kt_variant_supported(v.encode()) == 1]
 
 
 def set_variant(name: str) -> None:

@@ -40,7 +40,7 @@ def _compiler() -> tuple[str, str]:
 # the native kernel variant that a CPU flag-level variant (kt_core.backend.cpuinfo) allows
 _NATIVE_FOR_FLAGS = {"amx": "amx", "avx512_bf16": "avx512", "avx512_vnni": "avx512", "avx512": "avx2",
                      "avx2": "avx2", "generic": "generic"}
-_NATIVE_ORDER = ["generic", "avx2", "avx512", "amx"]
+_NATIVE_ORDER = ["generic", "avx2", "avx_vnni", "avx512", "amx"]
 
 
 def variant_gap(flags_variant: str, native_variant: str | None) -> str | None:

@@ -1,6 +1,7 @@
-// The AVX-512 and AMX kernels (backends/cpu/native/kernels_avx512.hpp, kernels_amx.hpp) run on
-// a CPU without them: the _mm512_* intrinsics are mapped onto SIMDe's portable implementations
-// and the tile instructions onto amx_model.h (the pytest
+// The AVX-512, AMX and AVX-VNNI kernels (backends/cpu/native/kernels_avx512.hpp,
+// kernels_amx.hpp, kernels_int_avx2.inc) run on a CPU without them: the _mm512_* and AVX-VNNI
+// intrinsics are mapped onto SIMDe's portable implementations and the tile instructions onto
+// amx_model.h (the pytest
 // wrapper, tests/unit/test_simd_emulated.py, writes that mapping into the generated header
 // "kt_simde_map.h" and compiles this file with AVX2 enabled). Every format, several token
 // counts (the 4-row and 16-token tiles and their tails) and panels are compared with the AVX2 kernels,
@@ -11,11 +12,12 @@
 #include <random>
 #include <vector>
 
-#include <simde/x86/avx512.h>
+#include <simde/x86/avx512.h>  // includes the real <immintrin.h> first
 #include <simde/x86/f16c.h>
 
-#include "kernels.hpp"  // the real intrinsics' headers first, then the renaming
-#include "kt_simde_map.h"
+#include "kt_simde_map.h"  // then the renaming, before any kernel is compiled
+#define KT_AVXVNNI __attribute__((target("avx2,fma,f16c")))
+#include "kernels.hpp"
 #include "amx_model.h"
 #define KT_AVX512 KT_TARGET("avx2,fma,f16c")
 #define KT_AMX KT_TARGET("avx2,fma,f16c")
@@ -84,6 +86,16 @@ int main() {
               panel_gemm_x16_avx2(w, p, x, n, b.data());
             }
             compare(what, n, a, b);
+#if defined(KT_HAVE_AVXVNNI)
+            if (fmt == FMT_W8A8 || fmt == FMT_INT8 || fmt == FMT_INT4) {  // the fused dot products
+              std::vector<float> c(n * NR);
+              if (fmt == FMT_W8A8) panel_gemm_q8_avxvnni(w, p, Xq.data(), K, xs.data(), n, c.data());
+              else panel_gemm_x16_avxvnni(w, p, x, n, c.data());
+              char vw[112];
+              std::snprintf(vw, sizeof vw, "avx_vnni %s", what);
+              compare(vw, n, c, b);
+            }
+#endif
           }
         }
       }

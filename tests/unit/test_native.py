@@ -122,12 +122,20 @@ def test_dense_linear_matches_torch(T, M, K):
     assert not native.takes_linear(x, w.float())
 
 
-VARIANTS = ["generic", "avx2", "avx512", "amx"]
+VARIANTS = list(native.VARIANTS)
 
 
 def supported_variants():
-    best = native.variant()
-    return VARIANTS[: VARIANTS.index(best) + 1] if best in VARIANTS else [best]
+    return native.supported_variants()
+
+
+def test_variant_support_is_consistent():
+    supported = native.supported_variants()
+    assert supported[0] == "generic" and native.variant() == supported[-1]
+    if native.variant() != "generic":
+        assert "avx2" in supported  # every SIMD variant builds on AVX2
+    with pytest.raises(ValueError, match="unknown"):
+        native.set_variant("sse9")
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "w8a8", "int4", "fp8"])

@@ -155,115 +155,6 @@ struct X16 {
   int64_t ldx, ldg;
 };
 
-// a[i] += 16 rows' (w0: rows 0-7, w1: rows 8-15) int16 input pairs (k, k+1) . row i of X
-template <int MR>
-KT_TARGET("avx2,fma,f16c") inline void madd_pairs(__m256i w0, __m256i w1, const X16& x, int64_t k,
-                                                  __m256i (&a)[4][2]) {
-  for (int i = 0; i < MR; ++i) {
-    int32_t pair;
-    std::memcpy(&pair, x.q + i * x.ldx + k, 4);
-    __m256i xp = _mm256_set1_epi32(pair);
-    a[i][0] = _mm256_add_epi32(a[i][0], _mm256_madd_epi16(w0, xp));
-    a[i][1] = _mm256_add_epi32(a[i][1], _mm256_madd_epi16(w1, xp));
-  }
-}
-
-// int8 weights x int16 activations: 16 rows x one input pair per step, int32 sums flushed to
-// float every 256 inputs (128 pairs x 2 x 127 x 32767 < 2^31).
-template <int MR>
-KT_TARGET("avx2,fma,f16c") inline void rows_i8_avx2(const Weight& w, int64_t p, const X16& x, float* out) {
-  __m256 acc[4][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
-  for (int64_t k0 = 0; k0 < w.K; k0 += 256) {
-    const int64_t k1 = std::min<int64_t>(w.K, k0 + 256);
-    __m256i a[4][2];
-    for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
-    for (int64_t k = k0; k < k1; k += 2) {
-      const int8_t* row = wp + k * NR;
-      _mm_prefetch(reinterpret_cast<const char*>(row) + KT_PREFETCH, _MM_HINT_T0);
-      madd_pairs<MR>(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))),
-                     _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16))), x, k, a);
-    }
-    for (int i = 0; i < MR; ++i) {
-      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_cvtepi32_ps(a[i][0]));
-      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_cvtepi32_ps(a[i][1]));
-    }
-  }
-  __m256 s0 = _mm256_loadu_ps(w.scale + p * NR), s1 = _mm256_loadu_ps(w.scale + p * NR + 8);
-  for (int i = 0; i < MR; ++i) {
-    __m256 xs = _mm256_set1_ps(x.scale[i]);
-    _mm256_storeu_ps(out + i * NR, _mm256_mul_ps(_mm256_mul_ps(acc[i][0], s0), xs));
-    _mm256_storeu_ps(out + i * NR + 8, _mm256_mul_ps(_mm256_mul_ps(acc[i][1], s1), xs));
-  }
-}
-
-// int4 codes (0..15) x int16 activations per group; then scale * (sum code*x - zero * sum x).
-// One 32-byte load holds 16 rows x 4 inputs; nibble m of every word, shifted down and masked,
-// is a madd operand (m even: rows 0-7, odd: rows 8-15; m < 2: inputs 4q, 4q+1, else 4q+2, 4q+3).
-template <int MR>
-KT_TARGET("avx2,fma,f16c") inline void rows_i4_avx2(const Weight& w, int64_t p, const X16& x, float* out) {
-  __m256 acc[4][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
-  const int64_t G = w.K / w.group;
-  const __m256i mask = _mm256_set1_epi16(0x000F);
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i a[4][2];
-    for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_si256();
-    const uint8_t* gp = wp + g * w.group * (NR / 2);
-    const int16_t* xq = x.q + g * w.group;
-    for (int64_t q = 0; q < w.group / 4; ++q) {
-      _mm_prefetch(reinterpret_cast<const char*>(gp + q * 32) + KT_PREFETCH, _MM_HINT_T0);
-      const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp + q * 32));
-      const __m256i n0 = _mm256_and_si256(u, mask), n1 = _mm256_and_si256(_mm256_srli_epi16(u, 4), mask);
-      const __m256i n2 = _mm256_and_si256(_mm256_srli_epi16(u, 8), mask), n3 = _mm256_srli_epi16(u, 12);
-      for (int i = 0; i < MR; ++i) {
-        int32_t p0, p1;
-        std::memcpy(&p0, xq + i * x.ldx + 4 * q, 4);
-        std::memcpy(&p1, xq + i * x.ldx + 4 * q + 2, 4);
-        const __m256i x0 = _mm256_set1_epi32(p0), x1 = _mm256_set1_epi32(p1);
-        a[i][0] = _mm256_add_epi32(a[i][0], _mm256_add_epi32(_mm256_madd_epi16(n0, x0), _mm256_madd_epi16(n2, x1)));
-        a[i][1] = _mm256_add_epi32(a[i][1], _mm256_add_epi32(_mm256_madd_epi16(n1, x0), _mm256_madd_epi16(n3, x1)));
-      }
-    }
-    const float* s = w.scale + (p * G + g) * NR;
-    const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
-    __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
-    __m256 z0 = z ? _mm256_loadu_ps(z) : _mm256_set1_ps(8.f), z1 = z ? _mm256_loadu_ps(z + 8) : _mm256_set1_ps(8.f);
-    for (int i = 0; i < MR; ++i) {
-      __m256 xs = _mm256_set1_ps(static_cast<float>(x.gsum[i * x.ldg + g]));
-      acc[i][0] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z0, xs, _mm256_cvtepi32_ps(a[i][0])), s0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(_mm256_fnmadd_ps(z1, xs, _mm256_cvtepi32_ps(a[i][1])), s1, acc[i][1]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    __m256 xs = _mm256_set1_ps(x.scale[i]);
-    _mm256_storeu_ps(out + i * NR, _mm256_mul_ps(acc[i][0], xs));
-    _mm256_storeu_ps(out + i * NR + 8, _mm256_mul_ps(acc[i][1], xs));
-  }
-}
-
-template <int MR>
-KT_TARGET("avx2,fma,f16c") inline void rows_x16_avx2(const Weight& w, int64_t p, const X16& x, int64_t i,
-                                                     float* out) {
-  X16 xi{x.q + i * x.ldx, x.scale + i, x.gsum ? x.gsum + i * x.ldg : nullptr, x.ldx, x.ldg};
-  if (w.fmt == FMT_INT8) rows_i8_avx2<MR>(w, p, xi, out + i * NR);
-  else rows_i4_avx2<MR>(w, p, xi, out + i * NR);
-}
-
-KT_TARGET("avx2,fma,f16c") inline void panel_gemm_x16_avx2(const Weight& w, int64_t p, const X16& x, int64_t n,
-                                                           float* out) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) rows_x16_avx2<4>(w, p, x, i, out);
-  switch (n - i) {
-    case 3: rows_x16_avx2<3>(w, p, x, i, out); break;
-    case 2: rows_x16_avx2<2>(w, p, x, i, out); break;
-    case 1: rows_x16_avx2<1>(w, p, x, i, out); break;
-    default: break;
-  }
-}
-
 // fp8 over one group: e4m3 bytes -> fp16 bits (sign, then exponent and mantissa shifted
 // into place; subnormals come out right), F16C converts, the 2^8 bias gap goes into the scale.
 template <int MR>
@@ -310,48 +201,34 @@ KT_TARGET("avx2,fma,f16c") inline void tile_f8_group(const uint8_t* wp, const fl
   }
 }
 
-// w8a8: int8 x int8 dot products. maddubs needs an unsigned operand: |x| against w with x's
-// sign moved onto it (|x|, |w| <= 127, so a pair sum <= 32258 never saturates int16).
-template <int MR>
-KT_TARGET("avx2,fma,f16c") inline void rows_q8_avx2(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx,
-                                               const float* xs, float* out) {
-  __m256i acc[4][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-  const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t k4 = 0; k4 < w.K / 4; ++k4) {
-    _mm_prefetch(reinterpret_cast<const char*>(wp + k4 * 64) + KT_PREFETCH, _MM_HINT_T0);
-    __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k4 * 64));
-    __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k4 * 64 + 32));
-    for (int i = 0; i < MR; ++i) {
-      int32_t four;
-      std::memcpy(&four, Xq + i * ldx + 4 * k4, 4);
-      __m256i xb = _mm256_set1_epi32(four), ax = _mm256_sign_epi8(xb, xb);
-      __m256i p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb));
-      __m256i p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb));
-      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(p0, ones));
-      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(p1, ones));
-    }
-  }
-  __m256 s0 = _mm256_loadu_ps(w.scale + p * NR), s1 = _mm256_loadu_ps(w.scale + p * NR + 8);
-  for (int i = 0; i < MR; ++i) {
-    __m256 xsc = _mm256_set1_ps(xs[i]);
-    _mm256_storeu_ps(out + i * NR, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), s0), xsc));
-    _mm256_storeu_ps(out + i * NR + 8, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][1]), s1), xsc));
-  }
-}
+// The int8 / int4 / w8a8 kernels: *_avx2, and *_avxvnni where the compiler knows AVX-VNNI
+// (GCC 11+, Clang 12+; MSVC: not yet). kt_cpu.cpp uses the latter on CPUs that have it.
+#define KT_INT_TARGET KT_TARGET("avx2,fma,f16c")
+#define KT_INT(name) name##_avx2
+#define KT_DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define KT_DPBUSD(acc, u, s) \
+  _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+#include "kernels_int_avx2.inc"
+#undef KT_INT_TARGET
+#undef KT_INT
+#undef KT_DPWSSD
+#undef KT_DPBUSD
 
-KT_TARGET("avx2,fma,f16c") inline void panel_gemm_q8_avx2(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx,
-                                                     const float* xs, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) rows_q8_avx2<4>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR);
-  switch (n - i) {
-    case 3: rows_q8_avx2<3>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR); break;
-    case 2: rows_q8_avx2<2>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR); break;
-    case 1: rows_q8_avx2<1>(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR); break;
-    default: break;
-  }
-}
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define KT_HAVE_AVXVNNI 1
+#ifndef KT_AVXVNNI  // tests/native/simd_emulated.cpp sets it to compile these under SIMDe
+#define KT_AVXVNNI KT_TARGET("avxvnni,avx2,fma,f16c")
+#endif
+#define KT_INT_TARGET KT_AVXVNNI
+#define KT_INT(name) name##_avxvnni
+#define KT_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
+#define KT_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#include "kernels_int_avx2.inc"
+#undef KT_INT_TARGET
+#undef KT_INT
+#undef KT_DPWSSD
+#undef KT_DPBUSD
+#endif
 
 template <int MR>
 KT_TARGET("avx2,fma,f16c") inline void rows_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {

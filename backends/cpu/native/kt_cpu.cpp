@@ -110,19 +110,36 @@ static uint32_t detect_isa() {
   return isa;
 }
 
-// Each variant includes the ones before it: amx runs prefill tiles of bf16 / w8a8 on AMX and
-// everything else on its AVX-512 kernels.
-enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVX512 = 2, VARIANT_AMX = 3 };
-static const char* kVariantNames[] = {"generic", "avx2", "avx512", "amx"};
-constexpr int kVariants = 4;
+// Variants, in order of preference from last to first. Each later one implies AVX2; avx_vnni
+// (AVX2 plus the fused 256-bit integer dot products of Intel's 12th-gen+ cores and Zen 5) is
+// used only when the CPU has it, so checks of the form variant >= X hold for AVX2 and AVX-512
+// features, and avx_vnni's own kernels run only when it is the variant. amx runs prefill tiles
+// of bf16 / w8a8 on AMX and everything else on the AVX-512 kernels.
+enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVXVNNI = 2, VARIANT_AVX512 = 3, VARIANT_AMX = 4 };
+static const char* kVariantNames[] = {"generic", "avx2", "avx_vnni", "avx512", "amx"};
+constexpr int kVariants = 5;
 
-static int best_variant(uint32_t isa) {
+static bool variant_supported(int v, uint32_t isa) {
   const bool avx2 = (isa & ISA_AVX2) && (isa & ISA_FMA) && (isa & ISA_F16C);
   const bool avx512 = avx2 && (isa & ISA_AVX512F) && (isa & ISA_AVX512BW) && (isa & ISA_AVX512VNNI);
   const uint32_t amx = ISA_AMX_TILE | ISA_AMX_INT8 | ISA_AMX_BF16;
-  if (avx512 && (isa & amx) == amx) return VARIANT_AMX;
-  if (avx512) return VARIANT_AVX512;
-  if (avx2) return VARIANT_AVX2;
+  switch (v) {
+    case VARIANT_GENERIC: return true;
+    case VARIANT_AVX2: return avx2;
+#if defined(KT_HAVE_AVXVNNI)
+    case VARIANT_AVXVNNI: return avx2 && (isa & ISA_AVX_VNNI);
+#endif
+    case VARIANT_AVX512: return avx512;
+#if defined(KT_HAVE_AMX)
+    case VARIANT_AMX: return avx512 && (isa & amx) == amx;
+#endif
+    default: return false;
+  }
+}
+
+static int best_variant(uint32_t isa) {
+  for (int v = kVariants - 1; v > 0; --v)
+    if (variant_supported(v, isa)) return v;
   return VARIANT_GENERIC;
 }
 
@@ -148,8 +165,11 @@ static State& state() {
   return *s;
 }
 
-static bool avx512_ok(int fmt);  // the AVX-512 kernels of fmt passed their first-use check
-static bool amx_ok(int fmt);     // the AMX kernels of fmt passed theirs
+enum Checked : int { CHECK_AVX512 = 0, CHECK_AMX = 1, CHECK_AVXVNNI = 2 };
+static bool checked_ok(int fmt, int kind);  // the kind's kernels of fmt passed their first-use check
+static bool avx512_ok(int fmt) { return checked_ok(fmt, CHECK_AVX512); }
+static bool amx_ok(int fmt) { return checked_ok(fmt, CHECK_AMX); }
+static bool avxvnni_ok(int fmt) { return checked_ok(fmt, CHECK_AVXVNNI); }
 static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
                             float* scale, int32_t* gsum);
 
@@ -175,6 +195,9 @@ static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t 
     return panel_gemm_q8_amx(w, p, Xq, ldx, xs, n, out);
 #endif
   if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_q8_avx512(w, p, Xq, ldx, xs, n, out);
+#if defined(KT_HAVE_AVXVNNI)
+  if (state().variant == VARIANT_AVXVNNI && avxvnni_ok(w.fmt)) return panel_gemm_q8_avxvnni(w, p, Xq, ldx, xs, n, out);
+#endif
   if (state().variant >= VARIANT_AVX2) return panel_gemm_q8_avx2(w, p, Xq, ldx, xs, n, out);
 #endif
   panel_gemm_q8_generic(w, p, Xq, ldx, xs, n, out);
@@ -183,13 +206,18 @@ static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t 
 #if defined(KT_X86)
 static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float* out) {
   if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_x16_avx512(w, p, x, n, out);
+#if defined(KT_HAVE_AVXVNNI)
+  if (state().variant == VARIANT_AVXVNNI && avxvnni_ok(w.fmt)) return panel_gemm_x16_avxvnni(w, p, x, n, out);
+#endif
   panel_gemm_x16_avx2(w, p, x, n, out);
 }
 
 // First use of an AVX-512 (amx: AMX) kernel: run it and its AVX2 twin (which the test suite
 // covers on every x86 CI machine) on the same random panel; if they disagree, say so once and
 // keep using the variant below for that format, so a bug can cost speed but never a wrong answer.
-static bool self_check(int fmt, bool amx) {
+static bool self_check(int fmt, int kind) {
+  const bool amx = kind == CHECK_AMX, vnni = kind == CHECK_AVXVNNI;
+  if (vnni && (fmt == FMT_BF16 || fmt == FMT_FP8)) return true;  // float formats: no avx_vnni kernels
   const int64_t K = 512, n = amx ? 19 : 5, group = 32;  // amx: one 16-token tile and a tail
   uint32_t seed = 12345u + static_cast<uint32_t>(fmt);
   auto rnd = [&] { seed = seed * 1664525u + 1013904223u; return seed >> 8; };
@@ -231,6 +259,10 @@ static bool self_check(int fmt, bool amx) {
     if (amx) panel_gemm_q8_amx(w, 0, Xq.data(), K, xs.data(), n, a.data());
     else
 #endif
+#if defined(KT_HAVE_AVXVNNI)
+    if (vnni) panel_gemm_q8_avxvnni(w, 0, Xq.data(), K, xs.data(), n, a.data());
+    else
+#endif
       panel_gemm_q8_avx512(w, 0, Xq.data(), K, xs.data(), n, a.data());
     panel_gemm_q8_avx2(w, 0, Xq.data(), K, xs.data(), n, b.data());
   } else {
@@ -239,7 +271,11 @@ static bool self_check(int fmt, bool amx) {
     quantize_rows16(X.data(), n, K, K, fmt == FMT_INT4 ? group : 0, q.data(), xs.data(),
                     fmt == FMT_INT4 ? gsum.data() : nullptr);
     X16 x{q.data(), xs.data(), fmt == FMT_INT4 ? gsum.data() : nullptr, K, K / group};
-    panel_gemm_x16_avx512(w, 0, x, n, a.data());
+#if defined(KT_HAVE_AVXVNNI)
+    if (vnni) panel_gemm_x16_avxvnni(w, 0, x, n, a.data());
+    else
+#endif
+      panel_gemm_x16_avx512(w, 0, x, n, a.data());
     panel_gemm_x16_avx2(w, 0, x, n, b.data());
   }
   float err = 0.f, mag = 1e-30f;
@@ -250,33 +286,32 @@ static bool self_check(int fmt, bool amx) {
   const bool ok = err <= 1e-4f * mag && std::isfinite(err);
   if (!ok)
     std::fprintf(stderr, "kt-core: the %s kernel for format %d disagrees with AVX2 (relative error %g); "
-                 "not using it. Please report this with `kt doctor` output.\n", amx ? "AMX" : "AVX-512", fmt,
+                 "not using it. Please report this with `kt doctor` output.\n",
+                 amx ? "AMX" : vnni ? "AVX-VNNI" : "AVX-512", fmt,
                  err / mag);
   return ok;
 }
 #endif
 
-static bool checked_ok(int fmt, bool amx) {
+static bool checked_ok(int fmt, int kind) {
 #if defined(KT_X86)
   static std::mutex mu;
-  static std::atomic<int> verdict[2][8] = {};  // 0 unknown, 1 ok, -1 fall back
-  if (fmt < 0 || fmt >= 8) return false;
-  std::atomic<int>& v = verdict[amx ? 1 : 0][fmt];
+  static std::atomic<int> verdict[3][8] = {};  // 0 unknown, 1 ok, -1 fall back
+  if (fmt < 0 || fmt >= 8 || kind < 0 || kind > 2) return false;
+  std::atomic<int>& v = verdict[kind][fmt];
   int known = v.load(std::memory_order_acquire);  // every panel call asks: no lock once known
   if (known == 0) {
     std::lock_guard<std::mutex> lk(mu);
     known = v.load(std::memory_order_acquire);
-    if (known == 0) v.store(known = self_check(fmt, amx) ? 1 : -1, std::memory_order_release);
+    if (known == 0) v.store(known = self_check(fmt, kind) ? 1 : -1, std::memory_order_release);
   }
   return known == 1;
 #else
   (void)fmt;
-  (void)amx;
+  (void)kind;
   return false;
 #endif
 }
-static bool avx512_ok(int fmt) { return checked_ok(fmt, false); }
-static bool amx_ok(int fmt) { return checked_ok(fmt, true); }
 
 // Rows of X -> integer codes in [-qmax, qmax] and one scale per row (amax / qmax, round half to
 // even); columns K..ld are zero. int8 (qmax 127) is w8a8's dynamic activation quantization, the
@@ -574,16 +609,22 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
 }  // namespace kt
 
 // ---------------------------------------------------------------- C ABI (ctypes)
-KT_API int kt_abi_version() { return 5; }
+KT_API int kt_abi_version() { return 6; }
 KT_API uint32_t kt_isa() { return kt::state().isa; }
 KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
 KT_API int kt_set_variant(const char* name) {
   for (int v = 0; v < kt::kVariants; ++v)
     if (std::strcmp(name, kt::kVariantNames[v]) == 0) {
-      if (v > kt::best_variant(kt::state().isa)) return -1;  // never run what the CPU lacks
+      if (!kt::variant_supported(v, kt::state().isa)) return -1;  // never run what the CPU lacks
       kt::state().variant = v;
       return 0;
     }
+  return -2;
+}
+// 1: this CPU (and build) can run the variant, 0: it cannot, -2: no such variant
+KT_API int kt_variant_supported(const char* name) {
+  for (int v = 0; v < kt::kVariants; ++v)
+    if (std::strcmp(name, kt::kVariantNames[v]) == 0) return kt::variant_supported(v, kt::state().isa) ? 1 : 0;
   return -2;
 }
 KT_API void kt_set_threads(int n) { kt::state().threads().resize(n); }
