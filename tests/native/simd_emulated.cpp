@@ -20,6 +20,7 @@
 #include "kernels.hpp"
 #include "amx_model.h"
 #define KT_AVX512 KT_TARGET("avx2,fma,f16c")
+#define KT_AVX512BF16 KT_TARGET("avx2,fma,f16c")
 #define KT_AMX KT_TARGET("avx2,fma,f16c")
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
 
@@ -133,6 +134,12 @@ int main() {
           panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
         }
         compare(fmt == FMT_BF16 ? "amx bf16" : "amx w8a8", n, a, b);
+#if defined(KT_HAVE_AVX512BF16)
+        if (fmt == FMT_BF16 && bf16dp_takes(w, n)) {
+          panel_gemm_bf16dp_avx512(w, p, X.data(), K, n, a.data());
+          compare("avx512bf16", n, a, b);
+        }
+#endif
       }
     }
   }

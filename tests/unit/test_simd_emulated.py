@@ -1,5 +1,5 @@
-"""The SIMD kernels this CPU cannot run, run anyway: the AVX-512 and AVX-VNNI kernels compiled
-against SIMDe's portable AVX-512 (PyPI ``simde-py``), the AMX kernels against a model of the tile
+"""The SIMD kernels this CPU cannot run, run anyway: the AVX-512 (F/BW/VNNI/BF16) and AVX-VNNI
+kernels compiled against SIMDe's portable AVX-512 (PyPI ``simde-py``), the AMX kernels against a model of the tile
 instructions (tests/native/amx_model.h), both compared with the AVX2 kernels on every format,
 token-tile tail and panel offset (tests/native/simd_emulated.cpp). This checks their
 arithmetic and data layouts on any x86 machine with AVX2; what emulation cannot check (the
@@ -43,7 +43,7 @@ def simde_map() -> str:
     kernels use to SIMDe's implementation of it."""
     src = "".join((NATIVE_SRC / name).read_text() for name in ("kernels_avx512.hpp", "kernels_amx.hpp"))
     names = sorted(set(re.findall(r"\b_mm512_\w+", src)))
-    lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d")]
+    lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d", "m512bh")]
     lines += [f"#define {n} simde{n}" for n in names]
     # AVX-VNNI's VEX forms compute what AVX512-VL's 256-bit forms do; SIMDe has the latter
     vnni = sorted(set(re.findall(r"\b_mm256_dp\w+_avx_epi32\b", (NATIVE_SRC / "kernels.hpp").read_text())))
@@ -74,3 +74,4 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
     if "amx not compiled" not in run.stdout:  # compilers before GCC 11 / Clang 12 build no AMX kernels
         assert run.stdout.count("ok   amx") == 30
         assert run.stdout.count("ok   avx_vnni") == 126  # (int8, w8a8, 4 int4 kinds) x 7 token counts x 3 panels
+        assert run.stdout.count("ok   avx512bf16") == 15  # 5 token counts x 3 panels

@@ -67,14 +67,6 @@ KT_AMX inline void tile16_q8_amx(const Weight& w, int64_t p, const int8_t* Xq, i
                                                  _mm512_set1_ps(xs[i])));
 }
 
-// 16 floats -> bf16, rounded to nearest even. The arithmetic shift leaves each bf16 pattern
-// sign-extended, so the saturating narrowing keeps it exactly (finite inputs).
-KT_AMX inline __m256i bf16x16(const float* x) {
-  const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x));
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_cvtsepi32_epi16(_mm512_srai_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
-}
-
 // bf16: out[i][j] for 16 tokens (float rows of X, stride ldx) against panel p; K % 32 == 0
 KT_AMX inline void tile16_bf16_amx(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {
   alignas(64) uint16_t a[16 * 32], b[16 * 32];

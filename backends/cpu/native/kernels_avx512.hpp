@@ -5,6 +5,8 @@
 #pragma once
 #include "kernels.hpp"
 
+#include <vector>
+
 #ifdef KT_X86
 namespace kt {
 
@@ -123,6 +125,76 @@ KT_AVX512 inline void rows_q8_avx512(const Weight& w, int64_t p, const int8_t* X
   for (int i = 0; i < MR; ++i)
     _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i]), s), _mm512_set1_ps(xs[i])));
 }
+
+// 16 floats -> bf16, rounded to nearest even. The arithmetic shift leaves each bf16 pattern
+// sign-extended, so the saturating narrowing keeps it exactly (finite inputs).
+KT_AVX512 inline __m256i bf16x16(const float* x) {
+  const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtsepi32_epi16(_mm512_srai_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+}
+
+// AVX512-BF16 (Zen 4, Cooper Lake): VDPBF16PS multiplies bf16 pairs into fp32 sums, twice the
+// FMA path's work per instruction. For prefill tiles of 16+ tokens of bf16 experts on CPUs
+// without AMX; like AMX it rounds the activations to bf16 (the MoE's inputs are bf16 hidden
+// states already; the down projection's input is rounded as a bf16 model rounds it).
+// GCC 10+ / Clang 9+ know the instruction (KT_HAVE_AVX512BF16).
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define KT_HAVE_AVX512BF16 1
+#ifndef KT_AVX512BF16  // tests/native/simd_emulated.cpp sets it to compile these under SIMDe
+#define KT_AVX512BF16 KT_TARGET("avx512bf16,avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
+#endif
+
+template <typename T, typename F>
+inline T bit_as(const F& f) {  // same bits, another vector type
+  static_assert(sizeof(T) == sizeof(F), "bit_as: sizes differ");
+  T t;
+  std::memcpy(&t, &f, sizeof t);
+  return t;
+}
+
+// rows i < MR of X (K % 16 == 0) against panel p; xb: scratch for MR x K bf16 activations
+template <int MR>
+KT_AVX512BF16 inline void rows_bf16dp_avx512(const Weight& w, int64_t p, const float* X, int64_t ldx, uint16_t* xb,
+                                             float* out) {
+  const int64_t K = w.K;
+  for (int i = 0; i < MR; ++i)
+    for (int64_t k = 0; k < K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i * K + k), bf16x16(X + i * ldx + k));
+  // inputs k and k+1 of a panel are 64 adjacent bytes; interleave them so lane j holds row j's pair
+  alignas(64) static const uint16_t pairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(pairs);
+  const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * K * NR;
+  __m512 acc[4];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    const __m512bh wk = bit_as<__m512bh>(_mm512_permutexvar_epi16(idx, _mm512_loadu_si512(wp + k * NR)));
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, xb + i * K + k, 4);
+      acc[i] = _mm512_dpbf16_ps(acc[i], bit_as<__m512bh>(_mm512_set1_epi32(pair)), wk);
+    }
+  }
+  for (int i = 0; i < MR; ++i) _mm512_storeu_ps(out + i * NR, acc[i]);
+}
+
+inline bool bf16dp_takes(const Weight& w, int64_t n) { return w.fmt == FMT_BF16 && n >= 16 && w.K % 16 == 0; }
+
+KT_AVX512BF16 inline void panel_gemm_bf16dp_avx512(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
+                                                   float* out) {
+  thread_local std::vector<uint16_t> xb;
+  if (static_cast<int64_t>(xb.size()) < 4 * w.K) xb.resize(4 * w.K);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) rows_bf16dp_avx512<4>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR);
+  switch (n - i) {
+    case 3: rows_bf16dp_avx512<3>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR); break;
+    case 2: rows_bf16dp_avx512<2>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR); break;
+    case 1: rows_bf16dp_avx512<1>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR); break;
+    default: break;
+  }
+}
+#endif
 
 // n rows of X in tiles of 4: f(MR tag, first row)
 #define KT_TILES_512(n, CALL4, CALL3, CALL2, CALL1) \

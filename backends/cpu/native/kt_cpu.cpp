@@ -165,7 +165,7 @@ static State& state() {
   return *s;
 }
 
-enum Checked : int { CHECK_AVX512 = 0, CHECK_AMX = 1, CHECK_AVXVNNI = 2 };
+enum Checked : int { CHECK_AVX512 = 0, CHECK_AMX = 1, CHECK_AVXVNNI = 2, CHECK_AVX512BF16 = 3 };
 static bool checked_ok(int fmt, int kind);  // the kind's kernels of fmt passed their first-use check
 static bool avx512_ok(int fmt) { return checked_ok(fmt, CHECK_AVX512); }
 static bool amx_ok(int fmt) { return checked_ok(fmt, CHECK_AMX); }
@@ -179,6 +179,11 @@ static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, 
 #if defined(KT_HAVE_AMX)
     if (state().variant >= VARIANT_AMX && amx_takes(w, n) && amx_ok(w.fmt) && avx512_ok(w.fmt))
       return panel_gemm_bf16_amx(w, p, X, ldx, n, out);
+#endif
+#if defined(KT_HAVE_AVX512BF16)
+    if (state().variant >= VARIANT_AVX512 && (state().isa & ISA_AVX512BF16) && bf16dp_takes(w, n) &&
+        checked_ok(w.fmt, CHECK_AVX512BF16) && avx512_ok(w.fmt))
+      return panel_gemm_bf16dp_avx512(w, p, X, ldx, n, out);
 #endif
     if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_avx512(w, p, X, ldx, n, out);
     if (state().variant >= VARIANT_AVX2) return panel_gemm_avx2(w, p, X, ldx, n, out);
@@ -216,9 +221,10 @@ static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float
 // covers on every x86 CI machine) on the same random panel; if they disagree, say so once and
 // keep using the variant below for that format, so a bug can cost speed but never a wrong answer.
 static bool self_check(int fmt, int kind) {
-  const bool amx = kind == CHECK_AMX, vnni = kind == CHECK_AVXVNNI;
+  const bool amx = kind == CHECK_AMX, vnni = kind == CHECK_AVXVNNI, dp = kind == CHECK_AVX512BF16;
   if (vnni && (fmt == FMT_BF16 || fmt == FMT_FP8)) return true;  // float formats: no avx_vnni kernels
-  const int64_t K = 512, n = amx ? 19 : 5, group = 32;  // amx: one 16-token tile and a tail
+  if (dp && fmt != FMT_BF16) return true;                       // bf16 pairs: bf16 weights only
+  const int64_t K = 512, n = amx || dp ? 19 : 5, group = 32;  // amx, dp: one 16-token tile and a tail
   uint32_t seed = 12345u + static_cast<uint32_t>(fmt);
   auto rnd = [&] { seed = seed * 1664525u + 1013904223u; return seed >> 8; };
   std::vector<uint8_t> data(K * NR * 2);
@@ -248,6 +254,10 @@ static bool self_check(int fmt, int kind) {
   if (fmt == FMT_BF16 || fmt == FMT_FP8) {
 #if defined(KT_HAVE_AMX)
     if (amx) panel_gemm_bf16_amx(w, 0, X.data(), K, n, a.data());
+    else
+#endif
+#if defined(KT_HAVE_AVX512BF16)
+    if (dp) panel_gemm_bf16dp_avx512(w, 0, X.data(), K, n, a.data());
     else
 #endif
       panel_gemm_avx512(w, 0, X.data(), K, n, a.data());
@@ -287,7 +297,7 @@ static bool self_check(int fmt, int kind) {
   if (!ok)
     std::fprintf(stderr, "kt-core: the %s kernel for format %d disagrees with AVX2 (relative error %g); "
                  "not using it. Please report this with `kt doctor` output.\n",
-                 amx ? "AMX" : vnni ? "AVX-VNNI" : "AVX-512", fmt,
+                 amx ? "AMX" : vnni ? "AVX-VNNI" : dp ? "AVX512-BF16" : "AVX-512", fmt,
                  err / mag);
   return ok;
 }
@@ -296,8 +306,8 @@ static bool self_check(int fmt, int kind) {
 static bool checked_ok(int fmt, int kind) {
 #if defined(KT_X86)
   static std::mutex mu;
-  static std::atomic<int> verdict[3][8] = {};  // 0 unknown, 1 ok, -1 fall back
-  if (fmt < 0 || fmt >= 8 || kind < 0 || kind > 2) return false;
+  static std::atomic<int> verdict[4][8] = {};  // 0 unknown, 1 ok, -1 fall back
+  if (fmt < 0 || fmt >= 8 || kind < 0 || kind > 3) return false;
   std::atomic<int>& v = verdict[kind][fmt];
   int known = v.load(std::memory_order_acquire);  // every panel call asks: no lock once known
   if (known == 0) {
