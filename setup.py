@@ -38,6 +38,7 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
     Extension("kt_backends.cpu._kt_cpu", sources=["backends/cpu/native/kt_cpu.cpp"],
               depends=["backends/cpu/native/kernels.hpp", "backends/cpu/native/kernels_avx512.hpp",
                        "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_int_avx2.inc",
+                       "backends/cpu/native/isa.hpp", "backends/cpu/native/moe_forward.inc",
                        "backends/cpu/native/threadpool.hpp"],
               extra_compile_args=CXX_FLAGS, language="c++")
 ]
