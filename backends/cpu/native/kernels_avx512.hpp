@@ -126,6 +126,19 @@ KT_AVX512 inline void rows_q8_avx512(const Weight& w, int64_t p, const int8_t* X
     _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i]), s), _mm512_set1_ps(xs[i])));
 }
 
+// n rows of X in tiles of 4: f(MR tag, first row)
+#define KT_TILES_512(n, CALL4, CALL3, CALL2, CALL1) \
+  do {                                              \
+    int64_t i = 0;                                  \
+    for (; i + 4 <= (n); i += 4) CALL4;             \
+    switch ((n) - i) {                              \
+      case 3: CALL3; break;                         \
+      case 2: CALL2; break;                         \
+      case 1: CALL1; break;                         \
+      default: break;                               \
+    }                                               \
+  } while (0)
+
 // 16 floats -> bf16, rounded to nearest even. The arithmetic shift leaves each bf16 pattern
 // sign-extended, so the saturating narrowing keeps it exactly (finite inputs).
 KT_AVX512 inline __m256i bf16x16(const float* x) {
@@ -185,29 +198,12 @@ KT_AVX512BF16 inline void panel_gemm_bf16dp_avx512(const Weight& w, int64_t p, c
                                                    float* out) {
   thread_local std::vector<uint16_t> xb;
   if (static_cast<int64_t>(xb.size()) < 4 * w.K) xb.resize(4 * w.K);
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) rows_bf16dp_avx512<4>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR);
-  switch (n - i) {
-    case 3: rows_bf16dp_avx512<3>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR); break;
-    case 2: rows_bf16dp_avx512<2>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR); break;
-    case 1: rows_bf16dp_avx512<1>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR); break;
-    default: break;
-  }
+  KT_TILES_512(n, rows_bf16dp_avx512<4>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR),
+               rows_bf16dp_avx512<3>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR),
+               rows_bf16dp_avx512<2>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR),
+               rows_bf16dp_avx512<1>(w, p, X + i * ldx, ldx, xb.data(), out + i * NR));
 }
 #endif
-
-// n rows of X in tiles of 4: f(MR tag, first row)
-#define KT_TILES_512(n, CALL4, CALL3, CALL2, CALL1) \
-  do {                                              \
-    int64_t i = 0;                                  \
-    for (; i + 4 <= (n); i += 4) CALL4;             \
-    switch ((n) - i) {                              \
-      case 3: CALL3; break;                         \
-      case 2: CALL2; break;                         \
-      case 1: CALL1; break;                         \
-      default: break;                               \
-    }                                               \
-  } while (0)
 
 KT_AVX512 inline void panel_gemm_avx512(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
                                         float* out) {

@@ -104,9 +104,10 @@ static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float
   panel_gemm_x16_avx2(w, p, x, n, out);
 }
 
-// First use of an AVX-512 (amx: AMX) kernel: run it and its AVX2 twin (which the test suite
-// covers on every x86 CI machine) on the same random panel; if they disagree, say so once and
-// keep using the variant below for that format, so a bug can cost speed but never a wrong answer.
+// First use of an AVX-512, AMX, AVX-VNNI or AVX512-BF16 kernel (kind): run it and its AVX2 twin
+// (which the test suite covers on every x86 CI machine) on the same random panel; if they
+// disagree, say so once and keep using the path below for that format, so a bug can cost speed
+// but never a wrong answer.
 static bool self_check(int fmt, int kind) {
   const bool amx = kind == CHECK_AMX, vnni = kind == CHECK_AVXVNNI, dp = kind == CHECK_AVX512BF16;
   if (vnni && (fmt == FMT_BF16 || fmt == FMT_FP8)) return true;  // float formats: no avx_vnni kernels
