@@ -8,25 +8,38 @@ the model that computed it. Tiers, fastest first:
    there *idle* (unreferenced, LRU); a new sequence with the same prefix shares them.
 2. **host**: when an idle block's slot is needed, its contents move to host RAM
    (LRU, ``host_bytes`` cap).
-3. **disk**: host entries pushed out by the cap, and every cached block at
-   ``flush()`` (graceful shutdown), go to a folder with a size cap (LRU by use).
+3. **disk**: a folder with a size cap (LRU by use). Every block is *written through*
+   as soon as it is full (named): its contents are copied to host memory on the
+   thread that ran the step and queued for one background writer thread, so a crash
+   (kill -9, power cut) loses only the last moments of entries, not everything since
+   the last clean stop. The queue is bounded: when it is full the write-through of
+   that block is skipped (counted in ``DiskTier.queue_full``), the decode step never
+   waits for the disk. Host entries pushed out by the host cap also go to disk (in the
+   background when the queue has room, else at once, as before), and ``flush()``
+   (graceful shutdown) waits for the writer, then writes whatever is still missing.
+   An entry already on disk, queued or being written is never written again.
 
 Disk entries are written to a temp file and renamed into place, and carry a header
 (format version, model fingerprint, layout, dtype, shape, payload length, sha256).
 A truncated or corrupted file, or one from another model or layout, is detected,
-logged, deleted and treated as a miss: it can never feed a wrong block.
+logged, deleted and treated as a miss: it can never feed a wrong block. Temp files
+left by a crash mid-write are deleted when the folder is next opened. Nothing is
+fsynced: after a power cut an entry can be lost or fail its checksum, never be wrong.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import struct
 import threading
+import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -37,6 +50,10 @@ log = logging.getLogger(__name__)
 MAGIC = b"KTKV"
 FORMAT_VERSION = 1
 SUFFIX = ".ktkv"
+QUEUE_BYTES = 64 << 20  # host memory the write-behind queue may hold (copies of blocks)
+QUEUE_MIN, QUEUE_MAX = 4, 1024  # ... in entries, whatever the block size
+WRITER_IDLE_EXIT_S = 2.0  # the writer thread ends after this long with nothing to write (a later write restarts it)
+EXIT_DRAIN_S = 5.0  # at interpreter exit, how long to let queued writes finish
 
 
 def chain_hashes(seed: bytes, tokens: list[int], block_size: int, start: int = 0,
@@ -50,15 +67,46 @@ def chain_hashes(seed: bytes, tokens: list[int], block_size: int, start: int = 0
     return out
 
 
-class DiskTier:
-    """A folder of block files with a byte cap; LRU by last use (file mtime across restarts)."""
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # e.g. Windows: the file is open elsewhere; the LRU index already forgot it
+        pass
 
-    def __init__(self, folder: Path, cap_bytes: int, header: dict) -> None:
+
+_open_tiers: "weakref.WeakSet[DiskTier]" = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """A process that ends without flush() still lets queued write-through entries land (bounded)."""
+    deadline = time.monotonic() + EXIT_DRAIN_S
+    for tier in list(_open_tiers):
+        tier.wait_idle(max(deadline - time.monotonic(), 0.0))
+
+
+class DiskTier:
+    """A folder of block files with a byte cap; LRU by last use (file mtime across restarts).
+
+    ``write`` stores an entry at once on the calling thread; ``submit`` queues it for the
+    background writer (bounded: returns False and skips the entry when the queue is full).
+    """
+
+    def __init__(self, folder: Path, cap_bytes: int, header: dict, queue_items: int = 64) -> None:
         self.folder, self.cap, self.header = Path(folder), int(cap_bytes), header
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index: "OrderedDict[str, int]" = OrderedDict()  # name -> bytes, oldest first
-        self.lock = threading.Lock()
-        self.dropped = 0
+        self.lock = threading.Lock()  # guards index and busy
+        self.busy: set[str] = set()  # names queued or being written (claimed: nobody else writes them)
+        self.dropped = 0  # bad entries found and deleted
+        self.written = 0  # entries this process wrote (write-through, spills and flush together)
+        self.queue_full = 0  # write-throughs skipped because the queue was full
+        self.write_errors = 0
+        self.queue_items = max(int(queue_items), 1)
+        self._pending: "OrderedDict[str, list[torch.Tensor]]" = OrderedDict()  # queued, oldest first
+        self._active = 0  # entries the writer has taken but not finished
+        self._cond = threading.Condition()  # guards _pending, _active, _thread
+        self._thread: Optional[threading.Thread] = None
         files = []
         for f in self.folder.glob(f"*{SUFFIX}"):
             try:
@@ -69,19 +117,104 @@ class DiskTier:
         for _, name, size in sorted(files):
             self.index[name] = size
         for tmp in self.folder.glob("*.tmp"):  # a crash mid-write leaves only these behind
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
+        _open_tiers.add(self)
 
     @property
     def used_bytes(self) -> int:
-        return sum(self.index.values())
+        with self.lock:
+            return sum(self.index.values())
 
     def __contains__(self, h: bytes) -> bool:
         return h.hex() in self.index
 
-    def write(self, h: bytes, parts: list[torch.Tensor]) -> None:
+    # ---- writing -----------------------------------------------------------------------
+    def _claim(self, name: str) -> bool:
+        """Reserve ``name`` for one writer; False when it is on disk, queued or being written."""
+        with self.lock:
+            if name in self.index or name in self.busy:
+                return False
+            self.busy.add(name)
+            return True
+
+    def _release(self, name: str) -> None:
+        with self.lock:
+            self.busy.discard(name)
+
+    def write(self, h: bytes, parts: list[torch.Tensor]) -> bool:
+        """Store the entry now (on this thread); False when it was already there or on its way."""
         name = h.hex()
-        if name in self.index:
-            return
+        if not self._claim(name):
+            return False
+        try:
+            return self._store(name, parts)
+        finally:
+            self._release(name)
+
+    def submit(self, h: bytes, read: Callable[[], list[torch.Tensor]]) -> bool:
+        """Queue the entry for the background writer; ``read()`` gives its contents (called on this
+        thread, only when the entry is queued). False, at once, when it is already on disk, queued
+        or being written, or when the queue is full (then nothing is read or written)."""
+        name = h.hex()
+        with self._cond:
+            if len(self._pending) >= self.queue_items:
+                self.queue_full += 1
+                return False
+        if not self._claim(name):
+            return False
+        try:
+            parts = read()
+        except BaseException:
+            self._release(name)
+            raise
+        with self._cond:
+            self._pending[name] = parts
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="kt-prefix-writer", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return True
+
+    def pending(self, h: bytes) -> Optional[list[torch.Tensor]]:
+        """The contents of an entry still in the write queue (a hit before it reaches disk)."""
+        with self._cond:
+            return self._pending.get(h.hex())
+
+    def _drain(self) -> None:
+        """The writer thread: store queued entries oldest first; end after a while with nothing to do."""
+        while True:
+            with self._cond:
+                while not self._pending:
+                    if not self._cond.wait(WRITER_IDLE_EXIT_S) and not self._pending:
+                        self._thread = None
+                        return
+                name, parts = next(iter(self._pending.items()))
+                self._active += 1
+            try:
+                self._store(name, parts)
+            except Exception:  # never let one entry end the writer
+                self.write_errors += 1
+                log.exception("prefix cache: writing %s failed", name)
+            finally:
+                with self._cond:
+                    self._pending.pop(name, None)
+                    self._active -= 1
+                    self._cond.notify_all()
+                self._release(name)
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the write queue is empty and the writer is done; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._active, timeout)
+
+    @property
+    def queued(self) -> int:
+        """Entries queued or being written."""
+        with self._cond:
+            return len(self._pending)
+
+    def _store(self, name: str, parts: list[torch.Tensor]) -> bool:
+        """Write one claimed entry: temp file, then an atomic rename (it appears whole or not at all)."""
         payload = b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
         header = dict(self.header, hash=name, payload_bytes=len(payload),
                       sha256=hashlib.sha256(payload).hexdigest())
@@ -91,15 +224,26 @@ class DiskTier:
         try:
             with open(tmp, "wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(head)) + head + payload)
-            os.replace(tmp, path)  # the entry appears whole or not at all
+            os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _unlink(tmp)
+            self.write_errors += 1
             log.warning("prefix cache: could not write %s (%s); continuing without it", path, exc)
-            return
-        with self.lock:
+            return False
+        victims = []
+        with self.lock:  # the new entry and the cap it may push others out of change together
             self.index[name] = len(head) + len(payload) + 8
-        self._enforce_cap()
+            self.written += 1
+            total = sum(self.index.values())
+            while total > self.cap and self.index:
+                old, size = self.index.popitem(last=False)
+                total -= size
+                victims.append(old)
+        for old in victims:
+            _unlink(self.folder / f"{old}{SUFFIX}")
+        return True
 
+    # ---- reading -----------------------------------------------------------------------
     def read(self, h: bytes, n_parts: int, part_shape: tuple, dtype: torch.dtype) -> Optional[list[torch.Tensor]]:
         name = h.hex()
         if name not in self.index:
@@ -108,6 +252,10 @@ class DiskTier:
         problem = None
         try:
             data = path.read_bytes()
+        except FileNotFoundError:  # pushed out by the cap (or removed by hand) since the lookup
+            with self.lock:
+                self.index.pop(name, None)
+            return None
         except OSError as exc:
             data, problem = b"", f"unreadable ({exc})"
         if problem is None:
@@ -117,14 +265,15 @@ class DiskTier:
             self.dropped += 1
             with self.lock:
                 self.index.pop(name, None)
-            path.unlink(missing_ok=True)
+            _unlink(path)
             return None
         head_len = struct.unpack("<I", data[4:8])[0]
         payload = bytearray(data[8 + head_len:])
         flat = torch.frombuffer(payload, dtype=torch.uint8).view(dtype)
         per = flat.numel() // n_parts
         with self.lock:
-            self.index.move_to_end(name)
+            if name in self.index:
+                self.index.move_to_end(name)
         try:
             os.utime(path)
         except OSError:
@@ -139,6 +288,8 @@ class DiskTier:
             header = json.loads(data[8:8 + head_len])
         except ValueError:
             return "truncated or corrupted header"
+        if not isinstance(header, dict):
+            return "corrupted header"
         for key, want in self.header.items():
             if header.get(key) != want:
                 return f"written for {key}={header.get(key)!r}, this server has {want!r}"
@@ -151,21 +302,14 @@ class DiskTier:
             return "checksum mismatch (corrupted)"
         return None
 
-    def _enforce_cap(self) -> None:
-        with self.lock:
-            victims = []
-            total = sum(self.index.values())
-            while total > self.cap and self.index:
-                name, size = self.index.popitem(last=False)
-                total -= size
-                victims.append(name)
-        for name in victims:
-            (self.folder / f"{name}{SUFFIX}").unlink(missing_ok=True)
-
 
 class PrefixCache:
     def __init__(self, cache: PagedKVCache, fingerprint: str, host_bytes: int = 0,
-                 disk_dir: Optional[Path] = None, disk_bytes: int = 0) -> None:
+                 disk_dir: Optional[Path] = None, disk_bytes: int = 0, write_through: bool = True,
+                 queue_bytes: int = QUEUE_BYTES) -> None:
+        """``write_through``: queue every new full block for the disk tier (the default); off, blocks
+        reach disk only when pushed out of the host tier or at ``flush()``. ``queue_bytes``: host
+        memory the write queue may hold."""
         self.cache = cache
         self.seed = hashlib.sha256(fingerprint.encode()).digest()
         self.on_device: dict[bytes, int] = {}  # hash -> block
@@ -177,7 +321,11 @@ class PrefixCache:
         header = {"format": "kt-core-kv-block", "version": FORMAT_VERSION, "model": fingerprint,
                   "layout": cache.layout, "dtype": str(cache.dtype).replace("torch.", ""),
                   "block_shape": list(cache.block_shape), "parts": len(cache.k) * (1 if cache.latent else 2)}
-        self.disk = DiskTier(disk_dir, disk_bytes, header) if disk_dir is not None and disk_bytes > 0 else None
+        items = min(max(int(queue_bytes) // max(self.block_bytes, 1), QUEUE_MIN), QUEUE_MAX)
+        self.disk = (DiskTier(disk_dir, disk_bytes, header, queue_items=items)
+                     if disk_dir is not None and disk_bytes > 0 else None)
+        self.write_through = bool(write_through) and self.disk is not None
+        self._written_at_flush = 0
         self.stats = {"queries": 0, "device": 0, "host": 0, "disk": 0}
         cache.prefix = self
 
@@ -198,8 +346,10 @@ class PrefixCache:
         b, _ = self.idle.popitem(last=False)
         h = self.block_hash.pop(b)
         del self.on_device[h]
-        if self.host_cap > 0 or self.disk is not None:
+        if self.host_cap >= self.block_bytes:
             self._to_host(h, self.cache.read_block(b))
+        elif self.disk is not None:
+            self._spill(h, lambda: self.cache.read_block(b))
         return b
 
     # ---- lookups and registration ------------------------------------------------------
@@ -231,7 +381,10 @@ class PrefixCache:
             self.host_used -= self.block_bytes
         elif self.disk is not None:
             c = self.cache
-            parts, tier = self.disk.read(h, len(c.k) * (1 if c.latent else 2), c.block_shape, c.dtype), "disk"
+            tier = "disk"
+            parts = self.disk.pending(h)  # still in the write queue
+            if parts is None:
+                parts = self.disk.read(h, len(c.k) * (1 if c.latent else 2), c.block_shape, c.dtype)
         if parts is None:
             return None
         b = self.cache.alloc()
@@ -245,7 +398,8 @@ class PrefixCache:
         self.block_hash[b] = h
 
     def register(self, seq: SeqState, tokens: list[int]) -> None:
-        """Name the sequence's newly full blocks so later requests can share them."""
+        """Name the sequence's newly full blocks so later requests can share them, and queue each
+        newly named block for the disk tier (write-through; skipped when the queue is full)."""
         bs = self.cache.block_size
         full = min(len(tokens), seq.length) // bs
         if full <= len(seq.hashes):
@@ -255,14 +409,20 @@ class PrefixCache:
             b = seq.blocks[i]
             if h not in self.on_device and b not in self.block_hash:
                 self._adopt(b, h)
+                if self.write_through:
+                    self.disk.submit(h, lambda b=b: self.cache.read_block(b))
         seq.hashes.extend(new)
 
     # ---- lower tiers -------------------------------------------------------------------
-    def _to_host(self, h: bytes, parts: list[torch.Tensor]) -> None:
-        if self.host_cap < self.block_bytes:
-            if self.disk is not None:
-                self.disk.write(h, parts)
+    def _spill(self, h: bytes, read: Callable[[], list[torch.Tensor]]) -> None:
+        """An entry leaves the memory tiers for disk: in the background when the queue has room,
+        else written at once (an entry pushed out of memory is not dropped)."""
+        if h in self.disk or self.disk.pending(h) is not None:
             return
+        if not self.disk.submit(h, read):
+            self.disk.write(h, read())
+
+    def _to_host(self, h: bytes, parts: list[torch.Tensor]) -> None:
         if h in self.host:
             self.host.move_to_end(h)
             return
@@ -272,21 +432,26 @@ class PrefixCache:
             old, old_parts = self.host.popitem(last=False)
             self.host_used -= self.block_bytes
             if self.disk is not None:
-                self.disk.write(old, old_parts)
+                self._spill(old, lambda p=old_parts: p)
 
-    def flush(self) -> int:
-        """Write every cached block (device and host tiers) to disk; returns how many were new."""
+    def flush(self, timeout_s: float = 600.0) -> int:
+        """Write every cached block (device and host tiers) to disk, after waiting (up to
+        ``timeout_s``) for the background writer. Returns how many entries reached disk since
+        the previous flush (write-through, spills and this call together)."""
         if self.disk is None:
             return 0
-        n = 0
+        deadline = time.monotonic() + timeout_s
+        if not self.disk.wait_idle(timeout_s):
+            log.warning("prefix cache: the disk writer still has %d entries after %.0f s", self.disk.queued, timeout_s)
         for h, b in list(self.on_device.items()):
             if h not in self.disk:
                 self.disk.write(h, self.cache.read_block(b))
-                n += 1
         for h, parts in list(self.host.items()):
             if h not in self.disk:
                 self.disk.write(h, parts)
-                n += 1
+        self.disk.wait_idle(max(deadline - time.monotonic(), 0.0))  # anything queued meanwhile
+        n = self.disk.written - self._written_at_flush
+        self._written_at_flush = self.disk.written
         return n
 
     def hit_rate(self) -> float:
