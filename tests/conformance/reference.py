@@ -1,23 +1,22 @@
 """Float64 references for the contract's ops, written naively and independently of
-kt_core's torch implementation (loops over tokens, heads and groups)."""
+kt_core's torch implementation (loops over tokens, heads and groups). Quantized weights are
+decoded by tests/conformance/dequant_reference.py, from the format definitions."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from kt_core.weights.quant import Quant, dequantize, fake_quant_activations, weight_format
+from tests.conformance.dequant_reference import activations_for, dequantize
 
 
 def _dyn(w):
-    """w8a8 weights see their activations quantized per row (fake_quant_activations), in float64."""
-    if weight_format(w) is not Quant.W8A8:
-        return lambda t: t
-    return lambda t: fake_quant_activations(t.double())
+    """w8a8 weights see their activations quantized per row (to int8, in float64)."""
+    return activations_for(w)
 
 
 def linear(x, w, b=None):
-    y = _dyn(w)(x.double()) @ dequantize(w, torch.float64).T
+    y = _dyn(w)(x.double()) @ dequantize(w).T
     return y if b is None else y + b.double()
 
 
@@ -34,7 +33,7 @@ def act(g, u, kind):
 
 def moe(hidden, ids, weights, experts, kind="silu"):
     held = {int(e): i for i, e in enumerate(experts.expert_ids.tolist())}
-    gate, up, down = (dequantize(w, torch.float64) for w in (experts.gate, experts.up, experts.down))
+    gate, up, down = (dequantize(w) for w in (experts.gate, experts.up, experts.down))
     dyn = _dyn(experts.gate)
     out = torch.zeros(hidden.shape, dtype=torch.float64)
     for t in range(hidden.shape[0]):
