@@ -17,22 +17,29 @@ from setuptools.command.build_ext import build_ext
 BACKENDS = ["cpu", "cuda", "rocm", "xpu", "ascend"]
 
 
+# Flags by compiler, not by platform: MinGW on Windows is a GNU compiler. ISA flags are per
+# function (KT_TARGET in native/), never global, so one build runs on every x86 CPU.
+MSVC_FLAGS = ["/O2", "/std:c++17", "/EHsc"]
+GNU_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+
+
 class OptionalBuildExt(build_ext):
     """Build the native CPU kernels if a C++ compiler is there; otherwise warn and go on:
-    the torch path runs and `kt doctor` says why the native one is missing."""
+    the torch path runs and `kt doctor` says why the native one is missing.
+    ``KT_REQUIRE_NATIVE=1`` (CI on a machine with a compiler) makes a failed build an error."""
 
     def build_extension(self, ext):
+        flags = MSVC_FLAGS if self.compiler.compiler_type == "msvc" else GNU_FLAGS
+        ext.extra_compile_args = list(flags)
+        if self.compiler.compiler_type == "mingw32":  # one DLL with no MinGW runtime DLLs beside it
+            ext.extra_link_args = ["-static-libgcc", "-static-libstdc++"]
         try:
             super().build_extension(ext)
         except Exception as exc:  # no compiler, no headers, ...
+            if os.environ.get("KT_REQUIRE_NATIVE", "") not in ("", "0"):
+                raise RuntimeError(f"KT_REQUIRE_NATIVE is set and the native CPU kernels did not build: {exc}") from exc
             print(f"WARNING: native CPU kernels not built ({exc}); kt-core will use its torch path",
                   file=sys.stderr)
-
-
-if sys.platform == "win32":
-    CXX_FLAGS = ["/O2", "/std:c++17", "/EHsc"]
-else:
-    CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]  # ISA flags are per function, never global
 
 NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
     Extension("kt_backends.cpu._kt_cpu", sources=["backends/cpu/native/kt_cpu.cpp"],
@@ -40,7 +47,7 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
                        "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_int_avx2.inc",
                        "backends/cpu/native/isa.hpp", "backends/cpu/native/moe_forward.inc",
                        "backends/cpu/native/threadpool.hpp"],
-              extra_compile_args=CXX_FLAGS, language="c++")
+              language="c++")
 ]
 
 setup(

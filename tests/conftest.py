@@ -66,3 +66,24 @@ def tiny_checkpoint(tmp_path_factory):
             made[name] = build(name, tmp_path_factory.mktemp(name))
         return made[name]
     return get
+
+
+# what tests/unit/test_simd_emulated.py runs under emulation (SIMDe / the AMX tile model)
+EMULATED_VARIANTS = ("avx_vnni", "avx512", "amx")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which kernel variants this run tested on the CPU itself and which only under
+    emulation, so a CI log shows what a green run is worth."""
+    try:
+        from kt_backends.cpu import native
+    except Exception as exc:  # noqa: BLE001 - a summary line must never fail the run
+        terminalreporter.write_line(f"native CPU kernels: not importable ({exc})")
+        return
+    if not native.available():
+        terminalreporter.write_line(f"native CPU kernels: {native.status()}; no kernel variant was tested")
+        return
+    here = native.supported_variants()
+    emulated = [v for v in EMULATED_VARIANTS if v not in here]
+    terminalreporter.write_line(f"native CPU kernels: variants run on this CPU: {', '.join(here)}; "
+                                f"only under emulation: {', '.join(emulated) or 'none'}")

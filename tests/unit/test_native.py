@@ -1,10 +1,13 @@
 """The native CPU expert kernels against the torch reference path, per format and variant."""
+import math
+
 import pytest
 import torch
 
 from kt_backends.cpu import native
 from kt_core.backend.torch_ops.moe import moe_experts as torch_moe
 from kt_core.weights.quant import ExpertWeights, quantize
+from tests.conformance.tolerances import native_moe_path, native_moe_tolerance
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native CPU kernels: {native.status()}")
 
@@ -33,17 +36,39 @@ def rel(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-9))
 
 
+def tokens_per_expert(ids: torch.Tensor) -> int:
+    """The most tokens one expert gets in a call: what decides the AMX / AVX512-BF16 tile path."""
+    return int(torch.bincount(ids.flatten()).max())
+
+
+def tol(fmt, ids, variant=None):
+    return native_moe_tolerance(fmt, variant or native.variant(), tokens_per_expert(ids))
+
+
+class forced:
+    """Run a block on one kernel variant, then restore the default."""
+
+    def __init__(self, variant):
+        self.variant, self.best = variant, native.variant()
+
+    def __enter__(self):
+        native.set_variant(self.variant)
+
+    def __exit__(self, *exc):
+        native.set_variant(self.best)
+
+
 CASES = [("bf16", 32, True), ("int8", 32, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True),
          ("fp8", 32, True), ("fp8", 0, True), ("w8a8", 0, True)]
-# w8a8: a rounding flip of one activation code; int8 / int4: the AVX2 kernels carry activations as
-# int16 (relative step 1/32767); everything else is float summation order
-TOL = {"w8a8": 5e-3, "int8": 1e-4, "int4": 1e-4}
 
 
 @pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
 @pytest.mark.parametrize("T", [1, 5, 37])
 @pytest.mark.parametrize("activation,bias", [("silu", False), ("gelu_tanh", False), ("swiglu_oai", True)])
 def test_native_matches_torch_path(fmt, group, sym, T, activation, bias):
+    """Every variant this CPU has, forced in turn, against the torch path; the bound is the one of
+    the path that runs (T=37 gives some experts 16+ tokens: the bf16 tile kernels on AMX /
+    AVX512-BF16 CPUs)."""
     I = 40 if fmt not in ("int4", "fp8") else max(64, group)  # 40: rows that do not fill a 16-row panel
     ex = experts(fmt, H=128, I=I, group=group, symmetric=sym, bias=bias)
     packed = native.pack(ex)
@@ -51,8 +76,11 @@ def test_native_matches_torch_path(fmt, group, sym, T, activation, bias):
     x = torch.randn(T, 128, generator=torch.Generator().manual_seed(2))
     ids, w = routes(T, ex)
     ref = torch_moe(x, ids, w, ex, activation)
-    out = native.moe_forward(packed, x, ids, w, activation)
-    assert rel(out, ref) < TOL.get(fmt, 2e-5)
+    for variant in native.supported_variants():
+        with forced(variant):
+            out = native.moe_forward(packed, x, ids, w, activation)
+        path = native_moe_path(fmt, variant, tokens_per_expert(ids))
+        assert rel(out, ref) < tol(fmt, ids, variant), f"variant {variant}, path {path}"
 
 
 def test_fp8_odd_input_count():
@@ -62,7 +90,10 @@ def test_fp8_odd_input_count():
     assert packed is not None and packed.fmt == "fp8"
     x = torch.randn(6, 33, generator=torch.Generator().manual_seed(3))
     ids, w = routes(6, ex)
-    assert rel(native.moe_forward(packed, x, ids, w), torch_moe(x, ids, w, ex, "silu")) < 2e-5
+    ref = torch_moe(x, ids, w, ex, "silu")
+    for variant in native.supported_variants():
+        with forced(variant):
+            assert rel(native.moe_forward(packed, x, ids, w), ref) < tol("fp8", ids, variant), variant
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "w8a8", "bf16"])
@@ -73,15 +104,16 @@ def test_variants_and_thread_counts_agree(fmt):
     ids, w = routes(9, ex)
     best = native.variant()
     base = native.moe_forward(packed, x, ids, w)
+    bound = max(tol(fmt, ids, "generic"), tol(fmt, ids, best))
     try:
         native.set_variant("generic")
-        assert rel(native.moe_forward(packed, x, ids, w), base) < TOL.get(fmt, 2e-5)
+        assert rel(native.moe_forward(packed, x, ids, w), base) < bound
         native.set_threads(1)
         one = native.moe_forward(packed, x, ids, w)
     finally:
         native.set_variant(best)
         native.set_threads(2)
-    assert rel(one, base) < TOL.get(fmt, 2e-5)
+    assert rel(one, base) < bound
     assert torch.equal(native.moe_forward(packed, x, ids, w), base), "same variant, same result"
     with pytest.raises(ValueError, match="unknown"):
         native.set_variant("sse9")
@@ -104,7 +136,8 @@ def test_formats_it_does_not_take_stay_on_torch():
 
 
 def test_memory_bandwidth_probe():
-    assert native.memory_bandwidth_gbps(megabytes=64, iters=2) > 0.5
+    gbps = native.memory_bandwidth_gbps(megabytes=64, iters=2)
+    assert math.isfinite(gbps) and gbps > 0  # a rate, not a timing bound: machines are shared
 
 
 @pytest.mark.parametrize("T", [1, 3, 4, 17])
@@ -154,14 +187,8 @@ def test_every_simd_variant_matches_generic(fmt, variant):
     # bf16-exact inputs, like the hidden states a bf16 model feeds its MoE
     x = torch.randn(T, 128, generator=torch.Generator().manual_seed(8)).bfloat16().float()
     ids, w = routes(T, ex)
-    try:
-        native.set_variant("generic")
+    with forced("generic"):
         ref = native.moe_forward(packed, x, ids, w)
-        native.set_variant(variant)
+    with forced(variant):
         out = native.moe_forward(packed, x, ids, w)
-    finally:
-        native.set_variant(best)
-    # AMX and AVX512-BF16 round the down projection's input (the activation product) to bf16 for
-    # tiles of 16+ tokens, as a bf16 model does: ~2^-9 relative per element
-    tol = 1e-2 if fmt == "bf16" and variant in ("avx512", "amx") else TOL.get(fmt, 2e-5)
-    assert rel(out, ref) < tol
+    assert rel(out, ref) < max(tol(fmt, ids, variant), tol(fmt, ids, "generic"))

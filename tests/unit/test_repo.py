@@ -45,3 +45,11 @@ def test_library_is_windows_safe():
         assert "os.fork" not in text and "set_start_method(\"fork\"" not in text, path
         if "commands" not in path.parts and path.name != "cli.py":
             assert not re.search(r"^\s*print\(", text, re.M), f"library code prints: {path}"
+
+
+def test_compiler_flags_follow_the_compiler_not_the_platform():
+    """MinGW on Windows is a GNU compiler: MSVC's /O2 flags would break its build."""
+    setup = (ROOT / "setup.py").read_text(encoding="utf-8")
+    assert "compiler_type" in setup and "sys.platform ==" not in setup
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "KT_REQUIRE_NATIVE=1" in ci and "-m slow" in ci
