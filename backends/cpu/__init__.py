@@ -9,7 +9,7 @@ import torch
 
 from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import VARIANT_SCORE, cpu_info
-from kt_backends.cpu import native
+from kt_backends.cpu import native, native_linear
 from kt_core.backend.torch_backend import TorchBackend
 
 
@@ -68,7 +68,16 @@ class CpuBackend(TorchBackend):
                 return packed
         return experts
 
+    def prepare_dense(self, weight, index: int = 0):
+        packed = native_linear.pack_linear(weight)
+        if packed is None:
+            return weight
+        packed.pool = index
+        return packed
+
     def linear(self, x, weight, bias=None):
+        if isinstance(weight, native_linear.PackedLinear):
+            return native_linear.linear(x, weight, bias)
         if native.takes_linear(x, weight):
             return native.linear(x, weight, bias)
         return super().linear(x, weight, bias)

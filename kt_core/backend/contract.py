@@ -142,6 +142,11 @@ class Backend(abc.ABC):
         The result is what ``moe_experts`` then receives; the default keeps them as they are."""
         return experts
 
+    def prepare_dense(self, weight: Any, index: int = 0) -> Any:
+        """Repack a dense (attention / MLP / lm_head) weight device ``index`` will hold, once, at
+        load time; ``linear`` then receives the result. The default keeps it as it is."""
+        return weight
+
     def moe_experts_async(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           experts: Any, activation: str = "silu") -> "Future":
         """Start ``moe_experts`` and return a Future of its result, so the caller can compute

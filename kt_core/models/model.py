@@ -34,8 +34,10 @@ class QuantPlan:
 class _Reader:
     """Reads, checks, casts and places one layer's tensors."""
 
-    def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan):
+    def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan,
+                 prepare: Optional[Callable] = None):
         self.ck, self.spec, self.dtype, self.device, self.qp = ck, spec, dtype, device, qp
+        self.prepare = prepare  # the device's Backend.prepare_dense for quantized dense weights
 
     def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
@@ -47,7 +49,8 @@ class _Reader:
         w = self.t(name, shape)
         if self.qp.dense is Quant.NONE:
             return w
-        return _quantize(w, self.qp.dense, self.qp, name).to(self.device)
+        q = _quantize(w, self.qp.dense, self.qp, name).to(self.device)
+        return self.prepare(q) if self.prepare is not None else q
 
     def experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, **biases):
         qp = self.qp
@@ -220,7 +223,7 @@ class CausalLM:
             for i in range(spec.num_layers):
                 be, index = homes(i) if homes else (backend, 0)
                 device = be.torch_device(index)
-                r = _Reader(ck, spec, dtype, device, qp)
+                r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index))
                 p = f"model.layers.{i}."
                 attn = _attention(r, p, spec, i)
                 if spec.is_moe(i):
@@ -233,7 +236,9 @@ class CausalLM:
                 layers.append(Layer(attn, ffn, r.t(p + "input_layernorm.weight", (H,)),
                                     r.t(p + "post_attention_layernorm.weight", (H,)), be, device, tables[device]))
                 advance()
-        first, last = _Reader(ck, spec, dtype, layers[0].device, qp), _Reader(ck, spec, dtype, layers[-1].device, qp)
+        last_be = layers[-1].be
+        first = _Reader(ck, spec, dtype, layers[0].device, qp)
+        last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, 0))
         embed = first.t("model.embed_tokens.weight", (V, H))
         norm = last.t("model.norm.weight", (H,))
         if spec.tie_embeddings or "lm_head.weight" not in ck:
