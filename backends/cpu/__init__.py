@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import logging
+
 import psutil
 import torch
 
@@ -11,6 +13,21 @@ from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import VARIANT_SCORE, cpu_info
 from kt_backends.cpu import native, native_linear
 from kt_core.backend.torch_backend import TorchBackend
+from kt_core.weights.quant import Quant, QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+_warned: set = set()
+
+
+def _slow_path_once(what: str) -> None:
+    """Say once per kind that the native kernels do not take some weights: the torch path then
+    dequantizes them on every call, which is correct but far slower."""
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("CPU: the native kernels do not take %s (%s); they run on the torch path, which is "
+                    "much slower", what, native.status())
 
 
 class CpuBackend(TorchBackend):
@@ -71,6 +88,8 @@ class CpuBackend(TorchBackend):
     def prepare_dense(self, weight, index: int = 0):
         packed = native_linear.pack_linear(weight)
         if packed is None:
+            if isinstance(weight, QuantizedWeight):
+                _slow_path_once(f"{weight.format.value} dense weights (group {weight.group_size})")
             return weight
         packed.pool = index
         return packed
@@ -85,6 +104,8 @@ class CpuBackend(TorchBackend):
     def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
         if isinstance(experts, native.PackedExperts):
             return native.moe_forward(experts, hidden, topk_ids, topk_weights, activation, experts.pool)
+        if experts.format is not Quant.NONE:
+            _slow_path_once(f"{experts.format.value} experts")
         return super().moe_experts(hidden, topk_ids, topk_weights, experts, activation)
 
     def moe_experts_async(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
