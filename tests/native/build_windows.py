@@ -29,10 +29,18 @@ ROOT = Path(__file__).resolve().parents[2]
 NATIVE = ROOT / "backends" / "cpu" / "native"
 SELFTEST = Path(__file__).resolve().parent / "selftest_main.cpp"
 
-# What the DLL must export for backends/cpu/native.py (ctypes) and the self-test.
+# What the DLL must export: every entry point the sources declare KT_API (backends/cpu/native.py
+# reaches them through ctypes), at least these (the self-test's), and the module's PyInit.
 REQUIRED_EXPORTS = ("kt_abi_version", "kt_isa", "kt_variant", "kt_set_variant", "kt_variant_supported",
-                    "kt_set_threads", "kt_threads", "kt_set_pool_threads", "kt_pool_threads", "kt_moe_forward",
-                    "kt_moe_args_size", "kt_linear_bf16", "kt_membw", "PyInit__kt_cpu")
+                    "kt_set_threads", "kt_threads", "kt_set_pool_threads", "kt_moe_forward", "kt_moe_args_size",
+                    "PyInit__kt_cpu")
+
+
+def declared_exports(src: Path) -> set[str]:
+    names = set(REQUIRED_EXPORTS)
+    for f in sorted(src.glob("*.cpp")) + sorted(src.glob("*.inc")):
+        names.update(re.findall(r"^KT_API\b[^(;{]*?\b(kt_\w+)\s*\(", f.read_text(errors="replace"), re.M))
+    return names
 # setup.py's extra_link_args for MinGW (keep the two the same)
 MINGW_LINK_ARGS = ("-static-libgcc", "-static-libstdc++", "-Wl,-Bstatic,--whole-archive", "-lwinpthread",
                    "-Wl,--no-whole-archive,-Bdynamic")
@@ -171,7 +179,7 @@ def build(out: Path, src: Path, cxx: str, opt: str) -> bool:
     else:
         exports, imports = tables
         say(f"kt_cpu.dll imports: {', '.join(imports)}")
-        missing = [s for s in REQUIRED_EXPORTS if s not in exports]
+        missing = sorted(s for s in declared_exports(src) if s not in exports)
         runtime = [d for d in imports if MINGW_RUNTIME.match(d)]
         say(f"kt_cpu.dll exports {len(exports)} names; missing: {', '.join(missing) or 'none'}")
         if runtime:
