@@ -150,3 +150,24 @@ def test_leftover_temp_files_are_removed_and_the_writer_thread_ends_when_idle(tm
     assert d.submit(b"\x02" * 32, lambda: parts) and d.wait_idle(5) and d.written == 2  # a new thread
     got = d.read(b"\x02" * 32, 1, (2, 16), torch.float32)
     assert torch.equal(got[0], parts[0])
+
+
+@pytest.mark.slow
+def test_kill9_campaign_three_rounds(tmp_path):
+    """bench/fault_kill9.py, short: kill -9 a live `kt serve` three times (with corrupted and
+    foreign entries planted once); nothing wrong is served, no temp file survives a restart."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "fault_kill9.py"
+    proc = subprocess.run([sys.executable, str(script), "--rounds", "3", "--inject-every", "2", "--max-minutes", "8",
+                           "--keep", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary = lines[-1] if lines and lines[-1].get("summary") else None
+    assert summary is not None, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert summary["ok"] and proc.returncode == 0, summary
+    assert summary["rounds"] == 3 and summary["mismatches"] == 0 and summary["corrupt_on_disk"] == 0
+    assert summary["tmp_left_after_restart"] == 0 and summary["rounds_wrote_before_kill"] >= 2
+    assert summary["injected"] == summary["injected_resolved"] > 0 and summary["final"]["disk_hits"] > 0
