@@ -1,0 +1,46 @@
+"""The per-part step profiler: it sees every part, adds up to the step, and leaves no trace."""
+import pytest
+
+import kt_core
+from kt_core.models.synthetic import synthesize
+from kt_core.runtime.step_profile import PARTS, StepProfiler, weight_bytes_per_token
+
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prof") / "m"
+    synthesize(path, preset="tiny-qwen3-moe", layers=2, shape=SHAPE, sample_tokens=16, tokenizer="deepseek")
+    return kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32"])
+
+
+def test_profile_covers_the_parts_and_restores_the_model(engine):
+    ids = list(range(10, 40))
+    before = engine.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
+    prof = StepProfiler(engine)
+    with prof.active():
+        during = engine.generate(ids, max_new_tokens=6, ignore_eos=True).token_ids
+    assert during == before  # profiling changes timing, never results
+    assert "forward" not in vars(engine.model)  # every wrapper is gone
+    assert all(not callable(vars(layer.be).get("linear")) for layer in engine.model.layers)
+    assert prof.steps == {"prefill": 1, "decode": 5}
+    for phase in ("prefill", "decode"):
+        rows = {r["part"]: r for r in prof.report(phase, bandwidth_gbps=10.0)}
+        assert set(PARTS) <= set(rows)
+        for part in ("attn_proj", "attention", "moe", "router", "lm_head", "norm_rope"):
+            assert rows[part]["ms_per_step"] > 0, (phase, part)
+        assert sum(rows[p]["ms_per_step"] for p in PARTS) == pytest.approx(rows["step"]["ms_per_step"], rel=1e-2)
+    dec = {r["part"]: r for r in prof.report("decode", bandwidth_gbps=10.0)}
+    assert sum(dec[p]["roofline_share"] for p in PARTS) == pytest.approx(1.0, abs=1e-2)
+
+
+def test_weight_bytes_count_top_k_experts_per_token(engine):
+    b = weight_bytes_per_token(engine.model)
+    layer = engine.model.layers[0]
+    q = layer.attn.w["q"]
+    assert b["attn_proj"] >= 2 * q.numel() * q.element_size()
+    assert b["lm_head"] == engine.model.lm_head.numel() * engine.model.lm_head.element_size()
+    per_expert = 3 * 32 * 64 * 4  # gate, up, down of one tiny expert in float32
+    assert b["moe"] == 2 * 2 * per_expert  # 2 layers x top-2
