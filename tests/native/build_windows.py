@@ -2,11 +2,14 @@
 self-test (tests/native/selftest_main.cpp) against it under wine.
 
     python tests/native/build_windows.py OUTDIR [--src DIR] [--opt O2] [--cxx G++] [--no-run] [--seed N]
+                                                [--prefix WINEPREFIX]
 
-OUTDIR receives kt_cpu.dll, kt_selftest.exe, the build logs and a wine prefix. The DLL is linked
-the way setuptools links an extension with MinGW (build_ext + the mingw32 compiler): a .def file
-that exports only PyInit__kt_cpu, so every kt_* function the self-test finds had to be exported by
-the source itself, as ctypes needs on Windows. kt_cpu.cpp includes <Python.h>, which a cross
+OUTDIR receives kt_cpu.dll, kt_selftest.exe and the logs; the wine prefix made there for the run
+(~700 MB) is removed after it (--prefix DIR: use and keep that one, which saves its creation).
+
+The DLL is linked the way setuptools links an extension with MinGW (build_ext + the mingw32
+compiler): a .def file that exports only PyInit__kt_cpu, so every kt_* function the self-test
+finds had to be exported by the source itself, as ctypes needs on Windows. kt_cpu.cpp includes <Python.h>, which a cross
 toolchain does not have: a stand-in declaring the three names the file uses is put on the include
 path (a Windows build gets the real one).
 
@@ -199,18 +202,20 @@ def build(out: Path, src: Path, cxx: str, opt: str) -> bool:
     return rc == 0
 
 
-def run_selftest(out: Path, wine: str, seed: int, timeout: float) -> bool:
+def run_selftest(out: Path, wine: str, seed: int, timeout: float, prefix: Path | None) -> bool:
+    own = prefix is None  # a prefix of our own (~700 MB), removed afterwards; --prefix keeps one for reuse
+    prefix = out / "wineprefix" if own else prefix
     env = dict(os.environ)
     env.update({
-        "WINEPREFIX": str(out / "wineprefix"),  # our own prefix: nothing of the user's ~/.wine is touched
+        "WINEPREFIX": str(prefix),  # never the user's ~/.wine
         "WINEDEBUG": "-all",
         "WINEDLLOVERRIDES": "mscoree,mshtml=",  # no Mono / Gecko install prompts
         "DISPLAY": "",
     })
     env.pop("WINEARCH", None)
-    first = not (out / "wineprefix").exists()
+    first = not prefix.exists()
     if first:
-        say("creating the wine prefix (first run only)")
+        say(f"creating the wine prefix {prefix}")
     cmd = [wine, "kt_selftest.exe", "kt_cpu.dll", "--seed", str(seed)]
     rc, text, dt = run(cmd, out / "selftest.log", timeout=timeout, cwd=out, env=env)
     lines = [ln.rstrip("\r") for ln in text.splitlines()]
@@ -226,6 +231,8 @@ def run_selftest(out: Path, wine: str, seed: int, timeout: float) -> bool:
     if wineserver:  # end this prefix's wineserver now instead of in a few seconds
         subprocess.run([wineserver, "-k"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=60, check=False)
+    if own:
+        shutil.rmtree(prefix, ignore_errors=True)
     return rc == 0 and n_ok > 0 and n_ok == len(cases) and "SELFTEST PASSED" in text
 
 
@@ -238,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-run", action="store_true", help="build only")
     ap.add_argument("--seed", type=int, default=0, help="the self-test's pseudo-random data")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole wine run")
+    ap.add_argument("--prefix", type=Path, help="a wine prefix to use and keep (default: a fresh one in OUTDIR, "
+                    "removed after the run)")
     args = ap.parse_args(argv)
     cxx, why = find_compiler()
     if args.cxx:
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_run:
         say(f"built in {time.monotonic() - t0:.1f} s (not run: --no-run)")
         return 0
-    ok = run_selftest(out, wine, args.seed, args.timeout)
+    ok = run_selftest(out, wine, args.seed, args.timeout, args.prefix.resolve() if args.prefix else None)
     say(f"{'PASSED' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
     return 0 if ok else 1
 
