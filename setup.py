@@ -21,6 +21,10 @@ BACKENDS = ["cpu", "cuda", "rocm", "xpu", "ascend"]
 # function (KT_TARGET in native/), never global, so one build runs on every x86 CPU.
 MSVC_FLAGS = ["/O2", "/std:c++17", "/EHsc"]
 GNU_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+# MinGW: one DLL that needs no MinGW runtime DLL beside it (libgcc, libstdc++ and winpthread, the
+# runtime of std::thread, linked in); tests/native/build_windows.py reads this list from here
+MINGW_LINK_ARGS = ["-static-libgcc", "-static-libstdc++",
+                   "-Wl,-Bstatic,--whole-archive", "-lwinpthread", "-Wl,--no-whole-archive,-Bdynamic"]
 
 
 class OptionalBuildExt(build_ext):
@@ -32,7 +36,7 @@ class OptionalBuildExt(build_ext):
         flags = MSVC_FLAGS if self.compiler.compiler_type == "msvc" else GNU_FLAGS
         ext.extra_compile_args = list(flags)
         if self.compiler.compiler_type == "mingw32":  # one DLL with no MinGW runtime DLLs beside it
-            ext.extra_link_args = ["-static-libgcc", "-static-libstdc++"]
+            ext.extra_link_args = list(MINGW_LINK_ARGS)
         try:
             super().build_extension(ext)
         except Exception as exc:  # no compiler, no headers, ...
@@ -45,7 +49,7 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
     Extension("kt_backends.cpu._kt_cpu", sources=["backends/cpu/native/kt_cpu.cpp"],
               depends=["backends/cpu/native/kernels.hpp", "backends/cpu/native/kernels_avx512.hpp",
                        "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_int_avx2.inc",
-                       "backends/cpu/native/isa.hpp", "backends/cpu/native/moe_forward.inc",
+                       "backends/cpu/native/isa.hpp", "backends/cpu/native/moe_forward.inc", "backends/cpu/native/linear_packed.inc",
                        "backends/cpu/native/threadpool.hpp"],
               language="c++")
 ]

@@ -39,8 +39,9 @@ EXACT_OPS = ("write_kv", "copy_blocks", "swap_blocks")
 NATIVE_MOE = {
     # float32 sums of bf16 / fp8 weights times float activations: only the summation order differs
     "float": (2e-5, "float32 accumulation; summation order only"),
-    # SIMD int8 / int4 kernels multiply codes by int16 activation codes (a scale per row, step amax/32767)
-    "int16_activations": (1e-4, "activations carried as int16 codes, relative step 1/32767"),
+    # SIMD int8 / int4 kernels multiply codes by int16 activation codes (a scale per row, step amax/32767);
+    # summed over K the error reaches ~1e-4 of the output's max (1.01e-4 seen on one seed)
+    "int16_activations": (2e-4, "activations carried as int16 codes, relative step 1/32767"),
     # w8a8 quantizes activations to int8 at run time; a value on a rounding boundary may take the
     # neighbouring code in the kernel's float32 and the reference's arithmetic
     "w8a8": (5e-3, "run-time int8 activations: one rounding flip of a code"),

@@ -45,8 +45,18 @@ def declared_exports(src: Path) -> set[str]:
         names.update(re.findall(r"^KT_API\b[^(;{]*?\b(kt_\w+)\s*\(", f.read_text(errors="replace"), re.M))
     return names
 # setup.py's extra_link_args for MinGW (keep the two the same)
-MINGW_LINK_ARGS = ("-static-libgcc", "-static-libstdc++", "-Wl,-Bstatic,--whole-archive", "-lwinpthread",
-                   "-Wl,--no-whole-archive,-Bdynamic")
+def _setup_list(name: str) -> tuple:
+    """A list constant of setup.py (one source for the MinGW link arguments)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "setup.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise SystemExit(f"setup.py has no {name}")
+
+
+MINGW_LINK_ARGS = _setup_list("MINGW_LINK_ARGS")
 # MinGW runtime DLLs that must not be needed beside kt_cpu.dll (setup.py links them statically)
 MINGW_RUNTIME = re.compile(r"^(libgcc_s_\S+|libstdc\+\+-6|libwinpthread-1|libgomp-1)\.dll$", re.I)
 

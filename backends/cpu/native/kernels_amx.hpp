@@ -13,9 +13,11 @@
 #include "kernels_avx512.hpp"
 
 // AMX intrinsics and target names arrived in GCC 11 and Clang 12; older compilers (Ubuntu 20.04's
-// GCC 9) build everything else.
+// GCC 9) build everything else. MinGW's GCC is left out: its tile macros pass the stride as a
+// `long`, 32 bits on Windows, which the assembler refuses as an index register.
 #if defined(KT_X86) && defined(__x86_64__) && \
-    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)) && \
+    !(defined(_WIN32) && !defined(__clang__))
 #define KT_HAVE_AMX 1
 namespace kt {
 
