@@ -1,6 +1,8 @@
 """Per-request sampling parameters and the logits processing that precedes sampling."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -8,9 +10,36 @@ import torch
 
 from kt_core.errors import KtError
 
+# Ranges every parameter is checked against before a request joins a batch (``validate``): inside
+# them the float32 sampling math stays finite.
+# 0 < temperature < TEMPERATURE_FLOOR samples greedily (the limit of T -> 0); logits / T overflow from ~1e-38 on
+TEMPERATURE_FLOOR = 1e-5
+TOP_K_MAX = 2**31 - 1  # a top_k at or above the vocabulary size keeps every token, as 0 does
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes (negative seeds wrap mod 2**64)
+
+
+class SamplingError(KtError):
+    """A sampling parameter outside what kt-core can sample with; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 @dataclass
 class SamplingParams:
+    """What one request samples with. ``validate()`` checks every field against the ranges above
+    (a ``SamplingError`` naming the field), so the decode step never sees a value it cannot take.
+
+    - temperature: 0 = greedy; a positive temperature below ``TEMPERATURE_FLOOR`` (1e-5) is greedy too,
+      the limit sampling approaches as T -> 0 (dividing logits by a denormal would overflow to inf/NaN).
+    - top_k: 0 = off; at most ``TOP_K_MAX``; a value at or above the vocabulary size also keeps every token.
+    - top_p in (0, 1] (1 = off), min_p in [0, 1] (0 = off).
+    - repetition_penalty in [0.01, 100] (1 = off; HF semantics: divide positive logits, multiply negative).
+    - seed: an integer in [-2**63, 2**64 - 1], or None for a random one.
+    NaN and infinities are refused everywhere."""
+
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -22,18 +51,38 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     ignore_eos: bool = False
 
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax (temperature 0, or below ``TEMPERATURE_FLOOR``)."""
+        return self.temperature < TEMPERATURE_FLOOR
+
     def validate(self) -> "SamplingParams":
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise SamplingError(name, f"{name} must be a finite number, got {v!r}")
+            setattr(self, name, float(v))
+        for name in ("max_new_tokens", "top_k", "seed"):
+            v = getattr(self, name)
+            if not (v is None and name == "seed") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise SamplingError(name, f"{name} must be an integer, got {v!r}")
         checks = [
-            (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            ("max_new_tokens", self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
+            ("temperature", self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            ("top_k", 0 <= self.top_k <= TOP_K_MAX,
+             f"top_k must be in [0, {TOP_K_MAX}] (0, or any value >= the vocabulary size, keeps every token), "
+             f"got {self.top_k}"),
+            ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            ("min_p", 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            ("repetition_penalty", REPETITION_PENALTY_MIN <= self.repetition_penalty <= REPETITION_PENALTY_MAX,
+             f"repetition_penalty must be in [{REPETITION_PENALTY_MIN:g}, {REPETITION_PENALTY_MAX:g}] (1 = off), "
+             f"got {self.repetition_penalty}"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"seed must be in [-2**63, 2**64 - 1], got {self.seed}"),
         ]
-        for ok, msg in checks:
+        for name, ok, msg in checks:
             if not ok:
-                raise KtError(msg)
+                raise SamplingError(name, msg)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         return self

@@ -11,6 +11,12 @@ hold its worst case (prompt + max_new_tokens), so a running sequence never runs 
 blocks mid-generation; one that cannot be admitted waits in a bounded queue
 (``QueueFull`` beyond ``max_queue``). Cancelled and timed-out requests free their
 blocks at the next step. ``Engine.generate`` and the HTTP server both drive this class.
+
+Failures stay with the request they belong to: an exception while admitting, sampling,
+detokenizing or emitting for one request finishes that request alone (finish reason
+``"error"``, the message in ``Request.error``) and the rest of the batch carries on. Only a
+failure of the shared forward pass fails every request in that batch (``"error"`` too, in
+``run()``); ``"abort"`` is kept for requests ended by shutdown or an interrupted generate.
 """
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ class Request:
     # state, owned by the scheduler
     output: list[int] = field(default_factory=list)
     text: Optional[TextStream] = None
-    finish_reason: Optional[str] = None  # "stop", "length", "cancelled", "timeout", "abort"
+    finish_reason: Optional[str] = None  # "stop", "length", "cancelled", "timeout", "abort" (shutdown), "error"
     error: Optional[str] = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     computed: int = 0  # prompt tokens whose KV exists
@@ -83,7 +89,7 @@ class Scheduler:
         self.draining = False
         self.drain_deadline: Optional[float] = None
         self.counters = {"requests": 0, "finished": 0, "prompt_tokens": 0, "generation_tokens": 0,
-                         "cancelled": 0, "timeouts": 0, "rejected": 0, "steps": 0}
+                         "cancelled": 0, "timeouts": 0, "rejected": 0, "errors": 0, "steps": 0}
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) of recent steps
 
     # ---- from any thread --------------------------------------------------------------
@@ -100,7 +106,7 @@ class Scheduler:
         if req.reserved_blocks > self.cache.num_blocks:
             raise KtError(f"this request needs {req.reserved_blocks} KV blocks but the cache has "
                           f"{self.cache.num_blocks}; shorten it or raise plan.kv_tokens")
-        if req.params.temperature > 0:
+        if not req.params.greedy:
             req.generator = torch.Generator(device=eng.model.device)
             req.generator.manual_seed(req.params.seed if req.params.seed is not None else torch.seed())
         if eng.tokenizer is not None:
@@ -138,7 +144,8 @@ class Scheduler:
 
     def run(self, stop: threading.Event) -> None:
         """Step while there is work; sleep (no spinning) while idle; return when ``stop`` is set.
-        A step that raises fails the requests in flight, not the loop."""
+        A step that raises (the shared forward pass failed) fails the requests of that batch with
+        ``"error"``, not the loop and not the requests still waiting."""
         while not stop.is_set():
             if self.drain_deadline is not None and time.monotonic() > self.drain_deadline and self.has_work():
                 self.abort_all("the server shut down before the request finished (server.shutdown_grace_s)")
@@ -149,8 +156,9 @@ class Scheduler:
             try:
                 self.step()
             except Exception as exc:
-                log.exception("a decode step failed")
-                self.abort_all(f"internal error in the decode step: {type(exc).__name__}: {exc}")
+                log.exception("a forward step failed; the %d requests in its batch fail", len(self.running))
+                for r in list(self.running):
+                    self._finish(r, "error", f"internal error in the forward step: {type(exc).__name__}: {exc}")
         self.abort_all("the server shut down")
 
     def abort_all(self, why: str) -> None:
@@ -192,27 +200,50 @@ class Scheduler:
             self._sample_and_emit(logits[sample_rows], sample_reqs, now)
         for r, _, _ in entries:
             if not r.finished:
-                self.cache.commit(r.seq, r.prompt + r.output)
+                try:
+                    self.cache.commit(r.seq, r.prompt + r.output)
+                except Exception as exc:
+                    self._fail(r, "offering its KV blocks to the prefix cache", exc)
         self._recent.append((now, len(sample_reqs)))
         return True
 
     def _sample_and_emit(self, logits: torch.Tensor, reqs: list[Request], now: float) -> None:
-        be = self.engine.model.be
-        pens = [r.params.repetition_penalty for r in reqs]
-        if any(p != 1.0 for p in pens):
-            logits = apply_repetition_penalty(logits, [r.prompt + r.output for r in reqs], pens)
-        next_ids = logits.argmax(dim=-1).tolist()
-        dev = logits.device
+        """Pick and emit each request's next token; a request whose sampling or emission raises
+        finishes alone with ``"error"``. ``logits`` is this step's own copy (one row per request)."""
+        next_ids = logits.argmax(dim=-1).tolist()  # the answer for greedy rows without a penalty
         for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature > 0:
-                one = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt, device=dev)  # noqa: E731
-                next_ids[i] = int(be.sample(logits[i:i + 1], one(p.temperature), one(p.top_k, torch.long),
-                                            one(p.top_p), one(p.min_p), generator=r.generator)[0])
-        for r, tok in zip(reqs, next_ids):
+            try:
+                p = r.params
+                if not p.greedy or p.repetition_penalty != 1.0:
+                    next_ids[i] = self._pick(logits[i:i + 1], r)
+            except Exception as exc:
+                self._fail(r, "sampling its next token", exc)
+                continue
             if r.first_token_at is None:
                 r.first_token_at = now
-            self._emit(r, tok)
+            try:
+                self._emit(r, next_ids[i])
+            except Exception as exc:
+                self._fail(r, "emitting its next token", exc)
+
+    def _pick(self, row: torch.Tensor, r: Request) -> int:
+        """Next token for one request from its [1, vocab] logits row (changed in place)."""
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            row = apply_repetition_penalty(row, [r.prompt + r.output], [p.repetition_penalty])
+        if p.greedy:
+            return int(row.argmax(dim=-1)[0])
+        dev = row.device
+        top_k = p.top_k if p.top_k < row.shape[-1] else 0  # >= the vocabulary keeps every token
+        one = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt, device=dev)  # noqa: E731
+        return int(self.engine.model.be.sample(row, one(p.temperature), one(top_k, torch.long), one(p.top_p),
+                                               one(p.min_p), generator=r.generator)[0])
+
+    def _fail(self, r: Request, what: str, exc: Exception) -> None:
+        """Finish ``r`` alone after an exception raised for it; its batch carries on."""
+        log.error("request %d failed while %s; the rest of the batch carries on", r.id, what,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        self._finish(r, "error", f"internal error while {what}: {type(exc).__name__}: {exc}")
 
     def _emit(self, r: Request, tok: int) -> None:
         if tok in r.stop_ids:
@@ -234,16 +265,22 @@ class Scheduler:
         r.finish_reason, r.error, r.finished_at = reason, error, time.perf_counter()
         if r in self.running:
             self.running.remove(r)
-        self.cache.free(r.seq)
-        self.counters["finished"] += 1
-        if reason == "cancelled":
-            self.counters["cancelled"] += 1
-        elif reason == "timeout":
-            self.counters["timeouts"] += 1
-        if r.sink is not None:
-            tail = r.text.flush() if r.text is not None and reason in ("length", "stop") else ""
-            r.sink(r, None, tail)
-        r.done.set()
+        try:
+            self.cache.free(r.seq)
+            self.counters["finished"] += 1
+            if reason == "cancelled":
+                self.counters["cancelled"] += 1
+            elif reason == "timeout":
+                self.counters["timeouts"] += 1
+            elif reason == "error":
+                self.counters["errors"] += 1
+            if r.sink is not None:
+                tail = r.text.flush() if r.text is not None and reason in ("length", "stop") else ""
+                r.sink(r, None, tail)
+        except Exception:  # a broken sink (its client's event loop gone) must not break the batch
+            log.exception("while finishing request %d", r.id)
+        finally:
+            r.done.set()
 
     def _reap(self) -> None:
         """Finish cancelled and timed-out requests, waiting or running."""
@@ -276,7 +313,11 @@ class Scheduler:
                     return  # the head waits for blocks (first come, first served)
                 self.waiting.popleft()
             r.seq = self.engine._new_seq()
-            r.cached_tokens = r.computed = self.cache.attach_prefix(r.seq, r.prompt)
+            try:
+                r.cached_tokens = r.computed = self.cache.attach_prefix(r.seq, r.prompt)
+            except Exception as exc:  # e.g. the prefix cache's disk tier: this request fails, not the batch
+                self._fail(r, "looking up its prompt in the prefix cache", exc)
+                continue
             self.counters["prompt_tokens"] += len(r.prompt)
             if r.params.max_new_tokens == 0:
                 self._finish(r, "length")

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kt_core.errors import KtError
-from kt_core.runtime.sampling import SamplingParams
+from kt_core.runtime.sampling import SamplingError, SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
 from kt_core.server.metrics import prometheus_text
 from kt_core.server.protocol import ChatRequest, CompletionRequest, error_body
@@ -235,6 +235,9 @@ async def _respond(state: ServerState, http, body, ids: list[int], max_tokens: O
         status = 503 if state.scheduler.draining else 429
         raise ApiError(status, str(exc), "server_error" if status == 503 else "rate_limit_error",
                        code="server_shutting_down" if status == 503 else "rate_limit_exceeded") from None
+    except SamplingError as exc:  # pydantic checks the same ranges first; this is the engine's own check
+        param = "max_tokens" if exc.param == "max_new_tokens" else exc.param
+        raise ApiError(400, str(exc), param=param, code="invalid_value") from None
     except KtError as exc:
         raise ApiError(400, str(exc), param="prompt") from None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -269,11 +272,19 @@ async def _drain(queue: asyncio.Queue) -> None:
         pass
 
 
+# how a request that did not end with "stop" / "length" is reported: (HTTP status, error type, code)
+FAILURES = {
+    "timeout": (408, "timeout_error", "timeout"),
+    "error": (500, "server_error", "internal_error"),  # failed alone, or its batch's forward pass failed
+    "abort": (503, "server_error", "server_shutting_down"),  # only shutdown aborts requests in the server
+    "cancelled": (499, "invalid_request_error", "cancelled"),  # the client hung up: nobody reads this
+}
+
+
 def _raise_if_failed(req: Request) -> None:
-    if req.finish_reason == "timeout":
-        raise ApiError(408, req.error or "timeout", "timeout_error", code="timeout")
-    if req.finish_reason in ("abort", "cancelled"):
-        raise ApiError(503, req.error or "aborted", "server_error", code="server_shutting_down")
+    if req.finish_reason in FAILURES:
+        status, type_, code = FAILURES[req.finish_reason]
+        raise ApiError(status, req.error or req.finish_reason, type_, code=code)
 
 
 def _usage(req: Request) -> dict:
@@ -309,9 +320,9 @@ async def _stream(state: ServerState, req: Request, queue: asyncio.Queue, rid: s
                 break
         if req.finish_reason in ("stop", "length"):
             yield _sse(chunk(None if chat else "", req.finish_reason))
-        else:  # timed out or ended by shutdown: an error event, then the stream ends normally
-            code = "timeout" if req.finish_reason == "timeout" else "server_shutting_down"
-            yield _sse(error_body(req.error or req.finish_reason, "server_error", code=code))
+        else:  # timed out, failed or ended by shutdown: an error event, then the stream ends normally
+            _, type_, code = FAILURES.get(req.finish_reason, FAILURES["error"])
+            yield _sse(error_body(req.error or req.finish_reason, type_, code=code))
         if include_usage:
             yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [],
                         "usage": _usage(req)})

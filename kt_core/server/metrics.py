@@ -20,6 +20,7 @@ def prometheus_text(scheduler, engine) -> str:
                        ("rejected", "Requests refused because the queue was full."),
                        ("cancelled", "Requests cancelled by their client."),
                        ("timeouts", "Requests that ran past server.request_timeout_s."),
+                       ("errors", "Requests that failed with an internal error."),
                        ("prompt_tokens", "Prompt tokens admitted."),
                        ("generation_tokens", "Tokens generated."), ("steps", "Forward steps run.")):
         rows.append((f"kt_{key}_total", "counter", help_, s.counters[key]))

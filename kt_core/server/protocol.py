@@ -1,12 +1,18 @@
 """Request bodies of the OpenAI-compatible API (the subset kt-core implements, plus
 vLLM-style extensions top_k, min_p, repetition_penalty, ignore_eos) and the OpenAI
 error body. Unknown fields are ignored, as the OpenAI API ignores most of them;
-fields kt-core cannot honour (n > 1, logprobs, echo) are refused with a clear 400."""
+fields kt-core cannot honour (n > 1, logprobs, echo) are refused with a clear 400.
+
+Sampling fields are bounded to what the sampler can take (the ranges of
+``kt_core.runtime.sampling``); NaN and infinities are refused."""
 from __future__ import annotations
 
 from typing import Any, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kt_core.runtime.sampling import (REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, SEED_MIN,
+                                      TEMPERATURE_FLOOR, TOP_K_MAX)
 
 
 class StreamOptions(BaseModel):
@@ -14,23 +20,24 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0, or anything below {TEMPERATURE_FLOOR:g}: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None
     # extensions (as in vLLM)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=TOP_K_MAX, description="0, or any value >= the vocabulary size: off")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX,
+                                      description="1: off")
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -84,3 +91,4 @@ class ChatRequest(_Sampling):
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
                code: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+

@@ -205,3 +205,79 @@ def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, a
     fresh = kt_core.Engine.from_pretrained(path, overrides=ov)
     pc2 = fresh.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
     assert _run(fresh, [prompt])[0][0] == want and pc2.stats["disk"] == 2
+
+
+def _fault_on_temperature(monkeypatch, engine, temperature):
+    """Make the backend's sampler raise for requests with this temperature (a legal value: the
+    fault stands in for any per-request failure the validation cannot foresee)."""
+    be = engine.model.be
+    real = be.sample
+
+    def sample(logits, temp, *args, **kw):
+        if abs(float(temp.reshape(-1)[0]) - temperature) < 1e-6:
+            raise RuntimeError("injected sampling fault")
+        return real(logits, temp, *args, **kw)
+
+    monkeypatch.setattr(be, "sample", sample)
+
+
+def test_a_request_whose_sampling_or_emission_fails_finishes_alone(engine, monkeypatch):
+    prompts = [_prompt(12, 1), _prompt(20, 2)]
+    want = [_run(engine, [p])[0][0] for p in prompts]
+    _fault_on_temperature(monkeypatch, engine, 1.25)
+    sched = Scheduler(engine, max_batch=8)
+    good = [sched.submit(Request(p, GREEDY)) for p in prompts]
+    bad_sample = sched.submit(Request(_prompt(9, 3), SamplingParams(max_new_tokens=8, temperature=1.25)))
+
+    def broken_sink(r, tok, text):
+        if tok is not None and len(r.output) == 3:
+            raise RuntimeError("injected sink fault")
+
+    bad_emit = sched.submit(Request(_prompt(7, 4), GREEDY, broken_sink))
+    while sched.has_work():
+        sched.step()  # before: the first fault raised out of step() and took the whole batch with it
+    assert bad_sample.finish_reason == "error" and "sampling" in bad_sample.error and "injected" in bad_sample.error
+    assert bad_emit.finish_reason == "error" and "emitting" in bad_emit.error and len(bad_emit.output) == 3
+    assert [r.output for r in good] == want and all(r.finish_reason == "length" for r in good)
+    assert sched.counters["errors"] == 2 and engine.cache.used_blocks == 0
+
+
+def test_a_failed_forward_pass_fails_its_batch_as_an_error_and_the_queue_carries_on(engine, monkeypatch):
+    model, real, calls = engine.model, type(engine.model).forward, []
+
+    def forward(batch, cache):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected forward fault")
+        return real(model, batch, cache)
+
+    monkeypatch.setattr(model, "forward", forward)
+    sched = Scheduler(engine, max_batch=2, max_queue=8)
+    reqs = [sched.submit(Request(_prompt(10 + i, i), GREEDY)) for i in range(3)]
+    stop = threading.Event()
+    worker = threading.Thread(target=sched.run, args=(stop,), daemon=True)
+    worker.start()
+    for r in reqs:
+        assert r.done.wait(60), "request did not finish"
+    stop.set()
+    worker.join(10)
+    # the two in the failed step's batch fail as errors (not "abort", which means shutdown); the third,
+    # still waiting then, is served
+    assert [r.finish_reason for r in reqs] == ["error", "error", "length"]
+    assert "forward step" in reqs[0].error and "injected forward fault" in reqs[0].error
+    assert engine.cache.used_blocks == 0
+
+
+def test_extreme_but_valid_sampling_values(engine):
+    p = _prompt(12, 4)
+    want = _run(engine, [p])[0][0]
+    tiny = SamplingParams(max_new_tokens=8, temperature=1e-45, ignore_eos=True)  # below the floor: greedy
+    assert _run(engine, [p], params=tiny)[0][0] == want
+    kw = dict(max_new_tokens=8, temperature=0.8, ignore_eos=True)
+    for seed in (2**64 - 1, -(2**63), 0):
+        off = _run(engine, [p], params=SamplingParams(top_k=0, seed=seed, **kw))[0][0]
+        huge = _run(engine, [p], params=SamplingParams(top_k=2**31 - 1, seed=seed, **kw))[0][0]
+        assert huge == off  # a top_k beyond the vocabulary keeps every token
+    for pen in (0.01, 100.0):
+        out = _run(engine, [p], params=SamplingParams(repetition_penalty=pen, seed=1, **kw))[0][0]
+        assert len(out) == 8

@@ -1,0 +1,89 @@
+"""Faults against a live server: extreme parameters, and a request that fails mid-batch."""
+import json
+
+import httpx
+import pytest
+
+from tests.server.live import Live, slow_steps
+
+pytest.importorskip("openai")
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _post(srv, body, path="/v1/completions", **kw):
+    return httpx.post(srv.url + path, content=json.dumps(body), timeout=60,
+                      headers={"content-type": "application/json", **srv.headers()}, **kw)
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"repetition_penalty": 1.3e-87, "temperature": 1.0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e3}, "repetition_penalty"),
+    ({"top_k": 2**63}, "top_k"),
+    ({"top_k": 2**31}, "top_k"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"temperature": NAN}, "temperature"),
+    ({"top_p": NAN}, "top_p"),
+    ({"min_p": INF}, "min_p"),
+    ({"presence_penalty": NAN}, "presence_penalty"),
+])
+def test_parameters_the_sampler_cannot_take_get_400_naming_the_field(live, extra, param):
+    for path, base in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = _post(live, {"model": "tiny", "max_tokens": 4, **base, **extra}, path)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error" and err["code"] == "invalid_value"
+
+
+@pytest.mark.parametrize("extra", [{"temperature": 1e-45}, {"seed": 2**64 - 1}, {"seed": -(2**63)},
+                                   {"top_k": 2**31 - 1, "temperature": 0.7}, {"repetition_penalty": 0.01}])
+def test_extreme_values_inside_the_ranges_are_served(live, extra):
+    r = _post(live, {"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True, **extra})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def _fault_on_temperature(monkeypatch, srv, temperature):
+    be = srv.state.engine.model.be
+    real = be.sample
+
+    def sample(logits, temp, *args, **kw):
+        if abs(float(temp.reshape(-1)[0]) - temperature) < 1e-6:
+            raise RuntimeError("injected sampling fault")
+        return real(logits, temp, *args, **kw)
+
+    monkeypatch.setattr(be, "sample", sample)
+
+
+def test_a_request_that_fails_fails_alone_and_its_neighbour_streams_on(live, monkeypatch):
+    """A per-request failure in the shared decode step (injected at temperature 1.25) and an extreme
+    parameter sent beside a running stream: the stream completes normally; the failing requests get
+    500 / an error event with code internal_error, never server_shutting_down."""
+    _fault_on_temperature(monkeypatch, live, 1.25)
+    before = live.metrics()
+    with slow_steps(live, 0.03):
+        with httpx.stream("POST", live.url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": "neighbour", "max_tokens": 80, "stream": True, "ignore_eos": True}) as nb:
+            lines = nb.iter_lines()
+            assert next(lines).startswith("data:")  # the neighbour is decoding
+            bad = _post(live, {"model": "tiny", "prompt": "bad", "max_tokens": 5, "temperature": 1.25})
+            with httpx.stream("POST", live.url + "/v1/chat/completions", timeout=60, json={
+                    "model": "tiny", "messages": [{"role": "user", "content": "bad"}], "max_tokens": 5,
+                    "temperature": 1.25, "stream": True}) as bs:
+                bad_lines = [line for line in bs.iter_lines() if line.startswith("data:")]
+            extreme = _post(live, {"model": "tiny", "prompt": "x", "max_tokens": 5, "temperature": 1.0,
+                                   "repetition_penalty": 1.3e-87})
+            assert live.metrics()["kt_running_requests"] == 1, "the neighbour should still be running"
+            tail = [line for line in lines if line.startswith("data:")]
+    assert bad.status_code == 500, bad.text
+    assert bad.json()["error"]["code"] == "internal_error" and "injected" in bad.json()["error"]["message"]
+    assert bad_lines[-1] == "data: [DONE]" and '"code": "internal_error"' in bad_lines[-2]
+    assert extreme.status_code == 400 and extreme.json()["error"]["param"] == "repetition_penalty"
+    assert tail[-1] == "data: [DONE]" and json.loads(tail[-2][5:])["choices"][0]["finish_reason"] == "length"
+    assert not any("error" in line for line in tail)
+    m = live.metrics()
+    assert m["kt_errors_total"] == before["kt_errors_total"] + 2
+    assert m["kt_kv_blocks_used"] == 0 and m["kt_running_requests"] == 0
