@@ -1,11 +1,13 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one ``Scheduler``.
 
 The scheduler runs in its own thread (it owns the engine); HTTP handlers submit
-requests and receive tokens through asyncio queues fed from that thread. On
-shutdown (Ctrl+C / SIGTERM, or ``KtServer.handle_exit``) the server stops taking
-requests (503), lets running ones finish for ``server.shutdown_grace_s`` seconds,
-then ends the rest with an error event, so every open stream ends with a final
-event and ``[DONE]``; the prefix cache is flushed to its disk tier last.
+requests and receive tokens through asyncio queues fed from that thread. A client
+that goes away, streaming or not, queued or running, has its request cancelled
+(its KV blocks freed) at the next step. On shutdown (Ctrl+C / SIGTERM, or
+``KtServer.handle_exit``) the server stops taking requests (503), lets running ones
+finish for ``server.shutdown_grace_s`` seconds, then ends the rest with an error
+event, so every open stream ends with a final event and ``[DONE]``; the prefix
+cache is flushed to its disk tier last.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kt_core.errors import KtError
 from kt_core.runtime.sampling import SamplingError, SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
+from kt_core.server.asgi import ApiKeyMiddleware, wait_for_disconnect
 from kt_core.server.metrics import prometheus_text
 from kt_core.server.protocol import ChatRequest, CompletionRequest, error_body
 
@@ -103,6 +106,7 @@ def create_app(state: ServerState) -> FastAPI:
         await asyncio.get_running_loop().run_in_executor(None, state.close)
 
     app = FastAPI(title="kt-core", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(ApiKeyMiddleware, get_key=lambda: state.api_key, env_name=state.cfg.api_key_env or "")
     engine = state.engine
 
     @app.exception_handler(ApiError)
@@ -128,16 +132,6 @@ def create_app(state: ServerState) -> FastAPI:
     async def _internal(_req, exc: Exception):
         log.exception("unhandled error")
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
-
-    @app.middleware("http")
-    async def _auth(request: HttpRequest, call_next):
-        if state.api_key and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {state.api_key}":
-                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>' (the key "
-                                               f"is the value of ${state.cfg.api_key_env} on the server)",
-                                               "invalid_request_error", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -242,34 +236,29 @@ async def _respond(state: ServerState, http, body, ids: list[int], max_tokens: O
         raise ApiError(400, str(exc), param="prompt") from None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    if body.stream:
+    if body.stream:  # Starlette's StreamingResponse watches for the disconnect; _stream cancels on it
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(state, req, queue, rid, created, chat, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    # not streaming: a watcher cancels the request as soon as the client hangs up, queued or running
+    watcher = asyncio.create_task(wait_for_disconnect(http.receive, lambda: state.scheduler.cancel(req)))
     text = []
-    while True:
-        try:
-            tok, piece = await asyncio.wait_for(queue.get(), timeout=1.0)
-        except asyncio.TimeoutError:
-            if await http.is_disconnected():
-                state.scheduler.cancel(req)
-                await asyncio.wait_for(_drain(queue), timeout=30)
-                raise ApiError(499, "the client closed the request") from None
-            continue
-        text.append(piece)
-        if tok is None:
-            break
+    try:
+        while True:
+            tok, piece = await queue.get()
+            text.append(piece)
+            if tok is None:
+                break
+    finally:
+        watcher.cancel()
+        if not req.finished:  # this handler was cancelled: the request must not run on for nobody
+            state.scheduler.cancel(req)
     _raise_if_failed(req)
     choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                "finish_reason": req.finish_reason, "logprobs": None} if chat
               else {"index": 0, "text": "".join(text), "finish_reason": req.finish_reason, "logprobs": None})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": state.model_id, "choices": [choice], "usage": _usage(req)}
-
-
-async def _drain(queue: asyncio.Queue) -> None:
-    while (await queue.get())[0] is not None:
-        pass
 
 
 # how a request that did not end with "stop" / "length" is reported: (HTTP status, error type, code)

@@ -1,5 +1,8 @@
-"""Faults against a live server: extreme parameters, and a request that fails mid-batch."""
+"""Faults against a live server: extreme parameters, a request that fails mid-batch, clients that hang
+up on non-streaming requests."""
 import json
+import socket
+import time
 
 import httpx
 import pytest
@@ -87,3 +90,46 @@ def test_a_request_that_fails_fails_alone_and_its_neighbour_streams_on(live, mon
     m = live.metrics()
     assert m["kt_errors_total"] == before["kt_errors_total"] + 2
     assert m["kt_kv_blocks_used"] == 0 and m["kt_running_requests"] == 0
+
+
+def _raw_post(srv, body: dict) -> socket.socket:
+    """A non-streaming request on a raw socket, so the test can hang up whenever it likes."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return s
+
+
+def _wait(cond, seconds, what):
+    deadline = time.time() + seconds
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
+def test_non_streaming_clients_that_hang_up_are_cancelled_running_or_queued(model_path, tmp_path):
+    srv = Live(model_path, tmp_path, "server.max_batch=2", "server.max_queue=4")
+    try:
+        before = srv.metrics()
+        with slow_steps(srv, 0.05):  # 200 tokens would take 10 s or more
+            socks = [_raw_post(srv, {"model": "tiny", "prompt": f"long {i}", "max_tokens": 200, "ignore_eos": True})
+                     for i in range(3)]
+            _wait(lambda: (lambda m: (m["kt_running_requests"], m["kt_queue_depth"]) == (2, 1))(srv.metrics()), 20,
+                  "two requests should run and one wait")
+            time.sleep(0.3)  # tokens are flowing for the running ones
+            for s in socks:
+                s.close()
+            t0 = time.time()
+            _wait(lambda: srv.metrics()["kt_cancelled_total"] == before["kt_cancelled_total"] + 3, 5,
+                  "requests whose client hung up were not cancelled")
+            cancelled_in = time.time() - t0
+            m = srv.metrics()
+            assert m["kt_running_requests"] == 0 and m["kt_queue_depth"] == 0 and m["kt_kv_blocks_used"] == 0
+            assert m["kt_generation_tokens_total"] - before["kt_generation_tokens_total"] < 100
+            t0 = time.time()
+            r = srv.client.completions.create(model="tiny", prompt="next", max_tokens=2)
+            assert r.usage.completion_tokens <= 2 and time.time() - t0 < 5
+        assert cancelled_in < 2
+    finally:
+        srv.stop()
