@@ -135,11 +135,13 @@ class Scheduler:
 
     # ---- from the thread that owns the engine -------------------------------------------
     def drain(self, grace_s: float) -> None:
-        """Stop taking requests; what is queued or running gets ``grace_s`` seconds to finish."""
+        """Stop taking requests; what is queued or running gets ``grace_s`` seconds to finish
+        (a later call can only shorten that: ``drain(0)`` ends them at the next loop turn)."""
         with self.cond:
-            if not self.draining:
+            deadline = time.monotonic() + grace_s
+            if not self.draining or deadline < self.drain_deadline:
                 self.draining = True
-                self.drain_deadline = time.monotonic() + grace_s
+                self.drain_deadline = deadline
                 self.cond.notify()
 
     def run(self, stop: threading.Event) -> None:

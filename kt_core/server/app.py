@@ -4,10 +4,11 @@ The scheduler runs in its own thread (it owns the engine); HTTP handlers submit
 requests and receive tokens through asyncio queues fed from that thread. A client
 that goes away, streaming or not, queued or running, has its request cancelled
 (its KV blocks freed) at the next step. On shutdown (Ctrl+C / SIGTERM, or
-``KtServer.handle_exit``) the server stops taking requests (503), lets running ones
-finish for ``server.shutdown_grace_s`` seconds, then ends the rest with an error
-event, so every open stream ends with a final event and ``[DONE]``; the prefix
-cache is flushed to its disk tier last.
+``KtServer.handle_exit``) the server keeps listening but answers new requests and
+/health with 503, lets queued and running requests finish for
+``server.shutdown_grace_s`` seconds, then ends the rest with an error event (every
+open stream ends with a final event and ``[DONE]``), stops listening and exits; the
+prefix cache is flushed to its disk tier last. A second Ctrl+C ends the requests at once.
 """
 from __future__ import annotations
 
@@ -326,9 +327,30 @@ def make_server(state: ServerState, host: str, port: int, log_level: str = "info
     import uvicorn
 
     class KtServer(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            state.begin_shutdown()
-            super().handle_exit(sig, frame)
+        """uvicorn stops listening the moment ``should_exit`` is set, so the first exit signal only
+        starts the drain; ``should_exit`` follows once no request is queued or running (they
+        finished, or the grace ran out and the scheduler ended them). Until then new requests and
+        /health get 503. A second signal ends the requests at once and exits; a third Ctrl+C is
+        uvicorn's force quit."""
+
+        def handle_exit(self, sig, frame) -> None:  # from a signal handler, or any thread
+            if self.should_exit:
+                super().handle_exit(sig, frame)
+            elif state.scheduler.draining:
+                state.scheduler.drain(0)
+                super().handle_exit(sig, frame)
+            else:
+                state.begin_shutdown()
+                threading.Thread(target=self._exit_when_drained, args=(sig, frame), name="kt-drain",
+                                 daemon=True).start()
+
+        def _exit_when_drained(self, sig, frame) -> None:
+            # the scheduler ends what is left at the grace deadline; the margin covers a step in flight
+            give_up = time.monotonic() + float(state.cfg.shutdown_grace_s) + 30
+            while state.scheduler.has_work() and not self.should_exit and time.monotonic() < give_up:
+                time.sleep(0.05)
+            if not self.should_exit:
+                super().handle_exit(sig, frame)
 
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=float(state.cfg.shutdown_grace_s) + 15, access_log=False)

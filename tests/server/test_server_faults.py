@@ -1,7 +1,9 @@
 """Faults against a live server: extreme parameters, a request that fails mid-batch, clients that hang
-up on non-streaming requests."""
+up on non-streaming requests, shutdown while requests run."""
 import json
+import signal
 import socket
+import threading
 import time
 
 import httpx
@@ -133,3 +135,47 @@ def test_non_streaming_clients_that_hang_up_are_cancelled_running_or_queued(mode
         assert cancelled_in < 2
     finally:
         srv.stop()
+
+
+def test_shutdown_keeps_listening_with_503_until_requests_finish(model_path, tmp_path):
+    """README: Ctrl+C stops taking requests (503) and gives running ones server.shutdown_grace_s.
+    A request that finishes within the grace ends normally, the server answers 503 (not connection
+    refused) meanwhile, a second Ctrl+C ends what is left at once, then the server stops listening."""
+    srv = Live(model_path, tmp_path, "server.shutdown_grace_s=60")
+    results = {}
+
+    def stream(name, max_tokens):
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "prompt": name, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}) as r:
+            results[name] = [line for line in r.iter_lines() if line.startswith("data:")]
+
+    threads = [threading.Thread(target=stream, args=a) for a in (("short", 30), ("long", 240))]
+    try:
+        with slow_steps(srv, 0.03):
+            for t in threads:
+                t.start()
+            _wait(lambda: srv.metrics()["kt_running_requests"] == 2, 20, "the streams did not start")
+            srv.server.handle_exit(signal.SIGINT, None)  # Ctrl+C
+            time.sleep(0.5)
+            health = httpx.get(srv.url + "/health", timeout=5)
+            assert health.status_code == 503 and health.json()["status"] == "shutting_down"
+            r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "late", "max_tokens": 2},
+                           timeout=5)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
+            threads[0].join(30)
+            short = results["short"]
+            assert short[-1] == "data: [DONE]" and json.loads(short[-2][5:])["choices"][0]["finish_reason"] == "length"
+            assert httpx.get(srv.url + "/health", timeout=5).status_code == 503  # "long" still runs: still listening
+            assert threads[1].is_alive() and srv.thread.is_alive()
+            t0 = time.time()
+            srv.server.handle_exit(signal.SIGINT, None)  # a second Ctrl+C: end it now
+            threads[1].join(30)
+            srv.thread.join(30)
+            assert not srv.thread.is_alive() and time.time() - t0 < 15
+        long = results["long"]
+        assert long[-1] == "data: [DONE]" and '"code": "server_shutting_down"' in long[-2]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.url + "/health", timeout=5)
+    finally:
+        if srv.thread.is_alive():
+            srv.stop()
