@@ -31,9 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kt_core.errors import KtError
 from kt_core.runtime.sampling import SamplingError, SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
+from kt_core.server import openapi
 from kt_core.server.asgi import ApiKeyMiddleware, wait_for_disconnect
 from kt_core.server.metrics import prometheus_text
-from kt_core.server.protocol import ChatRequest, CompletionRequest, error_body
+from kt_core.server.protocol import (ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse,
+                                     ModelCard, ModelList, error_body)
 
 log = logging.getLogger("kt_core.serve")
 
@@ -108,6 +110,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="kt-core", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(ApiKeyMiddleware, get_key=lambda: state.api_key, env_name=state.cfg.api_key_env or "")
+    openapi.install(app)
     engine = state.engine
 
     @app.exception_handler(ApiError)
@@ -125,35 +128,36 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(error_body(msg, param=".".join(loc) or None, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req, exc: StarletteHTTPException):
+    async def _http(_req, exc: StarletteHTTPException):  # 404 unknown path, 405 (with its Allow header) ...
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500
-                                       else "server_error"), status_code=exc.status_code)
+                                       else "server_error"), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(_req, exc: Exception):
         log.exception("unhandled error")
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
-    @app.get("/health")
+    @app.get("/health", responses=openapi.health_responses(state.model_id))
     async def health():
         if state.scheduler.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         return {"status": "ok", "model": state.model_id}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=openapi.METRICS_RESPONSES)
     async def metrics():
         return PlainTextResponse(state.metrics(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **openapi.errors(401)})
     async def models():
         return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", response_model=None,
+             responses={200: {"model": ModelCard}, **openapi.errors(401, 404)})
     async def model(model_id: str):
         _check_model(state, model_id)
         return _model_card(state)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=openapi.generation_responses(CompletionResponse))
     async def completions(body: CompletionRequest, request: HttpRequest):
         _check_model(state, body.model)
         if body.logprobs is not None or body.echo or body.suffix:
@@ -166,7 +170,8 @@ def create_app(state: ServerState) -> FastAPI:
         ids = _encode(engine, prompt)
         return await _respond(state, request, body, ids, body.max_tokens, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None,
+              responses=openapi.generation_responses(ChatCompletionResponse))
     async def chat(body: ChatRequest, request: HttpRequest):
         _check_model(state, body.model)
         if body.logprobs or body.tools:

@@ -4,7 +4,8 @@ error body. Unknown fields are ignored, as the OpenAI API ignores most of them;
 fields kt-core cannot honour (n > 1, logprobs, echo) are refused with a clear 400.
 
 Sampling fields are bounded to what the sampler can take (the ranges of
-``kt_core.runtime.sampling``); NaN and infinities are refused."""
+``kt_core.runtime.sampling``); NaN and infinities are refused. The response models at
+the end only describe the answers in the OpenAPI document."""
 from __future__ import annotations
 
 from typing import Any, List, Literal, Optional, Union
@@ -92,3 +93,75 @@ def error_body(message: str, type_: str = "invalid_request_error", param: Option
                code: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
+
+# ---- answers, for the OpenAPI document ------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: List[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: List[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: List[ModelCard]

@@ -1,5 +1,5 @@
 """Faults against a live server: extreme parameters, a request that fails mid-batch, clients that hang
-up on non-streaming requests, shutdown while requests run."""
+up on non-streaming requests, shutdown while requests run, and what /openapi.json promises."""
 import json
 import signal
 import socket
@@ -179,3 +179,26 @@ def test_shutdown_keeps_listening_with_503_until_requests_finish(model_path, tmp
     finally:
         if srv.thread.is_alive():
             srv.stop()
+
+
+def test_openapi_describes_the_real_answers_and_405_names_allowed_methods(live):
+    doc = httpx.get(live.url + "/openapi.json").json()
+    ops = [op for item in doc["paths"].values() for op in item.values()]
+    assert ops and not any("422" in op.get("responses", {}) for op in ops)
+    assert "HTTPValidationError" not in doc.get("components", {}).get("schemas", {})
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        for code in ("400", "404", "408", "429", "500", "503"):
+            assert responses[code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        ok = responses["200"]["content"]
+        assert "text/event-stream" in ok and ok["application/json"]["schema"]["$ref"].endswith("Response")
+    error_schema = doc["components"]["schemas"]["ErrorDetail"]["properties"]
+    assert {"message", "type", "param", "code"} <= set(error_schema)
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]
+    assert list(metrics["200"]["content"]) == ["text/plain"] and list(metrics["401"]["content"]) == ["application/json"]
+    assert "503" in doc["paths"]["/health"]["get"]["responses"]
+    assert "404" in doc["paths"]["/v1/models/{model_id}"]["get"]["responses"]
+    r = httpx.get(live.url + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+    r = httpx.post(live.url + "/health")
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
