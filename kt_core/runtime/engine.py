@@ -213,6 +213,9 @@ class Engine:
                 sched.step()
         finally:
             sched.abort_all("generation was interrupted")
+        failed = [r for r in reqs if r.finish_reason == "error"]
+        if failed:  # the scheduler fails one sequence alone; a direct caller still gets the error
+            raise RuntimeError(f"generation failed: {failed[0].error}")
         firsts = [r.first_token_at for r in reqs if r.first_token_at is not None]
         ends = [r.finished_at for r in reqs if r.finished_at is not None]
         ttft = min(firsts) - t0 if firsts else 0.0

@@ -15,11 +15,23 @@ openai = pytest.importorskip("openai")
 
 def test_models_and_greedy_completion_match_the_engine(live, model_path):
     assert [m.id for m in live.client.models.list().data] == ["tiny"]
-    r = live.client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0)
+    r = live.client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
     want = live.state.engine.tokenizer.encode("The quick brown fox")
-    assert r.usage.prompt_tokens == len(want) and r.usage.completion_tokens <= 10
+    assert r.usage.prompt_tokens == len(want) and r.usage.completion_tokens == 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert r.choices[0].finish_reason in ("stop", "length") and isinstance(r.choices[0].text, str)
+    # the same greedy generation by the engine (its own instance: the live one belongs to the
+    # server's scheduler thread) gives the same text, token count and finish reason
+    import kt_core
+
+    engine = kt_core.Engine.from_pretrained(model_path, overrides=["model.dtype=float32", f"model.max_seq_len={CONTEXT}"])
+    ref = engine.generate("The quick brown fox", max_new_tokens=10, ignore_eos=True)
+    assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids)
+    assert r.choices[0].finish_reason == ref.finish_reason == "length"
+    # the prompt sent as token ids gives the same generation
+    r2 = live.client.completions.create(model="tiny", prompt=want, max_tokens=10, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert r2.choices[0].text == ref.text
 
 
 def test_chat_streaming_equals_non_streaming(live):

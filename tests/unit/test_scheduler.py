@@ -93,12 +93,21 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs(model_path):
     assert got == want
     assert pc.stats["device"] == 4, "the second prompt reuses the 4 full blocks of the shared 64 tokens"
     assert cached.cache.used_blocks == 0 and pc.idle_count > 0
-    # logits after a cached prefix equal a cold prefill
+    # logits after a cached prefix equal a cold prefill of the whole prompt
     r = Request(prompts[1], SamplingParams(max_new_tokens=1))
     s = Scheduler(cached)
     s.submit(r)
-    s.step()
+    seen = []
+    forward = cached.model.forward
+    cached.model.forward = lambda batch, cache: seen.append(forward(batch, cache)) or seen[-1]
+    try:
+        s.step()
+    finally:
+        del cached.model.forward
     assert r.cached_tokens == 64
+    cold = plain.logits(prompts[1])[-1]
+    assert len(seen) == 1 and seen[0].shape[0] == 1
+    assert torch.allclose(seen[0][0].cpu(), cold, rtol=1e-4, atol=1e-4)
 
 
 def _disk_engine(path, folder, **kw):
