@@ -6,12 +6,14 @@ import json
 HELP = "plan placement + memory per device for the described machine (no weights, no devices needed)"
 USAGE = """kt plan [model=NAME | model.path=DIR] [topology=...] [device.<name>.memory_gb=N] [plan.format=json]
 
-  kt plan model=deepseek_v3 topology=hybrid_1gpu device.cuda.memory_gb=24
-  kt plan model=qwen3_30b_a3b topology=hybrid_1gpu device.cuda.memory_gb=12 quant=int4
-  kt plan model.path=/models/Mixtral-8x7B topology=cpu_only plan.format=json
+  kt plan model=qwen3_30b_a3b topology=hybrid_1gpu device.cuda.memory_gb=12 device.cpu.memory_gb=64 quant=int4
+  kt plan model=deepseek_v3 topology=hybrid_1gpu device.cuda.memory_gb=24 device.cpu.memory_gb=512 quant=int4 quant.dense=int8
+  kt plan model=mixtral_8x7b topology=cpu_only device.cpu.memory_gb=128 plan.format=json
 
 Shipped model configs (config.json copies): deepseek_v3, qwen3_235b_a22b, qwen3_30b_a3b, mixtral_8x7b.
-A plan that cannot fit fails naming the device, the shortfall and overrides that would fit."""
+Without device.<name>.memory_gb a device present here is planned with its memory (the CPU: all its RAM).
+A plan that cannot fit exits 2 naming every device over its budget and one set of overrides that fits
+them all (checked by planning again); plan.format=json then carries "fits": false and the "error"."""
 
 
 def model_spec(cfg):
@@ -33,19 +35,20 @@ def model_spec(cfg):
 
 def run(overrides, flags) -> int:
     from kt_core.config import compose
+    from kt_core.config.schema import choice
     from kt_core.config.validate import resolve_topology
-    from kt_core.placement.plan import describe, make_plan
-
-    from kt_core.placement.plan import fit_error
+    from kt_core.placement.plan import describe, fit_error, make_plan
 
     cfg = compose(overrides)
     topo = resolve_topology(cfg, check_devices=False)
     plan = make_plan(model_spec(cfg), cfg, topo, enforce_fit=False)
-    from kt_core.config.schema import choice
-
-    fmt = choice(cfg.plan.format)
-    print(json.dumps(plan.as_json(), indent=2) if fmt == "json" else describe(plan))
     problem = fit_error(plan, cfg)
+    if choice(cfg.plan.format) == "json":
+        data = {**plan.as_json(), "fits": problem is None, "error": str(problem) if problem else None,
+                "fix_overrides": problem.overrides if problem else None}
+        print(json.dumps(data, indent=2))
+    else:
+        print(describe(plan))
     if problem:  # the table is printed either way; a plan that cannot fit is an error
         raise problem
     return 0

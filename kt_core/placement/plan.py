@@ -12,6 +12,7 @@ Placement:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -57,8 +58,12 @@ class DevicePlan:
         return {"weights_bytes": self.weights_bytes, "kv_bytes": self.kv_bytes,
                 "activation_bytes": self.activation_bytes, "reserve_bytes": self.reserve_bytes,
                 "total_bytes": self.total_bytes, "budget_bytes": self.budget_bytes,
-                "roles": sorted(self.roles), "experts_per_layer": self.experts_per_layer(),
+                "fits": self.fits, "roles": sorted(self.roles), "experts_per_layer": self.experts_per_layer(),
                 "bandwidth_gbps": self.bandwidth_gbps, "decode_bytes_per_token": int(self.decode_bytes)}
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
 
     def experts_per_layer(self) -> float:
         return sum(len(v) for v in self.experts.values()) / len(self.experts) if self.experts else 0.0
@@ -74,6 +79,8 @@ class Plan:
     strategy: str
     est_decode_tokens_per_s: float = 0.0
     bound_by: str = ""
+    topo: Optional[ResolvedTopology] = None  # what it was planned on (fit_error plans again with fixes)
+    tensors: list[TensorInfo] = field(default_factory=list, repr=False)
 
     def experts_of(self, label: str, layer: int) -> list[int]:
         return self.devices[label].experts.get(layer, [])
@@ -184,12 +191,13 @@ def _choose(strategy: str, moe_layers: list[int], E: int, pool: dict[int, list[i
 
 
 def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_devices: bool = False,
-              enforce_fit: bool = True) -> Plan:
-    """The plan; with ``enforce_fit`` a device over its budget raises (one line, with fixes)."""
+              enforce_fit: bool = True, tensors: Optional[list[TensorInfo]] = None) -> Plan:
+    """The plan; with ``enforce_fit`` a plan over any device's budget raises ``PlanDoesNotFit``
+    (one line naming every such device and overrides that fit them all)."""
     dtype_bytes = DTYPE_BYTES[choice(cfg.model.dtype)]
     q = cfg.quant
     qe, qd, group, sym = choice(q.experts), choice(q.dense), int(q.group_size), bool(q.symmetric)
-    tensors = model_tensors(spec)
+    tensors = tensors if tensors is not None else model_tensors(spec)
     total_params = sum(t.numel for t in tensors)
     used = topo.used
     devices = {s.label: DevicePlan(s, _budget(s, cfg, check_devices)) for s in used}
@@ -238,7 +246,7 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     moe_layers = sorted(spec.moe_layers)
     if moe_layers:
         _place_experts(spec, cfg, topo, devices, moe_layers, per_expert, strategy)
-    plan = Plan(spec, devices, total_params, attn_of, dense_of, strategy)
+    plan = Plan(spec, devices, total_params, attn_of, dense_of, strategy, topo=topo, tensors=tensors)
     per_expert_params: dict[int, int] = {}  # parameters of one expert (expert 0, or a slice of fused ones)
     for t in tensors:
         if t.group == "experts" and t.linear:
@@ -246,9 +254,10 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
             if t.expert in (None, 0):
                 per_expert_params[t.layer] = per_expert_params.get(t.layer, 0) + n
     _estimate(plan, cfg, per_expert, per_expert_params, dtype_bytes, kv_layer)
-    problem = fit_error(plan, cfg)
-    if enforce_fit and problem:
-        raise problem
+    if enforce_fit:
+        problem = fit_error(plan, cfg)
+        if problem:
+            raise problem
     return plan
 
 
@@ -282,31 +291,121 @@ def _place_experts(spec, cfg, topo, devices, moe_layers, per_expert, strategy) -
                 continue
             d.experts[layer] = sorted(d.experts.get(layer, []) + list(ids))
             d.weights_bytes += len(ids) * per_expert[layer]
-        pool = {layer: [e for e in ids if e not in set(chosen.get(layer, []))] for layer, ids in pool.items()}
+        for layer, ids in chosen.items():
+            taken = set(ids)
+            pool[layer] = [e for e in pool.get(layer, []) if e not in taken]
 
 
-def fit_error(plan: Plan, cfg: DictConfig) -> Optional[KtError]:
-    """The error for the first device over its budget, or None when everything fits."""
-    for label, d in plan.devices.items():
-        if d.total_bytes <= d.budget_bytes:
-            continue
-        short = (d.total_bytes - d.budget_bytes) / GIB
-        fixes = []
-        name = d.slot.name
-        if d.experts and d.slot.backend != "cpu" and cfg.topology.expert_policy.per_device:
-            fixes.append("fewer accelerator experts (topology.expert_policy.per_device=N, or strategy=auto to fill "
-                         "what fits)")
-        if choice(cfg.quant.experts) != "int4" and d.experts:
-            fixes.append("smaller experts (quant=int4)")
-        if choice(cfg.quant.dense) == "none" and d.weights_bytes > d.kv_bytes:
-            fixes.append("smaller dense weights (quant.dense=int8)")
-        if d.kv_bytes:
-            fixes.append(f"a shorter context (model.max_seq_len={max(256, int(cfg.model.max_seq_len) // 2)})")
-        fixes.append(f"a bigger budget (device.{name}.memory_gb)" if d.slot.backend != "cpu" else
-                     "more RAM or fewer experts on the CPU")
-        return KtError(f"the plan does not fit: {label} needs {d.total_bytes / GIB:.1f} GiB but its budget is "
-                       f"{d.budget_bytes / GIB:.1f} GiB ({short:.1f} GiB short); fix with " + ", or ".join(fixes))
-    return None
+class PlanDoesNotFit(KtError):
+    """A plan over the budget of one or more devices: ``over`` names them (slot labels),
+    ``overrides`` is one set of overrides that a second plan showed fits every device (or [])."""
+
+    def __init__(self, message: str, over: list[str], overrides: list[str]) -> None:
+        super().__init__(message)
+        self.over, self.overrides = over, overrides
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def fit_error(plan: Plan, cfg: DictConfig) -> Optional[PlanDoesNotFit]:
+    """None when every device fits; else the error naming every device over its budget (need,
+    budget, shortfall) and one set of overrides that fits them all, checked by planning again."""
+    over = [(label, d) for label, d in plan.devices.items() if not d.fits]
+    if not over:
+        return None
+    parts = [f"{label} needs {_gib(d.total_bytes)} but its budget is {_gib(d.budget_bytes)} "
+             f"({_gib(d.total_bytes - d.budget_bytes)} short)" for label, d in over]
+    fix = fitting_overrides(plan, cfg)
+    msg = f"the plan does not fit: {'; '.join(parts)}"
+    if fix:
+        msg += f"; these overrides fit every device: {' '.join(fix)}"
+    return PlanDoesNotFit(msg, [label for label, _ in over], fix)
+
+
+def _replan(plan: Plan, cfg: DictConfig, overrides: dict[str, object]) -> Plan:
+    import copy
+
+    from omegaconf import OmegaConf
+
+    trial = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        OmegaConf.update(trial, key, value, merge=False)
+    return make_plan(plan.spec, trial, plan.topo, enforce_fit=False, tensors=plan.tensors)
+
+
+def _fits(p: Plan) -> bool:
+    return all(d.fits for d in p.devices.values())
+
+
+def _render(overrides: dict[str, object]) -> list[str]:
+    return [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]
+
+
+def fitting_overrides(plan: Plan, cfg: DictConfig) -> list[str]:
+    """One set of overrides under which every device fits, as ``key=value`` strings ([] if the plan
+    cannot be planned again). Adds, one at a time until the plan fits: accelerator experts sized by
+    what fits (per_device / fraction unset), int4 experts, int8 dense weights, a shorter
+    context (halved, down to 1024 tokens); then gives each device still over budget the memory it
+    needs (a bigger device, or a described one); then drops every step the fit does not need.
+    Every candidate is planned, not estimated."""
+    if plan.topo is None:
+        return []
+    try:
+        return _search(plan, cfg)
+    except KtError:  # a candidate the planner refuses: name no fix rather than a wrong one
+        return []
+
+
+def _search(plan: Plan, cfg: DictConfig) -> list[str]:
+    pol = cfg.topology.expert_policy
+    steps: list[tuple[str, dict[str, object]]] = []  # (what, overrides); later steps of one kind win
+    fixed = {f"topology.expert_policy.{k}": None for k in ("per_device", "fraction") if pol[k] is not None}
+    if fixed:  # an expert count per accelerator fixed by hand: let the strategy fill what fits instead
+        steps.append(("policy", fixed))
+    if plan.spec.moe is not None and choice(cfg.quant.experts) != "int4":
+        steps.append(("experts", {"quant.experts": "int4"} if cfg.quant.group_size else
+                      {"quant.experts": "int4", "quant.group_size": 128}))
+    if choice(cfg.quant.dense) in ("none", "fp8"):
+        steps.append(("dense", {"quant.dense": "int8"}))
+    key = "plan.kv_tokens" if cfg.plan.kv_tokens else "model.max_seq_len"
+    tokens = int(cfg.plan.kv_tokens or cfg.model.max_seq_len)
+    while any(d.kv_bytes for d in plan.devices.values()) and tokens > 1024:
+        tokens = max(1024, tokens // 2)
+        steps.append(("context", {key: tokens}))
+
+    def merged(kinds: set[str], memory: dict[str, object]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for kind, overrides in applied:
+            if kind in kinds:
+                out.update(overrides)
+        return {**out, **memory}
+
+    applied: list[tuple[str, dict[str, object]]] = []
+    memory: dict[str, object] = {}
+    trial = plan
+    for step in steps:
+        if _fits(trial):
+            break
+        applied.append(step)
+        trial = _replan(plan, cfg, merged({k for k, _ in applied}, memory))
+    kinds = {k for k, _ in applied}
+    for _ in range(3):  # memory for the devices still over budget (auto placement may shift experts)
+        if _fits(trial):
+            break
+        for d in trial.devices.values():
+            if not d.fits:
+                k = f"device.{d.slot.name}.memory_gb"
+                memory[k] = max(int(memory.get(k) or 0), math.ceil(d.total_bytes / GIB))
+        trial = _replan(plan, cfg, merged(kinds, memory))
+    if not _fits(trial):
+        return []
+    order = list(dict.fromkeys(k for k, _ in applied))
+    for kind in order if memory else order[:-1]:  # drop the steps the fit does not need (without memory
+        if _fits(_replan(plan, cfg, merged(kinds - {kind}, memory))):  # added, the last one was needed)
+            kinds.discard(kind)
+    return _render(merged(kinds, memory))
 
 
 def _estimate(plan: Plan, cfg: DictConfig, per_expert: dict[int, int], per_expert_params: dict[int, int],
@@ -376,4 +475,5 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Plan", "DevicePlan", "make_plan", "describe", "count_params", "tensor_bytes"]
+__all__ = ["Plan", "DevicePlan", "PlanDoesNotFit", "make_plan", "describe", "count_params", "tensor_bytes",
+           "fit_error", "fitting_overrides"]

@@ -11,7 +11,7 @@ from kt_core.config.validate import resolve_topology
 from kt_core.errors import KtError
 from kt_core.models.shapes import model_tensors
 from kt_core.models.spec import parse_config
-from kt_core.placement.plan import count_params, make_plan
+from kt_core.placement.plan import PlanDoesNotFit, count_params, make_plan
 from tests.parity.tiny import CONFIGS, build
 
 HAND_COUNTS = {"deepseek_v3": 671e9, "qwen3_235b_a22b": 235e9, "qwen3_30b_a3b": 30.5e9, "mixtral_8x7b": 46.7e9}
@@ -97,12 +97,56 @@ def test_explicit_lists():
 
 
 def test_plan_that_cannot_fit_names_device_shortfall_and_fixes():
-    with pytest.raises(KtError) as err:
+    with pytest.raises(PlanDoesNotFit) as err:
         plan_for("model=deepseek_v3", "topology=hybrid_1gpu", "device.cuda.memory_gb=24", "device.cpu.memory_gb=4096")
     msg = str(err.value)
-    assert "cuda:0 needs" in msg and "GiB short" in msg and "quant.dense=int8" in msg and "model.max_seq_len" in msg
+    assert "cuda:0 needs" in msg and "GiB short" in msg and "quant.dense=int8" in msg and "\n" not in msg
+    assert err.value.over == ["cuda:0"] and "cpu:0 needs" not in msg  # only devices over budget are named
+    assert err.value.overrides == ["quant.dense=int8"]  # the least the planner found: the experts stay as they are
     with pytest.raises(KtError, match="give the budget of each cuda device with device.cuda.memory_gb"):
         plan_for("model=deepseek_v3", "topology=hybrid_1gpu")
+
+
+@pytest.mark.parametrize("overrides,over", [
+    # accelerator short of room for dense weights and the CPU short of RAM for the experts: both named
+    (["model=deepseek_v3", "topology=hybrid_1gpu", "device.cuda.memory_gb=24", "device.cpu.memory_gb=64"],
+     ["cuda:0", "cpu:0"]),
+    # a fixed expert count per accelerator that does not fit
+    (["model=qwen3_30b_a3b", "topology=hybrid_1gpu", "device.cuda.memory_gb=12", "device.cpu.memory_gb=64",
+      "topology.expert_policy.strategy=uniform", "topology.expert_policy.per_device=128"], ["cuda:0"]),
+    # the whole model on one GPU, too small even with every software fix: a bigger budget is named
+    (["model=qwen3_235b_a22b", "topology=single_gpu", "device.cuda.memory_gb=24", "device.cpu.memory_gb=64"],
+     ["cuda:0"]),
+    # two logical CPU devices, both short
+    (["model=mixtral_8x7b", "topology=hybrid_cpu", "device.cpu.memory_gb=16"], ["cpu:0", "cpu:1"]),
+])
+def test_a_plan_that_does_not_fit_names_every_device_and_overrides_that_fit_them_all(overrides, over):
+    with pytest.raises(PlanDoesNotFit) as err:
+        plan_for(*overrides)
+    msg = str(err.value)
+    assert err.value.over == over and "\n" not in msg
+    for label in over:
+        assert f"{label} needs" in msg
+    fix = err.value.overrides
+    assert fix and f"these overrides fit every device: {' '.join(fix)}" in msg
+    plan = plan_for(*overrides, *fix)  # raises if any device is still over its budget
+    assert all(d.total_bytes <= d.budget_bytes for d in plan.devices.values())
+
+
+def test_kt_plan_help_examples_run_and_fit(capsys):
+    from kt_core.commands.plan import USAGE
+
+    examples = [line.split("#")[0].split()[2:] for line in USAGE.splitlines() if line.startswith("  kt plan ")]
+    assert len(examples) >= 3
+    for args in examples:
+        rc = main(["plan", *args])
+        out, err = capsys.readouterr()
+        assert rc == 0, (args, err)
+        if "plan.format=json" in args:
+            data = json.loads(out)
+            assert data["fits"] is True and data["error"] is None and data["fix_overrides"] is None
+        else:
+            assert "OVER BUDGET" not in out and "estimated decode" in out
 
 
 def test_memory_table_matches_the_loaded_model(tmp_path):
@@ -127,9 +171,18 @@ def test_kt_plan_cli_table_and_json(capsys):
     assert rc == 0 and data["total_params"] > 30e9 and data["est_decode_tokens_per_s"] > 0
     for d in data["devices"].values():
         assert {"weights_bytes", "kv_bytes", "total_bytes", "budget_bytes"} <= set(d)
+    assert data["fits"] is True and data["error"] is None
+    assert all(d["fits"] for d in data["devices"].values())
     rc = main(["plan", "model=deepseek_v3", "topology=hybrid_1gpu", "device.cuda.memory_gb=24"])
     out, err = capsys.readouterr()
     assert rc == 2 and "OVER BUDGET" in out and "671.03B parameters" in out and "does not fit" in err
+    rc = main(["plan", "model=deepseek_v3", "topology=hybrid_1gpu", "device.cuda.memory_gb=24",
+               "device.cpu.memory_gb=64", "plan.format=json"])
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert rc == 2 and data["fits"] is False and "does not fit" in err
+    assert "cuda:0 needs" in data["error"] and "cpu:0 needs" in data["error"] and data["fix_overrides"]
+    assert not data["devices"]["cuda:0"]["fits"] and not data["devices"]["cpu:0"]["fits"]
 
 
 def test_engine_refuses_a_plan_that_does_not_fit_before_reading_weights(tmp_path, tiny_checkpoint):
