@@ -14,10 +14,12 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-from kt_core.backend.contract import Backend, ProbeResult
 from kt_core.errors import DeviceUnavailable, KtError
+
+if TYPE_CHECKING:  # the contract imports torch; listing plugin names must not
+    from kt_core.backend.contract import Backend, ProbeResult
 
 log = logging.getLogger(__name__)
 GROUP = "kt_core.backends"
@@ -49,6 +51,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _load(ep: EntryPoint) -> PluginStatus:
+    from kt_core.backend.contract import Backend
+
     status = PluginStatus(ep.name, ep.value)
     try:
         cls = ep.load()
@@ -99,6 +103,19 @@ class Registry:
 
     def names(self) -> list[str]:
         return list(self.plugins())
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the plugins have been imported and probed already."""
+        return self._plugins is not None
+
+    def declared(self) -> dict[str, list[str]]:
+        """The entry points ("module:attr") registered under each plugin name, read without
+        importing any plugin (so without torch)."""
+        out: dict[str, list[str]] = {}
+        for ep in self._entry_points():
+            out.setdefault(ep.name, []).append(ep.value)
+        return out
 
     def status(self, name: str) -> PluginStatus:
         plugins = self.plugins()

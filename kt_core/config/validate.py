@@ -12,24 +12,31 @@ problem and the override that fixes it:
   than the device;
 - a weight format or dtype a device cannot run (asked through ``supports``).
 ``kt plan`` resolves with ``check_devices=False``: it plans for the described
-machine whether or not its devices are here.
+machine whether or not its devices are here. That mode imports a plugin (and so
+torch) only when an answer needs it: the built-in plugins run every op, dtype and
+weight format, and a device's count is probed only when the topology uses it.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 from omegaconf import DictConfig
 
-from kt_core.backend.contract import Op
 from kt_core.backend.registry import PluginStatus, Registry, registry as default_registry
 from kt_core.config.schema import choice
 from kt_core.errors import ConfigError, KtError
 
+if TYPE_CHECKING:
+    import torch
+
 GIB = 1 << 30
 ROLES = ("attention", "dense", "experts")
+# setup.py's plugins. Each runs every op _check_formats asks about, in every model.dtype and weight
+# format (TorchBackend's defaults; tests/unit/test_config.py checks it), so describing a machine with
+# them needs neither the plugin nor torch imported.
+BUILTIN_PLUGINS = {name: f"kt_backends.{name}:Backend" for name in ("cpu", "cuda", "rocm", "xpu", "ascend")}
 _REF = re.compile(r"^(?P<name>[A-Za-z_][\w-]*)(?::(?P<index>\d+))?$")
 
 
@@ -70,6 +77,8 @@ class ResolvedTopology:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(name)]
 
 
@@ -78,30 +87,58 @@ def _accel_choices(reg: Registry) -> str:
     return "device=" + "|".join(avail) if avail else "device=cuda|rocm|xpu|ascend on a machine that has one"
 
 
-def _count(name: str, dcfg: DictConfig, st: PluginStatus, check: bool, planned: int) -> int:
+def _count(name: str, dcfg: DictConfig, st: Optional[PluginStatus], check: bool, planned: int) -> int:
+    """Devices of one configured kind; ``st`` None: not probed (the count does not change the plan)."""
     if dcfg.count is not None:
         if dcfg.count < 1:
             raise ConfigError(f"device.{name}.count={dcfg.count} must be at least 1")
-        visible = st.probe.device_count if st.available and st.probe else 0
+        visible = st.probe.device_count if st is not None and st.available and st.probe else 0
         if check and visible and dcfg.count > visible:
             raise ConfigError(f"device.{name}.count={dcfg.count} but only {visible} {name} device(s) "
                               f"are visible; fix: device.{name}.count={visible}")
         return int(dcfg.count)
     if dcfg.backend == "cpu":
         return 1  # logical CPU devices only when asked for (device.cpu.count=N)
-    if st.available and st.probe and st.probe.device_count:
+    if st is not None and st.available and st.probe and st.probe.device_count:
         return st.probe.device_count
     return planned  # describing an absent device: as many as the topology needs
 
 
-def _slots(cfg: DictConfig, reg: Registry, check: bool) -> dict[str, list[DeviceSlot]]:
+def _count_matters(cfg: DictConfig, name: str, planned: int) -> bool:
+    """Whether device ``name``'s visible count could change the resolved roles: a role takes a
+    whole pool (``accel``, ``name``), an index past ``planned``, or ``accel:N`` over several kinds."""
+    kinds = sum(1 for d in cfg.device.values() if d.backend != "cpu")
+    for role in ROLES:
+        for ref in cfg.topology[role]:
+            m = _REF.match(str(ref))
+            if not m or m.group("name") not in (name, "accel"):
+                continue
+            index = m.group("index")
+            if index is None or int(index) >= planned or (m.group("name") == "accel" and kinds > 1):
+                return True
+    return False
+
+
+def _light(reg: Registry, check: bool) -> set[str]:
+    """Backends whose answers are known without importing them: describing a machine
+    (no device checks), before any plugin is loaded, with only the built-in plugin under that name."""
+    if check or reg.loaded:
+        return set()
+    return {name for name, values in reg.declared().items() if values == [BUILTIN_PLUGINS.get(name)]}
+
+
+def _slots(cfg: DictConfig, reg: Registry, check: bool, light: set[str]) -> dict[str, list[DeviceSlot]]:
     out: dict[str, list[DeviceSlot]] = {}
     for name, dcfg in cfg.device.items():
-        try:
-            st = reg.status(dcfg.backend)
-        except KtError as exc:
-            raise ConfigError(f"device.{name}.backend: {exc}") from None
         planned = max(1, cfg.topology.min_accelerators) if dcfg.backend != "cpu" else 1
+        probe = not (dcfg.backend in light and (dcfg.count is not None or dcfg.backend == "cpu"
+                                                 or not _count_matters(cfg, name, planned)))
+        st = None
+        if probe:
+            try:
+                st = reg.status(dcfg.backend)
+            except KtError as exc:
+                raise ConfigError(f"device.{name}.backend: {exc}") from None
         n = _count(name, dcfg, st, check, planned)
         out[name] = [DeviceSlot(name, dcfg.backend, i) for i in range(n)]
     return out
@@ -161,19 +198,25 @@ def _check_budget(name: str, dcfg: DictConfig, reg: Registry, check: bool) -> No
                           f"device {name}:0 has; fix: device.{name}.memory_gb={max(total - dcfg.reserve_gb, 0):.0f}")
 
 
-def _check_formats(cfg: DictConfig, roles: dict[str, list[DeviceSlot]], reg: Registry) -> None:
-    dtype = torch_dtype(choice(cfg.model.dtype))
+def _check_formats(cfg: DictConfig, roles: dict[str, list[DeviceSlot]], reg: Registry, light: set[str]) -> None:
     asks = {
-        "attention": (Op.ATTENTION_PREFILL, "none", "model.dtype=float32 or bfloat16"),
-        "dense": (Op.LINEAR, cfg.quant.dense, "quant.dense=none"),
-        "experts": (Op.MOE_EXPERTS, cfg.quant.experts, "quant=none or quant=int8"),
+        "attention": ("attention_prefill", "none", "model.dtype=float32 or bfloat16"),
+        "dense": ("linear", cfg.quant.dense, "quant.dense=none"),
+        "experts": ("moe_experts", cfg.quant.experts, "quant=none or quant=int8"),
     }
     for role, (op, quant, fix) in asks.items():
         quant = choice(quant)
         for slot in roles[role]:
+            if slot.backend in light:  # a built-in plugin: runs every op, dtype and format
+                continue
             cls = reg.status(slot.backend).cls
-            if cls is not None and not cls.supports(op, dtype, quant):
-                raise ConfigError(f"device '{slot.name}' cannot run {op.value} with {quant} weights and "
+            if cls is None:
+                continue
+            from kt_core.backend.contract import Op
+
+            dtype = torch_dtype(choice(cfg.model.dtype))
+            if not cls.supports(Op(op), dtype, quant):
+                raise ConfigError(f"device '{slot.name}' cannot run {op} with {quant} weights and "
                                   f"{dtype} activations; fix: {fix}, or move {role} to another device")
 
 
@@ -202,7 +245,8 @@ def resolve_topology(cfg: DictConfig, check_devices: bool = True,
     if "cpu" not in cfg.device:
         raise ConfigError("device.cpu is missing: the host CPU is always a device; "
                           "remove the override that deleted it")
-    slots = _slots(cfg, reg, check_devices)
+    light = _light(reg, check_devices)
+    slots = _slots(cfg, reg, check_devices, light)
     roles = {}
     for role in ROLES:
         refs = list(cfg.topology[role])
@@ -221,6 +265,7 @@ def resolve_topology(cfg: DictConfig, check_devices: bool = True,
             _check_present(slot, topo, reg, cfg)
     for name in {s.name for s in resolved.used}:
         _check_budget(name, cfg.device[name], reg, check_devices)
-    _check_formats(cfg, roles, reg)
+    _check_formats(cfg, roles, reg, light)
     _check_policy(cfg)
     return resolved
+

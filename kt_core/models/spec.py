@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from kt_core.errors import KtError
+
+if TYPE_CHECKING:  # torch loads on first use: kt plan reads specs without it
+    import torch
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -37,6 +38,8 @@ class RopeSpec:
 
     def inv_freq(self) -> tuple[torch.Tensor, float]:
         """(inverse frequencies [rot_dim/2], cos/sin scale), as the reference defines them."""
+        import torch
+
         dim, base, p = self.rot_dim, self.theta, self.params
         inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         if self.kind == "linear":
@@ -60,6 +63,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _yarn(dim: int, base: float, p: dict) -> tuple[torch.Tensor, float]:
+    import torch
+
     factor = float(p["factor"])
     old = float(p["original_max_position_embeddings"])
     att = p.get("attention_factor")

@@ -23,16 +23,16 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Optional
 
 from kt_core.errors import KtError
 from kt_core.models.shapes import TensorInfo, layer_tensors
 from kt_core.models.spec import ModelSpec, parse_config
 from kt_core.models.tokenizer_sources import write_tokenizer
 from kt_core.progress import progress
+
+if TYPE_CHECKING:  # torch loads on first use: kt plan reads build_config() without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def _seed(name: str, seed: int) -> int:
 
 
 def _rand(name: str, shape, seed: int, std: float) -> torch.Tensor:
+    import torch
+
     g = torch.Generator().manual_seed(_seed(name, seed))
     return torch.randn(*shape, generator=g) * std
 
@@ -154,6 +156,8 @@ def build_config(arch: Optional[str], preset: Optional[str], layers: Optional[in
 
 def _init(t: TensorInfo, seed: int) -> torch.Tensor:
     """Deterministic values for one tensor: fan-in-scaled weights, unit norms, small biases."""
+    import torch
+
     name = t.name
     if t.group == "router":
         return torch.zeros(t.shape)  # calibrated on the sample prompt (routers) or left at zero (biases)
@@ -208,6 +212,9 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
                seed: int = 0, tokenizer: Optional[str] = None, sample_tokens: int = 512,
                shape: Optional[dict] = None) -> SynthReport:
     """Write a synthetic checkpoint to ``out`` (which must be empty or absent)."""
+    import torch
+    from safetensors.torch import save_file
+
     from kt_backends.cpu import CpuBackend
     from kt_core.kvcache.paged import PagedKVCache
     from kt_core.models.model import QuantPlan, _attention, _mlp, _moe, _Reader

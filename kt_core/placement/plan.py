@@ -124,14 +124,14 @@ def _budget(slot: DeviceSlot, cfg: DictConfig, check_devices: bool) -> int:
     d = cfg.device[slot.name]
     if d.memory_gb is not None:
         return int(d.memory_gb * GIB)
+    if slot.backend == "cpu":  # the host's RAM, shared by the logical CPU devices (no plugin needed)
+        import psutil
+
+        return int(psutil.virtual_memory().total) // max(1, int(d.count or 1))
     from kt_core.backend.registry import registry
 
     st = registry().status(slot.backend)
     if st.available:
-        if slot.backend == "cpu":  # logical CPU devices share the host's RAM
-            import psutil
-
-            return int(psutil.virtual_memory().total) // max(1, int(d.count or 1))
         return registry().get(slot.backend).memory_info(slot.index).total_bytes
     raise KtError(f"device '{slot.name}' is not on this machine, so its memory is unknown; give the budget of "
                   f"each {slot.name} device with device.{slot.name}.memory_gb=N")

@@ -123,3 +123,23 @@ def test_no_secret_or_machine_path_in_shipped_configs():
         text = path.read_text()
         assert "/home/" not in text and "/root/" not in text and "C:\\Users" not in text, path  # no machine paths
         assert "api_key:" not in text and "secret" not in text.lower(), path
+
+
+def test_builtin_plugins_run_every_op_dtype_and_format():
+    # resolve_topology(check_devices=False) skips importing these (and torch) on that promise
+    from kt_core.backend.contract import Op
+    from kt_core.config.schema import DType, WeightFormat
+    from kt_core.config.validate import BUILTIN_PLUGINS, torch_dtype
+
+    declared = registry().declared()
+    for name, value in BUILTIN_PLUGINS.items():
+        assert value in declared[name]
+        cls = registry().status(name).cls
+        if cls is None:  # a plugin that cannot import here is asked nothing at all
+            continue
+        asks = {Op.ATTENTION_PREFILL: ["none"], Op.LINEAR: [f.value for f in WeightFormat],
+                Op.MOE_EXPERTS: [f.value for f in WeightFormat]}  # what _check_formats asks
+        for op, formats in asks.items():
+            for dtype in DType:
+                for fmt in formats:
+                    assert cls.supports(op, torch_dtype(dtype.value), fmt), (name, op, dtype, fmt)
