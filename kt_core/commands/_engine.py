@@ -1,12 +1,34 @@
 """Shared by the verbs that load a model: build the Engine from overrides, sampling kwargs."""
 from __future__ import annotations
 
+import sys
+from typing import Optional
+
 from omegaconf import OmegaConf
 
+REAL_MODEL = "/path/to/Qwen3-30B-A3B"
 
-def load_engine(overrides):
+
+def default_model_notice(verb: str) -> str:
+    return (f"kt {verb}: the default model is a synthetic Qwen3-MoE-shaped checkpoint with random weights; "
+            f"its text is gibberish. Run a real model with: kt {verb} model.path={REAL_MODEL}")
+
+
+def compose_noting_default(overrides, verb: Optional[str]):
+    """Compose; say first (before the default model is built or loaded) when the default
+    (random-weight) model will answer."""
+    from kt_core.config import compose
+
+    cfg = compose(overrides)
+    if verb and cfg.model.path is None and cfg.model.hf_config is None:
+        print(default_model_notice(verb), file=sys.stderr, flush=True)
+    return cfg
+
+
+def load_engine(overrides, verb: str = "run", notice: bool = True):
     from kt_core.runtime.engine import Engine
 
+    compose_noting_default(overrides, verb if notice else None)
     return Engine.from_pretrained(None, overrides=overrides)
 
 

@@ -14,7 +14,7 @@ def run(overrides, flags) -> int:
     from kt_core.commands._engine import load_engine, sampling_kwargs, stats_line
     from kt_core.errors import KtError
 
-    engine = load_engine(overrides)
+    engine = load_engine(overrides, "chat")
     tok = engine.tokenizer
     if tok is None or not tok.chat_template:
         raise KtError(f"{engine.cfg.model.path} has no tokenizer with a chat template; use kt run instead")

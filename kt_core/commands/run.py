@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import sys
 
-HELP = "generate from a prompt (no model.path: the embedded default, built once, nothing downloaded)"
+HELP = "generate from a prompt (no model.path: a built-in synthetic model with random weights, gibberish text)"
 USAGE = """kt run [model.path=DIR] [prompt="..."] [generate.max_new_tokens=N] [generate.temperature=T]
        [generate.chat=true] [topology=... quant=... other overrides]
 
-  kt run                                   # embedded synthetic Qwen3-MoE-shaped model + real tokenizer
+  kt run                                   # synthetic Qwen3-MoE-shaped model, random weights: gibberish
   kt run model.path=/models/Qwen3-30B-A3B prompt="Explain MoE in one line" generate.chat=true
   kt run model.path=DIR quant=int8 generate.temperature=0.7 generate.seed=1
+
+Without model.path the embedded default answers: a small synthetic Qwen3-MoE-shaped checkpoint with
+random weights and a real tokenizer, built once into the cache folder (nothing is downloaded). It
+shows the machinery and its speed, not language: its text is gibberish.
 
 Streams the text, then prints token counts and prefill / decode tokens per second."""
 DEFAULT_PROMPT = "The three most useful things to know about mixture-of-experts models are"

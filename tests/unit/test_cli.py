@@ -92,11 +92,15 @@ def test_kt_run_builds_the_embedded_default_once_and_generates(cache_env):
     first = kt(cache_env, "run", "generate.max_new_tokens=8")
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("The three most useful things")
+    notice = first.stderr.splitlines()[0]  # said before anything else, the build included
+    assert notice.startswith("kt run: the default model is a synthetic Qwen3-MoE-shaped checkpoint with random "
+                             "weights; its text is gibberish") and "kt run model.path=" in notice
     assert "building the embedded default model" in first.stderr
     assert "8 new tokens" in first.stderr and "decode" in first.stderr and "tok/s" in first.stderr
     again = kt(cache_env, "run", "prompt=Hello there", "generate.max_new_tokens=4", "generate.temperature=0.7",
                "generate.seed=1")
     assert again.returncode == 0 and "building" not in again.stderr and again.stdout.startswith("Hello there")
+    assert again.stderr.startswith("kt run: the default model is a synthetic")
 
 
 def test_kt_chat_streams_replies_from_stdin(cache_env):
