@@ -58,6 +58,14 @@ def steer(case, rng: random.Random) -> None:
         body["max_tokens"] = rng.randint(1, 16)  # the server default (the rest of the context) is slow here
 
 
+def _message(resp) -> str:
+    """The error message of a JSON error answer, else the start of the body."""
+    try:
+        return str(resp.json()["error"]["message"])[:160]
+    except Exception:  # noqa: BLE001
+        return resp.text[:80]
+
+
 def failures_of(exc: BaseException) -> list:
     out = []
     for e in getattr(exc, "exceptions", None) or [exc]:
@@ -156,9 +164,13 @@ def fuzz(args, work: Path) -> int:
                         for title, msg in failures_of(exc):
                             op_checks[title] += 1
                             checks[title] += 1
-                            mismatch_examples.setdefault(title, {
+                            ex = mismatch_examples.setdefault(title, {
                                 "op": op.label, "mode": mode_name, "status": resp.status_code,
-                                "message": msg[:400], "body": json.dumps(case.body, default=str)[:200]})
+                                "message": msg[:400], "body": json.dumps(case.body, default=str)[:200],
+                                "distinct_answers": []})
+                            answer = f"{op.label} {resp.status_code}: {_message(resp)}"
+                            if answer not in ex["distinct_answers"] and len(ex["distinct_answers"]) < 8:
+                                ex["distinct_answers"].append(answer)
 
                 note = None
                 try:
