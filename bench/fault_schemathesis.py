@@ -50,7 +50,7 @@ def steer(case, rng: random.Random) -> None:
     for key in TOKEN_FIELDS:
         if key in body:
             v = body[key]
-            if isinstance(v, int) and not isinstance(v, bool) and v > 16:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 16:  # JSON Schema: 1257.0 is an integer
                 body[key] = rng.randint(1, 16)
             elif v is None:
                 body[key] = rng.randint(1, 16)
