@@ -1,4 +1,4 @@
-"""Shared by the verbs that load a model: build the Engine from overrides, sampling kwargs."""
+"""Shared by the verbs that load a model: check the config, build the Engine, sampling kwargs."""
 from __future__ import annotations
 
 import sys
@@ -14,21 +14,27 @@ def default_model_notice(verb: str) -> str:
             f"its text is gibberish. Run a real model with: kt {verb} model.path={REAL_MODEL}")
 
 
-def compose_noting_default(overrides, verb: Optional[str]):
-    """Compose; say first (before the default model is built or loaded) when the default
-    (random-weight) model will answer."""
+def check_config(overrides, verb: Optional[str], generate: bool = True):
+    """Compose and check every value that needs no weights (model.path, generate.*, the topology
+    and its devices) before anything loads or the default model is built; say first when the
+    default (random-weight) model will answer."""
     from kt_core.config import compose
+    from kt_core.config.validate import check_generate, check_values, resolve_topology
 
     cfg = compose(overrides)
     if verb and cfg.model.path is None and cfg.model.hf_config is None:
         print(default_model_notice(verb), file=sys.stderr, flush=True)
+    check_values(cfg)
+    if generate:
+        check_generate(cfg)
+    resolve_topology(cfg, check_devices=True)
     return cfg
 
 
-def load_engine(overrides, verb: str = "run", notice: bool = True):
+def load_engine(overrides, verb: str = "run", generate: bool = True, notice: bool = True):
     from kt_core.runtime.engine import Engine
 
-    compose_noting_default(overrides, verb if notice else None)
+    check_config(overrides, verb if notice else None, generate)
     return Engine.from_pretrained(None, overrides=overrides)
 
 

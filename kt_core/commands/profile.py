@@ -43,7 +43,7 @@ def run(overrides, flags) -> int:
     from kt_core.progress import progress
     from kt_core.runtime.profiling import record_routing
 
-    engine = load_engine(overrides, "profile", notice=False)
+    engine = load_engine(overrides, "profile", generate=False, notice=False)
     cfg = engine.cfg
     prompts = read_prompts(cfg.profile.prompts) if cfg.profile.prompts else [s.strip() + "." for s in
                                                                                  SAMPLE_TEXT.split(". ") if s.strip()]

@@ -13,7 +13,8 @@ USAGE = """kt run [model.path=DIR] [prompt="..."] [generate.max_new_tokens=N] [g
 
 Without model.path the embedded default answers: a small synthetic Qwen3-MoE-shaped checkpoint with
 random weights and a real tokenizer, built once into the cache folder (nothing is downloaded). It
-shows the machinery and its speed, not language: its text is gibberish.
+shows the machinery and its speed, not language: its text is gibberish. Every value (model.path,
+generate.*, topology, devices) is checked before anything loads.
 
 Streams the text, then prints token counts and prefill / decode tokens per second."""
 DEFAULT_PROMPT = "The three most useful things to know about mixture-of-experts models are"

@@ -18,12 +18,12 @@ running requests get server.shutdown_grace_s seconds, then every open stream is 
 
 def build_state(overrides):
     """Load the engine for serving: KV cache sized for server.max_batch sequences, prefix cache on."""
-    from kt_core.commands._engine import compose_noting_default
+    from kt_core.commands._engine import check_config
     from kt_core.runtime.engine import Engine
     from kt_core.server.app import ServerState
 
     overrides = list(overrides)
-    cfg = compose_noting_default(overrides, "serve")
+    cfg = check_config(overrides, "serve", generate=False)  # requests carry their own sampling values
     if not any(o.lstrip("+").startswith("plan.batch=") for o in overrides):
         overrides.append(f"plan.batch={int(cfg.server.max_batch)}")  # the plan checks the KV the server will use
     engine = Engine.from_pretrained(None, overrides=overrides, max_batch=int(cfg.server.max_batch))

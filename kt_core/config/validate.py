@@ -15,11 +15,15 @@ problem and the override that fixes it:
 machine whether or not its devices are here. That mode imports a plugin (and so
 torch) only when an answer needs it: the built-in plugins run every op, dtype and
 weight format, and a device's count is probed only when the topology uses it.
+
+``check_values(cfg)`` checks the values no device is needed to judge (model.path,
+sizes); ``check_generate(cfg)`` the ``generate.*`` sampling values, before a model loads.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from omegaconf import DictConfig
@@ -245,6 +249,7 @@ def resolve_topology(cfg: DictConfig, check_devices: bool = True,
     if "cpu" not in cfg.device:
         raise ConfigError("device.cpu is missing: the host CPU is always a device; "
                           "remove the override that deleted it")
+    check_values(cfg)
     light = _light(reg, check_devices)
     slots = _slots(cfg, reg, check_devices, light)
     roles = {}
@@ -269,3 +274,54 @@ def resolve_topology(cfg: DictConfig, check_devices: bool = True,
     _check_policy(cfg)
     return resolved
 
+
+def _positive(value, key: str, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else 'at least 1'}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values no device is needed to judge; raises ConfigError (one line) naming the key.
+    ``resolve_topology`` starts with it, so ``kt config``, ``kt plan`` and every load check them."""
+    if cfg.model.path is not None:
+        path = Path(str(cfg.model.path)).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise ConfigError(f"model folder not found: model.path={path} {what}; point it at a Hugging Face "
+                              "model folder (config.json + *.safetensors), or drop it for the embedded default")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path={path} has no config.json: it is not a Hugging Face model folder")
+    _positive(cfg.model.max_seq_len, "model.max_seq_len")
+    _positive(cfg.plan.kv_tokens, "plan.kv_tokens")
+    _positive(cfg.plan.batch, "plan.batch")
+    _positive(cfg.plan.context_tokens, "plan.context_tokens")
+    _positive(cfg.plan.prefill_chunk, "plan.prefill_chunk")
+    _positive(cfg.quant.group_size, "quant.group_size", allow_zero=True)
+    if cfg.quant.group_size == 0 and "int4" in (choice(cfg.quant.experts), choice(cfg.quant.dense)):
+        raise ConfigError("quant.group_size=0 (one scale per row) is for int8 / fp8; int4 needs a group size, "
+                          "e.g. quant.group_size=128")
+    if not 0 <= cfg.server.port <= 65535:
+        raise ConfigError(f"server.port={cfg.server.port} must be in 0..65535")
+    _positive(cfg.server.max_batch, "server.max_batch")
+    _positive(cfg.server.max_queue, "server.max_queue", allow_zero=True)
+
+
+def check_generate(cfg: DictConfig) -> None:
+    """The generate.* sampling values, judged as generation judges them (before a model loads)."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    from kt_core.config.schema import GenerateConfig
+
+    g = cfg.generate
+    if OmegaConf.to_container(g) == asdict(GenerateConfig()):
+        return  # the shipped defaults (a test checks they pass): no need to import the sampler (torch)
+    from kt_core.runtime.sampling import SamplingError, SamplingParams
+
+    try:
+        SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                       min_p=g.min_p, repetition_penalty=g.repetition_penalty, seed=g.seed,
+                       stop=tuple(OmegaConf.to_container(g.stop))).validate()
+    except SamplingError as exc:
+        raise ConfigError(f"bad value for 'generate.{exc.param}': {exc}") from None

@@ -56,6 +56,14 @@ def test_config_mistakes_are_one_line_exit_2(capsys):
     assert rc == 2 and "unknown verb" in err
 
 
+def test_config_checks_model_path_and_generate_values(capsys, tmp_path):
+    missing = tmp_path / "nonexistent"
+    rc, out, err = run(capsys, "config", f"model.path={missing}")
+    assert rc == 2 and out == "" and err.count("\n") == 1 and str(missing) in err and "model folder not found" in err
+    rc, out, err = run(capsys, "config", "generate.temperature=-1", "--no-device-check")
+    assert rc == 2 and out == "" and "generate.temperature" in err and "must be >= 0" in err
+
+
 def test_config_without_device_check_describes_absent_machine(capsys):
     rc, out, _ = run(capsys, "config", "topology=hybrid_1gpu", "device.cuda.memory_gb=24", "--no-device-check")
     assert rc == 0 and "memory_gb: 24.0" in out and "#   attention: cuda:0" in out
@@ -111,10 +119,14 @@ def test_kt_chat_streams_replies_from_stdin(cache_env):
 
 
 def test_kt_run_user_errors(cache_env, tmp_path):
-    bad = kt(cache_env, "run", f"model.path={tmp_path / 'nope'}")
-    assert bad.returncode == 2 and "model folder not found" in bad.stderr and "Traceback" not in bad.stderr
-    bad = kt(cache_env, "run", "generate.top_p=2")
-    assert bad.returncode == 2 and "top_p must be in (0, 1]" in bad.stderr
+    # each is refused before anything loads: no weights read, no prompt echoed, one line
+    for args, message in [([f"model.path={tmp_path / 'nope'}"], "model folder not found"),
+                          (["generate.top_p=2"], "top_p must be in (0, 1]"),
+                          (["generate.temperature=-1"], "bad value for 'generate.temperature'"),
+                          (["topology=hybrid_1gpu", "device=cpu"], "selects none")]:
+        bad = kt(cache_env, "run", *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert bad.stdout == "" and "loading" not in bad.stderr and "synthesizing" not in bad.stderr, bad.stderr
 
 
 def test_kt_synth_prints_experts_reached(cache_env, tmp_path):

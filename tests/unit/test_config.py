@@ -4,7 +4,7 @@ from importlib.metadata import EntryPoint
 from kt_core.backend.registry import GROUP, Registry, registry
 from kt_core.config import compose
 from kt_core.config.compose import group_options
-from kt_core.config.validate import resolve_topology
+from kt_core.config.validate import check_generate, check_values, resolve_topology
 from kt_core.errors import ConfigError
 
 TOPOLOGIES = group_options("topology")
@@ -143,3 +143,58 @@ def test_builtin_plugins_run_every_op_dtype_and_format():
             for dtype in DType:
                 for fmt in formats:
                     assert cls.supports(op, torch_dtype(dtype.value), fmt), (name, op, dtype, fmt)
+
+# ---- values checked before anything loads ------------------------------------------------------
+def test_model_path_is_checked_naming_the_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ConfigError) as err:
+        resolve_topology(compose([f"model.path={missing}"]), check_devices=False)
+    assert str(missing) in str(err.value) and "model folder not found" in str(err.value)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_values(compose([f"model.path={tmp_path / 'file'}"]))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        check_values(compose([f"model.path={tmp_path}"]))
+    (tmp_path / "config.json").write_text("{}")
+    check_values(compose([f"model.path={tmp_path}"]))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.max_seq_len=0", "model.max_seq_len=0 must be at least 1"),
+    ("plan.batch=0", "plan.batch=0 must be at least 1"),
+    ("plan.kv_tokens=-5", "plan.kv_tokens=-5 must be at least 1"),
+    ("quant.group_size=-1", "quant.group_size=-1 must be >= 0"),
+    ("server.port=70000", "server.port=70000 must be in 0..65535"),
+])
+def test_sizes_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_values(compose([override]))
+    assert message in str(err.value)
+    with pytest.raises(ConfigError, match="int4 needs a group size"):
+        check_values(compose(["quant=int4", "quant.group_size=0"]))
+    check_values(compose(["quant=fp8", "quant.group_size=0"]))  # fp8: one scale per row
+
+
+@pytest.mark.parametrize("override,message", [
+    ("generate.temperature=-1", "bad value for 'generate.temperature': temperature must be >= 0"),
+    ("generate.top_p=2", "bad value for 'generate.top_p': top_p must be in (0, 1]"),
+    ("generate.top_k=-3", "bad value for 'generate.top_k'"),
+    ("generate.repetition_penalty=0", "bad value for 'generate.repetition_penalty'"),
+    ("generate.max_new_tokens=-1", "bad value for 'generate.max_new_tokens'"),
+])
+def test_generate_values_are_checked_as_sampling_checks_them(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_generate(compose([override]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    check_generate(compose(["generate.temperature=0.7", "generate.top_p=0.9", "generate.seed=3"]))
+
+
+def test_generate_defaults_pass_the_sampler():
+    # check_generate skips importing the sampler (torch) for the shipped defaults on this promise
+    from dataclasses import asdict
+
+    from kt_core.config.schema import GenerateConfig
+    from kt_core.runtime.sampling import SamplingParams
+
+    d = asdict(GenerateConfig())
+    SamplingParams(**{k: (tuple(v) if k == "stop" else v) for k, v in d.items() if k != "chat"}).validate()
