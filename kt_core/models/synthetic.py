@@ -231,49 +231,53 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    source = tokenizer or TOKENIZER_FOR.get(spec.family, "qwen")
-    write_tokenizer(source, tmp)
-    tok = Tokenizer.from_dir(tmp)
-    if tok.vocab_size > spec.vocab_size:
-        raise KtError(f"the {source} tokenizer has {tok.vocab_size} tokens but vocab_size is {spec.vocab_size}")
-    if tok.eos_token_id is not None:
-        cfg["eos_token_id"] = tok.eos_token_id
-        spec.eos_token_ids = (tok.eos_token_id,)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}), encoding="utf-8")
+    preset_name = cfg["kt_synthetic"]["preset"]
+    steps = spec.num_layers + 3  # tokenizer, embeddings, each layer, the output head
+    with progress(f"synthesizing {preset_name} (tokenizer, embeddings, {spec.num_layers} layers, head)", steps) as adv:
+        source = tokenizer or TOKENIZER_FOR.get(spec.family, "qwen")
+        write_tokenizer(source, tmp)
+        tok = Tokenizer.from_dir(tmp)
+        if tok.vocab_size > spec.vocab_size:
+            raise KtError(f"the {source} tokenizer has {tok.vocab_size} tokens but vocab_size is {spec.vocab_size}")
+        if tok.eos_token_id is not None:
+            cfg["eos_token_id"] = tok.eos_token_id
+            spec.eos_token_ids = (tok.eos_token_id,)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}), encoding="utf-8")
 
-    ids = (tok.encode(SAMPLE_TEXT * (sample_tokens // 60 + 1), add_special_tokens=False))[:sample_tokens]
-    be = CpuBackend()
-    H, V = spec.hidden_size, spec.vocab_size
-    emb_name = "model.embed_tokens.weight"
-    # logits = rmsnorm(h) . row: std LOGIT_STD / sqrt(H) gives logits of std ~LOGIT_STD, a sampleable
-    # distribution (the input side goes through RMSNorm, so its scale does not matter)
-    embed = _rand(emb_name, (V, H), seed, LOGIT_STD * H ** -0.5)
-    weight_map: dict[str, str] = {}
+        ids = (tok.encode(SAMPLE_TEXT * (sample_tokens // 60 + 1), add_special_tokens=False))[:sample_tokens]
+        adv()  # the tokenizer
+        be = CpuBackend()
+        H, V = spec.hidden_size, spec.vocab_size
+        emb_name = "model.embed_tokens.weight"
+        # logits = rmsnorm(h) . row: std LOGIT_STD / sqrt(H) gives logits of std ~LOGIT_STD, a sampleable
+        # distribution (the input side goes through RMSNorm, so its scale does not matter)
+        embed = _rand(emb_name, (V, H), seed, LOGIT_STD * H ** -0.5)
+        weight_map: dict[str, str] = {}
 
-    def write(tensors: dict[str, torch.Tensor], fname: str) -> None:
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp / fname),
-                  metadata={"format": "pt"})
-        weight_map.update({k: fname for k in tensors})
+        def write(tensors: dict[str, torch.Tensor], fname: str) -> None:
+            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp / fname),
+                      metadata={"format": "pt"})
+            weight_map.update({k: fname for k in tensors})
 
-    n_files = spec.num_layers + 1
-    write({emb_name: embed}, f"model-00000-of-{n_files:05d}.safetensors")
-    h = embed[torch.tensor(ids)].float()
-    positions = len(ids)
-    inv_freq, mscale = spec.rope.inv_freq()
-    from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
+        n_files = spec.num_layers + 1
+        write({emb_name: embed}, f"model-00000-of-{n_files:05d}.safetensors")
+        adv()  # the embeddings
+        h = embed[torch.tensor(ids)].float()
+        positions = len(ids)
+        inv_freq, mscale = spec.rope.inv_freq()
+        from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
 
-    cos_sin = rope_cos_sin(spec.rope.rot_dim, positions + 1, inv_freq=inv_freq, mscale=mscale)
-    reached: dict[int, int] = {}
-    with progress(f"synthesizing {cfg['kt_synthetic']['preset']} ({spec.num_layers} layers)", spec.num_layers) as adv:
+        cos_sin = rope_cos_sin(spec.rope.rot_dim, positions + 1, inv_freq=inv_freq, mscale=mscale)
+        reached: dict[int, int] = {}
         for i in range(spec.num_layers):
             t = _layer_tensors(spec, i, seed)
             r = _Reader(_DictCheckpoint(t), spec, torch.float32, torch.device("cpu"), QuantPlan())
             p = f"model.layers.{i}."
-            cache = (PagedKVCache(1, math.ceil(positions / 16), 16, 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim,
-                                  torch.float32, torch.device("cpu"), latent=True) if spec.mla else
-                     PagedKVCache(1, math.ceil(positions / 16), 16, spec.num_kv_heads, spec.head_dim, torch.float32,
-                                  torch.device("cpu")))
+            blocks = math.ceil(positions / 16)
+            cache = (PagedKVCache(1, blocks, 16, 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim, torch.float32,
+                                  torch.device("cpu"), latent=True) if spec.mla else
+                     PagedKVCache(1, blocks, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu")))
             batch = cache.prepare([0], [ids], all_logits=True)
             attn = _attention(r, p, spec, i)
             h = h + attn(be, be.rmsnorm(h, t[p + "input_layernorm.weight"], spec.rms_eps), batch, cache.k[0],
@@ -291,10 +295,11 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
             write(t, f"model-{i + 1:05d}-of-{n_files:05d}.safetensors")
             del t, r, attn
             adv()
-    final = {"model.norm.weight": torch.ones(H)}
-    if not spec.tie_embeddings:
-        final["lm_head.weight"] = _rand("lm_head.weight", (V, H), seed, LOGIT_STD * H ** -0.5)
-    write(final, f"model-{n_files:05d}-of-{n_files:05d}.safetensors")
+        final = {"model.norm.weight": torch.ones(H)}
+        if not spec.tie_embeddings:
+            final["lm_head.weight"] = _rand("lm_head.weight", (V, H), seed, LOGIT_STD * H ** -0.5)
+        write(final, f"model-{n_files:05d}-of-{n_files:05d}.safetensors")
+        adv()  # the head
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1),
                                                       encoding="utf-8")
     if out.exists():

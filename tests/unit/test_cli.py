@@ -104,11 +104,15 @@ def test_kt_run_builds_the_embedded_default_once_and_generates(cache_env):
     assert notice.startswith("kt run: the default model is a synthetic Qwen3-MoE-shaped checkpoint with random "
                              "weights; its text is gibberish") and "kt run model.path=" in notice
     assert "building the embedded default model" in first.stderr
+    # without a terminal, long work still says when it starts and how long it took (stderr, not stdout)
+    assert "synthesizing tiny-qwen3-moe" in first.stderr and "loading Qwen3MoeForCausalLM" in first.stderr
+    assert first.stderr.count(" done in ") == 2 and "done in" not in first.stdout
     assert "8 new tokens" in first.stderr and "decode" in first.stderr and "tok/s" in first.stderr
     again = kt(cache_env, "run", "prompt=Hello there", "generate.max_new_tokens=4", "generate.temperature=0.7",
                "generate.seed=1")
     assert again.returncode == 0 and "building" not in again.stderr and again.stdout.startswith("Hello there")
     assert again.stderr.startswith("kt run: the default model is a synthetic")
+    assert "loading Qwen3MoeForCausalLM (4 layers): 4/4 done in" in again.stderr
 
 
 def test_kt_chat_streams_replies_from_stdin(cache_env):
@@ -135,6 +139,9 @@ def test_kt_synth_prints_experts_reached(cache_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "layer   0:" in proc.stdout and "/32 experts reached" in proc.stdout
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    started, finished = proc.stderr.splitlines()[-2:]  # not a terminal: a line at start and one at the end
+    assert started == "synthesizing tiny-qwen3-moe (tokenizer, embeddings, 2 layers, head) ..."
+    assert finished.startswith("synthesizing tiny-qwen3-moe (tokenizer, embeddings, 2 layers, head): 5/5 done in ")
     bad = kt(cache_env, "synth", "arch=qwen3_moe", "foo=1")
     assert bad.returncode == 2 and "kt synth takes" in bad.stderr
 
