@@ -1,5 +1,9 @@
-import pytest
+import copy
+import itertools
 from importlib.metadata import EntryPoint
+
+import pytest
+from omegaconf import OmegaConf
 
 from kt_core.backend.registry import GROUP, Registry, registry
 from kt_core.config import compose
@@ -125,6 +129,85 @@ def test_no_secret_or_machine_path_in_shipped_configs():
         assert "api_key:" not in text and "secret" not in text.lower(), path
 
 
+# ---- every group crossed: device x topology x model x quant x server ---------------------------
+GROUPS = ("device", "topology", "model", "quant", "server")
+OPTIONS = {group: group_options(group) for group in GROUPS}
+CROSS = [dict(zip(GROUPS, combo)) for combo in itertools.product(*(OPTIONS[g] for g in GROUPS))]
+
+
+@pytest.fixture(scope="module")
+def composed_halves(tmp_path_factory):
+    """Hydra composes device x topology (they interact: a topology selects its device) and
+    model x quant x server (plain subtrees) once each; a full combination is the one with the
+    other's model / quant / server. test_stitched_combinations_equal_hydra_composition checks that
+    this is what Hydra composes; Hydra composing all of them would take minutes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KT_CONFIG_DIR", str(tmp_path_factory.mktemp("no-machine-file")))
+        dt = {(d, t): compose([f"device={d}", f"topology={t}"]) for d in OPTIONS["device"] for t in OPTIONS["topology"]}
+        mqs = {(m, q, s): compose([f"model={m}", f"quant={q}", f"server={s}"])
+               for m in OPTIONS["model"] for q in OPTIONS["quant"] for s in OPTIONS["server"]}
+    return dt, mqs
+
+
+def stitched(halves, combo):
+    dt, mqs = halves
+    cfg = copy.deepcopy(dt[combo["device"], combo["topology"]])
+    other = mqs[combo["model"], combo["quant"], combo["server"]]
+    for group in ("model", "quant", "server"):
+        cfg[group] = copy.deepcopy(other[group])
+    return cfg
+
+
+def test_model_quant_server_options_are_plain_subtrees():
+    # what makes stitching exact: no defaults list, no package directive that could reach other groups
+    from kt_core.config import config_dir
+
+    for group in ("model", "quant", "server"):
+        for path in (config_dir() / group).glob("*.yaml"):
+            text = path.read_text()
+            assert "@package" not in text and not any(line.startswith("defaults:") for line in text.splitlines()), path
+
+
+def test_stitched_combinations_equal_hydra_composition(composed_halves, monkeypatch, tmp_path):
+    monkeypatch.setenv("KT_CONFIG_DIR", str(tmp_path))
+    import random
+
+    picks = random.Random(7).sample(CROSS, 6)
+    picks.append({"device": "rocm", "topology": "hybrid_multi_gpu", "model": "deepseek_v3", "quant": "int4",
+                  "server": "default"})
+    for combo in picks:
+        real = compose([f"{g}={o}" for g, o in combo.items()])
+        assert OmegaConf.to_container(real) == OmegaConf.to_container(stitched(composed_halves, combo)), combo
+
+
+@pytest.mark.parametrize("device", OPTIONS["device"])
+def test_every_group_combination_composes_and_validates(composed_halves, device):
+    """All of conf/ crossed, described as kt plan / kt config --no-device-check do: each
+    combination validates, or fails in one line with a fix where it means nothing here."""
+    failures = []
+    for combo in (c for c in CROSS if c["device"] == device):
+        cfg = stitched(composed_halves, combo)
+        assert cfg.model.name == combo["model"] and cfg.quant.name == combo["quant"]
+        assert cfg.topology.name == combo["topology"] and "cpu" in cfg.device
+        check_generate(cfg)
+        try:
+            topo = resolve_topology(cfg, check_devices=False)
+        except ConfigError as exc:
+            msg = str(exc)
+            assert "\n" not in msg and "fix:" in msg, (combo, msg)
+            failures.append((combo["topology"], msg))
+            continue
+        assert topo.roles["attention"] and topo.roles["dense"] and topo.roles["experts"]
+        if combo["topology"] in ACCEL_TOPOLOGIES:
+            assert topo.roles["attention"][0].backend == device
+    for topology, msg in failures:
+        if device == "cpu":  # device=cpu selects no accelerator for a topology that needs one
+            assert topology in ACCEL_TOPOLOGIES and "selects none" in msg
+        else:  # only a machine with fewer of this kind than the topology needs (e.g. one GPU, two wanted)
+            st = registry().status(device)
+            assert st.available and "needs at least" in msg, msg
+
+
 def test_builtin_plugins_run_every_op_dtype_and_format():
     # resolve_topology(check_devices=False) skips importing these (and torch) on that promise
     from kt_core.backend.contract import Op
@@ -143,6 +226,7 @@ def test_builtin_plugins_run_every_op_dtype_and_format():
             for dtype in DType:
                 for fmt in formats:
                     assert cls.supports(op, torch_dtype(dtype.value), fmt), (name, op, dtype, fmt)
+
 
 # ---- values checked before anything loads ------------------------------------------------------
 def test_model_path_is_checked_naming_the_path(tmp_path):
