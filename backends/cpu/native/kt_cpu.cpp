@@ -13,13 +13,16 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
+#include <system_error>
 #include <vector>
 
 #include "kernels.hpp"
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
 #include "threadpool.hpp"
 
-#if defined(_MSC_VER)
+#if defined(_WIN32)  // MSVC and MinGW: without dllexport setuptools' .def would export only PyInit
 #define KT_API extern "C" __declspec(dllexport)
 #else
 #define KT_API extern "C" __attribute__((visibility("default")))
@@ -35,10 +38,14 @@ namespace kt {
 constexpr int kMaxPools = 64;
 struct State {
   uint32_t isa = detect_isa();
-  int variant = best_variant(isa);
+  // Read by every panel call, written by kt_set_variant (tests, benchmarks) perhaps while a call
+  // runs on another thread: atomic, so each read sees one whole variant (a call that overlaps a
+  // switch may run its stages on either variant; each is one this CPU supports).
+  std::atomic<int> variant{best_variant(isa)};
   std::unique_ptr<ThreadPool> pools[kMaxPools];
   std::mutex mu;
   ThreadPool& threads(int dev = 0) {
+    if (dev < 0 || dev >= kMaxPools) throw std::out_of_range("thread pool index");
     std::lock_guard<std::mutex> lk(mu);
     if (!pools[dev]) pools[dev].reset(new ThreadPool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))));
     return *pools[dev];
@@ -290,65 +297,218 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
 }  // namespace kt
 
 // ---------------------------------------------------------------- C ABI (ctypes)
-KT_API int kt_abi_version() { return 6; }
-KT_API uint32_t kt_isa() { return kt::state().isa; }
-KT_API const char* kt_variant() { return kt::kVariantNames[kt::state().variant]; }
+// No C++ exception crosses this boundary (ctypes cannot catch one: it would abort the process).
+// Every entry point that can fail returns 0 or one of these codes, and checks what it is given
+// before any kernel dereferences it; native.py validates the same things first and turns a code
+// into a Python exception that says what to fix.
+namespace kt {
+enum Error : int {
+  ERR_NEGATIVE_ID = -1,  // topk_ids holds a negative expert id
+  ERR_POOL = -2,         // thread pool index outside 0..kMaxPools-1
+  ERR_FORMAT = -3,       // weight format code unknown
+  ERR_ACTIVATION = -4,   // activation code unknown
+  ERR_SIZE = -5,         // a size is negative, zero where it must not be, or absurdly large
+  ERR_NULL = -6,         // a pointer the call needs is null
+  ERR_GROUP = -7,        // group size does not fit the format and the sizes
+  ERR_LOCAL_MAP = -8,    // local_of maps an expert past the packed experts
+  ERR_STRIDE = -9,       // a per-expert stride is smaller than one expert's panels
+  ERR_THREADS = -10,     // worker threads could not be started
+  ERR_NO_MEMORY = -11,   // std::bad_alloc
+  ERR_INTERNAL = -12,    // any other C++ exception
+};
+constexpr int64_t kMaxDim = int64_t(1) << 24;      // hidden / expert width / tokens per call / experts
+constexpr int64_t kMaxTopK = 4096;
+constexpr int kMaxThreads = 4096;
+
+template <typename F>
+static int guarded(F&& f) noexcept {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    return ERR_NO_MEMORY;
+  } catch (const std::system_error&) {  // std::thread could not start a worker
+    return ERR_THREADS;
+  } catch (const std::out_of_range&) {
+    return ERR_POOL;
+  } catch (...) {
+    return ERR_INTERNAL;
+  }
+}
+
+// bytes of one expert's panels for a projection of M rows over K inputs (kernels.hpp layouts)
+static int64_t panel_bytes(int fmt, int64_t M, int64_t K) {
+  const int64_t rows = (M + NR - 1) / NR * NR;
+  if (fmt == FMT_BF16) return rows * K * 2;
+  if (fmt == FMT_INT4) return rows * K / 2;
+  return rows * K;  // int8, w8a8, fp8: a byte per weight
+}
+
+// floats of one expert's scales (and zero points) for such a projection
+static int64_t param_floats(int fmt, int group, int64_t M, int64_t K) {
+  const int64_t rows = (M + NR - 1) / NR * NR;
+  if (fmt == FMT_BF16) return 0;
+  if (fmt == FMT_INT8 || fmt == FMT_W8A8) return rows;
+  return rows * (group > 0 ? K / group : 1);  // int4, fp8 (group 0: one scale per row)
+}
+
+static int check_proj(const MoeArgs& a, const Proj& p, int64_t M, int64_t K) {
+  if (a.n_local == 0) return 0;  // nothing local: no projection is read
+  if (!p.data) return ERR_NULL;
+  if (a.fmt != FMT_BF16 && !p.scale) return ERR_NULL;
+  if (p.zero && a.fmt != FMT_INT4) return ERR_FORMAT;
+  if (p.data_stride < panel_bytes(a.fmt, M, K)) return ERR_STRIDE;
+  if ((p.scale || p.zero) && p.param_stride < param_floats(a.fmt, a.group, M, K)) return ERR_STRIDE;
+  return 0;
+}
+
+// Everything moe_forward trusts about its arguments, checked where it is cheap: codes, sizes,
+// pointers, group and strides against the sizes, and the local map (n_global entries, at most a
+// few hundred). What it cannot see (the extent of each buffer) native.py checks.
+static int check_moe_args(const MoeArgs& a) {
+  if (a.pool < 0 || a.pool >= kMaxPools) return ERR_POOL;
+  if (a.fmt < FMT_BF16 || a.fmt > FMT_W8A8) return ERR_FORMAT;
+  if (a.activation < ACT_SILU || a.activation > ACT_SWIGLU_OAI) return ERR_ACTIVATION;
+  if (a.T < 0 || a.T > kMaxDim || a.H <= 0 || a.H > kMaxDim || a.I <= 0 || a.I > kMaxDim || a.top_k < 0 ||
+      a.top_k > kMaxTopK || a.n_local < 0 || a.n_local > kMaxDim || a.n_global < 0 || a.n_global > kMaxDim)
+    return ERR_SIZE;
+  if (a.T > 0 && (!a.x || !a.out)) return ERR_NULL;
+  if (a.T > 0 && a.top_k > 0 && (!a.ids || !a.weights)) return ERR_NULL;
+  if (a.n_global > 0 && !a.local_of) return ERR_NULL;
+  switch (a.fmt) {
+    case FMT_BF16: if (a.group != 0) return ERR_GROUP; break;
+    case FMT_INT8: if (a.group != 0 || a.H % 2 || a.I % 2) return ERR_GROUP; break;
+    case FMT_W8A8: if (a.group != 0 || a.H % 4 || a.I % 4) return ERR_GROUP; break;
+    case FMT_INT4:  // inputs in fours; a group's int32 sum of code x int16 activation must not overflow
+      if (a.group <= 0 || a.group % 4 || a.group > 4096 || a.H % a.group || a.I % a.group) return ERR_GROUP;
+      break;
+    default:  // fp8: 0 = one scale per row
+      if (a.group < 0 || (a.group > 0 && (a.H % a.group || a.I % a.group))) return ERR_GROUP;
+  }
+  int rc = check_proj(a, a.gate, a.I, a.H);
+  if (!rc) rc = check_proj(a, a.up, a.I, a.H);
+  if (!rc) rc = check_proj(a, a.down, a.H, a.I);
+  if (rc) return rc;
+  for (int64_t g = 0; g < a.n_global; ++g)
+    if (a.local_of[g] >= a.n_local) return ERR_LOCAL_MAP;  // negative: not held here
+  return 0;
+}
+#include "linear_packed.inc"  // quantized dense projections on the same panel kernels
+}  // namespace kt
+
+KT_API int kt_abi_version() { return 7; }
+KT_API uint32_t kt_isa() {
+  try {
+    return kt::state().isa;
+  } catch (...) {
+    return 0;
+  }
+}
+KT_API const char* kt_variant() {
+  try {
+    return kt::kVariantNames[kt::state().variant.load()];
+  } catch (...) {
+    return "unknown";
+  }
+}
+// 0: switched, -1: this CPU (or build) cannot run it, -2: no such variant
 KT_API int kt_set_variant(const char* name) {
-  for (int v = 0; v < kt::kVariants; ++v)
-    if (std::strcmp(name, kt::kVariantNames[v]) == 0) {
-      if (!kt::variant_supported(v, kt::state().isa)) return -1;  // never run what the CPU lacks
-      kt::state().variant = v;
-      return 0;
-    }
-  return -2;
+  return kt::guarded([&] {
+    if (!name) return -2;
+    for (int v = 0; v < kt::kVariants; ++v)
+      if (std::strcmp(name, kt::kVariantNames[v]) == 0) {
+        if (!kt::variant_supported(v, kt::state().isa)) return -1;  // never run what the CPU lacks
+        kt::state().variant.store(v);
+        return 0;
+      }
+    return -2;
+  });
 }
 // 1: this CPU (and build) can run the variant, 0: it cannot, -2: no such variant
 KT_API int kt_variant_supported(const char* name) {
-  for (int v = 0; v < kt::kVariants; ++v)
-    if (std::strcmp(name, kt::kVariantNames[v]) == 0) return kt::variant_supported(v, kt::state().isa) ? 1 : 0;
-  return -2;
+  return kt::guarded([&] {
+    if (!name) return -2;
+    for (int v = 0; v < kt::kVariants; ++v)
+      if (std::strcmp(name, kt::kVariantNames[v]) == 0) return kt::variant_supported(v, kt::state().isa) ? 1 : 0;
+    return -2;
+  });
 }
-KT_API void kt_set_threads(int n) { kt::state().threads().resize(n); }
-KT_API int kt_threads() { return kt::state().threads().size(); }
+// Workers of pool `pool` (n >= 1, the caller included); waits for a call running on that pool.
 KT_API int kt_set_pool_threads(int pool, int n) {
-  if (pool < 0 || pool >= kt::kMaxPools) return -1;
-  kt::state().threads(pool).resize(n);
-  return 0;
+  return kt::guarded([&] {
+    if (pool < 0 || pool >= kt::kMaxPools) return static_cast<int>(kt::ERR_POOL);
+    if (n < 1 || n > kt::kMaxThreads) return static_cast<int>(kt::ERR_SIZE);
+    kt::state().threads(pool).resize(n);
+    return 0;
+  });
 }
+KT_API int kt_set_threads(int n) { return kt_set_pool_threads(0, n); }
+// threads of the pool, or an error code (< 0)
 KT_API int kt_pool_threads(int pool) {
-  if (pool < 0 || pool >= kt::kMaxPools) return -1;
-  return kt::state().threads(pool).size();
+  return kt::guarded([&] {
+    if (pool < 0 || pool >= kt::kMaxPools) return static_cast<int>(kt::ERR_POOL);
+    return kt::state().threads(pool).size();
+  });
 }
-KT_API int kt_moe_forward(const kt::MoeArgs* args) { return kt::moe_forward(*args); }
+KT_API int kt_threads() { return kt_pool_threads(0); }
+KT_API int kt_moe_forward(const kt::MoeArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_moe_args(*args);
+    return rc ? rc : kt::moe_forward(*args);
+  });
+}
 KT_API int kt_linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
                           float* out) {
-  return kt::linear_bf16(x, T, K, w, M, bias, out);
+  return kt::guarded([&] {
+    if (T < 0 || T > kt::kMaxDim || K <= 0 || K > kt::kMaxDim || M <= 0 || M > kt::kMaxDim)
+      return static_cast<int>(kt::ERR_SIZE);
+    if (T == 0) return 0;
+    if (!x || !w || !out) return static_cast<int>(kt::ERR_NULL);
+    return kt::linear_bf16(x, T, K, w, M, bias, out);
+  });
 }
+KT_API int kt_linear_packed(const kt::LinearArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_linear_args(*args);
+    return rc ? rc : kt::linear_packed(*args);
+  });
+}
+KT_API int64_t kt_linear_args_size() { return static_cast<int64_t>(sizeof(kt::LinearArgs)); }
 KT_API int64_t kt_moe_args_size() { return static_cast<int64_t>(sizeof(kt::MoeArgs)); }
 
-// Multi-threaded streaming read over a buffer of n floats, `iters` times; returns GB/s.
+// Multi-threaded streaming read over a buffer of n floats, `iters` times; returns GB/s, or an
+// error code (< 0) as a double.
 KT_API double kt_membw(const float* buf, int64_t n, int iters) {
-  kt::ThreadPool& pool = kt::state().threads();
-  const int64_t parts = pool.size();
-  std::vector<float> sink(parts, 0.f);
-  auto run_once = [&] {
-    pool.run(parts, [&](int64_t i) {
-      const int64_t lo = n * i / parts, hi = n * (i + 1) / parts;
+  int rc = 0;
+  double gbps = 0.0;
+  if (!buf) return kt::ERR_NULL;
+  if (n <= 0 || iters <= 0) return kt::ERR_SIZE;
+  rc = kt::guarded([&] {
+    kt::ThreadPool& pool = kt::state().threads();
+    const int64_t parts = pool.size();
+    std::vector<float> sink(parts, 0.f);
+    auto run_once = [&] {
+      pool.run(parts, [&](int64_t i) {
+        const int64_t lo = n * i / parts, hi = n * (i + 1) / parts;
 #if defined(KT_X86)
-      sink[i] += kt::state().variant >= kt::VARIANT_AVX2 ? kt::stream_sum_avx2(buf + lo, hi - lo)
-                                                          : kt::stream_sum_generic(buf + lo, hi - lo);
+        sink[i] += kt::state().variant >= kt::VARIANT_AVX2 ? kt::stream_sum_avx2(buf + lo, hi - lo)
+                                                            : kt::stream_sum_generic(buf + lo, hi - lo);
 #else
-      sink[i] += kt::stream_sum_generic(buf + lo, hi - lo);
+        sink[i] += kt::stream_sum_generic(buf + lo, hi - lo);
 #endif
-    });
-  };
-  run_once();  // warm-up: page in, spin up workers
-  auto t0 = std::chrono::steady_clock::now();
-  for (int it = 0; it < iters; ++it) run_once();
-  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  volatile float keep = 0;
-  for (float v : sink) keep = keep + v;
-  return static_cast<double>(n) * sizeof(float) * iters / s / 1e9;
+      });
+    };
+    run_once();  // warm-up: page in, spin up workers
+    auto t0 = std::chrono::steady_clock::now();
+    for (int it = 0; it < iters; ++it) run_once();
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    volatile float keep = 0;
+    for (float v : sink) keep = keep + v;
+    gbps = static_cast<double>(n) * sizeof(float) * iters / std::max(s, 1e-9) / 1e9;
+    return 0;
+  });
+  return rc ? static_cast<double>(rc) : gbps;
 }
 
 // A CPython module so setuptools builds and names it like any extension; the functions
