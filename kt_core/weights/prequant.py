@@ -103,51 +103,230 @@ class Writer:
             p.unlink(missing_ok=True)
 
 
+def _show(value, limit: int = 60, plain: bool = False) -> str:
+    """A header value for a one-line message: its repr (plain: a printable string as it is), cut short."""
+    text = value if plain and isinstance(value, str) and value.isprintable() else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _same(got, want) -> bool:
+    """Equal and of the same type (JSON true must not pass for version 1)."""
+    return type(got) is type(want) and got == want
+
+
+class _Damaged(Exception):
+    """A header field that disagrees with the data or the model; becomes a KtError naming the file."""
+
+
+_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in _DTYPES.items()}
+_PROJS = ("gate", "up", "down")
+_BIASES = ("gate_bias", "up_bias", "down_bias")
+_MAX_EXPERT_ID = 1 << 24
+
+
 class PrequantFile:
-    """A validated ``.ktq`` file; ``experts(layer, ids)`` gives that layer's held experts."""
+    """A validated ``.ktq`` file; ``experts(layer, ids)`` gives that layer's held experts.
+
+    Every header field is checked when the file is opened, before any tensor is formed from
+    the map: each tensor entry's dtype, shape, offset and byte count against the payload, each
+    projection's codes / scales / zero points against its in_features, group size and the quant
+    format, gate / up / down against each other, and (given ``spec``, the model's ModelSpec)
+    the hidden size, expert width, expert ids, MoE layers and biases against the model. A file
+    that fails is refused with a one-line KtError naming it and what to do; it is never misread.
+    """
 
     def __init__(self, path: Path, fingerprint: str, arch: str, experts: str, group_size: int,
-                 symmetric: bool) -> None:
+                 symmetric: bool, spec=None) -> None:
         self.path = Path(path)
-        redo = f"run `kt quantize` again for this model and quant, or delete {self.path}"
+        self._map: Optional[mmap.mmap] = None
+        self._redo = f"run `kt quantize` again for this model and quant, or delete {self.path}"
+        try:
+            self._open(fingerprint, arch, experts, group_size, symmetric, spec)
+        except KtError:
+            self.close()
+            raise
+        except _Damaged as exc:
+            self.close()
+            raise KtError(f"{self.path} is damaged: {exc}; {self._redo}") from None
+        except Exception as exc:  # noqa: BLE001 - a check missed: still one line naming the file, never a crash
+            self.close()
+            what = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise KtError(f"{self.path} could not be read (unexpectedly: {what}); {self._redo}") from None
+
+    def close(self) -> None:
+        """Unmap the file (on Windows a mapped file cannot be deleted or replaced)."""
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a tensor still views the map: it closes when that goes
+                return
+            self._map = None
+
+    def _open(self, fingerprint, arch, experts, group_size, symmetric, spec) -> None:
+        redo = self._redo
         try:
             f = open(self.path, "rb")
         except OSError as exc:
             raise KtError(f"cannot open the quantized experts file {self.path}: {exc}") from None
         with f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else None
+            size = os.fstat(f.fileno()).st_size
+            try:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            except (OSError, ValueError) as exc:
+                raise KtError(f"cannot map the quantized experts file {self.path}: {exc}") from None
         data = self._map if self._map is not None else b""
         if len(data) < 8 or data[:4] != MAGIC:
             raise KtError(f"{self.path} is not a kt-core quantized experts file; {redo}")
         head_len = struct.unpack("<I", data[4:8])[0]
+        if 8 + head_len > len(data):
+            raise KtError(f"{self.path} is truncated: its header needs {8 + head_len} bytes, the file has "
+                          f"{len(data)}; {redo}")
         try:
-            self.header = json.loads(bytes(data[8:8 + head_len]))
-        except ValueError:
+            header = json.loads(bytes(data[8:8 + head_len]))
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, nesting too deep
             raise KtError(f"{self.path} has a damaged header (truncated?); {redo}") from None
+        if not isinstance(header, dict):
+            raise KtError(f"{self.path} has a damaged header (not a JSON object); {redo}")
         want = _expected(fingerprint, arch, experts, group_size, symmetric)
         for key, value in want.items():
-            got = self.header.get(key)
-            if got != value:
+            got = header.get(key)
+            if not _same(got, value):
                 what = {"source_checksum": "was made from a different checkpoint (or the checkpoint changed)",
-                        "version": f"has format version {got}, this kt-core reads {value}",
-                        "quant": f"holds {got} experts, the config asks for {value}",
-                        "arch": f"holds a {got} model, this one is {value}"}.get(key, f"has {key}={got!r}")
+                        "version": f"has format version {_show(got)}, this kt-core reads {value}",
+                        "quant": f"holds {_show(got, plain=True)} experts, the config asks for {value}",
+                        "arch": f"holds a {_show(got, plain=True)} model, this one is {value}"}[key]
                 raise KtError(f"{self.path} is stale: it {what}; {redo}")
+        self.header = header
         self.base = 8 + head_len + (-(8 + head_len)) % ALIGN
-        end = max((e["offset"] + e["nbytes"] for e in self._entries()), default=0)
+        self.quant = Quant(experts)
+        layers = header.get("layers")
+        if not isinstance(layers, dict):
+            raise _Damaged(f"the header's 'layers' is {_show(layers)}, not an object of layers")
+        # 1. every entry's own fields, then 2. the payload holds them all, then 3. sizes vs format and model
+        entries = []
+        for key, rec in layers.items():
+            self._check_record(key, rec, entries)
+        end = max((e["offset"] + e["nbytes"] for _, e in entries), default=0)
         if self.base + end > len(data):
             raise KtError(f"{self.path} is truncated ({len(data)} bytes, its header needs {self.base + end}); {redo}")
-        self.quant = Quant(experts)
+        for key, rec in layers.items():
+            self._check_sizes(key, rec, symmetric, spec)
 
-    def _entries(self):
-        for rec in self.header["layers"].values():
-            for name in ("gate", "up", "down"):
-                for part in ("qdata", "scales", "zeros"):
-                    if rec[name][part] is not None:
-                        yield rec[name][part]
-            for name in ("gate_bias", "up_bias", "down_bias"):
-                if rec[name] is not None:
-                    yield rec[name]
+    def _check_entry(self, what: str, e) -> None:
+        """A tensor entry's fields: a known dtype, a shape of ints >= 0, an aligned offset >= 0 and
+        exactly shape x itemsize bytes."""
+        if not isinstance(e, dict):
+            raise _Damaged(f"{what} is {_show(e)}, not a tensor entry")
+        dtype, shape, offset, nbytes = e.get("dtype"), e.get("shape"), e.get("offset"), e.get("nbytes")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise _Damaged(f"{what} has dtype {_show(dtype)}, not one of {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise _Damaged(f"{what} has shape {_show(shape)}, not a list of sizes >= 0")
+        if not _is_int(offset) or offset < 0 or offset % ALIGN:
+            raise _Damaged(f"{what} has offset {_show(offset)}, not a multiple of {ALIGN} >= 0")
+        count = 1
+        for n in shape:
+            count *= n
+        if not _is_int(nbytes) or nbytes != count * _ITEMSIZE[dtype]:
+            raise _Damaged(f"{what} has nbytes {_show(nbytes)}, but {dtype} {_show(shape)} takes "
+                           f"{count * _ITEMSIZE[dtype]}")
+
+    def _check_record(self, key, rec, entries: list) -> None:
+        if not isinstance(key, str) or not (key.isascii() and key.isdigit()) or str(int(key)) != key:
+            raise _Damaged(f"layer key {_show(key)} is not a layer number")
+        where = f"layer {key}"
+        if not isinstance(rec, dict):
+            raise _Damaged(f"{where} is {_show(rec)}, not an object")
+        ids = rec.get("expert_ids")
+        if not isinstance(ids, list) or not all(_is_int(i) and 0 <= i < _MAX_EXPERT_ID for i in ids):
+            raise _Damaged(f"{where} expert_ids is {_show(ids)}, not a list of expert ids")
+        if len(set(ids)) != len(ids):
+            raise _Damaged(f"{where} lists an expert twice")
+        for name in _PROJS:
+            r = rec.get(name)
+            if not isinstance(r, dict):
+                raise _Damaged(f"{where} {name} is {_show(r)}, not an object")
+            for field in ("group_size", "in_features"):
+                if not _is_int(r.get(field)) or not 0 < r[field] < _MAX_EXPERT_ID:
+                    raise _Damaged(f"{where} {name}.{field} is {_show(r.get(field))}, not a positive size")
+            for part in ("qdata", "scales", "zeros"):
+                if part not in r:
+                    raise _Damaged(f"{where} {name} has no {part} field")
+                if part == "zeros" and r[part] is None:
+                    continue
+                self._check_entry(f"{where} {name}.{part}", r.get(part))
+                entries.append((f"{where} {name}.{part}", r[part]))
+        for name in _BIASES:
+            if name not in rec:
+                raise _Damaged(f"{where} has no {name} field")
+            if rec[name] is not None:
+                self._check_entry(f"{where} {name}", rec[name])
+                entries.append((f"{where} {name}", rec[name]))
+
+    def _check_sizes(self, key: str, rec: dict, symmetric: bool, spec) -> None:
+        """Each projection's tensors against its in_features, group size and the format, the three
+        projections against each other, and all of it against the model (when spec is given)."""
+        where, fmt = f"layer {key}", self.quant
+        E = len(rec["expert_ids"])
+        g = rec["gate"]
+        if len(g["qdata"]["shape"]) != 3:
+            raise _Damaged(f"{where} gate.qdata has shape {_show(g['qdata']['shape'])}, not [experts, rows, inputs]")
+        I, H = g["qdata"]["shape"][1], g["in_features"]
+        code = {Quant.INT4: "uint8", Quant.FP8: "uint8"}.get(fmt, "int8")
+        for name, M, K in (("gate", I, H), ("up", I, H), ("down", H, I)):
+            r = rec[name]
+            if r["in_features"] != K:
+                raise _Damaged(f"{where} {name}.in_features is {r['in_features']}, the layer's sizes need {K}")
+            group = r["group_size"]
+            if fmt in (Quant.INT8, Quant.W8A8):
+                if group != K:
+                    raise _Damaged(f"{where} {name}.group_size is {group}; {fmt.value} has one scale per row "
+                                   f"(group_size = in_features = {K})")
+            elif K % group or (fmt is Quant.INT4 and K % 2):
+                raise _Damaged(f"{where} {name}.group_size {group} does not divide in_features {K}"
+                               + (" (int4 needs an even in_features)" if fmt is Quant.INT4 else ""))
+            G = K // group
+            want = {"qdata": (code, [E, M, K // 2 if fmt is Quant.INT4 else K]), "scales": ("float32", [E, M, G])}
+            zeros = fmt is Quant.INT4 and not symmetric
+            if zeros:
+                want["zeros"] = ("float32", [E, M, G])
+            elif r["zeros"] is not None:
+                raise _Damaged(f"{where} {name} has zero points, which {self.header['quant']} experts do not")
+            for part, (dtype, shape) in want.items():
+                e = r[part]
+                if e is None:
+                    raise _Damaged(f"{where} {name} has no {part}, which {self.header['quant']} experts need")
+                if e["dtype"] != dtype or e["shape"] != shape:
+                    raise _Damaged(f"{where} {name}.{part} is {e['dtype']} {e['shape']}, expected {dtype} {shape} "
+                                   f"(in_features {K}, group_size {group}, {E} experts)")
+        for name, M in (("gate_bias", I), ("up_bias", I), ("down_bias", H)):
+            e = rec[name]
+            if e is not None and (e["dtype"] != "float32" or e["shape"] != [E, M]):
+                raise _Damaged(f"{where} {name} is {e['dtype']} {e['shape']}, expected float32 {[E, M]}")
+        if spec is None:
+            return
+        layer, m = int(key), spec.moe
+        if m is None or not 0 <= layer < spec.num_layers or not spec.is_moe(layer):
+            raise _Damaged(f"{where} is not an MoE layer of this model")
+        if H != spec.hidden_size or I != m.intermediate:
+            raise _Damaged(f"{where} holds experts of hidden size {H} and width {I}, this model's are "
+                           f"{spec.hidden_size} and {m.intermediate}")
+        if any(i >= m.num_experts for i in rec["expert_ids"]):
+            raise _Damaged(f"{where} lists expert {max(rec['expert_ids'])}, this model has {m.num_experts}")
+        has_bias = [rec[n] is not None for n in _BIASES]
+        if has_bias != [bool(m.expert_bias)] * 3:
+            raise _Damaged(f"{where} {'lacks' if m.expert_bias else 'has'} expert biases, which this model's "
+                           f"experts {'have' if m.expert_bias else 'do not have'}")
+
+    @staticmethod
+    def _layer_entries(rec: dict):
+        for name in _PROJS:
+            yield from (rec[name][part] for part in ("qdata", "scales", "zeros") if rec[name][part] is not None)
+        yield from (rec[name] for name in _BIASES if rec[name] is not None)
 
     def has_layer(self, layer: int) -> bool:
         return str(layer) in self.header["layers"]
@@ -167,6 +346,8 @@ class PrequantFile:
         rec = self.header["layers"].get(str(layer))
         if rec is None:
             raise KtError(f"{self.path} has no experts for layer {layer}; re-run kt quantize")
+        if self._map is None and any(e["nbytes"] for e in self._layer_entries(rec)):
+            raise KtError(f"{self.path} was closed; open it again")
         pos = {e: i for i, e in enumerate(rec["expert_ids"])}
         missing = [e for e in ids if e not in pos]
         if missing:
