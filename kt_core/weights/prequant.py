@@ -195,7 +195,8 @@ class PrequantFile:
         for key, value in want.items():
             got = header.get(key)
             if not _same(got, value):
-                what = {"source_checksum": "was made from a different checkpoint (or the checkpoint changed)",
+                what = {"format": f"is not a kt-core quantized experts file (format {_show(got)})",
+                        "source_checksum": "was made from a different checkpoint (or the checkpoint changed)",
                         "version": f"has format version {_show(got)}, this kt-core reads {value}",
                         "quant": f"holds {_show(got, plain=True)} experts, the config asks for {value}",
                         "arch": f"holds a {_show(got, plain=True)} model, this one is {value}"}[key]
