@@ -2,7 +2,7 @@
 one-line KtError naming the file (or, when the damage is harmless, experts the native kernels
 run on), never another exception, a crash or a hang.
 
-300 examples run by default (each of the three strategies: 100), 1,200 more under -m slow."""
+300 examples run by default (each of the three strategies: 100), 3,000 more under -m slow."""
 import json
 import struct
 import time
@@ -19,7 +19,7 @@ from tests.unit.test_prequant import join_ktq, open_ktq, split_ktq, tiny_ktq, ti
 
 CHECKS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=CHECKS, derandomize=True)
-SLOW = settings(max_examples=400, deadline=None, suppress_health_check=CHECKS)
+SLOW = settings(max_examples=1000, deadline=None, suppress_health_check=CHECKS)
 KINDS = [("int4", False, False), ("int8", True, True), ("fp8", True, False)]  # fmt, symmetric, biases
 
 
@@ -186,7 +186,7 @@ def test_everything_at_once(originals, target, data):
     check(target, raw, kind, args, data.draw(st.booleans()))
 
 
-# ---------------------------------------------------------------- -m slow: 1,200 more
+# ---------------------------------------------------------------- -m slow: 3,000 more
 @pytest.mark.slow
 @SLOW
 @given(data=st.data())

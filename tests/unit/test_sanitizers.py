@@ -1,9 +1,11 @@
 """The native kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 backends/cpu/native/kt_cpu.cpp is compiled with -fsanitize=address,undefined into a temporary
-folder; test_native.py and test_native_boundary.py then run in a subprocess that loads that
-build (KT_NATIVE_LIB) with libasan preloaded into Python. Any out-of-bounds access, use after
-free or undefined behaviour (misaligned access, signed overflow, bad shift, ...) fails the run.
+folder; test_native.py, test_native_boundary.py and the default part of test_fuzz_ktq.py (the
+damaged .ktq files the loader accepts run through the kernels) then run in a subprocess that
+loads that build (KT_NATIVE_LIB) with libasan preloaded into Python. Any out-of-bounds access,
+use after free or undefined behaviour (misaligned access, signed overflow, bad shift, ...)
+fails the run.
 The run forces every kernel variant this CPU has, AMX included, as test_native.py does.
 
 Linux with g++ (or clang++) and its libasan only; elsewhere it is skipped with the reason.
@@ -22,7 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "backends" / "cpu" / "native" / "kt_cpu.cpp"
-TESTS = ["tests/unit/test_native.py", "tests/unit/test_native_boundary.py"]
+# the fuzzed .ktq files that load run through the kernels too: damage that passes the loader's
+# checks must still never make them read out of bounds
+TESTS = ["tests/unit/test_native.py", "tests/unit/test_native_boundary.py", "tests/unit/test_fuzz_ktq.py"]
 FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fsanitize=address,undefined",
          "-fno-omit-frame-pointer", "-O1", "-g"]
 
