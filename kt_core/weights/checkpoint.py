@@ -4,12 +4,16 @@ Safetensors files (single or sharded with ``model.safetensors.index.json``) are
 memory-mapped and read tensor by tensor, so a layer is only read when it is
 placed. ``.bin`` pickles are refused unless the caller allows them, and then
 loaded with ``torch.load(weights_only=True)``. Every failure is a one-line
-``KtError`` naming the file or tensor and what to do.
+``KtError`` naming the file or tensor and what to do: each safetensors header is
+checked against the file's size (length field, dtypes, shapes, data_offsets)
+before the file is mapped, so a corrupt or truncated download never allocates
+what its header claims.
 """
 from __future__ import annotations
 
 import json
 import logging
+import reprlib
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -19,14 +23,147 @@ from kt_core.errors import KtError
 
 log = logging.getLogger(__name__)
 
+MAX_JSON_BYTES = 256 << 20  # config, index and tokenizer files are KBs to a few MBs
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+# bits per element of every dtype the safetensors format defines
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+                    "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64,
+                    "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 3
+
+
+def show(value) -> str:
+    """A value read from a file, for a message: repr'd (one line), bounded in length and depth."""
+    return _short.repr(value)
+
+
+def brief(exc: object) -> str:
+    """An exception's text for a one-line message: whitespace runs (newlines) collapsed, at most 300 chars."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def json_error(exc: ValueError) -> str:
+    """What json.loads found wrong, for a message."""
+    if "integer string conversion" in str(exc):
+        return "a number has over 4,300 digits"
+    return brief(exc)
+
+
+def is_rust_panic(exc: BaseException) -> bool:
+    """pyo3's PanicException (a panic inside safetensors or tokenizers) derives from BaseException."""
+    return type(exc).__name__ == "PanicException"
+
 
 def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``. A missing, unreadable, oversized, non-UTF-8, malformed or
+    non-object file is a one-line KtError naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise KtError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KtError(f"{what} {path} is not valid JSON ({exc}); re-download or fix it") from None
+    except OSError as exc:
+        raise KtError(f"{what} {path} could not be read ({brief(exc.strerror or exc)}); check the file") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise KtError(f"{what} {path} is over {MAX_JSON_BYTES >> 20} MiB, too large for a model folder's "
+                      "JSON file; re-download it")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise KtError(f"{what} {path} is not UTF-8 text ({brief(exc)}); re-download or fix it") from None
+    except RecursionError:
+        raise KtError(f"{what} {path} is not valid JSON (nested too deeply); re-download or fix it") from None
+    except ValueError as exc:  # JSONDecodeError, and integers over Python's 4,300-digit limit
+        raise KtError(f"{what} {path} is not valid JSON ({json_error(exc)}); re-download or fix it") from None
+    if not isinstance(value, dict):
+        raise KtError(f"{what} {path} must hold a JSON object, not the {type(value).__name__} {show(value)}; "
+                      "re-download or fix it")
+    return value
+
+
+def check_safetensors_header(f: Path) -> None:
+    """Check a safetensors file's header against its size before anything is mapped or allocated:
+    the 8-byte length, the JSON, each tensor's dtype, shape and data_offsets (inside the data section,
+    spanning exactly shape x dtype size, tiling it without gaps or overlaps). Raises a one-line KtError."""
+
+    def bad(problem: str) -> KtError:
+        return KtError(f"{f.name} is corrupt or truncated ({problem}); download it again or re-convert "
+                       "the checkpoint")
+
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else None
+            text = fh.read(n) if n is not None and n <= min(size - 8, MAX_HEADER_BYTES) else b""
+    except OSError as exc:
+        raise KtError(f"{f} could not be read ({brief(exc.strerror or exc)}); check the file") from None
+    if n is None:
+        raise bad(f"{size} bytes, too short for the 8-byte header length")
+    if n > size - 8:
+        raise bad(f"the header length field says {n} bytes but only {size - 8} follow")
+    if n > MAX_HEADER_BYTES:
+        raise bad(f"a {n}-byte header, over safetensors' {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise bad("the header is not UTF-8") from None
+    except RecursionError:
+        raise bad("the header JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise bad(f"the header is not valid JSON: {json_error(exc)}") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    data_len = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise bad(f"__metadata__ must map names to strings, got {show(entry)}")
+            continue
+        if not isinstance(entry, dict):
+            raise bad(f"tensor {show(name)} is described by {show(entry)}, not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
+            raise bad(f"tensor {show(name)} has unknown dtype {show(dtype)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise bad(f"tensor {show(name)} has shape {show(shape)}, not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor {show(name)} has data_offsets {show(offsets)}, not [begin, end] with "
+                      "0 <= begin <= end")
+        begin, end = offsets
+        if end > data_len:
+            raise bad(f"tensor {show(name)} ends at byte {end} of a {data_len}-byte data section")
+        elements = 0 if 0 in shape else 1
+        for d in shape:  # stops once past what the file could hold: a shape of huge dims stays cheap
+            if elements > 8 * data_len:
+                break
+            elements *= d
+        bits = elements * SAFETENSORS_BITS[dtype]
+        if bits % 8 or bits // 8 != end - begin:
+            raise bad(f"tensor {show(name)} is {dtype} {show(shape)} but its data_offsets span {end - begin} "
+                      "bytes, not the size of that")
+        spans.append((begin, end, name))
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise bad(f"tensors {show(prev)} and {show(name)} overlap")
+        if begin > pos:
+            raise bad(f"{begin - pos} unclaimed bytes before tensor {show(name)}")
+        pos, prev = end, name
+    if pos != data_len:
+        raise bad(f"{data_len - pos} bytes after the last tensor's data")
+
+
+def _shard_name_ok(fname) -> bool:
+    """A shard named by the index: a relative ``.safetensors`` path inside the model folder."""
+    if not isinstance(fname, str) or not fname.endswith(".safetensors") or "\x00" in fname:
+        return False
+    p = Path(fname)
+    return not p.is_absolute() and ".." not in p.parts and "\\" not in fname
 
 
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -41,22 +178,31 @@ class Checkpoint:
             raise KtError(f"model folder not found: {self.path}")
         self.config = read_json(self.path / "config.json", "config.json")
         self._where: dict[str, Path] = {}  # tensor name -> file
+        self._index_file: Optional[Path] = None  # model.safetensors.index.json when the map came from it
         self._open: dict[Path, object] = {}
+        self._names: dict[Path, frozenset] = {}  # tensor names each opened file holds
         self._bin: dict[str, torch.Tensor] = {}
         self._index(allow_bin)
 
     # ---- discovery ------------------------------------------------------------
     def _index(self, allow_bin: bool) -> None:
         index = self.path / "model.safetensors.index.json"
-        files = sorted(self.path.glob("*.safetensors"))
+        files = sorted(f for f in self.path.glob("*.safetensors") if f.is_file())
         if index.is_file():
-            weight_map = read_json(index, "safetensors index").get("weight_map") or {}
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise KtError(f"{index} has no weight_map (tensor name -> shard file), got {show(weight_map)}; "
+                              "download model.safetensors.index.json again")
             for name, fname in weight_map.items():
+                if not _shard_name_ok(fname):
+                    raise KtError(f"{index.name} maps tensor {show(name)} to {show(fname)}, which is not a "
+                                  ".safetensors file in the model folder; download the index again")
                 self._where[name] = self.path / fname
+            self._index_file = index
             missing = sorted({p for p in self._where.values() if not p.is_file()})
             if missing:
-                raise KtError(f"the safetensors index names shards that are missing: "
-                              f"{', '.join(p.name for p in missing[:3])}; download them again")
+                raise KtError(f"{index.name} names shards that are missing: "
+                              f"{', '.join(brief(p.name) for p in missing[:3])}; download them again")
             return
         if files:
             for f in files:
@@ -73,20 +219,29 @@ class Checkpoint:
                 try:
                     state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as exc:
-                    raise KtError(f"{f.name} could not be loaded safely ({type(exc).__name__}: {exc}); "
+                    raise KtError(f"{f.name} could not be loaded safely ({type(exc).__name__}: {brief(exc)}); "
                                   "convert it to safetensors") from None
+                if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                          for k, v in state.items()):
+                    raise KtError(f"{f.name} holds {type(state).__name__}, not a state dict of tensors; "
+                                  "convert the checkpoint to safetensors")
                 self._bin.update(state)
             return
         raise KtError(f"no weights in {self.path}: expected *.safetensors (or model.safetensors.index.json)")
 
     def _handle(self, f: Path):
         if f not in self._open:
-            from safetensors import SafetensorError, safe_open
+            from safetensors import safe_open
 
+            check_safetensors_header(f)
             try:
-                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise KtError(f"{f.name} is corrupt or truncated ({exc}); download it again") from None
+                handle = safe_open(str(f), framework="pt", device="cpu")
+                self._names[f] = frozenset(handle.keys())
+            except BaseException as exc:  # SafetensorError, OSError; a Rust panic is a BaseException
+                if not isinstance(exc, Exception) and not is_rust_panic(exc):
+                    raise
+                raise KtError(f"{f.name} is corrupt or truncated ({brief(exc)}); download it again") from None
+            self._open[f] = handle
         return self._open[f]
 
     def fingerprint(self) -> str:
@@ -122,6 +277,21 @@ class Checkpoint:
     def is_fp8(self, name: str) -> bool:
         return name in self and f"{name}_scale_inv" in self
 
+    def fp8_block(self) -> int:
+        """The fp8 scale block size from config.json's quantization_config (default 128)."""
+        qc = self.config.get("quantization_config") or {}
+        value = qc.get("weight_block_size", [128, 128]) if isinstance(qc, dict) else qc
+        try:
+            block = value[-1]
+            if isinstance(block, float) and block.is_integer():
+                block = int(block)
+            if not isinstance(qc, dict) or type(block) is not int or not 1 <= block <= 1 << 20:
+                raise ValueError
+        except (TypeError, ValueError, KeyError, IndexError):
+            raise KtError(f"config.json quantization_config.weight_block_size is {show(value)}; it must be a list "
+                          "of two positive integers such as [128, 128]: fix config.json") from None
+        return block
+
     def fp8_weight(self, name: str, raw: Optional[torch.Tensor] = None):
         """An fp8 weight kept as codes with its ``<name>_scale_inv`` block scales (QuantizedWeight)."""
         from kt_core.weights.quant import from_fp8_blocks
@@ -137,11 +307,11 @@ class Checkpoint:
             raise KtError(f"fp8 tensor {name} has no {scale_name} (block scales); this checkpoint's fp8 layout "
                           "is not supported: convert it to bf16")
         scales = self._raw(scale_name)
-        block = int((self.config.get("quantization_config") or {}).get("weight_block_size", [128, 128])[-1])
+        block = self.fp8_block()
         try:
             return from_fp8_blocks(raw, scales, block)
         except ValueError as exc:
-            raise KtError(f"{name}: {exc}") from None
+            raise KtError(f"{name}: {brief(exc)}") from None
 
     def _raw(self, name: str) -> torch.Tensor:
         """The tensor as stored (no dequantization, no checks)."""
@@ -149,12 +319,17 @@ class Checkpoint:
             return self._bin[name]
         if name not in self._where:
             raise KtError(f"tensor {name} is missing from the checkpoint in {self.path}")
+        f = self._where[name]
+        handle = self._handle(f)
+        if name not in self._names[f]:
+            raise KtError(f"{self._index_file.name if self._index_file else 'the index'} maps tensor {show(name)} "
+                          f"to {f.name}, which does not hold it; download the checkpoint again")
         try:
-            return self._handle(self._where[name]).get_tensor(name)
-        except KtError:
-            raise
-        except Exception as exc:
-            raise KtError(f"tensor {name} in {self._where[name].name} could not be read ({exc}); "
+            return handle.get_tensor(name)
+        except BaseException as exc:  # a Rust panic is a BaseException
+            if not isinstance(exc, Exception) and not is_rust_panic(exc):
+                raise
+            raise KtError(f"tensor {name} in {f.name} could not be read ({brief(exc)}); "
                           "the file is probably truncated: download it again") from None
 
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
