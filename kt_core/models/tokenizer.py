@@ -4,13 +4,16 @@ sandbox the way transformers renders them (trim/lstrip blocks, loop controls,
 ``raise_exception``, ``strftime_now``, a ``tojson`` that keeps non-ASCII)."""
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
 from kt_core.errors import KtError
-from kt_core.weights.checkpoint import read_json
+from kt_core.weights.checkpoint import brief, is_rust_panic, read_json, show
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def _token_text(value: Any) -> Optional[str]:
@@ -20,9 +23,10 @@ def _token_text(value: Any) -> Optional[str]:
 
 
 class Tokenizer:
-    def __init__(self, tk, config: dict, chat_template: Optional[str]) -> None:
+    def __init__(self, tk, config: dict, chat_template: Optional[str], template_source: str = "") -> None:
         self._tk, self.config, self.chat_template = tk, config, chat_template
-        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.template_source = template_source  # the file the chat template came from, for messages
+        self.special = {k: _token_text(config.get(k)) for k in SPECIAL_TOKENS}
         self.bos_token, self.eos_token = self.special["bos_token"], self.special["eos_token"]
         self.bos_token_id = tk.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = tk.token_to_id(self.eos_token) if self.eos_token else None
@@ -34,22 +38,39 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer":
+        """Load tokenizer.json, tokenizer_config.json and the chat template (compiled here, so a broken
+        template fails at load naming its file). Each broken file is a one-line KtError naming it."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
+        tj = path / "tokenizer.json"
         try:
-            tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        except Exception as exc:
-            raise KtError(f"{path / 'tokenizer.json'} could not be loaded ({exc}); re-download it") from None
+            tk = HFTokenizer.from_file(str(tj))
+        except BaseException as exc:  # a panic inside tokenizers is a BaseException
+            if not isinstance(exc, Exception) and not is_rust_panic(exc):
+                raise
+            raise KtError(f"{tj} could not be loaded ({brief(exc)}); re-download it") from None
         cfg_path = path / "tokenizer_config.json"
         config = read_json(cfg_path, "tokenizer_config.json") if cfg_path.is_file() else {}
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: take "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        for key in SPECIAL_TOKENS:
+            text = _token_text(config.get(key))
+            if text is not None and not isinstance(text, str):
+                raise KtError(f"{cfg_path} has {key}={show(config.get(key))}; it must be a string or "
+                              '{"content": string}: fix or re-download tokenizer_config.json')
+        template, source = _pick_template(config.get("chat_template"), cfg_path), cfg_path
         jinja = path / "chat_template.jinja"
         if template is None and jinja.is_file():
-            template = jinja.read_text(encoding="utf-8")
-        return cls(tk, config, template)
+            source = jinja
+            try:
+                template = jinja.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise KtError(f"{jinja} is not UTF-8 text ({brief(exc)}); re-download or fix it") from None
+            except OSError as exc:
+                raise KtError(f"{jinja} could not be read ({brief(exc.strerror or exc)}); check the file") from None
+        tok = cls(tk, config, template, str(source) if template is not None else "")
+        if template is not None:
+            tok._template = _compile(template, tok.template_source)
+        return tok
 
     @property
     def vocab_size(self) -> int:
@@ -69,12 +90,51 @@ class Tokenizer:
             if not isinstance(m, dict) or "role" not in m:
                 raise KtError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
         if self._template is None:
-            self._template = _compile(self.chat_template)
+            self._template = _compile(self.chat_template, self.template_source)
         values = {**{k: v for k, v in self.special.items() if v is not None}, **kwargs}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **values)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **values)
+        except Exception as exc:  # raise_exception() in the template, or a template / message mismatch
+            from jinja2.exceptions import TemplateError
+
+            where = f" in {self.template_source}" if self.template_source else ""
+            what = brief(exc.message or exc) if isinstance(exc, TemplateError) else \
+                f"{type(exc).__name__}: {brief(exc)}"
+            raise KtError(f"the chat template{where} failed on these messages ({what}); check the messages' "
+                          "roles and contents, or fix the template") from None
 
 
-def _compile(source: str):
+def _pick_template(value: Any, cfg_path: Path) -> Optional[str]:
+    """tokenizer_config.json's chat_template: a string, or named templates (take "default", else the first)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, dict) and isinstance(t.get("template"), str)
+                                                 for t in value):
+        return next((t["template"] for t in value if t.get("name") == "default"), value[0]["template"])
+    raise KtError(f"{cfg_path} has chat_template={show(value)}; it must be a string or a list of "
+                  '{"name": ..., "template": string}: fix or re-download tokenizer_config.json')
+
+
+def _compile(source: str, where: str = ""):
+    """The template compiled, or a one-line KtError naming ``where`` (the file it came from)."""
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+    try:
+        return _compiled(source)
+    except Exception as exc:  # TemplateError; RecursionError, MemoryError or SyntaxError on pathological text
+        if isinstance(exc, TemplateSyntaxError):
+            detail = f"line {exc.lineno}: {brief(exc.message or exc)}"
+        elif isinstance(exc, TemplateError):
+            detail = brief(exc.message or exc)
+        else:
+            detail = f"{type(exc).__name__}: {brief(exc)}"
+        fix = f"fix it or re-download {Path(where).name}" if where else "fix it"
+        raise KtError(f"the chat template{f' in {where}' if where else ''} does not compile ({detail}); "
+                      f"{fix}") from None
+
+
+@functools.lru_cache(maxsize=16)  # a server reloading a model, or tests loading many copies, compile once
+def _compiled(source: str):
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -89,7 +149,4 @@ def _compile(source: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except TemplateError as exc:
-        raise KtError(f"the chat template does not compile: {exc}") from None
+    return env.from_string(source)
