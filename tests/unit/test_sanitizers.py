@@ -1,7 +1,7 @@
 """The native kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
 backends/cpu/native/kt_cpu.cpp is compiled with -fsanitize=address,undefined into a temporary
-folder; test_native.py, test_native_boundary.py and the default part of test_fuzz_ktq.py (the
+folder; tests/unit/test_native*.py and the default part of test_fuzz_ktq.py (the
 damaged .ktq files the loader accepts run through the kernels) then run in a subprocess that
 loads that build (KT_NATIVE_LIB) with libasan preloaded into Python. Any out-of-bounds access,
 use after free or undefined behaviour (misaligned access, signed overflow, bad shift, ...)
@@ -24,9 +24,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "backends" / "cpu" / "native" / "kt_cpu.cpp"
+# every tests/unit/test_native*.py (the experts, the C ABI's boundary, packed dense weights), and
 # the fuzzed .ktq files that load run through the kernels too: damage that passes the loader's
 # checks must still never make them read out of bounds
-TESTS = ["tests/unit/test_native.py", "tests/unit/test_native_boundary.py", "tests/unit/test_fuzz_ktq.py"]
+TESTS = sorted(str(p.relative_to(ROOT).as_posix()) for p in (ROOT / "tests" / "unit").glob("test_native*.py"))
+TESTS += ["tests/unit/test_fuzz_ktq.py"]
 FLAGS = ["-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fsanitize=address,undefined",
          "-fno-omit-frame-pointer", "-O1", "-g"]
 
