@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from kt_core.errors import KtError
 
-SECONDS_PER_EXAMPLE = 5.0  # far above the few ms an example takes: anything slower is a hang
+SECONDS_PER_EXAMPLE = 30.0  # a hang bound, not a timing: an example takes a few ms even on a loaded CI box
 
 
 def fuzz(n: int):
