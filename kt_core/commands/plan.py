@@ -16,29 +16,18 @@ A plan that cannot fit exits 2 naming every device over its budget and one set o
 them all (checked by planning again); plan.format=json then carries "fits": false and the "error"."""
 
 
-def _read_json(path):
-    """config.json of a model folder (torch-free: kt plan runs without importing torch)."""
-    from kt_core.errors import KtError
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KtError(f"config.json not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KtError(f"config.json {path} is not valid JSON ({exc}); re-download or fix it") from None
-
-
 def model_spec(cfg):
     from omegaconf import OmegaConf
 
     from kt_core.models.spec import parse_config
+    from kt_core.jsonfile import read_json
 
     if cfg.model.hf_config is not None:
         return parse_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
     if cfg.model.path is not None:
         from pathlib import Path
 
-        return parse_config(_read_json(Path(cfg.model.path).expanduser() / "config.json"))
+        return parse_config(read_json(Path(cfg.model.path).expanduser() / "config.json", "config.json"))
     from kt_core.models.synthetic import DEFAULT_PRESET, build_config
 
     return parse_config(build_config(None, DEFAULT_PRESET, None))

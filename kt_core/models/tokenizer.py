@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kt_core.errors import KtError
-from kt_core.weights.checkpoint import brief, is_rust_panic, read_json, show
+from kt_core.jsonfile import brief, is_rust_panic, read_json, show
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 

@@ -266,14 +266,14 @@ def open_prequant(cfg, ck: Checkpoint, spec: ModelSpec, qp: QuantPlan):
         if given:
             raise KtError(f"quant.prepacked={given} does not exist; create it with `kt quantize out={given}`")
         return None
-    return PrequantFile(path, ck.fingerprint(), spec.arch, qp.experts.value, qp.group_size, qp.symmetric)
+    return PrequantFile(path, ck.fingerprint(), spec.arch, qp.experts.value, qp.group_size, qp.symmetric, spec=spec)
 
 
 def generation_eos(path) -> tuple[int, ...]:
     """End-of-sequence ids from generation_config.json (what transformers' generate stops on)."""
     from pathlib import Path
 
-    from kt_core.weights.checkpoint import read_json
+    from kt_core.jsonfile import read_json
 
     f = Path(path) / "generation_config.json"
     if not f.is_file():
@@ -281,7 +281,13 @@ def generation_eos(path) -> tuple[int, ...]:
     eos = read_json(f, "generation_config.json").get("eos_token_id")
     if eos is None:
         return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        from kt_core.errors import KtError
+        from kt_core.jsonfile import show
+
+        raise KtError(f"{f} has eos_token_id={show(eos)}; it must be a token id or a list of token ids")
+    return tuple(ids)
 
 
 def _quote(value: str) -> str:

@@ -13,74 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
-import reprlib
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
 from kt_core.errors import KtError
+from kt_core.jsonfile import brief, is_rust_panic, json_error, read_json, show  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_BYTES = 256 << 20  # config, index and tokenizer files are KBs to a few MBs
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 # bits per element of every dtype the safetensors format defines
 SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
                     "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64,
                     "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
-_short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 3
-
-
-def show(value) -> str:
-    """A value read from a file, for a message: repr'd (one line), bounded in length and depth."""
-    return _short.repr(value)
-
-
-def brief(exc: object) -> str:
-    """An exception's text for a one-line message: whitespace runs (newlines) collapsed, at most 300 chars."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def json_error(exc: ValueError) -> str:
-    """What json.loads found wrong, for a message."""
-    if "integer string conversion" in str(exc):
-        return "a number has over 4,300 digits"
-    return brief(exc)
-
-
-def is_rust_panic(exc: BaseException) -> bool:
-    """pyo3's PanicException (a panic inside safetensors or tokenizers) derives from BaseException."""
-    return type(exc).__name__ == "PanicException"
-
-
-def read_json(path: Path, what: str) -> dict:
-    """The JSON object in ``path``. A missing, unreadable, oversized, non-UTF-8, malformed or
-    non-object file is a one-line KtError naming it."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise KtError(f"{what} not found: {path}") from None
-    except OSError as exc:
-        raise KtError(f"{what} {path} could not be read ({brief(exc.strerror or exc)}); check the file") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise KtError(f"{what} {path} is over {MAX_JSON_BYTES >> 20} MiB, too large for a model folder's "
-                      "JSON file; re-download it")
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise KtError(f"{what} {path} is not UTF-8 text ({brief(exc)}); re-download or fix it") from None
-    except RecursionError:
-        raise KtError(f"{what} {path} is not valid JSON (nested too deeply); re-download or fix it") from None
-    except ValueError as exc:  # JSONDecodeError, and integers over Python's 4,300-digit limit
-        raise KtError(f"{what} {path} is not valid JSON ({json_error(exc)}); re-download or fix it") from None
-    if not isinstance(value, dict):
-        raise KtError(f"{what} {path} must hold a JSON object, not the {type(value).__name__} {show(value)}; "
-                      "re-download or fix it")
-    return value
 
 
 def check_safetensors_header(f: Path) -> None:
