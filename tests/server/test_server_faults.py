@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from tests.faults import fault_on_temperature
 from tests.server.live import Live, slow_steps
 
 pytest.importorskip("openai")
@@ -51,23 +52,11 @@ def test_extreme_values_inside_the_ranges_are_served(live, extra):
     assert r.json()["usage"]["completion_tokens"] == 3
 
 
-def _fault_on_temperature(monkeypatch, srv, temperature):
-    be = srv.state.engine.model.be
-    real = be.sample
-
-    def sample(logits, temp, *args, **kw):
-        if abs(float(temp.reshape(-1)[0]) - temperature) < 1e-6:
-            raise RuntimeError("injected sampling fault")
-        return real(logits, temp, *args, **kw)
-
-    monkeypatch.setattr(be, "sample", sample)
-
-
 def test_a_request_that_fails_fails_alone_and_its_neighbour_streams_on(live, monkeypatch):
     """A per-request failure in the shared decode step (injected at temperature 1.25) and an extreme
     parameter sent beside a running stream: the stream completes normally; the failing requests get
     500 / an error event with code internal_error, never server_shutting_down."""
-    _fault_on_temperature(monkeypatch, live, 1.25)
+    fault_on_temperature(monkeypatch, live.state.engine, 1.25)
     before = live.metrics()
     with slow_steps(live, 0.03):
         with httpx.stream("POST", live.url + "/v1/completions", timeout=60, json={

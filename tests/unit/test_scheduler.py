@@ -10,6 +10,7 @@ from kt_core.kvcache.prefix import SUFFIX, chain_hashes
 from kt_core.models.synthetic import synthesize
 from kt_core.runtime.sampling import SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
+from tests.faults import fault_on_temperature
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=512)
@@ -216,24 +217,10 @@ def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, a
     assert _run(fresh, [prompt])[0][0] == want and pc2.stats["disk"] == 2
 
 
-def _fault_on_temperature(monkeypatch, engine, temperature):
-    """Make the backend's sampler raise for requests with this temperature (a legal value: the
-    fault stands in for any per-request failure the validation cannot foresee)."""
-    be = engine.model.be
-    real = be.sample
-
-    def sample(logits, temp, *args, **kw):
-        if abs(float(temp.reshape(-1)[0]) - temperature) < 1e-6:
-            raise RuntimeError("injected sampling fault")
-        return real(logits, temp, *args, **kw)
-
-    monkeypatch.setattr(be, "sample", sample)
-
-
 def test_a_request_whose_sampling_or_emission_fails_finishes_alone(engine, monkeypatch):
     prompts = [_prompt(12, 1), _prompt(20, 2)]
     want = [_run(engine, [p])[0][0] for p in prompts]
-    _fault_on_temperature(monkeypatch, engine, 1.25)
+    fault_on_temperature(monkeypatch, engine, 1.25)
     sched = Scheduler(engine, max_batch=8)
     good = [sched.submit(Request(p, GREEDY)) for p in prompts]
     bad_sample = sched.submit(Request(_prompt(9, 3), SamplingParams(max_new_tokens=8, temperature=1.25)))
