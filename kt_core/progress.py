@@ -54,7 +54,7 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
             yield advance
     else:
         if show:
-            print(f"{description} ...", file=stream, flush=True)
+            _line(stream, f"{description} ...")
 
         def advance(n: int = 1) -> None:
             done[0] += n
@@ -62,5 +62,11 @@ def progress(description: str, total: int) -> Iterator[Callable[..., None]]:
         yield advance
     elapsed = time.perf_counter() - start
     if show:
-        print(f"{description}: {done[0]}/{total} done in {elapsed:.1f} s", file=stream, flush=True)
+        _line(stream, f"{description}: {done[0]}/{total} done in {elapsed:.1f} s")
     log.info("%s: %d steps in %.1fs", description, total, elapsed)
+
+
+def _line(stream, text: str) -> None:
+    """One progress line on stderr (never stdout: a command's output stays its own)."""
+    stream.write(text + "\n")
+    stream.flush()

@@ -133,6 +133,7 @@ def test_kt_run_user_errors(cache_env, tmp_path):
         assert bad.stdout == "" and "loading" not in bad.stderr and "synthesizing" not in bad.stderr, bad.stderr
 
 
+@pytest.mark.slow  # builds a checkpoint with the real Qwen tokenizer: ~18 s on 2 cores
 def test_kt_synth_prints_experts_reached(cache_env, tmp_path):
     out = tmp_path / "syn"
     proc = kt(cache_env, "synth", "arch=qwen3_moe", "preset=tiny-qwen3-moe", "layers=2", f"out={out}")
