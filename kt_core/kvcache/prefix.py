@@ -315,7 +315,7 @@ class PrefixCache:
         self.on_device: dict[bytes, int] = {}  # hash -> block
         self.block_hash: dict[int, bytes] = {}  # block -> hash
         self.idle: "OrderedDict[int, None]" = OrderedDict()  # unreferenced cached blocks, LRU first
-        self.host: "OrderedDict[bytes, list[torch.Tensor]]" = OrderedDict()
+        self.host: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()  # one tensor per block: [parts, ...]
         self.host_cap, self.host_used = int(host_bytes), 0
         self.block_bytes = cache.block_bytes()
         header = {"format": "kt-core-kv-block", "version": FORMAT_VERSION, "model": fingerprint,
@@ -376,9 +376,10 @@ class PrefixCache:
             return b
         if self.cache.available_blocks == 0:
             return None
-        parts, tier = self.host.pop(h, None), "host"
-        if parts is not None:
-            self.host_used -= self.block_bytes
+        entry, tier, parts = self.host.pop(h, None), "host", None
+        if entry is not None:
+            self.host_used -= _host_bytes(entry)
+            parts = list(entry.unbind(0))
         elif self.disk is not None:
             c = self.cache
             tier = "disk"
@@ -423,16 +424,19 @@ class PrefixCache:
             self.disk.write(h, read())
 
     def _to_host(self, h: bytes, parts: list[torch.Tensor]) -> None:
+        """Keep a block in host RAM as one contiguous tensor (2 x layers small tensors cost about
+        twice their bytes in allocator overhead, which a cap on nominal bytes did not see)."""
         if h in self.host:
             self.host.move_to_end(h)
             return
-        self.host[h] = parts
-        self.host_used += self.block_bytes
-        while self.host_used > self.host_cap:
-            old, old_parts = self.host.popitem(last=False)
-            self.host_used -= self.block_bytes
+        entry = torch.stack(parts)
+        self.host[h] = entry
+        self.host_used += _host_bytes(entry)
+        while self.host_used > self.host_cap and self.host:
+            old, old_entry = self.host.popitem(last=False)
+            self.host_used -= _host_bytes(old_entry)
             if self.disk is not None:
-                self._spill(old, lambda p=old_parts: p)
+                self._spill(old, lambda e=old_entry: list(e.unbind(0)))
 
     def flush(self, timeout_s: float = 600.0) -> int:
         """Write every cached block (device and host tiers) to disk, after waiting (up to
@@ -446,9 +450,9 @@ class PrefixCache:
         for h, b in list(self.on_device.items()):
             if h not in self.disk:
                 self.disk.write(h, self.cache.read_block(b))
-        for h, parts in list(self.host.items()):
+        for h, entry in list(self.host.items()):
             if h not in self.disk:
-                self.disk.write(h, parts)
+                self.disk.write(h, list(entry.unbind(0)))
         self.disk.wait_idle(max(deadline - time.monotonic(), 0.0))  # anything queued meanwhile
         n = self.disk.written - self._written_at_flush
         self._written_at_flush = self.disk.written
@@ -457,3 +461,10 @@ class PrefixCache:
     def hit_rate(self) -> float:
         q = self.stats["queries"]
         return (self.stats["device"] + self.stats["host"] + self.stats["disk"]) / q if q else 0.0
+
+
+HOST_ENTRY_OVERHEAD = 512  # bytes of a host entry beyond its data (tensor object, dict slot, hash)
+
+
+def _host_bytes(entry: torch.Tensor) -> int:
+    return entry.numel() * entry.element_size() + HOST_ENTRY_OVERHEAD

@@ -114,9 +114,11 @@ class Scheduler:
         with self.cond:
             if self.draining:
                 raise QueueFull("the server is shutting down; retry against another instance")
-            if len(self.waiting) >= self.max_queue:
+            # cancelled requests leave the queue at the next step; they never hold a place in it
+            waiting = sum(1 for r in self.waiting if not r.cancelled)
+            if waiting >= self.max_queue:
                 self.counters["rejected"] += 1
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (server.max_queue="
+                raise QueueFull(f"{waiting} requests are already waiting (server.max_queue="
                                 f"{self.max_queue}); retry later")
             self.waiting.append(req)
             self.counters["requests"] += 1

@@ -6,7 +6,7 @@ import torch
 
 import kt_core
 from kt_core.errors import KtError
-from kt_core.kvcache.prefix import SUFFIX, chain_hashes
+from kt_core.kvcache.prefix import HOST_ENTRY_OVERHEAD, SUFFIX, chain_hashes
 from kt_core.models.synthetic import synthesize
 from kt_core.runtime.sampling import SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
@@ -169,11 +169,14 @@ def test_host_tier_and_disk_cap(model_path, tmp_path):
     e = kt_core.Engine.from_pretrained(model_path, overrides=["model.dtype=float32", "model.max_seq_len=64",
                                                               "plan.kv_tokens=64"], max_batch=1)
     bb = e.cache.block_bytes()
-    pc = e.enable_prefix_cache(host_bytes=2 * bb, disk_dir=tmp_path, disk_bytes=3 * (bb + 1024))
+    pc = e.enable_prefix_cache(host_bytes=2 * bb + 1024, disk_dir=tmp_path, disk_bytes=3 * (bb + 1024))
     prompts = [_prompt(40, s) for s in range(4)]
     first = [_run(e, [p], params=SamplingParams(max_new_tokens=4, ignore_eos=True))[0][0] for p in prompts]
     # 4 blocks of KV in all: every new prompt evicts older blocks to host RAM, then disk (capped)
     assert len(pc.host) <= 2 and pc.disk.used_bytes <= 3 * (bb + 1024)
+    # host entries are one tensor each, counted at their real size (data and per-entry overhead)
+    assert all(t.is_contiguous() and t.numel() * t.element_size() == bb for t in pc.host.values())
+    assert pc.host_used == sum(bb + HOST_ENTRY_OVERHEAD for _ in pc.host) <= pc.host_cap
     again = _run(e, [prompts[-2]], params=SamplingParams(max_new_tokens=4, ignore_eos=True))[0][0]
     assert again == first[-2] and pc.stats["host"] + pc.stats["disk"] > 0
 
@@ -277,3 +280,18 @@ def test_extreme_but_valid_sampling_values(engine):
     for pen in (0.01, 100.0):
         out = _run(engine, [p], params=SamplingParams(repetition_penalty=pen, seed=1, **kw))[0][0]
         assert len(out) == 8
+
+
+def test_a_cancelled_request_holds_no_place_in_the_queue(engine):
+    """A client that gives up and retries at once must not find the queue full of its own
+    abandoned request (it leaves the queue only at the next step)."""
+    sched = Scheduler(engine, max_batch=1, max_queue=1, prefill_chunk=512)
+    sched.submit(Request(_prompt(20), SamplingParams(max_new_tokens=4, ignore_eos=True)))
+    sched.step()
+    gone = sched.submit(Request(_prompt(10), GREEDY))
+    sched.cancel(gone)
+    retry = sched.submit(Request(_prompt(10), GREEDY))  # no QueueFull
+    while sched.has_work():
+        sched.step()
+    assert gone.finish_reason == "cancelled" and retry.finish_reason == "length"
+    assert engine.cache.used_blocks == 0
