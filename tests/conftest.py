@@ -87,3 +87,17 @@ def pytest_terminal_summary(terminalreporter):
     emulated = [v for v in EMULATED_VARIANTS if v not in here]
     terminalreporter.write_line(f"native CPU kernels: variants run on this CPU: {', '.join(here)}; "
                                 f"only under emulation: {', '.join(emulated) or 'none'}")
+
+
+def _hypothesis_profile() -> None:
+    """Fuzz tests run a fixed set of examples (derandomized) so a CI run is reproducible; set
+    KT_FUZZ_RANDOM=1 to explore new examples instead."""
+    try:
+        from hypothesis import settings
+    except ImportError:
+        return
+    settings.register_profile("kt", derandomize=not os.environ.get("KT_FUZZ_RANDOM"), database=None)
+    settings.load_profile("kt")
+
+
+_hypothesis_profile()

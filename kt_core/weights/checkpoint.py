@@ -213,8 +213,8 @@ class Checkpoint:
         """Read one tensor; ``shape`` is checked when given."""
         t = self._raw(name)
         if shape is not None and tuple(t.shape) != tuple(shape):
-            raise KtError(f"tensor {name} has shape {tuple(t.shape)} but the config implies {tuple(shape)}; "
-                          "config.json and the weights do not belong together")
+            raise KtError(f"tensor {name} in {self.file_of(name)} has shape {tuple(t.shape)} but config.json "
+                          f"implies {tuple(shape)}; config.json and the weights do not belong together")
         if t.dtype in FP8_DTYPES:  # fp8 checkpoints (DeepSeek-V3, Qwen3-FP8): codes x block scales
             from kt_core.weights.quant import dequantize
 
@@ -245,20 +245,26 @@ class Checkpoint:
 
         if raw is None:
             raw = self._raw(name)
+        where = self.file_of(name)
         if raw.dtype not in FP8_DTYPES:
-            raise KtError(f"tensor {name} is {raw.dtype}, not float8")
+            raise KtError(f"tensor {name} in {where} is {raw.dtype}, not float8")
         if raw.dtype != torch.float8_e4m3fn:
-            raise KtError(f"tensor {name} is {raw.dtype}; kt-core reads float8 e4m3 (e4m3fn) checkpoints only")
+            raise KtError(f"tensor {name} in {where} is {raw.dtype}; kt-core reads float8 e4m3 (e4m3fn) checkpoints only")
         scale_name = f"{name}_scale_inv"
         if scale_name not in self:
-            raise KtError(f"fp8 tensor {name} has no {scale_name} (block scales); this checkpoint's fp8 layout "
-                          "is not supported: convert it to bf16")
+            raise KtError(f"fp8 tensor {name} in {where} has no {scale_name} (block scales); this checkpoint's fp8 "
+                          "layout is not supported: convert it to bf16")
         scales = self._raw(scale_name)
         block = self.fp8_block()
         try:
             return from_fp8_blocks(raw, scales, block)
         except ValueError as exc:
-            raise KtError(f"{name}: {brief(exc)}") from None
+            raise KtError(f"{name} in {where}: {brief(exc)}") from None
+
+    def file_of(self, name: str) -> str:
+        """The name of the file that holds tensor ``name``, for messages."""
+        f = self._where.get(name)
+        return f.name if f is not None else "the .bin weights" if name in self._bin else str(self.path)
 
     def _raw(self, name: str) -> torch.Tensor:
         """The tensor as stored (no dequantization, no checks)."""
