@@ -110,8 +110,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="kt-core", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(ApiKeyMiddleware, get_key=lambda: state.api_key, env_name=state.cfg.api_key_env or "")
-    openapi.install(app)
     engine = state.engine
+    openapi.install(app, engine.model.spec.vocab_size)
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, exc: ApiError):

@@ -8,12 +8,31 @@ Sampling fields are bounded to what the sampler can take (the ranges of
 the end only describe the answers in the OpenAPI document."""
 from __future__ import annotations
 
-from typing import Any, List, Literal, Optional, Union
+from typing import Annotated, Any, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from kt_core.runtime.sampling import (REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, SEED_MIN,
                                       TEMPERATURE_FLOOR, TOP_K_MAX)
+
+
+# What the OpenAPI document says a field takes, where the server's own checks (which answer with
+# a clear 400 naming the field) accept less than the Python type does: the document describes
+# what the server takes, the validation stays where its message is best.
+_NULL = {"type": "null"}
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = WithJsonSchema({"anyOf": [
+    {"type": "string", "minLength": 1}, _IDS,
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+    {"type": "array", "items": _IDS, "minItems": 1, "maxItems": 1}],
+    "description": "one prompt: text or token ids (a list of one of them is accepted too)"})
+STOP_SCHEMA = WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                               "maxItems": 4}, _NULL]})
+UNSUPPORTED = WithJsonSchema({**_NULL, "description": "not supported by kt-core: omit it or send null"})
+FALSE_ONLY = WithJsonSchema({"anyOf": [{"type": "boolean", "enum": [False]}, _NULL],
+                             "description": "not supported by kt-core: omit it, false or null"})
+NO_TOOLS = WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, _NULL],
+                           "description": "tools are not supported by kt-core"})
 
 
 class StreamOptions(BaseModel):
@@ -29,8 +48,10 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: Annotated[Optional[Union[str, List[str]]], STOP_SCHEMA] = None
+    seed: Annotated[Optional[int], WithJsonSchema({"anyOf": [{"type": "integer", "minimum": SEED_MIN,
+                                                                "maximum": SEED_MAX}, _NULL]})] = \
+        Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None
@@ -55,11 +76,11 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[int], List[str], List[List[int]]]
+    prompt: Annotated[Union[str, List[int], List[str], List[List[int]]], PROMPT_SCHEMA]
     max_tokens: Optional[int] = Field(16, ge=0)
-    logprobs: Optional[int] = None
-    echo: bool = False
-    suffix: Optional[str] = None
+    logprobs: Annotated[Optional[int], UNSUPPORTED] = None
+    echo: Annotated[Optional[bool], FALSE_ONLY] = False
+    suffix: Annotated[Optional[str], UNSUPPORTED] = None
 
 
 class TextPart(BaseModel):
@@ -85,8 +106,8 @@ class ChatRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=0)
     max_completion_tokens: Optional[int] = Field(None, ge=0)
-    logprobs: Optional[bool] = None
-    tools: Optional[List[Any]] = None
+    logprobs: Annotated[Optional[bool], FALSE_ONLY] = None
+    tools: Annotated[Optional[List[Any]], NO_TOOLS] = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,

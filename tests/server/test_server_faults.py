@@ -191,3 +191,25 @@ def test_openapi_describes_the_real_answers_and_405_names_allowed_methods(live):
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
     r = httpx.post(live.url + "/health")
     assert r.status_code == 405 and "GET" in r.headers["allow"]
+
+
+def test_openapi_request_schemas_take_what_the_server_takes(live):
+    """Requests the document allows are requests the server serves (schemathesis found 26 that it
+    refused): one non-empty prompt with token ids inside the vocabulary, at most 4 stops, an exact
+    seed bound, and the unsupported fields only as null / false."""
+    doc = httpx.get(live.url + "/openapi.json", headers=live.headers()).json()
+    props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    vocab = live.state.engine.model.spec.vocab_size
+    forms = props["prompt"]["anyOf"]
+    assert {"type": "string", "minLength": 1} in forms
+    ids = [f for f in forms if f.get("items", {}).get("type") == "integer"][0]
+    assert ids["minItems"] == 1 and ids["items"] == {"type": "integer", "minimum": 0, "maximum": vocab - 1}
+    assert all(f.get("maxItems") == 1 for f in forms if f.get("type") == "array" and f is not ids)
+    assert {"type": "array", "items": {"type": "string"}, "maxItems": 4} in props["stop"]["anyOf"]
+    assert props["seed"]["anyOf"][0]["maximum"] == 2**64 - 1  # an integer, not a float that rounds up
+    assert props["logprobs"]["type"] == "null" and props["suffix"]["type"] == "null"
+    # and the server does take the edges the document names
+    r = httpx.post(live.url + "/v1/completions", headers=live.headers(), timeout=60,
+                   json={"model": "tiny", "prompt": [vocab - 1], "max_tokens": 1, "seed": 2**64 - 1,
+                         "temperature": 0.5, "stop": ["a", "b", "c", "d"], "echo": None, "logprobs": None})
+    assert r.status_code == 200, r.text
