@@ -40,11 +40,13 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
+    # sampling floats are strict: a number (an integer is fine), never a boolean or a string
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0, or anything below {TEMPERATURE_FLOOR:g}: greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True,
+                               description=f"0, or anything below {TEMPERATURE_FLOOR:g}: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -52,14 +54,14 @@ class _Sampling(BaseModel):
     seed: Annotated[Optional[int], WithJsonSchema({"anyOf": [{"type": "integer", "minimum": SEED_MIN,
                                                                 "maximum": SEED_MAX}, _NULL]})] = \
         Field(None, ge=SEED_MIN, le=SEED_MAX)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
     user: Optional[str] = None
     # extensions (as in vLLM)
     top_k: int = Field(0, ge=0, le=TOP_K_MAX, description="0, or any value >= the vocabulary size: off")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, strict=True)
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX,
-                                      description="1: off")
+                                      description="1: off", strict=True)
     ignore_eos: bool = False
 
     @field_validator("stop")

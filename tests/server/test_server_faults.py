@@ -213,3 +213,10 @@ def test_openapi_request_schemas_take_what_the_server_takes(live):
                    json={"model": "tiny", "prompt": [vocab - 1], "max_tokens": 1, "seed": 2**64 - 1,
                          "temperature": 0.5, "stop": ["a", "b", "c", "d"], "echo": None, "logprobs": None})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"])
+def test_sampling_numbers_are_numbers_not_booleans(live, field):
+    r = httpx.post(live.url + "/v1/completions", headers=live.headers(), timeout=60,
+                   json={"model": "tiny", "prompt": "hi", "max_tokens": 1, field: True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
