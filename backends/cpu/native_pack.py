@@ -1,0 +1,254 @@
+"""Repacking expert weights into the native kernels' 16-row panel layout (native/kernels.hpp),
+and checking, once per packed object, that the panels have exactly the sizes the kernels index."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from kt_backends.cpu.native_abi import FORMATS, MAX_DIM, NR, _index, _Proj
+from kt_core.weights.quant import ExpertWeights, Quant, weight_format
+
+# ---------------------------------------------------------------- packing
+@dataclass
+class PackedProj:
+    data: torch.Tensor  # [E, P, K(/2), 16]
+    scale: Optional[torch.Tensor]
+    zero: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]  # float32 [E, M]
+
+
+@dataclass
+class PackedExperts:
+    """Experts repacked into the native kernel's panel layout (see native/kernels.hpp)."""
+
+    expert_ids: torch.Tensor
+    fmt: str
+    group: int
+    hidden: int
+    inter: int
+    gate: PackedProj
+    up: PackedProj
+    down: PackedProj
+    pool: int = 0  # logical CPU device (cpu:N) whose workers run these experts
+    _prep: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+
+    def call_parts(self) -> tuple:
+        """What every call passes unchanged: the global id -> local index map (ids past its end
+        are other devices' experts) and the three projections' argument structs."""
+        return self._prepared()[:4]
+
+    def _prepared(self) -> tuple:
+        """call_parts plus the checked sizes and codes, and the tensors behind the structs' raw
+        pointers (kept referenced here whatever later happens to this object's fields). The
+        checks run once per object: a decode call pays none of them."""
+        prep = self._prep
+        if prep is None:
+            H, I, fmt, group, E = _check_packed(self)
+            ids = self.expert_ids
+            local_of = torch.full((int(ids.max()) + 1 if E else 0,), -1, dtype=torch.long)
+            local_of[ids] = torch.arange(E)
+            keep = (self.gate, self.up, self.down)
+            prep = self._prep = (local_of, _proj(self.gate, E), _proj(self.up, E), _proj(self.down, E),
+                                 H, I, fmt, group, E, keep)
+        return prep
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in (self.gate, self.up, self.down)
+                   for t in (p.data, p.scale, p.zero, p.bias) if t is not None)
+
+
+_REPACK = "pack the experts with native.pack(ExpertWeights)"
+
+
+def _packed_layout(fmt: str, group: int, E: int, M: int, K: int) -> tuple:
+    """(data shape, data dtype, scale shape or None) of one projection as _pack_proj lays it out."""
+    P = -(-M // NR)
+    if fmt == "bf16":
+        return (E, P, K, NR), torch.int16, None
+    if fmt == "int8":
+        return (E, P, K // 2, NR, 2), torch.int8, (E, P * NR)
+    if fmt == "w8a8":
+        return (E, P, K // 4, NR, 4), torch.int8, (E, P * NR)
+    G = K // group if group else 1
+    if fmt == "int4":
+        return (E, P, K // 4, 2 * NR), torch.uint8, (E, P, G, NR)
+    return (E, P, K, NR), torch.uint8, (E, P, G, NR)  # fp8
+
+
+def _check_tensor(t, what: str, shape: tuple, dtype: torch.dtype) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what} must be a tensor, got {type(t).__name__}; {_REPACK}")
+    if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+        raise ValueError(f"{what} is a {'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} tensor of shape "
+                         f"{tuple(t.shape)} on {t.device}; the kernels read a contiguous {dtype} CPU tensor of "
+                         f"shape {shape}; {_REPACK}")
+
+
+def _check_packed(p: PackedExperts) -> tuple:
+    """Everything the kernels index, checked against the sizes: (H, I, format code, group, E)."""
+    where = "packed experts"
+    if not isinstance(p.fmt, str) or p.fmt not in FORMATS:
+        raise ValueError(f"{where}: unknown format {p.fmt!r} (one of {', '.join(FORMATS)}); {_REPACK}")
+    H = _index(p.hidden, f"{where}: hidden size", 1, MAX_DIM)
+    I = _index(p.inter, f"{where}: expert width (inter)", 1, MAX_DIM)
+    group = _index(p.group, f"{where}: group size", 0, MAX_DIM)
+    ids = p.expert_ids
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.long or ids.device.type != "cpu"
+            or not ids.is_contiguous()):
+        raise ValueError(f"{where}: expert_ids must be a 1-D int64 CPU tensor; {_REPACK}")
+    E = ids.numel()
+    if E and (int(ids.min()) < 0 or int(ids.max()) >= MAX_DIM):
+        raise ValueError(f"{where}: expert ids must be in 0..{MAX_DIM - 1}, got {int(ids.min())}..{int(ids.max())}")
+    if E and torch.unique(ids).numel() != E:
+        raise ValueError(f"{where}: expert_ids has duplicates; {_REPACK}")
+    fmt = p.fmt
+    step = {"int8": 2, "w8a8": 4, "int4": 4}.get(fmt, 1)
+    if H % step or I % step:
+        raise ValueError(f"{where}: {fmt} kernels read inputs in {step}s; hidden {H} and width {I} must be multiples")
+    if fmt in ("bf16", "int8", "w8a8") and group != 0:
+        raise ValueError(f"{where}: {fmt} has no groups (group 0), got group {group}; {_REPACK}")
+    if fmt == "int4" and (group <= 0 or group % 4 or group > 4096):
+        raise ValueError(f"{where}: int4 groups must be a multiple of 4 in 4..4096, got {group}; {_REPACK}")
+    if group and (H % group or I % group):
+        raise ValueError(f"{where}: group {group} must divide hidden {H} and width {I}; {_REPACK}")
+    for name, proj, M, K in (("gate", p.gate, I, H), ("up", p.up, I, H), ("down", p.down, H, I)):
+        if not isinstance(proj, PackedProj):
+            raise ValueError(f"{where}: {name} must be a PackedProj, got {type(proj).__name__}; {_REPACK}")
+        data_shape, data_dtype, scale_shape = _packed_layout(fmt, group, E, M, K)
+        _check_tensor(proj.data, f"{where}: {name}.data", data_shape, data_dtype)
+        if scale_shape is None:
+            if proj.scale is not None or proj.zero is not None:
+                raise ValueError(f"{where}: {name} has scales, but {fmt} weights take none; {_REPACK}")
+        else:
+            _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float32)
+            if proj.zero is not None:
+                if fmt != "int4":
+                    raise ValueError(f"{where}: {name} has zero points, which only int4 takes; {_REPACK}")
+                _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float32)
+        if proj.bias is not None:
+            _check_tensor(proj.bias, f"{where}: {name}.bias", (E, M), torch.float32)
+    return H, I, FORMATS[fmt], group, E
+
+
+def _panels(t: torch.Tensor) -> torch.Tensor:
+    """[E, M, X] -> [E, ceil(M/16), X, 16] with zero rows padding M."""
+    E, M, X = t.shape
+    pad = (-M) % NR
+    if pad:
+        t = torch.cat([t, t.new_zeros(E, pad, X)], dim=1)
+    return t.reshape(E, -1, NR, X).transpose(2, 3).contiguous()
+
+
+def _pack_proj(w, bias: Optional[torch.Tensor]) -> PackedProj:
+    b = None if bias is None else bias.float().contiguous()
+    if isinstance(w, torch.Tensor):
+        return PackedProj(_panels(w.view(torch.int16)), None, None, b)
+    if w.format in (Quant.INT8, Quant.W8A8):
+        scale = _panels(w.scales.float()).reshape(w.scales.shape[0], -1).contiguous()  # [E, P*16]
+        data = _panels(w.qdata)  # [E, P, K, 16]
+        E, P, K, _ = data.shape
+        step = 4 if w.format is Quant.W8A8 else 2  # inputs of a row side by side: [E, P, K/step, 16, step]
+        data = data.reshape(E, P, K // step, step, NR).transpose(3, 4).contiguous()
+        return PackedProj(data, scale, None, b)
+    scale = _panels(w.scales.float())  # [E, P, G, 16]
+    zero = None if w.zeros is None else _panels(w.zeros.float())
+    data = _panels(w.qdata) if w.format is Quant.FP8 else _int4_quads(w.qdata)
+    return PackedProj(data, scale, zero, b)
+
+
+def _int4_quads(qdata: torch.Tensor) -> torch.Tensor:
+    """int4 codes [E, M, K/2] (low nibble = even input) -> the kernel's quad layout
+    [E, P, K/4, 32] bytes (native/kernels.hpp): per 4 inputs of a panel, 16 little-endian
+    16-bit words; word 2l+e holds code(row l + 8h, input 4q + 2s + e) in its nibble h + 2s."""
+    E, M, half = qdata.shape
+    codes = torch.stack((qdata & 0xF, qdata >> 4), dim=-1).reshape(E, M, 2 * half)
+    c = _panels(codes)  # [E, P, K, 16 rows]
+    P, K = c.shape[1], c.shape[2]
+    # [E, P, q, s, e, h, l] -> [E, P, q, l, e, s, h]: bytes (q, l, e, s), nibble h
+    c = c.reshape(E, P, K // 4, 2, 2, 2, 8).permute(0, 1, 2, 6, 4, 3, 5)
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(E, P, K // 4, 32).contiguous()
+
+
+def _check_experts(ex: ExpertWeights) -> None:
+    """The ExpertWeights agree with themselves (a .ktq file or a caller could hand in any
+    sizes): gate / up [E, I, H], down [E, H, I], and each quantized weight's codes, scales and
+    zero points have the sizes its in_features and group_size say."""
+    E = int(ex.expert_ids.numel())
+    if len(ex.gate.shape) != 3:
+        raise ValueError(f"expert gate weights must be [experts, width, hidden], got shape {tuple(ex.gate.shape)}")
+    I, H = int(ex.gate.shape[1]), int(ex.gate.shape[2])
+    for name, w, want in (("gate", ex.gate, (E, I, H)), ("up", ex.up, (E, I, H)), ("down", ex.down, (E, H, I))):
+        if tuple(w.shape) != want:
+            raise ValueError(f"expert {name} weights have shape {tuple(w.shape)}, expected {want} "
+                             f"(gate / up [E, I, H], down [E, H, I])")
+        if isinstance(w, torch.Tensor):
+            continue
+        E_, M, K = want
+        q_last = K // 2 if w.format is Quant.INT4 else K
+        if (w.format is Quant.INT4 and K % 2) or tuple(w.qdata.shape) != (E_, M, q_last):
+            raise ValueError(f"expert {name}: {w.format.value} codes have shape {tuple(w.qdata.shape)}, but "
+                             f"in_features={K} needs {(E_, M, q_last)}")
+        if not isinstance(w.group_size, int) or w.group_size <= 0 or K % w.group_size:
+            raise ValueError(f"expert {name}: group_size {w.group_size!r} must be positive and divide "
+                             f"in_features {K}")
+        G = K // w.group_size
+        for part, t in (("scales", w.scales), ("zeros", w.zeros)):
+            if t is not None and tuple(t.shape) != (E_, M, G):
+                raise ValueError(f"expert {name}: {part} have shape {tuple(t.shape)}, expected {(E_, M, G)} "
+                                 f"for in_features {K} in groups of {w.group_size}")
+    for name, b, M in (("gate_bias", ex.gate_bias, I), ("up_bias", ex.up_bias, I), ("down_bias", ex.down_bias, H)):
+        if b is not None and tuple(b.shape) != (E, M):
+            raise ValueError(f"expert {name} has shape {tuple(b.shape)}, expected {(E, M)}")
+
+
+def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
+    """The packed form, or None when the kernels do not take this format (torch path then).
+    ValueError when the weights disagree with their own sizes."""
+    if any(w.device.type != "cpu" for w in (ex.gate, ex.up, ex.down)):
+        return None
+    fmt = ex.format
+    if any(weight_format(w) is not fmt for w in (ex.up, ex.down)):
+        return None  # mixed formats: the torch path takes each as it is
+    _check_experts(ex)
+    if fmt is Quant.NONE:
+        if any(w.dtype != torch.bfloat16 for w in (ex.gate, ex.up, ex.down)):
+            return None  # fp32 / fp16 weights: the torch path keeps their precision
+        name, group = "bf16", 0
+    elif fmt in (Quant.INT8, Quant.W8A8):
+        if ex.gate.group_size != ex.gate.in_features or ex.down.group_size != ex.down.in_features:
+            return None
+        step = 4 if fmt is Quant.W8A8 else 2
+        if ex.gate.in_features % step or ex.down.in_features % step:
+            return None  # the integer dot products take inputs in pairs (w8a8: fours)
+        name, group = fmt.value, 0
+    elif fmt is Quant.FP8:
+        per_row = all(w.group_size == w.in_features for w in (ex.gate, ex.down))
+        group = 0 if per_row else ex.gate.group_size  # 0: one scale per row, whatever K is
+        if not per_row and (ex.down.group_size != group or ex.up.group_size != group):
+            return None
+        name = "fp8"
+    else:
+        group = ex.gate.group_size
+        asym = [w.zeros is not None for w in (ex.gate, ex.up, ex.down)]
+        if ex.down.group_size != group or ex.up.group_size != group or group % 4 or len(set(asym)) > 1:
+            return None  # the int4 kernel reads inputs in fours (a 16-bit word per row pair of inputs)
+        if group > 4096:
+            return None  # a group's int32 sum of code x int16 activation could overflow
+        name = "int4"
+    H, I = ex.gate.shape[2], ex.gate.shape[1]
+    return PackedExperts(ex.expert_ids.long().contiguous(), name, group, H, I, _pack_proj(ex.gate, ex.gate_bias),
+                         _pack_proj(ex.up, ex.up_bias), _pack_proj(ex.down, ex.down_bias))
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _proj(p: PackedProj, E: int) -> _Proj:
+    if E == 0:
+        return _Proj(None, None, None, None, 0, 0)
+    per_param = 0 if p.scale is None else p.scale.numel() // E
+    return _Proj(p.data.data_ptr(), _ptr(p.scale), _ptr(p.zero), _ptr(p.bias),
+                 p.data.numel() * p.data.element_size() // E, per_param)
