@@ -6,7 +6,8 @@ import torch
 
 import kt_core
 from kt_core.errors import KtError
-from kt_core.kvcache.prefix import HOST_ENTRY_OVERHEAD, SUFFIX, chain_hashes
+from kt_core.kvcache.disk_tier import SUFFIX
+from kt_core.kvcache.prefix import HOST_ENTRY_OVERHEAD, chain_hashes
 from kt_core.models.synthetic import synthesize
 from kt_core.runtime.sampling import SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
