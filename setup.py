@@ -94,5 +94,7 @@ setup(
     entry_points={
         "console_scripts": ["kt=kt_core.cli:main"],
         "kt_core.backends": [f"{b}=kt_backends.{b}:Backend" for b in BACKENDS],
+        # torch-free probes: `kt devices` / `kt config` import a plugin (and torch) only when needed
+        "kt_core.probes": [f"{b}=kt_backends.{b}.probe" for b in BACKENDS],
     },
 )

@@ -1,54 +1,11 @@
-"""NVIDIA GPUs through ``torch.cuda``; the ROCm plugin reuses this class (HIP builds of
-torch expose the same ``torch.cuda`` API), switching on ``torch.version.hip``."""
-from __future__ import annotations
+"""The built-in ``cuda`` device plugin. Its class (in ``backend.py``) imports torch, so it loads on
+first use; ``probe.py`` answers ``kt devices`` and ``kt config`` without torch where it can."""
+import importlib
 
-import os
-from typing import ClassVar
-
-import torch
-
-from kt_core.backend.contract import ProbeResult
-from kt_core.backend.torch_backend import TorchBackend
+_LAZY = ("Backend", "CudaBackend")  # the rest of the package (probe, native_lib) is importable without torch
 
 
-class CudaBackend(TorchBackend):
-    name = "cuda"
-    device_type = "cuda"
-    dist_backend = "nccl"
-    visible_devices_env = "CUDA_VISIBLE_DEVICES"
-    #: True for the plugin that serves HIP (ROCm) builds of torch
-    hip: ClassVar[bool] = False
-    vendor: ClassVar[str] = "NVIDIA"
-    smi: ClassVar[str] = "nvidia-smi"
-
-    @classmethod
-    def build_mismatch(cls) -> str | None:
-        """Why this torch build cannot drive this plugin's GPUs, or None."""
-        ver = torch.__version__
-        is_hip = getattr(torch.version, "hip", None) is not None
-        if cls.hip and not is_hip:
-            return (f"torch {ver} is not a ROCm build (torch.version.hip is None); "
-                    "install torch from the ROCm wheel index")
-        if not cls.hip and is_hip:
-            return f"torch {ver} is a ROCm build; use device=rocm"
-        if not cls.hip and torch.version.cuda is None:
-            return (f"torch {ver} is a CPU-only build (torch.version.cuda is None); "
-                    "install a CUDA build of torch")
-        return None
-
-    @classmethod
-    def probe(cls) -> ProbeResult:
-        mismatch = cls.build_mismatch()
-        if mismatch:
-            return ProbeResult(False, mismatch)
-        # device_count() asks the driver (NVML where possible) and creates no context
-        n = torch.cuda.device_count()
-        env = cls.visible_devices_env
-        if n == 0:
-            return ProbeResult(False, f"no {cls.vendor} GPU visible ({env}={os.environ.get(env, 'unset')}); "
-                                      f"check the driver with {cls.smi}")
-        runtime = f"HIP {torch.version.hip}" if cls.hip else f"CUDA {torch.version.cuda}"
-        return ProbeResult(True, f"{n} {cls.vendor} GPU(s), torch {torch.__version__} {runtime}", n)
-
-
-Backend = CudaBackend
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kt_backends.cuda' has no attribute {name!r}")
+    return getattr(importlib.import_module("kt_backends.cuda.backend"), name)

@@ -1,14 +1,11 @@
-"""AMD GPUs: the CUDA plugin on a HIP build of torch (``torch.version.hip``).
-The torch device string stays ``cuda``; RCCL answers to the ``nccl`` backend name."""
-from kt_backends.cuda import CudaBackend
+"""The built-in ``rocm`` device plugin. Its class (in ``backend.py``) imports torch, so it loads on
+first use; ``probe.py`` answers ``kt devices`` and ``kt config`` without torch where it can."""
+import importlib
+
+_LAZY = ("Backend", "RocmBackend")  # the rest of the package (probe, native_lib) is importable without torch
 
 
-class RocmBackend(CudaBackend):
-    name = "rocm"
-    visible_devices_env = "HIP_VISIBLE_DEVICES"
-    hip = True
-    vendor = "AMD"
-    smi = "rocm-smi"
-
-
-Backend = RocmBackend
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kt_backends.rocm' has no attribute {name!r}")
+    return getattr(importlib.import_module("kt_backends.rocm.backend"), name)

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import abc
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
+from kt_core.backend.types import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
 
 
@@ -49,29 +49,6 @@ class Op(str, Enum):
     ROPE = "rope"
     ROUTE = "route"
     SAMPLE = "sample"
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Whether a device kind is usable here, and why (always a reason, also when usable)."""
-
-    available: bool
-    reason: str
-    device_count: int = 0
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MemoryInfo:
-    free_bytes: int
-    total_bytes: int
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    index: int
-    name: str
-    total_bytes: int
 
 
 class Backend(abc.ABC):

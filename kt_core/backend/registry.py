@@ -6,6 +6,12 @@ decides which ones a run uses. A plugin that fails to import, or whose probe
 raises, is recorded with its error and never breaks the core. When two entry
 points share a name (say a vendor's tuned ``cpu`` variant beside the built-in),
 the one whose ``score()`` is highest wins and the others are listed as shadowed.
+
+A plugin may also register a torch-free probe module under ``kt_core.probes`` (same name): its
+``probe()`` answers a ProbeResult, or None when only the plugin itself can tell; optional
+``score()`` and ``inventory()`` (devices with their memory). When a name has one plugin and such
+a probe answers, the plugin's class is imported only on first use, so ``kt devices`` and
+``kt config`` run without importing torch.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from kt_core.errors import DeviceUnavailable, KtError
 
@@ -23,17 +29,32 @@ if TYPE_CHECKING:  # the contract imports torch; listing plugin names must not
 
 log = logging.getLogger(__name__)
 GROUP = "kt_core.backends"
+PROBES = "kt_core.probes"  # optional torch-free probe modules, by plugin name
 
 
 @dataclass
 class PluginStatus:
     name: str
     source: str  # "module:attr" of the entry point
-    cls: Optional[type[Backend]] = None
     error: Optional[str] = None  # import or probe failure, one line
     probe: Optional[ProbeResult] = None
     score: int = 0
     shadowed: list[str] = field(default_factory=list)
+    #: devices with their memory, torch-free (from the plugin's probe module), or None
+    inventory: Optional[Callable[[], list]] = None
+    _cls: Optional[type[Backend]] = field(default=None, repr=False)
+    _ep: Optional[EntryPoint] = field(default=None, repr=False)  # not imported yet
+
+    @property
+    def cls(self) -> Optional[type[Backend]]:
+        """The plugin's class, imported on first use when a quick probe answered for it."""
+        if self._cls is None and self._ep is not None:
+            ep, self._ep = self._ep, None
+            cls, error = _import(ep)
+            if error is not None:
+                self.error = error
+            self._cls = cls
+        return self._cls
 
     @property
     def available(self) -> bool:
@@ -50,33 +71,57 @@ def _one_line(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
 
 
-def _load(ep: EntryPoint) -> PluginStatus:
+def _import(ep: EntryPoint) -> tuple[Optional[type[Backend]], Optional[str]]:
     from kt_core.backend.contract import Backend
 
-    status = PluginStatus(ep.name, ep.value)
     try:
         cls = ep.load()
     except Exception as exc:  # a broken plugin must not break the core
-        status.error = f"plugin failed to import ({ep.value}): {_one_line(exc)}"
-        log.warning("backend plugin %s failed to import: %s", ep.name, status.error)
-        return status
+        log.warning("backend plugin %s failed to import: %s", ep.name, _one_line(exc))
+        return None, f"plugin failed to import ({ep.value}): {_one_line(exc)}"
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        status.error = f"{ep.value} is not a kt_core Backend subclass"
+        return None, f"{ep.value} is not a kt_core Backend subclass"
+    return cls, None
+
+
+def _load(ep: EntryPoint) -> PluginStatus:
+    status = PluginStatus(ep.name, ep.value)
+    status._cls, status.error = _import(ep)
+    if status._cls is None:
         return status
-    status.cls = cls
     try:
-        status.probe = cls.probe()
-        status.score = cls.score() if status.probe.available else 0
+        status.probe = status._cls.probe()
+        status.score = status._cls.score() if status.probe.available else 0
     except Exception as exc:
         status.error = f"probe raised: {_one_line(exc)}"
+    return status
+
+
+def _quick(ep: EntryPoint, probe_ep: EntryPoint) -> Optional[PluginStatus]:
+    """The plugin's status from its torch-free probe module, or None (then the plugin is loaded)."""
+    try:
+        module = probe_ep.load()
+        result = module.probe()
+        if result is None:
+            return None
+        score = getattr(module, "score", None)
+        status = PluginStatus(ep.name, ep.value, probe=result, _ep=ep,
+                              score=score() if score is not None and result.available else 0,
+                              inventory=getattr(module, "inventory", None))
+    except Exception as exc:  # the full probe reports what is wrong
+        log.debug("quick probe of %s failed (%s); importing the plugin", ep.name, _one_line(exc))
+        return None
     return status
 
 
 class Registry:
     """The plugins of one process. ``Registry(eps)`` takes explicit entry points (tests)."""
 
-    def __init__(self, eps: Optional[Iterable[EntryPoint]] = None) -> None:
+    def __init__(self, eps: Optional[Iterable[EntryPoint]] = None,
+                 probes: Optional[Iterable[EntryPoint]] = None) -> None:
         self._eps = list(eps) if eps is not None else None
+        # explicit entry points come without quick probes unless given
+        self._probes = list(probes) if probes is not None else None if eps is None else []
         self._plugins: Optional[dict[str, PluginStatus]] = None
         self._instances: dict[str, Backend] = {}
         self._lock = threading.Lock()
@@ -84,13 +129,23 @@ class Registry:
     def _entry_points(self) -> list[EntryPoint]:
         return self._eps if self._eps is not None else list(entry_points(group=GROUP))
 
+    def _probe_modules(self) -> dict[str, EntryPoint]:
+        probes = self._probes if self._probes is not None else list(entry_points(group=PROBES))
+        return {ep.name: ep for ep in probes}
+
     def plugins(self) -> dict[str, PluginStatus]:
-        """Every registered plugin by name, loaded and probed once."""
+        """Every registered plugin by name, probed once (quickly where its probe module can)."""
         with self._lock:
             if self._plugins is None:
+                eps = self._entry_points()
+                counts: dict[str, int] = {}
+                for ep in eps:
+                    counts[ep.name] = counts.get(ep.name, 0) + 1
+                probes = self._probe_modules()
                 best: dict[str, PluginStatus] = {}
-                for ep in self._entry_points():
-                    st = _load(ep)
+                for ep in eps:
+                    quick = _quick(ep, probes[ep.name]) if counts[ep.name] == 1 and ep.name in probes else None
+                    st = quick or _load(ep)
                     prev = best.get(ep.name)
                     if prev is None:
                         best[ep.name] = st
@@ -106,7 +161,7 @@ class Registry:
 
     @property
     def loaded(self) -> bool:
-        """Whether the plugins have been imported and probed already."""
+        """Whether the plugins have been probed already."""
         return self._plugins is not None
 
     def declared(self) -> dict[str, list[str]]:
@@ -127,11 +182,10 @@ class Registry:
     def get(self, name: str) -> Backend:
         """The (single, cached) instance of plugin ``name``; raises if it is unavailable."""
         st = self.status(name)
-        if not st.available:
+        if not st.available or st.cls is None:  # st.cls imports a quickly probed plugin
             raise DeviceUnavailable(name, st.reason)
         with self._lock:
             if name not in self._instances:
-                assert st.cls is not None
                 self._instances[name] = st.cls()
             return self._instances[name]
 

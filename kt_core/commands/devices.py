@@ -21,9 +21,12 @@ def collect() -> dict:
         row = {"backend": name, "available": st.available, "reason": st.reason, "source": st.source,
                "score": st.score, "devices": [], "shadowed": st.shadowed}
         if st.available:
-            backend = registry().get(name)
-            for d in backend.devices():
-                mem = backend.memory_info(d.index)
+            if st.inventory is not None:  # the plugin's torch-free answer
+                found = st.inventory()
+            else:
+                backend = registry().get(name)
+                found = [(d, backend.memory_info(d.index)) for d in backend.devices()]
+            for d, mem in found:
                 row["devices"].append({"index": d.index, "name": d.name, "free_bytes": mem.free_bytes,
                                        "total_bytes": mem.total_bytes})
         rows.append(row)

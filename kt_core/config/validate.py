@@ -14,7 +14,8 @@ problem and the override that fixes it:
 ``kt plan`` resolves with ``check_devices=False``: it plans for the described
 machine whether or not its devices are here. That mode imports a plugin (and so
 torch) only when an answer needs it: the built-in plugins run every op, dtype and
-weight format, and a device's count is probed only when the topology uses it.
+weight format, and a device's count is probed only when the topology uses it. Probing
+itself imports a plugin only when its torch-free probe module cannot answer (see registry.py).
 
 ``check_values(cfg)`` checks the values no device is needed to judge (model.path,
 sizes); ``check_generate(cfg)`` the ``generate.*`` sampling values, before a model loads.
@@ -123,11 +124,9 @@ def _count_matters(cfg: DictConfig, name: str, planned: int) -> bool:
     return False
 
 
-def _light(reg: Registry, check: bool) -> set[str]:
-    """Backends whose answers are known without importing them: describing a machine
-    (no device checks), before any plugin is loaded, with only the built-in plugin under that name."""
-    if check or reg.loaded:
-        return set()
+def _light(reg: Registry) -> set[str]:
+    """Backends whose formats are known without importing them: only the built-in plugin is
+    registered under that name (its probe module answers whether its devices are here)."""
     return {name for name, values in reg.declared().items() if values == [BUILTIN_PLUGINS.get(name)]}
 
 
@@ -135,8 +134,8 @@ def _slots(cfg: DictConfig, reg: Registry, check: bool, light: set[str]) -> dict
     out: dict[str, list[DeviceSlot]] = {}
     for name, dcfg in cfg.device.items():
         planned = max(1, cfg.topology.min_accelerators) if dcfg.backend != "cpu" else 1
-        probe = not (dcfg.backend in light and (dcfg.count is not None or dcfg.backend == "cpu"
-                                                 or not _count_matters(cfg, name, planned)))
+        probe = check or not (dcfg.backend in light and (dcfg.count is not None or dcfg.backend == "cpu"
+                                                          or not _count_matters(cfg, name, planned)))
         st = None
         if probe:
             try:
@@ -195,8 +194,11 @@ def _check_budget(name: str, dcfg: DictConfig, reg: Registry, check: bool) -> No
                           f"reserve_gb={dcfg.reserve_gb}; raise memory_gb or lower reserve_gb")
     if not check:
         return
-    backend = reg.get(dcfg.backend)
-    total = backend.memory_info(0).total_bytes / GIB
+    st = reg.status(dcfg.backend)
+    if st.available and st.inventory is not None:  # the plugin's torch-free answer
+        total = st.inventory()[0][1].total_bytes / GIB
+    else:
+        total = reg.get(dcfg.backend).memory_info(0).total_bytes / GIB
     if dcfg.memory_gb > total:
         raise ConfigError(f"device.{name}.memory_gb={dcfg.memory_gb:g} is more than the {total:.1f} GiB "
                           f"device {name}:0 has; fix: device.{name}.memory_gb={max(total - dcfg.reserve_gb, 0):.0f}")
@@ -250,7 +252,7 @@ def resolve_topology(cfg: DictConfig, check_devices: bool = True,
         raise ConfigError("device.cpu is missing: the host CPU is always a device; "
                           "remove the override that deleted it")
     check_values(cfg)
-    light = _light(reg, check_devices)
+    light = _light(reg)
     slots = _slots(cfg, reg, check_devices, light)
     roles = {}
     for role in ROLES:

@@ -56,3 +56,38 @@ class ProbeRaises(TorchBackend):
 
 
 NOT_A_BACKEND = object()
+
+
+# torch-free probe modules (the kt_core.probes group): an entry point may name any object with probe()
+class QuickHere:
+    @staticmethod
+    def probe():
+        return ProbeResult(True, "quick: two here", 2)
+
+    @staticmethod
+    def score():
+        return 3
+
+    @staticmethod
+    def inventory():
+        from kt_core.backend.types import DeviceInfo, MemoryInfo
+
+        return [(DeviceInfo(i, f"q{i}", 8 << 30), MemoryInfo(4 << 30, 8 << 30)) for i in range(2)]
+
+
+class QuickAbsent:
+    @staticmethod
+    def probe():
+        return ProbeResult(False, "quick: not here")
+
+
+class QuickDefers:
+    @staticmethod
+    def probe():
+        return None  # only the plugin can tell
+
+
+class QuickRaises:
+    @staticmethod
+    def probe():
+        raise RuntimeError("quick probe exploded")

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from kt_backends import ascend as ascend_mod
+from kt_backends.ascend import probe as ascend_mod
 from kt_backends.ascend import AscendBackend
 from kt_backends.cpu import CpuBackend
 from kt_backends.cuda import CudaBackend
@@ -92,6 +92,6 @@ def test_cpu_probe_and_score_follow_isa(monkeypatch):
                            (("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"), "avx512_bf16"),
                            (("avx512f", "avx512bw", "amx_tile", "amx_int8", "amx_bf16"), "amx")):
         info = cpuinfo.CpuInfo("x", "x86_64", 2, 2, frozenset(flags), "test")
-        monkeypatch.setattr("kt_backends.cpu.cpu_info", lambda info=info: info)
+        monkeypatch.setattr("kt_backends.cpu.probe.cpu_info", lambda info=info: info)
         assert info.variant == variant
         assert CpuBackend.score() == cpuinfo.VARIANT_SCORE[variant]

@@ -1,0 +1,129 @@
+"""The host CPU as a device: torch for most ops, the native expert kernels (runtime ISA
+dispatch, see ``native/``) for expert GEMM when they are built and the format is theirs."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import logging
+
+import torch
+
+from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
+from kt_core.backend.cpuinfo import cpu_info
+from kt_backends.cpu import native, native_linear
+from kt_backends.cpu import probe as cpu_probe
+from kt_core.backend.torch_backend import TorchBackend
+from kt_core.weights.quant import Quant, QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+_warned: set = set()
+PREFILL_ROWS = 16  # bf16 linears with this many rows or more go to torch's GEMM on bf16 matrix units
+TORCH_THREADS_WITH_NATIVE = 1  # torch intra-op threads while the native pools do the heavy work
+
+
+def _bf16_matrix_units() -> bool:
+    return cpu_info().variant == "amx" or "avx512_bf16" in cpu_info().flags
+
+
+def _slow_path_once(what: str) -> None:
+    """Say once per kind that the native kernels do not take some weights: the torch path then
+    dequantizes them on every call, which is correct but far slower."""
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("CPU: the native kernels do not take %s (%s); they run on the torch path, which is "
+                    "much slower", what, native.status())
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        return cpu_probe.probe()
+
+    @classmethod
+    def score(cls) -> int:
+        return cpu_probe.score()
+
+    logical = 1  # logical devices (device.cpu.count): separate worker pools on separate cores
+
+    def devices(self) -> list[DeviceInfo]:
+        return [d for d, _ in cpu_probe.inventory(self.logical)]
+
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        return cpu_probe.inventory(self.logical)[0][1]
+
+    def torch_device(self, index: int = 0) -> torch.device:
+        return torch.device("cpu")
+
+    def host_buffer(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype)  # host memory is the device's own
+
+    def new_stream(self, index: int = 0) -> Any:
+        return torch.Stream(device="cpu")
+
+    def new_event(self, index: int = 0) -> Any:
+        return torch.Event(device="cpu")
+
+    def synchronize(self, index: Optional[int] = None) -> None:
+        return None  # CPU ops complete before they return
+
+    def prepare_experts(self, experts, index: int = 0):
+        if native.available():
+            packed = native.pack(experts)
+            if packed is not None:
+                packed.pool = index
+                return packed
+        return experts
+
+    def prepare_dense(self, weight, index: int = 0):
+        packed = native_linear.pack_linear(weight)
+        if packed is None:
+            if isinstance(weight, QuantizedWeight):
+                _slow_path_once(f"{weight.format.value} dense weights (group {weight.group_size})")
+            return weight
+        packed.pool = index
+        return packed
+
+    def linear(self, x, weight, bias=None):
+        if isinstance(weight, native_linear.PackedLinear):
+            return native_linear.linear(x, weight, bias)
+        if native.takes_linear(x, weight):
+            if x.dtype == torch.bfloat16 and x.numel() >= PREFILL_ROWS * x.shape[-1] and _bf16_matrix_units():
+                # prefill of a bf16 model: torch's oneDNN GEMM runs on AMX / AVX512-BF16 tiles
+                # (4096x2048, 512 tokens: 26 ms vs 590 ms for the row-major GEMV kernel)
+                return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+            return native.linear(x, weight, bias)
+        return super().linear(x, weight, bias)
+
+    def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
+        if isinstance(experts, native.PackedExperts):
+            return native.moe_forward(experts, hidden, topk_ids, topk_weights, activation, experts.pool)
+        if experts.format is not Quant.NONE:
+            _slow_path_once(f"{experts.format.value} experts")
+        return super().moe_experts(hidden, topk_ids, topk_weights, experts, activation)
+
+    def moe_experts_async(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
+        if isinstance(experts, native.PackedExperts):  # on the logical device's own workers
+            return native.submit(experts, hidden, topk_ids, topk_weights, activation, experts.pool)
+        return super().moe_experts_async(hidden, topk_ids, topk_weights, experts, activation)
+
+    def set_threads(self, n: int, logical: int = 1) -> None:
+        """Split n threads over ``logical`` devices: torch ops and pool 0 serve cpu:0, pool i
+        serves cpu:i (the dense GEMV uses pool 0)."""
+        CpuBackend.logical = max(1, logical)
+        per = max(1, n // CpuBackend.logical)
+        if native.available():
+            for i in range(CpuBackend.logical):
+                native.set_pool_threads(i, per)
+        # The native pools run the weight-streaming ops; torch's own (attention, norms, routing,
+        # sampling) are small, and OpenMP workers spinning beside the pool's took the cores from
+        # each other: one intra-op thread made a decode step 2.5x faster (bench/README.md).
+        torch.set_num_threads(TORCH_THREADS_WITH_NATIVE if native.available() else per)
+
+
+Backend = CpuBackend
