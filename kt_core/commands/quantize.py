@@ -34,8 +34,7 @@ def run(overrides, flags) -> int:
         from kt_core.models.synthetic import default_checkpoint
 
         cfg.model.path = str(default_checkpoint())
-    qp = QuantPlan(Quant(choice(cfg.quant.experts)), Quant(choice(cfg.quant.dense)), int(cfg.quant.group_size),
-                   bool(cfg.quant.symmetric))
+    qp = QuantPlan.from_config(cfg.quant)
     if qp.experts is Quant.NONE:
         raise KtError("kt quantize needs a quantized expert format: quant=int4, int8, w8a8 or fp8")
     ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))

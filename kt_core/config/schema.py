@@ -94,6 +94,9 @@ class QuantConfig:
     name: str = MISSING
     experts: WeightFormat = WeightFormat.none
     dense: WeightFormat = WeightFormat.none
+    # the output head (lm_head) when it is not tied to the embedding; null = as quant.dense.
+    # llama.cpp keeps it at 6-8 bits in its 4-bit files: quant.head=int8 is that choice here
+    head: Optional[WeightFormat] = None
     group_size: int = 128  # int4 / fp8 group along the input dim (fp8: 0 = one scale per row)
     symmetric: bool = True
     # `kt quantize` output to load the experts from; null = <model.path>/kt-experts-<tag>.ktq when present

@@ -208,11 +208,13 @@ def _check_formats(cfg: DictConfig, roles: dict[str, list[DeviceSlot]], reg: Reg
     asks = {
         "attention": ("attention_prefill", "none", "model.dtype=float32 or bfloat16"),
         "dense": ("linear", cfg.quant.dense, "quant.dense=none"),
+        "head": ("linear", cfg.quant.head if cfg.quant.get("head") is not None else cfg.quant.dense,
+                 "quant.head=none"),
         "experts": ("moe_experts", cfg.quant.experts, "quant=none or quant=int8"),
     }
     for role, (op, quant, fix) in asks.items():
         quant = choice(quant)
-        for slot in roles[role]:
+        for slot in roles[role] if role in roles else roles["dense"][-1:]:  # the head: the last dense device
             if slot.backend in light:  # a built-in plugin: runs every op, dtype and format
                 continue
             cls = reg.status(slot.backend).cls
@@ -299,7 +301,8 @@ def check_values(cfg: DictConfig) -> None:
     _positive(cfg.plan.context_tokens, "plan.context_tokens")
     _positive(cfg.plan.prefill_chunk, "plan.prefill_chunk")
     _positive(cfg.quant.group_size, "quant.group_size", allow_zero=True)
-    if cfg.quant.group_size == 0 and "int4" in (choice(cfg.quant.experts), choice(cfg.quant.dense)):
+    if cfg.quant.group_size == 0 and "int4" in (choice(cfg.quant.experts), choice(cfg.quant.dense),
+                                                 choice(cfg.quant.get("head") or "none")):
         raise ConfigError("quant.group_size=0 (one scale per row) is for int8 / fp8; int4 needs a group size, "
                           "e.g. quant.group_size=128")
     if not 0 <= cfg.server.port <= 65535:

@@ -29,6 +29,20 @@ class QuantPlan:
     group_size: int = 128
     symmetric: bool = True
     prequant: Optional[object] = None  # a PrequantFile (kt quantize) to take the experts from
+    head: Optional[Quant] = None  # the untied lm_head; None: as dense
+
+    @classmethod
+    def from_config(cls, q) -> "QuantPlan":
+        """The plan of a composed config's ``quant`` group."""
+        from kt_core.config.schema import choice
+
+        head = choice(q.head) if q.get("head") is not None else None
+        return cls(Quant(choice(q.experts)), Quant(choice(q.dense)), int(q.group_size), bool(q.symmetric),
+                   head=None if head is None else Quant(head))
+
+    @property
+    def head_format(self) -> Quant:
+        return self.dense if self.head is None else self.head
 
 
 class _Reader:
@@ -45,18 +59,23 @@ class _Reader:
     def opt(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         return self.t(name, shape, dtype) if name in self.ck else None
 
-    def dense(self, name: str, shape):
+    def dense(self, name: str, shape, fmt: Optional[Quant] = None):
+        """A dense linear's weight in ``fmt`` (default: quant.dense), prepared for its device."""
+        fmt = self.qp.dense if fmt is None else fmt
         w = self.t(name, shape)
-        if self.qp.dense is Quant.NONE:
+        if fmt is Quant.NONE:
             return w
-        q = _quantize(w, self.qp.dense, self.qp, name).to(self.device)
+        q = _quantize(w, fmt, self.qp, name).to(self.device)
+        del w  # the source is not held while the device packs the codes
         return self.prepare(q) if self.prepare is not None else q
 
-    def experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, **biases):
+    def experts(self, gate, up, down, ids: torch.Tensor, **biases):
+        """gate / up / down: tensors, or callables that read them (then each projection is read and
+        quantized before the next is read, so only one is ever held in the checkpoint's dtype)."""
         qp = self.qp
 
         def q(w):
-            w = w.to(self.dtype)
+            w = (w() if callable(w) else w).to(self.dtype)
             if qp.experts is Quant.NONE:
                 return w.to(self.device)
             return _quantize(w, qp.experts, qp, "experts").to(self.device)
@@ -67,7 +86,7 @@ class _Reader:
 
 def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str):
     try:
-        return quantize(w.float(), fmt, qp.group_size, qp.symmetric)
+        return quantize(w, fmt, qp.group_size, qp.symmetric)  # converts a chunk of rows at a time
     except ValueError as exc:
         raise KtError(f"cannot quantize {what} to {fmt.value}: {exc}") from None
 
@@ -109,7 +128,13 @@ def _mlp(r: _Reader, p: str, H: int, inter: int) -> DenseMLP:
 
 
 def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
-    return torch.stack([ck.get(n, shape) for n in names])
+    """The named tensors stacked, read one at a time into the result (no second full copy)."""
+    first = ck.get(names[0], shape)
+    out = torch.empty((len(names), *first.shape), dtype=first.dtype)
+    out[0] = first
+    for j, n in enumerate(names[1:], 1):
+        out[j] = ck.get(n, shape)
+    return out
 
 
 def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Optional[int] = None) -> ExpertWeights:
@@ -138,10 +163,8 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
         # an fp8 checkpoint served in fp8: keep its codes and block scales, no requantization
         g, u, d = (_stack_fp8(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I))))
         return ExpertWeights(idx.to(r.device), g.to(r.device), u.to(r.device), d.to(r.device))
-    g = _stack(ck, lists[0], (I, H))
-    u = _stack(ck, lists[1], (I, H))
-    d = _stack(ck, lists[2], (H, I))
-    return r.experts(g, u, d, idx)
+    return r.experts(lambda: _stack(ck, lists[0], (I, H)), lambda: _stack(ck, lists[1], (I, H)),
+                     lambda: _stack(ck, lists[2], (H, I)), idx)
 
 
 def _stack_fp8(ck: Checkpoint, names: list[str], shape) -> QuantizedWeight:
@@ -244,7 +267,7 @@ class CausalLM:
         if spec.tie_embeddings or "lm_head.weight" not in ck:
             lm_head = embed if layers[0].device == layers[-1].device else last.t("model.embed_tokens.weight", (V, H))
         else:
-            lm_head = last.dense("lm_head.weight", (V, H))
+            lm_head = last.dense("lm_head.weight", (V, H), qp.head_format)
         return cls(spec, dtype, embed, layers, norm, lm_head)
 
     def weight_bytes(self) -> int:

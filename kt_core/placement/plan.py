@@ -197,6 +197,9 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     dtype_bytes = DTYPE_BYTES[choice(cfg.model.dtype)]
     q = cfg.quant
     qe, qd, group, sym = choice(q.experts), choice(q.dense), int(q.group_size), bool(q.symmetric)
+    qh = choice(q.head) if q.get("head") is not None else qd
+    # what each group's tensors are stored in: the embedding stays in model.dtype (a lookup table)
+    fmt_of = {"experts": qe, "embed": "none", "lm_head": qh}
     tensors = tensors if tensors is not None else model_tensors(spec)
     total_params = sum(t.numel for t in tensors)
     used = topo.used
@@ -213,7 +216,7 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     per_expert: dict[int, int] = {}
     expert_total: dict[int, int] = {}
     for t in tensors:
-        fmt = qe if t.group == "experts" else qd
+        fmt = fmt_of.get(t.group, qd)
         b = tensor_bytes(t, fmt, dtype_bytes, group, sym)
         if t.group == "experts":  # per-expert tensors, or GPT-OSS's fused [E, ...] ones
             per_expert[t.layer] = per_expert.get(t.layer, 0) + (b if t.expert is None else 0)

@@ -93,8 +93,9 @@ class Engine:
         from kt_core.kvcache.prefix import PrefixCache
 
         if self.prefix_cache is None:
-            fp = f"{self.fingerprint}|{self.cfg.model.dtype}|{self.cfg.quant.experts}|{self.cfg.quant.dense}|" \
-                 f"{self.cfg.quant.group_size}|{self.cfg.quant.symmetric}"
+            q = self.cfg.quant
+            fp = f"{self.fingerprint}|{self.cfg.model.dtype}|{q.experts}|{q.dense}|{q.get('head')}|" \
+                 f"{q.group_size}|{q.symmetric}"
             self.prefix_cache = PrefixCache(self.cache, fp, host_bytes, disk_dir, disk_bytes)
         return self.prefix_cache
 
@@ -124,8 +125,7 @@ class Engine:
 
         plan = make_plan(spec, cfg, topo, check_devices=True)  # a plan that cannot fit fails before any read
         spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + generation_eos(ck.path)))
-        qp = QuantPlan(Quant(choice(cfg.quant.experts)), Quant(choice(cfg.quant.dense)),
-                       int(cfg.quant.group_size), bool(cfg.quant.symmetric))
+        qp = QuantPlan.from_config(cfg.quant)
         qp.prequant = open_prequant(cfg, ck, spec, qp)
         dtype = torch_dtype(choice(cfg.model.dtype))
         n_pos = min(int(cfg.model.max_seq_len), spec.max_positions)
@@ -149,8 +149,11 @@ class Engine:
         if deferred and spec.moe is not None and deferred >= spec.moe.top_k:
             raise KtError(f"topology.deferred_experts={deferred} must be below the model's top-k "
                           f"({spec.moe.top_k}): at least one route per token must finish in its own layer")
-        model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos, placer=placer,
-                              deferred_experts=deferred, homes=homes)
+        try:
+            model = CausalLM.load(ck, spec, backend, dtype, qp, max_positions=n_pos, placer=placer,
+                                  deferred_experts=deferred, homes=homes)
+        finally:
+            ck.close()
         model.plan = plan
         model.prequant = qp.prequant  # the kt quantize file the experts came from, if any
         tokenizer = Tokenizer.from_dir(ck.path) if Tokenizer.present(ck.path) else None

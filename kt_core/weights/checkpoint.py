@@ -1,8 +1,8 @@
 """Reading Hugging Face checkpoint folders without unpickling anything.
 
 Safetensors files (single or sharded with ``model.safetensors.index.json``) are
-memory-mapped and read tensor by tensor, so a layer is only read when it is
-placed. ``.bin`` pickles are refused unless the caller allows them, and then
+read tensor by tensor with plain reads (``safetensors_file.py``, no memory map), so a
+layer is only read when it is placed and a converted weight leaves no resident copy. ``.bin`` pickles are refused unless the caller allows them, and then
 loaded with ``torch.load(weights_only=True)``. Every failure is a one-line
 ``KtError`` naming the file or tensor and what to do: each safetensors header is
 checked against the file's size (length field, dtypes, shapes, data_offsets)
@@ -20,6 +20,7 @@ import torch
 
 from kt_core.errors import KtError
 from kt_core.jsonfile import brief, is_rust_panic, json_error, read_json, show  # noqa: F401 (re-exported)
+from kt_core.weights.safetensors_file import SafetensorsFile
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,11 @@ SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8
                     "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 
-def check_safetensors_header(f: Path) -> None:
-    """Check a safetensors file's header against its size before anything is mapped or allocated:
+def check_safetensors_header(f: Path) -> tuple[dict, int]:
+    """Check a safetensors file's header against its size before anything is read or allocated:
     the 8-byte length, the JSON, each tensor's dtype, shape and data_offsets (inside the data section,
-    spanning exactly shape x dtype size, tiling it without gaps or overlaps). Raises a one-line KtError."""
+    spanning exactly shape x dtype size, tiling it without gaps or overlaps). Raises a one-line KtError.
+    Returns the tensors (name -> (dtype, shape, begin, end)) and where the data section starts."""
 
     def bad(problem: str) -> KtError:
         return KtError(f"{f.name} is corrupt or truncated ({problem}); download it again or re-convert "
@@ -64,7 +66,7 @@ def check_safetensors_header(f: Path) -> None:
     if not isinstance(header, dict):
         raise bad(f"the header is a JSON {type(header).__name__}, not an object")
     data_len = size - 8 - n
-    spans = []
+    spans, entries = [], {}
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
@@ -94,6 +96,7 @@ def check_safetensors_header(f: Path) -> None:
             raise bad(f"tensor {show(name)} is {dtype} {show(shape)} but its data_offsets span {end - begin} "
                       "bytes, not the size of that")
         spans.append((begin, end, name))
+        entries[name] = (dtype, tuple(shape), begin, end)
     pos, prev = 0, None
     for begin, end, name in sorted(spans):
         if begin < pos:
@@ -103,6 +106,7 @@ def check_safetensors_header(f: Path) -> None:
         pos, prev = end, name
     if pos != data_len:
         raise bad(f"{data_len - pos} bytes after the last tensor's data")
+    return entries, 8 + n
 
 
 def _shard_name_ok(fname) -> bool:
@@ -126,8 +130,7 @@ class Checkpoint:
         self.config = read_json(self.path / "config.json", "config.json")
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._index_file: Optional[Path] = None  # model.safetensors.index.json when the map came from it
-        self._open: dict[Path, object] = {}
-        self._names: dict[Path, frozenset] = {}  # tensor names each opened file holds
+        self._open: dict[Path, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
         self._index(allow_bin)
 
@@ -176,20 +179,16 @@ class Checkpoint:
             return
         raise KtError(f"no weights in {self.path}: expected *.safetensors (or model.safetensors.index.json)")
 
-    def _handle(self, f: Path):
+    def _handle(self, f: Path) -> SafetensorsFile:
         if f not in self._open:
-            from safetensors import safe_open
-
-            check_safetensors_header(f)
-            try:
-                handle = safe_open(str(f), framework="pt", device="cpu")
-                self._names[f] = frozenset(handle.keys())
-            except BaseException as exc:  # SafetensorError, OSError; a Rust panic is a BaseException
-                if not isinstance(exc, Exception) and not is_rust_panic(exc):
-                    raise
-                raise KtError(f"{f.name} is corrupt or truncated ({brief(exc)}); download it again") from None
-            self._open[f] = handle
+            entries, data_start = check_safetensors_header(f)
+            self._open[f] = SafetensorsFile(f, entries, data_start)
         return self._open[f]
+
+    def close(self) -> None:
+        """Close the files read so far (a later read opens them again)."""
+        for handle in self._open.values():
+            handle.close()
 
     def fingerprint(self) -> str:
         """Names this exact checkpoint: its config plus every weight file's name, size and mtime
@@ -274,16 +273,10 @@ class Checkpoint:
             raise KtError(f"tensor {name} is missing from the checkpoint in {self.path}")
         f = self._where[name]
         handle = self._handle(f)
-        if name not in self._names[f]:
+        if name not in handle.entries:
             raise KtError(f"{self._index_file.name if self._index_file else 'the index'} maps tensor {show(name)} "
                           f"to {f.name}, which does not hold it; download the checkpoint again")
-        try:
-            return handle.get_tensor(name)
-        except BaseException as exc:  # a Rust panic is a BaseException
-            if not isinstance(exc, Exception) and not is_rust_panic(exc):
-                raise
-            raise KtError(f"tensor {name} in {f.name} could not be read ({brief(exc)}); "
-                          "the file is probably truncated: download it again") from None
+        return handle.get_tensor(name)
 
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
         return self.get(name, shape, dtype) if name in self else None

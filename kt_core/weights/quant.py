@@ -5,7 +5,8 @@ Formats (all quantize along the *input* dim, the last dim of a weight):
 - ``int8``: symmetric, one float scale per output row (per channel).
 - ``int4``: group-wise, ``group_size`` inputs share a scale (and, when
   asymmetric, a zero point). Two 4-bit codes pack into one byte, the even
-  input index in the low nibble.
+  input index in the low nibble. Symmetric codes are -8..7 (stored +8) and the
+  scale may be negative, so all 16 levels are used (``_int4_symmetric``).
 - ``fp8``: float8 e4m3 codes (stored as their bytes) with a float scale per
   (row, group of ``group_size`` inputs); DeepSeek-V3's 128x128 block scales are
   this with each block's scale repeated over its 128 rows (``from_fp8_blocks``).
@@ -82,42 +83,84 @@ def _check_groups(in_features: int, group_size: int) -> None:
                          f"pick one of 32, 64, 128 that divides it")
 
 
+CHUNK_ELEMENTS = 1 << 22  # weights converted to float32 at a time while quantizing (16 MB)
+
+
+def _int4_symmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes -8..7 and a scale per group of ``g [rows, groups, group]`` using all 16 levels.
+
+    Two starting scales, the group's largest-magnitude value over -8 (it lands on code -8, so the
+    scale may be negative: a positive maximum then takes the -8 end) and its magnitude over 7, each
+    refined once to the least-squares scale for the codes it gave; the group keeps whichever
+    reconstructs it with less squared error. Against amax/7 alone this cuts the weight error's
+    energy by about a quarter on Gaussian and heavy-tailed weights."""
+    peak = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True))
+    best_q = best_d = best_err = None
+    for start in (peak / -8.0, peak.abs() / 7.0):
+        d = torch.where(start == 0, torch.ones_like(start), start)
+        q = torch.round(g / d).clamp_(-8, 7)
+        qq = (q * q).sum(dim=-1, keepdim=True)
+        ls = (g * q).sum(dim=-1, keepdim=True) / qq.clamp_min(1.0)
+        d = torch.where((qq > 0) & (ls != 0), ls, d)
+        q = torch.round(g / d).clamp_(-8, 7)
+        err = (g - q * d).square_().sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_q, best_d, best_err = q, d, err
+        else:
+            better = err < best_err
+            best_q, best_d = torch.where(better, q, best_q), torch.where(better, d, best_d)
+            best_err = torch.minimum(err, best_err)
+    return best_q + 8, best_d  # codes stored biased to 0..15
+
+
+def _int4_asymmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    zero = torch.round(-lo / scale).clamp_(0, 15)
+    return (torch.round(g / scale) + zero).clamp_(0, 15), scale, zero
+
+
 def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
              symmetric: bool = True) -> Weight:
-    """Quantize a float weight ``[..., out, in]`` into ``fmt`` (``none`` returns it unchanged)."""
+    """Quantize a float weight ``[..., out, in]`` into ``fmt`` (``none`` returns it unchanged).
+    Rows are converted to float32 a chunk at a time, so the peak beyond the result is bounded."""
     fmt = Quant(fmt)
     if fmt is Quant.NONE:
         return weight
-    w = weight.float()
-    in_features = w.shape[-1]
-    if fmt is Quant.FP8:
-        group = in_features if group_size <= 0 else group_size
-        _check_groups(in_features, group)
-        g = w.reshape(*w.shape[:-1], in_features // group, group)
-        scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
-        q = (g / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).reshape(w.shape)
-        return QuantizedWeight(fmt, q.view(torch.uint8), scale.squeeze(-1), None, group, in_features)
-    if fmt in (Quant.INT8, Quant.W8A8):
-        scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
-        q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
-        return QuantizedWeight(fmt, q, scale, None, in_features, in_features)
-    _check_groups(in_features, group_size)
-    if in_features % 2:
+    in_features = weight.shape[-1]
+    group = in_features if fmt in (Quant.INT8, Quant.W8A8) or (fmt is Quant.FP8 and group_size <= 0) \
+        else group_size
+    _check_groups(in_features, group)
+    if fmt is Quant.INT4 and in_features % 2:
         raise ValueError(f"int4 needs an even input dim, got {in_features}")
-    g = w.reshape(*w.shape[:-1], in_features // group_size, group_size)
-    if symmetric:
-        scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7.0
-        codes = torch.round(g / scale).clamp_(-8, 7) + 8  # stored biased to 0..15
-        zeros = None
-    else:
-        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-        scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-        zero = torch.round(-lo / scale).clamp_(0, 15)
-        codes = (torch.round(g / scale) + zero).clamp_(0, 15)
-        zeros = zero.squeeze(-1)
-    codes = codes.to(torch.uint8).reshape(*w.shape)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return QuantizedWeight(fmt, packed.contiguous(), scale.squeeze(-1), zeros, group_size, in_features)
+    lead, G = weight.shape[:-1], in_features // group
+    rows = weight.reshape(-1, in_features)
+    n = rows.shape[0]
+    width = in_features // 2 if fmt is Quant.INT4 else in_features
+    qdata = torch.empty(n, width, dtype=torch.int8 if fmt in (Quant.INT8, Quant.W8A8) else torch.uint8)
+    scales = torch.empty(n, G, dtype=torch.float32)
+    zeros = torch.empty(n, G, dtype=torch.float32) if fmt is Quant.INT4 and not symmetric else None
+    step = max(1, CHUNK_ELEMENTS // in_features)
+    for r0 in range(0, n, step):
+        g = rows[r0:r0 + step].float().reshape(-1, G, group)
+        if fmt is Quant.FP8:
+            scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+            q = (g / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        elif fmt in (Quant.INT8, Quant.W8A8):
+            scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+            q = torch.round(g / scale).clamp_(-127, 127).to(torch.int8)
+        else:
+            if symmetric:
+                codes, scale = _int4_symmetric(g)
+            else:
+                codes, scale, zero = _int4_asymmetric(g)
+                zeros[r0:r0 + step] = zero.squeeze(-1)
+            codes = codes.to(torch.uint8).reshape(g.shape[0], in_features)
+            q = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        qdata[r0:r0 + step] = q.reshape(g.shape[0], width)
+        scales[r0:r0 + step] = scale.squeeze(-1)
+    return QuantizedWeight(fmt, qdata.reshape(*lead, width), scales.reshape(*lead, G),
+                           None if zeros is None else zeros.reshape(*lead, G), group, in_features)
 
 
 def dequantize(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

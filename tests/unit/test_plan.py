@@ -191,3 +191,32 @@ def test_engine_refuses_a_plan_that_does_not_fit_before_reading_weights(tmp_path
                                        overrides=["device.cpu.memory_gb=4.001", "device.cpu.reserve_gb=4"])
     with pytest.raises(KtError, match="is a config for kt plan only"):
         kt_core.Engine.from_pretrained(None, overrides=["model=mixtral_8x7b"])
+
+
+@pytest.mark.parametrize("dense,head", [("int8", None), ("int4", "int8"), ("int8", "none"), ("none", "int4")])
+def test_quant_head_is_its_own_choice_and_the_plan_counts_it(tmp_path, dense, head):
+    from kt_backends.cpu import native_linear
+    from kt_core.models.synthetic import synthesize
+    from kt_core.weights.quant import QuantizedWeight
+
+    shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64, vocab_size=130000,
+                 tie_word_embeddings=False)
+    path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=2, shape=shape, sample_tokens=16,
+                      tokenizer="deepseek").path
+    overrides = [f"model.path={path}", "quant=int8", f"quant.dense={dense}", "quant.group_size=32"]
+    overrides += [] if head is None else [f"quant.head={head}"]
+    engine = kt_core.Engine.from_pretrained(path, overrides=overrides)
+
+    def fmt(w):
+        return getattr(w, "fmt", None) or (w.format.value if isinstance(w, (QuantizedWeight,)) else "none")
+
+    assert fmt(engine.model.lm_head) == (dense if head is None else head)
+    assert fmt(engine.model.layers[0].attn.w["q"]) == dense
+    assert fmt(engine.model.embed) == "none"  # a lookup table: never quantized
+    if fmt(engine.model.lm_head) != "none":
+        assert isinstance(engine.model.lm_head, native_linear.PackedLinear)
+    planned = plan_for(*overrides, check=True).devices["cpu:0"].weights_bytes
+    actual = engine.model.weight_bytes()
+    assert abs(planned - actual) / actual < 0.05, (planned, actual)
+    assert engine.generate([5, 6, 7], max_new_tokens=2, ignore_eos=True).token_ids
