@@ -33,7 +33,7 @@ def main() -> int:
     set_threads(args.threads)
     import kt_core
     from kt_backends.cpu import native
-    from kt_core.runtime.step_profile import StepProfiler
+    from kt_core.runtime.step_profile import StepProfiler, format_table
 
     ov = [f"device.cpu.threads={args.threads}", *args.override]
     t0 = time.perf_counter()
@@ -69,12 +69,7 @@ def main() -> int:
     emit(meta)
     for r in rows:
         emit(r)
-    print(f"\n{'phase':8} {'part':14} {'ms/step':>9} {'share':>7} {'MB/token':>9} {'GB/s':>7} {'roof ms':>8} "
-          f"{'roof share':>10}", file=sys.stderr)
-    for r in rows:
-        print(f"{r['phase']:8} {r['part'][:14]:14} {r.get('ms_per_step', ''):>9} {str(r.get('share', '')):>7} "
-              f"{str(r.get('weight_mb_per_token', '')):>9} {str(r.get('gbps', '')):>7} "
-              f"{str(r.get('roofline_ms', '')):>8} {str(r.get('roofline_share', '')):>10}", file=sys.stderr)
+    print("\n" + format_table(rows), file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,14 @@ random weights and a real tokenizer, built once into the cache folder (nothing i
 shows the machinery and its speed, not language: its text is gibberish. Every value (model.path,
 generate.*, topology, devices) is checked before anything loads.
 
-Streams the text, then prints token counts and prefill / decode tokens per second."""
+Streams the text, then prints token counts and prefill / decode tokens per second.
+
+--profile  also print where a step's time goes: per part (attention projections, attention, norms
+           and rope, router, MoE experts, dense MLP, lm_head, the rest) the ms per prefill and per
+           decode step, the weight MB a decode token reads, the GB/s reached, and each part's share
+           beside its roofline share at the measured memory bandwidth. Parts are timed with the
+           devices synchronised around them, so a profiled run is a little slower than a plain one."""
+FLAGS = ("--profile",)
 DEFAULT_PROMPT = "The three most useful things to know about mixture-of-experts models are"
 
 
@@ -40,7 +47,21 @@ def run(overrides, flags) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = engine.generate(source, on_token=emit, **sampling_kwargs(cfg))
+    if "--profile" not in flags:
+        result = engine.generate(source, on_token=emit, **sampling_kwargs(cfg))
+        sys.stdout.write("\n")
+        print(stats_line(result), file=sys.stderr)
+        return 0
+    from kt_core.runtime.step_profile import StepProfiler, format_table, host_bandwidth_gbps
+
+    prof = StepProfiler(engine)
+    with prof.active():
+        result = engine.generate(source, on_token=emit, **sampling_kwargs(cfg))
     sys.stdout.write("\n")
     print(stats_line(result), file=sys.stderr)
+    bandwidth = host_bandwidth_gbps() if engine.model.device.type == "cpu" else None
+    rows = prof.report("prefill") + prof.report("decode", bandwidth)
+    where = f"; roofline at {bandwidth:.1f} GB/s measured" if bandwidth else ""
+    print(f"\nprofile ({prof.steps.get('prefill', 0)} prefill, {prof.steps.get('decode', 0)} decode steps{where}):\n"
+          + format_table(rows), file=sys.stderr)
     return 0

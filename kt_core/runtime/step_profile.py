@@ -165,3 +165,25 @@ class StepProfiler:
                      "tokens_per_step": round(self.tokens[phase] / steps, 1),
                      **({"roofline_ms": round(roof_total, 3)} if roof else {})})
         return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The report's rows as a fixed-width table (what ``kt run --profile`` and bench print)."""
+    lines = [f"{'phase':8} {'part':14} {'ms/step':>9} {'share':>7} {'MB/token':>9} {'GB/s':>7} {'roof ms':>8} "
+             f"{'roof share':>10}"]
+    for r in rows:
+        lines.append(f"{r['phase']:8} {r['part'][:14]:14} {r.get('ms_per_step', ''):>9} {str(r.get('share', '')):>7} "
+                     f"{str(r.get('weight_mb_per_token', '')):>9} {str(r.get('gbps', '')):>7} "
+                     f"{str(r.get('roofline_ms', '')):>8} {str(r.get('roofline_share', '')):>10}")
+    return "\n".join(lines)
+
+
+def host_bandwidth_gbps() -> Optional[float]:
+    """The host's streaming-read bandwidth measured by the native kernels (None without them)."""
+    from kt_backends.cpu import native_lib
+
+    if not native_lib.available():
+        return None
+    from kt_backends.cpu import native
+
+    return native.memory_bandwidth_gbps()

@@ -115,6 +115,23 @@ def test_kt_run_builds_the_embedded_default_once_and_generates(cache_env):
     assert "loading Qwen3MoeForCausalLM (4 layers): 4/4 done in" in again.stderr
 
 
+def test_kt_run_profile_prints_every_part_per_phase(cache_env):
+    proc = kt(cache_env, "run", "--profile", "generate.max_new_tokens=5", "prompt=Hello there")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Hello there") and "ms/step" not in proc.stdout  # the table goes to stderr
+    table = proc.stderr[proc.stderr.index("profile (1 prefill, 4 decode steps"):].splitlines()[1:]
+    assert table[0].split()[:4] == ["phase", "part", "ms/step", "share"]
+    rows = {(cells[0], cells[1]): cells[2:] for cells in (line.split() for line in table[1:])}
+    for phase in ("prefill", "decode"):
+        for part in ("attn_proj", "attention", "norm_rope", "router", "moe", "lm_head", "other", "step"):
+            assert (phase, part) in rows, (phase, part)
+    step = float(rows[("decode", "step")][0])
+    parts = sum(float(rows[("decode", p)][0]) for p in ("attn_proj", "attention", "norm_rope", "router", "moe",
+                                                         "dense_mlp", "lm_head", "other"))
+    assert step > 0 and abs(parts - step) <= 0.01 * step + 0.01  # the parts add up to the step
+    assert float(rows[("decode", "lm_head")][1]) > 0  # MB a decode token reads for the head
+
+
 def test_kt_chat_streams_replies_from_stdin(cache_env):
     proc = kt(cache_env, "chat", "generate.max_new_tokens=4", stdin="hello\n/reset\nsecond question\n/exit\n")
     assert proc.returncode == 0, proc.stderr
