@@ -27,7 +27,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=None,
-                    help="intra-op threads of torch's own ops after load (default: as kt-core sets them)")
+                    help="intra-op threads of torch's own ops in every step (default: as kt-core sets them, "
+                         "1 in decode and all in prefill when the native kernels run)")
     args = ap.parse_args()
     repo_on_path()
     set_threads(args.threads)
@@ -40,9 +41,9 @@ def main() -> int:
     engine = kt_core.Engine.from_pretrained(args.model, overrides=ov)
     load_s = time.perf_counter() - t0
     if args.torch_threads:
-        import torch
+        from kt_backends.cpu import CpuBackend
 
-        torch.set_num_threads(args.torch_threads)
+        CpuBackend.set_torch_threads(decode=args.torch_threads, prefill=args.torch_threads)
     bw = native.memory_bandwidth_gbps() if native.available() else None
     vocab = engine.model.spec.vocab_size
     prompt = [(i * 7919) % (vocab - 200) + 100 for i in range(args.prompt_tokens)]

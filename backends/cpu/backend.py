@@ -120,10 +120,27 @@ class CpuBackend(TorchBackend):
         if native.available():
             for i in range(CpuBackend.logical):
                 native.set_pool_threads(i, per)
-        # The native pools run the weight-streaming ops; torch's own (attention, norms, routing,
-        # sampling) are small, and OpenMP workers spinning beside the pool's took the cores from
-        # each other: one intra-op thread made a decode step 2.5x faster (bench/README.md).
-        torch.set_num_threads(TORCH_THREADS_WITH_NATIVE if native.available() else per)
+        # The native pools run the weight-streaming ops; in a decode step torch's own (attention,
+        # norms, routing, sampling) are small, and OpenMP workers spinning beside the pool's took
+        # the cores from each other: one intra-op thread made a decode step 2.5x faster. A prefill
+        # step's torch ops (attention over the prompt, bf16 projections on oneDNN) are large and
+        # take every thread: 1.33x the prefill tokens/s (bench/README.md). begin_step switches.
+        CpuBackend._torch_threads = {True: TORCH_THREADS_WITH_NATIVE if native.available() else per, False: per}
+        self.begin_step(decode=True)
+
+    _torch_threads = None  # {decode: torch intra-op threads}, set by set_threads
+
+    @classmethod
+    def set_torch_threads(cls, decode: int, prefill: int) -> None:
+        """torch's intra-op threads in decode and in prefill steps (benchmarks; set_threads picks them)."""
+        cls._torch_threads = {True: max(1, int(decode)), False: max(1, int(prefill))}
+
+    def begin_step(self, decode: bool) -> None:
+        if CpuBackend._torch_threads is None:
+            return  # set_threads was never called: torch keeps its own setting
+        n = CpuBackend._torch_threads[bool(decode)]
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 Backend = CpuBackend

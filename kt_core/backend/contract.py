@@ -107,6 +107,10 @@ class Backend(abc.ABC):
     def synchronize(self, index: Optional[int] = None) -> None:
         """Wait for all queued work on device ``index`` (all devices if None)."""
 
+    def begin_step(self, decode: bool) -> None:
+        """A forward step starts: a decode step (one token per sequence) or one with prefill rows.
+        A device whose best settings differ between the two (the CPU's thread split) sets them here."""
+
     # ---- capabilities (class-level, so the planner can ask about an absent device) ----
     @classmethod
     @abc.abstractmethod

@@ -311,6 +311,8 @@ class CausalLM:
             raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
                           f"{self.cos_sin.shape[0]} tokens; shorten the prompt or max_new_tokens")
         on = {batch.tokens.device: batch}  # the step's metadata, moved once per device
+        for be in {id(layer.be): layer.be for layer in self.layers}.values():
+            be.begin_step(bool(batch.is_decode))
         h = self.embed[batch.to(self.layers[0].device).tokens]
         carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)
         for i, layer in enumerate(self.layers):
