@@ -26,7 +26,27 @@ template <int MR>
 KT_AVX512 inline void rows_f_avx512(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {
   __m512 acc[4];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
-  if (w.fmt == FMT_BF16) {
+  if (w.fmt == FMT_BF16 && MR == 1) {
+    // one token (decode): four independent sums over k, so the loop streams weights instead of
+    // waiting on one FMA chain (4-cycle latency per 32 bytes held it to ~2/3 of the bandwidth)
+    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * w.K * NR;
+    __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 4 <= w.K; k += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
+      for (int u = 0; u < 4; ++u) {
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (k + u) * NR))), 16));
+        s[u] = _mm512_fmadd_ps(_mm512_set1_ps(X[k + u]), v, s[u]);
+      }
+    }
+    for (; k < w.K; ++k) {
+      __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR))), 16));
+      s[0] = _mm512_fmadd_ps(_mm512_set1_ps(X[k]), v, s[0]);
+    }
+    acc[0] = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
+  } else if (w.fmt == FMT_BF16) {
     const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * w.K * NR;
     for (int64_t k = 0; k < w.K; ++k) {
       __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
