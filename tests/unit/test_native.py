@@ -140,9 +140,19 @@ def test_memory_bandwidth_probe():
     assert math.isfinite(gbps) and gbps > 0  # a rate, not a timing bound: machines are shared
 
 
+@pytest.mark.parametrize("variant", ["default", "avx2", "avx512"])  # the dense GEMV's AVX2 / AVX-512 forms
 @pytest.mark.parametrize("T", [1, 3, 4, 17])
-@pytest.mark.parametrize("M,K", [(33, 64), (64, 100), (7, 8)])
-def test_dense_linear_matches_torch(T, M, K):
+@pytest.mark.parametrize("M,K", [(33, 64), (64, 100), (7, 8), (9, 40)])
+def test_dense_linear_matches_torch(T, M, K, variant):
+    if variant != "default":
+        if variant not in native.supported_variants():
+            pytest.skip(f"this CPU has no {variant} (its kernels run under tests/native's emulation)")
+        before = native.variant()
+        native.set_variant(variant)
+        try:
+            return test_dense_linear_matches_torch(T, M, K, "default")
+        finally:
+            native.set_variant(before)
     g = torch.Generator().manual_seed(T * M)
     w = torch.randn(M, K, generator=g).to(torch.bfloat16)
     b = torch.randn(M, generator=g)

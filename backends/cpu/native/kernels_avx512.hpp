@@ -167,6 +167,28 @@ KT_AVX512 inline __m256i bf16x16(const float* x) {
   return _mm512_cvtsepi32_epi16(_mm512_srai_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
 }
 
+// One token against 4 bf16 rows (the row-major dense GEMV of decode): 16 inputs per step, so
+// one widening load per 32 weight bytes where the AVX2 form needs two.
+KT_AVX512 inline void dense_quad_avx512(const uint16_t* w, int64_t K, const float* x, float* o) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int j = 0; j < 4; ++j) {
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k))), 16));
+      a[j] = _mm512_fmadd_ps(xv, v, a[j]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    float lanes[16], v = 0.f;  // (not _mm512_reduce_add_ps: SIMDe, which tests/native builds with, lacks it)
+    _mm512_storeu_ps(lanes, a[j]);
+    for (float l : lanes) v += l;
+    for (int64_t kk = k; kk < K; ++kk) v += x[kk] * bf16_to_f32(w[j * K + kk]);
+    o[j] = v;
+  }
+}
+
 // AVX512-BF16 (Zen 4, Cooper Lake): VDPBF16PS multiplies bf16 pairs into fp32 sums, twice the
 // FMA path's work per instruction. For prefill tiles of 16+ tokens of bf16 experts on CPUs
 // without AMX; like AMX it rounds the activations to bf16 (the MoE's inputs are bf16 hidden

@@ -268,11 +268,14 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
                        float* out) {
   const int64_t RB = 32, blocks = (M + RB - 1) / RB;
   const bool avx2 = state().variant >= VARIANT_AVX2;
+  const bool avx512 = state().variant >= VARIANT_AVX512;
   state().threads().run(blocks, [&](int64_t b) {
     const int64_t r0 = b * RB, r1 = std::min(M, r0 + RB);
     int64_t r = r0;
 #if defined(KT_X86)
-    if (avx2 && T == 1)  // decode: 4 rows per pass
+    if (avx512 && T == 1)  // decode: 4 rows per pass
+      for (; r + 4 <= r1; r += 4) dense_quad_avx512(w + r * K, K, x, out + r);
+    if (avx2 && T == 1)
       for (; r + 4 <= r1; r += 4) dense_quad_avx2(w + r * K, K, x, out + r);
 #endif
     for (; r < r1; r += 2) {
