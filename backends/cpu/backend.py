@@ -126,7 +126,7 @@ class CpuBackend(TorchBackend):
         # step's torch ops (attention over the prompt, bf16 projections on oneDNN) are large and
         # take every thread: 1.33x the prefill tokens/s (bench/README.md). begin_step switches.
         CpuBackend._torch_threads = {True: TORCH_THREADS_WITH_NATIVE if native.available() else per, False: per}
-        self.begin_step(decode=True)
+        self.begin_step(decode=False)  # until the first decode step (loading: quantizing, packing) all of them
 
     _torch_threads = None  # {decode: torch intra-op threads}, set by set_threads
 
