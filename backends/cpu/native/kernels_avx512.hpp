@@ -34,6 +34,7 @@ KT_AVX512 inline void rows_f_avx512(const Weight& w, int64_t p, const float* X, 
     int64_t k = 0;
     for (; k + 4 <= w.K; k += 4) {
       _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH + 64, _MM_HINT_T0);
       for (int u = 0; u < 4; ++u) {
         __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
             _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (k + u) * NR))), 16));
@@ -174,6 +175,8 @@ KT_AVX512 inline void dense_quad_avx512(const uint16_t* w, int64_t K, const floa
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     const __m512 xv = _mm512_loadu_ps(x + k);
+    if ((k & 31) == 0)  // a cache line of each row per two steps
+      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + KT_PREFETCH, _MM_HINT_T0);
     for (int j = 0; j < 4; ++j) {
       const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
           _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k))), 16));
