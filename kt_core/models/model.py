@@ -230,6 +230,7 @@ class CausalLM:
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.be, self.device = layers[-1].be, layers[-1].device  # where logits and sampling happen
         self.cos_sin = layers[0].cos_sin
+        self.backends = list({id(layer.be): layer.be for layer in layers}.values())  # each told of every step
 
     @classmethod
     def load(cls, ck: Checkpoint, spec: ModelSpec, backend: Backend, dtype: torch.dtype,
@@ -311,7 +312,7 @@ class CausalLM:
             raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
                           f"{self.cos_sin.shape[0]} tokens; shorten the prompt or max_new_tokens")
         on = {batch.tokens.device: batch}  # the step's metadata, moved once per device
-        for be in {id(layer.be): layer.be for layer in self.layers}.values():
+        for be in self.backends:
             be.begin_step(bool(batch.is_decode))
         h = self.embed[batch.to(self.layers[0].device).tokens]
         carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)

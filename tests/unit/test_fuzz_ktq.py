@@ -176,14 +176,19 @@ def test_header_fields_of_wrong_type_or_size(originals, target, data):
     fuzz(originals, target, data, st.just("fields"))
 
 
-@FAST
-@given(data=st.data())
-def test_everything_at_once(originals, target, data):
+def everything_at_once(originals, target, data):
+    """One file of a drawn kind with one to three mutations of drawn kinds stacked."""
     kind = data.draw(kinds)
     raw, args = originals[kind]
     for how in data.draw(st.lists(st.sampled_from(["flip_header", "fields", "truncate"]), min_size=1, max_size=3)):
         raw = mutate(data, raw, how)
     check(target, raw, kind, args, data.draw(st.booleans()))
+
+
+@FAST
+@given(data=st.data())
+def test_everything_at_once(originals, target, data):
+    everything_at_once(originals, target, data)
 
 
 # ---------------------------------------------------------------- -m slow: 3,000 more
@@ -205,11 +210,7 @@ def test_header_fields_of_wrong_type_or_size_more(originals, target, data):
 @SLOW
 @given(data=st.data())
 def test_everything_at_once_more(originals, target, data):
-    kind = data.draw(kinds)
-    raw, args = originals[kind]
-    for how in data.draw(st.lists(st.sampled_from(["flip_header", "fields", "truncate"]), min_size=1, max_size=3)):
-        raw = mutate(data, raw, how)
-    check(target, raw, kind, args, data.draw(st.booleans()))
+    everything_at_once(originals, target, data)
 
 
 def test_the_valid_files_load(originals, target):

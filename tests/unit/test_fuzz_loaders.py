@@ -433,6 +433,17 @@ ROPE_FIELDS = ["factor", "original_max_position_embeddings", "low_freq_factor", 
                "partial_rotary_factor"]
 
 
+def _generic_op(draw, cfg: dict, op: str) -> object:
+    """The mutations both JSON config fuzzers share: drop a key ("delete"), set a random nested
+    path ("random_path"), or replace the whole document with a scalar or a list ("top")."""
+    if op == "delete":
+        cfg.pop(draw(st.sampled_from(sorted(cfg) or ["x"])), None)
+        return cfg
+    if op == "random_path":
+        return _set_path(draw, cfg)
+    return draw(st.one_of(scalars, st.lists(json_values, max_size=3)))
+
+
 @st.composite
 def config_values(draw, base: dict) -> object:
     cfg = json.loads(json.dumps(base))
@@ -443,17 +454,13 @@ def config_values(draw, base: dict) -> object:
             cfg[key] = draw(json_values)
         elif op == "number":
             cfg[key] = draw(numbers)
-        elif op == "delete":
-            cfg.pop(draw(st.sampled_from(sorted(cfg) or ["x"])), None)
         elif op == "rope":
             rope = {draw(st.sampled_from(["type", "rope_type"])): draw(st.sampled_from(ROPE_KINDS))}
             for field in draw(st.lists(st.sampled_from(ROPE_FIELDS), max_size=6)):
                 rope[field] = draw(st.one_of(numbers, json_values))
             cfg[draw(st.sampled_from(["rope_scaling", "rope_parameters"]))] = rope
-        elif op == "random_path":
-            cfg = _set_path(draw, cfg)
-        else:
-            cfg = draw(st.one_of(scalars, st.lists(json_values, max_size=3)))
+        else:  # delete, random_path, top
+            cfg = _generic_op(draw, cfg, op)
         if not isinstance(cfg, dict):
             break
     return cfg
@@ -504,12 +511,8 @@ def tokenizer_config_values(draw, base: dict):
             key = draw(st.sampled_from(["model_max_length", "added_tokens_decoder", "tokenizer_class",
                                         "clean_up_tokenization_spaces", "additional_special_tokens"]))
             cfg[key] = draw(json_values)
-        elif op == "delete":
-            cfg.pop(draw(st.sampled_from(sorted(cfg) or ["x"])), None)
-        elif op == "random_path":
-            cfg = _set_path(draw, cfg)
-        else:
-            cfg = draw(st.one_of(scalars, st.lists(json_values, max_size=3)))
+        else:  # delete, random_path, top
+            cfg = _generic_op(draw, cfg, op)
         if not isinstance(cfg, dict):
             break
     return cfg
