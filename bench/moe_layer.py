@@ -5,10 +5,22 @@ the CPU: kt-core's native kernels vs the torch path, per weight format and token
     python bench/moe_layer.py --tokens 1,128 --formats bf16,int4 --repeats 7 --threads 2
     python bench/moe_layer.py --vs-ktkernel --ktkernel-python /tmp/venv-kt/bin/python
 
---vs-ktkernel adds rows with impl "kt-kernel": kt-kernel's AVX2 MoE operator on the same weights
-(bf16; int4 with the same codes and bf16-rounded scales; fp8 with the same 128x128-block codes;
-int8/w8a8 as its llamafile Q8_0, which it quantizes itself, so its rel_err there is against the
-original weights), same inputs and routings, one row per kt-kernel thread count (1..--threads).
+--vs-ktkernel adds rows with impl "kt-kernel": kt-kernel's MoE operators on the same inputs and
+routings, one row per operator class and kt-kernel thread count (1..--threads; with 2 kt threads
+its workers busy-wait, which slows decode on a 2-core machine). --ktkernel-family picks its
+classes: "auto" (default) takes its AMX classes where the kt-kernel build that loads has them -
+its amx build on CPUs with AMX-INT8/AMX-BF16, or its avx512 build on AVX-512 CPUs, where the same
+classes run AVX-512 code - and its AVX2 classes otherwise; "amx" / "avx2" force one. Each row
+names the class ("ktkernel_class"), the build ("ktkernel_variant") and what it was given
+("ktkernel_weights"); rel_err_basis says what its rel_err compares with.
+  amx:  bf16 AMXBF16_MOE; int4 AMXInt4_KGroup_MOE on our codes with bf16-rounded scales (same
+        group; group 128 gives NaN in 0.7.2) and AMXInt4_MOE, which quantizes the bf16 weights
+        itself per channel; int8 and w8a8 AMXInt8_MOE, which also quantizes them itself; fp8
+        AMXFP8_MOE on our 128x128-block codes; fp8_pc AMXFP8PerChannel_MOE on our codes.
+  avx2: bf16 AVX2BF16_MOE; int4 AVX2RawInt4_MOE on our codes; fp8 AVX2FP8_MOE; int8 and w8a8
+        its llamafile Q8_0 (MOE), which it quantizes itself.
+Where kt-kernel quantizes the weights itself, rel_err is against the original weights (so it
+includes its quantization error); elsewhere against our dequantized weights.
 kt-kernel runs in the interpreter given by --ktkernel-python (default: this one, when it can
 import kt_kernel), via bench/_ktkernel_runner.py.
 
@@ -75,55 +87,88 @@ def fp8_blocks(w: torch.Tensor, b: int = 128) -> QuantizedWeight:
     return from_fp8_blocks(codes, scale, b)
 
 
-def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert):
-    """kt-kernel's operator on the same weights and inputs, in its own interpreter; JSON rows."""
+def ktkernel_probe(a) -> dict:
+    """kt-kernel's build, the class family --ktkernel-family resolves to, its classes per format."""
+    import json
+    import subprocess
+    import tempfile
+
+    runner = Path(__file__).resolve().parent / "_ktkernel_runner.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "probe.json")
+        proc = subprocess.run([a.ktkernel_python, str(runner), "--probe", str(out), "--family", a.ktkernel_family],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if proc.returncode or not out.is_file():
+            sys.exit(f"--vs-ktkernel: {(proc.stderr.strip() or proc.stdout.strip())[-400:]}")
+        return json.loads(out.read_text())
+
+
+# what a kt-kernel class is given (see _ktkernel_runner.FAMILIES), for the rows
+KT_WEIGHTS = {"bf16": "our bf16 weights", "raw": "our codes and scales",
+              "online": "our bf16 weights, quantized by kt-kernel itself",
+              "q8_0": "llamafile Q8_0 made by kt-kernel from our bf16 weights"}
+
+
+def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt):
+    """kt-kernel's operators on the same weights and inputs, in its own interpreter; JSON rows."""
     import json
     import subprocess
     import tempfile
 
     from safetensors.torch import load_file, save_file
 
-    kind = {"bf16": "bf16", "int4": "int4", "fp8": "fp8", "int8": "q8_0", "w8a8": "q8_0"}.get(fmt)
-    if kind is None:
-        emit({"impl": "kt-kernel", "format": label(fmt, a.group), "skipped": "no kt-kernel AVX2 operator for it"})
+    cases = kt["cases"].get(fmt)
+    info = {"ktkernel_family": kt["family"], "ktkernel_variant": kt["variant"]}
+    if not cases:
+        emit({"impl": "kt-kernel", "format": label(fmt, a.group), **info,
+              "skipped": f"no kt-kernel {kt['family']} operator for it"})
         return
     t = {}
-    if kind in ("bf16", "q8_0"):
+    if any(kind != "raw" for _, kind in cases):
         t.update(gate=base[0], up=base[1], down=base[2])
-    else:
+    if any(kind == "raw" for _, kind in cases):
         for name in ("gate", "up", "down"):
             w = getattr(ex, name)
             t[f"{name}_codes"] = w.qdata.contiguous()
-            sc = w.scales if kind == "int4" else w.scales[:, ::128, :]  # rows repeat each block's scale
-            t[f"{name}_scales"] = (sc.to(torch.bfloat16) if kind == "int4" else sc.float()).contiguous()
+            if fmt == "int4":  # bf16 per group (build() rounded them, so ours are the same values)
+                sc = w.scales.to(torch.bfloat16)
+            elif fmt == "fp8":  # fp32 per 128x128 block: our rows repeat each block's scale
+                sc = w.scales[:, ::128, :].float()
+            else:  # fp8_pc: fp32 per row
+                sc = w.scales.float().reshape(E, -1)
+            t[f"{name}_scales"] = sc.contiguous()
     for T, sets in sets_by_t.items():
         t[f"x_{T}"] = xs[T].contiguous()
         for i, (ids, w) in enumerate(sets):
             t[f"ids_{T}_{i}"], t[f"w_{T}_{i}"] = ids.long().contiguous(), w.float().contiguous()
     with tempfile.TemporaryDirectory() as tmp:
-        job = {"E": E, "K": K, "H": H, "I": I, "kind": kind, "group": a.group if kind == "int4" else 128,
+        job = {"E": E, "K": K, "H": H, "I": I, "format": fmt, "group": a.group, "cases": cases,
                "tokens": list(sets_by_t), "sets": a.sets, "repeats": a.repeats,
                "threads": list(range(1, a.threads + 1))}
         Path(tmp, "job.json").write_text(json.dumps(job))
         save_file(t, str(Path(tmp, "inputs.safetensors")))
+        del t
         runner = Path(__file__).resolve().parent / "_ktkernel_runner.py"
         proc = subprocess.run([a.ktkernel_python, str(runner), "--job", tmp], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
         if proc.returncode:
-            emit({"impl": "kt-kernel", "format": label(fmt, a.group), "returncode": proc.returncode,
+            emit({"impl": "kt-kernel", "format": label(fmt, a.group), **info,
+                  "ktkernel_class": ",".join(c for c, _ in cases), "returncode": proc.returncode,
                   "error": (proc.stderr.strip() or proc.stdout.strip())[-400:]})
             return
         outs = load_file(str(Path(tmp, "outputs.safetensors")))
         for r in json.loads(Path(tmp, "results.json").read_text()):
-            T, s = r["tokens"], r["ms"] / 1e3
-            ref = ref_orig[T] if kind == "q8_0" else refs[T]
-            out = outs[f"out_{T}_{r['threads']}"].float()
+            T, s, kind = r["tokens"], r["ms"] / 1e3, r["kind"]
+            on_orig = kind in ("online", "q8_0")
+            ref = ref_orig[T] if on_orig else refs[T]
+            out = outs[f"out_{r['case']}_{T}_{r['threads']}"].float()
+            # bytes as our format stores them (kt-kernel's own layout may differ, e.g. per channel)
             touched = median([int(i.unique().numel()) for i, _ in sets_by_t[T]]) * per_expert
-            emit({"impl": "kt-kernel", "format": label(fmt, a.group) + ("(as q8_0)" if kind == "q8_0" else ""),
-                  "tokens": T, "threads": r["threads"], "ms": r["ms"], "tokens_per_s": T / s,
-                  "weight_gbps": touched / s / 1e9, "bw_fraction": touched / s / 1e9 / bw,
+            emit({"impl": "kt-kernel", "format": label(fmt, a.group), "ktkernel_class": r["class"], **info,
+                  "ktkernel_weights": KT_WEIGHTS[kind], "tokens": T, "threads": r["threads"], "ms": r["ms"],
+                  "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9, "bw_fraction": touched / s / 1e9 / bw,
                   "rel_err": float((out - ref).abs().max() / ref.abs().max()),
-                  "rel_err_basis": "original weights" if kind == "q8_0" else "dequantized weights"})
+                  "rel_err_basis": "original weights" if on_orig else "dequantized weights"})
 
 
 def label(fmt: str, group: int) -> str:
@@ -160,6 +205,8 @@ def main() -> None:
     ap.add_argument("--sets", type=int, default=16, help="distinct routings cycled while timing")
     ap.add_argument("--vs-ktkernel", action="store_true", help="add kt-kernel rows (see the module doc)")
     ap.add_argument("--ktkernel-python", default=None, help="interpreter with kt-kernel installed")
+    ap.add_argument("--ktkernel-family", choices=("auto", "amx", "avx2"), default="auto",
+                    help="kt-kernel's operator classes (auto: AMX where its build has them, else AVX2)")
     a = ap.parse_args()
     if a.vs_ktkernel and a.ktkernel_python is None:
         import importlib.util
@@ -168,6 +215,7 @@ def main() -> None:
             sys.exit("--vs-ktkernel: kt_kernel is not importable here; pass --ktkernel-python PATH "
                      "(see ../shared/tools/ktkernel-bench/README.md for its venv)")
         a.ktkernel_python = sys.executable
+    kt = ktkernel_probe(a) if a.vs_ktkernel else None
     set_threads(a.threads)
     if not native.available():
         sys.exit(f"native kernels unavailable: {native.status()}")
@@ -205,7 +253,7 @@ def main() -> None:
                       "bw_fraction": touched / s / 1e9 / bw,
                       "rel_err": float((out.float() - ref).abs().max() / ref.abs().max()), "quant_err": quant_err})
         if a.vs_ktkernel:
-            ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert)
+            ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt)
 
 
 if __name__ == "__main__":
