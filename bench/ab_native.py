@@ -1,6 +1,7 @@
 """A/B of native kernel builds in one process: the way to judge a kernel change on a noisy machine.
 
-Each --rev (a git revision, or "worktree" for the files as they are now) has its
+Each --rev (a git revision, "worktree" for the files as they are now, or dir:PATH for a folder of
+native sources, e.g. an old revision with its ABI number raised) has its
 backends/cpu/native/ sources compiled into its own shared library with setup.py's flags; all
 are loaded side by side (ctypes, separate paths, so separate kernel state and thread pools) and
 called in alternating blocks on the same packed weights, inputs and routings of one
@@ -41,9 +42,9 @@ NATIVE = Path("backends") / "cpu" / "native"
 
 def sources(rev: str, into: Path) -> Path:
     """backends/cpu/native/ as of rev, copied into a fresh folder."""
-    dst = into / rev.replace("/", "_").replace("~", "-").replace("^", "-")
-    if rev == "worktree":
-        shutil.copytree(ROOT / NATIVE, dst)
+    dst = into / rev.replace("/", "_").replace("~", "-").replace("^", "-").replace(":", "_")
+    if rev == "worktree" or rev.startswith("dir:"):
+        shutil.copytree(ROOT / NATIVE if rev == "worktree" else Path(rev[4:]), dst)
         return dst
     dst.mkdir(parents=True)
     names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{NATIVE.as_posix()}"], cwd=ROOT,
@@ -81,7 +82,8 @@ def load(path: Path, threads: int, rev: str) -> ctypes.CDLL:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rev", action="append", required=True, help="git revision or 'worktree' (2 or more)")
+    ap.add_argument("--rev", action="append", required=True,
+                    help="git revision, 'worktree', or dir:PATH (a folder of native sources) (2 or more)")
     ap.add_argument("--format", default="int4", choices=sorted(FORMATS))
     ap.add_argument("--group", type=int, default=32, help="int4 group size")
     ap.add_argument("--tokens", type=int, default=1)
@@ -96,7 +98,8 @@ def main() -> None:
     set_threads(a.threads)
     packed = native.pack(build(a.format, make_weights(), a.group))
     T = a.tokens
-    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).float()
+    # bf16 values, as a bf16 model's hidden states (round_bf16=1 below lets the kernels rely on it)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16().float()
     # routings cycled so a call cannot reuse the previous call's experts from cache; the tensors
     # behind the raw pointers stay referenced by `sets` and `outs`
     sets = [(ids.long().contiguous(), w.float().contiguous()) for ids, w in (routes(T, 1000 + i) for i in range(16))]
@@ -104,7 +107,7 @@ def main() -> None:
     outs = [torch.empty(T, H) for _ in sets]
     args = [native._MoeArgs(T, H, I, K, E, local_of.numel(), native.FORMATS[packed.fmt], packed.group, 0,
                             x.data_ptr(), ids.data_ptr(), w.data_ptr(), local_of.data_ptr(), gate, up, down,
-                            out.data_ptr(), 0)
+                            out.data_ptr(), 0, 1)
             for (ids, w), out in zip(sets, outs)]
     with tempfile.TemporaryDirectory() as tmp:
         libs = [load(compile_lib(sources(rev, Path(tmp))), a.threads, rev) for rev in a.rev]

@@ -48,6 +48,17 @@ def set_variant(name: str) -> None:
         raise ValueError(f"kernel variant '{name}' is {'unknown' if rc == -2 else 'not supported by this CPU'}")
 
 
+def bf16_tile_tokens(variant: str, fmt: str) -> int:
+    """The fewest tokens of one expert (rows of one dense call) from which ``variant`` runs ``fmt``
+    on a kernel that rounds activations to bf16 (AMX tiles, AVX512-BF16 pairs); 0: never."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    n = int(_need().kt_bf16_tile_tokens(str(variant).encode(), FORMATS[fmt]))
+    if n < 0:
+        raise ValueError(f"unknown kernel variant {variant!r}; variants: {', '.join(VARIANTS)}")
+    return n
+
+
 def _pool(pool) -> int:
     return _index(pool, "pool (logical CPU device cpu:N)", 0, MAX_POOLS - 1)
 
@@ -162,7 +173,8 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
     if T == 0:
         return out.to(hidden.dtype)
     args = _MoeArgs(T, H, I, K, E, local_of.numel(), fmt, group, act, x.data_ptr(), ids.data_ptr(),
-                    w.data_ptr(), local_of.data_ptr(), gate, up, down, out.data_ptr(), pool)
+                    w.data_ptr(), local_of.data_ptr(), gate, up, down, out.data_ptr(), pool,
+                    int(hidden.dtype == torch.bfloat16))
     _check_rc(lib.kt_moe_forward(ctypes.byref(args)), "moe_forward")
     return out.to(hidden.dtype)
 

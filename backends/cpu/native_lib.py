@@ -54,6 +54,7 @@ def _load() -> Optional[ctypes.CDLL]:
         lib.kt_moe_forward.restype = ctypes.c_int
         lib.kt_moe_args_size.restype = ctypes.c_int64
         lib.kt_set_variant.argtypes = [ctypes.c_char_p]
+        lib.kt_bf16_tile_tokens.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.kt_variant_supported.argtypes = [ctypes.c_char_p]
         lib.kt_set_threads.argtypes = [ctypes.c_int]
         lib.kt_set_threads.restype = ctypes.c_int

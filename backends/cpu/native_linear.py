@@ -25,7 +25,8 @@ class _LinearArgs(ctypes.Structure):
     _fields_ = [("T", ctypes.c_int64), ("K", ctypes.c_int64), ("M", ctypes.c_int64), ("fmt", ctypes.c_int),
                 ("group", ctypes.c_int), ("x", ctypes.c_void_p), ("data", ctypes.c_void_p),
                 ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("data_bytes", ctypes.c_int64), ("out", ctypes.c_void_p), ("pool", ctypes.c_int)]
+                ("data_bytes", ctypes.c_int64), ("out", ctypes.c_void_p), ("pool", ctypes.c_int),
+                ("round_bf16", ctypes.c_int)]
 
 
 @dataclass
@@ -114,7 +115,8 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None
     p = w.proj
     args = _LinearArgs(xf.shape[0], w.in_features, w.out_features, native.FORMATS[w.fmt], w.group, xf.data_ptr(),
                        p.data.data_ptr(), native._ptr(p.scale), native._ptr(p.zero), native._ptr(b),
-                       p.data.numel() * p.data.element_size(), out.data_ptr(), w.pool)
+                       p.data.numel() * p.data.element_size(), out.data_ptr(), w.pool,
+                       int(x.dtype == torch.bfloat16))
     rc = lib.kt_linear_packed(ctypes.byref(args))
     if rc:
         raise RuntimeError(f"native linear on a packed {w.fmt} weight failed with code {rc}")

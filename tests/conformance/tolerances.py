@@ -45,24 +45,30 @@ NATIVE_MOE = {
     # w8a8 quantizes activations to int8 at run time; a value on a rounding boundary may take the
     # neighbouring code in the kernel's float32 and the reference's arithmetic
     "w8a8": (5e-3, "run-time int8 activations: one rounding flip of a code"),
-    # AMX (TDPBF16PS) and AVX512-BF16 (VDPBF16PS) take tiles of 16+ tokens of one expert and round the
-    # float activations to bf16 (2^-9 relative per element), as a bf16 model's own matmuls do
-    "bf16_tiles": (1e-2, "activations rounded to bf16 on AMX / AVX512-BF16 tiles of 16+ tokens"),
+    # AMX (TDPBF16PS, every float and weight-only format) and AVX512-BF16 (VDPBF16PS, bf16) round the
+    # float activations to bf16 (2^-9 relative per element), as a bf16 model's own matmuls do, and
+    # AMX the dequantized int4 / fp8 weights too, for experts with enough tokens
+    "bf16_tiles": (1e-2, "activations (and int4 / fp8 weights) rounded to bf16 on AMX / AVX512-BF16 tiles"),
+    # bf16 hidden states in and out (a bf16 model): whatever the kernel, the output is rounded to bf16
+    "bf16_output": (4e-3, "output rounded to bf16 (2^-9 relative)"),
 }
-# the smallest number of tokens of one expert that the AMX / AVX512-BF16 bf16 tile kernels take
-NATIVE_BF16_TILE_TOKENS = 16
 
 
-def native_moe_path(fmt: str, variant: str, max_tokens_per_expert: int) -> str:
-    """The NATIVE_MOE key of the path the CPU kernels take for this call."""
+def native_moe_path(fmt: str, variant: str, max_tokens_per_expert: int, bf16_input: bool = False) -> str:
+    """The NATIVE_MOE key of the path the CPU kernels take for this call. Only bf16 hidden states
+    (``bf16_input``) may be rounded to bf16 inside; the token count from which a variant does is
+    the library's own (native.bf16_tile_tokens)."""
+    from kt_backends.cpu import native
+
     if fmt == "w8a8":
         return "w8a8"
+    if bf16_input:
+        least = native.bf16_tile_tokens(variant, fmt) if native.available() else 0
+        return "bf16_tiles" if least and max_tokens_per_expert >= least else "bf16_output"
     if fmt in ("int8", "int4") and variant != "generic":
         return "int16_activations"
-    if fmt == "bf16" and variant in ("avx512", "amx") and max_tokens_per_expert >= NATIVE_BF16_TILE_TOKENS:
-        return "bf16_tiles"
     return "float"
 
 
-def native_moe_tolerance(fmt: str, variant: str, max_tokens_per_expert: int) -> float:
-    return NATIVE_MOE[native_moe_path(fmt, variant, max_tokens_per_expert)][0]
+def native_moe_tolerance(fmt: str, variant: str, max_tokens_per_expert: int, bf16_input: bool = False) -> float:
+    return NATIVE_MOE[native_moe_path(fmt, variant, max_tokens_per_expert, bf16_input)][0]

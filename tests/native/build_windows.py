@@ -34,8 +34,8 @@ SELFTEST = Path(__file__).resolve().parent / "selftest_main.cpp"
 
 # What the DLL must export: every entry point the sources declare KT_API (backends/cpu/native.py
 # reaches them through ctypes), at least these (the self-test's), and the module's PyInit.
-REQUIRED_EXPORTS = ("kt_abi_version", "kt_isa", "kt_variant", "kt_set_variant", "kt_variant_supported",
-                    "kt_set_threads", "kt_threads", "kt_set_pool_threads", "kt_moe_forward", "kt_moe_args_size",
+REQUIRED_EXPORTS = ("kt_abi_version", "kt_bf16_tile_tokens", "kt_isa", "kt_variant", "kt_set_variant",
+                    "kt_variant_supported", "kt_set_threads", "kt_threads", "kt_set_pool_threads", "kt_moe_forward", "kt_moe_args_size",
                     "PyInit__kt_cpu")
 
 

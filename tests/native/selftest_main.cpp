@@ -69,6 +69,7 @@ struct MoeArgs {
   Proj gate, up, down;
   float* out;
   int pool;
+  int round_bf16;
 };
 
 enum Fmt : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3, FMT_W8A8 = 4 };
@@ -87,6 +88,7 @@ struct Lib {
   int (*set_pool_threads)(int, int);
   int (*moe_forward)(const MoeArgs*);
   int64_t (*moe_args_size)();
+  int (*bf16_tile_tokens)(const char*, int);
 };
 
 #if defined(_WIN32)
@@ -125,7 +127,8 @@ static bool load(const char* path, Lib& lib) {
             bind(h, "kt_variant", lib.variant) & bind(h, "kt_set_variant", lib.set_variant) &
             bind(h, "kt_variant_supported", lib.variant_supported) & bind(h, "kt_set_threads", lib.set_threads) &
             bind(h, "kt_threads", lib.threads) & bind(h, "kt_set_pool_threads", lib.set_pool_threads) &
-            bind(h, "kt_moe_forward", lib.moe_forward) & bind(h, "kt_moe_args_size", lib.moe_args_size);
+            bind(h, "kt_moe_forward", lib.moe_forward) & bind(h, "kt_moe_args_size", lib.moe_args_size) &
+            bind(h, "kt_bf16_tile_tokens", lib.bf16_tile_tokens);
   if (ok && lib.moe_args_size() != static_cast<int64_t>(sizeof(MoeArgs))) {
     std::printf("FAIL load: kt_moe_args_size() is %lld, this program's MoeArgs is %lld bytes\n",
                 static_cast<long long>(lib.moe_args_size()), static_cast<long long>(sizeof(MoeArgs)));
@@ -388,6 +391,7 @@ static int call(const Lib& lib, const Problem& p, int pool, std::vector<float>& 
   a.down = p.down.abi();
   a.out = out.data();
   a.pool = pool;
+  a.round_bf16 = 1;  // x holds bf16 values: the tile kernels may take it
   return lib.moe_forward(&a);
 }
 
@@ -403,12 +407,18 @@ static double rel_err(const std::vector<A>& a, const std::vector<B>& b) {
   return err / mag;
 }
 
-// tests/conformance/tolerances.py NATIVE_MOE, by the path the call takes
-static double tolerance(int fmt, const std::string& variant, int64_t tokens_per_expert) {
+// Whether some expert of this call takes a kernel that rounds to bf16 (AMX tiles, AVX512-BF16
+// pairs): from the library's own token count (kt_bf16_tile_tokens)
+static bool bf16_tiles(const Lib& lib, int fmt, const std::string& variant, int64_t tokens_per_expert) {
+  const int least = lib.bf16_tile_tokens(variant.c_str(), fmt);
+  return fmt != FMT_W8A8 && least > 0 && tokens_per_expert >= least;
+}
+
+// tests/conformance/tolerances.py NATIVE_MOE, by the path the call takes (bf16 hidden states)
+static double tolerance(const Lib& lib, int fmt, const std::string& variant, int64_t tokens_per_expert) {
   if (fmt == FMT_W8A8) return 5e-3;  // run-time int8 activations: one rounding flip of a code
+  if (bf16_tiles(lib, fmt, variant, tokens_per_expert)) return 1e-2;  // activations rounded to bf16
   if ((fmt == FMT_INT8 || fmt == FMT_INT4) && variant != "generic") return 1e-4;  // int16 activation codes
-  if (fmt == FMT_BF16 && (variant == "avx512" || variant == "amx") && tokens_per_expert >= 16)
-    return 1e-2;  // AMX / AVX512-BF16 tiles round activations to bf16
   return 2e-5;    // float32 accumulation; summation order only
 }
 
@@ -471,9 +481,10 @@ static int run_variant(const Lib& lib, const std::string& variant) {
         }
         std::string what;
         bool ok = true;
-        const bool int16_path = (cfg.fmt == FMT_INT8 || cfg.fmt == FMT_INT4) && variant != "generic";
+        const bool int16_path = (cfg.fmt == FMT_INT8 || cfg.fmt == FMT_INT4) && variant != "generic" &&
+                                !bf16_tiles(lib, cfg.fmt, variant, tpe);
         if (variant == "generic") {  // generic against the float64 reference of the unpacked weights
-          const double tol = tolerance(cfg.fmt, "generic", tpe);
+          const double tol = tolerance(lib, cfg.fmt, "generic", tpe);
           const double err = rel_err(ref_out, reference(p, cfg.fmt == FMT_W8A8 ? ACTS_INT8 : ACTS_FLOAT));
           ok = err <= tol;
           what = fmt_err("vs_float64", err, tol);
@@ -501,7 +512,7 @@ static int run_variant(const Lib& lib, const std::string& variant) {
             ok = model <= 5e-5 && err <= 2e-4;
             what = fmt_err("vs_int16_model", model, 5e-5) + " " + fmt_err("vs_generic", err, 2e-4);
           } else {
-            const double tol = std::max(tolerance(cfg.fmt, variant, tpe), tolerance(cfg.fmt, "generic", tpe));
+            const double tol = std::max(tolerance(lib, cfg.fmt, variant, tpe), tolerance(lib, cfg.fmt, "generic", tpe));
             ok = err <= tol;
             what = fmt_err("vs_generic", err, tol);
           }
@@ -517,7 +528,7 @@ static int run_variant(const Lib& lib, const std::string& variant) {
           what += "; a repeated call differs (rc " + std::to_string(rc) + ")";
         }
         rc = call(lib, p, 1, pool1);
-        const double tol_pools = std::max(tolerance(cfg.fmt, variant, tpe), tolerance(cfg.fmt, "generic", tpe));
+        const double tol_pools = std::max(tolerance(lib, cfg.fmt, variant, tpe), tolerance(lib, cfg.fmt, "generic", tpe));
         if (rc != 0 || rel_err(pool1, out) > tol_pools) {
           ok = false;
           what += "; pool 1 differs from pool 0 (rc " + std::to_string(rc) + ")";

@@ -7,6 +7,7 @@
 // counts (the 4-row and 16-token tiles and their tails) and panels are compared with the AVX2 kernels,
 // which the rest of the suite checks against torch. Prints one line per case and exits 1 on
 // a mismatch.
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -22,6 +23,7 @@
 #define KT_AVX512 KT_TARGET("avx2,fma,f16c")
 #define KT_AVX512BF16 KT_TARGET("avx2,fma,f16c")
 #define KT_AMX KT_TARGET("avx2,fma,f16c")
+#define KT_EMULATED_CVTNE2PS 1  // SIMDe has no VCVTNE2PS2BF16: kernels_amx.hpp rounds in integer steps
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
 
 using namespace kt;
@@ -100,49 +102,59 @@ int main() {
           }
         }
       }
-  // AMX: bf16 and w8a8 over whole 16-token tiles plus tails (bf16-exact activations, as the
-  // MoE's hidden states are; see kernels_amx.hpp)
+  // AMX: w8a8 over whole 16-token tiles plus tails; every other format on bf16 tiles of up to 16
+  // tokens (panel_tiles_amx) against the generic kernel, with bf16-exact activations and
+  // power-of-two scales, so the dequantized weights are bf16-exact too (see kernels_amx.hpp)
 #if !defined(KT_HAVE_AMX)
   std::printf("amx not compiled: this compiler predates GCC 11 / Clang 12\n");
 #else
-  for (int fmt : {FMT_BF16, FMT_W8A8}) {
-    std::vector<uint8_t> data(P * K * NR * 2);
-    for (auto& b : data) b = static_cast<uint8_t>(rng());
-    if (fmt == FMT_BF16)
-      for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));
-    else
-      for (auto& b : data) if (b == 0x80) b = 0x81;
-    std::vector<float> scale(P * NR);
-    for (auto& v : scale) v = 0.001f + static_cast<float>(rng() % 1000) * 1e-5f;
-    Weight w{fmt, P * NR, K, static_cast<int>(K), data.data(), scale.data(), nullptr};
-    for (int n : {16, 17, 19, 32, 35}) {
-      std::vector<float> X(n * K), xs(n), a(n * NR), b(n * NR);
-      std::vector<int8_t> Xq(n * K);
-      for (auto& v : X) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
-      for (auto& v : xs) v = 0.01f + static_cast<float>(rng() % 100) * 1e-4f;
-      for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
-      if (!amx_takes(w, n)) {
-        std::printf("FAIL amx does not take fmt=%d n=%d\n", fmt, n);
-        ++failures;
-      }
-      for (int64_t p = 0; p < P; ++p) {
-        if (fmt == FMT_BF16) {
-          panel_gemm_bf16_amx(w, p, X.data(), K, n, a.data());
-          panel_gemm_avx2(w, p, X.data(), K, n, b.data());
-        } else {
-          panel_gemm_q8_amx(w, p, Xq.data(), K, xs.data(), n, a.data());
-          panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
-        }
-        compare(fmt == FMT_BF16 ? "amx bf16" : "amx w8a8", n, a, b);
+  for (int fmt : {FMT_BF16, FMT_INT8, FMT_INT4, FMT_FP8, FMT_W8A8})
+    for (int group : {32, 128})
+      for (bool zeros : {false, true}) {
+        if ((fmt != FMT_INT4 && fmt != FMT_FP8) && group != 32) continue;
+        if (fmt != FMT_INT4 && zeros) continue;
+        std::vector<uint8_t> data(P * K * NR * 2);
+        for (auto& b : data) b = static_cast<uint8_t>(rng());
+        if (fmt == FMT_FP8)
+          for (auto& b : data) if ((b & 0x7F) == 0x7F) b &= 0xFE;
+        if (fmt == FMT_BF16)
+          for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));
+        if (fmt == FMT_INT8 || fmt == FMT_W8A8)
+          for (auto& b : data) if (b == 0x80) b = 0x81;
+        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8) ? group : static_cast<int>(K);
+        std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
+        for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
+        for (auto& v : zero) v = static_cast<float>(rng() % 16);
+        Weight w{fmt, P * NR, K, g, data.data(), scale.data(), zeros ? zero.data() : nullptr};
+        for (int n : {1, 3, 16, 17, 19, 32, 35, 50}) {
+          std::vector<float> X(n * K), xs(n), a(n * NR), b(n * NR);
+          std::vector<int8_t> Xq(n * K);
+          for (auto& v : X) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+          for (auto& v : xs) v = 0.01f + static_cast<float>(rng() % 100) * 1e-4f;
+          for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+          std::vector<uint16_t> Xt(tiled_size(n, K));
+          bf16_tiles(X.data(), n, K, K, Xt.data());
+          char what[96];
+          std::snprintf(what, sizeof what, "amx fmt=%d group=%d zeros=%d", fmt, g, zeros ? 1 : 0);
+          for (int64_t p = 0; p < P; ++p) {
+            if (fmt == FMT_W8A8) {
+              if (!amx_q8_takes(w, n)) continue;
+              panel_gemm_q8_amx(w, p, Xq.data(), K, xs.data(), n, a.data());
+              panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
+            } else {
+              panel_tiles_amx(w, p, Xt.data(), n, a.data());
+              panel_gemm_generic(w, p, X.data(), K, n, b.data());
+            }
+            compare(what, n, a, b);
 #if defined(KT_HAVE_AVX512BF16)
-        if (fmt == FMT_BF16 && bf16dp_takes(w, n)) {
-          panel_gemm_bf16dp_avx512(w, p, X.data(), K, n, a.data());
-          compare("avx512bf16", n, a, b);
-        }
+            if (fmt == FMT_BF16 && bf16dp_takes(w, n)) {
+              panel_gemm_bf16dp_avx512(w, p, X.data(), K, n, a.data());
+              compare("avx512bf16", n, a, b);
+            }
 #endif
+          }
+        }
       }
-    }
-  }
 #endif
   std::printf("%d failures\n", failures);
   return failures ? 1 : 0;

@@ -16,14 +16,15 @@ CASES = [("int8", 0, True), ("int4", 32, True), ("int4", 64, False), ("fp8", 32,
 
 @pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
 @pytest.mark.parametrize("T", [1, 5, 37])
-def test_packed_linear_matches_the_reference(fmt, group, sym, T):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_packed_linear_matches_the_reference(fmt, group, sym, T, dtype):
     g = torch.Generator().manual_seed(T)
     M, K = 70, 128  # 70: the last 16-row panel is partial
     q = quantize(torch.randn(M, K, generator=g), fmt, group_size=group or K, symmetric=sym)
     packed = native_linear.pack_linear(q)
     assert packed is not None and packed.shape == (M, K)
-    x, b = torch.randn(2, T, K, generator=g), torch.randn(M, generator=g)
-    xx = oracle.w8a8_activations(x.double()) if fmt == "w8a8" else x.double()
+    x, b = torch.randn(2, T, K, generator=g).to(dtype), torch.randn(M, generator=g)
+    xx = oracle.w8a8_activations(x.double()) if fmt == "w8a8" else x.double()  # bf16 x: its own values
     ref = xx @ oracle.dequantize(q).T + b.double()
     for variant in native.supported_variants():
         native.set_variant(variant)
@@ -31,10 +32,10 @@ def test_packed_linear_matches_the_reference(fmt, group, sym, T):
             out = native_linear.linear(x, packed, b)
         finally:
             native.set_variant(native.supported_variants()[-1])
-        assert out.shape == (2, T, M) and out.dtype == torch.float32
+        assert out.shape == (2, T, M) and out.dtype == dtype
         err = float((out.double() - ref).abs().max() / ref.abs().max())
-        # one projection: the experts' path bound (int16 / int8 activation codes) applies
-        assert err < native_moe_tolerance(fmt, variant, T), (variant, err)
+        # one projection: the experts' path bound (int16 / int8 activation codes, bf16 tiles) applies
+        assert err < native_moe_tolerance(fmt, variant, T, dtype == torch.bfloat16), (variant, err)
 
 
 def test_bad_inputs_are_refused_with_a_message():

@@ -1,16 +1,19 @@
-// AMX (Advanced Matrix Extensions) panel kernels for prefill: 16 tokens x one 16-row panel per
-// tile product. Same weight layouts as kernels.hpp:
+// AMX (Advanced Matrix Extensions) kernels for prefill. Same weight layouts as kernels.hpp:
 //   w8a8: the [K/4][16][4] panel is already AMX's B-tile layout (a row = 16 outputs x 4 inputs),
-//         activations are int8 rows, so one TDPBSSD does 16 x 16 x 64 exact multiply-adds;
-//   bf16: the [K][16] panel's input pairs are interleaved into a B tile (1 KB, in L1) and the
-//         float activations rounded to bf16 (to nearest even) per 32 inputs; TDPBF16PS sums in
-//         fp32. The MoE's inputs are bf16 hidden states already, so only the down projection's
-//         input (the activation product) is rounded, as a bf16 model computes it anyway.
-// Tiles of fewer than 16 tokens and other formats run on the AVX-512 kernels. Picked at run time
-// on CPUs with AMX-TILE/INT8/BF16 once the OS has granted the tile state (kt_cpu.cpp), and each
-// format checked against AVX2 on first use. GCC 11+ / Clang 12+ only (KT_HAVE_AMX; MSVC: not yet).
+//         activations are int8 rows, so one TDPBSSD does 16 x 16 x 64 exact multiply-adds
+//         (whole tiles of 16 tokens; the rest on AVX-512);
+//   bf16, int8, int4, fp8: each panel is decoded once into bf16 B tiles and the activations,
+//         rounded to bf16 once per call (bf16_tiles), run TDPBF16PS in tiles of up to 16 tokens
+//         (panel_tiles_amx, below). The MoE's inputs are bf16 hidden states already, so only the
+//         down projection's input (the activation product) is rounded, as a bf16 model does.
+// Picked at run time on CPUs with AMX-TILE/INT8/BF16 once the OS has granted the tile state
+// (kt_cpu.cpp), and each format checked against AVX2 on first use. GCC 11+ / Clang 12+ only
+// (KT_HAVE_AMX; MSVC: not yet).
 #pragma once
 #include "kernels_avx512.hpp"
+
+#include <cstdlib>
+#include <vector>
 
 // AMX intrinsics and target names arrived in GCC 11 and Clang 12; older compilers (Ubuntu 20.04's
 // GCC 9) build everything else. MinGW's GCC is left out: its tile macros pass the stride as a
@@ -22,7 +25,7 @@
 namespace kt {
 
 #ifndef KT_AMX  // tests/native/simd_emulated.cpp sets it to compile these against its tile model
-#define KT_AMX KT_TARGET("amx-tile,amx-int8,amx-bf16,avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
+#define KT_AMX KT_TARGET("amx-tile,amx-int8,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
 #endif
 
 // GCC's tile load / config intrinsics are asm statements that do not tell the compiler they
@@ -69,32 +72,6 @@ KT_AMX inline void tile16_q8_amx(const Weight& w, int64_t p, const int8_t* Xq, i
                                                  _mm512_set1_ps(xs[i])));
 }
 
-// bf16: out[i][j] for 16 tokens (float rows of X, stride ldx) against panel p; K % 32 == 0
-KT_AMX inline void tile16_bf16_amx(const Weight& w, int64_t p, const float* X, int64_t ldx, float* out) {
-  alignas(64) uint16_t a[16 * 32], b[16 * 32];
-  const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * w.K * NR;
-  _tile_zero(0);
-  for (int64_t k0 = 0; k0 < w.K; k0 += 32) {
-    for (int i = 0; i < 16; ++i) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32), bf16x16(X + i * ldx + k0));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32 + 16), bf16x16(X + i * ldx + k0 + 16));
-    }
-    for (int kp = 0; kp < 16; ++kp) {  // B row kp: output j's inputs (k0 + 2kp, k0 + 2kp + 1) side by side
-      const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (k0 + 2 * kp) * NR));
-      const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (k0 + 2 * kp + 1) * NR));
-      const __m256i lo = _mm256_unpacklo_epi16(r0, r1), hi = _mm256_unpackhi_epi16(r0, r1);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(b + kp * 32), _mm256_permute2x128_si256(lo, hi, 0x20));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(b + kp * 32 + 16), _mm256_permute2x128_si256(lo, hi, 0x31));
-    }
-    KT_MEMORY_BARRIER();
-    _tile_loadd(1, a, 64);
-    _tile_loadd(2, b, 64);
-    _tile_dpbf16ps(0, 1, 2);
-  }
-  _tile_stored(0, out, NR * sizeof(float));
-  KT_MEMORY_BARRIER();
-}
-
 // n tokens: whole tiles of 16 on AMX, the rest on AVX-512
 KT_AMX inline void panel_gemm_q8_amx(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
                                      int64_t n, float* out) {
@@ -105,21 +82,183 @@ KT_AMX inline void panel_gemm_q8_amx(const Weight& w, int64_t p, const int8_t* X
   if (i < n) panel_gemm_q8_avx512(w, p, Xq + i * ldx, ldx, xs + i, n - i, out + i * NR);
 }
 
-KT_AMX inline void panel_gemm_bf16_amx(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
-                                       float* out) {
-  int64_t i = 0;
-  amx_configure();
-  for (; i + 16 <= n; i += 16) tile16_bf16_amx(w, p, X + i * ldx, ldx, out + i * NR);
-  _tile_release();
-  if (i < n) panel_gemm_avx512(w, p, X + i * ldx, ldx, n - i, out + i * NR);
+// Whether the w8a8 tile kernel takes this call (the rest go to AVX-512)
+inline bool amx_q8_takes(const Weight& w, int64_t n) { return w.fmt == FMT_W8A8 && n >= 16 && w.K % 64 == 0; }
+
+// ---------------------------------------------------------------- every float / weight-only format
+// A panel of any format is decoded once into bf16 B tiles (each 32 inputs x 16 outputs, 1 KB,
+// row kp = the 16 outputs' input pairs (2kp, 2kp+1) side by side), then every tile of up to 16
+// tokens of bf16 activations runs TDPBF16PS against them, two token tiles per B tile load.
+// Dequantized weights are rounded to bf16 (to nearest even) once: int4 and fp8 fold their group
+// scales in; int8 codes are exact in bf16 and its row scales multiply the outputs. Tiles of fewer
+// than 16 tokens are configured with fewer rows (MoE routing gives an expert ~8 tokens at T=128).
+
+// 32 floats -> 32 bf16 in the same order (lo's 16, then hi's 16), rounded to nearest even:
+// VCVTNE2PS2BF16, which every AMX CPU has (AVX512-BF16). The emulation harness (SIMDe has no
+// such intrinsic) defines KT_EMULATED_CVTNE2PS and gets the same rounding from integer steps.
+KT_AMX inline __m512i bf16x32(__m512 lo, __m512 hi) {
+#if defined(KT_EMULATED_CVTNE2PS)
+  return _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_of(lo)), bf16x16_of(hi), 1);
+#else
+  return bit_as<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+#endif
 }
 
-// Whether the AMX kernels take this call (the rest go to AVX-512)
-inline bool amx_takes(const Weight& w, int64_t n) {
-  if (n < 16) return false;
-  if (w.fmt == FMT_W8A8) return w.K % 64 == 0;
-  if (w.fmt == FMT_BF16) return w.K % 32 == 0;
-  return false;
+#ifndef KT_AMX_PREFETCH
+#define KT_AMX_PREFETCH 2048  // bytes ahead in a panel stream that the decoders prefetch
+#endif
+
+// Panel p of w -> buf[K/2][16] input pairs (the B tiles, back to back). Each step makes the 32
+// (row, input) values of rows 0-7 and then 8-15 in B-tile order as floats and rounds them once.
+// Returns the per-output scales still to apply (int8's row scales) or null.
+KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_t* buf) {
+  const int64_t K = w.K;
+  const auto fetch = [](const void* at) { _mm_prefetch(static_cast<const char*>(at) + KT_AMX_PREFETCH, _MM_HINT_T0); };
+  if (w.fmt == FMT_BF16) {  // [K][16]: interleave inputs k and k+1 (exact)
+    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * K * NR;
+    for (int64_t k = 0; k < K; k += 2) {
+      fetch(wp + k * NR);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (k + 1) * NR)));
+      _mm512_storeu_si512(buf + k / 2 * NR, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    return nullptr;
+  }
+  if (w.fmt == FMT_INT8) {  // [K/2][16][2]: already B-tile order; |code| <= 127 is exact in bf16
+    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
+    for (int64_t k = 0; k < K; k += 2) {
+      if ((k & 3) == 0) fetch(wp + k * NR);
+      const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
+      _mm512_storeu_si512(buf + k / 2 * NR,
+                          bf16x32(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))),
+                                  _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)))));
+    }
+    return w.scale + p * NR;
+  }
+  // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
+  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+  const int64_t G = K / w.group;
+  if (w.fmt == FMT_INT4) {  // [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
+    const __m512i mask = _mm512_set1_epi32(0xF);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR);
+      const __m512 zs = _mm512_mul_ps(w.zero ? _mm512_loadu_ps(w.zero + (p * G + g) * NR) : _mm512_set1_ps(8.f), s);
+      const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
+      const __m512 z0 = _mm512_permutexvar_ps(rows_lo, zs), z1 = _mm512_permutexvar_ps(rows_hi, zs);
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 4) {
+        fetch(wp + k * 8);
+        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 8)));
+        const __m512 a0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));                         // s = 0, h = 0
+        const __m512 a1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), mask));   // s = 0, h = 1
+        const __m512 b0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8), mask));   // s = 1, h = 0
+        const __m512 b1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 12));                          // s = 1, h = 1
+        _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_fmsub_ps(a0, s0, z0), _mm512_fmsub_ps(a1, s1, z1)));
+        _mm512_storeu_si512(buf + (k / 2 + 1) * NR, bf16x32(_mm512_fmsub_ps(b0, s0, z0), _mm512_fmsub_ps(b1, s1, z1)));
+      }
+    }
+    return nullptr;
+  }
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * K * NR;  // FMT_FP8 [K][16], even groups
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w.scale + (p * G + g) * NR), _mm512_set1_ps(256.f));
+    const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
+    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
+      if ((k & 3) == 0) fetch(wp + k * NR);
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k + 1) * NR));
+      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_mul_ps(fp8x16_of(_mm_unpacklo_epi8(a, b)), s0),
+                                                    _mm512_mul_ps(fp8x16_of(_mm_unpackhi_epi8(a, b)), s1)));
+    }
+  }
+  return nullptr;
+}
+
+// The fewest tokens of one expert (rows of one dense call) from which the tile kernels beat the
+// vector ones, per format: bench/ab_native.py on a 2-core AMX Xeon (Qwen3-30B-A3B MoE layer,
+// T=32..128; KT_AMX_MIN_TOKENS=n overrides them all, for such measurements). The tests'
+// tolerance table asks for it through kt_bf16_tile_tokens.
+inline int64_t amx_tile_min_tokens(int fmt) {
+  static const int64_t env = [] {
+    const char* v = std::getenv("KT_AMX_MIN_TOKENS");
+    return v ? std::atoll(v) : 0;
+  }();
+  if (env > 0) return env;
+  switch (fmt) {
+    case FMT_BF16: return 2;  // decoding bf16 or fp8 costs little next to their vector kernels
+    case FMT_FP8: return 2;
+    case FMT_INT8: return 4;
+    case FMT_INT4: return 6;  // the int16 kernels read int4 codes as they are; decoding costs more
+    default: return 0;  // w8a8: amx_q8_takes
+  }
+}
+
+inline bool amx_tiles_take(const Weight& w, int64_t n) {
+  const int64_t least = amx_tile_min_tokens(w.fmt);
+  return least > 0 && n >= least && w.K % 32 == 0 && (w.fmt != FMT_FP8 || w.group % 2 == 0);
+}
+
+// tmm0 / tmm1: C of token tiles 0 and 1 (m0, m1 rows), tmm2 / tmm3: their A, tmm4: B
+KT_AMX inline void amx_configure_pair(int m0, int m1) {
+  TileConfig cfg;
+  const int rows[5] = {m0, m1, m0, m1, 16};
+  for (int t = 0; t < 5; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
+    cfg.colsb[t] = rows[t] ? 64 : 0;
+  }
+  KT_MEMORY_BARRIER();
+  _tile_loadconfig(&cfg);
+}
+
+// Activations for the tile kernels, "tiled bf16": rows in groups of 16 (a token tile), each group
+// K/32 A tiles of 16 rows x 32 inputs (1 KB) back to back, so a tile load reads 1 KB in a row
+// (rows a whole hidden state apart, 4 KB, would all fall in one L1 set). Element (i, k) of a
+// block of n rows is at tiled_index(i, k, K); the block takes tiled_size(n, K) elements. K % 32 == 0.
+inline int64_t tiled_index(int64_t i, int64_t k, int64_t K) {
+  return (i / 16) * 16 * K + (k / 32) * 512 + (i % 16) * 32 + k % 32;
+}
+inline int64_t tiled_size(int64_t n, int64_t K) { return (n + 15) / 16 * 16 * K; }
+
+// n float rows of X (K inputs, ldx apart) -> tiled bf16 (round to nearest even)
+KT_AMX inline void bf16_tiles(const float* X, int64_t n, int64_t ldx, int64_t K, uint16_t* Xt) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Xt + tiled_index(i, k, K)), bf16x16(X + i * ldx + k));
+}
+
+// out[i][j] = row i of the tiled bf16 block Xt . row 16p + j of w, for n rows
+KT_AMX inline void panel_tiles_amx(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out) {
+  thread_local std::vector<uint32_t> buf;
+  if (static_cast<int64_t>(buf.size()) < w.K / 2 * NR) buf.resize(w.K / 2 * NR);
+  const float* colscale = decode_panel_bf16(w, p, buf.data());
+  KT_MEMORY_BARRIER();
+  int cur0 = -1, cur1 = -1;
+  for (int64_t i = 0; i < n; i += 32) {
+    const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
+    const int m1 = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, n - i - 16)));
+    if (m0 != cur0 || m1 != cur1) amx_configure_pair(cur0 = m0, cur1 = m1);
+    const uint16_t* x0 = Xt + i * w.K;  // token tiles i / 16 and i / 16 + 1
+    _tile_zero(0);
+    if (m1) _tile_zero(1);
+    for (int64_t kb = 0; kb < w.K / 32; ++kb) {
+      _tile_loadd(4, buf.data() + kb * 16 * NR, 64);
+      _tile_loadd(2, x0 + kb * 512, 64);
+      _tile_dpbf16ps(0, 2, 4);
+      if (m1) {
+        _tile_loadd(3, x0 + 16 * w.K + kb * 512, 64);
+        _tile_dpbf16ps(1, 3, 4);
+      }
+    }
+    _tile_stored(0, out + i * NR, NR * sizeof(float));
+    if (m1) _tile_stored(1, out + (i + 16) * NR, NR * sizeof(float));
+  }
+  _tile_release();
+  KT_MEMORY_BARRIER();
+  if (colscale) {
+    const __m512 s = _mm512_loadu_ps(colscale);
+    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_loadu_ps(out + i * NR), s));
+  }
 }
 
 }  // namespace kt

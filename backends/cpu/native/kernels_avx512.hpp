@@ -14,12 +14,23 @@ namespace kt {
 #define KT_AVX512 KT_TARGET("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
 #endif
 
-// fp8 e4m3 bytes of one panel step -> 16 floats times 2^-8 (see tile_f8_group in kernels.hpp)
-KT_AVX512 inline __m512 fp8x16_512(const uint8_t* p) {
-  __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// 16 fp8 e4m3 bytes -> 16 floats times 2^-8 (see tile_f8_group in kernels.hpp)
+KT_AVX512 inline __m512 fp8x16_of(__m128i bytes) {
+  __m256i h = _mm256_cvtepu8_epi16(bytes);
   __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7),
                                  _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8));
   return _mm512_cvtph_ps(bits);
+}
+
+// the 16 bytes of one panel step
+KT_AVX512 inline __m512 fp8x16_512(const uint8_t* p) { return fp8x16_of(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+template <typename T, typename F>
+inline T bit_as(const F& f) {  // same bits, another vector type
+  static_assert(sizeof(T) == sizeof(F), "bit_as: sizes differ");
+  T t;
+  std::memcpy(&t, &f, sizeof t);
+  return t;
 }
 
 template <int MR>
@@ -162,11 +173,12 @@ KT_AVX512 inline void rows_q8_avx512(const Weight& w, int64_t p, const int8_t* X
 
 // 16 floats -> bf16, rounded to nearest even. The arithmetic shift leaves each bf16 pattern
 // sign-extended, so the saturating narrowing keeps it exactly (finite inputs).
-KT_AVX512 inline __m256i bf16x16(const float* x) {
-  const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(x));
+KT_AVX512 inline __m256i bf16x16_of(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   return _mm512_cvtsepi32_epi16(_mm512_srai_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
 }
+KT_AVX512 inline __m256i bf16x16(const float* x) { return bf16x16_of(_mm512_loadu_ps(x)); }
 
 // One token against 4 bf16 rows (the row-major dense GEMV of decode): 16 inputs per step, so
 // one widening load per 32 weight bytes where the AVX2 form needs two.
@@ -202,14 +214,6 @@ KT_AVX512 inline void dense_quad_avx512(const uint16_t* w, int64_t K, const floa
 #ifndef KT_AVX512BF16  // tests/native/simd_emulated.cpp sets it to compile these under SIMDe
 #define KT_AVX512BF16 KT_TARGET("avx512bf16,avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
 #endif
-
-template <typename T, typename F>
-inline T bit_as(const F& f) {  // same bits, another vector type
-  static_assert(sizeof(T) == sizeof(F), "bit_as: sizes differ");
-  T t;
-  std::memcpy(&t, &f, sizeof t);
-  return t;
-}
 
 // rows i < MR of X (K % 16 == 0) against panel p; xb: scratch for MR x K bf16 activations
 template <int MR>

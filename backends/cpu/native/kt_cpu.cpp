@@ -67,15 +67,13 @@ static bool avxvnni_ok(int fmt) { return checked_ok(fmt, CHECK_AVXVNNI); }
 static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
                             float* scale, int32_t* gsum);
 
-static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
+// round: the caller's activations are bf16 values (a bf16 model), so kernels that round them to
+// bf16 (AVX512-BF16 pairs, AMX tiles) lose nothing the model keeps; float32 callers get float sums
+static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out, bool round) {
 #if defined(KT_X86)
   if (w.fmt == FMT_BF16 || w.fmt == FMT_FP8) {  // int8 / int4 go through panel_x16
-#if defined(KT_HAVE_AMX)
-    if (state().variant >= VARIANT_AMX && amx_takes(w, n) && amx_ok(w.fmt) && avx512_ok(w.fmt))
-      return panel_gemm_bf16_amx(w, p, X, ldx, n, out);
-#endif
 #if defined(KT_HAVE_AVX512BF16)
-    if (state().variant >= VARIANT_AVX512 && (state().isa & ISA_AVX512BF16) && bf16dp_takes(w, n) &&
+    if (round && state().variant >= VARIANT_AVX512 && (state().isa & ISA_AVX512BF16) && bf16dp_takes(w, n) &&
         checked_ok(w.fmt, CHECK_AVX512BF16) && avx512_ok(w.fmt))
       return panel_gemm_bf16dp_avx512(w, p, X, ldx, n, out);
 #endif
@@ -90,7 +88,7 @@ static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t 
                           float* out) {
 #if defined(KT_X86)
 #if defined(KT_HAVE_AMX)
-  if (state().variant >= VARIANT_AMX && amx_takes(w, n) && amx_ok(w.fmt) && avx512_ok(w.fmt))
+  if (state().variant >= VARIANT_AMX && amx_q8_takes(w, n) && amx_ok(w.fmt) && avx512_ok(w.fmt))
     return panel_gemm_q8_amx(w, p, Xq, ldx, xs, n, out);
 #endif
   if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_q8_avx512(w, p, Xq, ldx, xs, n, out);
@@ -101,6 +99,48 @@ static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t 
 #endif
   panel_gemm_q8_generic(w, p, Xq, ldx, xs, n, out);
 }
+
+// Whether calls in fmt may take the AMX tile kernels (panel_tiles_amx): the variant, the build
+// and the first-use check agree; amx_tiles_take then decides per weight and token count.
+static bool amx_tiles_on(int fmt) {
+#if defined(KT_HAVE_AMX)
+  return state().variant >= VARIANT_AMX && fmt != FMT_W8A8 && (state().isa & ISA_AVX512BF16) && amx_ok(fmt) &&
+         avx512_ok(fmt);
+#else
+  (void)fmt;
+  return false;
+#endif
+}
+
+// The tile kernels for this weight and token count? (after amx_tiles_on)
+static bool tile_weight_takes(const Weight& w, int64_t n) {
+#if defined(KT_HAVE_AMX)
+  return amx_tiles_take(w, n);
+#else
+  (void)w;
+  (void)n;
+  return false;
+#endif
+}
+
+// Xt: n rows of activations in the tiled bf16 layout (kernels_amx.hpp, bf16_tiles)
+static void panel_tiles(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out) {
+#if defined(KT_HAVE_AMX)
+  panel_tiles_amx(w, p, Xt, n, out);
+#else
+  (void)w, (void)p, (void)Xt, (void)n, (void)out;
+#endif
+}
+
+// Rows of X in the tiled bf16 layout; the size of that block (elements)
+static void to_tiles(const float* X, int64_t n, int64_t ldx, int64_t K, uint16_t* Xt) {
+#if defined(KT_HAVE_AMX)
+  bf16_tiles(X, n, ldx, K, Xt);
+#else
+  (void)X, (void)n, (void)ldx, (void)K, (void)Xt;
+#endif
+}
+static int64_t tiles_size(int64_t n, int64_t K) { return (n + 15) / 16 * 16 * K; }
 
 #if defined(KT_X86)
 // Up to this many tokens the 256-bit int8 / int4 kernels beat the 512-bit ones on an AMX Xeon
@@ -125,7 +165,8 @@ static bool self_check(int fmt, int kind) {
   const bool amx = kind == CHECK_AMX, vnni = kind == CHECK_AVXVNNI, dp = kind == CHECK_AVX512BF16;
   if (vnni && (fmt == FMT_BF16 || fmt == FMT_FP8)) return true;  // float formats: no avx_vnni kernels
   if (dp && fmt != FMT_BF16) return true;                       // bf16 pairs: bf16 weights only
-  const int64_t K = 512, n = amx || dp ? 19 : 5, group = 32;  // amx, dp: one 16-token tile and a tail
+  // amx: a pair of 16-token tiles and a partial one; dp: one 16-token tile and a tail
+  const int64_t K = 512, n = amx ? 35 : dp ? 19 : 5, group = 32;
   uint32_t seed = 12345u + static_cast<uint32_t>(fmt);
   auto rnd = [&] { seed = seed * 1664525u + 1013904223u; return seed >> 8; };
   std::vector<uint8_t> data(K * NR * 2);
@@ -137,7 +178,8 @@ static bool self_check(int fmt, int kind) {
   if (fmt == FMT_INT8 || fmt == FMT_W8A8)
     for (auto& b : data) if (b == 0x80) b = 0x81;  // codes stay within +-127
   std::vector<float> scale(K / group * NR), zero(K / group * NR), X(n * K), a(n * NR), b(n * NR), xs(n);
-  for (auto& v : scale) v = 0.001f + static_cast<float>(rnd() % 1000) * 1e-5f;
+  for (auto& v : scale)  // AMX tiles round dequantized weights to bf16: powers of two keep them exact
+    v = amx ? std::ldexp(1.f, -7 - static_cast<int>(rnd() % 4)) : 0.001f + static_cast<float>(rnd() % 1000) * 1e-5f;
   for (auto& v : zero) v = static_cast<float>(rnd() % 16);
   for (auto& v : X) {  // bf16-exact values, as the MoE's hidden states are (AMX multiplies bf16)
     v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) * 1e-3f;
@@ -152,16 +194,19 @@ static bool self_check(int fmt, int kind) {
   w.data = data.data();
   w.scale = scale.data();
   w.zero = fmt == FMT_INT4 ? zero.data() : nullptr;
-  if (fmt == FMT_BF16 || fmt == FMT_FP8) {
 #if defined(KT_HAVE_AMX)
-    if (amx) panel_gemm_bf16_amx(w, 0, X.data(), K, n, a.data());
-    else
+  if (amx && fmt != FMT_W8A8) {
+    std::vector<uint16_t> Xt(tiled_size(n, K));
+    bf16_tiles(X.data(), n, K, K, Xt.data());
+    panel_tiles_amx(w, 0, Xt.data(), n, a.data());
+  }
 #endif
+  if (fmt == FMT_BF16 || fmt == FMT_FP8) {
 #if defined(KT_HAVE_AVX512BF16)
     if (dp) panel_gemm_bf16dp_avx512(w, 0, X.data(), K, n, a.data());
     else
 #endif
-      panel_gemm_avx512(w, 0, X.data(), K, n, a.data());
+    if (!amx) panel_gemm_avx512(w, 0, X.data(), K, n, a.data());
     panel_gemm_avx2(w, 0, X.data(), K, n, b.data());
   } else if (fmt == FMT_W8A8) {
     std::vector<int8_t> Xq(n * K);
@@ -186,7 +231,7 @@ static bool self_check(int fmt, int kind) {
     if (vnni) panel_gemm_x16_avxvnni(w, 0, x, n, a.data());
     else
 #endif
-      panel_gemm_x16_avx512(w, 0, x, n, a.data());
+    if (!amx) panel_gemm_x16_avx512(w, 0, x, n, a.data());
     panel_gemm_x16_avx2(w, 0, x, n, b.data());
   }
   float err = 0.f, mag = 1e-30f;
@@ -311,7 +356,7 @@ namespace kt {
 #include "linear_packed.inc"  // quantized dense projections on the same panel kernels
 }  // namespace kt
 
-KT_API int kt_abi_version() { return 7; }
+KT_API int kt_abi_version() { return 8; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -346,6 +391,24 @@ KT_API int kt_variant_supported(const char* name) {
     for (int v = 0; v < kt::kVariants; ++v)
       if (std::strcmp(name, kt::kVariantNames[v]) == 0) return kt::variant_supported(v, kt::state().isa) ? 1 : 0;
     return -2;
+  });
+}
+// The fewest tokens of one expert (rows of one dense call) from which variant `name` runs format
+// fmt on a kernel that rounds the activations to bf16 (AMX tiles; AVX512-BF16 pairs for bf16):
+// what the tests' tolerance table asks. 0: never; -2: no such variant or format.
+KT_API int kt_bf16_tile_tokens(const char* name, int fmt) {
+  return kt::guarded([&] {
+    if (!name || fmt < kt::FMT_BF16 || fmt > kt::FMT_W8A8) return -2;
+    int v = 0;
+    while (v < kt::kVariants && std::strcmp(name, kt::kVariantNames[v]) != 0) ++v;
+    if (v == kt::kVariants) return -2;
+#if defined(KT_HAVE_AMX)
+    if (v >= kt::VARIANT_AMX && fmt != kt::FMT_W8A8) return static_cast<int>(kt::amx_tile_min_tokens(fmt));
+#endif
+#if defined(KT_HAVE_AVX512BF16)
+    if (v >= kt::VARIANT_AVX512 && fmt == kt::FMT_BF16 && (kt::state().isa & kt::ISA_AVX512BF16)) return 16;
+#endif
+    return 0;
   });
 }
 // Workers of pool `pool` (n >= 1, the caller included); waits for a call running on that pool.
