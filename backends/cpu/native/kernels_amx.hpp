@@ -227,12 +227,24 @@ KT_AMX inline void bf16_tiles(const float* X, int64_t n, int64_t ldx, int64_t K,
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(Xt + tiled_index(i, k, K)), bf16x16(X + i * ldx + k));
 }
 
-// out[i][j] = row i of the tiled bf16 block Xt . row 16p + j of w, for n rows
-KT_AMX inline void panel_tiles_amx(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out) {
+// Bytes of one panel's codes (what kernels.hpp's layouts store per 16 rows)
+inline int64_t panel_bytes(const Weight& w) {
+  return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
+}
+
+// out[i][j] = row i of the tiled bf16 block Xt . row 16p + j of w, for n rows. While the tiles
+// multiply, panel np of nw (the caller's next one; nw null: none) is fetched into L2, so the
+// DRAM stream overlaps the tile work instead of stalling the next decode.
+KT_AMX inline void panel_tiles_amx(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out,
+                                   const Weight* nw = nullptr, int64_t np = 0) {
   thread_local std::vector<uint32_t> buf;
   if (static_cast<int64_t>(buf.size()) < w.K / 2 * NR) buf.resize(w.K / 2 * NR);
   const float* colscale = decode_panel_bf16(w, p, buf.data());
   KT_MEMORY_BARRIER();
+  const char* next = nw ? static_cast<const char*>(nw->data) + np * panel_bytes(*nw) : nullptr;
+  const int64_t next_lines = nw ? panel_bytes(*nw) / 64 : 0, steps = w.K / 32 * ((n + 31) / 32);
+  const int64_t per_step = (next_lines + steps - 1) / steps;
+  int64_t fetched = 0;
   int cur0 = -1, cur1 = -1;
   for (int64_t i = 0; i < n; i += 32) {
     const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
@@ -242,6 +254,8 @@ KT_AMX inline void panel_tiles_amx(const Weight& w, int64_t p, const uint16_t* X
     _tile_zero(0);
     if (m1) _tile_zero(1);
     for (int64_t kb = 0; kb < w.K / 32; ++kb) {
+      for (int64_t l = 0; l < per_step && fetched < next_lines; ++l, ++fetched)
+        _mm_prefetch(next + fetched * 64, _MM_HINT_T1);
       _tile_loadd(4, buf.data() + kb * 16 * NR, 64);
       _tile_loadd(2, x0 + kb * 512, 64);
       _tile_dpbf16ps(0, 2, 4);

@@ -124,11 +124,13 @@ static bool tile_weight_takes(const Weight& w, int64_t n) {
 }
 
 // Xt: n rows of activations in the tiled bf16 layout (kernels_amx.hpp, bf16_tiles)
-static void panel_tiles(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out) {
+// nw, np: the panel the caller computes next (fetched meanwhile), or null
+static void panel_tiles(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out,
+                        const Weight* nw = nullptr, int64_t np = 0) {
 #if defined(KT_HAVE_AMX)
-  panel_tiles_amx(w, p, Xt, n, out);
+  panel_tiles_amx(w, p, Xt, n, out, nw, np);
 #else
-  (void)w, (void)p, (void)Xt, (void)n, (void)out;
+  (void)w, (void)p, (void)Xt, (void)n, (void)out, (void)nw, (void)np;
 #endif
 }
 
