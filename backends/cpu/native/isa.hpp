@@ -95,8 +95,9 @@ static uint32_t detect_isa() {
 // Variants, in order of preference from last to first. Each later one implies AVX2; avx_vnni
 // (AVX2 plus the fused 256-bit integer dot products of Intel's 12th-gen+ cores and Zen 5) is
 // used only when the CPU has it, so checks of the form variant >= X hold for AVX2 and AVX-512
-// features, and avx_vnni's own kernels run only when it is the variant. amx runs prefill tiles
-// of bf16 / w8a8 on AMX and everything else on the AVX-512 kernels.
+// features; avx_vnni's int8 / int4 decode kernels (bit-identical to AVX2's) also serve the
+// avx512 and amx variants on CPUs that have AVX-VNNI. amx runs prefill tiles of every format on
+// AMX (kernels_amx.hpp) and everything else on the AVX-512 kernels.
 enum Variant : int { VARIANT_GENERIC = 0, VARIANT_AVX2 = 1, VARIANT_AVXVNNI = 2, VARIANT_AVX512 = 3, VARIANT_AMX = 4 };
 static const char* kVariantNames[] = {"generic", "avx2", "avx_vnni", "avx512", "amx"};
 constexpr int kVariants = 5;

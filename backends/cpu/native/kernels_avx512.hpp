@@ -70,8 +70,15 @@ KT_AVX512 inline void rows_f_avx512(const Weight& w, int64_t p, const float* X, 
     const int64_t G = w.K / w.group;
     for (int64_t g = 0; g < G; ++g) {
       __m512 ga[4];
-      for (int i = 0; i < MR; ++i) ga[i] = _mm512_setzero_ps();
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) {
+      for (int i = 0; i < 4; ++i) ga[i] = _mm512_setzero_ps();
+      int64_t k = g * w.group;
+      if (MR == 1)  // one token (decode): four independent sums, as for bf16 above
+        for (; k + 4 <= (g + 1) * w.group; k += 4) {
+          if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
+          for (int u = 0; u < 4; ++u) ga[u] = _mm512_fmadd_ps(_mm512_set1_ps(X[k + u]), fp8x16_512(wp + (k + u) * NR), ga[u]);
+        }
+      if (MR == 1) ga[0] = _mm512_add_ps(_mm512_add_ps(ga[0], ga[1]), _mm512_add_ps(ga[2], ga[3]));
+      for (; k < (g + 1) * w.group; ++k) {
         __m512 v = fp8x16_512(wp + k * NR);
         for (int i = 0; i < MR; ++i) ga[i] = _mm512_fmadd_ps(_mm512_set1_ps(X[i * ldx + k]), v, ga[i]);
       }

@@ -153,8 +153,9 @@ static int64_t x16_avx512_from(int fmt) { return fmt == FMT_INT4 ? 3 : 5; }
 static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float* out) {
   if (state().variant >= VARIANT_AVX512 && n >= x16_avx512_from(w.fmt) && avx512_ok(w.fmt))
     return panel_gemm_x16_avx512(w, p, x, n, out);
-#if defined(KT_HAVE_AVXVNNI)
-  if (state().variant == VARIANT_AVXVNNI && avxvnni_ok(w.fmt)) return panel_gemm_x16_avxvnni(w, p, x, n, out);
+#if defined(KT_HAVE_AVXVNNI)  // bit-identical to AVX2; on AVX-512 CPUs that have it too, for decode
+  if (state().variant >= VARIANT_AVXVNNI && (state().isa & ISA_AVX_VNNI) && avxvnni_ok(w.fmt))
+    return panel_gemm_x16_avxvnni(w, p, x, n, out);
 #endif
   panel_gemm_x16_avx2(w, p, x, n, out);
 }
