@@ -140,7 +140,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(a.repeats):
         for prec in precisions:
-            logits = a.work / f"kt-{prec}.pt" if rep == 0 else None
+            logits = a.work / f"kt-{stem}-{prec}.pt" if rep == 0 else None  # per model: never another's
             cmd = [sys.executable, __file__, "--child", prec, str(logits or "-"), "--model", str(a.model),
                    "--llama-bench", a.llama_bench, "--gguf-dir", str(a.gguf_dir), "--threads", str(a.threads),
                    "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
@@ -158,8 +158,11 @@ def main() -> None:
                        **llama_bench(a.llama_bench, gguf, a.prompt_tokens, a.new_tokens, a.threads)}
                 emit({**rec, "repeat": rep})
                 runs.setdefault(("llama.cpp", rec["precision"]), []).append(rec)
-    kl = {("kt-core", p): kl_from(a.work / "kt-bf16.pt", a.work / f"kt-{p}.pt")
-          for p in precisions if p != "bf16" and (a.work / "kt-bf16.pt").exists()}
+    ref = a.work / f"kt-{stem}-bf16.pt"  # this model's bf16 logits, from this run or an earlier one
+    if any(p != "bf16" for p in precisions) and not ref.exists():
+        print(f"no kt-core KL: {ref} is missing; run once with bf16 in --precisions", file=sys.stderr)
+    kl = {("kt-core", p): kl_from(ref, a.work / f"kt-{stem}-{p}.pt")
+          for p in precisions if p != "bf16" and ref.exists()}
     if a.llama_perplexity:
         text = a.work / "text.txt"
         text.write_text(" ".join(f"word{i % 997} number {i}" for i in range(3000)), encoding="utf-8")

@@ -142,8 +142,11 @@ int main() {
               panel_gemm_q8_amx(w, p, Xq.data(), K, xs.data(), n, a.data());
               panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
             } else {
-              panel_tiles_amx(w, p, Xt.data(), n, a.data());
+              std::vector<float> c(n * NR), d(n * NR);  // and two panels at once (gate and up)
+              panel_tiles_amx({&w, p}, {&w, (p + 1) % P}, Xt.data(), n, a.data(), c.data());
               panel_gemm_generic(w, p, X.data(), K, n, b.data());
+              panel_gemm_generic(w, (p + 1) % P, X.data(), K, n, d.data());
+              compare(what, n, c, d);
             }
             compare(what, n, a, b);
 #if defined(KT_HAVE_AVX512BF16)

@@ -199,11 +199,12 @@ inline bool amx_tiles_take(const Weight& w, int64_t n) {
   return least > 0 && n >= least && w.K % 32 == 0 && (w.fmt != FMT_FP8 || w.group % 2 == 0);
 }
 
-// tmm0 / tmm1: C of token tiles 0 and 1 (m0, m1 rows), tmm2 / tmm3: their A, tmm4: B
-KT_AMX inline void amx_configure_pair(int m0, int m1) {
+// Two panels (a, b) times two token tiles (0, 1): tmm0 / tmm1 C of a for tiles 0 / 1, tmm2 /
+// tmm3 C of b, tmm4 / tmm5 A of tiles 0 / 1 (m0, m1 rows), tmm6 / tmm7 B of a / b
+KT_AMX inline void amx_configure_quad(int m0, int m1, bool two) {
   TileConfig cfg;
-  const int rows[5] = {m0, m1, m0, m1, 16};
-  for (int t = 0; t < 5; ++t) {
+  const int rows[8] = {m0, m1, two ? m0 : 0, two ? m1 : 0, m0, m1, 16, two ? 16 : 0};
+  for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = static_cast<uint8_t>(rows[t]);
     cfg.colsb[t] = rows[t] ? 64 : 0;
   }
@@ -232,46 +233,75 @@ inline int64_t panel_bytes(const Weight& w) {
   return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
 }
 
-// out[i][j] = row i of the tiled bf16 block Xt . row 16p + j of w, for n rows. While the tiles
-// multiply, panel np of nw (the caller's next one; nw null: none) is fetched into L2, so the
-// DRAM stream overlaps the tile work instead of stalling the next decode.
-KT_AMX inline void panel_tiles_amx(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out,
-                                   const Weight* nw = nullptr, int64_t np = 0) {
+// One panel of one weight; w null: none
+struct PanelRef {
+  const Weight* w = nullptr;
+  int64_t p = 0;
+};
+
+// out_a[i][j] = row i of the tiled bf16 block Xt . row 16 a.p + j of a.w, for n rows; the same for
+// b into out_b when b.w is set (same K: gate and up, or two panels of one projection), sharing
+// every A tile load. While the tiles multiply, the caller's next panels (next_a, next_b) are
+// fetched into L2, so the DRAM stream overlaps the tile work instead of stalling the next decode.
+KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a,
+                                   float* out_b, PanelRef next_a = {}, PanelRef next_b = {}) {
+  const int64_t K = a.w->K, half = K / 2 * NR;
   thread_local std::vector<uint32_t> buf;
-  if (static_cast<int64_t>(buf.size()) < w.K / 2 * NR) buf.resize(w.K / 2 * NR);
-  const float* colscale = decode_panel_bf16(w, p, buf.data());
+  if (static_cast<int64_t>(buf.size()) < 2 * half) buf.resize(2 * half);
+  const float* scale_a = decode_panel_bf16(*a.w, a.p, buf.data());
+  const float* scale_b = b.w ? decode_panel_bf16(*b.w, b.p, buf.data() + half) : nullptr;
   KT_MEMORY_BARRIER();
-  const char* next = nw ? static_cast<const char*>(nw->data) + np * panel_bytes(*nw) : nullptr;
-  const int64_t next_lines = nw ? panel_bytes(*nw) / 64 : 0, steps = w.K / 32 * ((n + 31) / 32);
-  const int64_t per_step = (next_lines + steps - 1) / steps;
-  int64_t fetched = 0;
+  // the next panels' lines, spread over the tile steps: [f0, t0) then [f1, t1)
+  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;
+  if (next_a.w) t0 = (f0 = static_cast<const char*>(next_a.w->data) + next_a.p * panel_bytes(*next_a.w)) + panel_bytes(*next_a.w);
+  if (next_b.w) t1 = (f1 = static_cast<const char*>(next_b.w->data) + next_b.p * panel_bytes(*next_b.w)) + panel_bytes(*next_b.w);
+  const int64_t steps = K / 32 * ((n + 31) / 32), per_step = ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps);
   int cur0 = -1, cur1 = -1;
   for (int64_t i = 0; i < n; i += 32) {
     const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
     const int m1 = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, n - i - 16)));
-    if (m0 != cur0 || m1 != cur1) amx_configure_pair(cur0 = m0, cur1 = m1);
-    const uint16_t* x0 = Xt + i * w.K;  // token tiles i / 16 and i / 16 + 1
+    if (m0 != cur0 || m1 != cur1) amx_configure_quad(cur0 = m0, cur1 = m1, b.w != nullptr);
+    const uint16_t* x0 = Xt + i * K;  // token tiles i / 16 and i / 16 + 1
     _tile_zero(0);
+    if (b.w) _tile_zero(2);
     if (m1) _tile_zero(1);
-    for (int64_t kb = 0; kb < w.K / 32; ++kb) {
-      for (int64_t l = 0; l < per_step && fetched < next_lines; ++l, ++fetched)
-        _mm_prefetch(next + fetched * 64, _MM_HINT_T1);
-      _tile_loadd(4, buf.data() + kb * 16 * NR, 64);
-      _tile_loadd(2, x0 + kb * 512, 64);
-      _tile_dpbf16ps(0, 2, 4);
+    if (m1 && b.w) _tile_zero(3);
+    for (int64_t kb = 0; kb < K / 32; ++kb) {
+      for (int64_t l = 0; l < per_step; ++l) {
+        if (f0 < t0) {
+          _mm_prefetch(f0, _MM_HINT_T1);
+          f0 += 64;
+        } else if (f1 < t1) {
+          _mm_prefetch(f1, _MM_HINT_T1);
+          f1 += 64;
+        }
+      }
+      _tile_loadd(6, buf.data() + kb * 16 * NR, 64);
+      _tile_loadd(4, x0 + kb * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if (b.w) {
+        _tile_loadd(7, buf.data() + half + kb * 16 * NR, 64);
+        _tile_dpbf16ps(2, 4, 7);
+      }
       if (m1) {
-        _tile_loadd(3, x0 + 16 * w.K + kb * 512, 64);
-        _tile_dpbf16ps(1, 3, 4);
+        _tile_loadd(5, x0 + 16 * K + kb * 512, 64);
+        _tile_dpbf16ps(1, 5, 6);
+        if (b.w) _tile_dpbf16ps(3, 5, 7);
       }
     }
-    _tile_stored(0, out + i * NR, NR * sizeof(float));
-    if (m1) _tile_stored(1, out + (i + 16) * NR, NR * sizeof(float));
+    _tile_stored(0, out_a + i * NR, NR * sizeof(float));
+    if (m1) _tile_stored(1, out_a + (i + 16) * NR, NR * sizeof(float));
+    if (b.w) _tile_stored(2, out_b + i * NR, NR * sizeof(float));
+    if (b.w && m1) _tile_stored(3, out_b + (i + 16) * NR, NR * sizeof(float));
   }
   _tile_release();
   KT_MEMORY_BARRIER();
-  if (colscale) {
-    const __m512 s = _mm512_loadu_ps(colscale);
-    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_loadu_ps(out + i * NR), s));
+  for (int j = 0; j < 2; ++j) {
+    const float* cs = j ? scale_b : scale_a;
+    float* out = j ? out_b : out_a;
+    if (!cs) continue;
+    const __m512 sv = _mm512_loadu_ps(cs);
+    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_loadu_ps(out + i * NR), sv));
   }
 }
 

@@ -124,13 +124,28 @@ static bool tile_weight_takes(const Weight& w, int64_t n) {
 }
 
 // Xt: n rows of activations in the tiled bf16 layout (kernels_amx.hpp, bf16_tiles)
-// nw, np: the panel the caller computes next (fetched meanwhile), or null
-static void panel_tiles(const Weight& w, int64_t p, const uint16_t* Xt, int64_t n, float* out,
-                        const Weight* nw = nullptr, int64_t np = 0) {
+#if !defined(KT_HAVE_AMX)
+struct PanelRef {
+  const Weight* w = nullptr;
+  int64_t p = 0;
+};
+#endif
+
+// Callers pair panels (gate with up, neighbours of one projection) for calls of more rows than
+// this: with fewer, decoding two panels before any tile work costs more than the shared A loads save
+#ifndef KT_PAIR_FROM
+#define KT_PAIR_FROM 32
+#endif
+constexpr int64_t kPairFrom = KT_PAIR_FROM;
+
+// Panels a and (when b.w is set) b against the same n rows; next_a / next_b: the panels the caller
+// computes next (fetched meanwhile), if any
+static void panel_tiles(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a, float* out_b,
+                        PanelRef next_a = {}, PanelRef next_b = {}) {
 #if defined(KT_HAVE_AMX)
-  panel_tiles_amx(w, p, Xt, n, out, nw, np);
+  panel_tiles_amx(a, b, Xt, n, out_a, out_b, next_a, next_b);
 #else
-  (void)w, (void)p, (void)Xt, (void)n, (void)out, (void)nw, (void)np;
+  (void)a, (void)b, (void)Xt, (void)n, (void)out_a, (void)out_b, (void)next_a, (void)next_b;
 #endif
 }
 
@@ -201,7 +216,11 @@ static bool self_check(int fmt, int kind) {
   if (amx && fmt != FMT_W8A8) {
     std::vector<uint16_t> Xt(tiled_size(n, K));
     bf16_tiles(X.data(), n, K, K, Xt.data());
-    panel_tiles_amx(w, 0, Xt.data(), n, a.data());
+    std::vector<float> a2(n * NR), a3(n * NR);  // as a pair too (gate and up share their A tiles)
+    panel_tiles_amx({&w, 0}, {}, Xt.data(), n, a.data(), nullptr);
+    panel_tiles_amx({&w, 0}, {&w, 0}, Xt.data(), n, a2.data(), a3.data());
+    for (int64_t i = 0; i < n * NR; ++i)
+      if (a2[i] != a[i] || a3[i] != a[i]) a[i] = NAN;  // a pair must give what one panel gives, exactly
   }
 #endif
   if (fmt == FMT_BF16 || fmt == FMT_FP8) {
