@@ -1,7 +1,7 @@
 // AMX (Advanced Matrix Extensions) kernels for prefill. Same weight layouts as kernels.hpp:
 //   w8a8: the [K/4][16][4] panel is already AMX's B-tile layout (a row = 16 outputs x 4 inputs),
-//         activations are int8 rows, so one TDPBSSD does 16 x 16 x 64 exact multiply-adds
-//         (whole tiles of 16 tokens; the rest on AVX-512);
+//         activations are int8 rows, so one TDPBSSD does up to 16 x 16 x 64 exact multiply-adds
+//         (tiles of 16 tokens and a shorter last one);
 //   bf16, int8, int4, fp8: each panel is decoded once into bf16 B tiles and the activations,
 //         rounded to bf16 once per call (bf16_tiles), run TDPBF16PS in tiles of up to 16 tokens
 //         (panel_tiles_amx, below). The MoE's inputs are bf16 hidden states already, so only the
@@ -38,24 +38,24 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// tmm0: C (16 tokens x 16 outputs, 4-byte), tmm1: A (16 tokens x 64 bytes), tmm2: B (16 x 64)
-KT_AMX inline void amx_configure() {
+// tmm0: C (m tokens x 16 outputs, 4-byte), tmm1: A (m tokens x 64 bytes), tmm2: B (16 x 64)
+KT_AMX inline void amx_configure_q8(int m) {
   TileConfig cfg;
+  const int rows[3] = {m, m, 16};
   for (int t = 0; t < 3; ++t) {
-    cfg.rows[t] = 16;
+    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
     cfg.colsb[t] = 64;
   }
   KT_MEMORY_BARRIER();
   _tile_loadconfig(&cfg);
 }
 
-// The tile kernels below run between amx_configure() and _tile_release() (panel_gemm_*_amx):
-// configured per call, since other code on the thread (oneDNN's AMX kernels in torch) may
-// configure the tiles its own way in between.
+// The tile kernels below configure the tiles per call and release them at its end, since other
+// code on the thread (oneDNN's AMX kernels in torch) may configure them its own way in between.
 
-// w8a8: out[i][j] for 16 tokens (rows of Xq, stride ldx) against panel p; K % 64 == 0
-KT_AMX inline void tile16_q8_amx(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
-                                 float* out) {
+// w8a8: out[i][j] for m <= 16 tokens (rows of Xq, stride ldx) against panel p; K % 64 == 0
+KT_AMX inline void tile_q8_amx(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs, int m,
+                               float* out) {
   alignas(64) int32_t c[16 * 16];
   const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
   _tile_zero(0);
@@ -67,23 +67,32 @@ KT_AMX inline void tile16_q8_amx(const Weight& w, int64_t p, const int8_t* Xq, i
   _tile_stored(0, c, 64);
   KT_MEMORY_BARRIER();
   const __m512 s = _mm512_loadu_ps(w.scale + p * NR);
-  for (int i = 0; i < 16; ++i)
+  for (int i = 0; i < m; ++i)
     _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + i * 16)), s),
                                                  _mm512_set1_ps(xs[i])));
 }
 
-// n tokens: whole tiles of 16 on AMX, the rest on AVX-512
+// n tokens in tiles of 16 and a shorter last one (exact integer sums either way)
 KT_AMX inline void panel_gemm_q8_amx(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
                                      int64_t n, float* out) {
-  int64_t i = 0;
-  amx_configure();
-  for (; i + 16 <= n; i += 16) tile16_q8_amx(w, p, Xq + i * ldx, ldx, xs + i, out + i * NR);
+  int cur = -1;
+  for (int64_t i = 0; i < n; i += 16) {
+    const int m = static_cast<int>(std::min<int64_t>(16, n - i));
+    if (m != cur) amx_configure_q8(cur = m);
+    tile_q8_amx(w, p, Xq + i * ldx, ldx, xs + i, m, out + i * NR);
+  }
   _tile_release();
-  if (i < n) panel_gemm_q8_avx512(w, p, Xq + i * ldx, ldx, xs + i, n - i, out + i * NR);
 }
 
-// Whether the w8a8 tile kernel takes this call (the rest go to AVX-512)
-inline bool amx_q8_takes(const Weight& w, int64_t n) { return w.fmt == FMT_W8A8 && n >= 16 && w.K % 64 == 0; }
+// Whether the w8a8 tile kernel takes this call (the rest go to AVX-512): from this many tokens.
+// One is enough: on a 2-core AMX Xeon one MoE layer at T=1 ran 0.93 ms on tiles, 1.03 on
+// AVX-512 VNNI (T=16: 11.2 vs 14.1; bench/ab_native.py)
+#ifndef KT_Q8_TILE_FROM
+#define KT_Q8_TILE_FROM 1
+#endif
+inline bool amx_q8_takes(const Weight& w, int64_t n) {
+  return w.fmt == FMT_W8A8 && n >= KT_Q8_TILE_FROM && w.K % 64 == 0;
+}
 
 // ---------------------------------------------------------------- every float / weight-only format
 // A panel of any format is decoded once into bf16 B tiles (each 32 inputs x 16 outputs, 1 KB,
