@@ -30,6 +30,19 @@ using namespace kt;
 
 static int failures = 0;
 
+// Random panel bytes that are valid codes of fmt: no fp8 NaN, bf16 of magnitude [2^-7, 2^2), int8 in +-127
+static std::vector<uint8_t> random_codes(int fmt, size_t bytes, std::mt19937& rng) {
+  std::vector<uint8_t> data(bytes);
+  for (auto& b : data) b = static_cast<uint8_t>(rng());
+  if (fmt == FMT_FP8)
+    for (auto& b : data) if ((b & 0x7F) == 0x7F) b &= 0xFE;
+  if (fmt == FMT_BF16)
+    for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));
+  if (fmt == FMT_INT8 || fmt == FMT_W8A8)
+    for (auto& b : data) if (b == 0x80) b = 0x81;
+  return data;
+}
+
 static void compare(const char* what, int n, const std::vector<float>& got, const std::vector<float>& want) {
   float err = 0.f, mag = 1e-30f;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -49,14 +62,7 @@ int main() {
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8) && group != 32) continue;  // no groups
         if (fmt != FMT_INT4 && zeros) continue;
-        std::vector<uint8_t> data(P * K * NR * 2);
-        for (auto& b : data) b = static_cast<uint8_t>(rng());
-        if (fmt == FMT_FP8)
-          for (auto& b : data) if ((b & 0x7F) == 0x7F) b &= 0xFE;  // no NaN codes
-        if (fmt == FMT_BF16)
-          for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));
-        if (fmt == FMT_INT8 || fmt == FMT_W8A8)
-          for (auto& b : data) if (b == 0x80) b = 0x81;
+        const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
         const int g = (fmt == FMT_INT4 || fmt == FMT_FP8) ? group : static_cast<int>(K);
         std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
         for (auto& v : scale) v = 0.001f + static_cast<float>(rng() % 1000) * 1e-5f;
@@ -113,14 +119,7 @@ int main() {
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8) && group != 32) continue;
         if (fmt != FMT_INT4 && zeros) continue;
-        std::vector<uint8_t> data(P * K * NR * 2);
-        for (auto& b : data) b = static_cast<uint8_t>(rng());
-        if (fmt == FMT_FP8)
-          for (auto& b : data) if ((b & 0x7F) == 0x7F) b &= 0xFE;
-        if (fmt == FMT_BF16)
-          for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));
-        if (fmt == FMT_INT8 || fmt == FMT_W8A8)
-          for (auto& b : data) if (b == 0x80) b = 0x81;
+        const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
         const int g = (fmt == FMT_INT4 || fmt == FMT_FP8) ? group : static_cast<int>(K);
         std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
         for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
