@@ -131,13 +131,6 @@ struct PanelRef {
 };
 #endif
 
-// Callers pair panels (gate with up, neighbours of one projection) for calls of more rows than
-// this: with fewer, decoding two panels before any tile work costs more than the shared A loads save
-#ifndef KT_PAIR_FROM
-#define KT_PAIR_FROM 32
-#endif
-constexpr int64_t kPairFrom = KT_PAIR_FROM;
-
 // Panels a and (when b.w is set) b against the same n rows; next_a / next_b: the panels the caller
 // computes next (fetched meanwhile), if any
 static void panel_tiles(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a, float* out_b,
