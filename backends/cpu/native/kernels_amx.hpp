@@ -15,6 +15,25 @@
 #include <cstdlib>
 #include <vector>
 
+namespace kt {
+
+// Activations for the tile kernels, "tiled bf16": rows in groups of 16 (a token tile), each group
+// K/32 A tiles of 16 rows x 32 inputs (1 KB) back to back, so a tile load reads 1 KB in a row
+// (rows a whole hidden state apart, 4 KB, would all fall in one L1 set). Element (i, k) of a
+// block of n rows is at tiled_index(i, k, K); the block takes tiled_size(n, K) elements. K % 32 == 0.
+inline int64_t tiled_index(int64_t i, int64_t k, int64_t K) {
+  return (i / 16) * 16 * K + (k / 32) * 512 + (i % 16) * 32 + k % 32;
+}
+inline int64_t tiled_size(int64_t n, int64_t K) { return (n + 15) / 16 * 16 * K; }
+
+// One panel of one weight; w null: none
+struct PanelRef {
+  const Weight* w = nullptr;
+  int64_t p = 0;
+};
+
+}  // namespace kt
+
 // AMX intrinsics and target names arrived in GCC 11 and Clang 12; older compilers (Ubuntu 20.04's
 // GCC 9) build everything else. MinGW's GCC is left out: its tile macros pass the stride as a
 // `long`, 32 bits on Windows, which the assembler refuses as an index register.
@@ -221,15 +240,6 @@ KT_AMX inline void amx_configure_quad(int m0, int m1, bool two) {
   _tile_loadconfig(&cfg);
 }
 
-// Activations for the tile kernels, "tiled bf16": rows in groups of 16 (a token tile), each group
-// K/32 A tiles of 16 rows x 32 inputs (1 KB) back to back, so a tile load reads 1 KB in a row
-// (rows a whole hidden state apart, 4 KB, would all fall in one L1 set). Element (i, k) of a
-// block of n rows is at tiled_index(i, k, K); the block takes tiled_size(n, K) elements. K % 32 == 0.
-inline int64_t tiled_index(int64_t i, int64_t k, int64_t K) {
-  return (i / 16) * 16 * K + (k / 32) * 512 + (i % 16) * 32 + k % 32;
-}
-inline int64_t tiled_size(int64_t n, int64_t K) { return (n + 15) / 16 * 16 * K; }
-
 // n float rows of X (K inputs, ldx apart) -> tiled bf16 (round to nearest even)
 KT_AMX inline void bf16_tiles(const float* X, int64_t n, int64_t ldx, int64_t K, uint16_t* Xt) {
   for (int64_t i = 0; i < n; ++i)
@@ -241,12 +251,6 @@ KT_AMX inline void bf16_tiles(const float* X, int64_t n, int64_t ldx, int64_t K,
 inline int64_t panel_bytes(const Weight& w) {
   return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
 }
-
-// One panel of one weight; w null: none
-struct PanelRef {
-  const Weight* w = nullptr;
-  int64_t p = 0;
-};
 
 // out_a[i][j] = row i of the tiled bf16 block Xt . row 16 a.p + j of a.w, for n rows; the same for
 // b into out_b when b.w is set (same K: gate and up, or two panels of one projection), sharing

@@ -124,13 +124,6 @@ static bool tile_weight_takes(const Weight& w, int64_t n) {
 }
 
 // Xt: n rows of activations in the tiled bf16 layout (kernels_amx.hpp, bf16_tiles)
-#if !defined(KT_HAVE_AMX)
-struct PanelRef {
-  const Weight* w = nullptr;
-  int64_t p = 0;
-};
-#endif
-
 // Panels a and (when b.w is set) b against the same n rows; next_a / next_b: the panels the caller
 // computes next (fetched meanwhile), if any
 static void panel_tiles(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a, float* out_b,
@@ -142,7 +135,7 @@ static void panel_tiles(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, f
 #endif
 }
 
-// Rows of X in the tiled bf16 layout; the size of that block (elements)
+// Rows of X in the tiled bf16 layout (kernels_amx.hpp)
 static void to_tiles(const float* X, int64_t n, int64_t ldx, int64_t K, uint16_t* Xt) {
 #if defined(KT_HAVE_AMX)
   bf16_tiles(X, n, ldx, K, Xt);
@@ -150,7 +143,6 @@ static void to_tiles(const float* X, int64_t n, int64_t ldx, int64_t K, uint16_t
   (void)X, (void)n, (void)ldx, (void)K, (void)Xt;
 #endif
 }
-static int64_t tiles_size(int64_t n, int64_t K) { return (n + 15) / 16 * 16 * K; }
 
 #if defined(KT_X86)
 // Up to this many tokens the 256-bit int8 / int4 kernels beat the 512-bit ones on an AMX Xeon
@@ -168,121 +160,9 @@ static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float
   panel_gemm_x16_avx2(w, p, x, n, out);
 }
 
-// First use of an AVX-512, AMX, AVX-VNNI or AVX512-BF16 kernel (kind): run it and its AVX2 twin
-// (which the test suite covers on every x86 CI machine) on the same random panel; if they
-// disagree, say so once and keep using the path below for that format, so a bug can cost speed
-// but never a wrong answer.
-static bool self_check(int fmt, int kind) {
-  const bool amx = kind == CHECK_AMX, vnni = kind == CHECK_AVXVNNI, dp = kind == CHECK_AVX512BF16;
-  if (vnni && (fmt == FMT_BF16 || fmt == FMT_FP8)) return true;  // float formats: no avx_vnni kernels
-  if (dp && fmt != FMT_BF16) return true;                       // bf16 pairs: bf16 weights only
-  // amx: a pair of 16-token tiles and a partial one; dp: one 16-token tile and a tail
-  const int64_t K = 512, n = amx ? 35 : dp ? 19 : 5, group = 32;
-  uint32_t seed = 12345u + static_cast<uint32_t>(fmt);
-  auto rnd = [&] { seed = seed * 1664525u + 1013904223u; return seed >> 8; };
-  std::vector<uint8_t> data(K * NR * 2);
-  for (auto& b : data) b = static_cast<uint8_t>(rnd());
-  if (fmt == FMT_FP8)
-    for (auto& b : data) if ((b & 0x7F) == 0x7F) b &= 0xFE;  // no NaN codes
-  if (fmt == FMT_BF16)
-    for (size_t i = 1; i < data.size(); i += 2) data[i] = static_cast<uint8_t>(0x3C + (data[i] & 0x83));  // +-[2^-7, 2^2)
-  if (fmt == FMT_INT8 || fmt == FMT_W8A8)
-    for (auto& b : data) if (b == 0x80) b = 0x81;  // codes stay within +-127
-  std::vector<float> scale(K / group * NR), zero(K / group * NR), X(n * K), a(n * NR), b(n * NR), xs(n);
-  for (auto& v : scale)  // AMX tiles round dequantized weights to bf16: powers of two keep them exact
-    v = amx ? std::ldexp(1.f, -7 - static_cast<int>(rnd() % 4)) : 0.001f + static_cast<float>(rnd() % 1000) * 1e-5f;
-  for (auto& v : zero) v = static_cast<float>(rnd() % 16);
-  for (auto& v : X) {  // bf16-exact values, as the MoE's hidden states are (AMX multiplies bf16)
-    v = static_cast<float>(static_cast<int>(rnd() % 2001) - 1000) * 1e-3f;
-    v = bf16_to_f32(static_cast<uint16_t>(f32_bits(v) >> 16));
-  }
-  for (auto& v : xs) v = 0.01f + static_cast<float>(rnd() % 100) * 1e-4f;
-  Weight w;
-  w.fmt = fmt;
-  w.M = NR;
-  w.K = K;
-  w.group = fmt == FMT_INT4 || fmt == FMT_FP8 ? static_cast<int>(group) : static_cast<int>(K);
-  w.data = data.data();
-  w.scale = scale.data();
-  w.zero = fmt == FMT_INT4 ? zero.data() : nullptr;
-#if defined(KT_HAVE_AMX)
-  if (amx && fmt != FMT_W8A8) {
-    std::vector<uint16_t> Xt(tiled_size(n, K));
-    bf16_tiles(X.data(), n, K, K, Xt.data());
-    std::vector<float> a2(n * NR), a3(n * NR);  // as a pair too (gate and up share their A tiles)
-    panel_tiles_amx({&w, 0}, {}, Xt.data(), n, a.data(), nullptr);
-    panel_tiles_amx({&w, 0}, {&w, 0}, Xt.data(), n, a2.data(), a3.data());
-    for (int64_t i = 0; i < n * NR; ++i)
-      if (a2[i] != a[i] || a3[i] != a[i]) a[i] = NAN;  // a pair must give what one panel gives, exactly
-  }
-#endif
-  if (fmt == FMT_BF16 || fmt == FMT_FP8) {
-#if defined(KT_HAVE_AVX512BF16)
-    if (dp) panel_gemm_bf16dp_avx512(w, 0, X.data(), K, n, a.data());
-    else
-#endif
-    if (!amx) panel_gemm_avx512(w, 0, X.data(), K, n, a.data());
-    panel_gemm_avx2(w, 0, X.data(), K, n, b.data());
-  } else if (fmt == FMT_W8A8) {
-    std::vector<int8_t> Xq(n * K);
-    for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rnd() % 255) - 127);
-#if defined(KT_HAVE_AMX)
-    if (amx) panel_gemm_q8_amx(w, 0, Xq.data(), K, xs.data(), n, a.data());
-    else
-#endif
-#if defined(KT_HAVE_AVXVNNI)
-    if (vnni) panel_gemm_q8_avxvnni(w, 0, Xq.data(), K, xs.data(), n, a.data());
-    else
-#endif
-      panel_gemm_q8_avx512(w, 0, Xq.data(), K, xs.data(), n, a.data());
-    panel_gemm_q8_avx2(w, 0, Xq.data(), K, xs.data(), n, b.data());
-  } else {
-    std::vector<int16_t> q(n * K);
-    std::vector<int32_t> gsum(n * (K / group));
-    quantize_rows16(X.data(), n, K, K, fmt == FMT_INT4 ? group : 0, q.data(), xs.data(),
-                    fmt == FMT_INT4 ? gsum.data() : nullptr);
-    X16 x{q.data(), xs.data(), fmt == FMT_INT4 ? gsum.data() : nullptr, K, K / group};
-#if defined(KT_HAVE_AVXVNNI)
-    if (vnni) panel_gemm_x16_avxvnni(w, 0, x, n, a.data());
-    else
-#endif
-    if (!amx) panel_gemm_x16_avx512(w, 0, x, n, a.data());
-    panel_gemm_x16_avx2(w, 0, x, n, b.data());
-  }
-  float err = 0.f, mag = 1e-30f;
-  for (int64_t i = 0; i < n * NR; ++i) {
-    err = std::max(err, std::fabs(a[i] - b[i]));
-    mag = std::max(mag, std::fabs(b[i]));
-  }
-  const bool ok = err <= 1e-4f * mag && std::isfinite(err);
-  if (!ok)
-    std::fprintf(stderr, "kt-core: the %s kernel for format %d disagrees with AVX2 (relative error %g); "
-                 "not using it. Please report this with `kt doctor` output.\n",
-                 amx ? "AMX" : vnni ? "AVX-VNNI" : dp ? "AVX512-BF16" : "AVX-512", fmt,
-                 err / mag);
-  return ok;
-}
 #endif
 
-static bool checked_ok(int fmt, int kind) {
-#if defined(KT_X86)
-  static std::mutex mu;
-  static std::atomic<int> verdict[4][8] = {};  // 0 unknown, 1 ok, -1 fall back
-  if (fmt < 0 || fmt >= 8 || kind < 0 || kind > 3) return false;
-  std::atomic<int>& v = verdict[kind][fmt];
-  int known = v.load(std::memory_order_acquire);  // every panel call asks: no lock once known
-  if (known == 0) {
-    std::lock_guard<std::mutex> lk(mu);
-    known = v.load(std::memory_order_acquire);
-    if (known == 0) v.store(known = self_check(fmt, kind) ? 1 : -1, std::memory_order_release);
-  }
-  return known == 1;
-#else
-  (void)fmt;
-  (void)kind;
-  return false;
-#endif
-}
+#include "self_check.inc"  // each SIMD kernel checked against AVX2 on first use
 
 // Rows of X -> integer codes in [-qmax, qmax] and one scale per row (amax / qmax, round half to
 // even); columns K..ld are zero. int8 (qmax 127) is w8a8's dynamic activation quantization, the
