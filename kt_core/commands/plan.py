@@ -27,6 +27,12 @@ def model_spec(cfg):
     if cfg.model.path is not None:
         from pathlib import Path
 
+        from kt_core.weights.checkpoint import is_gguf
+
+        if is_gguf(cfg.model.path):  # the header only: metadata and tensor shapes, no tensor read
+            from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+            return parse_config(GGUFCheckpoint(cfg.model.path).config)
         return parse_config(read_json(Path(cfg.model.path).expanduser() / "config.json", "config.json"))
     from kt_core.models.synthetic import DEFAULT_PRESET, build_config
 

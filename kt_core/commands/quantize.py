@@ -24,7 +24,7 @@ def run(overrides, flags) -> int:
     from kt_core.errors import KtError
     from kt_core.models.model import QuantPlan
     from kt_core.models.spec import parse_config
-    from kt_core.weights.checkpoint import Checkpoint
+    from kt_core.weights.checkpoint import open_checkpoint
     from kt_core.weights.prequant import default_path, write_model
     from kt_core.weights.quant import Quant
 
@@ -37,7 +37,7 @@ def run(overrides, flags) -> int:
     qp = QuantPlan.from_config(cfg.quant)
     if qp.experts is Quant.NONE:
         raise KtError("kt quantize needs a quantized expert format: quant=int4, int8, w8a8 or fp8")
-    ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
+    ck = open_checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
     spec = parse_config(ck.config)
     if spec.moe is None:
         raise KtError(f"{spec.arch} has no MoE experts to quantize")

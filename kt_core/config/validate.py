@@ -289,11 +289,15 @@ def check_values(cfg: DictConfig) -> None:
     ``resolve_topology`` starts with it, so ``kt config``, ``kt plan`` and every load check them."""
     if cfg.model.path is not None:
         path = Path(str(cfg.model.path)).expanduser()
-        if not path.is_dir():
+        gguf = path.suffix.lower() == ".gguf"
+        if gguf and path.is_file():
+            pass  # a GGUF file: its header is checked when it is opened
+        elif not path.is_dir():
             what = "is a file, not a folder" if path.exists() else "does not exist"
-            raise ConfigError(f"model folder not found: model.path={path} {what}; point it at a Hugging Face "
-                              "model folder (config.json + *.safetensors), or drop it for the embedded default")
-        if not (path / "config.json").is_file():
+            raise ConfigError(f"model {'file' if gguf else 'folder'} not found: model.path={path} {what}; point it "
+                              "at a Hugging Face model folder (config.json + *.safetensors) or a .gguf file, or drop "
+                              "it for the embedded default")
+        elif not (path / "config.json").is_file():
             raise ConfigError(f"model.path={path} has no config.json: it is not a Hugging Face model folder")
     _positive(cfg.model.max_seq_len, "model.max_seq_len")
     _positive(cfg.plan.kv_tokens, "plan.kv_tokens")

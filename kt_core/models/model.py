@@ -62,6 +62,10 @@ class _Reader:
     def dense(self, name: str, shape, fmt: Optional[Quant] = None):
         """A dense linear's weight in ``fmt`` (default: quant.dense), prepared for its device."""
         fmt = self.qp.dense if fmt is None else fmt
+        kept = _kept(self.ck, [name], shape)  # a GGUF block type kt-core holds exactly: no requantization
+        if kept is not None:
+            q = kept.to(self.device)
+            return self.prepare(q) if self.prepare is not None else q
         w = self.t(name, shape)
         if fmt is Quant.NONE:
             return w
@@ -127,6 +131,25 @@ def _mlp(r: _Reader, p: str, H: int, inter: int) -> DenseMLP:
                     r.dense(p + "down_proj.weight", (H, inter)))
 
 
+def _kept(ck, names: list[str], shape) -> Optional[QuantizedWeight]:
+    """The named weights stacked in the format their file quantized them in, when the checkpoint
+    holds them in one kt-core represents exactly (GGUF Q4_0 / Q4_1 / Q4_K); else None."""
+    if not hasattr(ck, "quantized") or not all(ck.keeps(n) for n in names):
+        return None
+    ws = []
+    for n in names:
+        w = ck.quantized(n, shape)
+        if w is None or (ws and (w.format, w.group_size, w.zeros is None) !=
+                         (ws[0].format, ws[0].group_size, ws[0].zeros is None)):
+            return None
+        ws.append(w)
+    if len(ws) == 1:
+        return ws[0]
+    zeros = None if ws[0].zeros is None else torch.stack([w.zeros for w in ws])
+    return QuantizedWeight(ws[0].format, torch.stack([w.qdata for w in ws]), torch.stack([w.scales for w in ws]),
+                           zeros, ws[0].group_size, ws[0].in_features)
+
+
 def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
     """The named tensors stacked, read one at a time into the result (no second full copy)."""
     first = ck.get(names[0], shape)
@@ -163,6 +186,10 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
         # an fp8 checkpoint served in fp8: keep its codes and block scales, no requantization
         g, u, d = (_stack_fp8(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I))))
         return ExpertWeights(idx.to(r.device), g.to(r.device), u.to(r.device), d.to(r.device))
+    if hasattr(ck, "keeps") and all(ck.keeps(n) for ns in lists for n in ns):  # the file's quantization, kept
+        kept = [_kept(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I)))]
+        if all(k is not None for k in kept) and len({(k.format, k.group_size, k.zeros is None) for k in kept}) == 1:
+            return ExpertWeights(idx.to(r.device), *(k.to(r.device) for k in kept))
     return r.experts(lambda: _stack(ck, lists[0], (I, H)), lambda: _stack(ck, lists[1], (I, H)),
                      lambda: _stack(ck, lists[2], (H, I)), idx)
 

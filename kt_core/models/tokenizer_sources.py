@@ -125,8 +125,9 @@ def write_mistral(out: Path) -> None:
     import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
-    sp = spm.SentencePieceProcessor(model_file=str(_package_dir("mistral_common", "mistral-common")
-                                                   / "data" / "tokenizer.model.v1"))
+    model = _package_dir("mistral_common", "mistral-common") / "data" / "tokenizer.model.v1"
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    shutil.copyfile(model, out / "tokenizer.model")  # as Mixtral's own folders ship it (GGUF converters read it)
     n = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
     # merges: every way a piece splits into two pieces, ordered by the merged piece's score

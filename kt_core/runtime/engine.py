@@ -26,7 +26,7 @@ from kt_core.models.model import CausalLM, QuantPlan
 from kt_core.models.spec import ModelSpec, parse_config
 from kt_core.models.tokenizer import Tokenizer
 from kt_core.runtime.sampling import SamplingParams
-from kt_core.weights.checkpoint import Checkpoint
+from kt_core.weights.checkpoint import Checkpoint, open_checkpoint
 from kt_core.weights.quant import Quant
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -119,7 +119,7 @@ class Engine:
         configure_cpu_threads(cfg)
         slot = topo.roles["attention"][0]
         backend = registry().get(slot.backend)
-        ck = Checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
+        ck = open_checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
         spec = parse_config(ck.config)
         from kt_core.placement.plan import make_plan
 
@@ -156,7 +156,7 @@ class Engine:
             ck.close()
         model.plan = plan
         model.prequant = qp.prequant  # the kt quantize file the experts came from, if any
-        tokenizer = Tokenizer.from_dir(ck.path) if Tokenizer.present(ck.path) else None
+        tokenizer = ck.tokenizer()
         return cls(cfg, spec, model, tokenizer, max_batch=max_batch, fingerprint=ck.fingerprint())
 
     # ---- one prefill --------------------------------------------------------------

@@ -280,3 +280,24 @@ class Checkpoint:
 
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
         return self.get(name, shape, dtype) if name in self else None
+
+    def tokenizer(self):
+        """The folder's tokenizer (tokenizer.json and its config), or None when it has none."""
+        from kt_core.models.tokenizer import Tokenizer
+
+        return Tokenizer.from_dir(self.path) if Tokenizer.present(self.path) else None
+
+
+def is_gguf(path) -> bool:
+    """Whether model.path names a GGUF file (not a Hugging Face folder)."""
+    p = Path(str(path)).expanduser()
+    return p.suffix.lower() == ".gguf" and not p.is_dir()
+
+
+def open_checkpoint(path, allow_bin: bool = False):
+    """A Hugging Face folder (Checkpoint) or a GGUF file (GGUFCheckpoint), by what ``path`` is."""
+    if is_gguf(path):
+        from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    return Checkpoint(path, allow_bin=allow_bin)

@@ -38,7 +38,11 @@ def tag(experts: str, group_size: int, symmetric: bool) -> str:
 
 
 def default_path(model_path, experts: str, group_size: int, symmetric: bool) -> Path:
-    return Path(model_path) / f"kt-experts-{tag(experts, group_size, symmetric)}.ktq"
+    """Inside a model folder; beside a GGUF file, named after it."""
+    p = Path(model_path)
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
+        return p.with_name(f"{p.stem}.kt-experts-{tag(experts, group_size, symmetric)}.ktq")
+    return p / f"kt-experts-{tag(experts, group_size, symmetric)}.ktq"
 
 
 def _expected(fingerprint: str, arch: str, experts: str, group_size: int, symmetric: bool) -> dict:

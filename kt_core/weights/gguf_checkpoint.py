@@ -1,0 +1,178 @@
+"""A GGUF file (or split set) behind the same read interface as a Hugging Face folder.
+
+``GGUFCheckpoint`` gives the model loader what ``Checkpoint`` gives it: a ``config`` dict in
+config.json's terms, tensors by their HF names (``get``), a fingerprint and the tokenizer (built
+from ``tokenizer.ggml.*``). On top, ``quantized(name)`` hands over a weight whose GGUF block type
+is exactly one of kt-core's formats (Q4_0, Q4_1, Q4_K as int4 groups of 32) without a round trip
+through floats, so the loader keeps the file's quantization instead of blowing it up to bf16.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from kt_core.errors import KtError
+from kt_core.weights.gguf_arch import Source, hf_config, tensor_names
+from kt_core.weights.gguf_file import open_gguf
+from kt_core.weights.quant import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
+    """Row order that undoes llama.cpp's converter permutation of q/k for ``heads`` heads
+    (it interleaves each head's two rope halves): original = stored[perm]."""
+    if heads <= 0 or rows % (2 * heads):
+        raise KtError(f"llama q/k rows ({rows}) do not split into {heads} heads of two rope halves; "
+                      "the GGUF's head counts do not match its tensors")
+    return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+
+class GGUFCheckpoint:
+    """Lazy tensor access to a GGUF model file (memory-mapped; a tensor is read when asked for)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self.parts = open_gguf(self.path)
+        first = self.parts[0]
+        self.arch = first.value("general.architecture")
+        if not isinstance(self.arch, str):
+            raise KtError(f"{self.path.name} has no general.architecture; it is not a GGUF model file")
+        self._tensors = {}
+        for part in self.parts:
+            for t in part.reader.tensors:
+                if t.name in self._tensors:
+                    raise KtError(f"tensor {t.name} is in both {self._tensors[t.name][0].path.name} and "
+                                  f"{part.path.name}; the split files do not belong together")
+                self._tensors[t.name] = (part, t)
+        shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, (_, t) in self._tensors.items()}
+        self.shapes = shapes
+        self.config = hf_config(self.arch, first.value, shapes)
+        self._src = tensor_names(self.config, self.arch, list(self._tensors), shapes)
+        self._told: set[str] = set()
+
+    # ---- metadata ----------------------------------------------------------------
+    def meta(self, key: str, default=None):
+        return self.parts[0].value(key, default)
+
+    def gguf_type(self, name: str) -> str:
+        """The GGUF block type (e.g. ``Q4_K``) of checkpoint tensor ``name``."""
+        return self._tensor(name)[1].tensor_type.name
+
+    def tensor_types(self) -> dict[str, int]:
+        """GGUF block type -> number of tensors of it."""
+        out: dict[str, int] = {}
+        for _, t in self._tensors.values():
+            out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+        return out
+
+    def keeps(self, name: str) -> bool:
+        """Whether ``quantized(name)`` hands over the file's blocks (no tensor is read to tell)."""
+        from kt_core.weights.gguf_blocks import REPACKABLE
+
+        return self._tensor(name)[1].tensor_type in REPACKABLE
+
+    def tokenizer(self):
+        from kt_core.models.gguf_tokenizer import tokenizer_from_gguf
+
+        meta = {k: self.meta(k) for k in self.parts[0].keys() if k.startswith("tokenizer.")}
+        return tokenizer_from_gguf(meta) if "tokenizer.ggml.model" in meta else None
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(b"gguf;")
+        for part in self.parts:
+            st = part.path.stat()
+            h.update(f"{part.path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()
+
+    def close(self) -> None:
+        """Nothing to close: the maps go when the checkpoint does."""
+
+    # ---- access ------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return sorted(self._src)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._src
+
+    def file_of(self, name: str) -> str:
+        src = self._src.get(name)
+        return self._tensors[src.gguf][0].path.name if src is not None else self.path.name
+
+    def is_fp8(self, name: str) -> bool:
+        return False
+
+    def _tensor(self, name: str):
+        src = self._src.get(name)
+        if src is None:
+            raise KtError(f"tensor {name} is missing from {self.path.name} (a {self.arch} GGUF); the file is "
+                          "incomplete or of another architecture")
+        return self._tensors[src.gguf]
+
+    def _raw(self, name: str) -> tuple[torch.Tensor, int, tuple, Source]:
+        """The stored bytes of ``name`` (one expert's slice of a merged tensor), its block type and
+        its torch shape."""
+        src = self._src[name]
+        part, t = self._tensor(name)
+        shape = self.shapes[src.gguf]
+        data = t.data
+        if src.expert is not None:
+            data, shape = data[src.expert], shape[1:]
+        raw = torch.from_numpy(np.array(data, copy=True).reshape(-1).view(np.uint8))
+        return raw, int(t.tensor_type), shape, src
+
+    def _check(self, name: str, got: tuple, shape: Optional[Iterable[int]]) -> None:
+        if shape is not None and tuple(got) != tuple(shape):
+            raise KtError(f"tensor {name} ({self._src[name].gguf} in {self.file_of(name)}) has shape {tuple(got)} "
+                          f"but the GGUF metadata implies {tuple(shape)}; the file is inconsistent: convert it again")
+
+    def get(self, name: str, shape=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One tensor as floats (float32 unless ``dtype``), dequantized from its block type."""
+        from kt_core.weights.gguf_blocks import dequantize
+
+        raw, qtype, gshape, src = self._raw(name)
+        try:
+            t = dequantize(raw, qtype, gshape)
+        except ValueError as exc:
+            raise KtError(f"tensor {src.gguf} in {self.file_of(name)}: {exc}") from None
+        if src.unpermute_heads:
+            t = t[_unpermute_rows(t.shape[0], src.unpermute_heads)]
+        if src.reshape is not None:
+            t = t.reshape(src.reshape)
+        self._check(name, tuple(t.shape), shape)
+        return t if dtype is None else t.to(dtype)
+
+    def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
+        return self.get(name, shape, dtype) if name in self else None
+
+    def quantized(self, name: str, shape=None) -> Optional[QuantizedWeight]:
+        """The weight in a kt-core format that holds its GGUF blocks exactly, or None when its type
+        has none (the caller then reads floats with ``get``)."""
+        from kt_core.weights.gguf_blocks import REPACKABLE, repack
+
+        kind = self._tensor(name)[1].tensor_type
+        if kind not in REPACKABLE:
+            if kind.name not in self._told and kind.name not in ("F32", "F16", "BF16"):
+                self._told.add(kind.name)
+                log.info("GGUF %s tensors have no exact kt-core format yet: dequantized at load", kind.name)
+            return None
+        raw, qtype, gshape, src = self._raw(name)
+        if len(gshape) != 2 or src.reshape is not None:
+            return None
+        try:
+            q = repack(raw, qtype, gshape)
+        except ValueError as exc:
+            raise KtError(f"tensor {src.gguf} in {self.file_of(name)}: {exc}") from None
+        if q is None:
+            return None
+        if src.unpermute_heads:
+            perm = _unpermute_rows(q.qdata.shape[0], src.unpermute_heads)
+            q = QuantizedWeight(q.format, q.qdata[perm], q.scales[perm], None if q.zeros is None else q.zeros[perm],
+                                q.group_size, q.in_features)
+        self._check(name, tuple(q.shape), shape)
+        return q

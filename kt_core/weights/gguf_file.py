@@ -1,0 +1,126 @@
+"""Opening GGUF files (llama.cpp's format) with the ``gguf`` package from PyPI, memory-mapped.
+
+``open_gguf(path)`` takes one file or any part of a split set (``NAME-00001-of-00003.gguf``)
+and returns the parts, each a :class:`GGUFPart` whose tensors are views into the mapped file:
+nothing is read until a tensor's bytes are touched. Every read the ``gguf`` reader makes is
+bounds-checked first, so a truncated or corrupt file fails with the file and the byte offset
+(a one-line ``KtError``), never with a numpy error or a crash.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kt_core.errors import KtError
+
+SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def gguf_module():
+    try:
+        import gguf
+    except ImportError:
+        raise KtError("reading GGUF files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+class _OutOfFile(Exception):
+    def __init__(self, offset: int, need: int, size: int) -> None:
+        super().__init__(offset, need, size)
+        self.offset, self.need, self.size = offset, need, size
+
+
+def _checked_reader():
+    """gguf.GGUFReader whose every read is checked against the file's size first."""
+    gguf = gguf_module()
+
+    class CheckedReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            need = int(np.dtype(dtype).itemsize) * int(count)
+            if offset < 0 or count < 0 or offset + need > len(self.data):
+                raise _OutOfFile(int(offset), need, len(self.data))
+            return super()._get(offset, dtype, count, override_order)
+
+    return CheckedReader
+
+
+@dataclass
+class GGUFPart:
+    """One mapped GGUF file: its metadata (key -> Python value, read on demand) and tensors."""
+
+    path: Path
+    reader: Any
+
+    def value(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as exc:  # a field whose parts do not decode (corrupt string, bad type)
+            raise KtError(f"{self.path.name}: metadata {key} at byte {field.offset} does not decode "
+                          f"({type(exc).__name__}: {exc}); the file is corrupt: download it again") from None
+
+    def keys(self) -> list[str]:
+        return list(self.reader.fields)
+
+
+def _open_part(path: Path) -> GGUFPart:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise KtError(f"{path} could not be read ({exc.strerror or exc}); check the path") from None
+    if size < 24:
+        raise KtError(f"{path.name} is {size} bytes, too short for a GGUF header; download it again")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise KtError(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
+                      "model.path takes a .gguf file or a Hugging Face model folder")
+    try:
+        reader = _checked_reader()(path, "r")
+    except _OutOfFile as exc:
+        raise KtError(f"{path.name} is truncated or corrupt: a read of {exc.need} bytes at offset {exc.offset} "
+                      f"runs past the end of the {exc.size}-byte file; download it again") from None
+    except KtError:
+        raise
+    except Exception as exc:  # bad version, unknown value or quant type, duplicate names, ...
+        raise KtError(f"{path.name} is not a GGUF file kt-core can read ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())[:200]}); download it again or re-convert it") from None
+    return GGUFPart(path, reader)
+
+
+def split_paths(path: Path) -> list[Path]:
+    """All parts of a split GGUF (given any one of them), in order; ``[path]`` for a single file."""
+    m = SPLIT_NAME.match(path.name)
+    if not m:
+        return [path]
+    count = int(m.group("count"))
+    if count < 1:
+        raise KtError(f"{path.name}: a split GGUF name says 'of {m.group('count')}'; rename the file")
+    parts = [path.with_name(f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise KtError(f"{path.name} is part of a {count}-file split GGUF but {', '.join(missing[:3])} "
+                      f"{'is' if len(missing) == 1 else 'are'} missing; download every part into "
+                      f"{path.parent}")
+    return parts
+
+
+def open_gguf(path: str | Path) -> list[GGUFPart]:
+    """The parts of a GGUF model file (split sets joined); checked to belong together."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise KtError(f"GGUF file not found: {path}")
+    parts = [_open_part(p) for p in split_paths(path)]
+    if len(parts) > 1:
+        for i, part in enumerate(parts):
+            no, count = part.value("split.no"), part.value("split.count")
+            if no is not None and (no != i or count != len(parts)):
+                raise KtError(f"{part.path.name} says it is part {no + 1} of {count}, but its name makes it part "
+                              f"{i + 1} of {len(parts)}; the split files do not belong together")
+    return parts
