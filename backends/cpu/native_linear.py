@@ -85,9 +85,9 @@ def pack_linear(w) -> Optional[PackedLinear]:
         return None
     M, K = w.shape
     if w.format in (Quant.INT8, Quant.W8A8):
-        if w.group_size != K or K % (4 if w.format is Quant.W8A8 else 2):
+        group = 0 if w.group_size == K else w.group_size
+        if K % (4 if w.format is Quant.W8A8 else 2) or (group and (w.format is Quant.W8A8 or group % 4 or group > 256)):
             return None
-        group = 0
     elif w.format is Quant.FP8:
         group = 0 if w.group_size == K else w.group_size
     elif w.format is Quant.INT4:

@@ -68,7 +68,7 @@ def _packed_layout(fmt: str, group: int, E: int, M: int, K: int) -> tuple:
     if fmt == "bf16":
         return (E, P, K, NR), torch.int16, None
     if fmt == "int8":
-        return (E, P, K // 2, NR, 2), torch.int8, (E, P * NR)
+        return (E, P, K // 2, NR, 2), torch.int8, (E, P, K // group, NR) if group else (E, P * NR)
     if fmt == "w8a8":
         return (E, P, K // 4, NR, 4), torch.int8, (E, P * NR)
     G = K // group if group else 1
@@ -107,8 +107,10 @@ def _check_packed(p: PackedExperts) -> tuple:
     step = {"int8": 2, "w8a8": 4, "int4": 4}.get(fmt, 1)
     if H % step or I % step:
         raise ValueError(f"{where}: {fmt} kernels read inputs in {step}s; hidden {H} and width {I} must be multiples")
-    if fmt in ("bf16", "int8", "w8a8") and group != 0:
+    if fmt in ("bf16", "w8a8") and group != 0:
         raise ValueError(f"{where}: {fmt} has no groups (group 0), got group {group}; {_REPACK}")
+    if fmt == "int8" and group and (group % 4 or group > 256):
+        raise ValueError(f"{where}: int8 groups must be 0 (per row) or a multiple of 4 in 4..256, got {group}; {_REPACK}")
     if fmt == "int4" and (group <= 0 or group % 4 or group > 4096):
         raise ValueError(f"{where}: int4 groups must be a multiple of 4 in 4..4096, got {group}; {_REPACK}")
     if group and (H % group or I % group):
@@ -146,7 +148,9 @@ def _pack_proj(w, bias: Optional[torch.Tensor]) -> PackedProj:
     if isinstance(w, torch.Tensor):
         return PackedProj(_panels(w.view(torch.int16)), None, None, b)
     if w.format in (Quant.INT8, Quant.W8A8):
-        scale = _panels(w.scales.float()).reshape(w.scales.shape[0], -1).contiguous()  # [E, P*16]
+        scale = _panels(w.scales.float())  # [E, P, G, 16]
+        if w.group_size == w.in_features:
+            scale = scale.reshape(w.scales.shape[0], -1).contiguous()  # one per row: [E, P*16]
         data = _panels(w.qdata)  # [E, P, K, 16]
         E, P, K, _ = data.shape
         step = 4 if w.format is Quant.W8A8 else 2  # inputs of a row side by side: [E, P, K/step, 16, step]
@@ -217,12 +221,15 @@ def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
             return None  # fp32 / fp16 weights: the torch path keeps their precision
         name, group = "bf16", 0
     elif fmt in (Quant.INT8, Quant.W8A8):
-        if ex.gate.group_size != ex.gate.in_features or ex.down.group_size != ex.down.in_features:
-            return None
+        per_row = [w.group_size == w.in_features for w in (ex.gate, ex.up, ex.down)]
+        group = 0 if all(per_row) else ex.gate.group_size
+        if group and (fmt is Quant.W8A8 or any(per_row) or group % 4 or group > 256
+                      or ex.up.group_size != group or ex.down.group_size != group):
+            return None  # groups: int8 only, one size for all three, 4..256 inputs (one int32 sum each)
         step = 4 if fmt is Quant.W8A8 else 2
         if ex.gate.in_features % step or ex.down.in_features % step:
             return None  # the integer dot products take inputs in pairs (w8a8: fours)
-        name, group = fmt.value, 0
+        name = fmt.value
     elif fmt is Quant.FP8:
         per_row = all(w.group_size == w.in_features for w in (ex.gate, ex.down))
         group = 0 if per_row else ex.gate.group_size  # 0: one scale per row, whatever K is

@@ -41,8 +41,8 @@ def run(overrides, flags) -> int:
     spec = parse_config(ck.config)
     if spec.moe is None:
         raise KtError(f"{spec.arch} has no MoE experts to quantize")
-    out = Path(outs[-1][4:]).expanduser() if outs else default_path(ck.path, qp.experts.value, qp.group_size,
-                                                                     qp.symmetric)
+    out = Path(outs[-1][4:]).expanduser() if outs else default_path(ck.path, qp.experts.value,
+                                                                     qp.group_of(qp.experts), qp.symmetric)
     if not out.parent.is_dir():
         raise KtError(f"the folder of out={out} does not exist")
     if not os_writable(out.parent):

@@ -98,6 +98,9 @@ class QuantConfig:
     # llama.cpp keeps it at 6-8 bits in its 4-bit files: quant.head=int8 is that choice here
     head: Optional[WeightFormat] = None
     group_size: int = 128  # int4 / fp8 group along the input dim (fp8: 0 = one scale per row)
+    # int8 (weight-only): inputs per scale, a multiple of 4 up to 256 (32 = llama.cpp's Q8_0);
+    # 0 = one scale per output row
+    int8_group_size: int = 0
     symmetric: bool = True
     # `kt quantize` output to load the experts from; null = <model.path>/kt-experts-<tag>.ktq when present
     prepacked: Optional[str] = None

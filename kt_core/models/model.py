@@ -30,6 +30,7 @@ class QuantPlan:
     symmetric: bool = True
     prequant: Optional[object] = None  # a PrequantFile (kt quantize) to take the experts from
     head: Optional[Quant] = None  # the untied lm_head; None: as dense
+    int8_group: int = 0  # int8's group (quant.int8_group_size); 0: one scale per row
 
     @classmethod
     def from_config(cls, q) -> "QuantPlan":
@@ -38,7 +39,11 @@ class QuantPlan:
 
         head = choice(q.head) if q.get("head") is not None else None
         return cls(Quant(choice(q.experts)), Quant(choice(q.dense)), int(q.group_size), bool(q.symmetric),
-                   head=None if head is None else Quant(head))
+                   head=None if head is None else Quant(head), int8_group=int(q.get("int8_group_size") or 0))
+
+    def group_of(self, fmt: Quant) -> int:
+        """The group size ``fmt`` is quantized with (what names a kt quantize file)."""
+        return self.int8_group if fmt is Quant.INT8 else self.group_size
 
     @property
     def head_format(self) -> Quant:
@@ -90,7 +95,7 @@ class _Reader:
 
 def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str):
     try:
-        return quantize(w, fmt, qp.group_size, qp.symmetric)  # converts a chunk of rows at a time
+        return quantize(w, fmt, qp.group_size, qp.symmetric, qp.int8_group)  # a chunk of rows at a time
     except ValueError as exc:
         raise KtError(f"cannot quantize {what} to {fmt.value}: {exc}") from None
 

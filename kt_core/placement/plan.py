@@ -92,7 +92,8 @@ class Plan:
 
 
 # ---------------------------------------------------------------- sizes
-def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetric: bool) -> int:
+def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetric: bool,
+                 int8_group: int = 0) -> int:
     """Bytes of one tensor stored in ``fmt`` (quant formats apply to weight matrices only)."""
     if t.group == "router":
         return t.numel * 4  # routers are kept in float32
@@ -101,6 +102,8 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
     fused = len(t.shape) == 3  # GPT-OSS fused experts: input dim is -2
     k = t.shape[-2] if fused else t.shape[-1]
     rows = t.numel // k
+    if fmt == "int8" and 0 < int8_group < k:
+        return t.numel + rows * (k // int8_group) * 4
     if fmt in ("int8", "w8a8"):
         return t.numel + rows * 4
     if fmt == "fp8":
@@ -217,7 +220,7 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     expert_total: dict[int, int] = {}
     for t in tensors:
         fmt = fmt_of.get(t.group, qd)
-        b = tensor_bytes(t, fmt, dtype_bytes, group, sym)
+        b = tensor_bytes(t, fmt, dtype_bytes, group, sym, int(q.get("int8_group_size") or 0))
         if t.group == "experts":  # per-expert tensors, or GPT-OSS's fused [E, ...] ones
             per_expert[t.layer] = per_expert.get(t.layer, 0) + (b if t.expert is None else 0)
             expert_total[t.layer] = expert_total.get(t.layer, 0) + b

@@ -95,7 +95,7 @@ class Engine:
         if self.prefix_cache is None:
             q = self.cfg.quant
             fp = f"{self.fingerprint}|{self.cfg.model.dtype}|{q.experts}|{q.dense}|{q.get('head')}|" \
-                 f"{q.group_size}|{q.symmetric}"
+                 f"{q.group_size}|{q.symmetric}|{q.get('int8_group_size')}"
             self.prefix_cache = PrefixCache(self.cache, fp, host_bytes, disk_dir, disk_bytes)
         return self.prefix_cache
 
@@ -264,12 +264,13 @@ def open_prequant(cfg, ck: Checkpoint, spec: ModelSpec, qp: QuantPlan):
             raise KtError("quant.prepacked is set but quant.experts=none; pick the quant it was made with")
         return None
     given = cfg.quant.prepacked
-    path = Path(given).expanduser() if given else default_path(ck.path, qp.experts.value, qp.group_size, qp.symmetric)
+    path = Path(given).expanduser() if given else default_path(ck.path, qp.experts.value, qp.group_of(qp.experts), qp.symmetric)
     if not path.is_file():
         if given:
             raise KtError(f"quant.prepacked={given} does not exist; create it with `kt quantize out={given}`")
         return None
-    return PrequantFile(path, ck.fingerprint(), spec.arch, qp.experts.value, qp.group_size, qp.symmetric, spec=spec)
+    return PrequantFile(path, ck.fingerprint(), spec.arch, qp.experts.value, qp.group_of(qp.experts), qp.symmetric,
+                        spec=spec)
 
 
 def generation_eos(path) -> tuple[int, ...]:

@@ -122,6 +122,12 @@ def _q2_k(b):
 
 
 def _q3_k(b):
+    q, d = _q3_k_parts(b)
+    return (d.unsqueeze(-1) * q.float()).reshape(b.shape[0], 256)
+
+
+def _q3_k_parts(b):
+    """Q3_K codes -4..3 [n, 16, 16] (int8) and the scale of each 16 [n, 16]."""
     # hmask[32], qs[64] (2 low bits), scales[12] (16 x 6 bits, -32), f16 d; q = low - 4 when the
     # hmask bit is 0 (a set bit means no offset)
     n, s = b.shape[0], b[:, 96:108]
@@ -131,7 +137,7 @@ def _q3_k(b):
     ql = (b[:, 32:96].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=b.device).view(4, 1)) & 3
     hm = _bits(b[:, 0:32])  # [n, 8, 32]: bit i of byte l is element 32*i + l
     q = ql.reshape(n, 256).to(torch.int8) - ((1 - hm.reshape(n, 256)) << 2).to(torch.int8)
-    return ((_f16(b, 108) * sc).unsqueeze(-1) * q.reshape(n, 16, 16).float()).reshape(n, 256)
+    return q.reshape(n, 16, 16), _f16(b, 108) * sc
 
 
 def _q4_k_parts(b):
@@ -157,14 +163,19 @@ def _q5_k(b):
 
 
 def _q6_k(b):
+    q, d = _q6_k_parts(b)
+    return (d.unsqueeze(-1) * q.float()).reshape(b.shape[0], 256)
+
+
+def _q6_k_parts(b):
+    """Q6_K codes -32..31 [n, 16, 16] (int8) and the scale of each 16 [n, 16]."""
     # ql[128] (per half: 64 bytes, low nibbles elements 0..63, high 64..127), qh[64] (per half: 32
     # bytes, bit pair s is element 32*s + l), int8 scales[16], f16 d; q = (lo | hi << 4) - 32
     n = b.shape[0]
     lo = (b[:, 0:128].reshape(n, 2, 1, 64) >> _shifts(0, 4, device=b.device).view(2, 1)) & 0xF
     hi = (b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=b.device).view(4, 1)) & 3
-    q = (lo.reshape(n, 256) | (hi.reshape(n, 256) << 4)).float() - 32
-    d = _f16(b, 208) * _view(b[:, 192:208], torch.int8).float()
-    return (d.unsqueeze(-1) * q.reshape(n, 16, 16)).reshape(n, 256)
+    q = (lo.reshape(n, 256) | (hi.reshape(n, 256) << 4)).to(torch.int8) - 32
+    return q.reshape(n, 16, 16), _f16(b, 208) * _view(b[:, 192:208], torch.int8).float()
 
 
 def _iq4_nl(b):
@@ -172,6 +183,12 @@ def _iq4_nl(b):
 
 
 def _iq4_xs(b):
+    q, dl = _iq4_xs_parts(b)
+    return (dl.unsqueeze(-1) * q.float()).reshape(b.shape[0], 256)
+
+
+def _iq4_xs_parts(b):
+    """IQ4_XS codebook values [n, 8, 32] (int8) and each sub-block's scale [n, 8]."""
     # f16 d, u16 scales_h (2 bits per sub-block), scales_l[4] (a nibble per sub-block), qs[128]
     # (16 bytes per sub-block of 32, as IQ4_NL); sub-block scale = d * (6-bit value - 32)
     n = b.shape[0]
@@ -180,7 +197,7 @@ def _iq4_xs(b):
     sh = (sh >> _shifts(0, 2, 4, 6, 0, 2, 4, 6, device=b.device)) & 3
     dl = _f16(b, 0) * ((sl | (sh << 4)).float() - 32)
     q = _nibbles(b[:, 8:136].reshape(n * 8, 16)).long()
-    return (dl.unsqueeze(-1) * _codebook(b.device)[q].reshape(n, 8, 32)).reshape(n, 256)
+    return _codebook(b.device)[q].to(torch.int8).reshape(n, 8, 32), dl
 
 
 def _plain(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -194,7 +211,6 @@ _DECODERS: dict[T, Callable[[torch.Tensor], torch.Tensor]] = {
     T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs,
 }
 SUPPORTED = tuple(_DECODERS)
-REPACKABLE = (T.Q4_0, T.Q4_1, T.Q4_K)
 
 
 def _check(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> tuple[T, torch.Tensor, int, int]:
@@ -272,20 +288,35 @@ def _repack_q4_k(b):
 
 _REPACKERS = {T.Q4_0: _repack_q4_0, T.Q4_1: _repack_q4_1, T.Q4_K: _repack_q4_k}
 
+# exact int8 (codes, scale per group): (group, bytes [n, type_size] -> codes [n, ...], scales [n, ...])
+_INT8_REPACKERS = {
+    T.Q8_0: (32, lambda b: (_view(b[:, 2:34], torch.int8), _f16(b, 0))),
+    T.Q5_0: (32, lambda b: (((_nibbles(b[:, 6:22]) | (_qh32(b, 2) << 4)).to(torch.int8) - 16), _f16(b, 0))),
+    T.IQ4_NL: (32, lambda b: (_codebook(b.device)[_nibbles(b[:, 2:18]).long()].to(torch.int8), _f16(b, 0))),
+    T.IQ4_XS: (32, _iq4_xs_parts),
+    T.Q6_K: (16, _q6_k_parts),
+    T.Q3_K: (16, _q3_k_parts),
+}
+REPACKABLE = tuple(_REPACKERS) + tuple(_INT8_REPACKERS)
+
 
 def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Optional[QuantizedWeight]:
-    """Q4_0 / Q4_1 / Q4_K bytes as an int4 group-32 :class:`QuantizedWeight` of ``shape`` (torch
-    order, ``[..., out, in]``): Q4_0 symmetric and bit exact, the others asymmetric. ``None`` for
-    any other type (dequantize those)."""
+    """The bytes as a :class:`QuantizedWeight` of ``shape`` (torch order, ``[..., out, in]``) in the
+    kt-core format that holds the blocks exactly: Q4_0 / Q4_1 / Q4_K as int4 groups of 32 (Q4_0
+    symmetric and bit exact, the others with zero points); Q8_0, Q5_0, IQ4_NL, IQ4_XS as int8
+    groups of 32 and Q6_K, Q3_K as int8 groups of 16 (bit exact). ``None`` for any other type
+    (dequantize those)."""
     try:
         qt = T(int(qtype))
     except ValueError:
         return None
-    if qt not in _REPACKERS:
+    if qt not in REPACKABLE:
         return None
     qt, flat, block, size = _check(raw, qt, shape)
     shape = tuple(int(s) for s in shape)
     numel = flat.numel() // size * block
+    if qt in _INT8_REPACKERS:
+        return _repack_int8(qt, flat, block, size, shape, numel)
     groups = numel // 32
     qdata = torch.empty(numel // 2, dtype=torch.uint8, device=flat.device)
     scales = torch.empty(groups, dtype=torch.float32, device=flat.device)
@@ -301,3 +332,18 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Optional[Qu
     lead = shape[:-1]
     return QuantizedWeight(Quant.INT4, qdata.reshape(*lead, shape[-1] // 2), scales.reshape(*lead, shape[-1] // 32),
                            None if zeros is None else zeros.reshape(*lead, shape[-1] // 32), 32, shape[-1])
+
+
+def _repack_int8(qt, flat, block, size, shape, numel) -> QuantizedWeight:
+    """Types whose blocks are int8 codes times a scale per group of 16 or 32 (Q8_0, Q5_0, IQ4_NL,
+    IQ4_XS, Q6_K, Q3_K), as grouped int8: exact."""
+    group, parts = _INT8_REPACKERS[qt]
+    qdata = torch.empty(numel, dtype=torch.int8, device=flat.device)
+    scales = torch.empty(numel // group, dtype=torch.float32, device=flat.device)
+    for b0, b in _chunks(flat, block, size):
+        codes, scale = parts(b)
+        e0, e1 = b0 * block, (b0 + b.shape[0]) * block
+        qdata[e0:e1] = codes.reshape(-1)
+        scales[e0 // group:e1 // group] = scale.reshape(-1)
+    lead, K = shape[:-1], shape[-1]
+    return QuantizedWeight(Quant.INT8, qdata.reshape(*lead, K), scales.reshape(*lead, K // group), None, group, K)

@@ -287,7 +287,10 @@ class PrequantFile:
             if r["in_features"] != K:
                 raise _Damaged(f"{where} {name}.in_features is {r['in_features']}, the layer's sizes need {K}")
             group = r["group_size"]
-            if fmt in (Quant.INT8, Quant.W8A8):
+            if fmt is Quant.INT8 and group != K and (group % 4 or group > 256 or K % group):
+                raise _Damaged(f"{where} {name}.group_size is {group}; int8 takes one scale per row (group_size = "
+                               f"in_features = {K}) or groups of 4..256 inputs that divide {K}")
+            if fmt is Quant.W8A8:
                 if group != K:
                     raise _Damaged(f"{where} {name}.group_size is {group}; {fmt.value} has one scale per row "
                                    f"(group_size = in_features = {K})")
@@ -377,7 +380,7 @@ def write_model(ck, spec, qp, out: Path, dtype: torch.dtype) -> Path:
     from kt_core.models.model import _Reader, load_experts
     from kt_core.progress import progress
 
-    header = _expected(ck.fingerprint(), spec.arch, qp.experts.value, qp.group_size, qp.symmetric)
+    header = _expected(ck.fingerprint(), spec.arch, qp.experts.value, qp.group_of(qp.experts), qp.symmetric)
     writer = Writer(out, header)
     layers = [i for i in range(spec.num_layers) if spec.is_moe(i)]
     try:

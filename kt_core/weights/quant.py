@@ -2,7 +2,8 @@
 
 Formats (all quantize along the *input* dim, the last dim of a weight):
 
-- ``int8``: symmetric, one float scale per output row (per channel).
+- ``int8``: symmetric, one float scale per output row (per channel), or per ``int8_group``
+  inputs of a row (``group_size`` < ``in_features``; llama.cpp's Q8_0 is groups of 32).
 - ``int4``: group-wise, ``group_size`` inputs share a scale (and, when
   asymmetric, a zero point). Two 4-bit codes pack into one byte, the even
   input index in the low nibble. Symmetric codes are -8..7 (stored +8) and the
@@ -121,15 +122,20 @@ def _int4_asymmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
-             symmetric: bool = True) -> Weight:
+             symmetric: bool = True, int8_group: int = 0) -> Weight:
     """Quantize a float weight ``[..., out, in]`` into ``fmt`` (``none`` returns it unchanged).
+    ``group_size`` is int4's and fp8's group, ``int8_group`` int8's (0: one scale per row).
     Rows are converted to float32 a chunk at a time, so the peak beyond the result is bounded."""
     fmt = Quant(fmt)
     if fmt is Quant.NONE:
         return weight
     in_features = weight.shape[-1]
-    group = in_features if fmt in (Quant.INT8, Quant.W8A8) or (fmt is Quant.FP8 and group_size <= 0) \
-        else group_size
+    if fmt is Quant.INT8:
+        group = int8_group if 0 < int8_group < in_features else in_features
+    elif fmt is Quant.W8A8 or (fmt is Quant.FP8 and group_size <= 0):
+        group = in_features
+    else:
+        group = group_size
     _check_groups(in_features, group)
     if fmt is Quant.INT4 and in_features % 2:
         raise ValueError(f"int4 needs an even input dim, got {in_features}")
@@ -167,10 +173,8 @@ def dequantize(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tens
     """The float weight a quantized weight stands for (identity on plain tensors)."""
     if isinstance(weight, torch.Tensor):
         return weight.to(dtype)
-    if weight.format in (Quant.INT8, Quant.W8A8):
-        return (weight.qdata.float() * weight.scales).to(dtype)
-    if weight.format is Quant.FP8:
-        v = weight.qdata.view(torch.float8_e4m3fn).float()
+    if weight.format in (Quant.INT8, Quant.W8A8, Quant.FP8):
+        v = weight.qdata.view(torch.float8_e4m3fn).float() if weight.format is Quant.FP8 else weight.qdata.float()
         g = v.reshape(*v.shape[:-1], weight.in_features // weight.group_size, weight.group_size)
         return (g * weight.scales.unsqueeze(-1)).reshape(v.shape).to(dtype)
     packed = weight.qdata

@@ -10,8 +10,8 @@ kernel), and each value is decoded from the definition of its format:
   ``scales`` ``[..., out, n_groups]`` (float32), ``zeros`` ``[..., out, n_groups]`` or None,
   ``group_size`` (inputs per scale, along the last dim), ``in_features``.
 - int8 (and the weights of w8a8): signed codes q in [-127, 127], symmetric:
-  ``w = q * scale`` with the scale of the input's (row, group); kt-core's quantizer writes one
-  group per row (``group_size == in_features``).
+  ``w = q * scale`` with the scale of the input's (row, group): one group per row
+  (``group_size == in_features``) or groups of ``quant.int8_group_size`` inputs.
 - int4: unsigned 4-bit codes c in [0, 15], two a byte, the even input in the low nibble
   (bits 0-3) and the odd input in the high nibble (bits 4-7). Asymmetric:
   ``w = (c - zero) * scale``; symmetric (``zeros is None``): the code is the signed value

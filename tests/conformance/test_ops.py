@@ -48,11 +48,17 @@ def rnd(*shape, scale=1.0, seed=0):
 
 
 # ---------------------------------------------------------------- dense / experts
-@pytest.mark.parametrize("quant", ["none", "int8", "int4", "fp8", "w8a8"])
+def split_quant(quant: str) -> tuple[str, int]:
+    """"int8g32" -> ("int8", 32): int8 with a scale per 32 inputs (else one per row)."""
+    return ("int8", int(quant[5:])) if quant.startswith("int8g") else (quant, 0)
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int8g32", "int4", "fp8", "w8a8"])
 def test_linear(backend, dtype, quant):
+    quant, int8_group = split_quant(quant)
     need(backend, Op.LINEAR, dtype, quant)
     x = rnd(7, 64).to(dtype)
-    w = quantize(rnd(48, 64, scale=0.1, seed=1).to(dtype).float(), quant, group_size=32)
+    w = quantize(rnd(48, 64, scale=0.1, seed=1).to(dtype).float(), quant, group_size=32, int8_group=int8_group)
     w = w.to(dtype) if isinstance(w, torch.Tensor) else w
     b = rnd(48, seed=2).to(dtype)
     dev_w = on(backend, w) if isinstance(w, torch.Tensor) else w.to(backend.torch_device(0))
@@ -64,7 +70,8 @@ def test_linear(backend, dtype, quant):
 def make_experts(E_held, H, I, quant, dtype, ids, bias=False, symmetric=True):
     def w(shape, seed):
         t = rnd(*shape, scale=0.2, seed=seed).to(dtype).float()
-        q = quantize(t, quant, group_size=32, symmetric=symmetric)
+        fmt, int8_group = split_quant(quant)
+        q = quantize(t, fmt, group_size=32, symmetric=symmetric, int8_group=int8_group)
         return q.to(dtype) if isinstance(q, torch.Tensor) else q
     kw = {}
     if bias:
@@ -81,12 +88,12 @@ def experts_on(backend, ex: ExpertWeights):
                                                  mv(ex.gate_bias), mv(ex.up_bias), mv(ex.down_bias)))
 
 
-@pytest.mark.parametrize("quant,symmetric", [("none", True), ("int8", True), ("int4", True), ("int4", False),
-                                             ("fp8", True), ("w8a8", True)],
-                         ids=["none", "int8", "int4sym", "int4asym", "fp8", "w8a8"])
+@pytest.mark.parametrize("quant,symmetric", [("none", True), ("int8", True), ("int8g16", True), ("int4", True),
+                                             ("int4", False), ("fp8", True), ("w8a8", True)],
+                         ids=["none", "int8", "int8g16", "int4sym", "int4asym", "fp8", "w8a8"])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_moe_experts(backend, dtype, quant, symmetric, tokens):
-    need(backend, Op.MOE_EXPERTS, dtype, quant)
+    need(backend, Op.MOE_EXPERTS, dtype, split_quant(quant)[0])
     E, K, H, I = 8, 3, 64, 32
     held = [6, 1, 3, 0]  # a device holds half of the experts, in any order
     ex = make_experts(len(held), H, I, quant, dtype, held, symmetric=symmetric)
@@ -95,7 +102,8 @@ def test_moe_experts(backend, dtype, quant, symmetric, tokens):
     wts = torch.rand(tokens, K, generator=torch.Generator().manual_seed(12))
     out = backend.moe_experts(on(backend, x), on(backend, ids), on(backend, wts), experts_on(backend, ex))
     assert out.dtype == dtype
-    op = {"w8a8": "moe_experts_w8a8", "int8": "moe_experts_intq", "int4": "moe_experts_intq"}.get(quant, "moe_experts")
+    op = {"w8a8": "moe_experts_w8a8", "int8": "moe_experts_intq", "int4": "moe_experts_intq"}.get(split_quant(quant)[0],
+                                                                                               "moe_experts")
     check(op, dtype, out, ref.moe(x, ids, wts, ex))
 
 

@@ -185,7 +185,7 @@ struct PackedProj {
 struct Config {
   const char* name;  // format name as printed (the kernels' format, plus a variant of it)
   int fmt;
-  int group;         // 0: per row (bf16, int8, w8a8, fp8 per row)
+  int group;         // 0: per row (bf16, int8, w8a8, fp8 per row); int8 may have groups too
   bool zeros;        // int4: asymmetric (zero points)
 };
 
@@ -200,8 +200,8 @@ static PackedProj pack_proj(const Config& c, int64_t E, int64_t M, int64_t K, bo
     default: p.data_stride = P * K * NR; break;  // int8, w8a8, fp8: a byte per weight
   }
   p.data.assign(E * p.data_stride, 0);  // padding rows stay zero
-  if (c.fmt == FMT_INT8 || c.fmt == FMT_W8A8) p.param_stride = P * NR;
-  if (c.fmt == FMT_INT4 || c.fmt == FMT_FP8) p.param_stride = P * G * NR;
+  if (c.fmt == FMT_W8A8) p.param_stride = P * NR;
+  if (c.fmt == FMT_INT8 || c.fmt == FMT_INT4 || c.fmt == FMT_FP8) p.param_stride = P * G * NR;
   if (p.param_stride) p.scale.assign(E * p.param_stride, 0.f);
   if (c.fmt == FMT_INT4 && c.zeros) p.zero.assign(E * p.param_stride, 0.f);
   for (int64_t e = 0; e < E; ++e) {
@@ -218,9 +218,12 @@ static PackedProj pack_proj(const Config& c, int64_t E, int64_t M, int64_t K, bo
           w[k] = bf16_value(b);
         }
       } else if (c.fmt == FMT_INT8 || c.fmt == FMT_W8A8) {
-        const float s = amp / 64.f * (0.5f + 0.5f * (rng.uniform() + 1.f));
-        sc[pp * NR + j] = s;
+        float s = 0.f;
         for (int64_t k = 0; k < K; ++k) {
+          if (k % g == 0) {  // a scale per group (int8 per row: one group of K)
+            s = amp / 64.f * (0.5f + 0.5f * (rng.uniform() + 1.f));
+            sc[(pp * G + k / g) * NR + j] = s;
+          }
           const int q = static_cast<int>(rng.below(255)) - 127;  // codes in [-127, 127]
           const int64_t at = c.fmt == FMT_INT8 ? ((pp * (K / 2) + k / 2) * NR + j) * 2 + (k & 1)
                                                : ((pp * (K / 4) + k / 4) * NR + j) * 4 + (k & 3);
@@ -441,7 +444,8 @@ static std::string fmt_err(const char* label, double err, double tol) {
 // One variant, every format, shape and token count; returns the number of failures.
 static int run_variant(const Lib& lib, const std::string& variant) {
   const Config configs[] = {
-      {"bf16", FMT_BF16, 0, false}, {"int8", FMT_INT8, 0, false}, {"int4", FMT_INT4, 32, true},
+      {"bf16", FMT_BF16, 0, false}, {"int8", FMT_INT8, 0, false}, {"int8", FMT_INT8, 32, false},
+      {"int4", FMT_INT4, 32, true},
       {"int4", FMT_INT4, 32, false}, {"w8a8", FMT_W8A8, 0, false}, {"fp8", FMT_FP8, 32, false},
       {"fp8", FMT_FP8, 0, false},
   };

@@ -60,10 +60,11 @@ int main() {
   for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_W8A8, FMT_INT4})
     for (int group : {32, 128})
       for (bool zeros : {false, true}) {
-        if ((fmt != FMT_INT4 && fmt != FMT_FP8) && group != 32) continue;  // no groups
+        if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;  // no groups
         if (fmt != FMT_INT4 && zeros) continue;
         const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
-        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8) ? group : static_cast<int>(K);
+        // int8: groups of 32, and one scale per row (the group 128 pass)
+        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group == 32)) ? group : static_cast<int>(K);
         std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
         for (auto& v : scale) v = 0.001f + static_cast<float>(rng() % 1000) * 1e-5f;
         for (auto& v : zero) v = static_cast<float>(rng() % 16);
@@ -117,10 +118,11 @@ int main() {
   for (int fmt : {FMT_BF16, FMT_INT8, FMT_INT4, FMT_FP8, FMT_W8A8})
     for (int group : {32, 128})
       for (bool zeros : {false, true}) {
-        if ((fmt != FMT_INT4 && fmt != FMT_FP8) && group != 32) continue;
+        if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;
         if (fmt != FMT_INT4 && zeros) continue;
         const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
-        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8) ? group : static_cast<int>(K);
+        // int8: groups of 32, and one scale per row (the group 128 pass)
+        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group == 32)) ? group : static_cast<int>(K);
         std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
         for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
         for (auto& v : zero) v = static_cast<float>(rng() % 16);

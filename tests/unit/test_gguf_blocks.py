@@ -202,7 +202,24 @@ def test_repack_q4_k_zero_scale_exact():
     assert_repack_close(w, data, T.Q4_K, shape)
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ2_XXS],
+INT8_TYPES = [(T.Q8_0, 32), (T.Q5_0, 32), (T.IQ4_NL, 32), (T.IQ4_XS, 32), (T.Q6_K, 16), (T.Q3_K, 16)]
+
+
+@pytest.mark.parametrize("qtype,group", INT8_TYPES, ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("shape", [(3, 512), (2, 3, 256)])
+def test_repack_int8_exact(qtype, group, shape, monkeypatch):
+    """Types of int8-range codes times a scale per 16 or 32: grouped int8, bit exact, chunked."""
+    data = random_bytes(qtype, shape, seed=9)
+    monkeypatch.setattr(gguf_blocks, "CHUNK_ELEMENTS", 256)
+    w = repack(torch.from_numpy(data), qtype, shape)
+    lead, n_in = shape[:-1], shape[-1]
+    assert w.format is Quant.INT8 and w.group_size == group and w.in_features == n_in and w.zeros is None
+    assert tuple(w.qdata.shape) == tuple(shape) and w.qdata.dtype == torch.int8
+    assert tuple(w.scales.shape) == (*lead, n_in // group)
+    np.testing.assert_array_equal(dequantize_weight(w).numpy(), oracle(data, qtype).reshape(shape))
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q5_1, T.Q5_K, T.Q2_K, T.IQ2_XXS],
                          ids=lambda t: t.name)
 def test_repack_other_types_none(qtype):
     assert repack(torch.zeros(7, dtype=torch.uint8), qtype, (1, 256)) is None

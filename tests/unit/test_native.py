@@ -17,7 +17,8 @@ def experts(fmt, E=6, H=96, I=40, group=32, symmetric=True, bias=False, seed=0):
 
     def w(*shape):
         t = (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(torch.bfloat16)
-        return t if fmt == "bf16" else quantize(t.float(), fmt, group_size=group, symmetric=symmetric)
+        return t if fmt == "bf16" else quantize(t.float(), fmt, group_size=group, symmetric=symmetric,
+                                                int8_group=group)
     kw = {}
     if bias:
         kw = {k: torch.randn(E, n, generator=g) * 0.1 for k, n in (("gate_bias", I), ("up_bias", I), ("down_bias", H))}
@@ -60,7 +61,7 @@ class forced:
         native.set_variant(self.best)
 
 
-CASES = [("bf16", 32, True), ("int8", 32, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True),
+CASES = [("bf16", 32, True), ("int8", 0, True), ("int8", 32, True), ("int8", 16, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True),
          ("fp8", 32, True), ("fp8", 0, True), ("w8a8", 0, True)]
 
 
@@ -72,7 +73,8 @@ def test_native_matches_torch_path(fmt, group, sym, T, activation, bias, dtype):
     """Every variant this CPU has, forced in turn, against the torch path; the bound is the one of
     the path that runs (bf16 hidden states with T=37 give some experts enough tokens for the bf16
     tile kernels on AMX / AVX512-BF16 CPUs)."""
-    I = 40 if fmt not in ("int4", "fp8") else max(64, group)  # 40: rows that do not fill a 16-row panel
+    grouped = fmt in ("int4", "fp8") or (fmt == "int8" and group)
+    I = max(64, group) if grouped else 40  # 40: rows that do not fill a 16-row panel
     ex = experts(fmt, H=128, I=I, group=group, symmetric=sym, bias=bias)
     packed = native.pack(ex)
     assert packed is not None and packed.fmt == fmt

@@ -4,7 +4,8 @@
 // output rows and K inputs is stored as ceil(M/16) panels; panel p holds rows
 // [16p, 16p+16) input-major, so one input step of a panel is 16 consecutive values:
 //   bf16: uint16 [P][K][16]
-//   int8: int8   [P][K/2][16][2] (input pairs of a row together), one float scale per row  scale [P*16]
+//   int8: int8   [P][K/2][16][2] (input pairs of a row together), one float scale per row  scale [P*16],
+//         or with group g > 0 (g < K, a multiple of 4, at most 256) one per (group, row)  scale [P][K/g][16]
 //   int4: uint16 [P][K/4][16]: per 4 inputs (4q..4q+3) of a panel, 16 words; word 2l+e holds
 //         code(row l + 8h, input 4q + 2s + e) in its nibble h + 2s (h, s, e in {0, 1}), so a
 //         shift and a mask give a madd_epi16 operand (8 rows x one input pair) with no shuffle;
@@ -47,9 +48,9 @@ constexpr int KB = 256; // input block kept hot in L1 while token tiles sweep it
 struct Weight {
   int fmt;
   int64_t M, K;
-  int group;            // int4 / fp8 group size along K
+  int group;            // int4 / fp8 / grouped int8 group size along K (int8: 0 or K = one scale per row)
   const void* data;     // this expert's panels
-  const float* scale;   // int8, w8a8: [P*16]; int4, fp8: [P][K/g][16]
+  const float* scale;   // int8, w8a8: [P*16]; int4, fp8, grouped int8: [P][K/g][16]
   const float* zero;    // int4 asymmetric: [P][K/g][16]; null = symmetric (8)
 };
 
@@ -74,11 +75,14 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
+// int8 with a scale per (group, row) rather than one per row
+inline bool int8_grouped(const Weight& w) { return w.fmt == FMT_INT8 && w.group > 0 && w.group < w.K; }
+
 // ---------------------------------------------------------------- generic (any CPU)
 inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scale, float* zero) {
   if (w.fmt == FMT_BF16) return bf16_to_f32(static_cast<const uint16_t*>(w.data)[(p * w.K + k) * NR + j]);
   if (w.fmt == FMT_INT8) {
-    *scale = w.scale[p * NR + j];
+    *scale = int8_grouped(w) ? w.scale[(p * (w.K / w.group) + k / w.group) * NR + j] : w.scale[p * NR + j];
     *zero = 0.f;
     return static_cast<const int8_t*>(w.data)[((p * (w.K / 2) + k / 2) * NR + j) * 2 + (k & 1)];
   }

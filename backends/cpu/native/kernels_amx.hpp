@@ -117,8 +117,8 @@ inline bool amx_q8_takes(const Weight& w, int64_t n) {
 // A panel of any format is decoded once into bf16 B tiles (each 32 inputs x 16 outputs, 1 KB,
 // row kp = the 16 outputs' input pairs (2kp, 2kp+1) side by side), then every tile of up to 16
 // tokens of bf16 activations runs TDPBF16PS against them, two token tiles per B tile load.
-// Dequantized weights are rounded to bf16 (to nearest even) once: int4 and fp8 fold their group
-// scales in; int8 codes are exact in bf16 and its row scales multiply the outputs. Tiles of fewer
+// Dequantized weights are rounded to bf16 (to nearest even) once: int4, fp8 and grouped int8 fold
+// their group scales in; per-row int8 codes are exact in bf16 and the row scales multiply the outputs. Tiles of fewer
 // than 16 tokens are configured with fewer rows (MoE routing gives an expert ~8 tokens at T=128).
 
 // 32 floats -> 32 bf16 in the same order (lo's 16, then hi's 16), rounded to nearest even:
@@ -152,6 +152,25 @@ KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_
     }
     return nullptr;
   }
+  // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
+  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
+  if (int8_grouped(w)) {  // [K/2][16][2] in B-tile order; each group's scales folded in, rounded once
+    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
+    const int64_t G = K / w.group;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR);
+      const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
+        if ((k & 3) == 0) fetch(wp + k * NR);
+        const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
+        _mm512_storeu_si512(buf + k / 2 * NR,
+                            bf16x32(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), s0),
+                                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), s1)));
+      }
+    }
+    return nullptr;
+  }
   if (w.fmt == FMT_INT8) {  // [K/2][16][2]: already B-tile order; |code| <= 127 is exact in bf16
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
     for (int64_t k = 0; k < K; k += 2) {
@@ -163,9 +182,6 @@ KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_
     }
     return w.scale + p * NR;
   }
-  // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
-  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
   const int64_t G = K / w.group;
   if (w.fmt == FMT_INT4) {  // [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;

@@ -104,17 +104,22 @@ KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, 
   __m512 acc[4];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   __m512i a[4];
-  if (w.fmt == FMT_INT8) {
+  if (w.fmt == FMT_INT8) {  // int32 sums flushed every 256 inputs, or every group times its scales
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
-    for (int64_t k0 = 0; k0 < w.K; k0 += 256) {  // int32 sums flushed every 256 inputs
+    const bool grouped = int8_grouped(w);
+    const int64_t step = grouped ? w.group : 256, G = grouped ? w.K / w.group : 1;
+    for (int64_t k0 = 0; k0 < w.K; k0 += step) {
       for (int i = 0; i < MR; ++i) a[i] = _mm512_setzero_si512();
-      for (int64_t k = k0; k < std::min<int64_t>(w.K, k0 + 256); k += 2)
+      for (int64_t k = k0; k < std::min<int64_t>(w.K, k0 + step); k += 2)
         madd_pairs_512<MR>(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR))),
                            x, k, a);
-      for (int i = 0; i < MR; ++i) acc[i] = _mm512_add_ps(acc[i], _mm512_cvtepi32_ps(a[i]));
+      const __m512 gs = grouped ? _mm512_loadu_ps(w.scale + (p * G + k0 / w.group) * NR) : _mm512_set1_ps(1.f);
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), gs, acc[i]);
     }
-    __m512 s = _mm512_loadu_ps(w.scale + p * NR);
-    for (int i = 0; i < MR; ++i) acc[i] = _mm512_mul_ps(acc[i], s);
+    if (!grouped) {
+      __m512 s = _mm512_loadu_ps(w.scale + p * NR);
+      for (int i = 0; i < MR; ++i) acc[i] = _mm512_mul_ps(acc[i], s);
+    }
   } else {  // FMT_INT4: the 32 bytes of 4 inputs in both halves; lanes 0-7 (rows 0-7) take
             // nibble 2s of each word, lanes 8-15 (rows 8-15) nibble 2s + 1, for input pair s
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (w.K / 2) * NR;
