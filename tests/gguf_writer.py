@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 ARCH = {"LlamaForCausalLM": "LLAMA", "MixtralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2",
-        "Qwen2MoeForCausalLM": "QWEN2MOE", "Qwen3ForCausalLM": "QWEN3", "Qwen3MoeForCausalLM": "QWEN3MOE"}
+        "Qwen2MoeForCausalLM": "QWEN2MOE", "Qwen3ForCausalLM": "QWEN3", "Qwen3MoeForCausalLM": "QWEN3MOE",
+        "DeepseekV2ForCausalLM": "DEEPSEEK2", "DeepseekV3ForCausalLM": "DEEPSEEK2", "GptOssForCausalLM": "GPT_OSS"}
 EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
@@ -47,26 +48,71 @@ def _merge_experts(ts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: int = 0,
-               tokenizer: Optional[dict] = None) -> Path:
-    """Write the checkpoint in ``folder`` as ``out``. Float weight matrices whose rows split into
-    blocks are stored as ``qtype`` (embedding included, routers and norms stay F32, as llama.cpp
-    does); ``tokenizer``: extra ``tokenizer.*`` metadata."""
+def _split(c: dict, k: str, t: torch.Tensor, split_kv_b: bool) -> list[tuple[str, torch.Tensor]]:
+    """One HF tensor as the converter hands it to the name map (llama.cpp's definitions): DeepSeek's
+    kv_b_proj split per head into k_b (transposed, for MLA absorption) and v_b; gpt-oss's
+    interleaved gate_up_proj split into gate (even columns) and up (odd), its expert weights
+    transposed to [E, out, in]; sinks and the score-correction bias given a suffix."""
+    if k.endswith("self_attn.kv_b_proj.weight") and split_kv_b:
+        nope, v = c["qk_nope_head_dim"], c["v_head_dim"]
+        kv_b = t.reshape(c["num_key_value_heads"], nope + v, t.shape[-1])
+        return [(k.replace("kv_b_proj", "k_b_proj"), kv_b[:, :nope].transpose(1, 2)),
+                (k.replace("kv_b_proj", "v_b_proj"), kv_b[:, nope:])]
+    if k.endswith("mlp.experts.gate_up_proj"):
+        t = t.transpose(-1, -2)
+        return [(k.replace("gate_up_proj", "gate_proj.weight"), t[:, ::2]),
+                (k.replace("gate_up_proj", "up_proj.weight"), t[:, 1::2])]
+    if k.endswith("mlp.experts.gate_up_proj_bias"):
+        return [(k.replace("gate_up_proj_bias", "gate_proj.bias"), t[..., ::2]),
+                (k.replace("gate_up_proj_bias", "up_proj.bias"), t[..., 1::2])]
+    if k.endswith("mlp.experts.down_proj"):
+        return [(k + ".weight", t.transpose(-1, -2))]
+    if k.endswith("mlp.experts.down_proj_bias"):
+        return [(k.replace("down_proj_bias", "down_proj.bias"), t)]
+    if k.endswith("self_attn.sinks"):
+        return [(k + ".weight", t)]
+    return [(k.replace("e_score_correction_bias", "e_score_correction.bias"), t)]
+
+
+def _convert(c: dict, ts: dict[str, torch.Tensor], split_kv_b: bool = True) -> dict[str, torch.Tensor]:
+    """GGUF tensor name -> tensor, as llama.cpp's converter lays the HF checkpoint ``ts`` out."""
     import gguf
 
-    c = json.loads((folder / "config.json").read_text())
     hf_arch = c["architectures"][0]
     arch = getattr(gguf.MODEL_ARCH, ARCH[hf_arch])
-    L, H, heads = c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"]
+    L, heads = c["num_hidden_layers"], c["num_attention_heads"]
     kv = c.get("num_key_value_heads") or heads
     names = gguf.get_tensor_name_map(arch, L)
-    w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch], split_max_tensors=split_max_tensors)
+    out = {}
+    for k0, t0 in sorted(_merge_experts(ts).items()):
+        for k, t in _split(c, k0, t0, split_kv_b):
+            base, _, suffix = k.rpartition(".")
+            if suffix not in ("weight", "bias"):
+                base, suffix = k, ""
+            # a dense layer in an MoE model (Qwen2-MoE's mlp_only_layers): llama's names for it
+            name = names.get_name(base) or gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, L).get_name(base)
+            if name is None:
+                raise ValueError(f"the gguf package maps no name for {k}")
+            if ARCH[hf_arch] == "LLAMA" and base.endswith(("q_proj", "k_proj")):
+                t = _permute(t, heads if base.endswith("q_proj") else kv)
+            if base.endswith("shared_expert_gate"):
+                t = t.reshape(-1)
+            out[f"{name}.{suffix}" if suffix else name] = t
+    return out
+
+
+def _metadata(w, c: dict) -> None:
+    """The hyperparameters, under the keys llama.cpp's converter writes them to."""
+    import gguf
+
+    arch = ARCH[c["architectures"][0]]
+    L, H, heads = c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"]
     w.add_block_count(L)
     w.add_context_length(c.get("max_position_embeddings", 4096))
     w.add_embedding_length(H)
     w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    if c.get("head_dim"):
+    w.add_head_count_kv(1 if arch == "DEEPSEEK2" else c.get("num_key_value_heads") or heads)  # MLA as MQA
+    if c.get("head_dim") and arch != "DEEPSEEK2":
         w.add_key_length(c["head_dim"])
         w.add_value_length(c["head_dim"])
     rope = c.get("rope_parameters") or {}
@@ -74,18 +120,67 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: i
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
     if c.get("intermediate_size"):
         w.add_feed_forward_length(c["intermediate_size"])
-    n_exp = c.get("num_experts") or c.get("num_local_experts")
+    n_exp = c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts")
     if n_exp:
         w.add_expert_count(n_exp)
         w.add_expert_used_count(c["num_experts_per_tok"])
-        if c.get("moe_intermediate_size"):
-            w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+        width = c["intermediate_size"] if arch == "GPT_OSS" else c.get("moe_intermediate_size")
+        if width:
+            w.add_expert_feed_forward_length(width)
         if c.get("shared_expert_intermediate_size"):
             w.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
+    if c.get("n_group") is not None:
+        w.add_expert_group_count(c["n_group"])
+    if c.get("topk_group") is not None:
+        w.add_expert_group_used_count(c["topk_group"])
+    if c.get("scoring_func") in ("softmax", "sigmoid"):
+        w.add_expert_gating_func(getattr(gguf.ExpertGatingFuncType, c["scoring_func"].upper()))
     scaling = c.get("rope_scaling") or rope
-    if scaling.get("rope_type") == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("linear", "yarn"):
+        w.add_rope_scaling_type(getattr(gguf.RopeScalingType, kind.upper()))
         w.add_rope_scaling_factor(float(scaling["factor"]))
+    if kind == "yarn":
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        for key, add in (("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if scaling.get(key) is not None:
+                add(float(scaling[key]))
+    if arch == "DEEPSEEK2":
+        kv_lora, rope_dim = c["kv_lora_rank"], c["qk_rope_head_dim"]
+        w.add_leading_dense_block_count(c.get("first_k_dense_replace") or 0)
+        if c.get("q_lora_rank"):
+            w.add_q_lora_rank(c["q_lora_rank"])
+        w.add_kv_lora_rank(kv_lora)
+        w.add_key_length(kv_lora + rope_dim)  # the "compressed" head MLA attends with
+        w.add_value_length(kv_lora)
+        w.add_key_length_mla(c["qk_nope_head_dim"] + rope_dim)
+        w.add_value_length_mla(c["v_head_dim"])
+        w.add_expert_shared_count(c.get("n_shared_experts") or 0)
+        if c.get("routed_scaling_factor") is not None:
+            w.add_expert_weights_scale(c["routed_scaling_factor"])
+        if c.get("norm_topk_prob"):
+            w.add_expert_weights_norm(True)
+        w.add_rope_dimension_count(rope_dim)
+        if scaling.get("mscale_all_dim") is not None:
+            w.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
+    if arch == "GPT_OSS":
+        w.add_sliding_window(c["sliding_window"])
+
+
+def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: int = 0,
+               tokenizer: Optional[dict] = None, split_kv_b: bool = True) -> Path:
+    """Write the checkpoint in ``folder`` as ``out``. Float weight matrices whose rows split into
+    blocks are stored as ``qtype`` (embedding included, routers and norms stay F32, as llama.cpp
+    does); ``tokenizer``: extra ``tokenizer.*`` metadata; ``split_kv_b``: DeepSeek's kv_b_proj as
+    attn_k_b + attn_v_b (today's converter) rather than one attn_kv_b (older ones)."""
+    import gguf
+
+    c = json.loads((folder / "config.json").read_text())
+    arch = getattr(gguf.MODEL_ARCH, ARCH[c["architectures"][0]])
+    w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[arch], split_max_tensors=split_max_tensors)
+    _metadata(w, c)
     for k, v in (tokenizer or {}).items():
         if isinstance(v, str):
             w.add_string(k, v)
@@ -97,26 +192,14 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: i
             w.add_array(k, v)
     q = getattr(gguf.GGMLQuantizationType, qtype)
     block = gguf.GGML_QUANT_SIZES[q][0]
-    for k, t in sorted(_merge_experts(_tensors(folder)).items()):
-        base, _, suffix = k.rpartition(".")
-        if suffix not in ("weight", "bias"):
-            base, suffix = k, ""
-        # a dense layer in an MoE model (Qwen2-MoE's mlp_only_layers): llama's names for it
-        name = names.get_name(base) or gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, L).get_name(base)
-        if name is None:
-            raise ValueError(f"the gguf package maps no name for {k}")
-        if ARCH[hf_arch] == "LLAMA" and base.endswith(("q_proj", "k_proj")):
-            t = _permute(t, heads if base.endswith("q_proj") else kv)
-        if base.endswith("shared_expert_gate"):
-            t = t.reshape(-1)
-        full = f"{name}.{suffix}" if suffix else name
+    for name, t in _convert(c, _tensors(folder), split_kv_b).items():
         arr = t.contiguous().numpy().astype(np.float32)
         quantize = (t.dim() >= 2 and t.shape[-1] % block == 0 and "ffn_gate_inp" not in name
                     and q != gguf.GGMLQuantizationType.F32)
         if quantize:
-            w.add_tensor(full, gguf.quants.quantize(arr, q), raw_dtype=q)
+            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
         else:
-            w.add_tensor(full, arr)
+            w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -126,7 +209,9 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: i
 
 def dequantized_folder(gguf_path: Path, hf_folder: Path, out: Path) -> Path:
     """An HF folder holding what the GGUF's blocks decode to (``gguf.quants.dequantize``), in the
-    original names and order: the reference a quantized GGUF must match."""
+    original names and order: the reference a quantized GGUF must match. Where each decoded value
+    goes comes from laying out the checkpoint's element indices as the converter lays out its
+    values (``_convert`` on index tensors): no inverse of any layout is written by hand."""
     import gguf
     from safetensors.torch import save_file
 
@@ -136,23 +221,16 @@ def dequantized_folder(gguf_path: Path, hf_folder: Path, out: Path) -> Path:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         decoded[t.name] = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).copy())
     c = json.loads((hf_folder / "config.json").read_text())
-    arch = getattr(gguf.MODEL_ARCH, ARCH[c["architectures"][0]])
-    names = gguf.get_tensor_name_map(arch, c["num_hidden_layers"])
-    heads = c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
     src = _tensors(hf_folder)
-    outs = {}
+    index, starts, start = {}, {}, 0
     for k, v in src.items():
-        m = EXPERT.match(k)
-        base, _, suffix = (f"{m.group(1)}.{m.group(3)}.weight" if m else k).rpartition(".")
-        gname = names.get_name(base) or gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c["num_hidden_layers"]).get_name(base)
-        t = decoded[f"{gname}.{suffix}"]
-        if m:
-            t = t[int(m.group(2))]
-        if ARCH[c["architectures"][0]] == "LLAMA" and base.endswith(("q_proj", "k_proj")):
-            n = heads if base.endswith("q_proj") else kv
-            t = t.reshape(n, t.shape[0] // n // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
-        outs[k] = t.reshape(v.shape).contiguous()
+        index[k], starts[k] = torch.arange(start, start + v.numel(), dtype=torch.float64).reshape(v.shape), start
+        start += v.numel()
+    flat = torch.full((start,), float("nan"))
+    for name, ix in _convert(c, index, split_kv_b=any(n.endswith("attn_k_b.weight") for n in decoded)).items():
+        flat[ix.reshape(-1).long()] = decoded[name].reshape(-1)
+    assert not flat.isnan().any(), "every checkpoint value is somewhere in the GGUF"
+    outs = {k: flat[starts[k]:starts[k] + ix.numel()].reshape(ix.shape).clone() for k, ix in index.items()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(outs, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(c))

@@ -5,6 +5,8 @@ config.json's terms, tensors by their HF names (``get``), a fingerprint and the 
 from ``tokenizer.ggml.*``). On top, ``quantized(name)`` hands over a weight whose GGUF block type
 is exactly one of kt-core's formats (Q4_0, Q4_1, Q4_K as int4 groups of 32) without a round trip
 through floats, so the loader keeps the file's quantization instead of blowing it up to bf16.
+A checkpoint tensor the converter split in two (DeepSeek's MLA kv_b_proj, gpt-oss's interleaved
+gate_up_proj) is joined back from both GGUF tensors and is always read as floats.
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ class GGUFCheckpoint:
         """Whether ``quantized(name)`` hands over the file's blocks (no tensor is read to tell)."""
         from kt_core.weights.gguf_blocks import REPACKABLE
 
-        return self._tensor(name)[1].tensor_type in REPACKABLE
+        return self._tensor(name)[1].tensor_type in REPACKABLE and self._src[name].plain
 
     def tokenizer(self):
         from kt_core.models.gguf_tokenizer import tokenizer_from_gguf
@@ -114,12 +116,12 @@ class GGUFCheckpoint:
                           "incomplete or of another architecture")
         return self._tensors[src.gguf]
 
-    def _raw(self, name: str) -> tuple[torch.Tensor, int, tuple, Source]:
+    def _raw(self, name: str, gguf: Optional[str] = None) -> tuple[torch.Tensor, int, tuple, Source]:
         """The stored bytes of ``name`` (one expert's slice of a merged tensor), its block type and
-        its torch shape."""
+        its torch shape; ``gguf``: the second tensor of a joined source instead of the first."""
         src = self._src[name]
-        part, t = self._tensor(name)
-        shape = self.shapes[src.gguf]
+        part, t = self._tensors[gguf] if gguf else self._tensor(name)
+        shape = self.shapes[gguf or src.gguf]
         data = t.data
         if src.expert is not None:
             data, shape = data[src.expert], shape[1:]
@@ -131,15 +133,40 @@ class GGUFCheckpoint:
             raise KtError(f"tensor {name} ({self._src[name].gguf} in {self.file_of(name)}) has shape {tuple(got)} "
                           f"but the GGUF metadata implies {tuple(shape)}; the file is inconsistent: convert it again")
 
-    def get(self, name: str, shape=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """One tensor as floats (float32 unless ``dtype``), dequantized from its block type."""
+    def _decode(self, name: str, gguf: Optional[str] = None) -> torch.Tensor:
         from kt_core.weights.gguf_blocks import dequantize
 
-        raw, qtype, gshape, src = self._raw(name)
+        raw, qtype, gshape, src = self._raw(name, gguf)
         try:
-            t = dequantize(raw, qtype, gshape)
+            return dequantize(raw, qtype, gshape)
         except ValueError as exc:
-            raise KtError(f"tensor {src.gguf} in {self.file_of(name)}: {exc}") from None
+            hint = ""
+            if "MXFP4" in str(exc):
+                hint = ("; llama.cpp keeps gpt-oss's experts in MXFP4, which kt-core does not decode yet: load the "
+                        "Hugging Face folder")
+            raise KtError(f"tensor {gguf or src.gguf} in {self.file_of(name)}: {exc}{hint}") from None
+
+    def _join(self, name: str, src: Source, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Two GGUF tensors back into the one HF tensor the converter split (see ``Source``)."""
+        if src.join == "kv_b" and a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0] and a.shape[1] == b.shape[2]:
+            # k_b [heads, kv_lora, nope] (transposed for absorption) and v_b [heads, v, kv_lora]
+            return torch.cat([a.transpose(1, 2), b], dim=1).reshape(-1, a.shape[1])
+        if src.join == "gate_up" and a.shape == b.shape and a.dim() in (2, 3):
+            if a.dim() == 3:  # weights [E, I, H] -> [E, H, I]
+                a, b = a.transpose(1, 2), b.transpose(1, 2)
+            return torch.stack([a, b], dim=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
+        raise KtError(f"tensor {name}: {src.gguf} {tuple(a.shape)} and {src.other} {tuple(b.shape)} in "
+                      f"{self.file_of(name)} do not join into it; the file is inconsistent: convert it again")
+
+    def get(self, name: str, shape=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One tensor as floats (float32 unless ``dtype``), dequantized from its block type."""
+        self._tensor(name)
+        src = self._src[name]
+        t = self._decode(name)
+        if src.join:
+            t = self._join(name, src, t, self._decode(name, src.other))
+        if src.transpose:
+            t = t.transpose(-1, -2).contiguous()
         if src.unpermute_heads:
             t = t[_unpermute_rows(t.shape[0], src.unpermute_heads)]
         if src.reshape is not None:
@@ -156,6 +183,8 @@ class GGUFCheckpoint:
         from kt_core.weights.gguf_blocks import REPACKABLE, repack
 
         kind = self._tensor(name)[1].tensor_type
+        if not self._src[name].plain:
+            return None
         if kind not in REPACKABLE:
             if kind.name not in self._told and kind.name not in ("F32", "F16", "BF16"):
                 self._told.add(kind.name)

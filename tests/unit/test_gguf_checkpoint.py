@@ -15,7 +15,8 @@ from kt_core.runtime.engine import Engine  # noqa: E402
 from tests.gguf_writer import dequantized_folder, write_gguf  # noqa: E402
 from tests.parity.tiny import build  # noqa: E402
 
-ARCHS = ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
+ARCHS = ["llama", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v2_greedy",
+         "deepseek_v3", "deepseek_v3_yarn", "gpt_oss"]
 IDS = [3, 17, 42, 5, 88, 61, 9, 30, 77, 12, 50, 2]
 
 
@@ -42,7 +43,8 @@ def test_f32_gguf_matches_safetensors(tiny, tmp_path, arch):
 
 
 @pytest.mark.parametrize("arch,qtype", [("qwen3_moe", "Q4_0"), ("mixtral", "Q4_1"), ("qwen2_moe", "Q8_0"),
-                                        ("llama", "Q4_0")])
+                                        ("llama", "Q4_0"), ("deepseek_v3", "Q8_0"), ("deepseek_v2", "Q4_0"),
+                                        ("gpt_oss", "Q8_0")])
 def test_quantized_gguf_matches_its_decoded_weights(tiny, tmp_path, arch, qtype):
     """Q4_0 / Q4_1 are kept as int4 groups (native kernels on the CPU), Q8_0 is decoded at load;
     either way the model must compute what the gguf package decodes the blocks to."""
@@ -52,6 +54,102 @@ def test_quantized_gguf_matches_its_decoded_weights(tiny, tmp_path, arch, qtype)
     got, want = logits(path), logits(ref)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
     assert not torch.allclose(want, logits(hf), atol=1e-3), "the quantization should change the logits"
+
+
+def test_deepseek_kv_b_of_older_converters(tiny, tmp_path):
+    """Converters before MLA absorption wrote kv_b_proj whole (attn_kv_b), not as attn_k_b + attn_v_b."""
+    import gguf
+
+    hf = tiny("deepseek_v2_greedy")
+    path = write_gguf(hf, tmp_path / "old.gguf", split_kv_b=False)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "blk.0.attn_kv_b.weight" in names and "blk.0.attn_k_b.weight" not in names
+    torch.testing.assert_close(logits(path), logits(hf), rtol=1e-4, atol=1e-4)
+
+
+SAME = ("family", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "moe", "moe_layers", "mla",
+        "softmax_scale", "sinks", "qkv_bias", "o_bias", "sliding_window", "tie_embeddings")
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v2_greedy", "deepseek_v3", "deepseek_v3_yarn", "gpt_oss",
+                                  "gpt_oss_full"])
+def test_gguf_spec_is_the_folders(tiny, tmp_path, arch):
+    """Routing (V2 softmax / V3 sigmoid + bias, groups, scaling, shared experts, dense layers), MLA
+    sizes, yarn and gpt-oss's windows come back from the metadata as the config.json has them."""
+    import json
+
+    from kt_core.models.spec import parse_config
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+    hf = tiny(arch)
+    got = parse_config(GGUFCheckpoint(write_gguf(hf, tmp_path / "m.gguf")).config)
+    want = parse_config(json.loads((hf / "config.json").read_text()))
+    assert {k: getattr(got, k) for k in SAME} == {k: getattr(want, k) for k in SAME}
+    assert (got.rope.kind, got.rope.rot_dim, got.rope.interleaved) == (want.rope.kind, want.rope.rot_dim,
+                                                                       want.rope.interleaved)
+    torch.testing.assert_close(got.rope.inv_freq()[0], want.rope.inv_freq()[0])
+    assert got.rope.inv_freq()[1] == pytest.approx(want.rope.inv_freq()[1])
+    # GGUF has no per-layer types for gpt-oss: llama.cpp alternates, sliding first (gpt_oss_full is not)
+    assert got.layer_types == (["sliding", "full", "sliding"] if arch.startswith("gpt_oss") else [])
+
+
+DS2 = {"block_count": 2, "embedding_length": 64, "attention.head_count": 4, "expert_count": 8, "expert_used_count": 2,
+       "attention.kv_lora_rank": 32, "rope.dimension_count": 8, "attention.key_length": 24,
+       "attention.value_length": 16, "expert_feed_forward_length": 32}
+
+
+def _config(arch, meta, extra=()):
+    from kt_core.weights.gguf_arch import hf_config
+
+    shapes = {n: (96, 64) for n in ("token_embd.weight", *extra)}
+    return hf_config(arch, lambda k, d=None: meta.get(k[len(arch) + 1:], d) if k.startswith(arch + ".") else d, shapes)
+
+
+def test_deepseek2_metadata_variants():
+    bias = ["blk.1.exp_probs_b.bias"]
+    c = _config("deepseek2", DS2)  # no gating func, no bias: V2; old key/value_length (no _mla) are the heads
+    assert c["architectures"] == ["DeepseekV2ForCausalLM"] and c["topk_method"] == "greedy"
+    assert (c["qk_nope_head_dim"], c["v_head_dim"], c["q_lora_rank"]) == (16, 16, None)
+    c = _config("deepseek2", {**DS2, "expert_group_count": 4, "expert_group_used_count": 2})
+    assert c["topk_method"] == "group_limited_greedy" and (c["n_group"], c["topk_group"]) == (4, 2)
+    c = _config("deepseek2", {**DS2, "expert_gating_func": 2, "attention.key_length": 40,
+                              "attention.key_length_mla": 24, "attention.q_lora_rank": 48}, bias)
+    assert c["architectures"] == ["DeepseekV3ForCausalLM"] and (c["qk_nope_head_dim"], c["q_lora_rank"]) == (16, 48)
+    with pytest.raises(KtError, match="sigmoid .* no exp_probs_b"):
+        _config("deepseek2", {**DS2, "expert_gating_func": 2})
+    with pytest.raises(KtError, match="softmax .*exp_probs_b"):
+        _config("deepseek2", {**DS2, "expert_gating_func": 1}, bias)
+    with pytest.raises(KtError, match="expert_gating_func=4 is not supported"):
+        _config("deepseek2", {**DS2, "expert_gating_func": 4})
+    with pytest.raises(KtError, match="deepseek2 GGUF without experts"):
+        _config("deepseek2", {**DS2, "expert_count": 0})
+
+
+def test_gpt_oss_unsupported_metadata_and_mxfp4(tmp_path):
+    import gguf
+    import numpy as np
+
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+    oss = {"block_count": 1, "embedding_length": 64, "attention.head_count": 4, "expert_count": 2,
+           "expert_used_count": 1, "attention.sliding_window": 8, "expert_feed_forward_length": 32}
+    with pytest.raises(KtError, match="swiglu_clamp_exp=.* not supported"):
+        _config("gpt-oss", {**oss, "swiglu_clamp_exp": [10.0]})
+    path = tmp_path / "mx.gguf"  # llama.cpp's gpt-oss experts are MXFP4 (block 32: a scale byte, 16 code bytes)
+    w = gguf.GGUFWriter(path, "gpt-oss")
+    for key, v in oss.items():
+        w.add_uint32(f"gpt-oss.{key}", v)
+    w.add_tensor("token_embd.weight", np.zeros((96, 64), np.float32))
+    for part in ("gate", "up"):
+        w.add_tensor(f"blk.0.ffn_{part}_exps.weight", np.zeros((2, 32, 2 * 17), np.uint8),
+                     raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ck = GGUFCheckpoint(path)
+    with pytest.raises(KtError, match=r"ffn_gate_exps.weight in mx.gguf: GGML type MXFP4 is not supported.*Hugging"):
+        ck.get("model.layers.0.mlp.experts.gate_up_proj")
 
 
 def test_int4_blocks_are_kept_not_decoded(tiny, tmp_path):
