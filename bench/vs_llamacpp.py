@@ -12,6 +12,8 @@ and quantizer from the same safetensors, see ../shared/tools/llamacpp/README.md)
     8bit   kt-core: quant=int8 quant.dense=int8       llama.cpp: {stem}-q8_0.gguf
     4bit   kt-core: quant=int4 quant.dense=int4       llama.cpp: {stem}-q4_0.gguf (and q4_k_m if present)
            (group 32; the lm_head follows quant.dense, where llama.cpp keeps output.weight at 6-8 bits)
+    8bit-g32  as 8bit with quant.int8_group_size=32 (Q8_0's scale per 32 weights)
+    gguf-KIND kt-core runs the GGUF file itself ({stem}-KIND.gguf, its quantization kept), llama.cpp the same file
 
 Quality: the mean KL divergence of each kt-core precision's next-token distribution from kt-core
 bf16's over the second half of the prompt (llama-perplexity's convention); with
@@ -33,7 +35,19 @@ from _common import emit, median, peak_rss_mb, repo_on_path, set_threads  # noqa
 KT = {"bf16": ["model.dtype=bfloat16"],
       "8bit": ["model.dtype=bfloat16", "quant=int8", "quant.dense=int8"],
       "4bit": ["model.dtype=bfloat16", "quant=int4", "quant.dense=int4", "quant.group_size=32"]}
-GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "4bit": ["q4_0", "q4_k_m"]}
+KT["8bit-g32"] = KT["8bit"] + ["quant.int8_group_size=32"]
+GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "4bit": ["q4_0", "q4_k_m"]}
+
+
+def kt_model(model: Path, precision: str, gguf_dir: Path, stem: str) -> tuple[Path, list[str]]:
+    """What kt-core loads for a precision: the checkpoint with quant overrides, or a GGUF file."""
+    if precision.startswith("gguf-"):
+        return gguf_dir / f"{stem}-{precision[5:]}.gguf", ["model.dtype=bfloat16"]
+    return model, KT[precision]
+
+
+def gguf_kinds(precision: str) -> list[str]:
+    return [precision[5:]] if precision.startswith("gguf-") else GGUF[precision]
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
@@ -41,7 +55,7 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 
 def kt_child(model: Path, precision: str, prompt_tokens: int, new_tokens: int, threads: int,
-             logits_out: Path | None) -> dict:
+             logits_out: Path | None, gguf_dir: Path, stem: str) -> dict:
     import time
 
     set_threads(threads)
@@ -51,7 +65,8 @@ def kt_child(model: Path, precision: str, prompt_tokens: int, new_tokens: int, t
     import kt_core
 
     t0 = time.perf_counter()
-    engine = kt_core.Engine.from_pretrained(model, overrides=[*KT[precision], f"device.cpu.threads={threads}"])
+    path, overrides = kt_model(model, precision, gguf_dir, stem)
+    engine = kt_core.Engine.from_pretrained(path, overrides=[*overrides, f"device.cpu.threads={threads}"])
     load_s = time.perf_counter() - t0
     ids = prompt_ids(engine.model.spec.vocab_size, prompt_tokens)
     engine.generate(ids[:16], max_new_tokens=4, ignore_eos=True)  # warm-up: first-use checks
@@ -132,7 +147,7 @@ def main() -> None:
     if a.child:
         precision, logits = a.child
         emit(kt_child(a.model, precision, a.prompt_tokens, a.new_tokens, a.threads,
-                      Path(logits) if logits != "-" else None))
+                      Path(logits) if logits != "-" else None, a.gguf_dir, a.gguf_stem or a.model.name))
         return
     a.work.mkdir(parents=True, exist_ok=True)
     stem = a.gguf_stem or a.model.name
@@ -143,14 +158,14 @@ def main() -> None:
             logits = a.work / f"kt-{stem}-{prec}.pt" if rep == 0 else None  # per model: never another's
             cmd = [sys.executable, __file__, "--child", prec, str(logits or "-"), "--model", str(a.model),
                    "--llama-bench", a.llama_bench, "--gguf-dir", str(a.gguf_dir), "--threads", str(a.threads),
-                   "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
+                   "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens), "--gguf-stem", stem]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"kt-core {prec} failed:\n{out.stderr[-3000:]}")
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             emit({**rec, "repeat": rep})
             runs.setdefault(("kt-core", prec), []).append(rec)
-            for kind in GGUF[prec]:
+            for kind in gguf_kinds(prec):
                 gguf = a.gguf_dir / f"{stem}-{kind}.gguf"
                 if not gguf.exists():
                     continue
@@ -168,7 +183,7 @@ def main() -> None:
         text.write_text(" ".join(f"word{i % 997} number {i}" for i in range(3000)), encoding="utf-8")
         base = a.gguf_dir / f"{stem}-bf16.gguf"
         for prec in precisions:
-            for kind in GGUF[prec]:
+            for kind in gguf_kinds(prec):
                 g = a.gguf_dir / f"{stem}-{kind}.gguf"
                 if prec != "bf16" and g.exists() and base.exists():
                     kl[("llama.cpp", f"{prec} ({kind.upper()})")] = llama_kl(a.llama_perplexity, base, g, text,

@@ -8,6 +8,7 @@ Exits 0 with a note when PyPI cannot be reached (the tests that need it then ski
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,7 +29,8 @@ def main(out: Path) -> int:
             print(f"note: could not download {SDIST}; the llama.cpp converter tests will skip", file=sys.stderr)
             return 0
         archive = next(Path(tmp).glob("*.tar.gz"))
-        out.mkdir(parents=True, exist_ok=True)
+        final, out = out, Path(tmp) / "converter"  # unpacked aside, then moved: never half a converter
+        out.mkdir()
         with tarfile.open(archive) as tar:
             for m in tar.getmembers():
                 rel = m.name.split("/", 1)[1] if "/" in m.name else ""
@@ -42,7 +44,10 @@ def main(out: Path) -> int:
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(tar.extractfile(m).read())
-    print(f"llama.cpp converter in {out}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.move(str(out), str(final))
+    print(f"llama.cpp converter in {final}")
     return 0
 
 

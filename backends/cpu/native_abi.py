@@ -9,7 +9,7 @@ import operator
 NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
-ABI_VERSION = 8
+ABI_VERSION = 9  # 9: int8 takes groups (scale [P][K/g][16])
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts

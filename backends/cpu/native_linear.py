@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native
-from kt_core.weights.quant import Quant, QuantizedWeight
+from kt_core.weights.quant import Quant, QuantizedWeight, int8_group_ok
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,29 @@ def _one(w: QuantizedWeight) -> QuantizedWeight:
                            w.group_size, w.in_features)
 
 
+def _consistent(w: QuantizedWeight) -> bool:
+    """Codes, scales and zero points have the sizes in_features and group_size say: what the
+    kernels read from them (the library checks the code bytes, not the scales)."""
+    M, K, g = w.qdata.shape[0], w.in_features, w.group_size
+    if not isinstance(g, int) or g <= 0 or K % g or (w.format is Quant.INT4 and K % 2):
+        return False
+    width = K // 2 if w.format is Quant.INT4 else K
+    params = [t for t in (w.scales, w.zeros) if t is not None]
+    return tuple(w.qdata.shape) == (M, width) and all(tuple(t.shape) == (M, K // g) for t in params)
+
+
 def pack_linear(w) -> Optional[PackedLinear]:
     """The packed form of a quantized dense weight, or None when the kernels do not take it
     (then the torch path keeps serving it)."""
     if not isinstance(w, QuantizedWeight) or w.device.type != "cpu" or w.qdata.dim() != 2 or _lib() is None:
         return None
     M, K = w.shape
+    if not _consistent(w):
+        raise ValueError(f"quantized weight {tuple(w.shape)}: codes {tuple(w.qdata.shape)}, scales "
+                         f"{tuple(w.scales.shape)} do not match in_features {K} in groups of {w.group_size}")
     if w.format in (Quant.INT8, Quant.W8A8):
         group = 0 if w.group_size == K else w.group_size
-        if K % (4 if w.format is Quant.W8A8 else 2) or (group and (w.format is Quant.W8A8 or group % 4 or group > 256)):
+        if K % (4 if w.format is Quant.W8A8 else 2) or (group and (w.format is Quant.W8A8 or not int8_group_ok(group))):
             return None
     elif w.format is Quant.FP8:
         group = 0 if w.group_size == K else w.group_size

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu.native_abi import FORMATS, MAX_DIM, NR, _index, _Proj
-from kt_core.weights.quant import ExpertWeights, Quant, weight_format
+from kt_core.weights.quant import INT8_MAX_GROUP, ExpertWeights, Quant, int8_group_ok, weight_format
 
 # ---------------------------------------------------------------- packing
 @dataclass
@@ -109,8 +109,9 @@ def _check_packed(p: PackedExperts) -> tuple:
         raise ValueError(f"{where}: {fmt} kernels read inputs in {step}s; hidden {H} and width {I} must be multiples")
     if fmt in ("bf16", "w8a8") and group != 0:
         raise ValueError(f"{where}: {fmt} has no groups (group 0), got group {group}; {_REPACK}")
-    if fmt == "int8" and group and (group % 4 or group > 256):
-        raise ValueError(f"{where}: int8 groups must be 0 (per row) or a multiple of 4 in 4..256, got {group}; {_REPACK}")
+    if fmt == "int8" and not int8_group_ok(group):
+        raise ValueError(f"{where}: int8 groups must be 0 (per row) or a multiple of 4 up to {INT8_MAX_GROUP}, got "
+                         f"{group}; {_REPACK}")
     if fmt == "int4" and (group <= 0 or group % 4 or group > 4096):
         raise ValueError(f"{where}: int4 groups must be a multiple of 4 in 4..4096, got {group}; {_REPACK}")
     if group and (H % group or I % group):
@@ -223,7 +224,7 @@ def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
     elif fmt in (Quant.INT8, Quant.W8A8):
         per_row = [w.group_size == w.in_features for w in (ex.gate, ex.up, ex.down)]
         group = 0 if all(per_row) else ex.gate.group_size
-        if group and (fmt is Quant.W8A8 or any(per_row) or group % 4 or group > 256
+        if group and (fmt is Quant.W8A8 or any(per_row) or not int8_group_ok(group)
                       or ex.up.group_size != group or ex.down.group_size != group):
             return None  # groups: int8 only, one size for all three, 4..256 inputs (one int32 sum each)
         step = 4 if fmt is Quant.W8A8 else 2

@@ -27,7 +27,7 @@ def model_spec(cfg):
     if cfg.model.path is not None:
         from pathlib import Path
 
-        from kt_core.weights.checkpoint import is_gguf
+        from kt_core.weights.paths import is_gguf
 
         if is_gguf(cfg.model.path):  # the header only: metadata and tensor shapes, no tensor read
             from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
@@ -39,6 +39,18 @@ def model_spec(cfg):
     return parse_config(build_config(None, DEFAULT_PRESET, None))
 
 
+def gguf_tensors(cfg, spec):
+    """For a GGUF model.path: the planner's tensors with the sizes of what its file keeps quantized."""
+    from kt_core.weights.paths import is_gguf
+
+    if cfg.model.path is None or not is_gguf(cfg.model.path):
+        return None
+    from kt_core.models.shapes import model_tensors
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+    return GGUFCheckpoint(cfg.model.path).plan_tensors(model_tensors(spec))
+
+
 def run(overrides, flags) -> int:
     from kt_core.config import compose
     from kt_core.config.schema import choice
@@ -47,7 +59,8 @@ def run(overrides, flags) -> int:
 
     cfg = compose(overrides)
     topo = resolve_topology(cfg, check_devices=False)
-    plan = make_plan(model_spec(cfg), cfg, topo, enforce_fit=False)
+    spec = model_spec(cfg)
+    plan = make_plan(spec, cfg, topo, enforce_fit=False, tensors=gguf_tensors(cfg, spec))
     problem = fit_error(plan, cfg)
     if choice(cfg.plan.format) == "json":
         data = {**plan.as_json(), "fits": problem is None, "error": str(problem) if problem else None,

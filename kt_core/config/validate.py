@@ -309,10 +309,12 @@ def check_values(cfg: DictConfig) -> None:
                                                  choice(cfg.quant.get("head") or "none")):
         raise ConfigError("quant.group_size=0 (one scale per row) is for int8 / fp8; int4 needs a group size, "
                           "e.g. quant.group_size=128")
+    from kt_core.config.limits import INT8_MAX_GROUP, int8_group_ok
+
     g8 = cfg.quant.get("int8_group_size") or 0
-    if g8 and (g8 < 0 or g8 % 4 or g8 > 256):
-        raise ConfigError(f"quant.int8_group_size={g8} must be 0 (one scale per row) or a multiple of 4 up to 256, "
-                          "e.g. 32 (llama.cpp's Q8_0)")
+    if not int8_group_ok(g8):
+        raise ConfigError(f"quant.int8_group_size={g8} must be 0 (one scale per row) or a multiple of 4 up to "
+                          f"{INT8_MAX_GROUP}, e.g. 32 (llama.cpp's Q8_0)")
     if not 0 <= cfg.server.port <= 65535:
         raise ConfigError(f"server.port={cfg.server.port} must be in 0..65535")
     _positive(cfg.server.max_batch, "server.max_batch")

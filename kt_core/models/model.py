@@ -42,8 +42,9 @@ class QuantPlan:
                    head=None if head is None else Quant(head), int8_group=int(q.get("int8_group_size") or 0))
 
     def group_of(self, fmt: Quant) -> int:
-        """The group size ``fmt`` is quantized with (what names a kt quantize file)."""
-        return self.int8_group if fmt is Quant.INT8 else self.group_size
+        """The group size that names a kt quantize file of ``fmt``: int8's own when it has groups
+        (per-row int8 files keep the name they always had)."""
+        return self.int8_group if fmt is Quant.INT8 and self.int8_group else self.group_size
 
     @property
     def head_format(self) -> Quant:
@@ -141,18 +142,20 @@ def _kept(ck, names: list[str], shape) -> Optional[QuantizedWeight]:
     holds them in one kt-core represents exactly (GGUF Q4_0 / Q4_1 / Q4_K); else None."""
     if not hasattr(ck, "quantized") or not all(ck.keeps(n) for n in names):
         return None
-    ws = []
-    for n in names:
-        w = ck.quantized(n, shape)
-        if w is None or (ws and (w.format, w.group_size, w.zeros is None) !=
-                         (ws[0].format, ws[0].group_size, ws[0].zeros is None)):
+    first = ck.quantized(names[0], shape)
+    if first is None or len(names) == 1:
+        return first
+    kind = (first.format, first.group_size, first.zeros is None)
+    stacked = [None if t is None else torch.empty((len(names), *t.shape), dtype=t.dtype)
+               for t in (first.qdata, first.scales, first.zeros)]  # filled one weight at a time: no 2nd copy
+    for j, n in enumerate(names):
+        w = first if j == 0 else ck.quantized(n, shape)
+        if w is None or (w.format, w.group_size, w.zeros is None) != kind:
             return None
-        ws.append(w)
-    if len(ws) == 1:
-        return ws[0]
-    zeros = None if ws[0].zeros is None else torch.stack([w.zeros for w in ws])
-    return QuantizedWeight(ws[0].format, torch.stack([w.qdata for w in ws]), torch.stack([w.scales for w in ws]),
-                           zeros, ws[0].group_size, ws[0].in_features)
+        for out, t in zip(stacked, (w.qdata, w.scales, w.zeros)):
+            if out is not None:
+                out[j] = t
+    return QuantizedWeight(first.format, stacked[0], stacked[1], stacked[2], first.group_size, first.in_features)
 
 
 def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
@@ -165,15 +168,20 @@ def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
     return out
 
 
-def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Optional[int] = None) -> ExpertWeights:
+def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Optional[int] = None,
+                 keep: bool = True) -> ExpertWeights:
     """The experts ``ids`` of one MoE layer, in the checkpoint's naming for this family
-    (or from the ``kt quantize`` file when one is in use)."""
+    (or from the ``kt quantize`` file when one is in use); ``keep``: a GGUF's own quantization
+    may be kept (``kt quantize`` asks for quant.experts instead)."""
     pre = r.qp.prequant
     if pre is not None and layer is not None and pre.has_layer(layer):
         return pre.experts(layer, ids, r.device)
     ck, m, H = r.ck, spec.moe, spec.hidden_size
     I = m.intermediate
     idx = torch.tensor(ids, dtype=torch.long)
+    kept = _kept_experts(r, p, spec, ids, idx) if keep else None
+    if kept is not None:
+        return kept
     if spec.family == "gpt_oss":
         e = p + "mlp.experts."
         gate_up = ck.get(e + "gate_up_proj", (m.num_experts, H, 2 * I))[idx]
@@ -191,12 +199,32 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
         # an fp8 checkpoint served in fp8: keep its codes and block scales, no requantization
         g, u, d = (_stack_fp8(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I))))
         return ExpertWeights(idx.to(r.device), g.to(r.device), u.to(r.device), d.to(r.device))
-    if hasattr(ck, "keeps") and all(ck.keeps(n) for ns in lists for n in ns):  # the file's quantization, kept
-        kept = [_kept(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I)))]
-        if all(k is not None for k in kept) and len({(k.format, k.group_size, k.zeros is None) for k in kept}) == 1:
-            return ExpertWeights(idx.to(r.device), *(k.to(r.device) for k in kept))
     return r.experts(lambda: _stack(ck, lists[0], (I, H)), lambda: _stack(ck, lists[1], (I, H)),
                      lambda: _stack(ck, lists[2], (H, I)), idx)
+
+
+def _kept_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], idx: torch.Tensor) -> Optional[ExpertWeights]:
+    """The experts in the quantization their file (a GGUF) stores them in, when kt-core holds it
+    exactly and gate, up and down share one format; else None (read as floats)."""
+    ck, m, H = r.ck, spec.moe, spec.hidden_size
+    if not hasattr(ck, "keeps"):
+        return None
+    e = p + ("block_sparse_moe.experts." if spec.family == "mixtral" else "mlp.experts.")
+    names = ("w1", "w3", "w2") if spec.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    lists = [[f"{e}{j}.{n}.weight" for j in ids] for n in names]
+    if not all(n in ck and ck.keeps(n) for ns in lists for n in ns):
+        return None
+    kept = [_kept(ck, ns, shape) for ns, shape in zip(lists, ((m.intermediate, H), (m.intermediate, H),
+                                                               (H, m.intermediate)))]
+    if any(k is None for k in kept) or len({(k.format, k.group_size, k.zeros is None) for k in kept}) > 1:
+        return None
+    biases = {}
+    if spec.family == "gpt_oss":  # biases as the HF checkpoint holds them: gate and up interleaved
+        gu = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * m.intermediate))[idx]
+        biases = dict(gate_bias=gu[..., ::2], up_bias=gu[..., 1::2],
+                      down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])
+    placed = {k: v.to(r.dtype).to(r.device) for k, v in biases.items()}
+    return ExpertWeights(idx.to(r.device), *(k.to(r.device) for k in kept), **placed)
 
 
 def _stack_fp8(ck: Checkpoint, names: list[str], shape) -> QuantizedWeight:

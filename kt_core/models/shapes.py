@@ -23,6 +23,7 @@ class TensorInfo:
     layer: Optional[int] = None
     expert: Optional[int] = None  # set for per-expert tensors
     linear: bool = False  # a weight matrix that the dense / expert quant formats apply to
+    stored: Optional[int] = None  # bytes as its file keeps it (a GGUF's quantization), whatever quant says
 
     @property
     def numel(self) -> int:

@@ -95,6 +95,8 @@ class Plan:
 def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetric: bool,
                  int8_group: int = 0) -> int:
     """Bytes of one tensor stored in ``fmt`` (quant formats apply to weight matrices only)."""
+    if t.stored is not None:
+        return t.stored
     if t.group == "router":
         return t.numel * 4  # routers are kept in float32
     if not t.linear or fmt == "none":

@@ -121,10 +121,12 @@ class Engine:
         backend = registry().get(slot.backend)
         ck = open_checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
         spec = parse_config(ck.config)
+        from kt_core.models.shapes import model_tensors
         from kt_core.placement.plan import make_plan
 
-        plan = make_plan(spec, cfg, topo, check_devices=True)  # a plan that cannot fit fails before any read
-        spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + generation_eos(ck.path)))
+        tensors = ck.plan_tensors(model_tensors(spec)) if hasattr(ck, "plan_tensors") else None  # GGUF: kept sizes
+        plan = make_plan(spec, cfg, topo, check_devices=True, tensors=tensors)  # a plan that cannot fit fails before any read
+        spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + ck.eos_ids()))
         qp = QuantPlan.from_config(cfg.quant)
         qp.prequant = open_prequant(cfg, ck, spec, qp)
         dtype = torch_dtype(choice(cfg.model.dtype))
@@ -271,27 +273,6 @@ def open_prequant(cfg, ck: Checkpoint, spec: ModelSpec, qp: QuantPlan):
         return None
     return PrequantFile(path, ck.fingerprint(), spec.arch, qp.experts.value, qp.group_of(qp.experts), qp.symmetric,
                         spec=spec)
-
-
-def generation_eos(path) -> tuple[int, ...]:
-    """End-of-sequence ids from generation_config.json (what transformers' generate stops on)."""
-    from pathlib import Path
-
-    from kt_core.jsonfile import read_json
-
-    f = Path(path) / "generation_config.json"
-    if not f.is_file():
-        return ()
-    eos = read_json(f, "generation_config.json").get("eos_token_id")
-    if eos is None:
-        return ()
-    ids = eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
-        from kt_core.errors import KtError
-        from kt_core.jsonfile import show
-
-        raise KtError(f"{f} has eos_token_id={show(eos)}; it must be a token id or a list of token ids")
-    return tuple(ids)
 
 
 def _quote(value: str) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from kt_core.errors import KtError
 from kt_core.jsonfile import brief, is_rust_panic, json_error, read_json, show  # noqa: F401 (re-exported)
+from kt_core.weights.paths import is_gguf
 from kt_core.weights.safetensors_file import SafetensorsFile
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,10 @@ class Checkpoint:
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
         return self.get(name, shape, dtype) if name in self else None
 
+    def eos_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids from generation_config.json (what transformers' generate stops on)."""
+        return generation_eos(self.path)
+
     def tokenizer(self):
         """The folder's tokenizer (tokenizer.json and its config), or None when it has none."""
         from kt_core.models.tokenizer import Tokenizer
@@ -288,10 +293,18 @@ class Checkpoint:
         return Tokenizer.from_dir(self.path) if Tokenizer.present(self.path) else None
 
 
-def is_gguf(path) -> bool:
-    """Whether model.path names a GGUF file (not a Hugging Face folder)."""
-    p = Path(str(path)).expanduser()
-    return p.suffix.lower() == ".gguf" and not p.is_dir()
+def generation_eos(path) -> tuple[int, ...]:
+    """End-of-sequence ids from generation_config.json (what transformers' generate stops on)."""
+    f = Path(path) / "generation_config.json"
+    if not f.is_file():
+        return ()
+    eos = read_json(f, "generation_config.json").get("eos_token_id")
+    if eos is None:
+        return ()
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
+        raise KtError(f"{f} has eos_token_id={show(eos)}; it must be a token id or a list of token ids")
+    return tuple(ids)
 
 
 def open_checkpoint(path, allow_bin: bool = False):

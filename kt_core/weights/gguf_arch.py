@@ -249,7 +249,7 @@ def tensor_names(config: dict, arch: str, gguf_names: list[str], shapes: dict[st
         p = f"model.layers.{int(parts[1])}."
         base, rest = parts[2], ".".join(parts[3:])
         if arch == "gpt-oss" and base in EXPERTS and rest in ("weight", "bias"):
-            _gpt_oss_experts(out, p, name, base, rest, names)
+            _gpt_oss_experts(out, p, name, base, rest, names, shapes[name][0])
             continue
         if base in EXPERTS and rest == "weight":
             hf = expert_names[EXPERTS.index(base)]
@@ -283,11 +283,18 @@ def tensor_names(config: dict, arch: str, gguf_names: list[str], shapes: dict[st
     return out
 
 
-def _gpt_oss_experts(out: dict[str, Source], p: str, name: str, base: str, rest: str, names: set[str]) -> None:
+def _gpt_oss_experts(out: dict[str, Source], p: str, name: str, base: str, rest: str, names: set[str],
+                     n_experts: int) -> None:
     """gpt-oss's experts as its HF checkpoint holds them: gate_up_proj [E, H, 2I] (gate and up
-    interleaved, biases [E, 2I] likewise) from the separate gate and up tensors, down_proj [E, I, H]."""
+    interleaved, biases [E, 2I] likewise) from the separate gate and up tensors, down_proj [E, I, H];
+    and each expert's weights by the per-expert names of the other families (gate_proj, up_proj
+    [I, H], down_proj [H, I]), plain slices the loader can keep in their quantization."""
     e = p + "mlp.experts."
     suffix = "_bias" if rest == "bias" else ""
+    if rest == "weight":
+        proj = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}[base]
+        for j in range(n_experts):
+            out[f"{e}{j}.{proj}.weight"] = Source(name, expert=j)
     if base == "ffn_down_exps":
         out[f"{e}down_proj{suffix}"] = Source(name, transpose=rest == "weight")
         return

@@ -38,6 +38,7 @@ __all__ = ["CHUNK_ELEMENTS", "REPACKABLE", "SUPPORTED", "dequantize", "repack"]
 
 CHUNK_ELEMENTS = 1 << 21  # elements decoded at a time: ~8 MB of float32, the temporaries a few times that
 _IQ4NL_VALUES = tuple(_gguf_quants.IQ4_NL.kvalues)  # kvalues_iq4nl, the format's codebook (gguf owns it)
+_MXFP4_VALUES = tuple(_gguf_quants.MXFP4.kvalues)  # e2m1 values doubled (integers), gguf's table
 
 
 # ---- small helpers over a chunk of blocks ``b``: uint8 [n_blocks, type_size] ----
@@ -182,6 +183,19 @@ def _iq4_nl(b):
     return _f16(b, 0) * _codebook(b.device)[_nibbles(b[:, 2:18]).long()]
 
 
+def _mxfp4_parts(b):
+    """MXFP4: an E8M0 byte (2^(e-127)) then 16 bytes of e2m1 nibbles (element j low, j+16 high).
+    Codes are the e2m1 values doubled (integers in -12..12), so the scale is 2^(e-128)."""
+    table = torch.tensor(_MXFP4_VALUES, dtype=torch.int8, device=b.device)
+    scale = torch.ldexp(torch.ones(b.shape[0], device=b.device), b[:, 0].to(torch.int32) - 128)
+    return table[_nibbles(b[:, 1:17]).long()], scale
+
+
+def _mxfp4(b):
+    q, d = _mxfp4_parts(b)
+    return d.unsqueeze(-1) * q.float()
+
+
 def _iq4_xs(b):
     q, dl = _iq4_xs_parts(b)
     return (dl.unsqueeze(-1) * q.float()).reshape(b.shape[0], 256)
@@ -208,7 +222,7 @@ _DECODERS: dict[T, Callable[[torch.Tensor], torch.Tensor]] = {
     T.F32: _plain(torch.float32), T.F16: _plain(torch.float16), T.BF16: _plain(torch.bfloat16),
     T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q8_0: _q8_0,
     T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
-    T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs,
+    T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs, T.MXFP4: _mxfp4,
 }
 SUPPORTED = tuple(_DECODERS)
 
@@ -294,10 +308,33 @@ _INT8_REPACKERS = {
     T.Q5_0: (32, lambda b: (((_nibbles(b[:, 6:22]) | (_qh32(b, 2) << 4)).to(torch.int8) - 16), _f16(b, 0))),
     T.IQ4_NL: (32, lambda b: (_codebook(b.device)[_nibbles(b[:, 2:18]).long()].to(torch.int8), _f16(b, 0))),
     T.IQ4_XS: (32, _iq4_xs_parts),
+    T.MXFP4: (32, _mxfp4_parts),
     T.Q6_K: (16, _q6_k_parts),
     T.Q3_K: (16, _q3_k_parts),
 }
 REPACKABLE = tuple(_REPACKERS) + tuple(_INT8_REPACKERS)
+
+
+def kept_as(qtype: int) -> Optional[tuple[Quant, int, bool]]:
+    """(format, group size, has zero points) that ``repack`` gives a type, or None (decoded)."""
+    try:
+        qt = T(int(qtype))
+    except ValueError:
+        return None
+    if qt in _REPACKERS:
+        return Quant.INT4, 32, qt is not T.Q4_0
+    if qt in _INT8_REPACKERS:
+        return Quant.INT8, _INT8_REPACKERS[qt][0], False
+    return None
+
+
+def kept_bytes(qtype: int, numel: int) -> Optional[int]:
+    """Bytes a tensor of ``numel`` weights takes once kept (codes, float32 scales and zeros)."""
+    kind = kept_as(qtype)
+    if kind is None:
+        return None
+    fmt, group, zeros = kind
+    return (numel // 2 if fmt is Quant.INT4 else numel) + numel // group * 4 * (2 if zeros else 1)
 
 
 def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Optional[QuantizedWeight]:

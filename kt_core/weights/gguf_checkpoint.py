@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Iterable, Optional
 
-import numpy as np
 import torch
 
 from kt_core.errors import KtError
@@ -24,6 +23,10 @@ from kt_core.weights.gguf_file import open_gguf
 from kt_core.weights.quant import QuantizedWeight
 
 log = logging.getLogger(__name__)
+
+# control tokens that end a turn (llama.cpp stops at these too): ChatML, Llama 3, Phi / gpt-oss, Gemma, DeepSeek
+END_OF_TURN = frozenset({"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|return|>", "<|call|>",
+                         "<|endoftext|>", "<end_of_turn>", "<｜end▁of▁sentence｜>", "</s>"})
 
 
 def _unpermute_rows(rows: int, heads: int) -> torch.Tensor:
@@ -54,7 +57,12 @@ class GGUFCheckpoint:
                 self._tensors[t.name] = (part, t)
         shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, (_, t) in self._tensors.items()}
         self.shapes = shapes
-        self.config = hf_config(self.arch, first.value, shapes)
+        try:
+            self.config = hf_config(self.arch, first.value, shapes)
+        except (TypeError, ValueError, ArithmeticError) as exc:  # a metadata value of the wrong type or range
+            raise KtError(f"{self.path.name}: the {self.arch} metadata holds a value kt-core cannot use "
+                          f"({type(exc).__name__}: {exc}); per-layer arrays and zero sizes are not supported: "
+                          "re-convert the file") from None
         self._src = tensor_names(self.config, self.arch, list(self._tensors), shapes)
         self._told: set[str] = set()
 
@@ -79,6 +87,38 @@ class GGUFCheckpoint:
 
         return self._tensor(name)[1].tensor_type in REPACKABLE and self._src[name].plain
 
+    def eos_ids(self) -> tuple[int, ...]:
+        """Ids generation stops at, as llama.cpp stops: eos, eot and eom, and the control tokens
+        that end a turn in the common chat formats."""
+        ids = [self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        tokens, types = self.meta("tokenizer.ggml.tokens") or [], self.meta("tokenizer.ggml.token_type") or []
+        for i, (text, kind) in enumerate(zip(tokens, types)):
+            if kind == 3 and text in END_OF_TURN:  # 3: a control token
+                ids.append(i)
+        n = len(tokens) or int(self.config["vocab_size"])
+        return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < n))
+
+    def plan_tensors(self, tensors: list) -> list:
+        """The planner's tensor list with the bytes of every weight the loader keeps in the file's
+        quantization (experts only where gate, up and down of the layer are kept alike)."""
+        import dataclasses
+
+        from kt_core.weights.gguf_blocks import kept_as, kept_bytes
+
+        def kind(name):
+            return kept_as(self._tensor(name)[1].tensor_type) if name in self and self.keeps(name) else None
+        layers: dict[int, set] = {}
+        for t in tensors:
+            if t.group == "experts":
+                layers.setdefault(t.layer, set()).add(kind(t.name))
+        out = []
+        for t in tensors:
+            k = kind(t.name) if t.linear else None
+            if k is not None and (t.group != "experts" or len(layers[t.layer]) == 1):
+                t = dataclasses.replace(t, stored=kept_bytes(self._tensor(t.name)[1].tensor_type, t.numel))
+            out.append(t)
+        return out
+
     def tokenizer(self):
         from kt_core.models.gguf_tokenizer import tokenizer_from_gguf
 
@@ -93,7 +133,9 @@ class GGUFCheckpoint:
         return h.hexdigest()
 
     def close(self) -> None:
-        """Nothing to close: the maps go when the checkpoint does."""
+        """Close the files read so far (a later read opens them again)."""
+        for part in self.parts:
+            part.close()
 
     # ---- access ------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -122,11 +164,11 @@ class GGUFCheckpoint:
         src = self._src[name]
         part, t = self._tensors[gguf] if gguf else self._tensor(name)
         shape = self.shapes[gguf or src.gguf]
-        data = t.data
-        if src.expert is not None:
-            data, shape = data[src.expert], shape[1:]
-        raw = torch.from_numpy(np.array(data, copy=True).reshape(-1).view(np.uint8))
-        return raw, int(t.tensor_type), shape, src
+        offset, nbytes = int(t.data_offset), int(t.n_bytes)
+        if src.expert is not None:  # experts are the outermost dim: each one's bytes are contiguous
+            nbytes //= shape[0]
+            offset, shape = offset + src.expert * nbytes, shape[1:]
+        return part.read(offset, nbytes), int(t.tensor_type), shape, src
 
     def _check(self, name: str, got: tuple, shape: Optional[Iterable[int]]) -> None:
         if shape is not None and tuple(got) != tuple(shape):
@@ -140,11 +182,7 @@ class GGUFCheckpoint:
         try:
             return dequantize(raw, qtype, gshape)
         except ValueError as exc:
-            hint = ""
-            if "MXFP4" in str(exc):
-                hint = ("; llama.cpp keeps gpt-oss's experts in MXFP4, which kt-core does not decode yet: load the "
-                        "Hugging Face folder")
-            raise KtError(f"tensor {gguf or src.gguf} in {self.file_of(name)}: {exc}{hint}") from None
+            raise KtError(f"tensor {gguf or src.gguf} in {self.file_of(name)}: {exc}") from None
 
     def _join(self, name: str, src: Source, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Two GGUF tensors back into the one HF tensor the converter split (see ``Source``)."""

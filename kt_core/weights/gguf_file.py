@@ -1,19 +1,23 @@
-"""Opening GGUF files (llama.cpp's format) with the ``gguf`` package from PyPI, memory-mapped.
+"""Opening GGUF files (llama.cpp's format) with the ``gguf`` package from PyPI.
 
 ``open_gguf(path)`` takes one file or any part of a split set (``NAME-00001-of-00003.gguf``)
-and returns the parts, each a :class:`GGUFPart` whose tensors are views into the mapped file:
-nothing is read until a tensor's bytes are touched. Every read the ``gguf`` reader makes is
-bounds-checked first, so a truncated or corrupt file fails with the file and the byte offset
-(a one-line ``KtError``), never with a numpy error or a crash.
+and returns the parts, each a :class:`GGUFPart`. The ``gguf`` reader maps the file and parses its
+header (metadata, tensor names, types, shapes, offsets); every read it makes is bounds-checked
+first, so a truncated or corrupt file fails with the file and the byte offset (a one-line
+``KtError``), never with a numpy error or a crash. Tensor bytes are then read with plain file
+reads (``GGUFPart.read``), not through the map: pages of a map stay in the process's RSS until it
+closes, so a file read through it would sit in memory beside the weights made from it.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kt_core.errors import KtError
 
@@ -54,6 +58,31 @@ class GGUFPart:
 
     path: Path
     reader: Any
+    _fh: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read(self, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes at ``offset`` into a fresh uint8 tensor (a plain read, see the module doc)."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            try:
+                if self._fh is None:
+                    self._fh = open(self.path, "rb")  # noqa: SIM115 (kept open; close() ends it)
+                self._fh.seek(offset)
+                got = self._fh.readinto(memoryview(buf.numpy())) if nbytes else 0
+            except OSError as exc:
+                raise KtError(f"{self.path.name} could not be read at offset {offset} "
+                              f"({exc.strerror or exc}); check the file") from None
+        if got != nbytes:
+            raise KtError(f"{self.path.name} ends after {offset + got} bytes, inside a tensor at offset {offset} "
+                          f"({nbytes} bytes): it is truncated, download it again")
+        return buf
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
     def value(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
@@ -76,8 +105,11 @@ def _open_part(path: Path) -> GGUFPart:
         raise KtError(f"{path} could not be read ({exc.strerror or exc}); check the path") from None
     if size < 24:
         raise KtError(f"{path.name} is {size} bytes, too short for a GGUF header; download it again")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise KtError(f"{path} could not be read ({exc.strerror or exc}); check the path and its permissions") from None
     if magic != b"GGUF":
         raise KtError(f"{path.name} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); "
                       "model.path takes a .gguf file or a Hugging Face model folder")
@@ -91,6 +123,9 @@ def _open_part(path: Path) -> GGUFPart:
     except Exception as exc:  # bad version, unknown value or quant type, duplicate names, ...
         raise KtError(f"{path.name} is not a GGUF file kt-core can read ({type(exc).__name__}: "
                       f"{' '.join(str(exc).split())[:200]}); download it again or re-convert it") from None
+    if reader.byte_order == "S":  # the tensors would decode as little-endian numbers
+        raise KtError(f"{path.name} is a big-endian GGUF; kt-core reads little-endian files: convert it again "
+                      "without --bigendian")
     return GGUFPart(path, reader)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 from kt_core.errors import KtError
-from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
+from kt_core.weights.quant import INT8_MAX_GROUP, ExpertWeights, Quant, QuantizedWeight, int8_group_ok
 
 MAGIC = b"KTQW"
 VERSION = 1
@@ -40,8 +41,9 @@ def tag(experts: str, group_size: int, symmetric: bool) -> str:
 def default_path(model_path, experts: str, group_size: int, symmetric: bool) -> Path:
     """Inside a model folder; beside a GGUF file, named after it."""
     p = Path(model_path)
-    if p.suffix.lower() == ".gguf" and not p.is_dir():
-        return p.with_name(f"{p.stem}.kt-experts-{tag(experts, group_size, symmetric)}.ktq")
+    if p.suffix.lower() == ".gguf" and not p.is_dir():  # a split set's parts all name one file
+        stem = re.sub(r"-\d{5}-of-\d{5}$", "", p.stem)
+        return p.with_name(f"{stem}.kt-experts-{tag(experts, group_size, symmetric)}.ktq")
     return p / f"kt-experts-{tag(experts, group_size, symmetric)}.ktq"
 
 
@@ -287,9 +289,9 @@ class PrequantFile:
             if r["in_features"] != K:
                 raise _Damaged(f"{where} {name}.in_features is {r['in_features']}, the layer's sizes need {K}")
             group = r["group_size"]
-            if fmt is Quant.INT8 and group != K and (group % 4 or group > 256 or K % group):
+            if fmt is Quant.INT8 and group != K and (not int8_group_ok(group) or K % group):
                 raise _Damaged(f"{where} {name}.group_size is {group}; int8 takes one scale per row (group_size = "
-                               f"in_features = {K}) or groups of 4..256 inputs that divide {K}")
+                               f"in_features = {K}) or groups of 4..{INT8_MAX_GROUP} inputs that divide {K}")
             if fmt is Quant.W8A8:
                 if group != K:
                     raise _Damaged(f"{where} {name}.group_size is {group}; {fmt.value} has one scale per row "
@@ -387,7 +389,8 @@ def write_model(ck, spec, qp, out: Path, dtype: torch.dtype) -> Path:
         with progress(f"quantizing experts to {header['quant']}", len(layers)) as advance:
             for i in layers:
                 r = _Reader(ck, spec, dtype, torch.device("cpu"), qp)
-                writer.add_layer(i, load_experts(r, f"model.layers.{i}.", spec, list(range(spec.moe.num_experts))))
+                writer.add_layer(i, load_experts(r, f"model.layers.{i}.", spec, list(range(spec.moe.num_experts)),
+                                                 keep=False))  # in quant.experts, whatever a GGUF holds
                 advance()
         return writer.close()
     except BaseException:

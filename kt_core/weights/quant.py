@@ -26,6 +26,8 @@ from typing import Optional, Union
 
 import torch
 
+from kt_core.config.limits import INT8_MAX_GROUP, int8_group_ok  # noqa: F401 (the quantizer's limits)
+
 
 class Quant(str, Enum):
     """Weight formats. ``NONE`` means the weights are in the activation dtype."""
@@ -78,9 +80,9 @@ class QuantizedWeight:
 Weight = Union[torch.Tensor, QuantizedWeight]
 
 
-def _check_groups(in_features: int, group_size: int) -> None:
+def _check_groups(in_features: int, group_size: int, key: str = "quant.group_size") -> None:
     if group_size <= 0 or in_features % group_size:
-        raise ValueError(f"quant.group_size={group_size} must divide the input dim {in_features}; "
+        raise ValueError(f"{key}={group_size} must divide the input dim {in_features}; "
                          f"pick one of 32, 64, 128 that divides it")
 
 
@@ -136,7 +138,7 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
         group = in_features
     else:
         group = group_size
-    _check_groups(in_features, group)
+    _check_groups(in_features, group, "quant.int8_group_size" if fmt is Quant.INT8 else "quant.group_size")
     if fmt is Quant.INT4 and in_features % 2:
         raise ValueError(f"int4 needs an even input dim, got {in_features}")
     lead, G = weight.shape[:-1], in_features // group

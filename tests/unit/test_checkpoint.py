@@ -102,7 +102,7 @@ def test_sharded_index(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("eos", ['"x"', "[1, null]", "-3", "true"])
 def test_bad_generation_config_eos_is_a_one_line_error(tmp_path, eos):
-    from kt_core.runtime.engine import generation_eos
+    from kt_core.weights.checkpoint import generation_eos
 
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": %s}' % eos)
     with pytest.raises(KtError, match="generation_config.json has eos_token_id"):

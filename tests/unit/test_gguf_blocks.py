@@ -19,7 +19,7 @@ from kt_core.weights.quant import Quant, dequantize as dequantize_weight  # noqa
 HALF_FIELDS = {
     T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
     T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
-    T.IQ4_NL: (0,), T.IQ4_XS: (0,),
+    T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.MXFP4: (),  # MXFP4's E8M0 byte: every value is finite
 }
 ALL = [T.F32, T.F16, T.BF16, *HALF_FIELDS]
 
@@ -50,6 +50,8 @@ def random_bytes(qtype: T, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
         blocks = rng.integers(0, 256, (n_blocks, size), dtype=np.uint8)
         for off in HALF_FIELDS[qtype]:
             blocks[:, off:off + 2] = finite_halves(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
+        if qtype == T.MXFP4:  # E8M0 exponents whose 12 x 2^(e-128) stays finite in float32
+            blocks[:, 0] = rng.integers(0, 250, n_blocks, dtype=np.uint8)
     return np.ascontiguousarray(blocks.reshape(*shape[:-1], shape[-1] // block * size))
 
 
@@ -202,7 +204,8 @@ def test_repack_q4_k_zero_scale_exact():
     assert_repack_close(w, data, T.Q4_K, shape)
 
 
-INT8_TYPES = [(T.Q8_0, 32), (T.Q5_0, 32), (T.IQ4_NL, 32), (T.IQ4_XS, 32), (T.Q6_K, 16), (T.Q3_K, 16)]
+INT8_TYPES = [(T.Q8_0, 32), (T.Q5_0, 32), (T.IQ4_NL, 32), (T.IQ4_XS, 32), (T.MXFP4, 32), (T.Q6_K, 16),
+              (T.Q3_K, 16)]
 
 
 @pytest.mark.parametrize("qtype,group", INT8_TYPES, ids=lambda v: getattr(v, "name", str(v)))
@@ -258,4 +261,4 @@ def test_error_bytes_dtype_and_shape():
 def test_supported_names():
     assert {t.name for t in gguf_blocks.SUPPORTED} == {
         "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
+        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"}

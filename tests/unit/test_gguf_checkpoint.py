@@ -44,9 +44,9 @@ def test_f32_gguf_matches_safetensors(tiny, tmp_path, arch):
 
 @pytest.mark.parametrize("arch,qtype", [("qwen3_moe", "Q4_0"), ("mixtral", "Q4_1"), ("qwen2_moe", "Q8_0"),
                                         ("llama", "Q4_0"), ("deepseek_v3", "Q8_0"), ("deepseek_v2", "Q4_0"),
-                                        ("gpt_oss", "Q8_0")])
+                                        ("gpt_oss", "Q8_0"), ("gpt_oss", "MXFP4")])
 def test_quantized_gguf_matches_its_decoded_weights(tiny, tmp_path, arch, qtype):
-    """Q4_0 / Q4_1 are kept as int4 groups (native kernels on the CPU), Q8_0 is decoded at load;
+    """Q4_0 / Q4_1 are kept as int4 groups, Q8_0 / MXFP4 as int8 groups (native kernels on the CPU);
     either way the model must compute what the gguf package decodes the blocks to."""
     hf = tiny(arch)
     path = write_gguf(hf, tmp_path / f"{arch}-{qtype}.gguf", qtype)
@@ -125,7 +125,7 @@ def test_deepseek2_metadata_variants():
         _config("deepseek2", {**DS2, "expert_count": 0})
 
 
-def test_gpt_oss_unsupported_metadata_and_mxfp4(tmp_path):
+def test_gpt_oss_unsupported_metadata_and_mxfp4_experts(tmp_path):
     import gguf
     import numpy as np
 
@@ -148,8 +148,9 @@ def test_gpt_oss_unsupported_metadata_and_mxfp4(tmp_path):
     w.write_tensors_to_file()
     w.close()
     ck = GGUFCheckpoint(path)
-    with pytest.raises(KtError, match=r"ffn_gate_exps.weight in mx.gguf: GGML type MXFP4 is not supported.*Hugging"):
-        ck.get("model.layers.0.mlp.experts.gate_up_proj")
+    assert tuple(ck.get("model.layers.0.mlp.experts.gate_up_proj").shape) == (2, 64, 64)
+    w = ck.quantized("model.layers.0.mlp.experts.1.gate_proj.weight")  # kept: int8 codes, a scale per 32
+    assert w.format.value == "int8" and w.group_size == 32 and tuple(w.shape) == (32, 64)
 
 
 def test_int4_blocks_are_kept_not_decoded(tiny, tmp_path):
@@ -187,6 +188,53 @@ def test_kt_plan_reads_the_header_only(tiny, tmp_path):
     spec = model_spec(compose([f"model.path={path}"]))
     assert spec.family == "qwen2_moe" and spec.moe.num_experts == 8 and spec.moe.shared_intermediate == 48
     assert spec.moe_layers == frozenset({0, 2})  # layer 1 is dense (mlp_only_layers), as in the file
+
+
+def test_plan_counts_what_the_file_keeps(tiny, tmp_path):
+    """The planner sizes kept weights as kept (int4 / int8 groups), not in model.dtype."""
+    from kt_core.commands.plan import gguf_tensors, model_spec
+    from kt_core.config import compose
+    from kt_core.config.validate import resolve_topology
+    from kt_core.placement.plan import make_plan
+
+    def weights(path):
+        cfg = compose([f"model.path={path}", "model.dtype=float32"])
+        spec = model_spec(cfg)
+        plan = make_plan(spec, cfg, resolve_topology(cfg, check_devices=False), enforce_fit=False,
+                         tensors=gguf_tensors(cfg, spec))
+        return sum(d.weights_bytes for d in plan.devices.values())
+
+    hf = tiny("qwen3_moe")
+    f32, q4 = weights(write_gguf(hf, tmp_path / "a.gguf")), weights(write_gguf(hf, tmp_path / "b.gguf", "Q4_0"))
+    eng = Engine.from_pretrained(str(tmp_path / "b.gguf"), overrides=["model.dtype=float32"])
+    assert q4 < 0.6 * f32
+    assert abs(q4 - eng.model.weight_bytes()) < 0.1 * q4  # the plan says what the load holds
+
+
+def test_kt_quantize_requantizes_a_gguf(tiny, tmp_path):
+    """kt quantize writes quant.experts' format (not the file's own), and a load maps it back."""
+    from kt_core.commands import quantize
+
+    path = write_gguf(tiny("qwen3_moe"), tmp_path / "m-00001-of-00001.gguf", "Q4_0")
+    assert quantize.run([f"model.path={path}", "quant=int4", "quant.symmetric=false", "quant.group_size=32"], {}) == 0
+    ktq = tmp_path / "m.kt-experts-int4-g32-asym.ktq"  # named without the split suffix
+    assert ktq.is_file()
+    eng = Engine.from_pretrained(str(path), overrides=["model.dtype=float32", "quant=int4", "quant.symmetric=false",
+                                                       "quant.group_size=32"])
+    assert eng.model.prequant is not None and eng.logits(IDS).isfinite().all()
+
+
+def test_eos_ids_include_end_of_turn_controls(tiny, tmp_path):
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+    tokens = [f"t{i}" for i in range(96)]
+    tokens[5], tokens[6], tokens[7] = "<|im_end|>", "<|endoftext|>", "<|im_end|>x"
+    types = [1] * 96
+    types[5] = types[6] = 3
+    meta = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.eos_token_id": 6, "tokenizer.ggml.eot_token_id": 9}
+    path = write_gguf(tiny("qwen3"), tmp_path / "m.gguf", tokenizer=meta)
+    assert GGUFCheckpoint(path).eos_ids() == (6, 9, 5)
 
 
 def test_truncated_file_names_file_and_offset(tiny, tmp_path):
