@@ -15,9 +15,11 @@ and quantizer from the same safetensors, see ../shared/tools/llamacpp/README.md)
     8bit-g32  as 8bit with quant.int8_group_size=32 (Q8_0's scale per 32 weights)
     gguf-KIND kt-core runs the GGUF file itself ({stem}-KIND.gguf, its quantization kept), llama.cpp the same file
 
-Quality: the mean KL divergence of each kt-core precision's next-token distribution from kt-core
-bf16's over the second half of the prompt (llama-perplexity's convention); with
---llama-perplexity, llama.cpp's own KL of each quantized GGUF from its BF16 GGUF likewise.
+Quality: the mean KL divergence of each engine's next-token distribution from its own bf16's, on
+the same text and token windows for both (llama-perplexity's definition): the text is cut into
+KL_CHUNKS windows of 512 tokens, each run alone, and positions 256..510 of each are scored.
+kt-core tokenizes it with the model's tokenizer; llama.cpp's KL (with --llama-perplexity) is
+llama-perplexity --kl-divergence over the same windows of each quantized GGUF against its BF16 GGUF.
 Prints JSON lines (one per run, then one summary per engine and precision) and a table.
 """
 from __future__ import annotations
@@ -50,6 +52,15 @@ def gguf_kinds(precision: str) -> list[str]:
     return [precision[5:]] if precision.startswith("gguf-") else GGUF[precision]
 
 
+KL_CHUNKS, KL_CTX = 2, 512
+
+
+def kl_text(work: Path) -> Path:
+    text = work / "text.txt"
+    text.write_text(" ".join(f"word{i % 997} number {i}" for i in range(3000)), encoding="utf-8")
+    return text
+
+
 def prompt_ids(vocab: int, n: int) -> list[int]:
     return [(i * 7919) % (vocab - 200) + 100 for i in range(n)]
 
@@ -77,9 +88,12 @@ def kt_child(model: Path, precision: str, prompt_tokens: int, new_tokens: int, t
     rec = {"engine": "kt-core", "precision": precision, "threads": threads, "load_s": round(load_s, 2),
            "prefill_tokens_per_s": prompt_tokens / prefill_s, "decode_tokens_per_s": r.timing["decode_tokens_per_s"],
            "peak_rss_mb": round(peak_rss_mb())}
-    if logits_out is not None:  # log-probs of the second half of the prompt, for the KL column
-        lp = torch.log_softmax(engine.logits(ids)[prompt_tokens // 2:].float(), dim=-1)
-        torch.save(lp, logits_out)
+    if logits_out is not None:  # log-probs of llama-perplexity's scored positions, for the KL column
+        text = kl_text(logits_out.parent).read_text(encoding="utf-8")
+        toks = engine.tokenizer.encode(text, add_special_tokens=False)[:KL_CHUNKS * KL_CTX]
+        lp = [torch.log_softmax(engine.logits(toks[c * KL_CTX:(c + 1) * KL_CTX])[KL_CTX // 2:KL_CTX - 1].float(), -1)
+              for c in range(KL_CHUNKS)]
+        torch.save(torch.cat(lp), logits_out)
     return rec
 
 
@@ -119,12 +133,13 @@ def llama_bench(exe: str, gguf: Path, prompt_tokens: int, new_tokens: int, threa
 
 def llama_kl(exe: str, base: Path, gguf: Path, text: Path, threads: int, work: Path) -> float | None:
     """llama-perplexity's mean KLD of ``gguf`` from ``base`` on ``text`` (512-token chunks)."""
-    logits = work / f"{base.stem}.kld"
+    logits = work / f"{base.stem}-{KL_CHUNKS}x{KL_CTX}.kld"
     if not logits.exists():
-        subprocess.run([exe, "-m", str(base), "-f", str(text), "-t", str(threads), "-c", "512",
-                        "--kl-divergence-base", str(logits)], capture_output=True, text=True, check=True)
-    r = subprocess.run([exe, "-m", str(gguf), "-t", str(threads), "-c", "512", "--kl-divergence-base", str(logits),
-                        "--kl-divergence"], capture_output=True, text=True)
+        subprocess.run([exe, "-m", str(base), "-f", str(text), "-t", str(threads), "-c", str(KL_CTX),
+                        "--chunks", str(KL_CHUNKS), "--kl-divergence-base", str(logits)],
+                       capture_output=True, text=True, check=True)
+    r = subprocess.run([exe, "-m", str(gguf), "-t", str(threads), "-c", str(KL_CTX), "--chunks", str(KL_CHUNKS),
+                        "--kl-divergence-base", str(logits), "--kl-divergence"], capture_output=True, text=True)
     m = re.search(r"Mean\s+KLD:\s+([-\d.eE+]+)", r.stdout + r.stderr)
     return float(m.group(1)) if m else None
 
@@ -155,7 +170,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(a.repeats):
         for prec in precisions:
-            logits = a.work / f"kt-{stem}-{prec}.pt" if rep == 0 else None  # per model: never another's
+            logits = a.work / f"kt-{stem}-{prec}.kl{KL_CHUNKS}.pt" if rep == 0 else None  # per model: never another's
             cmd = [sys.executable, __file__, "--child", prec, str(logits or "-"), "--model", str(a.model),
                    "--llama-bench", a.llama_bench, "--gguf-dir", str(a.gguf_dir), "--threads", str(a.threads),
                    "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens), "--gguf-stem", stem]
@@ -173,21 +188,22 @@ def main() -> None:
                        **llama_bench(a.llama_bench, gguf, a.prompt_tokens, a.new_tokens, a.threads)}
                 emit({**rec, "repeat": rep})
                 runs.setdefault(("llama.cpp", rec["precision"]), []).append(rec)
-    ref = a.work / f"kt-{stem}-bf16.pt"  # this model's bf16 logits, from this run or an earlier one
+    ref = a.work / f"kt-{stem}-bf16.kl{KL_CHUNKS}.pt"  # this model's bf16 log-probs, from this run or an earlier one
     if any(p != "bf16" for p in precisions) and not ref.exists():
         print(f"no kt-core KL: {ref} is missing; run once with bf16 in --precisions", file=sys.stderr)
-    kl = {("kt-core", p): kl_from(ref, a.work / f"kt-{stem}-{p}.pt")
+    kl = {("kt-core", p): kl_from(ref, a.work / f"kt-{stem}-{p}.kl{KL_CHUNKS}.pt")
           for p in precisions if p != "bf16" and ref.exists()}
     if a.llama_perplexity:
-        text = a.work / "text.txt"
-        text.write_text(" ".join(f"word{i % 997} number {i}" for i in range(3000)), encoding="utf-8")
+        text = kl_text(a.work)
         base = a.gguf_dir / f"{stem}-bf16.gguf"
+        by_file: dict[str, float | None] = {}  # one llama-perplexity run per GGUF
         for prec in precisions:
             for kind in gguf_kinds(prec):
                 g = a.gguf_dir / f"{stem}-{kind}.gguf"
                 if prec != "bf16" and g.exists() and base.exists():
-                    kl[("llama.cpp", f"{prec} ({kind.upper()})")] = llama_kl(a.llama_perplexity, base, g, text,
-                                                                             a.threads, a.work)
+                    if kind not in by_file:
+                        by_file[kind] = llama_kl(a.llama_perplexity, base, g, text, a.threads, a.work)
+                    kl[("llama.cpp", f"{prec} ({kind.upper()})")] = by_file[kind]
     summary = []
     for (engine, prec), rs in runs.items():
         s = {"engine": engine, "precision": prec, "summary": True, "runs": len(rs),
