@@ -48,7 +48,7 @@ def gguf_tensors(cfg, spec):
     from kt_core.models.shapes import model_tensors
     from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
 
-    return GGUFCheckpoint(cfg.model.path).plan_tensors(model_tensors(spec))
+    return GGUFCheckpoint(cfg.model.path).plan_tensors(model_tensors(spec), GGUFCheckpoint.kept_groups(cfg.quant))
 
 
 def run(overrides, flags) -> int:

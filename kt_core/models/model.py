@@ -68,7 +68,8 @@ class _Reader:
     def dense(self, name: str, shape, fmt: Optional[Quant] = None):
         """A dense linear's weight in ``fmt`` (default: quant.dense), prepared for its device."""
         fmt = self.qp.dense if fmt is None else fmt
-        kept = _kept(self.ck, [name], shape)  # a GGUF block type kt-core holds exactly: no requantization
+        # a GGUF block type kt-core holds exactly is kept, unless a quant format was asked for
+        kept = _kept(self.ck, [name], shape) if fmt is Quant.NONE else None
         if kept is not None:
             q = kept.to(self.device)
             return self.prepare(q) if self.prepare is not None else q
@@ -207,7 +208,7 @@ def _kept_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], idx: torc
     """The experts in the quantization their file (a GGUF) stores them in, when kt-core holds it
     exactly and gate, up and down share one format; else None (read as floats)."""
     ck, m, H = r.ck, spec.moe, spec.hidden_size
-    if not hasattr(ck, "keeps"):
+    if not hasattr(ck, "keeps") or r.qp.experts is not Quant.NONE:  # quant.experts asks to requantize
         return None
     e = p + ("block_sparse_moe.experts." if spec.family == "mixtral" else "mlp.experts.")
     names = ("w1", "w3", "w2") if spec.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")

@@ -124,7 +124,8 @@ class Engine:
         from kt_core.models.shapes import model_tensors
         from kt_core.placement.plan import make_plan
 
-        tensors = ck.plan_tensors(model_tensors(spec)) if hasattr(ck, "plan_tensors") else None  # GGUF: kept sizes
+        tensors = (ck.plan_tensors(model_tensors(spec), ck.kept_groups(cfg.quant))  # a GGUF's kept sizes
+                   if hasattr(ck, "plan_tensors") else None)
         plan = make_plan(spec, cfg, topo, check_devices=True, tensors=tensors)  # a plan that cannot fit fails before any read
         spec.eos_token_ids = tuple(dict.fromkeys(spec.eos_token_ids + ck.eos_ids()))
         qp = QuantPlan.from_config(cfg.quant)

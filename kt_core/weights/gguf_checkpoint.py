@@ -18,6 +18,7 @@ from typing import Iterable, Optional
 import torch
 
 from kt_core.errors import KtError
+from kt_core.models.shapes import GROUPS
 from kt_core.weights.gguf_arch import Source, hf_config, tensor_names
 from kt_core.weights.gguf_file import open_gguf
 from kt_core.weights.quant import QuantizedWeight
@@ -98,9 +99,23 @@ class GGUFCheckpoint:
         n = len(tokens) or int(self.config["vocab_size"])
         return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < n))
 
-    def plan_tensors(self, tensors: list) -> list:
+    @staticmethod
+    def kept_groups(quant) -> frozenset:
+        """The tensor groups a load keeps in the file's quantization under config ``quant``: those
+        whose format is none (routers and the embedding are always read as floats)."""
+        from kt_core.config.schema import choice
+
+        dense = choice(quant.dense)
+        head = choice(quant.head) if quant.get("head") is not None else dense
+        out = {"attention", "dense", "shared"} if dense == "none" else set()
+        out |= {"experts"} if choice(quant.experts) == "none" else set()
+        out |= {"lm_head"} if head == "none" else set()
+        return frozenset(out)
+
+    def plan_tensors(self, tensors: list, keep: frozenset = frozenset(GROUPS)) -> list:
         """The planner's tensor list with the bytes of every weight the loader keeps in the file's
-        quantization (experts only where gate, up and down of the layer are kept alike)."""
+        quantization (experts only where gate, up and down of the layer are kept alike); ``keep``:
+        the tensor groups whose quant format is none (the others are requantized as configured)."""
         import dataclasses
 
         from kt_core.weights.gguf_blocks import kept_as, kept_bytes
@@ -113,7 +128,7 @@ class GGUFCheckpoint:
                 layers.setdefault(t.layer, set()).add(kind(t.name))
         out = []
         for t in tensors:
-            k = kind(t.name) if t.linear else None
+            k = kind(t.name) if t.linear and t.group in keep else None
             if k is not None and (t.group != "experts" or len(layers[t.layer]) == 1):
                 t = dataclasses.replace(t, stored=kept_bytes(self._tensor(t.name)[1].tensor_type, t.numel))
             out.append(t)

@@ -211,6 +211,20 @@ def test_plan_counts_what_the_file_keeps(tiny, tmp_path):
     assert abs(q4 - eng.model.weight_bytes()) < 0.1 * q4  # the plan says what the load holds
 
 
+def test_quant_settings_requantize_what_they_name(tiny, tmp_path):
+    """A GGUF's quantization is kept unless quant.* names a format for that group: quant=int4 on a
+    Q8_0 file requantizes the experts (attention and lm_head stay the file's int8)."""
+    from kt_core.weights.quant import Quant
+
+    path = write_gguf(tiny("qwen3_moe"), tmp_path / "m.gguf", "Q8_0")
+    eng = Engine.from_pretrained(str(path), overrides=["model.dtype=float32", "quant=int4", "quant.group_size=32"])
+    moe = next(layer.ffn for layer in eng.model.layers if hasattr(layer.ffn, "shards"))
+    _, _, packed = moe.shards[0]
+    assert getattr(packed, "fmt", None) == "int4"
+    q = eng.model.layers[0].attn.w["q"]
+    assert getattr(q, "fmt", getattr(q, "format", None)) in ("int8", Quant.INT8)
+
+
 def test_kt_quantize_requantizes_a_gguf(tiny, tmp_path):
     """kt quantize writes quant.experts' format (not the file's own), and a load maps it back."""
     from kt_core.commands import quantize
