@@ -112,3 +112,37 @@ def test_converted_q8_0_matches_its_decoded_weights(models, tmp_path, name, tol)
     _, got = _logits(path, ids, "float32")
     _, want = _logits(ref, ids, "float32")
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+LLAMA_TOKENIZE = os.environ.get("KT_LLAMA_TOKENIZE", "")
+TRICKY = ["   three leading", "trailing   ", "a\r\nb\r\n\r\n", "\t\tindented\tcode", "I'm, you're, I'VE, WE'LL",
+          "1234567 3.14159 1,234,567.89", "数字 123456 中文文本，标点。", "émojis 🤖🚀 👨‍👩‍👧‍👦 😶‍🌫️",
+          "naïve café Ωμέγα Привет", "if (a != b && c <= d) { x->y[0] += 1; }", " \n \n\n \t \t\t \t\n  \n",
+          "<|im_start|>user\nhi<|im_end|>\n", "a" * 50]
+# where llama.cpp departs from the model's own tokenizer.json (kt-core follows tokenizer.json): Qwen's
+# NFC normalizer, which llama.cpp does not apply
+HF_ONLY = {"qwen3_moe": ["e\u0301 decomposed accent"]}
+
+
+@needs_converter
+@pytest.mark.skipif(not Path(LLAMA_TOKENIZE).is_file(), reason="no llama-tokenize: set KT_LLAMA_TOKENIZE to the "
+                    "binary (cmake --build BUILD --target llama-tokenize in ../shared/tools/llamacpp's build)")
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_token_ids_equal_llama_cpp_tokenizer(models, tmp_path, name):
+    """The tokenizer built from a GGUF's metadata gives llama.cpp's own ids for that file."""
+    import ast
+
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+    path = convert(models(name), tmp_path / "m.gguf", "bf16")
+    tok = GGUFCheckpoint(path).tokenizer()
+    for i, text in enumerate(TRICKY + HF_ONLY.get(name, [])):
+        f = tmp_path / f"t{i}.txt"
+        f.write_bytes(text.encode("utf-8"))
+        r = subprocess.run([LLAMA_TOKENIZE, "-m", str(path), "-f", str(f), "--ids", "--log-disable"],
+                           capture_output=True, text=True, timeout=120)
+        theirs = ast.literal_eval([line for line in r.stdout.splitlines() if line.startswith("[")][-1])
+        if text in HF_ONLY.get(name, []):
+            assert theirs != tok.encode(text), "llama.cpp now normalizes like tokenizer.json: drop it from HF_ONLY"
+        else:
+            assert tok.encode(text) == theirs, text
