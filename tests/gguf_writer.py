@@ -170,7 +170,7 @@ def _metadata(w, c: dict) -> None:
 
 
 def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: int = 0,
-               tokenizer: Optional[dict] = None, split_kv_b: bool = True) -> Path:
+               tokenizer: Optional[dict] = None, split_kv_b: bool = True, types: Optional[dict] = None) -> Path:
     """Write the checkpoint in ``folder`` as ``out``. Float weight matrices whose rows split into
     blocks are stored as ``qtype`` (embedding included, routers and norms stay F32, as llama.cpp
     does); ``tokenizer``: extra ``tokenizer.*`` metadata; ``split_kv_b``: DeepSeek's kv_b_proj as
@@ -190,9 +190,10 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: i
             w.add_uint32(k, v)
         else:
             w.add_array(k, v)
-    q = getattr(gguf.GGMLQuantizationType, qtype)
-    block = gguf.GGML_QUANT_SIZES[q][0]
     for name, t in _convert(c, _tensors(folder), split_kv_b).items():
+        kind = next((v for k, v in (types or {}).items() if k in name), qtype)  # types: name part -> type
+        q = getattr(gguf.GGMLQuantizationType, kind)
+        block = gguf.GGML_QUANT_SIZES[q][0]
         arr = t.contiguous().numpy().astype(np.float32)
         quantize = (t.dim() >= 2 and t.shape[-1] % block == 0 and "ffn_gate_inp" not in name
                     and q != gguf.GGMLQuantizationType.F32)

@@ -9,7 +9,7 @@ import operator
 NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
-ABI_VERSION = 9  # 9: int8 takes groups (scale [P][K/g][16])
+ABI_VERSION = 10  # 9: int8 takes groups (scale [P][K/g][16]); 10: down's own format (MoeArgs.down_fmt)
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
@@ -57,7 +57,7 @@ class _MoeArgs(ctypes.Structure):
                 ("group", ctypes.c_int), ("activation", ctypes.c_int), ("x", ctypes.c_void_p),
                 ("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("local_of", ctypes.c_void_p),
                 ("gate", _Proj), ("up", _Proj), ("down", _Proj), ("out", ctypes.c_void_p), ("pool", ctypes.c_int),
-                ("round_bf16", ctypes.c_int)]
+                ("round_bf16", ctypes.c_int), ("down_fmt", ctypes.c_int), ("down_group", ctypes.c_int)]
 
 
 def _index(value, what: str, lo: int, hi: int) -> int:

@@ -32,6 +32,8 @@ class PackedExperts:
     up: PackedProj
     down: PackedProj
     pool: int = 0  # logical CPU device (cpu:N) whose workers run these experts
+    down_fmt: Optional[str] = None  # the down projection's own format and group (None: fmt, group)
+    down_group: Optional[int] = None
     _prep: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def call_parts(self) -> tuple:
@@ -45,13 +47,13 @@ class PackedExperts:
         checks run once per object: a decode call pays none of them."""
         prep = self._prep
         if prep is None:
-            H, I, fmt, group, E = _check_packed(self)
+            H, I, fmt, group, E, dfmt, dgroup = _check_packed(self)
             ids = self.expert_ids
             local_of = torch.full((int(ids.max()) + 1 if E else 0,), -1, dtype=torch.long)
             local_of[ids] = torch.arange(E)
             keep = (self.gate, self.up, self.down)
             prep = self._prep = (local_of, _proj(self.gate, E), _proj(self.up, E), _proj(self.down, E),
-                                 H, I, fmt, group, E, keep)
+                                 H, I, fmt, group, E, keep, dfmt, dgroup)
         return prep
 
     def nbytes(self) -> int:
@@ -103,23 +105,17 @@ def _check_packed(p: PackedExperts) -> tuple:
         raise ValueError(f"{where}: expert ids must be in 0..{MAX_DIM - 1}, got {int(ids.min())}..{int(ids.max())}")
     if E and torch.unique(ids).numel() != E:
         raise ValueError(f"{where}: expert_ids has duplicates; {_REPACK}")
-    fmt = p.fmt
-    step = {"int8": 2, "w8a8": 4, "int4": 4}.get(fmt, 1)
-    if H % step or I % step:
-        raise ValueError(f"{where}: {fmt} kernels read inputs in {step}s; hidden {H} and width {I} must be multiples")
-    if fmt in ("bf16", "w8a8") and group != 0:
-        raise ValueError(f"{where}: {fmt} has no groups (group 0), got group {group}; {_REPACK}")
-    if fmt == "int8" and not int8_group_ok(group):
-        raise ValueError(f"{where}: int8 groups must be 0 (per row) or a multiple of 4 up to {INT8_MAX_GROUP}, got "
-                         f"{group}; {_REPACK}")
-    if fmt == "int4" and (group <= 0 or group % 4 or group > 4096):
-        raise ValueError(f"{where}: int4 groups must be a multiple of 4 in 4..4096, got {group}; {_REPACK}")
-    if group and (H % group or I % group):
-        raise ValueError(f"{where}: group {group} must divide hidden {H} and width {I}; {_REPACK}")
+    dfmt = p.fmt if p.down_fmt is None else p.down_fmt
+    if not isinstance(dfmt, str) or dfmt not in FORMATS:
+        raise ValueError(f"{where}: unknown down format {dfmt!r} (one of {', '.join(FORMATS)}); {_REPACK}")
+    dgroup = group if p.down_group is None else _index(p.down_group, f"{where}: down group size", 0, MAX_DIM)
+    _check_kind(where, "gate / up", p.fmt, group, H)
+    _check_kind(where, "down", dfmt, dgroup, I)
     for name, proj, M, K in (("gate", p.gate, I, H), ("up", p.up, I, H), ("down", p.down, H, I)):
+        fmt, grp = (dfmt, dgroup) if name == "down" else (p.fmt, group)
         if not isinstance(proj, PackedProj):
             raise ValueError(f"{where}: {name} must be a PackedProj, got {type(proj).__name__}; {_REPACK}")
-        data_shape, data_dtype, scale_shape = _packed_layout(fmt, group, E, M, K)
+        data_shape, data_dtype, scale_shape = _packed_layout(fmt, grp, E, M, K)
         _check_tensor(proj.data, f"{where}: {name}.data", data_shape, data_dtype)
         if scale_shape is None:
             if proj.scale is not None or proj.zero is not None:
@@ -132,7 +128,23 @@ def _check_packed(p: PackedExperts) -> tuple:
                 _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float32)
         if proj.bias is not None:
             _check_tensor(proj.bias, f"{where}: {name}.bias", (E, M), torch.float32)
-    return H, I, FORMATS[fmt], group, E
+    return H, I, FORMATS[p.fmt], group, E, FORMATS[dfmt], dgroup
+
+
+def _check_kind(where: str, what: str, fmt: str, group: int, K: int) -> None:
+    """A format and group the kernels take for weights over K inputs."""
+    step = {"int8": 2, "w8a8": 4, "int4": 4}.get(fmt, 1)
+    if K % step:
+        raise ValueError(f"{where}: {what} is {fmt}, whose kernels read inputs in {step}s; {K} inputs are not")
+    if fmt in ("bf16", "w8a8") and group != 0:
+        raise ValueError(f"{where}: {what}: {fmt} has no groups (group 0), got group {group}; {_REPACK}")
+    if fmt == "int8" and not int8_group_ok(group):
+        raise ValueError(f"{where}: {what}: int8 groups must be 0 (per row) or a multiple of 4 up to {INT8_MAX_GROUP}, "
+                         f"got {group}; {_REPACK}")
+    if fmt == "int4" and (group <= 0 or group % 4 or group > 4096):
+        raise ValueError(f"{where}: {what}: int4 groups must be a multiple of 4 in 4..4096, got {group}; {_REPACK}")
+    if group and K % group:
+        raise ValueError(f"{where}: {what}: group {group} must divide its {K} inputs; {_REPACK}")
 
 
 def _panels(t: torch.Tensor) -> torch.Tensor:
@@ -208,46 +220,46 @@ def _check_experts(ex: ExpertWeights) -> None:
             raise ValueError(f"expert {name} has shape {tuple(b.shape)}, expected {(E, M)}")
 
 
+def _kind(ws: list) -> Optional[tuple[str, int]]:
+    """(format, group) the kernels run these weights in (gate with up, or down alone), or None."""
+    fmt = weight_format(ws[0])
+    if any(weight_format(w) is not fmt for w in ws):
+        return None
+    if fmt is Quant.NONE:  # fp32 / fp16 weights: the torch path keeps their precision
+        return ("bf16", 0) if all(w.dtype == torch.bfloat16 for w in ws) else None
+    if fmt in (Quant.INT8, Quant.W8A8):
+        per_row = [w.group_size == w.in_features for w in ws]
+        group = 0 if all(per_row) else ws[0].group_size
+        if group and (fmt is Quant.W8A8 or any(per_row) or not int8_group_ok(group)
+                      or any(w.group_size != group for w in ws)):
+            return None  # groups: int8 only, one size, 4..256 inputs (one int32 sum each)
+        if any(w.in_features % (4 if fmt is Quant.W8A8 else 2) for w in ws):
+            return None  # the integer dot products take inputs in pairs (w8a8: fours)
+        return fmt.value, group
+    if fmt is Quant.FP8:
+        per_row = all(w.group_size == w.in_features for w in ws)
+        group = 0 if per_row else ws[0].group_size  # 0: one scale per row, whatever K is
+        return None if not per_row and any(w.group_size != group for w in ws) else ("fp8", group)
+    group = ws[0].group_size  # int4: inputs in fours (a 16-bit word per row pair of inputs); a group's
+    if any(w.group_size != group for w in ws) or group % 4 or group > 4096 or len({w.zeros is None for w in ws}) > 1:
+        return None  # int32 sum of code x int16 activation must not overflow (4096)
+    return "int4", group
+
+
 def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
-    """The packed form, or None when the kernels do not take this format (torch path then).
-    ValueError when the weights disagree with their own sizes."""
+    """The packed form, or None when the kernels do not take these formats (torch path then).
+    Gate and up share one format; down may have its own (a GGUF Q4_K_M layer: Q4_K gate / up, Q6_K
+    down). ValueError when the weights disagree with their own sizes."""
     if any(w.device.type != "cpu" for w in (ex.gate, ex.up, ex.down)):
         return None
-    fmt = ex.format
-    if any(weight_format(w) is not fmt for w in (ex.up, ex.down)):
-        return None  # mixed formats: the torch path takes each as it is
     _check_experts(ex)
-    if fmt is Quant.NONE:
-        if any(w.dtype != torch.bfloat16 for w in (ex.gate, ex.up, ex.down)):
-            return None  # fp32 / fp16 weights: the torch path keeps their precision
-        name, group = "bf16", 0
-    elif fmt in (Quant.INT8, Quant.W8A8):
-        per_row = [w.group_size == w.in_features for w in (ex.gate, ex.up, ex.down)]
-        group = 0 if all(per_row) else ex.gate.group_size
-        if group and (fmt is Quant.W8A8 or any(per_row) or not int8_group_ok(group)
-                      or ex.up.group_size != group or ex.down.group_size != group):
-            return None  # groups: int8 only, one size for all three, 4..256 inputs (one int32 sum each)
-        step = 4 if fmt is Quant.W8A8 else 2
-        if ex.gate.in_features % step or ex.down.in_features % step:
-            return None  # the integer dot products take inputs in pairs (w8a8: fours)
-        name = fmt.value
-    elif fmt is Quant.FP8:
-        per_row = all(w.group_size == w.in_features for w in (ex.gate, ex.down))
-        group = 0 if per_row else ex.gate.group_size  # 0: one scale per row, whatever K is
-        if not per_row and (ex.down.group_size != group or ex.up.group_size != group):
-            return None
-        name = "fp8"
-    else:
-        group = ex.gate.group_size
-        asym = [w.zeros is not None for w in (ex.gate, ex.up, ex.down)]
-        if ex.down.group_size != group or ex.up.group_size != group or group % 4 or len(set(asym)) > 1:
-            return None  # the int4 kernel reads inputs in fours (a 16-bit word per row pair of inputs)
-        if group > 4096:
-            return None  # a group's int32 sum of code x int16 activation could overflow
-        name = "int4"
+    first, second = _kind([ex.gate, ex.up]), _kind([ex.down])
+    if first is None or second is None:
+        return None
     H, I = ex.gate.shape[2], ex.gate.shape[1]
-    return PackedExperts(ex.expert_ids.long().contiguous(), name, group, H, I, _pack_proj(ex.gate, ex.gate_bias),
-                         _pack_proj(ex.up, ex.up_bias), _pack_proj(ex.down, ex.down_bias))
+    return PackedExperts(ex.expert_ids.long().contiguous(), first[0], first[1], H, I, _pack_proj(ex.gate, ex.gate_bias),
+                         _pack_proj(ex.up, ex.up_bias), _pack_proj(ex.down, ex.down_bias),
+                         down_fmt=second[0], down_group=second[1])
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

@@ -206,7 +206,7 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
 
 def _kept_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], idx: torch.Tensor) -> Optional[ExpertWeights]:
     """The experts in the quantization their file (a GGUF) stores them in, when kt-core holds it
-    exactly and gate, up and down share one format; else None (read as floats)."""
+    exactly and gate and up share one format (down may have its own); else None (read as floats)."""
     ck, m, H = r.ck, spec.moe, spec.hidden_size
     if not hasattr(ck, "keeps") or r.qp.experts is not Quant.NONE:  # quant.experts asks to requantize
         return None
@@ -217,7 +217,7 @@ def _kept_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], idx: torc
         return None
     kept = [_kept(ck, ns, shape) for ns, shape in zip(lists, ((m.intermediate, H), (m.intermediate, H),
                                                                (H, m.intermediate)))]
-    if any(k is None for k in kept) or len({(k.format, k.group_size, k.zeros is None) for k in kept}) > 1:
+    if any(k is None for k in kept) or len({(k.format, k.group_size, k.zeros is None) for k in kept[:2]}) > 1:
         return None
     biases = {}
     if spec.family == "gpt_oss":  # biases as the HF checkpoint holds them: gate and up interleaved

@@ -114,7 +114,7 @@ class GGUFCheckpoint:
 
     def plan_tensors(self, tensors: list, keep: frozenset = frozenset(GROUPS)) -> list:
         """The planner's tensor list with the bytes of every weight the loader keeps in the file's
-        quantization (experts only where gate, up and down of the layer are kept alike); ``keep``:
+        quantization (experts only where all three are kept, gate and up alike); ``keep``:
         the tensor groups whose quant format is none (the others are requantized as configured)."""
         import dataclasses
 
@@ -122,14 +122,17 @@ class GGUFCheckpoint:
 
         def kind(name):
             return kept_as(self._tensor(name)[1].tensor_type) if name in self and self.keeps(name) else None
-        layers: dict[int, set] = {}
+        firsts: dict[int, set] = {}  # per MoE layer: the kinds of gate and up (one, kept), down's (kept)
+        downs: dict[int, set] = {}
         for t in tensors:
             if t.group == "experts":
-                layers.setdefault(t.layer, set()).add(kind(t.name))
+                down = ".down_proj." in t.name or ".w2." in t.name
+                (downs if down else firsts).setdefault(t.layer, set()).add(kind(t.name))
+        kept_layers = {i for i, ks in firsts.items() if len(ks) == 1 and None not in ks and None not in downs.get(i, {None})}
         out = []
         for t in tensors:
             k = kind(t.name) if t.linear and t.group in keep else None
-            if k is not None and (t.group != "experts" or len(layers[t.layer]) == 1):
+            if k is not None and (t.group != "experts" or t.layer in kept_layers):
                 t = dataclasses.replace(t, stored=kept_bytes(self._tensor(t.name)[1].tensor_type, t.numel))
             out.append(t)
         return out

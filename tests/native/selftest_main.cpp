@@ -70,6 +70,7 @@ struct MoeArgs {
   float* out;
   int pool;
   int round_bf16;
+  int down_fmt, down_group;
 };
 
 enum Fmt : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3, FMT_W8A8 = 4 };
@@ -395,6 +396,8 @@ static int call(const Lib& lib, const Problem& p, int pool, std::vector<float>& 
   a.out = out.data();
   a.pool = pool;
   a.round_bf16 = 1;  // x holds bf16 values: the tile kernels may take it
+  a.down_fmt = p.cfg.fmt;  // one format for all three (tests/unit/test_native.py mixes them)
+  a.down_group = p.cfg.group;
   return lib.moe_forward(&a);
 }
 

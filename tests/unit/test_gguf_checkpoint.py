@@ -153,6 +153,19 @@ def test_gpt_oss_unsupported_metadata_and_mxfp4_experts(tmp_path):
     assert w.format.value == "int8" and w.group_size == 32 and tuple(w.shape) == (32, 64)
 
 
+def test_a_layer_with_down_in_another_type_is_kept(tiny, tmp_path):
+    """Q4_K_M's recipe: int4 gate / up with an 8-bit down (here Q4_1 and Q8_0): one native call
+    holds both, and the model computes what the blocks decode to."""
+    path = write_gguf(tiny("qwen3_moe"), tmp_path / "m.gguf", "Q4_1", types={"ffn_down_exps": "Q8_0"})
+    eng = Engine.from_pretrained(str(path), overrides=["model.dtype=float32"])
+    moe = next(layer.ffn for layer in eng.model.layers if hasattr(layer.ffn, "shards"))
+    packed = moe.shards[0][2]
+    assert (packed.fmt, packed.down_fmt) == ("int4", "int8")  # down: 32 inputs, so one group a row
+    ref = dequantized_folder(path, tiny("qwen3_moe"), tmp_path / "ref")
+    want = logits(ref)
+    torch.testing.assert_close(eng.logits(IDS), want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+
+
 def test_int4_blocks_are_kept_not_decoded(tiny, tmp_path):
     from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
     from kt_core.weights.quant import Quant

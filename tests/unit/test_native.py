@@ -208,3 +208,27 @@ def test_every_simd_variant_matches_generic(fmt, variant):
     with forced(variant):
         out = native.moe_forward(packed, x, ids, w)
     assert rel(out, ref) < max(tol(fmt, ids, variant, x), tol(fmt, ids, "generic", x))
+
+
+MIXED = [(("int4", 32, False), ("int8", 16)), (("int8", 32, True), ("int4", 32)), (("bf16", 0, True), ("int8", 0))]
+
+
+@pytest.mark.parametrize("first,down", MIXED, ids=["int4asym+int8g16", "int8g32+int4", "bf16+int8"])
+@pytest.mark.parametrize("T", [1, 5, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_down_in_its_own_format(first, down, T, dtype):
+    """Gate and up in one format, down in another (a GGUF Q4_K_M layer: Q4_K gate / up, Q6_K down):
+    one native call, every variant, against the torch path; the bound is the looser path's."""
+    (fmt, group, sym), (dfmt, dgroup) = first, down
+    a, b = experts(fmt, H=128, I=64, group=group, symmetric=sym), experts(dfmt, H=128, I=64, group=dgroup)
+    ex = ExpertWeights(a.expert_ids, a.gate, a.up, b.down)
+    packed = native.pack(ex)
+    assert packed is not None and (packed.fmt, packed.down_fmt) == (fmt, dfmt)
+    x = torch.randn(T, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ids, w = routes(T, ex)
+    ref = torch_moe(x.float(), ids, w, ex, "silu")
+    for variant in native.supported_variants():
+        with forced(variant):
+            out = native.moe_forward(packed, x, ids, w, "silu")
+        bound = max(tol(fmt, ids, variant, x), tol(dfmt, ids, variant, x))
+        assert rel(out, ref) < bound, f"variant {variant}"

@@ -246,7 +246,8 @@ def raw_args(packed, **override):
     keep = [x, ids, w, out, local_of]
     fields = dict(T=3, H=H, I=I, top_k=2, n_local=4, n_global=local_of.numel(), fmt=native.FORMATS["int4"],
                   group=32, activation=0, x=x.data_ptr(), ids=ids.data_ptr(), weights=w.data_ptr(),
-                  local_of=local_of.data_ptr(), gate=gate, up=up, down=down, out=out.data_ptr(), pool=0)
+                  local_of=local_of.data_ptr(), gate=gate, up=up, down=down, out=out.data_ptr(), pool=0,
+                  down_fmt=native.FORMATS["int4"], down_group=32)
     for k, v in override.items():
         if isinstance(v, torch.Tensor):
             keep.append(v)
@@ -263,6 +264,7 @@ def raw_args(packed, **override):
     (dict(out=None), -6), (dict(group=0), -7), (dict(group=6), -7), (dict(group=48), -7),
     (dict(local_of=torch.tensor([0, -1, -1, 9, -1, 3, -1, 2])), -8),
     (dict(H=128), -9),  # wider than the panels: the per-expert strides no longer cover an expert
+    (dict(down_fmt=5), -3), (dict(down_group=6), -7), (dict(down_fmt=native.FORMATS["bf16"], down_group=0), -9),
 ])
 def test_moe_forward_rejects_what_it_cannot_trust(packed, override, code):
     args, keep = raw_args(packed, **override)
