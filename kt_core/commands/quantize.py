@@ -37,6 +37,9 @@ def run(overrides, flags) -> int:
     qp = QuantPlan.from_config(cfg.quant)
     if qp.experts is Quant.NONE:
         raise KtError("kt quantize needs a quantized expert format: quant=int4, int8, w8a8 or fp8")
+    if qp.down_format is not qp.experts:
+        raise KtError("kt quantize writes one format for all of an expert's projections; drop quant.experts_down "
+                      "(a load quantizes the down projections in their own format)")
     ck = open_checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
     spec = parse_config(ck.config)
     if spec.moe is None:

@@ -97,6 +97,9 @@ class QuantConfig:
     # the output head (lm_head) when it is not tied to the embedding; null = as quant.dense.
     # llama.cpp keeps it at 6-8 bits in its 4-bit files: quant.head=int8 is that choice here
     head: Optional[WeightFormat] = None
+    # the experts' down projection; null = as quant.experts (llama.cpp's Q4_K_M keeps many at 6 bits:
+    # quant=int4 quant.experts_down=int8 is that choice here)
+    experts_down: Optional[WeightFormat] = None
     group_size: int = 128  # int4 / fp8 group along the input dim (fp8: 0 = one scale per row)
     # int8 (weight-only): inputs per scale, a multiple of 4 up to 256 (32 = llama.cpp's Q8_0);
     # 0 = one scale per output row

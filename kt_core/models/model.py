@@ -19,6 +19,7 @@ from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
 from kt_core.models.spec import ModelSpec
 from kt_core.progress import progress
 from kt_core.weights.checkpoint import Checkpoint
+from kt_core.models.kept import kept as _kept, kept_experts as _kept_experts
 from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, quantize
 
 
@@ -30,6 +31,7 @@ class QuantPlan:
     symmetric: bool = True
     prequant: Optional[object] = None  # a PrequantFile (kt quantize) to take the experts from
     head: Optional[Quant] = None  # the untied lm_head; None: as dense
+    down: Optional[Quant] = None  # the experts' down projection; None: as experts
     int8_group: int = 0  # int8's group (quant.int8_group_size); 0: one scale per row
 
     @classmethod
@@ -38,8 +40,14 @@ class QuantPlan:
         from kt_core.config.schema import choice
 
         head = choice(q.head) if q.get("head") is not None else None
+        down = choice(q.experts_down) if q.get("experts_down") is not None else None
         return cls(Quant(choice(q.experts)), Quant(choice(q.dense)), int(q.group_size), bool(q.symmetric),
-                   head=None if head is None else Quant(head), int8_group=int(q.get("int8_group_size") or 0))
+                   head=None if head is None else Quant(head), int8_group=int(q.get("int8_group_size") or 0),
+                   down=None if down is None else Quant(down))
+
+    @property
+    def down_format(self) -> Quant:
+        return self.experts if self.down is None else self.down
 
     def group_of(self, fmt: Quant) -> int:
         """The group size that names a kt quantize file of ``fmt``: int8's own when it has groups
@@ -85,14 +93,14 @@ class _Reader:
         quantized before the next is read, so only one is ever held in the checkpoint's dtype)."""
         qp = self.qp
 
-        def q(w):
+        def q(w, fmt=qp.experts):
             w = (w() if callable(w) else w).to(self.dtype)
-            if qp.experts is Quant.NONE:
+            if fmt is Quant.NONE:
                 return w.to(self.device)
-            return _quantize(w, qp.experts, qp, "experts").to(self.device)
+            return _quantize(w, fmt, qp, "experts").to(self.device)
 
         placed = {k: None if v is None else v.to(self.dtype).to(self.device) for k, v in biases.items()}
-        return ExpertWeights(ids.to(self.device), q(gate), q(up), q(down), **placed)
+        return ExpertWeights(ids.to(self.device), q(gate), q(up), q(down, qp.down_format), **placed)
 
 
 def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str):
@@ -138,27 +146,6 @@ def _mlp(r: _Reader, p: str, H: int, inter: int) -> DenseMLP:
                     r.dense(p + "down_proj.weight", (H, inter)))
 
 
-def _kept(ck, names: list[str], shape) -> Optional[QuantizedWeight]:
-    """The named weights stacked in the format their file quantized them in, when the checkpoint
-    holds them in one kt-core represents exactly (GGUF Q4_0 / Q4_1 / Q4_K); else None."""
-    if not hasattr(ck, "quantized") or not all(ck.keeps(n) for n in names):
-        return None
-    first = ck.quantized(names[0], shape)
-    if first is None or len(names) == 1:
-        return first
-    kind = (first.format, first.group_size, first.zeros is None)
-    stacked = [None if t is None else torch.empty((len(names), *t.shape), dtype=t.dtype)
-               for t in (first.qdata, first.scales, first.zeros)]  # filled one weight at a time: no 2nd copy
-    for j, n in enumerate(names):
-        w = first if j == 0 else ck.quantized(n, shape)
-        if w is None or (w.format, w.group_size, w.zeros is None) != kind:
-            return None
-        for out, t in zip(stacked, (w.qdata, w.scales, w.zeros)):
-            if out is not None:
-                out[j] = t
-    return QuantizedWeight(first.format, stacked[0], stacked[1], stacked[2], first.group_size, first.in_features)
-
-
 def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
     """The named tensors stacked, read one at a time into the result (no second full copy)."""
     first = ck.get(names[0], shape)
@@ -202,30 +189,6 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
         return ExpertWeights(idx.to(r.device), g.to(r.device), u.to(r.device), d.to(r.device))
     return r.experts(lambda: _stack(ck, lists[0], (I, H)), lambda: _stack(ck, lists[1], (I, H)),
                      lambda: _stack(ck, lists[2], (H, I)), idx)
-
-
-def _kept_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], idx: torch.Tensor) -> Optional[ExpertWeights]:
-    """The experts in the quantization their file (a GGUF) stores them in, when kt-core holds it
-    exactly and gate and up share one format (down may have its own); else None (read as floats)."""
-    ck, m, H = r.ck, spec.moe, spec.hidden_size
-    if not hasattr(ck, "keeps") or r.qp.experts is not Quant.NONE:  # quant.experts asks to requantize
-        return None
-    e = p + ("block_sparse_moe.experts." if spec.family == "mixtral" else "mlp.experts.")
-    names = ("w1", "w3", "w2") if spec.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    lists = [[f"{e}{j}.{n}.weight" for j in ids] for n in names]
-    if not all(n in ck and ck.keeps(n) for ns in lists for n in ns):
-        return None
-    kept = [_kept(ck, ns, shape) for ns, shape in zip(lists, ((m.intermediate, H), (m.intermediate, H),
-                                                               (H, m.intermediate)))]
-    if any(k is None for k in kept) or len({(k.format, k.group_size, k.zeros is None) for k in kept[:2]}) > 1:
-        return None
-    biases = {}
-    if spec.family == "gpt_oss":  # biases as the HF checkpoint holds them: gate and up interleaved
-        gu = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * m.intermediate))[idx]
-        biases = dict(gate_bias=gu[..., ::2], up_bias=gu[..., 1::2],
-                      down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])
-    placed = {k: v.to(r.dtype).to(r.device) for k, v in biases.items()}
-    return ExpertWeights(idx.to(r.device), *(k.to(r.device) for k in kept), **placed)
 
 
 def _stack_fp8(ck: Checkpoint, names: list[str], shape) -> QuantizedWeight:

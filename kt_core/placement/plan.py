@@ -220,8 +220,11 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     first_dense, last_dense = topo.roles["dense"][0].label, topo.roles["dense"][-1].label
     per_expert: dict[int, int] = {}
     expert_total: dict[int, int] = {}
+    qdown = choice(q.experts_down) if q.get("experts_down") is not None else qe
     for t in tensors:
         fmt = fmt_of.get(t.group, qd)
+        if t.group == "experts" and (".down_proj" in t.name or ".w2." in t.name):
+            fmt = qdown
         b = tensor_bytes(t, fmt, dtype_bytes, group, sym, int(q.get("int8_group_size") or 0))
         if t.group == "experts":  # per-expert tensors, or GPT-OSS's fused [E, ...] ones
             per_expert[t.layer] = per_expert.get(t.layer, 0) + (b if t.expert is None else 0)

@@ -262,6 +262,10 @@ def open_prequant(cfg, ck: Checkpoint, spec: ModelSpec, qp: QuantPlan):
 
     from kt_core.weights.prequant import PrequantFile, default_path
 
+    if qp.down_format is not qp.experts:  # kt quantize files hold one format for all three
+        if cfg.quant.prepacked:
+            raise KtError("quant.prepacked holds experts in one format; drop quant.experts_down to load it")
+        return None
     if qp.experts is Quant.NONE or spec.moe is None:
         if cfg.quant.prepacked:
             raise KtError("quant.prepacked is set but quant.experts=none; pick the quant it was made with")

@@ -305,3 +305,19 @@ def test_missing_file_and_bad_suffix_folder(tmp_path):
     with pytest.raises(Exception, match="does not exist|not found"):
         logits(tmp_path / "nope.gguf")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_experts_down_in_its_own_format(tiny, tmp_path):
+    """quant.experts_down: the experts' down projections in another format than gate / up (Q4_K_M's
+    recipe), one native call; kt quantize refuses it rather than write a file it cannot name."""
+    from kt_core.commands import quantize
+
+    hf = tiny("qwen3_moe")
+    ov = ["model.dtype=float32", "quant=int4", "quant.group_size=32"]
+    eng = Engine.from_pretrained(str(hf), overrides=[*ov, "quant.experts_down=int8"])
+    moe = next(layer.ffn for layer in eng.model.layers if hasattr(layer.ffn, "shards"))
+    assert (moe.shards[0][2].fmt, moe.shards[0][2].down_fmt) == ("int4", "int8")
+    mixed, int4, ref = eng.logits(IDS), logits(hf, extra=ov), logits(hf)
+    assert (mixed - ref).abs().max() < (int4 - ref).abs().max()  # 8-bit downs lose less than 4-bit ones
+    with pytest.raises(KtError, match="experts_down"):
+        quantize.run([f"model.path={hf}", *ov, "quant.experts_down=int8"], {})
