@@ -14,6 +14,7 @@ and quantizer from the same safetensors, see ../shared/tools/llamacpp/README.md)
            (group 32; the lm_head follows quant.dense, where llama.cpp keeps output.weight at 6-8 bits)
     8bit-g32  as 8bit with quant.int8_group_size=32 (Q8_0's scale per 32 weights)
     4bit-d8   as 4bit with the experts' down projections in int8 g32 (quant.experts_down=int8)
+    4bit-h8   as 4bit with the lm_head in int8 g32 (quant.head=int8)
     gguf-KIND kt-core runs the GGUF file itself ({stem}-KIND.gguf, its quantization kept), llama.cpp the same file
 
 Quality: the mean KL divergence of each engine's next-token distribution from its own bf16's, on
@@ -40,7 +41,8 @@ KT = {"bf16": ["model.dtype=bfloat16"],
       "4bit": ["model.dtype=bfloat16", "quant=int4", "quant.dense=int4", "quant.group_size=32"]}
 KT["8bit-g32"] = KT["8bit"] + ["quant.int8_group_size=32"]
 KT["4bit-d8"] = KT["4bit"] + ["quant.experts_down=int8", "quant.int8_group_size=32"]  # Q4_K_M's kind of mix
-GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "4bit": ["q4_0", "q4_k_m"], "4bit-d8": ["q4_k_m"]}
+KT["4bit-h8"] = KT["4bit"] + ["quant.head=int8", "quant.int8_group_size=32"]  # the lm_head at 8 bits
+GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "4bit": ["q4_0", "q4_k_m"], "4bit-d8": ["q4_k_m"], "4bit-h8": ["q4_k_m"]}
 
 
 def kt_model(model: Path, precision: str, gguf_dir: Path, stem: str) -> tuple[Path, list[str]]:
