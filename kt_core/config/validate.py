@@ -289,7 +289,9 @@ def check_values(cfg: DictConfig) -> None:
     ``resolve_topology`` starts with it, so ``kt config``, ``kt plan`` and every load check them."""
     if cfg.model.path is not None:
         path = Path(str(cfg.model.path)).expanduser()
-        gguf = path.suffix.lower() == ".gguf"
+        from kt_core.weights.paths import is_gguf
+
+        gguf = is_gguf(path)
         if gguf and path.is_file():
             pass  # a GGUF file: its header is checked when it is opened
         elif not path.is_dir():

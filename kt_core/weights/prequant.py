@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from kt_core.errors import KtError
+from kt_core.weights.paths import is_gguf
 from kt_core.weights.quant import INT8_MAX_GROUP, ExpertWeights, Quant, QuantizedWeight, int8_group_ok
 
 MAGIC = b"KTQW"
@@ -41,7 +42,7 @@ def tag(experts: str, group_size: int, symmetric: bool) -> str:
 def default_path(model_path, experts: str, group_size: int, symmetric: bool) -> Path:
     """Inside a model folder; beside a GGUF file, named after it."""
     p = Path(model_path)
-    if p.suffix.lower() == ".gguf" and not p.is_dir():  # a split set's parts all name one file
+    if is_gguf(p):  # a split set's parts all name one file
         stem = re.sub(r"-\d{5}-of-\d{5}$", "", p.stem)
         return p.with_name(f"{stem}.kt-experts-{tag(experts, group_size, symmetric)}.ktq")
     return p / f"kt-experts-{tag(experts, group_size, symmetric)}.ktq"
