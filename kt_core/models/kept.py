@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from kt_core.models.names import moe_names
 from kt_core.models.spec import ModelSpec
 from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
 
@@ -37,9 +38,8 @@ def kept_experts(r, p: str, spec: ModelSpec, ids: list[int], idx: torch.Tensor) 
     ck, m, H = r.ck, spec.moe, spec.hidden_size
     if not hasattr(ck, "keeps") or r.qp.experts is not Quant.NONE or r.qp.down_format is not Quant.NONE:
         return None
-    e = p + ("block_sparse_moe.experts." if spec.family == "mixtral" else "mlp.experts.")
-    names = ("w1", "w3", "w2") if spec.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    lists = [[f"{e}{j}.{n}.weight" for j in ids] for n in names]
+    names = moe_names(spec.family)
+    e, lists = names.experts(p), names.expert_lists(p, ids)
     if not all(n in ck and ck.keeps(n) for ns in lists for n in ns):
         return None
     kept_ws = [kept(ck, ns, shape) for ns, shape in zip(lists, ((m.intermediate, H), (m.intermediate, H),
@@ -47,7 +47,7 @@ def kept_experts(r, p: str, spec: ModelSpec, ids: list[int], idx: torch.Tensor) 
     if any(k is None for k in kept_ws) or len({(k.format, k.group_size, k.zeros is None) for k in kept_ws[:2]}) > 1:
         return None
     biases = {}
-    if spec.family == "gpt_oss":  # biases as the HF checkpoint holds them: gate and up interleaved
+    if names.fused:  # GPT-OSS biases as the HF checkpoint holds them: gate and up interleaved
         gu = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * m.intermediate))[idx]
         biases = dict(gate_bias=gu[..., ::2], up_bias=gu[..., 1::2],
                       down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])

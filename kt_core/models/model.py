@@ -16,6 +16,7 @@ from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
 from kt_core.errors import KtError
 from kt_core.kvcache.paged import Batch, PagedKVCache
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
+from kt_core.models.names import moe_names
 from kt_core.models.spec import ModelSpec
 from kt_core.progress import progress
 from kt_core.weights.checkpoint import Checkpoint
@@ -170,19 +171,16 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
     kept = _kept_experts(r, p, spec, ids, idx) if keep else None
     if kept is not None:
         return kept
-    if spec.family == "gpt_oss":
-        e = p + "mlp.experts."
+    names = moe_names(spec.family)
+    if names.fused:
+        e = names.experts(p)
         gate_up = ck.get(e + "gate_up_proj", (m.num_experts, H, 2 * I))[idx]
         bias = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * I))[idx]
         down = ck.get(e + "down_proj", (m.num_experts, I, H))[idx]
         return r.experts(gate_up[..., ::2].transpose(1, 2), gate_up[..., 1::2].transpose(1, 2),
                          down.transpose(1, 2), idx, gate_bias=bias[..., ::2], up_bias=bias[..., 1::2],
                          down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])
-    if spec.family == "mixtral":
-        e, names = p + "block_sparse_moe.experts.", ("w1", "w3", "w2")
-    else:
-        e, names = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj")
-    lists = [[f"{e}{j}.{n}.weight" for j in ids] for n in names]
+    lists = names.expert_lists(p, ids)
     if r.qp.experts is Quant.FP8 and all(ck.is_fp8(n) for n in lists[0][:1] + lists[2][:1]):
         # an fp8 checkpoint served in fp8: keep its codes and block scales, no requantization
         g, u, d = (_stack_fp8(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I))))
@@ -209,12 +207,10 @@ ExpertPlacer = Callable[[int], list[tuple[Backend, int, list[int]]]]
 def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optional[ExpertPlacer]) -> MoEBlock:
     m, H = spec.moe, spec.hidden_size
     E = m.num_experts
-    if spec.family == "gpt_oss":
-        router, rbias = r.t(p + "mlp.router.weight", (E, H), torch.float32), r.t(p + "mlp.router.bias", (E,), torch.float32)
-    else:
-        gate = p + ("block_sparse_moe.gate.weight" if spec.family == "mixtral" else "mlp.gate.weight")
-        router, rbias = r.t(gate, (E, H), torch.float32), None
-    score_bias = r.t(p + "mlp.gate.e_score_correction_bias", (E,), torch.float32) if m.score_bias else None
+    names = moe_names(spec.family)
+    router = r.t(names.router_weight(p), (E, H), torch.float32)
+    rbias = r.t(names.router_bias_name(p), (E,), torch.float32) if names.router_bias else None
+    score_bias = r.t(names.score_bias_name(p), (E,), torch.float32) if m.score_bias else None
     groups = placer(i) if placer else [(be, 0, list(range(E)))]
     shards = []
     for shard_be, index, ids in groups:
@@ -224,10 +220,9 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
             shards.append((shard_be, device, shard_be.prepare_experts(load_experts(sub, p, spec, ids, i), index)))
     shared = shared_gate = None
     if m.shared_intermediate:
-        name = "mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts."
-        shared = _mlp(r, p + name, H, m.shared_intermediate)
+        shared = _mlp(r, names.shared_prefix(p), H, m.shared_intermediate)
         if m.shared_gate:
-            shared_gate = r.t(p + "mlp.shared_expert_gate.weight", (1, H))
+            shared_gate = r.t(names.shared_gate(p), (1, H))
     block = MoEBlock(spec, router, rbias, score_bias, shards, shared, shared_gate)
     block.layer = i
     return block

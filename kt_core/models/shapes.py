@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from kt_core.models.names import moe_names
 from kt_core.models.spec import ModelSpec
 
 # what a tensor is, for placement: "embed", "lm_head", "norm", "attention", "dense" (a dense MLP
@@ -82,31 +83,27 @@ def _mlp(prefix: str, H: int, inter: int, group: str, i: int) -> list[TensorInfo
 def _moe(spec: ModelSpec, i: int) -> list[TensorInfo]:
     p, m, H = f"model.layers.{i}.", spec.moe, spec.hidden_size
     E, I = m.num_experts, m.intermediate
-    if spec.family == "gpt_oss":
-        e = p + "mlp.experts."
+    names = moe_names(spec.family)
+    e, router = names.experts(p), names.router_weight(p)
+    if names.fused:
         # fused over experts in the checkpoint; sized per expert for placement
-        return [TensorInfo(p + "mlp.router.weight", (E, H), "router", i),
-                TensorInfo(p + "mlp.router.bias", (E,), "router", i),
+        return [TensorInfo(router, (E, H), "router", i), TensorInfo(names.router_bias_name(p), (E,), "router", i),
                 TensorInfo(e + "gate_up_proj", (E, H, 2 * I), "experts", i, linear=True),
                 TensorInfo(e + "gate_up_proj_bias", (E, 2 * I), "experts", i),
                 TensorInfo(e + "down_proj", (E, I, H), "experts", i, linear=True),
                 TensorInfo(e + "down_proj_bias", (E, H), "experts", i)]
-    if spec.family == "mixtral":
-        e, names, router = p + "block_sparse_moe.experts.", ("w1", "w3", "w2"), p + "block_sparse_moe.gate.weight"
-    else:
-        e, names, router = p + "mlp.experts.", ("gate_proj", "up_proj", "down_proj"), p + "mlp.gate.weight"
+    proj = names.projections
     out = [TensorInfo(router, (E, H), "router", i)]
     if m.score_bias:
-        out.append(TensorInfo(p + "mlp.gate.e_score_correction_bias", (E,), "router", i))
+        out.append(TensorInfo(names.score_bias_name(p), (E,), "router", i))
     for j in range(E):
-        out += [TensorInfo(f"{e}{j}.{names[0]}.weight", (I, H), "experts", i, j, True),
-                TensorInfo(f"{e}{j}.{names[1]}.weight", (I, H), "experts", i, j, True),
-                TensorInfo(f"{e}{j}.{names[2]}.weight", (H, I), "experts", i, j, True)]
+        out += [TensorInfo(f"{e}{j}.{proj[0]}.weight", (I, H), "experts", i, j, True),
+                TensorInfo(f"{e}{j}.{proj[1]}.weight", (I, H), "experts", i, j, True),
+                TensorInfo(f"{e}{j}.{proj[2]}.weight", (H, I), "experts", i, j, True)]
     if m.shared_intermediate:
-        s = p + ("mlp.shared_expert." if spec.family == "qwen2_moe" else "mlp.shared_experts.")
-        out += _mlp(s, H, m.shared_intermediate, "shared", i)
+        out += _mlp(names.shared_prefix(p), H, m.shared_intermediate, "shared", i)
         if m.shared_gate:
-            out.append(TensorInfo(p + "mlp.shared_expert_gate.weight", (1, H), "shared", i, linear=True))
+            out.append(TensorInfo(names.shared_gate(p), (1, H), "shared", i, linear=True))
     return out
 
 

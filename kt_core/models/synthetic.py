@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kt_core.errors import KtError
+from kt_core.models.names import moe_names
 from kt_core.models.shapes import TensorInfo, layer_tensors
 from kt_core.models.spec import ModelSpec, parse_config
 from kt_core.models.tokenizer_sources import write_tokenizer
@@ -178,10 +179,7 @@ def _layer_tensors(spec: ModelSpec, i: int, seed: int) -> dict[str, torch.Tensor
 
 
 def _router_name(spec: ModelSpec, i: int) -> str:
-    p = f"model.layers.{i}."
-    if spec.family == "gpt_oss":
-        return p + "mlp.router.weight"
-    return p + ("block_sparse_moe.gate.weight" if spec.family == "mixtral" else "mlp.gate.weight")
+    return moe_names(spec.family).router_weight(f"model.layers.{i}.")
 
 
 def calibrate_router(x: torch.Tensor, E: int, name: str, seed: int) -> torch.Tensor:
