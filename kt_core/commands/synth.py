@@ -16,7 +16,7 @@ def run(overrides, flags) -> int:
     from pathlib import Path
 
     from kt_core.errors import KtError
-    from kt_core.models.synthetic import ARCH_PRESET, PRESETS, synthesize
+    from kt_core.models.synthetic import ARCH_PRESET, preset_names, synthesize
 
     args = {}
     for item in overrides:
@@ -28,7 +28,7 @@ def run(overrides, flags) -> int:
         except ValueError:
             raise KtError(f"{key}={value!r} must be {KEYS[key].__name__}") from None
     if "out" not in args:
-        raise KtError(f"kt synth needs out=DIR; archs: {', '.join(ARCH_PRESET)}; presets: {', '.join(PRESETS)}")
+        raise KtError(f"kt synth needs out=DIR; archs: {', '.join(ARCH_PRESET)}; presets: {', '.join(preset_names())}")
     vocab = args.pop("vocab", None)
     report = synthesize(Path(args.pop("out")), shape={"vocab_size": vocab} if vocab else None, **args)
     s = report.spec

@@ -41,10 +41,12 @@ class Attention:
 
     def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, v_cache, cos_sin) -> torch.Tensor:
         s, w, T = self.spec, self.w, x.shape[0]
-        q = be.linear(x, w["q"], w.get("q_bias")).view(T, s.num_heads, s.head_dim)
-        k = be.linear(x, w["k"], w.get("k_bias")).view(T, s.num_kv_heads, s.head_dim)
+        q, k = be.linear(x, w["q"], w.get("q_bias")), be.linear(x, w["k"], w.get("k_bias"))
+        if s.qk_norm and s.qk_norm_whole:  # over all heads together, before the split
+            q, k = be.rmsnorm(q, w["q_norm"], s.rms_eps), be.rmsnorm(k, w["k_norm"], s.rms_eps)
+        q, k = q.view(T, s.num_heads, s.head_dim), k.view(T, s.num_kv_heads, s.head_dim)
         v = be.linear(x, w["v"], w.get("v_bias")).view(T, s.num_kv_heads, s.head_dim)
-        if s.qk_norm:
+        if s.qk_norm and not s.qk_norm_whole:
             q, k = be.rmsnorm(q, w["q_norm"], s.rms_eps), be.rmsnorm(k, w["k_norm"], s.rms_eps)
         q, k = be.rope(q, k, batch.positions, cos_sin, s.rope.interleaved)
         be.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)

@@ -136,7 +136,8 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
     if spec.o_bias:
         w["o_bias"] = r.t(a + "o_proj.bias", (H,))
     if spec.qk_norm:
-        w.update(q_norm=r.t(a + "q_norm.weight", (hd,)), k_norm=r.t(a + "k_norm.weight", (hd,)))
+        qn, kn = spec.qk_norm_dims
+        w.update(q_norm=r.t(a + "q_norm.weight", (qn,)), k_norm=r.t(a + "k_norm.weight", (kn,)))
     if spec.sinks:
         w["sinks"] = r.t(a + "sinks", (nh,), torch.float32)
     return Attention(w, spec, i)

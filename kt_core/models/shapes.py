@@ -67,8 +67,8 @@ def _attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
     if spec.o_bias:
         vec("o_proj.bias", H)
     if spec.qk_norm:
-        vec("q_norm.weight", hd)
-        vec("k_norm.weight", hd)
+        vec("q_norm.weight", spec.qk_norm_dims[0])
+        vec("k_norm.weight", spec.qk_norm_dims[1])
     if spec.sinks:
         vec("sinks", nh)
     return out

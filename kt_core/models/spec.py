@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from kt_core.errors import KtError
+from kt_core.models.spec_checks import _check_config, _check_spec, _show
 
 if TYPE_CHECKING:  # torch loads on first use: kt plan reads specs without it
     import torch
@@ -25,7 +26,33 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "GptOssForCausalLM": "gpt_oss",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
 }
+
+
+# multimodal checkpoints whose text backbone kt-core runs: architecture -> (the backbone's architecture,
+# the prefix its tensors carry in the checkpoint). The vision tower and projector are not loaded.
+TEXT_BACKBONES = {
+    "KimiK25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model."),  # Kimi-K2.5's release
+    "Kimi_K25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model."),  # transformers' name
+}
+
+
+def text_backbone(c: dict) -> tuple[dict, str]:
+    """(the config.json to build the spec from, the prefix of its tensors' names): a multimodal
+    checkpoint's text_config and its language model's prefix, else ``c`` itself and ''."""
+    archs = c.get("architectures") if isinstance(c, dict) else None
+    arch = next((a for a in archs if isinstance(a, str) and a in TEXT_BACKBONES), None) \
+        if isinstance(archs, list) else None
+    if arch is None:
+        return c, ""
+    text = c.get("text_config")
+    if not isinstance(text, dict):
+        raise KtError(f"config.json: {arch} needs a text_config object (its language model's config); fix "
+                      "config.json or download it again")
+    backbone, prefix = TEXT_BACKBONES[arch]
+    return {**text, "architectures": [backbone]}, prefix
 
 
 @dataclass
@@ -136,6 +163,7 @@ class ModelSpec:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    qk_norm_whole: bool = False  # MiniMax-M2: q/k RMSNorm over all heads together, not per head
     sinks: bool = False
     sliding_window: Optional[int] = None
     layer_types: list[str] = field(default_factory=list)  # "full" | "sliding" per layer
@@ -145,6 +173,13 @@ class ModelSpec:
     softmax_scale: float = 0.0
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def qk_norm_dims(self) -> tuple[int, int]:
+        """The sizes of the q and k RMSNorm weights."""
+        if self.qk_norm_whole:
+            return self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return self.head_dim, self.head_dim
 
     def is_moe(self, layer: int) -> bool:
         return layer in self.moe_layers
@@ -172,6 +207,17 @@ def _rope_params(c: dict) -> tuple[float, str, dict]:
     return theta, kind, p
 
 
+def _rot_dim(c: dict, fam: str, head_dim: int, params: dict) -> int:
+    """The rotary dimension: rope_parameters' partial_rotary_factor, else the top-level one (GLM-4.5's
+    config.json; 0.5 when absent, as its reference defaults), else MiniMax-M2's rotary_dim."""
+    factor = params.get("partial_rotary_factor", c.get("partial_rotary_factor"))
+    if factor is None and c.get("rotary_dim"):
+        return int(c["rotary_dim"])
+    if factor is None:
+        factor = 0.5 if fam == "glm4_moe" else 1.0
+    return int(head_dim * float(factor))
+
+
 def _eos(c: dict) -> tuple[int, ...]:
     e = c.get("eos_token_id")
     if e is None:
@@ -179,144 +225,11 @@ def _eos(c: dict) -> tuple[int, ...]:
     return tuple(e) if isinstance(e, list) else (int(e),)
 
 
-# ---- config.json checks: a value of the wrong type or range is a one-line KtError naming the field,
-# raised before any value is used (a layer count of 10**12 would otherwise build a set that large) ----
-INT_MAX = 2**31 - 1
-MAX_HEAD_DIM = 1 << 16  # rope tables are built per head dim at load
-# integer fields: smallest, largest, whether null is allowed (null and 0 mean "the default" where the
-# parser reads the field with ``or``). Layer and expert counts are capped far above any real model.
-_INTS = {
-    "vocab_size": (1, INT_MAX, False), "hidden_size": (1, INT_MAX, False), "num_hidden_layers": (1, 4096, False),
-    "num_attention_heads": (1, INT_MAX, False), "num_key_value_heads": (0, INT_MAX, True),
-    "head_dim": (0, MAX_HEAD_DIM, True), "intermediate_size": (0, INT_MAX, True),
-    "max_position_embeddings": (1, INT_MAX, False), "original_max_position_embeddings": (1, INT_MAX, True),
-    "sliding_window": (0, INT_MAX, True), "max_window_layers": (0, INT_MAX, False),
-    "num_experts": (0, 65536, True), "num_local_experts": (0, 65536, True), "n_routed_experts": (0, 65536, True),
-    "num_experts_per_tok": (1, 65536, False), "moe_intermediate_size": (1, INT_MAX, False),
-    "shared_expert_intermediate_size": (0, INT_MAX, True), "decoder_sparse_step": (1, INT_MAX, False),
-    "n_shared_experts": (0, 65536, True), "first_k_dense_replace": (0, INT_MAX, False),
-    "n_group": (0, 65536, True), "topk_group": (0, 65536, True), "q_lora_rank": (1, INT_MAX, True),
-    "kv_lora_rank": (1, INT_MAX, False), "qk_nope_head_dim": (1, MAX_HEAD_DIM, False),
-    "qk_rope_head_dim": (1, MAX_HEAD_DIM, False), "v_head_dim": (1, MAX_HEAD_DIM, False),
-    "bos_token_id": (0, INT_MAX, True),
-}
-# float fields: smallest, whether the smallest itself is excluded, largest, whether null is allowed
-_FLOATS = {"rms_norm_eps": (0.0, False, math.inf, False), "rope_theta": (1.0, True, math.inf, False),
-           "routed_scaling_factor": (0.0, True, math.inf, False)}
-_ROPE_FLOATS = {"factor": (0.0, True, math.inf, False), "low_freq_factor": (0.0, True, math.inf, False),
-                "high_freq_factor": (0.0, True, math.inf, False), "beta_fast": (0.0, False, math.inf, True),
-                "beta_slow": (0.0, False, math.inf, True), "mscale": (0.0, False, math.inf, True),
-                "mscale_all_dim": (0.0, False, math.inf, True), "attention_factor": (0.0, True, math.inf, True),
-                "rope_theta": (1.0, True, math.inf, False), "partial_rotary_factor": (0.0, True, 1.0, False)}
-_ROPE_NEEDS = {"linear": ("factor",), "yarn": ("factor",),
-               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def _show(value: Any) -> str:
-    """A config value for a message: repr'd (one line), bounded in length and depth."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = 40, 40, 3, 3, 2
-    return r.repr(value)
-
-
-def _invalid(key: str, value: Any, want: str) -> KtError:
-    return KtError(f"config.json: {key}={_show(value)} is invalid ({want}); fix config.json or download it again")
-
-
-def _check_int(key: str, v: Any, lo: int, hi: int, null_ok: bool) -> None:
-    if v is None and null_ok:
-        return
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if type(v) is not int or not lo <= v <= hi:
-        raise _invalid(key, v, f"a whole number from {lo} to {hi}" + (" or null" if null_ok else ""))
-
-
-def _check_float(key: str, v: Any, lo: float, lo_open: bool, hi: float, null_ok: bool) -> None:
-    if v is None and null_ok:
-        return
-    try:
-        f = float(v) if type(v) in (int, float) else math.nan
-    except OverflowError:
-        f = math.nan
-    if not (math.isfinite(f) and (f > lo if lo_open else f >= lo) and f <= hi):
-        raise _invalid(key, v, f"a finite number {'above' if lo_open else 'from'} {lo:g}"
-                               + (f" to {hi:g}" if hi < math.inf else "") + (" or null" if null_ok else ""))
-
-
-def _is_list_of(v: Any, kind: type) -> bool:
-    return isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
-
-
-def _check_config(c: Any) -> None:
-    """Types and ranges of every config.json field the parser reads (present fields only)."""
-    if not isinstance(c, dict):
-        raise KtError(f"config.json must hold a JSON object, not {type(c).__name__}; fix it or download it again")
-    for key, (lo, hi, null_ok) in _INTS.items():
-        if key in c:
-            _check_int(key, c[key], lo, hi, null_ok)
-    for key, (lo, lo_open, hi, null_ok) in _FLOATS.items():
-        if key in c:
-            _check_float(key, c[key], lo, lo_open, hi, null_ok)
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = c.get(key)
-        if rope is not None and not isinstance(rope, dict):
-            raise _invalid(key, rope, "an object or null")
-        for field_, (lo, lo_open, hi, null_ok) in _ROPE_FLOATS.items():
-            if rope and field_ in rope:
-                _check_float(f"{key}.{field_}", rope[field_], lo, lo_open, hi, null_ok)
-        if rope and "original_max_position_embeddings" in rope:
-            _check_int(f"{key}.original_max_position_embeddings", rope["original_max_position_embeddings"], 1,
-                       INT_MAX, False)
-    for key in ("architectures", "layer_types"):
-        if c.get(key) is not None and not _is_list_of(c[key], str):
-            raise _invalid(key, c[key], "a list of strings")
-    if c.get("mlp_only_layers") is not None and not _is_list_of(c["mlp_only_layers"], int):
-        raise _invalid("mlp_only_layers", c["mlp_only_layers"], "a list of layer numbers")
-    eos = c.get("eos_token_id")
-    if eos is not None and not (_is_list_of(eos, int) or type(eos) is int) or \
-            any(not 0 <= e <= INT_MAX for e in (eos if isinstance(eos, list) else [eos or 0])):
-        raise _invalid("eos_token_id", eos, "a token id, a list of token ids, or null")
-    if not c.get("head_dim") and "hidden_size" in c and "num_attention_heads" in c and \
-            c["hidden_size"] < c["num_attention_heads"]:
-        raise _invalid("hidden_size", c["hidden_size"], "at least num_attention_heads, or set head_dim")
-    _, kind, p = _rope_params(c)
-    missing = [k for k in _ROPE_NEEDS.get(kind, ()) if p.get(k) is None]
-    if missing:
-        raise KtError(f"config.json: rope scaling '{kind}' needs {', '.join(missing)} in rope_scaling; fix "
-                      "config.json or download it again")
-
-
-def _check_spec(spec: ModelSpec) -> None:
-    """What the fields must agree on across each other."""
-    if not 1 <= spec.head_dim <= MAX_HEAD_DIM:
-        raise KtError(f"config.json: the head dimension {spec.head_dim} (head_dim, or hidden_size / "
-                      f"num_attention_heads) must be from 1 to {MAX_HEAD_DIM}; fix config.json")
-    if spec.rope.rot_dim < 2 or spec.rope.rot_dim % 2:
-        raise KtError(f"config.json: the rotary dimension {spec.rope.rot_dim} (head dimension {spec.head_dim} x "
-                      "partial_rotary_factor, or qk_rope_head_dim) must be even and at least 2; fix config.json")
-    if spec.mla is None and (spec.num_kv_heads > spec.num_heads or spec.num_heads % spec.num_kv_heads):
-        raise KtError(f"config.json: num_key_value_heads={spec.num_kv_heads} must divide num_attention_heads="
-                      f"{spec.num_heads}; fix config.json or download it again")
-    if spec.layer_types and len(spec.layer_types) != spec.num_layers:
-        raise KtError(f"config.json: layer_types has {len(spec.layer_types)} entries for {spec.num_layers} layers; "
-                      "fix config.json or download it again")
-    moe = spec.moe
-    if moe is not None and spec.moe_layers:
-        if not 1 <= moe.top_k <= moe.num_experts:
-            raise KtError(f"config.json: num_experts_per_tok={moe.top_k} must be from 1 to the number of experts "
-                          f"({moe.num_experts}); fix config.json or download it again")
-        if moe.n_group > 1 and (moe.num_experts % moe.n_group or not 1 <= moe.topk_group <= moe.n_group):
-            raise KtError(f"config.json: n_group={moe.n_group} must divide the {moe.num_experts} experts and "
-                          f"topk_group={moe.topk_group} must be from 1 to n_group; fix config.json")
-
-
 def parse_config(c: dict) -> ModelSpec:
     """Build the spec from a config.json dict. Every problem (an unsupported architecture, a missing
     field, a value of the wrong type or range) is a one-line KtError that names config.json."""
     try:
+        c, _ = text_backbone(c)
         _check_config(c)
         spec = _parse_config(c)
         _check_spec(spec)
@@ -341,7 +254,7 @@ def _parse_config(c: dict) -> ModelSpec:
         arch = next((a for a, fam in ARCHITECTURES.items() if fam == c.get("model_type")), None)
     if arch is None:
         raise KtError(f"unsupported architecture {archs or c.get('model_type')!r}; supported: "
-                      f"{', '.join(ARCHITECTURES)}")
+                      f"{', '.join([*ARCHITECTURES, *TEXT_BACKBONES])}")
     fam = ARCHITECTURES[arch]
     H, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or H // n_heads)
@@ -351,7 +264,7 @@ def _parse_config(c: dict) -> ModelSpec:
         arch=arch, family=fam, vocab_size=int(c["vocab_size"]), hidden_size=H, num_layers=L,
         num_heads=n_heads, num_kv_heads=int(c.get("num_key_value_heads") or n_heads), head_dim=head_dim,
         intermediate_size=int(c.get("intermediate_size") or 0), rms_eps=float(c.get("rms_norm_eps", 1e-6)),
-        rope=RopeSpec(theta, int(head_dim * float(params.get("partial_rotary_factor", 1.0))), kind, params),
+        rope=RopeSpec(theta, _rot_dim(c, fam, head_dim, params), kind, params),
         max_positions=int(c.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=_eos(c),
@@ -388,6 +301,19 @@ def _parse_config(c: dict) -> ModelSpec:
                                     and (i + 1) % step == 0)
     elif fam in ("deepseek_v2", "deepseek_v3"):
         _deepseek(spec, c, params)
+    elif fam == "glm4_moe":
+        spec.qkv_bias = bool(c.get("attention_bias", False))
+        spec.qk_norm = bool(c.get("use_qk_norm", False))
+        spec.moe = _sigmoid_moe(c, int(c.get("n_routed_experts") or c.get("num_local_experts") or 0),
+                                int(c["moe_intermediate_size"]), bool(c.get("norm_topk_prob", True)))
+        spec.moe.shared_intermediate = int(c["moe_intermediate_size"]) * int(c.get("n_shared_experts", 1) or 0)
+        first_dense = int(c.get("first_k_dense_replace", 1))
+        spec.moe_layers = frozenset(i for i in range(L) if i >= first_dense)
+    elif fam == "minimax_m2":
+        spec.qk_norm = spec.qk_norm_whole = True
+        spec.moe = _sigmoid_moe(c, int(c.get("num_local_experts") or c.get("num_experts") or 0),
+                                spec.intermediate_size, True, grouped=False, scaled=False)
+        spec.moe_layers = frozenset(range(L))
     elif fam == "gpt_oss":
         spec.qkv_bias = spec.o_bias = spec.sinks = True
         spec.moe = MoESpec(int(c["num_local_experts"]), int(c["num_experts_per_tok"]), spec.intermediate_size,
@@ -424,3 +350,14 @@ def _deepseek(spec: ModelSpec, c: dict, rope_params: dict) -> None:
         score_bias=v3, shared_intermediate=int(c["moe_intermediate_size"]) * int(c.get("n_shared_experts") or 0))
     first_dense = int(c.get("first_k_dense_replace", 0))
     spec.moe_layers = frozenset(i for i in range(spec.num_layers) if i >= first_dense)
+
+
+def _sigmoid_moe(c: dict, experts: int, inter: int, renormalize: bool, grouped: bool = True,
+                 scaled: bool = True) -> MoESpec:
+    """DeepSeek-V3-style routing (GLM-4.5, MiniMax-M2): sigmoid scores, a choice-only correction bias,
+    optional expert groups and a routed scaling factor."""
+    return MoESpec(experts, int(c["num_experts_per_tok"]), inter, scoring="sigmoid", renormalize=renormalize,
+                   n_group=int(c.get("n_group") or 1) if grouped else 1,
+                   topk_group=int(c.get("topk_group") or 1) if grouped else 1,
+                   routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)) if scaled else 1.0,
+                   score_bias=True)

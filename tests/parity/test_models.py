@@ -52,8 +52,9 @@ def test_bf16_logits_within_bound(name, tiny_checkpoint):
     assert err <= BF16_BOUND, f"{name}: bf16 median position error {err:.3f} > {BF16_BOUND}"
 
 
-def test_batch_of_different_lengths_matches_one_by_one(tiny_checkpoint):
-    engine = kt_core.Engine.from_pretrained(tiny_checkpoint("qwen2_moe"), overrides=["model.dtype=float32"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "glm4_moe", "minimax_m2"])
+def test_batch_of_different_lengths_matches_one_by_one(name, tiny_checkpoint):
+    engine = kt_core.Engine.from_pretrained(tiny_checkpoint(name), overrides=["model.dtype=float32"])
     prompts = [PROMPT, PROMPT[:3], PROMPT[5:16]]
     together = engine.generate(prompts, max_new_tokens=12, ignore_eos=True)
     for p, r in zip(prompts, together):

@@ -3,6 +3,7 @@ own ``save_pretrained`` so the parity tests compare against the reference implem
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -65,7 +66,53 @@ CONFIGS = {
                      dict(num_local_experts=6, num_experts_per_tok=3, head_dim=8, num_attention_heads=8,
                           max_position_embeddings=131072, sliding_window=16,
                           layer_types=["full_attention", "sliding_attention", "full_attention"])),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                      first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                      norm_topk_prob=True, use_qk_norm=True, attention_bias=True)),
+    "glm4_moe_plain": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                       dict(n_routed_experts=6, num_experts_per_tok=3, moe_intermediate_size=24, n_shared_experts=2,
+                            first_k_dense_replace=0, norm_topk_prob=False, use_qk_norm=False,
+                            attention_bias=False, head_dim=32, partial_rotary_factor=0.25)),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                   dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, rotary_dim=8, bos_token_id=1,
+                        eos_token_id=2)),
+    "minimax_m2_mqa": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                       dict(num_local_experts=6, num_experts_per_tok=3, head_dim=24, rotary_dim=12,
+                            num_key_value_heads=1, intermediate_size=40, bos_token_id=1, eos_token_id=2)),
+    # Kimi-K2.5: the DeepSeek-V3 text backbone of a multimodal checkpoint (vision tower not loaded)
+    "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration",
+                 dict(text_config=dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2,
+                                       moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                                       n_group=1, topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True,
+                                       kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                                       v_head_dim=16, num_key_value_heads=4),
+                      vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64),
+                      projection_hidden_size=32)),
 }
+
+
+def _config(cfg_cls, extra: dict):
+    import transformers
+
+    cls = getattr(transformers, cfg_cls)
+    if "text_config" in extra:  # multimodal: the tiny shape goes to the language model
+        tie = extra["text_config"].get("tie_word_embeddings", BASE["tie_word_embeddings"])
+        return cls(**{**extra, "text_config": {**BASE, **extra["text_config"]}, "tie_word_embeddings": tie})
+    return cls(**{**BASE, **extra})
+
+
+def _released_names(out: Path) -> None:
+    """transformers 5.24 saves a Kimi-K2.5 language model's layers as ``language_model.model.blocks.N``;
+    the released checkpoint (and transformers' own loader) name them ``language_model.model.layers.N``."""
+    from safetensors.torch import load_file, save_file
+
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    fixed = {re.sub(r"^language_model\.model\.blocks\.", "language_model.model.layers.", k): v for k, v in sd.items()}
+    if fixed.keys() != sd.keys():
+        save_file(fixed, f, metadata={"format": "pt"})
 
 
 def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: float = 0.08) -> Path:
@@ -73,7 +120,7 @@ def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: fl
     import transformers
 
     cfg_cls, model_cls, extra = CONFIGS[name]
-    cfg = getattr(transformers, cfg_cls)(**{**BASE, **extra})
+    cfg = _config(cfg_cls, extra)
     cfg.initializer_range = init_std
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(dtype).eval()
@@ -86,6 +133,7 @@ def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: fl
             if "e_score_correction_bias" in pname:
                 buf.copy_(0.05 * torch.randn_like(buf))
     model.save_pretrained(out, safe_serialization=True)
+    _released_names(out)
     return out
 
 

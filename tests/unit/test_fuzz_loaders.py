@@ -418,9 +418,9 @@ def test_fuzz_safetensors_index(folders, data):
 
 
 def _base_configs() -> list[dict]:
-    from kt_core.models.synthetic import PRESETS, build_config
+    from kt_core.models.synthetic import build_config, preset_names
 
-    return [CONFIG] + [build_config(None, p, None) for p in sorted(PRESETS)]
+    return [CONFIG] + [build_config(None, p, None) for p in sorted(preset_names())]
 
 
 CONFIG_FIELDS = sorted({k for c in _base_configs() for k in c} | {

@@ -19,6 +19,10 @@ SMALL = {
                         qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=4096),
     "gpt_oss": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                     num_local_experts=8, num_experts_per_tok=2, sliding_window=8),
+    "glm4_moe": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, first_k_dense_replace=1),
+    "minimax_m2": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, rotary_dim=8, num_local_experts=16, num_experts_per_tok=4),
 }
 
 

@@ -1,0 +1,69 @@
+"""The newest architectures (GLM-4.5, MiniMax-M2) with the engine's features, not only plain parity:
+quantized experts and hybrid expert placement (the prefix cache: tests/unit/test_scheduler.py; the
+server: tests/server/test_server_archs.py)."""
+import pytest
+
+import kt_core
+
+ARCHS = ["glm4_moe", "minimax_m2"]
+PROMPT = [5, 17, 33, 2, 90, 41, 41, 7, 12, 64, 3, 88, 19, 27, 50, 61, 1, 9, 30, 77]
+FP32 = ["model.dtype=float32", "quant.group_size=32"]
+# median over positions of the logits' error against the unquantized model, relative to its largest
+# logit (the max is not bounded: where two experts' scores nearly tie, quantization flips the choice).
+# Measured on these checkpoints: int8 0.003 / 0.004, fp8 0.011 / 0.017, int4 0.039 / 0.063.
+BOUND = {"int8": 0.01, "fp8": 0.04, "int4": 0.12}
+
+
+@pytest.mark.parametrize("fmt", list(BOUND))
+@pytest.mark.parametrize("name", ARCHS)
+def test_quantized_experts_stay_close_to_the_float_model(name, fmt, tiny_checkpoint):
+    path = tiny_checkpoint(name)
+    ref = kt_core.Engine.from_pretrained(path, overrides=FP32).logits(PROMPT)
+    engine = kt_core.Engine.from_pretrained(path, overrides=[*FP32, f"quant={fmt}"])
+    shards = [s for layer in engine.model.layers for s in getattr(layer.ffn, "shards", [])]
+    assert shards, "every layer of these checkpoints but GLM's first is MoE"
+    per_position = (engine.logits(PROMPT) - ref).abs().amax(-1) / ref.abs().max()
+    err = float(per_position.median())
+    assert 0 < err <= BOUND[fmt], f"{name} {fmt}: median error {err:.4f}"
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_hybrid_placement_matches_one_device(name, tiny_checkpoint):
+    path = tiny_checkpoint(name)
+    ov = [*FP32, "quant=int8"]
+    one = kt_core.Engine.from_pretrained(path, overrides=ov)
+    two = kt_core.Engine.from_pretrained(path, overrides=[*ov, "topology=hybrid_cpu", "device.cpu.threads=2",
+                                                          "topology.expert_policy.fraction=0.5"])
+    split = [layer.ffn for layer in two.model.layers if len(getattr(layer.ffn, "shards", [])) == 2]
+    assert split, "half the experts of each MoE layer go to each device"
+    want = one.logits(PROMPT)
+    assert float((two.logits(PROMPT) - want).abs().max() / want.abs().max()) < 1e-4
+    assert two.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids == \
+        one.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids
+
+
+def test_kimi_k25_text_backbone_under_its_released_name(tiny_checkpoint, tmp_path):
+    """The released config names the class KimiK25ForConditionalGeneration (transformers: Kimi_K25...);
+    only language_model.* is read, under the plain names, and a config without text_config is refused."""
+    import json
+    import shutil
+
+    from kt_core.errors import KtError
+    from kt_core.weights.checkpoint import Checkpoint
+
+    src = tiny_checkpoint("kimi_k25")
+    dst = tmp_path / "k25"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["architectures"] = ["KimiK25ForConditionalGeneration"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    ck = Checkpoint(dst)
+    assert "model.layers.1.mlp.gate.weight" in ck and "lm_head.weight" in ck
+    assert not [k for k in ck.keys() if "vision" in k or "mm_projector" in k or k.startswith("language_model.")]
+    want = kt_core.Engine.from_pretrained(src, overrides=FP32).logits(PROMPT)
+    got = kt_core.Engine.from_pretrained(dst, overrides=FP32).logits(PROMPT)
+    assert float((got - want).abs().max()) == 0.0
+    del cfg["text_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KtError, match="text_config"):
+        kt_core.Engine.from_pretrained(dst, overrides=FP32)
