@@ -173,11 +173,13 @@ class Backend(abc.ABC):
         causal: bool = True,
         sliding_window: Optional[int] = None,
         sinks: Optional[torch.Tensor] = None,
+        chunk: Optional[int] = None,
     ) -> torch.Tensor:
         """Varlen attention of new queries [T, Hq, D] over each sequence's cached context.
 
         ``sliding_window`` w: a query at position p sees keys in (p - w, p]. ``sinks [Hq]``:
-        a per-head logit that joins the softmax denominator and attends to nothing."""
+        a per-head logit that joins the softmax denominator and attends to nothing. ``chunk`` c
+        (Llama 4's chunked local attention): a query at position p sees keys in [p - p mod c, p]."""
 
     @abc.abstractmethod
     def attention_decode(
@@ -190,8 +192,10 @@ class Backend(abc.ABC):
         scale: float,
         sliding_window: Optional[int] = None,
         sinks: Optional[torch.Tensor] = None,
+        chunk: Optional[int] = None,
     ) -> torch.Tensor:
-        """One query per sequence, q [B, Hq, D], over its seq_lens[b] cached tokens."""
+        """One query per sequence, q [B, Hq, D], over its seq_lens[b] cached tokens (the masks as in
+        ``attention_prefill``)."""
 
     @abc.abstractmethod
     def attention_mla(

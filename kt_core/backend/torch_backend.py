@@ -98,14 +98,14 @@ class TorchBackend(Backend):
         return moe.moe_experts(hidden, topk_ids, topk_weights, experts, activation)
 
     def attention_prefill(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                          causal=True, sliding_window=None, sinks=None):
+                          causal=True, sliding_window=None, sinks=None, chunk=None):
         return attention.attention_prefill(q, k_cache, v_cache, block_tables, seq_lens,
-                                           query_start_loc, scale, causal, sliding_window, sinks)
+                                           query_start_loc, scale, causal, sliding_window, sinks, chunk)
 
     def attention_decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
-                         sinks=None):
+                         sinks=None, chunk=None):
         return attention.attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                          sliding_window, sinks)
+                                          sliding_window, sinks, chunk)
 
     def attention_mla(self, q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
                       query_start_loc, scale, causal=True):

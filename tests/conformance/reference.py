@@ -53,8 +53,9 @@ def moe(hidden, ids, weights, experts, kind="silu"):
     return out
 
 
-def attention(q, ks, vs, scale, causal=True, window=None, sinks=None):
-    """q [n, Hq, D] for the last n positions of a context with keys ks/vs [L, Hkv, D]."""
+def attention(q, ks, vs, scale, causal=True, window=None, sinks=None, chunk=None):
+    """q [n, Hq, D] for the last n positions of a context with keys ks/vs [L, Hkv, D]; ``chunk``:
+    only keys of the query's own chunk of positions (0..c-1, c..2c-1, ...)."""
     n, Hq, _ = q.shape
     L, Hkv, _ = ks.shape
     out = torch.zeros(n, Hq, vs.shape[-1], dtype=torch.float64)
@@ -64,7 +65,8 @@ def attention(q, ks, vs, scale, causal=True, window=None, sinks=None):
             kh = h // (Hq // Hkv)
             s = []
             for j in range(L):
-                ok = (not causal or j <= pos) and (window is None or j > pos - window)
+                ok = (not causal or j <= pos) and (window is None or j > pos - window) and \
+                    (chunk is None or j // chunk == pos // chunk)
                 s.append(float(q[i, h].double() @ ks[j, kh].double()) * scale if ok else -math.inf)
             if sinks is not None:
                 s.append(float(sinks[h]))

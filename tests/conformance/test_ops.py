@@ -159,8 +159,8 @@ def paged(backend, dtype, lens, Hkv, D, block_size=4, seed=20):
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("window", [None, 5])
-def test_attention_prefill(backend, dtype, Hq, Hkv, window):
+@pytest.mark.parametrize("window,chunk", [(None, None), (5, None), (None, 8)], ids=["causal", "window", "chunk"])
+def test_attention_prefill(backend, dtype, Hq, Hkv, window, chunk):
     need(backend, Op.ATTENTION_PREFILL, dtype)
     D, lens, new = 16, [13, 7, 20], [13, 3, 6]  # seq 0 fresh, 1 and 2 continue a cached prefix
     kc, vc, tables, ks, vs = paged(backend, dtype, lens, Hkv, D)
@@ -168,23 +168,24 @@ def test_attention_prefill(backend, dtype, Hq, Hkv, window):
     qsl = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
     scale = D ** -0.5
     out = backend.attention_prefill(on(backend, q), kc, vc, tables, on(backend, torch.tensor(lens, dtype=torch.int32)),
-                                    on(backend, qsl), scale, causal=True, sliding_window=window)
-    expected = torch.cat([ref.attention(q[qsl[b]:qsl[b + 1]], ks[b], vs[b], scale, True, window)
+                                    on(backend, qsl), scale, causal=True, sliding_window=window, chunk=chunk)
+    expected = torch.cat([ref.attention(q[qsl[b]:qsl[b + 1]], ks[b], vs[b], scale, True, window, chunk=chunk)
                           for b in range(len(lens))])
     check("attention_prefill", dtype, out, expected)
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("window", [None, 6])
-def test_attention_decode(backend, dtype, Hq, Hkv, window):
+@pytest.mark.parametrize("window,chunk", [(None, None), (6, None), (None, 5)], ids=["causal", "window", "chunk"])
+def test_attention_decode(backend, dtype, Hq, Hkv, window, chunk):
     need(backend, Op.ATTENTION_DECODE, dtype)
     D, lens = 16, [1, 9, 17]
     kc, vc, tables, ks, vs = paged(backend, dtype, lens, Hkv, D, seed=40)
     q = rnd(len(lens), Hq, D, seed=41).to(dtype)
     scale = D ** -0.5
     out = backend.attention_decode(on(backend, q), kc, vc, tables, on(backend, torch.tensor(lens, dtype=torch.int32)),
-                                   scale, sliding_window=window)
-    expected = torch.cat([ref.attention(q[b:b + 1], ks[b], vs[b], scale, True, window) for b in range(len(lens))])
+                                   scale, sliding_window=window, chunk=chunk)
+    expected = torch.cat([ref.attention(q[b:b + 1], ks[b], vs[b], scale, True, window, chunk=chunk)
+                          for b in range(len(lens))])
     check("attention_decode", dtype, out, expected)
 
 

@@ -15,12 +15,14 @@ def gather_context(cache: torch.Tensor, block_row: torch.Tensor, length: int) ->
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
-             sliding_window: Optional[int]) -> torch.Tensor:
+             sliding_window: Optional[int], chunk: Optional[int] = None) -> torch.Tensor:
     mask = torch.ones(q_pos.numel(), k_pos.numel(), dtype=torch.bool, device=q_pos.device)
     if causal:
         mask &= k_pos[None, :] <= q_pos[:, None]
     if sliding_window is not None:
         mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+    if chunk is not None:
+        mask &= k_pos[None, :] // chunk == q_pos[:, None] // chunk
     return mask
 
 
@@ -56,7 +58,7 @@ def sequences(seq_lens: torch.Tensor, query_start_loc: torch.Tensor):
 
 
 def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                      causal=True, sliding_window=None, sinks=None) -> torch.Tensor:
+                      causal=True, sliding_window=None, sinks=None, chunk=None) -> torch.Tensor:
     out = torch.empty_like(q)
     for b, qs, qe, length in sequences(seq_lens, query_start_loc):
         n = qe - qs
@@ -64,14 +66,14 @@ def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_l
         v = gather_context(v_cache, block_tables[b], length)
         q_pos = torch.arange(length - n, length, device=q.device)
         k_pos = torch.arange(length, device=q.device)
-        mask = _visible(q_pos, k_pos, causal, sliding_window)
+        mask = _visible(q_pos, k_pos, causal, sliding_window, chunk)
         o = attend(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale, sinks)
         out[qs:qe] = o.transpose(0, 1)
     return out
 
 
 def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
-                     sinks=None) -> torch.Tensor:
+                     sinks=None, chunk=None) -> torch.Tensor:
     B, Hq, D = q.shape
     if B == 0:
         return torch.empty_like(q)
@@ -86,6 +88,8 @@ def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding
     mask = pos[None, :] < lens[:, None]
     if sliding_window is not None:
         mask &= pos[None, :] >= lens[:, None] - sliding_window
+    if chunk is not None:  # the query sits at position len - 1: its chunk starts at a multiple of chunk
+        mask &= pos[None, :] >= (lens[:, None] - 1) // chunk * chunk
     # GQA without copying K/V per query head: group the query heads of each KV head
     qg = q.float().view(B, Hkv, Hq // Hkv, D)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
