@@ -47,7 +47,7 @@ def kept_experts(r, p: str, spec: ModelSpec, ids: list[int], idx: torch.Tensor) 
     if any(k is None for k in kept_ws) or len({(k.format, k.group_size, k.zeros is None) for k in kept_ws[:2]}) > 1:
         return None
     biases = {}
-    if names.fused:  # GPT-OSS biases as the HF checkpoint holds them: gate and up interleaved
+    if names.fused and m.expert_bias:  # GPT-OSS biases as the HF checkpoint holds them: gate and up interleaved
         gu = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * m.intermediate))[idx]
         biases = dict(gate_bias=gu[..., ::2], up_bias=gu[..., 1::2],
                       down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])

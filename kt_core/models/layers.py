@@ -37,7 +37,9 @@ def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class Attention:
     def __init__(self, w: dict, spec: ModelSpec, layer: int) -> None:
         self.w, self.spec = w, spec
-        self.window = spec.window(layer)
+        self.window, self.chunk = spec.window(layer), spec.chunk(layer)
+        self.rope = layer not in spec.nope_layers
+        self.temperature = None if self.rope else spec.attn_temperature
 
     def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, v_cache, cos_sin) -> torch.Tensor:
         s, w, T = self.spec, self.w, x.shape[0]
@@ -48,15 +50,24 @@ class Attention:
         v = be.linear(x, w["v"], w.get("v_bias")).view(T, s.num_kv_heads, s.head_dim)
         if s.qk_norm and not s.qk_norm_whole:
             q, k = be.rmsnorm(q, w["q_norm"], s.rms_eps), be.rmsnorm(k, w["k_norm"], s.rms_eps)
-        q, k = be.rope(q, k, batch.positions, cos_sin, s.rope.interleaved)
+        if self.rope:
+            q, k = be.rope(q, k, batch.positions, cos_sin, s.rope.interleaved)
+            if s.qk_l2_norm:
+                q, k = be.rmsnorm(q, w["l2"], s.rms_eps), be.rmsnorm(k, w["l2"], s.rms_eps)
+        if self.temperature is not None:  # Llama 4's NoPE layers sharpen attention far into the context
+            floor_scale, attn_scale = self.temperature
+            pos = batch.positions.float()
+            t = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+            q = (q.float() * t[:, None, None]).to(q.dtype)
         be.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         sinks = w.get("sinks")
         if batch.is_decode:
             o = be.attention_decode(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, s.softmax_scale,
-                                    self.window, sinks)
+                                    self.window, sinks, chunk=self.chunk)
         else:
             o = be.attention_prefill(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
-                                     batch.query_start_loc, s.softmax_scale, True, self.window, sinks)
+                                     batch.query_start_loc, s.softmax_scale, True, self.window, sinks,
+                                     chunk=self.chunk)
         return be.linear(o.reshape(T, -1), w["o"], w.get("o_bias"))
 
 
@@ -138,6 +149,21 @@ class MoEBlock:
         weights, ids = self.route(be, x)
         if self.recorder is not None:
             self.recorder(self.layer, ids)
+        if self.moe.weight_input:
+            return self._weighted_input(be, x, weights, ids)
+        return self._experts(be, x, weights, ids)
+
+    def _weighted_input(self, be: Backend, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Llama 4: each route runs its expert on the input scaled by the routing weight (one row per
+        route, unit weights), and a token's routes are summed."""
+        T, K = ids.shape
+        xs = (x[:, None, :] * weights[:, :, None].to(x.dtype)).reshape(T * K, -1)
+        ones = torch.ones(T * K, 1, dtype=weights.dtype, device=weights.device)
+        out = self._experts(be, xs, ones, ids.reshape(T * K, 1), shared=False).view(T, K, -1).sum(1)
+        return out if self.shared is None else out + self.shared(be, x)
+
+    def _experts(self, be: Backend, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 shared: bool = True) -> torch.Tensor:
         act = self.moe.activation
         if 0 < self.deferred < ids.shape[1]:
             order = weights.argsort(dim=-1, descending=True)
@@ -156,7 +182,7 @@ class MoEBlock:
         if self.shards:
             shard_be, device, experts = self.shards[0]
             out = move(shard_be.moe_experts(*[move(t, device) for t in (x, ids, weights)], experts, act), x.device)
-        if self.shared is not None:
+        if self.shared is not None and shared:
             s = self.shared(be, x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(be.linear(x, self.shared_gate)) * s

@@ -140,6 +140,8 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
         w.update(q_norm=r.t(a + "q_norm.weight", (qn,)), k_norm=r.t(a + "k_norm.weight", (kn,)))
     if spec.sinks:
         w["sinks"] = r.t(a + "sinks", (nh,), torch.float32)
+    if spec.qk_l2_norm and i not in spec.nope_layers:
+        w["l2"] = torch.ones(hd, dtype=r.dtype, device=r.device)  # a weightless RMSNorm
     return Attention(w, spec, i)
 
 
@@ -176,11 +178,15 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
     if names.fused:
         e = names.experts(p)
         gate_up = ck.get(e + "gate_up_proj", (m.num_experts, H, 2 * I))[idx]
-        bias = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * I))[idx]
-        down = ck.get(e + "down_proj", (m.num_experts, I, H))[idx]
-        return r.experts(gate_up[..., ::2].transpose(1, 2), gate_up[..., 1::2].transpose(1, 2),
-                         down.transpose(1, 2), idx, gate_bias=bias[..., ::2], up_bias=bias[..., 1::2],
-                         down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])
+        down = ck.get(e + "down_proj", (m.num_experts, I, H))[idx].transpose(1, 2)
+        gate, up = (gate_up[..., ::2], gate_up[..., 1::2]) if names.interleaved else (gate_up[..., :I], gate_up[..., I:])
+        biases = {}
+        if m.expert_bias:
+            bias = ck.get(e + "gate_up_proj_bias", (m.num_experts, 2 * I))[idx]
+            biases = dict(gate_bias=bias[..., ::2] if names.interleaved else bias[..., :I],
+                          up_bias=bias[..., 1::2] if names.interleaved else bias[..., I:],
+                          down_bias=ck.get(e + "down_proj_bias", (m.num_experts, H))[idx])
+        return r.experts(gate.transpose(1, 2), up.transpose(1, 2), down, idx, **biases)
     lists = names.expert_lists(p, ids)
     if r.qp.experts is Quant.FP8 and all(ck.is_fp8(n) for n in lists[0][:1] + lists[2][:1]):
         # an fp8 checkpoint served in fp8: keep its codes and block scales, no requantization
@@ -272,9 +278,12 @@ class CausalLM:
                 attn = _attention(r, p, spec, i)
                 if spec.is_moe(i):
                     ffn = _moe(r, p, spec, i, be, placer)
+                    if deferred_experts and spec.moe.weight_input:
+                        raise KtError(f"expert deferral does not apply to {spec.arch} (its routing weight scales "
+                                      "the expert's input); set topology.deferred_experts=0")
                     ffn.deferred = deferred_experts
                 else:
-                    ffn = _mlp(r, p + "mlp.", H, spec.intermediate_size)
+                    ffn = _mlp(r, moe_names(spec.family).dense_prefix(p), H, spec.intermediate_size)
                 if device not in tables:
                     tables[device] = table.to(device)
                 layers.append(Layer(attn, ffn, r.t(p + "input_layernorm.weight", (H,)),

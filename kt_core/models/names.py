@@ -18,7 +18,9 @@ class MoeNames:
     score_bias: str = "gate.e_score_correction_bias"  # sigmoid routers' choice bias, under the block
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # an expert's gate, up, down
     shared: str = "shared_experts"  # the shared expert's module, under the block
-    fused: bool = False  # experts stored fused over the expert axis (GPT-OSS)
+    fused: bool = False  # experts stored fused over the expert axis: gate_up_proj [E, H, 2I], down_proj [E, I, H]
+    interleaved: bool = True  # fused gate_up alternates gate and up columns (GPT-OSS); else gate | up halves
+    dense: str = "mlp"  # a dense layer's MLP module
 
     def router_weight(self, p: str) -> str:
         return f"{p}{self.block}.{self.router}.weight"
@@ -41,6 +43,9 @@ class MoeNames:
     def shared_prefix(self, p: str) -> str:
         return f"{p}{self.block}.{self.shared}."
 
+    def dense_prefix(self, p: str) -> str:
+        return f"{p}{self.dense}."
+
     def shared_gate(self, p: str) -> str:
         return f"{p}{self.block}.shared_expert_gate.weight"
 
@@ -53,6 +58,8 @@ FAMILY = {
     "minimax_m2": MoeNames(block="block_sparse_moe", projections=("w1", "w3", "w2"), score_bias="e_score_correction_bias"),
     "qwen2_moe": MoeNames(shared="shared_expert"),
     "gpt_oss": MoeNames(router="router", router_bias=True, fused=True),
+    "llama4": MoeNames(block="feed_forward", router="router", shared="shared_expert", fused=True, interleaved=False,
+                       dense="feed_forward"),
 }
 
 

@@ -85,21 +85,28 @@ def _moe(spec: ModelSpec, i: int) -> list[TensorInfo]:
     E, I = m.num_experts, m.intermediate
     names = moe_names(spec.family)
     e, router = names.experts(p), names.router_weight(p)
-    if names.fused:
-        # fused over experts in the checkpoint; sized per expert for placement
-        return [TensorInfo(router, (E, H), "router", i), TensorInfo(names.router_bias_name(p), (E,), "router", i),
-                TensorInfo(e + "gate_up_proj", (E, H, 2 * I), "experts", i, linear=True),
-                TensorInfo(e + "gate_up_proj_bias", (E, 2 * I), "experts", i),
-                TensorInfo(e + "down_proj", (E, I, H), "experts", i, linear=True),
-                TensorInfo(e + "down_proj_bias", (E, H), "experts", i)]
-    proj = names.projections
     out = [TensorInfo(router, (E, H), "router", i)]
+    if names.router_bias:
+        out.append(TensorInfo(names.router_bias_name(p), (E,), "router", i))
+    if names.fused:  # fused over experts in the checkpoint; sized per expert for placement
+        out += [TensorInfo(e + "gate_up_proj", (E, H, 2 * I), "experts", i, linear=True),
+                TensorInfo(e + "down_proj", (E, I, H), "experts", i, linear=True)]
+        if m.expert_bias:
+            out += [TensorInfo(e + "gate_up_proj_bias", (E, 2 * I), "experts", i),
+                    TensorInfo(e + "down_proj_bias", (E, H), "experts", i)]
+        return out + _shared(names, p, m, H, i)
+    proj = names.projections
     if m.score_bias:
         out.append(TensorInfo(names.score_bias_name(p), (E,), "router", i))
     for j in range(E):
         out += [TensorInfo(f"{e}{j}.{proj[0]}.weight", (I, H), "experts", i, j, True),
                 TensorInfo(f"{e}{j}.{proj[1]}.weight", (I, H), "experts", i, j, True),
                 TensorInfo(f"{e}{j}.{proj[2]}.weight", (H, I), "experts", i, j, True)]
+    return out + _shared(names, p, m, H, i)
+
+
+def _shared(names, p: str, m, H: int, i: int) -> list[TensorInfo]:
+    out = []
     if m.shared_intermediate:
         out += _mlp(names.shared_prefix(p), H, m.shared_intermediate, "shared", i)
         if m.shared_gate:
@@ -113,7 +120,8 @@ def layer_tensors(spec: ModelSpec, i: int) -> list[TensorInfo]:
     out = _attention(spec, i)
     out += [TensorInfo(p + "input_layernorm.weight", (H,), "norm", i),
             TensorInfo(p + "post_attention_layernorm.weight", (H,), "norm", i)]
-    out += _moe(spec, i) if spec.is_moe(i) else _mlp(p + "mlp.", H, spec.intermediate_size, "dense", i)
+    out += _moe(spec, i) if spec.is_moe(i) else _mlp(moe_names(spec.family).dense_prefix(p), H,
+                                                          spec.intermediate_size, "dense", i)
     return out
 
 

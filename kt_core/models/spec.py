@@ -28,14 +28,18 @@ ARCHITECTURES = {
     "GptOssForCausalLM": "gpt_oss",
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
+    "Llama4ForCausalLM": "llama4",
 }
 
 
+# config.json model_type values that name a family differently (used when architectures is absent)
+MODEL_TYPES = {"llama4_text": "llama4", "kimi_k2": "deepseek_v3"}
 # multimodal checkpoints whose text backbone kt-core runs: architecture -> (the backbone's architecture,
 # the prefix its tensors carry in the checkpoint). The vision tower and projector are not loaded.
 TEXT_BACKBONES = {
     "KimiK25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model."),  # Kimi-K2.5's release
     "Kimi_K25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model."),  # transformers' name
+    "Llama4ForConditionalGeneration": ("Llama4ForCausalLM", "language_model."),  # Llama 4 Scout / Maverick
 }
 
 
@@ -134,6 +138,7 @@ class MoESpec:
     activation: str = "silu"
     shared_intermediate: int = 0  # 0 = no shared expert
     shared_gate: bool = False  # Qwen2-MoE: sigmoid(gate(x)) scales the shared expert
+    weight_input: bool = False  # Llama 4: the routing weight scales the expert's input, not its output
 
 
 @dataclass
@@ -166,7 +171,11 @@ class ModelSpec:
     qk_norm_whole: bool = False  # MiniMax-M2: q/k RMSNorm over all heads together, not per head
     sinks: bool = False
     sliding_window: Optional[int] = None
-    layer_types: list[str] = field(default_factory=list)  # "full" | "sliding" per layer
+    layer_types: list[str] = field(default_factory=list)  # "full" | "sliding" | "chunked" per layer
+    attention_chunk: Optional[int] = None  # Llama 4: "chunked" layers see only their chunk of positions
+    nope_layers: frozenset[int] = frozenset()  # layers without rotary embedding (Llama 4's global layers)
+    qk_l2_norm: bool = False  # Llama 4: weightless RMSNorm of q and k after rope, on rope layers
+    attn_temperature: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
     moe: Optional[MoESpec] = None
     moe_layers: frozenset[int] = frozenset()
     mla: Optional[MLASpec] = None
@@ -187,6 +196,11 @@ class ModelSpec:
     def window(self, layer: int) -> Optional[int]:
         if self.layer_types and self.layer_types[layer] == "sliding":
             return self.sliding_window
+        return None
+
+    def chunk(self, layer: int) -> Optional[int]:
+        if self.layer_types and self.layer_types[layer] == "chunked":
+            return self.attention_chunk
         return None
 
 
@@ -251,7 +265,9 @@ def _parse_config(c: dict) -> ModelSpec:
     archs = c.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None and not archs:  # no architectures list: fall back to model_type
-        arch = next((a for a, fam in ARCHITECTURES.items() if fam == c.get("model_type")), None)
+        mt = c.get("model_type")
+        mt = MODEL_TYPES.get(mt, mt) if isinstance(mt, str) else mt
+        arch = next((a for a, fam in ARCHITECTURES.items() if fam == mt), None)
     if arch is None:
         raise KtError(f"unsupported architecture {archs or c.get('model_type')!r}; supported: "
                       f"{', '.join([*ARCHITECTURES, *TEXT_BACKBONES])}")
@@ -309,6 +325,8 @@ def _parse_config(c: dict) -> ModelSpec:
         spec.moe.shared_intermediate = int(c["moe_intermediate_size"]) * int(c.get("n_shared_experts", 1) or 0)
         first_dense = int(c.get("first_k_dense_replace", 1))
         spec.moe_layers = frozenset(i for i in range(L) if i >= first_dense)
+    elif fam == "llama4":
+        _llama4(spec, c)
     elif fam == "minimax_m2":
         spec.qk_norm = spec.qk_norm_whole = True
         spec.moe = _sigmoid_moe(c, int(c.get("num_local_experts") or c.get("num_experts") or 0),
@@ -361,3 +379,32 @@ def _sigmoid_moe(c: dict, experts: int, inter: int, renormalize: bool, grouped: 
                    topk_group=int(c.get("topk_group") or 1) if grouped else 1,
                    routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)) if scaled else 1.0,
                    score_bias=True)
+
+
+def _llama4(spec: ModelSpec, c: dict) -> None:
+    """Llama 4's text model: chunked local attention with rope between global NoPE layers (whose
+    queries get a position-dependent temperature), top-k sigmoid routing that scales the expert's
+    input, a shared expert, dense layers of intermediate_size_mlp between MoE layers."""
+    L = spec.num_layers
+    spec.qkv_bias = spec.o_bias = bool(c.get("attention_bias", False))
+    spec.rope.interleaved = True  # complex rotation of adjacent pairs
+    interval = int(c.get("no_rope_layer_interval") or 4)
+    use_rope = c.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(L)]  # 1: this layer ropes
+    if len(use_rope) != L:
+        raise KtError(f"config.json: no_rope_layers has {len(use_rope)} entries for {L} layers; fix config.json")
+    spec.nope_layers = frozenset(i for i in range(L) if not use_rope[i])
+    spec.qk_l2_norm = bool(c.get("use_qk_norm", True))
+    if c.get("attn_temperature_tuning", True):
+        spec.attn_temperature = (float(c.get("floor_scale", 8192)), float(c.get("attn_scale", 0.1)))
+    chunk = c.get("attention_chunk_size", 8192)
+    spec.attention_chunk = int(chunk) if chunk else None
+    types = c.get("layer_types") or ["chunked_attention" if use_rope[i] and chunk else "full_attention"
+                                     for i in range(L)]
+    spec.layer_types = ["chunked" if t == "chunked_attention" else "full" for t in types]
+    expert = spec.intermediate_size
+    spec.intermediate_size = int(c.get("intermediate_size_mlp") or expert)
+    spec.moe = MoESpec(int(c["num_local_experts"]), int(c["num_experts_per_tok"]), expert, scoring="sigmoid",
+                       renormalize=False, weight_input=True, shared_intermediate=expert)
+    step = int(c.get("interleave_moe_layer_step") or 1)
+    layers = c.get("moe_layers")
+    spec.moe_layers = frozenset(layers if layers is not None else range(step - 1, L, step)) & frozenset(range(L))

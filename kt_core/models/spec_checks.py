@@ -29,15 +29,20 @@ _INTS = {
     "kv_lora_rank": (1, INT_MAX, False), "qk_nope_head_dim": (1, MAX_HEAD_DIM, False),
     "qk_rope_head_dim": (1, MAX_HEAD_DIM, False), "v_head_dim": (1, MAX_HEAD_DIM, False),
     "bos_token_id": (0, INT_MAX, True), "rotary_dim": (2, MAX_HEAD_DIM, True),
+    "attention_chunk_size": (1, INT_MAX, True), "intermediate_size_mlp": (1, INT_MAX, True),
+    "interleave_moe_layer_step": (1, 4096, True), "no_rope_layer_interval": (1, 4096, True),
+    "floor_scale": (1, INT_MAX, False),
 }
 # float fields: smallest, whether the smallest itself is excluded, largest, whether null is allowed
 _FLOATS = {"rms_norm_eps": (0.0, False, math.inf, False), "rope_theta": (1.0, True, math.inf, False),
-           "routed_scaling_factor": (0.0, True, math.inf, False), "partial_rotary_factor": (0.0, True, 1.0, False)}
+           "routed_scaling_factor": (0.0, True, math.inf, False), "partial_rotary_factor": (0.0, True, 1.0, False),
+           "attn_scale": (0.0, False, math.inf, False)}
 _ROPE_FLOATS = {"factor": (0.0, True, math.inf, False), "low_freq_factor": (0.0, True, math.inf, False),
                 "high_freq_factor": (0.0, True, math.inf, False), "beta_fast": (0.0, False, math.inf, True),
                 "beta_slow": (0.0, False, math.inf, True), "mscale": (0.0, False, math.inf, True),
                 "mscale_all_dim": (0.0, False, math.inf, True), "attention_factor": (0.0, True, math.inf, True),
-                "rope_theta": (1.0, True, math.inf, False), "partial_rotary_factor": (0.0, True, 1.0, False)}
+                "rope_theta": (1.0, True, math.inf, False), "partial_rotary_factor": (0.0, True, 1.0, False),
+           "attn_scale": (0.0, False, math.inf, False)}
 _ROPE_NEEDS = {"linear": ("factor",), "yarn": ("factor",),
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -103,8 +108,9 @@ def _check_config(c: Any) -> None:
     for key in ("architectures", "layer_types"):
         if c.get(key) is not None and not _is_list_of(c[key], str):
             raise _invalid(key, c[key], "a list of strings")
-    if c.get("mlp_only_layers") is not None and not _is_list_of(c["mlp_only_layers"], int):
-        raise _invalid("mlp_only_layers", c["mlp_only_layers"], "a list of layer numbers")
+    for key in ("mlp_only_layers", "moe_layers", "no_rope_layers"):
+        if c.get(key) is not None and not _is_list_of(c[key], int):
+            raise _invalid(key, c[key], "a list of whole numbers")
     eos = c.get("eos_token_id")
     if eos is not None and not (_is_list_of(eos, int) or type(eos) is int) or \
             any(not 0 <= e <= INT_MAX for e in (eos if isinstance(eos, list) else [eos or 0])):

