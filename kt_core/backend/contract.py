@@ -42,6 +42,8 @@ class Op(str, Enum):
     ATTENTION_PREFILL = "attention_prefill"
     ATTENTION_DECODE = "attention_decode"
     ATTENTION_MLA = "attention_mla"
+    GATED_DELTA_RULE = "gated_delta_rule"
+    CAUSAL_CONV1D = "causal_conv1d"
     WRITE_KV = "write_kv"
     COPY_BLOCKS = "copy_blocks"
     SWAP_BLOCKS = "swap_blocks"
@@ -217,6 +219,26 @@ class Backend(abc.ABC):
         holds per token the normalised compressed KV and the roped shared key; w_uk
         [H, dn, lora] / w_uv [H, dv, lora] are the key / value halves of kv_b_proj.
         Varlen like ``attention_prefill`` (decode is n = 1 per sequence). Returns [T, H, dv]."""
+
+    # ---- linear attention (Qwen3-Next's Gated DeltaNet): per-sequence state in slot-indexed pools ----
+    @abc.abstractmethod
+    def gated_delta_rule(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                         beta: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+                         query_start_loc: torch.Tensor) -> torch.Tensor:
+        """Gated delta-rule attention of each sequence's new tokens, continuing its recurrent state.
+
+        q, k [T, Hk, dk] (L2-normalised here, q also scaled by dk^-0.5); v [T, Hv, dv] (Hv a
+        multiple of Hk: key head h serves value heads h*Hv/Hk..); g [T, Hv] the log decay (<= 0) and
+        beta [T, Hv] the write strength; ``state [S, Hv, dk, dv]`` float32, the rows ``slots [B]``
+        read and updated in place. Per token: S = exp(g) S; S += k (beta (v - k^T S))^T; o = q^T S.
+        Varlen like ``attention_prefill``. Returns [T, Hv, dv] in v's dtype."""
+
+    @abc.abstractmethod
+    def causal_conv1d(self, x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, slots: torch.Tensor,
+                      query_start_loc: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+        """Depthwise causal convolution of each sequence's new rows x [T, C] with ``weight [C, K]``,
+        continuing from its last K - 1 inputs in ``conv_state [S, C, K - 1]`` (rows ``slots``,
+        updated in place), then ``activation`` (silu or none). Returns [T, C] in x's dtype."""
 
     # ---- cache ops ----
     @abc.abstractmethod

@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from kt_core.backend.contract import Backend, DeviceInfo, MemoryInfo, Op, ProbeResult
-from kt_core.backend.torch_ops import attention, cache, moe, norm_rope, routing, sampling
+from kt_core.backend.torch_ops import attention, cache, linear_attention, moe, norm_rope, routing, sampling
 from kt_core.weights.quant import ExpertWeights, Quant
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -111,6 +111,12 @@ class TorchBackend(Backend):
                       query_start_loc, scale, causal=True):
         return attention.attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
                                        query_start_loc, scale, causal)
+
+    def gated_delta_rule(self, q, k, v, g, beta, state, slots, query_start_loc):
+        return linear_attention.gated_delta_rule(q, k, v, g, beta, state, slots, query_start_loc)
+
+    def causal_conv1d(self, x, conv_state, weight, slots, query_start_loc, activation="silu"):
+        return linear_attention.causal_conv1d(x, conv_state, weight, slots, query_start_loc, activation)
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
         cache.write_kv(k, v, k_cache, v_cache, slot_mapping)

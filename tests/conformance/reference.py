@@ -166,3 +166,36 @@ def mla(q_nope, q_pe, c, k_pe, w_uk, w_uv, scale):
     k = torch.cat([k_nope, k_pe.double()[:, None, :].expand(-1, H, -1)], dim=-1)
     q = torch.cat([q_nope.double(), q_pe.double()], dim=-1)
     return attention(q, k, v, scale, causal=True)
+
+
+def gated_delta_rule(q, k, v, g, beta, state):
+    """One sequence, token by token in float64: q, k [n, Hk, dk], v [n, Hv, dv], g, beta [n, Hv],
+    state [Hv, dk, dv] (returned updated, with the outputs [n, Hv, dv])."""
+    n, Hk, dk = q.shape
+    Hv, dv = v.shape[1], v.shape[2]
+    S = state.double().clone()
+    out = torch.zeros(n, Hv, dv, dtype=torch.float64)
+    for t in range(n):
+        for h in range(Hv):
+            kh = h // (Hv // Hk)
+            qv, kv = q[t, kh].double(), k[t, kh].double()
+            qv = qv / math.sqrt(float((qv * qv).sum()) + 1e-6) / math.sqrt(dk)
+            kv = kv / math.sqrt(float((kv * kv).sum()) + 1e-6)
+            S[h] *= math.exp(float(g[t, h]))
+            recalled = kv @ S[h]  # [dv]
+            S[h] += torch.outer(kv, float(beta[t, h]) * (v[t, h].double() - recalled))
+            out[t, h] = qv @ S[h]
+    return out, S
+
+
+def causal_conv1d(x, history, weight, silu=True):
+    """x [n, C] after ``history [C, K-1]`` (the previous inputs, oldest first); weight [C, K]."""
+    n, C = x.shape
+    K = weight.shape[1]
+    seq = torch.cat((history.double(), x.double().T), dim=1)
+    out = torch.zeros(n, C, dtype=torch.float64)
+    for t in range(n):
+        for c in range(C):
+            y = sum(float(weight[c, j]) * float(seq[c, t + j]) for j in range(K))
+            out[t, c] = y / (1 + math.exp(-y)) if silu else y
+    return out, seq[:, seq.shape[1] - (K - 1):]

@@ -24,6 +24,10 @@ TOLERANCE = {
     "attention_prefill": {F32: 1e-5, BF16: 1.6e-2, F16: 2e-3},
     "attention_decode":  {F32: 1e-5, BF16: 1.6e-2, F16: 2e-3},
     "attention_mla":     {F32: 1e-5, BF16: 1.6e-2, F16: 2e-3},
+    # float32 state arithmetic; the chunked form's triangular solve reorders the sums (measured on the
+    # torch ops: fp32 3e-7 over a 70-token prefill, bf16 2.7e-3, fp16 3.5e-4: the output's rounding)
+    "gated_delta_rule":  {F32: 2e-6, BF16: 8e-3, F16: 1e-3},
+    "causal_conv1d":     {F32: 1e-6, BF16: 8e-3, F16: 1e-3},
     "rmsnorm":           {F32: 1e-6, BF16: 8e-3, F16: 1e-3},
     "rope":              {F32: 1e-6, BF16: 8e-3, F16: 1e-3},
     "route":             {F32: 1e-6, BF16: 1e-6, F16: 1e-6},  # router math is float32 for every input dtype
