@@ -21,6 +21,7 @@ from kt_core.errors import KtError
 
 if TYPE_CHECKING:
     from kt_core.kvcache.prefix import PrefixCache
+    from kt_core.kvcache.state import StatePool
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Batch:
     slot_mapping: torch.Tensor  # [T] int64
     is_decode: bool
     logits_rows: torch.Tensor  # rows of the hidden states whose logits are wanted
+    state_slots: Optional[torch.Tensor] = None  # [B] int64: each sequence's linear-attention state slot
 
     def to(self, device: torch.device) -> "Batch":
         """The same step described with tensors on ``device`` (layers on several devices)."""
@@ -42,7 +44,8 @@ class Batch:
             return self
         mv = lambda t: t.to(device)  # noqa: E731
         return Batch(mv(self.tokens), mv(self.positions), mv(self.query_start_loc), mv(self.seq_lens),
-                     mv(self.block_tables), mv(self.slot_mapping), self.is_decode, mv(self.logits_rows))
+                     mv(self.block_tables), mv(self.slot_mapping), self.is_decode, mv(self.logits_rows),
+                     None if self.state_slots is None else mv(self.state_slots))
 
 
 @dataclass
@@ -55,16 +58,21 @@ class SeqState:
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, latent: bool = False,
-                 layer_devices: Optional[list[torch.device]] = None) -> None:
-        """``layer_devices``: where each layer's blocks live (default: all on ``device``)."""
+                 layer_devices: Optional[list[torch.device]] = None, states: Optional["StatePool"] = None) -> None:
+        """``layer_devices``: where each layer's blocks live (default: all on ``device``). ``states``:
+        the recurrent state of the linear-attention layers (they have no KV blocks)."""
         self.block_size, self.num_blocks, self.latent = block_size, num_blocks, latent
         self.dtype = dtype
         self.block_shape = (block_size, 1 if latent else kv_heads, head_dim)
         shape = (num_blocks, *self.block_shape)
         devs = layer_devices or [device] * num_layers
-        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
+        self.states = states
+        stateful = set(states.layers) if states is not None else set()
+        self.k: list[Optional[torch.Tensor]] = [None if i in stateful else torch.zeros(shape, dtype=dtype, device=d)
+                                                for i, d in enumerate(devs)]
         self.v: list[Optional[torch.Tensor]] = (
-            [None] * num_layers if latent else [torch.zeros(shape, dtype=dtype, device=d) for d in devs])
+            [None] * num_layers if latent else [None if k is None else torch.zeros(shape, dtype=dtype, device=k.device)
+                                                for k in self.k])
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.refs = [0] * num_blocks
         self.seqs: dict[int, SeqState] = {}
@@ -85,12 +93,22 @@ class PagedKVCache:
         """Blocks a new sequence could get: free ones plus idle cached ones (evictable)."""
         return len(self.free_blocks) + (self.prefix.idle_count if self.prefix else 0)
 
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        """The block caches, one tensor per attention layer's K, then V: a block's contents."""
+        return [t for t in self.k + self.v if t is not None]
+
+    def layer_caches(self, i: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What layer ``i`` reads and writes: its K / V caches, or its state pools (linear attention)."""
+        if self.k[i] is None and self.states is not None:
+            return self.states.pools(i)
+        return self.k[i], self.v[i]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + [v for v in self.v if v is not None])
+        return sum(t.numel() * t.element_size() for t in self.parts) + (self.states.nbytes() if self.states else 0)
 
     def block_bytes(self) -> int:
-        per_layer = self.k[0][0].numel() * self.k[0].element_size()
-        return per_layer * len(self.k) * (1 if self.latent else 2)
+        return sum(t[0].numel() * t.element_size() for t in self.parts)
 
     # ---- allocation -------------------------------------------------------------
     def alloc(self) -> int:
@@ -118,6 +136,8 @@ class PagedKVCache:
             seq.blocks.append(self.alloc())
 
     def free(self, seq_id: int) -> None:
+        if self.states is not None:
+            self.states.release(seq_id)
         seq = self.seqs.pop(seq_id, None)
         if seq is not None:
             for b in reversed(seq.blocks):
@@ -130,8 +150,8 @@ class PagedKVCache:
     def attach_prefix(self, seq_id: int, tokens: list[int]) -> int:
         """Start ``seq_id`` with the longest cached prefix of ``tokens`` (whole blocks, leaving
         at least one token to compute). Returns the number of tokens whose KV is reused."""
-        if self.prefix is None or seq_id in self.seqs:
-            return 0
+        if self.prefix is None or seq_id in self.seqs or self.states is not None:
+            return 0  # a reused prefix would also need the recurrent state at its end, which is not kept yet
         seq = self.seqs[seq_id] = SeqState()
         seq.blocks, seq.hashes = self.prefix.lookup(tokens, (len(tokens) - 1) // self.block_size)
         seq.length = len(seq.blocks) * self.block_size
@@ -140,7 +160,7 @@ class PagedKVCache:
     def commit(self, seq_id: int, tokens: list[int]) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache (``tokens``: every
         token of the sequence so far)."""
-        if self.prefix is not None and seq_id in self.seqs:
+        if self.prefix is not None and seq_id in self.seqs and self.states is None:
             self.prefix.register(self.seqs[seq_id], tokens)
 
     # ---- one step ------------------------------------------------------------------
@@ -176,15 +196,15 @@ class PagedKVCache:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             is_decode=all(len(t) == 1 for t in new_tokens),
             logits_rows=torch.tensor(rows, dtype=torch.long, device=dev),
+            state_slots=None if self.states is None else torch.tensor([self.states.slot(sid) for sid in seq_ids],
+                                                                      dtype=torch.long, device=dev),
         )
 
     # ---- block contents (prefix-cache tiers) ----------------------------------------
     def read_block(self, b: int) -> list[torch.Tensor]:
         """Copies of block ``b`` of every layer on the host: K of each layer, then V of each layer."""
-        parts = [k[b] for k in self.k] + [v[b] for v in self.v if v is not None]
-        return [p.to("cpu", copy=True) for p in parts]
+        return [p[b].to("cpu", copy=True) for p in self.parts]
 
     def write_block(self, b: int, parts: list[torch.Tensor]) -> None:
-        caches = self.k + [v for v in self.v if v is not None]
-        for cache, p in zip(caches, parts):
+        for cache, p in zip(self.parts, parts):
             cache[b].copy_(p.to(cache.device, non_blocking=True))

@@ -73,7 +73,7 @@ class PrefixCache:
         self.block_bytes = cache.block_bytes()
         header = {"format": "kt-core-kv-block", "version": FORMAT_VERSION, "model": fingerprint,
                   "layout": cache.layout, "dtype": str(cache.dtype).replace("torch.", ""),
-                  "block_shape": list(cache.block_shape), "parts": len(cache.k) * (1 if cache.latent else 2)}
+                  "block_shape": list(cache.block_shape), "parts": len(cache.parts)}
         items = min(max(int(queue_bytes) // max(self.block_bytes, 1), QUEUE_MIN), QUEUE_MAX)
         self.disk = (DiskTier(disk_dir, disk_bytes, header, queue_items=items)
                      if disk_dir is not None and disk_bytes > 0 else None)
@@ -138,7 +138,7 @@ class PrefixCache:
             tier = "disk"
             parts = self.disk.pending(h)  # still in the write queue
             if parts is None:
-                parts = self.disk.read(h, len(c.k) * (1 if c.latent else 2), c.block_shape, c.dtype)
+                parts = self.disk.read(h, len(c.parts), c.block_shape, c.dtype)
         if parts is None:
             return None
         b = self.cache.alloc()

@@ -44,6 +44,10 @@ class Attention:
     def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, v_cache, cos_sin) -> torch.Tensor:
         s, w, T = self.spec, self.w, x.shape[0]
         q, k = be.linear(x, w["q"], w.get("q_bias")), be.linear(x, w["k"], w.get("k_bias"))
+        gate = None
+        if s.attn_output_gate:  # Qwen3-Next: per head, its query then its output gate
+            q, gate = q.view(T, s.num_heads, 2, s.head_dim).unbind(2)
+            q, gate = q.reshape(T, -1), gate.reshape(T, -1)
         if s.qk_norm and s.qk_norm_whole:  # over all heads together, before the split
             q, k = be.rmsnorm(q, w["q_norm"], s.rms_eps), be.rmsnorm(k, w["k_norm"], s.rms_eps)
         q, k = q.view(T, s.num_heads, s.head_dim), k.view(T, s.num_kv_heads, s.head_dim)
@@ -68,7 +72,10 @@ class Attention:
             o = be.attention_prefill(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                      batch.query_start_loc, s.softmax_scale, True, self.window, sinks,
                                      chunk=self.chunk)
-        return be.linear(o.reshape(T, -1), w["o"], w.get("o_bias"))
+        o = o.reshape(T, -1)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        return be.linear(o, w["o"], w.get("o_bias"))
 
 
 class MLAttention:

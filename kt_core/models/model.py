@@ -15,6 +15,7 @@ from kt_core.backend.contract import Backend
 from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
 from kt_core.errors import KtError
 from kt_core.kvcache.paged import Batch, PagedKVCache
+from kt_core.models import linear_attn
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
 from kt_core.models.names import moe_names
 from kt_core.models.spec import ModelSpec
@@ -70,6 +71,13 @@ class _Reader:
 
     def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
+
+    def norm(self, name: str, shape) -> torch.Tensor:
+        """An RMSNorm weight; a zero-centred one (Qwen3-Next) becomes its scale 1 + w, kept in float32 as
+        the reference computes it."""
+        if self.spec.norm_offset:
+            return (1.0 + self.ck.get(name, shape).float()).to(self.device)
+        return self.t(name, shape)
 
     def opt(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         return self.t(name, shape, dtype) if name in self.ck else None
@@ -128,16 +136,17 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
         else:
             w["q"] = r.dense(a + "q_proj.weight", (qd, H))
         return MLAttention(w, spec, i)
-    w = {"q": r.dense(a + "q_proj.weight", (nh * hd, H)), "k": r.dense(a + "k_proj.weight", (nkv * hd, H)),
+    q_rows = nh * hd * (2 if spec.attn_output_gate else 1)  # Qwen3-Next: each head's q, then its gate
+    w = {"q": r.dense(a + "q_proj.weight", (q_rows, H)), "k": r.dense(a + "k_proj.weight", (nkv * hd, H)),
          "v": r.dense(a + "v_proj.weight", (nkv * hd, H)), "o": r.dense(a + "o_proj.weight", (H, nh * hd))}
     if spec.qkv_bias:
-        w.update(q_bias=r.t(a + "q_proj.bias", (nh * hd,)), k_bias=r.t(a + "k_proj.bias", (nkv * hd,)),
+        w.update(q_bias=r.t(a + "q_proj.bias", (q_rows,)), k_bias=r.t(a + "k_proj.bias", (nkv * hd,)),
                  v_bias=r.t(a + "v_proj.bias", (nkv * hd,)))
     if spec.o_bias:
         w["o_bias"] = r.t(a + "o_proj.bias", (H,))
     if spec.qk_norm:
         qn, kn = spec.qk_norm_dims
-        w.update(q_norm=r.t(a + "q_norm.weight", (qn,)), k_norm=r.t(a + "k_norm.weight", (kn,)))
+        w.update(q_norm=r.norm(a + "q_norm.weight", (qn,)), k_norm=r.norm(a + "k_norm.weight", (kn,)))
     if spec.sinks:
         w["sinks"] = r.t(a + "sinks", (nh,), torch.float32)
     if spec.qk_l2_norm and i not in spec.nope_layers:
@@ -275,7 +284,7 @@ class CausalLM:
                 device = be.torch_device(index)
                 r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index))
                 p = f"model.layers.{i}."
-                attn = _attention(r, p, spec, i)
+                attn = linear_attn.load(r, p, spec) if spec.is_linear(i) else _attention(r, p, spec, i)
                 if spec.is_moe(i):
                     ffn = _moe(r, p, spec, i, be, placer)
                     if deferred_experts and spec.moe.weight_input:
@@ -286,14 +295,14 @@ class CausalLM:
                     ffn = _mlp(r, moe_names(spec.family).dense_prefix(p), H, spec.intermediate_size)
                 if device not in tables:
                     tables[device] = table.to(device)
-                layers.append(Layer(attn, ffn, r.t(p + "input_layernorm.weight", (H,)),
-                                    r.t(p + "post_attention_layernorm.weight", (H,)), be, device, tables[device]))
+                layers.append(Layer(attn, ffn, r.norm(p + "input_layernorm.weight", (H,)),
+                                    r.norm(p + "post_attention_layernorm.weight", (H,)), be, device, tables[device]))
                 advance()
         last_be = layers[-1].be
         first = _Reader(ck, spec, dtype, layers[0].device, qp)
         last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, 0))
         embed = first.t("model.embed_tokens.weight", (V, H))
-        norm = last.t("model.norm.weight", (H,))
+        norm = last.norm("model.norm.weight", (H,))
         if spec.tie_embeddings or "lm_head.weight" not in ck:
             lm_head = embed if layers[0].device == layers[-1].device else last.t("model.embed_tokens.weight", (V, H))
         else:
@@ -325,6 +334,12 @@ class CausalLM:
     def new_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
         s = self.spec
         devices = [layer.device for layer in self.layers]
+        if s.linear is not None:  # Qwen3-Next: KV blocks for the attention layers, state for the others
+            from kt_core.kvcache.state import StatePool
+
+            states = StatePool(s.linear, s.linear_layers, self.dtype, {i: devices[i] for i in s.linear_layers})
+            return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype,
+                                self.device, layer_devices=devices, states=states)
         if s.mla is not None:
             return PagedKVCache(s.num_layers, num_blocks, block_size, 1, s.mla.kv_lora_rank + s.mla.qk_rope_head_dim,
                                 self.dtype, self.device, latent=True, layer_devices=devices)
@@ -350,7 +365,7 @@ class CausalLM:
             if h.device != layer.device:
                 h = h.to(layer.device)  # once per device boundary
             b = on.setdefault(layer.device, batch.to(layer.device))
-            h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, cache.k[i], cache.v[i], layer.cos_sin)
+            h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, *cache.layer_caches(i), layer.cos_sin)
             h = h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
             for fut in carry:
                 h = h + fut.result().to(h.device)

@@ -59,7 +59,8 @@ def _attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
         lin("kv_b_proj.weight", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
         lin("o_proj.weight", H, nh * m.v_head_dim)
         return out
-    for n, rows in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
+    q_rows = nh * hd * (2 if spec.attn_output_gate else 1)  # Qwen3-Next: each head's q, then its gate
+    for n, rows in (("q", q_rows), ("k", nkv * hd), ("v", nkv * hd)):
         lin(f"{n}_proj.weight", rows, H)
         if spec.qkv_bias:
             vec(f"{n}_proj.bias", rows)
@@ -72,6 +73,19 @@ def _attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
     if spec.sinks:
         vec("sinks", nh)
     return out
+
+
+def _linear_attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
+    """A Gated DeltaNet layer (Qwen3-Next): projections, the short convolution, decay and norm."""
+    la, H, a = spec.linear, spec.hidden_size, f"model.layers.{i}.linear_attn."
+    kd, vd = la.num_k_heads * la.k_dim, la.num_v_heads * la.v_dim
+    return [TensorInfo(a + "in_proj_qkvz.weight", (2 * kd + 2 * vd, H), "attention", i, linear=True),
+            TensorInfo(a + "in_proj_ba.weight", (2 * la.num_v_heads, H), "attention", i, linear=True),
+            TensorInfo(a + "conv1d.weight", (la.conv_dim, 1, la.conv_kernel), "attention", i),
+            TensorInfo(a + "dt_bias", (la.num_v_heads,), "attention", i),
+            TensorInfo(a + "A_log", (la.num_v_heads,), "attention", i),
+            TensorInfo(a + "norm.weight", (la.v_dim,), "attention", i),
+            TensorInfo(a + "out_proj.weight", (H, vd), "attention", i, linear=True)]
 
 
 def _mlp(prefix: str, H: int, inter: int, group: str, i: int) -> list[TensorInfo]:
@@ -117,7 +131,7 @@ def _shared(names, p: str, m, H: int, i: int) -> list[TensorInfo]:
 def layer_tensors(spec: ModelSpec, i: int) -> list[TensorInfo]:
     H = spec.hidden_size
     p = f"model.layers.{i}."
-    out = _attention(spec, i)
+    out = _linear_attention(spec, i) if spec.is_linear(i) else _attention(spec, i)
     out += [TensorInfo(p + "input_layernorm.weight", (H,), "norm", i),
             TensorInfo(p + "post_attention_layernorm.weight", (H,), "norm", i)]
     out += _moe(spec, i) if spec.is_moe(i) else _mlp(moe_names(spec.family).dense_prefix(p), H,

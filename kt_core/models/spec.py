@@ -29,6 +29,7 @@ ARCHITECTURES = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "Llama4ForCausalLM": "llama4",
+    "Qwen3NextForCausalLM": "qwen3_next",
 }
 
 
@@ -151,6 +152,25 @@ class MLASpec:
 
 
 @dataclass
+class LinearAttnSpec:
+    """Qwen3-Next's Gated DeltaNet layers: key heads (each serving num_v_heads / num_k_heads value
+    heads), head dims and the short convolution's kernel."""
+    num_k_heads: int
+    num_v_heads: int
+    k_dim: int
+    v_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_dim(self) -> int:  # channels of the convolution: q, k and v
+        return 2 * self.num_k_heads * self.k_dim + self.num_v_heads * self.v_dim
+
+    def state_bytes(self, dtype_bytes: int) -> int:
+        """One sequence's state in one layer: the float32 recurrent state and the convolution window."""
+        return self.num_v_heads * self.k_dim * self.v_dim * 4 + self.conv_dim * (self.conv_kernel - 1) * dtype_bytes
+
+
+@dataclass
 class ModelSpec:
     arch: str
     family: str
@@ -176,6 +196,9 @@ class ModelSpec:
     nope_layers: frozenset[int] = frozenset()  # layers without rotary embedding (Llama 4's global layers)
     qk_l2_norm: bool = False  # Llama 4: weightless RMSNorm of q and k after rope, on rope layers
     attn_temperature: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
+    linear: Optional[LinearAttnSpec] = None  # Qwen3-Next: "linear" layers are Gated DeltaNet, not attention
+    attn_output_gate: bool = False  # Qwen3-Next: q_proj also yields a per-head gate, sigmoid(gate) * output
+    norm_offset: bool = False  # Qwen3-Next: RMSNorm weights are stored zero-centred (the scale is 1 + w)
     moe: Optional[MoESpec] = None
     moe_layers: frozenset[int] = frozenset()
     mla: Optional[MLASpec] = None
@@ -197,6 +220,13 @@ class ModelSpec:
         if self.layer_types and self.layer_types[layer] == "sliding":
             return self.sliding_window
         return None
+
+    def is_linear(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "linear"
+
+    @property
+    def linear_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_linear(i)]
 
     def chunk(self, layer: int) -> Optional[int]:
         if self.layer_types and self.layer_types[layer] == "chunked":
@@ -305,11 +335,13 @@ def _parse_config(c: dict) -> ModelSpec:
     if fam == "mixtral":
         spec.moe = MoESpec(int(c["num_local_experts"]), int(c["num_experts_per_tok"]), spec.intermediate_size)
         spec.moe_layers = frozenset(range(L))
-    elif fam in ("qwen2_moe", "qwen3_moe"):
+    elif fam in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
         n_exp = int(c.get("num_experts") or c.get("num_local_experts") or 0)
         spec.moe = MoESpec(n_exp, int(c["num_experts_per_tok"]), int(c["moe_intermediate_size"]),
                            renormalize=bool(c.get("norm_topk_prob", False)))
-        if fam == "qwen2_moe":
+        if fam == "qwen3_next":
+            _qwen3_next(spec, c)
+        if fam in ("qwen2_moe", "qwen3_next"):
             spec.moe.shared_intermediate = int(c.get("shared_expert_intermediate_size") or 0)
             spec.moe.shared_gate = spec.moe.shared_intermediate > 0
         step, only = int(c.get("decoder_sparse_step", 1)), set(c.get("mlp_only_layers") or [])
@@ -408,3 +440,25 @@ def _llama4(spec: ModelSpec, c: dict) -> None:
     step = int(c.get("interleave_moe_layer_step") or 1)
     layers = c.get("moe_layers")
     spec.moe_layers = frozenset(layers if layers is not None else range(step - 1, L, step)) & frozenset(range(L))
+
+
+def _qwen3_next(spec: ModelSpec, c: dict) -> None:
+    """Qwen3-Next: Gated DeltaNet layers between gated full-attention layers (every
+    full_attention_interval-th), zero-centred RMSNorm weights, QK-norm, partial rotary."""
+    L = spec.num_layers
+    interval = int(c.get("full_attention_interval") or 4)
+    types = c.get("layer_types") or ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                     for i in range(L)]
+    unknown = sorted({t for t in types} - {"full_attention", "linear_attention"})
+    if unknown:
+        raise KtError(f"config.json: layer_types has {unknown[0]!r}; Qwen3-Next layers are full_attention or "
+                      "linear_attention")
+    spec.layer_types = ["linear" if t == "linear_attention" else "full" for t in types]
+    spec.linear = LinearAttnSpec(int(c.get("linear_num_key_heads") or 16), int(c.get("linear_num_value_heads") or 32),
+                                 int(c.get("linear_key_head_dim") or 128), int(c.get("linear_value_head_dim") or 128),
+                                 int(c.get("linear_conv_kernel_dim") or 4))
+    if spec.linear.num_v_heads % spec.linear.num_k_heads:
+        raise KtError(f"config.json: linear_num_value_heads={spec.linear.num_v_heads} must be a multiple of "
+                      f"linear_num_key_heads={spec.linear.num_k_heads}; fix config.json")
+    spec.qk_norm = spec.attn_output_gate = spec.norm_offset = True
+    spec.qkv_bias = spec.o_bias = bool(c.get("attention_bias", False))

