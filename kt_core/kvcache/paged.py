@@ -150,18 +150,26 @@ class PagedKVCache:
     def attach_prefix(self, seq_id: int, tokens: list[int]) -> int:
         """Start ``seq_id`` with the longest cached prefix of ``tokens`` (whole blocks, leaving
         at least one token to compute). Returns the number of tokens whose KV is reused."""
-        if self.prefix is None or seq_id in self.seqs or self.states is not None:
-            return 0  # a reused prefix would also need the recurrent state at its end, which is not kept yet
+        if self.prefix is None or seq_id in self.seqs:
+            return 0
         seq = self.seqs[seq_id] = SeqState()
-        seq.blocks, seq.hashes = self.prefix.lookup(tokens, (len(tokens) - 1) // self.block_size)
+        # a model with linear-attention state reuses a prefix only up to a block whose state was kept
+        usable = self.states.has if self.states is not None else None
+        seq.blocks, seq.hashes = self.prefix.lookup(tokens, (len(tokens) - 1) // self.block_size, usable)
         seq.length = len(seq.blocks) * self.block_size
+        if self.states is not None and seq.hashes:
+            self.states.restore(seq_id, seq.hashes[-1])
         return seq.length
 
     def commit(self, seq_id: int, tokens: list[int]) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache (``tokens``: every
         token of the sequence so far)."""
-        if self.prefix is not None and seq_id in self.seqs and self.states is None:
-            self.prefix.register(self.seqs[seq_id], tokens)
+        if self.prefix is not None and seq_id in self.seqs:
+            seq = self.seqs[seq_id]
+            self.prefix.register(seq, tokens)
+            if self.states is not None and seq.length and seq.length % self.block_size == 0 and \
+                    len(seq.hashes) == seq.length // self.block_size:
+                self.states.save(seq_id, seq.hashes[-1])  # the state right at this block boundary
 
     # ---- one step ------------------------------------------------------------------
     def prepare(self, seq_ids: list[int], new_tokens: list[list[int]], all_logits: bool = False) -> Batch:

@@ -106,27 +106,41 @@ class PrefixCache:
         return b
 
     # ---- lookups and registration ------------------------------------------------------
-    def lookup(self, tokens: list[int], max_blocks: int) -> tuple[list[int], list[bytes]]:
-        """The blocks (referenced for the caller) and hashes of the longest cached prefix."""
-        blocks, hashes = [], []
+    def lookup(self, tokens: list[int], max_blocks: int,
+               usable: Optional[Callable[[bytes], bool]] = None) -> tuple[list[int], list[bytes]]:
+        """The blocks (referenced for the caller) and hashes of the longest cached prefix; with
+        ``usable``, the longest whose last block's hash it accepts (linear-attention models resume
+        from a state kept at that block)."""
+        blocks, hashes, tiers = [], [], []
         bs = self.cache.block_size
         self.stats["queries"] += max(max_blocks, 0)
-        for h in chain_hashes(self.seed, tokens[: max_blocks * bs], bs):
-            b = self._find(h)
-            if b is None:
+        wanted = chain_hashes(self.seed, tokens[: max_blocks * bs], bs)
+        if usable is not None:
+            wanted = wanted[:max((j + 1 for j, h in enumerate(wanted) if usable(h)), default=0)]
+        for h in wanted:
+            found = self._find(h)
+            if found is None:
                 break
-            blocks.append(b)
+            blocks.append(found[0])
+            tiers.append(found[1])
             hashes.append(h)
+        if usable is not None:
+            keep = max((j + 1 for j, h in enumerate(hashes) if usable(h)), default=0)
+            for b in blocks[keep:]:
+                self.cache.release_block(b)
+            blocks, hashes, tiers = blocks[:keep], hashes[:keep], tiers[:keep]
+        for tier in tiers:
+            self.stats[tier] += 1
         return blocks, hashes
 
-    def _find(self, h: bytes) -> Optional[int]:
+    def _find(self, h: bytes) -> Optional[tuple[int, str]]:
+        """The block holding ``h`` (referenced) and the tier it came from, or None."""
         b = self.on_device.get(h)
         if b is not None:
-            self.stats["device"] += 1
             if self.cache.refs[b] == 0:
                 self.idle.pop(b, None)
             self.cache.refs[b] += 1
-            return b
+            return b, "device"
         if self.cache.available_blocks == 0:
             return None
         entry, tier, parts = self.host.pop(h, None), "host", None
@@ -144,8 +158,7 @@ class PrefixCache:
         b = self.cache.alloc()
         self.cache.write_block(b, parts)
         self._adopt(b, h)
-        self.stats[tier] += 1
-        return b
+        return b, tier
 
     def _adopt(self, b: int, h: bytes) -> None:
         self.on_device[h] = b

@@ -186,7 +186,7 @@ class Scheduler:
         for r in self.running:
             left = len(r.prompt) - r.computed
             if left > 0 and budget > 0:
-                n = min(left, budget)
+                n = self._chunk(r, min(left, budget))
                 entries.append((r, r.prompt[r.computed:r.computed + n], r.computed + n == len(r.prompt)))
                 budget -= n
         batch = self.cache.prepare([r.seq for r, _, _ in entries], [t for _, t, _ in entries])
@@ -210,6 +210,16 @@ class Scheduler:
                     self._fail(r, "offering its KV blocks to the prefix cache", exc)
         self._recent.append((now, len(sample_reqs)))
         return True
+
+    def _chunk(self, r: Request, n: int) -> int:
+        """Prompt tokens of ``r`` to prefill in this step: ``n``, or fewer so the step ends on a block
+        boundary when the model's linear-attention state is snapshotted for the prefix cache (a
+        state exists only where a step ends; the rest of the prompt follows in the next step)."""
+        c = self.cache
+        if c.states is None or c.prefix is None:
+            return n
+        aligned = (r.computed + n) // c.block_size * c.block_size
+        return aligned - r.computed if r.computed < aligned < r.computed + n else n
 
     def _sample_and_emit(self, logits: torch.Tensor, reqs: list[Request], now: float) -> None:
         """Pick and emit each request's next token; a request whose sampling or emission raises

@@ -223,19 +223,31 @@ def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, a
 
 def test_linear_attention_state_through_batching_and_a_prefix_cache(tiny_checkpoint, tmp_path):
     """Qwen3-Next's per-sequence recurrent state follows each sequence through chunked prefill and a
-    batch whose members join and leave; with a prefix cache on, its outputs stay exact (a prefix is
-    not reused yet: that needs the state at the prefix's end) and every state slot is returned."""
+    batch whose members join and leave. With the prefix cache on, a step ends on each block boundary
+    a prompt crosses, the state there is snapshotted, and a later request with the same prefix
+    resumes from it: same tokens as without the cache, fewer computed. A prefix whose blocks reached
+    disk but whose state did not (a restart) is recomputed, not misread."""
     path = tiny_checkpoint("qwen3_next")
     ov = ["model.dtype=float32", "model.max_seq_len=128"]
-    prompts = [[t % 90 + 1 for t in _prompt(n, s)] for n, s in ((40, 11), (9, 12), (40, 11), (23, 13))]
+    prompts = [[t % 90 + 1 for t in _prompt(n, s)] for n, s in ((40, 11), (9, 12), (23, 13))]
+    again = [prompts[0], prompts[0][:35] + [7, 8, 9], prompts[2]]
     alone = kt_core.Engine.from_pretrained(path, overrides=ov)
-    want = [_run(alone, [p])[0][0] for p in prompts]
+    want = {tuple(p): _run(alone, [p])[0][0] for p in prompts + again}
     e = kt_core.Engine.from_pretrained(path, overrides=ov)
     pc = e.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
-    got, _ = _run(e, prompts, chunk=7, max_batch=3)
-    assert got == want
-    assert pc.stats["device"] + pc.stats["host"] + pc.stats["disk"] == 0
+    got, _ = _run(e, prompts, chunk=7, max_batch=2)
+    assert got == [want[tuple(p)] for p in prompts]
+    assert pc.stats["device"] == 0 and len(e.cache.states.snapshots) >= 3
+    got, sched = _run(e, again, chunk=7, max_batch=3)
+    assert got == [want[tuple(p)] for p in again]
+    # prompt 0 again: its 2 full blocks (max (40 - 1) // 16); the variant shares 2 blocks; prompt 2 one
+    assert pc.stats["device"] == 5
     assert e.cache.states.of == {} and e.cache.used_blocks == 0
+    assert pc.flush() >= 2
+    fresh = kt_core.Engine.from_pretrained(path, overrides=ov)
+    pc2 = fresh.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
+    assert _run(fresh, [prompts[0]])[0][0] == want[tuple(prompts[0])]
+    assert pc2.stats["disk"] == 0, "blocks on disk without their state are not used"
 
 
 def test_a_request_whose_sampling_or_emission_fails_finishes_alone(engine, monkeypatch):
