@@ -44,6 +44,7 @@ class Op(str, Enum):
     ATTENTION_MLA = "attention_mla"
     GATED_DELTA_RULE = "gated_delta_rule"
     CAUSAL_CONV1D = "causal_conv1d"
+    SPARSE_INDEX = "sparse_index"
     WRITE_KV = "write_kv"
     COPY_BLOCKS = "copy_blocks"
     SWAP_BLOCKS = "swap_blocks"
@@ -212,13 +213,27 @@ class Backend(abc.ABC):
         query_start_loc: torch.Tensor,
         scale: float,
         causal: bool = True,
+        selected: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Multi-head latent attention (DeepSeek MLA) over the compressed cache.
 
         q_nope [T, H, dn], q_pe [T, H, dr] (roped); ``latent_cache [nb, bs, 1, lora + dr]``
         holds per token the normalised compressed KV and the roped shared key; w_uk
         [H, dn, lora] / w_uv [H, dv, lora] are the key / value halves of kv_b_proj.
-        Varlen like ``attention_prefill`` (decode is n = 1 per sequence). Returns [T, H, dv]."""
+        Varlen like ``attention_prefill`` (decode is n = 1 per sequence). ``selected [T, k]``
+        (DeepSeek sparse attention): the only key positions each query sees (-1: none), as
+        ``sparse_index`` picks them. Returns [T, H, dv]."""
+
+    @abc.abstractmethod
+    def sparse_index(self, q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                     scale: float, topk: int) -> torch.Tensor:
+        """DeepSeek sparse attention's lightning indexer: for each query, the ``topk`` visible cached
+        positions of highest score ``sum_h weights[h] * relu(scale * q[h] . k_t)``.
+
+        q [T, Hi, Di] (roped), weights [T, Hi] float32; ``index_cache [nb, bs, 1, Di]`` holds each
+        token's indexer key (paged like the latent cache). Causal: a query sees its own position and
+        those before it. Returns [T, topk] int64 positions, -1 where fewer than topk are visible."""
 
     # ---- linear attention (Qwen3-Next's Gated DeltaNet): per-sequence state in slot-indexed pools ----
     @abc.abstractmethod

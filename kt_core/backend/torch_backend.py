@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from kt_core.backend.contract import Backend, DeviceInfo, MemoryInfo, Op, ProbeResult
-from kt_core.backend.torch_ops import attention, cache, linear_attention, moe, norm_rope, routing, sampling
+from kt_core.backend.torch_ops import (attention, cache, linear_attention, moe, norm_rope, routing, sampling,
+                                      sparse_index)
 from kt_core.weights.quant import ExpertWeights, Quant
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -108,9 +109,13 @@ class TorchBackend(Backend):
                                           sliding_window, sinks, chunk)
 
     def attention_mla(self, q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
-                      query_start_loc, scale, causal=True):
+                      query_start_loc, scale, causal=True, selected=None):
         return attention.attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
-                                       query_start_loc, scale, causal)
+                                       query_start_loc, scale, causal, selected)
+
+    def sparse_index(self, q, weights, index_cache, block_tables, seq_lens, query_start_loc, scale, topk):
+        return sparse_index.sparse_index(q, weights, index_cache, block_tables, seq_lens, query_start_loc, scale,
+                                         topk)
 
     def gated_delta_rule(self, q, k, v, g, beta, state, slots, query_start_loc):
         return linear_attention.gated_delta_rule(q, k, v, g, beta, state, slots, query_start_loc)

@@ -224,7 +224,8 @@ class DiskTier:
         return True
 
     # ---- reading -----------------------------------------------------------------------
-    def read(self, h: bytes, n_parts: int, part_shape: tuple, dtype: torch.dtype) -> Optional[list[torch.Tensor]]:
+    def read(self, h: bytes, shapes: list[tuple], dtype: torch.dtype) -> Optional[list[torch.Tensor]]:
+        """The entry's parts (of ``shapes``, in order), or None when it is absent or fails its checks."""
         name = h.hex()
         if name not in self.index:
             return None
@@ -250,7 +251,6 @@ class DiskTier:
         head_len = struct.unpack("<I", data[4:8])[0]
         payload = bytearray(data[8 + head_len:])
         flat = torch.frombuffer(payload, dtype=torch.uint8).view(dtype)
-        per = flat.numel() // n_parts
         with self.lock:
             if name in self.index:
                 self.index.move_to_end(name)
@@ -258,7 +258,7 @@ class DiskTier:
             os.utime(path)
         except OSError:
             pass
-        return [flat[i * per:(i + 1) * per].view(part_shape) for i in range(n_parts)]
+        return split_parts(flat, shapes)
 
     def _check(self, data: bytes, name: str) -> Optional[str]:
         if len(data) < 8 or data[:4] != MAGIC:
@@ -281,3 +281,15 @@ class DiskTier:
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             return "checksum mismatch (corrupted)"
         return None
+
+
+def split_parts(flat: torch.Tensor, shapes: list[tuple]) -> list[torch.Tensor]:
+    """A block's parts back from their concatenated values (the layout of a disk or host entry)."""
+    out, at = [], 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        out.append(flat[at:at + n].view(shape))
+        at += n
+    return out

@@ -58,9 +58,12 @@ class SeqState:
 class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, latent: bool = False,
-                 layer_devices: Optional[list[torch.device]] = None, states: Optional["StatePool"] = None) -> None:
+                 layer_devices: Optional[list[torch.device]] = None, states: Optional["StatePool"] = None,
+                 index_dim: int = 0) -> None:
         """``layer_devices``: where each layer's blocks live (default: all on ``device``). ``states``:
-        the recurrent state of the linear-attention layers (they have no KV blocks)."""
+        the recurrent state of the linear-attention layers (they have no KV blocks). ``index_dim``:
+        DeepSeek-V3.2's indexer keys, a third per-layer cache ``[num_blocks, block_size, 1, index_dim]``
+        (blocks hold them too, so the prefix cache keeps them with the latent)."""
         self.block_size, self.num_blocks, self.latent = block_size, num_blocks, latent
         self.dtype = dtype
         self.block_shape = (block_size, 1 if latent else kv_heads, head_dim)
@@ -73,6 +76,9 @@ class PagedKVCache:
         self.v: list[Optional[torch.Tensor]] = (
             [None] * num_layers if latent else [None if k is None else torch.zeros(shape, dtype=dtype, device=k.device)
                                                 for k in self.k])
+        self.idx: list[Optional[torch.Tensor]] = [
+            torch.zeros(num_blocks, block_size, 1, index_dim, dtype=dtype, device=d) if index_dim else None
+            for d in devs]
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.refs = [0] * num_blocks
         self.seqs: dict[int, SeqState] = {}
@@ -95,20 +101,25 @@ class PagedKVCache:
 
     @property
     def parts(self) -> list[torch.Tensor]:
-        """The block caches, one tensor per attention layer's K, then V: a block's contents."""
-        return [t for t in self.k + self.v if t is not None]
+        """The block caches, one tensor per attention layer's K, then V (or indexer keys): a block's contents."""
+        return [t for t in self.k + self.v + self.idx if t is not None]
 
     def layer_caches(self, i: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """What layer ``i`` reads and writes: its K / V caches, or its state pools (linear attention)."""
+        """What layer ``i`` reads and writes: its K / V caches (MLA: the latent and, with sparse attention,
+        the indexer keys), or its state pools (linear attention)."""
         if self.k[i] is None and self.states is not None:
             return self.states.pools(i)
-        return self.k[i], self.v[i]
+        return self.k[i], self.idx[i] if self.latent else self.v[i]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts) + (self.states.nbytes() if self.states else 0)
 
     def block_bytes(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.parts)
+
+    @property
+    def part_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(t.shape[1:]) for t in self.parts]
 
     # ---- allocation -------------------------------------------------------------
     def alloc(self) -> int:

@@ -39,7 +39,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kt_core.kvcache.disk_tier import FORMAT_VERSION, QUEUE_BYTES, QUEUE_MAX, QUEUE_MIN, DiskTier
+from kt_core.kvcache.disk_tier import FORMAT_VERSION, QUEUE_BYTES, QUEUE_MAX, QUEUE_MIN, DiskTier, split_parts
 from kt_core.kvcache.paged import PagedKVCache, SeqState
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ class PrefixCache:
         header = {"format": "kt-core-kv-block", "version": FORMAT_VERSION, "model": fingerprint,
                   "layout": cache.layout, "dtype": str(cache.dtype).replace("torch.", ""),
                   "block_shape": list(cache.block_shape), "parts": len(cache.parts)}
+        self.shapes = cache.part_shapes
+        if len(set(self.shapes)) > 1:  # DeepSeek-V3.2: indexer keys beside the latent
+            header["part_shapes"] = [list(x) for x in self.shapes]
         items = min(max(int(queue_bytes) // max(self.block_bytes, 1), QUEUE_MIN), QUEUE_MAX)
         self.disk = (DiskTier(disk_dir, disk_bytes, header, queue_items=items)
                      if disk_dir is not None and disk_bytes > 0 else None)
@@ -146,13 +149,13 @@ class PrefixCache:
         entry, tier, parts = self.host.pop(h, None), "host", None
         if entry is not None:
             self.host_used -= _host_bytes(entry)
-            parts = list(entry.unbind(0))
+            parts = split_parts(entry, self.shapes)
         elif self.disk is not None:
             c = self.cache
             tier = "disk"
             parts = self.disk.pending(h)  # still in the write queue
             if parts is None:
-                parts = self.disk.read(h, len(c.parts), c.block_shape, c.dtype)
+                parts = self.disk.read(h, self.shapes, c.dtype)
         if parts is None:
             return None
         b = self.cache.alloc()
@@ -195,14 +198,14 @@ class PrefixCache:
         if h in self.host:
             self.host.move_to_end(h)
             return
-        entry = torch.stack(parts)
+        entry = torch.cat([p.reshape(-1) for p in parts])
         self.host[h] = entry
         self.host_used += _host_bytes(entry)
         while self.host_used > self.host_cap and self.host:
             old, old_entry = self.host.popitem(last=False)
             self.host_used -= _host_bytes(old_entry)
             if self.disk is not None:
-                self._spill(old, lambda e=old_entry: list(e.unbind(0)))
+                self._spill(old, lambda e=old_entry: split_parts(e, self.shapes))
 
     def flush(self, timeout_s: float = 600.0) -> int:
         """Write every cached block (device and host tiers) to disk, after waiting (up to
@@ -218,7 +221,7 @@ class PrefixCache:
                 self.disk.write(h, self.cache.read_block(b))
         for h, entry in list(self.host.items()):
             if h not in self.disk:
-                self.disk.write(h, list(entry.unbind(0)))
+                self.disk.write(h, split_parts(entry, self.shapes))
         self.disk.wait_idle(max(deadline - time.monotonic(), 0.0))  # anything queued meanwhile
         n = self.disk.written - self._written_at_flush
         self._written_at_flush = self.disk.written

@@ -88,10 +88,13 @@ class MLAttention:
         self.w_uk = kv_b[:, : m.qk_nope_head_dim].to(w["kv_b"].dtype).contiguous()
         self.w_uv = kv_b[:, m.qk_nope_head_dim:].to(w["kv_b"].dtype).contiguous()
 
-    def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, v_cache, cos_sin) -> torch.Tensor:
+    def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, index_cache, cos_sin) -> torch.Tensor:
+        """``index_cache``: DeepSeek-V3.2's indexer keys (None without sparse attention)."""
         s, w, m, T = self.spec, self.w, self.spec.mla, x.shape[0]
+        q_a = None
         if m.q_lora_rank:
-            q = be.linear(be.rmsnorm(be.linear(x, w["q_a"]), w["q_a_norm"], s.rms_eps), w["q_b"])
+            q_a = be.rmsnorm(be.linear(x, w["q_a"]), w["q_a_norm"], s.rms_eps)
+            q = be.linear(q_a, w["q_b"])
         else:
             q = be.linear(x, w["q"])
         q = q.view(T, s.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim)
@@ -102,8 +105,13 @@ class MLAttention:
         q_pe, k_pe = be.rope(q_pe.contiguous(), k_pe[:, None, :].contiguous(), batch.positions, cos_sin,
                              s.rope.interleaved)
         be.write_kv(torch.cat((c, k_pe[:, 0]), dim=-1)[:, None, :], None, k_cache, None, batch.slot_mapping)
+        selected = None
+        if s.index is not None:  # DeepSeek sparse attention: the indexer picks the tokens each query sees
+            from kt_core.models import indexer
+
+            selected = indexer.select(be, w["indexer"], s, x, q_a, batch, index_cache, cos_sin)
         o = be.attention_mla(q_nope, q_pe, k_cache, self.w_uk, self.w_uv, batch.block_tables, batch.seq_lens,
-                             batch.query_start_loc, s.softmax_scale)
+                             batch.query_start_loc, s.softmax_scale, selected=selected)
         return be.linear(o.reshape(T, -1), w["o"])
 
 

@@ -135,6 +135,10 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
                      q_b=r.dense(a + "q_b_proj.weight", (qd, m.q_lora_rank)))
         else:
             w["q"] = r.dense(a + "q_proj.weight", (qd, H))
+        if spec.index is not None:
+            from kt_core.models import indexer
+
+            w["indexer"] = indexer.load(r, a, spec)
         return MLAttention(w, spec, i)
     q_rows = nh * hd * (2 if spec.attn_output_gate else 1)  # Qwen3-Next: each head's q, then its gate
     w = {"q": r.dense(a + "q_proj.weight", (q_rows, H)), "k": r.dense(a + "k_proj.weight", (nkv * hd, H)),
@@ -342,7 +346,8 @@ class CausalLM:
                                 self.device, layer_devices=devices, states=states)
         if s.mla is not None:
             return PagedKVCache(s.num_layers, num_blocks, block_size, 1, s.mla.kv_lora_rank + s.mla.qk_rope_head_dim,
-                                self.dtype, self.device, latent=True, layer_devices=devices)
+                                self.dtype, self.device, latent=True, layer_devices=devices,
+                                index_dim=s.index.head_dim if s.index is not None else 0)
         return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device,
                             layer_devices=devices)
 

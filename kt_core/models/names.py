@@ -58,6 +58,7 @@ FAMILY = {
     "minimax_m2": MoeNames(block="block_sparse_moe", projections=("w1", "w3", "w2"), score_bias="e_score_correction_bias"),
     "qwen2_moe": MoeNames(shared="shared_expert"),
     "qwen3_next": MoeNames(shared="shared_expert"),
+    "qwen3_5_moe": MoeNames(shared="shared_expert"),
     "gpt_oss": MoeNames(router="router", router_bias=True, fused=True),
     "llama4": MoeNames(block="feed_forward", router="router", shared="shared_expert", fused=True, interleaved=False,
                        dense="feed_forward"),

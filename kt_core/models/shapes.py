@@ -58,6 +58,13 @@ def _attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
         vec("kv_a_layernorm.weight", m.kv_lora_rank)
         lin("kv_b_proj.weight", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
         lin("o_proj.weight", H, nh * m.v_head_dim)
+        if spec.index is not None:  # DeepSeek-V3.2's sparse attention indexer
+            ix = spec.index
+            lin("indexer.wq_b.weight", ix.n_heads * ix.head_dim, m.q_lora_rank)
+            lin("indexer.wk.weight", ix.head_dim, H)
+            vec("indexer.k_norm.weight", ix.head_dim)
+            vec("indexer.k_norm.bias", ix.head_dim)
+            lin("indexer.weights_proj.weight", ix.n_heads, H)
         return out
     q_rows = nh * hd * (2 if spec.attn_output_gate else 1)  # Qwen3-Next: each head's q, then its gate
     for n, rows in (("q", q_rows), ("k", nkv * hd), ("v", nkv * hd)):
@@ -79,8 +86,15 @@ def _linear_attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
     """A Gated DeltaNet layer (Qwen3-Next): projections, the short convolution, decay and norm."""
     la, H, a = spec.linear, spec.hidden_size, f"model.layers.{i}.linear_attn."
     kd, vd = la.num_k_heads * la.k_dim, la.num_v_heads * la.v_dim
-    return [TensorInfo(a + "in_proj_qkvz.weight", (2 * kd + 2 * vd, H), "attention", i, linear=True),
-            TensorInfo(a + "in_proj_ba.weight", (2 * la.num_v_heads, H), "attention", i, linear=True),
+    if la.split_proj:  # Qwen3.5
+        proj = [TensorInfo(a + "in_proj_qkv.weight", (2 * kd + vd, H), "attention", i, linear=True),
+                TensorInfo(a + "in_proj_z.weight", (vd, H), "attention", i, linear=True),
+                TensorInfo(a + "in_proj_b.weight", (la.num_v_heads, H), "attention", i, linear=True),
+                TensorInfo(a + "in_proj_a.weight", (la.num_v_heads, H), "attention", i, linear=True)]
+    else:
+        proj = [TensorInfo(a + "in_proj_qkvz.weight", (2 * kd + 2 * vd, H), "attention", i, linear=True),
+                TensorInfo(a + "in_proj_ba.weight", (2 * la.num_v_heads, H), "attention", i, linear=True)]
+    return proj + [
             TensorInfo(a + "conv1d.weight", (la.conv_dim, 1, la.conv_kernel), "attention", i),
             TensorInfo(a + "dt_bias", (la.num_v_heads,), "attention", i),
             TensorInfo(a + "A_log", (la.num_v_heads,), "attention", i),

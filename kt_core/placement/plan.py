@@ -115,8 +115,9 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
 
 
 def kv_bytes_per_token_layer(spec: ModelSpec, dtype_bytes: int) -> int:
-    if spec.mla is not None:
-        return (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim) * dtype_bytes
+    if spec.mla is not None:  # the latent, plus DeepSeek-V3.2's indexer key
+        index = spec.index.head_dim if spec.index is not None else 0
+        return (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim + index) * dtype_bytes
     return 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
 
 

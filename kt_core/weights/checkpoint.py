@@ -142,13 +142,16 @@ class Checkpoint:
         ``lm_head.weight``); the rest (vision tower, projector) is not visible."""
         from kt_core.models.spec import text_backbone
 
-        _, prefix = text_backbone(self.config)
-        if not prefix:
+        _, prefixes = text_backbone(self.config)
+        if not prefixes:
             return
-        self._stored = {n[len(prefix):]: n for n in [*self._where, *self._bin] if n.startswith(prefix)}
+        for n in [*self._where, *self._bin]:
+            stored = next((p for p in prefixes if n.startswith(p)), None)
+            if stored is not None:
+                self._stored[prefixes[stored] + n[len(stored):]] = n
         if not self._stored:
-            raise KtError(f"{self.path} holds no tensor named {prefix}*, where this architecture keeps its language "
-                          "model; the weights do not match config.json")
+            raise KtError(f"{self.path} holds no tensor named {' or '.join(p + '*' for p in prefixes)}, where this "
+                          "architecture keeps its language model; the weights do not match config.json")
         self._where = {k: self._where[n] for k, n in self._stored.items() if n in self._where}
         self._bin = {k: self._bin[n] for k, n in self._stored.items() if n in self._bin}
 

@@ -53,9 +53,10 @@ def moe(hidden, ids, weights, experts, kind="silu"):
     return out
 
 
-def attention(q, ks, vs, scale, causal=True, window=None, sinks=None, chunk=None):
+def attention(q, ks, vs, scale, causal=True, window=None, sinks=None, chunk=None, selected=None):
     """q [n, Hq, D] for the last n positions of a context with keys ks/vs [L, Hkv, D]; ``chunk``:
-    only keys of the query's own chunk of positions (0..c-1, c..2c-1, ...)."""
+    only keys of the query's own chunk of positions (0..c-1, c..2c-1, ...); ``selected``: per query,
+    the only positions it may see."""
     n, Hq, _ = q.shape
     L, Hkv, _ = ks.shape
     out = torch.zeros(n, Hq, vs.shape[-1], dtype=torch.float64)
@@ -66,7 +67,7 @@ def attention(q, ks, vs, scale, causal=True, window=None, sinks=None, chunk=None
             s = []
             for j in range(L):
                 ok = (not causal or j <= pos) and (window is None or j > pos - window) and \
-                    (chunk is None or j // chunk == pos // chunk)
+                    (chunk is None or j // chunk == pos // chunk) and (selected is None or j in selected[i])
                 s.append(float(q[i, h].double() @ ks[j, kh].double()) * scale if ok else -math.inf)
             if sinks is not None:
                 s.append(float(sinks[h]))
@@ -157,7 +158,7 @@ def sampling_probs(logits, temp, top_k, top_p, min_p):
     return torch.stack(rows)
 
 
-def mla(q_nope, q_pe, c, k_pe, w_uk, w_uv, scale):
+def mla(q_nope, q_pe, c, k_pe, w_uk, w_uv, scale, selected=None):
     """Un-absorbed MLA: expand per-head keys/values from the latent and attend causally.
     q_* [n, H, *] are the last n positions of a context with latent c [L, lora], k_pe [L, dr]."""
     H = q_nope.shape[1]
@@ -165,7 +166,20 @@ def mla(q_nope, q_pe, c, k_pe, w_uk, w_uv, scale):
     v = torch.einsum("sl,hvl->shv", c.double(), w_uv.double())
     k = torch.cat([k_nope, k_pe.double()[:, None, :].expand(-1, H, -1)], dim=-1)
     q = torch.cat([q_nope.double(), q_pe.double()], dim=-1)
-    return attention(q, k, v, scale, causal=True)
+    return attention(q, k, v, scale, causal=True, selected=selected)
+
+
+def index_scores(q, weights, keys, scale):
+    """DeepSeek sparse attention's index scores of the last n positions of a context: q [n, Hi, Di],
+    weights [n, Hi], keys [L, Di] -> [n, L] (float64; -inf for positions after the query)."""
+    n, Hi, _ = q.shape
+    L = keys.shape[0]
+    out = torch.full((n, L), -math.inf, dtype=torch.float64)
+    for i in range(n):
+        for t in range(L - n + i + 1):
+            out[i, t] = sum(float(weights[i, h]) * max(float(q[i, h].double() @ keys[t].double()) * scale, 0.0)
+                            for h in range(Hi))
+    return out
 
 
 def gated_delta_rule(q, k, v, g, beta, state):

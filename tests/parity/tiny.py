@@ -99,6 +99,18 @@ CONFIGS = {
                         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
                         linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                         shared_expert_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[2])),
+    # Qwen3.5-MoE: the same layers with q|k|v, z, b, a projected separately, every layer MoE
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(head_dim=16, full_attention_interval=3, linear_num_key_heads=2, linear_num_value_heads=2,
+                         linear_key_head_dim=8, linear_value_head_dim=16, linear_conv_kernel_dim=3, num_experts=6,
+                         num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    # DeepSeek-V3.2: MLA restricted to the lightning indexer's top-k cached tokens (4 of up to 52 here)
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                     dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                          first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                          norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8,
+                          qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, index_topk=4,
+                          index_head_dim=16, index_n_heads=8)),
     # Kimi-K2.5: the DeepSeek-V3 text backbone of a multimodal checkpoint (vision tower not loaded)
     "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration",
                  dict(text_config=dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2,
@@ -143,7 +155,7 @@ def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: fl
     cfg.initializer_range = init_std
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(dtype).eval()
-    centred = cfg.model_type == "qwen3_next"
+    centred = cfg.model_type in ("qwen3_next", "qwen3_5_moe_text")
     with torch.no_grad():  # random biases / norms / sinks so every parameter matters
         for pname, p in model.named_parameters():
             if p.dim() == 1 or "bias" in pname or "sinks" in pname:

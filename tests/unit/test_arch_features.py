@@ -1,11 +1,11 @@
-"""The newest architectures (GLM-4.5, MiniMax-M2, Llama 4, Qwen3-Next) with the engine's features, not only plain parity:
+"""The newest architectures (GLM-4.5, MiniMax-M2, Llama 4, Qwen3-Next, Qwen3.5-MoE, DeepSeek-V3.2) with the engine's features, not only plain parity:
 quantized experts and hybrid expert placement (the prefix cache: tests/unit/test_scheduler.py; the
 server: tests/server/test_server_archs.py)."""
 import pytest
 
 import kt_core
 
-ARCHS = ["glm4_moe", "minimax_m2", "llama4", "qwen3_next"]
+ARCHS = ["glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe", "deepseek_v32"]
 PROMPT = [5, 17, 33, 2, 90, 41, 41, 7, 12, 64, 3, 88, 19, 27, 50, 61, 1, 9, 30, 77]
 FP32 = ["model.dtype=float32", "quant.group_size=32"]
 # the quantized engine against transformers running the same experts decoded from their codes (by the
@@ -117,4 +117,27 @@ def test_llama4_multimodal_checkpoint_runs_its_language_model(tmp_path):
         ref = hf.language_model(torch.tensor([PROMPT])).logits[0]
     engine = kt_core.Engine.from_pretrained(tmp_path / "l4", overrides=FP32)
     assert [i for i in range(3) if engine.model.spec.is_moe(i)] == [1]
+    assert float((engine.logits(PROMPT) - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_qwen3_5_moe_multimodal_checkpoint_runs_its_language_model(tmp_path):
+    """Qwen3.5-MoE's released checkpoints are Qwen3_5MoeForConditionalGeneration: the language model
+    under model.language_model.*, lm_head at the top, a vision tower under model.visual.*."""
+    import torch
+    import transformers
+
+    text = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=16, linear_value_head_dim=8, num_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=32, shared_expert_intermediate_size=48, initializer_range=0.08)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2)
+    torch.manual_seed(0)
+    transformers.Qwen3_5MoeForConditionalGeneration(
+        transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision)).save_pretrained(tmp_path / "q")
+    hf = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(tmp_path / "q").eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([PROMPT])).logits[0]
+    engine = kt_core.Engine.from_pretrained(tmp_path / "q", overrides=FP32)
+    assert engine.model.spec.linear_layers == [0, 2]
     assert float((engine.logits(PROMPT) - ref).abs().max() / ref.abs().max()) <= 1e-4

@@ -149,7 +149,7 @@ def test_leftover_temp_files_are_removed_and_the_writer_thread_ends_when_idle(tm
     assert _wait_for(lambda: d._thread is None, timeout=2.0), "the idle writer thread did not end"
     assert not d.submit(b"\x01" * 32, lambda: parts) and not d.write(b"\x01" * 32, parts)  # already on disk
     assert d.submit(b"\x02" * 32, lambda: parts) and d.wait_idle(5) and d.written == 2  # a new thread
-    got = d.read(b"\x02" * 32, 1, (2, 16), torch.float32)
+    got = d.read(b"\x02" * 32, [(2, 16)], torch.float32)
     assert torch.equal(got[0], parts[0])
 
 

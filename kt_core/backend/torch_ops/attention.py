@@ -104,7 +104,7 @@ def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding
 
 
 def attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
-                  causal=True) -> torch.Tensor:
+                  causal=True, selected=None) -> torch.Tensor:
     """Multi-head latent attention in the absorbed form, over the latent cache.
 
     q_nope [T, H, dn], q_pe [T, H, dr]; latent_cache [nb, bs, 1, lora + dr] holds the
@@ -124,6 +124,11 @@ def attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens
             q_pos = torch.arange(length - n, length, device=c.device)
             visible = torch.arange(length, device=c.device)[None, :] <= q_pos[:, None]
             scores = scores.masked_fill(~visible, float("-inf"))
+        if selected is not None:  # DeepSeek sparse attention: only the indexer's picks
+            sel = selected[qs:qe].long()
+            keep = torch.zeros(n, length + 1, dtype=torch.bool, device=c.device)
+            keep.scatter_(1, torch.where(sel < 0, length, sel), True)
+            scores = scores.masked_fill(~keep[:, :length], float("-inf"))
         o_lat = torch.einsum("hts,sl->thl", torch.softmax(scores, dim=-1), c)
         out[qs:qe] = torch.einsum("thl,hvl->thv", o_lat, w_uv.float()).to(out.dtype)
     return out
