@@ -4,7 +4,8 @@ MLA attends to.
 Its own small projections: a query per indexer head from the MLA's normalised q_a (``wq_b``), one
 LayerNorm'd key per token (``wk``, kept in the paged index cache beside the latent one) and per-head
 weights (``weights_proj``); the first qk_rope_head_dim features of q and k take the rotary
-embedding (rotate-half form, the MLA's frequencies). The device contract's ``sparse_index`` scores
+embedding (rotate-half form, the MLA's frequencies; GLM-5: adjacent pairs). GLM-5's "shared" layers
+have no indexer and reuse the choice of the last layer that ran one. The device contract's ``sparse_index`` scores
 the cached keys and keeps the top ``index_topk``.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ def select(be: Backend, w: dict, spec: ModelSpec, x: torch.Tensor, q_a: torch.Te
     q = be.linear(q_a, w["wq_b"]).view(T, ix.n_heads, ix.head_dim)
     k = be.linear(x, w["wk"])
     k = F.layer_norm(k.float(), (ix.head_dim,), w["k_norm"].float(), w["k_norm_bias"].float(), 1e-6).to(k.dtype)
-    q, k = be.rope(q.contiguous(), k[:, None, :].contiguous(), batch.positions, cos_sin, False)
+    q, k = be.rope(q.contiguous(), k[:, None, :].contiguous(), batch.positions, cos_sin, ix.interleaved)
     be.write_kv(k, None, index_cache, None, batch.slot_mapping)
     weights = be.linear(x, w["weights_proj"]).float() * ix.n_heads ** -0.5
     return be.sparse_index(q, weights, index_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,

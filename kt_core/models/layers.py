@@ -87,6 +87,8 @@ class MLAttention:
         kv_b = w["kv_b"].float().view(spec.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         self.w_uk = kv_b[:, : m.qk_nope_head_dim].to(w["kv_b"].dtype).contiguous()
         self.w_uv = kv_b[:, m.qk_nope_head_dim:].to(w["kv_b"].dtype).contiguous()
+        self.selected: Optional[torch.Tensor] = None  # this step's indexer choice (sparse attention)
+        self.source: Optional["MLAttention"] = None  # GLM-5's shared layers: whose choice to reuse
 
     def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, index_cache, cos_sin) -> torch.Tensor:
         """``index_cache``: DeepSeek-V3.2's indexer keys (None without sparse attention)."""
@@ -106,10 +108,12 @@ class MLAttention:
                              s.rope.interleaved)
         be.write_kv(torch.cat((c, k_pe[:, 0]), dim=-1)[:, None, :], None, k_cache, None, batch.slot_mapping)
         selected = None
-        if s.index is not None:  # DeepSeek sparse attention: the indexer picks the tokens each query sees
+        if self.source is not None:  # GLM-5: the last indexer layer's choice, from this same step
+            selected = self.source.selected.to(x.device)
+        elif s.index is not None:  # DeepSeek sparse attention: the indexer picks the tokens each query sees
             from kt_core.models import indexer
 
-            selected = indexer.select(be, w["indexer"], s, x, q_a, batch, index_cache, cos_sin)
+            selected = self.selected = indexer.select(be, w["indexer"], s, x, q_a, batch, index_cache, cos_sin)
         o = be.attention_mla(q_nope, q_pe, k_cache, self.w_uk, self.w_uv, batch.block_tables, batch.seq_lens,
                              batch.query_start_loc, s.softmax_scale, selected=selected)
         return be.linear(o.reshape(T, -1), w["o"])

@@ -135,7 +135,7 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
                      q_b=r.dense(a + "q_b_proj.weight", (qd, m.q_lora_rank)))
         else:
             w["q"] = r.dense(a + "q_proj.weight", (qd, H))
-        if spec.index is not None:
+        if spec.index is not None and spec.index.runs_at(i):
             from kt_core.models import indexer
 
             w["indexer"] = indexer.load(r, a, spec)
@@ -289,6 +289,8 @@ class CausalLM:
                 r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index))
                 p = f"model.layers.{i}."
                 attn = linear_attn.load(r, p, spec) if spec.is_linear(i) else _attention(r, p, spec, i)
+                if spec.index is not None and not spec.index.runs_at(i):  # GLM-5: reuse the last indexer's choice
+                    attn.source = next(layer.attn for layer in reversed(layers) if layer.attn.source is None)
                 if spec.is_moe(i):
                     ffn = _moe(r, p, spec, i, be, placer)
                     if deferred_experts and spec.moe.weight_input:
@@ -347,7 +349,9 @@ class CausalLM:
         if s.mla is not None:
             return PagedKVCache(s.num_layers, num_blocks, block_size, 1, s.mla.kv_lora_rank + s.mla.qk_rope_head_dim,
                                 self.dtype, self.device, latent=True, layer_devices=devices,
-                                index_dim=s.index.head_dim if s.index is not None else 0)
+                                index_dim=s.index.head_dim if s.index is not None else 0,
+                                index_layers=None if s.index is None else
+                                [i for i in range(s.num_layers) if s.index.runs_at(i)])
         return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype, self.device,
                             layer_devices=devices)
 

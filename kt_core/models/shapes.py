@@ -58,7 +58,7 @@ def _attention(spec: ModelSpec, i: int) -> list[TensorInfo]:
         vec("kv_a_layernorm.weight", m.kv_lora_rank)
         lin("kv_b_proj.weight", nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank)
         lin("o_proj.weight", H, nh * m.v_head_dim)
-        if spec.index is not None:  # DeepSeek-V3.2's sparse attention indexer
+        if spec.index is not None and spec.index.runs_at(i):  # DeepSeek-V3.2's sparse attention indexer
             ix = spec.index
             lin("indexer.wq_b.weight", ix.n_heads * ix.head_dim, m.q_lora_rank)
             lin("indexer.wk.weight", ix.head_dim, H)

@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "DeepseekV32ForCausalLM": "deepseek_v32",
+    "GlmMoeDsaForCausalLM": "glm_moe_dsa",
     "GptOssForCausalLM": "gpt_oss",
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
@@ -162,6 +163,11 @@ class IndexerSpec:
     n_heads: int
     head_dim: int
     topk: int
+    interleaved: bool = False  # GLM-5: the indexer's rope rotates adjacent pairs
+    shared: frozenset[int] = frozenset()  # GLM-5: layers that reuse the previous indexer layer's choice
+
+    def runs_at(self, layer: int) -> bool:
+        return layer not in self.shared
 
 
 @dataclass
@@ -362,7 +368,7 @@ def _parse_config(c: dict) -> ModelSpec:
         step, only = int(c.get("decoder_sparse_step", 1)), set(c.get("mlp_only_layers") or [])
         spec.moe_layers = frozenset(i for i in range(L) if i not in only and spec.moe.num_experts > 0
                                     and (i + 1) % step == 0)
-    elif fam in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
+    elif fam in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"):
         _deepseek(spec, c, params)
     elif fam == "glm4_moe":
         spec.qkv_bias = bool(c.get("attention_bias", False))
@@ -403,8 +409,8 @@ def _deepseek(spec: ModelSpec, c: dict, rope_params: dict) -> None:
     if spec.rope.kind == "yarn" and rope_params.get("mscale_all_dim"):
         m = yarn_mscale(float(rope_params["factor"]), float(rope_params["mscale_all_dim"]))
         spec.softmax_scale *= m * m
-    v3 = spec.family in ("deepseek_v3", "deepseek_v32")
-    if spec.family == "deepseek_v32":
+    v3 = spec.family in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+    if spec.family in ("deepseek_v32", "glm_moe_dsa"):
         if not mla.q_lora_rank:
             raise KtError("config.json: DeepSeek-V3.2's indexer reads the query's low-rank projection: set q_lora_rank")
         spec.index = IndexerSpec(int(c.get("index_n_heads") or 64), int(c.get("index_head_dim") or 128),
@@ -412,6 +418,9 @@ def _deepseek(spec: ModelSpec, c: dict, rope_params: dict) -> None:
         if spec.index.head_dim < mla.qk_rope_head_dim:
             raise KtError(f"config.json: index_head_dim={spec.index.head_dim} must hold the "
                           f"qk_rope_head_dim={mla.qk_rope_head_dim} rotary features; fix config.json")
+        if spec.family == "glm_moe_dsa":
+            spec.rope.interleaved = spec.index.interleaved = True
+            spec.index.shared = _glm5_shared_indexers(c, spec.num_layers)
     n_group = int(c.get("n_group") or 1)
     if not v3 and c.get("topk_method", "greedy") == "greedy":
         n_group = 1
@@ -494,3 +503,20 @@ def _qwen3_next(spec: ModelSpec, c: dict) -> None:
     if spec.family == "qwen3_5_moe":  # Qwen3.5: q|k|v, z, b, a projected separately; routing always renormalised
         spec.linear.split_proj = True
         spec.moe.renormalize = True
+
+
+def _glm5_shared_indexers(c: dict, L: int) -> frozenset[int]:
+    """GLM-5's layers whose attention reuses the previous indexer layer's top-k ("shared"), from
+    indexer_types, else index_topk_pattern ("F"ull / "S"hared per layer), else every
+    index_topk_freq-th layer from index_skip_topk_offset runs its own indexer (the reference's rule)."""
+    kinds = c.get("indexer_types")
+    if kinds is None and c.get("index_topk_pattern") is not None:
+        pattern = c["index_topk_pattern"]
+        kinds = [{"F": "full", "S": "shared"}.get(ch) for ch in pattern] if isinstance(pattern, str) else pattern
+    if kinds is None:
+        freq, offset = max(int(c.get("index_topk_freq") or 1), 1), int(c.get("index_skip_topk_offset", 2))
+        kinds = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(L)]
+    if not isinstance(kinds, list) or len(kinds) != L or set(kinds) - {"full", "shared"} or kinds[0] != "full":
+        raise KtError(f"config.json: indexer_types must list 'full' or 'shared' for each of the {L} layers, the "
+                      "first 'full'; fix config.json")
+    return frozenset(i for i, k in enumerate(kinds) if k == "shared")

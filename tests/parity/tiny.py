@@ -111,6 +111,14 @@ CONFIGS = {
                           norm_topk_prob=True, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8,
                           qk_nope_head_dim=16, v_head_dim=16, num_key_value_heads=4, index_topk=4,
                           index_head_dim=16, index_n_heads=8)),
+    # GLM-5: DeepSeek-V3.2's sparse attention with an interleaved-rope indexer, and layers that reuse the
+    # previous indexer layer's choice ("shared"; here layers 1 and 3)
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+                    dict(num_hidden_layers=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                         n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                         kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24,
+                         num_key_value_heads=4, index_topk=4, index_head_dim=16, index_n_heads=8,
+                         indexer_types=["full", "shared", "full", "shared"])),
     # Kimi-K2.5: the DeepSeek-V3 text backbone of a multimodal checkpoint (vision tower not loaded)
     "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration",
                  dict(text_config=dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2,

@@ -12,7 +12,8 @@ openai = pytest.importorskip("openai")
 OV = ["quant=int8", "topology=hybrid_cpu", "device.cpu.threads=2", "topology.expert_policy.fraction=0.5"]
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe", "deepseek_v32"])
+@pytest.mark.parametrize("arch", ["glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe", "deepseek_v32",
+                                  "glm_moe_dsa"])
 def test_served_greedy_completion_matches_the_engine(arch, tmp_path):
     path = synthesize(tmp_path / arch, arch=arch, layers=2, shape=SMALL[arch], sample_tokens=48).path
     srv = Live(path, tmp_path / "prefix", *OV)

@@ -25,7 +25,7 @@ HAND_COUNTS = {"deepseek_v3": 671e9, "qwen3_235b_a22b": 235e9, "qwen3_30b_a3b": 
                # experts x 3 x 5120 x 8192 (96.64B) + shared experts 6.04B + attention 48 x 62.9M (3.02B) +
                # embeddings and head 2.07B = 107.77B
                "llama4_scout": 107.77e9, "qwen3_next_80b_a3b": 80e9, "qwen3_5_35b_a3b": 35e9,
-               "deepseek_v32": 671e9}
+               "deepseek_v32": 671e9, "glm5": 744e9}
 
 
 def plan_for(*overrides, check=False):
@@ -43,7 +43,8 @@ def test_shipped_configs_total_matches_the_published_count(model, expected):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss",
                                   "mixtral", "qwen2_tied_mha", "glm4_moe", "minimax_m2", "llama4",
-                                  "llama4_interleaved", "qwen3_next", "qwen3_5_moe", "deepseek_v32"])
+                                  "llama4_interleaved", "qwen3_next", "qwen3_5_moe", "deepseek_v32",
+                                  "glm_moe_dsa"])
 def test_parameter_count_equals_transformers(name, tmp_path):
     import transformers
 

@@ -203,7 +203,8 @@ def test_request_that_cannot_fit_the_cache_is_refused(model_path):
         Scheduler(e).submit(Request(_prompt(250), SamplingParams(max_new_tokens=4)))
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v32", "mixtral", "glm4_moe", "minimax_m2", "llama4"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "mixtral", "glm4_moe", "minimax_m2",
+                                  "llama4"])
 def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, arch):
     """Blocks shared, demoted to disk and read back give the same greedy tokens on MLA's latent
     cache (no V tensors) as on a K/V cache."""
@@ -213,7 +214,7 @@ def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, a
     want = _run(kt_core.Engine.from_pretrained(path, overrides=ov), [prompt])[0][0]
     e = kt_core.Engine.from_pretrained(path, overrides=ov)
     pc = e.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
-    assert e.cache.layout == ("mla-latent" if arch.startswith("deepseek") else "mha")
+    assert e.cache.layout == ("mla-latent" if arch.startswith("deepseek") or arch == "glm_moe_dsa" else "mha")
     assert _run(e, [prompt])[0][0] == want
     assert pc.flush() >= 2
     fresh = kt_core.Engine.from_pretrained(path, overrides=ov)
