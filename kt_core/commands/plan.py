@@ -40,15 +40,30 @@ def model_spec(cfg):
 
 
 def gguf_tensors(cfg, spec):
-    """For a GGUF model.path: the planner's tensors with the sizes of what its file keeps quantized."""
+    """For a GGUF model.path, or a folder of pack-quantized int4 weights: the planner's tensors with the
+    sizes of what its files keep quantized (None: sizes follow the quant config)."""
     from kt_core.weights.paths import is_gguf
 
-    if cfg.model.path is None or not is_gguf(cfg.model.path):
+    if cfg.model.path is None:
         return None
     from kt_core.models.shapes import model_tensors
-    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+    from kt_core.weights.keep import kept_groups
 
-    return GGUFCheckpoint(cfg.model.path).plan_tensors(model_tensors(spec), GGUFCheckpoint.kept_groups(cfg.quant))
+    if is_gguf(cfg.model.path):
+        from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(cfg.model.path).plan_tensors(model_tensors(spec), kept_groups(cfg.quant))
+    from pathlib import Path
+
+    from kt_core.jsonfile import read_json
+    from kt_core.weights import packed_int4
+
+    folder = Path(cfg.model.path).expanduser()
+    pack = packed_int4.scheme(read_json(folder / "config.json", "config.json"))
+    if pack is None:
+        return None
+    return packed_int4.plan_tensors(model_tensors(spec), packed_int4.packed_names(folder), pack.group_size,
+                                    kept_groups(cfg.quant))
 
 
 def run(overrides, flags) -> int:

@@ -136,7 +136,25 @@ class Checkpoint:
         self._stored: dict[str, str] = {}  # name the loader asks for -> name in the file, where they differ
         self._index(allow_bin)
         self._strip_backbone_prefix()
+        self._find_packed()
 
+    def _find_packed(self) -> None:
+        """compressed-tensors pack-quantized int4 weights (Kimi-K2.5's experts): ``NAME.weight`` stands
+        for ``NAME.weight_packed`` / ``_scale`` / ``_shape`` and is kept as kt-core int4."""
+        from kt_core.weights.packed_int4 import scheme
+
+        self._pack = scheme(self.config)
+        self._packed: set[str] = set()
+        if self._pack is None:
+            return
+        for n in list(self._where):
+            if n.endswith(".weight_packed"):
+                base = n[: -len("_packed")]
+                missing = [x for x in ("_scale", "_shape") if base + x not in self._where]
+                if missing:
+                    raise KtError(f"tensor {n} has no {base + missing[0]}; the pack-quantized checkpoint is "
+                                  "incomplete: download it again")
+                self._packed.add(base)
     def _strip_backbone_prefix(self) -> None:
         """A multimodal checkpoint's language model is read under the plain names (``model.layers.0...``,
         ``lm_head.weight``); the rest (vision tower, projector) is not visible."""
@@ -227,10 +245,40 @@ class Checkpoint:
         return sorted(set(self._where) | set(self._bin))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where or name in self._bin
+        return name in self._where or name in self._bin or name in self._packed
+
+    def keeps(self, name: str) -> bool:
+        """Whether ``quantized(name)`` hands over the file's own quantization (pack-quantized int4)."""
+        return name in self._packed
+
+    def quantized(self, name: str, shape=None):
+        """A pack-quantized weight as kt-core int4 (exact), or None for a plain tensor."""
+        if name not in self._packed:
+            return None
+        from kt_core.weights.packed_int4 import to_quantized
+
+        return to_quantized(name, self._raw(name + "_packed"), self._raw(name + "_scale"), self._raw(name + "_shape"),
+                            self._pack.group_size, shape)
+
+    @staticmethod
+    def kept_groups(quant) -> frozenset:
+        from kt_core.weights.keep import kept_groups
+
+        return kept_groups(quant)
+
+    def plan_tensors(self, tensors: list, keep: frozenset) -> list:
+        """The planner's tensor list with the stored bytes of the pack-quantized weights a load keeps."""
+        from kt_core.weights.packed_int4 import plan_tensors
+
+        return plan_tensors(tensors, self._packed, self._pack.group_size, keep) if self._packed else tensors
 
     def get(self, name: str, shape: Optional[Iterable[int]] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Read one tensor; ``shape`` is checked when given."""
+        if name in self._packed:  # floats asked of a pack-quantized weight: q * scale
+            from kt_core.weights.quant import dequantize
+
+            t = dequantize(self.quantized(name, shape), torch.float32)
+            return t if dtype is None else t.to(dtype)
         t = self._raw(name)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise KtError(f"tensor {name} in {self.file_of(name)} has shape {tuple(t.shape)} but config.json "

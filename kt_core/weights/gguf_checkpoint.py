@@ -101,16 +101,9 @@ class GGUFCheckpoint:
 
     @staticmethod
     def kept_groups(quant) -> frozenset:
-        """The tensor groups a load keeps in the file's quantization under config ``quant``: those
-        whose format is none (routers and the embedding are always read as floats)."""
-        from kt_core.config.schema import choice
+        from kt_core.weights.keep import kept_groups
 
-        dense = choice(quant.dense)
-        head = choice(quant.head) if quant.get("head") is not None else dense
-        out = {"attention", "dense", "shared"} if dense == "none" else set()
-        out |= {"experts"} if choice(quant.experts) == "none" else set()
-        out |= {"lm_head"} if head == "none" else set()
-        return frozenset(out)
+        return kept_groups(quant)
 
     def plan_tensors(self, tensors: list, keep: frozenset = frozenset(GROUPS)) -> list:
         """The planner's tensor list with the bytes of every weight the loader keeps in the file's
