@@ -70,7 +70,7 @@ def text_backbone(c: dict) -> tuple[dict, dict[str, str]]:
 class RopeSpec:
     theta: float
     rot_dim: int
-    kind: str = "default"  # default | linear | llama3 | yarn | dynamic(as default)
+    kind: str = "default"  # default | linear | llama3 | yarn | freq_factors (a GGUF's rope_freqs)
     params: dict[str, Any] = field(default_factory=dict)
     interleaved: bool = False
 
@@ -93,6 +93,8 @@ class RopeSpec:
             return torch.where(is_mid, mid, scaled), 1.0
         if self.kind == "yarn":
             return _yarn(dim, base, p)
+        if self.kind == "freq_factors":  # a GGUF's rope_freqs: each frequency divided by its factor
+            return inv / torch.tensor(p["freq_factors"], dtype=torch.float32), 1.0
         return inv, 1.0
 
 
@@ -337,6 +339,8 @@ def _parse_config(c: dict) -> ModelSpec:
         bos_token_id=c.get("bos_token_id"), eos_token_ids=_eos(c),
     )
     spec.softmax_scale = head_dim ** -0.5
+    if c.get("rope_freq_factors") is not None:  # from a GGUF's rope_freqs (replaces rope_scaling)
+        spec.rope.kind, spec.rope.params = "freq_factors", {"freq_factors": list(c["rope_freq_factors"])}
     if fam == "llama":
         spec.qkv_bias = spec.o_bias = bool(c.get("attention_bias", False))
     elif fam in ("qwen2", "qwen2_moe"):

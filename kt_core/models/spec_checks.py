@@ -112,6 +112,10 @@ def _check_config(c: Any) -> None:
     for key in ("architectures", "layer_types"):
         if c.get(key) is not None and not _is_list_of(c[key], str):
             raise _invalid(key, c[key], "a list of strings")
+    f = c.get("rope_freq_factors")
+    if f is not None and not (isinstance(f, list) and f and all(type(v) in (int, float) and math.isfinite(v) and v > 0
+                                                                for v in f)):
+        raise _invalid("rope_freq_factors", f, "a list of positive numbers")
     for key in ("mlp_only_layers", "moe_layers", "no_rope_layers"):
         if c.get(key) is not None and not _is_list_of(c[key], int):
             raise _invalid(key, c[key], "a list of whole numbers")
@@ -142,6 +146,9 @@ def _check_spec(spec: ModelSpec) -> None:
     if spec.mla is None and (spec.num_kv_heads > spec.num_heads or spec.num_heads % spec.num_kv_heads):
         raise KtError(f"config.json: num_key_value_heads={spec.num_kv_heads} must divide num_attention_heads="
                       f"{spec.num_heads}; fix config.json or download it again")
+    if spec.rope.kind == "freq_factors" and len(spec.rope.params["freq_factors"]) != spec.rope.rot_dim // 2:
+        raise KtError(f"the model's rope_freqs holds {len(spec.rope.params['freq_factors'])} factors for a rotary "
+                      f"dimension of {spec.rope.rot_dim} (one per pair); the file is inconsistent: convert it again")
     if spec.layer_types and len(spec.layer_types) != spec.num_layers:
         raise KtError(f"config.json: layer_types has {len(spec.layer_types)} entries for {spec.num_layers} layers; "
                       "fix config.json or download it again")

@@ -29,7 +29,10 @@ LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
          "ffn_gate_inp": "{mlp}.gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
          "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
          "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+# rope_freqs: Llama-3.1-style rope scaling baked into per-frequency divisors (GGUFCheckpoint reads it
+# into the config's rope_freq_factors)
 TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+       "rope_freqs.weight": "rope_freqs",
        "output.weight": "lm_head.weight"}
 EXPERTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # DeepSeek-V2/V3 (MLA attention, DeepSeek's shared experts) and gpt-oss on top of LAYER
@@ -83,9 +86,6 @@ def hf_config(arch: str, meta: Callable[[str, Any], Any], shapes: dict[str, tupl
     if arch not in ARCHS:
         raise KtError(f"GGUF architecture {arch!r} is not supported; kt-core reads GGUF files of "
                       f"{', '.join(sorted(ARCHS))}")
-    if "rope_freqs.weight" in shapes:
-        raise KtError(f"this {arch} GGUF carries rope frequency factors (rope_freqs, Llama-3.1-style rope "
-                      "scaling), which kt-core does not read from GGUF yet; use the Hugging Face folder")
     n_exp = int(_get(meta, arch, "expert_count", 0) or 0)
     dense_arch, moe_arch = ARCHS[arch]
     hf_arch = moe_arch if n_exp else dense_arch

@@ -66,6 +66,8 @@ class GGUFCheckpoint:
                           "re-convert the file") from None
         self._src = tensor_names(self.config, self.arch, list(self._tensors), shapes)
         self._told: set[str] = set()
+        if "rope_freqs" in self._src:  # Llama-3.1-style rope scaling as per-frequency divisors
+            self.config["rope_freq_factors"] = [float(v) for v in self.get("rope_freqs").reshape(-1).tolist()]
 
     # ---- metadata ----------------------------------------------------------------
     def meta(self, key: str, default=None):

@@ -32,6 +32,12 @@ MODELS = {  # synthetic checkpoints with real tokenizers: (arch, preset, tokeniz
                     dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4,
                          n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=64,
                          kv_lora_rank=128, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=32)),
+    # Llama-3.1's rope scaling, which the converter bakes into a rope_freqs tensor of per-frequency divisors
+    "llama31": ("llama", "llama-3-8b", "qwen", dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                                   num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                                                   rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                 "original_max_position_embeddings": 32})),
     # sinks, biases, BF16 experts split by the converter into gate / up / down (+ biases), a window the ids pass
     "gpt_oss": ("gpt_oss", "gpt-oss-20b", "qwen", dict(hidden_size=128, intermediate_size=96, num_attention_heads=4,
                                                       num_key_value_heads=2, head_dim=32, num_local_experts=4,
