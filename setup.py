@@ -88,7 +88,8 @@ setup(
         "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.56", "pyyaml>=6",
                 "mistral-common[sentencepiece]>=1.5", "tiktoken>=0.7", "openai>=1.40", "httpx>=0.27",
                 "simde-py>=0.8",  # SIMDe headers: the AVX-512 / AMX kernels run emulated in tests
-                "compressed-tensors>=0.12"],  # packs the int4 test checkpoints (Kimi-K2.5's format)
+                "compressed-tensors>=0.12",  # packs the int4 test checkpoints (Kimi-K2.5's format)
+                "peft>=0.21"],  # the LoRA adapters the tests run are made by peft itself
         "mistral": ["mistral-common[sentencepiece]>=1.5"],
         "cuda": ["cupy-cuda12x>=13"],
         "opencl": ["pyopencl>=2024.1"],

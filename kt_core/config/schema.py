@@ -166,6 +166,14 @@ class ProfileConfig:
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA adapter (PEFT format: adapter_config.json + adapter_model.safetensors) merged into the
+    base weights at load: ``kt run lora.path=DIR``."""
+
+    path: Optional[str] = None
+
+
+@dataclass
 class KtConfig:
     device: Dict[str, DeviceConfig] = field(default_factory=dict)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
@@ -175,6 +183,7 @@ class KtConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     prompt: Optional[str] = None  # kt run: the text to continue
 
 
@@ -187,6 +196,7 @@ GROUP_SCHEMAS = {
     "generate": GenerateConfig,
     "plan": PlanConfig,
     "profile": ProfileConfig,
+    "lora": LoraConfig,
 }
 
 

@@ -120,6 +120,10 @@ class Engine:
         slot = topo.roles["attention"][0]
         backend = registry().get(slot.backend)
         ck = open_checkpoint(cfg.model.path, allow_bin=bool(cfg.model.allow_bin_weights))
+        if cfg.get("lora") is not None and cfg.lora.path:  # a PEFT LoRA adapter, merged as weights are read
+            from kt_core.weights.lora import Adapted, Adapter
+
+            ck = Adapted(ck, Adapter(cfg.lora.path))
         spec = parse_config(ck.config)
         from kt_core.models.shapes import model_tensors
         from kt_core.placement.plan import make_plan

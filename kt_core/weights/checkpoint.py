@@ -348,6 +348,15 @@ class Checkpoint:
                           f"to {f.name}, which does not hold it; download the checkpoint again")
         return handle.get_tensor(stored)
 
+    def stored(self, name: str) -> tuple[str, torch.Tensor]:
+        """(the name in the file, the tensor as stored): what ``kt merge`` copies unchanged."""
+        return self._stored.get(name, name), self._raw(name)
+
+    @property
+    def packed_weights(self) -> set[str]:
+        """The ``NAME.weight`` names stored pack-quantized (``NAME.weight_packed`` / ``_scale`` / ``_shape``)."""
+        return set(self._packed)
+
     def optional(self, name: str, shape=None, dtype=None) -> Optional[torch.Tensor]:
         return self.get(name, shape, dtype) if name in self else None
 

@@ -1,0 +1,133 @@
+"""LoRA adapters in PEFT's format, merged into the base weights as they are read.
+
+A PEFT LoRA folder holds ``adapter_config.json`` (r, lora_alpha, use_rslora, target modules, the
+base model's name) and ``adapter_model.safetensors`` with, per adapted linear ``MODULE``,
+``base_model.model.MODULE.lora_A.weight [r, in]`` and ``...lora_B.weight [out, r]``. The adapted
+weight is ``W + s * B @ A`` with ``s = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). ``Adapted``
+wraps a checkpoint so every reader (dense, MLA's kv_b, experts, the planner) sees the merged
+weights: nothing downstream changes, and an adapter costs nothing per token. A merged weight is
+never kept in its file's quantization (a GGUF's blocks), so the merge is exact before any
+``quant.*`` format applies.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kt_core.errors import KtError
+from kt_core.jsonfile import read_json
+
+PREFIX = "base_model.model."
+
+
+class Adapter:
+    def __init__(self, path) -> None:
+        self.path = Path(path).expanduser()
+        if not (self.path / "adapter_config.json").is_file():
+            raise KtError(f"lora.path={self.path} holds no adapter_config.json; point it at a PEFT LoRA adapter folder")
+        cfg = read_json(self.path / "adapter_config.json", "adapter_config.json")
+        self.config = cfg
+        problems = []
+        if cfg.get("peft_type") != "LORA":
+            problems.append(f"peft_type {cfg.get('peft_type')!r} (only LORA)")
+        for key in ("use_dora", "fan_in_fan_out"):
+            if cfg.get(key):
+                problems.append(f"{key}=true")
+        if cfg.get("bias", "none") != "none":
+            problems.append(f"bias={cfg.get('bias')!r} (only 'none')")
+        if cfg.get("modules_to_save"):
+            problems.append("modules_to_save (full copies of modules)")
+        if cfg.get("target_parameters"):
+            problems.append(f"target_parameters {cfg['target_parameters']} (LoRA on fused expert tensors; adapt "
+                            "linear modules)")
+        elif cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            problems.append("per-module rank_pattern / alpha_pattern")
+        r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+        if type(r) is not int or r < 1 or type(alpha) not in (int, float) or not math.isfinite(alpha):
+            problems.append(f"r={r!r}, lora_alpha={alpha!r}")
+        if problems:
+            raise KtError(f"{self.path / 'adapter_config.json'}: kt-core does not read this adapter: "
+                          f"{'; '.join(problems)}")
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        self.base_model = cfg.get("base_model_name_or_path")
+        self.pairs = self._read_tensors()
+
+    def _read_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """weight name (``MODULE.weight``) -> (A [r, in], B [out, r])."""
+        from safetensors.torch import load_file
+
+        f = self.path / "adapter_model.safetensors"
+        if not f.is_file():
+            raise KtError(f"{self.path} has no adapter_model.safetensors (a .bin adapter is not unpickled: save it "
+                          "with safe_serialization=True)")
+        try:
+            tensors = load_file(str(f))
+        except Exception as exc:  # a corrupt file: safetensors' own message
+            raise KtError(f"{f} could not be read ({type(exc).__name__}: {exc}); save the adapter again") from None
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            if not name.startswith(PREFIX) or not name.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise KtError(f"{f}: tensor {name} is not a LoRA A / B matrix; kt-core reads plain LoRA adapters")
+            module, which = name[len(PREFIX):].rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+            out.setdefault(module + ".weight", {})[which] = t
+        pairs = {}
+        for weight, ab in out.items():
+            a, b = ab.get("lora_A"), ab.get("lora_B")
+            if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != self.r or b.shape[1] != self.r:
+                raise KtError(f"{f}: {weight[:-7]} has lora_A {None if a is None else tuple(a.shape)} and lora_B "
+                              f"{None if b is None else tuple(b.shape)}, not [r={self.r}, in] and [out, r]")
+            pairs[weight] = (a, b)
+        if not pairs:
+            raise KtError(f"{f} holds no LoRA matrices")
+        return pairs
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256((self.path / "adapter_config.json").read_bytes())
+        h.update((self.path / "adapter_model.safetensors").read_bytes())
+        return h.hexdigest()
+
+
+class Adapted:
+    """A checkpoint whose adapted weights read as ``W + s * B @ A``; everything else passes through."""
+
+    def __init__(self, ck, adapter: Adapter) -> None:
+        self.ck, self.adapter = ck, adapter
+        foreign = sorted(n for n in adapter.pairs if n not in ck)
+        if foreign:
+            raise KtError(f"the LoRA adapter in {adapter.path} adapts {foreign[0][:-7]}, which this model does not "
+                          f"have: it was made for another base model ({adapter.base_model or 'not recorded'})")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ck, name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ck
+
+    def get(self, name: str, shape=None, dtype=None) -> torch.Tensor:
+        if name not in self.adapter.pairs:
+            return self.ck.get(name, shape, dtype)
+        w = self.ck.get(name, shape, torch.float32)
+        a, b = self.adapter.pairs[name]
+        if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(w.shape):
+            raise KtError(f"the LoRA adapter in {self.adapter.path} adapts {name[:-7]} as {b.shape[0]} x {a.shape[1]}, "
+                          f"but this model's weight is {tuple(w.shape)}: it was made for another base model "
+                          f"({self.adapter.base_model or 'not recorded'})")
+        w = w + self.adapter.scaling * (b.float() @ a.float())
+        return w if dtype is None else w.to(dtype)
+
+    def keeps(self, name: str) -> bool:
+        return name not in self.adapter.pairs and hasattr(self.ck, "keeps") and self.ck.keeps(name)
+
+    def quantized(self, name: str, shape=None):
+        return None if name in self.adapter.pairs else self.ck.quantized(name, shape)
+
+    def is_fp8(self, name: str) -> bool:
+        return name not in self.adapter.pairs and hasattr(self.ck, "is_fp8") and self.ck.is_fp8(name)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.ck.fingerprint()}|lora:{self.adapter.fingerprint()}".encode()).hexdigest()
