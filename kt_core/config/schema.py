@@ -174,6 +174,30 @@ class LoraConfig:
 
 
 @dataclass
+class TrainLoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TrainConfig:
+    """``kt sft``: LoRA fine-tuning (the ``train/`` group: sft)."""
+
+    name: str = "sft"
+    data: Optional[str] = None  # JSON lines: {"messages": [...]} or alpaca's {"instruction", "input", "output"}
+    output: Optional[str] = None  # the adapter folder written (PEFT format)
+    max_steps: int = 100
+    lr: float = 2e-4
+    batch: int = 1  # examples per optimizer step (gradients accumulated one example at a time)
+    max_seq_len: int = 2048  # an example over this many tokens is an error naming its line
+    seed: int = 0
+    log_every: int = 10
+    init: Optional[str] = None  # an adapter folder to start from (its r / alpha win)
+    lora: TrainLoraConfig = field(default_factory=TrainLoraConfig)
+
+
+@dataclass
 class KtConfig:
     device: Dict[str, DeviceConfig] = field(default_factory=dict)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
@@ -184,6 +208,7 @@ class KtConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     prompt: Optional[str] = None  # kt run: the text to continue
 
 
@@ -197,6 +222,7 @@ GROUP_SCHEMAS = {
     "plan": PlanConfig,
     "profile": ProfileConfig,
     "lora": LoraConfig,
+    "train": TrainConfig,
 }
 
 

@@ -358,6 +358,10 @@ class CausalLM:
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
         """Logits (float32) of ``batch.logits_rows``."""
+        return self.forward_train(batch, cache)
+
+    def forward_train(self, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
+        """``forward`` without inference mode: autograd records it (fine-tuning on an autograd backend)."""
         eps = self.spec.rms_eps
         if int(batch.positions.max()) >= self.cos_sin.shape[0]:
             from kt_core.errors import KtError

@@ -24,6 +24,18 @@ from kt_core.jsonfile import read_json
 PREFIX = "base_model.model."
 
 
+class LoraWeight:
+    """A linear's frozen base weight with a trainable low-rank update: ``x W^T + s (x A^T) B^T``
+    (A [r, in], B [out, r], float32). The torch ops' ``linear`` computes it (fine-tuning)."""
+
+    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        self.base, self.a, self.b, self.scaling = base, a, b, float(scaling)
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+
 class Adapter:
     def __init__(self, path) -> None:
         self.path = Path(path).expanduser()

@@ -15,6 +15,9 @@ SWIGLU_OAI_LIMIT = 7.0
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if hasattr(weight, "scaling") and hasattr(weight, "base"):  # a LoraWeight being trained
+        delta = (x.float() @ weight.a.T) @ weight.b.T * weight.scaling
+        return linear(x, weight.base, bias) + delta.to(x.dtype)
     if weight_format(weight) is Quant.W8A8:
         x = fake_quant_activations(x)
     w = dequantize(weight, x.dtype) if not isinstance(weight, torch.Tensor) else weight

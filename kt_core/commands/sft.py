@@ -1,0 +1,74 @@
+"""kt sft: LoRA supervised fine-tuning; writes a PEFT adapter that kt run / serve and peft load."""
+from __future__ import annotations
+
+import sys
+
+HELP = "fine-tune LoRA adapters on a JSON-lines dataset (supervised); writes a PEFT adapter folder"
+USAGE = """kt sft model.path=DIR train.data=FILE.jsonl train.output=OUT [train.max_steps=N] [train.lr=X]
+       [train.batch=N] [train.lora.r=16] [train.lora.alpha=32] [train.lora.targets=[q_proj,v_proj]]
+
+  kt sft model.path=/models/Qwen3-30B-A3B train.data=chat.jsonl train.output=/runs/qa train.max_steps=200
+  kt run model.path=/models/Qwen3-30B-A3B lora.path=/runs/qa prompt="..."
+
+Each line of the data is {"messages": [..., {"role": "assistant", "content": ...}]} or alpaca's
+{"instruction": ..., "input": ..., "output": ...}; the loss covers the answer's tokens. Prints a line
+every train.log_every steps (loss, tokens/s, ETA) and appends JSON lines to OUT/../<OUT>.metrics.jsonl.
+This first slice trains on the CPU through torch autograd (attention, dense and shared-expert
+linears; the experts frozen in the model's dtype); Ctrl+C saves the adapter so far and stops."""
+
+
+def run(overrides, flags) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from kt_core.config import compose
+    from kt_core.config.schema import choice
+    from kt_core.config.validate import torch_dtype
+    from kt_core.errors import KtError
+    from kt_core.models.model import CausalLM, QuantPlan
+    from kt_core.models.spec import parse_config
+    from kt_core.train.lora_model import AutogradBackend, LoraModel
+    from kt_core.train.sft import read_examples, train
+    from kt_core.weights.checkpoint import open_checkpoint
+
+    cfg = compose(list(overrides))
+    t = cfg.train
+    if cfg.model.path is None or not t.data or not t.output:
+        raise KtError("kt sft needs model.path=DIR train.data=FILE.jsonl train.output=OUT")
+    if t.max_steps < 1 or t.batch < 1 or t.lr <= 0:
+        raise KtError(f"train.max_steps={t.max_steps}, train.batch={t.batch} and train.lr={t.lr} must be positive")
+    ck = open_checkpoint(cfg.model.path)
+    spec = parse_config(ck.config)
+    tokenizer = ck.tokenizer()
+    if tokenizer is None or not tokenizer.chat_template:
+        raise KtError(f"{cfg.model.path} has no tokenizer with a chat template, which kt sft formats examples with")
+    examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
+    model = CausalLM.load(ck, spec, AutogradBackend(), torch_dtype(choice(cfg.model.dtype)), QuantPlan())
+    lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),
+                     init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed))
+    out = Path(t.output).expanduser()
+    metrics = out.with_name(out.name + ".metrics.jsonl")
+    start, tokens_seen = time.perf_counter(), [0]
+
+    def on_step(step: int, loss: float, n_tok: int) -> None:
+        tokens_seen[0] += n_tok
+        elapsed = time.perf_counter() - start
+        with open(metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step + 1, "loss": loss, "tokens": tokens_seen[0], "seconds": elapsed}) + "\n")
+        if (step + 1) % max(int(t.log_every), 1) == 0 or step + 1 == t.max_steps:
+            eta = elapsed / (step + 1) * (t.max_steps - step - 1)
+            print(f"step {step + 1}/{t.max_steps}  loss {loss:.4f}  {tokens_seen[0] / elapsed:.0f} tok/s  "
+                  f"eta {eta:.0f} s", file=sys.stderr)
+
+    print(f"training {len(lora.modules)} LoRA adapters (r={lora.r}) of {spec.arch} on {len(examples)} examples",
+          file=sys.stderr)
+    try:
+        train(lora, examples, int(t.max_steps), float(t.lr), int(t.batch), int(t.seed), on_step)
+    except KeyboardInterrupt:
+        print("interrupted: saving the adapter so far", file=sys.stderr)
+        lora.save(out, str(cfg.model.path))
+        return 130
+    lora.save(out, str(cfg.model.path))
+    print(f"wrote {out}; use it with lora.path={out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,1 @@
+"""Fine-tuning: LoRA adapters trained on kt-core models (``kt sft``)."""

@@ -1,0 +1,145 @@
+"""A kt-core model with trainable LoRA adapters on its linears, for fine-tuning (``kt sft``).
+
+The model is loaded as for inference, on a torch-autograd backend (every op differentiable), and the
+weights of the targeted linears are wrapped as ``LoraWeight``: ``x W^T + s (x A^T) B^T`` with A, B
+float32 parameters (the frozen base stays in its dtype). Targets are module names as PEFT writes them
+(``q_proj``, ``kv_a_proj_with_mqa``, ``gate_proj``, ...); the adapters save in PEFT's format, so
+``peft.PeftModel.from_pretrained`` and ``kt run lora.path=...`` both read them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kt_core.backend.torch_backend import TorchBackend
+from kt_core.backend.types import ProbeResult
+from kt_core.errors import KtError
+from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
+from kt_core.models.names import moe_names
+from kt_core.weights.lora import PREFIX, LoraWeight
+
+# kt-core's attention weight keys -> the module names checkpoints (and PEFT) use
+ATTENTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+MLA = {"q": "q_proj", "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj_with_mqa", "o": "o_proj"}
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+class AutogradBackend(TorchBackend):
+    """The reference torch ops on the CPU, which autograd differentiates (no native kernels)."""
+
+    name = "autograd"
+    device_type = "cpu"
+
+    @classmethod
+    def probe(cls) -> ProbeResult:
+        return ProbeResult(True, "torch autograd on the CPU")
+
+
+def linear_slots(model) -> dict[str, tuple[object, str]]:
+    """Every linear a LoRA adapter can target: module name -> (its holder, the key or attribute)."""
+    out: dict[str, tuple[object, str]] = {}
+    names = moe_names(model.spec.family)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        attn = layer.attn
+        if isinstance(attn, (Attention, MLAttention)):
+            table = MLA if isinstance(attn, MLAttention) else ATTENTION
+            for key, module in table.items():
+                if key in attn.w:
+                    out[f"{p}self_attn.{module}"] = (attn.w, key)
+        mlps = []
+        if isinstance(layer.ffn, DenseMLP):
+            mlps.append((names.dense_prefix(p), layer.ffn))
+        elif isinstance(layer.ffn, MoEBlock) and layer.ffn.shared is not None:
+            mlps.append((names.shared_prefix(p), layer.ffn.shared))
+        for prefix, mlp in mlps:
+            for attr, module in zip(("gate", "up", "down"), MLP):
+                out[prefix + module] = (mlp, attr)
+    return out
+
+
+def _get(holder, key):
+    return holder[key] if isinstance(holder, dict) else getattr(holder, key)
+
+
+def _set(holder, key, value) -> None:
+    if isinstance(holder, dict):
+        holder[key] = value
+    else:
+        setattr(holder, key, value)
+
+
+class LoraModel:
+    def __init__(self, model, targets: list[str], r: int, alpha: float, init: Optional[Path] = None,
+                 seed: int = 0) -> None:
+        """``targets``: module name endings (``q_proj``...); ``init``: a PEFT adapter folder to start from
+        (its r / alpha win), else PEFT's initialisation (A Kaiming-uniform, B zero)."""
+        self.model, self.r, self.alpha = model, r, alpha
+        slots = linear_slots(model)
+        chosen = {m: s for m, s in slots.items() if m.rsplit(".", 1)[-1] in targets}
+        missing = sorted(set(targets) - {m.rsplit(".", 1)[-1] for m in chosen})
+        if missing:
+            kinds = sorted({m.rsplit(".", 1)[-1] for m in slots})
+            raise KtError(f"train.lora.targets {missing} name no linear of {model.spec.arch}; it has {kinds} "
+                          "(MLA's kv_b_proj and routed experts are not trained yet)")
+        pairs = {}
+        if init is not None:
+            from kt_core.weights.lora import Adapter
+
+            adapter = Adapter(init)
+            self.r, self.alpha = adapter.r, adapter.config["lora_alpha"]
+            pairs = adapter.pairs
+        scaling = self.alpha / self.r
+        g = torch.Generator().manual_seed(seed)
+        self.modules: dict[str, LoraWeight] = {}
+        for module, (holder, key) in sorted(chosen.items()):
+            base = _get(holder, key)
+            out_f, in_f = base.shape
+            if module + ".weight" in pairs:
+                a, b = (t.float().clone() for t in pairs[module + ".weight"])
+            else:
+                bound = 1 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)), as torch.nn.Linear and peft
+                a = (torch.rand(self.r, in_f, generator=g) * 2 - 1) * bound
+                b = torch.zeros(out_f, self.r)
+            lw = LoraWeight(base, a.requires_grad_(), b.requires_grad_(), scaling)
+            _set(holder, key, lw)
+            self.modules[module] = lw
+        self.targets = sorted(set(targets))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for lw in self.modules.values() for t in (lw.a, lw.b)]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """PEFT's tensor names -> the adapter's matrices."""
+        out = {}
+        for module, lw in self.modules.items():
+            out[f"{PREFIX}{module}.lora_A.weight"] = lw.a.detach().contiguous()
+            out[f"{PREFIX}{module}.lora_B.weight"] = lw.b.detach().contiguous()
+        return out
+
+    def save(self, folder: Path, base_model: str) -> Path:
+        """Write a PEFT LoRA adapter folder (written beside, then renamed into place)."""
+        import os
+        import shutil
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+                  "lora_dropout": 0.0, "target_modules": self.targets, "base_model_name_or_path": base_model,
+                  "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+                  "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+                  "rank_pattern": {}, "alpha_pattern": {}}
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        save_file(self.state(), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder

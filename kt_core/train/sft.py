@@ -1,0 +1,123 @@
+"""Supervised fine-tuning of LoRA adapters: data, loss on the assistant's tokens, the training loop.
+
+Data (JSON lines, one example a line): ``{"messages": [{"role": ..., "content": ...}, ...]}``
+(sharegpt / OpenAI style: the last message is the assistant's answer) or alpaca's
+``{"instruction": ..., "input": ..., "output": ...}``. The prompt is the model's chat template with
+the generation prompt; the loss covers the answer's tokens and the end-of-sequence token only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kt_core.errors import KtError
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    first_label: int  # tokens[first_label:] are the answer (and end of sequence): the loss covers them
+
+
+def read_examples(path, tokenizer, max_len: int) -> list[Example]:
+    """The file's examples, tokenized; a malformed line fails naming the file and line, an example
+    over ``max_len`` tokens fails naming it and the limit, an empty file says so."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise KtError(f"train.data={path} does not exist; point it at a JSON-lines file of examples")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages = _messages(row)
+            except (ValueError, KtError) as exc:
+                raise KtError(f"{path.name} line {n}: {exc}; each line must be a JSON object with 'messages' "
+                              "(ending with the assistant's answer) or alpaca's 'instruction' / 'output'") from None
+            prompt = tokenizer.encode(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True),
+                                      add_special_tokens=False)
+            answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            tokens = prompt + answer + eos
+            if len(tokens) > max_len:
+                raise KtError(f"{path.name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}; "
+                              "raise the limit or shorten the example")
+            out.append(Example(tokens, len(prompt)))
+    if not out:
+        raise KtError(f"{path} holds no examples")
+    return out
+
+
+def _messages(row) -> list[dict]:
+    if not isinstance(row, dict):
+        raise KtError("not a JSON object")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                             for m in msgs):
+            raise KtError("'messages' must be a non-empty list of {role, content}")
+        if msgs[-1].get("role") != "assistant":
+            raise KtError("the last message must be the assistant's answer")
+        return msgs
+    if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+        text = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+        return [{"role": "user", "content": text}, {"role": "assistant", "content": row["output"]}]
+    raise KtError("no 'messages' and no 'instruction' / 'output'")
+
+
+def logits_of(model, tokens: list[int]) -> torch.Tensor:
+    """Every position's logits [T, V] (float32), differentiable through the adapters."""
+    cache = model.new_cache(math.ceil(len(tokens) / 16) + 1, 16)
+    batch = cache.prepare([0], [tokens], all_logits=True)
+    with torch.enable_grad():
+        return model.forward_train(batch, cache)
+
+
+def loss_of(model, ex: Example) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the answer's tokens, and how many there are."""
+    logits = logits_of(model, ex.tokens)
+    targets = torch.tensor(ex.tokens[1:], dtype=torch.long)
+    keep = torch.arange(1, len(ex.tokens)) >= ex.first_label
+    loss = F.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def train(lora, examples: list[Example], steps: int, lr: float, batch: int = 1, seed: int = 0,
+          on_step: Optional[Callable[[int, float, int], None]] = None) -> list[float]:
+    """AdamW on the adapters for ``steps`` optimizer steps of ``batch`` examples each (gradients
+    accumulated example by example, the loss a mean over answer tokens). Returns each step's loss."""
+    opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0)
+    order, at = list(range(len(examples))), 0
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    losses = []
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        chosen = []
+        for _ in range(batch):
+            if at == len(order):
+                rng.shuffle(order)
+                at = 0
+            chosen.append(examples[order[at]])
+            at += 1
+        total_tokens = sum(len(ex.tokens) - max(ex.first_label, 1) for ex in chosen)
+        step_loss, n_tok = 0.0, 0
+        for ex in chosen:
+            loss, n = loss_of(lora.model, ex)
+            (loss / max(total_tokens, 1)).backward()
+            step_loss += float(loss.detach())
+            n_tok += len(ex.tokens)
+        opt.step()
+        losses.append(step_loss / max(total_tokens, 1))
+        if on_step is not None:
+            on_step(step, losses[-1], n_tok)
+    return losses

@@ -1,0 +1,107 @@
+"""LoRA fine-tuning (first slice of issue 12): gradients equal transformers + peft autograd's on tiny
+checkpoints, a small task is learnt, and the adapter written loads in peft and in kt-core alike."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kt_core
+from tests.parity.tiny import hf_model
+from tests.unit.test_lora import PROMPT, make_adapter
+
+peft = pytest.importorskip("peft")
+CASES = {  # the linears adapted (MLA's kv_b_proj and routed experts are not trained yet)
+    "llama": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2_moe": ["q_proj", "k_proj", "gate_proj", "up_proj", "down_proj"],  # a dense layer and shared experts
+    "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"],
+}
+FIRST_LABEL = 8  # the loss covers positions 8.. (the "answer")
+
+
+def load(path, targets, init=None):
+    from kt_core.models.model import CausalLM, QuantPlan
+    from kt_core.models.spec import parse_config
+    from kt_core.train.lora_model import AutogradBackend, LoraModel
+    from kt_core.weights.checkpoint import Checkpoint
+
+    ck = Checkpoint(path)
+    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.float32, QuantPlan())
+    return LoraModel(model, targets, r=4, alpha=8, init=init)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_lora_gradients_equal_peft(name, tiny_checkpoint, tmp_path):
+    from kt_core.train.sft import Example, loss_of
+
+    base = tiny_checkpoint(name)
+    ref = make_adapter(base, tmp_path / "a", CASES[name])  # peft's A, random B
+    ref.train()
+    logits = ref(torch.tensor([PROMPT])).logits[0]
+    keep = torch.arange(1, len(PROMPT)) >= FIRST_LABEL
+    F.cross_entropy(logits[:-1][keep], torch.tensor(PROMPT[1:])[keep], reduction="sum").backward()
+    want = {}
+    for pname, p in ref.named_parameters():
+        if "lora_" in pname:
+            module = pname.split("base_model.model.", 1)[1].rsplit(".lora_", 1)[0]
+            want[(module, "a" if ".lora_A." in pname else "b")] = p.grad
+    lora = load(base, CASES[name], init=tmp_path / "a")
+    loss, n = loss_of(lora.model, Example(PROMPT, FIRST_LABEL))
+    assert n == int(keep.sum())
+    loss.backward()
+    assert {m for m, _ in want} == set(lora.modules), "the same linears are adapted"
+    for (module, which), g in want.items():
+        got = getattr(lora.modules[module], which).grad
+        err = float((got - g).abs().max() / g.abs().max().clamp_min(1e-12))
+        assert err <= 1e-4, f"{name} {module} lora_{which.upper()}: gradient differs from peft's by {err:.2e}"
+
+
+def test_sft_learns_and_its_adapter_loads_in_peft_and_kt_core(tmp_path):
+    from kt_core.models.synthetic import synthesize
+    from kt_core.models.tokenizer import Tokenizer
+    from kt_core.train.sft import read_examples, train
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=512)
+    path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=2, shape=shape, sample_tokens=32).path
+    qa = [(f"What is the code word number {i}?", f"The code word is {w}.")
+          for i, w in enumerate(["apple", "river", "stone", "cloud", "ember", "maple", "frost", "delta"])]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                       {"role": "assistant", "content": a}]}) for q, a in qa) + "\n"
+                    + json.dumps({"instruction": qa[0][0], "output": qa[0][1]}) + "\n")
+    examples = read_examples(data, Tokenizer.from_dir(path), max_len=128)
+    assert len(examples) == 9 and all(0 < ex.first_label < len(ex.tokens) for ex in examples)
+    lora = load(path, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    losses = train(lora, examples, steps=40, lr=2e-2, batch=3)
+    # measured: the mean of the first five steps 11.7, of the last five 1.2 (the code words themselves)
+    assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5, losses
+    out = lora.save(tmp_path / "adapter", str(path))
+    ids = examples[0].tokens
+    with torch.no_grad():
+        peft_logits = peft.PeftModel.from_pretrained(hf_model(path), str(out))(torch.tensor([ids])).logits[0]
+    ours = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32", f"lora.path={out}"]).logits(ids)
+    assert float((ours - peft_logits).abs().max() / peft_logits.abs().max()) <= 1e-4
+
+
+def test_kt_sft_command_writes_an_adapter_kt_run_uses(tmp_path):
+    from kt_core.cli import main
+    from kt_core.models.synthetic import synthesize
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=512)
+    path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=1, shape=shape, sample_tokens=16).path
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi there"}) + "\n")
+    out = tmp_path / "run"
+    assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={out}", "train.max_steps=3",
+                 "train.lora.r=2", "train.lr=1e-2", "model.dtype=float32"]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    lines = (tmp_path / "run.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    plain = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32"]).logits([5, 6, 7])
+    tuned = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32", f"lora.path={out}"]).logits([5, 6, 7])
+    assert float((tuned - plain).abs().max()) > 0
+    data.write_text('{"instruction": "x", "output": "y"}\nnot json\n')
+    assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={out}"]) == 2  # names line 2
