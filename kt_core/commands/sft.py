@@ -12,7 +12,9 @@ USAGE = """kt sft model.path=DIR train.data=FILE.jsonl train.output=OUT [train.m
 
 Each line of the data is {"messages": [..., {"role": "assistant", "content": ...}]} or alpaca's
 {"instruction": ..., "input": ..., "output": ...}; the loss covers the answer's tokens. Prints a line
-every train.log_every steps (loss, tokens/s, ETA) and appends JSON lines to OUT/../<OUT>.metrics.jsonl.
+every train.log_every steps (loss, tokens/s, ETA) and JSON lines to <OUT>.metrics.jsonl; every
+train.save_every steps a checkpoint <OUT>.ckpt (adapters, optimizer, data position, RNG), which
+train.resume=true continues with the same loss curve.
 This first slice trains on the CPU through torch autograd (attention, dense and shared-expert
 linears; the experts frozen in the model's dtype); Ctrl+C saves the adapter so far and stops."""
 
@@ -29,7 +31,8 @@ def run(overrides, flags) -> int:
     from kt_core.models.model import CausalLM, QuantPlan
     from kt_core.models.spec import parse_config
     from kt_core.train.lora_model import AutogradBackend, LoraModel
-    from kt_core.train.sft import read_examples, train
+    from kt_core.train.sft import read_examples
+    from kt_core.train.trainer import Trainer
     from kt_core.weights.checkpoint import open_checkpoint
 
     cfg = compose(list(overrides))
@@ -63,12 +66,24 @@ def run(overrides, flags) -> int:
 
     print(f"training {len(lora.modules)} LoRA adapters (r={lora.r}) of {spec.arch} on {len(examples)} examples",
           file=sys.stderr)
+    trainer = Trainer(lora, examples, float(t.lr), int(t.batch), int(t.seed))
+    ckpt = out.with_name(out.name + ".ckpt")
+    if t.resume:
+        if not (ckpt / "state.json").is_file():
+            raise KtError(f"train.resume=true but there is no checkpoint at {ckpt}; drop train.resume")
+        trainer.load(ckpt)
+        print(f"resuming at step {trainer.step} from {ckpt}", file=sys.stderr)
+    elif metrics.exists():
+        metrics.unlink()  # a fresh run starts its own metrics
     try:
-        train(lora, examples, int(t.max_steps), float(t.lr), int(t.batch), int(t.seed), on_step)
+        trainer.run(int(t.max_steps), on_step, int(t.save_every), ckpt)
     except KeyboardInterrupt:
-        print("interrupted: saving the adapter so far", file=sys.stderr)
+        print(f"interrupted at step {trainer.step}: saving the adapter and {ckpt} (train.resume=true continues)",
+              file=sys.stderr)
+        trainer.save(ckpt)
         lora.save(out, str(cfg.model.path))
         return 130
+    trainer.save(ckpt)
     lora.save(out, str(cfg.model.path))
     print(f"wrote {out}; use it with lora.path={out}", file=sys.stderr)
     return 0

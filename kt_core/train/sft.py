@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -93,31 +92,7 @@ def loss_of(model, ex: Example) -> tuple[torch.Tensor, int]:
 
 def train(lora, examples: list[Example], steps: int, lr: float, batch: int = 1, seed: int = 0,
           on_step: Optional[Callable[[int, float, int], None]] = None) -> list[float]:
-    """AdamW on the adapters for ``steps`` optimizer steps of ``batch`` examples each (gradients
-    accumulated example by example, the loss a mean over answer tokens). Returns each step's loss."""
-    opt = torch.optim.AdamW(lora.parameters(), lr=lr, weight_decay=0.0)
-    order, at = list(range(len(examples))), 0
-    rng = random.Random(seed)
-    rng.shuffle(order)
-    losses = []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        chosen = []
-        for _ in range(batch):
-            if at == len(order):
-                rng.shuffle(order)
-                at = 0
-            chosen.append(examples[order[at]])
-            at += 1
-        total_tokens = sum(len(ex.tokens) - max(ex.first_label, 1) for ex in chosen)
-        step_loss, n_tok = 0.0, 0
-        for ex in chosen:
-            loss, n = loss_of(lora.model, ex)
-            (loss / max(total_tokens, 1)).backward()
-            step_loss += float(loss.detach())
-            n_tok += len(ex.tokens)
-        opt.step()
-        losses.append(step_loss / max(total_tokens, 1))
-        if on_step is not None:
-            on_step(step, losses[-1], n_tok)
-    return losses
+    """AdamW on the adapters for ``steps`` optimizer steps of ``batch`` examples each (see Trainer)."""
+    from kt_core.train.trainer import Trainer
+
+    return Trainer(lora, examples, lr, batch, seed).run(steps, on_step)

@@ -103,5 +103,32 @@ def test_kt_sft_command_writes_an_adapter_kt_run_uses(tmp_path):
     plain = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32"]).logits([5, 6, 7])
     tuned = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32", f"lora.path={out}"]).logits([5, 6, 7])
     assert float((tuned - plain).abs().max()) > 0
+    assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={out}", "train.max_steps=5",
+                 "train.lora.r=2", "train.lr=1e-2", "model.dtype=float32", "train.resume=true"]) == 0
+    lines = (tmp_path / "run.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5], "resumed at step 3"
     data.write_text('{"instruction": "x", "output": "y"}\nnot json\n')
     assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={out}"]) == 2  # names line 2
+
+
+def test_resume_continues_the_same_loss_curve(tiny_checkpoint, tmp_path):
+    from kt_core.train.sft import Example
+    from kt_core.train.trainer import Trainer
+
+    base = tiny_checkpoint("llama")
+    examples = [Example([(7 * i + j) % 90 + 1 for j in range(12)], 5) for i in range(5)]
+    straight = Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2, batch=2, seed=3).run(6)
+    stopped = Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2, batch=2, seed=3)
+    head = stopped.run(6, save_every=3, ckpt=tmp_path / "ckpt")[:3]
+    stopped.save(tmp_path / "stopped")  # the periodic save at step 3 was replaced at 6: save step 3's anew
+    again = Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2, batch=2, seed=3)
+    again.run(3)
+    again.save(tmp_path / "at3")
+    resumed = Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2, batch=2, seed=3)
+    resumed.load(tmp_path / "at3")
+    rest = resumed.run(6)
+    assert head == straight[:3]
+    assert rest == straight[3:], (rest, straight[3:])  # bit for bit: the same batches, moments and steps
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 6
+    with pytest.raises(Exception, match="other adapters or other data"):
+        Trainer(load(base, ["q_proj"]), examples, lr=1e-2).load(tmp_path / "at3")

@@ -1,0 +1,118 @@
+"""The optimisation loop of LoRA fine-tuning, with checkpoints that resume the same loss curve.
+
+A checkpoint is a folder: ``state.safetensors`` (the adapters' A / B and AdamW's moments, tensors
+only) and ``state.json`` (the step, the data order and position, the shuffling RNG's state, AdamW's
+hyper-parameters and step counts): written beside, then renamed into place, so a crash mid-write
+leaves the previous one. Nothing is unpickled to resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from kt_core.errors import KtError
+
+STEP_FN = Callable[[int, float, int], None]
+
+
+class Trainer:
+    def __init__(self, lora, examples: list, lr: float, batch: int = 1, seed: int = 0) -> None:
+        from kt_core.train.sft import loss_of
+
+        self.lora, self.examples, self.batch, self.loss_of = lora, examples, batch, loss_of
+        self.params = lora.parameters()
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.rng = random.Random(seed)
+        self.order = list(range(len(examples)))
+        self.rng.shuffle(self.order)
+        self.at, self.step = 0, 0
+
+    def _next(self):
+        if self.at == len(self.order):
+            self.rng.shuffle(self.order)
+            self.at = 0
+        self.at += 1
+        return self.examples[self.order[self.at - 1]]
+
+    def run(self, steps: int, on_step: Optional[STEP_FN] = None, save_every: int = 0,
+            ckpt: Optional[Path] = None) -> list[float]:
+        """Optimizer steps until ``steps`` in all (a resumed run continues its count); the loss of each
+        step is the mean over the answer tokens of its ``batch`` examples (accumulated one at a time)."""
+        losses = []
+        while self.step < steps:
+            self.opt.zero_grad(set_to_none=True)
+            chosen = [self._next() for _ in range(self.batch)]
+            total = sum(len(ex.tokens) - max(ex.first_label, 1) for ex in chosen)
+            step_loss, n_tok = 0.0, 0
+            for ex in chosen:
+                loss, _ = self.loss_of(self.lora.model, ex)
+                (loss / max(total, 1)).backward()
+                step_loss += float(loss.detach())
+                n_tok += len(ex.tokens)
+            self.opt.step()
+            self.step += 1
+            losses.append(step_loss / max(total, 1))
+            if on_step is not None:
+                on_step(self.step - 1, losses[-1], n_tok)
+            if ckpt is not None and save_every > 0 and self.step % save_every == 0:
+                self.save(ckpt)
+        return losses
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(self.params)}
+        steps = {}
+        for i, p in enumerate(self.params):
+            st = self.opt.state.get(p, {})
+            if st:
+                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].contiguous()
+                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                steps[str(i)] = float(st["step"])
+        version, internal, gauss = self.rng.getstate()
+        meta = {"format": "kt-core-lora-train", "version": 1, "step": self.step, "order": self.order, "at": self.at,
+                "rng": [version, list(internal), gauss], "adam_steps": steps,
+                "lr": self.opt.param_groups[0]["lr"], "n_params": len(self.params)}
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
+        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, folder: Path) -> None:
+        """Continue from a checkpoint written by ``save`` for the same adapters and data."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(folder / "state.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise KtError(f"{folder} is not a readable kt sft checkpoint ({exc}); start without resume") from None
+        if meta.get("format") != "kt-core-lora-train" or meta.get("n_params") != len(self.params) or \
+                sorted(meta.get("order", [])) != list(range(len(self.examples))):
+            raise KtError(f"{folder} was written for other adapters or other data; start without resume")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(tensors[f"param.{i}"])
+        for i, p in enumerate(self.params):
+            if str(i) in meta["adam_steps"]:
+                self.opt.state[p] = {"step": torch.tensor(meta["adam_steps"][str(i)]),
+                                     "exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
+                                     "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone()}
+        version, internal, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order, self.at, self.step = list(meta["order"]), int(meta["at"]), int(meta["step"])
