@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-VERBS = ("run", "serve", "chat", "quantize", "merge", "sft", "plan", "profile", "synth", "bench", "devices", "config", "doctor")
+VERBS = ("run", "serve", "chat", "quantize", "merge", "sft", "dpo", "plan", "profile", "synth", "bench", "devices", "config", "doctor")
 
 
 def _usage() -> str:

@@ -20,6 +20,11 @@ linears; the experts frozen in the model's dtype); Ctrl+C saves the adapter so f
 
 
 def run(overrides, flags) -> int:
+    return train_command(list(overrides), "sft")
+
+
+def train_command(overrides: list[str], mode: str) -> int:
+    """kt sft / kt dpo: compose (``train=dpo`` for DPO), load, train, write the adapter."""
     import json
     import time
     from pathlib import Path
@@ -35,10 +40,10 @@ def run(overrides, flags) -> int:
     from kt_core.train.trainer import Trainer
     from kt_core.weights.checkpoint import open_checkpoint
 
-    cfg = compose(list(overrides))
+    cfg = compose(([] if mode == "sft" else [f"train={mode}"]) + overrides)
     t = cfg.train
     if cfg.model.path is None or not t.data or not t.output:
-        raise KtError("kt sft needs model.path=DIR train.data=FILE.jsonl train.output=OUT")
+        raise KtError(f"kt {mode} needs model.path=DIR train.data=FILE.jsonl train.output=OUT")
     if t.max_steps < 1 or t.batch < 1 or t.lr <= 0:
         raise KtError(f"train.max_steps={t.max_steps}, train.batch={t.batch} and train.lr={t.lr} must be positive")
     ck = open_checkpoint(cfg.model.path)
@@ -46,7 +51,12 @@ def run(overrides, flags) -> int:
     tokenizer = ck.tokenizer()
     if tokenizer is None or not tokenizer.chat_template:
         raise KtError(f"{cfg.model.path} has no tokenizer with a chat template, which kt sft formats examples with")
-    examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
+    if mode == "dpo":
+        from kt_core.train.dpo import read_pairs
+
+        examples = read_pairs(t.data, tokenizer, int(t.max_seq_len))
+    else:
+        examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
     model = CausalLM.load(ck, spec, AutogradBackend(), torch_dtype(choice(cfg.model.dtype)), QuantPlan())
     lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),
                      init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed))
@@ -57,16 +67,24 @@ def run(overrides, flags) -> int:
     def on_step(step: int, loss: float, n_tok: int) -> None:
         tokens_seen[0] += n_tok
         elapsed = time.perf_counter() - start
+        row = {"step": step + 1, "loss": loss, "tokens": tokens_seen[0], "seconds": elapsed}
+        if mode == "dpo":  # the chosen-minus-rejected log-ratio margin of this step's pairs
+            row["margin"] = sum(trainer.infos[-int(t.batch):]) / int(t.batch)
         with open(metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step + 1, "loss": loss, "tokens": tokens_seen[0], "seconds": elapsed}) + "\n")
+            f.write(json.dumps(row) + "\n")
         if (step + 1) % max(int(t.log_every), 1) == 0 or step + 1 == t.max_steps:
             eta = elapsed / (step + 1) * (t.max_steps - step - 1)
             print(f"step {step + 1}/{t.max_steps}  loss {loss:.4f}  {tokens_seen[0] / elapsed:.0f} tok/s  "
                   f"eta {eta:.0f} s", file=sys.stderr)
 
-    print(f"training {len(lora.modules)} LoRA adapters (r={lora.r}) of {spec.arch} on {len(examples)} examples",
+    print(f"training {len(lora.modules)} LoRA adapters (r={lora.r}) of {spec.arch} by {mode} on {len(examples)} "
+          f"{'pairs' if mode == 'dpo' else 'examples'}",
           file=sys.stderr)
-    trainer = Trainer(lora, examples, float(t.lr), int(t.batch), int(t.seed))
+    from kt_core.train.dpo import dpo_loss
+
+    beta, smoothing = float(t.beta), float(t.label_smoothing)
+    trainer = Trainer(lora, examples, float(t.lr), int(t.batch), int(t.seed),
+                      (lambda pair: dpo_loss(lora, pair, beta, smoothing)) if mode == "dpo" else None)
     ckpt = out.with_name(out.name + ".ckpt")
     if t.resume:
         if not (ckpt / "state.json").is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -109,6 +110,18 @@ class LoraModel:
             _set(holder, key, lw)
             self.modules[module] = lw
         self.targets = sorted(set(targets))
+
+    @contextmanager
+    def disabled(self):
+        """The base model alone while inside (DPO's reference): every adapter's scale is 0."""
+        scales = {m: lw.scaling for m, lw in self.modules.items()}
+        try:
+            for lw in self.modules.values():
+                lw.scaling = 0.0
+            yield self
+        finally:
+            for m, lw in self.modules.items():
+                lw.scaling = scales[m]
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for lw in self.modules.values() for t in (lw.a, lw.b)]

@@ -22,10 +22,14 @@ STEP_FN = Callable[[int, float, int], None]
 
 
 class Trainer:
-    def __init__(self, lora, examples: list, lr: float, batch: int = 1, seed: int = 0) -> None:
+    def __init__(self, lora, examples: list, lr: float, batch: int = 1, seed: int = 0,
+                 loss_fn: Optional[Callable] = None) -> None:
+        """``loss_fn(example) -> (loss, info)``: an example's own mean loss (DPO's per pair; ``info`` is
+        kept in ``infos``); default: supervised cross-entropy, a mean over the batch's answer tokens."""
         from kt_core.train.sft import loss_of
 
         self.lora, self.examples, self.batch, self.loss_of = lora, examples, batch, loss_of
+        self.loss_fn, self.infos = loss_fn, []
         self.params = lora.parameters()
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self.rng = random.Random(seed)
@@ -48,10 +52,15 @@ class Trainer:
         while self.step < steps:
             self.opt.zero_grad(set_to_none=True)
             chosen = [self._next() for _ in range(self.batch)]
-            total = sum(len(ex.tokens) - max(ex.first_label, 1) for ex in chosen)
+            total = len(chosen) if self.loss_fn is not None else \
+                sum(len(ex.tokens) - max(ex.first_label, 1) for ex in chosen)
             step_loss, n_tok = 0.0, 0
             for ex in chosen:
-                loss, _ = self.loss_of(self.lora.model, ex)
+                if self.loss_fn is not None:
+                    loss, info = self.loss_fn(ex)
+                    self.infos.append(info)
+                else:
+                    loss, _ = self.loss_of(self.lora.model, ex)
                 (loss / max(total, 1)).backward()
                 step_loss += float(loss.detach())
                 n_tok += len(ex.tokens)

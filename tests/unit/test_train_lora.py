@@ -132,3 +132,76 @@ def test_resume_continues_the_same_loss_curve(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 6
     with pytest.raises(Exception, match="other adapters or other data"):
         Trainer(load(base, ["q_proj"]), examples, lr=1e-2).load(tmp_path / "at3")
+
+
+def test_dpo_loss_and_gradients_equal_the_formula_on_peft(tiny_checkpoint, tmp_path):
+    """DPO against the same formula computed with transformers + peft (reference: the adapter
+    switched off), on a tiny Qwen3-MoE checkpoint, with label smoothing."""
+    from kt_core.train.dpo import Pair, dpo_loss
+    from kt_core.train.sft import Example
+
+    base = tiny_checkpoint("qwen3_moe")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    ref = make_adapter(base, tmp_path / "a", targets)
+    ref.train()
+    prompt = PROMPT[:8]
+    chosen, rejected = prompt + [11, 12, 13, 14, 2], prompt + [40, 41, 2]
+    beta, eps = 0.3, 0.1
+
+    def logp(model, ids):
+        logits = model(torch.tensor([ids])).logits[0]
+        keep = torch.arange(1, len(ids)) >= len(prompt)
+        lp = torch.log_softmax(logits[:-1][keep], -1)
+        return lp.gather(1, torch.tensor(ids[1:])[keep][:, None]).sum()
+
+    with torch.no_grad(), ref.disable_adapter():
+        rc, rr = logp(ref, chosen), logp(ref, rejected)
+    z = beta * ((logp(ref, chosen) - rc) - (logp(ref, rejected) - rr))
+    want_loss = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    want_loss.backward()
+    lora = load(base, targets, init=tmp_path / "a")
+    loss, margin = dpo_loss(lora, Pair(Example(chosen, len(prompt)), Example(rejected, len(prompt))), beta, eps)
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * max(abs(float(want_loss)), 1)
+    assert abs(margin - float(z) / beta) <= 1e-4 * max(abs(margin), 1)
+    loss.backward()
+    for pname, p in ref.named_parameters():
+        if "lora_" in pname:
+            module = pname.split("base_model.model.", 1)[1].rsplit(".lora_", 1)[0]
+            got = getattr(lora.modules[module], "a" if ".lora_A." in pname else "b").grad
+            err = float((got - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12))
+            assert err <= 1e-4, f"{module}: DPO gradient differs by {err:.2e}"
+
+
+def test_dpo_raises_the_margin(tiny_checkpoint):
+    from kt_core.train.dpo import Pair, dpo_loss
+    from kt_core.train.sft import Example
+    from kt_core.train.trainer import Trainer
+
+    lora = load(tiny_checkpoint("llama"), ["q_proj", "v_proj", "o_proj"])
+    pairs = [Pair(Example([3, 4, 5 + i, 20, 21, 22], 3), Example([3, 4, 5 + i, 60, 61, 62], 3)) for i in range(4)]
+    trainer = Trainer(lora, pairs, lr=5e-3, batch=2, loss_fn=lambda p: dpo_loss(lora, p, beta=0.5))
+    losses = trainer.run(20)
+    margins = trainer.infos
+    assert sum(margins[-4:]) / 4 > sum(margins[:4]) / 4 + 1.0, margins  # the chosen answers pull ahead
+    assert losses[-1] < losses[0]
+
+
+def test_kt_dpo_command(tmp_path):
+    from kt_core.cli import main
+    from kt_core.models.synthetic import synthesize
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=512)
+    path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=1, shape=shape, sample_tokens=16).path
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "Best fruit?", "chosen": "Mango.", "rejected": "Rocks."}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "Sky colour?"}], "chosen": "Blue.",
+                                  "rejected": "Plaid."}) + "\n")
+    out = tmp_path / "dpo"
+    assert main(["dpo", f"model.path={path}", f"train.data={data}", f"train.output={out}", "train.max_steps=4",
+                 "train.lora.r=2", "train.lr=1e-2", "train.beta=0.5", "train.batch=2", "model.dtype=float32"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "dpo.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["margin"] > rows[0]["margin"]
+    assert (out / "adapter_model.safetensors").is_file()
+    data.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    assert main(["dpo", f"model.path={path}", f"train.data={data}", f"train.output={out}"]) == 2

@@ -1,0 +1,140 @@
+"""LoRA fine-tuning tokens/s and peak RSS of kt-core (`kt sft`'s trainer) vs transformers + peft,
+same checkpoint, same sequences, same thread count, each in its own process (so peak RSS is its own),
+alternating; prints one JSON line per run and a summary per implementation (medians, ratios).
+
+    python bench/train_lora.py                                 # builds the default model once
+    python bench/train_lora.py --model DIR --seq 512 --steps 3 --repeats 2 --threads 2
+
+Default model: 2 layers of Qwen3-30B-A3B (hidden 2048, 128 experts top-8, vocab 32000), bf16, LoRA r=16
+on q / k / v / o. A step is one sequence of --seq tokens, forward + backward + AdamW; the first step
+of each run is a warm-up and is not timed. The profile line splits kt-core's step into forward and
+backward time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, median, peak_rss_mb, repo_on_path, set_threads  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def default_model() -> Path:
+    from kt_core.models.synthetic import cache_dir, synthesize
+
+    path = cache_dir() / "models" / "bench-qwen3-30b-a3b-2l-v32000"
+    if not (path / "model.safetensors.index.json").is_file():
+        print(f"building the benchmark model into {path} (once)", file=sys.stderr)
+        synthesize(path, arch="qwen3_moe", preset="qwen3-30b-a3b", layers=2, tokenizer="mistral",
+                   shape={"vocab_size": 32000})
+    return path
+
+
+def run_one(impl: str, model: Path, seq: int, steps: int, threads: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    set_threads(threads)
+    ids = [(i * 7919) % 30000 + 100 for i in range(seq)]
+    first = seq // 4  # the loss covers the last three quarters, as an answer would
+    fwd = bwd = 0.0
+    if impl == "kt-core":
+        repo_on_path()
+        from kt_core.models.model import CausalLM, QuantPlan
+        from kt_core.models.spec import parse_config
+        from kt_core.train.lora_model import AutogradBackend, LoraModel
+        from kt_core.train.sft import Example, loss_of
+        from kt_core.weights.checkpoint import Checkpoint
+
+        ck = Checkpoint(model)
+        m = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.bfloat16, QuantPlan())
+        lora = LoraModel(m, TARGETS, r=16, alpha=32)
+        opt = torch.optim.AdamW(lora.parameters(), lr=1e-4)
+        ex = Example(ids, first)
+
+        def step():
+            nonlocal fwd, bwd
+            t = time.perf_counter()
+            loss, n = loss_of(m, ex)
+            t2 = time.perf_counter()
+            (loss / n).backward()
+            t3 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            fwd, bwd = fwd + t2 - t, bwd + t3 - t2
+    else:
+        import peft
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+        pm.train()
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+        x = torch.tensor([ids])
+        keep = torch.arange(1, seq) >= first
+
+        def step():
+            nonlocal fwd, bwd
+            t = time.perf_counter()
+            logits = pm(x).logits[0].float()
+            loss = F.cross_entropy(logits[:-1][keep], x[0, 1:][keep])
+            t2 = time.perf_counter()
+            loss.backward()
+            t3 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            fwd, bwd = fwd + t2 - t, bwd + t3 - t2
+    step()  # warm-up
+    fwd = bwd = 0.0
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - t
+    return {"impl": impl, "seq": seq, "steps": steps, "threads": threads, "tokens_per_s": seq * steps / elapsed,
+            "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impls", default="kt-core,transformers")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads))
+        return
+    model = a.model or default_model()
+    runs: dict[str, list[dict]] = {}
+    for _ in range(a.repeats):
+        for impl in a.impls.split(","):
+            cmd = [sys.executable, __file__, "--child", impl, "--model", str(model), "--seq", str(a.seq),
+                   "--steps", str(a.steps), "--threads", str(a.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            print(out, flush=True)
+            runs.setdefault(impl, []).append(json.loads(out))
+    base = runs.get("transformers")
+    for impl, rs in runs.items():
+        rec = {"impl": impl, "summary": True, "runs": len(rs),
+               "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+               "forward_s_per_step": median([r["forward_s_per_step"] for r in rs]),
+               "backward_s_per_step": median([r["backward_s_per_step"] for r in rs]),
+               "peak_rss_mb": median([r["peak_rss_mb"] for r in rs])}
+        if base:
+            rec["tokens_per_s_vs_transformers"] = rec["tokens_per_s"] / median([r["tokens_per_s"] for r in base])
+            rec["peak_rss_vs_transformers"] = rec["peak_rss_mb"] / median([r["peak_rss_mb"] for r in base])
+        emit(rec)
+
+
+if __name__ == "__main__":
+    main()

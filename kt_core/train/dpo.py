@@ -1,0 +1,86 @@
+"""Direct Preference Optimization of LoRA adapters (``kt dpo``), the frozen base as the reference.
+
+Data (JSON lines): ``{"prompt": ..., "chosen": ..., "rejected": ...}``, the prompt a string (one user
+turn) or a list of messages, each answer a string. With log-probabilities summed over an answer's
+tokens (and its end of sequence), the policy the model with its adapters and the reference the same
+model with them switched off (so no second copy of the model is held):
+
+    z = beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)))
+    loss = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)       (eps: label smoothing)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kt_core.errors import KtError
+from kt_core.train.sft import Example, logits_of
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+
+    @property
+    def tokens(self) -> list[int]:  # for the trainer's token counts
+        return self.chosen.tokens + self.rejected.tokens
+
+
+def read_pairs(path, tokenizer, max_len: int) -> list[Pair]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise KtError(f"train.data={path} does not exist; point it at a JSON-lines file of preference pairs")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
+                    raise KtError("'chosen' and 'rejected' must be strings")
+                prompt = row.get("prompt")
+                msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+                if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+                    raise KtError("'prompt' must be a string or a list of messages")
+            except (ValueError, KtError) as exc:
+                raise KtError(f"{path.name} line {n}: {exc}; each line must be a JSON object with 'prompt', "
+                              "'chosen' and 'rejected'") from None
+            head = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
+                                    add_special_tokens=False)
+            pair = []
+            for answer in (row["chosen"], row["rejected"]):
+                tokens = head + tokenizer.encode(answer, add_special_tokens=False) + eos
+                if len(tokens) > max_len:
+                    raise KtError(f"{path.name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}")
+                pair.append(Example(tokens, len(head)))
+            out.append(Pair(*pair))
+    if not out:
+        raise KtError(f"{path} holds no preference pairs")
+    return out
+
+
+def answer_logp(model, ex: Example) -> torch.Tensor:
+    """The sum of the answer tokens' log-probabilities."""
+    logits = logits_of(model, ex.tokens)
+    targets = torch.tensor(ex.tokens[1:], dtype=torch.long)
+    keep = torch.arange(1, len(ex.tokens)) >= ex.first_label
+    logp = torch.log_softmax(logits[:-1][keep], dim=-1)
+    return logp.gather(1, targets[keep][:, None]).sum()
+
+
+def dpo_loss(lora, pair: Pair, beta: float, smoothing: float = 0.0) -> tuple[torch.Tensor, float]:
+    """The pair's DPO loss (differentiable through the adapters) and its reward margin z / beta."""
+    with torch.no_grad(), lora.disabled():
+        ref_c, ref_r = answer_logp(lora.model, pair.chosen), answer_logp(lora.model, pair.rejected)
+    pi_c, pi_r = answer_logp(lora.model, pair.chosen), answer_logp(lora.model, pair.rejected)
+    margin = (pi_c - ref_c) - (pi_r - ref_r)
+    z = beta * margin
+    loss = -(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z)
+    return loss, float(margin.detach())
