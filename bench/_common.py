@@ -40,3 +40,31 @@ def repo_on_path() -> None:
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
+
+
+def default_bench_model() -> Path:
+    """The benchmarks' model: 2 layers of Qwen3-30B-A3B (128 experts top-8), vocab 32000 (Mixtral's
+    tokenizer), bf16, written by kt synth into the kt cache folder once."""
+    from kt_core.models.synthetic import cache_dir, synthesize
+
+    path = cache_dir() / "models" / "bench-qwen3-30b-a3b-2l-v32000"
+    if not (path / "model.safetensors.index.json").is_file():
+        print(f"building the benchmark model into {path} (once)", file=sys.stderr)
+        synthesize(path, arch="qwen3_moe", preset="qwen3-30b-a3b", layers=2, tokenizer="mistral",
+                   shape={"vocab_size": 32000})
+    return path
+
+
+def alternate(script: str, impls: list[str], repeats: int, child_args: list[str]) -> dict[str, list[dict]]:
+    """Run ``script --child IMPL *child_args`` once per implementation per repeat, alternating, each in
+    its own process; print each run's JSON line and return the runs per implementation."""
+    import subprocess
+
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for impl in impls:
+            cmd = [sys.executable, script, "--child", impl, *child_args]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            print(out, flush=True)
+            runs.setdefault(impl, []).append(json.loads(out))
+    return runs

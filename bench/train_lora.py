@@ -13,27 +13,18 @@ backward time.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, median, peak_rss_mb, repo_on_path, set_threads  # noqa: E402
+from _common import alternate, default_bench_model, emit, median, peak_rss_mb, repo_on_path, set_threads  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def default_model() -> Path:
-    from kt_core.models.synthetic import cache_dir, synthesize
-
-    path = cache_dir() / "models" / "bench-qwen3-30b-a3b-2l-v32000"
-    if not (path / "model.safetensors.index.json").is_file():
-        print(f"building the benchmark model into {path} (once)", file=sys.stderr)
-        synthesize(path, arch="qwen3_moe", preset="qwen3-30b-a3b", layers=2, tokenizer="mistral",
-                   shape={"vocab_size": 32000})
-    return path
+    return default_bench_model()
 
 
 def run_one(impl: str, model: Path, seq: int, steps: int, threads: int) -> dict:
@@ -115,14 +106,8 @@ def main() -> None:
         emit(run_one(a.child, a.model, a.seq, a.steps, a.threads))
         return
     model = a.model or default_model()
-    runs: dict[str, list[dict]] = {}
-    for _ in range(a.repeats):
-        for impl in a.impls.split(","):
-            cmd = [sys.executable, __file__, "--child", impl, "--model", str(model), "--seq", str(a.seq),
-                   "--steps", str(a.steps), "--threads", str(a.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            print(out, flush=True)
-            runs.setdefault(impl, []).append(json.loads(out))
+    runs = alternate(__file__, a.impls.split(","), a.repeats,
+                     ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)])
     base = runs.get("transformers")
     for impl, rs in runs.items():
         rec = {"impl": impl, "summary": True, "runs": len(rs),

@@ -10,7 +10,6 @@ model with them switched off (so no second copy of the model is held):
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kt_core.errors import KtError
-from kt_core.train.sft import Example, logits_of
+from kt_core.train.sft import Example, json_lines, logits_of
 
 
 @dataclass
@@ -31,36 +30,31 @@ class Pair:
         return self.chosen.tokens + self.rejected.tokens
 
 
+def _pair_fields(row) -> tuple[list[dict], str, str]:
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
+        raise KtError("'chosen' and 'rejected' must be strings")
+    prompt = row.get("prompt")
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise KtError("'prompt' must be a string or a list of messages")
+    return msgs, row["chosen"], row["rejected"]
+
+
 def read_pairs(path, tokenizer, max_len: int) -> list[Pair]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise KtError(f"train.data={path} does not exist; point it at a JSON-lines file of preference pairs")
+    name = Path(path).expanduser().name
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
-                    raise KtError("'chosen' and 'rejected' must be strings")
-                prompt = row.get("prompt")
-                msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-                if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-                    raise KtError("'prompt' must be a string or a list of messages")
-            except (ValueError, KtError) as exc:
-                raise KtError(f"{path.name} line {n}: {exc}; each line must be a JSON object with 'prompt', "
-                              "'chosen' and 'rejected'") from None
-            head = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
-                                    add_special_tokens=False)
-            pair = []
-            for answer in (row["chosen"], row["rejected"]):
-                tokens = head + tokenizer.encode(answer, add_special_tokens=False) + eos
-                if len(tokens) > max_len:
-                    raise KtError(f"{path.name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}")
-                pair.append(Example(tokens, len(head)))
-            out.append(Pair(*pair))
+    shape = "a JSON object with 'prompt', 'chosen' and 'rejected'"
+    for n, (msgs, chosen, rejected) in json_lines(path, "preference pairs", shape, _pair_fields):
+        head = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
+                                add_special_tokens=False)
+        pair = []
+        for answer in (chosen, rejected):
+            tokens = head + tokenizer.encode(answer, add_special_tokens=False) + eos
+            if len(tokens) > max_len:
+                raise KtError(f"{name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}")
+            pair.append(Example(tokens, len(head)))
+        out.append(Pair(*pair))
     if not out:
         raise KtError(f"{path} holds no preference pairs")
     return out

@@ -25,32 +25,39 @@ class Example:
     first_label: int  # tokens[first_label:] are the answer (and end of sequence): the loss covers them
 
 
-def read_examples(path, tokenizer, max_len: int) -> list[Example]:
-    """The file's examples, tokenized; a malformed line fails naming the file and line, an example
-    over ``max_len`` tokens fails naming it and the limit, an empty file says so."""
+def json_lines(path, what: str, shape: str, parse: Callable):
+    """(line number, ``parse(row)``) for each non-blank line of a JSON-lines file; a line that is not
+    JSON or that ``parse`` rejects (KtError / ValueError) fails naming the file, the line and ``shape``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise KtError(f"train.data={path} does not exist; point it at a JSON-lines file of examples")
-    out = []
+        raise KtError(f"train.data={path} does not exist; point it at a JSON-lines file of {what}")
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                messages = _messages(row)
+                value = parse(json.loads(line))
             except (ValueError, KtError) as exc:
-                raise KtError(f"{path.name} line {n}: {exc}; each line must be a JSON object with 'messages' "
-                              "(ending with the assistant's answer) or alpaca's 'instruction' / 'output'") from None
-            prompt = tokenizer.encode(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True),
-                                      add_special_tokens=False)
-            answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
-            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-            tokens = prompt + answer + eos
-            if len(tokens) > max_len:
-                raise KtError(f"{path.name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}; "
-                              "raise the limit or shorten the example")
-            out.append(Example(tokens, len(prompt)))
+                raise KtError(f"{path.name} line {n}: {exc}; each line must be {shape}") from None
+            yield n, value
+
+
+def read_examples(path, tokenizer, max_len: int) -> list[Example]:
+    """The file's examples, tokenized; a malformed line fails naming the file and line, an example
+    over ``max_len`` tokens fails naming it and the limit, an empty file says so."""
+    name = Path(path).expanduser().name
+    out = []
+    shape = "a JSON object with 'messages' (ending with the assistant's answer) or alpaca's 'instruction' / 'output'"
+    for n, messages in json_lines(path, "examples", shape, _messages):
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True),
+                                  add_special_tokens=False)
+        answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        tokens = prompt + answer + eos
+        if len(tokens) > max_len:
+            raise KtError(f"{name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}; "
+                          "raise the limit or shorten the example")
+        out.append(Example(tokens, len(prompt)))
     if not out:
         raise KtError(f"{path} holds no examples")
     return out
