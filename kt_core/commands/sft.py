@@ -58,6 +58,7 @@ def train_command(overrides: list[str], mode: str) -> int:
     else:
         examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
     model = CausalLM.load(ck, spec, AutogradBackend(), torch_dtype(choice(cfg.model.dtype)), QuantPlan())
+    model.checkpoint_layers = bool(t.checkpoint_layers)
     lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),
                      init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed))
     out = Path(t.output).expanduser()

@@ -270,6 +270,7 @@ class CausalLM:
         self.be, self.device = layers[-1].be, layers[-1].device  # where logits and sampling happen
         self.cos_sin = layers[0].cos_sin
         self.backends = list({id(layer.be): layer.be for layer in layers}.values())  # each told of every step
+        self.checkpoint_layers = False  # activation checkpointing per layer (fine-tuning)
 
     @classmethod
     def load(cls, ck: Checkpoint, spec: ModelSpec, backend: Backend, dtype: torch.dtype,
@@ -378,8 +379,19 @@ class CausalLM:
             if h.device != layer.device:
                 h = h.to(layer.device)  # once per device boundary
             b = on.setdefault(layer.device, batch.to(layer.device))
-            h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, *cache.layer_caches(i), layer.cos_sin)
-            h = h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
+
+            def block(h, layer=layer, be=be, b=b, i=i):
+                h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, *cache.layer_caches(i), layer.cos_sin)
+                return h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
+
+            if self.checkpoint_layers and torch.is_grad_enabled() and not getattr(layer.ffn, "deferred", 0):
+                # fine-tuning: keep only each layer's input, recompute the layer in the backward pass
+                # (its KV writes rewrite the same values), so memory does not grow with depth
+                from torch.utils.checkpoint import checkpoint
+
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
             for fut in carry:
                 h = h + fut.result().to(h.device)
             carry = layer.ffn.pop_deferred() if isinstance(layer.ffn, MoEBlock) else []

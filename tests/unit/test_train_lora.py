@@ -205,3 +205,20 @@ def test_kt_dpo_command(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
     data.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
     assert main(["dpo", f"model.path={path}", f"train.data={data}", f"train.output={out}"]) == 2
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_activation_checkpointing_gives_the_same_gradients(name, tiny_checkpoint):
+    from kt_core.train.sft import Example, loss_of
+
+    grads = []
+    for ckpt in (False, True):
+        lora = load(tiny_checkpoint(name), ["q_proj", "o_proj"] if name == "qwen3_moe" else ["q_a_proj", "o_proj"])
+        for lw in lora.modules.values():  # B away from zero, so A's gradient is not zero
+            lw.b.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        lora.model.checkpoint_layers = ckpt
+        loss, _ = loss_of(lora.model, Example(PROMPT, FIRST_LABEL))
+        loss.backward()
+        grads.append([t.grad.clone() for t in lora.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
