@@ -68,3 +68,15 @@ def alternate(script: str, impls: list[str], repeats: int, child_args: list[str]
             print(out, flush=True)
             runs.setdefault(impl, []).append(json.loads(out))
     return runs
+
+
+def summarize(runs: dict[str, list[dict]], keys: list[str], ratios: dict[str, str]) -> None:
+    """One summary JSON line per implementation: the medians of ``keys``, and for each ``ratios`` entry
+    (key -> name) that median over transformers' (when it ran)."""
+    base = runs.get("transformers")
+    for impl, rs in runs.items():
+        rec = {"impl": impl, "summary": True, "runs": len(rs), **{k: median([r[k] for r in rs]) for k in keys}}
+        if base:
+            for k, name in ratios.items():
+                rec[name] = rec[k] / median([r[k] for r in base])
+        emit(rec)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, default_bench_model, emit, median, peak_rss_mb, set_threads  # noqa: E402
+from _common import alternate, default_bench_model, emit, peak_rss_mb, set_threads, summarize  # noqa: E402
 
 
 def default_model() -> Path:
@@ -80,16 +80,8 @@ def main() -> None:
     runs = alternate(__file__, a.impls.split(","), a.repeats,
                      ["--model", str(model), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
                       "--threads", str(a.threads)])
-    base = runs.get("transformers")
-    for impl, rs in runs.items():
-        rec = {"impl": impl, "summary": True, "runs": len(rs),
-               "prefill_tokens_per_s": median([r["prefill_tokens_per_s"] for r in rs]),
-               "decode_tokens_per_s": median([r["decode_tokens_per_s"] for r in rs]),
-               "peak_rss_mb": median([r["peak_rss_mb"] for r in rs])}
-        if base:
-            for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-                rec[k.replace("tokens_per_s", "vs_transformers")] = rec[k] / median([r[k] for r in base])
-        emit(rec)
+    summarize(runs, ['prefill_tokens_per_s', 'decode_tokens_per_s', 'peak_rss_mb'],
+              {'prefill_tokens_per_s': 'prefill_vs_transformers', 'decode_tokens_per_s': 'decode_vs_transformers'})
 
 
 if __name__ == "__main__":

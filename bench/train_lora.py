@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, default_bench_model, emit, median, peak_rss_mb, repo_on_path, set_threads  # noqa: E402
+from _common import (alternate, default_bench_model, emit, peak_rss_mb, repo_on_path,  # noqa: E402
+                     set_threads, summarize)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -108,17 +109,8 @@ def main() -> None:
     model = a.model or default_model()
     runs = alternate(__file__, a.impls.split(","), a.repeats,
                      ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)])
-    base = runs.get("transformers")
-    for impl, rs in runs.items():
-        rec = {"impl": impl, "summary": True, "runs": len(rs),
-               "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
-               "forward_s_per_step": median([r["forward_s_per_step"] for r in rs]),
-               "backward_s_per_step": median([r["backward_s_per_step"] for r in rs]),
-               "peak_rss_mb": median([r["peak_rss_mb"] for r in rs])}
-        if base:
-            rec["tokens_per_s_vs_transformers"] = rec["tokens_per_s"] / median([r["tokens_per_s"] for r in base])
-            rec["peak_rss_vs_transformers"] = rec["peak_rss_mb"] / median([r["peak_rss_mb"] for r in base])
-        emit(rec)
+    summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'peak_rss_mb'],
+              {'tokens_per_s': 'tokens_per_s_vs_transformers', 'peak_rss_mb': 'peak_rss_vs_transformers'})
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def model_spec(cfg):
     return parse_config(build_config(None, DEFAULT_PRESET, None))
 
 
-def gguf_tensors(cfg, spec):
+def stored_tensors(cfg, spec):
     """For a GGUF model.path, or a folder of pack-quantized int4 weights: the planner's tensors with the
     sizes of what its files keep quantized (None: sizes follow the quant config)."""
     from kt_core.weights.paths import is_gguf
@@ -75,7 +75,7 @@ def run(overrides, flags) -> int:
     cfg = compose(overrides)
     topo = resolve_topology(cfg, check_devices=False)
     spec = model_spec(cfg)
-    plan = make_plan(spec, cfg, topo, enforce_fit=False, tensors=gguf_tensors(cfg, spec))
+    plan = make_plan(spec, cfg, topo, enforce_fit=False, tensors=stored_tensors(cfg, spec))
     problem = fit_error(plan, cfg)
     if choice(cfg.plan.format) == "json":
         data = {**plan.as_json(), "fits": problem is None, "error": str(problem) if problem else None,

@@ -205,7 +205,7 @@ def test_kt_plan_reads_the_header_only(tiny, tmp_path):
 
 def test_plan_counts_what_the_file_keeps(tiny, tmp_path):
     """The planner sizes kept weights as kept (int4 / int8 groups), not in model.dtype."""
-    from kt_core.commands.plan import gguf_tensors, model_spec
+    from kt_core.commands.plan import stored_tensors, model_spec
     from kt_core.config import compose
     from kt_core.config.validate import resolve_topology
     from kt_core.placement.plan import make_plan
@@ -214,7 +214,7 @@ def test_plan_counts_what_the_file_keeps(tiny, tmp_path):
         cfg = compose([f"model.path={path}", "model.dtype=float32"])
         spec = model_spec(cfg)
         plan = make_plan(spec, cfg, resolve_topology(cfg, check_devices=False), enforce_fit=False,
-                         tensors=gguf_tensors(cfg, spec))
+                         tensors=stored_tensors(cfg, spec))
         return sum(d.weights_bytes for d in plan.devices.values())
 
     hf = tiny("qwen3_moe")

@@ -99,14 +99,14 @@ def test_broken_or_unsupported_packing_is_a_clear_error(packed, tmp_path):
 
 
 def test_kt_plan_counts_the_kept_int4_bytes(packed):
-    from kt_core.commands.plan import gguf_tensors, model_spec
+    from kt_core.commands.plan import stored_tensors, model_spec
     from kt_core.config import compose
 
     path, _ = packed
     cfg = compose([f"model.path={path}"])
-    tensors = gguf_tensors(cfg, model_spec(cfg))
+    tensors = stored_tensors(cfg, model_spec(cfg))
     experts = [t for t in tensors if t.group == "experts"]
     assert experts and all(t.stored == t.numel // 2 + t.numel // GROUP * 4 for t in experts)
     assert all(t.stored is None for t in tensors if t.group != "experts")
-    with_int8 = gguf_tensors(compose([f"model.path={path}", "quant=int8"]), model_spec(cfg))
+    with_int8 = stored_tensors(compose([f"model.path={path}", "quant=int8"]), model_spec(cfg))
     assert all(t.stored is None for t in with_int8), "quant.experts set: requantized, not kept"
