@@ -10,179 +10,22 @@ file there and loads it. The default run is 1,000 examples; ``pytest -m slow`` r
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import shutil
-import signal
 import struct
-import tempfile
-import threading
-import time
-from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kt_core.errors import KtError
 
-SECONDS_PER_EXAMPLE = 30.0  # a hang bound, not a timing: an example takes a few ms even on a loaded CI box
+from tests.unit.loader_folder import (  # noqa: F401 (folders: the fixture)
+    CHATML, CONFIG, DEEP, LONG_INT, _dumps, _split, check, folders)
 
 
 def fuzz(n: int):
     return settings(deadline=None, max_examples=n, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])
-
-
-# ---- a tiny valid model folder ------------------------------------------------------------------
-
-CONFIG = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=320, hidden_size=16,
-              intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-              head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=True,
-              decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=256, rope_theta=1000000.0,
-              rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=None, eos_token_id=2)
-CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-          "+ '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-          "{%- endif %}")
-TOKENIZER_CONFIG = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": {"content": "<|endoftext|>"},
-                    "unk_token": None, "model_max_length": 256, "tokenizer_class": "Qwen2Tokenizer",
-                    "chat_template": CHATML}
-TEXT = ("The quick brown fox jumps over the lazy dog. Photosynthesis converts light into chemical energy. "
-        "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2). 東京は日本の首都です。 ") * 4
-MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
-
-
-def _tensors() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"model.embed_tokens.weight": torch.randn(20, 16, generator=g).to(torch.bfloat16),
-            "model.layers.0.input_layernorm.weight": torch.ones(16),
-            "model.layers.0.mlp.gate.weight": torch.randn(4, 16, generator=g).half(),
-            "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g).to(torch.bfloat16),
-            "model.layers.1.mlp.experts.0.up_proj.weight": torch.randint(-8, 8, (3, 5), generator=g,
-                                                                          dtype=torch.int8),
-            "model.norm.weight": torch.ones(16)}
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([TEXT], trainer=trainer)
-    return tk
-
-
-def _write_folder(out: Path, sharded: bool, template_file: bool) -> Path:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2), encoding="utf-8")
-    tensors = _tensors()
-    if sharded:
-        names = sorted(tensors)
-        shards = {"model-00001-of-00002.safetensors": names[:3], "model-00002-of-00002.safetensors": names[3:]}
-        for fname, keys in shards.items():
-            save_file({k: tensors[k] for k in keys}, str(out / fname), metadata={"format": "pt"})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: f for f, ks in shards.items() for k in ks}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    else:
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _tokenizer().save(str(out / "tokenizer.json"))
-    tok_cfg = dict(TOKENIZER_CONFIG)
-    if template_file:
-        del tok_cfg["chat_template"]
-        (out / "chat_template.jinja").write_text(CHATML, encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2), encoding="utf-8")
-    return out
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz_loaders")
-    return {"single": _write_folder(root / "single", sharded=False, template_file=False),
-            "sharded": _write_folder(root / "sharded", sharded=True, template_file=True)}
-
-
-def load_folder(path: Path):
-    """What Engine.from_pretrained reads before any weight is used, in its order."""
-    from kt_core.models.spec import parse_config
-    from kt_core.models.tokenizer import Tokenizer
-    from kt_core.weights.checkpoint import Checkpoint
-
-    ck = Checkpoint(path)
-    spec = parse_config(ck.config)
-    spec.rope.inv_freq()
-    for name in ck.keys():
-        ck.get(name)
-    tok = Tokenizer.from_dir(path) if Tokenizer.present(path) else None
-    if tok is not None:
-        tok.decode(tok.encode("hello world"))
-        if tok.chat_template:
-            tok.apply_chat_template(MESSAGES)
-    return spec, ck, tok
-
-
-def _names(message: str, fname: str) -> bool:
-    """The message names ``fname`` as a file (tokenizer_config.json does not name config.json)."""
-    return re.search(r"(^|[^\w.-])" + re.escape(fname) + r"($|[^\w.-])", message) is not None
-
-
-class Hang(BaseException):
-    """Raised by the watchdog; a BaseException so no ``except Exception`` in a loader can swallow it."""
-
-
-@contextlib.contextmanager
-def watchdog(seconds: float):
-    """Interrupt a load that runs past ``seconds`` (Python-level loops; where SIGALRM exists)."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def fire(signum, frame):
-        raise Hang(f"loading ran past {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def check(base: Path, fname: str, content: bytes) -> str:
-    """Load a copy of ``base`` whose ``fname`` holds ``content``: it loads, or a one-line KtError names
-    the file. Any other exception fails the test. Returns "ok" or the error message."""
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:  # Windows: a file still mapped
-        folder = Path(tmp) / "m"
-        folder.mkdir()
-        for f in base.iterdir():  # the untouched files hard-linked (nothing writes them), else copied
-            if f.name != fname:
-                try:
-                    os.link(f, folder / f.name)
-                except OSError:
-                    shutil.copy2(f, folder / f.name)
-        (folder / fname).write_bytes(content)
-        start = time.perf_counter()
-        try:
-            with watchdog(SECONDS_PER_EXAMPLE):
-                load_folder(folder)
-            outcome = "ok"
-        except KtError as exc:
-            outcome = str(exc)
-            assert outcome and "\n" not in outcome and "\r" not in outcome, f"not one line: {outcome!r}"
-            assert _names(outcome, fname), f"does not name {fname}: {outcome!r}"
-        elapsed = time.perf_counter() - start
-        assert elapsed < SECONDS_PER_EXAMPLE, f"loading took {elapsed:.1f} s"
-        return outcome
 
 
 # ---- mutation strategies ------------------------------------------------------------------------
@@ -219,14 +62,6 @@ def byte_edits(draw, data: bytes, hot: tuple[int, int] = (0, 0)) -> bytes:
         else:
             del b[pos:]
     return bytes(b)
-
-
-def _dumps(value) -> bytes:
-    return json.dumps(value, allow_nan=True).encode()  # NaN / Infinity literals, as Python writes them
-
-
-DEEP = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
-LONG_INT = b"9" * 5_000  # Python refuses int strings over 4,300 digits
 
 
 @st.composite
@@ -274,11 +109,6 @@ DTYPES = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", 
           "F8_E5M2", "F8_E8M0", "F4", "C64"]
 dtype_values = st.one_of(st.sampled_from(DTYPES + ["f32", "F128", "", "FLOAT"]), json_values)
 int_lists = st.lists(numbers, max_size=5)
-
-
-def _split(data: bytes):
-    n = struct.unpack("<Q", data[:8])[0]
-    return n, json.loads(data[8:8 + n]), data[8 + n:]
 
 
 @st.composite
@@ -569,189 +399,3 @@ def test_fuzz_all_loaders_long(folders, data):
         check(folders["single"], "config.json", content)
     else:
         check(*data.draw(tokenizer_cases(folders)))
-
-
-# ---- hand-written cases: each failure class the fuzzer found, and the valid folders ------------------
-
-
-def test_valid_folders_load(folders):
-    for base in folders.values():
-        assert check(base, "config.json", (base / "config.json").read_bytes()) == "ok"
-        spec, ck, tok = load_folder(base)
-        assert spec.num_layers == 2 and len(ck.keys()) == len(_tensors()) and tok.chat_template == CHATML
-        assert tok.apply_chat_template(MESSAGES).startswith("<|im_start|>system\nBe terse.<|im_end|>")
-
-
-def _config(**changes) -> bytes:
-    cfg = {**CONFIG, **changes}
-    return _dumps({k: v for k, v in cfg.items() if v is not DROP})
-
-
-def _header(data: bytes, edit) -> bytes:
-    n, header, body = _split(data)
-    edit(header)
-    text = json.dumps(header).encode()
-    return struct.pack("<Q", len(text)) + text + body
-
-
-DROP = object()
-CONFIG_CASES = [  # what escaped before (the exception class), and what the message now says
-    (b"null", "must hold a JSON object"),  # AttributeError
-    (b"[1, 2]", "must hold a JSON object"),  # AttributeError
-    (DEEP, "nested too deeply"),  # RecursionError
-    (b'{"hidden_size": ' + LONG_INT + b"}", "over 4,300 digits"),  # ValueError
-    (b'{"hidden_size": 16\xff}', "not UTF-8"),  # UnicodeDecodeError (already a KtError)
-    (_config(hidden_size=DROP), "lacks 'hidden_size'"),  # KeyError
-    (_config(hidden_size={}), r"hidden_size=\{\} is invalid"),  # TypeError
-    (_config(hidden_size="16"), "hidden_size='16' is invalid"),  # int("16") was accepted
-    (_config(num_attention_heads=0), "num_attention_heads=0 is invalid"),  # ZeroDivisionError
-    (_config(head_dim=None, hidden_size=1, num_attention_heads=2), "hidden_size=1 is invalid"),  # ZeroDivisionError
-    (_config(num_hidden_layers=10**12), "num_hidden_layers=1000000000000 is invalid"),  # a hang: range(10**12)
-    (_config(num_hidden_layers=float("inf")), "num_hidden_layers=inf is invalid"),  # OverflowError
-    (_config(rms_norm_eps=float("nan")), "rms_norm_eps=nan is invalid"),  # NaN was accepted
-    (_config(head_dim=-8), "head_dim=-8 is invalid"),  # a complex softmax scale
-    (_config(head_dim=2**20), "head_dim=1048576 is invalid"),  # rope tables of 2**19 rows, per example
-    (_config(head_dim=None, hidden_size=2**31 - 1, num_attention_heads=1), "the head dimension 2147483647"),
-    (_config(head_dim=None, hidden_size=90, num_attention_heads=2), "rotary dimension 45"),  # RuntimeError
-    (_config(rope_parameters={"partial_rotary_factor": 0.1}), "rotary dimension 0"),
-    (_config(decoder_sparse_step=0), "decoder_sparse_step=0 is invalid"),  # ZeroDivisionError
-    (_config(mlp_only_layers=5), "mlp_only_layers=5 is invalid"),  # TypeError
-    (_config(eos_token_id=[[2]]), r"eos_token_id=\[\[2\]\] is invalid"),  # unhashable in Engine
-    (_config(num_experts_per_tok=9), "num_experts_per_tok=9 must be from 1"),  # top-k over the experts
-    (_config(num_key_value_heads=3), "num_key_value_heads=3 must divide"),
-    (_config(moe_intermediate_size=DROP), "lacks 'moe_intermediate_size'"),  # KeyError
-    (_config(rope_scaling={"rope_type": "longrope"}), "config.json: rope scaling 'longrope' is not supported"),
-    (_config(rope_scaling={"rope_type": "linear"}), "rope scaling 'linear' needs factor"),  # KeyError in inv_freq
-    (_config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}),
-     "rope_scaling.beta_fast=-1 is invalid"),  # math domain error in inv_freq
-    (_config(rope_scaling=[8]), r"rope_scaling=\[8\] is invalid"),
-    (_config(rope_parameters={"partial_rotary_factor": float("nan")}), "partial_rotary_factor=nan is invalid"),
-    (_config(sliding_window=4, use_sliding_window=True, layer_types=["full_attention"]),
-     "layer_types has 1 entries for 2 layers"),  # IndexError in window()
-    (_config(architectures="Qwen3MoeForCausalLM"), "architectures='Qwen3MoeForCausalLM' is invalid"),
-    (_config(architectures=["FalconForCausalLM"]), "config.json: unsupported architecture"),
-]
-
-
-@pytest.mark.parametrize("content,match", CONFIG_CASES, ids=[m for _, m in CONFIG_CASES])
-def test_config_failures_name_the_field(folders, content, match):
-    msg = check(folders["single"], "config.json", content)
-    assert re.search(match, msg), msg
-
-
-def test_safetensors_failures_are_caught_before_allocating(folders):
-    base = folders["single"]
-    data = (base / "model.safetensors").read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    emb = "model.embed_tokens.weight"
-
-    def entry(**fields):
-        return lambda h: h[emb].update(fields)
-
-    cases = [
-        (b"", "0 bytes, too short"),
-        (struct.pack("<Q", 2**63) + data[8:], "header length field says 9223372036854775808 bytes"),
-        (struct.pack("<Q", n + 1) + data[8:], "header is not valid JSON"),
-        (data[:8 + n // 2], "header length field says"),
-        (data[:len(data) - 1], "ends at byte .* of a .*-byte data section"),
-        (data + b"\0", "1 bytes after the last tensor"),
-        (_header(data, entry(shape=[2**62, 2**62])), "BF16 .* but its data_offsets span 640 bytes"),
-        (_header(data, entry(shape=[10**4000] * 1000)), "BF16 .* but its data_offsets span 640 bytes"),
-        (_header(data, entry(shape=[20, -16])), "not a list of non-negative integers"),
-        (_header(data, entry(shape=[20.0, 16])), "not a list of non-negative integers"),
-        (_header(data, entry(dtype="F128")), "unknown dtype 'F128'"),
-        (_header(data, entry(dtype="F32")), "F32 .* but its data_offsets span 640 bytes"),
-        (_header(data, entry(data_offsets=[0, 2**64])), r"data_offsets \[0, 18446744073709551616\]|ends at byte"),
-        (_header(data, entry(data_offsets=[-640, 0])), r"data_offsets \[-640, 0\]"),
-        (_header(data, entry(data_offsets="0-640")), "data_offsets '0-640'"),
-        (_header(data, lambda h: h.update({emb: [1, 2]})), "described by"),
-        (_header(data, lambda h: h.update({"__metadata__": {"format": 1}})), "__metadata__ must map"),
-        (_header(data, lambda h: h[emb].update(data_offsets=h["model.norm.weight"]["data_offsets"])),
-         "overlap|but its data_offsets span|unclaimed"),
-    ]
-    for content, match in cases:
-        msg = check(base, "model.safetensors", content)
-        assert re.search(match, msg), (match, msg)
-
-
-def test_index_failures_name_the_index(folders, tmp_path):
-    base = folders["sharded"]
-    index = json.loads((base / "model.safetensors.index.json").read_text())
-    wm = index["weight_map"]
-    first = sorted(wm)[0]
-    cases = [
-        ({**index, "weight_map": [1]}, "has no weight_map"),  # AttributeError
-        ({**index, "weight_map": {first: 3}}, "maps tensor .* to 3, which is not a .safetensors file"),  # TypeError
-        ({**index, "weight_map": {**wm, first: "/etc/passwd"}}, "not a .safetensors file in the model folder"),
-        ({**index, "weight_map": {**wm, first: "../single/model.safetensors"}}, "not a .safetensors file"),
-        ({**index, "weight_map": {**wm, first: "gone.safetensors"}}, "names shards that are missing: gone"),
-        ({**index, "weight_map": {**wm, first: next(f for f in set(wm.values()) if f != wm[first])}},
-         "which does not hold it"),  # was "the file is probably truncated"
-    ]
-    for value, match in cases:
-        msg = check(base, "model.safetensors.index.json", _dumps(value))
-        assert re.search(match, msg), (match, msg)
-
-
-def test_tokenizer_failures_name_the_file(folders):
-    single, sharded = folders["single"], folders["sharded"]
-    cfg = json.loads((single / "tokenizer_config.json").read_text())
-    cases = [
-        (single, "tokenizer_config.json", b'"text"', "must hold a JSON object"),  # AttributeError
-        (single, "tokenizer_config.json", _dumps({**cfg, "chat_template": []}), "chat_template=\\[\\]"),  # IndexError
-        (single, "tokenizer_config.json", _dumps({**cfg, "chat_template": [{"name": "x"}]}),
-         "it must be a string or a list"),  # KeyError
-        (single, "tokenizer_config.json", _dumps({**cfg, "chat_template": 7}), "chat_template=7"),
-        (single, "tokenizer_config.json", _dumps({**cfg, "bos_token": ["<s>"]}), "bos_token=\\['<s>'\\]"),  # TypeError
-        (single, "tokenizer_config.json", _dumps({**cfg, "chat_template": "{% if %}"}),
-         "chat template in .*tokenizer_config.json does not compile \\(line 1: "),  # was lazy, multi-line
-        (single, "tokenizer_config.json", _dumps({**cfg, "chat_template": "{{ messages[9]['content'] }}"}),
-         "chat template in .*tokenizer_config.json failed on these messages"),  # UndefinedError
-        (single, "tokenizer_config.json", _dumps({**cfg, "chat_template": "{{ raise_exception('no system') }}"}),
-         "failed on these messages \\(no system\\)"),  # TemplateError
-        (sharded, "chat_template.jinja", b"{{ range(3) | tojson }}", "failed on these messages \\(TypeError"),
-        (sharded, "chat_template.jinja", b"hi \xff there", "chat_template.jinja is not UTF-8"),  # UnicodeDecodeError
-        (sharded, "chat_template.jinja", ("{% if x %}" * 300).encode(), "chat_template.jinja does not compile"),
-        (single, "tokenizer.json", (single / "tokenizer.json").read_bytes()[:100], "tokenizer.json could not be"),
-    ]
-    for base, fname, content, match in cases:
-        msg = check(base, fname, content)
-        assert re.search(match, msg), (match, msg)
-
-
-def test_nothing_is_unpickled(folders, tmp_path, monkeypatch):
-    """Safetensors are never read through pickle, a pickle named .safetensors is refused as corrupt
-    without running it, and .bin pickles stay refused unless allowed."""
-    import pickle
-
-    from kt_core.weights.checkpoint import Checkpoint
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a loader unpickled something")
-
-    for base in folders.values():
-        with monkeypatch.context() as m:
-            m.setattr(torch, "load", refuse)
-            m.setattr(pickle, "load", refuse)
-            m.setattr(pickle, "loads", refuse)
-            m.setattr(pickle, "Unpickler", refuse)
-            load_folder(base)
-
-    class Evil:
-        def __reduce__(self):
-            return (exec, (f"open(r'{tmp_path / 'pwned'}', 'w').write('pwned')",))
-
-    disguised = tmp_path / "disguised"
-    shutil.copytree(folders["single"], disguised)
-    torch.save({"x": Evil()}, disguised / "model.safetensors")
-    with pytest.raises(KtError, match="model.safetensors is corrupt or truncated"):
-        load_folder(disguised)
-    bins = tmp_path / "bins"
-    shutil.copytree(folders["single"], bins)
-    (bins / "model.safetensors").unlink()
-    torch.save({"x": Evil()}, bins / "pytorch_model.bin")
-    with pytest.raises(KtError, match="only .bin \\(pickle\\) weights, which are not loaded by default"):
-        Checkpoint(bins)
-    with pytest.raises(KtError, match="pytorch_model.bin could not be loaded safely"):
-        Checkpoint(bins, allow_bin=True)  # weights_only=True refuses the payload
-    assert not (tmp_path / "pwned").exists()
