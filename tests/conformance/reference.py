@@ -28,6 +28,9 @@ def act(g, u, kind):
     if kind == "swiglu_oai":
         g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
         return (u + 1) * g / (1 + torch.exp(-1.702 * g))
+    if kind == "silu_clamp10":  # DeepSeek-V4's clamped SwiGLU
+        g, u = g.clamp(max=10.0), u.clamp(-10.0, 10.0)
+        return g / (1 + torch.exp(-g)) * u
     raise ValueError(kind)
 
 

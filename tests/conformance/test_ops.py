@@ -107,16 +107,20 @@ def test_moe_experts(backend, dtype, quant, symmetric, tokens):
     check(op, dtype, out, ref.moe(x, ids, wts, ex))
 
 
-@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu_oai"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu_oai", "silu_clamp10"])
 def test_moe_experts_activations_and_bias(backend, dtype, activation):
     need(backend, Op.MOE_EXPERTS, dtype)
     E, K, H, I = 4, 2, 32, 16
     ex = make_experts(E, H, I, "none", dtype, [0, 1, 2, 3], bias=activation == "swiglu_oai")
-    x = rnd(5, H, scale=3.0, seed=13).to(dtype)  # large enough to hit the SwiGLU clamp
+    # large enough to hit the SwiGLU clamps (gate / up pre-activations past 7; past 10 for silu_clamp10)
+    x = rnd(5, H, scale=6.0 if activation == "silu_clamp10" else 3.0, seed=13).to(dtype)
     ids = torch.tensor([[0, 1], [2, 3], [1, 3], [0, 2], [3, 0]])
     wts = torch.rand(5, K, generator=torch.Generator().manual_seed(14))
+    expected = ref.moe(x, ids, wts, ex, activation)
+    if activation == "silu_clamp10":  # the clamp bites: a kernel without it would fail
+        assert rel_err(ref.moe(x, ids, wts, ex, "silu"), expected) > 0.1
     out = backend.moe_experts(on(backend, x), on(backend, ids), on(backend, wts), experts_on(backend, ex), activation)
-    check("moe_experts", dtype, out, ref.moe(x, ids, wts, ex, activation))
+    check("moe_experts", dtype, out, expected)
 
 
 def test_moe_partials_add_up(backend):

@@ -74,7 +74,7 @@ struct MoeArgs {
 };
 
 enum Fmt : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3, FMT_W8A8 = 4 };
-enum Act : int { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_SWIGLU_OAI = 2 };
+enum Act : int { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_SWIGLU_OAI = 2, ACT_SILU_CLAMP10 = 3 };
 constexpr int NR = 16;
 const char* const kVariants[] = {"generic", "avx2", "avx_vnni", "avx512", "amx"};
 
@@ -272,6 +272,7 @@ static PackedProj pack_proj(const Config& c, int64_t E, int64_t M, int64_t K, bo
 static double act(double g, double u, int kind) {
   if (kind == ACT_SILU) return g / (1.0 + std::exp(-g)) * u;
   if (kind == ACT_GELU_TANH) return 0.5 * g * (1.0 + std::tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * u;
+  if (kind == ACT_SILU_CLAMP10) return act(std::min(g, 10.0), std::max(std::min(u, 10.0), -10.0), ACT_SILU);
   g = std::min(g, 7.0);
   u = std::max(std::min(u, 7.0), -7.0);
   return (u + 1.0) * g / (1.0 + std::exp(-1.702 * g));

@@ -258,7 +258,8 @@ def raw_args(packed, **override):
 
 
 @pytest.mark.parametrize("override,code", [
-    (dict(fmt=5), -3), (dict(fmt=-1), -3), (dict(activation=3), -4), (dict(pool=64), -2), (dict(pool=-1), -2),
+    (dict(fmt=5), -3), (dict(fmt=-1), -3), (dict(pool=64), -2), (dict(pool=-1), -2),
+    (dict(activation=len(native.ACTIVATIONS)), -4), (dict(activation=-1), -4),  # one past the last code; negative
     (dict(H=0), -5), (dict(I=-16), -5), (dict(T=-1), -5), (dict(top_k=-2), -5), (dict(n_global=-1), -5),
     (dict(H=1 << 30), -5), (dict(x=None), -6), (dict(ids=None), -6), (dict(local_of=None), -6),
     (dict(out=None), -6), (dict(group=0), -7), (dict(group=6), -7), (dict(group=48), -7),

@@ -251,7 +251,7 @@ namespace kt {
 #include "linear_packed.inc"  // quantized dense projections on the same panel kernels
 }  // namespace kt
 
-KT_API int kt_abi_version() { return 10; }
+KT_API int kt_abi_version() { return 11; }  // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10)
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;

@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from kt_core.weights.quant import ExpertWeights, Quant, Weight, dequantize, fake_quant_activations, weight_format
 
-ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")
+ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "silu_clamp10")
 # GPT-OSS clamped SwiGLU constants (fixed by that architecture)
 SWIGLU_OAI_ALPHA = 1.702
 SWIGLU_OAI_LIMIT = 7.0
+# DeepSeek-V4 clamped SwiGLU ("silu_clamp10"): silu(min(gate, 10)) * clamp(up, -10, 10)
+DEEPSEEK_V4_SWIGLU_LIMIT = 10.0
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -34,6 +36,10 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> t
         gate = gate.clamp(max=SWIGLU_OAI_LIMIT)
         up = up.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT)
         return (up + 1) * (gate * torch.sigmoid(gate * SWIGLU_OAI_ALPHA))
+    if activation == "silu_clamp10":
+        gate = gate.clamp(max=DEEPSEEK_V4_SWIGLU_LIMIT)
+        up = up.clamp(-DEEPSEEK_V4_SWIGLU_LIMIT, DEEPSEEK_V4_SWIGLU_LIMIT)
+        return F.silu(gate) * up
     raise ValueError(f"unknown MoE activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
 
 
