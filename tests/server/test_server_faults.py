@@ -77,7 +77,8 @@ def test_a_request_that_fails_fails_alone_and_its_neighbour_streams_on(live, mon
     assert bad_lines[-1] == "data: [DONE]" and '"code": "internal_error"' in bad_lines[-2]
     assert extreme.status_code == 400 and extreme.json()["error"]["param"] == "repetition_penalty"
     assert tail[-1] == "data: [DONE]" and json.loads(tail[-2][5:])["choices"][0]["finish_reason"] == "length"
-    assert not any("error" in line for line in tail)
+    # no error event in the neighbour's stream (its sampled text may itself contain the word "error")
+    assert not any("error" in json.loads(line[5:]) for line in tail[:-1])
     assert live.metrics()["kt_errors_total"] == before["kt_errors_total"] + 2
     # the scheduler frees a finished sequence's blocks just after its last event is sent
     _wait(lambda: (lambda m: m["kt_kv_blocks_used"] == 0 and m["kt_running_requests"] == 0)(live.metrics()), 10,
