@@ -59,12 +59,14 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, latent: bool = False,
                  layer_devices: Optional[list[torch.device]] = None, states: Optional["StatePool"] = None,
-                 index_dim: int = 0, index_layers: Optional[list[int]] = None) -> None:
+                 index_dim: int = 0, index_layers: Optional[list[int]] = None,
+                 extra_dims: Optional[list[int]] = None) -> None:
         """``layer_devices``: where each layer's blocks live (default: all on ``device``). ``states``:
         the recurrent state of the linear-attention layers (they have no KV blocks). ``index_dim``:
         DeepSeek-V3.2's indexer keys, a third per-layer cache ``[num_blocks, block_size, 1, index_dim]``
         (blocks hold them too, so the prefix cache keeps them with the latent), for ``index_layers``
-        (default: all)."""
+        (default: all). ``extra_dims``: instead, each layer's own width of that third cache (0: none;
+        DeepSeek-V4's compressor features)."""
         self.block_size, self.num_blocks, self.latent = block_size, num_blocks, latent
         self.dtype = dtype
         self.block_shape = (block_size, 1 if latent else kv_heads, head_dim)
@@ -78,9 +80,10 @@ class PagedKVCache:
             [None] * num_layers if latent else [None if k is None else torch.zeros(shape, dtype=dtype, device=k.device)
                                                 for k in self.k])
         indexed = set(range(num_layers) if index_layers is None else index_layers)
+        dims = extra_dims or [index_dim if i in indexed else 0 for i in range(num_layers)]
         self.idx: list[Optional[torch.Tensor]] = [
-            torch.zeros(num_blocks, block_size, 1, index_dim, dtype=dtype, device=d) if index_dim and i in indexed
-            else None for i, d in enumerate(devs)]
+            torch.zeros(num_blocks, block_size, 1, dims[i], dtype=dtype, device=d) if dims[i] else None
+            for i, d in enumerate(devs)]
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.refs = [0] * num_blocks
         self.seqs: dict[int, SeqState] = {}

@@ -120,11 +120,12 @@ class MLAttention:
 
 
 class DenseMLP:
-    def __init__(self, gate: Weight, up: Weight, down: Weight) -> None:
-        self.gate, self.up, self.down = gate, up, down
+    def __init__(self, gate: Weight, up: Weight, down: Weight, activation: str = "silu") -> None:
+        self.gate, self.up, self.down, self.activation = gate, up, down, activation
 
     def __call__(self, be: Backend, x: torch.Tensor) -> torch.Tensor:
-        return be.linear(gated_activation(be.linear(x, self.gate), be.linear(x, self.up), "silu"), self.down)
+        return be.linear(gated_activation(be.linear(x, self.gate), be.linear(x, self.up), self.activation),
+                         self.down)
 
 
 class MoEBlock:
@@ -145,6 +146,7 @@ class MoEBlock:
         self.score_bias, self.shards, self.shared, self.shared_gate = score_bias, shards, shared, shared_gate
         self.deferred = 0  # expert deferral: this many lowest-weight routes finish one layer later
         self._pending_deferred: list = []
+        self.tid2eid: Optional[torch.Tensor] = None  # DeepSeek-V4's hash layers: token id -> its experts
 
     def pop_deferred(self) -> list:
         """Futures of the deferred routes of the last call (added by the model after the next layer)."""
@@ -158,14 +160,24 @@ class MoEBlock:
             pending.append(shard_be.moe_experts_async(*[move(t, device) for t in (x, ids, weights)], experts, act))
         return pending
 
-    def route(self, be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, be: Backend, x: torch.Tensor, tokens: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.moe
         logits = F.linear(x.float(), self.router, self.router_bias)
+        if self.tid2eid is not None:  # the experts are the token's, by a fixed table; the scores weight them
+            from kt_core.backend.torch_ops.routing import expert_scores
+
+            ids = self.tid2eid[tokens.to(self.tid2eid.device)].to(logits.device)
+            weights = expert_scores(logits, m.scoring).gather(1, ids)
+            if m.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            return weights * m.routed_scaling_factor, ids
         return be.route(logits, m.top_k, m.scoring, m.renormalize, m.n_group, m.topk_group, self.score_bias,
                         m.routed_scaling_factor)
 
-    def __call__(self, be: Backend, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(be, x)
+    def __call__(self, be: Backend, x: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``tokens``: the step's token ids (read by hash routing only)."""
+        weights, ids = self.route(be, x, tokens)
         if self.recorder is not None:
             self.recorder(self.layer, ids)
         if self.moe.weight_input:

@@ -6,7 +6,6 @@ The forward pass goes layer by layer through the device contract.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -15,108 +14,15 @@ from kt_core.backend.contract import Backend
 from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
 from kt_core.errors import KtError
 from kt_core.kvcache.paged import Batch, PagedKVCache
-from kt_core.models import linear_attn
+from kt_core.models import deepseek_v4, linear_attn, shapes_v4
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
 from kt_core.models.names import moe_names
 from kt_core.models.spec import ModelSpec
 from kt_core.progress import progress
 from kt_core.weights.checkpoint import Checkpoint
-from kt_core.models.kept import kept as _kept, kept_experts as _kept_experts
-from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, quantize
-
-
-@dataclass
-class QuantPlan:
-    experts: Quant = Quant.NONE
-    dense: Quant = Quant.NONE
-    group_size: int = 128
-    symmetric: bool = True
-    prequant: Optional[object] = None  # a PrequantFile (kt quantize) to take the experts from
-    head: Optional[Quant] = None  # the untied lm_head; None: as dense
-    down: Optional[Quant] = None  # the experts' down projection; None: as experts
-    int8_group: int = 0  # int8's group (quant.int8_group_size); 0: one scale per row
-
-    @classmethod
-    def from_config(cls, q) -> "QuantPlan":
-        """The plan of a composed config's ``quant`` group."""
-        from kt_core.config.schema import choice
-
-        head = choice(q.head) if q.get("head") is not None else None
-        down = choice(q.experts_down) if q.get("experts_down") is not None else None
-        return cls(Quant(choice(q.experts)), Quant(choice(q.dense)), int(q.group_size), bool(q.symmetric),
-                   head=None if head is None else Quant(head), int8_group=int(q.get("int8_group_size") or 0),
-                   down=None if down is None else Quant(down))
-
-    @property
-    def down_format(self) -> Quant:
-        return self.experts if self.down is None else self.down
-
-    def group_of(self, fmt: Quant) -> int:
-        """The group size that names a kt quantize file of ``fmt``: int8's own when it has groups
-        (per-row int8 files keep the name they always had)."""
-        return self.int8_group if fmt is Quant.INT8 and self.int8_group else self.group_size
-
-    @property
-    def head_format(self) -> Quant:
-        return self.dense if self.head is None else self.head
-
-
-class _Reader:
-    """Reads, checks, casts and places one layer's tensors."""
-
-    def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan,
-                 prepare: Optional[Callable] = None):
-        self.ck, self.spec, self.dtype, self.device, self.qp = ck, spec, dtype, device, qp
-        self.prepare = prepare  # the device's Backend.prepare_dense for quantized dense weights
-
-    def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
-
-    def norm(self, name: str, shape) -> torch.Tensor:
-        """An RMSNorm weight; a zero-centred one (Qwen3-Next) becomes its scale 1 + w, kept in float32 as
-        the reference computes it."""
-        if self.spec.norm_offset:
-            return (1.0 + self.ck.get(name, shape).float()).to(self.device)
-        return self.t(name, shape)
-
-    def opt(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
-        return self.t(name, shape, dtype) if name in self.ck else None
-
-    def dense(self, name: str, shape, fmt: Optional[Quant] = None):
-        """A dense linear's weight in ``fmt`` (default: quant.dense), prepared for its device."""
-        fmt = self.qp.dense if fmt is None else fmt
-        # a GGUF block type kt-core holds exactly is kept, unless a quant format was asked for
-        kept = _kept(self.ck, [name], shape) if fmt is Quant.NONE else None
-        if kept is not None:
-            q = kept.to(self.device)
-            return self.prepare(q) if self.prepare is not None else q
-        w = self.t(name, shape)
-        if fmt is Quant.NONE:
-            return w
-        q = _quantize(w, fmt, self.qp, name).to(self.device)
-        del w  # the source is not held while the device packs the codes
-        return self.prepare(q) if self.prepare is not None else q
-
-    def experts(self, gate, up, down, ids: torch.Tensor, **biases):
-        """gate / up / down: tensors, or callables that read them (then each projection is read and
-        quantized before the next is read, so only one is ever held in the checkpoint's dtype)."""
-        qp = self.qp
-
-        def q(w, fmt=qp.experts):
-            w = (w() if callable(w) else w).to(self.dtype)
-            if fmt is Quant.NONE:
-                return w.to(self.device)
-            return _quantize(w, fmt, qp, "experts").to(self.device)
-
-        placed = {k: None if v is None else v.to(self.dtype).to(self.device) for k, v in biases.items()}
-        return ExpertWeights(ids.to(self.device), q(gate), q(up), q(down, qp.down_format), **placed)
-
-
-def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str):
-    try:
-        return quantize(w, fmt, qp.group_size, qp.symmetric, qp.int8_group)  # a chunk of rows at a time
-    except ValueError as exc:
-        raise KtError(f"cannot quantize {what} to {fmt.value}: {exc}") from None
+from kt_core.models.kept import kept_experts as _kept_experts
+from kt_core.models.reader import QuantPlan, _Reader  # noqa: F401  (QuantPlan: re-exported)
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
 
 
 def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
@@ -158,9 +64,11 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
     return Attention(w, spec, i)
 
 
-def _mlp(r: _Reader, p: str, H: int, inter: int) -> DenseMLP:
-    return DenseMLP(r.dense(p + "gate_proj.weight", (inter, H)), r.dense(p + "up_proj.weight", (inter, H)),
-                    r.dense(p + "down_proj.weight", (H, inter)))
+def _mlp(r: _Reader, p: str, H: int, inter: int, names=("gate_proj", "up_proj", "down_proj"),
+         activation: str = "silu") -> DenseMLP:
+    g, u, d = names
+    return DenseMLP(r.dense(f"{p}{g}.weight", (inter, H)), r.dense(f"{p}{u}.weight", (inter, H)),
+                    r.dense(f"{p}{d}.weight", (H, inter)), activation)
 
 
 def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
@@ -230,7 +138,8 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
     names = moe_names(spec.family)
     router = r.t(names.router_weight(p), (E, H), torch.float32)
     rbias = r.t(names.router_bias_name(p), (E,), torch.float32) if names.router_bias else None
-    score_bias = r.t(names.score_bias_name(p), (E,), torch.float32) if m.score_bias else None
+    hashed = spec.v4 is not None and i in spec.v4.hash_layers  # DeepSeek-V4: routed by a token table, no bias
+    score_bias = r.t(names.score_bias_name(p), (E,), torch.float32) if m.score_bias and not hashed else None
     groups = placer(i) if placer else [(be, 0, list(range(E)))]
     shards = []
     for shard_be, index, ids in groups:
@@ -240,11 +149,16 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
             shards.append((shard_be, device, shard_be.prepare_experts(load_experts(sub, p, spec, ids, i), index)))
     shared = shared_gate = None
     if m.shared_intermediate:
-        shared = _mlp(r, names.shared_prefix(p), H, m.shared_intermediate)
+        shared = _mlp(r, names.shared_prefix(p), H, m.shared_intermediate, names.shared_projections, m.activation)
         if m.shared_gate:
             shared_gate = r.t(names.shared_gate(p), (1, H))
     block = MoEBlock(spec, router, rbias, score_bias, shards, shared, shared_gate)
     block.layer = i
+    if hashed:
+        block.tid2eid = r.ck.get(f"{p}{names.block}.gate.tid2eid", (spec.vocab_size, m.top_k)).long().to(r.device)
+        if int(block.tid2eid.min()) < 0 or int(block.tid2eid.max()) >= E:
+            raise KtError(f"{p}{names.block}.gate.tid2eid names experts outside 0..{E - 1}; the checkpoint is "
+                          "damaged: re-download it")
     return block
 
 
@@ -271,6 +185,7 @@ class CausalLM:
         self.cos_sin = layers[0].cos_sin
         self.backends = list({id(layer.be): layer.be for layer in layers}.values())  # each told of every step
         self.checkpoint_layers = False  # activation checkpointing per layer (fine-tuning)
+        self.hc_head: Optional[dict] = None  # DeepSeek-V4: collapses the residual streams before the norm
 
     @classmethod
     def load(cls, ck: Checkpoint, spec: ModelSpec, backend: Backend, dtype: torch.dtype,
@@ -283,12 +198,23 @@ class CausalLM:
         table = rope_cos_sin(spec.rope.rot_dim, max_positions or spec.max_positions, inv_freq=inv_freq, mscale=mscale)
         tables: dict[torch.device, torch.Tensor] = {}
         layers = []
+        v4_tables = deepseek_v4.rope_tables(spec, max_positions or spec.max_positions) if spec.v4 else None
         with progress(f"loading {spec.arch} ({spec.num_layers} layers)", spec.num_layers) as advance:
             for i in range(spec.num_layers):
                 be, index = homes(i) if homes else (backend, 0)
                 device = be.torch_device(index)
                 r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index))
                 p = f"model.layers.{i}."
+                if spec.v4 is not None:  # DeepSeek-V4: hyper-connected streams, compressed attention
+                    if device not in tables:
+                        tables[device] = {k: t.to(device) for k, t in v4_tables.items()}
+                    if deferred_experts:
+                        raise KtError(f"expert deferral does not apply to {spec.arch} (its experts feed hyper-"
+                                      "connected residual streams); set topology.deferred_experts=0")
+                    ffn = _moe(r, p, spec, i, be, placer)
+                    layers.append(deepseek_v4.load_layer(r, spec, i, ffn, be, device, tables[device]))
+                    advance()
+                    continue
                 attn = linear_attn.load(r, p, spec) if spec.is_linear(i) else _attention(r, p, spec, i)
                 if spec.index is not None and not spec.index.runs_at(i):  # GLM-5: reuse the last indexer's choice
                     attn.source = next(layer.attn for layer in reversed(layers) if layer.attn.source is None)
@@ -310,11 +236,15 @@ class CausalLM:
         last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, 0))
         embed = first.t("model.embed_tokens.weight", (V, H))
         norm = last.norm("model.norm.weight", (H,))
-        if spec.tie_embeddings or "lm_head.weight" not in ck:
+        head = shapes_v4.GLOBALS["head"] if spec.v4 is not None else "lm_head.weight"
+        if spec.tie_embeddings or head not in ck:
             lm_head = embed if layers[0].device == layers[-1].device else last.t("model.embed_tokens.weight", (V, H))
         else:
-            lm_head = last.dense("lm_head.weight", (V, H), qp.head_format)
-        return cls(spec, dtype, embed, layers, norm, lm_head)
+            lm_head = last.dense(head, (V, H), qp.head_format)
+        model = cls(spec, dtype, embed, layers, norm, lm_head)
+        if spec.v4 is not None:
+            model.hc_head = deepseek_v4.load_head(last, spec)
+        return model
 
     def weight_bytes(self) -> int:
         """Bytes of every weight this model holds (shared tensors counted once)."""
@@ -333,7 +263,7 @@ class CausalLM:
                     add(v)
             elif hasattr(obj, "__dict__") and not isinstance(obj, type):
                 for k, v in vars(obj).items():
-                    if k not in ("spec", "moe", "be", "w_uk", "w_uv", "cos_sin", "device"):  # w_uk/w_uv: kv_b views
+                    if k not in ("spec", "moe", "be", "w_uk", "w_uv", "cos_sin", "device", "tables"):  # w_uk/w_uv: kv_b views
                         add(v)
         add([self.embed, self.layers, self.norm, self.lm_head])
         return sum(seen.values())
@@ -347,6 +277,10 @@ class CausalLM:
             states = StatePool(s.linear, s.linear_layers, self.dtype, {i: devices[i] for i in s.linear_layers})
             return PagedKVCache(s.num_layers, num_blocks, block_size, s.num_kv_heads, s.head_dim, self.dtype,
                                 self.device, layer_devices=devices, states=states)
+        if s.v4 is not None:  # one key=value head; the compressors' features per token beside it
+            return PagedKVCache(s.num_layers, num_blocks, block_size, 1, s.head_dim, self.dtype, self.device,
+                                latent=True, layer_devices=devices,
+                                extra_dims=[s.v4.extra_dim(i, s.head_dim) for i in range(s.num_layers)])
         if s.mla is not None:
             return PagedKVCache(s.num_layers, num_blocks, block_size, 1, s.mla.kv_lora_rank + s.mla.qk_rope_head_dim,
                                 self.dtype, self.device, latent=True, layer_devices=devices,
@@ -373,6 +307,8 @@ class CausalLM:
         for be in self.backends:
             be.begin_step(bool(batch.is_decode))
         h = self.embed[batch.to(self.layers[0].device).tokens]
+        if self.spec.v4 is not None:  # DeepSeek-V4: hc_mult copies of the embedding as residual streams
+            h = h[:, None, :].expand(-1, self.spec.v4.hc_mult, -1).contiguous()
         carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)
         for i, layer in enumerate(self.layers):
             be = layer.be
@@ -381,6 +317,8 @@ class CausalLM:
             b = on.setdefault(layer.device, batch.to(layer.device))
 
             def block(h, layer=layer, be=be, b=b, i=i):
+                if self.spec.v4 is not None:
+                    return layer.run(be, h, b, cache.layer_caches(i), self.spec)
                 h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, *cache.layer_caches(i), layer.cos_sin)
                 return h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
 
@@ -398,5 +336,8 @@ class CausalLM:
         for fut in carry:
             h = h + fut.result().to(h.device)
         be = self.be
-        h = be.rmsnorm(h[on.setdefault(self.device, batch.to(self.device)).logits_rows], self.norm, eps)
+        h = h[on.setdefault(self.device, batch.to(self.device)).logits_rows]
+        if self.hc_head is not None:
+            h = deepseek_v4.collapse(h, self.hc_head, self.spec)
+        h = be.rmsnorm(h, self.norm, eps)
         return be.linear(h, self.lm_head).float()

@@ -21,6 +21,7 @@ class MoeNames:
     fused: bool = False  # experts stored fused over the expert axis: gate_up_proj [E, H, 2I], down_proj [E, I, H]
     interleaved: bool = True  # fused gate_up alternates gate and up columns (GPT-OSS); else gate | up halves
     dense: str = "mlp"  # a dense layer's MLP module
+    shared_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # the shared expert's
 
     def router_weight(self, p: str) -> str:
         return f"{p}{self.block}.{self.router}.weight"
@@ -62,6 +63,9 @@ FAMILY = {
     "gpt_oss": MoeNames(router="router", router_bias=True, fused=True),
     "llama4": MoeNames(block="feed_forward", router="router", shared="shared_expert", fused=True, interleaved=False,
                        dense="feed_forward"),
+    # DeepSeek-V4 keeps the release's module names: ffn, w1 / w3 / w2, the choice bias as the router's bias
+    "deepseek_v4": MoeNames(block="ffn", projections=("w1", "w3", "w2"), score_bias="gate.bias",
+                            shared_projections=("w1", "w3", "w2")),
 }
 
 

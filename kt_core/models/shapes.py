@@ -143,6 +143,10 @@ def _shared(names, p: str, m, H: int, i: int) -> list[TensorInfo]:
 
 
 def layer_tensors(spec: ModelSpec, i: int) -> list[TensorInfo]:
+    if spec.v4 is not None:
+        from kt_core.models import shapes_v4
+
+        return shapes_v4.layer_tensors(spec, i)
     H = spec.hidden_size
     p = f"model.layers.{i}."
     out = _linear_attention(spec, i) if spec.is_linear(i) else _attention(spec, i)
@@ -154,6 +158,10 @@ def layer_tensors(spec: ModelSpec, i: int) -> list[TensorInfo]:
 
 
 def model_tensors(spec: ModelSpec) -> list[TensorInfo]:
+    if spec.v4 is not None:
+        from kt_core.models import shapes_v4
+
+        return shapes_v4.model_tensors(spec)
     H, V = spec.hidden_size, spec.vocab_size
     out = [TensorInfo("model.embed_tokens.weight", (V, H), "embed")]
     for i in range(spec.num_layers):

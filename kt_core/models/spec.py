@@ -33,6 +33,7 @@ ARCHITECTURES = {
     "Llama4ForCausalLM": "llama4",
     "Qwen3NextForCausalLM": "qwen3_next",
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
+    "DeepseekV4ForCausalLM": "deepseek_v4",
 }
 
 
@@ -225,6 +226,7 @@ class ModelSpec:
     moe: Optional[MoESpec] = None
     moe_layers: frozenset[int] = frozenset()
     mla: Optional[MLASpec] = None
+    v4: Optional[Any] = None  # DeepSeek-V4's attention / hyper-connection spec (spec_v4.V4Spec)
     softmax_scale: float = 0.0
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
@@ -391,6 +393,10 @@ def _parse_config(c: dict) -> ModelSpec:
         spec.moe = _sigmoid_moe(c, int(c.get("num_local_experts") or c.get("num_experts") or 0),
                                 spec.intermediate_size, True, grouped=False, scaled=False)
         spec.moe_layers = frozenset(range(L))
+    elif fam == "deepseek_v4":
+        from kt_core.models import spec_v4
+
+        spec_v4.parse(spec, c)
     elif fam == "gpt_oss":
         spec.qkv_bias = spec.o_bias = spec.sinks = True
         spec.moe = MoESpec(int(c["num_local_experts"]), int(c["num_experts_per_tok"]), spec.intermediate_size,

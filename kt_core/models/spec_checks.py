@@ -36,6 +36,8 @@ _INTS = {
     "linear_key_head_dim": (1, MAX_HEAD_DIM, True), "linear_value_head_dim": (1, MAX_HEAD_DIM, True),
     "linear_conv_kernel_dim": (1, 64, True), "index_n_heads": (1, 65536, True),
     "index_head_dim": (1, MAX_HEAD_DIM, True), "index_topk": (1, INT_MAX, True),
+    "hc_mult": (1, 64, True), "hc_sinkhorn_iters": (1, 1000, True), "o_groups": (1, 65536, True),
+    "o_lora_rank": (1, INT_MAX, True),
 }
 # float fields: smallest, whether the smallest itself is excluded, largest, whether null is allowed
 _FLOATS = {"rms_norm_eps": (0.0, False, math.inf, False), "rope_theta": (1.0, True, math.inf, False),

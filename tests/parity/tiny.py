@@ -119,6 +119,18 @@ CONFIGS = {
                          kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24,
                          num_key_value_heads=4, index_topk=4, index_head_dim=16, index_n_heads=8,
                          indexer_types=["full", "shared", "full", "shared"])),
+    # DeepSeek-V4: hyper-connected streams (3), a sliding window of 6 over one key=value head with sinks,
+    # csa layers (entries of 4 tokens, the indexer keeps 3) and an hca layer (entries of 8 tokens), a hash
+    # MoE layer, sqrt-softplus routing, SwiGLU clamped at 10 (the experts are scaled up to reach it)
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM",
+                    dict(num_hidden_layers=4, head_dim=32, q_lora_rank=48, num_experts_per_tok=2, n_routed_experts=8,
+                         moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=1.5,
+                         layer_types=["sliding_attention", "compressed_sparse_attention",
+                                      "heavily_compressed_attention", "compressed_sparse_attention"],
+                         mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+                         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                         sliding_window=6, o_groups=2, o_lora_rank=16, index_n_heads=4, index_head_dim=16,
+                         index_topk=3, hc_mult=3, hc_sinkhorn_iters=5, partial_rotary_factor=0.25)),
     # Kimi-K2.5: the DeepSeek-V3 text backbone of a multimodal checkpoint (vision tower not loaded)
     "kimi_k25": ("Kimi_K25Config", "Kimi_K25ForConditionalGeneration",
                  dict(text_config=dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2,
@@ -166,14 +178,18 @@ def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: fl
     centred = cfg.model_type in ("qwen3_next", "qwen3_5_moe_text")
     with torch.no_grad():  # random biases / norms / sinks so every parameter matters
         for pname, p in model.named_parameters():
-            if p.dim() == 1 or "bias" in pname or "sinks" in pname:
+            if p.dim() == 1 or "bias" in pname or "sinks" in pname:  # (position_bias: V4's compressors)
                 base = 1.0 if ("norm" in pname and "bias" not in pname) else 0.0
                 if centred and "linear_attn.norm" not in pname:  # Qwen3-Next's norms scale by 1 + w
                     base = 0.0
                 p.copy_(base + 0.1 * torch.randn_like(p))
+            if "experts.gate_up_proj" in pname and cfg.model_type == "deepseek_v4":
+                p.mul_(12.0)  # gate / up pre-activations beyond DeepSeek-V4's clamp at 10
         for pname, buf in model.named_buffers():
             if "e_score_correction_bias" in pname:
                 buf.copy_(0.05 * torch.randn_like(buf))
+            if "tid2eid" in pname:  # DeepSeek-V4's hash routing: each token's experts, distinct per token
+                buf.copy_(torch.stack([torch.randperm(cfg.n_routed_experts)[:buf.shape[1]] for _ in range(buf.shape[0])]))
     model.save_pretrained(out, safe_serialization=True)
     _released_names(out)
     return out

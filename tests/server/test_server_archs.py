@@ -1,5 +1,5 @@
-"""The newest architectures served: a synthetic GLM-4.5 / MiniMax-M2 / Llama 4 / Qwen3-Next checkpoint (real tokenizer and
-chat template) behind the live server with int8 experts split over two devices, answering as the
+"""The newest architectures served: a synthetic GLM-4.5 / MiniMax-M2 / Llama 4 / Qwen3-Next / DeepSeek-V4 checkpoint
+(real tokenizer and chat template) behind the live server with int8 experts split over two devices, answering as the
 engine does and reusing its prefix cache."""
 import pytest
 
@@ -13,7 +13,7 @@ OV = ["quant=int8", "topology=hybrid_cpu", "device.cpu.threads=2", "topology.exp
 
 
 @pytest.mark.parametrize("arch", ["glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe", "deepseek_v32",
-                                  "glm_moe_dsa"])
+                                  "glm_moe_dsa", "deepseek_v4"])
 def test_served_greedy_completion_matches_the_engine(arch, tmp_path):
     path = synthesize(tmp_path / arch, arch=arch, layers=2, shape=SMALL[arch], sample_tokens=48).path
     srv = Live(path, tmp_path / "prefix", *OV)

@@ -1,11 +1,12 @@
-"""The newest architectures (GLM-4.5, MiniMax-M2, Llama 4, Qwen3-Next, Qwen3.5-MoE, DeepSeek-V3.2, GLM-5) with the engine's features, not only plain parity:
+"""The newest architectures (GLM-4.5, MiniMax-M2, Llama 4, Qwen3-Next, Qwen3.5-MoE, DeepSeek-V3.2, GLM-5,
+DeepSeek-V4) with the engine's features, not only plain parity:
 quantized experts and hybrid expert placement (the prefix cache: tests/unit/test_scheduler.py; the
 server: tests/server/test_server_archs.py)."""
 import pytest
 
 import kt_core
 
-ARCHS = ["glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa"]
+ARCHS = ["glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe", "deepseek_v32", "glm_moe_dsa", "deepseek_v4"]
 PROMPT = [5, 17, 33, 2, 90, 41, 41, 7, 12, 64, 3, 88, 19, 27, 50, 61, 1, 9, 30, 77]
 FP32 = ["model.dtype=float32", "quant.group_size=32"]
 # the quantized engine against transformers running the same experts decoded from their codes (by the

@@ -25,7 +25,7 @@ HAND_COUNTS = {"deepseek_v3": 671e9, "qwen3_235b_a22b": 235e9, "qwen3_30b_a3b": 
                # experts x 3 x 5120 x 8192 (96.64B) + shared experts 6.04B + attention 48 x 62.9M (3.02B) +
                # embeddings and head 2.07B = 107.77B
                "llama4_scout": 107.77e9, "qwen3_next_80b_a3b": 80e9, "qwen3_5_35b_a3b": 35e9,
-               "deepseek_v32": 671e9, "glm5": 744e9}
+               "deepseek_v32": 671e9, "glm5": 744e9, "deepseek_v4_flash": 284e9}
 
 
 def plan_for(*overrides, check=False):
@@ -44,7 +44,7 @@ def test_shipped_configs_total_matches_the_published_count(model, expected):
 @pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss",
                                   "mixtral", "qwen2_tied_mha", "glm4_moe", "minimax_m2", "llama4",
                                   "llama4_interleaved", "qwen3_next", "qwen3_5_moe", "deepseek_v32",
-                                  "glm_moe_dsa"])
+                                  "glm_moe_dsa", "deepseek_v4"])
 def test_parameter_count_equals_transformers(name, tmp_path):
     import transformers
 
@@ -53,7 +53,7 @@ def test_parameter_count_equals_transformers(name, tmp_path):
 
     model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**{**BASE, **extra}))
     theirs = sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() for n, b in model.named_buffers() if "e_score_correction_bias" in n)
+        b.numel() for n, b in model.named_buffers() if "e_score_correction_bias" in n or "tid2eid" in n)
     spec = parse_config(json.loads(model.config.to_json_string()))
     assert count_params(spec) == theirs
     path = build(name, tmp_path / name)  # the names a saved checkpoint really has

@@ -204,7 +204,7 @@ def test_request_that_cannot_fit_the_cache_is_refused(model_path):
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "mixtral", "glm4_moe", "minimax_m2",
-                                  "llama4"])
+                                  "llama4", "deepseek_v4"])
 def test_prefix_cache_on_mla_latent_and_gqa_layouts(tiny_checkpoint, tmp_path, arch):
     """Blocks shared, demoted to disk and read back give the same greedy tokens on MLA's latent
     cache (no V tensors) as on a K/V cache."""

@@ -40,6 +40,13 @@ SMALL = {
                         kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
                         max_position_embeddings=4096, index_n_heads=4, index_head_dim=16, index_topk=8,
                         index_topk_freq=2, index_skip_topk_offset=1),  # layers 1, 3, ... reuse the choice
+    "deepseek_v4": dict(hidden_size=64, num_attention_heads=4, head_dim=32, q_lora_rank=48, qk_rope_head_dim=8,
+                        n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=32, o_groups=2,
+                        o_lora_rank=16, index_n_heads=4, index_head_dim=16, index_topk=8, hc_mult=2,
+                        sliding_window=16, num_hash_layers=1, max_position_embeddings=4096,
+                        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+                        layer_types=["compressed_sparse_attention", "heavily_compressed_attention",
+                                     "sliding_attention"]),
     "qwen3_5_moe": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                         full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4,
                         linear_key_head_dim=16, linear_value_head_dim=8, num_experts=16, num_experts_per_tok=4,

@@ -5,7 +5,16 @@ from typing import Optional
 
 import torch
 
-SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sqrtsoftplus")
+
+
+def expert_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Each expert's score (float32) before the choice: softmax, sigmoid, or DeepSeek-V4's sqrt(softplus)."""
+    if scoring == "softmax":
+        return torch.softmax(logits.float(), dim=-1)
+    if scoring == "sqrtsoftplus":
+        return torch.nn.functional.softplus(logits.float()).sqrt()
+    return torch.sigmoid(logits.float())
 
 
 def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormalize: bool = True,
@@ -20,7 +29,7 @@ def route(logits: torch.Tensor, top_k: int, scoring: str = "softmax", renormaliz
     if scoring == "softmax_topk":
         vals, ids = torch.topk(logits, top_k, dim=-1)
         return torch.softmax(vals, dim=-1) * routed_scaling_factor, ids
-    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    scores = expert_scores(logits, scoring)
     choice = scores if bias is None else scores + bias.float()
     if n_group > 1:
         if E % n_group or not 0 < topk_group <= n_group:

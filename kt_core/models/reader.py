@@ -1,0 +1,108 @@
+"""Reading a layer's weights: ``QuantPlan`` (which formats the model's weights take) and ``_Reader``
+(reads, checks, casts, quantizes and places one layer's tensors)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from kt_core.errors import KtError
+from kt_core.models.kept import kept as _kept
+from kt_core.models.spec import ModelSpec
+from kt_core.weights.checkpoint import Checkpoint
+from kt_core.weights.quant import ExpertWeights, Quant, quantize
+
+
+@dataclass
+class QuantPlan:
+    experts: Quant = Quant.NONE
+    dense: Quant = Quant.NONE
+    group_size: int = 128
+    symmetric: bool = True
+    prequant: Optional[object] = None  # a PrequantFile (kt quantize) to take the experts from
+    head: Optional[Quant] = None  # the untied lm_head; None: as dense
+    down: Optional[Quant] = None  # the experts' down projection; None: as experts
+    int8_group: int = 0  # int8's group (quant.int8_group_size); 0: one scale per row
+
+    @classmethod
+    def from_config(cls, q) -> "QuantPlan":
+        """The plan of a composed config's ``quant`` group."""
+        from kt_core.config.schema import choice
+
+        head = choice(q.head) if q.get("head") is not None else None
+        down = choice(q.experts_down) if q.get("experts_down") is not None else None
+        return cls(Quant(choice(q.experts)), Quant(choice(q.dense)), int(q.group_size), bool(q.symmetric),
+                   head=None if head is None else Quant(head), int8_group=int(q.get("int8_group_size") or 0),
+                   down=None if down is None else Quant(down))
+
+    @property
+    def down_format(self) -> Quant:
+        return self.experts if self.down is None else self.down
+
+    def group_of(self, fmt: Quant) -> int:
+        """The group size that names a kt quantize file of ``fmt``: int8's own when it has groups
+        (per-row int8 files keep the name they always had)."""
+        return self.int8_group if fmt is Quant.INT8 and self.int8_group else self.group_size
+
+    @property
+    def head_format(self) -> Quant:
+        return self.dense if self.head is None else self.head
+
+
+class _Reader:
+    """Reads, checks, casts and places one layer's tensors."""
+
+    def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan,
+                 prepare: Optional[Callable] = None):
+        self.ck, self.spec, self.dtype, self.device, self.qp = ck, spec, dtype, device, qp
+        self.prepare = prepare  # the device's Backend.prepare_dense for quantized dense weights
+
+    def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
+
+    def norm(self, name: str, shape) -> torch.Tensor:
+        """An RMSNorm weight; a zero-centred one (Qwen3-Next) becomes its scale 1 + w, kept in float32 as
+        the reference computes it."""
+        if self.spec.norm_offset:
+            return (1.0 + self.ck.get(name, shape).float()).to(self.device)
+        return self.t(name, shape)
+
+    def opt(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        return self.t(name, shape, dtype) if name in self.ck else None
+
+    def dense(self, name: str, shape, fmt: Optional[Quant] = None):
+        """A dense linear's weight in ``fmt`` (default: quant.dense), prepared for its device."""
+        fmt = self.qp.dense if fmt is None else fmt
+        # a GGUF block type kt-core holds exactly is kept, unless a quant format was asked for
+        kept = _kept(self.ck, [name], shape) if fmt is Quant.NONE else None
+        if kept is not None:
+            q = kept.to(self.device)
+            return self.prepare(q) if self.prepare is not None else q
+        w = self.t(name, shape)
+        if fmt is Quant.NONE:
+            return w
+        q = _quantize(w, fmt, self.qp, name).to(self.device)
+        del w  # the source is not held while the device packs the codes
+        return self.prepare(q) if self.prepare is not None else q
+
+    def experts(self, gate, up, down, ids: torch.Tensor, **biases):
+        """gate / up / down: tensors, or callables that read them (then each projection is read and
+        quantized before the next is read, so only one is ever held in the checkpoint's dtype)."""
+        qp = self.qp
+
+        def q(w, fmt=qp.experts):
+            w = (w() if callable(w) else w).to(self.dtype)
+            if fmt is Quant.NONE:
+                return w.to(self.device)
+            return _quantize(w, fmt, qp, "experts").to(self.device)
+
+        placed = {k: None if v is None else v.to(self.dtype).to(self.device) for k, v in biases.items()}
+        return ExpertWeights(ids.to(self.device), q(gate), q(up), q(down, qp.down_format), **placed)
+
+
+def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str):
+    try:
+        return quantize(w, fmt, qp.group_size, qp.symmetric, qp.int8_group)  # a chunk of rows at a time
+    except ValueError as exc:
+        raise KtError(f"cannot quantize {what} to {fmt.value}: {exc}") from None
