@@ -59,7 +59,12 @@ def stored_tensors(cfg, spec):
     from kt_core.weights import packed_int4
 
     folder = Path(cfg.model.path).expanduser()
-    pack = packed_int4.scheme(read_json(folder / "config.json", "config.json"))
+    config = read_json(folder / "config.json", "config.json")
+    from kt_core.weights import deepseek_release
+
+    if deepseek_release.fp4_experts(config):  # DeepSeek-V4's release: FP4 experts kept as int8 g32
+        return deepseek_release.plan_tensors(model_tensors(spec), None, kept_groups(cfg.quant))
+    pack = packed_int4.scheme(config)
     if pack is None:
         return None
     return packed_int4.plan_tensors(model_tensors(spec), packed_int4.packed_names(folder), pack.group_size,

@@ -136,7 +136,11 @@ class Checkpoint:
         self._stored: dict[str, str] = {}  # name the loader asks for -> name in the file, where they differ
         self._index(allow_bin)
         self._strip_backbone_prefix()
+        from kt_core.weights import deepseek_release
+
+        deepseek_release.rename(self)  # DeepSeek-V4's release names
         self._find_packed()
+        self._mx = deepseek_release.mxfp4_weights(self)  # kept as int8 g32
 
     def _find_packed(self) -> None:
         """compressed-tensors pack-quantized int4 weights (Kimi-K2.5's experts): ``NAME.weight`` stands
@@ -248,11 +252,15 @@ class Checkpoint:
         return name in self._where or name in self._bin or name in self._packed
 
     def keeps(self, name: str) -> bool:
-        """Whether ``quantized(name)`` hands over the file's own quantization (pack-quantized int4)."""
-        return name in self._packed
+        """Whether ``quantized(name)`` hands over the file's own quantization (pack-quantized int4, MXFP4)."""
+        return name in self._packed or name in self._mx
 
     def quantized(self, name: str, shape=None):
-        """A pack-quantized weight as kt-core int4 (exact), or None for a plain tensor."""
+        """A pack-quantized weight as kt-core int4, an MXFP4 one as int8 g32 (exact), else None."""
+        if name in self._mx:
+            from kt_core.weights.deepseek_release import mxfp4_as_int8, scale_name
+
+            return mxfp4_as_int8(name, self._raw(name), self._raw(scale_name(name)), shape)
         if name not in self._packed:
             return None
         from kt_core.weights.packed_int4 import to_quantized
@@ -270,11 +278,15 @@ class Checkpoint:
         """The planner's tensor list with the stored bytes of the pack-quantized weights a load keeps."""
         from kt_core.weights.packed_int4 import plan_tensors
 
+        from kt_core.weights import deepseek_release
+
+        if self._mx:
+            tensors = deepseek_release.plan_tensors(tensors, self._mx, keep)
         return plan_tensors(tensors, self._packed, self._pack.group_size, keep) if self._packed else tensors
 
     def get(self, name: str, shape: Optional[Iterable[int]] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Read one tensor; ``shape`` is checked when given."""
-        if name in self._packed:  # floats asked of a pack-quantized weight: q * scale
+        if name in self._packed or name in self._mx:  # floats asked of a kept weight: q * scale
             from kt_core.weights.quant import dequantize
 
             t = dequantize(self.quantized(name, shape), torch.float32)
@@ -320,9 +332,15 @@ class Checkpoint:
             raise KtError(f"tensor {name} in {where} is {raw.dtype}; kt-core reads float8 e4m3 (e4m3fn) checkpoints only")
         scale_name = f"{name}_scale_inv"
         if scale_name not in self:
-            raise KtError(f"fp8 tensor {name} in {where} has no {scale_name} (block scales); this checkpoint's fp8 "
-                          "layout is not supported: convert it to bf16")
-        scales = self._raw(scale_name)
+            from kt_core.weights.deepseek_release import e8m0, scale_name as ue8m0_name
+
+            ue8m0 = ue8m0_name(name)  # DeepSeek-V4's release: NAME.scale, powers of two
+            if ue8m0 is None or ue8m0 not in self:
+                raise KtError(f"fp8 tensor {name} in {where} has no {scale_name} (block scales); this checkpoint's "
+                              "fp8 layout is not supported: convert it to bf16")
+            scales = e8m0(self._raw(ue8m0), name)
+        else:
+            scales = self._raw(scale_name)
         block = self.fp8_block()
         try:
             return from_fp8_blocks(raw, scales, block)

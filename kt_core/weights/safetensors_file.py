@@ -19,7 +19,8 @@ from kt_core.jsonfile import brief, show
 TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
                 "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                 "F64": torch.float64}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+                     ("U16", "uint16"),
                      ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         TORCH_DTYPES[_name] = getattr(torch, _attr)
@@ -39,8 +40,10 @@ class SafetensorsFile:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
-        torch_dtype = TORCH_DTYPES.get(dtype)
-        if torch_dtype is None:
+        torch_dtype = torch.uint8 if dtype == "F4" else TORCH_DTYPES.get(dtype)  # F4: two codes a byte
+        if dtype == "F4":
+            shape = [*shape[:-1], shape[-1] // 2] if shape and shape[-1] % 2 == 0 else None
+        if torch_dtype is None or shape is None:
             raise KtError(f"tensor {show(name)} in {self.path.name} is {dtype}, which kt-core cannot read; "
                           "convert the checkpoint to bf16")
         buf = torch.empty(end - begin, dtype=torch.uint8)

@@ -124,7 +124,7 @@ CONFIGS = {
     # MoE layer, sqrt-softplus routing, SwiGLU clamped at 10 (the experts are scaled up to reach it)
     "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM",
                     dict(num_hidden_layers=4, head_dim=32, q_lora_rank=48, num_experts_per_tok=2, n_routed_experts=8,
-                         moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=1.5,
+                         n_shared_experts=1, routed_scaling_factor=1.5,  # expert width: BASE's intermediate_size
                          layer_types=["sliding_attention", "compressed_sparse_attention",
                                       "heavily_compressed_attention", "compressed_sparse_attention"],
                          mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
