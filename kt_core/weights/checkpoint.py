@@ -386,7 +386,10 @@ class Checkpoint:
         """The folder's tokenizer (tokenizer.json and its config), or None when it has none."""
         from kt_core.models.tokenizer import Tokenizer
 
-        return Tokenizer.from_dir(self.path) if Tokenizer.present(self.path) else None
+        if not Tokenizer.present(self.path):
+            return None
+        log.info("tokenizer: the checkpoint's own, from %s", self.path)
+        return Tokenizer.from_dir(self.path)
 
 
 def generation_eos(path) -> tuple[int, ...]:
