@@ -57,7 +57,9 @@ def train_command(overrides: list[str], mode: str) -> int:
         examples = read_pairs(t.data, tokenizer, int(t.max_seq_len))
     else:
         examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
-    model = CausalLM.load(ck, spec, AutogradBackend(), torch_dtype(choice(cfg.model.dtype)), QuantPlan())
+    # the frozen base in any format the quant group names (QLoRA: quant=int4 keeps the experts int4)
+    model = CausalLM.load(ck, spec, AutogradBackend(), torch_dtype(choice(cfg.model.dtype)),
+                          QuantPlan.from_config(cfg.quant))
     model.checkpoint_layers = bool(t.checkpoint_layers)
     lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),
                      init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed))
