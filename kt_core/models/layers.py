@@ -83,12 +83,15 @@ class MLAttention:
 
     def __init__(self, w: dict, spec: ModelSpec, layer: int) -> None:
         self.w, self.spec = w, spec
-        m = spec.mla
-        kv_b = w["kv_b"].float().view(spec.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
-        self.w_uk = kv_b[:, : m.qk_nope_head_dim].to(w["kv_b"].dtype).contiguous()
-        self.w_uv = kv_b[:, m.qk_nope_head_dim:].to(w["kv_b"].dtype).contiguous()
+        self.w_uk, self.w_uv = self._absorbed(w["kv_b"].float(), w["kv_b"].dtype)
         self.selected: Optional[torch.Tensor] = None  # this step's indexer choice (sparse attention)
         self.source: Optional["MLAttention"] = None  # GLM-5's shared layers: whose choice to reuse
+
+    def _absorbed(self, kv_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's key and value halves per head, [H, dn, lora] and [H, dv, lora]."""
+        s, m = self.spec, self.spec.mla
+        kv_b = kv_b.view(s.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        return kv_b[:, : m.qk_nope_head_dim].to(dtype).contiguous(), kv_b[:, m.qk_nope_head_dim:].to(dtype).contiguous()
 
     def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, index_cache, cos_sin) -> torch.Tensor:
         """``index_cache``: DeepSeek-V3.2's indexer keys (None without sparse attention)."""
@@ -114,7 +117,10 @@ class MLAttention:
             from kt_core.models import indexer
 
             selected = self.selected = indexer.select(be, w["indexer"], s, x, q_a, batch, index_cache, cos_sin)
-        o = be.attention_mla(q_nope, q_pe, k_cache, self.w_uk, self.w_uv, batch.block_tables, batch.seq_lens,
+        w_uk, w_uv, kv_b = self.w_uk, self.w_uv, w["kv_b"]
+        if hasattr(kv_b, "scaling"):  # a LoRA on kv_b_proj being trained: the halves follow its update
+            w_uk, w_uv = self._absorbed(kv_b.base.float() + kv_b.scaling * (kv_b.b @ kv_b.a), kv_b.base.dtype)
+        o = be.attention_mla(q_nope, q_pe, k_cache, w_uk, w_uv, batch.block_tables, batch.seq_lens,
                              batch.query_start_loc, s.softmax_scale, selected=selected)
         return be.linear(o.reshape(T, -1), w["o"])
 

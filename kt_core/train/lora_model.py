@@ -25,7 +25,8 @@ from kt_core.weights.lora import PREFIX, LoraWeight
 
 # kt-core's attention weight keys -> the module names checkpoints (and PEFT) use
 ATTENTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-MLA = {"q": "q_proj", "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj_with_mqa", "o": "o_proj"}
+MLA = {"q": "q_proj", "q_a": "q_a_proj", "q_b": "q_b_proj", "kv_a": "kv_a_proj_with_mqa", "kv_b": "kv_b_proj",
+       "o": "o_proj"}
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -86,7 +87,7 @@ class LoraModel:
         if missing:
             kinds = sorted({m.rsplit(".", 1)[-1] for m in slots})
             raise KtError(f"train.lora.targets {missing} name no linear of {model.spec.arch}; it has {kinds} "
-                          "(MLA's kv_b_proj and routed experts are not trained yet)")
+                          "(routed experts are not trained yet)")
         pairs = {}
         if init is not None:
             from kt_core.weights.lora import Adapter

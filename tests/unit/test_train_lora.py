@@ -11,10 +11,10 @@ from tests.parity.tiny import hf_model
 from tests.unit.test_lora import PROMPT, make_adapter
 
 peft = pytest.importorskip("peft")
-CASES = {  # the linears adapted (MLA's kv_b_proj and routed experts are not trained yet)
+CASES = {  # the linears adapted (routed experts are not trained yet)
     "llama": ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "gate_proj", "up_proj", "down_proj"],  # a dense layer and shared experts
-    "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"],
+    "deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],  # kv_b: MLA's absorbed halves
 }
 FIRST_LABEL = 8  # the loss covers positions 8.. (the "answer")
 
