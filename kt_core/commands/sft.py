@@ -87,7 +87,8 @@ def train_command(overrides: list[str], mode: str) -> int:
 
     beta, smoothing = float(t.beta), float(t.label_smoothing)
     trainer = Trainer(lora, examples, float(t.lr), int(t.batch), int(t.seed),
-                      (lambda pair: dpo_loss(lora, pair, beta, smoothing)) if mode == "dpo" else None)
+                      (lambda pair: dpo_loss(lora, pair, beta, smoothing)) if mode == "dpo" else None,
+                      packing=bool(t.get("packing", False)))
     ckpt = out.with_name(out.name + ".ckpt")
     if t.resume:
         if not (ckpt / "state.json").is_file():

@@ -190,6 +190,7 @@ class TrainConfig:
     max_steps: int = 100
     lr: float = 2e-4
     batch: int = 1  # examples per optimizer step (gradients accumulated one example at a time)
+    packing: bool = False  # a step's examples as sequences of one forward pass (faster; holds them all at once)
     max_seq_len: int = 2048  # an example over this many tokens is an error naming its line
     seed: int = 0
     log_every: int = 10

@@ -97,6 +97,24 @@ def loss_of(model, ex: Example) -> tuple[torch.Tensor, int]:
     return loss, int(keep.sum())
 
 
+def packed_loss_of(model, examples: list[Example]) -> tuple[torch.Tensor, int]:
+    """``loss_of`` summed over ``examples`` run as one forward pass of several sequences (packing:
+    each keeps its own positions and causal attention, nothing is padded or mixed across them)."""
+    lens = [len(ex.tokens) for ex in examples]
+    cache = model.new_cache(sum(math.ceil(n / 16) for n in lens) + 1, 16)
+    batch = cache.prepare(list(range(len(examples))), [ex.tokens for ex in examples], all_logits=True)
+    with torch.enable_grad():
+        logits = model.forward_train(batch, cache)
+    rows, targets, at = [], [], 0
+    for ex, n in zip(examples, lens):
+        keep = torch.arange(1, n) >= ex.first_label
+        rows.append(torch.arange(at, at + n - 1)[keep])
+        targets.append(torch.tensor(ex.tokens[1:], dtype=torch.long)[keep])
+        at += n
+    rows, targets = torch.cat(rows), torch.cat(targets)
+    return F.cross_entropy(logits[rows], targets, reduction="sum"), int(rows.numel())
+
+
 def train(lora, examples: list[Example], steps: int, lr: float, batch: int = 1, seed: int = 0,
           on_step: Optional[Callable[[int, float, int], None]] = None) -> list[float]:
     """AdamW on the adapters for ``steps`` optimizer steps of ``batch`` examples each (see Trainer)."""

@@ -23,12 +23,15 @@ STEP_FN = Callable[[int, float, int], None]
 
 class Trainer:
     def __init__(self, lora, examples: list, lr: float, batch: int = 1, seed: int = 0,
-                 loss_fn: Optional[Callable] = None) -> None:
+                 loss_fn: Optional[Callable] = None, packing: bool = False) -> None:
         """``loss_fn(example) -> (loss, info)``: an example's own mean loss (DPO's per pair; ``info`` is
-        kept in ``infos``); default: supervised cross-entropy, a mean over the batch's answer tokens."""
+        kept in ``infos``); default: supervised cross-entropy, a mean over the batch's answer tokens.
+        ``packing``: a step's examples go through the model together, as sequences of one forward pass
+        (fewer, larger products; the activations of all of them are held at once)."""
         from kt_core.train.sft import loss_of
 
         self.lora, self.examples, self.batch, self.loss_of = lora, examples, batch, loss_of
+        self.packing = packing and loss_fn is None
         self.loss_fn, self.infos = loss_fn, []
         self.params = lora.parameters()
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
@@ -55,7 +58,13 @@ class Trainer:
             total = len(chosen) if self.loss_fn is not None else \
                 sum(len(ex.tokens) - max(ex.first_label, 1) for ex in chosen)
             step_loss, n_tok = 0.0, 0
-            for ex in chosen:
+            if self.packing:
+                from kt_core.train.sft import packed_loss_of
+
+                loss, _ = packed_loss_of(self.lora.model, chosen)
+                (loss / max(total, 1)).backward()
+                step_loss, n_tok = float(loss.detach()), sum(len(ex.tokens) for ex in chosen)
+            for ex in chosen if not self.packing else []:
                 if self.loss_fn is not None:
                     loss, info = self.loss_fn(ex)
                     self.infos.append(info)

@@ -65,6 +65,6 @@ def test_kt_sft_trains_on_int4_experts(tmp_path):
     data.write_text(json.dumps({"instruction": "Say hi", "output": "hi there"}) + "\n")
     assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={tmp_path / 'run'}",
                  "train.max_steps=2", "train.lora.r=2", "model.dtype=float32", "quant=int4",
-                 "quant.group_size=32"]) == 0
+                 "quant.group_size=32", "train.batch=2", "train.packing=true"]) == 0
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run.metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(x == x for x in losses)
