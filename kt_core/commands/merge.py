@@ -47,7 +47,7 @@ def run(overrides, flags) -> int:
         raise KtError(f"out={out} is not empty; pick a new folder")
     ck = Checkpoint(cfg.model.path)
     merged = Adapted(ck, Adapter(cfg.lora.path))
-    adapted = set(merged.adapter.pairs)
+    adapted = set(merged.pairs)
     packed = ck.packed_weights
     # an adapted weight is written as floats: its fp8 block scales or int4 parts are not copied
     dropped = {n + "_scale_inv" for n in adapted} | {n + s for n in adapted & packed for s in ("_packed", "_scale",

@@ -80,21 +80,25 @@ class LoraModel:
                  seed: int = 0) -> None:
         """``targets``: module name endings (``q_proj``...); ``init``: a PEFT adapter folder to start from
         (its r / alpha win), else PEFT's initialisation (A Kaiming-uniform, B zero)."""
+        from kt_core.train import expert_lora
+
         self.model, self.r, self.alpha = model, r, alpha
         slots = linear_slots(model)
         chosen = {m: s for m, s in slots.items() if m.rsplit(".", 1)[-1] in targets}
-        missing = sorted(set(targets) - {m.rsplit(".", 1)[-1] for m in chosen})
+        missing = sorted(set(targets) - {m.rsplit(".", 1)[-1] for m in chosen} - set(expert_lora.TARGETS))
         if missing:
             kinds = sorted({m.rsplit(".", 1)[-1] for m in slots})
-            raise KtError(f"train.lora.targets {missing} name no linear of {model.spec.arch}; it has {kinds} "
-                          "(routed experts are not trained yet)")
-        pairs = {}
+            raise KtError(f"train.lora.targets {missing} name no linear of {model.spec.arch}; it has {kinds}, and "
+                          f"the routed experts: {', '.join(expert_lora.TARGETS)}")
+        pairs, fused = {}, {}
         if init is not None:
             from kt_core.weights.lora import Adapter
+            from kt_core.weights.lora_experts import stacked
 
             adapter = Adapter(init)
             self.r, self.alpha = adapter.r, adapter.config["lora_alpha"]
             pairs = adapter.pairs
+            fused = stacked(adapter.expert_lora, model.spec, init) if adapter.expert_lora else {}
         scaling = self.alpha / self.r
         g = torch.Generator().manual_seed(seed)
         self.modules: dict[str, LoraWeight] = {}
@@ -110,22 +114,27 @@ class LoraModel:
             lw = LoraWeight(base, a.requires_grad_(), b.requires_grad_(), scaling)
             _set(holder, key, lw)
             self.modules[module] = lw
-        self.targets = sorted(set(targets))
+        self.experts = expert_lora.attach(model, targets, self.r, scaling, fused, g) \
+            if set(targets) & set(expert_lora.TARGETS) else {}
+        self.targets = sorted(set(targets) - set(expert_lora.TARGETS))
+        self.expert_targets = sorted({f"{p.rsplit('.experts', 1)[0].split('.', 3)[-1]}.experts.{param}"
+                                      for p, param in self.experts})
 
     @contextmanager
     def disabled(self):
         """The base model alone while inside (DPO's reference): every adapter's scale is 0."""
-        scales = {m: lw.scaling for m, lw in self.modules.items()}
+        held = [*self.modules.values(), *self.experts.values()]
+        scales = [x.scaling for x in held]
         try:
-            for lw in self.modules.values():
-                lw.scaling = 0.0
+            for x in held:
+                x.scaling = 0.0
             yield self
         finally:
-            for m, lw in self.modules.items():
-                lw.scaling = scales[m]
+            for x, scale in zip(held, scales):
+                x.scaling = scale
 
     def parameters(self) -> list[torch.Tensor]:
-        return [t for lw in self.modules.values() for t in (lw.a, lw.b)]
+        return [t for lw in [*self.modules.values(), *self.experts.values()] for t in (lw.a, lw.b)]
 
     def state(self) -> dict[str, torch.Tensor]:
         """PEFT's tensor names -> the adapter's matrices."""
@@ -133,6 +142,9 @@ class LoraModel:
         for module, lw in self.modules.items():
             out[f"{PREFIX}{module}.lora_A.weight"] = lw.a.detach().contiguous()
             out[f"{PREFIX}{module}.lora_B.weight"] = lw.b.detach().contiguous()
+        from kt_core.train import expert_lora
+
+        out.update(expert_lora.state(self.experts, PREFIX))
         return out
 
     def save(self, folder: Path, base_model: str) -> Path:
@@ -151,6 +163,8 @@ class LoraModel:
                   "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
                   "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
                   "rank_pattern": {}, "alpha_pattern": {}}
+        if self.expert_targets:  # LoRA on the routed experts: PEFT's adapters on fused parameters
+            config["target_parameters"] = self.expert_targets
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(self.state(), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         if folder.exists():

@@ -53,10 +53,10 @@ class Adapter:
             problems.append(f"bias={cfg.get('bias')!r} (only 'none')")
         if cfg.get("modules_to_save"):
             problems.append("modules_to_save (full copies of modules)")
-        if cfg.get("target_parameters"):
-            problems.append(f"target_parameters {cfg['target_parameters']} (LoRA on fused expert tensors; adapt "
-                            "linear modules)")
-        elif cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        from kt_core.weights import lora_experts
+
+        self.expert_order = lora_experts.targets(cfg.get("target_parameters"))  # LoRA on the routed experts
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             problems.append("per-module rank_pattern / alpha_pattern")
         r, alpha = cfg.get("r"), cfg.get("lora_alpha")
         if type(r) is not int or r < 1 or type(alpha) not in (int, float) or not math.isfinite(alpha):
@@ -81,20 +81,23 @@ class Adapter:
             tensors = load_file(str(f))
         except Exception as exc:  # a corrupt file: safetensors' own message
             raise KtError(f"{f} could not be read ({type(exc).__name__}: {exc}); save the adapter again") from None
-        out: dict[str, dict[str, torch.Tensor]] = {}
+        modules: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
             if not name.startswith(PREFIX) or not name.endswith((".lora_A.weight", ".lora_B.weight")):
                 raise KtError(f"{f}: tensor {name} is not a LoRA A / B matrix; kt-core reads plain LoRA adapters")
             module, which = name[len(PREFIX):].rsplit(".", 2)[0], name.rsplit(".", 2)[1]
-            out.setdefault(module + ".weight", {})[which] = t
+            modules.setdefault(module, {})[which] = t
+        from kt_core.weights import lora_experts
+
+        self.expert_lora = lora_experts.split(modules, self.expert_order, self.r, f) if self.expert_order else {}
         pairs = {}
-        for weight, ab in out.items():
+        for weight, ab in ((m + ".weight", ab) for m, ab in modules.items()):
             a, b = ab.get("lora_A"), ab.get("lora_B")
             if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != self.r or b.shape[1] != self.r:
                 raise KtError(f"{f}: {weight[:-7]} has lora_A {None if a is None else tuple(a.shape)} and lora_B "
                               f"{None if b is None else tuple(b.shape)}, not [r={self.r}, in] and [out, r]")
             pairs[weight] = (a, b)
-        if not pairs:
+        if not pairs and not self.expert_lora:
             raise KtError(f"{f} holds no LoRA matrices")
         return pairs
 
@@ -109,7 +112,14 @@ class Adapted:
 
     def __init__(self, ck, adapter: Adapter) -> None:
         self.ck, self.adapter = ck, adapter
-        foreign = sorted(n for n in adapter.pairs if n not in ck)
+        self.pairs = dict(adapter.pairs)
+        if adapter.expert_lora:  # LoRA on the routed experts: a pair per expert weight
+            from kt_core.models.spec import parse_config
+            from kt_core.weights import lora_experts
+
+            self.pairs.update(lora_experts.per_expert(adapter.expert_lora, parse_config(ck.config),
+                                                      adapter.path / "adapter_model.safetensors"))
+        foreign = sorted(n for n in self.pairs if n not in ck)
         if foreign:
             raise KtError(f"the LoRA adapter in {adapter.path} adapts {foreign[0][:-7]}, which this model does not "
                           f"have: it was made for another base model ({adapter.base_model or 'not recorded'})")
@@ -121,10 +131,10 @@ class Adapted:
         return name in self.ck
 
     def get(self, name: str, shape=None, dtype=None) -> torch.Tensor:
-        if name not in self.adapter.pairs:
+        if name not in self.pairs:
             return self.ck.get(name, shape, dtype)
         w = self.ck.get(name, shape, torch.float32)
-        a, b = self.adapter.pairs[name]
+        a, b = self.pairs[name]
         if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(w.shape):
             raise KtError(f"the LoRA adapter in {self.adapter.path} adapts {name[:-7]} as {b.shape[0]} x {a.shape[1]}, "
                           f"but this model's weight is {tuple(w.shape)}: it was made for another base model "
@@ -133,13 +143,13 @@ class Adapted:
         return w if dtype is None else w.to(dtype)
 
     def keeps(self, name: str) -> bool:
-        return name not in self.adapter.pairs and hasattr(self.ck, "keeps") and self.ck.keeps(name)
+        return name not in self.pairs and hasattr(self.ck, "keeps") and self.ck.keeps(name)
 
     def quantized(self, name: str, shape=None):
-        return None if name in self.adapter.pairs else self.ck.quantized(name, shape)
+        return None if name in self.pairs else self.ck.quantized(name, shape)
 
     def is_fp8(self, name: str) -> bool:
-        return name not in self.adapter.pairs and hasattr(self.ck, "is_fp8") and self.ck.is_fp8(name)
+        return name not in self.pairs and hasattr(self.ck, "is_fp8") and self.ck.is_fp8(name)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{self.ck.fingerprint()}|lora:{self.adapter.fingerprint()}".encode()).hexdigest()

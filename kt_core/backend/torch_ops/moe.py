@@ -53,6 +53,8 @@ def local_route_index(topk_ids: torch.Tensor, expert_ids: torch.Tensor) -> torch
 
 
 def _expert_weight(w: Weight, e: int, dtype: torch.dtype) -> torch.Tensor:
+    if hasattr(w, "adapter") and hasattr(w, "base"):  # a LoRA on the experts being trained (train.expert_lora)
+        return (_expert_weight(w.base, e, torch.float32) + w.delta(e)).to(dtype)
     if isinstance(w, torch.Tensor):
         return w[e].to(dtype)
     return dequantize(w.select(e), dtype)

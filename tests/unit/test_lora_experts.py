@@ -1,0 +1,101 @@
+"""LoRA on the routed experts (PEFT's target_parameters on transformers' fused expert tensors):
+kt-core runs such an adapter as peft does, kt merge writes it merged, and an adapter for other
+experts is refused."""
+import pytest
+import torch
+
+import kt_core
+from kt_core.errors import KtError
+from tests.parity.tiny import hf_model
+from tests.unit.test_lora import PROMPT
+
+peft = pytest.importorskip("peft")
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def expert_adapter(base, out, params, modules=(), seed=0):
+    """peft's adapter on the experts (and ``modules``), random B (peft starts B at zero)."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(modules), target_parameters=params, lora_dropout=0.0)
+    model = peft.get_peft_model(hf_model(base), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(out, safe_serialization=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,params,modules", [("qwen3_moe", EXPERTS, ()),
+                                                 ("qwen3_moe", ["mlp.experts.down_proj"], ["q_proj"]),
+                                                 ("deepseek_v3", EXPERTS, ["o_proj"])])
+def test_expert_adapter_matches_peft(name, params, modules, tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint(name)
+    ref_model = expert_adapter(base, tmp_path / "a", params, modules)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([PROMPT])).logits[0]
+        plain = hf_model(base)(torch.tensor([PROMPT])).logits[0]
+    assert float((ref - plain).abs().max()) > 1e-2, "the adapter changes the model"
+    engine = kt_core.Engine.from_pretrained(base, overrides=["model.dtype=float32", f"lora.path={tmp_path / 'a'}"])
+    err = float((engine.logits(PROMPT) - ref).abs().max() / ref.abs().max())
+    assert err <= 1e-4, f"{name} {params}: logits differ from peft's by {err:.2e}"
+
+
+def test_kt_merge_writes_the_experts_merged(tiny_checkpoint, tmp_path):
+    from kt_core.cli import main
+
+    base = tiny_checkpoint("qwen3_moe")
+    ref_model = expert_adapter(base, tmp_path / "a", EXPERTS)
+    assert main(["merge", f"model.path={base}", f"lora.path={tmp_path / 'a'}", f"out={tmp_path / 'm'}"]) == 0
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([PROMPT])).logits[0]
+        merged = hf_model(tmp_path / "m")(torch.tensor([PROMPT])).logits[0]
+    assert float((merged - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
+def test_adapter_for_other_experts_is_refused(tiny_checkpoint, tmp_path):
+    expert_adapter(tiny_checkpoint("qwen3_moe"), tmp_path / "a", EXPERTS)
+    with pytest.raises(KtError, match="made for another"):
+        kt_core.Engine.from_pretrained(tiny_checkpoint("qwen2_moe"), overrides=["model.dtype=float32",
+                                                                                f"lora.path={tmp_path / 'a'}"])
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_training_expert_adapters_matches_peft_and_saves_what_peft_loads(name, tiny_checkpoint, tmp_path):
+    """train.lora.targets experts.gate_up_proj / experts.down_proj: the gradients of every expert's A
+    and B equal peft's target_parameters adapters', and the adapter kt-core saves loads in peft."""
+    import torch.nn.functional as F
+
+    from kt_core.train.sft import Example, loss_of
+    from tests.unit.test_train_lora import FIRST_LABEL, load
+
+    base = tiny_checkpoint(name)
+    ref = expert_adapter(base, tmp_path / "a", EXPERTS, ["q_a_proj" if name == "deepseek_v3" else "q_proj"])
+    ref.train()
+    keep = torch.arange(1, len(PROMPT)) >= FIRST_LABEL
+    logits = ref(torch.tensor([PROMPT])).logits[0]
+    F.cross_entropy(logits[:-1][keep], torch.tensor(PROMPT[1:])[keep], reduction="sum").backward()
+    want = {n.split("base_model.model.", 1)[1]: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    lora = load(base, ["q_a_proj" if name == "deepseek_v3" else "q_proj", "experts.gate_up_proj",
+                       "experts.down_proj"], init=tmp_path / "a")
+    loss, _ = loss_of(lora.model, Example(PROMPT, FIRST_LABEL))
+    loss.backward()
+    got = {}
+    for (prefix, param), ad in lora.experts.items():
+        depth = ".base_layer" if param == "gate_up_proj" else ""
+        E, r = ad.a.shape[:2]
+        got[f"{prefix}{depth}.lora_A.default.weight"] = ad.a.grad.reshape(E * r, -1)
+        got[f"{prefix}{depth}.lora_B.default.weight"] = ad.b.grad.permute(1, 2, 0).reshape(ad.b.shape[1], -1)
+    experts = {k: v for k, v in want.items() if ".experts." in k}
+    assert experts and set(experts) == set(got)
+    for k, g in experts.items():
+        err = float((got[k] - g).abs().max() / g.abs().max().clamp_min(1e-12))
+        assert err <= 1e-4, f"{name} {k}: {err:.2e}"
+    with torch.no_grad():  # one step, then the saved adapter in peft gives kt-core's logits
+        for p in lora.parameters():
+            p -= 0.05 * p.grad
+    out = lora.save(tmp_path / "trained", str(base))
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_model(base), str(out))(torch.tensor([PROMPT])).logits[0]
+    ours = kt_core.Engine.from_pretrained(base, overrides=["model.dtype=float32", f"lora.path={out}"]).logits(PROMPT)
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 1e-4
