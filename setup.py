@@ -89,8 +89,10 @@ setup(
                 "mistral-common[sentencepiece]>=1.5", "tiktoken>=0.7", "openai>=1.40", "httpx>=0.27",
                 "simde-py>=0.8",  # SIMDe headers: the AVX-512 / AMX kernels run emulated in tests
                 "compressed-tensors>=0.12",  # packs the int4 test checkpoints (Kimi-K2.5's format)
-                "peft>=0.21"],  # the LoRA adapters the tests run are made by peft itself
+                "peft>=0.21",  # the LoRA adapters the tests run are made by peft itself
+                "datasets>=3"],  # kt sft's parquet / csv / arrow / saved-folder data
         "mistral": ["mistral-common[sentencepiece]>=1.5"],
+        "train": ["datasets>=3"],  # kt sft / kt dpo data in parquet, csv, arrow or a saved datasets folder
         "cuda": ["cupy-cuda12x>=13"],
         "opencl": ["pyopencl>=2024.1"],
     },

@@ -11,13 +11,13 @@ model with them switched off (so no second copy of the model is held):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from kt_core.errors import KtError
-from kt_core.train.sft import Example, json_lines, logits_of
+from kt_core.train.data import records
+from kt_core.train.sft import Example, logits_of
 
 
 @dataclass
@@ -41,18 +41,17 @@ def _pair_fields(row) -> tuple[list[dict], str, str]:
 
 
 def read_pairs(path, tokenizer, max_len: int) -> list[Pair]:
-    name = Path(path).expanduser().name
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
     shape = "a JSON object with 'prompt', 'chosen' and 'rejected'"
-    for n, (msgs, chosen, rejected) in json_lines(path, "preference pairs", shape, _pair_fields):
+    for where, (msgs, chosen, rejected) in records(path, "preference pairs", shape, _pair_fields):
         head = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
                                 add_special_tokens=False)
         pair = []
         for answer in (chosen, rejected):
             tokens = head + tokenizer.encode(answer, add_special_tokens=False) + eos
             if len(tokens) > max_len:
-                raise KtError(f"{name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}")
+                raise KtError(f"{where}: {len(tokens)} tokens, over train.max_seq_len={max_len}")
             pair.append(Example(tokens, len(head)))
         out.append(Pair(*pair))
     if not out:

@@ -1,16 +1,15 @@
 """Supervised fine-tuning of LoRA adapters: data, loss on the assistant's tokens, the training loop.
 
-Data (JSON lines, one example a line): ``{"messages": [{"role": ..., "content": ...}, ...]}``
-(sharegpt / OpenAI style: the last message is the assistant's answer) or alpaca's
+Data (``kt_core.train.data``: JSON lines, JSON arrays, parquet / csv / arrow, saved datasets):
+``{"messages": [{"role": ..., "content": ...}, ...]}`` (the last message is the assistant's answer),
+ShareGPT's ``{"conversations": [{"from": ..., "value": ...}]}`` or alpaca's
 ``{"instruction": ..., "input": ..., "output": ...}``. The prompt is the model's chat template with
 the generation prompt; the loss covers the answer's tokens and the end-of-sequence token only.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -25,59 +24,27 @@ class Example:
     first_label: int  # tokens[first_label:] are the answer (and end of sequence): the loss covers them
 
 
-def json_lines(path, what: str, shape: str, parse: Callable):
-    """(line number, ``parse(row)``) for each non-blank line of a JSON-lines file; a line that is not
-    JSON or that ``parse`` rejects (KtError / ValueError) fails naming the file, the line and ``shape``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise KtError(f"train.data={path} does not exist; point it at a JSON-lines file of {what}")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = parse(json.loads(line))
-            except (ValueError, KtError) as exc:
-                raise KtError(f"{path.name} line {n}: {exc}; each line must be {shape}") from None
-            yield n, value
-
-
 def read_examples(path, tokenizer, max_len: int) -> list[Example]:
     """The file's examples, tokenized; a malformed line fails naming the file and line, an example
     over ``max_len`` tokens fails naming it and the limit, an empty file says so."""
-    name = Path(path).expanduser().name
+    from kt_core.train.data import messages_of, records
+
     out = []
-    shape = "a JSON object with 'messages' (ending with the assistant's answer) or alpaca's 'instruction' / 'output'"
-    for n, messages in json_lines(path, "examples", shape, _messages):
+    shape = ("an object with 'messages' / ShareGPT's 'conversations' (ending with the assistant's answer) or "
+             "alpaca's 'instruction' / 'output'")
+    for where, messages in records(path, "examples", shape, messages_of):
         prompt = tokenizer.encode(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True),
                                   add_special_tokens=False)
         answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         tokens = prompt + answer + eos
         if len(tokens) > max_len:
-            raise KtError(f"{name} line {n}: {len(tokens)} tokens, over train.max_seq_len={max_len}; "
+            raise KtError(f"{where}: {len(tokens)} tokens, over train.max_seq_len={max_len}; "
                           "raise the limit or shorten the example")
         out.append(Example(tokens, len(prompt)))
     if not out:
         raise KtError(f"{path} holds no examples")
     return out
-
-
-def _messages(row) -> list[dict]:
-    if not isinstance(row, dict):
-        raise KtError("not a JSON object")
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                             for m in msgs):
-            raise KtError("'messages' must be a non-empty list of {role, content}")
-        if msgs[-1].get("role") != "assistant":
-            raise KtError("the last message must be the assistant's answer")
-        return msgs
-    if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
-        text = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
-        return [{"role": "user", "content": text}, {"role": "assistant", "content": row["output"]}]
-    raise KtError("no 'messages' and no 'instruction' / 'output'")
 
 
 def logits_of(model, tokens: list[int]) -> torch.Tensor:
