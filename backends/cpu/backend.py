@@ -1,5 +1,7 @@
-"""The host CPU as a device: torch for most ops, the native expert kernels (runtime ISA
-dispatch, see ``native/``) for expert GEMM when they are built and the format is theirs."""
+"""The host CPU as a device: torch for most ops, the native kernels (runtime ISA dispatch, see
+``native/``) when they are built and take the inputs: expert GEMM and dense projections in their
+formats, and the decode step's attention over the paged KV cache, RMS norm and rotary embeddings
+(``native_ops``: bf16 / float32 CPU tensors)."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -10,7 +12,7 @@ import torch
 
 from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import cpu_info
-from kt_backends.cpu import native, native_linear
+from kt_backends.cpu import native, native_linear, native_ops
 from kt_backends.cpu import probe as cpu_probe
 from kt_core.backend.torch_backend import TorchBackend
 from kt_core.weights.quant import Quant, QuantizedWeight
@@ -111,6 +113,26 @@ class CpuBackend(TorchBackend):
         if isinstance(experts, native.PackedExperts):  # on the logical device's own workers
             return native.submit(experts, hidden, topk_ids, topk_weights, activation, experts.pool)
         return super().moe_experts_async(hidden, topk_ids, topk_weights, experts, activation)
+
+    # The decode step's small per-layer ops: the native kernels when they take the inputs (bf16 / float32
+    # CPU tensors; native_ops.try_* say None otherwise), else the torch reference. On a 48-layer model
+    # the torch ops' per-call overheads (a dozen small ops each) were most of a decode step.
+    def attention_decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
+                         sinks=None, chunk=None):
+        out = native_ops.try_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                                              sinks, chunk)
+        if out is not None:
+            return out
+        return super().attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, sinks,
+                                        chunk)
+
+    def rmsnorm(self, x, weight, eps):
+        out = native_ops.try_rmsnorm(x, weight, eps)
+        return out if out is not None else super().rmsnorm(x, weight, eps)
+
+    def rope(self, q, k, positions, cos_sin, interleaved=False):
+        out = native_ops.try_rope(q, k, positions, cos_sin, interleaved)
+        return out if out is not None else super().rope(q, k, positions, cos_sin, interleaved)
 
     def set_threads(self, n: int, logical: int = 1) -> None:
         """Split n threads over ``logical`` devices: torch ops and pool 0 serve cpu:0, pool i

@@ -10,20 +10,23 @@ NR = 16
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # 9: int8 takes groups (scale [P][K/g][16]); 10: down's own format (MoeArgs.down_fmt); 11: activation 3,
-# silu_clamp10 (DeepSeek-V4's clamped SwiGLU)
-ABI_VERSION = 11
+# silu_clamp10 (DeepSeek-V4's clamped SwiGLU); 12: the decode step's ops kt_attention_decode, kt_rmsnorm,
+# kt_rope (argument structs below, native_ops.py) and error code -13 (an index read from a tensor is out of range)
+ABI_VERSION = 12
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
 MAX_TOPK = 4096
+MAX_HEAD_DIM = 4096  # head_dim of attention_decode / rope
+DTYPE_CODES = {"float32": 0, "bfloat16": 1}  # element types of attention_decode / rmsnorm / rope tensors
 
 # the library's error codes (kt_cpu.cpp, enum Error): exception type, what is wrong and what to do
 _ERRORS = {
     -1: (ValueError, "topk_ids holds a negative expert id; routes carry global expert ids >= 0 (ids past "
                      "the packed experts are other devices' and are skipped)"),
     -2: (ValueError, f"thread pool index out of range; pools are 0..{MAX_POOLS - 1} (cpu:0..cpu:{MAX_POOLS - 1})"),
-    -3: (ValueError, "unknown weight format code (or zero points on a format without them); pack the experts "
-                     "with native.pack()"),
+    -3: (ValueError, "unknown weight format or element type code (or zero points on a format without them); "
+                     "pack the experts with native.pack(), pass float32 / bfloat16 tensors"),
     -4: (ValueError, f"unknown activation code; use one of {', '.join(ACTIVATIONS)}"),
     -5: (ValueError, f"a size is out of range (negative, zero, or above {MAX_DIM}); check the shapes passed"),
     -6: (ValueError, "a buffer the call needs was not passed (null pointer)"),
@@ -36,6 +39,9 @@ _ERRORS = {
     -11: (MemoryError, "the native kernels ran out of memory; pass fewer tokens per call or free memory"),
     -12: (RuntimeError, "internal error in the native kernels (a C++ exception); please report it with "
                         "`kt doctor` output"),
+    -13: (ValueError, "a value read from an index tensor is out of range (a block table entry outside the "
+                      "cache's blocks, a sequence length outside 1..max_blocks*block_size, or a position past "
+                      "the rope table); check block_tables / seq_lens / positions"),
 }
 
 
@@ -60,6 +66,31 @@ class _MoeArgs(ctypes.Structure):
                 ("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("local_of", ctypes.c_void_p),
                 ("gate", _Proj), ("up", _Proj), ("down", _Proj), ("out", ctypes.c_void_p), ("pool", ctypes.c_int),
                 ("round_bf16", ctypes.c_int), ("down_fmt", ctypes.c_int), ("down_group", ctypes.c_int)]
+
+
+class _AttnDecodeArgs(ctypes.Structure):  # attention_decode.inc AttnDecodeArgs
+    _fields_ = [("B", ctypes.c_int64), ("Hq", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64),
+                ("num_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64), ("max_blocks", ctypes.c_int64),
+                ("window", ctypes.c_int64), ("chunk", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("q_dtype", ctypes.c_int), ("kv_dtype", ctypes.c_int), ("pool", ctypes.c_int),
+                ("q", ctypes.c_void_p), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+                ("block_tables", ctypes.c_void_p), ("seq_lens", ctypes.c_void_p), ("sinks", ctypes.c_void_p),
+                ("out", ctypes.c_void_p)]
+
+
+class _RmsNormArgs(ctypes.Structure):  # norm_rope.inc RmsNormArgs
+    _fields_ = [("rows", ctypes.c_int64), ("D", ctypes.c_int64), ("eps", ctypes.c_float), ("x_dtype", ctypes.c_int),
+                ("w_dtype", ctypes.c_int), ("pool", ctypes.c_int), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p),
+                ("out", ctypes.c_void_p)]
+
+
+class _RopeArgs(ctypes.Structure):  # norm_rope.inc RopeArgs
+    _fields_ = [("T", ctypes.c_int64), ("Hq", ctypes.c_int64), ("Hk", ctypes.c_int64), ("D", ctypes.c_int64),
+                ("rot", ctypes.c_int64), ("table_rows", ctypes.c_int64), ("q_stride_t", ctypes.c_int64),
+                ("q_stride_h", ctypes.c_int64), ("k_stride_t", ctypes.c_int64), ("k_stride_h", ctypes.c_int64),
+                ("q_dtype", ctypes.c_int), ("k_dtype", ctypes.c_int), ("interleaved", ctypes.c_int),
+                ("pool", ctypes.c_int), ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("positions", ctypes.c_void_p),
+                ("cos_sin", ctypes.c_void_p), ("q_out", ctypes.c_void_p), ("k_out", ctypes.c_void_p)]
 
 
 def _index(value, what: str, lo: int, hi: int) -> int:

@@ -249,9 +249,13 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
 namespace kt {
 #include "abi_checks.inc"  // error codes, the exception guard, argument checks
 #include "linear_packed.inc"  // quantized dense projections on the same panel kernels
+#include "norm_rope.inc"  // rmsnorm, rope; the element helpers attention_decode.inc uses
+#include "attention_decode.inc"  // decode attention over the paged KV cache
 }  // namespace kt
 
-KT_API int kt_abi_version() { return 11; }  // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10)
+// native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
+// kt_rope (and their *_args_size) and error code -13 (ERR_INDEX)
+KT_API int kt_abi_version() { return 12; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -349,6 +353,32 @@ KT_API int kt_linear_packed(const kt::LinearArgs* args) {
   });
 }
 KT_API int64_t kt_linear_args_size() { return static_cast<int64_t>(sizeof(kt::LinearArgs)); }
+// The decode step's per-layer ops (norm_rope.inc, attention_decode.inc): each checks every size,
+// pointer and index it reads before any kernel runs.
+KT_API int kt_attention_decode(const kt::AttnDecodeArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_attn_decode_args(*args);
+    return rc ? rc : kt::attention_decode(*args);
+  });
+}
+KT_API int kt_rmsnorm(const kt::RmsNormArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_rmsnorm_args(*args);
+    return rc ? rc : kt::rmsnorm(*args);
+  });
+}
+KT_API int kt_rope(const kt::RopeArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_rope_args(*args);
+    return rc ? rc : kt::rope(*args);
+  });
+}
+KT_API int64_t kt_attention_decode_args_size() { return static_cast<int64_t>(sizeof(kt::AttnDecodeArgs)); }
+KT_API int64_t kt_rmsnorm_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormArgs)); }
+KT_API int64_t kt_rope_args_size() { return static_cast<int64_t>(sizeof(kt::RopeArgs)); }
 KT_API int64_t kt_moe_args_size() { return static_cast<int64_t>(sizeof(kt::MoeArgs)); }
 
 // Multi-threaded streaming read over a buffer of n floats, `iters` times; returns GB/s, or an
