@@ -43,15 +43,19 @@ class Attention:
 
     def __call__(self, be: Backend, x: torch.Tensor, batch: Batch, k_cache, v_cache, cos_sin) -> torch.Tensor:
         s, w, T = self.spec, self.w, x.shape[0]
-        q, k = be.linear(x, w["q"], w.get("q_bias")), be.linear(x, w["k"], w.get("k_bias"))
+        if "qkv" in w:  # fused at load: one product
+            q, k, v = be.linear(x, w["qkv"], w.get("qkv_bias")).split(w["qkv_rows"], dim=-1)
+        else:
+            q, k = be.linear(x, w["q"], w.get("q_bias")), be.linear(x, w["k"], w.get("k_bias"))
+            v = be.linear(x, w["v"], w.get("v_bias"))
         gate = None
         if s.attn_output_gate:  # Qwen3-Next: per head, its query then its output gate
             q, gate = q.view(T, s.num_heads, 2, s.head_dim).unbind(2)
             q, gate = q.reshape(T, -1), gate.reshape(T, -1)
         if s.qk_norm and s.qk_norm_whole:  # over all heads together, before the split
             q, k = be.rmsnorm(q, w["q_norm"], s.rms_eps), be.rmsnorm(k, w["k_norm"], s.rms_eps)
-        q, k = q.view(T, s.num_heads, s.head_dim), k.view(T, s.num_kv_heads, s.head_dim)
-        v = be.linear(x, w["v"], w.get("v_bias")).view(T, s.num_kv_heads, s.head_dim)
+        q, k = q.reshape(T, s.num_heads, s.head_dim), k.reshape(T, s.num_kv_heads, s.head_dim)
+        v = v.reshape(T, s.num_kv_heads, s.head_dim)
         if s.qk_norm and not s.qk_norm_whole:
             q, k = be.rmsnorm(q, w["q_norm"], s.rms_eps), be.rmsnorm(k, w["k_norm"], s.rms_eps)
         if self.rope:
@@ -126,12 +130,17 @@ class MLAttention:
 
 
 class DenseMLP:
-    def __init__(self, gate: Weight, up: Weight, down: Weight, activation: str = "silu") -> None:
-        self.gate, self.up, self.down, self.activation = gate, up, down, activation
+    def __init__(self, gate: Optional[Weight], up: Optional[Weight], down: Weight, activation: str = "silu",
+                 gate_up: Optional[Weight] = None) -> None:
+        """``gate_up``: gate and up stacked by rows (fused at load), in place of ``gate`` / ``up``."""
+        self.gate, self.up, self.down, self.activation, self.gate_up = gate, up, down, activation, gate_up
 
     def __call__(self, be: Backend, x: torch.Tensor) -> torch.Tensor:
-        return be.linear(gated_activation(be.linear(x, self.gate), be.linear(x, self.up), self.activation),
-                         self.down)
+        if self.gate_up is not None:
+            g, u = be.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            g, u = be.linear(x, self.gate), be.linear(x, self.up)
+        return be.linear(gated_activation(g, u, self.activation), self.down)
 
 
 class MoEBlock:

@@ -47,11 +47,18 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
             w["indexer"] = indexer.load(r, a, spec)
         return MLAttention(w, spec, i)
     q_rows = nh * hd * (2 if spec.attn_output_gate else 1)  # Qwen3-Next: each head's q, then its gate
-    w = {"q": r.dense(a + "q_proj.weight", (q_rows, H)), "k": r.dense(a + "k_proj.weight", (nkv * hd, H)),
-         "v": r.dense(a + "v_proj.weight", (nkv * hd, H)), "o": r.dense(a + "o_proj.weight", (H, nh * hd))}
-    if spec.qkv_bias:
-        w.update(q_bias=r.t(a + "q_proj.bias", (q_rows,)), k_bias=r.t(a + "k_proj.bias", (nkv * hd,)),
-                 v_bias=r.t(a + "v_proj.bias", (nkv * hd,)))
+    rows = (q_rows, nkv * hd, nkv * hd)
+    qkv = r.dense_cat([a + f"{n}_proj.weight" for n in "qkv"], [(n, H) for n in rows])
+    if qkv is not None:  # one product for q, k and v
+        w = {"qkv": qkv, "qkv_rows": rows, "o": r.dense(a + "o_proj.weight", (H, nh * hd))}
+        if spec.qkv_bias:
+            w["qkv_bias"] = torch.cat([r.t(a + f"{n}_proj.bias", (m,)) for n, m in zip("qkv", rows)])
+    else:
+        w = {"q": r.dense(a + "q_proj.weight", (q_rows, H)), "k": r.dense(a + "k_proj.weight", (nkv * hd, H)),
+             "v": r.dense(a + "v_proj.weight", (nkv * hd, H)), "o": r.dense(a + "o_proj.weight", (H, nh * hd))}
+        if spec.qkv_bias:
+            w.update(q_bias=r.t(a + "q_proj.bias", (q_rows,)), k_bias=r.t(a + "k_proj.bias", (nkv * hd,)),
+                     v_bias=r.t(a + "v_proj.bias", (nkv * hd,)))
     if spec.o_bias:
         w["o_bias"] = r.t(a + "o_proj.bias", (H,))
     if spec.qk_norm:
@@ -67,8 +74,11 @@ def _attention(r: _Reader, p: str, spec: ModelSpec, i: int):
 def _mlp(r: _Reader, p: str, H: int, inter: int, names=("gate_proj", "up_proj", "down_proj"),
          activation: str = "silu") -> DenseMLP:
     g, u, d = names
-    return DenseMLP(r.dense(f"{p}{g}.weight", (inter, H)), r.dense(f"{p}{u}.weight", (inter, H)),
-                    r.dense(f"{p}{d}.weight", (H, inter)), activation)
+    down = r.dense(f"{p}{d}.weight", (H, inter))
+    gate_up = r.dense_cat([f"{p}{g}.weight", f"{p}{u}.weight"], [(inter, H), (inter, H)])
+    if gate_up is not None:  # one product for gate and up
+        return DenseMLP(None, None, down, activation, gate_up=gate_up)
+    return DenseMLP(r.dense(f"{p}{g}.weight", (inter, H)), r.dense(f"{p}{u}.weight", (inter, H)), down, activation)
 
 
 def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
@@ -203,7 +213,8 @@ class CausalLM:
             for i in range(spec.num_layers):
                 be, index = homes(i) if homes else (backend, 0)
                 device = be.torch_device(index)
-                r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index))
+                r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index),
+                            fuse=getattr(be, "fuse_projections", True))
                 p = f"model.layers.{i}."
                 if spec.v4 is not None:  # DeepSeek-V4: hyper-connected streams, compressed attention
                     if device not in tables:

@@ -54,9 +54,10 @@ class _Reader:
     """Reads, checks, casts and places one layer's tensors."""
 
     def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan,
-                 prepare: Optional[Callable] = None):
+                 prepare: Optional[Callable] = None, fuse: bool = False):
         self.ck, self.spec, self.dtype, self.device, self.qp = ck, spec, dtype, device, qp
         self.prepare = prepare  # the device's Backend.prepare_dense for quantized dense weights
+        self.fuse = fuse  # q / k / v and gate / up as one weight each (inference; training adapts them apart)
 
     def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
@@ -84,6 +85,22 @@ class _Reader:
             return w
         q = _quantize(w, fmt, self.qp, name).to(self.device)
         del w  # the source is not held while the device packs the codes
+        return self.prepare(q) if self.prepare is not None else q
+
+    def dense_cat(self, names: list[str], shapes: list, fmt: Optional[Quant] = None):
+        """The named weights stacked by rows as one dense weight (fused projections: one product
+        instead of several), or None where they load apart: fusing is off, the format's scales are not
+        per row (fp8's blocks), or one is kept in its file's quantization (a GGUF's blocks)."""
+        fmt = self.qp.dense if fmt is None else fmt
+        if not self.fuse or fmt not in (Quant.NONE, Quant.INT8, Quant.INT4, Quant.W8A8):
+            return None
+        if fmt is Quant.NONE and any(_kept(self.ck, [n], s) is not None for n, s in zip(names, shapes)):
+            return None
+        w = torch.cat([self.t(n, s) for n, s in zip(names, shapes)])
+        if fmt is Quant.NONE:
+            return w
+        q = _quantize(w, fmt, self.qp, names[0]).to(self.device)
+        del w
         return self.prepare(q) if self.prepare is not None else q
 
     def experts(self, gate, up, down, ids: torch.Tensor, **biases):

@@ -21,7 +21,7 @@ import torch
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
 
 PARTS = ("attn_proj", "attention", "norm_rope", "router", "moe", "dense_mlp", "lm_head", "other")
-_ATTN_WEIGHTS = ("q", "k", "v", "o", "q_a", "q_b", "kv_a")
+_ATTN_WEIGHTS = ("q", "k", "v", "qkv", "o", "q_a", "q_b", "kv_a")
 
 
 def _nbytes(w) -> int:
@@ -46,9 +46,10 @@ def weight_bytes_per_token(model) -> dict[str, int]:
             held = sum(_nbytes(ex) for _be, _dev, ex in ffn.shards)
             out["moe"] += held * ffn.moe.top_k // max(1, ffn.moe.num_experts)
             if ffn.shared is not None:
-                out["dense_mlp"] += sum(_nbytes(w) for w in (ffn.shared.gate, ffn.shared.up, ffn.shared.down))
+                out["dense_mlp"] += sum(_nbytes(w) for w in (ffn.shared.gate, ffn.shared.up, ffn.shared.gate_up,
+                                                             ffn.shared.down))
         elif isinstance(ffn, DenseMLP):
-            out["dense_mlp"] += sum(_nbytes(w) for w in (ffn.gate, ffn.up, ffn.down))
+            out["dense_mlp"] += sum(_nbytes(w) for w in (ffn.gate, ffn.up, ffn.gate_up, ffn.down))
     out["lm_head"] = _nbytes(model.lm_head)
     return dict(out)
 

@@ -35,6 +35,7 @@ class AutogradBackend(TorchBackend):
 
     name = "autograd"
     device_type = "cpu"
+    fuse_projections = False  # each linear stays its own weight: LoRA adapts them one by one
 
     @classmethod
     def probe(cls) -> ProbeResult:
