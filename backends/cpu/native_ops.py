@@ -207,18 +207,10 @@ def _attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, slidin
         ok = False
     if not ok:
         return _fail(strict, op, _attention_why(q, k_cache, v_cache, block_tables, seq_lens, sinks))
-    if sliding_window is None:
-        window = 0
-    else:
-        window = _positive_int(sliding_window, "sliding_window", strict, op)
-        if window is False:
-            return None
-    if chunk is None:
-        chunk_ = 0
-    else:
-        chunk_ = _positive_int(chunk, "chunk", strict, op)
-        if chunk_ is False:
-            return None
+    window, chunk_ = (0 if v is None else _positive_int(v, name, strict, op)
+                      for v, name in ((sliding_window, "sliding_window"), (chunk, "chunk")))
+    if window is False or chunk_ is False:
+        return None
     try:
         scale = float(scale)
     except (TypeError, ValueError):

@@ -18,10 +18,12 @@ TARGETS = {
 }
 
 
-def make_adapter(base, out, targets, rslora=False, seed=0):
-    """peft's adapter with random B (peft starts B at zero: an adapter that changes nothing)."""
+def make_adapter(base, out, targets, rslora=False, seed=0, params=None):
+    """peft's adapter with random B (peft starts B at zero: an adapter that changes nothing);
+    ``params``: target_parameters (LoRA on the routed experts' fused tensors)."""
     hf = hf_model(base)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=rslora)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
+                          **({"target_parameters": params} if params else {}))
     model = peft.get_peft_model(hf, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -32,17 +34,22 @@ def make_adapter(base, out, targets, rslora=False, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
-def test_adapter_matches_peft(name, tiny_checkpoint, tmp_path):
-    base = tiny_checkpoint(name)
-    ref_model = make_adapter(base, tmp_path / "adapter", TARGETS[name], rslora=name == "qwen2_moe")
+def check_against_peft(base, ref_model, adapter, what):
+    """kt-core with ``lora.path=adapter`` gives peft's logits (1e-4), and the adapter changes the model."""
     with torch.no_grad():
         ref = ref_model(torch.tensor([PROMPT])).logits[0]
         plain = hf_model(base)(torch.tensor([PROMPT])).logits[0]
     assert float((ref - plain).abs().max()) > 1e-2, "the adapter changes the model"
-    engine = kt_core.Engine.from_pretrained(base, overrides=["model.dtype=float32", f"lora.path={tmp_path / 'adapter'}"])
+    engine = kt_core.Engine.from_pretrained(base, overrides=["model.dtype=float32", f"lora.path={adapter}"])
     err = float((engine.logits(PROMPT) - ref).abs().max() / ref.abs().max())
-    assert err <= 1e-4, f"{name}: logits differ from peft's by {err:.2e}"
+    assert err <= 1e-4, f"{what}: logits differ from peft's by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_adapter_matches_peft(name, tiny_checkpoint, tmp_path):
+    base = tiny_checkpoint(name)
+    ref_model = make_adapter(base, tmp_path / "adapter", TARGETS[name], rslora=name == "qwen2_moe")
+    check_against_peft(base, ref_model, tmp_path / "adapter", name)
 
 
 def test_adapter_for_another_model_or_of_another_kind_is_refused(tiny_checkpoint, tmp_path):

@@ -7,23 +7,14 @@ import torch
 import kt_core
 from kt_core.errors import KtError
 from tests.parity.tiny import hf_model
-from tests.unit.test_lora import PROMPT
+from tests.unit.test_lora import PROMPT, check_against_peft, make_adapter
 
 peft = pytest.importorskip("peft")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def expert_adapter(base, out, params, modules=(), seed=0):
-    """peft's adapter on the experts (and ``modules``), random B (peft starts B at zero)."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(modules), target_parameters=params, lora_dropout=0.0)
-    model = peft.get_peft_model(hf_model(base), cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(out, safe_serialization=True)
-    return model.eval()
+    return make_adapter(base, out, list(modules), seed=seed, params=params)
 
 
 @pytest.mark.parametrize("name,params,modules", [("qwen3_moe", EXPERTS, ()),
@@ -31,14 +22,7 @@ def expert_adapter(base, out, params, modules=(), seed=0):
                                                  ("deepseek_v3", EXPERTS, ["o_proj"])])
 def test_expert_adapter_matches_peft(name, params, modules, tiny_checkpoint, tmp_path):
     base = tiny_checkpoint(name)
-    ref_model = expert_adapter(base, tmp_path / "a", params, modules)
-    with torch.no_grad():
-        ref = ref_model(torch.tensor([PROMPT])).logits[0]
-        plain = hf_model(base)(torch.tensor([PROMPT])).logits[0]
-    assert float((ref - plain).abs().max()) > 1e-2, "the adapter changes the model"
-    engine = kt_core.Engine.from_pretrained(base, overrides=["model.dtype=float32", f"lora.path={tmp_path / 'a'}"])
-    err = float((engine.logits(PROMPT) - ref).abs().max() / ref.abs().max())
-    assert err <= 1e-4, f"{name} {params}: logits differ from peft's by {err:.2e}"
+    check_against_peft(base, expert_adapter(base, tmp_path / "a", params, modules), tmp_path / "a", f"{name} {params}")
 
 
 def test_kt_merge_writes_the_experts_merged(tiny_checkpoint, tmp_path):

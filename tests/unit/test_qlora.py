@@ -5,11 +5,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.unit.test_arch_features import _dequantized_reference
-from tests.unit.test_lora import PROMPT
-from tests.unit.test_train_lora import FIRST_LABEL
+from tests.unit.test_train_lora import check_grads, peft_grads
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "gate_proj", "up_proj", "down_proj"]  # attention, a dense layer, shared experts
@@ -20,7 +18,6 @@ def test_lora_gradients_on_quantized_experts_equal_peft_on_the_decoded_ones(fmt,
     from kt_core.models.model import CausalLM, QuantPlan
     from kt_core.models.spec import parse_config
     from kt_core.train.lora_model import AutogradBackend, LoraModel
-    from kt_core.train.sft import Example, loss_of
     from kt_core.weights.checkpoint import Checkpoint
     from kt_core.weights.quant import Quant
 
@@ -33,25 +30,13 @@ def test_lora_gradients_on_quantized_experts_equal_peft_on_the_decoded_ones(fmt,
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     ref.save_pretrained(tmp_path / "a", safe_serialization=True)
-    ref.train()
-    keep = torch.arange(1, len(PROMPT)) >= FIRST_LABEL
-    logits = ref(torch.tensor([PROMPT])).logits[0]
-    F.cross_entropy(logits[:-1][keep], torch.tensor(PROMPT[1:])[keep], reduction="sum").backward()
-    want = {(n.split("base_model.model.", 1)[1].rsplit(".lora_", 1)[0], "a" if ".lora_A." in n else "b"): p.grad
-            for n, p in ref.named_parameters() if "lora_" in n}
-
+    want = peft_grads(ref)
     ck = Checkpoint(base)
     model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.float32,
                           QuantPlan(experts=Quant(fmt), group_size=32))
     assert any(getattr(s[2], "format", None) is Quant(fmt) for layer in model.layers
                for s in getattr(layer.ffn, "shards", [])), "the experts stay quantized"
-    lora = LoraModel(model, TARGETS, r=4, alpha=8, init=tmp_path / "a")
-    loss, _ = loss_of(lora.model, Example(PROMPT, FIRST_LABEL))
-    loss.backward()
-    for (module, which), grad in want.items():
-        got = getattr(lora.modules[module], which).grad
-        err = float((got - grad).abs().max() / grad.abs().max().clamp_min(1e-12))
-        assert err <= 1e-4, f"{fmt} {module} lora_{which.upper()}: {err:.2e}"
+    check_grads(LoraModel(model, TARGETS, r=4, alpha=8, init=tmp_path / "a"), want, fmt)
 
 
 def test_kt_sft_trains_on_int4_experts(tmp_path):
