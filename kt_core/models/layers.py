@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from kt_core.backend.contract import Backend
 from kt_core.backend.torch_ops.moe import gated_activation
@@ -178,7 +177,7 @@ class MoEBlock:
     def route(self, be: Backend, x: torch.Tensor, tokens: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.moe
-        logits = F.linear(x.float(), self.router, self.router_bias)
+        logits = be.linear(x.float(), self.router, self.router_bias)  # float32, as the references route
         if self.tid2eid is not None:  # the experts are the token's, by a fixed table; the scores weight them
             from kt_core.backend.torch_ops.routing import expert_scores
 

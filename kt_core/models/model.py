@@ -308,47 +308,6 @@ class CausalLM:
 
     def forward_train(self, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
         """``forward`` without inference mode: autograd records it (fine-tuning on an autograd backend)."""
-        eps = self.spec.rms_eps
-        if int(batch.positions.max()) >= self.cos_sin.shape[0]:
-            from kt_core.errors import KtError
+        from kt_core.runtime.executor import run_step
 
-            raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
-                          f"{self.cos_sin.shape[0]} tokens; shorten the prompt or max_new_tokens")
-        on = {batch.tokens.device: batch}  # the step's metadata, moved once per device
-        for be in self.backends:
-            be.begin_step(bool(batch.is_decode))
-        h = self.embed[batch.to(self.layers[0].device).tokens]
-        if self.spec.v4 is not None:  # DeepSeek-V4: hc_mult copies of the embedding as residual streams
-            h = h[:, None, :].expand(-1, self.spec.v4.hc_mult, -1).contiguous()
-        carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)
-        for i, layer in enumerate(self.layers):
-            be = layer.be
-            if h.device != layer.device:
-                h = h.to(layer.device)  # once per device boundary
-            b = on.setdefault(layer.device, batch.to(layer.device))
-
-            def block(h, layer=layer, be=be, b=b, i=i):
-                if self.spec.v4 is not None:
-                    return layer.run(be, h, b, cache.layer_caches(i), self.spec)
-                h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, *cache.layer_caches(i), layer.cos_sin)
-                return h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
-
-            if self.checkpoint_layers and torch.is_grad_enabled() and not getattr(layer.ffn, "deferred", 0):
-                # fine-tuning: keep only each layer's input, recompute the layer in the backward pass
-                # (its KV writes rewrite the same values), so memory does not grow with depth
-                from torch.utils.checkpoint import checkpoint
-
-                h = checkpoint(block, h, use_reentrant=False)
-            else:
-                h = block(h)
-            for fut in carry:
-                h = h + fut.result().to(h.device)
-            carry = layer.ffn.pop_deferred() if isinstance(layer.ffn, MoEBlock) else []
-        for fut in carry:
-            h = h + fut.result().to(h.device)
-        be = self.be
-        h = h[on.setdefault(self.device, batch.to(self.device)).logits_rows]
-        if self.hc_head is not None:
-            h = deepseek_v4.collapse(h, self.hc_head, self.spec)
-        h = be.rmsnorm(h, self.norm, eps)
-        return be.linear(h, self.lm_head).float()
+        return run_step(self, batch, cache)

@@ -1,0 +1,62 @@
+"""One forward step of a ``CausalLM`` over its devices: the step executor.
+
+``models/`` describes the architectures (their layers, computed through the device contract); this
+runs them: the step's metadata moved once per device, the hidden states handed from device to
+device at layer boundaries, each backend told the step's kind (decode or prefill), expert deferral's
+late routes added one layer later, activation checkpointing while fine-tuning, and the logits of
+the rows the step wants.
+"""
+from __future__ import annotations
+
+import torch
+
+from kt_core.errors import KtError
+from kt_core.kvcache.paged import Batch, PagedKVCache
+from kt_core.models import deepseek_v4
+from kt_core.models.layers import MoEBlock
+
+
+def run_step(model, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
+    """Logits (float32) of ``batch.logits_rows``; differentiable when autograd is on."""
+    spec, eps = model.spec, model.spec.rms_eps
+    if int(batch.positions.max()) >= model.cos_sin.shape[0]:
+        raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
+                      f"{model.cos_sin.shape[0]} tokens; shorten the prompt or max_new_tokens")
+    on = {batch.tokens.device: batch}  # the step's metadata, moved once per device
+    for be in model.backends:
+        be.begin_step(bool(batch.is_decode))
+    h = model.embed[batch.to(model.layers[0].device).tokens]
+    if spec.v4 is not None:  # DeepSeek-V4: hc_mult copies of the embedding as residual streams
+        h = h[:, None, :].expand(-1, spec.v4.hc_mult, -1).contiguous()
+    carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)
+    for i, layer in enumerate(model.layers):
+        be = layer.be
+        if h.device != layer.device:
+            h = h.to(layer.device)  # once per device boundary
+        b = on.setdefault(layer.device, batch.to(layer.device))
+
+        def block(h, layer=layer, be=be, b=b, i=i):
+            if spec.v4 is not None:
+                return layer.run(be, h, b, cache.layer_caches(i), spec)
+            h = h + layer.attn(be, be.rmsnorm(h, layer.norm1, eps), b, *cache.layer_caches(i), layer.cos_sin)
+            return h + layer.ffn(be, be.rmsnorm(h, layer.norm2, eps))
+
+        if model.checkpoint_layers and torch.is_grad_enabled() and not getattr(layer.ffn, "deferred", 0):
+            # fine-tuning: keep only each layer's input, recompute the layer in the backward pass
+            # (its KV writes rewrite the same values), so memory does not grow with depth
+            from torch.utils.checkpoint import checkpoint
+
+            h = checkpoint(block, h, use_reentrant=False)
+        else:
+            h = block(h)
+        for fut in carry:
+            h = h + fut.result().to(h.device)
+        carry = layer.ffn.pop_deferred() if isinstance(layer.ffn, MoEBlock) else []
+    for fut in carry:
+        h = h + fut.result().to(h.device)
+    be = model.be
+    h = h[on.setdefault(model.device, batch.to(model.device)).logits_rows]
+    if model.hc_head is not None:
+        h = deepseek_v4.collapse(h, model.hc_head, spec)
+    h = be.rmsnorm(h, model.norm, eps)
+    return be.linear(h, model.lm_head).float()
