@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native_lib
-from kt_backends.cpu.native_abi import (MAX_DIM, MAX_HEAD_DIM, MAX_POOLS, _AttnDecodeArgs, _check_rc, _RmsNormArgs,
-                                        _RopeArgs)
+from kt_backends.cpu.native_abi import (DTYPE_CODES, MAX_DIM, MAX_HEAD_DIM, MAX_POOLS, _AttnDecodeArgs, _check_rc,
+                                        _RmsNormArgs, _RopeArgs)
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # native_abi.DTYPE_CODES
+_DTYPES = {getattr(torch, name): code for name, code in DTYPE_CODES.items()}
 _INDEX_DTYPES = frozenset({torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8})
 _INT32_MAX = 2**31 - 1
 

@@ -44,6 +44,8 @@ def train_command(overrides: list[str], mode: str) -> int:
     t = cfg.train
     if cfg.model.path is None or not t.data or not t.output:
         raise KtError(f"kt {mode} needs model.path=DIR train.data=FILE.jsonl train.output=OUT")
+    if mode == "dpo" and t.get("packing", False):
+        raise KtError("train.packing applies to kt sft; kt dpo runs each preference pair on its own: drop it")
     if t.max_steps < 1 or t.batch < 1 or t.lr <= 0:
         raise KtError(f"train.max_steps={t.max_steps}, train.batch={t.batch} and train.lr={t.lr} must be positive")
     ck = open_checkpoint(cfg.model.path)

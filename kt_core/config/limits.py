@@ -9,3 +9,8 @@ INT8_MAX_GROUP = 256
 def int8_group_ok(group: int) -> bool:
     """Whether int8 takes ``group`` inputs per scale (0: one scale per row)."""
     return group == 0 or (group > 0 and group % 4 == 0 and group <= INT8_MAX_GROUP)
+
+
+# DeepSeek-V4's clamped SwiGLU (gate <= 10, |up| <= 10): the MoE activation silu_clamp10 (the native
+# kernels' moe_forward.inc spells the same 10)
+DEEPSEEK_V4_SWIGLU_LIMIT = 10.0

@@ -173,11 +173,10 @@ class V4Attention:
 def load_attention(r, spec: ModelSpec, i: int) -> V4Attention:
     v, H, nh, hd = spec.v4, spec.hidden_size, spec.num_heads, spec.head_dim
     a = shapes_v4.prefix(i) + "attn."
-    wo_a = r.t(a + "wo_a.weight", (v.o_groups * v.o_lora_rank, nh * hd // v.o_groups))
     w = {"wq_a": r.dense(a + "wq_a.weight", (v.q_lora_rank, H)), "q_norm": r.t(a + "q_norm.weight", (v.q_lora_rank,)),
          "wq_b": r.dense(a + "wq_b.weight", (nh * hd, v.q_lora_rank)), "wkv": r.dense(a + "wkv.weight", (hd, H)),
          "kv_norm": r.t(a + "norm.weight", (hd,)), "wo_b": r.dense(a + "wo_b.weight", (H, v.o_groups * v.o_lora_rank)),
-         "wo_a": [r.prepare(g.contiguous()) if r.prepare else g.contiguous() for g in wo_a.split(v.o_lora_rank)],
+         "wo_a": r.dense_rows(a + "wo_a.weight", (v.o_groups * v.o_lora_rank, nh * hd // v.o_groups), v.o_groups),
          "sinks": r.t(a + "attn_sink", (nh,), torch.float32)}
     kind, rate = v.kinds[i], v.rate(i)
     comp = idx = None

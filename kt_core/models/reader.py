@@ -87,6 +87,17 @@ class _Reader:
         del w  # the source is not held while the device packs the codes
         return self.prepare(q) if self.prepare is not None else q
 
+    def dense_rows(self, name: str, shape, parts: int, fmt: Optional[Quant] = None) -> list:
+        """One weight cut into ``parts`` equal blocks of rows, each a dense weight in ``fmt`` (default:
+        quant.dense), prepared for its device (DeepSeek-V4's grouped output projection)."""
+        fmt = self.qp.dense if fmt is None else fmt
+        out = []
+        for i, block in enumerate(self.t(name, shape).chunk(parts)):
+            w = block.contiguous() if fmt is Quant.NONE else \
+                _quantize(block.contiguous(), fmt, self.qp, f"{name} group {i}").to(self.device)
+            out.append(self.prepare(w) if self.prepare is not None and fmt is not Quant.NONE else w)
+        return out
+
     def dense_cat(self, names: list[str], shapes: list, fmt: Optional[Quant] = None):
         """The named weights stacked by rows as one dense weight (fused projections: one product
         instead of several), or None where they load apart: fusing is off, the format's scales are not
@@ -94,8 +105,8 @@ class _Reader:
         fmt = self.qp.dense if fmt is None else fmt
         if not self.fuse or fmt not in (Quant.NONE, Quant.INT8, Quant.INT4, Quant.W8A8):
             return None
-        if fmt is Quant.NONE and any(_kept(self.ck, [n], s) is not None for n, s in zip(names, shapes)):
-            return None
+        if fmt is Quant.NONE and hasattr(self.ck, "keeps") and any(self.ck.keeps(n) for n in names):
+            return None  # a GGUF's blocks: each stays in its own format
         w = torch.cat([self.t(n, s) for n, s in zip(names, shapes)])
         if fmt is Quant.NONE:
             return w

@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from kt_core.config.limits import DEEPSEEK_V4_SWIGLU_LIMIT
 from kt_core.errors import KtError
 from kt_core.models.spec import ModelSpec, MoESpec, RopeSpec
 
 KINDS = {"sliding_attention": "sliding", "compressed_sparse_attention": "csa", "heavily_compressed_attention": "hca"}
 LEGACY_RATIOS = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
-SWIGLU_LIMIT = 10.0  # the native kernels' silu_clamp10; DeepSeek-V4-Flash and -Pro both use it
+SWIGLU_LIMIT = DEEPSEEK_V4_SWIGLU_LIMIT  # the native kernels' silu_clamp10; DeepSeek-V4-Flash and -Pro use it
 
 
 @dataclass

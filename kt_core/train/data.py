@@ -27,23 +27,30 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
     if path.is_dir() or path.suffix.lower() in DATASETS_SUFFIXES:
         yield from _dataset_rows(path)
         return
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-        f.seek(0)
-        if head.startswith("["):  # a JSON array
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is skipped
+            yield from _text_rows(path, f)
+    except UnicodeDecodeError as exc:
+        raise KtError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def _text_rows(path: Path, f) -> Iterator[tuple[str, object]]:
+    head = f.read(4096).lstrip()
+    f.seek(0)
+    if head.startswith("["):  # a JSON array
+        try:
+            items = json.load(f)
+        except ValueError as exc:
+            raise KtError(f"{path.name} starts like a JSON array but does not parse ({exc}); fix the file") from None
+        for n, item in enumerate(items, 1):
+            yield f"{path.name} item {n}", item
+        return
+    for n, line in enumerate(f, 1):
+        if line.strip():
             try:
-                items = json.load(f)
+                yield f"{path.name} line {n}", json.loads(line)
             except ValueError as exc:
-                raise KtError(f"{path.name} starts like a JSON array but does not parse ({exc}); fix the file") from None
-            for n, item in enumerate(items, 1):
-                yield f"{path.name} item {n}", item
-            return
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path.name} line {n}", json.loads(line)
-                except ValueError as exc:
-                    yield f"{path.name} line {n}", KtError(f"not JSON ({exc})")
+                yield f"{path.name} line {n}", KtError(f"not JSON ({exc})")
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[str, object]]:

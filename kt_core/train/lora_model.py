@@ -100,6 +100,11 @@ class LoraModel:
             self.r, self.alpha = adapter.r, adapter.config["lora_alpha"]
             pairs = adapter.pairs
             fused = stacked(adapter.expert_lora, model.spec, init) if adapter.expert_lora else {}
+            dropped = sorted({param for _, param in fused} - {expert_lora.TARGETS[t] for t in targets
+                                                              if t in expert_lora.TARGETS})
+            if dropped:
+                raise KtError(f"train.init={init} adapts the routed experts' {', '.join(dropped)}, which "
+                              f"train.lora.targets does not name: add experts.{dropped[0]} to the targets")
         scaling = self.alpha / self.r
         g = torch.Generator().manual_seed(seed)
         self.modules: dict[str, LoraWeight] = {}

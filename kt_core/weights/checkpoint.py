@@ -389,6 +389,12 @@ class Checkpoint:
         if not Tokenizer.present(self.path):
             return None
         log.info("tokenizer: the checkpoint's own, from %s", self.path)
+        if not (self.path / "tokenizer.json").is_file():  # a tiktoken rank file only (Kimi's)
+            try:
+                return Tokenizer.from_dir(self.path)
+            except KtError as exc:  # another model's tiktoken file: run on token ids, as without a tokenizer
+                log.warning("%s; running on token ids (prompts as ids, no chat template)", exc)
+                return None
         return Tokenizer.from_dir(self.path)
 
 

@@ -109,6 +109,9 @@ def _open_part(path: Path) -> GGUFPart:
                       "it") from None
     except OSError as exc:
         raise KtError(f"{path} could not be read ({exc.strerror or exc}); check the path and its permissions") from None
+    except (RecursionError, MemoryError, OverflowError, ValueError) as exc:  # a header too large to be real
+        raise KtError(f"{path.name} is not a GGUF file kt-core can read ({type(exc).__name__} in its header); "
+                      "download it again or re-convert it") from None
     return GGUFPart(path, reader)
 
 

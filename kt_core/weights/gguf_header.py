@@ -26,7 +26,9 @@ import numpy as np
 NUMERIC = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
            12: "<f8"}
 STRING, ARRAY, BOOL = 8, 9, 7
-MAX_ITEMS = 1 << 31  # an array or a tensor count beyond this is a corrupt header, not a model
+MAX_ITEMS = 1 << 31  # a tensor or metadata count beyond this is a corrupt header, not a model
+MAX_ARRAY = 1 << 26  # items of one metadata array (vocabularies are ~10^5): a bigger claim is corruption
+MAX_NESTING = 4  # arrays of arrays (real files nest once, if at all)
 
 
 class OutOfFile(Exception):
@@ -89,7 +91,7 @@ class _Cursor:
         except UnicodeDecodeError:
             raise BadHeader(f"the string at byte {at} is not UTF-8") from None
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in NUMERIC:
             dt = np.dtype(NUMERIC[kind])
             v = np.frombuffer(self.buf, dt, 1, self.take(dt.itemsize))[0].item()
@@ -99,13 +101,15 @@ class _Cursor:
         if kind == ARRAY:
             at = self.pos
             item, count = self.u32(), self.u64()
-            if count > MAX_ITEMS:
-                raise BadHeader(f"the array at byte {at} claims {count} items")
+            if count > MAX_ARRAY or depth >= MAX_NESTING:
+                raise BadHeader(f"the array at byte {at} claims {count} items at nesting depth {depth + 1}")
             if item in NUMERIC:
                 dt = np.dtype(NUMERIC[item])
                 arr = np.frombuffer(self.buf, dt, count, self.take(dt.itemsize * count))
                 return [bool(x) for x in arr] if item == BOOL else arr.tolist()
-            return [self.value(item) for _ in range(count)]
+            if item not in (STRING, ARRAY):
+                raise BadHeader(f"unknown item type {item} in the array at byte {at}")
+            return [self.value(item, depth + 1) for _ in range(count)]
         raise BadHeader(f"unknown value type {kind} at byte {self.pos - 4}")
 
 
@@ -132,6 +136,8 @@ def parse(path: Path) -> tuple[dict[str, Field], list[TensorInfo]]:
         for _ in range(n_kv):
             at = c.pos
             key = c.string()
+            if key in fields:
+                raise BadHeader(f"metadata {key!r} is listed twice (again at byte {at})")
             fields[key] = Field(at, c.value(c.u32()))
         infos, names = [], set()
         for _ in range(n_tensors):
@@ -150,7 +156,11 @@ def parse(path: Path) -> tuple[dict[str, Field], list[TensorInfo]]:
             except ValueError:
                 raise BadHeader(f"tensor {name!r} at byte {at} has unknown type {kind}") from None
             block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            n = int(np.prod(dims, dtype=np.uint64)) if n_dims else 1
+            n = 1
+            for d in dims.tolist():  # Python ints: a product past 2**64 does not wrap around
+                n *= d
+            if n > size * 8:  # more values than the file has bits, whatever their type
+                raise BadHeader(f"tensor {name!r} at byte {at} claims {n} values, more than the file holds")
             if n % block:
                 raise BadHeader(f"tensor {name!r} at byte {at} holds {n} values, not whole {qtype.name} blocks")
             infos.append(TensorInfo(name, dims, qtype, offset, n // block * type_size))

@@ -70,3 +70,21 @@ def test_unsupported_settings_are_refused_by_name(tiny_checkpoint):
 def test_expert_deferral_is_refused(tiny_checkpoint):
     with pytest.raises(KtError, match="expert deferral does not apply.*deferred_experts=0"):
         kt_core.Engine.from_pretrained(tiny_checkpoint("deepseek_v4"), overrides=[*OV, "topology.deferred_experts=1"])
+
+
+def test_quantized_dense_weights_and_the_plan_agree(tiny_checkpoint):
+    """quant.dense reaches every projection (the grouped output's groups too) and kt plan sizes what
+    the load holds."""
+    from kt_backends.cpu import native_linear
+    from tests.unit.test_plan import plan_for
+
+    path = tiny_checkpoint("deepseek_v4")
+    ov = [f"model.path={path}", "model.dtype=float32", "quant=int4", "quant.dense=int8", "quant.group_size=32"]
+    engine = kt_core.Engine.from_pretrained(path, overrides=ov[1:])
+    for layer in engine.model.layers:
+        w = layer.attn.w
+        assert all(isinstance(w[k], native_linear.PackedLinear) for k in ("wq_a", "wq_b", "wkv", "wo_b"))
+        assert all(isinstance(g, native_linear.PackedLinear) for g in w["wo_a"])
+    planned = plan_for(*ov).devices["cpu:0"].weights_bytes
+    actual = engine.model.weight_bytes()
+    assert abs(planned - actual) / actual < 0.05, (planned, actual)

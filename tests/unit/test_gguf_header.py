@@ -95,3 +95,22 @@ def test_corrupt_headers_fail_naming_the_file(tmp_path):
                                   ("s.gguf", bad_utf8, "is not UTF-8")]:
         with pytest.raises(KtError, match=rf"{name}.*{message}"):
             open_gguf(_corrupt(tmp_path, name, mutate))
+
+
+def test_headers_too_large_to_be_real_fail_cleanly(tmp_path):
+    def header(kvs=b"", n_kv=0, tensors=b"", n_tensors=0):
+        return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kvs + tensors + bytes(64)
+
+    def key(name):
+        return struct.pack("<Q", len(name)) + name.encode()
+
+    nested = key("deep") + struct.pack("<I", 9) + (struct.pack("<IQ", 9, 1) * 6000) + struct.pack("<IQ", 4, 0)
+    dims = key("t.weight") + struct.pack("<I", 2) + struct.pack("<QQ", 2**33, 2**31) + struct.pack("<IQ", 0, 0)
+    twice = key("a") + struct.pack("<I", 4) + struct.pack("<I", 1)
+    cases = {"deep.gguf": (header(nested, 1), "nesting depth"),
+             "dims.gguf": (header(tensors=dims, n_tensors=1), "more than the file holds"),
+             "twice.gguf": (header(twice + twice, 2), "listed twice")}
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(KtError, match=rf"{name}.*{message}"):
+            open_gguf(tmp_path / name)

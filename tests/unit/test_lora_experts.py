@@ -83,3 +83,12 @@ def test_training_expert_adapters_matches_peft_and_saves_what_peft_loads(name, t
         theirs = peft.PeftModel.from_pretrained(hf_model(base), str(out))(torch.tensor([PROMPT])).logits[0]
     ours = kt_core.Engine.from_pretrained(base, overrides=["model.dtype=float32", f"lora.path={out}"]).logits(PROMPT)
     assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 1e-4
+
+
+def test_init_adapter_on_experts_needs_the_expert_targets(tiny_checkpoint, tmp_path):
+    from tests.unit.test_train_lora import load
+
+    base = tiny_checkpoint("qwen3_moe")
+    expert_adapter(base, tmp_path / "a", EXPERTS, ["q_proj"])
+    with pytest.raises(KtError, match="train.lora.targets does not name: add experts.down_proj"):
+        load(base, ["q_proj"], init=tmp_path / "a")

@@ -63,10 +63,10 @@ def test_quant_dense_model_runs_packed_and_matches_the_torch_path(tmp_path, monk
     ov = ["model.dtype=float32", "quant.dense=int8"]
     ids = list(range(5, 40))
     packed = kt_core.Engine.from_pretrained(path, overrides=ov)
-    assert isinstance(packed.model.layers[0].attn.w["q"], native_linear.PackedLinear)
+    assert isinstance(packed.model.layers[0].attn.w["qkv"], native_linear.PackedLinear)  # q / k / v fused
     ours = packed.logits(ids)
     monkeypatch.setattr(CpuBackend, "prepare_dense", lambda self, w, index=0: w)
     plain = kt_core.Engine.from_pretrained(path, overrides=ov)
-    assert isinstance(plain.model.layers[0].attn.w["q"], QuantizedWeight)
+    assert isinstance(plain.model.layers[0].attn.w["qkv"], QuantizedWeight)
     ref = plain.logits(ids)
     assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-3

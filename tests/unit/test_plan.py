@@ -225,7 +225,7 @@ def test_quant_head_is_its_own_choice_and_the_plan_counts_it(tmp_path, dense, he
         return getattr(w, "fmt", None) or (w.format.value if isinstance(w, (QuantizedWeight,)) else "none")
 
     assert fmt(engine.model.lm_head) == (dense if head is None else head)
-    assert fmt(engine.model.layers[0].attn.w["q"]) == dense
+    assert fmt(engine.model.layers[0].attn.w["qkv"]) == dense  # q / k / v fused at load
     assert fmt(engine.model.embed) == "none"  # a lookup table: never quantized
     if fmt(engine.model.lm_head) != "none":
         assert isinstance(engine.model.lm_head, native_linear.PackedLinear)

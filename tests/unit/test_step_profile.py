@@ -39,8 +39,8 @@ def test_profile_covers_the_parts_and_restores_the_model(engine):
 def test_weight_bytes_count_top_k_experts_per_token(engine):
     b = weight_bytes_per_token(engine.model)
     layer = engine.model.layers[0]
-    q = layer.attn.w["q"]
-    assert b["attn_proj"] >= 2 * q.numel() * q.element_size()
+    qkv = layer.attn.w["qkv"]  # q / k / v fused at load
+    assert b["attn_proj"] >= 2 * qkv.numel() * qkv.element_size()
     assert b["lm_head"] == engine.model.lm_head.numel() * engine.model.lm_head.element_size()
     per_expert = 3 * 32 * 64 * 4  # gate, up, down of one tiny expert in float32
     assert b["moe"] == 2 * 2 * per_expert  # 2 layers x top-2

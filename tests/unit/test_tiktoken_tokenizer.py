@@ -99,3 +99,19 @@ def test_unknown_pattern_and_mismatched_files(kimi, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TikTokenTokenizer"}))
     with pytest.raises(KtError, match="line 2 is not 'base64-token rank'"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_another_models_tiktoken_file_runs_on_token_ids(kimi, tiny_checkpoint, tmp_path, caplog):
+    """A folder whose tiktoken.model is not Kimi's loads without a tokenizer (as before the reader
+    existed), saying why, instead of failing after its weights are read."""
+    import logging
+
+    from kt_core.weights.checkpoint import Checkpoint
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint("llama"), d)
+    shutil.copyfile(kimi[0] / "tiktoken.model", d / "tiktoken.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SomethingElse"}))
+    with caplog.at_level(logging.WARNING):
+        assert Checkpoint(d).tokenizer() is None
+    assert "running on token ids" in caplog.text

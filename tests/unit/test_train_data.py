@@ -62,3 +62,21 @@ def test_bad_records_are_named(tok, tmp_path):
         read_examples(_jsonl(tmp_path / "b.jsonl", ALPACA), tok, 5)
     with pytest.raises(KtError, match="does not exist"):
         read_examples(tmp_path / "none.jsonl", tok, 256)
+
+
+def test_windows_encodings(tok, tmp_path):
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode())
+    assert len(read_examples(bom, tok, 256)) == 3  # a byte-order mark is skipped
+    wide = tmp_path / "u16.jsonl"
+    wide.write_bytes("\n".join(json.dumps(r) for r in ALPACA).encode("utf-16"))
+    with pytest.raises(KtError, match="u16.jsonl is not UTF-8 text.*save it as UTF-8"):
+        read_examples(wide, tok, 256)
+
+
+def test_options_that_would_do_nothing_are_refused(tmp_path, capsys):
+    from kt_core.cli import main
+
+    assert main(["dpo", f"model.path={tmp_path}", "train.data=x.jsonl", f"train.output={tmp_path / 'o'}",
+                 "train.packing=true"]) == 2
+    assert "train.packing applies to kt sft" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kt_core.config.limits import DEEPSEEK_V4_SWIGLU_LIMIT
 from kt_core.weights.quant import ExpertWeights, Quant, Weight, dequantize, fake_quant_activations, weight_format
 
 ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "silu_clamp10")
@@ -13,7 +14,6 @@ ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai", "silu_clamp10")
 SWIGLU_OAI_ALPHA = 1.702
 SWIGLU_OAI_LIMIT = 7.0
 # DeepSeek-V4 clamped SwiGLU ("silu_clamp10"): silu(min(gate, 10)) * clamp(up, -10, 10)
-DEEPSEEK_V4_SWIGLU_LIMIT = 10.0
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
