@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.unit.test_arch_features import _dequantized_reference
-from tests.unit.test_train_lora import check_grads, peft_grads
+from tests.unit.test_train_lora import check_grads, peft_grads, tiny_sft_run
 
 peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "gate_proj", "up_proj", "down_proj"]  # attention, a dense layer, shared experts
@@ -41,13 +41,8 @@ def test_lora_gradients_on_quantized_experts_equal_peft_on_the_decoded_ones(fmt,
 
 def test_kt_sft_trains_on_int4_experts(tmp_path):
     from kt_core.cli import main
-    from kt_core.models.synthetic import synthesize
 
-    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=512)
-    path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=1, shape=shape, sample_tokens=16).path
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi there"}) + "\n")
+    path, data = tiny_sft_run(tmp_path)
     assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={tmp_path / 'run'}",
                  "train.max_steps=2", "train.lora.r=2", "model.dtype=float32", "quant=int4",
                  "quant.group_size=32", "train.batch=2", "train.packing=true"]) == 0

@@ -89,8 +89,9 @@ def test_sft_learns_and_its_adapter_loads_in_peft_and_kt_core(tmp_path):
     assert float((ours - peft_logits).abs().max() / peft_logits.abs().max()) <= 1e-4
 
 
-def test_kt_sft_command_writes_an_adapter_kt_run_uses(tmp_path):
-    from kt_core.cli import main
+def tiny_sft_run(tmp_path):
+    """A one-layer synthetic Qwen3-MoE checkpoint (a real tokenizer and chat template) and a one-line
+    alpaca data file: what the kt sft command tests train on."""
     from kt_core.models.synthetic import synthesize
 
     shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -98,6 +99,13 @@ def test_kt_sft_command_writes_an_adapter_kt_run_uses(tmp_path):
     path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=1, shape=shape, sample_tokens=16).path
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi", "output": "hi there"}) + "\n")
+    return path, data
+
+
+def test_kt_sft_command_writes_an_adapter_kt_run_uses(tmp_path):
+    from kt_core.cli import main
+
+    path, data = tiny_sft_run(tmp_path)
     out = tmp_path / "run"
     assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={out}", "train.max_steps=3",
                  "train.lora.r=2", "train.lr=1e-2", "model.dtype=float32"]) == 0
