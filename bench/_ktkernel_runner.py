@@ -29,10 +29,12 @@ from safetensors.torch import load_file, save_file
 # classes in AVX-512 code. Its avx2 build has only the "avx2" family (and llamafile's MOE).
 FAMILIES = {
     "amx": {"bf16": [("AMXBF16_MOE", "bf16")], "int8": [("AMXInt8_MOE", "online")],
+            "int8_g32": [("AMXInt8_MOE", "online")],
             "w8a8": [("AMXInt8_MOE", "online")],
             "int4": [("AMXInt4_KGroup_MOE", "raw"), ("AMXInt4_MOE", "online")],
             "fp8": [("AMXFP8_MOE", "raw")], "fp8_pc": [("AMXFP8PerChannel_MOE", "raw")]},
-    "avx2": {"bf16": [("AVX2BF16_MOE", "bf16")], "int8": [("MOE", "q8_0")], "w8a8": [("MOE", "q8_0")],
+    "avx2": {"bf16": [("AVX2BF16_MOE", "bf16")], "int8": [("MOE", "q8_0")], "int8_g32": [("MOE", "q8_0")],
+             "w8a8": [("MOE", "q8_0")],
              "int4": [("AVX2RawInt4_MOE", "raw")], "fp8": [("AVX2FP8_MOE", "raw")]},
 }
 M_STEP = 256  # the AMX classes' max_len must be a multiple of this

@@ -103,17 +103,18 @@ def main() -> None:
     # routings cycled so a call cannot reuse the previous call's experts from cache; the tensors
     # behind the raw pointers stay referenced by `sets` and `outs`
     sets = [(ids.long().contiguous(), w.float().contiguous()) for ids, w in (routes(T, 1000 + i) for i in range(16))]
-    local_of, gate, up, down = packed.call_parts()
+    local_of, gate, up, down, _, _, fmt, group, _, _, dfmt, dgroup = packed._prepared()
     outs = [torch.empty(T, H) for _ in sets]
-    args = [native._MoeArgs(T, H, I, K, E, local_of.numel(), native.FORMATS[packed.fmt], packed.group, 0,
+    args = [native._MoeArgs(T, H, I, K, E, local_of.numel(), fmt, group, 0,
                             x.data_ptr(), ids.data_ptr(), w.data_ptr(), local_of.data_ptr(), gate, up, down,
-                            out.data_ptr(), 0, 1)
+                            out.data_ptr(), 0, 1, dfmt, dgroup)
             for (ids, w), out in zip(sets, outs)]
     with tempfile.TemporaryDirectory() as tmp:
         libs = [load(compile_lib(sources(rev, Path(tmp))), a.threads, rev) for rev in a.rev]
         first = []
-        for lib in libs:
-            lib.kt_moe_forward(ctypes.byref(args[0]))
+        for rev, lib in zip(a.rev, libs):
+            if lib.kt_moe_forward(ctypes.byref(args[0])) != 0:
+                sys.exit(f"{rev}: kt_moe_forward refused the call (an ABI older than the worktree's?)")
             first.append(outs[0].clone())
         block = a.block_size or (20 if T == 1 else 2)
         times: list[list[float]] = [[] for _ in libs]
@@ -122,7 +123,9 @@ def main() -> None:
                 time.sleep(0.002)  # let the previous build's workers go to sleep
                 for c in range(block + 1):
                     t0 = time.perf_counter()
-                    lib.kt_moe_forward(ctypes.byref(args[(b * block + c) % len(args)]))
+                    rc = lib.kt_moe_forward(ctypes.byref(args[(b * block + c) % len(args)]))
+                    if rc != 0:
+                        sys.exit(f"{a.rev[j]}: kt_moe_forward returned {rc}")
                     if c:  # the first call of a block wakes this build's workers
                         times[j].append(time.perf_counter() - t0)
     base = statistics.median(times[0])

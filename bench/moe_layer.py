@@ -57,8 +57,8 @@ def make_weights(seed: int = 0):
 
 
 # --formats names -> (quant format, group size; None = --group)
-FORMATS = {"bf16": ("none", 0), "int8": ("int8", 0), "w8a8": ("w8a8", 0), "int4": ("int4", None),
-           "fp8": ("fp8", 128), "fp8_pc": ("fp8", 0)}
+FORMATS = {"bf16": ("none", 0), "int8": ("int8", 0), "int8_g32": ("int8", 32), "w8a8": ("w8a8", 0),
+           "int4": ("int4", None), "fp8": ("fp8", 128), "fp8_pc": ("fp8", 0)}
 
 
 def build(fmt: str, base, group: int, like_ktkernel: bool = False):
@@ -72,7 +72,8 @@ def build(fmt: str, base, group: int, like_ktkernel: bool = False):
     elif like_ktkernel and fmt == "fp8":
         ws = [fp8_blocks(w) for w in base]
     else:
-        ws = [quantize(w.float(), quant, group_size=group if g is None else g) for w in base]
+        ws = [quantize(w.float(), quant, group_size=group if g is None else g, int8_group=g if quant == "int8" else 0)
+              for w in base]
         if like_ktkernel and quant == "int4":
             ws = [QuantizedWeight(w.format, w.qdata, w.scales.to(torch.bfloat16).float(), w.zeros, w.group_size,
                                   w.in_features) for w in ws]

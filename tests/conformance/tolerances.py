@@ -49,9 +49,11 @@ NATIVE_MOE = {
     # w8a8 quantizes activations to int8 at run time; a value on a rounding boundary may take the
     # neighbouring code in the kernel's float32 and the reference's arithmetic
     "w8a8": (5e-3, "run-time int8 activations: one rounding flip of a code"),
-    # AMX (TDPBF16PS, every float and weight-only format) and AVX512-BF16 (VDPBF16PS, bf16) round the
-    # float activations to bf16 (2^-9 relative per element), as a bf16 model's own matmuls do, and
-    # AMX the dequantized int4 / fp8 weights too, for experts with enough tokens
+    # AMX (TDPBF16PS: bf16, fp8, int8 / int4 in groups of 32 from 17 tokens) and AVX512-BF16 (VDPBF16PS,
+    # bf16) round the float activations to bf16 (2^-9 relative per element), as a bf16 model's own
+    # matmuls do, and AMX the dequantized int4 / fp8 weights too, for experts with enough tokens;
+    # AMX's integer tiles (TDPBSSD: the other int8 / int4 calls) carry activations as two int8 codes
+    # (step amax/32512), well inside this bound
     "bf16_tiles": (1e-2, "activations (and int4 / fp8 weights) rounded to bf16 on AMX / AVX512-BF16 tiles"),
     # bf16 hidden states in and out (a bf16 model): whatever the kernel, the output is rounded to bf16
     "bf16_output": (4e-3, "output rounded to bf16 (2^-9 relative)"),

@@ -109,8 +109,9 @@ int main() {
           }
         }
       }
-  // AMX: w8a8 over whole 16-token tiles plus tails; every other format on bf16 tiles of up to 16
-  // tokens (panel_tiles_amx) against the generic kernel, with bf16-exact activations and
+  // AMX: w8a8 over whole 16-token tiles plus tails; int8 / int4 on integer tiles (TDPBSSD, int8
+  // activation codes that hold these activations exactly); every other format on bf16 tiles of up
+  // to 16 tokens (panel_tiles_amx) against the generic kernel, with bf16-exact activations and
   // power-of-two scales, so the dequantized weights are bf16-exact too (see kernels_amx.hpp)
 #if !defined(KT_HAVE_AMX)
   std::printf("amx not compiled: this compiler predates GCC 11 / Clang 12\n");
@@ -131,10 +132,16 @@ int main() {
           std::vector<float> X(n * K), xs(n), a(n * NR), b(n * NR);
           std::vector<int8_t> Xq(n * K);
           for (auto& v : X) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+          if (int_tiles(w))  // int8 activation codes with a scale per token: rows they hold exactly
+            for (int i = 0; i < n; ++i) {
+              const float s = std::ldexp(1.f, -3 - static_cast<int>(rng() % 4));
+              for (int64_t k = 0; k < K; ++k)
+                X[i * K + k] = s * static_cast<float>(k == i % K ? 127 : static_cast<int>(rng() % 255) - 127);
+            }
           for (auto& v : xs) v = 0.01f + static_cast<float>(rng() % 100) * 1e-4f;
           for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
-          std::vector<uint16_t> Xt(tiled_size(n, K));
-          bf16_tiles(X.data(), n, K, K, Xt.data());
+          std::vector<uint16_t> Xt(tiled_elems(w, n));
+          weight_tiles(w, n, X.data(), n, K, Xt.data());
           char what[96];
           std::snprintf(what, sizeof what, "amx fmt=%d group=%d zeros=%d", fmt, g, zeros ? 1 : 0);
           for (int64_t p = 0; p < P; ++p) {

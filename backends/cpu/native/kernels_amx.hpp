@@ -2,10 +2,12 @@
 //   w8a8: the [K/4][16][4] panel is already AMX's B-tile layout (a row = 16 outputs x 4 inputs),
 //         activations are int8 rows, so one TDPBSSD does up to 16 x 16 x 64 exact multiply-adds
 //         (tiles of 16 tokens and a shorter last one);
-//   bf16, int8, int4, fp8: each panel is decoded once into bf16 B tiles and the activations,
-//         rounded to bf16 once per call (bf16_tiles), run TDPBF16PS in tiles of up to 16 tokens
-//         (panel_tiles_amx, below). The MoE's inputs are bf16 hidden states already, so only the
-//         down projection's input (the activation product) is rounded, as a bf16 model does.
+//   int8, int4 (groups of a multiple of 32): TDPBSSD on the integer codes and int8 activations
+//         with a scale per 32 inputs (kernels_amx_int.hpp);
+//   bf16, fp8 (and int4 / int8 of other groups): each panel is decoded once into bf16 B tiles and
+//         the activations, rounded to bf16 once per call (tile_row), run TDPBF16PS in tiles of up
+//         to 16 tokens (panel_tiles_amx, below). The MoE's inputs are bf16 hidden states already,
+//         so only the down projection's input (the activation product) is rounded, as a bf16 model does.
 // Picked at run time on CPUs with AMX-TILE/INT8/BF16 once the OS has granted the tile state
 // (kt_cpu.cpp), and each format checked against AVX2 on first use. GCC 11+ / Clang 12+ only
 // (KT_HAVE_AMX; MSVC: not yet).
@@ -25,6 +27,28 @@ inline int64_t tiled_index(int64_t i, int64_t k, int64_t K) {
   return (i / 16) * 16 * K + (k / 32) * 512 + (i % 16) * 32 + k % 32;
 }
 inline int64_t tiled_size(int64_t n, int64_t K) { return (n + 15) / 16 * 16 * K; }
+
+// The integer tile kernels (kernels_amx_int.hpp) take this weight: int8 / int4 in groups of a
+// multiple of 32 inputs (per-row int8: group == K); the others take bf16 tiles.
+inline bool int_tiles(const Weight& w) {
+  return (w.fmt == FMT_INT8 || w.fmt == FMT_INT4) && w.K % 32 == 0 && w.group > 0 && w.group % 32 == 0;
+}
+// Inputs per TDPBSSD step of an int_tiles weight (a weight group is whole steps)
+inline int64_t q8_step(const Weight& w) { return w.group % 64 == 0 ? 64 : 32; }
+// Whether a call of n rows takes the integer tiles (else bf16 tiles). Groups of 32 turn the integer
+// sums into floats every step; from two token tiles on, decoding the panel to bf16 once and running
+// TDPBF16PS costs less (one Qwen3-30B-A3B MoE layer, 2-core AMX Xeon, bench/ab_native.py: int8 g32
+// T=128 40.1 vs 41.1 ms, T=512 74.3 vs 64.5; int4 g32 30.8 vs 33.5 and 77.4 vs 55.0).
+inline bool q8_takes(const Weight& w, int64_t n) { return int_tiles(w) && (q8_step(w) == 64 || n <= 16); }
+
+// Elements (uint16) apart that the 16-token tiles of activations for w lie, in either layout.
+// Tiled bf16: 16 K elements. Tiled q8 (q8_takes): bytes [0, 16 K) hi codes and [16 K, 32 K) lo
+// codes, each [K/S][16 rows][S] (S = q8_step), then 16 float scales, then [K/group][16] float sums.
+inline int64_t tile_elems(const Weight& w) {
+  return int_tiles(w) ? 16 * w.K + 32 + 32 * (w.K / w.group) : 16 * w.K;
+}
+// Elements of n rows of tiled activations for w
+inline int64_t tiled_elems(const Weight& w, int64_t n) { return (n + 15) / 16 * tile_elems(w); }
 
 // One panel of one weight; w null: none
 struct PanelRef {
@@ -256,16 +280,28 @@ KT_AMX inline void amx_configure_quad(int m0, int m1, bool two) {
   _tile_loadconfig(&cfg);
 }
 
-// n float rows of X (K inputs, ldx apart) -> tiled bf16 (round to nearest even)
-KT_AMX inline void bf16_tiles(const float* X, int64_t n, int64_t ldx, int64_t K, uint16_t* Xt) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < K; k += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Xt + tiled_index(i, k, K)), bf16x16(X + i * ldx + k));
-}
-
 // Bytes of one panel's codes (what kernels.hpp's layouts store per 16 rows)
 inline int64_t panel_bytes(const Weight& w) {
   return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
+}
+
+}  // namespace kt
+#include "kernels_amx_int.hpp"  // int8 / int4 weights: TDPBSSD on int8 activations
+namespace kt {
+
+// x (K floats) -> row r (< 16) of the token tile at `tile` (tile_elems(w) elements) in what w's
+// tile kernel reads: tiled q8 (q8: q8_takes for the call's rows), else tiled bf16 (round to nearest even)
+KT_AMX inline void tile_row(const Weight& w, bool q8, const float* x, uint16_t* tile, int r) {
+  if (q8) return q8_tile_row(w, x, reinterpret_cast<uint8_t*>(tile), r);
+  for (int64_t k = 0; k < w.K; k += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tile + tiled_index(r, k, w.K)), bf16x16(x + k));
+}
+
+// n float rows of X (w.K inputs, ldx apart) -> the tiled activations w's tile kernel reads for a
+// call of `total` rows (these n may be one token tile of them)
+KT_AMX inline void weight_tiles(const Weight& w, int64_t total, const float* X, int64_t n, int64_t ldx, uint16_t* Xt) {
+  const bool q8 = q8_takes(w, total);
+  for (int64_t i = 0; i < n; ++i) tile_row(w, q8, X + i * ldx, Xt + (i / 16) * tile_elems(w), static_cast<int>(i % 16));
 }
 
 // out_a[i][j] = row i of the tiled bf16 block Xt . row 16 a.p + j of a.w, for n rows; the same for
@@ -274,7 +310,8 @@ inline int64_t panel_bytes(const Weight& w) {
 // fetched into L2, so the DRAM stream overlaps the tile work instead of stalling the next decode.
 KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a,
                                    float* out_b, PanelRef next_a = {}, PanelRef next_b = {}) {
-  const int64_t K = a.w->K, half = K / 2 * NR;
+  if (q8_takes(*a.w, n)) return panel_tiles_q8_amx(a, b, Xt, n, out_a, out_b, next_a, next_b);
+  const int64_t K = a.w->K, half = K / 2 * NR, E = tile_elems(*a.w);
   thread_local std::vector<uint32_t> buf;
   if (static_cast<int64_t>(buf.size()) < 2 * half) buf.resize(2 * half);
   const float* scale_a = decode_panel_bf16(*a.w, a.p, buf.data());
@@ -290,7 +327,7 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
     const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
     const int m1 = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, n - i - 16)));
     if (m0 != cur0 || m1 != cur1) amx_configure_quad(cur0 = m0, cur1 = m1, b.w != nullptr);
-    const uint16_t* x0 = Xt + i * K;  // token tiles i / 16 and i / 16 + 1
+    const uint16_t* x0 = Xt + i / 16 * E;  // token tiles i / 16 and i / 16 + 1
     _tile_zero(0);
     if (b.w) _tile_zero(2);
     if (m1) _tile_zero(1);
@@ -313,7 +350,7 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
         _tile_dpbf16ps(2, 4, 7);
       }
       if (m1) {
-        _tile_loadd(5, x0 + 16 * K + kb * 512, 64);
+        _tile_loadd(5, x0 + E + kb * 512, 64);
         _tile_dpbf16ps(1, 5, 6);
         if (b.w) _tile_dpbf16ps(3, 5, 7);
       }

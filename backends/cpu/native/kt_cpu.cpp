@@ -123,7 +123,7 @@ static bool tile_weight_takes(const Weight& w, int64_t n) {
 #endif
 }
 
-// Xt: n rows of activations in the tiled bf16 layout (kernels_amx.hpp, bf16_tiles)
+// Xt: n rows of activations as to_tiles wrote them for a.w (kernels_amx.hpp: tiled bf16 or q8)
 // Panels a and (when b.w is set) b against the same n rows; next_a / next_b: the panels the caller
 // computes next (fetched meanwhile), if any
 static void panel_tiles(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a, float* out_b,
@@ -135,12 +135,22 @@ static void panel_tiles(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, f
 #endif
 }
 
-// Rows of X in the tiled bf16 layout (kernels_amx.hpp)
-static void to_tiles(const float* X, int64_t n, int64_t ldx, int64_t K, uint16_t* Xt) {
+// n rows of X (w.K inputs, ldx apart) in the tiled layout w's tile kernel reads for a call of
+// `total` rows (kernels_amx.hpp)
+static void to_tiles(const Weight& w, int64_t total, const float* X, int64_t n, int64_t ldx, uint16_t* Xt) {
 #if defined(KT_HAVE_AMX)
-  bf16_tiles(X, n, ldx, K, Xt);
+  weight_tiles(w, total, X, n, ldx, Xt);
 #else
-  (void)X, (void)n, (void)ldx, (void)K, (void)Xt;
+  (void)w, (void)total, (void)X, (void)n, (void)ldx, (void)Xt;
+#endif
+}
+
+// x as row r (< 16) of the token tile at `tile` (tile_elems(w) elements), for a call of `total` rows
+static void to_tile_row(const Weight& w, int64_t total, const float* x, uint16_t* tile, int r) {
+#if defined(KT_HAVE_AMX)
+  tile_row(w, q8_takes(w, total), x, tile, r);
+#else
+  (void)w, (void)total, (void)x, (void)tile, (void)r;
 #endif
 }
 
@@ -293,8 +303,9 @@ KT_API int kt_variant_supported(const char* name) {
   });
 }
 // The fewest tokens of one expert (rows of one dense call) from which variant `name` runs format
-// fmt on a kernel that rounds the activations to bf16 (AMX tiles; AVX512-BF16 pairs for bf16):
-// what the tests' tolerance table asks. 0: never; -2: no such variant or format.
+// fmt on a tile kernel (AMX: bf16 tiles, or for int8 / int4 integer tiles whose two int8 codes per
+// activation lose less; AVX512-BF16 pairs for bf16), whose activations are rounded: what the
+// tests' tolerance table asks. 0: never; -2: no such variant or format.
 KT_API int kt_bf16_tile_tokens(const char* name, int fmt) {
   return kt::guarded([&] {
     if (!name || fmt < kt::FMT_BF16 || fmt > kt::FMT_W8A8) return -2;

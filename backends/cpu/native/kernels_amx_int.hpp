@@ -1,0 +1,215 @@
+// AMX integer tiles for the weight-only int8 and int4 formats (TDPBSSD), included by kernels_amx.hpp.
+//
+// The weights stay integer codes: a panel is re-laid once per call into AMX's int8 B tiles
+// ([K/4][16][4]: int8 codes as stored, int4 as unsigned codes 0..15), with no float decode. Each
+// token's activations are two int8 codes per input with one scale per token (q8_tile_row):
+//   x ~= xs * (hi + lo / 128),  hi = round(x / xs), lo = round((x / xs - hi) * 128),  xs = max|x| / 127
+// so an input's error is at most xs / 256 (like int16 codes, amax / 32512), and both halves run
+// TDPBSSD against the same B tile, exact in int32. Sums are turned into floats per weight group:
+//   int8 per row:  out = (C_hi + C_lo / 128) * xs * s_row                      (once, at the end)
+//   int8 grouped:  acc += (C_hi + C_lo / 128) * s_g;              out = acc * xs
+//   int4:          acc += (C_hi + C_lo / 128) * s_g - z_g * s_g * xsum_g;  out = acc * xs
+// with value = (code - z) * s (z_g = 8 when symmetric) and xsum_g the group's sum of hi + lo / 128:
+// the quantized activations' sum, so their rounding meets the centred weights (code - z).
+#pragma once
+
+namespace kt {
+
+// The sum of 16 int32 lanes (SIMDe, which the emulation tests build this with, lacks the reduce intrinsics)
+KT_AMX inline int32_t hsum_epi32(__m512i v) {
+  __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+
+// Row r (< 16) of x (K floats) into the q8 token tile at `tile` (layout: tile_elems in kernels_amx.hpp)
+KT_AMX inline void q8_tile_row(const Weight& w, const float* x, uint8_t* tile, int r) {
+  const int64_t K = w.K, S = q8_step(w);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float amax = _mm512_reduce_max_ps(m);
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f), m128 = _mm512_set1_ps(128.f);
+  float* xs = reinterpret_cast<float*>(tile + 32 * K);
+  float* xsum = xs + 16;
+  xs[r] = amax / 127.f;
+  __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();  // this group's code sums
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + k), inv);
+    const __m512i h = _mm512_cvtps_epi32(v);                                         // |h| <= 127
+    const __m512i l = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(h)), m128));  // |l| <= 64
+    const int64_t at = (k / S) * 16 * S + r * S + k % S;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tile + at), _mm512_cvtsepi32_epi8(h));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tile + 16 * K + at), _mm512_cvtsepi32_epi8(l));
+    hs = _mm512_add_epi32(hs, h);
+    ls = _mm512_add_epi32(ls, l);
+    if ((k + 16) % w.group == 0) {
+      xsum[(k / w.group) * 16 + r] = static_cast<float>(hsum_epi32(hs)) + static_cast<float>(hsum_epi32(ls)) / 128.f;
+      hs = ls = _mm512_setzero_si512();
+    }
+  }
+}
+
+// Panel p of an int8 / int4 weight -> buf [K/4][16][4] int8 codes, TDPBSSD's B-tile layout
+KT_AMX inline void decode_panel_q8(const Weight& w, int64_t p, uint8_t* buf) {
+  const int64_t K = w.K;
+  if (w.fmt == FMT_INT8) {  // [K/2][16][2]: pair rows 2q and 2q + 1 side by side per output
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * K * NR;
+    for (int64_t q = 0; q < K / 4; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(wp + q * 64) + KT_AMX_PREFETCH, _MM_HINT_T0);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64 + 32)));
+      _mm512_storeu_si512(buf + q * 64, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    return;
+  }
+  // int4 [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e. Dword l of a quad holds
+  // words 2l and 2l+1; its low nibbles (h = 0) are inputs 0, 2, 1, 3 of row l, the high ones of row l+8
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i order = _mm256_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15,
+                                         0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
+  for (int64_t q = 0; q < K / 4; ++q) {
+    if ((q & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + q * 32) + KT_AMX_PREFETCH, _MM_HINT_T0);
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 32));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64), _mm256_shuffle_epi8(_mm256_and_si256(d, mask), order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64 + 32),
+                        _mm256_shuffle_epi8(_mm256_and_si256(_mm256_srli_epi16(d, 4), mask), order));
+  }
+}
+
+// Row r's hi / lo sums (16 each) as one float vector in code units
+KT_AMX inline __m512 q8_sums(const int32_t* hi, const int32_t* lo, int r) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(lo + r * 16)), _mm512_set1_ps(1.f / 128.f),
+                         _mm512_cvtepi32_ps(_mm512_load_si512(hi + r * 16)));
+}
+
+// Group g's sums (hi, lo: m rows of 16) into the accumulators acc (m rows of 16), grouped weights
+KT_AMX inline void drain_q8(const Weight& w, int64_t p, int64_t g, const int32_t* hi, const int32_t* lo,
+                            const float* xsum, int m, float* acc) {
+  const int64_t G = w.K / w.group;
+  const __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR);
+  if (w.fmt == FMT_INT8) {
+    for (int r = 0; r < m; ++r)
+      _mm512_storeu_ps(acc + r * NR, _mm512_fmadd_ps(q8_sums(hi, lo, r), s, _mm512_loadu_ps(acc + r * NR)));
+    return;
+  }
+  const __m512 zs = _mm512_mul_ps(w.zero ? _mm512_loadu_ps(w.zero + (p * G + g) * NR) : _mm512_set1_ps(8.f), s);
+  for (int r = 0; r < m; ++r) {
+    const __m512 v = _mm512_fmadd_ps(q8_sums(hi, lo, r), s, _mm512_loadu_ps(acc + r * NR));
+    _mm512_storeu_ps(acc + r * NR, _mm512_fnmadd_ps(zs, _mm512_set1_ps(xsum[g * 16 + r]), v));
+  }
+}
+
+// One token tile (m rows) against panels a and b: tmm0 / tmm1 C hi / lo of a, tmm2 / tmm3 of b,
+// tmm4 / tmm5 A hi / lo (m rows x S bytes), tmm6 / tmm7 B of a / b (S / 4 rows x 64 bytes)
+KT_AMX inline void amx_configure_q8_pair(int m, int S, bool two) {
+  TileConfig cfg;
+  const int rows[8] = {m, m, two ? m : 0, two ? m : 0, m, m, S / 4, two ? S / 4 : 0};
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
+    cfg.colsb[t] = static_cast<uint16_t>(rows[t] ? (t == 4 || t == 5 ? S : 64) : 0);
+  }
+  KT_MEMORY_BARRIER();
+  _tile_loadconfig(&cfg);
+}
+
+// C tiles 0, 1 (and 2, 3) -> c (tile numbers are immediates: no loop over them)
+KT_AMX inline void store_q8_sums(int32_t (*c)[16 * 16], bool two) {
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  if (two) {
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+  }
+  KT_MEMORY_BARRIER();
+}
+
+// panel_tiles_amx for q8_takes calls (same contract; Xt holds q8 token tiles)
+KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a,
+                                      float* out_b, PanelRef next_a, PanelRef next_b) {
+  const Weight& wa = *a.w;
+  const int64_t K = wa.K, S = q8_step(wa), bytes = K * NR, E = tile_elems(wa);
+  const bool per_row = wa.fmt == FMT_INT8 && wa.group == K, two = b.w != nullptr;
+  thread_local std::vector<uint8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
+  uint8_t* const ba = buf.data();  // (a thread_local's address costs a call to look up: once here)
+  uint8_t* const bb = ba + bytes;
+  decode_panel_q8(wa, a.p, ba);
+  if (two) decode_panel_q8(*b.w, b.p, bb);
+  KT_MEMORY_BARRIER();
+  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;  // the next panels' lines
+  if (next_a.w) t0 = (f0 = static_cast<const char*>(next_a.w->data) + next_a.p * panel_bytes(*next_a.w)) + panel_bytes(*next_a.w);
+  if (next_b.w) t1 = (f1 = static_cast<const char*>(next_b.w->data) + next_b.p * panel_bytes(*next_b.w)) + panel_bytes(*next_b.w);
+  const int64_t steps = K / S * ((n + 15) / 16), per_step = ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps);
+  const int64_t per_group = wa.group / S;  // blocks of S inputs a weight group spans
+  alignas(64) int32_t c[4][16 * 16];
+  int cur = -1;
+  for (int64_t i = 0; i < n; i += 16) {
+    const int m = static_cast<int>(std::min<int64_t>(16, n - i));
+    if (m != cur) amx_configure_q8_pair(cur = m, static_cast<int>(S), two);
+    const uint8_t* x = reinterpret_cast<const uint8_t*>(Xt + (i / 16) * E);
+    const float* xs = reinterpret_cast<const float*>(x + 32 * K);
+    float *oa = out_a + i * NR, *ob = two ? out_b + i * NR : nullptr;
+    if (!per_row) {
+      std::memset(oa, 0, sizeof(float) * m * NR);
+      if (two) std::memset(ob, 0, sizeof(float) * m * NR);
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t kb = 0; kb < K / S; ++kb) {
+      for (int64_t l = 0; l < per_step; ++l) {
+        if (f0 < t0) {
+          _mm_prefetch(f0, _MM_HINT_T1);
+          f0 += 64;
+        } else if (f1 < t1) {
+          _mm_prefetch(f1, _MM_HINT_T1);
+          f1 += 64;
+        }
+      }
+      _tile_loadd(4, x + kb * 16 * S, S);
+      _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+      _tile_loadd(6, ba + kb * S * 16, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 5, 6);
+      if (two) {
+        _tile_loadd(7, bb + kb * S * 16, 64);
+        _tile_dpbssd(2, 4, 7);
+        _tile_dpbssd(3, 5, 7);
+      }
+      if (per_row || (kb + 1) % per_group) continue;
+      store_q8_sums(c, two);  // the end of a weight group: its sums into the float accumulators
+      _tile_zero(0);
+      _tile_zero(1);
+      if (two) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      const int64_t g = kb / per_group;
+      drain_q8(wa, a.p, g, c[0], c[1], xs + 16, m, oa);
+      if (two) drain_q8(*b.w, b.p, g, c[2], c[3], xs + 16, m, ob);
+    }
+    if (per_row) {  // one scale per row: the whole sums, once
+      store_q8_sums(c, two);
+      for (int j = 0; j < (two ? 2 : 1); ++j) {
+        const __m512 sv = _mm512_loadu_ps((j ? b.w : a.w)->scale + (j ? b.p : a.p) * NR);
+        float* o = j ? ob : oa;
+        for (int r = 0; r < m; ++r)
+          _mm512_storeu_ps(o + r * NR, _mm512_mul_ps(q8_sums(c[2 * j], c[2 * j + 1], r), _mm512_mul_ps(sv, _mm512_set1_ps(xs[r]))));
+      }
+    } else {
+      for (int r = 0; r < m; ++r) {
+        _mm512_storeu_ps(oa + r * NR, _mm512_mul_ps(_mm512_loadu_ps(oa + r * NR), _mm512_set1_ps(xs[r])));
+        if (two) _mm512_storeu_ps(ob + r * NR, _mm512_mul_ps(_mm512_loadu_ps(ob + r * NR), _mm512_set1_ps(xs[r])));
+      }
+    }
+  }
+  _tile_release();
+  KT_MEMORY_BARRIER();
+}
+
+}  // namespace kt
