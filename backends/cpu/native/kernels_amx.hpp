@@ -285,6 +285,29 @@ inline int64_t panel_bytes(const Weight& w) {
   return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
 }
 
+// The caller's next panels (a, b), fetched into L2 a few lines a tile step while the tiles multiply,
+// so the DRAM stream overlaps the tile work instead of stalling the next panel's decode
+struct PanelFetch {
+  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;
+  int64_t per_step = 0;
+  PanelFetch(PanelRef a, PanelRef b, int64_t steps) {
+    if (a.w) t0 = (f0 = static_cast<const char*>(a.w->data) + a.p * panel_bytes(*a.w)) + panel_bytes(*a.w);
+    if (b.w) t1 = (f1 = static_cast<const char*>(b.w->data) + b.p * panel_bytes(*b.w)) + panel_bytes(*b.w);
+    per_step = ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps);
+  }
+  void step() {
+    for (int64_t l = 0; l < per_step; ++l) {
+      if (f0 < t0) {
+        _mm_prefetch(f0, _MM_HINT_T1);
+        f0 += 64;
+      } else if (f1 < t1) {
+        _mm_prefetch(f1, _MM_HINT_T1);
+        f1 += 64;
+      }
+    }
+  }
+};
+
 }  // namespace kt
 #include "kernels_amx_int.hpp"  // int8 / int4 weights: TDPBSSD on int8 activations
 namespace kt {
@@ -317,11 +340,7 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
   const float* scale_a = decode_panel_bf16(*a.w, a.p, buf.data());
   const float* scale_b = b.w ? decode_panel_bf16(*b.w, b.p, buf.data() + half) : nullptr;
   KT_MEMORY_BARRIER();
-  // the next panels' lines, spread over the tile steps: [f0, t0) then [f1, t1)
-  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;
-  if (next_a.w) t0 = (f0 = static_cast<const char*>(next_a.w->data) + next_a.p * panel_bytes(*next_a.w)) + panel_bytes(*next_a.w);
-  if (next_b.w) t1 = (f1 = static_cast<const char*>(next_b.w->data) + next_b.p * panel_bytes(*next_b.w)) + panel_bytes(*next_b.w);
-  const int64_t steps = K / 32 * ((n + 31) / 32), per_step = ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps);
+  PanelFetch fetch(next_a, next_b, K / 32 * ((n + 31) / 32));
   int cur0 = -1, cur1 = -1;
   for (int64_t i = 0; i < n; i += 32) {
     const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
@@ -333,15 +352,7 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
     if (m1) _tile_zero(1);
     if (m1 && b.w) _tile_zero(3);
     for (int64_t kb = 0; kb < K / 32; ++kb) {
-      for (int64_t l = 0; l < per_step; ++l) {
-        if (f0 < t0) {
-          _mm_prefetch(f0, _MM_HINT_T1);
-          f0 += 64;
-        } else if (f1 < t1) {
-          _mm_prefetch(f1, _MM_HINT_T1);
-          f1 += 64;
-        }
-      }
+      fetch.step();
       _tile_loadd(6, buf.data() + kb * 16 * NR, 64);
       _tile_loadd(4, x0 + kb * 512, 64);
       _tile_dpbf16ps(0, 4, 6);

@@ -138,10 +138,7 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
   decode_panel_q8(wa, a.p, ba);
   if (two) decode_panel_q8(*b.w, b.p, bb);
   KT_MEMORY_BARRIER();
-  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;  // the next panels' lines
-  if (next_a.w) t0 = (f0 = static_cast<const char*>(next_a.w->data) + next_a.p * panel_bytes(*next_a.w)) + panel_bytes(*next_a.w);
-  if (next_b.w) t1 = (f1 = static_cast<const char*>(next_b.w->data) + next_b.p * panel_bytes(*next_b.w)) + panel_bytes(*next_b.w);
-  const int64_t steps = K / S * ((n + 15) / 16), per_step = ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps);
+  PanelFetch fetch(next_a, next_b, K / S * ((n + 15) / 16));
   const int64_t per_group = wa.group / S;  // blocks of S inputs a weight group spans
   alignas(64) int32_t c[4][16 * 16];
   int cur = -1;
@@ -162,15 +159,7 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
       _tile_zero(3);
     }
     for (int64_t kb = 0; kb < K / S; ++kb) {
-      for (int64_t l = 0; l < per_step; ++l) {
-        if (f0 < t0) {
-          _mm_prefetch(f0, _MM_HINT_T1);
-          f0 += 64;
-        } else if (f1 < t1) {
-          _mm_prefetch(f1, _MM_HINT_T1);
-          f1 += 64;
-        }
-      }
+      fetch.step();
       _tile_loadd(4, x + kb * 16 * S, S);
       _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
       _tile_loadd(6, ba + kb * S * 16, 64);
