@@ -7,7 +7,7 @@ import torch
 from kt_backends.cpu import native
 from kt_core.backend.torch_ops.moe import moe_experts as torch_moe
 from kt_core.weights.quant import ExpertWeights, quantize
-from tests.conformance.tolerances import native_moe_path, native_moe_tolerance
+from tests.conformance.tolerances import NATIVE_MOE, native_moe_path, native_moe_tolerance
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native CPU kernels: {native.status()}")
 
@@ -105,6 +105,26 @@ def test_fp8_odd_input_count():
     for variant in native.supported_variants():
         with forced(variant):
             assert rel(native.moe_forward(packed, x, ids, w), ref) < tol("fp8", ids, variant), variant
+
+
+@pytest.mark.parametrize("fmt,group,sym", [("int8", 0, True), ("int8", 64, True), ("int4", 128, True),
+                                           ("int4", 64, False)])
+def test_amx_integer_tiles_keep_int16_accuracy(fmt, group, sym):
+    """On AMX, int8 / int4 experts of groups of 64+ (and per-row int8) run TDPBSSD with each bf16
+    activation as two int8 codes (kernels_amx_int.hpp): the result must be as close to the float
+    reference as the output's own bf16 rounding allows, not the 1e-2 a bf16-tile path may take
+    (one int8 code per activation alone was ~1.4% off here)."""
+    if "amx" not in native.supported_variants():
+        pytest.skip("this CPU (or build) has no AMX")
+    ex = experts(fmt, H=128, I=128, group=group, symmetric=sym)
+    packed = native.pack(ex)
+    x = torch.randn(37, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    ids, w = routes(37, ex)  # ~18 tokens an expert: every expert takes the tiles
+    assert tokens_per_expert(ids) >= native.bf16_tile_tokens("amx", fmt) > 0
+    ref = torch_moe(x.float(), ids, w, ex)
+    with forced("amx"):
+        out = native.moe_forward(packed, x, ids, w)
+    assert rel(out, ref) < NATIVE_MOE["bf16_output"][0]
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp8", "w8a8", "bf16"])
