@@ -147,6 +147,8 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
     E = m.num_experts
     names = moe_names(spec.family)
     router = r.t(names.router_weight(p), (E, H), torch.float32)
+    if torch.equal(router.bfloat16().float(), router):  # a bf16 checkpoint's: kept in bf16, exactly
+        router = router.bfloat16()
     rbias = r.t(names.router_bias_name(p), (E,), torch.float32) if names.router_bias else None
     hashed = spec.v4 is not None and i in spec.v4.hash_layers  # DeepSeek-V4: routed by a token table, no bias
     score_bias = r.t(names.score_bias_name(p), (E,), torch.float32) if m.score_bias and not hashed else None
