@@ -15,6 +15,8 @@ and quantizer from the same safetensors, see ../shared/tools/llamacpp/README.md)
     8bit-g32  as 8bit with quant.int8_group_size=32 (Q8_0's scale per 32 weights)
     4bit-d8   as 4bit with the experts' down projections in int8 g32 (quant.experts_down=int8)
     4bit-h8   as 4bit with the lm_head in int8 g32 (quant.head=int8)
+    4bit-asym as 4bit with a zero point per group (quant.symmetric=false), as Q4_K's mins
+    4bit-mix  4bit-asym with 4bit-d8's and 4bit-h8's int8 parts (Q4_K_M's kind of mix)
     gguf-KIND kt-core runs the GGUF file itself ({stem}-KIND.gguf, its quantization kept), llama.cpp the same file
 
 Quality: the mean KL divergence of each engine's next-token distribution from its own bf16's, on
@@ -42,7 +44,10 @@ KT = {"bf16": ["model.dtype=bfloat16"],
 KT["8bit-g32"] = KT["8bit"] + ["quant.int8_group_size=32"]
 KT["4bit-d8"] = KT["4bit"] + ["quant.experts_down=int8", "quant.int8_group_size=32"]  # Q4_K_M's kind of mix
 KT["4bit-h8"] = KT["4bit"] + ["quant.head=int8", "quant.int8_group_size=32"]  # the lm_head at 8 bits
-GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "4bit": ["q4_0", "q4_k_m"], "4bit-d8": ["q4_k_m"], "4bit-h8": ["q4_k_m"]}
+KT["4bit-asym"] = KT["4bit"] + ["quant.symmetric=false"]  # a zero point per group, as Q4_K's mins
+KT["4bit-mix"] = KT["4bit-asym"] + ["quant.experts_down=int8", "quant.head=int8", "quant.int8_group_size=32"]
+GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "4bit": ["q4_0", "q4_k_m"], "4bit-d8": ["q4_k_m"],
+        "4bit-h8": ["q4_k_m"], "4bit-asym": ["q4_k_m"], "4bit-mix": ["q4_k_m"]}
 
 
 def kt_model(model: Path, precision: str, gguf_dir: Path, stem: str) -> tuple[Path, list[str]]:
