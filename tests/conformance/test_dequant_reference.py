@@ -151,7 +151,12 @@ def test_agrees_with_kt_core_dequantize(case):
     w = quantize(rnd(3, 48, 128, seed=1, scale=0.3), fmt, group_size=group, symmetric=sym)  # 3 experts
     mine = dr.dequantize(w)
     assert mine.dtype == torch.float64 and mine.shape == (3, 48, 128)
-    assert torch.equal(mine.float(), dequantize(w, torch.float32))
+    if w.zeros is not None:  # float zero points (least-squares fits): code - zero rounds once more in
+        # float32, so the bound is two roundings of a value of at most 16 steps, not bit equality
+        step = w.scales.double().abs().repeat_interleave(w.group_size, dim=-1)
+        assert bool(((mine - dequantize(w, torch.float32).double()).abs() <= 16 * step * 2.0**-23).all())
+    else:
+        assert torch.equal(mine.float(), dequantize(w, torch.float32))
     for e in range(3):
         assert torch.equal(dr.dequantize(w.select(e)), mine[e])
 
