@@ -87,6 +87,9 @@ def _check_groups(in_features: int, group_size: int, key: str = "quant.group_siz
 
 
 CHUNK_ELEMENTS = 1 << 22  # weights converted to float32 at a time while quantizing (16 MB)
+# int4's fits make tens of passes over a chunk: in 1 MB chunks they stay in L2 (a 4M-weight
+# tensor, 2 threads: asymmetric 0.19 -> 0.07 s, symmetric 0.041 -> 0.022 s)
+INT4_CHUNK_ELEMENTS = 1 << 18
 
 
 def _int4_symmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +177,7 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
     qdata = torch.empty(n, width, dtype=torch.int8 if fmt in (Quant.INT8, Quant.W8A8) else torch.uint8)
     scales = torch.empty(n, G, dtype=torch.float32)
     zeros = torch.empty(n, G, dtype=torch.float32) if fmt is Quant.INT4 and not symmetric else None
-    step = max(1, CHUNK_ELEMENTS // in_features)
+    step = max(1, (INT4_CHUNK_ELEMENTS if fmt is Quant.INT4 else CHUNK_ELEMENTS) // in_features)
     for r0 in range(0, n, step):
         g = rows[r0:r0 + step].float().reshape(-1, G, group)
         if fmt is Quant.FP8:
