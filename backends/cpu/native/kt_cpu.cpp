@@ -100,59 +100,7 @@ static void panel_gemm_q8(const Weight& w, int64_t p, const int8_t* Xq, int64_t 
   panel_gemm_q8_generic(w, p, Xq, ldx, xs, n, out);
 }
 
-// Whether calls in fmt may take the AMX tile kernels (panel_tiles_amx): the variant, the build
-// and the first-use check agree; amx_tiles_take then decides per weight and token count.
-static bool amx_tiles_on(int fmt) {
-#if defined(KT_HAVE_AMX)
-  return state().variant >= VARIANT_AMX && fmt != FMT_W8A8 && (state().isa & ISA_AVX512BF16) && amx_ok(fmt) &&
-         avx512_ok(fmt);
-#else
-  (void)fmt;
-  return false;
-#endif
-}
-
-// The tile kernels for this weight and token count? (after amx_tiles_on)
-static bool tile_weight_takes(const Weight& w, int64_t n) {
-#if defined(KT_HAVE_AMX)
-  return amx_tiles_take(w, n);
-#else
-  (void)w;
-  (void)n;
-  return false;
-#endif
-}
-
-// Xt: n rows of activations as to_tiles wrote them for a.w (kernels_amx.hpp: tiled bf16 or q8)
-// Panels a and (when b.w is set) b against the same n rows; next_a / next_b: the panels the caller
-// computes next (fetched meanwhile), if any
-static void panel_tiles(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a, float* out_b,
-                        PanelRef next_a = {}, PanelRef next_b = {}) {
-#if defined(KT_HAVE_AMX)
-  panel_tiles_amx(a, b, Xt, n, out_a, out_b, next_a, next_b);
-#else
-  (void)a, (void)b, (void)Xt, (void)n, (void)out_a, (void)out_b, (void)next_a, (void)next_b;
-#endif
-}
-
-// n rows of X (w.K inputs, ldx apart) in the tiled layout w's tile kernel reads for a call of
-// `total` rows (kernels_amx.hpp)
-static void to_tiles(const Weight& w, int64_t total, const float* X, int64_t n, int64_t ldx, uint16_t* Xt) {
-#if defined(KT_HAVE_AMX)
-  weight_tiles(w, total, X, n, ldx, Xt);
-#else
-  (void)w, (void)total, (void)X, (void)n, (void)ldx, (void)Xt;
-#endif
-}
-
-// x as row r (< 16) of the token tile at `tile` (tile_elems(w) elements), for a call of `total` rows
-static void to_tile_row(const Weight& w, int64_t total, const float* x, uint16_t* tile, int r) {
-#if defined(KT_HAVE_AMX)
-  tile_row(w, q8_takes(w, total), x, tile, r);
-#else
-  (void)w, (void)total, (void)x, (void)tile, (void)r;
-#endif
-}
+#include "tile_dispatch.inc"  // the AMX tile kernels: who takes them, their activations
 
 #if defined(KT_X86)
 // Up to this many tokens the 256-bit int8 / int4 kernels beat the 512-bit ones on an AMX Xeon
