@@ -98,7 +98,7 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
     if t.stored is not None:
         return t.stored
     if t.group == "router":
-        return t.numel * 4  # routers are kept in float32
+        return t.numel * 4  # float32 at most (a bf16 checkpoint's router stays bf16): an upper bound
     if not t.linear or fmt == "none":
         return t.numel * dtype_bytes
     fused = len(t.shape) == 3  # GPT-OSS fused experts: input dim is -2
