@@ -134,6 +134,11 @@ class CpuBackend(TorchBackend):
         out = native_ops.try_rope(q, k, positions, cos_sin, interleaved)
         return out if out is not None else super().rope(q, k, positions, cos_sin, interleaved)
 
+    def decode_plan(self, model, cache):
+        from kt_backends.cpu import native_layer
+
+        return native_layer.plan(model, cache)
+
     def set_threads(self, n: int, logical: int = 1) -> None:
         """Split n threads over ``logical`` devices: torch ops and pool 0 serve cpu:0, pool i
         serves cpu:i (the dense GEMV uses pool 0)."""

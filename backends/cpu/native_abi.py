@@ -11,8 +11,9 @@ FORMATS = {"bf16": 0, "int8": 1, "int4": 2, "fp8": 3, "w8a8": 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # 9: int8 takes groups (scale [P][K/g][16]); 10: down's own format (MoeArgs.down_fmt); 11: activation 3,
 # silu_clamp10 (DeepSeek-V4's clamped SwiGLU); 12: the decode step's ops kt_attention_decode, kt_rmsnorm,
-# kt_rope (argument structs below, native_ops.py) and error code -13 (an index read from a tensor is out of range)
-ABI_VERSION = 12
+# kt_rope (argument structs below, native_ops.py) and error code -13 (an index read from a tensor is out of range);
+# 13: kt_decode_layers, a decode step's decoder layers in one call (native_layer.py)
+ABI_VERSION = 13
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts

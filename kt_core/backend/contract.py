@@ -114,6 +114,13 @@ class Backend(abc.ABC):
         """A forward step starts: a decode step (one token per sequence) or one with prefill rows.
         A device whose best settings differ between the two (the CPU's thread split) sets them here."""
 
+    def decode_plan(self, model, cache):
+        """Whole decoder layers of a decode step in one call, where the device has such a path (the CPU's
+        native kernels): an object with ``stop(i)`` (the end of the run of layers it takes from layer i)
+        and ``run(h, batch, i, j)`` (layers [i, j) -> the new hidden states, or None: run them per op).
+        None: every layer runs op by op through this contract."""
+        return None
+
     # ---- capabilities (class-level, so the planner can ask about an absent device) ----
     @classmethod
     @abc.abstractmethod

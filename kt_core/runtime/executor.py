@@ -29,8 +29,19 @@ def run_step(model, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
     if spec.v4 is not None:  # DeepSeek-V4: hc_mult copies of the embedding as residual streams
         h = h[:, None, :].expand(-1, spec.v4.hc_mult, -1).contiguous()
     carry: list = []  # deferred expert routes of the previous MoE layer (expert deferral)
-    for i, layer in enumerate(model.layers):
+    fused = None  # whole layers in one call (the CPU's native decode layers), where the device has them
+    if batch.is_decode and spec.v4 is None and not torch.is_grad_enabled():
+        fused = next((p for p in (be.decode_plan(model, cache) for be in model.backends) if p is not None), None)
+    i = 0
+    while i < len(model.layers):
+        layer = model.layers[i]
         be = layer.be
+        if fused is not None and not carry and h.device.type == "cpu":
+            j = fused.stop(i)
+            out = fused.run(h, on.setdefault(h.device, batch.to(h.device)), i, j) if j > i else None
+            if out is not None:
+                h, i = out, j
+                continue
         if h.device != layer.device:
             h = h.to(layer.device)  # once per device boundary
         b = on.setdefault(layer.device, batch.to(layer.device))
@@ -52,6 +63,7 @@ def run_step(model, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
         for fut in carry:
             h = h + fut.result().to(h.device)
         carry = layer.ffn.pop_deferred() if isinstance(layer.ffn, MoEBlock) else []
+        i += 1
     for fut in carry:
         h = h + fut.result().to(h.device)
     be = model.be

@@ -4,7 +4,9 @@ While ``StepProfiler(engine).active()`` is entered, the model's parts are wrappe
 projections, attention itself (with the KV write), norms and rope, the router, the MoE experts,
 dense MLPs / shared experts and the lm_head. Each call is timed (the devices synchronised around
 it) and summed per part, separately for prefill and decode steps; what the step spends outside
-those parts is ``other`` (embedding lookup, residual adds, Python). ``report(phase, bandwidth)``
+those parts is ``other`` (embedding lookup, residual adds, Python). Decoder layers a device runs
+whole, in one call (the CPU's native decode layers), are the part ``layers``, with the weight bytes
+of the parts inside them; ``KT_FUSED_DECODE=0`` runs them op by op, to split them. ``report(phase, bandwidth)``
 gives per part the ms per step, the weight bytes a decode token reads, the roofline ms of those
 bytes at the measured bandwidth, and the part's share of the step beside its roofline share.
 ``bench/profile_step.py`` drives it.
@@ -20,7 +22,8 @@ import torch
 
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
 
-PARTS = ("attn_proj", "attention", "norm_rope", "router", "moe", "dense_mlp", "lm_head", "other")
+PARTS = ("layers", "attn_proj", "attention", "norm_rope", "router", "moe", "dense_mlp", "lm_head", "other")
+_IN_LAYERS = ("attn_proj", "attention", "norm_rope", "router", "moe", "dense_mlp")  # what "layers" holds
 _ATTN_WEIGHTS = ("q", "k", "v", "qkv", "o", "q_a", "q_b", "kv_a")
 
 
@@ -93,6 +96,11 @@ class StepProfiler:
         setattr(obj, name, lambda *a, **k: self._timed(pick(*a, **k), old, *a, **k))
         self._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
 
+    def _patch_with(self, obj, name: str, fn: Callable) -> None:
+        had, old = name in vars(obj), getattr(obj, name)
+        setattr(obj, name, fn)
+        self._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
     def _step(self, forward: Callable) -> Callable:
         def step(batch, cache):
             self.phase = "decode" if batch.is_decode else "prefill"
@@ -131,6 +139,16 @@ class StepProfiler:
             elif isinstance(ffn, DenseMLP):
                 self._patch(layer, "ffn", "dense_mlp", done)
         self._patch(model.be, "linear", which, done)
+        for be in model.backends:  # whole layers in one call: the plan's run is the part "layers"
+            plan_of = be.decode_plan
+
+            def timed_plan(m, cache, plan_of=plan_of):
+                plan = plan_of(m, cache)
+                if plan is not None:
+                    self._patch(plan, "run", "layers", done)
+                return plan
+
+            self._patch_with(be, "decode_plan", timed_plan)
         forward = model.forward
         model.forward = self._step(forward)
         self._undo.append(lambda: delattr(model, "forward"))
@@ -149,15 +167,18 @@ class StepProfiler:
         step = self.ms.get((phase, "_step"), 0.0)
         parts = {p: self.ms.get((phase, p), 0.0) for p in PARTS if p != "other"}
         parts["other"] = max(0.0, step - sum(parts.values()))
-        roof = {p: self.bytes.get(p, 0) / (bandwidth_gbps * 1e9) * 1e3 for p in parts} if bandwidth_gbps else {}
+        nbytes = dict(self.bytes)
+        if parts["layers"] > 0:  # the fused layers stream the weights of the parts inside them
+            nbytes["layers"] = sum(nbytes.pop(p, 0) for p in _IN_LAYERS)
+        roof = {p: nbytes.get(p, 0) / (bandwidth_gbps * 1e9) * 1e3 for p in parts} if bandwidth_gbps else {}
         roof_total = sum(roof.values()) if roof else 0.0
         rows = []
         for p, ms in parts.items():
             per = ms / steps
             r = {"phase": phase, "part": p, "ms_per_step": round(per, 3), "share": round(ms / step, 3) if step else None}
             if phase == "decode":
-                r["weight_mb_per_token"] = round(self.bytes.get(p, 0) / 1e6, 2)
-                r["gbps"] = round(self.bytes.get(p, 0) / per / 1e6, 2) if per and self.bytes.get(p) else None
+                r["weight_mb_per_token"] = round(nbytes.get(p, 0) / 1e6, 2)
+                r["gbps"] = round(nbytes.get(p, 0) / per / 1e6, 2) if per and nbytes.get(p) else None
                 if roof:
                     r["roofline_ms"] = round(roof[p], 3)
                     r["roofline_share"] = round(roof[p] / roof_total, 3) if roof_total else None

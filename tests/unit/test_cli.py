@@ -123,11 +123,11 @@ def test_kt_run_profile_prints_every_part_per_phase(cache_env):
     assert table[0].split()[:4] == ["phase", "part", "ms/step", "share"]
     rows = {(cells[0], cells[1]): cells[2:] for cells in (line.split() for line in table[1:])}
     for phase in ("prefill", "decode"):
-        for part in ("attn_proj", "attention", "norm_rope", "router", "moe", "lm_head", "other", "step"):
+        for part in ("layers", "attn_proj", "attention", "norm_rope", "router", "moe", "lm_head", "other", "step"):
             assert (phase, part) in rows, (phase, part)
     step = float(rows[("decode", "step")][0])
-    parts = sum(float(rows[("decode", p)][0]) for p in ("attn_proj", "attention", "norm_rope", "router", "moe",
-                                                         "dense_mlp", "lm_head", "other"))
+    parts = sum(float(rows[("decode", p)][0]) for p in ("layers", "attn_proj", "attention", "norm_rope", "router",
+                                                         "moe", "dense_mlp", "lm_head", "other"))
     assert step > 0 and abs(parts - step) <= 0.01 * step + 0.01  # the parts add up to the step
     assert float(rows[("decode", "lm_head")][1]) > 0  # MB a decode token reads for the head
 

@@ -44,3 +44,22 @@ def test_weight_bytes_count_top_k_experts_per_token(engine):
     assert b["lm_head"] == engine.model.lm_head.numel() * engine.model.lm_head.element_size()
     per_expert = 3 * 32 * 64 * 4  # gate, up, down of one tiny expert in float32
     assert b["moe"] == 2 * 2 * per_expert  # 2 layers x top-2
+
+
+def test_fused_decode_layers_are_one_part_with_their_bytes(tmp_path):
+    from kt_backends.cpu import native_layer
+
+    if not native_layer.enabled():
+        pytest.skip("the native decode layers are not built (or KT_FUSED_DECODE=0)")
+    synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=2, shape=SHAPE, sample_tokens=16, tokenizer="deepseek")
+    engine = kt_core.Engine.from_pretrained(tmp_path / "m", overrides=["model.dtype=bfloat16"])
+    prof = StepProfiler(engine)
+    with prof.active():
+        engine.generate(list(range(10, 40)), max_new_tokens=6, ignore_eos=True)
+    dec = {r["part"]: r for r in prof.report("decode", bandwidth_gbps=10.0)}
+    assert dec["layers"]["ms_per_step"] > 0 and dec["moe"]["ms_per_step"] == 0  # the layers ran in one call
+    inside = weight_bytes_per_token(engine.model)
+    assert dec["layers"]["weight_mb_per_token"] == pytest.approx(
+        sum(inside.get(p, 0) for p in ("attn_proj", "router", "moe", "dense_mlp")) / 1e6, abs=0.01)
+    assert sum(dec[p]["ms_per_step"] for p in PARTS) == pytest.approx(dec["step"]["ms_per_step"], rel=1e-2)
+    assert "decode_plan" not in vars(engine.model.layers[0].be)  # the wrapper is gone

@@ -209,11 +209,12 @@ namespace kt {
 #include "linear_packed.inc"  // quantized dense projections on the same panel kernels
 #include "norm_rope.inc"  // rmsnorm, rope; the element helpers attention_decode.inc uses
 #include "attention_decode.inc"  // decode attention over the paged KV cache
+#include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
 }  // namespace kt
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
-// kt_rope (and their *_args_size) and error code -13 (ERR_INDEX)
-KT_API int kt_abi_version() { return 12; }
+// kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc)
+KT_API int kt_abi_version() { return 13; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -339,6 +340,11 @@ KT_API int64_t kt_attention_decode_args_size() { return static_cast<int64_t>(siz
 KT_API int64_t kt_rmsnorm_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormArgs)); }
 KT_API int64_t kt_rope_args_size() { return static_cast<int64_t>(sizeof(kt::RopeArgs)); }
 KT_API int64_t kt_moe_args_size() { return static_cast<int64_t>(sizeof(kt::MoeArgs)); }
+KT_API int kt_decode_layers(const kt::DecodeStepArgs* args) {
+  return kt::guarded([&] { return args ? kt::decode_layers(*args) : static_cast<int>(kt::ERR_NULL); });
+}
+KT_API int64_t kt_decode_layer_args_size() { return static_cast<int64_t>(sizeof(kt::DecodeLayerArgs)); }
+KT_API int64_t kt_decode_step_args_size() { return static_cast<int64_t>(sizeof(kt::DecodeStepArgs)); }
 
 // Multi-threaded streaming read over a buffer of n floats, `iters` times; returns GB/s, or an
 // error code (< 0) as a double.
