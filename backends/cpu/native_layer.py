@@ -46,7 +46,7 @@ class _LayerArgs(ctypes.Structure):  # decode_layer.inc DecodeLayerArgs
                 + [(n, _I) for n in ("dtype", "norm_dtype", "qk_norm_dtype", "kv_dtype", "interleaved", "ffn",
                                      "renormalize", "pool")]
                 + [(n, _P) for n in ("norm1", "norm2", "q_norm", "k_norm", "cos_sin", "sinks", "k_cache", "v_cache")]
-                + [(n, _LayerLinear) for n in ("qkv", "o", "gate_up", "down", "router", "shared_gate")]
+                + [(n, _LayerLinear) for n in ("qkv", "o", "q", "k", "v", "gate_up", "down", "router", "shared_gate")]
                 + [("moe", _MoeArgs)])
 
 
@@ -136,11 +136,18 @@ def _layer(model, i: int, cache, keep: list) -> Optional[_LayerArgs]:
     attn = layer.attn
     if (not isinstance(layer.be, CpuBackend) or layer.device.type != "cpu" or s.v4 is not None
             or type(attn) is not Attention or s.attn_output_gate or s.qk_l2_norm or attn.temperature is not None
-            or (s.qk_norm and s.qk_norm_whole) or "qkv" not in attn.w):
+            or (s.qk_norm and s.qk_norm_whole)):
         return None
     w, H, D, Hq, Hkv = attn.w, s.hidden_size, s.head_dim, s.num_heads, s.num_kv_heads
     L = _LayerArgs()
-    qkv, o = _linear(w["qkv"], w.get("qkv_bias"), keep), _linear(w["o"], w.get("o_bias"), keep)
+    o = _linear(w.get("o"), w.get("o_bias"), keep)
+    if "qkv" in w:  # fused at load
+        qkv = _linear(w["qkv"], w.get("qkv_bias"), keep)
+    else:  # three products (a GGUF's q / k / v, each in its own type)
+        parts = [_linear(w.get(n), w.get(f"{n}_bias"), keep) for n in "qkv"]
+        qkv = None if None in parts else _LayerLinear()  # kind 0: the three below
+        if qkv is not None:
+            L.q, L.k, L.v = parts
     n1, n2 = _norm(layer.norm1, H), _norm(layer.norm2, H)
     k_cache, v_cache = cache.layer_caches(i)
     caches_ok = all(type(c) is torch.Tensor and c.device.type == "cpu" and c.dtype in _DT and c.is_contiguous()
@@ -200,8 +207,9 @@ class DecodePlan:
     @staticmethod
     def _refs(layer) -> tuple:
         ffn = layer.ffn
-        return (layer.attn, getattr(layer.attn, "w", {}).get("qkv"), getattr(layer.attn, "w", {}).get("o"), ffn,
-                getattr(ffn, "router", None), getattr(ffn, "shards", None), getattr(ffn, "shared", None))
+        w = getattr(layer.attn, "w", {})
+        return (layer.attn, *(w.get(n) for n in ("qkv", "q", "k", "v", "o")), ffn, getattr(ffn, "router", None),
+                getattr(ffn, "shards", None), getattr(ffn, "shared", None))
 
     def fits(self, model, cache) -> bool:
         return model is self.model and cache is self.cache

@@ -58,6 +58,29 @@ def test_fused_decode_matches_the_per_op_path(name, overrides, tiny_checkpoint, 
         assert err <= (2e-3 if "bfloat16" in overrides[0] else 1e-5), f"{name}: decode logits differ by {err:.2e}"
 
 
+def _split_qkv(engine):
+    """q / k / v as three projections (as a GGUF's, each in its own type), biases too."""
+    for layer in engine.model.layers:
+        w = layer.attn.w
+        rows = w.pop("qkv_rows")
+        for name, t in (("", w.pop("qkv")), ("_bias", w.pop("qkv_bias", None))):
+            if t is not None:
+                w.update({f"{n}{name}": part.contiguous() for n, part in zip("qkv", t.split(rows, dim=0))})
+    return engine
+
+
+def test_separate_q_k_v_projections(tiny_checkpoint, monkeypatch):
+    path, overrides = tiny_checkpoint("qwen2_moe"), ["model.dtype=bfloat16"]
+    monkeypatch.setenv("KT_FUSED_DECODE", "0")
+    ref_tokens, ref = _decode(_split_qkv(kt_core.Engine.from_pretrained(path, overrides=overrides)), monkeypatch)
+    monkeypatch.setenv("KT_FUSED_DECODE", "1")
+    engine = _split_qkv(kt_core.Engine.from_pretrained(path, overrides=overrides))
+    tokens, got = _decode(engine, monkeypatch)
+    assert all(engine.model._kt_decode_plan.takes) and "q_bias" in engine.model.layers[0].attn.w
+    assert tokens == ref_tokens
+    assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, ref)) <= 2e-3
+
+
 def test_a_layer_it_cannot_take_runs_per_op(tiny_checkpoint):
     engine = kt_core.Engine.from_pretrained(tiny_checkpoint("qwen3_moe"), overrides=["model.dtype=bfloat16"])
     engine.generate(PROMPTS[0], max_new_tokens=2, ignore_eos=True)
