@@ -103,11 +103,11 @@ def main() -> None:
     # routings cycled so a call cannot reuse the previous call's experts from cache; the tensors
     # behind the raw pointers stay referenced by `sets` and `outs`
     sets = [(ids.long().contiguous(), w.float().contiguous()) for ids, w in (routes(T, 1000 + i) for i in range(16))]
-    local_of, gate, up, down, _, _, fmt, group, _, _, dfmt, dgroup = packed._prepared()
+    local_of, gate, up, down, _, _, fmt, group, _, _, dfmt, dgroup, f16 = packed._prepared()
     outs = [torch.empty(T, H) for _ in sets]
     args = [native._MoeArgs(T, H, I, K, E, local_of.numel(), fmt, group, 0,
                             x.data_ptr(), ids.data_ptr(), w.data_ptr(), local_of.data_ptr(), gate, up, down,
-                            out.data_ptr(), 0, 1, dfmt, dgroup)
+                            out.data_ptr(), 0, 1, dfmt, dgroup, *f16)  # revisions before ABI 13 ignore f16
             for (ids, w), out in zip(sets, outs)]
     with tempfile.TemporaryDirectory() as tmp:
         libs = [load(compile_lib(sources(rev, Path(tmp))), a.threads, rev) for rev in a.rev]

@@ -159,7 +159,7 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
     lib = _need()
     if not isinstance(packed, PackedExperts):
         raise ValueError(f"moe_forward takes the PackedExperts of native.pack(), got {type(packed).__name__}")
-    local_of, gate, up, down, H, I, fmt, group, E, _, dfmt, dgroup = packed._prepared()
+    local_of, gate, up, down, H, I, fmt, group, E, _, dfmt, dgroup, f16 = packed._prepared()
     act = ACTIVATIONS.get(activation) if isinstance(activation, str) else None
     if act is None:
         raise ValueError(f"unknown MoE activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
@@ -174,7 +174,7 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
         return out.to(hidden.dtype)
     args = _MoeArgs(T, H, I, K, E, local_of.numel(), fmt, group, act, x.data_ptr(), ids.data_ptr(),
                     w.data_ptr(), local_of.data_ptr(), gate, up, down, out.data_ptr(), pool,
-                    int(hidden.dtype == torch.bfloat16), dfmt, dgroup)
+                    int(hidden.dtype == torch.bfloat16), dfmt, dgroup, *f16)
     _check_rc(lib.kt_moe_forward(ctypes.byref(args)), "moe_forward")
     return out.to(hidden.dtype)
 

@@ -12,7 +12,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # 9: int8 takes groups (scale [P][K/g][16]); 10: down's own format (MoeArgs.down_fmt); 11: activation 3,
 # silu_clamp10 (DeepSeek-V4's clamped SwiGLU); 12: the decode step's ops kt_attention_decode, kt_rmsnorm,
 # kt_rope (argument structs below, native_ops.py) and error code -13 (an index read from a tensor is out of range);
-# 13: kt_decode_layers, a decode step's decoder layers in one call (native_layer.py)
+# 13: kt_decode_layers, a decode step's decoder layers in one call (native_layer.py), and fp16 group scales of
+# int8 (MoeArgs.scale_f16 / down_scale_f16, LinearArgs.scale_f16)
 ABI_VERSION = 13
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
@@ -66,7 +67,8 @@ class _MoeArgs(ctypes.Structure):
                 ("group", ctypes.c_int), ("activation", ctypes.c_int), ("x", ctypes.c_void_p),
                 ("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("local_of", ctypes.c_void_p),
                 ("gate", _Proj), ("up", _Proj), ("down", _Proj), ("out", ctypes.c_void_p), ("pool", ctypes.c_int),
-                ("round_bf16", ctypes.c_int), ("down_fmt", ctypes.c_int), ("down_group", ctypes.c_int)]
+                ("round_bf16", ctypes.c_int), ("down_fmt", ctypes.c_int), ("down_group", ctypes.c_int),
+                ("scale_f16", ctypes.c_int), ("down_scale_f16", ctypes.c_int)]
 
 
 class _AttnDecodeArgs(ctypes.Structure):  # attention_decode.inc AttnDecodeArgs

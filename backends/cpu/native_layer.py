@@ -94,7 +94,7 @@ def _linear(w, bias, keep: list, router: bool = False) -> Optional[_LayerLinear]
             return None
         a = _LinearArgs(0, w.in_features, w.out_features, FORMATS[w.fmt], w.group, None, p.data.data_ptr(),
                         native._ptr(p.scale), native._ptr(p.zero), native._ptr(b),
-                        p.data.numel() * p.data.element_size(), None, 0, 0)
+                        p.data.numel() * p.data.element_size(), None, 0, 0, p.scale_f16)
         keep.append(w)
         return _LayerLinear(2, 0, a)
     if (type(w) is torch.Tensor and w.dtype in (torch.bfloat16, torch.float32) and w.dim() == 2
@@ -292,12 +292,12 @@ def _moe(ffn, L: _LayerArgs, H: int, keep: list) -> bool:
         if ffn.shared is None or gate is None or gate.kind != 1 or gate.a.M != 1:
             return False
         L.shared_gate = gate
-    local_of, gate, up, down, eH, I, fmt, group, E, kept, dfmt, dgroup = experts._prepared()
+    local_of, gate, up, down, eH, I, fmt, group, E, kept, dfmt, dgroup, f16 = experts._prepared()
     if eH != H:
         return False
     keep.extend((experts, local_of, kept))
     L.moe = _MoeArgs(0, H, I, m.top_k, E, local_of.numel(), fmt, group, ACTIVATIONS[m.activation], None, None, None,
-                     local_of.data_ptr(), gate, up, down, None, 0, 0, dfmt, dgroup)
+                     local_of.data_ptr(), gate, up, down, None, 0, 0, dfmt, dgroup, *f16)
     L.router, L.n_experts, L.top_k = router, router.a.M, m.top_k
     L.renormalize, L.routed_scaling, L.ffn = int(bool(m.renormalize)), float(m.routed_scaling_factor), _FFN_MOE
     return True

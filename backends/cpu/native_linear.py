@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native
+from kt_backends.cpu.native_pack import _f16_scales
 from kt_core.weights.quant import Quant, QuantizedWeight, int8_group_ok
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class _LinearArgs(ctypes.Structure):
                 ("group", ctypes.c_int), ("x", ctypes.c_void_p), ("data", ctypes.c_void_p),
                 ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("data_bytes", ctypes.c_int64), ("out", ctypes.c_void_p), ("pool", ctypes.c_int),
-                ("round_bf16", ctypes.c_int)]
+                ("round_bf16", ctypes.c_int), ("scale_f16", ctypes.c_int), ("pad", ctypes.c_int)]
 
 
 @dataclass
@@ -110,7 +111,7 @@ def pack_linear(w) -> Optional[PackedLinear]:
             return None
     else:
         return None
-    return PackedLinear(w.format.value, group, native._pack_proj(_one(w), None), M, K)
+    return PackedLinear(w.format.value, group, native._pack_proj(_one(w), None, _f16_scales([w])), M, K)
 
 
 def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -130,7 +131,7 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None
     args = _LinearArgs(xf.shape[0], w.in_features, w.out_features, native.FORMATS[w.fmt], w.group, xf.data_ptr(),
                        p.data.data_ptr(), native._ptr(p.scale), native._ptr(p.zero), native._ptr(b),
                        p.data.numel() * p.data.element_size(), out.data_ptr(), w.pool,
-                       int(x.dtype == torch.bfloat16))
+                       int(x.dtype == torch.bfloat16), p.scale_f16)
     rc = lib.kt_linear_packed(ctypes.byref(args))
     if rc:
         raise RuntimeError(f"native linear on a packed {w.fmt} weight failed with code {rc}")

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu.native_abi import FORMATS, MAX_DIM, NR, _index, _Proj
-from kt_core.weights.quant import INT8_MAX_GROUP, ExpertWeights, Quant, int8_group_ok, weight_format
+from kt_core.weights.quant import (INT8_MAX_GROUP, ExpertWeights, Quant, QuantizedWeight, fp16_exact, int8_group_ok,
+                                   weight_format)
 
 # ---------------------------------------------------------------- packing
 @dataclass
@@ -17,6 +18,11 @@ class PackedProj:
     scale: Optional[torch.Tensor]
     zero: Optional[torch.Tensor]
     bias: Optional[torch.Tensor]  # float32 [E, M]
+
+    @property
+    def scale_f16(self) -> int:
+        """1 when the scales are fp16 (grouped int8: the kernels' Weight::scale16), else 0."""
+        return int(self.scale is not None and self.scale.dtype == torch.float16)
 
 
 @dataclass
@@ -52,8 +58,11 @@ class PackedExperts:
             local_of = torch.full((int(ids.max()) + 1 if E else 0,), -1, dtype=torch.long)
             local_of[ids] = torch.arange(E)
             keep = (self.gate, self.up, self.down)
+            f16 = (self.gate.scale_f16, self.down.scale_f16)  # fp16 scales of gate / up, of down
+            if self.up.scale_f16 != f16[0]:
+                raise ValueError(f"packed experts: gate and up must keep their scales alike (fp16 or float32); {_REPACK}")
             prep = self._prep = (local_of, _proj(self.gate, E), _proj(self.up, E), _proj(self.down, E),
-                                 H, I, fmt, group, E, keep, dfmt, dgroup)
+                                 H, I, fmt, group, E, keep, dfmt, dgroup, f16)
         return prep
 
     def nbytes(self) -> int:
@@ -121,7 +130,8 @@ def _check_packed(p: PackedExperts) -> tuple:
             if proj.scale is not None or proj.zero is not None:
                 raise ValueError(f"{where}: {name} has scales, but {fmt} weights take none; {_REPACK}")
         else:
-            _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float32)
+            f16 = fmt == "int8" and grp > 0 and proj.scale is not None and proj.scale.dtype == torch.float16
+            _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float16 if f16 else torch.float32)
             if proj.zero is not None:
                 if fmt != "int4":
                     raise ValueError(f"{where}: {name} has zero points, which only int4 takes; {_REPACK}")
@@ -156,12 +166,19 @@ def _panels(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(E, -1, NR, X).transpose(2, 3).contiguous()
 
 
-def _pack_proj(w, bias: Optional[torch.Tensor]) -> PackedProj:
+def _f16_scales(ws: list) -> bool:
+    """Grouped int8 weights whose scales are all fp16 values: packed in 2 bytes (Q8_0's, quantize's)."""
+    return all(isinstance(w, QuantizedWeight) and w.format is Quant.INT8 and w.group_size < w.in_features
+               and fp16_exact(w.scales) for w in ws)
+
+
+def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False) -> PackedProj:
+    """``f16``: grouped int8 scales stored as fp16 (the values must be fp16's: _f16_scales)."""
     b = None if bias is None else bias.float().contiguous()
     if isinstance(w, torch.Tensor):
         return PackedProj(_panels(w.view(torch.int16)), None, None, b)
     if w.format in (Quant.INT8, Quant.W8A8):
-        scale = _panels(w.scales.float())  # [E, P, G, 16]
+        scale = _panels(w.scales.half() if f16 else w.scales.float())  # [E, P, G, 16]
         if w.group_size == w.in_features:
             scale = scale.reshape(w.scales.shape[0], -1).contiguous()  # one per row: [E, P*16]
         data = _panels(w.qdata)  # [E, P, K, 16]
@@ -257,9 +274,10 @@ def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
     if first is None or second is None:
         return None
     H, I = ex.gate.shape[2], ex.gate.shape[1]
-    return PackedExperts(ex.expert_ids.long().contiguous(), first[0], first[1], H, I, _pack_proj(ex.gate, ex.gate_bias),
-                         _pack_proj(ex.up, ex.up_bias), _pack_proj(ex.down, ex.down_bias),
-                         down_fmt=second[0], down_group=second[1])
+    f16, f16_down = _f16_scales([ex.gate, ex.up]), _f16_scales([ex.down])
+    return PackedExperts(ex.expert_ids.long().contiguous(), first[0], first[1], H, I,
+                         _pack_proj(ex.gate, ex.gate_bias, f16), _pack_proj(ex.up, ex.up_bias, f16),
+                         _pack_proj(ex.down, ex.down_bias, f16_down), down_fmt=second[0], down_group=second[1])
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

@@ -152,6 +152,29 @@ def _int4_asymmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return q, s, -b / s
 
 
+def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Group scales rounded up to fp16 values (the packed weights then keep them in 2 bytes instead
+    of 4, as GGUF's Q8_0 does), or as they are where one is past fp16's range. Rounding up keeps
+    every code within +-127, and the codes are computed from the rounded scale, so a scale's own
+    precision adds no error: each weight stays within half a step of its code (a subnormal fp16
+    scale, below 2^-14, only makes its group's step coarser, at weights below ~1e-3)."""
+    up = scale.half().float()
+    low = up < scale
+    if bool(low.any()):
+        up = torch.where(low, torch.nextafter(up.half(), torch.tensor(float("inf"), dtype=torch.half)).float(), up)
+    return up if bool(torch.isfinite(up).all()) else scale
+
+
+def fp16_exact(t: Optional[torch.Tensor]) -> bool:
+    """Whether every value of t is a finite fp16 value (so a 2-byte copy loses nothing)."""
+    if t is None or not t.dtype.is_floating_point:
+        return False
+    if t.dtype == torch.float16:
+        return bool(torch.isfinite(t).all())
+    h = t.half()
+    return bool(torch.isfinite(h).all()) and bool((h.float() == t.float()).all())
+
+
 def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
              symmetric: bool = True, int8_group: int = 0) -> Weight:
     """Quantize a float weight ``[..., out, in]`` into ``fmt`` (``none`` returns it unchanged).
@@ -185,6 +208,8 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
             q = (g / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
         elif fmt in (Quant.INT8, Quant.W8A8):
             scale = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127.0
+            if fmt is Quant.INT8 and group < in_features:
+                scale = fp16_scales(scale)
             q = torch.round(g / scale).clamp_(-127, 127).to(torch.int8)
         else:
             if symmetric:

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
 #define KT_X86 1
@@ -52,7 +53,21 @@ struct Weight {
   const void* data;     // this expert's panels
   const float* scale;   // int8, w8a8: [P*16]; int4, fp8, grouped int8: [P][K/g][16]
   const float* zero;    // int4 asymmetric: [P][K/g][16]; null = symmetric (8)
+  // grouped int8 only: the scales in fp16 ([P][K/g][16] halves) instead of `scale` (a GGUF Q8_0's
+  // exactly, and quantize's when they are fp16 values): half the scale bytes a token streams
+  const uint16_t* scale16 = nullptr;
 };
+
+// fp16 bits -> float (every value exactly: normals, subnormals, infinities, NaN)
+inline float fp16_to_f32(uint16_t h) {
+  const int e = (h >> 10) & 31, m = h & 1023;
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -24)
+                    : e == 31 ? (m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity())
+                              : std::ldexp(static_cast<float>(m + 1024), e - 25);
+  return (h & 0x8000) ? -mag : mag;
+}
+// group scale i (an index into [P][K/g][16]) of a weight, whichever width it is stored in
+inline float group_scale(const Weight& w, int64_t i) { return w.scale16 ? fp16_to_f32(w.scale16[i]) : w.scale[i]; }
 
 // float8 e4m3fn -> float (finite codes; quantizers never emit the NaN code)
 inline float fp8_to_f32(uint8_t b) {
@@ -82,7 +97,7 @@ inline bool int8_grouped(const Weight& w) { return w.fmt == FMT_INT8 && w.group 
 inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scale, float* zero) {
   if (w.fmt == FMT_BF16) return bf16_to_f32(static_cast<const uint16_t*>(w.data)[(p * w.K + k) * NR + j]);
   if (w.fmt == FMT_INT8) {
-    *scale = int8_grouped(w) ? w.scale[(p * (w.K / w.group) + k / w.group) * NR + j] : w.scale[p * NR + j];
+    *scale = int8_grouped(w) ? group_scale(w, (p * (w.K / w.group) + k / w.group) * NR + j) : w.scale[p * NR + j];
     *zero = 0.f;
     return static_cast<const int8_t*>(w.data)[((p * (w.K / 2) + k / 2) * NR + j) * 2 + (k & 1)];
   }
@@ -133,6 +148,11 @@ KT_TARGET("avx2,fma,f16c") inline __m256 load_bf16x8(const uint16_t* p) {
 }
 
 KT_TARGET("avx2,fma,f16c") inline __m256 load8(const uint16_t* p) { return load_bf16x8(p); }
+// 8 group scales from index i (group_scale's), fp16 or float32
+KT_TARGET("avx2,fma,f16c") inline __m256 group_scales8(const Weight& w, int64_t i) {
+  return w.scale16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale16 + i)))
+                   : _mm256_loadu_ps(w.scale + i);
+}
 
 // Up to 4 rows of X against one panel over inputs [k0, k1); acc[i][0..1] hold 16 outputs.
 // T is the stored element (bf16 bits or int8 codes).

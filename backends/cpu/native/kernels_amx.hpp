@@ -183,7 +183,7 @@ KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
     const int64_t G = K / w.group;
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR);
+      const __m512 s = group_scales16(w, (p * G + g) * NR);
       const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
       for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
         if ((k & 3) == 0) fetch(wp + k * NR);

@@ -88,7 +88,7 @@ KT_AMX inline __m512 q8_sums(const int32_t* hi, const int32_t* lo, int r) {
 KT_AMX inline void drain_q8(const Weight& w, int64_t p, int64_t g, const int32_t* hi, const int32_t* lo,
                             const float* xsum, int m, float* acc) {
   const int64_t G = w.K / w.group;
-  const __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR);
+  const __m512 s = group_scales16(w, (p * G + g) * NR);  // int4: float32 (scale16 is grouped int8's)
   if (w.fmt == FMT_INT8) {
     for (int r = 0; r < m; ++r)
       _mm512_storeu_ps(acc + r * NR, _mm512_fmadd_ps(q8_sums(hi, lo, r), s, _mm512_loadu_ps(acc + r * NR)));

@@ -99,6 +99,13 @@ KT_AVX512 inline void madd_pairs_512(__m512i w, const X16& x, int64_t k, __m512i
   }
 }
 
+// 16 group scales from index i (group_scale's), fp16 or float32
+KT_AVX512 inline __m512 group_scales16(const Weight& w, int64_t i) {
+  if (!w.scale16) return _mm512_loadu_ps(w.scale + i);
+  const __m256 lo = group_scales8(w, i), hi = group_scales8(w, i + 8);
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+
 template <int MR>
 KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, float* out) {
   __m512 acc[4];
@@ -113,7 +120,7 @@ KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, 
       for (int64_t k = k0; k < std::min<int64_t>(w.K, k0 + step); k += 2)
         madd_pairs_512<MR>(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR))),
                            x, k, a);
-      const __m512 gs = grouped ? _mm512_loadu_ps(w.scale + (p * G + k0 / w.group) * NR) : _mm512_set1_ps(1.f);
+      const __m512 gs = grouped ? group_scales16(w, (p * G + k0 / w.group) * NR) : _mm512_set1_ps(1.f);
       for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), gs, acc[i]);
     }
     if (!grouped) {

@@ -1,0 +1,72 @@
+"""Grouped int8 weights keep fp16 scales (2 bytes a group, as GGUF's Q8_0) when their values are
+fp16's: the same results as float32 scales of the same values, bit for bit, in every kernel variant."""
+import dataclasses
+
+import pytest
+import torch
+
+from kt_backends.cpu import native, native_linear
+from kt_backends.cpu.native_pack import PackedProj
+from kt_core.weights.quant import ExpertWeights, Quant, dequantize, fp16_exact, fp16_scales, quantize
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels not built")
+
+E, H, I = 4, 256, 96
+
+
+def _f32(packed):
+    """The same packed experts with their scales widened to float32 (the kernels' float path)."""
+    widen = lambda p: PackedProj(p.data, None if p.scale is None else p.scale.float(), p.zero, p.bias)  # noqa: E731
+    return dataclasses.replace(packed, gate=widen(packed.gate), up=widen(packed.up), down=widen(packed.down))
+
+
+def test_quantize_rounds_int8_group_scales_to_fp16_and_keeps_the_error():
+    w = torch.randn(64, 256) * 0.02
+    q = quantize(w, "int8", int8_group=32)
+    assert fp16_exact(q.scales) and q.qdata.abs().max() <= 127
+    err = float((dequantize(q) - w).pow(2).sum() / w.pow(2).sum())
+    s = w.reshape(64, 8, 32).abs().amax(-1, keepdim=True) / 127  # the float32 scales' own error
+    ref = float(((torch.round(w.reshape(64, 8, 32) / s) * s).reshape(64, 256) - w).pow(2).sum() / w.pow(2).sum())
+    assert err <= ref * 1.01
+    assert not fp16_exact(quantize(w, "int8").scales)  # one scale per row stays float32
+    assert torch.equal(fp16_scales(torch.tensor([1e6])), torch.tensor([1e6]))  # past fp16: as it is
+
+
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_fp16_and_float32_scales_give_the_same_bits_in_every_variant(T):
+    g = torch.Generator().manual_seed(T)
+    q = lambda *shape: quantize(torch.randn(*shape, generator=g) * 0.02, "int8", int8_group=32)  # noqa: E731
+    packed = native.pack(ExpertWeights(torch.arange(E), q(E, I, H), q(E, I, H), q(E, H, I)))
+    assert packed.gate.scale.dtype == torch.float16 and packed.down.scale.element_size() == 2
+    wide = _f32(packed)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    ids, w = torch.randint(0, E, (T, 2), generator=g), torch.rand(T, 2, generator=g)
+    try:
+        for v in native.supported_variants():
+            native.set_variant(v)
+            assert torch.equal(native.moe_forward(packed, x, ids, w), native.moe_forward(wide, x, ids, w)), v
+    finally:
+        native.set_variant(native.supported_variants()[-1])
+
+
+def test_packed_dense_weights_take_fp16_scales():
+    w = quantize(torch.randn(80, 256) * 0.02, "int8", int8_group=32)
+    packed = native_linear.pack_linear(w)
+    assert packed.proj.scale.dtype == torch.float16
+    wide = dataclasses.replace(packed, proj=PackedProj(packed.proj.data, packed.proj.scale.float(), None, None))
+    x = torch.randn(3, 256)
+    assert torch.equal(native_linear.linear(x, packed), native_linear.linear(x, wide))
+    ref = x @ dequantize(w).T
+    assert float((native_linear.linear(x, packed) - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
+def test_fp16_scales_on_other_formats_are_refused():
+    w = quantize(torch.randn(32, 64) * 0.02, "int8")  # one scale per row
+    packed = native_linear.pack_linear(w)
+    assert packed.proj.scale.dtype == torch.float32 and Quant(packed.fmt) is Quant.INT8
+    lib = native_linear._lib()
+    x, out = torch.zeros(64), torch.zeros(32)
+    args = native_linear._LinearArgs(1, 64, 32, native.FORMATS["int8"], 0, x.data_ptr(), packed.proj.data.data_ptr(),
+                                     packed.proj.scale.data_ptr(), None, None, packed.proj.data.numel(),
+                                     out.data_ptr(), 0, 0, 1)
+    assert lib.kt_linear_packed(args) == -3  # a per-row scale is float32: the flag is refused, not misread
