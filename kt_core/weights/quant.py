@@ -153,16 +153,15 @@ def _int4_asymmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
-    """Group scales rounded up to fp16 values (the packed weights then keep them in 2 bytes instead
-    of 4, as GGUF's Q8_0 does), or as they are where one is past fp16's range. Rounding up keeps
-    every code within +-127, and the codes are computed from the rounded scale, so a scale's own
-    precision adds no error: each weight stays within half a step of its code (a subnormal fp16
-    scale, below 2^-14, only makes its group's step coarser, at weights below ~1e-3)."""
-    up = scale.half().float()
-    low = up < scale
-    if bool(low.any()):
-        up = torch.where(low, torch.nextafter(up.half(), torch.tensor(float("inf"), dtype=torch.half)).float(), up)
-    return up if bool(torch.isfinite(up).all()) else scale
+    """Group scales rounded to the nearest fp16 values (the packed weights then keep them in 2 bytes
+    instead of 4, as GGUF's Q8_0 does), or as they are where one is past fp16's range or would
+    vanish. The codes are computed from the rounded scale, so its own precision adds almost no
+    error: a scale rounded down by at most half an fp16 step clips the group's largest weight by
+    under 0.07 of a code step. Rounding up instead measured a worse KL on the 8-layer benchmark model
+    (0.0068 vs 0.0058, same weight error energy), so nearest it is."""
+    near = scale.half().float()
+    ok = bool(torch.isfinite(near).all()) and bool((near > 0).all())
+    return near if ok else scale
 
 
 def fp16_exact(t: Optional[torch.Tensor]) -> bool:
