@@ -24,7 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
+#include "elem_convert.hpp"  // fp8 / bf16 / fp16 -> float
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
 #define KT_X86 1
@@ -58,37 +58,8 @@ struct Weight {
   const uint16_t* scale16 = nullptr;
 };
 
-// fp16 bits -> float (every value exactly: normals, subnormals, infinities, NaN)
-inline float fp16_to_f32(uint16_t h) {
-  const int e = (h >> 10) & 31, m = h & 1023;
-  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -24)
-                    : e == 31 ? (m ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity())
-                              : std::ldexp(static_cast<float>(m + 1024), e - 25);
-  return (h & 0x8000) ? -mag : mag;
-}
 // group scale i (an index into [P][K/g][16]) of a weight, whichever width it is stored in
 inline float group_scale(const Weight& w, int64_t i) { return w.scale16 ? fp16_to_f32(w.scale16[i]) : w.scale[i]; }
-
-// float8 e4m3fn -> float (finite codes; quantizers never emit the NaN code)
-inline float fp8_to_f32(uint8_t b) {
-  const int e = (b >> 3) & 15, m = b & 7;
-  const float mag = e == 0 ? static_cast<float>(m) * (1.f / 512.f)
-                           : std::ldexp(1.f + static_cast<float>(m) * 0.125f, e - 7);
-  return (b & 0x80) ? -mag : mag;
-}
-
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float bf16_to_f32(uint16_t v) {
-  uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // int8 with a scale per (group, row) rather than one per row
 inline bool int8_grouped(const Weight& w) { return w.fmt == FMT_INT8 && w.group > 0 && w.group < w.K; }
