@@ -13,6 +13,7 @@ and quantizer from the same safetensors, see ../shared/tools/llamacpp/README.md)
     4bit   kt-core: quant=int4 quant.dense=int4       llama.cpp: {stem}-q4_0.gguf (and q4_k_m if present)
            (group 32; the lm_head follows quant.dense, where llama.cpp keeps output.weight at 6-8 bits)
     8bit-g32  as 8bit with quant.int8_group_size=32 (Q8_0's scale per 32 weights)
+    8bit-q8   as 8bit-g32 with the token embedding in int8 too (quant.embed=int8): Q8_0's whole recipe
     4bit-d8   as 4bit with the experts' down projections in int8 g32 (quant.experts_down=int8)
     4bit-h8   as 4bit with the lm_head in int8 g32 (quant.head=int8)
     4bit-asym as 4bit with a zero point per group (quant.symmetric=false), as Q4_K's mins
@@ -42,11 +43,12 @@ KT = {"bf16": ["model.dtype=bfloat16"],
       "8bit": ["model.dtype=bfloat16", "quant=int8", "quant.dense=int8"],
       "4bit": ["model.dtype=bfloat16", "quant=int4", "quant.dense=int4", "quant.group_size=32"]}
 KT["8bit-g32"] = KT["8bit"] + ["quant.int8_group_size=32"]
+KT["8bit-q8"] = KT["8bit-g32"] + ["quant.embed=int8"]  # Q8_0 files quantize token_embd too
 KT["4bit-d8"] = KT["4bit"] + ["quant.experts_down=int8", "quant.int8_group_size=32"]  # Q4_K_M's kind of mix
 KT["4bit-h8"] = KT["4bit"] + ["quant.head=int8", "quant.int8_group_size=32"]  # the lm_head at 8 bits
 KT["4bit-asym"] = KT["4bit"] + ["quant.symmetric=false"]  # a zero point per group, as Q4_K's mins
 KT["4bit-mix"] = KT["4bit-asym"] + ["quant.experts_down=int8", "quant.head=int8", "quant.int8_group_size=32"]
-GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "4bit": ["q4_0", "q4_k_m"], "4bit-d8": ["q4_k_m"],
+GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "8bit-q8": ["q8_0"], "4bit": ["q4_0", "q4_k_m"], "4bit-d8": ["q4_k_m"],
         "4bit-h8": ["q4_k_m"], "4bit-asym": ["q4_k_m"], "4bit-mix": ["q4_k_m"]}
 
 

@@ -97,6 +97,9 @@ class QuantConfig:
     # the output head (lm_head) when it is not tied to the embedding; null = as quant.dense.
     # llama.cpp keeps it at 6-8 bits in its 4-bit files: quant.head=int8 is that choice here
     head: Optional[WeightFormat] = None
+    # the token embedding (a lookup table); null = model.dtype. int8: int8 rows in groups of
+    # quant.int8_group_size (32 when that is 0), each looked-up row dequantized, as GGUF's Q8_0 token_embd
+    embed: Optional[WeightFormat] = None
     # the experts' down projection; null = as quant.experts (llama.cpp's Q4_K_M keeps many at 6 bits:
     # quant=int4 quant.experts_down=int8 is that choice here)
     experts_down: Optional[WeightFormat] = None

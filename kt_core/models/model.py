@@ -247,10 +247,12 @@ class CausalLM:
         last_be = layers[-1].be
         first = _Reader(ck, spec, dtype, layers[0].device, qp)
         last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, 0))
-        embed = first.t("model.embed_tokens.weight", (V, H))
-        norm = last.norm("model.norm.weight", (H,))
         head = shapes_v4.GLOBALS["head"] if spec.v4 is not None else "lm_head.weight"
-        if spec.tie_embeddings or head not in ck:
+        tied = spec.tie_embeddings or head not in ck
+        # a tied head multiplies the embedding: it stays in the model's dtype then
+        embed = (first.t if tied else first.embedding)("model.embed_tokens.weight", (V, H))
+        norm = last.norm("model.norm.weight", (H,))
+        if tied:
             lm_head = embed if layers[0].device == layers[-1].device else last.t("model.embed_tokens.weight", (V, H))
         else:
             lm_head = last.dense(head, (V, H), qp.head_format)

@@ -24,6 +24,7 @@ class QuantPlan:
     head: Optional[Quant] = None  # the untied lm_head; None: as dense
     down: Optional[Quant] = None  # the experts' down projection; None: as experts
     int8_group: int = 0  # int8's group (quant.int8_group_size); 0: one scale per row
+    embed: Optional[Quant] = None  # the token embedding; None: model.dtype (int8 the one other choice)
 
     @classmethod
     def from_config(cls, q) -> "QuantPlan":
@@ -32,9 +33,13 @@ class QuantPlan:
 
         head = choice(q.head) if q.get("head") is not None else None
         down = choice(q.experts_down) if q.get("experts_down") is not None else None
+        embed = Quant(choice(q.embed)) if q.get("embed") is not None else None
+        if embed not in (None, Quant.NONE, Quant.INT8):
+            raise KtError(f"quant.embed={embed.value}: the token embedding takes int8 or none (a lookup table "
+                          f"gathers rows; it is never multiplied); use quant.embed=int8")
         return cls(Quant(choice(q.experts)), Quant(choice(q.dense)), int(q.group_size), bool(q.symmetric),
                    head=None if head is None else Quant(head), int8_group=int(q.get("int8_group_size") or 0),
-                   down=None if down is None else Quant(down))
+                   down=None if down is None else Quant(down), embed=embed)
 
     @property
     def down_format(self) -> Quant:
@@ -61,6 +66,19 @@ class _Reader:
 
     def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
+
+    def embedding(self, name: str, shape):
+        """The token embedding: a tensor in the model's dtype, or with quant.embed=int8 a
+        QuantizedEmbedding (a GGUF's int8 blocks kept as they are)."""
+        if self.qp.embed is not Quant.INT8:
+            return self.t(name, shape)
+        from kt_core.weights.embedding import QuantizedEmbedding
+
+        w = _kept(self.ck, [name], shape)
+        if w is None or w.format is not Quant.INT8:
+            group = self.qp.int8_group or 32
+            w = quantize(self.ck.get(name, shape), Quant.INT8, int8_group=group)  # in row chunks
+        return QuantizedEmbedding(w.to(self.device), self.dtype)
 
     def norm(self, name: str, shape) -> torch.Tensor:
         """An RMSNorm weight; a zero-centred one (Qwen3-Next) becomes its scale 1 + w, kept in float32 as

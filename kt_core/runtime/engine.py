@@ -95,7 +95,7 @@ class Engine:
         if self.prefix_cache is None:
             q = self.cfg.quant
             fp = f"{self.fingerprint}|{self.cfg.model.dtype}|{q.experts}|{q.dense}|{q.get('head')}|" \
-                 f"{q.group_size}|{q.symmetric}|{q.get('int8_group_size')}"
+                 f"{q.group_size}|{q.symmetric}|{q.get('int8_group_size')}|{q.get('embed')}"
             self.prefix_cache = PrefixCache(self.cache, fp, host_bytes, disk_dir, disk_bytes)
         return self.prefix_cache
 
