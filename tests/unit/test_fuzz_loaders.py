@@ -205,6 +205,7 @@ def config_values(draw, base: dict) -> object:
     return cfg
 
 
+@pytest.mark.slow  # 300 examples: ~9 s on 2 cores
 @given(data=st.data())
 @fuzz(300)
 def test_fuzz_config_json(folders, data):

@@ -361,6 +361,7 @@ print(json.dumps(out))
                     not (LLAMA_CPP / "conversion" / "base.py").is_file(),
                     reason="llama.cpp's converter is not fetched: python tests/fetch_converter.py DIR, then "
                            "KT_LLAMACPP_SRC=DIR")
+@pytest.mark.slow  # runs llama.cpp's converter on several tokenizers: ~10 s on 2 cores
 def test_real_converter_metadata(tmp_path):
     """llama.cpp's own vocab code (run in a subprocess: it puts its gguf-py first on sys.path) writes
     the metadata; our writer above agrees with it, and the tokenizer built from it matches HF."""
