@@ -255,20 +255,8 @@ def plan(model, cache) -> Optional[DecodePlan]:
         return None
     p = getattr(model, "_kt_decode_plan", None)
     if p is None or not p.fits(model, cache):
-        p = DecodePlan(model, cache)
-        model._kt_decode_plan = p if any(p.takes) else _NoPlan(model, cache)
-        p = model._kt_decode_plan
-    return p if isinstance(p, DecodePlan) else None
-
-
-class _NoPlan:
-    """Remembers that no layer of this model fits, so the check runs once."""
-
-    def __init__(self, model, cache) -> None:
-        self.model, self.cache = model, cache
-
-    def fits(self, model, cache) -> bool:
-        return model is self.model and cache is self.cache
+        p = model._kt_decode_plan = DecodePlan(model, cache)  # kept even when it takes no layer: built once
+    return p if any(p.takes) else None
 
 
 def _moe(ffn, L: _LayerArgs, H: int, keep: list) -> bool:

@@ -90,13 +90,12 @@ class StepProfiler:
         if (id(obj), name) in done:
             return
         done.add((id(obj), name))
-        had = name in vars(obj)
         old = getattr(obj, name)
         pick = part if callable(part) else (lambda *a, **k: part)
-        setattr(obj, name, lambda *a, **k: self._timed(pick(*a, **k), old, *a, **k))
-        self._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+        self._patch_with(obj, name, lambda *a, **k: self._timed(pick(*a, **k), old, *a, **k))
 
     def _patch_with(self, obj, name: str, fn: Callable) -> None:
+        """Set ``obj.name`` to fn until the profile ends (then the attribute is as it was)."""
         had, old = name in vars(obj), getattr(obj, name)
         setattr(obj, name, fn)
         self._undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
