@@ -13,8 +13,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # silu_clamp10 (DeepSeek-V4's clamped SwiGLU); 12: the decode step's ops kt_attention_decode, kt_rmsnorm,
 # kt_rope (argument structs below, native_ops.py) and error code -13 (an index read from a tensor is out of range);
 # 13: kt_decode_layers, a decode step's decoder layers in one call (native_layer.py), and fp16 group scales of
-# int8 (MoeArgs.scale_f16 / down_scale_f16, LinearArgs.scale_f16)
-ABI_VERSION = 13
+# int8 (MoeArgs.scale_f16 / down_scale_f16, LinearArgs.scale_f16); 14: the same flags take int4 (scales and
+# zero points in fp16)
+ABI_VERSION = 14
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts

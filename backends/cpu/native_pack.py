@@ -21,7 +21,7 @@ class PackedProj:
 
     @property
     def scale_f16(self) -> int:
-        """1 when the scales are fp16 (grouped int8: the kernels' Weight::scale16), else 0."""
+        """1 when the scales (and int4's zero points) are fp16 (the kernels' Weight::scale16), else 0."""
         return int(self.scale is not None and self.scale.dtype == torch.float16)
 
 
@@ -130,12 +130,13 @@ def _check_packed(p: PackedExperts) -> tuple:
             if proj.scale is not None or proj.zero is not None:
                 raise ValueError(f"{where}: {name} has scales, but {fmt} weights take none; {_REPACK}")
         else:
-            f16 = fmt == "int8" and grp > 0 and proj.scale is not None and proj.scale.dtype == torch.float16
+            f16 = ((fmt == "int4" or (fmt == "int8" and grp > 0)) and proj.scale is not None
+                   and proj.scale.dtype == torch.float16)
             _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float16 if f16 else torch.float32)
             if proj.zero is not None:
                 if fmt != "int4":
                     raise ValueError(f"{where}: {name} has zero points, which only int4 takes; {_REPACK}")
-                _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float32)
+                _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float16 if f16 else torch.float32)
         if proj.bias is not None:
             _check_tensor(proj.bias, f"{where}: {name}.bias", (E, M), torch.float32)
     return H, I, FORMATS[p.fmt], group, E, FORMATS[dfmt], dgroup
@@ -167,13 +168,16 @@ def _panels(t: torch.Tensor) -> torch.Tensor:
 
 
 def _f16_scales(ws: list) -> bool:
-    """Grouped int8 weights whose scales are all fp16 values: packed in 2 bytes (Q8_0's, quantize's)."""
-    return all(isinstance(w, QuantizedWeight) and w.format is Quant.INT8 and w.group_size < w.in_features
-               and fp16_exact(w.scales) for w in ws)
+    """Grouped int8 or int4 weights whose scales (and zero points) are all fp16 values: packed in 2 bytes
+    (GGUF Q8_0's and Q4_0's, quantize's)."""
+    return all(isinstance(w, QuantizedWeight)
+               and ((w.format is Quant.INT8 and w.group_size < w.in_features) or w.format is Quant.INT4)
+               and fp16_exact(w.scales) and (w.zeros is None or fp16_exact(w.zeros)) for w in ws)
 
 
 def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False) -> PackedProj:
-    """``f16``: grouped int8 scales stored as fp16 (the values must be fp16's: _f16_scales)."""
+    """``f16``: grouped int8's or int4's scales (and zero points) stored as fp16 (the values must be
+    fp16's: _f16_scales)."""
     b = None if bias is None else bias.float().contiguous()
     if isinstance(w, torch.Tensor):
         return PackedProj(_panels(w.view(torch.int16)), None, None, b)
@@ -186,8 +190,9 @@ def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False) -> PackedProj
         step = 4 if w.format is Quant.W8A8 else 2  # inputs of a row side by side: [E, P, K/step, 16, step]
         data = data.reshape(E, P, K // step, step, NR).transpose(3, 4).contiguous()
         return PackedProj(data, scale, None, b)
-    scale = _panels(w.scales.float())  # [E, P, G, 16]
-    zero = None if w.zeros is None else _panels(w.zeros.float())
+    half = f16 and w.format is Quant.INT4
+    scale = _panels(w.scales.half() if half else w.scales.float())  # [E, P, G, 16]
+    zero = None if w.zeros is None else _panels(w.zeros.half() if half else w.zeros.float())
     data = _panels(w.qdata) if w.format is Quant.FP8 else _int4_quads(w.qdata)
     return PackedProj(data, scale, zero, b)
 

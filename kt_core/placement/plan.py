@@ -104,14 +104,15 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
     fused = len(t.shape) == 3  # GPT-OSS fused experts: input dim is -2
     k = t.shape[-2] if fused else t.shape[-1]
     rows = t.numel // k
+    # quantize keeps grouped int8's scales and int4's scales and zero points in fp16 (2 bytes)
     if fmt == "int8" and 0 < int8_group < k:
-        return t.numel + rows * (k // int8_group) * 4
+        return t.numel + rows * (k // int8_group) * 2
     if fmt in ("int8", "w8a8"):
         return t.numel + rows * 4
     if fmt == "fp8":
         return t.numel + rows * max(k // group, 1) * 4 if group > 0 else t.numel + rows * 4
     groups = rows * max(k // group, 1)
-    return t.numel // 2 + groups * 4 * (1 if symmetric else 2)
+    return t.numel // 2 + groups * 2 * (1 if symmetric else 2)
 
 
 def kv_bytes_per_token_layer(spec: ModelSpec, dtype_bytes: int, layer: int = 0) -> int:

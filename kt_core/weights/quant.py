@@ -130,10 +130,11 @@ def _int4_asymmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     quarter (Student-t, 3 degrees of freedom)."""
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
     gm = g.mean(dim=-1, keepdim=True)
+    flat = hi - lo < 1e-12  # a constant group: scale |value| or 1 (zero point -1, 0 or 1, not -value / 1e-12)
     best = None
     for shrink in (0.0, 0.05, 0.1):
         b = lo + (hi - lo) * (shrink / 2)
-        s = ((hi - lo) * (1 - shrink) / 15.0).clamp_min(1e-12)
+        s = torch.where(flat, lo.abs() + (lo == 0).float(), (hi - lo) * (1 - shrink) / 15.0).clamp_min(1e-12)
         for _ in range(3):
             q = torch.round((g - b) / s).clamp_(0, 15)
             qm = q.mean(dim=-1, keepdim=True)
@@ -162,6 +163,24 @@ def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
     near = scale.half().float()
     ok = bool(torch.isfinite(near).all()) and bool((near > 0).all())
     return near if ok else scale
+
+
+def _int4_fp16(g: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> Optional[tuple]:
+    """int4 codes, scale and zero point (None: symmetric, zero 8) of ``g [rows, groups, group]`` with
+    the scale and zero point rounded to the nearest fp16 values and the codes taken anew for them, so
+    the packed weights keep them in 2 bytes each (GGUF's 16-bit block scales; int4 g32's scale and zero
+    point otherwise cost 8 bytes a 16-byte group). Rounding moves a scale by at most 2^-11 of itself and
+    a zero point by at most 2^-8 of a code: a twentieth of the half code step the codes already round.
+    None where a value would not survive fp16 (past its range, or a nonzero scale that would vanish):
+    the caller keeps float32 then."""
+    s = scale.half().float()
+    z = None if zero is None else zero.half().float()
+    if not (bool(torch.isfinite(s).all()) and bool(((s != 0) | (scale == 0)).all())
+            and (z is None or bool(torch.isfinite(z).all()))):
+        return None
+    d = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.round(g / d + (8.0 if z is None else z)).clamp_(0, 15)
+    return q, s, z
 
 
 def fp16_exact(t: Optional[torch.Tensor]) -> bool:
@@ -211,10 +230,11 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
                 scale = fp16_scales(scale)
             q = torch.round(g / scale).clamp_(-127, 127).to(torch.int8)
         else:
-            if symmetric:
-                codes, scale = _int4_symmetric(g)
-            else:
-                codes, scale, zero = _int4_asymmetric(g)
+            codes, scale, zero = (*_int4_symmetric(g), None) if symmetric else _int4_asymmetric(g)
+            rounded = _int4_fp16(g, scale, zero)
+            if rounded is not None:
+                codes, scale, zero = rounded
+            if zero is not None:
                 zeros[r0:r0 + step] = zero.squeeze(-1)
             codes = codes.to(torch.uint8).reshape(g.shape[0], in_features)
             q = codes[:, 0::2] | (codes[:, 1::2] << 4)

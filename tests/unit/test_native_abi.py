@@ -47,7 +47,9 @@ def raw_args(packed, **override):
     (dict(H=0), -5), (dict(I=-16), -5), (dict(T=-1), -5), (dict(top_k=-2), -5), (dict(n_global=-1), -5),
     (dict(H=1 << 30), -5), (dict(x=None), -6), (dict(ids=None), -6), (dict(local_of=None), -6),
     (dict(out=None), -6), (dict(group=0), -7), (dict(group=6), -7), (dict(group=48), -7),
-    (dict(scale_f16=1), -3), (dict(down_scale_f16=1), -3),  # fp16 scales: grouped int8's only, not int4's
+    # fp16 scales: grouped int8's and int4's only, not fp8's or a per-row int8's
+    (dict(scale_f16=1, fmt=native.FORMATS["fp8"]), -3),
+    (dict(down_scale_f16=1, down_fmt=native.FORMATS["int8"], down_group=0), -3),
     (dict(local_of=torch.tensor([0, -1, -1, 9, -1, 3, -1, 2])), -8),
     (dict(H=128), -9),  # wider than the panels: the per-expert strides no longer cover an expert
     (dict(down_fmt=5), -3), (dict(down_group=6), -7), (dict(down_fmt=native.FORMATS["bf16"], down_group=0), -9),

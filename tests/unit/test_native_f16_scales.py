@@ -1,5 +1,6 @@
-"""Grouped int8 weights keep fp16 scales (2 bytes a group, as GGUF's Q8_0) when their values are
-fp16's: the same results as float32 scales of the same values, bit for bit, in every kernel variant."""
+"""Grouped int8 and int4 weights keep fp16 scales (and int4 zero points; 2 bytes each, as GGUF's Q8_0 and
+Q4_0) when their values are fp16's: the same results as float32 of the same values, bit for bit, in every
+kernel variant."""
 import dataclasses
 
 import pytest
@@ -7,16 +8,21 @@ import torch
 
 from kt_backends.cpu import native, native_linear
 from kt_backends.cpu.native_pack import PackedProj
-from kt_core.weights.quant import ExpertWeights, Quant, dequantize, fp16_exact, fp16_scales, quantize
+from kt_core.weights.quant import (ExpertWeights, Quant, _int4_asymmetric, _int4_symmetric, dequantize, fp16_exact,
+                                   fp16_scales, quantize)
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels not built")
 
 E, H, I = 4, 256, 96
 
 
+def _widen(t):
+    return None if t is None else t.float()
+
+
 def _f32(packed):
-    """The same packed experts with their scales widened to float32 (the kernels' float path)."""
-    widen = lambda p: PackedProj(p.data, None if p.scale is None else p.scale.float(), p.zero, p.bias)  # noqa: E731
+    """The same packed experts with their scales (and zero points) widened to float32 (the kernels' float path)."""
+    widen = lambda p: PackedProj(p.data, _widen(p.scale), _widen(p.zero), p.bias)  # noqa: E731
     return dataclasses.replace(packed, gate=widen(packed.gate), up=widen(packed.up), down=widen(packed.down))
 
 
@@ -70,3 +76,72 @@ def test_fp16_scales_on_other_formats_are_refused():
                                      packed.proj.scale.data_ptr(), None, None, packed.proj.data.numel(),
                                      out.data_ptr(), 0, 0, 1)
     assert lib.kt_linear_packed(args) == -3  # a per-row scale is float32: the flag is refused, not misread
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_rounds_int4_scales_and_zero_points_to_fp16_and_keeps_the_error(symmetric):
+    w = torch.randn(64, 256) * 0.02
+    q = quantize(w, "int4", group_size=32, symmetric=symmetric)
+    assert fp16_exact(q.scales) and (q.zeros is None if symmetric else fp16_exact(q.zeros))
+    err = float((dequantize(q) - w).pow(2).sum() / w.pow(2).sum())
+    g = w.reshape(64, 8, 32)  # the float32 fit before rounding, reconstructed here
+    if symmetric:
+        c, s = _int4_symmetric(g)
+        ref = (c - 8) * s
+    else:
+        c, s, z = _int4_asymmetric(g)
+        ref = (c - z) * s
+    ref_err = float((ref.reshape(64, 256) - w).pow(2).sum() / w.pow(2).sum())
+    assert 0 < err <= ref_err * 1.01
+    codes = torch.stack((q.qdata & 0xF, q.qdata >> 4), dim=-1).reshape(64, 8, 32).float()
+    zero = 8.0 if symmetric else q.zeros.unsqueeze(-1)
+    nearest = torch.round(w.reshape(64, 8, 32) / q.scales.unsqueeze(-1) + zero).clamp(0, 15)
+    assert torch.equal(codes, nearest)  # the codes are the nearest ones for the rounded parameters
+
+
+def test_int4_groups_fp16_cannot_hold_keep_float32():
+    w = torch.randn(16, 64) * 0.02
+    w[3, :32] = 0.0  # an all-zero group: scale 1, zero point 0 (fp16 holds them)
+    w[5, 32:] = 0.125  # a constant group: its value exactly
+    q = quantize(w, "int4", group_size=32, symmetric=False)
+    assert fp16_exact(q.scales) and fp16_exact(q.zeros)
+    assert torch.equal(dequantize(q)[3, :32], w[3, :32]) and torch.equal(dequantize(q)[5, 32:], w[5, 32:])
+    tiny = quantize(torch.randn(16, 64) * 1e-9, "int4", group_size=32)  # scales under fp16's smallest
+    assert not fp16_exact(tiny.scales)
+    packed = native_linear.pack_linear(tiny)
+    assert packed.proj.scale.dtype == torch.float32  # kept float32, not flushed to zero
+    x = torch.randn(2, 64)
+    ref = x @ dequantize(tiny).T
+    assert float((native_linear.linear(x, packed) - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("T", [1, 5, 40])
+def test_int4_fp16_and_float32_params_give_the_same_bits_in_every_variant(T, symmetric):
+    g = torch.Generator().manual_seed(T + 7 * symmetric)
+    q = lambda *shape: quantize(torch.randn(*shape, generator=g) * 0.02, "int4", 32, symmetric)  # noqa: E731
+    packed = native.pack(ExpertWeights(torch.arange(E), q(E, I, H), q(E, I, H), q(E, H, I)))
+    assert packed.gate.scale.dtype == torch.float16 and packed.down.scale.element_size() == 2
+    assert symmetric or packed.up.zero.dtype == torch.float16
+    wide = _f32(packed)
+    assert wide.nbytes() > packed.nbytes()
+    x = torch.randn(T, H, generator=g).bfloat16()
+    ids, w = torch.randint(0, E, (T, 2), generator=g), torch.rand(T, 2, generator=g)
+    try:
+        for v in native.supported_variants():
+            native.set_variant(v)
+            assert torch.equal(native.moe_forward(packed, x, ids, w), native.moe_forward(wide, x, ids, w)), v
+    finally:
+        native.set_variant(native.supported_variants()[-1])
+
+
+def test_packed_dense_int4_takes_fp16_params():
+    w = quantize(torch.randn(80, 256) * 0.02, "int4", group_size=32, symmetric=False)
+    packed = native_linear.pack_linear(w)
+    assert packed.proj.scale.dtype == torch.float16 and packed.proj.zero.dtype == torch.float16
+    wide = dataclasses.replace(packed, proj=PackedProj(packed.proj.data, packed.proj.scale.float(),
+                                                       packed.proj.zero.float(), None))
+    x = torch.randn(3, 256)
+    assert torch.equal(native_linear.linear(x, packed), native_linear.linear(x, wide))
+    ref = x @ dequantize(w).T
+    assert float((native_linear.linear(x, packed) - ref).abs().max() / ref.abs().max()) < 1e-3

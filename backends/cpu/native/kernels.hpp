@@ -53,13 +53,23 @@ struct Weight {
   const void* data;     // this expert's panels
   const float* scale;   // int8, w8a8: [P*16]; int4, fp8, grouped int8: [P][K/g][16]
   const float* zero;    // int4 asymmetric: [P][K/g][16]; null = symmetric (8)
-  // grouped int8 only: the scales in fp16 ([P][K/g][16] halves) instead of `scale` (a GGUF Q8_0's
-  // exactly, and quantize's when they are fp16 values): half the scale bytes a token streams
+  // grouped int8 and int4: the scales (int4: and zero points) in fp16, [P][K/g][16] halves, instead
+  // of `scale` / `zero` (GGUF Q8_0's and Q4_0's exactly, quantize's): half the bytes a token streams
   const uint16_t* scale16 = nullptr;
+  const uint16_t* zero16 = nullptr;
 };
+
+// Whether a format and group may keep its group scales (and zero points) in fp16 (Weight::scale16)
+inline bool f16_params_ok(int fmt, int64_t group, int64_t K) {
+  return fmt == FMT_INT4 || (fmt == FMT_INT8 && group > 0 && group < K);
+}
 
 // group scale i (an index into [P][K/g][16]) of a weight, whichever width it is stored in
 inline float group_scale(const Weight& w, int64_t i) { return w.scale16 ? fp16_to_f32(w.scale16[i]) : w.scale[i]; }
+// int4's zero point i, likewise (symmetric: 8)
+inline float group_zero(const Weight& w, int64_t i) {
+  return w.zero16 ? fp16_to_f32(w.zero16[i]) : w.zero ? w.zero[i] : 8.f;
+}
 
 // int8 with a scale per (group, row) rather than one per row
 inline bool int8_grouped(const Weight& w) { return w.fmt == FMT_INT8 && w.group > 0 && w.group < w.K; }
@@ -81,8 +91,8 @@ inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scal
   const int l = j % 8, h = j / 8, s = static_cast<int>(k >> 1) & 1, e = static_cast<int>(k & 1);
   const uint16_t word = static_cast<const uint16_t*>(w.data)[(p * (w.K / 4) + k / 4) * NR + 2 * l + e];
   int64_t g = k / w.group, G = w.K / w.group;
-  *scale = w.scale[(p * G + g) * NR + j];
-  *zero = w.zero ? w.zero[(p * G + g) * NR + j] : 8.f;
+  *scale = group_scale(w, (p * G + g) * NR + j);
+  *zero = group_zero(w, (p * G + g) * NR + j);
   return static_cast<float>((word >> (4 * (h + 2 * s))) & 15);
 }
 
@@ -123,6 +133,11 @@ KT_TARGET("avx2,fma,f16c") inline __m256 load8(const uint16_t* p) { return load_
 KT_TARGET("avx2,fma,f16c") inline __m256 group_scales8(const Weight& w, int64_t i) {
   return w.scale16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale16 + i)))
                    : _mm256_loadu_ps(w.scale + i);
+}
+// 8 int4 zero points from index i (group_zero's)
+KT_TARGET("avx2,fma,f16c") inline __m256 group_zeros8(const Weight& w, int64_t i) {
+  if (w.zero16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zero16 + i)));
+  return w.zero ? _mm256_loadu_ps(w.zero + i) : _mm256_set1_ps(8.f);
 }
 
 // Up to 4 rows of X against one panel over inputs [k0, k1); acc[i][0..1] hold 16 outputs.

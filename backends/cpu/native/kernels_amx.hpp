@@ -211,8 +211,8 @@ KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
     const __m512i mask = _mm512_set1_epi32(0xF);
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR);
-      const __m512 zs = _mm512_mul_ps(w.zero ? _mm512_loadu_ps(w.zero + (p * G + g) * NR) : _mm512_set1_ps(8.f), s);
+      const __m512 s = group_scales16(w, (p * G + g) * NR);
+      const __m512 zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
       const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
       const __m512 z0 = _mm512_permutexvar_ps(rows_lo, zs), z1 = _mm512_permutexvar_ps(rows_hi, zs);
       for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 4) {

@@ -88,13 +88,13 @@ KT_AMX inline __m512 q8_sums(const int32_t* hi, const int32_t* lo, int r) {
 KT_AMX inline void drain_q8(const Weight& w, int64_t p, int64_t g, const int32_t* hi, const int32_t* lo,
                             const float* xsum, int m, float* acc) {
   const int64_t G = w.K / w.group;
-  const __m512 s = group_scales16(w, (p * G + g) * NR);  // int4: float32 (scale16 is grouped int8's)
+  const __m512 s = group_scales16(w, (p * G + g) * NR);
   if (w.fmt == FMT_INT8) {
     for (int r = 0; r < m; ++r)
       _mm512_storeu_ps(acc + r * NR, _mm512_fmadd_ps(q8_sums(hi, lo, r), s, _mm512_loadu_ps(acc + r * NR)));
     return;
   }
-  const __m512 zs = _mm512_mul_ps(w.zero ? _mm512_loadu_ps(w.zero + (p * G + g) * NR) : _mm512_set1_ps(8.f), s);
+  const __m512 zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
   for (int r = 0; r < m; ++r) {
     const __m512 v = _mm512_fmadd_ps(q8_sums(hi, lo, r), s, _mm512_loadu_ps(acc + r * NR));
     _mm512_storeu_ps(acc + r * NR, _mm512_fnmadd_ps(zs, _mm512_set1_ps(xsum[g * 16 + r]), v));

@@ -105,6 +105,12 @@ KT_AVX512 inline __m512 group_scales16(const Weight& w, int64_t i) {
   const __m256 lo = group_scales8(w, i), hi = group_scales8(w, i + 8);
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
+// 16 int4 zero points from index i (group_zero's)
+KT_AVX512 inline __m512 group_zeros16(const Weight& w, int64_t i) {
+  if (!w.zero16) return w.zero ? _mm512_loadu_ps(w.zero + i) : _mm512_set1_ps(8.f);
+  const __m256 lo = group_zeros8(w, i), hi = group_zeros8(w, i + 8);
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
 
 template <int MR>
 KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, float* out) {
@@ -143,8 +149,7 @@ KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, 
         madd_pairs_512<MR>(n0, x, k, a);
         madd_pairs_512<MR>(n1, x, k + 2, a);
       }
-      const float* z = w.zero ? w.zero + (p * G + g) * NR : nullptr;
-      __m512 s = _mm512_loadu_ps(w.scale + (p * G + g) * NR), zz = z ? _mm512_loadu_ps(z) : _mm512_set1_ps(8.f);
+      const __m512 s = group_scales16(w, (p * G + g) * NR), zz = group_zeros16(w, (p * G + g) * NR);
       for (int i = 0; i < MR; ++i) {
         __m512 xs = _mm512_set1_ps(static_cast<float>(x.gsum[i * x.ldg + g]));
         acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zz, xs, _mm512_cvtepi32_ps(a[i])), s, acc[i]);

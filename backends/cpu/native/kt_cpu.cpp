@@ -213,8 +213,9 @@ namespace kt {
 }  // namespace kt
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
-// kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc)
-KT_API int kt_abi_version() { return 13; }
+// kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc);
+// 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16)
+KT_API int kt_abi_version() { return 14; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
