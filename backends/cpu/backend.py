@@ -12,7 +12,7 @@ import torch
 
 from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import cpu_info
-from kt_backends.cpu import native, native_linear, native_ops
+from kt_backends.cpu import native, native_attention, native_linear, native_ops
 from kt_backends.cpu import probe as cpu_probe
 from kt_core.backend.torch_backend import TorchBackend
 from kt_core.weights.quant import Quant, QuantizedWeight
@@ -117,6 +117,16 @@ class CpuBackend(TorchBackend):
     # The decode step's small per-layer ops: the native kernels when they take the inputs (bf16 / float32
     # CPU tensors; native_ops.try_* say None otherwise), else the torch reference. On a 48-layer model
     # the torch ops' per-call overheads (a dozen small ops each) were most of a decode step.
+    def attention_prefill(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                          causal=True, sliding_window=None, sinks=None, chunk=None):
+        # a bf16 model's two products on the AMX tiles (native_attention); else torch's SDPA
+        out = native_attention.try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                     scale, causal, sliding_window, sinks, chunk)
+        if out is not None:
+            return out
+        return super().attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, causal,
+                                         sliding_window, sinks, chunk)
+
     def attention_decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
                          sinks=None, chunk=None):
         out = native_ops.try_attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,

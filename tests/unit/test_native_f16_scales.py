@@ -38,13 +38,22 @@ def test_quantize_rounds_int8_group_scales_to_fp16_and_keeps_the_error():
     assert torch.equal(fp16_scales(torch.tensor([1e6])), torch.tensor([1e6]))  # past fp16: as it is
 
 
+# the formats that keep fp16 parameters, as quantize's arguments
+F16_FORMATS = {"int8 g32": dict(fmt="int8", int8_group=32), "int4 sym": dict(fmt="int4", group_size=32),
+               "int4 asym": dict(fmt="int4", group_size=32, symmetric=False)}
+
+
+@pytest.mark.parametrize("kind", list(F16_FORMATS))
 @pytest.mark.parametrize("T", [1, 5, 40])
-def test_fp16_and_float32_scales_give_the_same_bits_in_every_variant(T):
+def test_fp16_and_float32_params_give_the_same_bits_in_every_variant(T, kind):
     g = torch.Generator().manual_seed(T)
-    q = lambda *shape: quantize(torch.randn(*shape, generator=g) * 0.02, "int8", int8_group=32)  # noqa: E731
+    q = lambda *shape: quantize(torch.randn(*shape, generator=g) * 0.02, **F16_FORMATS[kind])  # noqa: E731
     packed = native.pack(ExpertWeights(torch.arange(E), q(E, I, H), q(E, I, H), q(E, H, I)))
     assert packed.gate.scale.dtype == torch.float16 and packed.down.scale.element_size() == 2
+    assert (packed.up.zero is not None) == (kind == "int4 asym")
+    assert packed.up.zero is None or packed.up.zero.dtype == torch.float16
     wide = _f32(packed)
+    assert wide.nbytes() > packed.nbytes()
     x = torch.randn(T, H, generator=g).bfloat16()
     ids, w = torch.randint(0, E, (T, 2), generator=g), torch.rand(T, 2, generator=g)
     try:
@@ -55,11 +64,14 @@ def test_fp16_and_float32_scales_give_the_same_bits_in_every_variant(T):
         native.set_variant(native.supported_variants()[-1])
 
 
-def test_packed_dense_weights_take_fp16_scales():
-    w = quantize(torch.randn(80, 256) * 0.02, "int8", int8_group=32)
+@pytest.mark.parametrize("kind", list(F16_FORMATS))
+def test_packed_dense_weights_take_fp16_params(kind):
+    w = quantize(torch.randn(80, 256) * 0.02, **F16_FORMATS[kind])
     packed = native_linear.pack_linear(w)
     assert packed.proj.scale.dtype == torch.float16
-    wide = dataclasses.replace(packed, proj=PackedProj(packed.proj.data, packed.proj.scale.float(), None, None))
+    assert packed.proj.zero is None or packed.proj.zero.dtype == torch.float16
+    wide = dataclasses.replace(packed, proj=PackedProj(packed.proj.data, _widen(packed.proj.scale),
+                                                       _widen(packed.proj.zero), None))
     x = torch.randn(3, 256)
     assert torch.equal(native_linear.linear(x, packed), native_linear.linear(x, wide))
     ref = x @ dequantize(w).T
@@ -112,36 +124,4 @@ def test_int4_groups_fp16_cannot_hold_keep_float32():
     assert packed.proj.scale.dtype == torch.float32  # kept float32, not flushed to zero
     x = torch.randn(2, 64)
     ref = x @ dequantize(tiny).T
-    assert float((native_linear.linear(x, packed) - ref).abs().max() / ref.abs().max()) < 1e-3
-
-
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("T", [1, 5, 40])
-def test_int4_fp16_and_float32_params_give_the_same_bits_in_every_variant(T, symmetric):
-    g = torch.Generator().manual_seed(T + 7 * symmetric)
-    q = lambda *shape: quantize(torch.randn(*shape, generator=g) * 0.02, "int4", 32, symmetric)  # noqa: E731
-    packed = native.pack(ExpertWeights(torch.arange(E), q(E, I, H), q(E, I, H), q(E, H, I)))
-    assert packed.gate.scale.dtype == torch.float16 and packed.down.scale.element_size() == 2
-    assert symmetric or packed.up.zero.dtype == torch.float16
-    wide = _f32(packed)
-    assert wide.nbytes() > packed.nbytes()
-    x = torch.randn(T, H, generator=g).bfloat16()
-    ids, w = torch.randint(0, E, (T, 2), generator=g), torch.rand(T, 2, generator=g)
-    try:
-        for v in native.supported_variants():
-            native.set_variant(v)
-            assert torch.equal(native.moe_forward(packed, x, ids, w), native.moe_forward(wide, x, ids, w)), v
-    finally:
-        native.set_variant(native.supported_variants()[-1])
-
-
-def test_packed_dense_int4_takes_fp16_params():
-    w = quantize(torch.randn(80, 256) * 0.02, "int4", group_size=32, symmetric=False)
-    packed = native_linear.pack_linear(w)
-    assert packed.proj.scale.dtype == torch.float16 and packed.proj.zero.dtype == torch.float16
-    wide = dataclasses.replace(packed, proj=PackedProj(packed.proj.data, packed.proj.scale.float(),
-                                                       packed.proj.zero.float(), None))
-    x = torch.randn(3, 256)
-    assert torch.equal(native_linear.linear(x, packed), native_linear.linear(x, wide))
-    ref = x @ dequantize(w).T
     assert float((native_linear.linear(x, packed) - ref).abs().max() / ref.abs().max()) < 1e-3

@@ -1,0 +1,83 @@
+"""Prefill attention of a bf16 model on the CPU's matrix units: the two products (Q.K^T and P.V) as
+bf16 GEMMs on the native panel kernels (AMX tiles, float32 sums), the masked softmax in float32 by torch.
+
+torch's SDPA runs a 512-token, 32-head layer in ~60 ms on 2 threads of an AMX Xeon, bf16 or float32
+alike (no tile units); this takes ~20 ms with the same inputs and a comparable error (the scores are
+exact float32 sums of bf16 products; the probabilities are rounded to bf16 for P.V, as the tiles take
+bf16 operands). Each KV head's keys and values are packed into the kernels' panels once per call (a
+copy of L x D); the queries of its head group go through together, in row chunks that bound the
+scores' memory. Layers with attention sinks, float32 models and CPUs without AMX keep torch's path
+(try_attention_prefill returns None); so does ``KT_NATIVE_PREFILL_ATTENTION=0`` (benchmarks, bisecting)."""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+import torch
+
+from kt_backends.cpu import native, native_linear
+from kt_core.backend.torch_ops.attention import _visible, gather_context, sequences
+
+SCORE_BYTES = 32 << 20  # float32 scores held at once per KV head: query rows are chunked to fit
+PAD = 32  # context length padded to this (zero keys, masked): whole K blocks for the tiles
+
+
+def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks, any_variant: bool) -> bool:
+    if os.environ.get("KT_NATIVE_PREFILL_ATTENTION", "1") == "0" or sinks is not None:
+        return False
+    bf16 = all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k_cache, v_cache))
+    return (bf16 and q.dim() == 3 and k_cache.dim() == 4 and native.available()
+            and (any_variant or native.variant() == "amx") and native_linear._lib() is not None)
+
+
+def _gemm(x: torch.Tensor, w: native.PackedProj, M: int, K: int) -> torch.Tensor:
+    """x [T, K] float32 holding bf16 values (rounded to bf16 by the kernel where not) times the packed
+    bf16 weight [M, K]^T: float32 [T, M]."""
+    out = torch.empty(x.shape[0], M, dtype=torch.float32)
+    args = native_linear._LinearArgs(x.shape[0], K, M, native.FORMATS["bf16"], 0, x.data_ptr(), w.data.data_ptr(),
+                                     None, None, None, w.data.numel() * w.data.element_size(), out.data_ptr(), 0,
+                                     1, 0)
+    rc = native_linear._lib().kt_linear_packed(ctypes.byref(args))
+    if rc:
+        native._check_rc(rc, "attention prefill")
+    return out
+
+
+def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, causal=True,
+                          sliding_window=None, sinks=None, chunk=None, any_variant=False) -> Optional[torch.Tensor]:
+    """The torch reference's (kt_core.backend.torch_ops.attention.attention_prefill) result, or None
+    when this path does not take the inputs. ``any_variant``: on every kernel variant, not only AMX
+    (the vector kernels give the same products; the tests run the glue on every CPU this way)."""
+    if not _takes(q, k_cache, v_cache, sinks, any_variant):
+        return None
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k_cache.shape[2]
+    if Hq % Hkv or v_cache.shape[-1] != D:
+        return None
+    G = Hq // Hkv
+    out = torch.empty_like(q)
+    for b, qs, qe, length in sequences(seq_lens, query_start_loc):
+        n, L = qe - qs, length
+        Lp = -(-L // PAD) * PAD
+        k = gather_context(k_cache, block_tables[b], L)  # [L, Hkv, D]
+        v = gather_context(v_cache, block_tables[b], L)
+        hidden = ~_visible(torch.arange(L - n, L), torch.arange(L), causal, sliding_window, chunk)
+        if Lp > L:
+            hidden = torch.cat([hidden, hidden.new_ones(n, Lp - L)], dim=1)
+        rows = max(1, SCORE_BYTES // (4 * G * Lp))
+        for h in range(Hkv):
+            kh = k.new_zeros(1, Lp, D)
+            kh[0, :L] = k[:, h]
+            vh = v.new_zeros(1, D, Lp)
+            vh[0, :, :L] = v[:, h].t()
+            kp, vp = native._pack_proj(kh, None), native._pack_proj(vh, None)
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                qg = q[qs + r0:qs + r1, h * G:(h + 1) * G].transpose(0, 1).reshape(-1, D).float()
+                s = _gemm(qg, kp, Lp, D).view(G, r1 - r0, Lp)
+                s.mul_(scale).masked_fill_(hidden[r0:r1], float("-inf"))
+                p = torch.softmax(s, dim=-1).view(-1, Lp)
+                o = _gemm(p, vp, D, Lp).view(G, r1 - r0, D)
+                out[qs + r0:qs + r1, h * G:(h + 1) * G] = o.transpose(0, 1).to(q.dtype)
+    return out
