@@ -180,7 +180,9 @@ def test_stitched_combinations_equal_hydra_composition(composed_halves, monkeypa
         assert OmegaConf.to_container(real) == OmegaConf.to_container(stitched(composed_halves, combo)), combo
 
 
-@pytest.mark.parametrize("device", OPTIONS["device"])
+# the CPU's combinations in the default suite; the accelerators' (~4.5 s each) in the slow set
+@pytest.mark.parametrize("device", [d if d == "cpu" else pytest.param(d, marks=pytest.mark.slow)
+                                    for d in OPTIONS["device"]])
 def test_every_group_combination_composes_and_validates(composed_halves, device):
     """All of conf/ crossed, described as kt plan / kt config --no-device-check do: each
     combination validates, or fails in one line with a fix where it means nothing here."""
