@@ -10,7 +10,6 @@ scores' memory. Layers with attention sinks, float32 models and CPUs without AMX
 (try_attention_prefill returns None); so does ``KT_NATIVE_PREFILL_ATTENTION=0`` (benchmarks, bisecting)."""
 from __future__ import annotations
 
-import ctypes
 import os
 from typing import Optional
 
@@ -32,16 +31,9 @@ def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks,
 
 
 def _gemm(x: torch.Tensor, w: native.PackedProj, M: int, K: int) -> torch.Tensor:
-    """x [T, K] float32 holding bf16 values (rounded to bf16 by the kernel where not) times the packed
+    """x [T, K] float32 holding bf16 values (rounded to bf16 by the kernels where not) times the packed
     bf16 weight [M, K]^T: float32 [T, M]."""
-    out = torch.empty(x.shape[0], M, dtype=torch.float32)
-    args = native_linear._LinearArgs(x.shape[0], K, M, native.FORMATS["bf16"], 0, x.data_ptr(), w.data.data_ptr(),
-                                     None, None, None, w.data.numel() * w.data.element_size(), out.data_ptr(), 0,
-                                     1, 0)
-    rc = native_linear._lib().kt_linear_packed(ctypes.byref(args))
-    if rc:
-        native._check_rc(rc, "attention prefill")
-    return out
+    return native_linear.linear(x, native_linear.PackedLinear("bf16", 0, w, M, K), round_bf16=True)
 
 
 def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, causal=True,

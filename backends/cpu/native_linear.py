@@ -114,8 +114,10 @@ def pack_linear(w) -> Optional[PackedLinear]:
     return PackedLinear(w.format.value, group, native._pack_proj(_one(w), None, _f16_scales([w])), M, K)
 
 
-def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W.T + bias`` on the packed weight; float32 math, x's dtype out."""
+def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None,
+           round_bf16: Optional[bool] = None) -> torch.Tensor:
+    """``x @ W.T + bias`` on the packed weight; float32 math, x's dtype out. ``round_bf16``: the kernels
+    may round x to bf16 (the AMX tiles); default: when x is bf16."""
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"native CPU kernels unavailable for packed dense weights: {native.status()}")
@@ -131,7 +133,7 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None
     args = _LinearArgs(xf.shape[0], w.in_features, w.out_features, native.FORMATS[w.fmt], w.group, xf.data_ptr(),
                        p.data.data_ptr(), native._ptr(p.scale), native._ptr(p.zero), native._ptr(b),
                        p.data.numel() * p.data.element_size(), out.data_ptr(), w.pool,
-                       int(x.dtype == torch.bfloat16), p.scale_f16)
+                       int(x.dtype == torch.bfloat16 if round_bf16 is None else round_bf16), p.scale_f16)
     rc = lib.kt_linear_packed(ctypes.byref(args))
     if rc:
         raise RuntimeError(f"native linear on a packed {w.fmt} weight failed with code {rc}")
