@@ -1,7 +1,7 @@
 """The host CPU as a device: torch for most ops, the native kernels (runtime ISA dispatch, see
 ``native/``) when they are built and take the inputs: expert GEMM and dense projections in their
 formats, and the decode step's attention over the paged KV cache, RMS norm and rotary embeddings
-(``native_ops``: bf16 / float32 CPU tensors)."""
+(``native_ops``: bf16 / float32 CPU tensors) and MLA attention (``native_mla``)."""
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -12,7 +12,7 @@ import torch
 
 from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import cpu_info
-from kt_backends.cpu import native, native_attention, native_linear, native_ops
+from kt_backends.cpu import native, native_attention, native_linear, native_mla, native_ops
 from kt_backends.cpu import probe as cpu_probe
 from kt_core.backend.torch_backend import TorchBackend
 from kt_core.weights.quant import Quant, QuantizedWeight
@@ -135,6 +135,16 @@ class CpuBackend(TorchBackend):
             return out
         return super().attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, sinks,
                                         chunk)
+
+    def attention_mla(self, q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
+                      causal=True, selected=None):
+        # a decode step's MLA in one native call (native_mla); prefill and sparse selection on torch
+        out = native_mla.try_mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
+                                        query_start_loc, scale, causal, selected)
+        if out is not None:
+            return out
+        return super().attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
+                                     query_start_loc, scale, causal, selected)
 
     def rmsnorm(self, x, weight, eps):
         out = native_ops.try_rmsnorm(x, weight, eps)

@@ -14,8 +14,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # kt_rope (argument structs below, native_ops.py) and error code -13 (an index read from a tensor is out of range);
 # 13: kt_decode_layers, a decode step's decoder layers in one call (native_layer.py), and fp16 group scales of
 # int8 (MoeArgs.scale_f16 / down_scale_f16, LinearArgs.scale_f16); 14: the same flags take int4 (scales and
-# zero points in fp16)
-ABI_VERSION = 14
+# zero points in fp16); 15: kt_mla_decode, DeepSeek MLA decode over the latent cache (native_mla.py)
+ABI_VERSION = 15
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
@@ -80,6 +80,16 @@ class _AttnDecodeArgs(ctypes.Structure):  # attention_decode.inc AttnDecodeArgs
                 ("q", ctypes.c_void_p), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
                 ("block_tables", ctypes.c_void_p), ("seq_lens", ctypes.c_void_p), ("sinks", ctypes.c_void_p),
                 ("out", ctypes.c_void_p)]
+
+
+class _MlaDecodeArgs(ctypes.Structure):  # mla_decode.inc MlaDecodeArgs
+    _fields_ = [("B", ctypes.c_int64), ("H", ctypes.c_int64), ("dn", ctypes.c_int64), ("dr", ctypes.c_int64),
+                ("lora", ctypes.c_int64), ("dv", ctypes.c_int64), ("num_blocks", ctypes.c_int64),
+                ("block_size", ctypes.c_int64), ("max_blocks", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("q_dtype", ctypes.c_int), ("w_dtype", ctypes.c_int), ("kv_dtype", ctypes.c_int), ("pool", ctypes.c_int),
+                ("q_nope", ctypes.c_void_p), ("q_pe", ctypes.c_void_p), ("w_uk", ctypes.c_void_p),
+                ("w_uv", ctypes.c_void_p), ("latent", ctypes.c_void_p), ("block_tables", ctypes.c_void_p),
+                ("seq_lens", ctypes.c_void_p), ("out", ctypes.c_void_p)]
 
 
 class _RmsNormArgs(ctypes.Structure):  # norm_rope.inc RmsNormArgs

@@ -209,13 +209,14 @@ namespace kt {
 #include "linear_packed.inc"  // quantized dense projections on the same panel kernels
 #include "norm_rope.inc"  // rmsnorm, rope; the element helpers attention_decode.inc uses
 #include "attention_decode.inc"  // decode attention over the paged KV cache
+#include "mla_decode.inc"  // DeepSeek MLA decode (absorbed) over the latent cache
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
 }  // namespace kt
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
 // kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc);
-// 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16)
-KT_API int kt_abi_version() { return 14; }
+// 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode
+KT_API int kt_abi_version() { return 15; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -323,6 +324,13 @@ KT_API int kt_attention_decode(const kt::AttnDecodeArgs* args) {
     return rc ? rc : kt::attention_decode(*args);
   });
 }
+KT_API int kt_mla_decode(const kt::MlaDecodeArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_mla_decode_args(*args);
+    return rc ? rc : kt::mla_decode(*args);
+  });
+}
 KT_API int kt_rmsnorm(const kt::RmsNormArgs* args) {
   return kt::guarded([&] {
     if (!args) return static_cast<int>(kt::ERR_NULL);
@@ -338,6 +346,7 @@ KT_API int kt_rope(const kt::RopeArgs* args) {
   });
 }
 KT_API int64_t kt_attention_decode_args_size() { return static_cast<int64_t>(sizeof(kt::AttnDecodeArgs)); }
+KT_API int64_t kt_mla_decode_args_size() { return static_cast<int64_t>(sizeof(kt::MlaDecodeArgs)); }
 KT_API int64_t kt_rmsnorm_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormArgs)); }
 KT_API int64_t kt_rope_args_size() { return static_cast<int64_t>(sizeof(kt::RopeArgs)); }
 KT_API int64_t kt_moe_args_size() { return static_cast<int64_t>(sizeof(kt::MoeArgs)); }

@@ -1,0 +1,139 @@
+"""DeepSeek's multi-head latent attention (MLA) for a decode step on the native CPU kernels
+(``native/mla_decode.inc``): the absorbed form in one call per layer, the query's absorption through
+kv_b_proj's key half, attention over the latent cache read in place through the block table, and
+the value half's product, float32 inside. The contract is the torch reference's
+(``kt_core.backend.torch_ops.attention.attention_mla``) for one query per sequence, without sparse
+attention's token selection; ``try_mla_decode`` returns None for anything else (a prefill, a
+DeepSeek-V3.2 selection, float16, another device), and the CPU backend then runs the reference.
+
+Before it (torch, one intra-op thread in a decode step), a DeepSeek-V3-sized layer converted both
+absorbed halves (2 x 16 MB of bf16) to float32 on every call: ~21 ms of a layer's step.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Optional
+
+import torch
+
+from kt_backends.cpu import native_ops
+from kt_backends.cpu.native_abi import MAX_DIM, MAX_HEAD_DIM, MAX_POOLS, _check_rc
+from kt_backends.cpu.native_ops import (_DTYPES, _INDEX_DTYPES, _INT32_MAX, _fail, _index32, _unavailable, _unfit,
+                                        _what)
+
+OP = "mla_decode"
+
+
+def _why(q_nope, q_pe, latent, w_uk, w_uv, block_tables, seq_lens) -> str:
+    """What keeps these tensors from the kernel, in words (after the fast check failed)."""
+    named = (("q_nope", q_nope), ("q_pe", q_pe), ("latent_cache", latent), ("w_uk", w_uk), ("w_uv", w_uv),
+             ("block_tables", block_tables), ("seq_lens", seq_lens))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.device.type != "cpu":
+            return f"{name} is on {t.device}; the native kernels read host memory"
+    for name, t in named[:5]:
+        if t.dtype not in _DTYPES:
+            return f"{name} must be float32 or bfloat16, got {t.dtype}"
+    if q_nope.dim() != 3 or q_pe.dim() != 3 or q_pe.shape[:2] != q_nope.shape[:2] or q_pe.dtype != q_nope.dtype:
+        return f"q_nope and q_pe must be [tokens, heads, dim] of one dtype, got {_what(q_nope)} and {_what(q_pe)}"
+    if w_uk.dim() != 3 or w_uv.dim() != 3 or w_uv.dtype != w_uk.dtype:
+        return f"w_uk / w_uv must be [heads, dim, kv_lora_rank] of one dtype, got {_what(w_uk)} and {_what(w_uv)}"
+    T, H, dn = q_nope.shape
+    lora = w_uk.shape[2]
+    if w_uk.shape[:2] != (H, dn) or w_uv.shape[0] != H or w_uv.shape[2] != lora:
+        return (f"w_uk must be [{H}, {dn}, lora] and w_uv [{H}, v_head_dim, lora] for q_nope {_what(q_nope)}, got "
+                f"{_what(w_uk)} and {_what(w_uv)}")
+    if latent.dim() != 4 or latent.shape[2] != 1 or latent.shape[3] != lora + q_pe.shape[2]:
+        return (f"latent_cache must be [num_blocks, block_size, 1, {lora} + {q_pe.shape[2]}] (kv_lora_rank + "
+                f"rope dim), got {_what(latent)}")
+    if not latent.is_contiguous():
+        return "latent_cache must be contiguous (the kernel reads it in place)"
+    if max(dn, w_uv.shape[1], lora + q_pe.shape[2]) > MAX_HEAD_DIM:
+        return f"a head dimension is above {MAX_HEAD_DIM}"
+    if block_tables.dim() != 2 or block_tables.shape[0] != T or block_tables.dtype not in _INDEX_DTYPES:
+        return f"block_tables must be integer [batch={T}, max_blocks], one query per sequence; got {_what(block_tables)}"
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != T or seq_lens.dtype not in _INDEX_DTYPES:
+        return f"seq_lens must be integer [batch={T}], got {_what(seq_lens)}"
+    if max(T, H, *latent.shape[:2], block_tables.shape[1]) > MAX_DIM:
+        return f"a size is above {MAX_DIM}"
+    return "unsupported inputs"
+
+
+def _mla_decode(q_nope, q_pe, latent, w_uk, w_uv, block_tables, seq_lens, scale, pool, strict):
+    lib = native_ops._ops or native_ops._lib()
+    if lib is None:
+        return _unavailable(strict)
+    try:  # the usual case in one test; the diagnosis only when it fails
+        B, H, dn = q_nope.shape
+        dr = q_pe.shape[2]
+        nb, bs, one, Dk = latent.shape
+        _, dnk, lora = w_uk.shape
+        dv = w_uv.shape[1]
+        mb = block_tables.shape[1]
+        qcode, wcode, kvcode = _DTYPES.get(q_nope.dtype), _DTYPES.get(w_uk.dtype), _DTYPES.get(latent.dtype)
+        ok = (qcode is not None and wcode is not None and kvcode is not None and q_pe.dtype is q_nope.dtype
+              and w_uv.dtype is w_uk.dtype and q_nope.is_cpu and q_pe.is_cpu and latent.is_cpu and w_uk.is_cpu
+              and w_uv.is_cpu and block_tables.is_cpu and seq_lens.is_cpu and q_pe.shape[:2] == (B, H)
+              and w_uk.shape[0] == H and dnk == dn and w_uv.shape[0] == H and w_uv.shape[2] == lora and one == 1
+              and Dk == lora + dr and latent.is_contiguous() and block_tables.dim() == 2
+              and block_tables.shape[0] == B and seq_lens.dim() == 1 and seq_lens.shape[0] == B
+              and block_tables.dtype in _INDEX_DTYPES and seq_lens.dtype in _INDEX_DTYPES)
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        return _fail(strict, OP, _why(q_nope, q_pe, latent, w_uk, w_uv, block_tables, seq_lens))
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        return _fail(strict, OP, f"scale must be a number, got {scale!r}")
+    if type(pool) is not int or not 0 <= pool < MAX_POOLS:
+        pool = native_ops._pool(pool)
+    out = q_nope.new_empty(B, H, dv)
+    if B == 0:
+        return out
+    # q's halves are views of one projection (tiny); the weights are made contiguous once, at load
+    q_nope, q_pe, w_uk, w_uv = (t if t.is_contiguous() else t.contiguous() for t in (q_nope, q_pe, w_uk, w_uv))
+    if block_tables.dtype is not torch.int32 or not block_tables.is_contiguous():
+        block_tables = _index32(block_tables, nb)
+    if seq_lens.dtype is not torch.int32 or not seq_lens.is_contiguous():
+        seq_lens = _index32(seq_lens, _INT32_MAX)
+    try:
+        args = native_ops._MLA(B, H, dn, dr, lora, dv, nb, bs, mb, scale, qcode, wcode, kvcode, pool,
+                               q_nope.data_ptr(), q_pe.data_ptr(), w_uk.data_ptr(), w_uv.data_ptr(), latent.data_ptr(),
+                               block_tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr())
+    except (struct.error, OverflowError) as exc:
+        return _unfit(strict, OP, exc)
+    rc = lib.kt_mla_decode(args)
+    if rc:
+        _check_rc(rc, OP)
+    return out
+
+
+def mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, scale, pool: int = 0) -> torch.Tensor:
+    """One query per sequence: q_nope [B, H, dn], q_pe [B, H, dr] (roped), over the latent cache
+    [num_blocks, block_size, 1, lora + dr]; w_uk [H, dn, lora], w_uv [H, dv, lora]. Returns [B, H, dv]
+    in q's dtype. Raises ValueError naming what the kernel does not take."""
+    return _mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, scale, pool, True)
+
+
+def try_mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
+                   causal=True, selected=None, pool: int = 0) -> Optional[torch.Tensor]:
+    """``attention_mla``'s arguments: the native result when the call is a decode step's (one query
+    per sequence, no token selection) and the kernel takes the tensors, else None (always with
+    ``KT_NATIVE_MLA=0``: benchmarks, bisecting)."""
+    if os.environ.get("KT_NATIVE_MLA", "1") == "0":
+        return None
+    if selected is not None or not isinstance(query_start_loc, torch.Tensor) or query_start_loc.dim() != 1:
+        return None
+    try:
+        T = q_nope.shape[0]
+        if block_tables.shape[0] != T or query_start_loc.shape[0] != T + 1:
+            return None
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if T > 1 and not bool(torch.all(query_start_loc[1:] - query_start_loc[:-1] == 1)):
+        return None  # some sequence brings more than one token: a prefill
+    return _mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, scale, pool, False)

@@ -1,0 +1,122 @@
+"""DeepSeek MLA decode on the native kernels (kt_backends.cpu.native_mla) against the torch
+reference (kt_core.backend.torch_ops.attention.attention_mla) on every kernel variant this CPU
+runs; the CPU backend's routing (decode native, prefill and sparse selection on torch); what the
+wrapper and the library refuse."""
+import ctypes
+
+import pytest
+import torch
+
+from kt_backends.cpu import native, native_mla, native_ops
+from kt_backends.cpu.backend import CpuBackend
+from kt_backends.cpu.native_abi import _MlaDecodeArgs
+from kt_core.backend.torch_ops import attention as torch_attention
+from tests.unit.native_decode_cases import BF16, F32, assert_close, paged
+
+pytestmark = pytest.mark.skipif(not native_ops.available(),
+                                reason=f"native CPU kernels: {native_ops.why_unavailable()}")
+
+
+@pytest.fixture(params=list(native.VARIANTS))
+def variant(request):
+    if request.param not in native.supported_variants():
+        pytest.skip(f"this CPU (and build) cannot run the {request.param} kernels")
+    best = native.variant()
+    native.set_variant(request.param)
+    yield request.param
+    native.set_variant(best)
+
+
+def mla_case(H, dn, dr, lora, dv, lens, qdt, wdt, kvdt, bs=16, seed=0):
+    """q_nope, q_pe, the latent cache, w_uk, w_uv, block table, seq_lens, query_start_loc, scale."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lens)
+    latent, _, table, sl = paged(lens, 1, lora + dr, bs, kvdt, seed=seed + 1)
+    q = torch.randn(B, H, dn + dr, generator=g).to(qdt)  # halves of one projection, as the layer has them
+    w_uk = (torch.randn(H, dn, lora, generator=g) * dn ** -0.5).to(wdt)
+    w_uv = (torch.randn(H, dv, lora, generator=g) * lora ** -0.5).to(wdt)
+    return (q[..., :dn], q[..., dn:], latent, w_uk, w_uv, table, sl, torch.arange(B + 1, dtype=torch.int32),
+            (dn + dr) ** -0.5)
+
+
+SHAPES = [(4, 32, 16, 64, 32), (16, 128, 64, 512, 128), (3, 20, 0, 36, 12), (2, 16, 8, 40, 24)]
+DTYPES = [(F32, F32, F32), (BF16, BF16, BF16), (F32, BF16, BF16), (BF16, F32, BF16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["small", "deepseek", "no-rope-odd", "tails"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=["f32", "bf16", "f32q", "f32w"])
+def test_mla_decode_matches_reference(variant, shape, dtypes):
+    """DeepSeek's head dims (16 heads) and small ones whose widths leave tails after the vector
+    blocks (36: no vector path for the values at all); no rope part; sequences of 1, 5, 37, 300
+    tokens in shuffled blocks; every mix of q / weight / cache dtypes."""
+    args = mla_case(*shape, [1, 5, 37, 300], *dtypes)
+    ref = torch_attention.attention_mla(*args)
+    out = native_mla.mla_decode(*args[:7], args[8])
+    assert_close(out, ref, f"{variant} {shape} {dtypes}", rel32=1e-5)
+
+
+def test_mla_decode_long_contexts_on_the_pool(variant):
+    """Contexts split into runs merged by log-sum-exp, on three threads, int64 indices."""
+    args = list(mla_case(8, 32, 16, 64, 32, [1, 1500, 2100], F32, BF16, BF16, bs=32, seed=4))
+    args[5], args[6] = args[5].long(), args[6].long()
+    before = native.threads()
+    native.set_threads(3)
+    try:
+        out = native_mla.mla_decode(*args[:7], args[8])
+    finally:
+        native.set_threads(before)
+    assert_close(out, torch_attention.attention_mla(*args), variant, rel32=1e-5)
+
+
+def test_cpu_backend_routes_decode_to_the_kernel_and_the_rest_to_torch():
+    be = CpuBackend()
+    args = mla_case(4, 32, 16, 64, 32, [9, 33], BF16, BF16, BF16, seed=7)
+    assert torch.equal(be.attention_mla(*args), native_mla.mla_decode(*args[:7], args[8]))
+    qn, qp, lat, uk, uv, table, sl, qsl, scale = args
+    # a prefill (sequence 1 brings 3 tokens): the reference
+    q3n, q3p = torch.cat([qn, qn[1:], qn[1:]]), torch.cat([qp, qp[1:], qp[1:]])
+    qsl3 = torch.tensor([0, 1, 4], dtype=torch.int32)
+    assert native_mla.try_mla_decode(q3n, q3p, lat, uk, uv, table, sl, qsl3, scale) is None
+    assert torch.equal(be.attention_mla(q3n, q3p, lat, uk, uv, table, sl, qsl3, scale),
+                       torch_attention.attention_mla(q3n, q3p, lat, uk, uv, table, sl, qsl3, scale))
+    # as many tokens as sequences, but not one each (0 and 2): still a prefill
+    assert native_mla.try_mla_decode(qn, qp, lat, uk, uv, table, sl, torch.tensor([0, 0, 2]), scale) is None
+    # DeepSeek-V3.2's token selection, float16: the reference
+    sel = torch.tensor([[0, 3, -1], [1, 2, 30]])
+    assert native_mla.try_mla_decode(*args, selected=sel) is None
+    assert torch.equal(be.attention_mla(*args, selected=sel), torch_attention.attention_mla(*args, selected=sel))
+    half = [t.half() if t.is_floating_point() else t for t in args[:7]]
+    assert native_mla.try_mla_decode(*half, qsl, scale) is None
+
+
+def test_mla_decode_refuses_what_it_cannot_take():
+    qn, qp, lat, uk, uv, table, sl, _, scale = mla_case(4, 32, 16, 64, 32, [9, 33], F32, F32, F32)
+    with pytest.raises(ValueError, match="latent_cache must be"):
+        native_mla.mla_decode(qn, qp, lat[..., :-1], uk, uv, table, sl, scale)
+    with pytest.raises(ValueError, match="w_uk must be"):
+        native_mla.mla_decode(qn, qp, lat, uk[:3], uv, table, sl, scale)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        native_mla.mla_decode(qn.half(), qp.half(), lat, uk, uv, table, sl, scale)
+    with pytest.raises(ValueError, match="block_tables must be"):
+        native_mla.mla_decode(qn, qp, lat, uk, uv, table[:1], sl, scale)
+    bad = table.clone()
+    bad[1, 1] = lat.shape[0]  # a block past the cache
+    with pytest.raises(ValueError, match="out of range"):
+        native_mla.mla_decode(qn, qp, lat, uk, uv, bad, sl, scale)
+    with pytest.raises(ValueError, match="out of range"):
+        native_mla.mla_decode(qn, qp, lat, uk, uv, table, sl + 10 ** 4, scale)
+
+
+def test_library_checks_the_mla_arguments_itself():
+    """Raw calls past the wrapper: sizes, dtypes and null pointers come back as error codes."""
+    lib = native_ops._lib()
+    qn, qp, lat, uk, uv, table, sl, _, _ = mla_case(2, 16, 8, 32, 16, [5], F32, F32, F32)
+    out = torch.empty(1, 2, 16)
+    ptrs = [t.data_ptr() for t in (qn.contiguous(), qp.contiguous(), uk, uv, lat, table, sl, out)]
+    good = [1, 2, 16, 8, 32, 16, lat.shape[0], lat.shape[1], table.shape[1], 0.25, 0, 0, 0, 0, *ptrs]
+    assert lib.kt_mla_decode(ctypes.byref(_MlaDecodeArgs(*good))) == 0
+    for i, value, code in [(4, 5000, -5), (1, 0, -5), (10, 7, -3), (13, 99, -2), (14, None, -6),
+                           (8, 0, -5), (21, None, -6)]:
+        bad = list(good)
+        bad[i] = value
+        assert lib.kt_mla_decode(ctypes.byref(_MlaDecodeArgs(*bad))) == code, (i, value)
