@@ -138,11 +138,13 @@ class CpuBackend(TorchBackend):
 
     def attention_mla(self, q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
                       causal=True, selected=None):
-        # a decode step's MLA in one native call (native_mla); prefill and sparse selection on torch
-        out = native_mla.try_mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
-                                        query_start_loc, scale, causal, selected)
-        if out is not None:
-            return out
+        # a decode step's MLA in one native call; a bf16 prefill expanded to multi-head attention on
+        # the tiles (native_mla); sparse selection and the rest on torch
+        for attempt in (native_mla.try_mla_decode, native_mla.try_mla_prefill):
+            out = attempt(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
+                          causal, selected)
+            if out is not None:
+                return out
         return super().attention_mla(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens,
                                      query_start_loc, scale, causal, selected)
 

@@ -36,6 +36,42 @@ def _gemm(x: torch.Tensor, w: native.PackedProj, M: int, K: int) -> torch.Tensor
     return native_linear.linear(x, native_linear.PackedLinear("bf16", 0, w, M, K), round_bf16=True)
 
 
+def hidden_keys(n: int, L: int, causal: bool, sliding_window=None, chunk=None) -> torch.Tensor:
+    """[n, Lp] True where query row i (at position L - n + i) must not see key j; the padding past L
+    hidden too (Lp: L rounded up to PAD)."""
+    Lp = -(-L // PAD) * PAD
+    hidden = ~_visible(torch.arange(L - n, L), torch.arange(L), causal, sliding_window, chunk)
+    if Lp > L:
+        hidden = torch.cat([hidden, hidden.new_ones(n, Lp - L)], dim=1)
+    return hidden
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor, scale: float,
+           out: torch.Tensor) -> None:
+    """One sequence's attention on the panel kernels: q [n, Hq, D], k [L, Hkv, D], v [L, Hkv, Dv]
+    (bf16; Dv may differ from D), hidden [n, Lp] (hidden_keys); writes out [n, Hq, Dv] (a view may
+    be passed). Per KV head, its keys and values are packed once and its query heads go through
+    together in row chunks of at most SCORE_BYTES of scores."""
+    n, Hq, D = q.shape
+    L, Hkv, Dv = k.shape[0], k.shape[1], v.shape[2]
+    G, Lp = Hq // Hkv, hidden.shape[1]
+    rows = max(1, SCORE_BYTES // (4 * G * Lp))
+    for h in range(Hkv):
+        kh = k.new_zeros(1, Lp, D)
+        kh[0, :L] = k[:, h]
+        vh = v.new_zeros(1, Dv, Lp)
+        vh[0, :, :L] = v[:, h].t()
+        kp, vp = native._pack_proj(kh, None), native._pack_proj(vh, None)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            qg = q[r0:r1, h * G:(h + 1) * G].transpose(0, 1).reshape(-1, D).float()
+            s = _gemm(qg, kp, Lp, D).view(G, r1 - r0, Lp)
+            s.mul_(scale).masked_fill_(hidden[r0:r1], float("-inf"))
+            p = torch.softmax(s, dim=-1).view(-1, Lp)
+            o = _gemm(p, vp, Dv, Lp).view(G, r1 - r0, Dv)
+            out[r0:r1, h * G:(h + 1) * G] = o.transpose(0, 1).to(out.dtype)
+
+
 def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, causal=True,
                           sliding_window=None, sinks=None, chunk=None, any_variant=False) -> Optional[torch.Tensor]:
     """The torch reference's (kt_core.backend.torch_ops.attention.attention_prefill) result, or None
@@ -47,29 +83,10 @@ def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_sta
     Hkv = k_cache.shape[2]
     if Hq % Hkv or v_cache.shape[-1] != D:
         return None
-    G = Hq // Hkv
     out = torch.empty_like(q)
     for b, qs, qe, length in sequences(seq_lens, query_start_loc):
-        n, L = qe - qs, length
-        Lp = -(-L // PAD) * PAD
-        k = gather_context(k_cache, block_tables[b], L)  # [L, Hkv, D]
-        v = gather_context(v_cache, block_tables[b], L)
-        hidden = ~_visible(torch.arange(L - n, L), torch.arange(L), causal, sliding_window, chunk)
-        if Lp > L:
-            hidden = torch.cat([hidden, hidden.new_ones(n, Lp - L)], dim=1)
-        rows = max(1, SCORE_BYTES // (4 * G * Lp))
-        for h in range(Hkv):
-            kh = k.new_zeros(1, Lp, D)
-            kh[0, :L] = k[:, h]
-            vh = v.new_zeros(1, D, Lp)
-            vh[0, :, :L] = v[:, h].t()
-            kp, vp = native._pack_proj(kh, None), native._pack_proj(vh, None)
-            for r0 in range(0, n, rows):
-                r1 = min(n, r0 + rows)
-                qg = q[qs + r0:qs + r1, h * G:(h + 1) * G].transpose(0, 1).reshape(-1, D).float()
-                s = _gemm(qg, kp, Lp, D).view(G, r1 - r0, Lp)
-                s.mul_(scale).masked_fill_(hidden[r0:r1], float("-inf"))
-                p = torch.softmax(s, dim=-1).view(-1, Lp)
-                o = _gemm(p, vp, D, Lp).view(G, r1 - r0, D)
-                out[qs + r0:qs + r1, h * G:(h + 1) * G] = o.transpose(0, 1).to(q.dtype)
+        k = gather_context(k_cache, block_tables[b], length)  # [L, Hkv, D]
+        v = gather_context(v_cache, block_tables[b], length)
+        hidden = hidden_keys(qe - qs, length, causal, sliding_window, chunk)
+        attend(q[qs:qe], k, v, hidden, scale, out[qs:qe])
     return out

@@ -1,10 +1,12 @@
-"""DeepSeek's multi-head latent attention (MLA) for a decode step on the native CPU kernels
-(``native/mla_decode.inc``): the absorbed form in one call per layer, the query's absorption through
-kv_b_proj's key half, attention over the latent cache read in place through the block table, and
-the value half's product, float32 inside. The contract is the torch reference's
-(``kt_core.backend.torch_ops.attention.attention_mla``) for one query per sequence, without sparse
-attention's token selection; ``try_mla_decode`` returns None for anything else (a prefill, a
-DeepSeek-V3.2 selection, float16, another device), and the CPU backend then runs the reference.
+"""DeepSeek's multi-head latent attention (MLA) on the native CPU kernels, the contract of the torch
+reference (``kt_core.backend.torch_ops.attention.attention_mla``).
+
+A decode step (``try_mla_decode``, ``native/mla_decode.inc``): the absorbed form in one call per
+layer, the query's absorption through kv_b_proj's key half, attention over the latent cache read in
+place through the block table, and the value half's product, float32 inside. A bf16 prefill on AMX
+(``try_mla_prefill``): the latent rows expanded to per-head keys and values, attention on the tiles.
+Each returns None for what it does not take (DeepSeek-V3.2's token selection, float16, another
+device, ...), and the CPU backend then runs the reference.
 
 Before it (torch, one intra-op thread in a decode step), a DeepSeek-V3-sized layer converted both
 absorbed halves (2 x 16 MB of bf16) to float32 on every call: ~21 ms of a layer's step.
@@ -17,12 +19,14 @@ from typing import Optional
 
 import torch
 
-from kt_backends.cpu import native_ops
+from kt_backends.cpu import native_attention, native_ops
 from kt_backends.cpu.native_abi import MAX_DIM, MAX_HEAD_DIM, MAX_POOLS, _check_rc
 from kt_backends.cpu.native_ops import (_DTYPES, _INDEX_DTYPES, _INT32_MAX, _fail, _index32, _unavailable, _unfit,
                                         _what)
+from kt_core.backend.torch_ops.attention import gather_context, sequences
 
 OP = "mla_decode"
+KV_BYTES = 64 << 20  # a prefill's expanded keys and values held at once: heads are taken in groups to fit
 
 
 def _why(q_nope, q_pe, latent, w_uk, w_uv, block_tables, seq_lens) -> str:
@@ -137,3 +141,41 @@ def try_mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_len
     if T > 1 and not bool(torch.all(query_start_loc[1:] - query_start_loc[:-1] == 1)):
         return None  # some sequence brings more than one token: a prefill
     return _mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, scale, pool, False)
+
+
+def try_mla_prefill(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
+                    causal=True, selected=None, any_variant=False) -> Optional[torch.Tensor]:
+    """``attention_mla`` for a prefill of a bf16 model, in the form DeepSeek prefills in: each
+    sequence's latent rows expanded to per-head keys (kv_b's key half, plus the shared roped part)
+    and values (its value half) by bf16 GEMMs (oneDNN's tiles), then multi-head attention on the
+    panel kernels (native_attention.attend: float32 scores, bf16 probabilities), heads in groups
+    that bound the expansion's memory (KV_BYTES). 512 tokens: (n + L) x 192 + n x 128 products a
+    head instead of the absorbed form's (n x L) x 1088. None where it does not apply: DeepSeek-V3.2's
+    token selection, float32 models, a CPU without AMX (unless ``any_variant``), or
+    ``KT_NATIVE_PREFILL_ATTENTION=0`` or ``KT_NATIVE_MLA=0``; the CPU backend then runs the torch
+    reference."""
+    if os.environ.get("KT_NATIVE_MLA", "1") == "0":
+        return None
+    if selected is not None or not native_attention._takes(q_nope, latent_cache, w_uk, None, any_variant):
+        return None
+    if q_pe.dtype != torch.bfloat16 or w_uv.dtype != torch.bfloat16 or latent_cache.shape[2] != 1:
+        return None
+    T, H, dn = q_nope.shape
+    dr, lora, dv = q_pe.shape[2], w_uk.shape[2], w_uv.shape[1]
+    if latent_cache.shape[3] != lora + dr or w_uk.shape[:2] != (H, dn) or w_uv.shape[0] != H:
+        return None
+    out = q_nope.new_empty(T, H, dv)
+    q = torch.cat((q_nope, q_pe), dim=-1)  # [T, H, dn + dr]
+    wk, wv = w_uk.reshape(H * dn, lora), w_uv.reshape(H * dv, lora)
+    for b, qs, qe, L in sequences(seq_lens, query_start_loc):
+        ctx = gather_context(latent_cache, block_tables[b], L)[:, 0]  # [L, lora + dr]
+        c, k_pe = ctx[:, :lora], ctx[:, lora:]
+        hidden = native_attention.hidden_keys(qe - qs, L, causal)
+        per = max(1, KV_BYTES // (2 * L * (dn + dr + dv)))
+        for h0 in range(0, H, per):
+            h1 = min(H, h0 + per)
+            k_nope = torch.nn.functional.linear(c, wk[h0 * dn:h1 * dn]).view(L, h1 - h0, dn)
+            k = torch.cat((k_nope, k_pe[:, None, :].expand(L, h1 - h0, dr)), dim=-1)
+            v = torch.nn.functional.linear(c, wv[h0 * dv:h1 * dv]).view(L, h1 - h0, dv)
+            native_attention.attend(q[qs:qe, h0:h1], k, v, hidden, scale, out[qs:qe, h0:h1])
+    return out

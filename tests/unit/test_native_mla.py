@@ -73,12 +73,14 @@ def test_cpu_backend_routes_decode_to_the_kernel_and_the_rest_to_torch():
     args = mla_case(4, 32, 16, 64, 32, [9, 33], BF16, BF16, BF16, seed=7)
     assert torch.equal(be.attention_mla(*args), native_mla.mla_decode(*args[:7], args[8]))
     qn, qp, lat, uk, uv, table, sl, qsl, scale = args
-    # a prefill (sequence 1 brings 3 tokens): the reference
+    # a prefill (sequence 1 brings 3 tokens): not the decode kernel's; the prefill path on AMX, else torch
     q3n, q3p = torch.cat([qn, qn[1:], qn[1:]]), torch.cat([qp, qp[1:], qp[1:]])
     qsl3 = torch.tensor([0, 1, 4], dtype=torch.int32)
-    assert native_mla.try_mla_decode(q3n, q3p, lat, uk, uv, table, sl, qsl3, scale) is None
-    assert torch.equal(be.attention_mla(q3n, q3p, lat, uk, uv, table, sl, qsl3, scale),
-                       torch_attention.attention_mla(q3n, q3p, lat, uk, uv, table, sl, qsl3, scale))
+    pre = (q3n, q3p, lat, uk, uv, table, sl, qsl3, scale)
+    assert native_mla.try_mla_decode(*pre) is None
+    expect = native_mla.try_mla_prefill(*pre)
+    assert (expect is not None) == (native.variant() == "amx")
+    assert torch.equal(be.attention_mla(*pre), torch_attention.attention_mla(*pre) if expect is None else expect)
     # as many tokens as sequences, but not one each (0 and 2): still a prefill
     assert native_mla.try_mla_decode(qn, qp, lat, uk, uv, table, sl, torch.tensor([0, 0, 2]), scale) is None
     # DeepSeek-V3.2's token selection, float16: the reference
@@ -120,3 +122,58 @@ def test_library_checks_the_mla_arguments_itself():
         bad = list(good)
         bad[i] = value
         assert lib.kt_mla_decode(ctypes.byref(_MlaDecodeArgs(*bad))) == code, (i, value)
+
+
+# ---------------------------------------------------------------- prefill (expanded, on the tiles)
+def expanded_reference(q_nope, q_pe, latent, w_uk, w_uv, table, lens, qsl, scale):
+    """What the prefill path computes, in float32: keys and values expanded per head and rounded to
+    bf16 (as transformers' bf16 DeepSeek computes them), then exact multi-head attention."""
+    out = []
+    for b in range(len(lens)):
+        n, L = int(qsl[b + 1] - qsl[b]), int(lens[b])
+        ctx = torch_attention.gather_context(latent, table[b], L)[:, 0].float()
+        c, k_pe = ctx[:, :w_uk.shape[2]], ctx[:, w_uk.shape[2]:]
+        k = torch.einsum("sl,hnl->hsn", c, w_uk.float()).bfloat16().float()
+        k = torch.cat((k, k_pe[None].expand(k.shape[0], -1, -1)), dim=-1)
+        v = torch.einsum("sl,hvl->hsv", c, w_uv.float()).bfloat16().float()
+        q = torch.cat((q_nope, q_pe), dim=-1)[int(qsl[b]):int(qsl[b + 1])].float().transpose(0, 1)
+        s = (q @ k.transpose(1, 2)) * scale
+        s = s.masked_fill(torch.arange(L)[None, :] > torch.arange(L - n, L)[:, None], float("-inf"))
+        out.append((torch.softmax(s, dim=-1) @ v).transpose(0, 1))
+    return torch.cat(out)
+
+
+def prefill_case(H=4, seed=9):
+    """Two sequences: a chunk of 40 new tokens after 60 cached ones, and a fresh 70-token prompt."""
+    qn, qp, lat, uk, uv, table, sl, _, scale = mla_case(H, 32, 16, 64, 48, [100, 70], BF16, BF16, BF16, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(110, H, 48, generator=g).bfloat16()
+    return q[..., :32], q[..., 32:], lat, uk, uv, table, sl, torch.tensor([0, 40, 110], dtype=torch.int32), scale
+
+
+def test_mla_prefill_matches_the_expanded_form(variant):
+    args = prefill_case()
+    out = native_mla.try_mla_prefill(*args, any_variant=True)
+    ref = expanded_reference(*args)
+    err = float((out.float() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-2, f"{variant}: {err:.3g}"  # the probabilities rounded to bf16 for P.V, the output to bf16
+    contract = torch_attention.attention_mla(*args).float()  # the absorbed form, float32 throughout
+    assert float((out.float() - contract).abs().max() / contract.abs().max()) < 2e-2
+
+
+def test_mla_prefill_in_head_groups_and_routing(monkeypatch):
+    args = prefill_case(H=6, seed=10)
+    whole = native_mla.try_mla_prefill(*args, any_variant=True)
+    monkeypatch.setattr(native_mla, "KV_BYTES", 1)  # one head at a time
+    assert torch.allclose(native_mla.try_mla_prefill(*args, any_variant=True).float(), whole.float(),
+                          rtol=1e-2, atol=1e-2)
+    be = CpuBackend()
+    if native.variant() == "amx":
+        assert torch.equal(be.attention_mla(*args), native_mla.try_mla_prefill(*args))
+    else:
+        assert native_mla.try_mla_prefill(*args) is None
+    f32 = [t.float() if t.is_floating_point() else t for t in args[:5]]
+    assert native_mla.try_mla_prefill(*f32, *args[5:], any_variant=True) is None  # float32 models: torch
+    monkeypatch.setenv("KT_NATIVE_MLA", "0")
+    assert native_mla.try_mla_prefill(*args, any_variant=True) is None
+    assert torch.equal(be.attention_mla(*args), torch_attention.attention_mla(*args))
