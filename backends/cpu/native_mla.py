@@ -21,8 +21,7 @@ import torch
 
 from kt_backends.cpu import native_attention, native_ops
 from kt_backends.cpu.native_abi import MAX_DIM, MAX_HEAD_DIM, MAX_POOLS, _check_rc
-from kt_backends.cpu.native_ops import (_DTYPES, _INDEX_DTYPES, _INT32_MAX, _fail, _index32, _unavailable, _unfit,
-                                        _what)
+from kt_backends.cpu.native_ops import _DTYPES, _INDEX_DTYPES, _fail, _tables32, _unavailable, _unfit, _what
 from kt_core.backend.torch_ops.attention import gather_context, sequences
 
 OP = "mla_decode"
@@ -100,10 +99,7 @@ def _mla_decode(q_nope, q_pe, latent, w_uk, w_uv, block_tables, seq_lens, scale,
         return out
     # q's halves are views of one projection (tiny); the weights are made contiguous once, at load
     q_nope, q_pe, w_uk, w_uv = (t if t.is_contiguous() else t.contiguous() for t in (q_nope, q_pe, w_uk, w_uv))
-    if block_tables.dtype is not torch.int32 or not block_tables.is_contiguous():
-        block_tables = _index32(block_tables, nb)
-    if seq_lens.dtype is not torch.int32 or not seq_lens.is_contiguous():
-        seq_lens = _index32(seq_lens, _INT32_MAX)
+    block_tables, seq_lens = _tables32(block_tables, seq_lens, nb)
     try:
         args = native_ops._MLA(B, H, dn, dr, lora, dv, nb, bs, mb, scale, qcode, wcode, kvcode, pool,
                                q_nope.data_ptr(), q_pe.data_ptr(), w_uk.data_ptr(), w_uv.data_ptr(), latent.data_ptr(),

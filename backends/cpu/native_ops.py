@@ -141,6 +141,15 @@ def _index32(t: torch.Tensor, hi: int) -> torch.Tensor:
     return t.contiguous()
 
 
+def _tables32(block_tables: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int):
+    """The block table and lengths as the library reads them (contiguous int32; as they are when they are)."""
+    if block_tables.dtype is not torch.int32 or not block_tables.is_contiguous():
+        block_tables = _index32(block_tables, num_blocks)
+    if seq_lens.dtype is not torch.int32 or not seq_lens.is_contiguous():
+        seq_lens = _index32(seq_lens, _INT32_MAX)
+    return block_tables, seq_lens
+
+
 # ---------------------------------------------------------------- attention_decode
 def _attention_why(q, k_cache, v_cache, block_tables, seq_lens, sinks) -> str:
     """What keeps these tensors from the kernel, in words (after the fast check failed)."""
@@ -223,10 +232,7 @@ def _attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, slidin
         return torch.empty_like(q)
     if not q.is_contiguous():
         q = q.contiguous()  # [B, Hq, D]: tiny
-    if block_tables.dtype is not torch.int32 or not block_tables.is_contiguous():
-        block_tables = _index32(block_tables, nb)
-    if seq_lens.dtype is not torch.int32 or not seq_lens.is_contiguous():
-        seq_lens = _index32(seq_lens, _INT32_MAX)
+    block_tables, seq_lens = _tables32(block_tables, seq_lens, nb)
     sink_ptr = 0
     if sinks is not None:
         sinks = sinks.float().contiguous()

@@ -43,6 +43,8 @@ def weight_bytes_per_token(model) -> dict[str, int]:
     for layer in model.layers:
         if isinstance(layer.attn, (Attention, MLAttention)):
             out["attn_proj"] += sum(_nbytes(layer.attn.w.get(k)) for k in _ATTN_WEIGHTS)
+        if isinstance(layer.attn, MLAttention):  # MLA decode reads kv_b's absorbed halves
+            out["attention"] += _nbytes(layer.attn.w_uk) + _nbytes(layer.attn.w_uv)
         ffn = layer.ffn
         if isinstance(ffn, MoEBlock):
             out["router"] += _nbytes(ffn.router)

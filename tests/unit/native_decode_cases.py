@@ -1,5 +1,8 @@
 """Paged KV caches, queries and the tolerance check the native decode-op tests share."""
+import pytest
 import torch
+
+from kt_backends.cpu import native
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -47,3 +50,15 @@ def paged(lens, Hkv, D, bs, dtype, seed=0, pad_blocks=3, scale=1.0):
 
 def query(B, Hq, D, dtype, seed=1, scale=1.0):
     return (torch.randn(B, Hq, D, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@pytest.fixture(params=list(native.VARIANTS))
+def variant(request):
+    """Each kernel variant in turn (the ones this CPU lacks skip); the default restored after. A test
+    module takes it by importing it."""
+    if request.param not in native.supported_variants():
+        pytest.skip(f"this CPU (and build) cannot run the {request.param} kernels")
+    best = native.variant()
+    native.set_variant(request.param)
+    yield request.param
+    native.set_variant(best)

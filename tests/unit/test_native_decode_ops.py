@@ -9,23 +9,11 @@ from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.backend import CpuBackend
 from kt_core.backend.torch_ops import attention as torch_attention
 from kt_core.backend.torch_ops import norm_rope as torch_norm_rope
-from tests.unit.native_decode_cases import BF16, F32, assert_close, paged, query
+from tests.unit.native_decode_cases import BF16, F32, assert_close, paged, query, variant  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not native_ops.available(),
                                 reason=f"native CPU kernels: {native_ops.why_unavailable()}")
 
-VARIANTS = list(native.VARIANTS)
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request):
-    """Each kernel variant in turn (the ones this CPU lacks skip); the default restored after."""
-    if request.param not in native.supported_variants():
-        pytest.skip(f"this CPU (and build) cannot run the {request.param} kernels")
-    best = native.variant()
-    native.set_variant(request.param)
-    yield request.param
-    native.set_variant(best)
 
 
 class threads:

@@ -1,7 +1,7 @@
-"""DeepSeek MLA decode on the native kernels (kt_backends.cpu.native_mla) against the torch
-reference (kt_core.backend.torch_ops.attention.attention_mla) on every kernel variant this CPU
-runs; the CPU backend's routing (decode native, prefill and sparse selection on torch); what the
-wrapper and the library refuse."""
+"""DeepSeek MLA on the native kernels (kt_backends.cpu.native_mla) against the torch reference
+(kt_core.backend.torch_ops.attention.attention_mla) on every kernel variant this CPU runs: the
+decode call, the bf16 prefill path (expanded keys and values on the tiles), the CPU backend's
+routing, and what the wrapper and the library refuse."""
 import ctypes
 
 import pytest
@@ -11,20 +11,10 @@ from kt_backends.cpu import native, native_mla, native_ops
 from kt_backends.cpu.backend import CpuBackend
 from kt_backends.cpu.native_abi import _MlaDecodeArgs
 from kt_core.backend.torch_ops import attention as torch_attention
-from tests.unit.native_decode_cases import BF16, F32, assert_close, paged
+from tests.unit.native_decode_cases import BF16, F32, assert_close, paged, variant  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not native_ops.available(),
                                 reason=f"native CPU kernels: {native_ops.why_unavailable()}")
-
-
-@pytest.fixture(params=list(native.VARIANTS))
-def variant(request):
-    if request.param not in native.supported_variants():
-        pytest.skip(f"this CPU (and build) cannot run the {request.param} kernels")
-    best = native.variant()
-    native.set_variant(request.param)
-    yield request.param
-    native.set_variant(best)
 
 
 def mla_case(H, dn, dr, lora, dv, lens, qdt, wdt, kvdt, bs=16, seed=0):
