@@ -49,7 +49,7 @@ KT["4bit-h8"] = KT["4bit"] + ["quant.head=int8", "quant.int8_group_size=32"]  # 
 KT["4bit-asym"] = KT["4bit"] + ["quant.symmetric=false"]  # a zero point per group, as Q4_K's mins
 KT["4bit-mix"] = KT["4bit-asym"] + ["quant.experts_down=int8", "quant.head=int8", "quant.int8_group_size=32"]
 GGUF = {"bf16": ["bf16"], "8bit": ["q8_0"], "8bit-g32": ["q8_0"], "8bit-q8": ["q8_0"], "4bit": ["q4_0", "q4_k_m"], "4bit-d8": ["q4_k_m"],
-        "4bit-h8": ["q4_k_m"], "4bit-asym": ["q4_k_m"], "4bit-mix": ["q4_k_m"]}
+        "4bit-h8": ["q4_k_m"], "4bit-asym": ["q4_0", "q4_k_m"], "4bit-mix": ["q4_0", "q4_k_m"]}
 
 
 def kt_model(model: Path, precision: str, gguf_dir: Path, stem: str) -> tuple[Path, list[str]]:

@@ -15,7 +15,6 @@ pytestmark = pytest.mark.skipif(not native_ops.available(),
                                 reason=f"native CPU kernels: {native_ops.why_unavailable()}")
 
 
-
 class threads:
     """Run a block with n threads in pool 0, then restore."""
 
