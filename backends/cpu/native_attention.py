@@ -16,10 +16,12 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native, native_linear
+from kt_backends.cpu.native_abi import NR
 from kt_core.backend.torch_ops.attention import _visible, gather_context, sequences
 
 SCORE_BYTES = 32 << 20  # float32 scores held at once per KV head: query rows are chunked to fit
 PAD = 32  # context length padded to this (zero keys, masked): whole K blocks for the tiles
+ROW_CHUNK = 128  # query rows a chunk at most: a causal chunk's scores stop at its last visible key
 
 
 def _takes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks, any_variant: bool) -> bool:
@@ -55,19 +57,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tens
     n, Hq, D = q.shape
     L, Hkv, Dv = k.shape[0], k.shape[1], v.shape[2]
     G, Lp = Hq // Hkv, hidden.shape[1]
-    rows = max(1, SCORE_BYTES // (4 * G * Lp))
+    rows = max(1, min(ROW_CHUNK, SCORE_BYTES // (4 * G * Lp)))
+    chunks = []  # (r0, r1, keys): each row chunk's scores stop after its last visible key (causal masks)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        seen = (~hidden[r0:r1]).any(dim=0).nonzero()
+        last = int(seen[-1]) + 1 if seen.numel() else 1
+        chunks.append((r0, r1, min(Lp, -(-last // NR) * NR)))
     for h in range(Hkv):
         kh = k.new_zeros(1, Lp, D)
         kh[0, :L] = k[:, h]
         vh = v.new_zeros(1, Dv, Lp)
         vh[0, :, :L] = v[:, h].t()
         kp, vp = native._pack_proj(kh, None), native._pack_proj(vh, None)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
+        for r0, r1, keys in chunks:
             qg = q[r0:r1, h * G:(h + 1) * G].transpose(0, 1).reshape(-1, D).float()
-            s = _gemm(qg, kp, Lp, D).view(G, r1 - r0, Lp)
-            s.mul_(scale).masked_fill_(hidden[r0:r1], float("-inf"))
-            p = torch.softmax(s, dim=-1).view(-1, Lp)
+            kpre = kp if keys == Lp else native.PackedProj(kp.data[:, :keys // NR], None, None, None)
+            s = _gemm(qg, kpre, keys, D).view(G, r1 - r0, keys)
+            s.mul_(scale).masked_fill_(hidden[r0:r1, :keys], float("-inf"))
+            if keys == Lp:
+                p = torch.softmax(s, dim=-1).view(-1, Lp)
+            else:  # the keys past the chunk's last visible one weigh 0 in P.V
+                p = s.new_zeros(G * (r1 - r0), Lp)
+                p[:, :keys] = torch.softmax(s, dim=-1).view(-1, keys)
             o = _gemm(p, vp, Dv, Lp).view(G, r1 - r0, Dv)
             out[r0:r1, h * G:(h + 1) * G] = o.transpose(0, 1).to(out.dtype)
 
