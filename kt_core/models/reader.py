@@ -65,7 +65,8 @@ class _Reader:
         self.fuse = fuse  # q / k / v and gate / up as one weight each (inference; training adapts them apart)
 
     def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return self.ck.get(name, shape).to(dtype or self.dtype).to(self.device)
+        dtype = dtype or self.dtype  # asked of the checkpoint: a GGUF's float tensors skip float32
+        return self.ck.get(name, shape, dtype).to(dtype).to(self.device)
 
     def embedding(self, name: str, shape):
         """The token embedding: a tensor in the model's dtype, or with quant.embed=int8 a

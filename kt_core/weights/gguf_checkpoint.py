@@ -188,10 +188,15 @@ class GGUFCheckpoint:
             raise KtError(f"tensor {name} ({self._src[name].gguf} in {self.file_of(name)}) has shape {tuple(got)} "
                           f"but the GGUF metadata implies {tuple(shape)}; the file is inconsistent: convert it again")
 
-    def _decode(self, name: str, gguf: Optional[str] = None) -> torch.Tensor:
-        from kt_core.weights.gguf_blocks import dequantize
+    def _decode(self, name: str, gguf: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        from kt_core.weights.gguf_blocks import T, dequantize
 
         raw, qtype, gshape, src = self._raw(name, gguf)
+        stored = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}.get(qtype)
+        if stored is not None and dtype is not None and raw.numel() == stored.itemsize * torch.Size(gshape).numel():
+            # float files straight to the dtype asked for: a bf16 model from a BF16 GGUF never holds
+            # a float32 copy (the embedding and head of a 129k-token vocabulary: 3.7 GB each)
+            return raw.view(stored).reshape(tuple(gshape)).to(dtype)
         try:
             return dequantize(raw, qtype, gshape)
         except ValueError as exc:
@@ -213,9 +218,9 @@ class GGUFCheckpoint:
         """One tensor as floats (float32 unless ``dtype``), dequantized from its block type."""
         self._tensor(name)
         src = self._src[name]
-        t = self._decode(name)
+        t = self._decode(name, dtype=dtype)
         if src.join:
-            t = self._join(name, src, t, self._decode(name, src.other))
+            t = self._join(name, src, t, self._decode(name, src.other, dtype))
         if src.transpose:
             t = t.transpose(-1, -2).contiguous()
         if src.unpermute_heads:

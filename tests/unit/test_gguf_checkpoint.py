@@ -321,3 +321,29 @@ def test_experts_down_in_its_own_format(tiny, tmp_path):
     assert (mixed - ref).abs().max() < (int4 - ref).abs().max()  # 8-bit downs lose less than 4-bit ones
     with pytest.raises(KtError, match="experts_down"):
         quantize.run([f"model.path={hf}", *ov, "quant.experts_down=int8"], {})
+
+
+@pytest.mark.parametrize("qtype", ["BF16", "F16"])
+def test_float_files_read_straight_into_the_dtype_asked(tiny, tmp_path, qtype, monkeypatch):
+    """A float GGUF's tensors asked for in a dtype skip the float32 copy (a bf16 model from a BF16
+    file: never 2x its largest tensor), and hold the same values as through float32 (kv_b joined)."""
+    from kt_core.weights import gguf_blocks
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+    path = write_gguf(tiny("deepseek_v3"), tmp_path / f"m-{qtype}.gguf", qtype)
+    ck = GGUFCheckpoint(path)
+    names = [n for n in ck.keys() if ck.gguf_type(n) == qtype]
+    assert any("kv_b_proj" in n for n in names) and any("embed_tokens" in n for n in names)
+    via32 = {n: ck.get(n).to(torch.bfloat16) for n in names}
+    decode = gguf_blocks.dequantize
+
+    def no_float32(raw, qt, shape):
+        raise AssertionError(f"{qtype} decoded through float32")
+    monkeypatch.setattr(gguf_blocks, "dequantize", no_float32)
+    for name in names:
+        direct = ck.get(name, None, torch.bfloat16)
+        assert direct.dtype == torch.bfloat16 and torch.equal(direct, via32[name]), name
+    monkeypatch.setattr(gguf_blocks, "dequantize", decode)
+    assert ck.get("model.layers.0.self_attn.kv_b_proj.weight", None, torch.float32).dtype == torch.float32
+    if qtype == "BF16":  # the same bf16 values as the safetensors folder rounded to bf16
+        torch.testing.assert_close(logits(path, "bfloat16"), logits(tiny("deepseek_v3"), "bfloat16"), rtol=0, atol=0)
