@@ -141,25 +141,30 @@ def try_mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_len
 
 def try_mla_prefill(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, query_start_loc, scale,
                     causal=True, selected=None, any_variant=False) -> Optional[torch.Tensor]:
-    """``attention_mla`` for a prefill of a bf16 model, in the form DeepSeek prefills in: each
-    sequence's latent rows expanded to per-head keys (kv_b's key half, plus the shared roped part)
-    and values (its value half) by bf16 GEMMs (oneDNN's tiles), then multi-head attention on the
-    panel kernels (native_attention.attend: float32 scores, bf16 probabilities), heads in groups
-    that bound the expansion's memory (KV_BYTES). 512 tokens: (n + L) x 192 + n x 128 products a
-    head instead of the absorbed form's (n x L) x 1088. None where it does not apply: DeepSeek-V3.2's
-    token selection, float32 models, a CPU without AMX (unless ``any_variant``), or
-    ``KT_NATIVE_PREFILL_ATTENTION=0`` or ``KT_NATIVE_MLA=0``; the CPU backend then runs the torch
-    reference."""
-    if os.environ.get("KT_NATIVE_MLA", "1") == "0":
+    """``attention_mla`` for a prefill, in the form DeepSeek prefills in: each sequence's latent rows
+    expanded to per-head keys (kv_b's key half, plus the shared roped part) and values (its value
+    half) by GEMMs in the model's dtype (oneDNN), then multi-head attention: a bf16 model's on AMX on
+    the panel kernels (native_attention.attend: float32 scores, bf16 probabilities), else torch's
+    SDPA (float32 models, CPUs without AMX unless ``any_variant``, ``KT_NATIVE_PREFILL_ATTENTION=0``).
+    Heads go in groups that bound the expansion's memory (KV_BYTES). 512 tokens: (n + L) x 192 +
+    n x 128 products a head instead of the absorbed form's (n x L) x 1088, and no float32 copy of the
+    absorbed weights. None for DeepSeek-V3.2's token selection, mixed or other dtypes, or
+    ``KT_NATIVE_MLA=0``; the CPU backend then runs the torch reference."""
+    if os.environ.get("KT_NATIVE_MLA", "1") == "0" or selected is not None:
         return None
-    if selected is not None or not native_attention._takes(q_nope, latent_cache, w_uk, None, any_variant):
+    try:
+        T, H, dn = q_nope.shape
+        dr, lora, dv = q_pe.shape[2], w_uk.shape[2], w_uv.shape[1]
+        dt = q_nope.dtype
+        ok = (dt in (torch.bfloat16, torch.float32) and all(t.dtype == dt and t.device.type == "cpu" for t in
+                                                           (q_pe, latent_cache, w_uk, w_uv))
+              and latent_cache.dim() == 4 and latent_cache.shape[2] == 1 and latent_cache.shape[3] == lora + dr
+              and w_uk.shape[:2] == (H, dn) and w_uv.shape[0] == H and w_uv.shape[2] == lora)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        ok = False
+    if not ok:
         return None
-    if q_pe.dtype != torch.bfloat16 or w_uv.dtype != torch.bfloat16 or latent_cache.shape[2] != 1:
-        return None
-    T, H, dn = q_nope.shape
-    dr, lora, dv = q_pe.shape[2], w_uk.shape[2], w_uv.shape[1]
-    if latent_cache.shape[3] != lora + dr or w_uk.shape[:2] != (H, dn) or w_uv.shape[0] != H:
-        return None
+    tiles = native_attention._takes(q_nope, latent_cache, w_uk, None, any_variant)
     out = q_nope.new_empty(T, H, dv)
     q = torch.cat((q_nope, q_pe), dim=-1)  # [T, H, dn + dr]
     wk, wv = w_uk.reshape(H * dn, lora), w_uv.reshape(H * dv, lora)
@@ -167,11 +172,17 @@ def try_mla_prefill(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_le
         ctx = gather_context(latent_cache, block_tables[b], L)[:, 0]  # [L, lora + dr]
         c, k_pe = ctx[:, :lora], ctx[:, lora:]
         hidden = native_attention.hidden_keys(qe - qs, L, causal)
-        per = max(1, KV_BYTES // (2 * L * (dn + dr + dv)))
+        per = max(1, KV_BYTES // (q.element_size() * L * (dn + dr + dv)))
         for h0 in range(0, H, per):
             h1 = min(H, h0 + per)
             k_nope = torch.nn.functional.linear(c, wk[h0 * dn:h1 * dn]).view(L, h1 - h0, dn)
             k = torch.cat((k_nope, k_pe[:, None, :].expand(L, h1 - h0, dr)), dim=-1)
             v = torch.nn.functional.linear(c, wv[h0 * dv:h1 * dv]).view(L, h1 - h0, dv)
-            native_attention.attend(q[qs:qe, h0:h1], k, v, hidden, scale, out[qs:qe, h0:h1])
+            if tiles:
+                native_attention.attend(q[qs:qe, h0:h1], k, v, hidden, scale, out[qs:qe, h0:h1])
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q[qs:qe, h0:h1].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                    attn_mask=~hidden[:, :L], scale=scale)
+                out[qs:qe, h0:h1] = o.transpose(0, 1)
     return out

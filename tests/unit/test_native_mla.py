@@ -68,9 +68,7 @@ def test_cpu_backend_routes_decode_to_the_kernel_and_the_rest_to_torch():
     qsl3 = torch.tensor([0, 1, 4], dtype=torch.int32)
     pre = (q3n, q3p, lat, uk, uv, table, sl, qsl3, scale)
     assert native_mla.try_mla_decode(*pre) is None
-    expect = native_mla.try_mla_prefill(*pre)
-    assert (expect is not None) == (native.variant() == "amx")
-    assert torch.equal(be.attention_mla(*pre), torch_attention.attention_mla(*pre) if expect is None else expect)
+    assert torch.equal(be.attention_mla(*pre), native_mla.try_mla_prefill(*pre))
     # as many tokens as sequences, but not one each (0 and 2): still a prefill
     assert native_mla.try_mla_decode(qn, qp, lat, uk, uv, table, sl, torch.tensor([0, 0, 2]), scale) is None
     # DeepSeek-V3.2's token selection, float16: the reference
@@ -104,7 +102,8 @@ def test_library_checks_the_mla_arguments_itself():
     lib = native_ops._lib()
     qn, qp, lat, uk, uv, table, sl, _, _ = mla_case(2, 16, 8, 32, 16, [5], F32, F32, F32)
     out = torch.empty(1, 2, 16)
-    ptrs = [t.data_ptr() for t in (qn.contiguous(), qp.contiguous(), uk, uv, lat, table, sl, out)]
+    held = (qn.contiguous(), qp.contiguous(), uk, uv, lat, table, sl, out)  # alive while the raw calls read them
+    ptrs = [t.data_ptr() for t in held]
     good = [1, 2, 16, 8, 32, 16, lat.shape[0], lat.shape[1], table.shape[1], 0.25, 0, 0, 0, 0, *ptrs]
     assert lib.kt_mla_decode(ctypes.byref(_MlaDecodeArgs(*good))) == 0
     for i, value, code in [(4, 5000, -5), (1, 0, -5), (10, 7, -3), (13, 99, -2), (14, None, -6),
@@ -158,12 +157,27 @@ def test_mla_prefill_in_head_groups_and_routing(monkeypatch):
     assert torch.allclose(native_mla.try_mla_prefill(*args, any_variant=True).float(), whole.float(),
                           rtol=1e-2, atol=1e-2)
     be = CpuBackend()
-    if native.variant() == "amx":
-        assert torch.equal(be.attention_mla(*args), native_mla.try_mla_prefill(*args))
-    else:
-        assert native_mla.try_mla_prefill(*args) is None
-    f32 = [t.float() if t.is_floating_point() else t for t in args[:5]]
-    assert native_mla.try_mla_prefill(*f32, *args[5:], any_variant=True) is None  # float32 models: torch
+    assert torch.equal(be.attention_mla(*args), native_mla.try_mla_prefill(*args))
+    mixed = [args[0].float(), *args[1:]]
+    assert native_mla.try_mla_prefill(*mixed, any_variant=True) is None  # mixed dtypes: the reference
     monkeypatch.setenv("KT_NATIVE_MLA", "0")
     assert native_mla.try_mla_prefill(*args, any_variant=True) is None
     assert torch.equal(be.attention_mla(*args), torch_attention.attention_mla(*args))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
+def test_mla_prefill_on_sdpa_without_the_tiles(monkeypatch, dtype):
+    """Float32 models, and bf16 ones where the tile path is off (CPUs without AMX): the expanded
+    form on torch's SDPA. float32: the contract's value to float rounding (the same attention,
+    other association); bf16: within the expanded form's rounding."""
+    monkeypatch.setenv("KT_NATIVE_PREFILL_ATTENTION", "0")
+    args = [t.to(dtype) if t.is_floating_point() else t for t in prefill_case(H=3, seed=11)[:7]]
+    args += list(prefill_case(H=3, seed=11)[7:])
+    out = native_mla.try_mla_prefill(*args)
+    assert out is not None and out.dtype == dtype
+    contract = torch_attention.attention_mla(*args).float()
+    err = float((out.float() - contract).abs().max() / contract.abs().max())
+    assert err < (1e-5 if dtype == F32 else 2e-2), err
+    if dtype == BF16:
+        ref = expanded_reference(*args)
+        assert float((out.float() - ref).abs().max() / ref.abs().max()) < 1e-2
