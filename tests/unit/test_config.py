@@ -168,6 +168,7 @@ def test_model_quant_server_options_are_plain_subtrees():
             assert "@package" not in text and not any(line.startswith("defaults:") for line in text.splitlines()), path
 
 
+@pytest.mark.slow  # the composed halves take ~10 s to build: these checks run in .ci/run's slow set
 def test_stitched_combinations_equal_hydra_composition(composed_halves, monkeypatch, tmp_path):
     monkeypatch.setenv("KT_CONFIG_DIR", str(tmp_path))
     import random
@@ -180,9 +181,8 @@ def test_stitched_combinations_equal_hydra_composition(composed_halves, monkeypa
         assert OmegaConf.to_container(real) == OmegaConf.to_container(stitched(composed_halves, combo)), combo
 
 
-# the CPU's combinations in the default suite; the accelerators' (~4.5 s each) in the slow set
-@pytest.mark.parametrize("device", [d if d == "cpu" else pytest.param(d, marks=pytest.mark.slow)
-                                    for d in OPTIONS["device"]])
+@pytest.mark.slow  # with the ~10 s fixture, ~4.5 s a device
+@pytest.mark.parametrize("device", OPTIONS["device"])
 def test_every_group_combination_composes_and_validates(composed_halves, device):
     """All of conf/ crossed, described as kt plan / kt config --no-device-check do: each
     combination validates, or fails in one line with a fix where it means nothing here."""
