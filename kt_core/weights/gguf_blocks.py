@@ -263,11 +263,13 @@ def _chunks(flat: torch.Tensor, block: int, size: int):
         yield b0, flat[b0 * size:b1 * size].view(b1 - b0, size)
 
 
-def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The float32 tensor of ``shape`` (torch order) that the GGML bytes ``raw`` of type ``qtype`` hold."""
+def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The tensor of ``shape`` (torch order) that the GGML bytes ``raw`` of type ``qtype`` hold: float32
+    values, rounded to ``dtype`` chunk by chunk when another is asked (no whole float32 copy)."""
     qt, flat, block, size = _check(raw, qtype, shape)
     decode = _DECODERS[qt]
-    out = torch.empty(flat.numel() // size * block, dtype=torch.float32, device=flat.device)
+    out = torch.empty(flat.numel() // size * block, dtype=dtype, device=flat.device)
     for b0, b in _chunks(flat, block, size):
         out[b0 * block:(b0 + b.shape[0]) * block] = decode(b).reshape(-1)
     return out.reshape(tuple(shape))

@@ -194,11 +194,11 @@ class GGUFCheckpoint:
         raw, qtype, gshape, src = self._raw(name, gguf)
         stored = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}.get(qtype)
         if stored is not None and dtype is not None and raw.numel() == stored.itemsize * torch.Size(gshape).numel():
-            # float files straight to the dtype asked for: a bf16 model from a BF16 GGUF never holds
-            # a float32 copy (the embedding and head of a 129k-token vocabulary: 3.7 GB each)
+            # float files straight to the dtype asked for, block types rounded to it chunk by chunk: a
+            # bf16 model never holds a float32 copy (a 129k x 7168 embedding: 3.7 GB)
             return raw.view(stored).reshape(tuple(gshape)).to(dtype)
         try:
-            return dequantize(raw, qtype, gshape)
+            return dequantize(raw, qtype, gshape, dtype or torch.float32)
         except ValueError as exc:
             raise KtError(f"tensor {gguf or src.gguf} in {self.file_of(name)}: {exc}") from None
 

@@ -337,7 +337,7 @@ def test_float_files_read_straight_into_the_dtype_asked(tiny, tmp_path, qtype, m
     via32 = {n: ck.get(n).to(torch.bfloat16) for n in names}
     decode = gguf_blocks.dequantize
 
-    def no_float32(raw, qt, shape):
+    def no_float32(raw, qt, shape, dtype=None):
         raise AssertionError(f"{qtype} decoded through float32")
     monkeypatch.setattr(gguf_blocks, "dequantize", no_float32)
     for name in names:
@@ -347,3 +347,15 @@ def test_float_files_read_straight_into_the_dtype_asked(tiny, tmp_path, qtype, m
     assert ck.get("model.layers.0.self_attn.kv_b_proj.weight", None, torch.float32).dtype == torch.float32
     if qtype == "BF16":  # the same bf16 values as the safetensors folder rounded to bf16
         torch.testing.assert_close(logits(path, "bfloat16"), logits(tiny("deepseek_v3"), "bfloat16"), rtol=0, atol=0)
+
+
+def test_block_types_decode_chunkwise_into_the_dtype_asked(tiny, tmp_path):
+    """A Q8_0 embedding read for a bf16 model is rounded chunk by chunk (no float32 copy of it):
+    the same values as decoding to float32 and rounding after."""
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+
+    ck = GGUFCheckpoint(write_gguf(tiny("qwen3_moe"), tmp_path / "m.gguf", "Q8_0"))
+    name = "model.embed_tokens.weight"
+    assert ck.gguf_type(name) == "Q8_0"
+    got = ck.get(name, None, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ck.get(name).to(torch.bfloat16))
