@@ -14,14 +14,13 @@ absorbed halves (2 x 16 MB of bf16) to float32 on every call: ~21 ms of a layer'
 from __future__ import annotations
 
 import os
-import struct
 from typing import Optional
 
 import torch
 
 from kt_backends.cpu import native_attention, native_ops
-from kt_backends.cpu.native_abi import MAX_DIM, MAX_HEAD_DIM, MAX_POOLS, _check_rc
-from kt_backends.cpu.native_ops import _DTYPES, _INDEX_DTYPES, _fail, _tables32, _unavailable, _unfit, _what
+from kt_backends.cpu.native_abi import MAX_DIM, MAX_HEAD_DIM, MAX_POOLS
+from kt_backends.cpu.native_ops import _DTYPES, _INDEX_DTYPES, _fail, _invoke, _tables32, _unavailable, _what
 from kt_core.backend.torch_ops.attention import gather_context, sequences
 
 OP = "mla_decode"
@@ -100,16 +99,11 @@ def _mla_decode(q_nope, q_pe, latent, w_uk, w_uv, block_tables, seq_lens, scale,
     # q's halves are views of one projection (tiny); the weights are made contiguous once, at load
     q_nope, q_pe, w_uk, w_uv = (t if t.is_contiguous() else t.contiguous() for t in (q_nope, q_pe, w_uk, w_uv))
     block_tables, seq_lens = _tables32(block_tables, seq_lens, nb)
-    try:
-        args = native_ops._MLA(B, H, dn, dr, lora, dv, nb, bs, mb, scale, qcode, wcode, kvcode, pool,
-                               q_nope.data_ptr(), q_pe.data_ptr(), w_uk.data_ptr(), w_uv.data_ptr(), latent.data_ptr(),
-                               block_tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr())
-    except (struct.error, OverflowError) as exc:
-        return _unfit(strict, OP, exc)
-    rc = lib.kt_mla_decode(args)
-    if rc:
-        _check_rc(rc, OP)
-    return out
+    ran = _invoke(lib.kt_mla_decode, native_ops._MLA,
+                  (B, H, dn, dr, lora, dv, nb, bs, mb, scale, qcode, wcode, kvcode, pool, q_nope.data_ptr(),
+                   q_pe.data_ptr(), w_uk.data_ptr(), w_uv.data_ptr(), latent.data_ptr(), block_tables.data_ptr(),
+                   seq_lens.data_ptr(), out.data_ptr()), OP, strict)
+    return out if ran else None
 
 
 def mla_decode(q_nope, q_pe, latent_cache, w_uk, w_uv, block_tables, seq_lens, scale, pool: int = 0) -> torch.Tensor:

@@ -107,6 +107,20 @@ def _unfit(strict: bool, op: str, exc: Exception):
     return _fail(strict, op, f"an argument does not fit the kernel's types ({exc})")
 
 
+def _invoke(fn, pack, values: tuple, op: str, strict: bool) -> bool:
+    """Pack an argument block and call the library with it: True when it ran, False when an argument
+    does not fit the block's C types (ValueError instead when ``strict``); a library error raises."""
+    try:
+        args = pack(*values)
+    except (struct.error, OverflowError) as exc:
+        _unfit(strict, op, exc)
+        return False
+    rc = fn(args)
+    if rc:
+        _check_rc(rc, op)
+    return True
+
+
 def _pool(pool) -> int:
     if type(pool) is not int or not 0 <= pool < MAX_POOLS:
         raise ValueError(f"pool (logical CPU device cpu:N) must be an integer in 0..{MAX_POOLS - 1}, got {pool!r}")
@@ -238,16 +252,11 @@ def _attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, slidin
         sinks = sinks.float().contiguous()
         sink_ptr = sinks.data_ptr()
     out = torch.empty_like(q)
-    try:
-        args = _ATTN(B, Hq, Hkv, D, nb, bs, mb, window, chunk_, scale, qcode, kvcode, pool, q.data_ptr(),
-                     k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), sink_ptr,
-                     out.data_ptr())
-    except (struct.error, OverflowError) as exc:
-        return _unfit(strict, op, exc)
-    rc = lib.kt_attention_decode(args)
-    if rc:
-        _check_rc(rc, op)
-    return out
+    ran = _invoke(lib.kt_attention_decode, _ATTN,
+                  (B, Hq, Hkv, D, nb, bs, mb, window, chunk_, scale, qcode, kvcode, pool, q.data_ptr(),
+                   k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(), sink_ptr,
+                   out.data_ptr()), op, strict)
+    return out if ran else None
 
 
 def attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None, sinks=None,
@@ -302,14 +311,9 @@ def _rmsnorm(x, weight, eps, pool, strict):
     rows = x.numel() // D
     if rows == 0:
         return out
-    try:
-        args = _RMS(rows, D, eps, xcode, wcode, pool, x.data_ptr(), weight.data_ptr(), out.data_ptr())
-    except (struct.error, OverflowError) as exc:
-        return _unfit(strict, op, exc)
-    rc = lib.kt_rmsnorm(args)
-    if rc:
-        _check_rc(rc, op)
-    return out
+    ran = _invoke(lib.kt_rmsnorm, _RMS, (rows, D, eps, xcode, wcode, pool, x.data_ptr(), weight.data_ptr(),
+                                         out.data_ptr()), op, strict)
+    return out if ran else None
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, pool: int = 0) -> torch.Tensor:
@@ -372,16 +376,11 @@ def _rope(q, k, positions, cos_sin, interleaved, pool, strict):
         positions = positions.to(torch.int64).contiguous()
     if not cos_sin.is_contiguous():
         cos_sin = cos_sin.contiguous()
-    try:
-        args = _ROPE(T, Hq, Hk, D, rot, P, qs[0], qs[1], ks[0], ks[1], qcode, kcode, 1 if interleaved else 0, pool,
-                     q.data_ptr(), k.data_ptr(), positions.data_ptr(), cos_sin.data_ptr(), q_out.data_ptr(),
-                     k_out.data_ptr())
-    except (struct.error, OverflowError) as exc:
-        return _unfit(strict, op, exc)
-    rc = lib.kt_rope(args)
-    if rc:
-        _check_rc(rc, op)
-    return q_out, k_out
+    ran = _invoke(lib.kt_rope, _ROPE,
+                  (T, Hq, Hk, D, rot, P, qs[0], qs[1], ks[0], ks[1], qcode, kcode, 1 if interleaved else 0, pool,
+                   q.data_ptr(), k.data_ptr(), positions.data_ptr(), cos_sin.data_ptr(), q_out.data_ptr(),
+                   k_out.data_ptr()), op, strict)
+    return (q_out, k_out) if ran else None
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, interleaved: bool = False,
