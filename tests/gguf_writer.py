@@ -198,7 +198,8 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: i
         quantize = (t.dim() >= 2 and t.shape[-1] % block == 0 and "ffn_gate_inp" not in name
                     and q != gguf.GGMLQuantizationType.F32)
         if quantize:
-            w.add_tensor(name, gguf.quants.quantize(arr, q), raw_dtype=q)
+            blocks = q5_k_blocks(arr) if kind == "Q5_K" else gguf.quants.quantize(arr, q)
+            w.add_tensor(name, blocks, raw_dtype=q)
         else:
             w.add_tensor(name, arr)
     w.write_header_to_file()
@@ -206,6 +207,36 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", split_max_tensors: i
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def q5_k_blocks(x: np.ndarray) -> np.ndarray:
+    """float32 ``[..., n]`` (n a multiple of 256) as Q5_K blocks (the gguf package quantizes no K
+    type), from the format's definition (ggml-common.h's block_q5_K): per super-block of 256, f16 d and
+    dmin, twelve bytes of 6-bit scales and mins of its 8 sub-blocks of 32, qh[32] (bit i of byte l: the
+    5th bit of element l of sub-block i), qs[128] (bytes 32c..32c+31: sub-block 2c in the low nibbles,
+    2c+1 in the high); x = d*sc*q - dmin*m with q in 0..31. Rounding is plain (no search): the tests
+    compare against what these bytes decode to, not against the floats."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    sub = x.reshape(-1, 8, 32).astype(np.float32)
+    lo = np.minimum(sub.min(-1), 0.0)
+    scale, mins = (sub.max(-1) - lo) / 31.0, -lo
+    d = (scale.max(-1) / 63.0).astype(np.float16)
+    dmin = (mins.max(-1) / 63.0).astype(np.float16)
+    df, mf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    ls = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), 0, 63).astype(np.uint8)
+    lm = np.clip(np.rint(np.divide(mins, mf, out=np.zeros_like(mins), where=mf > 0)), 0, 63).astype(np.uint8)
+    step = (df * ls)[..., None]
+    q = np.rint(np.divide(sub + (mf * lm)[..., None], step, out=np.zeros_like(sub), where=step > 0))
+    q = np.clip(q, 0, 31).astype(np.uint8)  # [b, 8, 32]
+    sc = np.zeros((q.shape[0], 12), np.uint8)
+    sc[:, 0:4] = (ls[:, :4] & 63) | ((ls[:, 4:] >> 4) << 6)
+    sc[:, 4:8] = (lm[:, :4] & 63) | ((lm[:, 4:] >> 4) << 6)
+    sc[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    qh = ((q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1).astype(np.uint8)  # [b, 32]
+    low = q & 0xF
+    qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(-1, 128)
+    out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qh, qs], axis=1)
+    return np.ascontiguousarray(out.reshape(*lead, n // 256 * 176))
 
 
 def dequantized_folder(gguf_path: Path, hf_folder: Path, out: Path) -> Path:

@@ -14,8 +14,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # kt_rope (argument structs below, native_ops.py) and error code -13 (an index read from a tensor is out of range);
 # 13: kt_decode_layers, a decode step's decoder layers in one call (native_layer.py), and fp16 group scales of
 # int8 (MoeArgs.scale_f16 / down_scale_f16, LinearArgs.scale_f16); 14: the same flags take int4 (scales and
-# zero points in fp16); 15: kt_mla_decode, DeepSeek MLA decode over the latent cache (native_mla.py)
-ABI_VERSION = 15
+# zero points in fp16); 15: kt_mla_decode, DeepSeek MLA decode over the latent cache (native_mla.py); 16: grouped
+# int8 takes zero points (value = (code - zero) * scale: GGUF Q5_1 / Q5_K / Q2_K kept exactly)
+ABI_VERSION = 16
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts

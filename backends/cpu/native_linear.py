@@ -103,7 +103,11 @@ def pack_linear(w) -> Optional[PackedLinear]:
         group = 0 if w.group_size == K else w.group_size
         if K % (4 if w.format is Quant.W8A8 else 2) or (group and (w.format is Quant.W8A8 or not int8_group_ok(group))):
             return None
+        if w.zeros is not None and not group:  # zero points: grouped int8 only (GGUF Q5_1 / Q5_K / Q2_K)
+            return None
     elif w.format is Quant.FP8:
+        if w.zeros is not None:
+            return None
         group = 0 if w.group_size == K else w.group_size
     elif w.format is Quant.INT4:
         group = w.group_size

@@ -134,8 +134,9 @@ def _check_packed(p: PackedExperts) -> tuple:
                    and proj.scale.dtype == torch.float16)
             _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float16 if f16 else torch.float32)
             if proj.zero is not None:
-                if fmt != "int4":
-                    raise ValueError(f"{where}: {name} has zero points, which only int4 takes; {_REPACK}")
+                if fmt != "int4" and not (fmt == "int8" and grp > 0):
+                    raise ValueError(f"{where}: {name} has zero points, which only int4 and grouped int8 take; "
+                                     f"{_REPACK}")
                 _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float16 if f16 else torch.float32)
         if proj.bias is not None:
             _check_tensor(proj.bias, f"{where}: {name}.bias", (E, M), torch.float32)
@@ -185,11 +186,12 @@ def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False) -> PackedProj
         scale = _panels(w.scales.half() if f16 else w.scales.float())  # [E, P, G, 16]
         if w.group_size == w.in_features:
             scale = scale.reshape(w.scales.shape[0], -1).contiguous()  # one per row: [E, P*16]
+        zero = None if w.zeros is None else _panels(w.zeros.half() if f16 else w.zeros.float())  # grouped int8
         data = _panels(w.qdata)  # [E, P, K, 16]
         E, P, K, _ = data.shape
         step = 4 if w.format is Quant.W8A8 else 2  # inputs of a row side by side: [E, P, K/step, 16, step]
         data = data.reshape(E, P, K // step, step, NR).transpose(3, 4).contiguous()
-        return PackedProj(data, scale, None, b)
+        return PackedProj(data, scale, zero, b)
     half = f16 and w.format is Quant.INT4
     scale = _panels(w.scales.half() if half else w.scales.float())  # [E, P, G, 16]
     zero = None if w.zeros is None else _panels(w.zeros.half() if half else w.zeros.float())
@@ -255,10 +257,14 @@ def _kind(ws: list) -> Optional[tuple[str, int]]:
         if group and (fmt is Quant.W8A8 or any(per_row) or not int8_group_ok(group)
                       or any(w.group_size != group for w in ws)):
             return None  # groups: int8 only, one size, 4..256 inputs (one int32 sum each)
+        if any(w.zeros is not None for w in ws) and (not group or any(w.zeros is None for w in ws)):
+            return None  # zero points: grouped int8 only (GGUF Q5_1 / Q5_K / Q2_K), on all of them or none
         if any(w.in_features % (4 if fmt is Quant.W8A8 else 2) for w in ws):
             return None  # the integer dot products take inputs in pairs (w8a8: fours)
         return fmt.value, group
     if fmt is Quant.FP8:
+        if any(w.zeros is not None for w in ws):
+            return None
         per_row = all(w.group_size == w.in_features for w in ws)
         group = 0 if per_row else ws[0].group_size  # 0: one scale per row, whatever K is
         return None if not per_row and any(w.group_size != group for w in ws) else ("fp8", group)

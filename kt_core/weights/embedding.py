@@ -27,10 +27,12 @@ class QuantizedEmbedding:
         return self.w.qdata.device
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w.qdata, self.w.scales))
+        return sum(t.numel() * t.element_size() for t in (self.w.qdata, self.w.scales, self.w.zeros) if t is not None)
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         codes, scales = self.w.qdata[ids], self.w.scales[ids].float()
         n, H = codes.shape[:-1], codes.shape[-1]
-        rows = codes.float().reshape(*n, H // self.group, self.group) * scales.unsqueeze(-1)
-        return rows.reshape(*n, H).to(self.dtype)
+        rows = codes.float().reshape(*n, H // self.group, self.group)
+        if self.w.zeros is not None:  # a GGUF Q5_1 / Q5_K / Q2_K table kept with its zero points
+            rows = rows - self.w.zeros[ids].float().unsqueeze(-1)
+        return (rows * scales.unsqueeze(-1)).reshape(*n, H).to(self.dtype)

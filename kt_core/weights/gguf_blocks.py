@@ -8,10 +8,12 @@ bounds the temporaries whatever the row length.
 
 - :func:`dequantize` turns the bytes of a tensor into float32 of its logical shape (torch order:
   a GGUF tensor of gguf shape ``[ne0, ne1]`` is ``[ne1, ne0]`` here).
-- :func:`repack` re-encodes Q4_0, Q4_1 and Q4_K as int4 group 32 (:mod:`kt_core.weights.quant`)
-  without going through floats: Q4_0 is symmetric with the same codes and scales (bit exact),
-  Q4_1 and Q4_K asymmetric, exact up to float32 rounding of ``zero = -min / scale``. Other types
-  give ``None``: the caller dequantizes them.
+- :func:`repack` re-encodes blocks in kt-core formats (:mod:`kt_core.weights.quant`) without going
+  through floats: Q4_0 as symmetric int4 group 32 with the same codes and scales (bit exact),
+  Q4_1 and Q4_K asymmetric, exact up to float32 rounding of ``zero = -min / scale``; the int8
+  types (Q8_0, Q5_0, IQ4_NL, IQ4_XS, MXFP4; Q6_K, Q3_K in groups of 16) as grouped int8, and those
+  with a min (Q5_1, Q5_K; Q2_K) as grouped int8 with zero points. Other types give ``None``: the
+  caller dequantizes them.
 
 Byte layouts (little-endian; ``f16`` an IEEE half; "lo/hi" the low/high nibble):
 
@@ -114,12 +116,17 @@ def _q8_0(b):
 
 
 def _q2_k(b):
+    q, dl, ml = _q2_k_parts(b)
+    return (dl.unsqueeze(-1) * q.float() - ml.unsqueeze(-1)).reshape(b.shape[0], 256)
+
+
+def _q2_k_parts(b):
+    """Q2_K codes 0..3 [n, 16, 16] (int8), each 16's scale and min [n, 16]: x = scale*q - min."""
     # scales[16] (lo: scale, hi: min of each 16), qs[64], f16 d, f16 dmin; x = d*sc*q - dmin*mn
     n, sc = b.shape[0], b[:, 0:16]
     q = (b[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=b.device).view(4, 1)) & 3
-    dl = (_f16(b, 80) * (sc & 0xF).float()).unsqueeze(-1)
-    ml = (_f16(b, 82) * (sc >> 4).float()).unsqueeze(-1)
-    return (dl * q.reshape(n, 16, 16).float() - ml).reshape(n, 256)
+    return (q.reshape(n, 16, 16).to(torch.int8), _f16(b, 80) * (sc & 0xF).float(),
+            _f16(b, 82) * (sc >> 4).float())
 
 
 def _q3_k(b):
@@ -156,11 +163,16 @@ def _q4_k(b):
 
 
 def _q5_k(b):
+    q, scale, dmin = _q5_k_parts(b)
+    return (scale.unsqueeze(-1) * q.float() - dmin.unsqueeze(-1)).reshape(b.shape[0], 256)
+
+
+def _q5_k_parts(b):
+    """Q5_K codes 0..31 [n, 8, 32] (uint8), each 32's scale and min [n, 8]: x = scale*q - min."""
     # Q4_K's head and codes with qh[32] (bytes 16..47) in between: bit i of byte l is the 5th bit
     # of element l of sub-block i
     q, scale, dmin = _q4_k_parts(b)
-    q = q | (_bits(b[:, 16:48]) << 4)
-    return (scale.unsqueeze(-1) * q.float() - dmin.unsqueeze(-1)).reshape(b.shape[0], 256)
+    return q | (_bits(b[:, 16:48]) << 4), scale, dmin
 
 
 def _q6_k(b):
@@ -281,7 +293,7 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _asymmetric(codes, scale, low):
-    """Exact int4 for x = scale*q - low: zero = low/scale; where scale is 0, x = -low everywhere,
+    """Exact int4 / int8 for x = scale*q - low: zero = low/scale; where scale is 0, x = -low everywhere,
     which scale 1, codes 0, zero = low give exactly."""
     flat = scale == 0
     zero = torch.where(flat, low, low / torch.where(flat, torch.ones_like(scale), scale))
@@ -314,7 +326,13 @@ _INT8_REPACKERS = {
     T.Q6_K: (16, _q6_k_parts),
     T.Q3_K: (16, _q3_k_parts),
 }
-REPACKABLE = tuple(_REPACKERS) + tuple(_INT8_REPACKERS)
+# exact int8 with zero points, x = scale*q - low per group: (group, bytes -> codes, scales, lows)
+_INT8_ZERO_REPACKERS = {
+    T.Q5_1: (32, lambda b: (_nibbles(b[:, 8:24]) | (_qh32(b, 4) << 4), _f16(b, 0), -_f16(b, 2))),
+    T.Q5_K: (32, _q5_k_parts),
+    T.Q2_K: (16, _q2_k_parts),
+}
+REPACKABLE = tuple(_REPACKERS) + tuple(_INT8_REPACKERS) + tuple(_INT8_ZERO_REPACKERS)
 
 
 def kept_as(qtype: int) -> Optional[tuple[Quant, int, bool]]:
@@ -327,6 +345,8 @@ def kept_as(qtype: int) -> Optional[tuple[Quant, int, bool]]:
         return Quant.INT4, 32, qt is not T.Q4_0
     if qt in _INT8_REPACKERS:
         return Quant.INT8, _INT8_REPACKERS[qt][0], False
+    if qt in _INT8_ZERO_REPACKERS:
+        return Quant.INT8, _INT8_ZERO_REPACKERS[qt][0], True
     return None
 
 
@@ -343,8 +363,9 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Optional[Qu
     """The bytes as a :class:`QuantizedWeight` of ``shape`` (torch order, ``[..., out, in]``) in the
     kt-core format that holds the blocks exactly: Q4_0 / Q4_1 / Q4_K as int4 groups of 32 (Q4_0
     symmetric and bit exact, the others with zero points); Q8_0, Q5_0, IQ4_NL, IQ4_XS as int8
-    groups of 32 and Q6_K, Q3_K as int8 groups of 16 (bit exact). ``None`` for any other type
-    (dequantize those)."""
+    groups of 32 and Q6_K, Q3_K as int8 groups of 16 (bit exact); Q5_1, Q5_K (groups of 32) and Q2_K
+    (16) as int8 with zero points (exact up to float32 rounding of ``zero = low / scale``). ``None``
+    for any other type (dequantize those)."""
     try:
         qt = T(int(qtype))
     except ValueError:
@@ -354,7 +375,7 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Optional[Qu
     qt, flat, block, size = _check(raw, qt, shape)
     shape = tuple(int(s) for s in shape)
     numel = flat.numel() // size * block
-    if qt in _INT8_REPACKERS:
+    if qt in _INT8_REPACKERS or qt in _INT8_ZERO_REPACKERS:
         return _repack_int8(qt, flat, block, size, shape, numel)
     groups = numel // 32
     qdata = torch.empty(numel // 2, dtype=torch.uint8, device=flat.device)
@@ -375,14 +396,24 @@ def repack(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> Optional[Qu
 
 def _repack_int8(qt, flat, block, size, shape, numel) -> QuantizedWeight:
     """Types whose blocks are int8 codes times a scale per group of 16 or 32 (Q8_0, Q5_0, IQ4_NL,
-    IQ4_XS, Q6_K, Q3_K), as grouped int8: exact."""
-    group, parts = _INT8_REPACKERS[qt]
+    IQ4_XS, Q6_K, Q3_K), as grouped int8: exact; those with a min per group too (Q5_1, Q5_K, Q2_K),
+    as grouped int8 with zero points."""
+    with_zeros = qt in _INT8_ZERO_REPACKERS
+    group, parts = (_INT8_ZERO_REPACKERS if with_zeros else _INT8_REPACKERS)[qt]
     qdata = torch.empty(numel, dtype=torch.int8, device=flat.device)
     scales = torch.empty(numel // group, dtype=torch.float32, device=flat.device)
+    zeros = torch.empty(numel // group, dtype=torch.float32, device=flat.device) if with_zeros else None
     for b0, b in _chunks(flat, block, size):
-        codes, scale = parts(b)
         e0, e1 = b0 * block, (b0 + b.shape[0]) * block
+        if with_zeros:
+            codes, scale, low = parts(b)
+            codes, scale, zero = _asymmetric(codes.reshape(-1, group).to(torch.int8), scale.reshape(-1),
+                                             low.reshape(-1))
+            zeros[e0 // group:e1 // group] = zero
+        else:
+            codes, scale = parts(b)
         qdata[e0:e1] = codes.reshape(-1)
         scales[e0 // group:e1 // group] = scale.reshape(-1)
     lead, K = shape[:-1], shape[-1]
-    return QuantizedWeight(Quant.INT8, qdata.reshape(*lead, K), scales.reshape(*lead, K // group), None, group, K)
+    return QuantizedWeight(Quant.INT8, qdata.reshape(*lead, K), scales.reshape(*lead, K // group),
+                           None if zeros is None else zeros.reshape(*lead, K // group), group, K)

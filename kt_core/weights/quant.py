@@ -49,7 +49,8 @@ class QuantizedWeight:
     format: Quant
     qdata: torch.Tensor  # int8 [..., out, in]; uint8 [..., out, in // 2] for int4; uint8 e4m3 bytes for fp8
     scales: torch.Tensor  # float32 [..., out, n_groups]
-    zeros: Optional[torch.Tensor]  # float32 [..., out, n_groups] (asymmetric int4 only)
+    zeros: Optional[torch.Tensor]  # float32 [..., out, n_groups]: asymmetric int4, and grouped int8
+    #                                 kept from GGUF Q5_1 / Q5_K / Q2_K blocks (value = (code - zero) * scale)
     group_size: int
     in_features: int
 
@@ -251,6 +252,8 @@ def dequantize(weight: Weight, dtype: torch.dtype = torch.float32) -> torch.Tens
     if weight.format in (Quant.INT8, Quant.W8A8, Quant.FP8):
         v = weight.qdata.view(torch.float8_e4m3fn).float() if weight.format is Quant.FP8 else weight.qdata.float()
         g = v.reshape(*v.shape[:-1], weight.in_features // weight.group_size, weight.group_size)
+        if weight.zeros is not None:
+            g = g - weight.zeros.unsqueeze(-1)
         return (g * weight.scales.unsqueeze(-1)).reshape(v.shape).to(dtype)
     packed = weight.qdata
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], weight.in_features)

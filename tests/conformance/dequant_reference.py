@@ -107,7 +107,9 @@ def dequantize(weight) -> torch.Tensor:
     if fmt in (INT8, W8A8):
         if weight.qdata.dtype != torch.int8:
             raise TypeError(f"{fmt} codes must be int8, got {weight.qdata.dtype}")
-        return weight.qdata.cpu().double() * scale
+        codes = weight.qdata.cpu().double()  # int8 with zero points (GGUF Q5_1 / Q5_K / Q2_K): code - zero
+        zeros = getattr(weight, "zeros", None)
+        return (codes if zeros is None else codes - _per_input(zeros, g, n)) * scale
     if fmt == INT4:
         codes = unpack_int4(weight.qdata, n).double()
         zero = INT4_SYMMETRIC_OFFSET if weight.zeros is None else _per_input(weight.zeros, g, n)

@@ -10,6 +10,7 @@ from kt_core.backend.torch_ops.norm_rope import rope_cos_sin
 from kt_core.weights.quant import ExpertWeights, quantize
 from tests.conformance import reference as ref
 from tests.conformance.tolerances import TOLERANCE
+from tests.unit.native_experts import int8_with_zeros
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -71,6 +72,8 @@ def make_experts(E_held, H, I, quant, dtype, ids, bias=False, symmetric=True):
     def w(shape, seed):
         t = rnd(*shape, scale=0.2, seed=seed).to(dtype).float()
         fmt, int8_group = split_quant(quant)
+        if fmt == "int8" and not symmetric:  # zero points: GGUF's Q5_1 / Q5_K / Q2_K kept exactly
+            return int8_with_zeros(t, int8_group)
         q = quantize(t, fmt, group_size=32, symmetric=symmetric, int8_group=int8_group)
         return q.to(dtype) if isinstance(q, torch.Tensor) else q
     kw = {}
@@ -88,9 +91,9 @@ def experts_on(backend, ex: ExpertWeights):
                                                  mv(ex.gate_bias), mv(ex.up_bias), mv(ex.down_bias)))
 
 
-@pytest.mark.parametrize("quant,symmetric", [("none", True), ("int8", True), ("int8g16", True), ("int4", True),
-                                             ("int4", False), ("fp8", True), ("w8a8", True)],
-                         ids=["none", "int8", "int8g16", "int4sym", "int4asym", "fp8", "w8a8"])
+@pytest.mark.parametrize("quant,symmetric", [("none", True), ("int8", True), ("int8g16", True), ("int8g32", False),
+                                             ("int4", True), ("int4", False), ("fp8", True), ("w8a8", True)],
+                         ids=["none", "int8", "int8g16", "int8g32zeros", "int4sym", "int4asym", "fp8", "w8a8"])
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_moe_experts(backend, dtype, quant, symmetric, tokens):
     need(backend, Op.MOE_EXPERTS, dtype, split_quant(quant)[0])

@@ -86,7 +86,7 @@ static std::string fmt_err(const char* label, double err, double tol) {
 static int run_variant(const Lib& lib, const std::string& variant) {
   const Config configs[] = {
       {"bf16", FMT_BF16, 0, false}, {"int8", FMT_INT8, 0, false}, {"int8", FMT_INT8, 32, false},
-      {"int4", FMT_INT4, 32, true},
+      {"int8", FMT_INT8, 32, true}, {"int4", FMT_INT4, 32, true},
       {"int4", FMT_INT4, 32, false}, {"w8a8", FMT_W8A8, 0, false}, {"fp8", FMT_FP8, 32, false},
       {"fp8", FMT_FP8, 0, false},
   };
@@ -112,7 +112,7 @@ static int run_variant(const Lib& lib, const std::string& variant) {
         char desc[128];
         std::snprintf(desc, sizeof desc, "H=%lld I=%lld group=%d%s%s tokens/expert=%lld",
                       static_cast<long long>(sh.H), static_cast<long long>(sh.I), cfg.group,
-                      cfg.fmt == FMT_INT4 ? (cfg.zeros ? " zeros" : " symmetric") : "", sh.bias ? " bias" : "",
+                      cfg.zeros ? " zeros" : cfg.fmt == FMT_INT4 ? " symmetric" : "", sh.bias ? " bias" : "",
                       static_cast<long long>(tpe));
         std::vector<float> ref_out, out, again, pool1;
         if (lib.set_variant("generic") != 0) {

@@ -54,7 +54,7 @@ struct Config {
   const char* name;  // format name as printed (the kernels' format, plus a variant of it)
   int fmt;
   int group;         // 0: per row (bf16, int8, w8a8, fp8 per row); int8 may have groups too
-  bool zeros;        // int4: asymmetric (zero points)
+  bool zeros;        // int4, grouped int8: zero points (value = (code - zero) * scale)
 };
 
 static PackedProj pack_proj(const Config& c, int64_t E, int64_t M, int64_t K, bool with_bias, Rng& rng) {
@@ -71,7 +71,7 @@ static PackedProj pack_proj(const Config& c, int64_t E, int64_t M, int64_t K, bo
   if (c.fmt == FMT_W8A8) p.param_stride = P * NR;
   if (c.fmt == FMT_INT8 || c.fmt == FMT_INT4 || c.fmt == FMT_FP8) p.param_stride = P * G * NR;
   if (p.param_stride) p.scale.assign(E * p.param_stride, 0.f);
-  if (c.fmt == FMT_INT4 && c.zeros) p.zero.assign(E * p.param_stride, 0.f);
+  if ((c.fmt == FMT_INT4 || (c.fmt == FMT_INT8 && g < K)) && c.zeros) p.zero.assign(E * p.param_stride, 0.f);
   for (int64_t e = 0; e < E; ++e) {
     uint8_t* d = p.data.data() + e * p.data_stride;
     float* sc = p.scale.empty() ? nullptr : p.scale.data() + e * p.param_stride;
@@ -86,17 +86,18 @@ static PackedProj pack_proj(const Config& c, int64_t E, int64_t M, int64_t K, bo
           w[k] = bf16_value(b);
         }
       } else if (c.fmt == FMT_INT8 || c.fmt == FMT_W8A8) {
-        float s = 0.f;
+        float s = 0.f, z = 0.f;
         for (int64_t k = 0; k < K; ++k) {
-          if (k % g == 0) {  // a scale per group (int8 per row: one group of K)
+          if (k % g == 0) {  // a scale (and zero point) per group (int8 per row: one group of K)
             s = amp / 64.f * (0.5f + 0.5f * (rng.uniform() + 1.f));
             sc[(pp * G + k / g) * NR + j] = s;
+            if (zp) zp[(pp * G + k / g) * NR + j] = z = static_cast<float>(rng.below(64)) * 0.75f - 24.f;
           }
           const int q = static_cast<int>(rng.below(255)) - 127;  // codes in [-127, 127]
           const int64_t at = c.fmt == FMT_INT8 ? ((pp * (K / 2) + k / 2) * NR + j) * 2 + (k & 1)
                                                : ((pp * (K / 4) + k / 4) * NR + j) * 4 + (k & 3);
           d[at] = static_cast<uint8_t>(static_cast<int8_t>(q));
-          w[k] = static_cast<double>(q) * s;
+          w[k] = (static_cast<double>(q) - z) * s;
         }
       } else if (c.fmt == FMT_FP8) {
         for (int64_t gi = 0; gi < G; ++gi) {

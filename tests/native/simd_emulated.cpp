@@ -61,7 +61,7 @@ int main() {
     for (int group : {32, 128})
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;  // no groups
-        if (fmt != FMT_INT4 && zeros) continue;
+        if (zeros && fmt != FMT_INT4 && !(fmt == FMT_INT8 && group == 32)) continue;  // int8: grouped only
         const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
         // int8: groups of 32, and one scale per row (the group 128 pass)
         const int g = (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group == 32)) ? group : static_cast<int>(K);
@@ -120,7 +120,7 @@ int main() {
     for (int group : {32, 128})
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;
-        if (fmt != FMT_INT4 && zeros) continue;
+        if (zeros && fmt != FMT_INT4 && !(fmt == FMT_INT8 && group == 32)) continue;  // int8: grouped only
         const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
         // int8: groups of 32, and one scale per row (the group 128 pass)
         const int g = (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group == 32)) ? group : static_cast<int>(K);

@@ -166,12 +166,14 @@ def _released_names(out: Path) -> None:
         save_file(fixed, f, metadata={"format": "pt"})
 
 
-def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: float = 0.08) -> Path:
-    """Write a tiny random checkpoint of ``name`` to ``out`` and return it."""
+def build(name: str, out: Path, seed: int = 0, dtype=torch.float32, init_std: float = 0.08,
+          shape: dict | None = None) -> Path:
+    """Write a tiny random checkpoint of ``name`` to ``out`` and return it; ``shape``: config values
+    over ``name``'s (e.g. widths that are whole GGUF super-blocks of 256)."""
     import transformers
 
     cfg_cls, model_cls, extra = CONFIGS[name]
-    cfg = _config(cfg_cls, extra)
+    cfg = _config(cfg_cls, {**extra, **(shape or {})})
     cfg.initializer_range = init_std
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(dtype).eval()

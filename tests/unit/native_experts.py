@@ -4,9 +4,20 @@ import pytest
 import torch
 
 from kt_backends.cpu import native
-from kt_core.weights.quant import ExpertWeights, quantize
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, quantize
 
 H, I = 64, 32
+
+
+def int8_with_zeros(t: torch.Tensor, group: int) -> QuantizedWeight:
+    """Grouped int8 with zero points, as GGUF's Q5_K / Q5_1 / Q2_K blocks keep: codes 0..31, a float
+    scale and a float zero point per group (value = (code - zero) * scale)."""
+    g = t.float().reshape(*t.shape[:-1], t.shape[-1] // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 31).clamp_min(1e-8)
+    zero = -lo / scale
+    codes = torch.round(g / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 31).to(torch.int8)
+    return QuantizedWeight(Quant.INT8, codes.reshape(t.shape), scale, zero, group, t.shape[-1])
 
 
 def experts(fmt="int4", E=4, group=32, seed=0, bias=False):

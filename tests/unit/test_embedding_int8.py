@@ -21,6 +21,16 @@ def test_a_lookup_is_the_dequantized_rows():
         QuantizedEmbedding(quantize(torch.randn(8, 64), "int4", group_size=32), torch.bfloat16)
 
 
+def test_a_table_with_zero_points_looks_up_its_values():
+    """A GGUF Q5_K / Q5_1 token_embd kept under quant.embed=int8 carries zero points."""
+    from tests.unit.native_experts import int8_with_zeros
+
+    w = int8_with_zeros(torch.randn(50, 64), 32)
+    ids = torch.tensor([7, 49, 0])
+    torch.testing.assert_close(QuantizedEmbedding(w, torch.float32)[ids], dequantize(w)[ids], rtol=0, atol=0)
+    assert not torch.allclose(dequantize(w), w.qdata.float() * w.scales.repeat_interleave(32, -1))
+
+
 def test_an_engine_with_an_int8_embedding(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe")  # untied head
     ref = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=float32"])

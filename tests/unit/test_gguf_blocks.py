@@ -222,8 +222,44 @@ def test_repack_int8_exact(qtype, group, shape, monkeypatch):
     np.testing.assert_array_equal(dequantize_weight(w).numpy(), oracle(data, qtype).reshape(shape))
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q5_1, T.Q5_K, T.Q2_K, T.IQ2_XXS],
-                         ids=lambda t: t.name)
+INT8_ZERO_TYPES = [(T.Q5_1, 32, 31), (T.Q5_K, 32, 31), (T.Q2_K, 16, 3)]
+
+
+@pytest.mark.parametrize("qtype,group,top", INT8_ZERO_TYPES, ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("shape", [(3, 512), (2, 3, 256)])
+def test_repack_int8_with_zero_points(qtype, group, top, shape, monkeypatch):
+    """Types with a min per group (x = d*q - m): grouped int8 codes 0..top with a scale and a zero point
+    (m / d) per group, exact up to the float32 rounding of the zero point; chunked."""
+    data = random_bytes(qtype, shape, seed=10)
+    monkeypatch.setattr(gguf_blocks, "CHUNK_ELEMENTS", 256)
+    w = repack(torch.from_numpy(data), qtype, shape)
+    lead, n_in = shape[:-1], shape[-1]
+    assert w.format is Quant.INT8 and w.group_size == group and w.in_features == n_in
+    assert tuple(w.qdata.shape) == tuple(shape) and w.qdata.dtype == torch.int8
+    assert int(w.qdata.min()) >= 0 and int(w.qdata.max()) == top
+    assert tuple(w.scales.shape) == tuple(w.zeros.shape) == (*lead, n_in // group)
+    assert gguf_blocks.kept_as(qtype) == (Quant.INT8, group, True)
+    assert_repack_close(w, data, qtype, shape)
+
+
+def test_repack_q5_k_zero_scale_exact():
+    """A Q5_K sub-block whose scale is 0 is its min alone: kept exactly (scale 1, codes 0)."""
+    shape = (2, 256)
+    data = random_bytes(T.Q5_K, shape, seed=11)
+    blk = data.reshape(-1, 176)
+    blk[0, 0:2] = np.array([0.0], np.float16).view(np.uint8)  # d == 0: every sub-block of block 0
+    blk[1, 4] &= 0xC0  # block 1: sub-block 0's 6-bit scale is 0
+    blk[1, 8] |= 0x01  # ... and its min is not
+    blk[1, 2:4] = np.array([0.75], np.float16).view(np.uint8)
+    w = repack(torch.from_numpy(data), T.Q5_K, shape)
+    got = dequantize_weight(w).numpy().reshape(-1, 32)
+    want = oracle(data, T.Q5_K).reshape(-1, 32)
+    np.testing.assert_array_equal(got[:9], want[:9])
+    assert (want[8] != 0).all() and (w.scales.reshape(-1)[:9] == 1).all()
+    assert_repack_close(w, data, T.Q5_K, shape)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.IQ2_XXS], ids=lambda t: t.name)
 def test_repack_other_types_none(qtype):
     assert repack(torch.zeros(7, dtype=torch.uint8), qtype, (1, 256)) is None
 

@@ -44,10 +44,11 @@ def test_f32_gguf_matches_safetensors(tiny, tmp_path, arch):
 
 @pytest.mark.parametrize("arch,qtype", [("qwen3_moe", "Q4_0"), ("mixtral", "Q4_1"), ("qwen2_moe", "Q8_0"),
                                         ("llama", "Q4_0"), ("deepseek_v3", "Q8_0"), ("deepseek_v2", "Q4_0"),
-                                        ("gpt_oss", "Q8_0"), ("gpt_oss", "MXFP4")])
+                                        ("gpt_oss", "Q8_0"), ("gpt_oss", "MXFP4"), ("qwen3_moe", "Q5_1")])
 def test_quantized_gguf_matches_its_decoded_weights(tiny, tmp_path, arch, qtype):
-    """Q4_0 / Q4_1 are kept as int4 groups, Q8_0 / MXFP4 as int8 groups (native kernels on the CPU);
-    either way the model must compute what the gguf package decodes the blocks to."""
+    """Q4_0 / Q4_1 are kept as int4 groups, Q8_0 / MXFP4 as int8 groups, Q5_1 as int8 groups with zero
+    points (native kernels on the CPU); either way the model must compute what the gguf package decodes
+    the blocks to."""
     hf = tiny(arch)
     path = write_gguf(hf, tmp_path / f"{arch}-{qtype}.gguf", qtype)
     ref = dequantized_folder(path, hf, tmp_path / "ref")
@@ -180,6 +181,28 @@ def test_int4_blocks_are_kept_not_decoded(tiny, tmp_path):
     assert moe.shards, "the MoE layer holds its experts"
     assert eng.model.weight_bytes() < 0.6 * Engine.from_pretrained(
         str(tiny("qwen3_moe")), overrides=["model.dtype=float32"]).model.weight_bytes()
+
+
+def test_q5_k_blocks_are_kept_as_int8_with_zero_points(tmp_path):
+    """Q5_K (Q5_K_M's main type; widths of whole 256-element super-blocks here) is kept as grouped int8
+    with a zero point per 32 (x = d*sc*q - dmin*m exactly), runs in the native kernels with the zero
+    points, and the model computes what the gguf package decodes the blocks to."""
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+    from kt_core.weights.quant import Quant
+
+    hf = build("qwen3_moe", tmp_path / "hf", shape=dict(hidden_size=256, moe_intermediate_size=256,
+                                                        intermediate_size=256))
+    path = write_gguf(hf, tmp_path / "m.gguf", "Q5_K")
+    w = GGUFCheckpoint(path).quantized("model.layers.1.mlp.experts.1.gate_proj.weight")
+    assert w.format is Quant.INT8 and w.group_size == 32 and w.zeros is not None
+    eng = Engine.from_pretrained(str(path), overrides=["model.dtype=float32"])
+    moe = next(layer.ffn for layer in eng.model.layers if hasattr(layer.ffn, "shards"))
+    packed = moe.shards[0][2]
+    if packed is not None:  # native kernels built: they take the zero points
+        assert packed.fmt == packed.down_fmt == "int8" and packed.gate.zero is not None
+    want = logits(dequantized_folder(path, hf, tmp_path / "ref"))
+    torch.testing.assert_close(eng.logits(IDS), want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+    assert not torch.allclose(want, logits(hf), atol=1e-3), "the quantization should change the logits"
 
 
 def test_split_files_load_as_one(tiny, tmp_path):

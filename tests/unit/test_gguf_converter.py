@@ -152,3 +152,38 @@ def test_token_ids_equal_llama_cpp_tokenizer(models, tmp_path, name):
             assert theirs != tok.encode(text), "llama.cpp now normalizes like tokenizer.json: drop it from HF_ONLY"
         else:
             assert tok.encode(text) == theirs, text
+
+
+LLAMA_QUANTIZE = os.environ.get("KT_LLAMA_QUANTIZE", "")
+# llama-quantize's recipes; the types each keeps the experts in (what kt-core must hold exactly)
+RECIPES = {"Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_1": "Q5_1", "Q8_0": "Q8_0", "Q2_K": "Q2_K", "Q4_K_M": "Q4_K",
+           "Q5_K_M": "Q5_K", "Q6_K": "Q6_K", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL"}
+
+
+@needs_converter
+@pytest.mark.skipif(not Path(LLAMA_QUANTIZE).is_file(), reason="no llama-quantize: set KT_LLAMA_QUANTIZE to the "
+                    "binary (../shared/tools/llamacpp's build)")
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_llama_quantize_types_are_kept_and_match_their_decoded_weights(models, tmp_path, recipe):
+    """llama.cpp's own quantizer on its converter's file (Mixtral-shaped, widths of whole 256-element
+    super-blocks): the experts stay in the file's type (no decode to floats), run in the native kernels,
+    and the logits are those of the folder the gguf package decodes the blocks to."""
+    from kt_core.weights.gguf_checkpoint import GGUFCheckpoint
+    from tests.gguf_writer import dequantized_folder
+
+    folder = models("mixtral")
+    src = convert(folder, tmp_path / "m-f32.gguf", "f32")
+    path = tmp_path / f"m-{recipe}.gguf"
+    r = subprocess.run([LLAMA_QUANTIZE, str(src), str(path), recipe], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = GGUFCheckpoint(path)
+    gate = "model.layers.1.block_sparse_moe.experts.0.w1.weight"
+    assert ck.gguf_type(gate) == RECIPES[recipe] and ck.quantized(gate) is not None, ck.gguf_type(gate)
+    ids = list(range(300, 324))
+    eng, got = _logits(path, ids, "float32")
+    moe = next(layer.ffn for layer in eng.model.layers if hasattr(layer.ffn, "shards"))
+    from kt_backends.cpu import native
+    if native.available():
+        assert moe.shards[0][2] is not None, "the kept experts run in the native kernels"
+    _, want = _logits(dequantized_folder(path, folder, tmp_path / "ref"), ids, "float32")
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))

@@ -8,15 +8,19 @@ from kt_backends.cpu import native
 from kt_core.backend.torch_ops.moe import moe_experts as torch_moe
 from kt_core.weights.quant import ExpertWeights, quantize
 from tests.conformance.tolerances import NATIVE_MOE, native_moe_path, native_moe_tolerance
+from tests.unit.native_experts import int8_with_zeros
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native CPU kernels: {native.status()}")
 
 
 def experts(fmt, E=6, H=96, I=40, group=32, symmetric=True, bias=False, seed=0):
+    """int8 with symmetric=False: int8_with_zeros (GGUF's Q5_K form)."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape):
         t = (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(torch.bfloat16)
+        if fmt == "int8" and not symmetric:
+            return int8_with_zeros(t, group)
         return t if fmt == "bf16" else quantize(t.float(), fmt, group_size=group, symmetric=symmetric,
                                                 int8_group=group)
     kw = {}
@@ -61,8 +65,9 @@ class forced:
         native.set_variant(self.best)
 
 
-CASES = [("bf16", 32, True), ("int8", 0, True), ("int8", 32, True), ("int8", 16, True), ("int4", 32, True), ("int4", 64, False), ("int4", 128, True),
-         ("fp8", 32, True), ("fp8", 0, True), ("w8a8", 0, True)]
+CASES = [("bf16", 32, True), ("int8", 0, True), ("int8", 32, True), ("int8", 16, True), ("int8", 32, False),
+         ("int4", 32, True), ("int4", 64, False), ("int4", 128, True), ("fp8", 32, True), ("fp8", 0, True),
+         ("w8a8", 0, True)]
 
 
 @pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
@@ -235,17 +240,21 @@ def test_every_simd_variant_matches_generic(fmt, variant):
     assert rel(out, ref) < max(tol(fmt, ids, variant, x), tol(fmt, ids, "generic", x))
 
 
-MIXED = [(("int4", 32, False), ("int8", 16)), (("int8", 32, True), ("int4", 32)), (("bf16", 0, True), ("int8", 0))]
+MIXED = [(("int4", 32, False), ("int8", 16, True)), (("int8", 32, True), ("int4", 32, True)),
+         (("bf16", 0, True), ("int8", 0, True)), (("int8", 32, False), ("int8", 16, True)),
+         (("int8", 32, True), ("int8", 16, False))]
 
 
-@pytest.mark.parametrize("first,down", MIXED, ids=["int4asym+int8g16", "int8g32+int4", "bf16+int8"])
+@pytest.mark.parametrize("first,down", MIXED, ids=["int4asym+int8g16", "int8g32+int4", "bf16+int8",
+                                                   "int8g32zeros+int8g16", "int8g32+int8g16zeros"])
 @pytest.mark.parametrize("T", [1, 5, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_down_in_its_own_format(first, down, T, dtype):
     """Gate and up in one format, down in another (a GGUF Q4_K_M layer: Q4_K gate / up, Q6_K down):
     one native call, every variant, against the torch path; the bound is the looser path's."""
-    (fmt, group, sym), (dfmt, dgroup) = first, down
-    a, b = experts(fmt, H=128, I=64, group=group, symmetric=sym), experts(dfmt, H=128, I=64, group=dgroup)
+    (fmt, group, sym), (dfmt, dgroup, dsym) = first, down
+    a = experts(fmt, H=128, I=64, group=group, symmetric=sym)
+    b = experts(dfmt, H=128, I=64, group=dgroup, symmetric=dsym)
     ex = ExpertWeights(a.expert_ids, a.gate, a.up, b.down)
     packed = native.pack(ex)
     assert packed is not None and (packed.fmt, packed.down_fmt) == (fmt, dfmt)

@@ -7,11 +7,12 @@ from kt_backends.cpu import native, native_linear
 from kt_core.weights.quant import quantize
 from tests.conformance import dequant_reference as oracle
 from tests.conformance.tolerances import native_moe_tolerance
+from tests.unit.native_experts import int8_with_zeros
 
 pytestmark = pytest.mark.skipif(native_linear._lib() is None, reason=f"native CPU kernels: {native.status()}")
 
-CASES = [("int8", 0, True), ("int4", 32, True), ("int4", 64, False), ("fp8", 32, True), ("fp8", 0, True),
-         ("w8a8", 0, True)]
+CASES = [("int8", 0, True), ("int8", 32, False), ("int4", 32, True), ("int4", 64, False), ("fp8", 32, True),
+         ("fp8", 0, True), ("w8a8", 0, True)]
 
 
 @pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
@@ -20,8 +21,10 @@ CASES = [("int8", 0, True), ("int4", 32, True), ("int4", 64, False), ("fp8", 32,
 def test_packed_linear_matches_the_reference(fmt, group, sym, T, dtype):
     g = torch.Generator().manual_seed(T)
     M, K = 70, 128  # 70: the last 16-row panel is partial
-    q = quantize(torch.randn(M, K, generator=g), fmt, group_size=group or K, symmetric=sym)
+    w = torch.randn(M, K, generator=g)
+    q = int8_with_zeros(w, group) if fmt == "int8" and not sym else quantize(w, fmt, group_size=group or K, symmetric=sym)
     packed = native_linear.pack_linear(q)
+    assert (packed.proj.zero is not None) == (q.zeros is not None)
     assert packed is not None and packed.shape == (M, K)
     x, b = torch.randn(2, T, K, generator=g).to(dtype), torch.randn(M, generator=g)
     xx = oracle.w8a8_activations(x.double()) if fmt == "w8a8" else x.double()  # bf16 x: its own values

@@ -72,8 +72,10 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
     assert re.search(r"^0 failures$", run.stdout, re.M), run.stdout[-2000:]
     assert run.stdout.count("ok  ") >= 150  # every case ran
     if "amx not compiled" not in run.stdout:  # compilers before GCC 11 / Clang 12 build no AMX kernels
-        # bf16, 2 int8 kinds, 4 int4 kinds, 2 fp8 groups x 8 token counts x 3 panels, alone and paired with the
-        # next panel (both outputs); w8a8 x 8 counts x 3 (where amx_q8_takes them)
-        assert run.stdout.count("ok   amx") >= 2 * 8 * 8 * 3 + 6 * 3
-        assert run.stdout.count("ok   avx_vnni") == 147  # (2 int8 kinds, w8a8, 4 int4 kinds) x 7 token counts x 3 panels
+        # bf16, 3 int8 kinds (per row, groups, groups with zero points), 4 int4 kinds, 2 fp8 groups x 8 token
+        # counts x 3 panels, alone and paired with the next panel (both outputs); w8a8 x 8 counts x 3 (where
+        # amx_q8_takes them)
+        assert run.stdout.count("ok   amx") >= 2 * 9 * 8 * 3 + 6 * 3
+        assert "ok   amx fmt=1 group=32 zeros=1" in run.stdout and "ok   fmt=1 group=32 zeros=1" in run.stdout
+        assert run.stdout.count("ok   avx_vnni") == 168  # (3 int8 kinds, w8a8, 4 int4 kinds) x 7 token counts x 3 panels
         assert run.stdout.count("ok   avx512bf16") == 18  # 6 token counts of 16+ x 3 panels

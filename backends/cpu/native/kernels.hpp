@@ -52,7 +52,8 @@ struct Weight {
   int group;            // int4 / fp8 / grouped int8 group size along K (int8: 0 or K = one scale per row)
   const void* data;     // this expert's panels
   const float* scale;   // int8, w8a8: [P*16]; int4, fp8, grouped int8: [P][K/g][16]
-  const float* zero;    // int4 asymmetric: [P][K/g][16]; null = symmetric (8)
+  const float* zero;    // int4 asymmetric, grouped int8 (GGUF Q5_1 / Q5_K / Q2_K): [P][K/g][16];
+                        // null = symmetric (int4: 8, int8: 0)
   // grouped int8 and int4: the scales (int4: and zero points) in fp16, [P][K/g][16] halves, instead
   // of `scale` / `zero` (GGUF Q8_0's and Q4_0's exactly, quantize's): half the bytes a token streams
   const uint16_t* scale16 = nullptr;
@@ -63,12 +64,19 @@ struct Weight {
 inline bool f16_params_ok(int fmt, int64_t group, int64_t K) {
   return fmt == FMT_INT4 || (fmt == FMT_INT8 && group > 0 && group < K);
 }
+// Whether a format and group may carry zero points (value = (code - zero) * scale): int4, and
+// grouped int8 (the exact form of GGUF's Q5_1 / Q5_K / Q2_K blocks, x = d*q - m per group)
+inline bool zeros_ok(int fmt, int64_t group, int64_t K) { return f16_params_ok(fmt, group, K); }
+// Whether this weight carries zero points (int4: else 8; int8: else 0)
+inline bool has_zeros(const Weight& w) { return w.zero || w.zero16; }
+// The zero point a weight without zero points implies
+inline float implied_zero(const Weight& w) { return w.fmt == FMT_INT4 ? 8.f : 0.f; }
 
 // group scale i (an index into [P][K/g][16]) of a weight, whichever width it is stored in
 inline float group_scale(const Weight& w, int64_t i) { return w.scale16 ? fp16_to_f32(w.scale16[i]) : w.scale[i]; }
-// int4's zero point i, likewise (symmetric: 8)
+// zero point i, likewise (none: implied_zero)
 inline float group_zero(const Weight& w, int64_t i) {
-  return w.zero16 ? fp16_to_f32(w.zero16[i]) : w.zero ? w.zero[i] : 8.f;
+  return w.zero16 ? fp16_to_f32(w.zero16[i]) : w.zero ? w.zero[i] : implied_zero(w);
 }
 
 // int8 with a scale per (group, row) rather than one per row
@@ -78,8 +86,9 @@ inline bool int8_grouped(const Weight& w) { return w.fmt == FMT_INT8 && w.group 
 inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scale, float* zero) {
   if (w.fmt == FMT_BF16) return bf16_to_f32(static_cast<const uint16_t*>(w.data)[(p * w.K + k) * NR + j]);
   if (w.fmt == FMT_INT8) {
-    *scale = int8_grouped(w) ? group_scale(w, (p * (w.K / w.group) + k / w.group) * NR + j) : w.scale[p * NR + j];
-    *zero = 0.f;
+    const int64_t gi = (p * (w.K / w.group) + k / w.group) * NR + j;
+    *scale = int8_grouped(w) ? group_scale(w, gi) : w.scale[p * NR + j];
+    *zero = int8_grouped(w) ? group_zero(w, gi) : 0.f;
     return static_cast<const int8_t*>(w.data)[((p * (w.K / 2) + k / 2) * NR + j) * 2 + (k & 1)];
   }
   if (w.fmt == FMT_FP8) {
@@ -134,10 +143,10 @@ KT_TARGET("avx2,fma,f16c") inline __m256 group_scales8(const Weight& w, int64_t 
   return w.scale16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale16 + i)))
                    : _mm256_loadu_ps(w.scale + i);
 }
-// 8 int4 zero points from index i (group_zero's)
+// 8 zero points from index i (group_zero's)
 KT_TARGET("avx2,fma,f16c") inline __m256 group_zeros8(const Weight& w, int64_t i) {
   if (w.zero16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zero16 + i)));
-  return w.zero ? _mm256_loadu_ps(w.zero + i) : _mm256_set1_ps(8.f);
+  return w.zero ? _mm256_loadu_ps(w.zero + i) : _mm256_set1_ps(implied_zero(w));
 }
 
 // Up to 4 rows of X against one panel over inputs [k0, k1); acc[i][0..1] hold 16 outputs.
@@ -161,7 +170,7 @@ KT_TARGET("avx2,fma,f16c") inline void tile_rows(const T* wp, const float* X, in
 struct X16 {
   const int16_t* q;     // [n][ldx]
   const float* scale;   // [n]
-  const int32_t* gsum;  // [n][K/group]: sum of q over each int4 group (int4 only)
+  const int32_t* gsum;  // [n][K/group]: sum of q over each group (int4, int8 with zero points)
   int64_t ldx, ldg;
 };
 

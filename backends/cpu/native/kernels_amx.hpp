@@ -179,18 +179,19 @@ KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_
   // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
   const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-  if (int8_grouped(w)) {  // [K/2][16][2] in B-tile order; each group's scales folded in, rounded once
+  if (int8_grouped(w)) {  // [K/2][16][2] in B-tile order; each group's scales (and zeros) folded in, rounded once
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
     const int64_t G = K / w.group;
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 s = group_scales16(w, (p * G + g) * NR);
+      const __m512 s = group_scales16(w, (p * G + g) * NR), zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
       const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
+      const __m512 z0 = _mm512_permutexvar_ps(rows_lo, zs), z1 = _mm512_permutexvar_ps(rows_hi, zs);
       for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
         if ((k & 3) == 0) fetch(wp + k * NR);
         const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
         _mm512_storeu_si512(buf + k / 2 * NR,
-                            bf16x32(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), s0),
-                                    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), s1)));
+                            bf16x32(_mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), s0, z0),
+                                    _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), s1, z1)));
       }
     }
     return nullptr;

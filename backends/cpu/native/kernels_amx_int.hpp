@@ -8,8 +8,9 @@
 // TDPBSSD against the same B tile, exact in int32. Sums are turned into floats per weight group:
 //   int8 per row:  out = (C_hi + C_lo / 128) * xs * s_row                      (once, at the end)
 //   int8 grouped:  acc += (C_hi + C_lo / 128) * s_g;              out = acc * xs
-//   int4:          acc += (C_hi + C_lo / 128) * s_g - z_g * s_g * xsum_g;  out = acc * xs
-// with value = (code - z) * s (z_g = 8 when symmetric) and xsum_g the group's sum of hi + lo / 128:
+//   int4, and int8 grouped with zero points:
+//                  acc += (C_hi + C_lo / 128) * s_g - z_g * s_g * xsum_g;  out = acc * xs
+// with value = (code - z) * s (int4: z_g = 8 when symmetric) and xsum_g the group's sum of hi + lo / 128:
 // the quantized activations' sum, so their rounding meets the centred weights (code - z).
 #pragma once
 
@@ -89,7 +90,7 @@ KT_AMX inline void drain_q8(const Weight& w, int64_t p, int64_t g, const int32_t
                             const float* xsum, int m, float* acc) {
   const int64_t G = w.K / w.group;
   const __m512 s = group_scales16(w, (p * G + g) * NR);
-  if (w.fmt == FMT_INT8) {
+  if (w.fmt == FMT_INT8 && !has_zeros(w)) {
     for (int r = 0; r < m; ++r)
       _mm512_storeu_ps(acc + r * NR, _mm512_fmadd_ps(q8_sums(hi, lo, r), s, _mm512_loadu_ps(acc + r * NR)));
     return;

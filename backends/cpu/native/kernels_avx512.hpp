@@ -105,9 +105,9 @@ KT_AVX512 inline __m512 group_scales16(const Weight& w, int64_t i) {
   const __m256 lo = group_scales8(w, i), hi = group_scales8(w, i + 8);
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
-// 16 int4 zero points from index i (group_zero's)
+// 16 zero points from index i (group_zero's)
 KT_AVX512 inline __m512 group_zeros16(const Weight& w, int64_t i) {
-  if (!w.zero16) return w.zero ? _mm512_loadu_ps(w.zero + i) : _mm512_set1_ps(8.f);
+  if (!w.zero16) return w.zero ? _mm512_loadu_ps(w.zero + i) : _mm512_set1_ps(implied_zero(w));
   const __m256 lo = group_zeros8(w, i), hi = group_zeros8(w, i + 8);
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
@@ -118,8 +118,8 @@ KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, 
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
   __m512i a[4];
   if (w.fmt == FMT_INT8) {  // int32 sums flushed every 256 inputs, or every group times its scales
-    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
-    const bool grouped = int8_grouped(w);
+    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;  // (and zero points: rows_i8's)
+    const bool grouped = int8_grouped(w), zp = has_zeros(w);
     const int64_t step = grouped ? w.group : 256, G = grouped ? w.K / w.group : 1;
     for (int64_t k0 = 0; k0 < w.K; k0 += step) {
       for (int i = 0; i < MR; ++i) a[i] = _mm512_setzero_si512();
@@ -127,7 +127,11 @@ KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, 
         madd_pairs_512<MR>(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR))),
                            x, k, a);
       const __m512 gs = grouped ? group_scales16(w, (p * G + k0 / w.group) * NR) : _mm512_set1_ps(1.f);
-      for (int i = 0; i < MR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), gs, acc[i]);
+      const __m512 zz = zp ? group_zeros16(w, (p * G + k0 / w.group) * NR) : _mm512_setzero_ps();
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xs = _mm512_set1_ps(zp ? static_cast<float>(x.gsum[i * x.ldg + k0 / w.group]) : 0.f);
+        acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zz, xs, _mm512_cvtepi32_ps(a[i])), gs, acc[i]);
+      }
     }
     if (!grouped) {
       __m512 s = _mm512_loadu_ps(w.scale + p * NR);

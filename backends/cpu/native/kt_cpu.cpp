@@ -145,7 +145,7 @@ static void quantize_rows(const float* X, int64_t rows, int64_t ld, int64_t K, f
   }
 }
 
-// int16 rows plus, for int4 (group > 0), the sum of the codes of every group (the zero-point term)
+// int16 rows plus, for weights with zero points (group > 0), the sum of the codes of every group
 static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
                             float* scale, int32_t* gsum) {
   quantize_rows<int16_t>(X, rows, ld, K, 32767.f, q, scale);
@@ -215,8 +215,9 @@ namespace kt {
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
 // kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc);
-// 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode
-KT_API int kt_abi_version() { return 15; }
+// 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
+// 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly)
+KT_API int kt_abi_version() { return 16; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
