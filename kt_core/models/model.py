@@ -315,3 +315,13 @@ class CausalLM:
         from kt_core.runtime.executor import run_step
 
         return run_step(self, batch, cache)
+
+    def forward_hidden(self, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
+        """``forward_train`` up to the LM head: the final normed hidden states of ``batch.logits_rows``."""
+        from kt_core.runtime.executor import run_hidden
+
+        return run_hidden(self, batch, cache)
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states: float32 logits."""
+        return self.be.linear(h, self.lm_head).float()

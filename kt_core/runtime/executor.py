@@ -18,6 +18,12 @@ from kt_core.models.layers import MoEBlock
 
 def run_step(model, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
     """Logits (float32) of ``batch.logits_rows``; differentiable when autograd is on."""
+    return model.head_logits(run_hidden(model, batch, cache))
+
+
+def run_hidden(model, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
+    """The final normed hidden states of ``batch.logits_rows``: what the LM head multiplies (fine-tuning
+    takes its log-probabilities a chunk of rows at a time: kt_core.train.token_logprobs)."""
     spec, eps = model.spec, model.spec.rms_eps
     if int(batch.positions.max()) >= model.cos_sin.shape[0]:
         raise KtError(f"position {int(batch.positions.max())} is past the model's context of "
@@ -70,5 +76,4 @@ def run_step(model, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
     h = h[on.setdefault(model.device, batch.to(model.device)).logits_rows]
     if model.hc_head is not None:
         h = deepseek_v4.collapse(h, model.hc_head, spec)
-    h = be.rmsnorm(h, model.norm, eps)
-    return be.linear(h, model.lm_head).float()
+    return be.rmsnorm(h, model.norm, eps)

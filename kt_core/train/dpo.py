@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from kt_core.errors import KtError
 from kt_core.train.data import records
-from kt_core.train.sft import Example, logits_of
+from kt_core.train.sft import Example
+from kt_core.train.token_logprobs import answer_logprobs
 
 
 @dataclass
@@ -61,11 +62,7 @@ def read_pairs(path, tokenizer, max_len: int) -> list[Pair]:
 
 def answer_logp(model, ex: Example) -> torch.Tensor:
     """The sum of the answer tokens' log-probabilities."""
-    logits = logits_of(model, ex.tokens)
-    targets = torch.tensor(ex.tokens[1:], dtype=torch.long)
-    keep = torch.arange(1, len(ex.tokens)) >= ex.first_label
-    logp = torch.log_softmax(logits[:-1][keep], dim=-1)
-    return logp.gather(1, targets[keep][:, None]).sum()
+    return answer_logprobs(model, ex.tokens, ex.first_label).sum()
 
 
 def dpo_loss(lora, pair: Pair, beta: float, smoothing: float = 0.0) -> tuple[torch.Tensor, float]:

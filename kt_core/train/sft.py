@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from kt_core.errors import KtError
 
@@ -57,21 +56,20 @@ def logits_of(model, tokens: list[int]) -> torch.Tensor:
 
 def loss_of(model, ex: Example) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the answer's tokens, and how many there are."""
-    logits = logits_of(model, ex.tokens)
-    targets = torch.tensor(ex.tokens[1:], dtype=torch.long)
-    keep = torch.arange(1, len(ex.tokens)) >= ex.first_label
-    loss = F.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    from kt_core.train.token_logprobs import answer_logprobs
+
+    logp = answer_logprobs(model, ex.tokens, ex.first_label)
+    return -logp.sum(), int(logp.numel())
 
 
 def packed_loss_of(model, examples: list[Example]) -> tuple[torch.Tensor, int]:
     """``loss_of`` summed over ``examples`` run as one forward pass of several sequences (packing:
     each keeps its own positions and causal attention, nothing is padded or mixed across them)."""
+    from kt_core.train.token_logprobs import token_logprobs
+
     lens = [len(ex.tokens) for ex in examples]
     cache = model.new_cache(sum(math.ceil(n / 16) for n in lens) + 1, 16)
     batch = cache.prepare(list(range(len(examples))), [ex.tokens for ex in examples], all_logits=True)
-    with torch.enable_grad():
-        logits = model.forward_train(batch, cache)
     rows, targets, at = [], [], 0
     for ex, n in zip(examples, lens):
         keep = torch.arange(1, n) >= ex.first_label
@@ -79,7 +77,9 @@ def packed_loss_of(model, examples: list[Example]) -> tuple[torch.Tensor, int]:
         targets.append(torch.tensor(ex.tokens[1:], dtype=torch.long)[keep])
         at += n
     rows, targets = torch.cat(rows), torch.cat(targets)
-    return F.cross_entropy(logits[rows], targets, reduction="sum"), int(rows.numel())
+    with torch.enable_grad():
+        h = model.forward_hidden(batch, cache)
+        return -token_logprobs(model, h[rows.to(h.device)], targets).sum(), int(rows.numel())
 
 
 def train(lora, examples: list[Example], steps: int, lr: float, batch: int = 1, seed: int = 0,

@@ -77,13 +77,15 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     counts = torch.bincount(local[routes], minlength=experts.expert_ids.numel()).tolist()
     tokens = routes // K
     weights = topk_weights.reshape(-1)[routes].float()
-    start = 0
     dyn = (lambda t: fake_quant_activations(t)) if experts.format is Quant.W8A8 else (lambda t: t)  # noqa: E731
-    for e, n in enumerate(counts):
+    # every route's row gathered once and split by expert (views), every expert's rows joined once and
+    # summed into the tokens once: under autograd each of these is one op in the backward pass, where
+    # a gather and a scatter per expert made and summed a full-size gradient per expert
+    xs = dyn(hidden[tokens]).split(counts)
+    ys = []
+    for e, (n, x) in enumerate(zip(counts, xs)):
         if n == 0:
             continue
-        tok = tokens[start:start + n]
-        x = dyn(hidden[tok])
         g = F.linear(x, _expert_weight(experts.gate, e, x.dtype))
         u = F.linear(x, _expert_weight(experts.up, e, x.dtype))
         if experts.gate_bias is not None:
@@ -93,6 +95,6 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         y = F.linear(dyn(gated_activation(g, u, activation)), _expert_weight(experts.down, e, x.dtype))
         if experts.down_bias is not None:
             y = y + experts.down_bias[e].to(x.dtype)
-        out.index_add_(0, tok, y.float() * weights[start:start + n, None])
-        start += n
+        ys.append(y)
+    out.index_add_(0, tokens, torch.cat(ys).float() * weights[:, None])
     return out.to(hidden.dtype)

@@ -1,0 +1,67 @@
+"""Log-probabilities of given next tokens under the LM head, a chunk of rows at a time.
+
+Fine-tuning needs log p(target) at the answer's positions and its gradient with respect to the final
+hidden states, never the whole ``[tokens, vocab]`` logits: those are 65 MB of float32 for 512 tokens of
+a 32000-token vocabulary (0.3 GB at Qwen's 151936), made, filled, soft-maxed, indexed and freed several
+times a step, on fresh pages each time (an allocation that large is its own mapping), which cost a
+third of a 512-token LoRA step here. Each chunk's logits (about 8 MB) are made, reduced to the targets'
+log-probabilities and, when a gradient is wanted, differentiated right away: what the backward pass
+keeps is one gradient row per token (d log p / d h depends on that row alone), which it scales by the
+incoming gradient. The head's products are the same two as through autograd (logits, and the
+gradient of the hidden states), so nothing is recomputed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 21  # logits a chunk holds (8 MB of float32)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head: Callable, vocab: int) -> torch.Tensor:
+        n = h.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=h.device)
+        want = ctx.needs_input_grad[0]
+        grads = torch.empty(n, h.shape[-1], dtype=torch.float32, device=h.device) if want else None
+        step = max(1, CHUNK_ELEMENTS // max(1, vocab))
+        for r0 in range(0, n, step):
+            hc, tc = h[r0:r0 + step].detach(), targets[r0:r0 + step, None]
+            if want:
+                with torch.enable_grad():
+                    hc.requires_grad_(True)
+                    lp = head(hc).log_softmax(-1).gather(1, tc).squeeze(1)
+                    grads[r0:r0 + step], = torch.autograd.grad(lp.sum(), hc)
+            else:
+                lp = head(hc).log_softmax(-1).gather(1, tc).squeeze(1)
+            out[r0:r0 + step] = lp.detach()
+        ctx.save_for_backward(grads)
+        ctx.dtype = h.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        grads, = ctx.saved_tensors
+        return (grads * g[:, None].float()).to(ctx.dtype), None, None, None
+
+
+def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i] | h[i]) under ``model``'s LM head, float32 ``[n]``, differentiable through ``h``
+    (the head itself stays frozen)."""
+    if h.shape[0] == 0:
+        return h.new_zeros(0, dtype=torch.float32)
+    return _TokenLogprobs.apply(h, targets.to(h.device), model.head_logits, int(model.spec.vocab_size))
+
+
+def answer_logprobs(model, tokens: list[int], first_label: int) -> torch.Tensor:
+    """The log-probabilities of ``tokens[first_label:]``, each given the tokens before it (float32)."""
+    import math
+
+    cache = model.new_cache(math.ceil(len(tokens) / 16) + 1, 16)
+    batch = cache.prepare([0], [tokens], all_logits=True)
+    rows = torch.arange(max(first_label, 1) - 1, len(tokens) - 1)
+    with torch.enable_grad():
+        h = model.forward_hidden(batch, cache)
+        return token_logprobs(model, h[rows.to(h.device)], torch.tensor(tokens, dtype=torch.long)[rows + 1])
