@@ -1,0 +1,34 @@
+"""kt_core.train.token_logprobs: the chunked log-probabilities and their gradient equal autograd's
+through the whole [tokens, vocab] logits."""
+import torch
+
+from kt_core.train import token_logprobs as tl
+
+
+class Head:
+    """What token_logprobs asks of a model: its head and its vocabulary size."""
+
+    def __init__(self, w):
+        self.w, self.spec = w, type("S", (), {"vocab_size": w.shape[0]})()
+
+    def head_logits(self, h):
+        return (h @ self.w.T).float()
+
+
+def test_chunks_give_autograds_values_and_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w, h0 = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(9, 16, generator=g, dtype=torch.float64)
+    targets, up = torch.randint(0, 50, (9,), generator=g), torch.randn(9, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 120)  # 2 rows a chunk, a short last one
+    model = Head(w)
+    h = h0.clone().requires_grad_()
+    got = tl.token_logprobs(model, h, targets)
+    (got * up).sum().backward()
+    ref_h = h0.clone().requires_grad_()
+    want = (ref_h @ w.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (want * up).sum().backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-6)  # float32 output
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # no gradient wanted: none is made
+        torch.testing.assert_close(tl.token_logprobs(model, h0, targets), got.detach())
+    assert tl.token_logprobs(model, h0[:0], targets[:0]).shape == (0,)
