@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--lens", default="64,1024,4096")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--vs-variant", default=None,
+                    help="also time the native call on this kernel variant (e.g. avx512 against amx's tiles)")
     args = ap.parse_args()
     if not native_mla.native_ops.available():
         raise SystemExit(f"native ops unavailable: {native_mla.native_ops.why_unavailable()}")
@@ -60,18 +62,26 @@ def main() -> None:
             out = native_mla.mla_decode(qn, qp, latent, w_uk, w_uv, table, lens, scale)
             err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
             calls = max(3, int(200 / H))
-            t_ref, t_nat = [], []
+            t_ref, t_nat, t_vs = [], [], []
+            best = native.variant()
             for _ in range(args.repeats):  # alternating
                 t_ref.append(ms(lambda: attention.attention_mla(qn, qp, latent, w_uk, w_uv, table, lens, qsl, scale),
                                 calls))
                 t_nat.append(ms(lambda: native_mla.mla_decode(qn, qp, latent, w_uk, w_uv, table, lens, scale),
                                 calls * 4))
+                if args.vs_variant:
+                    native.set_variant(args.vs_variant)
+                    t_vs.append(ms(lambda: native_mla.mla_decode(qn, qp, latent, w_uk, w_uv, table, lens, scale),
+                                   calls * 4))
+                    native.set_variant(best)
             r, n = statistics.median(t_ref), statistics.median(t_nat)
+            vs = {f"{args.vs_variant}_ms": round(statistics.median(t_vs), 3),
+                  f"speedup_vs_{args.vs_variant}": round(statistics.median(t_vs) / n, 2)} if t_vs else {}
             nbytes = (w_uk.numel() + w_uv.numel() + L * (lora + dr)) * 2
             print(json.dumps({"heads": H, "context": L, "torch_ms": round(r, 3), "native_ms": round(n, 3),
                               "speedup": round(r / n, 2), "mbytes": round(nbytes / 1e6, 1),
                               "native_gbps": round(nbytes / n / 1e6, 1), "bw_fraction": round(nbytes / n / 1e6 / bw, 2),
-                              "rel_err_vs_torch": err, "threads": args.threads, "variant": native.variant()}),
+                              "rel_err_vs_torch": err, "threads": args.threads, "variant": native.variant(), **vs}),
                   flush=True)
 
 

@@ -25,6 +25,7 @@
 #define KT_AMX KT_TARGET("avx2,fma,f16c")
 #define KT_EMULATED_CVTNE2PS 1  // SIMDe has no VCVTNE2PS2BF16: kernels_amx.hpp rounds in integer steps
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
+#include "attention_tiles.hpp"
 
 using namespace kt;
 
@@ -166,6 +167,41 @@ int main() {
           }
         }
       }
+  // Decode attention's two products on the tiles (attention_tiles.hpp): head groups of 16 and 20 (a
+  // padded head tile), runs of keys that leave partial 16- and 32-key tiles, rows scattered as a paged
+  // cache's, against double sums of the same bf16 operands (the query and the probabilities rounded)
+  for (int64_t G : {16, 20})
+    for (int64_t n : {1, 16, 37, 64}) {
+      const int64_t D = 64, Dv = 48, ld = 80, slots = 2 * n + 3;
+      std::vector<uint16_t> cache(slots * ld);
+      for (auto& v : cache) v = static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16);
+      std::vector<int64_t> rows(n);
+      for (int64_t i = 0; i < n; ++i) rows[i] = ((i * 7 + 3) % slots) * ld;  // distinct slots, any order
+      std::vector<float> q(G * D), pr(G * n), s(G * n), want(G * n), acc(G * Dv), want_acc(G * Dv);
+      for (auto& v : q) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f;
+      for (auto& v : pr) v = static_cast<float>(rng() % 1000) * 1e-3f;
+      AttnTileScratch ts;
+      attn_scores_amx(q.data(), G, D, cache.data(), rows.data(), n, 0.125f, s.data(), ts);
+      attn_values_amx(pr.data(), G, Dv, cache.data(), rows.data(), n, acc.data(), ts);
+      auto rb = [](float x) { return bf16_to_f32(static_cast<uint16_t>((f32_bits(x) + 0x7FFFu + ((f32_bits(x) >> 16) & 1u)) >> 16)); };
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < n; ++i) {
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += double(rb(q[g * D + d])) * bf16_to_f32(cache[rows[i] + d]);
+          want[g * n + i] = static_cast<float>(dot * 0.125);
+        }
+        for (int64_t d = 0; d < Dv; ++d) {
+          double sum = 0;
+          for (int64_t i = 0; i < n; ++i) sum += double(rb(pr[g * n + i])) * bf16_to_f32(cache[rows[i] + d]);
+          want_acc[g * Dv + d] = static_cast<float>(sum);
+        }
+      }
+      char what[96];
+      std::snprintf(what, sizeof what, "amx attention scores G=%lld", static_cast<long long>(G));
+      compare(what, static_cast<int>(n), s, want);
+      std::snprintf(what, sizeof what, "amx attention values G=%lld", static_cast<long long>(G));
+      compare(what, static_cast<int>(n), acc, want_acc);
+    }
 #endif
   std::printf("%d failures\n", failures);
   return failures ? 1 : 0;

@@ -31,6 +31,27 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, what: str, rel32: float =
                                f"{float(o[bad][0])} vs {float(r[bad][0])}")
 
 
+# decode attention of a bf16 model on AMX with 16+ query heads a kv head (MLA: all of them) runs on the
+# tiles, which round the query and the probabilities to bf16 (attention_tiles.inc): measured ~2e-3 of
+# the output's range against the float32 reference; a wrong layout or a lost key is off by O(1)
+TILE_TOLERANCE = 1e-2
+TILE_HEADS = 16
+
+
+def takes_tiles(variant: str, q_dtype, kv_dtype, group: int, D: int, Dv: int) -> bool:
+    """Whether a decode attention call takes the AMX tiles (attention_tiles.inc's attn_tiles_take)."""
+    return (variant == "amx" and q_dtype == BF16 and kv_dtype == BF16 and group >= TILE_HEADS and D % 32 == 0
+            and Dv % 16 == 0)
+
+
+def assert_tile_close(out: torch.Tensor, ref: torch.Tensor, what: str):
+    """Within TILE_TOLERANCE of the output's range (the tiles' bf16 operands)."""
+    o, r = out.double(), ref.double()
+    assert torch.isfinite(o).all(), f"{what}: non-finite output"
+    err = float((o - r).abs().max() / r.abs().max().clamp_min(1e-30))
+    assert err <= TILE_TOLERANCE, f"{what}: relative error {err:.3g} > {TILE_TOLERANCE}"
+
+
 def paged(lens, Hkv, D, bs, dtype, seed=0, pad_blocks=3, scale=1.0):
     """Caches [num_blocks, bs, Hkv, D] holding len tokens per sequence in shuffled blocks, and the
     block table (int32, unused entries 0) and seq_lens (int32)."""

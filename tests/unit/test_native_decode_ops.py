@@ -9,7 +9,8 @@ from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.backend import CpuBackend
 from kt_core.backend.torch_ops import attention as torch_attention
 from kt_core.backend.torch_ops import norm_rope as torch_norm_rope
-from tests.unit.native_decode_cases import BF16, F32, assert_close, paged, query, variant  # noqa: F401
+from tests.unit.native_decode_cases import (BF16, F32, assert_close, assert_tile_close, paged, query,  # noqa: F401
+                                            takes_tiles, variant)
 
 pytestmark = pytest.mark.skipif(not native_ops.available(),
                                 reason=f"native CPU kernels: {native_ops.why_unavailable()}")
@@ -53,6 +54,27 @@ def test_attention_decode_matches_reference(variant, dtype, ratio, D):
             ref = torch_attention.attention_decode(q, k, v, table, lens, D ** -0.5, **kw)
             out = native_ops.attention_decode(q, k, v, table, lens, D ** -0.5, **kw)
             assert_close(out, ref, f"{variant} bs={bs} window={window} chunk={chunk} sinks={with_sinks}")
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "f32"])
+def test_attention_decode_large_head_groups(variant, dtype):
+    """Groups of 16 and 24 query heads a kv head (a bf16 model's take the AMX tiles on AMX CPUs, 24: a
+    padded second head tile), two kv heads, windows, chunks and sinks, runs split over three threads."""
+    lens = [1, 37, 300, 1300]
+    for Hkv, ratio, D in [(2, 16, 64), (1, 24, 128)]:
+        k, v, table, sl = paged(lens, Hkv, D, 16, dtype, seed=ratio)
+        q = query(len(lens), Hkv * ratio, D, dtype, seed=ratio + 1)
+        sinks = torch.randn(Hkv * ratio, generator=torch.Generator().manual_seed(3))
+        with threads(3):
+            for window, chunk, with_sinks in MASKS:
+                kw = dict(sliding_window=window, chunk=chunk, sinks=sinks if with_sinks else None)
+                ref = torch_attention.attention_decode(q, k, v, table, sl, D ** -0.5, **kw)
+                out = native_ops.attention_decode(q, k, v, table, sl, D ** -0.5, **kw)
+                what = f"{variant} G={ratio} D={D} window={window} chunk={chunk} sinks={with_sinks}"
+                if takes_tiles(variant, dtype, dtype, ratio, D, D):
+                    assert_tile_close(out, ref, what)
+                else:
+                    assert_close(out, ref, what)
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "f32"])

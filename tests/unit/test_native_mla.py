@@ -11,7 +11,8 @@ from kt_backends.cpu import native, native_mla, native_ops
 from kt_backends.cpu.backend import CpuBackend
 from kt_backends.cpu.native_abi import _MlaDecodeArgs
 from kt_core.backend.torch_ops import attention as torch_attention
-from tests.unit.native_decode_cases import BF16, F32, assert_close, paged, variant  # noqa: F401
+from tests.unit.native_decode_cases import (BF16, F32, assert_close, assert_tile_close, paged, takes_tiles,  # noqa: F401
+                                            variant)
 
 pytestmark = pytest.mark.skipif(not native_ops.available(),
                                 reason=f"native CPU kernels: {native_ops.why_unavailable()}")
@@ -42,7 +43,35 @@ def test_mla_decode_matches_reference(variant, shape, dtypes):
     args = mla_case(*shape, [1, 5, 37, 300], *dtypes)
     ref = torch_attention.attention_mla(*args)
     out = native_mla.mla_decode(*args[:7], args[8])
-    assert_close(out, ref, f"{variant} {shape} {dtypes}", rel32=1e-5)
+    H, _, dr, lora, _ = shape
+    if takes_tiles(variant, dtypes[0], dtypes[2], H, lora + dr, lora):
+        assert_tile_close(out, ref, f"{variant} {shape} {dtypes}")
+    else:
+        assert_close(out, ref, f"{variant} {shape} {dtypes}", rel32=1e-5)
+
+
+@pytest.mark.parametrize("H", [20, 128])
+def test_mla_decode_on_the_tiles(variant, H):
+    """A bf16 model's MLA decode on AMX: the head group on the tiles (20 heads: a padded second tile
+    of heads), long contexts split into runs on three threads, lengths that leave partial 16- and
+    32-key tiles, against the float32 reference; the vector kernels' answer differs from the tiles'."""
+    args = mla_case(H, 32, 32, 96, 48, [1, 17, 300, 1500], BF16, BF16, BF16, bs=16, seed=6)
+    before = native.threads()
+    native.set_threads(3)
+    try:
+        out = native_mla.mla_decode(*args[:7], args[8])
+        best = native.variant()
+        native.set_variant("avx2" if "avx2" in native.supported_variants() else "generic")
+        vector = native_mla.mla_decode(*args[:7], args[8])
+        native.set_variant(best)
+    finally:
+        native.set_threads(before)
+    ref = torch_attention.attention_mla(*args)
+    if takes_tiles(variant, BF16, BF16, H, 128, 96):
+        assert_tile_close(out, ref, variant)
+        assert not torch.equal(out, vector), "the tiles were not taken"
+    else:
+        assert_close(out, ref, variant, rel32=1e-5)
 
 
 def test_mla_decode_long_contexts_on_the_pool(variant):

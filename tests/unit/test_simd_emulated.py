@@ -77,5 +77,6 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         # amx_q8_takes them)
         assert run.stdout.count("ok   amx") >= 2 * 9 * 8 * 3 + 6 * 3
         assert "ok   amx fmt=1 group=32 zeros=1" in run.stdout and "ok   fmt=1 group=32 zeros=1" in run.stdout
+        assert run.stdout.count("ok   amx attention") == 16  # 2 head groups x 4 key counts x 2 products
         assert run.stdout.count("ok   avx_vnni") == 168  # (3 int8 kinds, w8a8, 4 int4 kinds) x 7 token counts x 3 panels
         assert run.stdout.count("ok   avx512bf16") == 18  # 6 token counts of 16+ x 3 panels

@@ -20,6 +20,7 @@
 
 #include "kernels.hpp"
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
+#include "attention_tiles.hpp"  // decode attention of large head groups (MLA) on AMX tiles
 #include "threadpool.hpp"
 
 #if defined(_WIN32)  // MSVC and MinGW: without dllexport setuptools' .def would export only PyInit

@@ -1,0 +1,162 @@
+// The two products of decode attention for a large query-head group on AMX tiles: one work item of
+// attention_decode.inc (a sequence, a kv head, a run of n keys) whose G >= 16 query heads share the
+// kv head, as MLA's absorbed form has it (128 heads over one latent row of 576: DeepSeek-V3, Kimi-K2).
+// The vector items do G x n dot products of D and G x n row updates of Dv there, compute-bound at long
+// contexts (4096 keys: ~10 ms a layer on 2 cores); here both are bf16 GEMMs with float32 sums:
+//   attn_scores_amx:  scores^T [n keys x G] = K [n x D] . Q^T [D x G]  (A: 16 key rows staged, B: Q^T)
+//   attn_values_amx:  acc [G x Dv] = P [G x n] . V [n x Dv]            (A: P, B: value rows in pairs)
+// The query and the probabilities are rounded to bf16 (the keys and values are bf16 already): the
+// prefill tiles' rounding (native_attention.py), ~2e-3 of the output's range; attention_decode.inc
+// takes this path for bf16 models only. Every tile is 16 rows x 64 bytes, so one configuration
+// serves both: C in tmm0..3, A in tmm4, B in tmm5. Included after kernels_amx.hpp (by kt_cpu.cpp
+// and by tests/native/simd_emulated.cpp, which runs it on the tile model).
+#pragma once
+#include "kernels_amx.hpp"
+
+#if defined(KT_HAVE_AMX)
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace kt {
+
+struct AttnTileScratch {  // grown, never shrunk
+  std::vector<uint16_t> qb;  // Q^T as B tiles: [D/2][Gp][2] (Gp: G rounded up to 16, zero heads past G)
+  std::vector<uint16_t> kb;  // 16 key rows staged for an A tile load: [16][D], zero rows past n
+  std::vector<uint16_t> vb;  // V as B tiles: [np/2][Dv][2] (np: n rounded up to 32, zero rows past n)
+  std::vector<uint16_t> pb;  // P as A tiles: [Gp][np], zero past G and n
+};
+
+KT_AMX inline void attn_tiles_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 6; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  KT_MEMORY_BARRIER();
+  _tile_loadconfig(&cfg);
+}
+
+// C tile t (0..3) += A (tmm4) . B loaded from b (stride ldb bytes): tile numbers are immediates
+KT_AMX inline void attn_tile_dp(int t, const void* b, int64_t ldb) {
+  _tile_loadd(5, b, ldb);
+  switch (t) {
+    case 0: _tile_dpbf16ps(0, 4, 5); break;
+    case 1: _tile_dpbf16ps(1, 4, 5); break;
+    case 2: _tile_dpbf16ps(2, 4, 5); break;
+    default: _tile_dpbf16ps(3, 4, 5); break;
+  }
+}
+
+// the first nt (1..4) C tiles zeroed / stored to c [nt][16][16]
+KT_AMX inline void attn_tiles_zero(int nt) {
+  _tile_zero(0);
+  if (nt > 1) _tile_zero(1);
+  if (nt > 2) _tile_zero(2);
+  if (nt > 3) _tile_zero(3);
+}
+KT_AMX inline void attn_tiles_store(int nt, float* c) {
+  _tile_stored(0, c, 64);
+  if (nt > 1) _tile_stored(1, c + 256, 64);
+  if (nt > 2) _tile_stored(2, c + 512, 64);
+  if (nt > 3) _tile_stored(3, c + 768, 64);
+  KT_MEMORY_BARRIER();
+}
+
+// x [n] -> bf16 at dst, 32 at a time (round to nearest even); dst has room for n rounded up to 32,
+// written with zeros past n
+KT_AMX inline void attn_bf16_row(const float* x, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; i += 32) {
+    alignas(64) float t[32] = {};
+    const float* src = x + i;
+    if (n - i < 32) {
+      std::memcpy(t, x + i, sizeof(float) * static_cast<size_t>(n - i));
+      src = t;
+    }
+    _mm512_storeu_si512(dst + i, bf16x32(_mm512_loadu_ps(src), _mm512_loadu_ps(src + 16)));
+  }
+}
+
+// s [G][n] = scale * (q [G][D] float . key i), the keys at element offsets rows [n] of K (bf16);
+// D % 32 == 0
+KT_AMX inline void attn_scores_amx(const float* q, int64_t G, int64_t D, const uint16_t* K, const int64_t* rows,
+                                   int64_t n, float scale, float* s, AttnTileScratch& t) {
+  const int64_t Gp = (G + 15) / 16 * 16;
+  t.qb.assign(static_cast<size_t>(D * Gp), 0);
+  alignas(64) uint16_t row[32];
+  for (int64_t g = 0; g < G; ++g)  // dims (2r, 2r + 1) of head g: dword (r, g)
+    for (int64_t d0 = 0; d0 < D; d0 += 32) {
+      attn_bf16_row(q + g * D + d0, 32, row);
+      for (int64_t r = 0; r < 16; ++r) std::memcpy(&t.qb[((d0 / 2 + r) * Gp + g) * 2], row + 2 * r, 4);
+    }
+  t.kb.resize(static_cast<size_t>(16 * D));
+  alignas(64) float c[4 * 256];
+  attn_tiles_configure();
+  for (int64_t k0 = 0; k0 < n; k0 += 16) {
+    const int64_t kr = std::min<int64_t>(16, n - k0);
+    for (int64_t i = 0; i < 16; ++i) {
+      uint16_t* dst = t.kb.data() + i * D;
+      if (i < kr) std::memcpy(dst, K + rows[k0 + i], static_cast<size_t>(D) * 2);
+      else std::memset(dst, 0, static_cast<size_t>(D) * 2);
+    }
+    for (int64_t h0 = 0; h0 < Gp; h0 += 64) {  // up to 4 tiles of 16 heads
+      const int nt = static_cast<int>(std::min<int64_t>(4, (Gp - h0) / 16));
+      attn_tiles_zero(nt);
+      for (int64_t d0 = 0; d0 < D; d0 += 32) {
+        KT_MEMORY_BARRIER();
+        _tile_loadd(4, t.kb.data() + d0, D * 2);
+        for (int j = 0; j < nt; ++j) attn_tile_dp(j, t.qb.data() + ((d0 / 2) * Gp + h0 + 16 * j) * 2, Gp * 4);
+      }
+      attn_tiles_store(nt, c);
+      for (int j = 0; j < nt; ++j)
+        for (int64_t i = 0; i < kr; ++i)
+          for (int64_t h = 0; h < 16 && h0 + 16 * j + h < G; ++h)
+            s[(h0 + 16 * j + h) * n + k0 + i] = c[j * 256 + i * 16 + h] * scale;
+    }
+  }
+  _tile_release();
+  KT_MEMORY_BARRIER();
+}
+
+// acc [G][Dv] = sum_i p[g][i] * value row i (the first Dv elements at rows[i] of V, bf16), p [G][n];
+// Dv % 16 == 0
+KT_AMX inline void attn_values_amx(const float* p, int64_t G, int64_t Dv, const uint16_t* V, const int64_t* rows,
+                                   int64_t n, float* acc, AttnTileScratch& t) {
+  const int64_t Gp = (G + 15) / 16 * 16, np = (n + 31) / 32 * 32;
+  t.pb.assign(static_cast<size_t>(Gp * np), 0);
+  for (int64_t g = 0; g < G; ++g) attn_bf16_row(p + g * n, n, t.pb.data() + g * np);
+  t.vb.resize(static_cast<size_t>(np * Dv));
+  for (int64_t r = 0; r < np / 2; ++r) {  // value rows 2r, 2r + 1: dword (r, d) = (v[2r][d], v[2r+1][d])
+    const uint16_t* v0 = 2 * r < n ? V + rows[2 * r] : nullptr;
+    const uint16_t* v1 = 2 * r + 1 < n ? V + rows[2 * r + 1] : nullptr;
+    uint16_t* dst = t.vb.data() + r * Dv * 2;
+    for (int64_t d = 0; d < Dv; d += 16) {
+      const __m512i lo = v0 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)))
+                            : _mm512_setzero_si512();
+      const __m512i hi = v1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d)))
+                            : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + d * 2, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+  alignas(64) float c[4 * 256];
+  attn_tiles_configure();
+  for (int64_t h0 = 0; h0 < Gp; h0 += 16)  // 16 heads x 64 dims at a time
+    for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+      const int nt = static_cast<int>(std::min<int64_t>(4, (Dv - d0) / 16));
+      attn_tiles_zero(nt);
+      for (int64_t k0 = 0; k0 < np; k0 += 32) {
+        KT_MEMORY_BARRIER();
+        _tile_loadd(4, t.pb.data() + h0 * np + k0, np * 2);
+        for (int j = 0; j < nt; ++j) attn_tile_dp(j, t.vb.data() + ((k0 / 2) * Dv + d0 + 16 * j) * 2, Dv * 4);
+      }
+      attn_tiles_store(nt, c);
+      for (int j = 0; j < nt; ++j)
+        for (int64_t h = 0; h < 16 && h0 + h < G; ++h)
+          std::memcpy(acc + (h0 + h) * Dv + d0 + 16 * j, c + j * 256 + h * 16, 64);
+    }
+  _tile_release();
+  KT_MEMORY_BARRIER();
+}
+
+}  // namespace kt
+#endif  // KT_HAVE_AMX
