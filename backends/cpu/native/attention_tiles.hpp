@@ -83,11 +83,13 @@ KT_AMX inline void attn_scores_amx(const float* q, int64_t G, int64_t D, const u
                                    int64_t n, float scale, float* s, AttnTileScratch& t) {
   const int64_t Gp = (G + 15) / 16 * 16;
   t.qb.assign(static_cast<size_t>(D * Gp), 0);
-  alignas(64) uint16_t row[32];
-  for (int64_t g = 0; g < G; ++g)  // dims (2r, 2r + 1) of head g: dword (r, g)
+  uint32_t* qb = reinterpret_cast<uint32_t*>(t.qb.data());  // dword (r, g): dims (2r, 2r + 1) of head g
+  alignas(64) uint32_t row[16];
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t d0 = 0; d0 < D; d0 += 32) {
-      attn_bf16_row(q + g * D + d0, 32, row);
-      for (int64_t r = 0; r < 16; ++r) std::memcpy(&t.qb[((d0 / 2 + r) * Gp + g) * 2], row + 2 * r, 4);
+      attn_bf16_row(q + g * D + d0, 32, reinterpret_cast<uint16_t*>(row));
+      uint32_t* col = qb + (d0 / 2) * Gp + g;
+      for (int64_t r = 0; r < 16; ++r) col[r * Gp] = row[r];
     }
   t.kb.resize(static_cast<size_t>(16 * D));
   alignas(64) float c[4 * 256];
@@ -108,10 +110,14 @@ KT_AMX inline void attn_scores_amx(const float* q, int64_t G, int64_t D, const u
         for (int j = 0; j < nt; ++j) attn_tile_dp(j, t.qb.data() + ((d0 / 2) * Gp + h0 + 16 * j) * 2, Gp * 4);
       }
       attn_tiles_store(nt, c);
-      for (int j = 0; j < nt; ++j)
-        for (int64_t i = 0; i < kr; ++i)
-          for (int64_t h = 0; h < 16 && h0 + 16 * j + h < G; ++h)
-            s[(h0 + 16 * j + h) * n + k0 + i] = c[j * 256 + i * 16 + h] * scale;
+      for (int j = 0; j < nt; ++j) {  // tile [key][head] -> s [head][key], scaled
+        const int64_t heads = std::min<int64_t>(16, G - h0 - 16 * j);
+        for (int64_t h = 0; h < heads; ++h) {
+          float* dst = s + (h0 + 16 * j + h) * n + k0;
+          const float* src = c + j * 256 + h;
+          for (int64_t i = 0; i < kr; ++i) dst[i] = src[i * 16] * scale;
+        }
+      }
     }
   }
   _tile_release();
