@@ -188,20 +188,23 @@ def test_repack_q4_1_zero_scale_exact():
     assert_repack_close(w, data, T.Q4_1, shape)
 
 
-def test_repack_q4_k_zero_scale_exact():
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_repack_k_zero_scale_exact(qtype):
+    """A Q4_K / Q5_K sub-block whose scale is 0 is its min alone: kept exactly (scale 1, codes 0). Both
+    start f16 d, f16 dmin, scales[12]."""
     shape = (2, 256)
-    data = random_bytes(T.Q4_K, shape, seed=8)
-    blk = data.reshape(-1, 144)
+    data = random_bytes(qtype, shape, seed=8)
+    blk = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
     blk[0, 0:2] = np.array([0.0], np.float16).view(np.uint8)  # d == 0: every sub-block of block 0
     blk[1, 4] &= 0xC0  # block 1: sub-block 0's 6-bit scale is 0
     blk[1, 8] |= 0x01  # ... and its min is not
     blk[1, 2:4] = np.array([0.75], np.float16).view(np.uint8)
-    w = repack(torch.from_numpy(data), T.Q4_K, shape)
+    w = repack(torch.from_numpy(data), qtype, shape)
     got = dequantize_weight(w).numpy().reshape(-1, 32)
-    want = oracle(data, T.Q4_K).reshape(-1, 32)
+    want = oracle(data, qtype).reshape(-1, 32)
     np.testing.assert_array_equal(got[:9], want[:9])
     assert (want[8] != 0).all() and (w.scales.reshape(-1)[:9] == 1).all()
-    assert_repack_close(w, data, T.Q4_K, shape)
+    assert_repack_close(w, data, qtype, shape)
 
 
 INT8_TYPES = [(T.Q8_0, 32), (T.Q5_0, 32), (T.IQ4_NL, 32), (T.IQ4_XS, 32), (T.MXFP4, 32), (T.Q6_K, 16),
@@ -240,23 +243,6 @@ def test_repack_int8_with_zero_points(qtype, group, top, shape, monkeypatch):
     assert tuple(w.scales.shape) == tuple(w.zeros.shape) == (*lead, n_in // group)
     assert gguf_blocks.kept_as(qtype) == (Quant.INT8, group, True)
     assert_repack_close(w, data, qtype, shape)
-
-
-def test_repack_q5_k_zero_scale_exact():
-    """A Q5_K sub-block whose scale is 0 is its min alone: kept exactly (scale 1, codes 0)."""
-    shape = (2, 256)
-    data = random_bytes(T.Q5_K, shape, seed=11)
-    blk = data.reshape(-1, 176)
-    blk[0, 0:2] = np.array([0.0], np.float16).view(np.uint8)  # d == 0: every sub-block of block 0
-    blk[1, 4] &= 0xC0  # block 1: sub-block 0's 6-bit scale is 0
-    blk[1, 8] |= 0x01  # ... and its min is not
-    blk[1, 2:4] = np.array([0.75], np.float16).view(np.uint8)
-    w = repack(torch.from_numpy(data), T.Q5_K, shape)
-    got = dequantize_weight(w).numpy().reshape(-1, 32)
-    want = oracle(data, T.Q5_K).reshape(-1, 32)
-    np.testing.assert_array_equal(got[:9], want[:9])
-    assert (want[8] != 0).all() and (w.scales.reshape(-1)[:9] == 1).all()
-    assert_repack_close(w, data, T.Q5_K, shape)
 
 
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.IQ2_XXS], ids=lambda t: t.name)
