@@ -73,7 +73,7 @@ setup(
     ext_modules=NATIVE,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
-        "torch>=2.4,<3",
+        "torch>=2.5,<3",  # SDPA's enable_gqa (torch_ops/attention.py)
         "hydra-core>=1.3.2,<1.4",
         "omegaconf>=2.3,<2.4",
         "numpy>=1.24",

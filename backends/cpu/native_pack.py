@@ -134,7 +134,7 @@ def _check_packed(p: PackedExperts) -> tuple:
                    and proj.scale.dtype == torch.float16)
             _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float16 if f16 else torch.float32)
             if proj.zero is not None:
-                if fmt != "int4" and not (fmt == "int8" and grp > 0):
+                if fmt != "int4" and not (fmt == "int8" and 0 < grp < K):
                     raise ValueError(f"{where}: {name} has zero points, which only int4 and grouped int8 take; "
                                      f"{_REPACK}")
                 _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float16 if f16 else torch.float32)

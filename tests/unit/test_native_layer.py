@@ -54,8 +54,9 @@ def test_fused_decode_matches_the_per_op_path(name, overrides, tiny_checkpoint, 
     assert len(got) == len(ref) > 0
     for a, b in zip(got, ref):
         err = float((a - b).abs().max() / b.abs().max())
-        # the same kernels and roundings: measured bit-identical but for one 9e-6 (an exp's last bit)
-        assert err <= (2e-3 if "bfloat16" in overrides[0] else 1e-5), f"{name}: decode logits differ by {err:.2e}"
+        # the same kernels and roundings but for a few float32 ops the per-op path runs in torch (an
+        # exp's last bit): measured up to 2.6e-5 (the sanitizer build, -O1), bit-identical elsewhere
+        assert err <= (2e-3 if "bfloat16" in overrides[0] else 5e-5), f"{name}: decode logits differ by {err:.2e}"
 
 
 def _split_qkv(engine):

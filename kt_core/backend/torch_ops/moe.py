@@ -78,14 +78,18 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     tokens = routes // K
     weights = topk_weights.reshape(-1)[routes].float()
     dyn = (lambda t: fake_quant_activations(t)) if experts.format is Quant.W8A8 else (lambda t: t)  # noqa: E731
-    # every route's row gathered once and split by expert (views), every expert's rows joined once and
-    # summed into the tokens once: under autograd each of these is one op in the backward pass, where
-    # a gather and a scatter per expert made and summed a full-size gradient per expert
-    xs = dyn(hidden[tokens]).split(counts)
-    ys = []
-    for e, (n, x) in enumerate(zip(counts, xs)):
+    # under autograd, every route's row is gathered once and split by expert (views) and every expert's
+    # rows are joined once and summed into the tokens once: one op each in the backward pass, where a
+    # gather and a scatter per expert made and summed a full-size gradient per expert. Without it, an
+    # expert's rows at a time (inference: no copy of every route's rows, ~T*K*H*12 bytes, at once)
+    grad = torch.is_grad_enabled()
+    xs = dyn(hidden[tokens]).split(counts) if grad else None
+    ys, start = [], 0
+    for e, n in enumerate(counts):
+        start += n
         if n == 0:
             continue
+        x = xs[e] if grad else dyn(hidden[tokens[start - n:start]])
         g = F.linear(x, _expert_weight(experts.gate, e, x.dtype))
         u = F.linear(x, _expert_weight(experts.up, e, x.dtype))
         if experts.gate_bias is not None:
@@ -95,6 +99,10 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         y = F.linear(dyn(gated_activation(g, u, activation)), _expert_weight(experts.down, e, x.dtype))
         if experts.down_bias is not None:
             y = y + experts.down_bias[e].to(x.dtype)
-        ys.append(y)
-    out.index_add_(0, tokens, torch.cat(ys).float() * weights[:, None])
+        if grad:
+            ys.append(y)
+        else:
+            out.index_add_(0, tokens[start - n:start], y.float() * weights[start - n:start, None])
+    if grad:
+        out.index_add_(0, tokens, torch.cat(ys).float() * weights[:, None])
     return out.to(hidden.dtype)
