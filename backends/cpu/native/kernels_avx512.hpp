@@ -95,7 +95,7 @@ KT_AVX512 inline void madd_pairs_512(__m512i w, const X16& x, int64_t k, __m512i
   for (int i = 0; i < MR; ++i) {
     int32_t pair;
     std::memcpy(&pair, x.q + i * x.ldx + k, 4);
-    a[i] = _mm512_add_epi32(a[i], _mm512_madd_epi16(w, _mm512_set1_epi32(pair)));
+    a[i] = _mm512_dpwssd_epi32(a[i], w, _mm512_set1_epi32(pair));  // VPDPWSSD: madd + add, one instruction
   }
 }
 
