@@ -13,7 +13,7 @@ from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight
 
 def kept(ck, names: list[str], shape) -> Optional[QuantizedWeight]:
     """The named weights stacked in the format their file quantized them in, when the checkpoint
-    holds them in one kt-core represents exactly (a GGUF's blocks: gguf_blocks.repack); else None."""
+    holds them in one kt-core represents exactly (a GGUF's blocks: gguf_repack.repack); else None."""
     if not hasattr(ck, "quantized") or not all(ck.keeps(n) for n in names):
         return None
     first = ck.quantized(names[0], shape)

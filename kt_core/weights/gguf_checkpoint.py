@@ -86,7 +86,7 @@ class GGUFCheckpoint:
 
     def keeps(self, name: str) -> bool:
         """Whether ``quantized(name)`` hands over the file's blocks (no tensor is read to tell)."""
-        from kt_core.weights.gguf_blocks import REPACKABLE
+        from kt_core.weights.gguf_repack import REPACKABLE
 
         return self._tensor(name)[1].tensor_type in REPACKABLE and self._src[name].plain
 
@@ -113,7 +113,7 @@ class GGUFCheckpoint:
         the tensor groups whose quant format is none (the others are requantized as configured)."""
         import dataclasses
 
-        from kt_core.weights.gguf_blocks import kept_as, kept_bytes
+        from kt_core.weights.gguf_repack import kept_as, kept_bytes
 
         def kind(name):
             return kept_as(self._tensor(name)[1].tensor_type) if name in self and self.keeps(name) else None
@@ -236,7 +236,7 @@ class GGUFCheckpoint:
     def quantized(self, name: str, shape=None) -> Optional[QuantizedWeight]:
         """The weight in a kt-core format that holds its GGUF blocks exactly, or None when its type
         has none (the caller then reads floats with ``get``)."""
-        from kt_core.weights.gguf_blocks import REPACKABLE, repack
+        from kt_core.weights.gguf_repack import REPACKABLE, repack
 
         kind = self._tensor(name)[1].tensor_type
         if not self._src[name].plain:

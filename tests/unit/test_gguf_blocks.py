@@ -1,4 +1,5 @@
-"""kt_core.weights.gguf_blocks against the gguf package's numpy decoders (the independent oracle).
+"""kt_core.weights.gguf_blocks (decoders) and gguf_repack (exact repacks) against the gguf package's
+numpy decoders (the independent oracle).
 
 Blocks are random bytes with their float16 scale fields overwritten by random finite halves
 (subnormals and large values included), so every code and scale bit pattern is exercised."""
@@ -12,7 +13,8 @@ gguf = pytest.importorskip("gguf")
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
 
 from kt_core.weights import gguf_blocks  # noqa: E402
-from kt_core.weights.gguf_blocks import dequantize, repack  # noqa: E402
+from kt_core.weights.gguf_blocks import dequantize  # noqa: E402
+from kt_core.weights.gguf_repack import kept_as, repack  # noqa: E402
 from kt_core.weights.quant import Quant, dequantize as dequantize_weight  # noqa: E402
 
 # byte offsets of the float16 fields in each block (from ggml-common.h's block structs)
@@ -241,7 +243,7 @@ def test_repack_int8_with_zero_points(qtype, group, top, shape, monkeypatch):
     assert tuple(w.qdata.shape) == tuple(shape) and w.qdata.dtype == torch.int8
     assert int(w.qdata.min()) >= 0 and int(w.qdata.max()) == top
     assert tuple(w.scales.shape) == tuple(w.zeros.shape) == (*lead, n_in // group)
-    assert gguf_blocks.kept_as(qtype) == (Quant.INT8, group, True)
+    assert kept_as(qtype) == (Quant.INT8, group, True)
     assert_repack_close(w, data, qtype, shape)
 
 
