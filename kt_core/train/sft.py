@@ -46,14 +46,6 @@ def read_examples(path, tokenizer, max_len: int) -> list[Example]:
     return out
 
 
-def logits_of(model, tokens: list[int]) -> torch.Tensor:
-    """Every position's logits [T, V] (float32), differentiable through the adapters."""
-    cache = model.new_cache(math.ceil(len(tokens) / 16) + 1, 16)
-    batch = cache.prepare([0], [tokens], all_logits=True)
-    with torch.enable_grad():
-        return model.forward_train(batch, cache)
-
-
 def loss_of(model, ex: Example) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the answer's tokens, and how many there are."""
     from kt_core.train.token_logprobs import answer_logprobs
@@ -65,16 +57,16 @@ def loss_of(model, ex: Example) -> tuple[torch.Tensor, int]:
 def packed_loss_of(model, examples: list[Example]) -> tuple[torch.Tensor, int]:
     """``loss_of`` summed over ``examples`` run as one forward pass of several sequences (packing:
     each keeps its own positions and causal attention, nothing is padded or mixed across them)."""
-    from kt_core.train.token_logprobs import token_logprobs
+    from kt_core.train.token_logprobs import answer_rows, token_logprobs
 
     lens = [len(ex.tokens) for ex in examples]
     cache = model.new_cache(sum(math.ceil(n / 16) for n in lens) + 1, 16)
     batch = cache.prepare(list(range(len(examples))), [ex.tokens for ex in examples], all_logits=True)
     rows, targets, at = [], [], 0
     for ex, n in zip(examples, lens):
-        keep = torch.arange(1, n) >= ex.first_label
-        rows.append(torch.arange(at, at + n - 1)[keep])
-        targets.append(torch.tensor(ex.tokens[1:], dtype=torch.long)[keep])
+        own = answer_rows(n, ex.first_label)
+        rows.append(at + own)
+        targets.append(torch.tensor(ex.tokens, dtype=torch.long)[own + 1])
         at += n
     rows, targets = torch.cat(rows), torch.cat(targets)
     with torch.enable_grad():

@@ -12,6 +12,7 @@ gradient of the hidden states), so nothing is recomputed.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -55,13 +56,17 @@ def token_logprobs(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return _TokenLogprobs.apply(h, targets.to(h.device), model.head_logits, int(model.spec.vocab_size))
 
 
+def answer_rows(n: int, first_label: int) -> torch.Tensor:
+    """The positions of a sequence of ``n`` tokens whose next token is an answer token (index
+    ``first_label`` on; the first token has no position before it)."""
+    return torch.arange(max(first_label, 1) - 1, n - 1)
+
+
 def answer_logprobs(model, tokens: list[int], first_label: int) -> torch.Tensor:
     """The log-probabilities of ``tokens[first_label:]``, each given the tokens before it (float32);
     differentiable unless the caller turned gradients off (DPO's reference pass)."""
-    import math
-
     cache = model.new_cache(math.ceil(len(tokens) / 16) + 1, 16)
     batch = cache.prepare([0], [tokens], all_logits=True)
-    rows = torch.arange(max(first_label, 1) - 1, len(tokens) - 1)
+    rows = answer_rows(len(tokens), first_label)
     h = model.forward_hidden(batch, cache)
     return token_logprobs(model, h[rows.to(h.device)], torch.tensor(tokens, dtype=torch.long)[rows + 1])
