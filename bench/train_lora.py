@@ -4,6 +4,7 @@ alternating; prints one JSON line per run and a summary per implementation (medi
 
     python bench/train_lora.py                                 # builds the default model once
     python bench/train_lora.py --model DIR --seq 512 --steps 3 --repeats 2 --threads 2
+    python bench/train_lora.py --quant int4 --impls kt-core,kt-core-torch-experts,transformers   # QLoRA
 
 Default model: 2 layers of Qwen3-30B-A3B (hidden 2048, 128 experts top-8, vocab 32000), bf16, LoRA r=16
 on q / k / v / o. A step is one sequence of --seq tokens, forward + backward + AdamW; the first step
@@ -28,7 +29,7 @@ def default_model() -> Path:
     return default_bench_model()
 
 
-def run_one(impl: str, model: Path, seq: int, steps: int, threads: int) -> dict:
+def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -36,7 +37,7 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int) -> dict:
     ids = [(i * 7919) % 30000 + 100 for i in range(seq)]
     first = seq // 4  # the loss covers the last three quarters, as an answer would
     fwd = bwd = 0.0
-    if impl == "kt-core":
+    if impl.startswith("kt-core"):
         repo_on_path()
         from kt_core.models.model import CausalLM, QuantPlan
         from kt_core.models.spec import parse_config
@@ -45,7 +46,13 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int) -> dict:
         from kt_core.weights.checkpoint import Checkpoint
 
         ck = Checkpoint(model)
-        m = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.bfloat16, QuantPlan())
+        from kt_core.weights.quant import Quant
+
+        plan = QuantPlan() if quant == "none" else QuantPlan(experts=Quant(quant), group_size=32)
+        # kt-core: the frozen experts on the native kernels (as kt sft runs them); kt-core-torch-experts:
+        # on the torch reference (the path before native backward products, and LoRA on the experts)
+        m = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_experts=impl == "kt-core"),
+                          torch.bfloat16, plan)
         lora = LoraModel(m, TARGETS, r=16, alpha=32)
         opt = torch.optim.AdamW(lora.parameters(), lr=1e-4)
         ex = Example(ids, first)
@@ -88,7 +95,8 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int) -> dict:
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - t
-    return {"impl": impl, "seq": seq, "steps": steps, "threads": threads, "tokens_per_s": seq * steps / elapsed,
+    return {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "seq": seq, "steps": steps,
+            "threads": threads, "tokens_per_s": seq * steps / elapsed,
             "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
             "peak_rss_mb": round(peak_rss_mb())}
 
@@ -100,15 +108,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--impls", default="kt-core,transformers")
+    ap.add_argument("--impls", default="kt-core,transformers",
+                    help="kt-core (native expert kernels), kt-core-torch-experts, transformers")
+    ap.add_argument("--quant", default="none", choices=["none", "int4", "int8", "fp8"],
+                    help="kt-core's frozen experts (QLoRA: int4, g32); transformers stays bf16")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads))
+        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant))
         return
     model = a.model or default_model()
     runs = alternate(__file__, a.impls.split(","), a.repeats,
-                     ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)])
+                     ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads),
+                      "--quant", a.quant])
     summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'peak_rss_mb'],
               {'tokens_per_s': 'tokens_per_s_vs_transformers', 'peak_rss_mb': 'peak_rss_vs_transformers'})
 

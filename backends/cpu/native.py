@@ -153,9 +153,10 @@ def _explain_routes(hidden, topk_ids, topk_weights, H: int) -> None:
 
 
 def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                activation: str = "silu", pool: int = 0) -> torch.Tensor:
+                activation: str = "silu", pool: int = 0, save_gu: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weighted sum over the routes to the packed experts; same contract as ``moe_experts``.
-    Route ids past the packed experts are other devices' experts and add nothing here."""
+    Route ids past the packed experts are other devices' experts and add nothing here.
+    ``save_gu``: see native_grad.moe_forward_saving (which checks it)."""
     lib = _need()
     if not isinstance(packed, PackedExperts):
         raise ValueError(f"moe_forward takes the PackedExperts of native.pack(), got {type(packed).__name__}")
@@ -174,7 +175,8 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
         return out.to(hidden.dtype)
     args = _MoeArgs(T, H, I, K, E, local_of.numel(), fmt, group, act, x.data_ptr(), ids.data_ptr(),
                     w.data_ptr(), local_of.data_ptr(), gate, up, down, out.data_ptr(), pool,
-                    int(hidden.dtype == torch.bfloat16), dfmt, dgroup, *f16)
+                    int(hidden.dtype == torch.bfloat16), dfmt, dgroup, *f16,
+                    None if save_gu is None else save_gu.data_ptr())
     _check_rc(lib.kt_moe_forward(ctypes.byref(args)), "moe_forward")
     return out.to(hidden.dtype)
 

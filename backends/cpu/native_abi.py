@@ -15,8 +15,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # 13: kt_decode_layers, a decode step's decoder layers in one call (native_layer.py), and fp16 group scales of
 # int8 (MoeArgs.scale_f16 / down_scale_f16, LinearArgs.scale_f16); 14: the same flags take int4 (scales and
 # zero points in fp16); 15: kt_mla_decode, DeepSeek MLA decode over the latent cache (native_mla.py); 16: grouped
-# int8 takes zero points (value = (code - zero) * scale: GGUF Q5_1 / Q5_K / Q2_K kept exactly)
-ABI_VERSION = 16
+# int8 takes zero points (value = (code - zero) * scale: GGUF Q5_1 / Q5_K / Q2_K kept exactly); 17: MoeArgs.save_gu
+# and kt_expert_rows_t, training's backward products through frozen experts (native_grad.py)
+ABI_VERSION = 17
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
@@ -70,7 +71,15 @@ class _MoeArgs(ctypes.Structure):
                 ("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("local_of", ctypes.c_void_p),
                 ("gate", _Proj), ("up", _Proj), ("down", _Proj), ("out", ctypes.c_void_p), ("pool", ctypes.c_int),
                 ("round_bf16", ctypes.c_int), ("down_fmt", ctypes.c_int), ("down_group", ctypes.c_int),
-                ("scale_f16", ctypes.c_int), ("down_scale_f16", ctypes.c_int)]
+                ("scale_f16", ctypes.c_int), ("down_scale_f16", ctypes.c_int), ("save_gu", ctypes.c_void_p)]
+
+
+class _RowsTArgs(ctypes.Structure):  # expert_grad.inc RowsTArgs
+    _fields_ = [("M", ctypes.c_int64), ("K", ctypes.c_int64), ("n_local", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("lda", ctypes.c_int64), ("ldc", ctypes.c_int64), ("fmt", ctypes.c_int), ("group", ctypes.c_int),
+                ("scale_f16", ctypes.c_int), ("accumulate", ctypes.c_int), ("round_bf16", ctypes.c_int),
+                ("pool", ctypes.c_int), ("offsets", ctypes.c_void_p), ("proj", _Proj), ("A", ctypes.c_void_p),
+                ("C", ctypes.c_void_p)]
 
 
 class _AttnDecodeArgs(ctypes.Structure):  # attention_decode.inc AttnDecodeArgs

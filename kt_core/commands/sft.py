@@ -15,8 +15,10 @@ Each line of the data is {"messages": [..., {"role": "assistant", "content": ...
 every train.log_every steps (loss, tokens/s, ETA) and JSON lines to <OUT>.metrics.jsonl; every
 train.save_every steps a checkpoint <OUT>.ckpt (adapters, optimizer, data position, RNG), which
 train.resume=true continues with the same loss curve.
-This first slice trains on the CPU through torch autograd (attention, dense and shared-expert
-linears; the experts frozen in the model's dtype); Ctrl+C saves the adapter so far and stops."""
+Trains on the CPU: torch autograd through attention, dense and shared-expert linears; the frozen
+routed experts (bf16, int8, int4, fp8: quant=... keeps them quantized, QLoRA) run forward and backward
+on the native CPU kernels, or on torch when LoRA adapts them (train.lora.targets=[experts.gate_up_proj,
+...]). Ctrl+C saves the adapter so far and stops."""
 
 
 def run(overrides, flags) -> int:
@@ -60,7 +62,10 @@ def train_command(overrides: list[str], mode: str) -> int:
     else:
         examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
     # the frozen base in any format the quant group names (QLoRA: quant=int4 keeps the experts int4)
-    model = CausalLM.load(ck, spec, AutogradBackend(), torch_dtype(choice(cfg.model.dtype)),
+    from kt_core.train.expert_lora import TARGETS as EXPERT_TARGETS
+
+    native_experts = not set(t.lora.targets) & set(EXPERT_TARGETS)  # adapters on the experts train in torch
+    model = CausalLM.load(ck, spec, AutogradBackend(native_experts), torch_dtype(choice(cfg.model.dtype)),
                           QuantPlan.from_config(cfg.quant))
     model.checkpoint_layers = bool(t.checkpoint_layers)
     lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),

@@ -22,6 +22,7 @@ from kt_core.errors import KtError
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
 from kt_core.models.names import moe_names
 from kt_core.weights.lora import PREFIX, LoraWeight
+from kt_core.weights.quant import ExpertWeights
 
 # kt-core's attention weight keys -> the module names checkpoints (and PEFT) use
 ATTENTION = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
@@ -37,9 +38,32 @@ class AutogradBackend(TorchBackend):
     device_type = "cpu"
     fuse_projections = False  # each linear stays its own weight: LoRA adapts them one by one
 
+    def __init__(self, native_experts: bool = False) -> None:
+        """``native_experts``: frozen routed experts run on the native CPU kernels (forward and
+        backward, ``train/native_experts.py``) in the formats they take; else the torch reference,
+        which LoRA on the experts needs."""
+        super().__init__()
+        self.native_experts = native_experts
+
     @classmethod
     def probe(cls) -> ProbeResult:
         return ProbeResult(True, "torch autograd on the CPU")
+
+    def prepare_experts(self, experts, index: int = 0):
+        if self.native_experts:
+            from kt_core.train import native_experts
+
+            packed = native_experts.pack(experts)
+            if packed is not None:
+                return packed
+        return super().prepare_experts(experts, index)
+
+    def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
+        from kt_core.train import native_experts
+
+        if not isinstance(experts, ExpertWeights):  # packed by prepare_experts
+            return native_experts.moe_experts(hidden, topk_ids, topk_weights, experts, activation)
+        return super().moe_experts(hidden, topk_ids, topk_weights, experts, activation)
 
 
 def linear_slots(model) -> dict[str, tuple[object, str]]:

@@ -29,6 +29,7 @@ struct MoeArgs {
   int round_bf16;
   int down_fmt, down_group;
   int scale_f16, down_scale_f16;
+  float* save_gu;
 };
 
 enum Fmt : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3, FMT_W8A8 = 4 };

@@ -26,6 +26,7 @@
 #define KT_EMULATED_CVTNE2PS 1  // SIMDe has no VCVTNE2PS2BF16: kernels_amx.hpp rounds in integer steps
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
 #include "attention_tiles.hpp"
+#include "kernels_grad.hpp"
 
 using namespace kt;
 
@@ -110,6 +111,28 @@ int main() {
           }
         }
       }
+  // Training's transposed products (kernels_grad.hpp): AVX-512 against the generic float64 sums, every
+  // format on 3 panels (48 rows) of 512 inputs and a 40-input weight (a short last block), row tiles and tails
+  for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_W8A8, FMT_INT4})
+    for (int64_t Kt : {int64_t(512), int64_t(40)})
+      for (bool zeros : {false, true}) {
+        if (zeros && fmt != FMT_INT4 && fmt != FMT_INT8) continue;
+        const int g = fmt == FMT_INT8 && !zeros ? static_cast<int>(Kt) : fmt == FMT_W8A8 || fmt == FMT_BF16 ? 0 : 8;
+        const std::vector<uint8_t> data = random_codes(fmt, P * Kt * NR * 2, rng);
+        std::vector<float> scale(P * Kt * NR), zero(P * Kt * NR);
+        for (auto& v : scale) v = 0.001f + static_cast<float>(rng() % 1000) * 1e-5f;
+        for (auto& v : zero) v = static_cast<float>(rng() % 16);
+        Weight w{fmt, P * NR, Kt, g > 0 ? g : static_cast<int>(Kt), data.data(), scale.data(), zeros ? zero.data() : nullptr};
+        for (int64_t n : {1, 17, 40}) {
+          std::vector<float> A(n * P * NR), a(n * Kt, 1.f), b(n * Kt, 1.f);
+          for (auto& v : A) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f;
+          rows_t_avx512(w, A.data(), P * NR, n, a.data(), Kt, 0, (Kt + 15) / 16, true);
+          rows_t_generic(w, A.data(), P * NR, n, b.data(), Kt, 0, (Kt + 15) / 16, true);
+          char what[96];
+          std::snprintf(what, sizeof what, "rows_t avx512 fmt=%d K=%lld zeros=%d", fmt, static_cast<long long>(Kt), zeros ? 1 : 0);
+          compare(what, static_cast<int>(n), a, b);
+        }
+      }
   // AMX: w8a8 over whole 16-token tiles plus tails; int8 / int4 on integer tiles (TDPBSSD, int8
   // activation codes that hold these activations exactly); every other format on bf16 tiles of up
   // to 16 tokens (panel_tiles_amx) against the generic kernel, with bf16-exact activations and
@@ -167,6 +190,28 @@ int main() {
           }
         }
       }
+  // Training's transposed products on the tiles (rows_t_amx) against the generic float64 sums, with
+  // bf16-exact rows of A and power-of-two scales (every weight exact in bf16): 3 panels (an odd
+  // one out of the two-panel tiles), 1..7 row tiles (two groups of up to six C tiles)
+  for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_INT4})
+    for (bool zeros : {false, true}) {
+      if (zeros && fmt != FMT_INT4 && fmt != FMT_INT8) continue;
+      const int g = fmt == FMT_INT8 && !zeros ? static_cast<int>(K) : fmt == FMT_BF16 ? static_cast<int>(K) : 32;
+      const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
+      std::vector<float> scale(P * K * NR), zero(P * K * NR);
+      for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
+      for (auto& v : zero) v = static_cast<float>(rng() % 16);
+      Weight w{fmt, P * NR, K, g, data.data(), scale.data(), zeros ? zero.data() : nullptr};
+      for (int64_t n : {1, 16, 33, 100}) {
+        std::vector<float> A(n * P * NR), a(n * K, 0.5f), b(n * K, 0.5f);
+        for (auto& v : A) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+        rows_t_amx(w, A.data(), P * NR, n, a.data(), K, 2, K / 16, true);  // input blocks 2.. of C
+        rows_t_generic(w, A.data(), P * NR, n, b.data(), K, 2, K / 16, true);
+        char what[96];
+        std::snprintf(what, sizeof what, "amx rows_t fmt=%d zeros=%d", fmt, zeros ? 1 : 0);
+        compare(what, static_cast<int>(n), a, b);
+      }
+    }
   // Decode attention's two products on the tiles (attention_tiles.hpp): head groups of 16 and 20 (a
   // padded head tile), runs of keys that leave partial 16- and 32-key tiles, rows scattered as a paged
   // cache's, against double sums of the same bf16 operands (the query and the probabilities rounded)

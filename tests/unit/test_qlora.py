@@ -13,8 +13,12 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "gate_proj", "up_proj", "down_proj"]  # attention, a dense layer, shared experts
 
 
+@pytest.mark.parametrize("native_experts", [False, True], ids=["torch-experts", "native-experts"])
 @pytest.mark.parametrize("fmt", ["int4", "int8", "fp8"])
-def test_lora_gradients_on_quantized_experts_equal_peft_on_the_decoded_ones(fmt, tiny_checkpoint, tmp_path):
+def test_lora_gradients_on_quantized_experts_equal_peft_on_the_decoded_ones(fmt, native_experts, tiny_checkpoint,
+                                                                             tmp_path):
+    """Either expert path: the torch reference, or the native kernels forward and backward (the
+    transposed products on the packed panels; train/native_experts.py)."""
     from kt_core.models.model import CausalLM, QuantPlan
     from kt_core.models.spec import parse_config
     from kt_core.train.lora_model import AutogradBackend, LoraModel
@@ -32,10 +36,17 @@ def test_lora_gradients_on_quantized_experts_equal_peft_on_the_decoded_ones(fmt,
     ref.save_pretrained(tmp_path / "a", safe_serialization=True)
     want = peft_grads(ref)
     ck = Checkpoint(base)
-    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.float32,
+    if native_experts:
+        from kt_backends.cpu import native
+
+        if not native.available():
+            pytest.skip("native CPU kernels not built")
+    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_experts), torch.float32,
                           QuantPlan(experts=Quant(fmt), group_size=32))
-    assert any(getattr(s[2], "format", None) is Quant(fmt) for layer in model.layers
-               for s in getattr(layer.ffn, "shards", [])), "the experts stay quantized"
+    held = [s[2] for layer in model.layers for s in getattr(layer.ffn, "shards", [])]
+    assert held and all(getattr(e, "format", None) is Quant(fmt) or getattr(e, "fmt", None) == fmt
+                        for e in held), "the experts stay quantized"
+    assert all(type(e).__name__ == ("PackedExperts" if native_experts else "ExpertWeights") for e in held)
     check_grads(LoraModel(model, TARGETS, r=4, alpha=8, init=tmp_path / "a"), want, fmt)
 
 

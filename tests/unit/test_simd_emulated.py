@@ -42,7 +42,8 @@ def simde_map() -> str:
     """#defines that send every _mm512_* intrinsic (and the 512-bit types) the AVX-512
     kernels use to SIMDe's implementation of it."""
     src = "".join((NATIVE_SRC / name).read_text()
-                  for name in ("kernels_avx512.hpp", "kernels_amx.hpp", "kernels_amx_int.hpp", "attention_tiles.hpp"))
+                  for name in ("kernels_avx512.hpp", "kernels_amx.hpp", "kernels_amx_int.hpp", "attention_tiles.hpp",
+                               "kernels_grad.hpp"))
     names = sorted(set(re.findall(r"\b_mm512_\w+", src)))
     lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d", "m512bh")]
     lines += [f"#define {n} simde{n}" for n in names]
@@ -72,6 +73,7 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
     assert run.returncode == 0 and not failed, "\n".join(failed[:20]) or run.stderr[-2000:]
     assert re.search(r"^0 failures$", run.stdout, re.M), run.stdout[-2000:]
     assert run.stdout.count("ok  ") >= 150  # every case ran
+    assert run.stdout.count("ok   rows_t avx512") == 42  # (bf16, fp8, w8a8, 2 int8 and 2 int4 kinds) x 2 K x 3 n
     if "amx not compiled" not in run.stdout:  # compilers before GCC 11 / Clang 12 build no AMX kernels
         # bf16, 3 int8 kinds (per row, groups, groups with zero points), 4 int4 kinds, 2 fp8 groups x 8 token
         # counts x 3 panels, alone and paired with the next panel (both outputs); w8a8 x 8 counts x 3 (where
@@ -79,5 +81,6 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         assert run.stdout.count("ok   amx") >= 2 * 9 * 8 * 3 + 6 * 3
         assert "ok   amx fmt=1 group=32 zeros=1" in run.stdout and "ok   fmt=1 group=32 zeros=1" in run.stdout
         assert run.stdout.count("ok   amx attention") == 16  # 2 head groups x 4 key counts x 2 products
+        assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
         assert run.stdout.count("ok   avx_vnni") == 168  # (3 int8 kinds, w8a8, 4 int4 kinds) x 7 token counts x 3 panels
         assert run.stdout.count("ok   avx512bf16") == 18  # 6 token counts of 16+ x 3 panels

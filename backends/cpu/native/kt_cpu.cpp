@@ -21,6 +21,7 @@
 #include "kernels.hpp"
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
 #include "attention_tiles.hpp"  // decode attention of large head groups (MLA) on AMX tiles
+#include "kernels_grad.hpp"  // training's backward products through frozen experts
 #include "threadpool.hpp"
 
 #if defined(_WIN32)  // MSVC and MinGW: without dllexport setuptools' .def would export only PyInit
@@ -212,13 +213,15 @@ namespace kt {
 #include "attention_decode.inc"  // decode attention over the paged KV cache
 #include "mla_decode.inc"  // DeepSeek MLA decode (absorbed) over the latent cache
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
+#include "expert_grad.inc"  // training's backward products through frozen experts (kt_expert_rows_t)
 }  // namespace kt
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
 // kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc);
 // 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
-// 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly)
-KT_API int kt_abi_version() { return 16; }
+// 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly);
+// 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts)
+KT_API int kt_abi_version() { return 17; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -299,6 +302,15 @@ KT_API int kt_moe_forward(const kt::MoeArgs* args) {
     return rc ? rc : kt::moe_forward(*args);
   });
 }
+// Training's backward products through frozen experts (expert_grad.inc)
+KT_API int kt_expert_rows_t(const kt::RowsTArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_rows_t_args(*args);
+    return rc ? rc : kt::expert_rows_t(*args);
+  });
+}
+KT_API int64_t kt_expert_rows_t_args_size() { return static_cast<int64_t>(sizeof(kt::RowsTArgs)); }
 KT_API int kt_linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
                           float* out) {
   return kt::guarded([&] {

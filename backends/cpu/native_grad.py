@@ -1,0 +1,111 @@
+"""Training's passes through frozen packed experts on the native kernels (native/expert_grad.inc,
+native/kernels_grad.hpp): a forward that also keeps every route's gate and up outputs, and the
+transposed products of the backward pass, C[r] = A[r] . W_e for the rows r of each expert e (the
+gradient of an expert's input from the gradient of its output), in every packed format.
+
+Routes are laid out as the forward orders them: by local expert, then by token (``route_order``).
+Every call checks the shapes, dtypes and offsets the library will read; the library checks the
+sizes and offsets again (kt_cpu.cpp: a native call never trusts a size it did not check).
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+
+from kt_backends.cpu import native
+from kt_backends.cpu.native_abi import _check_rc, _RowsTArgs
+from kt_backends.cpu.native_pack import PackedExperts
+
+_lib_ready = False
+
+
+def _lib() -> ctypes.CDLL:
+    global _lib_ready
+    lib = native._need()
+    if not _lib_ready:
+        lib.kt_expert_rows_t.argtypes = [ctypes.POINTER(_RowsTArgs)]
+        lib.kt_expert_rows_t.restype = ctypes.c_int
+        lib.kt_expert_rows_t_args_size.restype = ctypes.c_int64
+        if lib.kt_expert_rows_t_args_size() != ctypes.sizeof(_RowsTArgs):
+            raise RuntimeError("kt_expert_rows_t: argument layout mismatch between Python and the built extension: "
+                               "reinstall kt-core")
+        _lib_ready = True
+    return lib
+
+
+def route_order(packed: PackedExperts, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routes, counts): the flat indices (token * top_k + k) of the routes to these experts in the
+    order the native forward lays them out (by local expert, then token), and each local expert's
+    count of them."""
+    local_of = packed.call_parts()[0]
+    ids = topk_ids.reshape(-1).long()
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("moe routes: topk_ids holds a negative expert id")
+    inside = ids < local_of.numel()
+    local = torch.full_like(ids, -1)
+    local[inside] = local_of[ids[inside]]
+    held = (local >= 0).nonzero().squeeze(-1)
+    routes = held[local[held].argsort(stable=True)]
+    counts = torch.bincount(local[routes], minlength=int(packed.expert_ids.numel()))
+    return routes, counts
+
+
+def moe_forward_saving(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                       topk_weights: torch.Tensor, activation: str = "silu", pool: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """native.moe_forward's output, plus (gu, routes, counts): gu[i] = route routes[i]'s gate
+    outputs then up outputs ([routes, 2 * inter], float32, bias included, before the activation)."""
+    routes, counts = route_order(packed, topk_ids)
+    gu = torch.empty(routes.numel(), 2 * packed.inter, dtype=torch.float32)
+    out = native.moe_forward(packed, hidden, topk_ids, topk_weights, activation, pool, save_gu=gu)
+    return out, gu, routes, counts
+
+
+def _sizes(packed: PackedExperts, proj: str) -> tuple:
+    """(M, K, format code, group, fp16 params, the projection's struct) of gate / up / down"""
+    local_of, gate, up, down, H, I, fmt, group, E, _, dfmt, dgroup, f16 = packed._prepared()
+    if proj == "down":
+        return H, I, dfmt, dgroup, f16[1], down
+    if proj not in ("gate", "up"):
+        raise ValueError(f"expert_rows_t: proj is gate, up or down, got {proj!r}")
+    return I, H, fmt, group, f16[0], gate if proj == "gate" else up
+
+
+def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: torch.Tensor,
+                  out: Optional[torch.Tensor] = None, accumulate: bool = False, round_bf16: bool = False,
+                  pool: int = 0) -> torch.Tensor:
+    """C[r] = A[r] . W_e for the rows of each local expert e (``counts[e]`` rows each, in order):
+    A [rows, M] float32, C [rows, K] float32 (M x K: gate / up I x H, down H x I), written into
+    ``out`` when given (added to it with ``accumulate``). ``round_bf16``: a bf16 model's gradients
+    (the AMX tiles round A to bf16)."""
+    lib = _lib()
+    M, K, fmt, group, f16, p = _sizes(packed, proj)
+    E = int(packed.expert_ids.numel())
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.float32 or A.dim() != 2 or A.shape[1] != M \
+            or not A.is_contiguous() or A.device.type != "cpu":
+        raise ValueError(f"expert_rows_t({proj}): A must be a contiguous float32 CPU tensor [rows, {M}], got "
+                         f"{getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
+    rows = A.shape[0]
+    if not isinstance(counts, torch.Tensor) or counts.numel() != E or (E and int(counts.min()) < 0) \
+            or int(counts.sum()) != rows:
+        raise ValueError(f"expert_rows_t({proj}): counts must hold {E} non-negative row counts summing to the "
+                         f"{rows} rows of A")
+    if out is None:
+        if accumulate:
+            raise ValueError(f"expert_rows_t({proj}): accumulate=True adds into out: pass out")
+        C = torch.empty(rows, K, dtype=torch.float32)
+    else:
+        if out.dtype != torch.float32 or tuple(out.shape) != (rows, K) or not out.is_contiguous():
+            raise ValueError(f"expert_rows_t({proj}): out must be a contiguous float32 tensor [{rows}, {K}]")
+        C = out
+    acc = int(bool(accumulate))
+    if rows == 0:
+        return C
+    offsets = torch.zeros(E + 1, dtype=torch.long)
+    offsets[1:] = counts.long().cumsum(0)
+    args = _RowsTArgs(M, K, E, rows, M, K, fmt, group, f16, acc, int(bool(round_bf16)), int(pool),
+                      offsets.data_ptr(), p, A.data_ptr(), C.data_ptr())
+    _check_rc(lib.kt_expert_rows_t(ctypes.byref(args)), f"expert_rows_t({proj})")
+    return C

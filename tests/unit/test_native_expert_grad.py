@@ -1,0 +1,142 @@
+"""Training's backward pass through frozen packed experts (native/kernels_grad.hpp, expert_grad.inc,
+train/native_experts.py): the transposed products against float64 products of the dequantized
+weights, in every format and kernel variant, and the autograd function's gradients (hidden states
+and routing weights) against torch autograd through the reference expert loop."""
+import pytest
+import torch
+
+from kt_backends.cpu import native
+from kt_core.weights.quant import ExpertWeights, dequantize, quantize
+from tests.unit.native_experts import int8_with_zeros
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels not built")
+
+
+def _weights(fmt, E, M, K, group, g):
+    t = torch.randn(E, M, K, generator=g) * K ** -0.5
+    if fmt == "bf16":
+        return t.bfloat16()
+    if fmt == "int8z":
+        return int8_with_zeros(t, group)
+    return quantize(t, fmt, group) if group else quantize(t, fmt)
+
+
+def _dense(w, e):
+    return w[e].double() if isinstance(w, torch.Tensor) else dequantize(w.select(e), torch.float64)
+
+
+def _variants():
+    return native.supported_variants()
+
+
+@pytest.fixture(autouse=True)
+def _restore_variant():
+    best = native.variant()
+    yield
+    native.set_variant(best)
+
+
+# (format, group): per-row and grouped int8, int8 with zero points, int4, fp8 in groups, w8a8
+KINDS = [("bf16", 0), ("int8", 0), ("int8", 8), ("int8z", 8), ("int4", 8), ("fp8", 8), ("fp8", 4), ("w8a8", 0)]
+
+
+@pytest.mark.parametrize("fmt,group", KINDS)
+@pytest.mark.parametrize("H,I", [(64, 48), (72, 40)])  # 72 / 40: input blocks shorter than 16
+def test_rows_t_equals_float64_products_of_the_dequantized_weights(fmt, group, H, I):
+    from kt_backends.cpu import native_grad
+
+    g = torch.Generator().manual_seed(H + I)
+    E = 3
+    ws = [_weights(fmt, E, I, H, group, g), _weights(fmt, E, I, H, group, g), _weights(fmt, E, H, I, group, g)]
+    packed = native.pack(ExpertWeights(torch.tensor([4, 1, 2]), *ws))
+    assert packed is not None
+    counts = torch.tensor([5, 0, 37])  # an expert without rows, one of three row tiles
+    for proj, w, M, K in (("gate", ws[0], I, H), ("up", ws[1], I, H), ("down", ws[2], H, I)):
+        A = torch.randn(int(counts.sum()), M, generator=g)
+        want = torch.cat([A[:5].double() @ _dense(w, 0), A[5:].double() @ _dense(w, 2)]).float()
+        base = torch.randn(want.shape, generator=g)
+        for variant in _variants():
+            native.set_variant(variant)
+            for round_bf16 in (False, True):
+                got = native_grad.expert_rows_t(packed, proj, A, counts, round_bf16=round_bf16)
+                added = native_grad.expert_rows_t(packed, proj, A, counts, out=base.clone(), accumulate=True,
+                                                  round_bf16=round_bf16)
+                # float32 sums; the AMX tiles of a bf16 model round A and the weights to bf16
+                tol = 8e-3 if round_bf16 and variant == "amx" else 2e-6
+                scale = want.abs().max()
+                assert (got - want).abs().max() <= tol * scale, (variant, proj, round_bf16)
+                assert (added - base - want).abs().max() <= tol * scale, (variant, proj, round_bf16)
+
+
+def test_rows_t_refuses_what_does_not_fit():
+    from kt_backends.cpu import native_grad
+    from tests.unit.native_experts import experts
+
+    packed = native.pack(experts("int8", group=0))
+    A = torch.zeros(3, 32)
+    with pytest.raises(ValueError, match="counts"):
+        native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 0, 0]))
+    with pytest.raises(ValueError, match=r"\[rows, 32\]"):
+        native_grad.expert_rows_t(packed, "gate", torch.zeros(3, 64), torch.tensor([1, 1, 1, 0]))
+    with pytest.raises(ValueError, match="gate, up or down"):
+        native_grad.expert_rows_t(packed, "router", A, torch.tensor([1, 1, 1, 0]))
+    with pytest.raises(ValueError, match="out must be"):
+        native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), out=torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="pass out"):
+        native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), accumulate=True)
+
+
+def _grads(moe, x, ids, weights, dy):
+    x = x.clone().requires_grad_()
+    w = weights.clone().requires_grad_()
+    out = moe(x, ids, w)
+    out.backward(dy)
+    return out.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "swiglu_oai", "silu_clamp10"])
+@pytest.mark.parametrize("fmt,bias", [("int4", False), ("int8", True), ("bf16", False), ("fp8", False)])
+def test_native_expert_gradients_equal_autograd_through_the_reference(activation, fmt, bias):
+    """Gradients of the hidden states and of the routing weights, float32 activations (float32 sums;
+    the int8 / int4 forward kernels take the activations as int16 rows, ~1e-5 relative), against torch autograd through torch_ops.moe on the same weights
+    decoded to float32; routes to experts another device holds add nothing."""
+    from kt_core.backend.torch_ops.moe import moe_experts as reference
+    from kt_core.train import native_experts
+    from tests.unit.native_experts import H, experts
+
+    ex = experts(fmt, group=16, bias=bias, seed=3)
+    decoded = ExpertWeights(ex.expert_ids, *(w.float() if isinstance(w, torch.Tensor) else dequantize(w)
+                                             for w in (ex.gate, ex.up, ex.down)),
+                            ex.gate_bias, ex.up_bias, ex.down_bias)
+    packed = native_experts.pack(ex)
+    assert packed is not None
+    g = torch.Generator().manual_seed(5)
+    T, K = 40, 3
+    ids = torch.stack([torch.randperm(9, generator=g)[:K] for _ in range(T)])  # ids 1, 2, 4, 6, 8: not held
+    x, weights = torch.randn(T, H, generator=g) * 3, torch.rand(T, K, generator=g)
+    dy = torch.randn(T, H, generator=g)
+    want = _grads(lambda *a: reference(*a, decoded, activation), x, ids, weights, dy)
+    for variant in _variants():
+        native.set_variant(variant)
+        got = _grads(lambda *a: native_experts.moe_experts(*a, packed, activation), x, ids, weights, dy)
+        for name, a, b in zip(("output", "hidden grad", "routing weight grad"), got, want):
+            assert (a - b).abs().max() <= 2e-4 * b.abs().max().clamp_min(1), (variant, name)
+
+
+def test_bf16_model_gradients_on_the_tiles_stay_close():
+    """A bf16 model: the AMX tiles round the gradient rows to bf16 as the forward rounds activations."""
+    from kt_core.backend.torch_ops.moe import moe_experts as reference
+    from kt_core.train import native_experts
+    from tests.unit.native_experts import H, experts
+
+    ex = experts("bf16", E=4, seed=4)
+    packed = native_experts.pack(ex)
+    g = torch.Generator().manual_seed(6)
+    T = 64
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)])
+    x, weights, dy = torch.randn(T, H, generator=g), torch.rand(T, 2, generator=g), torch.randn(T, H, generator=g)
+    decoded = ExpertWeights(ex.expert_ids, ex.gate.float(), ex.up.float(), ex.down.float())
+    want = _grads(lambda *a: reference(*a, decoded, "silu"), x, ids, weights, dy)
+    got = _grads(lambda *a: native_experts.moe_experts(*a, packed, "silu"), x.bfloat16(), ids, weights, dy.bfloat16())
+    for a, b in zip(got, want):
+        assert (a.float() - b).abs().max() <= 2e-2 * b.abs().max()
