@@ -269,28 +269,26 @@ KT_AMX inline void grad_tile_load(int c, const float* in) {
 }
 #undef KT_GRAD_SWITCH
 
-struct PutBf16 {  // rows rounded to bf16 at out[kk * 32] (a half of the tile's 64-byte rows)
-  uint16_t* out;
-  KT_AVX512 void operator()(int kk, __m512 a, __m512 b) const {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + kk * 2 * NR), bf16x16_of(a));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(out + (kk + 1) * 2 * NR), bf16x16_of(b));
+// inputs [k0, k0 + 16) of panels p and p + 1 as an A tile at wb ([16][32] bf16: row kk = the panels'
+// 16 rows each): a bf16 weight's rows copied, the others decoded to floats and rounded once (VCVTNE2PS2BF16
+// per tile row); a panel past the weight's (p + 1 == P) as zeros. fa, fb: [16][16] float scratch.
+KT_AMX inline void pair_block_bf16(const Weight& w, int64_t p, int64_t k0, uint16_t* wb, float* fa, float* fb) {
+  const bool second = (p + 1) * NR < w.M;
+  if (w.fmt == FMT_BF16) {
+    const uint16_t* wa = static_cast<const uint16_t*>(w.data) + (p * w.K + k0) * NR;
+    const uint16_t* wn = wa + w.K * NR;
+    for (int kk = 0; kk < NR; ++kk) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wb + kk * 2 * NR), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wa + kk * NR)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wb + kk * 2 * NR + NR),
+                         second ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + kk * NR)) : _mm256_setzero_si256());
+    }
+    return;
   }
-};
-
-// inputs [k0, k0 + 16) of panel p as half h of an A tile at wb ([16][32] bf16): a bf16 weight's rows
-// copied, the others decoded and rounded; a panel past the weight's (p == P) as zeros
-KT_AVX512 inline void block_half_bf16(const Weight& w, int64_t p, int64_t k0, int h, uint16_t* wb) {
-  uint16_t* out = wb + h * NR;
-  if (p * NR >= w.M) {
-    for (int kk = 0; kk < NR; ++kk) _mm256_store_si256(reinterpret_cast<__m256i*>(out + kk * 2 * NR), _mm256_setzero_si256());
-  } else if (w.fmt == FMT_BF16) {
-    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + (p * w.K + k0) * NR;
-    for (int kk = 0; kk < NR; ++kk)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out + kk * 2 * NR),
-                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + kk * NR)));
-  } else {
-    decode_pairs_avx512(w, p, k0, PutBf16{out});
-  }
+  decode_block_avx512(w, p, k0, fa);
+  if (second) decode_block_avx512(w, p + 1, k0, fb);
+  for (int kk = 0; kk < NR; ++kk)
+    _mm512_store_si512(wb + kk * 2 * NR, bf16x32(_mm512_load_ps(fa + kk * NR),
+                                                 second ? _mm512_load_ps(fb + kk * NR) : _mm512_setzero_ps()));
 }
 
 // rows_t with A rounded to bf16 and the blocks decoded to bf16; w.K % 16 == 0, not w8a8. A TDPBF16PS
@@ -314,6 +312,7 @@ KT_AMX inline void rows_t_amx(const Weight& w, const float* A, int64_t lda, int6
       for (int q = 0; q < NR / 2; ++q) Gb[(((p / 2) * T + r / 16) * 16 + (p % 2) * 8 + q) * 16 + r % 16] = pairs[q];
     }
   alignas(64) uint16_t wb[kGradPairs * 2 * NR * NR];
+  alignas(64) float fa[NR * NR], fb[NR * NR];
   for (int64_t t0 = 0; t0 < T; t0 += 6) {
     const int nt = static_cast<int>(std::min<int64_t>(6, T - t0));
     Ct.assign(NB * nt * NR * NR, 0.f);
@@ -329,10 +328,10 @@ KT_AMX inline void rows_t_amx(const Weight& w, const float* A, int64_t lda, int6
             const char* ahead = static_cast<const char*>(w.data) + p * panel_bytes(w) + (k0 + kGradAhead * NR) * step;
             for (int64_t l = 0; l < step * NR; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
           }
-          // every block of the group laid out before the first tile load: a tile load of a buffer
-          // just stored waits for those stores to leave the core
-          block_half_bf16(w, p, k0, static_cast<int>(i % 2), &wb[(i / 2) * 2 * NR * NR]);
         }
+        // every block of the group laid out before the first tile load: a tile load of a buffer
+        // just stored waits for those stores to leave the core
+        for (int64_t i = 0; i < npp; ++i) pair_block_bf16(w, 2 * (pp0 + i), k0, &wb[i * 2 * NR * NR], fa, fb);
         KT_MEMORY_BARRIER();
         for (int t = 0; t < nt; ++t) grad_tile_load(t, ct + t * NR * NR);
         for (int64_t i = 0; i < npp; ++i) {
