@@ -6,6 +6,7 @@ import sys
 HELP = "fine-tune LoRA adapters on a JSON-lines dataset (supervised); writes a PEFT adapter folder"
 USAGE = """kt sft model.path=DIR train.data=FILE.jsonl train.output=OUT [train.max_steps=N] [train.lr=X]
        [train.batch=N] [train.lora.r=16] [train.lora.alpha=32] [train.lora.targets=[q_proj,v_proj]]
+       [topology=hybrid_1gpu] [quant=int4]
 
   kt sft model.path=/models/Qwen3-30B-A3B train.data=chat.jsonl train.output=/runs/qa train.max_steps=200
   kt run model.path=/models/Qwen3-30B-A3B lora.path=/runs/qa prompt="..."
@@ -15,10 +16,11 @@ Each line of the data is {"messages": [..., {"role": "assistant", "content": ...
 every train.log_every steps (loss, tokens/s, ETA) and JSON lines to <OUT>.metrics.jsonl; every
 train.save_every steps a checkpoint <OUT>.ckpt (adapters, optimizer, data position, RNG), which
 train.resume=true continues with the same loss curve.
-Trains on the CPU: torch autograd through attention, dense and shared-expert linears; the frozen
-routed experts (bf16, int8, int4, fp8: quant=... keeps them quantized, QLoRA) run forward and backward
-on the native CPU kernels, or on torch when LoRA adapts them (train.lora.targets=[experts.gate_up_proj,
-...]). Ctrl+C saves the adapter so far and stops."""
+Placement follows the topology group: attention, dense layers and the adapters on the attention
+device (topology=hybrid_1gpu: the accelerator; cpu_only: the CPU), torch autograd through them; the
+frozen routed experts (bf16, int8, int4, fp8: quant=... keeps them quantized, QLoRA) in host RAM on
+the native CPU kernels forward and backward, or on torch when LoRA adapts them
+(train.lora.targets=[experts.gate_up_proj, ...]). Ctrl+C saves the adapter so far and stops."""
 
 
 def run(overrides, flags) -> int:
@@ -37,7 +39,7 @@ def train_command(overrides: list[str], mode: str) -> int:
     from kt_core.errors import KtError
     from kt_core.models.model import CausalLM, QuantPlan
     from kt_core.models.spec import parse_config
-    from kt_core.train.lora_model import AutogradBackend, LoraModel
+    from kt_core.train.lora_model import LoraModel
     from kt_core.train.sft import read_examples
     from kt_core.train.trainer import Trainer
     from kt_core.weights.checkpoint import open_checkpoint
@@ -63,10 +65,12 @@ def train_command(overrides: list[str], mode: str) -> int:
         examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
     # the frozen base in any format the quant group names (QLoRA: quant=int4 keeps the experts int4)
     from kt_core.train.expert_lora import TARGETS as EXPERT_TARGETS
+    from kt_core.train.placement import place
 
     native_experts = not set(t.lora.targets) & set(EXPERT_TARGETS)  # adapters on the experts train in torch
-    model = CausalLM.load(ck, spec, AutogradBackend(native_experts), torch_dtype(choice(cfg.model.dtype)),
-                          QuantPlan.from_config(cfg.quant))
+    at = place(cfg, spec, native_experts)  # the topology group: attention on its device, experts in host RAM
+    model = CausalLM.load(ck, spec, at.backend, torch_dtype(choice(cfg.model.dtype)),
+                          QuantPlan.from_config(cfg.quant), placer=at.placer, homes=at.homes)
     model.checkpoint_layers = bool(t.checkpoint_layers)
     lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),
                      init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed))
@@ -88,8 +92,7 @@ def train_command(overrides: list[str], mode: str) -> int:
                   f"eta {eta:.0f} s", file=sys.stderr)
 
     print(f"training {len(lora.modules)} LoRA adapters (r={lora.r}) of {spec.arch} by {mode} on {len(examples)} "
-          f"{'pairs' if mode == 'dpo' else 'examples'}",
-          file=sys.stderr)
+          f"{'pairs' if mode == 'dpo' else 'examples'}; {at.where}", file=sys.stderr)
     from kt_core.train.dpo import dpo_loss
 
     beta, smoothing = float(t.beta), float(t.label_smoothing)

@@ -38,12 +38,17 @@ class AutogradBackend(TorchBackend):
     device_type = "cpu"
     fuse_projections = False  # each linear stays its own weight: LoRA adapts them one by one
 
-    def __init__(self, native_experts: bool = False) -> None:
+    def __init__(self, native_experts: bool = False, device_type: str = "cpu") -> None:
         """``native_experts``: frozen routed experts run on the native CPU kernels (forward and
         backward, ``train/native_experts.py``) in the formats they take; else the torch reference,
-        which LoRA on the experts needs."""
+        which LoRA on the experts needs. ``device_type``: the torch device the ops run on (a
+        hybrid topology's accelerator: ``train/placement.py``)."""
         super().__init__()
-        self.native_experts = native_experts
+        self.native_experts = native_experts and device_type == "cpu"
+        self.device_type = device_type
+
+    def torch_device(self, index: int = 0) -> torch.device:
+        return torch.device("cpu") if self.device_type == "cpu" else torch.device(self.device_type, index)
 
     @classmethod
     def probe(cls) -> ProbeResult:
@@ -55,6 +60,7 @@ class AutogradBackend(TorchBackend):
 
             packed = native_experts.pack(experts)
             if packed is not None:
+                packed.pool = index  # the logical CPU device's worker pool (hybrid_cpu: cpu:1)
                 return packed
         return super().prepare_experts(experts, index)
 
@@ -141,7 +147,8 @@ class LoraModel:
                 bound = 1 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)), as torch.nn.Linear and peft
                 a = (torch.rand(self.r, in_f, generator=g) * 2 - 1) * bound
                 b = torch.zeros(out_f, self.r)
-            lw = LoraWeight(base, a.requires_grad_(), b.requires_grad_(), scaling)
+            device = base.device if isinstance(base, torch.Tensor) else base.qdata.device  # the layer's device
+            lw = LoraWeight(base, a.to(device).requires_grad_(), b.to(device).requires_grad_(), scaling)
             _set(holder, key, lw)
             self.modules[module] = lw
         self.experts = expert_lora.attach(model, targets, self.r, scaling, fused, g) \
@@ -170,8 +177,8 @@ class LoraModel:
         """PEFT's tensor names -> the adapter's matrices."""
         out = {}
         for module, lw in self.modules.items():
-            out[f"{PREFIX}{module}.lora_A.weight"] = lw.a.detach().contiguous()
-            out[f"{PREFIX}{module}.lora_B.weight"] = lw.b.detach().contiguous()
+            out[f"{PREFIX}{module}.lora_A.weight"] = lw.a.detach().cpu().contiguous()
+            out[f"{PREFIX}{module}.lora_B.weight"] = lw.b.detach().cpu().contiguous()
         from kt_core.train import expert_lora
 
         out.update(expert_lora.state(self.experts, PREFIX))

@@ -87,13 +87,13 @@ class Trainer:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(self.params)}
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.params)}
         steps = {}
         for i, p in enumerate(self.params):
             st = self.opt.state.get(p, {})
             if st:
-                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].contiguous()
-                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].cpu().contiguous()
+                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
                 steps[str(i)] = float(st["step"])
         version, internal, gauss = self.rng.getstate()
         meta = {"format": "kt-core-lora-train", "version": 1, "step": self.step, "order": self.order, "at": self.at,
@@ -129,8 +129,8 @@ class Trainer:
         for i, p in enumerate(self.params):
             if str(i) in meta["adam_steps"]:
                 self.opt.state[p] = {"step": torch.tensor(meta["adam_steps"][str(i)]),
-                                     "exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
-                                     "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone()}
+                                     "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
+                                     "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device)}
         version, internal, gauss = meta["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.order, self.at, self.step = list(meta["order"]), int(meta["at"]), int(meta["step"])
