@@ -23,6 +23,8 @@ def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     accelerator copies from pinned memory without blocking the host."""
     if t.device == device:
         return t
+    if t.requires_grad and torch.is_grad_enabled():  # training (a hybrid topology): autograd's own copy
+        return t.to(device)
     if device.type == "cpu" and t.device.type != "cpu":
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
