@@ -171,6 +171,13 @@ def moe_forward(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Ten
     ids = topk_ids.long().contiguous()
     w = topk_weights.float().contiguous()
     out = torch.empty(T, H, dtype=torch.float32)
+    if save_gu is not None:  # the library writes a row per held route: check the rows it will write
+        flat = ids.reshape(-1)
+        held = int((local_of[flat[(flat >= 0) & (flat < local_of.numel())]] >= 0).sum())
+        if not isinstance(save_gu, torch.Tensor) or save_gu.dtype != torch.float32 or save_gu.device.type != "cpu" \
+                or not save_gu.is_contiguous() or tuple(save_gu.shape) != (held, 2 * I):
+            raise ValueError(f"moe_forward: save_gu must be a contiguous float32 CPU tensor [{held}, {2 * I}] "
+                             f"(a row per route to these experts)")
     if T == 0:
         return out.to(hidden.dtype)
     args = _MoeArgs(T, H, I, K, E, local_of.numel(), fmt, group, act, x.data_ptr(), ids.data_ptr(),

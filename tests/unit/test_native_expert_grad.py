@@ -140,3 +140,12 @@ def test_bf16_model_gradients_on_the_tiles_stay_close():
     got = _grads(lambda *a: native_experts.moe_experts(*a, packed, "silu"), x.bfloat16(), ids, weights, dy.bfloat16())
     for a, b in zip(got, want):
         assert (a.float() - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_forward_saving_checks_the_rows_it_writes():
+    from tests.unit.native_experts import call, experts
+
+    packed = native.pack(experts("int8", group=0))
+    x, ids, w = call()
+    with pytest.raises(ValueError, match=r"save_gu must be .*\[6, 64\]"):
+        native.moe_forward(packed, x, ids, w, save_gu=torch.empty(5, 64))
