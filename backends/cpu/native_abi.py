@@ -16,8 +16,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # int8 (MoeArgs.scale_f16 / down_scale_f16, LinearArgs.scale_f16); 14: the same flags take int4 (scales and
 # zero points in fp16); 15: kt_mla_decode, DeepSeek MLA decode over the latent cache (native_mla.py); 16: grouped
 # int8 takes zero points (value = (code - zero) * scale: GGUF Q5_1 / Q5_K / Q2_K kept exactly); 17: MoeArgs.save_gu
-# and kt_expert_rows_t, training's backward products through frozen experts (native_grad.py)
-ABI_VERSION = 17
+# and kt_expert_rows_t, training's backward products through frozen experts (native_grad.py); 18: kt_expert_rows,
+# their forward products one by one (LoRA-adapted experts)
+ABI_VERSION = 18
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts

@@ -25,8 +25,9 @@ def _lib() -> ctypes.CDLL:
     global _lib_ready
     lib = native._need()
     if not _lib_ready:
-        lib.kt_expert_rows_t.argtypes = [ctypes.POINTER(_RowsTArgs)]
-        lib.kt_expert_rows_t.restype = ctypes.c_int
+        for fn in (lib.kt_expert_rows_t, lib.kt_expert_rows):
+            fn.argtypes = [ctypes.POINTER(_RowsTArgs)]
+            fn.restype = ctypes.c_int
         lib.kt_expert_rows_t_args_size.restype = ctypes.c_int64
         if lib.kt_expert_rows_t_args_size() != ctypes.sizeof(_RowsTArgs):
             raise RuntimeError("kt_expert_rows_t: argument layout mismatch between Python and the built extension: "
@@ -108,4 +109,32 @@ def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: tor
     args = _RowsTArgs(M, K, E, rows, M, K, fmt, group, f16, acc, int(bool(round_bf16)), int(pool),
                       offsets.data_ptr(), p, A.data_ptr(), C.data_ptr())
     _check_rc(lib.kt_expert_rows_t(ctypes.byref(args)), f"expert_rows_t({proj})")
+    return C
+
+
+def expert_rows(packed: PackedExperts, proj: str, A: torch.Tensor, counts: torch.Tensor, round_bf16: bool = False,
+                pool: int = 0) -> torch.Tensor:
+    """The forward products one projection at a time: C[r] = A[r] . W_e^T for the rows of each local
+    expert e (``counts[e]`` rows each, in order): A [rows, K] float32, C [rows, M] float32 (gate / up:
+    K = H, M = I; down: K = I, M = H). ``round_bf16``: a bf16 model's activations (AMX tiles)."""
+    lib = _lib()
+    M, K, fmt, group, f16, p = _sizes(packed, proj)
+    E = int(packed.expert_ids.numel())
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.float32 or A.dim() != 2 or A.shape[1] != K \
+            or not A.is_contiguous() or A.device.type != "cpu":
+        raise ValueError(f"expert_rows({proj}): A must be a contiguous float32 CPU tensor [rows, {K}], got "
+                         f"{getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
+    rows = A.shape[0]
+    if not isinstance(counts, torch.Tensor) or counts.numel() != E or (E and int(counts.min()) < 0) \
+            or int(counts.sum()) != rows:
+        raise ValueError(f"expert_rows({proj}): counts must hold {E} non-negative row counts summing to the "
+                         f"{rows} rows of A")
+    C = torch.empty(rows, M, dtype=torch.float32)
+    if rows == 0:
+        return C
+    offsets = torch.zeros(E + 1, dtype=torch.long)
+    offsets[1:] = counts.long().cumsum(0)
+    args = _RowsTArgs(M, K, E, rows, K, M, fmt, group, f16, 0, int(bool(round_bf16)), int(pool),
+                      offsets.data_ptr(), p, A.data_ptr(), C.data_ptr())
+    _check_rc(lib.kt_expert_rows(ctypes.byref(args)), f"expert_rows({proj})")
     return C

@@ -19,8 +19,8 @@ train.resume=true continues with the same loss curve.
 Placement follows the topology group: attention, dense layers and the adapters on the attention
 device (topology=hybrid_1gpu: the accelerator; cpu_only: the CPU), torch autograd through them; the
 frozen routed experts (bf16, int8, int4, fp8: quant=... keeps them quantized, QLoRA) in host RAM on
-the native CPU kernels forward and backward, or on torch when LoRA adapts them
-(train.lora.targets=[experts.gate_up_proj, ...]). Ctrl+C saves the adapter so far and stops."""
+the native CPU kernels forward and backward (with LoRA on them too: train.lora.targets=
+[experts.gate_up_proj, experts.down_proj]). Ctrl+C saves the adapter so far and stops."""
 
 
 def run(overrides, flags) -> int:
@@ -64,11 +64,9 @@ def train_command(overrides: list[str], mode: str) -> int:
     else:
         examples = read_examples(t.data, tokenizer, int(t.max_seq_len))
     # the frozen base in any format the quant group names (QLoRA: quant=int4 keeps the experts int4)
-    from kt_core.train.expert_lora import TARGETS as EXPERT_TARGETS
     from kt_core.train.placement import place
 
-    native_experts = not set(t.lora.targets) & set(EXPERT_TARGETS)  # adapters on the experts train in torch
-    at = place(cfg, spec, native_experts)  # the topology group: attention on its device, experts in host RAM
+    at = place(cfg, spec, native_experts=True)  # the topology group: attention on its device, experts in host RAM
     model = CausalLM.load(ck, spec, at.backend, torch_dtype(choice(cfg.model.dtype)),
                           QuantPlan.from_config(cfg.quant), placer=at.placer, homes=at.homes)
     model.checkpoint_layers = bool(t.checkpoint_layers)

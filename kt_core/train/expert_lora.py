@@ -50,6 +50,7 @@ def attach(model, targets: list[str], r: int, scaling: float, init: dict, g: tor
     from kt_core.models.layers import MoEBlock
     from kt_core.models.names import moe_names
     from kt_core.weights.lora_experts import check_family
+    from kt_core.train.native_experts import AdaptedExperts
     from kt_core.weights.quant import ExpertWeights
 
     spec = model.spec
@@ -60,9 +61,14 @@ def attach(model, targets: list[str], r: int, scaling: float, init: dict, g: tor
     for i, layer in enumerate(model.layers):
         if not isinstance(layer.ffn, MoEBlock):
             continue
-        if len(layer.ffn.shards) != 1 or not isinstance(layer.ffn.shards[0][2], ExpertWeights):
-            raise KtError("LoRA on the routed experts trains on one device's torch ops (kt sft's autograd backend)")
-        ex = layer.ffn.shards[0][2]
+        if len(layer.ffn.shards) != 1:
+            raise KtError("LoRA on the routed experts trains with every expert of a layer on one device")
+        be, device, ex = layer.ffn.shards[0]
+        if not isinstance(ex, (ExpertWeights, AdaptedExperts)):  # packed for the native kernels
+            if not hasattr(ex, "call_parts"):
+                raise KtError("LoRA on the routed experts trains on kt sft's autograd backend (native or torch experts)")
+            ex = AdaptedExperts(ex)
+            layer.ffn.shards[0] = (be, device, ex)
         prefix = f"model.layers.{i}.{block}.experts"
         for target in sorted(set(targets) & set(TARGETS)):
             param = TARGETS[target]
@@ -73,7 +79,9 @@ def attach(model, targets: list[str], r: int, scaling: float, init: dict, g: tor
                 a = (torch.rand(E, r, in_f, generator=g) * 2 - 1) / math.sqrt(in_f)
                 b = torch.zeros(E, out_f, r)
             ad = ExpertAdapter(a.requires_grad_(), b.requires_grad_(), scaling)
-            if param == "gate_up_proj":
+            if isinstance(ex, AdaptedExperts):
+                setattr(ex, "gate_up" if param == "gate_up_proj" else "down", ad)
+            elif param == "gate_up_proj":
                 ex.gate, ex.up = ExpertLoraWeight(ex.gate, ad, slice(0, I)), ExpertLoraWeight(ex.up, ad, slice(I, 2 * I))
             else:
                 ex.down = ExpertLoraWeight(ex.down, ad, slice(0, H))

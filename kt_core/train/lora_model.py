@@ -67,6 +67,8 @@ class AutogradBackend(TorchBackend):
     def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
         from kt_core.train import native_experts
 
+        if isinstance(experts, native_experts.AdaptedExperts):  # LoRA on the packed experts
+            return native_experts.moe_experts_adapted(hidden, topk_ids, topk_weights, experts, activation)
         if not isinstance(experts, ExpertWeights):  # packed by prepare_experts
             return native_experts.moe_experts(hidden, topk_ids, topk_weights, experts, activation)
         return super().moe_experts(hidden, topk_ids, topk_weights, experts, activation)

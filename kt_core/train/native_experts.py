@@ -12,6 +12,11 @@ so autograd reaches the hidden states through both the experts and the router's 
 it does through the torch reference (``torch_ops.moe.moe_experts``), without ever dequantizing a
 weight in torch. LoRA on the experts themselves (``experts.gate_up_proj`` / ``down_proj``) and w8a8
 experts stay on the torch reference.
+
+LoRA on the experts (``experts.gate_up_proj`` / ``down_proj``: an adapter per expert) runs each frozen
+product on its own native call instead (``native_grad.expert_rows`` forward, ``expert_rows_t``
+backward), the adapters' low-rank products and the activation in torch between them
+(``AdaptedExperts``, ``moe_experts_adapted``).
 """
 from __future__ import annotations
 
@@ -104,3 +109,76 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     """``torch_ops.moe.moe_experts``'s contract on packed experts, differentiable in ``hidden`` and
     ``topk_weights``."""
     return _Experts.apply(hidden, topk_weights, packed, topk_ids, activation).to(hidden.dtype)
+
+
+class _Rows(torch.autograd.Function):
+    """C = the rows of each expert times its frozen projection (native, forward direction); the
+    gradient of the rows through it is the transposed product."""
+
+    @staticmethod
+    def forward(ctx, rows, packed, proj, counts, bf16):
+        from kt_backends.cpu import native_grad
+
+        ctx.packed, ctx.proj, ctx.counts, ctx.bf16 = packed, proj, counts, bf16
+        return native_grad.expert_rows(packed, proj, rows.detach().contiguous(), counts, bf16, packed.pool)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from kt_backends.cpu import native_grad
+
+        dx = native_grad.expert_rows_t(ctx.packed, ctx.proj, grad.float().contiguous(), ctx.counts,
+                                       round_bf16=ctx.bf16, pool=ctx.packed.pool)
+        return dx, None, None, None, None
+
+
+class AdaptedExperts:
+    """Packed frozen experts with LoRA adapters (train/expert_lora.py's ExpertAdapter) on gate_up
+    and / or down, trained on the native products."""
+
+    def __init__(self, packed) -> None:
+        self.packed = packed
+        self.gate_up = self.down = None  # ExpertAdapter: A [E, r, in], B [E, out, r], scaling
+
+
+def _lora_rows(x: torch.Tensor, ad, counts: list[int]) -> torch.Tensor:
+    """s * (x_e A_e^T) B_e^T for the rows x_e of each expert, in order (autograd through A and B)."""
+    parts, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            parts.append((x[start:start + n] @ ad.a[e].T) @ ad.b[e].T)
+            start += n
+    return torch.cat(parts) * ad.scaling if parts else x.new_zeros(0, ad.b.shape[1])
+
+
+def moe_experts_adapted(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        ae: AdaptedExperts, activation: str = "silu") -> torch.Tensor:
+    """``torch_ops.moe.moe_experts``'s contract with adapters on the experts (its ``_expert_weight``
+    adds s * B_e A_e to each frozen weight; here the low-rank products run beside the native ones)."""
+    from kt_backends.cpu import native_grad
+
+    packed, I = ae.packed, ae.packed.inter
+    T, K = topk_ids.shape
+    routes, counts_t = native_grad.route_order(packed, topk_ids)
+    counts = counts_t.tolist()
+    tokens = routes // K
+    bf16 = hidden.dtype == torch.bfloat16
+    x = hidden[tokens].float()
+    g = _Rows.apply(x, packed, "gate", counts_t, bf16)
+    u = _Rows.apply(x, packed, "up", counts_t, bf16)
+    if ae.gate_up is not None:  # one A for both, B's rows :I gate, I: up (PEFT's fused gate_up adapter)
+        d = _lora_rows(x, ae.gate_up, counts)
+        g, u = g + d[:, :I], u + d[:, I:]
+    expert_of = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    if packed.gate.bias is not None:
+        g = g + packed.gate.bias[expert_of]
+    if packed.up.bias is not None:
+        u = u + packed.up.bias[expert_of]
+    a = gated_activation(g, u, activation)
+    y = _Rows.apply(a, packed, "down", counts_t, bf16)
+    if ae.down is not None:
+        y = y + _lora_rows(a, ae.down, counts)
+    if packed.down.bias is not None:
+        y = y + packed.down.bias[expert_of]
+    w = topk_weights.reshape(-1)[routes].float()
+    out = torch.zeros(T, hidden.shape[-1], dtype=torch.float32).index_add(0, tokens, y * w[:, None])
+    return out.to(hidden.dtype)

@@ -92,3 +92,60 @@ def test_init_adapter_on_experts_needs_the_expert_targets(tiny_checkpoint, tmp_p
     expert_adapter(base, tmp_path / "a", EXPERTS, ["q_proj"])
     with pytest.raises(KtError, match="train.lora.targets does not name: add experts.down_proj"):
         load(base, ["q_proj"], init=tmp_path / "a")
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_expert_adapters_on_native_int8_experts_match_peft(name, tiny_checkpoint, tmp_path):
+    """The same adapters on experts packed for the native kernels (int8 codes: each frozen product a
+    native call, forward and transposed; the low-rank products in torch between them) against peft on
+    transformers with those experts decoded from the codes: every expert's A and B gradient."""
+    import torch.nn.functional as F
+
+    from kt_backends.cpu import native
+    from kt_core.models.model import CausalLM, QuantPlan
+    from kt_core.models.spec import parse_config
+    from kt_core.train.lora_model import AutogradBackend, LoraModel
+    from kt_core.train.native_experts import AdaptedExperts
+    from kt_core.train.sft import Example, loss_of
+    from kt_core.weights.checkpoint import Checkpoint
+    from kt_core.weights.quant import Quant
+    from tests.unit.test_arch_features import _dequantized_reference
+    from tests.unit.test_train_lora import FIRST_LABEL
+
+    if not native.available():
+        pytest.skip("native CPU kernels not built")
+    base = tiny_checkpoint(name)
+    attn = "q_a_proj" if name == "deepseek_v3" else "q_proj"
+    ref = peft.get_peft_model(_dequantized_reference(base, "int8"),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=[attn], lora_dropout=0.0,
+                                              target_parameters=EXPERTS))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ref.save_pretrained(tmp_path / "a", safe_serialization=True)
+    ref.train()
+    keep = torch.arange(1, len(PROMPT)) >= FIRST_LABEL
+    logits = ref(torch.tensor([PROMPT])).logits[0]
+    F.cross_entropy(logits[:-1][keep], torch.tensor(PROMPT[1:])[keep], reduction="sum").backward()
+    want = {n.split("base_model.model.", 1)[1]: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    ck = Checkpoint(base)
+    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_experts=True), torch.float32,
+                          QuantPlan(experts=Quant.INT8, group_size=32))
+    lora = LoraModel(model, [attn, "experts.gate_up_proj", "experts.down_proj"], r=4, alpha=8, init=tmp_path / "a")
+    held = [s[2] for layer in model.layers for s in getattr(layer.ffn, "shards", [])]
+    assert held and all(isinstance(e, AdaptedExperts) for e in held), "the adapters sit on the packed experts"
+    loss, _ = loss_of(model, Example(PROMPT, FIRST_LABEL))
+    loss.backward()
+    got = {}
+    for (prefix, param), ad in lora.experts.items():
+        depth = ".base_layer" if param == "gate_up_proj" else ""
+        E, r = ad.a.shape[:2]
+        got[f"{prefix}{depth}.lora_A.default.weight"] = ad.a.grad.reshape(E * r, -1)
+        got[f"{prefix}{depth}.lora_B.default.weight"] = ad.b.grad.permute(1, 2, 0).reshape(ad.b.shape[1], -1)
+    experts = {k: v for k, v in want.items() if ".experts." in k}
+    assert experts and set(experts) == set(got)
+    for k, gr in experts.items():
+        err = float((got[k] - gr).abs().max() / gr.abs().max().clamp_min(1e-12))
+        assert err <= 1e-4, f"{name} {k}: {err:.2e}"

@@ -220,8 +220,8 @@ namespace kt {
 // kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc);
 // 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
 // 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly);
-// 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts)
-KT_API int kt_abi_version() { return 17; }
+// 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts); 18: kt_expert_rows
+KT_API int kt_abi_version() { return 18; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -311,6 +311,13 @@ KT_API int kt_expert_rows_t(const kt::RowsTArgs* args) {
   });
 }
 KT_API int64_t kt_expert_rows_t_args_size() { return static_cast<int64_t>(sizeof(kt::RowsTArgs)); }
+KT_API int kt_expert_rows(const kt::RowsTArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_rows_args(*args);
+    return rc ? rc : kt::expert_rows(*args);
+  });
+}
 KT_API int kt_linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
                           float* out) {
   return kt::guarded([&] {
