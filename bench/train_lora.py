@@ -29,7 +29,8 @@ def default_model() -> Path:
     return default_bench_model()
 
 
-def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none") -> dict:
+def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none",
+            expert_lora: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -53,7 +54,8 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
         # on the torch reference (the path before native backward products, and LoRA on the experts)
         m = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_experts=impl == "kt-core"),
                           torch.bfloat16, plan)
-        lora = LoraModel(m, TARGETS, r=16, alpha=32)
+        lora = LoraModel(m, TARGETS + (["experts.gate_up_proj", "experts.down_proj"] if expert_lora else []),
+                         r=16, alpha=32)
         opt = torch.optim.AdamW(lora.parameters(), lr=1e-4)
         ex = Example(ids, first)
 
@@ -72,7 +74,9 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-        pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0))
+        extra = {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]} if expert_lora else {}
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0,
+                                                     **extra))
         pm.train()
         opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
         x = torch.tensor([ids])
@@ -95,7 +99,8 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - t
-    return {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "seq": seq, "steps": steps,
+    return {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "expert_lora": expert_lora,
+            "seq": seq, "steps": steps,
             "threads": threads, "tokens_per_s": seq * steps / elapsed,
             "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
             "peak_rss_mb": round(peak_rss_mb())}
@@ -112,15 +117,17 @@ def main() -> None:
                     help="kt-core (native expert kernels), kt-core-torch-experts, transformers")
     ap.add_argument("--quant", default="none", choices=["none", "int4", "int8", "fp8"],
                     help="kt-core's frozen experts (QLoRA: int4, g32); transformers stays bf16")
+    ap.add_argument("--expert-lora", action="store_true",
+                    help="LoRA on the routed experts too (one adapter an expert; peft's target_parameters)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant))
+        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora))
         return
     model = a.model or default_model()
     runs = alternate(__file__, a.impls.split(","), a.repeats,
                      ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads),
-                      "--quant", a.quant])
+                      "--quant", a.quant] + (["--expert-lora"] if a.expert_lora else []))
     summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'peak_rss_mb'],
               {'tokens_per_s': 'tokens_per_s_vs_transformers', 'peak_rss_mb': 'peak_rss_vs_transformers'})
 

@@ -89,7 +89,8 @@ def train_command(overrides: list[str], mode: str) -> int:
             print(f"step {step + 1}/{t.max_steps}  loss {loss:.4f}  {tokens_seen[0] / elapsed:.0f} tok/s  "
                   f"eta {eta:.0f} s", file=sys.stderr)
 
-    print(f"training {len(lora.modules)} LoRA adapters (r={lora.r}) of {spec.arch} by {mode} on {len(examples)} "
+    on_experts = f" and {len(lora.experts)} on the routed experts (one an expert)" if lora.experts else ""
+    print(f"training {len(lora.modules)} LoRA adapters{on_experts} (r={lora.r}) of {spec.arch} by {mode} on {len(examples)} "
           f"{'pairs' if mode == 'dpo' else 'examples'}; {at.where}", file=sys.stderr)
     from kt_core.train.dpo import dpo_loss
 

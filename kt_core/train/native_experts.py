@@ -141,12 +141,11 @@ class AdaptedExperts:
 
 
 def _lora_rows(x: torch.Tensor, ad, counts: list[int]) -> torch.Tensor:
-    """s * (x_e A_e^T) B_e^T for the rows x_e of each expert, in order (autograd through A and B)."""
-    parts, start = [], 0
-    for e, n in enumerate(counts):
-        if n:
-            parts.append((x[start:start + n] @ ad.a[e].T) @ ad.b[e].T)
-            start += n
+    """s * (x_e A_e^T) B_e^T for the rows x_e of each expert, in order (autograd through A and B).
+    Split and unbound once: indexing A[e] or x[a:b] per expert made a full-size zero gradient per
+    expert in the backward pass (6 s of an 8.8 s step at 128 experts)."""
+    xs, As, Bs = x.split(counts), ad.a.unbind(0), ad.b.unbind(0)
+    parts = [(xs[e] @ As[e].T) @ Bs[e].T for e, n in enumerate(counts) if n]
     return torch.cat(parts) * ad.scaling if parts else x.new_zeros(0, ad.b.shape[1])
 
 
