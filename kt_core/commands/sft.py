@@ -5,8 +5,8 @@ import sys
 
 HELP = "fine-tune LoRA adapters on a JSON-lines dataset (supervised); writes a PEFT adapter folder"
 USAGE = """kt sft model.path=DIR train.data=FILE.jsonl train.output=OUT [train.max_steps=N] [train.lr=X]
-       [train.batch=N] [train.lora.r=16] [train.lora.alpha=32] [train.lora.targets=[q_proj,v_proj]]
-       [topology=hybrid_1gpu] [quant=int4]
+       [train.batch=N] [train.lora.r=16] [train.lora.alpha=32] [train.lora.dropout=0.05]
+       [train.lora.targets=[q_proj,v_proj]] [topology=hybrid_1gpu] [quant=int4]
 
   kt sft model.path=/models/Qwen3-30B-A3B train.data=chat.jsonl train.output=/runs/qa train.max_steps=200
   kt run model.path=/models/Qwen3-30B-A3B lora.path=/runs/qa prompt="..."
@@ -71,7 +71,8 @@ def train_command(overrides: list[str], mode: str) -> int:
                           QuantPlan.from_config(cfg.quant), placer=at.placer, homes=at.homes)
     model.checkpoint_layers = bool(t.checkpoint_layers)
     lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),
-                     init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed))
+                     init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed),
+                     dropout=float(t.lora.dropout))
     out = Path(t.output).expanduser()
     metrics = out.with_name(out.name + ".metrics.jsonl")
     start, tokens_seen = time.perf_counter(), [0]

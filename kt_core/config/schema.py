@@ -180,6 +180,7 @@ class LoraConfig:
 class TrainLoraConfig:
     r: int = 16
     alpha: float = 32.0
+    dropout: float = 0.0  # on each adapter's input while training (PEFT's lora_dropout)
     targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 

@@ -110,12 +110,21 @@ def _set(holder, key, value) -> None:
 
 class LoraModel:
     def __init__(self, model, targets: list[str], r: int, alpha: float, init: Optional[Path] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, dropout: float = 0.0) -> None:
         """``targets``: module name endings (``q_proj``...); ``init``: a PEFT adapter folder to start from
-        (its r / alpha win), else PEFT's initialisation (A Kaiming-uniform, B zero)."""
+        (its r / alpha win), else PEFT's initialisation (A Kaiming-uniform, B zero); ``dropout``: PEFT's
+        lora_dropout on the adapters' inputs while training."""
         from kt_core.train import expert_lora
 
-        self.model, self.r, self.alpha = model, r, alpha
+        if not 0.0 <= dropout < 1.0:
+            raise KtError(f"train.lora.dropout={dropout} must be in [0, 1)")
+        if dropout and set(targets) & set(expert_lora.TARGETS):
+            raise KtError("train.lora.dropout applies to module adapters; the routed experts' adapters take none (as "
+                          "PEFT's target_parameters): set train.lora.dropout=0 or drop the experts.* targets")
+        if dropout and "kv_b_proj" in targets:
+            raise KtError("train.lora.dropout cannot apply to kv_b_proj, whose update is absorbed into MLA's "
+                          "attention weights: drop kv_b_proj from train.lora.targets or set train.lora.dropout=0")
+        self.model, self.r, self.alpha, self.dropout = model, r, alpha, float(dropout)
         slots = linear_slots(model)
         chosen = {m: s for m, s in slots.items() if m.rsplit(".", 1)[-1] in targets}
         missing = sorted(set(targets) - {m.rsplit(".", 1)[-1] for m in chosen} - set(expert_lora.TARGETS))
@@ -150,7 +159,8 @@ class LoraModel:
                 a = (torch.rand(self.r, in_f, generator=g) * 2 - 1) * bound
                 b = torch.zeros(out_f, self.r)
             device = base.device if isinstance(base, torch.Tensor) else base.qdata.device  # the layer's device
-            lw = LoraWeight(base, a.to(device).requires_grad_(), b.to(device).requires_grad_(), scaling)
+            lw = LoraWeight(base, a.to(device).requires_grad_(), b.to(device).requires_grad_(), scaling,
+                            self.dropout)
             _set(holder, key, lw)
             self.modules[module] = lw
         self.experts = expert_lora.attach(model, targets, self.r, scaling, fused, g) \
@@ -198,7 +208,7 @@ class LoraModel:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
-                  "lora_dropout": 0.0, "target_modules": self.targets, "base_model_name_or_path": base_model,
+                  "lora_dropout": self.dropout, "target_modules": self.targets, "base_model_name_or_path": base_model,
                   "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
                   "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
                   "rank_pattern": {}, "alpha_pattern": {}}

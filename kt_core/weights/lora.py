@@ -26,10 +26,11 @@ PREFIX = "base_model.model."
 
 class LoraWeight:
     """A linear's frozen base weight with a trainable low-rank update: ``x W^T + s (x A^T) B^T``
-    (A [r, in], B [out, r], float32). The torch ops' ``linear`` computes it (fine-tuning)."""
+    (A [r, in], B [out, r], float32). The torch ops' ``linear`` computes it (fine-tuning), with
+    ``dropout`` on the update's input while gradients are taken (PEFT's lora_dropout)."""
 
-    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        self.base, self.a, self.b, self.scaling = base, a, b, float(scaling)
+    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0) -> None:
+        self.base, self.a, self.b, self.scaling, self.dropout = base, a, b, float(scaling), float(dropout)
 
     @property
     def shape(self):

@@ -258,3 +258,53 @@ def test_packed_step_gives_the_unpacked_gradients(name, tiny_checkpoint):
     assert n0 == n1 == sum(len(ex.tokens) - 4 for ex in examples) and abs(l0 - l1) <= 1e-5 * abs(l0)
     for a, b in zip(g0, g1):
         assert float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) <= 1e-5
+
+
+def test_lora_dropout_equals_peft_lora_dropout():
+    """train.lora.dropout: the adapter's input dropped out as peft's lora_dropout does it (the same
+    torch RNG draw: peft's layer as the oracle), in training only; outputs and A / B gradients."""
+    from kt_core.backend.torch_ops.moe import linear
+    from kt_core.weights.lora import LoraWeight
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(24, 12, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    net = peft.get_peft_model(Net(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.3))
+    with torch.no_grad():
+        net.base_model.model.proj.lora_B.default.weight.normal_()
+    net.train()
+    layer = net.base_model.model.proj
+    x = torch.randn(10, 24)
+    a = layer.lora_A.default.weight.detach().clone().requires_grad_()
+    b = layer.lora_B.default.weight.detach().clone().requires_grad_()
+    lw = LoraWeight(layer.base_layer.weight.detach(), a, b, 2.0, dropout=0.3)
+    torch.manual_seed(7)
+    want = net(x)
+    want.square().sum().backward()
+    torch.manual_seed(7)
+    got = linear(x, lw)
+    got.square().sum().backward()
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(a.grad, layer.lora_A.default.weight.grad, atol=1e-5)
+    assert torch.allclose(b.grad, layer.lora_B.default.weight.grad, atol=1e-5)
+    with torch.no_grad():  # no dropout outside training (DPO's reference pass, inference)
+        plain = x @ lw.base.T + (x @ a.T) @ b.T * 2.0
+        assert torch.allclose(linear(x, lw), plain, atol=1e-6)
+    assert not torch.allclose(got.detach(), plain, atol=1e-3), "training drops inputs out"
+
+
+def test_lora_dropout_is_refused_where_it_cannot_apply(tiny_checkpoint):
+    from kt_core.errors import KtError
+    from kt_core.train.lora_model import LoraModel
+
+    lora = load(tiny_checkpoint("llama"), ["q_proj"])
+    with pytest.raises(KtError, match="take none"):
+        LoraModel(lora.model, ["q_proj", "experts.down_proj"], r=4, alpha=8, dropout=0.1)
+    with pytest.raises(KtError, match=r"\[0, 1\)"):
+        LoraModel(lora.model, ["q_proj"], r=4, alpha=8, dropout=1.0)

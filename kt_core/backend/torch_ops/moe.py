@@ -18,7 +18,10 @@ SWIGLU_OAI_LIMIT = 7.0
 
 def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     if hasattr(weight, "scaling") and hasattr(weight, "base"):  # a LoraWeight being trained
-        delta = (x.float() @ weight.a.T) @ weight.b.T * weight.scaling
+        xl = x.float()
+        if getattr(weight, "dropout", 0.0) and torch.is_grad_enabled():  # PEFT's lora_dropout, training only
+            xl = F.dropout(xl, weight.dropout, training=True)
+        delta = (xl @ weight.a.T) @ weight.b.T * weight.scaling
         return linear(x, weight.base, bias) + delta.to(x.dtype)
     if weight_format(weight) is Quant.W8A8:
         x = fake_quant_activations(x)
