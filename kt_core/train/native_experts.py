@@ -107,7 +107,12 @@ class _Experts(torch.autograd.Function):
 def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, packed,
                 activation: str = "silu") -> torch.Tensor:
     """``torch_ops.moe.moe_experts``'s contract on packed experts, differentiable in ``hidden`` and
-    ``topk_weights``."""
+    ``topk_weights``. Without a gradient to take (DPO's reference pass, activation checkpointing's
+    first pass) it is the plain native forward, keeping nothing."""
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or topk_weights.requires_grad)):
+        from kt_backends.cpu import native
+
+        return native.moe_forward(packed, hidden, topk_ids, topk_weights, activation, packed.pool)
     return _Experts.apply(hidden, topk_weights, packed, topk_ids, activation).to(hidden.dtype)
 
 
