@@ -98,8 +98,13 @@ def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: tor
             raise ValueError(f"expert_rows_t({proj}): accumulate=True adds into out: pass out")
         C = torch.empty(rows, K, dtype=torch.float32)
     else:
-        if out.dtype != torch.float32 or tuple(out.shape) != (rows, K) or not out.is_contiguous():
-            raise ValueError(f"expert_rows_t({proj}): out must be a contiguous float32 tensor [{rows}, {K}]")
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != (rows, K) \
+                or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"expert_rows_t({proj}): out must be a contiguous float32 CPU tensor [{rows}, {K}]")
+        a0, a1 = A.data_ptr(), A.data_ptr() + A.numel() * 4
+        c0, c1 = out.data_ptr(), out.data_ptr() + out.numel() * 4
+        if a0 < c1 and c0 < a1:
+            raise ValueError(f"expert_rows_t({proj}): out overlaps A; the products read A while writing out")
         C = out
     acc = int(bool(accumulate))
     if rows == 0:

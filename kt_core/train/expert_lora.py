@@ -67,6 +67,9 @@ def attach(model, targets: list[str], r: int, scaling: float, init: dict, g: tor
         if not isinstance(ex, (ExpertWeights, AdaptedExperts)):  # packed for the native kernels
             if not hasattr(ex, "call_parts"):
                 raise KtError("LoRA on the routed experts trains on kt sft's autograd backend (native or torch experts)")
+            if not torch.equal(ex.expert_ids.cpu(), torch.arange(E)):  # adapters are indexed by expert id
+                raise KtError("LoRA on the routed experts trains with every expert of a layer, in id order, "
+                              "on one device")
             ex = AdaptedExperts(ex)
             layer.ffn.shards[0] = (be, device, ex)
         prefix = f"model.layers.{i}.{block}.experts"
@@ -78,7 +81,7 @@ def attach(model, targets: list[str], r: int, scaling: float, init: dict, g: tor
             else:  # PEFT's initialisation: A Kaiming-uniform, B zero
                 a = (torch.rand(E, r, in_f, generator=g) * 2 - 1) / math.sqrt(in_f)
                 b = torch.zeros(E, out_f, r)
-            ad = ExpertAdapter(a.requires_grad_(), b.requires_grad_(), scaling)
+            ad = ExpertAdapter(a.to(device).requires_grad_(), b.to(device).requires_grad_(), scaling)  # the experts' device
             if isinstance(ex, AdaptedExperts):
                 setattr(ex, "gate_up" if param == "gate_up_proj" else "down", ad)
             elif param == "gate_up_proj":

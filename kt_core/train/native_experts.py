@@ -10,8 +10,7 @@ route's gate and up outputs. Backward, with the experts frozen (no adapter on th
 
 so autograd reaches the hidden states through both the experts and the router's weights, exactly as
 it does through the torch reference (``torch_ops.moe.moe_experts``), without ever dequantizing a
-weight in torch. LoRA on the experts themselves (``experts.gate_up_proj`` / ``down_proj``) and w8a8
-experts stay on the torch reference.
+weight in torch. w8a8 and float32 experts stay on the torch reference.
 
 LoRA on the experts (``experts.gate_up_proj`` / ``down_proj``: an adapter per expert) runs each frozen
 product on its own native call instead (``native_grad.expert_rows`` forward, ``expert_rows_t``

@@ -82,6 +82,9 @@ def test_rows_t_refuses_what_does_not_fit():
         native_grad.expert_rows_t(packed, "router", A, torch.tensor([1, 1, 1, 0]))
     with pytest.raises(ValueError, match="out must be"):
         native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), out=torch.zeros(3, 32))
+    buf = torch.zeros(3 * 64)
+    with pytest.raises(ValueError, match="overlaps A"):
+        native_grad.expert_rows_t(packed, "gate", buf[:96].view(3, 32), torch.tensor([1, 1, 1, 0]), out=buf.view(3, 64))
     with pytest.raises(ValueError, match="pass out"):
         native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), accumulate=True)
 

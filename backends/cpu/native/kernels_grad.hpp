@@ -6,10 +6,10 @@
 // C^T = W^T A^T block by block.
 //   generic: float64 sums over the decoded blocks (the reference);
 //   avx2 / avx512: blocks decoded to float32; 8 / 16 rows of A^T per vector, one broadcast weight
-//     per FMA, 16 accumulators (one per input of the block);
-//   amx (bf16 models, whose forward rounds the activations to bf16 too): the block rounded to bf16
-//     is an A tile (16 inputs x 16 rows; a bf16 weight's panel is loaded as it is), pairs of A's
-//     columns a B tile (16 rows x 8 column pairs), TDPBF16PS accumulating C^T tiles.
+//     per FMA, an accumulator per input of the block (AVX2: two halves of 8, for its 16 registers);
+//   amx (bf16 models, whose forward rounds the activations to bf16 too): the blocks of a pair of
+//     panels rounded to bf16 are an A tile (16 inputs x 32 rows of W), A's columns in bf16 pairs a
+//     B tile (16 pairs of those rows x 16 rows of A), TDPBF16PS accumulating C^T tiles.
 // Picked by expert_grad.inc; tests/native/simd_emulated.cpp compiles the SIMD ones without the ISA.
 #pragma once
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp, kernels.hpp
@@ -237,7 +237,7 @@ constexpr int64_t kGradPairs = KT_GRAD_PAIRS;  // pairs of panels the AMX produc
 #endif
 constexpr int64_t kGradAhead = KT_GRAD_AHEAD;  // blocks ahead in each panel it prefetches
 
-// C tile c (0-5) += tmm6 . tmm7; zeroed; stored (the tile numbers are immediates)
+// C tile c (0-5) += tmm6 . tmm7; stored; loaded (the tile numbers are immediates)
 #define KT_GRAD_SWITCH(c, X) \
   switch (c) {               \
     case 0: X(0); break;     \
@@ -251,11 +251,6 @@ KT_AMX inline void grad_tile_dp(int c) {
 #define KT_GRAD_DP(t) _tile_dpbf16ps(t, 6, 7)
   KT_GRAD_SWITCH(c, KT_GRAD_DP)
 #undef KT_GRAD_DP
-}
-KT_AMX inline void grad_tile_zero(int c) {
-#define KT_GRAD_ZERO(t) _tile_zero(t)
-  KT_GRAD_SWITCH(c, KT_GRAD_ZERO)
-#undef KT_GRAD_ZERO
 }
 KT_AMX inline void grad_tile_store(int c, float* out) {
 #define KT_GRAD_STORE(t) _tile_stored(t, out, 64)
