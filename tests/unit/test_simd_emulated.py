@@ -43,7 +43,7 @@ def simde_map() -> str:
     kernels use to SIMDe's implementation of it."""
     src = "".join((NATIVE_SRC / name).read_text()
                   for name in ("kernels_avx512.hpp", "kernels_amx.hpp", "kernels_amx_int.hpp", "attention_tiles.hpp",
-                               "kernels_grad.hpp"))
+                               "kernels_grad.hpp", "kernels_grad_amx.hpp"))
     names = sorted(set(re.findall(r"\b_mm512_\w+", src)))
     lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d", "m512bh")]
     lines += [f"#define {n} simde{n}" for n in names]

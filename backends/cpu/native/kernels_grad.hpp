@@ -5,8 +5,8 @@
 // W[16p + j][k0 + kk], are a block of W^T whose rows already reduce over j: every variant forms
 // C^T = W^T A^T block by block.
 //   generic: float64 sums over the decoded blocks (the reference);
-//   avx2 / avx512: blocks decoded to float32; 8 / 16 rows of A^T per vector, one broadcast weight
-//     per FMA, an accumulator per input of the block (AVX2: two halves of 8, for its 16 registers);
+//   avx2 / avx512: blocks decoded to float32 (vectors of 8 / 16 rows of W); 8 / 16 rows of A^T per
+//     vector, a broadcast weight per FMA, register blocks of up to 3 row vectors x 4 / 8 inputs;
 //   amx (bf16 models, whose forward rounds the activations to bf16 too): the blocks of a pair of
 //     panels rounded to bf16 are an A tile (16 inputs x 32 rows of W), A's columns in bf16 pairs a
 //     B tile (16 pairs of those rows x 16 rows of A), TDPBF16PS accumulating C^T tiles.
@@ -75,31 +75,120 @@ inline void add_block_t(const float* acc, int V, int64_t t, int64_t n, int nk, f
 }
 
 #if defined(KT_X86)
-// 8 rows of A^T per vector; the block's 16 inputs in two halves of 8 accumulators (AVX2 has 16 registers)
+// decode_block_generic of a whole block (k0 + 16 <= K) of a bf16, int8, int4 or fp8 weight; each row
+// of 16 as two vectors of 8 (rows 0-7, 8-15)
+KT_TARGET("avx2,fma,f16c") inline void decode_block_avx2(const Weight& w, int64_t p, int64_t k0, float* out) {
+  const int64_t K = w.K;
+  if (w.fmt == FMT_BF16) {  // [K][16]
+    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + (p * K + k0) * NR;
+    for (int kk = 0; kk < NR; ++kk) {
+      _mm256_storeu_ps(out + kk * NR, load_bf16x8(wp + kk * NR));
+      _mm256_storeu_ps(out + kk * NR + 8, load_bf16x8(wp + kk * NR + 8));
+    }
+    return;
+  }
+  const int64_t G = K / w.group;
+  if (w.fmt == FMT_INT8) {  // [K/2][16][2]: a row's two inputs side by side
+    const int8_t* wp = static_cast<const int8_t*>(w.data) + (p * K + k0) * NR;
+    const bool grouped = int8_grouped(w);
+    for (int kk = 0; kk < NR; kk += 2) {
+      const int64_t gi = (p * G + (k0 + kk) / w.group) * NR;
+      for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7
+        const __m256 s = grouped ? group_scales8(w, gi + 8 * h) : _mm256_loadu_ps(w.scale + p * NR + 8 * h);
+        const __m256 zs = grouped ? _mm256_mul_ps(group_zeros8(w, gi + 8 * h), s) : _mm256_setzero_ps();
+        const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + kk * NR + 16 * h)));
+        const __m256 even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16));
+        _mm256_storeu_ps(out + kk * NR + 8 * h, _mm256_fmsub_ps(even, s, zs));
+        _mm256_storeu_ps(out + (kk + 1) * NR + 8 * h, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 16)), s, zs));
+      }
+    }
+    return;
+  }
+  if (w.fmt == FMT_INT4) {  // [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR + k0 * 8;
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  // a vector's words 2l (e = 0), then 2l + 1
+    for (int kk = 0; kk < NR; kk += 4) {
+      const int64_t gi = (p * G + (k0 + kk) / w.group) * NR;
+      const __m256 s0 = group_scales8(w, gi), s1 = group_scales8(w, gi + 8);
+      const __m256 z0 = _mm256_mul_ps(group_zeros8(w, gi), s0), z1 = _mm256_mul_ps(group_zeros8(w, gi + 8), s1);
+      // words 0-7 (l = 0..3) and 8-15 (l = 4..7), each split into its e = 0 and e = 1 halves
+      const __m256i a = _mm256_permutevar8x32_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + kk * 8))), evens);
+      const __m256i b = _mm256_permutevar8x32_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + kk * 8 + 16))), evens);
+      const __m256i word[2] = {_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31)};  // e = 0, 1
+      for (int sh = 0; sh < 2; ++sh)
+        for (int e = 0; e < 2; ++e) {
+          const __m256i c = _mm256_srlv_epi32(word[e], _mm256_set1_epi32(8 * sh));
+          float* row = out + (kk + 2 * sh + e) * NR;
+          _mm256_storeu_ps(row, _mm256_fmsub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(c, mask)), s0, z0));  // h = 0
+          _mm256_storeu_ps(row + 8, _mm256_fmsub_ps(
+              _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(c, 4), mask)), s1, z1));           // h = 1
+        }
+    }
+    return;
+  }
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data) + (p * K + k0) * NR;  // FMT_FP8 [K][16]
+  const __m256i m7f = _mm256_set1_epi16(0x7F), m80 = _mm256_set1_epi16(0x80);
+  for (int kk = 0; kk < NR; ++kk) {  // e4m3 -> fp16 bits (2^-8 of the value), then F16C
+    const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + kk * NR)));
+    const __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, m7f), 7),
+                                         _mm256_slli_epi16(_mm256_and_si256(h, m80), 8));
+    const float* sc = w.scale + (p * G + (k0 + kk) / w.group) * NR;
+    const __m256 k256 = _mm256_set1_ps(256.f);
+    _mm256_storeu_ps(out + kk * NR, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(bits)),
+                                                  _mm256_mul_ps(_mm256_loadu_ps(sc), k256)));
+    _mm256_storeu_ps(out + kk * NR + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(bits, 1)),
+                                                      _mm256_mul_ps(_mm256_loadu_ps(sc + 8), k256)));
+  }
+}
+
+// C^T of inputs [kq, kq + 4) of the decoded blocks (blk [P][16][16]) for RT tiles of 8 rows of A^T
+// (at: tile 0's [Mp][8]) into out[r][kq + i][8]
+template <int RT>
+KT_TARGET("avx2,fma,f16c") inline void rows_t_tile256(const float* at, int64_t Mp, const float* blk, int kq, float* out) {
+  __m256 acc[RT][4];
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t m = 0; m < Mp; ++m) {
+    __m256 a[RT];
+    for (int r = 0; r < RT; ++r) a[r] = _mm256_loadu_ps(at + (r * Mp + m) * 8);
+    const float* b = blk + (m / NR) * NR * NR + kq * NR + m % NR;
+    for (int i = 0; i < 4; ++i) {
+      const __m256 bi = _mm256_broadcast_ss(b + i * NR);
+      for (int r = 0; r < RT; ++r) acc[r][i] = _mm256_fmadd_ps(bi, a[r], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + (r * NR + kq + i) * 8, acc[r][i]);
+}
+
+// 8 rows of A^T per vector; up to 3 row tiles x 4 inputs: 12 accumulators (AVX2 has 16 registers)
 KT_TARGET("avx2,fma,f16c") inline void rows_t_avx2(const Weight& w, const float* A, int64_t lda, int64_t n, float* C,
                                                    int64_t ldc, int64_t kb0, int64_t kb1, bool accumulate) {
   const int64_t P = (w.M + NR - 1) / NR, Mp = P * NR, tiles = (n + 7) / 8;
   thread_local std::vector<float> At, blk;
   transpose_rows(A, lda, n, w.M, Mp, 8, At);
   blk.resize(P * NR * NR);
-  alignas(32) float out[NR * 8];
+  alignas(32) float out[3 * NR * 8];  // [row tile][input][row]
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t k0 = kb * NR;
     const int nk = static_cast<int>(std::min<int64_t>(NR, w.K - k0));
-    for (int64_t p = 0; p < P; ++p) decode_block_generic(w, p, k0, nk, &blk[p * NR * NR]);
-    for (int64_t t = 0; t < tiles; ++t) {
-      const float* at = &At[t * Mp * 8];
-      for (int h = 0; h < 2; ++h) {
-        __m256 acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-        for (int64_t m = 0; m < Mp; ++m) {
-          const __m256 a = _mm256_loadu_ps(at + m * 8);
-          const float* b = &blk[(m / NR) * NR * NR + h * 8 * NR + m % NR];
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(b + i * NR), a, acc[i]);
-        }
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (h * 8 + i) * 8, acc[i]);
+    for (int64_t p = 0; p < P; ++p) {
+      if (w.fmt != FMT_W8A8 && nk == NR)
+        decode_block_avx2(w, p, k0, &blk[p * NR * NR]);
+      else
+        decode_block_generic(w, p, k0, nk, &blk[p * NR * NR]);
+    }
+    for (int64_t t = 0; t < tiles; t += 3) {  // up to 3 row tiles x 4 inputs: 12 accumulators, each load used 3-4 times
+      const int rt = static_cast<int>(std::min<int64_t>(3, tiles - t));
+      for (int kq = 0; kq < NR; kq += 4) {
+        if (rt == 3) rows_t_tile256<3>(&At[t * Mp * 8], Mp, blk.data(), kq, out);
+        else if (rt == 2) rows_t_tile256<2>(&At[t * Mp * 8], Mp, blk.data(), kq, out);
+        else rows_t_tile256<1>(&At[t * Mp * 8], Mp, blk.data(), kq, out);
       }
-      add_block_t(out, 8, t, n, nk, C, ldc, k0, accumulate);
+      for (int r = 0; r < rt; ++r) add_block_t(out + r * NR * 8, 8, t + r, n, nk, C, ldc, k0, accumulate);
     }
   }
 }
@@ -180,14 +269,34 @@ KT_AVX512 inline void decode_block_avx512(const Weight& w, int64_t p, int64_t k0
 // Whether decode_block_avx512 takes this weight's block at k0
 inline bool block_avx512_takes(const Weight& w, int64_t k0) { return w.fmt != FMT_W8A8 && k0 + NR <= w.K; }
 
-// 16 rows of A^T per vector, 16 accumulators (one per input of the block)
+// C^T of inputs [kq, kq + 8) of the decoded blocks (blk [P][16][16]) for RT tiles of 16 rows of A^T
+// (at: tile 0's [Mp][16]) into out[r][kq + i][16]
+template <int RT>
+KT_AVX512 inline void rows_t_tile512(const float* at, int64_t Mp, const float* blk, int kq, float* out) {
+  __m512 acc[RT][8];
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < 8; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t m = 0; m < Mp; ++m) {
+    __m512 a[RT];
+    for (int r = 0; r < RT; ++r) a[r] = _mm512_loadu_ps(at + (r * Mp + m) * 16);
+    const float* b = blk + (m / NR) * NR * NR + kq * NR + m % NR;
+    for (int i = 0; i < 8; ++i) {
+      const __m512 bi = _mm512_set1_ps(b[i * NR]);
+      for (int r = 0; r < RT; ++r) acc[r][i] = _mm512_fmadd_ps(bi, a[r], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (r * NR + kq + i) * 16, acc[r][i]);
+}
+
+// 16 rows of A^T per vector; up to 3 row tiles x 8 inputs: 24 accumulators
 KT_AVX512 inline void rows_t_avx512(const Weight& w, const float* A, int64_t lda, int64_t n, float* C, int64_t ldc,
                                     int64_t kb0, int64_t kb1, bool accumulate) {
   const int64_t P = (w.M + NR - 1) / NR, Mp = P * NR, tiles = (n + 15) / 16;
   thread_local std::vector<float> At, blk;
   transpose_rows(A, lda, n, w.M, Mp, 16, At);
   blk.resize(P * NR * NR);
-  alignas(64) float out[NR * NR];
+  alignas(64) float out[3 * NR * NR];  // [row tile][input][row]
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t k0 = kb * NR;
     const int nk = static_cast<int>(std::min<int64_t>(NR, w.K - k0));
@@ -197,157 +306,18 @@ KT_AVX512 inline void rows_t_avx512(const Weight& w, const float* A, int64_t lda
       else
         decode_block_generic(w, p, k0, nk, &blk[p * NR * NR]);
     }
-    for (int64_t t = 0; t < tiles; ++t) {
-      __m512 acc[NR];
-      for (int i = 0; i < NR; ++i) acc[i] = _mm512_setzero_ps();
-      const float* at = &At[t * Mp * 16];
-      for (int64_t p = 0; p < P; ++p)
-        for (int j = 0; j < NR; ++j) {
-          const __m512 a = _mm512_loadu_ps(at + (p * NR + j) * 16);
-          const float* b = &blk[p * NR * NR + j];
-          for (int i = 0; i < NR; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(b[i * NR]), a, acc[i]);
-        }
-      for (int i = 0; i < NR; ++i) _mm512_storeu_ps(out + i * NR, acc[i]);
-      add_block_t(out, 16, t, n, nk, C, ldc, k0, accumulate);
-    }
-  }
-}
-#endif
-
-#if defined(KT_HAVE_AMX)
-// tmm0-5: C^T of up to 6 row tiles (16 inputs x 16 rows, float32); tmm6: a block of W^T of two
-// panels (16 inputs x 32 rows of W, bf16); tmm7: a row tile's A pairs (16 pairs of those W rows x
-// 16 rows of A, bf16 pairs)
-KT_AMX inline void amx_configure_grad(int tiles) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = t < tiles || t >= 6 ? 16 : 0;
-    cfg.colsb[t] = t < tiles || t >= 6 ? 64 : 0;
-  }
-  KT_MEMORY_BARRIER();
-  _tile_loadconfig(&cfg);
-}
-
-#ifndef KT_GRAD_PAIRS
-#define KT_GRAD_PAIRS 4
-#endif
-constexpr int64_t kGradPairs = KT_GRAD_PAIRS;  // pairs of panels the AMX product streams side by side
-#ifndef KT_GRAD_AHEAD
-#define KT_GRAD_AHEAD 4
-#endif
-constexpr int64_t kGradAhead = KT_GRAD_AHEAD;  // blocks ahead in each panel it prefetches
-
-// C tile c (0-5) += tmm6 . tmm7; stored; loaded (the tile numbers are immediates)
-#define KT_GRAD_SWITCH(c, X) \
-  switch (c) {               \
-    case 0: X(0); break;     \
-    case 1: X(1); break;     \
-    case 2: X(2); break;     \
-    case 3: X(3); break;     \
-    case 4: X(4); break;     \
-    default: X(5); break;    \
-  }
-KT_AMX inline void grad_tile_dp(int c) {
-#define KT_GRAD_DP(t) _tile_dpbf16ps(t, 6, 7)
-  KT_GRAD_SWITCH(c, KT_GRAD_DP)
-#undef KT_GRAD_DP
-}
-KT_AMX inline void grad_tile_store(int c, float* out) {
-#define KT_GRAD_STORE(t) _tile_stored(t, out, 64)
-  KT_GRAD_SWITCH(c, KT_GRAD_STORE)
-#undef KT_GRAD_STORE
-}
-KT_AMX inline void grad_tile_load(int c, const float* in) {
-#define KT_GRAD_LOAD(t) _tile_loadd(t, in, 64)
-  KT_GRAD_SWITCH(c, KT_GRAD_LOAD)
-#undef KT_GRAD_LOAD
-}
-#undef KT_GRAD_SWITCH
-
-// inputs [k0, k0 + 16) of panels p and p + 1 as an A tile at wb ([16][32] bf16: row kk = the panels'
-// 16 rows each): a bf16 weight's rows copied, the others decoded to floats and rounded once (VCVTNE2PS2BF16
-// per tile row); a panel past the weight's (p + 1 == P) as zeros. fa, fb: [16][16] float scratch.
-KT_AMX inline void pair_block_bf16(const Weight& w, int64_t p, int64_t k0, uint16_t* wb, float* fa, float* fb) {
-  const bool second = (p + 1) * NR < w.M;
-  if (w.fmt == FMT_BF16) {
-    const uint16_t* wa = static_cast<const uint16_t*>(w.data) + (p * w.K + k0) * NR;
-    const uint16_t* wn = wa + w.K * NR;
-    for (int kk = 0; kk < NR; ++kk) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(wb + kk * 2 * NR), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wa + kk * NR)));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(wb + kk * 2 * NR + NR),
-                         second ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + kk * NR)) : _mm256_setzero_si256());
-    }
-    return;
-  }
-  decode_block_avx512(w, p, k0, fa);
-  if (second) decode_block_avx512(w, p + 1, k0, fb);
-  for (int kk = 0; kk < NR; ++kk)
-    _mm512_store_si512(wb + kk * 2 * NR, bf16x32(_mm512_load_ps(fa + kk * NR),
-                                                 second ? _mm512_load_ps(fb + kk * NR) : _mm512_setzero_ps()));
-}
-
-// rows_t with A rounded to bf16 and the blocks decoded to bf16; w.K % 16 == 0, not w8a8. A TDPBF16PS
-// reduces over two panels (32 rows of W). Panels are read kGradPairs pairs at a time, each as a
-// sequential stream (a block at a time across all panels, each block was a page and a DRAM stall
-// away): the C^T tiles of all input blocks wait in an L2-resident buffer meanwhile.
-KT_AMX inline void rows_t_amx(const Weight& w, const float* A, int64_t lda, int64_t n, float* C, int64_t ldc,
-                              int64_t kb0, int64_t kb1, bool accumulate) {
-  const int64_t P = (w.M + NR - 1) / NR, PP = (P + 1) / 2, T = (n + 15) / 16, NB = kb1 - kb0;
-  const int64_t step = panel_bytes(w) / w.K;  // bytes per input of a panel
-  // Gb[((pp T + t) 16 + q) 16 + c] = bf16 pair (A[16t + c][32pp + 2q], A[16t + c][32pp + 2q + 1])
-  thread_local std::vector<uint32_t> Gb;
-  thread_local std::vector<float> Ct;  // [NB][nt][16][16]: the C^T tiles of a group of row tiles
-  Gb.assign(PP * T * 256, 0u);
-  alignas(64) float row[NR];
-  alignas(64) uint32_t pairs[NR / 2];
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t p = 0; p < P; ++p) {
-      for (int j = 0; j < NR; ++j) row[j] = p * NR + j < w.M ? A[r * lda + p * NR + j] : 0.f;
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16x16_of(_mm512_load_ps(row)));
-      for (int q = 0; q < NR / 2; ++q) Gb[(((p / 2) * T + r / 16) * 16 + (p % 2) * 8 + q) * 16 + r % 16] = pairs[q];
-    }
-  alignas(64) uint16_t wb[kGradPairs * 2 * NR * NR];
-  alignas(64) float fa[NR * NR], fb[NR * NR];
-  for (int64_t t0 = 0; t0 < T; t0 += 6) {
-    const int nt = static_cast<int>(std::min<int64_t>(6, T - t0));
-    Ct.assign(NB * nt * NR * NR, 0.f);
-    amx_configure_grad(nt);
-    for (int64_t pp0 = 0; pp0 < PP; pp0 += kGradPairs) {
-      const int64_t npp = std::min<int64_t>(kGradPairs, PP - pp0);
-      for (int64_t b = 0; b < NB; ++b) {
-        float* ct = &Ct[b * nt * NR * NR];
-        const int64_t k0 = (kb0 + b) * NR;
-        for (int64_t i = 0; i < 2 * npp; ++i) {
-          const int64_t p = 2 * pp0 + i;
-          if (b + kGradAhead < NB && p < P) {  // a tile load would wait for its data
-            const char* ahead = static_cast<const char*>(w.data) + p * panel_bytes(w) + (k0 + kGradAhead * NR) * step;
-            for (int64_t l = 0; l < step * NR; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
-          }
-        }
-        // every block of the group laid out before the first tile load: a tile load of a buffer
-        // just stored waits for those stores to leave the core
-        for (int64_t i = 0; i < npp; ++i) pair_block_bf16(w, 2 * (pp0 + i), k0, &wb[i * 2 * NR * NR], fa, fb);
-        KT_MEMORY_BARRIER();
-        for (int t = 0; t < nt; ++t) grad_tile_load(t, ct + t * NR * NR);
-        for (int64_t i = 0; i < npp; ++i) {
-          _tile_loadd(6, &wb[i * 2 * NR * NR], 64);
-          const uint32_t* g = &Gb[(pp0 + i) * T * 256 + t0 * 256];
-          for (int t = 0; t < nt; ++t) {
-            _tile_loadd(7, g + t * 256, 64);
-            grad_tile_dp(t);
-          }
-        }
-        for (int t = 0; t < nt; ++t) grad_tile_store(t, ct + t * NR * NR);
+    for (int64_t t = 0; t < tiles; t += 3) {  // up to 3 row tiles x 8 inputs: 24 accumulators
+      const int rt = static_cast<int>(std::min<int64_t>(3, tiles - t));
+      for (int kq = 0; kq < NR; kq += 8) {
+        if (rt == 3) rows_t_tile512<3>(&At[t * Mp * 16], Mp, blk.data(), kq, out);
+        else if (rt == 2) rows_t_tile512<2>(&At[t * Mp * 16], Mp, blk.data(), kq, out);
+        else rows_t_tile512<1>(&At[t * Mp * 16], Mp, blk.data(), kq, out);
       }
+      for (int r = 0; r < rt; ++r) add_block_t(out + r * NR * NR, 16, t + r, n, nk, C, ldc, k0, accumulate);
     }
-    KT_MEMORY_BARRIER();
-    for (int64_t b = 0; b < NB; ++b)
-      for (int t = 0; t < nt; ++t)
-        add_block_t(&Ct[(b * nt + t) * NR * NR], 16, t0 + t, n, NR, C, ldc, (kb0 + b) * NR, accumulate);
   }
-  _tile_release();
-  KT_MEMORY_BARRIER();
 }
 #endif
 
 }  // namespace kt
+#include "kernels_grad_amx.hpp"  // the AMX form

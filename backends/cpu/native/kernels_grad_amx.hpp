@@ -1,0 +1,147 @@
+// The AMX form of kernels_grad.hpp's transposed products (bf16 models): the blocks of a pair of
+// panels, decoded to floats and rounded to bf16 once per tile row, are an A tile (16 inputs x 32
+// rows of W); A's columns in bf16 pairs a B tile (16 pairs of those rows x 16 rows of A); TDPBF16PS
+// accumulates C^T tiles in an L2-resident buffer while each panel streams. Included by
+// kernels_grad.hpp (which tests/native/simd_emulated.cpp compiles against its tile model).
+#pragma once
+#include "kernels_grad.hpp"
+
+namespace kt {
+
+#if defined(KT_HAVE_AMX)
+// tmm0-5: C^T of up to 6 row tiles (16 inputs x 16 rows, float32); tmm6: a block of W^T of two
+// panels (16 inputs x 32 rows of W, bf16); tmm7: a row tile's A pairs (16 pairs of those W rows x
+// 16 rows of A, bf16 pairs)
+KT_AMX inline void amx_configure_grad(int tiles) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = t < tiles || t >= 6 ? 16 : 0;
+    cfg.colsb[t] = t < tiles || t >= 6 ? 64 : 0;
+  }
+  KT_MEMORY_BARRIER();
+  _tile_loadconfig(&cfg);
+}
+
+#ifndef KT_GRAD_PAIRS
+#define KT_GRAD_PAIRS 4
+#endif
+constexpr int64_t kGradPairs = KT_GRAD_PAIRS;  // pairs of panels the AMX product streams side by side
+#ifndef KT_GRAD_AHEAD
+#define KT_GRAD_AHEAD 4
+#endif
+constexpr int64_t kGradAhead = KT_GRAD_AHEAD;  // blocks ahead in each panel it prefetches
+
+// C tile c (0-5) += tmm6 . tmm7; stored; loaded (the tile numbers are immediates)
+#define KT_GRAD_SWITCH(c, X) \
+  switch (c) {               \
+    case 0: X(0); break;     \
+    case 1: X(1); break;     \
+    case 2: X(2); break;     \
+    case 3: X(3); break;     \
+    case 4: X(4); break;     \
+    default: X(5); break;    \
+  }
+KT_AMX inline void grad_tile_dp(int c) {
+#define KT_GRAD_DP(t) _tile_dpbf16ps(t, 6, 7)
+  KT_GRAD_SWITCH(c, KT_GRAD_DP)
+#undef KT_GRAD_DP
+}
+KT_AMX inline void grad_tile_store(int c, float* out) {
+#define KT_GRAD_STORE(t) _tile_stored(t, out, 64)
+  KT_GRAD_SWITCH(c, KT_GRAD_STORE)
+#undef KT_GRAD_STORE
+}
+KT_AMX inline void grad_tile_load(int c, const float* in) {
+#define KT_GRAD_LOAD(t) _tile_loadd(t, in, 64)
+  KT_GRAD_SWITCH(c, KT_GRAD_LOAD)
+#undef KT_GRAD_LOAD
+}
+#undef KT_GRAD_SWITCH
+
+// inputs [k0, k0 + 16) of panels p and p + 1 as an A tile at wb ([16][32] bf16: row kk = the panels'
+// 16 rows each): a bf16 weight's rows copied, the others decoded to floats and rounded once (VCVTNE2PS2BF16
+// per tile row); a panel past the weight's (p + 1 == P) as zeros. fa, fb: [16][16] float scratch.
+KT_AMX inline void pair_block_bf16(const Weight& w, int64_t p, int64_t k0, uint16_t* wb, float* fa, float* fb) {
+  const bool second = (p + 1) * NR < w.M;
+  if (w.fmt == FMT_BF16) {
+    const uint16_t* wa = static_cast<const uint16_t*>(w.data) + (p * w.K + k0) * NR;
+    const uint16_t* wn = wa + w.K * NR;
+    for (int kk = 0; kk < NR; ++kk) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wb + kk * 2 * NR), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wa + kk * NR)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wb + kk * 2 * NR + NR),
+                         second ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + kk * NR)) : _mm256_setzero_si256());
+    }
+    return;
+  }
+  decode_block_avx512(w, p, k0, fa);
+  if (second) decode_block_avx512(w, p + 1, k0, fb);
+  for (int kk = 0; kk < NR; ++kk)
+    _mm512_store_si512(wb + kk * 2 * NR, bf16x32(_mm512_load_ps(fa + kk * NR),
+                                                 second ? _mm512_load_ps(fb + kk * NR) : _mm512_setzero_ps()));
+}
+
+// rows_t with A rounded to bf16 and the blocks decoded to bf16; w.K % 16 == 0, not w8a8. A TDPBF16PS
+// reduces over two panels (32 rows of W). Panels are read kGradPairs pairs at a time, each as a
+// sequential stream (a block at a time across all panels, each block was a page and a DRAM stall
+// away): the C^T tiles of all input blocks wait in an L2-resident buffer meanwhile.
+KT_AMX inline void rows_t_amx(const Weight& w, const float* A, int64_t lda, int64_t n, float* C, int64_t ldc,
+                              int64_t kb0, int64_t kb1, bool accumulate) {
+  const int64_t P = (w.M + NR - 1) / NR, PP = (P + 1) / 2, T = (n + 15) / 16, NB = kb1 - kb0;
+  const int64_t step = panel_bytes(w) / w.K;  // bytes per input of a panel
+  // Gb[((pp T + t) 16 + q) 16 + c] = bf16 pair (A[16t + c][32pp + 2q], A[16t + c][32pp + 2q + 1])
+  thread_local std::vector<uint32_t> Gb;
+  thread_local std::vector<float> Ct;  // [NB][nt][16][16]: the C^T tiles of a group of row tiles
+  Gb.assign(PP * T * 256, 0u);
+  alignas(64) float row[NR];
+  alignas(64) uint32_t pairs[NR / 2];
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t p = 0; p < P; ++p) {
+      for (int j = 0; j < NR; ++j) row[j] = p * NR + j < w.M ? A[r * lda + p * NR + j] : 0.f;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16x16_of(_mm512_load_ps(row)));
+      for (int q = 0; q < NR / 2; ++q) Gb[(((p / 2) * T + r / 16) * 16 + (p % 2) * 8 + q) * 16 + r % 16] = pairs[q];
+    }
+  alignas(64) uint16_t wb[kGradPairs * 2 * NR * NR];
+  alignas(64) float fa[NR * NR], fb[NR * NR];
+  for (int64_t t0 = 0; t0 < T; t0 += 6) {
+    const int nt = static_cast<int>(std::min<int64_t>(6, T - t0));
+    Ct.assign(NB * nt * NR * NR, 0.f);
+    amx_configure_grad(nt);
+    for (int64_t pp0 = 0; pp0 < PP; pp0 += kGradPairs) {
+      const int64_t npp = std::min<int64_t>(kGradPairs, PP - pp0);
+      for (int64_t b = 0; b < NB; ++b) {
+        float* ct = &Ct[b * nt * NR * NR];
+        const int64_t k0 = (kb0 + b) * NR;
+        for (int64_t i = 0; i < 2 * npp; ++i) {
+          const int64_t p = 2 * pp0 + i;
+          if (b + kGradAhead < NB && p < P) {  // a tile load would wait for its data
+            const char* ahead = static_cast<const char*>(w.data) + p * panel_bytes(w) + (k0 + kGradAhead * NR) * step;
+            for (int64_t l = 0; l < step * NR; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+          }
+        }
+        // every block of the group laid out before the first tile load: a tile load of a buffer
+        // just stored waits for those stores to leave the core
+        for (int64_t i = 0; i < npp; ++i) pair_block_bf16(w, 2 * (pp0 + i), k0, &wb[i * 2 * NR * NR], fa, fb);
+        KT_MEMORY_BARRIER();
+        for (int t = 0; t < nt; ++t) grad_tile_load(t, ct + t * NR * NR);
+        for (int64_t i = 0; i < npp; ++i) {
+          _tile_loadd(6, &wb[i * 2 * NR * NR], 64);
+          const uint32_t* g = &Gb[(pp0 + i) * T * 256 + t0 * 256];
+          for (int t = 0; t < nt; ++t) {
+            _tile_loadd(7, g + t * 256, 64);
+            grad_tile_dp(t);
+          }
+        }
+        for (int t = 0; t < nt; ++t) grad_tile_store(t, ct + t * NR * NR);
+      }
+    }
+    KT_MEMORY_BARRIER();
+    for (int64_t b = 0; b < NB; ++b)
+      for (int t = 0; t < nt; ++t)
+        add_block_t(&Ct[(b * nt + t) * NR * NR], 16, t0 + t, n, NR, C, ldc, (kb0 + b) * NR, accumulate);
+  }
+  _tile_release();
+  KT_MEMORY_BARRIER();
+}
+#endif
+
+}  // namespace kt
