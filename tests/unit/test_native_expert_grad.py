@@ -1,12 +1,13 @@
 """Training's backward pass through frozen packed experts (native/kernels_grad.hpp, expert_grad.inc,
-train/native_experts.py): the transposed products against float64 products of the dequantized
-weights, in every format and kernel variant, and the autograd function's gradients (hidden states
+train/native_experts.py): the transposed products against float64 products of the weights decoded
+from each format's definition (tests/conformance/dequant_reference.py), in every format and kernel variant, and the autograd function's gradients (hidden states
 and routing weights) against torch autograd through the reference expert loop."""
 import pytest
 import torch
 
 from kt_backends.cpu import native
-from kt_core.weights.quant import ExpertWeights, dequantize, quantize
+from kt_core.weights.quant import ExpertWeights, quantize
+from tests.conformance.dequant_reference import dequantize as reference_dequantize
 from tests.unit.native_experts import int8_with_zeros
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels not built")
@@ -22,7 +23,8 @@ def _weights(fmt, E, M, K, group, g):
 
 
 def _dense(w, e):
-    return w[e].double() if isinstance(w, torch.Tensor) else dequantize(w.select(e), torch.float64)
+    """Expert e's weight in float64, decoded from the format's definition (the conformance oracle)."""
+    return reference_dequantize(w)[e]
 
 
 def _variants():
@@ -108,8 +110,7 @@ def test_native_expert_gradients_equal_autograd_through_the_reference(activation
     from tests.unit.native_experts import H, experts
 
     ex = experts(fmt, group=16, bias=bias, seed=3)
-    decoded = ExpertWeights(ex.expert_ids, *(w.float() if isinstance(w, torch.Tensor) else dequantize(w)
-                                             for w in (ex.gate, ex.up, ex.down)),
+    decoded = ExpertWeights(ex.expert_ids, *(reference_dequantize(w).float() for w in (ex.gate, ex.up, ex.down)),
                             ex.gate_bias, ex.up_bias, ex.down_bias)
     packed = native_experts.pack(ex)
     assert packed is not None
