@@ -74,6 +74,20 @@ def _sizes(packed: PackedExperts, proj: str) -> tuple:
     return I, H, fmt, group, f16[0], gate if proj == "gate" else up
 
 
+def _check_rows(what: str, packed: PackedExperts, A, width: int, counts) -> tuple[int, int]:
+    """(local experts, rows) after checking A [rows, width] float32 and counts against them."""
+    E = int(packed.expert_ids.numel())
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.float32 or A.dim() != 2 or A.shape[1] != width \
+            or not A.is_contiguous() or A.device.type != "cpu":
+        raise ValueError(f"{what}: A must be a contiguous float32 CPU tensor [rows, {width}], got "
+                         f"{getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
+    rows = A.shape[0]
+    if not isinstance(counts, torch.Tensor) or counts.numel() != E or (E and int(counts.min()) < 0) \
+            or int(counts.sum()) != rows:
+        raise ValueError(f"{what}: counts must hold {E} non-negative row counts summing to the {rows} rows of A")
+    return E, rows
+
+
 def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: torch.Tensor,
                   out: Optional[torch.Tensor] = None, accumulate: bool = False, round_bf16: bool = False,
                   pool: int = 0) -> torch.Tensor:
@@ -83,16 +97,7 @@ def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: tor
     (the AMX tiles round A to bf16)."""
     lib = _lib()
     M, K, fmt, group, f16, p = _sizes(packed, proj)
-    E = int(packed.expert_ids.numel())
-    if not isinstance(A, torch.Tensor) or A.dtype != torch.float32 or A.dim() != 2 or A.shape[1] != M \
-            or not A.is_contiguous() or A.device.type != "cpu":
-        raise ValueError(f"expert_rows_t({proj}): A must be a contiguous float32 CPU tensor [rows, {M}], got "
-                         f"{getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
-    rows = A.shape[0]
-    if not isinstance(counts, torch.Tensor) or counts.numel() != E or (E and int(counts.min()) < 0) \
-            or int(counts.sum()) != rows:
-        raise ValueError(f"expert_rows_t({proj}): counts must hold {E} non-negative row counts summing to the "
-                         f"{rows} rows of A")
+    E, rows = _check_rows(f"expert_rows_t({proj})", packed, A, M, counts)
     if out is None:
         if accumulate:
             raise ValueError(f"expert_rows_t({proj}): accumulate=True adds into out: pass out")
@@ -124,16 +129,7 @@ def expert_rows(packed: PackedExperts, proj: str, A: torch.Tensor, counts: torch
     K = H, M = I; down: K = I, M = H). ``round_bf16``: a bf16 model's activations (AMX tiles)."""
     lib = _lib()
     M, K, fmt, group, f16, p = _sizes(packed, proj)
-    E = int(packed.expert_ids.numel())
-    if not isinstance(A, torch.Tensor) or A.dtype != torch.float32 or A.dim() != 2 or A.shape[1] != K \
-            or not A.is_contiguous() or A.device.type != "cpu":
-        raise ValueError(f"expert_rows({proj}): A must be a contiguous float32 CPU tensor [rows, {K}], got "
-                         f"{getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
-    rows = A.shape[0]
-    if not isinstance(counts, torch.Tensor) or counts.numel() != E or (E and int(counts.min()) < 0) \
-            or int(counts.sum()) != rows:
-        raise ValueError(f"expert_rows({proj}): counts must hold {E} non-negative row counts summing to the "
-                         f"{rows} rows of A")
+    E, rows = _check_rows(f"expert_rows({proj})", packed, A, K, counts)
     C = torch.empty(rows, M, dtype=torch.float32)
     if rows == 0:
         return C

@@ -24,14 +24,19 @@ def make_adapter(base, out, targets, rslora=False, seed=0, params=None):
     hf = hf_model(base)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
                           **({"target_parameters": params} if params else {}))
-    model = peft.get_peft_model(hf, cfg)
+    model = random_b(peft.get_peft_model(hf, cfg), seed)
+    model.save_pretrained(out, safe_serialization=True)
+    return model.eval()
+
+
+def random_b(model, seed: int):
+    """``model`` (a peft model) with every lora_B set to N(0, 0.3^2) draws of seed ``seed``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.save_pretrained(out, safe_serialization=True)
-    return model.eval()
+    return model
 
 
 def check_against_peft(base, ref_model, adapter, what):

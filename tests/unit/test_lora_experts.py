@@ -7,7 +7,7 @@ import torch
 import kt_core
 from kt_core.errors import KtError
 from tests.parity.tiny import hf_model
-from tests.unit.test_lora import PROMPT, check_against_peft, make_adapter
+from tests.unit.test_lora import PROMPT, check_against_peft, make_adapter, random_b
 
 peft = pytest.importorskip("peft")
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -48,33 +48,14 @@ def test_adapter_for_other_experts_is_refused(tiny_checkpoint, tmp_path):
 def test_training_expert_adapters_matches_peft_and_saves_what_peft_loads(name, tiny_checkpoint, tmp_path):
     """train.lora.targets experts.gate_up_proj / experts.down_proj: the gradients of every expert's A
     and B equal peft's target_parameters adapters', and the adapter kt-core saves loads in peft."""
-    import torch.nn.functional as F
-
-    from kt_core.train.sft import Example, loss_of
-    from tests.unit.test_train_lora import FIRST_LABEL, load
+    from tests.unit.test_train_lora import load
 
     base = tiny_checkpoint(name)
     ref = expert_adapter(base, tmp_path / "a", EXPERTS, ["q_a_proj" if name == "deepseek_v3" else "q_proj"])
-    ref.train()
-    keep = torch.arange(1, len(PROMPT)) >= FIRST_LABEL
-    logits = ref(torch.tensor([PROMPT])).logits[0]
-    F.cross_entropy(logits[:-1][keep], torch.tensor(PROMPT[1:])[keep], reduction="sum").backward()
-    want = {n.split("base_model.model.", 1)[1]: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    want = _peft_grads(ref)
     lora = load(base, ["q_a_proj" if name == "deepseek_v3" else "q_proj", "experts.gate_up_proj",
                        "experts.down_proj"], init=tmp_path / "a")
-    loss, _ = loss_of(lora.model, Example(PROMPT, FIRST_LABEL))
-    loss.backward()
-    got = {}
-    for (prefix, param), ad in lora.experts.items():
-        depth = ".base_layer" if param == "gate_up_proj" else ""
-        E, r = ad.a.shape[:2]
-        got[f"{prefix}{depth}.lora_A.default.weight"] = ad.a.grad.reshape(E * r, -1)
-        got[f"{prefix}{depth}.lora_B.default.weight"] = ad.b.grad.permute(1, 2, 0).reshape(ad.b.shape[1], -1)
-    experts = {k: v for k, v in want.items() if ".experts." in k}
-    assert experts and set(experts) == set(got)
-    for k, g in experts.items():
-        err = float((got[k] - g).abs().max() / g.abs().max().clamp_min(1e-12))
-        assert err <= 1e-4, f"{name} {k}: {err:.2e}"
+    _check_expert_grads(lora, want, name)
     with torch.no_grad():  # one step, then the saved adapter in peft gives kt-core's logits
         for p in lora.parameters():
             p -= 0.05 * p.grad
@@ -99,18 +80,14 @@ def test_expert_adapters_on_native_int8_experts_match_peft(name, tiny_checkpoint
     """The same adapters on experts packed for the native kernels (int8 codes: each frozen product a
     native call, forward and transposed; the low-rank products in torch between them) against peft on
     transformers with those experts decoded from the codes: every expert's A and B gradient."""
-    import torch.nn.functional as F
-
     from kt_backends.cpu import native
     from kt_core.models.model import CausalLM, QuantPlan
     from kt_core.models.spec import parse_config
     from kt_core.train.lora_model import AutogradBackend, LoraModel
     from kt_core.train.native_experts import AdaptedExperts
-    from kt_core.train.sft import Example, loss_of
     from kt_core.weights.checkpoint import Checkpoint
     from kt_core.weights.quant import Quant
     from tests.unit.test_arch_features import _dequantized_reference
-    from tests.unit.test_train_lora import FIRST_LABEL
 
     if not native.available():
         pytest.skip("native CPU kernels not built")
@@ -119,24 +96,36 @@ def test_expert_adapters_on_native_int8_experts_match_peft(name, tiny_checkpoint
     ref = peft.get_peft_model(_dequantized_reference(base, "int8"),
                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=[attn], lora_dropout=0.0,
                                               target_parameters=EXPERTS))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in ref.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    ref.save_pretrained(tmp_path / "a", safe_serialization=True)
-    ref.train()
-    keep = torch.arange(1, len(PROMPT)) >= FIRST_LABEL
-    logits = ref(torch.tensor([PROMPT])).logits[0]
-    F.cross_entropy(logits[:-1][keep], torch.tensor(PROMPT[1:])[keep], reduction="sum").backward()
-    want = {n.split("base_model.model.", 1)[1]: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    random_b(ref, 3).save_pretrained(tmp_path / "a", safe_serialization=True)
+    want = _peft_grads(ref)
     ck = Checkpoint(base)
     model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_experts=True), torch.float32,
                           QuantPlan(experts=Quant.INT8, group_size=32))
     lora = LoraModel(model, [attn, "experts.gate_up_proj", "experts.down_proj"], r=4, alpha=8, init=tmp_path / "a")
     held = [s[2] for layer in model.layers for s in getattr(layer.ffn, "shards", [])]
     assert held and all(isinstance(e, AdaptedExperts) for e in held), "the adapters sit on the packed experts"
-    loss, _ = loss_of(model, Example(PROMPT, FIRST_LABEL))
+    _check_expert_grads(lora, want, name)
+
+
+def _peft_grads(ref) -> dict:
+    """peft's adapter gradients (by parameter name) of the answer's summed cross-entropy on PROMPT."""
+    import torch.nn.functional as F
+
+    from tests.unit.test_train_lora import FIRST_LABEL
+
+    ref.train()
+    keep = torch.arange(1, len(PROMPT)) >= FIRST_LABEL
+    logits = ref(torch.tensor([PROMPT])).logits[0]
+    F.cross_entropy(logits[:-1][keep], torch.tensor(PROMPT[1:])[keep], reduction="sum").backward()
+    return {n.split("base_model.model.", 1)[1]: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+
+
+def _check_expert_grads(lora, want: dict, what: str) -> None:
+    """kt-core's expert adapter gradients on the same loss, in peft's names and layout, equal ``want``."""
+    from kt_core.train.sft import Example, loss_of
+    from tests.unit.test_train_lora import FIRST_LABEL
+
+    loss, _ = loss_of(lora.model, Example(PROMPT, FIRST_LABEL))
     loss.backward()
     got = {}
     for (prefix, param), ad in lora.experts.items():
@@ -146,6 +135,6 @@ def test_expert_adapters_on_native_int8_experts_match_peft(name, tiny_checkpoint
         got[f"{prefix}{depth}.lora_B.default.weight"] = ad.b.grad.permute(1, 2, 0).reshape(ad.b.shape[1], -1)
     experts = {k: v for k, v in want.items() if ".experts." in k}
     assert experts and set(experts) == set(got)
-    for k, gr in experts.items():
-        err = float((got[k] - gr).abs().max() / gr.abs().max().clamp_min(1e-12))
-        assert err <= 1e-4, f"{name} {k}: {err:.2e}"
+    for k, g in experts.items():
+        err = float((got[k] - g).abs().max() / g.abs().max().clamp_min(1e-12))
+        assert err <= 1e-4, f"{what} {k}: {err:.2e}"

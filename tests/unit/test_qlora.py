@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.unit.test_arch_features import _dequantized_reference
+from tests.unit.test_lora import random_b
 from tests.unit.test_train_lora import check_grads, peft_grads, tiny_sft_run
 
 peft = pytest.importorskip("peft")
@@ -28,11 +29,7 @@ def test_lora_gradients_on_quantized_experts_equal_peft_on_the_decoded_ones(fmt,
     base = tiny_checkpoint("qwen2_moe")
     ref = peft.get_peft_model(_dequantized_reference(base, fmt),
                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    random_b(ref, 1)
     ref.save_pretrained(tmp_path / "a", safe_serialization=True)
     want = peft_grads(ref)
     ck = Checkpoint(base)

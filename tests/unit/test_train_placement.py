@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.unit.test_arch_features import _dequantized_reference
+from tests.unit.test_lora import random_b
 from tests.unit.test_train_lora import check_grads, peft_grads
 
 peft = pytest.importorskip("peft")
@@ -35,11 +36,7 @@ def reference(tiny_checkpoint, tmp_path):
     base = tiny_checkpoint("qwen2_moe")
     ref = peft.get_peft_model(_dequantized_reference(base, "int8"),
                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    random_b(ref, 2)
     ref.save_pretrained(tmp_path / "a", safe_serialization=True)
     return base, peft_grads(ref)
 
