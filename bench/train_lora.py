@@ -30,14 +30,14 @@ def default_model() -> Path:
 
 
 def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none",
-            expert_lora: bool = False) -> dict:
+            expert_lora: bool = False, profile: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
     set_threads(threads)
     ids = [(i * 7919) % 30000 + 100 for i in range(seq)]
     first = seq // 4  # the loss covers the last three quarters, as an answer would
-    fwd = bwd = 0.0
+    fwd = bwd = optim = 0.0
     if impl.startswith("kt-core"):
         repo_on_path()
         from kt_core.models.model import CausalLM, QuantPlan
@@ -60,7 +60,7 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
         ex = Example(ids, first)
 
         def step():
-            nonlocal fwd, bwd
+            nonlocal fwd, bwd, optim
             t = time.perf_counter()
             loss, n = loss_of(m, ex)
             t2 = time.perf_counter()
@@ -68,7 +68,7 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
             t3 = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            fwd, bwd = fwd + t2 - t, bwd + t3 - t2
+            fwd, bwd, optim = fwd + t2 - t, bwd + t3 - t2, optim + time.perf_counter() - t3
     else:
         import peft
         from transformers import AutoModelForCausalLM
@@ -83,7 +83,7 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
         keep = torch.arange(1, seq) >= first
 
         def step():
-            nonlocal fwd, bwd
+            nonlocal fwd, bwd, optim
             t = time.perf_counter()
             logits = pm(x).logits[0].float()
             loss = F.cross_entropy(logits[:-1][keep], x[0, 1:][keep])
@@ -92,18 +92,46 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
             t3 = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            fwd, bwd = fwd + t2 - t, bwd + t3 - t2
+            fwd, bwd, optim = fwd + t2 - t, bwd + t3 - t2, optim + time.perf_counter() - t3
     step()  # warm-up
-    fwd = bwd = 0.0
+    fwd = bwd = optim = 0.0
     t = time.perf_counter()
     for _ in range(steps):
         step()
     elapsed = time.perf_counter() - t
-    return {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "expert_lora": expert_lora,
-            "seq": seq, "steps": steps,
-            "threads": threads, "tokens_per_s": seq * steps / elapsed,
-            "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
-            "peak_rss_mb": round(peak_rss_mb())}
+    out = {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "expert_lora": expert_lora,
+           "seq": seq, "steps": steps, "threads": threads, "tokens_per_s": seq * steps / elapsed,
+           "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
+           "optimizer_s_per_step": optim / steps, "peak_rss_mb": round(peak_rss_mb())}
+    if profile:
+        out["profile_ms"] = profile_step(step)
+    return out
+
+
+# torch.profiler op names -> what they are in a kt-core step (self CPU time; the rest is "other")
+PROFILE_GROUPS = {"experts_forward": ("_Experts", "_Rows"), "experts_backward": ("_ExpertsBackward", "_RowsBackward"),
+                  "attention": ("scaled_dot_product",), "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
+                  "optimizer": ("Optimizer.step", "aten::_foreach")}
+
+
+def profile_step(step) -> dict:
+    """One more step under torch.profiler: its self CPU time by PROFILE_GROUPS (ms), what bounds a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    out = {k: 0.0 for k in PROFILE_GROUPS}
+    total = 0.0
+    for ev in prof.key_averages():
+        ms = ev.self_cpu_time_total / 1000
+        total += ms
+        group = next((g for g, names in PROFILE_GROUPS.items()
+                      if any(ev.key == n or (not n.startswith("_") and n in ev.key) for n in names)), None)
+        if group:
+            out[group] += ms
+    out["other"] = total - sum(out.values())
+    out["total"] = total
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def main() -> None:
@@ -117,18 +145,23 @@ def main() -> None:
                     help="kt-core (native expert kernels), kt-core-torch-experts, transformers")
     ap.add_argument("--quant", default="none", choices=["none", "int4", "int8", "fp8"],
                     help="kt-core's frozen experts (QLoRA: int4, g32); transformers stays bf16")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step under torch.profiler: self CPU ms by experts forward / backward, attention, "
+                         "matmul, optimizer, other")
     ap.add_argument("--expert-lora", action="store_true",
                     help="LoRA on the routed experts too (one adapter an expert; peft's target_parameters)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora))
+        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora, a.profile))
         return
     model = a.model or default_model()
     runs = alternate(__file__, a.impls.split(","), a.repeats,
                      ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads),
-                      "--quant", a.quant] + (["--expert-lora"] if a.expert_lora else []))
-    summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'peak_rss_mb'],
+                      "--quant", a.quant] + (["--expert-lora"] if a.expert_lora else [])
+                     + (["--profile"] if a.profile else []))
+    summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'optimizer_s_per_step',
+                     'peak_rss_mb'],
               {'tokens_per_s': 'tokens_per_s_vs_transformers', 'peak_rss_mb': 'peak_rss_vs_transformers'})
 
 

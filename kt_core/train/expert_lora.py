@@ -66,7 +66,8 @@ def attach(model, targets: list[str], r: int, scaling: float, init: dict, g: tor
         be, device, ex = layer.ffn.shards[0]
         if not isinstance(ex, (ExpertWeights, AdaptedExperts)):  # packed for the native kernels
             if not hasattr(ex, "call_parts"):
-                raise KtError("LoRA on the routed experts trains on kt sft's autograd backend (native or torch experts)")
+                raise KtError("LoRA on the routed experts trains on kt sft's autograd backend (native or torch "
+                              "experts)")
             if not torch.equal(ex.expert_ids.cpu(), torch.arange(E)):  # adapters are indexed by expert id
                 raise KtError("LoRA on the routed experts trains with every expert of a layer, in id order, "
                               "on one device")
@@ -81,7 +82,8 @@ def attach(model, targets: list[str], r: int, scaling: float, init: dict, g: tor
             else:  # PEFT's initialisation: A Kaiming-uniform, B zero
                 a = (torch.rand(E, r, in_f, generator=g) * 2 - 1) / math.sqrt(in_f)
                 b = torch.zeros(E, out_f, r)
-            ad = ExpertAdapter(a.to(device).requires_grad_(), b.to(device).requires_grad_(), scaling)  # the experts' device
+            # on the experts' device
+            ad = ExpertAdapter(a.to(device).requires_grad_(), b.to(device).requires_grad_(), scaling)
             if isinstance(ex, AdaptedExperts):
                 setattr(ex, "gate_up" if param == "gate_up_proj" else "down", ad)
             elif param == "gate_up_proj":

@@ -1,7 +1,8 @@
 """Training's backward pass through frozen packed experts (native/kernels_grad.hpp, expert_grad.inc,
 train/native_experts.py): the transposed products against float64 products of the weights decoded
-from each format's definition (tests/conformance/dequant_reference.py), in every format and kernel variant, and the autograd function's gradients (hidden states
-and routing weights) against torch autograd through the reference expert loop."""
+from each format's definition (tests/conformance/dequant_reference.py), in every format and kernel
+variant, and the autograd function's gradients (hidden states and routing weights) against torch
+autograd through the reference expert loop."""
 import pytest
 import torch
 
@@ -103,8 +104,9 @@ def _grads(moe, x, ids, weights, dy):
 @pytest.mark.parametrize("fmt,bias", [("int4", False), ("int8", True), ("bf16", False), ("fp8", False)])
 def test_native_expert_gradients_equal_autograd_through_the_reference(activation, fmt, bias):
     """Gradients of the hidden states and of the routing weights, float32 activations (float32 sums;
-    the int8 / int4 forward kernels take the activations as int16 rows, ~1e-5 relative), against torch autograd through torch_ops.moe on the same weights
-    decoded to float32; routes to experts another device holds add nothing."""
+    the int8 / int4 forward kernels take the activations as int16 rows, ~1e-5 relative), against
+    torch autograd through torch_ops.moe on the same weights decoded to float32; routes to experts
+    another device holds add nothing."""
     from kt_core.backend.torch_ops.moe import moe_experts as reference
     from kt_core.train import native_experts
     from tests.unit.native_experts import H, experts
