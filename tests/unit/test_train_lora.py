@@ -19,14 +19,17 @@ CASES = {  # the linears adapted (routed experts are not trained yet)
 FIRST_LABEL = 8  # the loss covers positions 8.. (the "answer")
 
 
-def load(path, targets, init=None):
+def load(path, targets, init=None, native_int8=False):
+    """``native_int8``: the routed experts int8 (groups of 32) on the native kernels."""
     from kt_core.models.model import CausalLM, QuantPlan
     from kt_core.models.spec import parse_config
     from kt_core.train.lora_model import AutogradBackend, LoraModel
     from kt_core.weights.checkpoint import Checkpoint
+    from kt_core.weights.quant import Quant
 
     ck = Checkpoint(path)
-    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.float32, QuantPlan())
+    plan = QuantPlan(experts=Quant.INT8, group_size=32) if native_int8 else QuantPlan()
+    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_int8), torch.float32, plan)
     return LoraModel(model, targets, r=4, alpha=8, init=init)
 
 
@@ -147,15 +150,28 @@ def test_resume_continues_the_same_loss_curve(tiny_checkpoint, tmp_path):
         Trainer(load(base, ["q_proj"]), examples, lr=1e-2).load(tmp_path / "at3")
 
 
-def test_dpo_loss_and_gradients_equal_the_formula_on_peft(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("experts", ["float32", "int8-native"])
+def test_dpo_loss_and_gradients_equal_the_formula_on_peft(experts, tiny_checkpoint, tmp_path):
     """DPO against the same formula computed with transformers + peft (reference: the adapter
-    switched off), on a tiny Qwen3-MoE checkpoint, with label smoothing."""
+    switched off), on a tiny Qwen3-MoE checkpoint, with label smoothing; the experts float32 on torch,
+    or int8 on the native kernels (the reference: transformers with them decoded from the codes)."""
     from kt_core.train.dpo import Pair, dpo_loss
     from kt_core.train.sft import Example
 
     base = tiny_checkpoint("qwen3_moe")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    ref = make_adapter(base, tmp_path / "a", targets)
+    if experts == "float32":
+        ref = make_adapter(base, tmp_path / "a", targets)
+    else:
+        from kt_backends.cpu import native
+        from tests.unit.test_arch_features import _dequantized_reference
+        from tests.unit.test_lora import random_b
+
+        if not native.available():
+            pytest.skip("native CPU kernels not built")
+        ref = random_b(peft.get_peft_model(_dequantized_reference(base, "int8"), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)), 0)
+        ref.save_pretrained(tmp_path / "a", safe_serialization=True)
     ref.train()
     prompt = PROMPT[:8]
     chosen, rejected = prompt + [11, 12, 13, 14, 2], prompt + [40, 41, 2]
@@ -172,7 +188,7 @@ def test_dpo_loss_and_gradients_equal_the_formula_on_peft(tiny_checkpoint, tmp_p
     z = beta * ((logp(ref, chosen) - rc) - (logp(ref, rejected) - rr))
     want_loss = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     want_loss.backward()
-    lora = load(base, targets, init=tmp_path / "a")
+    lora = load(base, targets, init=tmp_path / "a", native_int8=experts != "float32")
     loss, margin = dpo_loss(lora, Pair(Example(chosen, len(prompt)), Example(rejected, len(prompt))), beta, eps)
     assert abs(float(loss) - float(want_loss)) <= 1e-5 * max(abs(float(want_loss)), 1)
     assert abs(margin - float(z) / beta) <= 1e-4 * max(abs(margin), 1)
