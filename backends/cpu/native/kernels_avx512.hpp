@@ -25,6 +25,17 @@ KT_AVX512 inline __m512 fp8x16_of(__m128i bytes) {
 // the 16 bytes of one panel step
 KT_AVX512 inline __m512 fp8x16_512(const uint8_t* p) { return fp8x16_of(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+// two panel steps' 32 bytes -> lo (the first step's 16 floats) and hi, times 2^-8: fp8x16_of's bit
+// steps once for both (one-token decode is as much conversion as DRAM stream)
+KT_AVX512 inline void fp8x32_512(const uint8_t* p, __m512& lo, __m512& hi) {
+  // sign-extended bytes: the masks below keep bits 0-7 alike (SIMDe, for the emulation harness, has no cvtepu8)
+  const __m512i h = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  const __m512i bits = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(0x7F)), 7),
+                                       _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi16(0x80)), 8));
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(bits));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1));
+}
+
 template <typename T, typename F>
 inline T bit_as(const F& f) {  // same bits, another vector type
   static_assert(sizeof(T) == sizeof(F), "bit_as: sizes differ");
@@ -75,7 +86,10 @@ KT_AVX512 inline void rows_f_avx512(const Weight& w, int64_t p, const float* X, 
       if (MR == 1)  // one token (decode): four independent sums, as for bf16 above
         for (; k + 4 <= (g + 1) * w.group; k += 4) {
           if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
-          for (int u = 0; u < 4; ++u) ga[u] = _mm512_fmadd_ps(_mm512_set1_ps(X[k + u]), fp8x16_512(wp + (k + u) * NR), ga[u]);
+          __m512 v[4];
+          fp8x32_512(wp + k * NR, v[0], v[1]);
+          fp8x32_512(wp + (k + 2) * NR, v[2], v[3]);
+          for (int u = 0; u < 4; ++u) ga[u] = _mm512_fmadd_ps(_mm512_set1_ps(X[k + u]), v[u], ga[u]);
         }
       if (MR == 1) ga[0] = _mm512_add_ps(_mm512_add_ps(ga[0], ga[1]), _mm512_add_ps(ga[2], ga[3]));
       for (; k < (g + 1) * w.group; ++k) {
