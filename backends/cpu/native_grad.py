@@ -40,17 +40,13 @@ def route_order(packed: PackedExperts, topk_ids: torch.Tensor) -> tuple[torch.Te
     """(routes, counts): the flat indices (token * top_k + k) of the routes to these experts in the
     order the native forward lays them out (by local expert, then token), and each local expert's
     count of them."""
-    local_of = packed.call_parts()[0]
-    ids = topk_ids.reshape(-1).long()
-    if ids.numel() and int(ids.min()) < 0:
+    from kt_core.backend.torch_ops.moe import routes_by_expert
+
+    if topk_ids.numel() and int(topk_ids.min()) < 0:
         raise ValueError("moe routes: topk_ids holds a negative expert id")
-    inside = ids < local_of.numel()
-    local = torch.full_like(ids, -1)
-    local[inside] = local_of[ids[inside]]
-    held = (local >= 0).nonzero().squeeze(-1)
-    routes = held[local[held].argsort(stable=True)]
-    counts = torch.bincount(local[routes], minlength=int(packed.expert_ids.numel()))
-    return routes, counts
+    if packed.expert_ids.numel() == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return routes_by_expert(topk_ids, packed.expert_ids)
 
 
 def moe_forward_saving(packed: PackedExperts, hidden: torch.Tensor, topk_ids: torch.Tensor,

@@ -55,6 +55,16 @@ def local_route_index(topk_ids: torch.Tensor, expert_ids: torch.Tensor) -> torch
     return lut[topk_ids.long()]
 
 
+def routes_by_expert(topk_ids: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routes, counts): the flat indices (token * top_k + k) of the routes to ``expert_ids``, by local
+    expert then token (the order every expert loop, and the native kernels, lay them out), and each
+    local expert's count of them."""
+    local = local_route_index(topk_ids, expert_ids).reshape(-1)
+    held = (local >= 0).nonzero().squeeze(-1)
+    routes = held[local[held].argsort(stable=True)]
+    return routes, torch.bincount(local[routes], minlength=expert_ids.numel())
+
+
 def _expert_weight(w: Weight, e: int, dtype: torch.dtype) -> torch.Tensor:
     if hasattr(w, "adapter") and hasattr(w, "base"):  # a LoRA on the experts being trained (train.expert_lora)
         return (_expert_weight(w.base, e, torch.float32) + w.delta(e)).to(dtype)
@@ -71,13 +81,10 @@ def moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     out = torch.zeros(T, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
     if T == 0 or experts.expert_ids.numel() == 0:
         return out.to(hidden.dtype)
-    local = local_route_index(topk_ids, experts.expert_ids).reshape(-1)
-    held = (local >= 0).nonzero().squeeze(-1)
-    if held.numel() == 0:
+    routes, counts = routes_by_expert(topk_ids, experts.expert_ids)
+    if routes.numel() == 0:
         return out.to(hidden.dtype)
-    order = local[held].argsort(stable=True)
-    routes = held[order]
-    counts = torch.bincount(local[routes], minlength=experts.expert_ids.numel()).tolist()
+    counts = counts.tolist()
     tokens = routes // K
     weights = topk_weights.reshape(-1)[routes].float()
     dyn = (lambda t: fake_quant_activations(t)) if experts.format is Quant.W8A8 else (lambda t: t)  # noqa: E731
