@@ -104,7 +104,10 @@ def test_expert_adapters_on_native_int8_experts_match_peft(name, tiny_checkpoint
     lora = LoraModel(model, [attn, "experts.gate_up_proj", "experts.down_proj"], r=4, alpha=8, init=tmp_path / "a")
     held = [s[2] for layer in model.layers for s in getattr(layer.ffn, "shards", [])]
     assert held and all(isinstance(e, AdaptedExperts) for e in held), "the adapters sit on the packed experts"
-    _check_expert_grads(lora, want, name)
+    # the native int8 kernels take activations as int16 codes or two int8 codes a token (~3e-5 of a
+    # row's largest each product): through two layers the adapters' gradients sit within ~1.2e-4 of
+    # peft's float products for some random draws of the tiny checkpoint (it depends on test order)
+    _check_expert_grads(lora, want, name, tol=5e-4)
 
 
 def _peft_grads(ref) -> dict:
@@ -120,8 +123,9 @@ def _peft_grads(ref) -> dict:
     return {n.split("base_model.model.", 1)[1]: p.grad for n, p in ref.named_parameters() if "lora_" in n}
 
 
-def _check_expert_grads(lora, want: dict, what: str) -> None:
-    """kt-core's expert adapter gradients on the same loss, in peft's names and layout, equal ``want``."""
+def _check_expert_grads(lora, want: dict, what: str, tol: float = 1e-4) -> None:
+    """kt-core's expert adapter gradients on the same loss, in peft's names and layout, equal ``want``
+    (to ``tol`` of the largest)."""
     from kt_core.train.sft import Example, loss_of
     from tests.unit.test_train_lora import FIRST_LABEL
 
@@ -137,4 +141,4 @@ def _check_expert_grads(lora, want: dict, what: str) -> None:
     assert experts and set(experts) == set(got)
     for k, g in experts.items():
         err = float((got[k] - g).abs().max() / g.abs().max().clamp_min(1e-12))
-        assert err <= 1e-4, f"{what} {k}: {err:.2e}"
+        assert err <= tol, f"{what} {k}: {err:.2e}"
