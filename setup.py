@@ -56,7 +56,8 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
                        "backends/cpu/native/tile_dispatch.inc", "backends/cpu/native/decode_layer.inc",
                        "backends/cpu/native/mla_decode.inc", "backends/cpu/native/elem_convert.hpp",
                        "backends/cpu/native/attention_tiles.hpp", "backends/cpu/native/kernels_grad.hpp",
-                       "backends/cpu/native/kernels_grad_amx.hpp", "backends/cpu/native/expert_grad.inc"],
+                       "backends/cpu/native/kernels_grad_amx.hpp", "backends/cpu/native/expert_grad.inc",
+                       "backends/cpu/native/aligned.hpp"],
               language="c++")
 ]
 

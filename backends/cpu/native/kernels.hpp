@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include "aligned.hpp"  // lvector: vectors on 64-byte lines for tile and 512-bit loads
 #include "elem_convert.hpp"  // fp8 / bf16 / fp16 -> float
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)

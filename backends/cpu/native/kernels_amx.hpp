@@ -336,7 +336,7 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
                                    float* out_b, PanelRef next_a = {}, PanelRef next_b = {}) {
   if (q8_takes(*a.w, n)) return panel_tiles_q8_amx(a, b, Xt, n, out_a, out_b, next_a, next_b);
   const int64_t K = a.w->K, half = K / 2 * NR, E = tile_elems(*a.w);
-  thread_local std::vector<uint32_t> buf;
+  thread_local lvector<uint32_t> buf;
   if (static_cast<int64_t>(buf.size()) < 2 * half) buf.resize(2 * half);
   const float* scale_a = decode_panel_bf16(*a.w, a.p, buf.data());
   const float* scale_b = b.w ? decode_panel_bf16(*b.w, b.p, buf.data() + half) : nullptr;

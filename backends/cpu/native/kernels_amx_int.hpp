@@ -132,7 +132,7 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
   const Weight& wa = *a.w;
   const int64_t K = wa.K, S = q8_step(wa), bytes = K * NR, E = tile_elems(wa);
   const bool per_row = wa.fmt == FMT_INT8 && wa.group == K, two = b.w != nullptr;
-  thread_local std::vector<uint8_t> buf;
+  thread_local lvector<uint8_t> buf;
   if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
   uint8_t* const ba = buf.data();  // (a thread_local's address costs a call to look up: once here)
   uint8_t* const bb = ba + bytes;
@@ -161,15 +161,20 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
     }
     for (int64_t kb = 0; kb < K / S; ++kb) {
       fetch.step();
-      _tile_loadd(4, x + kb * 16 * S, S);
-      _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+      // each A tile's two uses are adjacent, so its next load waits on as little as possible
       _tile_loadd(6, ba + kb * S * 16, 64);
-      _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(1, 5, 6);
+      _tile_loadd(4, x + kb * 16 * S, S);
       if (two) {
         _tile_loadd(7, bb + kb * S * 16, 64);
+        _tile_dpbssd(0, 4, 6);
         _tile_dpbssd(2, 4, 7);
+        _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+        _tile_dpbssd(1, 5, 6);
         _tile_dpbssd(3, 5, 7);
+      } else {
+        _tile_dpbssd(0, 4, 6);
+        _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+        _tile_dpbssd(1, 5, 6);
       }
       if (per_row || (kb + 1) % per_group) continue;
       store_q8_sums(c, two);  // the end of a weight group: its sums into the float accumulators

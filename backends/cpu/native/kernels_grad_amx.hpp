@@ -89,8 +89,8 @@ KT_AMX inline void rows_t_amx(const Weight& w, const float* A, int64_t lda, int6
   const int64_t P = (w.M + NR - 1) / NR, PP = (P + 1) / 2, T = (n + 15) / 16, NB = kb1 - kb0;
   const int64_t step = panel_bytes(w) / w.K;  // bytes per input of a panel
   // Gb[((pp T + t) 16 + q) 16 + c] = bf16 pair (A[16t + c][32pp + 2q], A[16t + c][32pp + 2q + 1])
-  thread_local std::vector<uint32_t> Gb;
-  thread_local std::vector<float> Ct;  // [NB][nt][16][16]: the C^T tiles of a group of row tiles
+  thread_local lvector<uint32_t> Gb;
+  thread_local lvector<float> Ct;  // [NB][nt][16][16]: the C^T tiles of a group of row tiles
   Gb.assign(PP * T * 256, 0u);
   alignas(64) float row[NR];
   alignas(64) uint32_t pairs[NR / 2];
