@@ -21,10 +21,10 @@
 namespace kt {
 
 struct AttnTileScratch {  // grown, never shrunk
-  std::vector<uint16_t> qb;  // Q^T as B tiles: [D/2][Gp][2] (Gp: G rounded up to 16, zero heads past G)
-  std::vector<uint16_t> kb;  // 16 key rows staged for an A tile load: [16][D], zero rows past n
-  std::vector<uint16_t> vb;  // V as B tiles: [np/2][Dv][2] (np: n rounded up to 32, zero rows past n)
-  std::vector<uint16_t> pb;  // P as A tiles: [Gp][np], zero past G and n
+  lvector<uint16_t> qb;  // Q^T as B tiles: [D/2][Gp][2] (Gp: G rounded up to 16, zero heads past G)
+  lvector<uint16_t> kb;  // 16 key rows staged for an A tile load: [16][D], zero rows past n
+  lvector<uint16_t> vb;  // V as B tiles: [np/2][Dv][2] (np: n rounded up to 32, zero rows past n)
+  lvector<uint16_t> pb;  // P as A tiles: [Gp][np], zero past G and n
 };
 
 KT_AMX inline void attn_tiles_configure() {
