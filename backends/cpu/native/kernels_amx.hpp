@@ -160,6 +160,48 @@ KT_AMX inline __m512i bf16x32(__m512 lo, __m512 hi) {
 #define KT_AMX_PREFETCH 2048  // bytes ahead in a panel stream that the decoders prefetch
 #endif
 
+// Bytes of one panel's codes (what kernels.hpp's layouts store per 16 rows)
+inline int64_t panel_bytes(const Weight& w) {
+  return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
+}
+
+// The caller's next panels (a, b), fetched into L2 a few lines at a time while this call works,
+// so the DRAM stream overlaps the tile work instead of stalling the next panel's decode. A core
+// reaches DRAM through a few line buffers (~11 GB/s a core here), so the lines are spread evenly
+// over the call: `steps` tile steps plus, where the decoder reports its reads through consumed(),
+// one step per KB of the panels it decodes (decode_bytes; 0: fetch during the tile steps only).
+struct PanelFetch {
+  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;
+  int64_t per_step = 0, pending = 0;
+  PanelFetch(PanelRef a, PanelRef b, int64_t steps, int64_t decode_bytes) {
+    if (a.w) t0 = (f0 = static_cast<const char*>(a.w->data) + a.p * panel_bytes(*a.w)) + panel_bytes(*a.w);
+    if (b.w) t1 = (f1 = static_cast<const char*>(b.w->data) + b.p * panel_bytes(*b.w)) + panel_bytes(*b.w);
+    const int64_t units = steps + decode_bytes / 1024;
+    per_step = ((t0 - f0) + (t1 - f1) + 64 * units - 1) / (64 * units);
+  }
+  void step() {
+    for (int64_t l = 0; l < per_step; ++l) {
+      if (f0 < t0) {
+        _mm_prefetch(f0, _MM_HINT_T1);
+        f0 += 64;
+      } else if (f1 < t1) {
+        _mm_prefetch(f1, _MM_HINT_T1);
+        f1 += 64;
+      }
+    }
+  }
+  void consumed(int64_t bytes) {  // a decoder read `bytes` more of its panel: a step per KB
+    for (pending += bytes; pending >= 1024; pending -= 1024) step();
+  }
+};
+
+// A decoder's prefetch of its own stream, KT_AMX_PREFETCH ahead into L1, which also reports the
+// `bytes` read since its last call to the call's fetch of the next panels (f: none when null)
+KT_AMX inline void decode_fetch(PanelFetch* f, const void* at, int64_t bytes) {
+  _mm_prefetch(static_cast<const char*>(at) + KT_AMX_PREFETCH, _MM_HINT_T0);
+  if (f) f->consumed(bytes);
+}
+
 // Panel p of w -> buf[K/2][16] input pairs (the B tiles, back to back). Each step makes the 32
 // (row, input) values of rows 0-7 and then 8-15 in B-tile order as floats and rounds them once.
 // Returns the per-output scales still to apply (int8's row scales) or null.
@@ -281,34 +323,6 @@ KT_AMX inline void amx_configure_quad(int m0, int m1, bool two) {
   _tile_loadconfig(&cfg);
 }
 
-// Bytes of one panel's codes (what kernels.hpp's layouts store per 16 rows)
-inline int64_t panel_bytes(const Weight& w) {
-  return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
-}
-
-// The caller's next panels (a, b), fetched into L2 a few lines a tile step while the tiles multiply,
-// so the DRAM stream overlaps the tile work instead of stalling the next panel's decode
-struct PanelFetch {
-  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;
-  int64_t per_step = 0;
-  PanelFetch(PanelRef a, PanelRef b, int64_t steps) {
-    if (a.w) t0 = (f0 = static_cast<const char*>(a.w->data) + a.p * panel_bytes(*a.w)) + panel_bytes(*a.w);
-    if (b.w) t1 = (f1 = static_cast<const char*>(b.w->data) + b.p * panel_bytes(*b.w)) + panel_bytes(*b.w);
-    per_step = ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps);
-  }
-  void step() {
-    for (int64_t l = 0; l < per_step; ++l) {
-      if (f0 < t0) {
-        _mm_prefetch(f0, _MM_HINT_T1);
-        f0 += 64;
-      } else if (f1 < t1) {
-        _mm_prefetch(f1, _MM_HINT_T1);
-        f1 += 64;
-      }
-    }
-  }
-};
-
 }  // namespace kt
 #include "kernels_amx_int.hpp"  // int8 / int4 weights: TDPBSSD on int8 activations
 namespace kt {
@@ -341,7 +355,8 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
   const float* scale_a = decode_panel_bf16(*a.w, a.p, buf.data());
   const float* scale_b = b.w ? decode_panel_bf16(*b.w, b.p, buf.data() + half) : nullptr;
   KT_MEMORY_BARRIER();
-  PanelFetch fetch(next_a, next_b, K / 32 * ((n + 31) / 32));
+  // fetching while decoding too, as the integer path does, made bf16 slower (T=512 79.2 -> 86.6 ms)
+  PanelFetch fetch(next_a, next_b, K / 32 * ((n + 31) / 32), 0);
   int cur0 = -1, cur1 = -1;
   for (int64_t i = 0; i < n; i += 32) {
     const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
