@@ -165,19 +165,16 @@ inline int64_t panel_bytes(const Weight& w) {
   return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
 }
 
-// The caller's next panels (a, b), fetched into L2 a few lines at a time while this call works,
-// so the DRAM stream overlaps the tile work instead of stalling the next panel's decode. A core
-// reaches DRAM through a few line buffers (~11 GB/s a core here), so the lines are spread evenly
-// over the call: `steps` tile steps plus, where the decoder reports its reads through consumed(),
-// one step per KB of the panels it decodes (decode_bytes; 0: fetch during the tile steps only).
+// The caller's next panels (a, b), fetched into L2 a few lines a tile step while the tiles
+// multiply (and the kernels decode their own panels a block a step), so the DRAM stream overlaps
+// the call's work instead of stalling the next panel's decode
 struct PanelFetch {
   const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;
-  int64_t per_step = 0, pending = 0;
-  PanelFetch(PanelRef a, PanelRef b, int64_t steps, int64_t decode_bytes) {
+  int64_t per_step = 0;
+  PanelFetch(PanelRef a, PanelRef b, int64_t steps) {
     if (a.w) t0 = (f0 = static_cast<const char*>(a.w->data) + a.p * panel_bytes(*a.w)) + panel_bytes(*a.w);
     if (b.w) t1 = (f1 = static_cast<const char*>(b.w->data) + b.p * panel_bytes(*b.w)) + panel_bytes(*b.w);
-    const int64_t units = steps + decode_bytes / 1024;
-    per_step = ((t0 - f0) + (t1 - f1) + 64 * units - 1) / (64 * units);
+    per_step = ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps);
   }
   void step() {
     for (int64_t l = 0; l < per_step; ++l) {
@@ -190,16 +187,19 @@ struct PanelFetch {
       }
     }
   }
-  void consumed(int64_t bytes) {  // a decoder read `bytes` more of its panel: a step per KB
-    for (pending += bytes; pending >= 1024; pending -= 1024) step();
-  }
 };
 
-// A decoder's prefetch of its own stream, KT_AMX_PREFETCH ahead into L1, which also reports the
-// `bytes` read since its last call to the call's fetch of the next panels (f: none when null)
-KT_AMX inline void decode_fetch(PanelFetch* f, const void* at, int64_t bytes) {
-  _mm_prefetch(static_cast<const char*>(at) + KT_AMX_PREFETCH, _MM_HINT_T0);
-  if (f) f->consumed(bytes);
+// Inputs [32 kb, 32 kb + 32) of bf16 panel p ([K][16]) -> B tile kb of buf ([K/2][16] input pairs):
+// inputs k and k + 1 of each row side by side (exact)
+KT_AMX inline void decode_block_bf16(const Weight& w, int64_t p, int64_t kb, uint32_t* buf) {
+  const uint16_t* wp = static_cast<const uint16_t*>(w.data) + (p * w.K + kb * 32) * NR;
+  uint32_t* out = buf + kb * 16 * NR;
+  for (int64_t k = 0; k < 32; k += 2) {
+    if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_AMX_PREFETCH, _MM_HINT_T0);
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (k + 1) * NR)));
+    _mm512_storeu_si512(out + k / 2 * NR, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
 }
 
 // Panel p of w -> buf[K/2][16] input pairs (the B tiles, back to back). Each step makes the 32
@@ -208,14 +208,8 @@ KT_AMX inline void decode_fetch(PanelFetch* f, const void* at, int64_t bytes) {
 KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_t* buf) {
   const int64_t K = w.K;
   const auto fetch = [](const void* at) { _mm_prefetch(static_cast<const char*>(at) + KT_AMX_PREFETCH, _MM_HINT_T0); };
-  if (w.fmt == FMT_BF16) {  // [K][16]: interleave inputs k and k+1 (exact)
-    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + p * K * NR;
-    for (int64_t k = 0; k < K; k += 2) {
-      fetch(wp + k * NR);
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
-      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + (k + 1) * NR)));
-      _mm512_storeu_si512(buf + k / 2 * NR, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
+  if (w.fmt == FMT_BF16) {
+    for (int64_t kb = 0; kb < K / 32; ++kb) decode_block_bf16(w, p, kb, buf);
     return nullptr;
   }
   // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
@@ -352,11 +346,14 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
   const int64_t K = a.w->K, half = K / 2 * NR, E = tile_elems(*a.w);
   thread_local lvector<uint32_t> buf;
   if (static_cast<int64_t>(buf.size()) < 2 * half) buf.resize(2 * half);
-  const float* scale_a = decode_panel_bf16(*a.w, a.p, buf.data());
-  const float* scale_b = b.w ? decode_panel_bf16(*b.w, b.p, buf.data() + half) : nullptr;
+  // bf16 panels are decoded a B tile at a time inside the first token tiles' steps, so the
+  // DRAM fetch of the next panels runs through the decode as well (T=512 79.7 -> 70.9 ms); other
+  // formats' whole panels first (fetching during that decode made bf16 slower: 79.2 -> 86.6)
+  const bool inline_decode = a.w->fmt == FMT_BF16 && (!b.w || b.w->fmt == FMT_BF16);
+  const float* scale_a = inline_decode ? nullptr : decode_panel_bf16(*a.w, a.p, buf.data());
+  const float* scale_b = b.w && !inline_decode ? decode_panel_bf16(*b.w, b.p, buf.data() + half) : nullptr;
   KT_MEMORY_BARRIER();
-  // fetching while decoding too, as the integer path does, made bf16 slower (T=512 79.2 -> 86.6 ms)
-  PanelFetch fetch(next_a, next_b, K / 32 * ((n + 31) / 32), 0);
+  PanelFetch fetch(next_a, next_b, K / 32 * ((n + 31) / 32));
   int cur0 = -1, cur1 = -1;
   for (int64_t i = 0; i < n; i += 32) {
     const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
@@ -369,6 +366,11 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
     if (m1 && b.w) _tile_zero(3);
     for (int64_t kb = 0; kb < K / 32; ++kb) {
       fetch.step();
+      if (inline_decode && i == 0) {
+        decode_block_bf16(*a.w, a.p, kb, buf.data());
+        if (b.w) decode_block_bf16(*b.w, b.p, kb, buf.data() + half);
+        KT_MEMORY_BARRIER();
+      }
       _tile_loadd(6, buf.data() + kb * 16 * NR, 64);
       _tile_loadd(4, x0 + kb * 512, 64);
       _tile_dpbf16ps(0, 4, 6);

@@ -51,13 +51,14 @@ KT_AMX inline void q8_tile_row(const Weight& w, const float* x, uint8_t* tile, i
   }
 }
 
-// Panel p of an int8 / int4 weight -> buf [K/4][16][4] int8 codes, TDPBSSD's B-tile layout
-KT_AMX inline void decode_panel_q8(const Weight& w, int64_t p, uint8_t* buf, PanelFetch* f) {
+// Quads [q0, q1) (inputs 4 q0 .. 4 q1) of panel p of an int8 / int4 weight -> the same quads of
+// buf [K/4][16][4] int8 codes, TDPBSSD's B-tile layout
+KT_AMX inline void decode_quads_q8(const Weight& w, int64_t p, int64_t q0, int64_t q1, uint8_t* buf) {
   const int64_t K = w.K;
   if (w.fmt == FMT_INT8) {  // [K/2][16][2]: pair rows 2q and 2q + 1 side by side per output
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * K * NR;
-    for (int64_t q = 0; q < K / 4; ++q) {
-      decode_fetch(f, wp + q * 64, 64);
+    for (int64_t q = q0; q < q1; ++q) {
+      _mm_prefetch(reinterpret_cast<const char*>(wp + q * 64) + KT_AMX_PREFETCH, _MM_HINT_T0);
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64)));
       const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64 + 32)));
       _mm512_storeu_si512(buf + q * 64, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
@@ -70,8 +71,8 @@ KT_AMX inline void decode_panel_q8(const Weight& w, int64_t p, uint8_t* buf, Pan
   const __m256i mask = _mm256_set1_epi8(0x0F);
   const __m256i order = _mm256_setr_epi8(0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15,
                                          0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15);
-  for (int64_t q = 0; q < K / 4; ++q) {
-    if ((q & 1) == 0) decode_fetch(f, wp + q * 32, 64);
+  for (int64_t q = q0; q < q1; ++q) {
+    if ((q & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + q * 32) + KT_AMX_PREFETCH, _MM_HINT_T0);
     const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 32));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64), _mm256_shuffle_epi8(_mm256_and_si256(d, mask), order));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64 + 32),
@@ -136,10 +137,9 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
   if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
   uint8_t* const ba = buf.data();  // (a thread_local's address costs a call to look up: once here)
   uint8_t* const bb = ba + bytes;
-  PanelFetch fetch(next_a, next_b, K / S * ((n + 15) / 16), panel_bytes(wa) + (two ? panel_bytes(*b.w) : 0));
-  decode_panel_q8(wa, a.p, ba, &fetch);
-  if (two) decode_panel_q8(*b.w, b.p, bb, &fetch);
-  KT_MEMORY_BARRIER();
+  // The panels are decoded a K block at a time inside the first token tile's steps, so the fetch
+  // of the next panels into L2 runs through the decode too
+  PanelFetch fetch(next_a, next_b, K / S * ((n + 15) / 16));
   const int64_t per_group = wa.group / S;  // blocks of S inputs a weight group spans
   alignas(64) int32_t c[4][16 * 16];
   int cur = -1;
@@ -161,6 +161,11 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
     }
     for (int64_t kb = 0; kb < K / S; ++kb) {
       fetch.step();
+      if (i == 0) {
+        decode_quads_q8(wa, a.p, kb * S / 4, (kb + 1) * S / 4, ba);
+        if (two) decode_quads_q8(*b.w, b.p, kb * S / 4, (kb + 1) * S / 4, bb);
+        KT_MEMORY_BARRIER();
+      }
       // each A tile's two uses are adjacent, so its next load waits on as little as possible
       _tile_loadd(6, ba + kb * S * 16, 64);
       _tile_loadd(4, x + kb * 16 * S, S);
