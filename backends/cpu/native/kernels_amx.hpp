@@ -190,7 +190,7 @@ struct PanelFetch {
 };
 
 // Inputs [32 kb, 32 kb + 32) of bf16 panel p ([K][16]) -> B tile kb of buf ([K/2][16] input pairs):
-// inputs k and k + 1 of each row side by side (exact)
+// inputs k and k + 1 of each row side by side (exact). A fixed 32 inputs: the tile loop's bf16 step
 KT_AMX inline void decode_block_bf16(const Weight& w, int64_t p, int64_t kb, uint32_t* buf) {
   const uint16_t* wp = static_cast<const uint16_t*>(w.data) + (p * w.K + kb * 32) * NR;
   uint32_t* out = buf + kb * 16 * NR;
@@ -202,82 +202,80 @@ KT_AMX inline void decode_block_bf16(const Weight& w, int64_t p, int64_t kb, uin
   }
 }
 
-// Panel p of w -> buf[K/2][16] input pairs (the B tiles, back to back). Each step makes the 32
-// (row, input) values of rows 0-7 and then 8-15 in B-tile order as floats and rounds them once.
-// Returns the per-output scales still to apply (int8's row scales) or null.
-KT_AMX inline const float* decode_panel_bf16(const Weight& w, int64_t p, uint32_t* buf) {
+// Inputs [k0, k1) (even; int4: multiples of 4; bf16: of 32) of panel p of w -> the same inputs of buf[K/2][16]
+// input pairs (the B tiles, back to back). Each step makes the 32 (row, input) values of rows 0-7
+// and then 8-15 in B-tile order as floats and rounds them once (bf16: moves them, exact).
+// int8 per row leaves its row scales to the caller (row_scales_left).
+KT_AMX inline void decode_inputs_bf16(const Weight& w, int64_t p, int64_t k0, int64_t k1, uint32_t* buf) {
   const int64_t K = w.K;
   const auto fetch = [](const void* at) { _mm_prefetch(static_cast<const char*>(at) + KT_AMX_PREFETCH, _MM_HINT_T0); };
-  if (w.fmt == FMT_BF16) {
-    for (int64_t kb = 0; kb < K / 32; ++kb) decode_block_bf16(w, p, kb, buf);
-    return nullptr;
+  if (w.fmt == FMT_BF16) {  // multiples of 32 inputs here
+    for (int64_t kb = k0 / 32; kb < k1 / 32; ++kb) decode_block_bf16(w, p, kb, buf);
+    return;
   }
-  // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
-  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-  if (int8_grouped(w)) {  // [K/2][16][2] in B-tile order; each group's scales (and zeros) folded in, rounded once
+  if (w.fmt == FMT_INT8 && !int8_grouped(w)) {  // [K/2][16][2]: already B-tile order; |code| <= 127 is exact in bf16
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
-    const int64_t G = K / w.group;
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512 s = group_scales16(w, (p * G + g) * NR), zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
-      const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
-      const __m512 z0 = _mm512_permutexvar_ps(rows_lo, zs), z1 = _mm512_permutexvar_ps(rows_hi, zs);
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
-        if ((k & 3) == 0) fetch(wp + k * NR);
-        const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
-        _mm512_storeu_si512(buf + k / 2 * NR,
-                            bf16x32(_mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), s0, z0),
-                                    _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), s1, z1)));
-      }
-    }
-    return nullptr;
-  }
-  if (w.fmt == FMT_INT8) {  // [K/2][16][2]: already B-tile order; |code| <= 127 is exact in bf16
-    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
-    for (int64_t k = 0; k < K; k += 2) {
+    for (int64_t k = k0; k < k1; k += 2) {
       if ((k & 3) == 0) fetch(wp + k * NR);
       const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
       _mm512_storeu_si512(buf + k / 2 * NR,
                           bf16x32(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))),
                                   _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)))));
     }
-    return w.scale + p * NR;
+    return;
   }
+  // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
+  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
   const int64_t G = K / w.group;
-  if (w.fmt == FMT_INT4) {  // [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e
+  for (int64_t k = k0; k < k1;) {  // one weight group's part of [k0, k1) at a time
+    const int64_t g = k / w.group, end = std::min(k1, (g + 1) * w.group);
+    if (w.fmt == FMT_FP8) {  // [K][16], even groups
+      const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * K * NR;
+      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w.scale + (p * G + g) * NR), _mm512_set1_ps(256.f));
+      const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
+      for (; k < end; k += 2) {
+        if ((k & 3) == 0) fetch(wp + k * NR);
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k + 1) * NR));
+        _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_mul_ps(fp8x16_of(_mm_unpacklo_epi8(a, b)), s0),
+                                                      _mm512_mul_ps(fp8x16_of(_mm_unpackhi_epi8(a, b)), s1)));
+      }
+      continue;
+    }
+    const __m512 s = group_scales16(w, (p * G + g) * NR), zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
+    const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
+    const __m512 z0 = _mm512_permutexvar_ps(rows_lo, zs), z1 = _mm512_permutexvar_ps(rows_hi, zs);
+    if (w.fmt == FMT_INT8) {  // grouped: [K/2][16][2] in B-tile order; the group's scales (and zeros) folded in
+      const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
+      for (; k < end; k += 2) {
+        if ((k & 3) == 0) fetch(wp + k * NR);
+        const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
+        _mm512_storeu_si512(buf + k / 2 * NR,
+                            bf16x32(_mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), s0, z0),
+                                    _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), s1, z1)));
+      }
+      continue;
+    }
+    // FMT_INT4 [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
     const __m512i mask = _mm512_set1_epi32(0xF);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512 s = group_scales16(w, (p * G + g) * NR);
-      const __m512 zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
-      const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
-      const __m512 z0 = _mm512_permutexvar_ps(rows_lo, zs), z1 = _mm512_permutexvar_ps(rows_hi, zs);
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 4) {
-        fetch(wp + k * 8);
-        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 8)));
-        const __m512 a0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));                         // s = 0, h = 0
-        const __m512 a1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), mask));   // s = 0, h = 1
-        const __m512 b0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8), mask));   // s = 1, h = 0
-        const __m512 b1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 12));                          // s = 1, h = 1
-        _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_fmsub_ps(a0, s0, z0), _mm512_fmsub_ps(a1, s1, z1)));
-        _mm512_storeu_si512(buf + (k / 2 + 1) * NR, bf16x32(_mm512_fmsub_ps(b0, s0, z0), _mm512_fmsub_ps(b1, s1, z1)));
-      }
-    }
-    return nullptr;
-  }
-  const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * K * NR;  // FMT_FP8 [K][16], even groups
-  for (int64_t g = 0; g < G; ++g) {
-    const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w.scale + (p * G + g) * NR), _mm512_set1_ps(256.f));
-    const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
-    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 2) {
-      if ((k & 3) == 0) fetch(wp + k * NR);
-      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR));
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k + 1) * NR));
-      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_mul_ps(fp8x16_of(_mm_unpacklo_epi8(a, b)), s0),
-                                                    _mm512_mul_ps(fp8x16_of(_mm_unpackhi_epi8(a, b)), s1)));
+    for (; k < end; k += 4) {
+      fetch(wp + k * 8);
+      const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 8)));
+      const __m512 a0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask));                         // s = 0, h = 0
+      const __m512 a1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 4), mask));   // s = 0, h = 1
+      const __m512 b0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8), mask));   // s = 1, h = 0
+      const __m512 b1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 12));                          // s = 1, h = 1
+      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_fmsub_ps(a0, s0, z0), _mm512_fmsub_ps(a1, s1, z1)));
+      _mm512_storeu_si512(buf + (k / 2 + 1) * NR, bf16x32(_mm512_fmsub_ps(b0, s0, z0), _mm512_fmsub_ps(b1, s1, z1)));
     }
   }
-  return nullptr;
+}
+
+// The per-output scales decode_inputs_bf16 leaves to apply to the products (int8 per row), or null
+inline const float* row_scales_left(const Weight& w, int64_t p) {
+  return w.fmt == FMT_INT8 && !int8_grouped(w) ? w.scale + p * NR : nullptr;
 }
 
 // The fewest tokens of one expert (rows of one dense call) from which the tile kernels beat the
@@ -346,13 +344,11 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
   const int64_t K = a.w->K, half = K / 2 * NR, E = tile_elems(*a.w);
   thread_local lvector<uint32_t> buf;
   if (static_cast<int64_t>(buf.size()) < 2 * half) buf.resize(2 * half);
-  // bf16 panels are decoded a B tile at a time inside the first token tiles' steps, so the
-  // DRAM fetch of the next panels runs through the decode as well (T=512 79.7 -> 70.9 ms); other
-  // formats' whole panels first (fetching during that decode made bf16 slower: 79.2 -> 86.6)
-  const bool inline_decode = a.w->fmt == FMT_BF16 && (!b.w || b.w->fmt == FMT_BF16);
-  const float* scale_a = inline_decode ? nullptr : decode_panel_bf16(*a.w, a.p, buf.data());
-  const float* scale_b = b.w && !inline_decode ? decode_panel_bf16(*b.w, b.p, buf.data() + half) : nullptr;
-  KT_MEMORY_BARRIER();
+  // The panels are decoded a B tile at a time inside the first token tiles' steps, so the DRAM
+  // fetch of the next panels runs through the decode as well (bf16 T=512 79.7 -> 70.9 ms; fetching
+  // during a whole-panel decode instead made bf16 slower: 79.2 -> 86.6)
+  const float* scale_a = row_scales_left(*a.w, a.p);
+  const float* scale_b = b.w ? row_scales_left(*b.w, b.p) : nullptr;
   PanelFetch fetch(next_a, next_b, K / 32 * ((n + 31) / 32));
   int cur0 = -1, cur1 = -1;
   for (int64_t i = 0; i < n; i += 32) {
@@ -366,9 +362,11 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
     if (m1 && b.w) _tile_zero(3);
     for (int64_t kb = 0; kb < K / 32; ++kb) {
       fetch.step();
-      if (inline_decode && i == 0) {
-        decode_block_bf16(*a.w, a.p, kb, buf.data());
-        if (b.w) decode_block_bf16(*b.w, b.p, kb, buf.data() + half);
+      if (i == 0) {  // (bf16 straight to its fixed-size block: the general decoder costs ~5% there)
+        if (a.w->fmt == FMT_BF16) decode_block_bf16(*a.w, a.p, kb, buf.data());
+        else decode_inputs_bf16(*a.w, a.p, kb * 32, kb * 32 + 32, buf.data());
+        if (b.w && b.w->fmt == FMT_BF16) decode_block_bf16(*b.w, b.p, kb, buf.data() + half);
+        else if (b.w) decode_inputs_bf16(*b.w, b.p, kb * 32, kb * 32 + 32, buf.data() + half);
         KT_MEMORY_BARRIER();
       }
       _tile_loadd(6, buf.data() + kb * 16 * NR, 64);
