@@ -144,54 +144,19 @@ KT_TARGET("avx2,fma,f16c") inline void decode_block_avx2(const Weight& w, int64_
   }
 }
 
-// C^T of inputs [kq, kq + 4) of the decoded blocks (blk [P][16][16]) for RT tiles of 8 rows of A^T
-// (at: tile 0's [Mp][8]) into out[r][kq + i][8]
-template <int RT>
-KT_TARGET("avx2,fma,f16c") inline void rows_t_tile256(const float* at, int64_t Mp, const float* blk, int kq, float* out) {
-  __m256 acc[RT][4];
-  for (int r = 0; r < RT; ++r)
-    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t m = 0; m < Mp; ++m) {
-    __m256 a[RT];
-    for (int r = 0; r < RT; ++r) a[r] = _mm256_loadu_ps(at + (r * Mp + m) * 8);
-    const float* b = blk + (m / NR) * NR * NR + kq * NR + m % NR;
-    for (int i = 0; i < 4; ++i) {
-      const __m256 bi = _mm256_broadcast_ss(b + i * NR);
-      for (int r = 0; r < RT; ++r) acc[r][i] = _mm256_fmadd_ps(bi, a[r], acc[r][i]);
-    }
-  }
-  for (int r = 0; r < RT; ++r)
-    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + (r * NR + kq + i) * 8, acc[r][i]);
-}
-
-// 8 rows of A^T per vector; up to 3 row tiles x 4 inputs: 12 accumulators (AVX2 has 16 registers)
-KT_TARGET("avx2,fma,f16c") inline void rows_t_avx2(const Weight& w, const float* A, int64_t lda, int64_t n, float* C,
-                                                   int64_t ldc, int64_t kb0, int64_t kb1, bool accumulate) {
-  const int64_t P = (w.M + NR - 1) / NR, Mp = P * NR, tiles = (n + 7) / 8;
-  thread_local std::vector<float> At, blk;
-  transpose_rows(A, lda, n, w.M, Mp, 8, At);
-  blk.resize(P * NR * NR);
-  alignas(32) float out[3 * NR * 8];  // [row tile][input][row]
-  for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const int64_t k0 = kb * NR;
-    const int nk = static_cast<int>(std::min<int64_t>(NR, w.K - k0));
-    for (int64_t p = 0; p < P; ++p) {
-      if (w.fmt != FMT_W8A8 && nk == NR)
-        decode_block_avx2(w, p, k0, &blk[p * NR * NR]);
-      else
-        decode_block_generic(w, p, k0, nk, &blk[p * NR * NR]);
-    }
-    for (int64_t t = 0; t < tiles; t += 3) {  // up to 3 row tiles x 4 inputs: 12 accumulators, each load used 3-4 times
-      const int rt = static_cast<int>(std::min<int64_t>(3, tiles - t));
-      for (int kq = 0; kq < NR; kq += 4) {
-        if (rt == 3) rows_t_tile256<3>(&At[t * Mp * 8], Mp, blk.data(), kq, out);
-        else if (rt == 2) rows_t_tile256<2>(&At[t * Mp * 8], Mp, blk.data(), kq, out);
-        else rows_t_tile256<1>(&At[t * Mp * 8], Mp, blk.data(), kq, out);
-      }
-      for (int r = 0; r < rt; ++r) add_block_t(out + r * NR * 8, 8, t + r, n, nk, C, ldc, k0, accumulate);
-    }
-  }
-}
+#define KT_RT_TARGET KT_TARGET("avx2,fma,f16c")
+#define KT_RT(name) name##_avx2
+#define KT_RT_V 8
+#define KT_RT_IN 4
+#define KT_RT_VEC __m256
+#define KT_RT_ZERO() _mm256_setzero_ps()
+#define KT_RT_LOAD(p) _mm256_loadu_ps(p)
+#define KT_RT_BCAST(p) _mm256_broadcast_ss(p)
+#define KT_RT_FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define KT_RT_STORE(p, v) _mm256_storeu_ps(p, v)
+#define KT_RT_DECODE(w, p, k0, out) decode_block_avx2(w, p, k0, out)
+#include "rows_t_vec.inc"  // rows_t_avx2
+#include "rows_t_vec_undef.inc"
 #endif
 
 #if defined(KT_X86)
@@ -266,57 +231,19 @@ KT_AVX512 inline void decode_block_avx512(const Weight& w, int64_t p, int64_t k0
   decode_pairs_avx512(w, p, k0, PutFloats{out});
 }
 
-// Whether decode_block_avx512 takes this weight's block at k0
-inline bool block_avx512_takes(const Weight& w, int64_t k0) { return w.fmt != FMT_W8A8 && k0 + NR <= w.K; }
-
-// C^T of inputs [kq, kq + 8) of the decoded blocks (blk [P][16][16]) for RT tiles of 16 rows of A^T
-// (at: tile 0's [Mp][16]) into out[r][kq + i][16]
-template <int RT>
-KT_AVX512 inline void rows_t_tile512(const float* at, int64_t Mp, const float* blk, int kq, float* out) {
-  __m512 acc[RT][8];
-  for (int r = 0; r < RT; ++r)
-    for (int i = 0; i < 8; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int64_t m = 0; m < Mp; ++m) {
-    __m512 a[RT];
-    for (int r = 0; r < RT; ++r) a[r] = _mm512_loadu_ps(at + (r * Mp + m) * 16);
-    const float* b = blk + (m / NR) * NR * NR + kq * NR + m % NR;
-    for (int i = 0; i < 8; ++i) {
-      const __m512 bi = _mm512_set1_ps(b[i * NR]);
-      for (int r = 0; r < RT; ++r) acc[r][i] = _mm512_fmadd_ps(bi, a[r], acc[r][i]);
-    }
-  }
-  for (int r = 0; r < RT; ++r)
-    for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + (r * NR + kq + i) * 16, acc[r][i]);
-}
-
-// 16 rows of A^T per vector; up to 3 row tiles x 8 inputs: 24 accumulators
-KT_AVX512 inline void rows_t_avx512(const Weight& w, const float* A, int64_t lda, int64_t n, float* C, int64_t ldc,
-                                    int64_t kb0, int64_t kb1, bool accumulate) {
-  const int64_t P = (w.M + NR - 1) / NR, Mp = P * NR, tiles = (n + 15) / 16;
-  thread_local std::vector<float> At, blk;
-  transpose_rows(A, lda, n, w.M, Mp, 16, At);
-  blk.resize(P * NR * NR);
-  alignas(64) float out[3 * NR * NR];  // [row tile][input][row]
-  for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const int64_t k0 = kb * NR;
-    const int nk = static_cast<int>(std::min<int64_t>(NR, w.K - k0));
-    for (int64_t p = 0; p < P; ++p) {
-      if (block_avx512_takes(w, k0))
-        decode_block_avx512(w, p, k0, &blk[p * NR * NR]);
-      else
-        decode_block_generic(w, p, k0, nk, &blk[p * NR * NR]);
-    }
-    for (int64_t t = 0; t < tiles; t += 3) {  // up to 3 row tiles x 8 inputs: 24 accumulators
-      const int rt = static_cast<int>(std::min<int64_t>(3, tiles - t));
-      for (int kq = 0; kq < NR; kq += 8) {
-        if (rt == 3) rows_t_tile512<3>(&At[t * Mp * 16], Mp, blk.data(), kq, out);
-        else if (rt == 2) rows_t_tile512<2>(&At[t * Mp * 16], Mp, blk.data(), kq, out);
-        else rows_t_tile512<1>(&At[t * Mp * 16], Mp, blk.data(), kq, out);
-      }
-      for (int r = 0; r < rt; ++r) add_block_t(out + r * NR * NR, 16, t + r, n, nk, C, ldc, k0, accumulate);
-    }
-  }
-}
+#define KT_RT_TARGET KT_AVX512
+#define KT_RT(name) name##_avx512
+#define KT_RT_V 16
+#define KT_RT_IN 8
+#define KT_RT_VEC __m512
+#define KT_RT_ZERO() _mm512_setzero_ps()
+#define KT_RT_LOAD(p) _mm512_loadu_ps(p)
+#define KT_RT_BCAST(p) _mm512_set1_ps(*(p))
+#define KT_RT_FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define KT_RT_STORE(p, v) _mm512_storeu_ps(p, v)
+#define KT_RT_DECODE(w, p, k0, out) decode_block_avx512(w, p, k0, out)
+#include "rows_t_vec.inc"  // rows_t_avx512
+#include "rows_t_vec_undef.inc"
 #endif
 
 }  // namespace kt
