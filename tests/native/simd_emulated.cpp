@@ -141,13 +141,13 @@ int main() {
   std::printf("amx not compiled: this compiler predates GCC 11 / Clang 12\n");
 #else
   for (int fmt : {FMT_BF16, FMT_INT8, FMT_INT4, FMT_FP8, FMT_W8A8})
-    for (int group : {32, 128})
+    for (int group : {16, 32, 128})  // 16: a weight group boundary inside each 32-input B tile
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;
-        if (zeros && fmt != FMT_INT4 && !(fmt == FMT_INT8 && group == 32)) continue;  // int8: grouped only
+        if (zeros && fmt != FMT_INT4 && !(fmt == FMT_INT8 && group <= 32)) continue;  // int8: grouped only
         const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
-        // int8: groups of 32, and one scale per row (the group 128 pass)
-        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group == 32)) ? group : static_cast<int>(K);
+        // int8: groups of 16 and 32, and one scale per row (the group 128 pass)
+        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group <= 32)) ? group : static_cast<int>(K);
         std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
         for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
         for (auto& v : zero) v = static_cast<float>(rng() % 16);

@@ -43,7 +43,7 @@ def simde_map() -> str:
     kernels use to SIMDe's implementation of it."""
     src = "".join((NATIVE_SRC / name).read_text()
                   for name in ("kernels_avx512.hpp", "kernels_amx.hpp", "kernels_amx_int.hpp", "attention_tiles.hpp",
-                               "kernels_grad.hpp", "kernels_grad_amx.hpp"))
+                               "kernels_grad.hpp", "kernels_grad_amx.hpp", "rows_t_vec.inc"))
     names = sorted(set(re.findall(r"\b_mm512_\w+", src)))
     lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d", "m512bh")]
     lines += [f"#define {n} simde{n}" for n in names]
@@ -80,6 +80,9 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         # amx_q8_takes them)
         assert run.stdout.count("ok   amx") >= 2 * 9 * 8 * 3 + 6 * 3
         assert "ok   amx fmt=1 group=32 zeros=1" in run.stdout and "ok   fmt=1 group=32 zeros=1" in run.stdout
+        # groups of 16: a weight group boundary inside each 32-input B tile (decode_inputs_bf16)
+        assert all(f"ok   amx fmt={f} group=16 zeros={z}" in run.stdout for f, z in ((1, 1), (2, 0), (2, 1), (3, 0)))
+        assert "FAIL amx" not in run.stdout
         assert run.stdout.count("ok   amx attention") == 16  # 2 head groups x 4 key counts x 2 products
         assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
         assert run.stdout.count("ok   avx_vnni") == 168  # (3 int8 kinds, w8a8, 4 int4 kinds) x 7 token counts x 3 panels
