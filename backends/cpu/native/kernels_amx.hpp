@@ -274,6 +274,13 @@ KT_AMX inline void decode_inputs_bf16(const Weight& w, int64_t p, int64_t k0, in
   }
 }
 
+// B tile kb of panel p into buf (inside a tile loop: bf16 straight to its fixed-size block, where
+// the general decoder cost ~5%)
+KT_AMX inline void decode_tile_bf16(const Weight& w, int64_t p, int64_t kb, uint32_t* buf) {
+  if (w.fmt == FMT_BF16) decode_block_bf16(w, p, kb, buf);
+  else decode_inputs_bf16(w, p, kb * 32, kb * 32 + 32, buf);
+}
+
 // The per-output scales decode_inputs_bf16 leaves to apply to the products (int8 per row), or null
 inline const float* row_scales_left(const Weight& w, int64_t p) {
   return w.fmt == FMT_INT8 && !int8_grouped(w) ? w.scale + p * NR : nullptr;
@@ -363,11 +370,9 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
     if (m1 && b.w) _tile_zero(3);
     for (int64_t kb = 0; kb < K / 32; ++kb) {
       fetch.step();
-      if (i == 0) {  // (bf16 straight to its fixed-size block: the general decoder costs ~5% there)
-        if (a.w->fmt == FMT_BF16) decode_block_bf16(*a.w, a.p, kb, buf.data());
-        else decode_inputs_bf16(*a.w, a.p, kb * 32, kb * 32 + 32, buf.data());
-        if (b.w && b.w->fmt == FMT_BF16) decode_block_bf16(*b.w, b.p, kb, buf.data() + half);
-        else if (b.w) decode_inputs_bf16(*b.w, b.p, kb * 32, kb * 32 + 32, buf.data() + half);
+      if (i == 0) {
+        decode_tile_bf16(*a.w, a.p, kb, buf.data());
+        if (b.w) decode_tile_bf16(*b.w, b.p, kb, buf.data() + half);
         KT_MEMORY_BARRIER();
       }
       _tile_loadd(6, buf.data() + kb * 16 * NR, 64);

@@ -24,28 +24,45 @@ KT_AMX inline int32_t hsum_epi32(__m512i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
 }
 
-// x (K floats) as q8 codes: the hi / lo codes of input k at hi / lo + (k / S) * cs + k % S (cs: 16 S
-// in a token tile, S in one token's row), its scale at *xs, group g's code sum at xsum[g * gs]
-KT_AMX inline void q8_codes(const Weight& w, const float* x, uint8_t* hi, uint8_t* lo, int64_t cs, float* xs,
-                            float* xsum, int64_t gs) {
+// Where one row of q8 activations keeps its parts: the hi / lo codes of input k at hi / lo +
+// (k / S) * cs + k % S, its scale at *xs, group g's code sum at xsum[g * gs]. Row r of a token
+// tile (tile_elems' layout: cs = 16 S, gs = 16) or one token's row image (cs = S, gs = 1).
+struct Q8Row {
+  uint8_t *hi, *lo;
+  int64_t cs;
+  float *xs, *xsum;
+  int64_t gs;
+};
+inline Q8Row q8_tile_row_at(const Weight& w, uint8_t* tile, int r) {
+  const int64_t K = w.K, S = q8_step(w);
+  float* xs = reinterpret_cast<float*>(tile + 32 * K);
+  return {tile + r * S, tile + 16 * K + r * S, 16 * S, xs + r, xs + 16 + r, 16};
+}
+inline Q8Row q8_token_at(const Weight& w, uint8_t* img) {
+  float* xs = reinterpret_cast<float*>(img + 2 * w.K);
+  return {img, img + w.K, q8_step(w), xs, xs + 1, 1};
+}
+
+// x (K floats) as q8 codes into row o
+KT_AMX inline void q8_codes(const Weight& w, const float* x, const Q8Row& o) {
   const int64_t K = w.K, S = q8_step(w);
   __m512 m = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
   const float amax = _mm512_reduce_max_ps(m);
   const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f), m128 = _mm512_set1_ps(128.f);
-  *xs = amax / 127.f;
+  *o.xs = amax / 127.f;
   __m512i hs = _mm512_setzero_si512(), ls = _mm512_setzero_si512();  // this group's code sums
   for (int64_t k = 0; k < K; k += 16) {
     const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + k), inv);
     const __m512i h = _mm512_cvtps_epi32(v);                                         // |h| <= 127
     const __m512i l = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(h)), m128));  // |l| <= 64
-    const int64_t at = (k / S) * cs + k % S;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm512_cvtsepi32_epi8(h));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm512_cvtsepi32_epi8(l));
+    const int64_t at = (k / S) * o.cs + k % S;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.hi + at), _mm512_cvtsepi32_epi8(h));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.lo + at), _mm512_cvtsepi32_epi8(l));
     hs = _mm512_add_epi32(hs, h);
     ls = _mm512_add_epi32(ls, l);
     if ((k + 16) % w.group == 0) {
-      xsum[(k / w.group) * gs] = static_cast<float>(hsum_epi32(hs)) + static_cast<float>(hsum_epi32(ls)) / 128.f;
+      o.xsum[(k / w.group) * o.gs] = static_cast<float>(hsum_epi32(hs)) + static_cast<float>(hsum_epi32(ls)) / 128.f;
       hs = ls = _mm512_setzero_si512();
     }
   }
@@ -53,9 +70,7 @@ KT_AMX inline void q8_codes(const Weight& w, const float* x, uint8_t* hi, uint8_
 
 // Row r (< 16) of x (K floats) into the q8 token tile at `tile` (layout: tile_elems in kernels_amx.hpp)
 KT_AMX inline void q8_tile_row(const Weight& w, const float* x, uint8_t* tile, int r) {
-  const int64_t K = w.K, S = q8_step(w);
-  float* xs = reinterpret_cast<float*>(tile + 32 * K);
-  q8_codes(w, x, tile + r * S, tile + 16 * K + r * S, 16 * S, xs + r, xs + 16 + r, 16);
+  q8_codes(w, x, q8_tile_row_at(w, tile, r));
 }
 
 // Quads [q0, q1) (inputs 4 q0 .. 4 q1) of panel p of an int8 / int4 weight -> the same quads of
@@ -234,28 +249,24 @@ KT_AMX inline void token_row(const Weight& w, bool q8, const float* x, uint16_t*
     for (int64_t k = 0; k < K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(img + k), bf16x16(x + k));
     return;
   }
-  uint8_t* b = reinterpret_cast<uint8_t*>(img);
-  float* xs = reinterpret_cast<float*>(b + 2 * K);
-  q8_codes(w, x, b, b + K, q8_step(w), xs, xs + 1, 1);
+  q8_codes(w, x, q8_token_at(w, reinterpret_cast<uint8_t*>(img)));
 }
 
 KT_AMX inline void tile_row_of(const Weight& w, bool q8, const uint16_t* img, uint16_t* tile, int r) {
   const int64_t K = w.K;
   if (!q8) {
-    for (int64_t kb = 0; kb < K / 32; ++kb) std::memcpy(tile + kb * 512 + r * 32, img + kb * 32, 64);
+    for (int64_t k = 0; k < K; k += 32) std::memcpy(tile + tiled_index(r, k, K), img + k, 64);
     return;
   }
   const int64_t S = q8_step(w), G = K / w.group;
-  const uint8_t* b = reinterpret_cast<const uint8_t*>(img);
-  uint8_t* t = reinterpret_cast<uint8_t*>(tile);
+  const Q8Row from = q8_token_at(w, reinterpret_cast<uint8_t*>(const_cast<uint16_t*>(img)));
+  const Q8Row to = q8_tile_row_at(w, reinterpret_cast<uint8_t*>(tile), r);
   for (int64_t kb = 0; kb < K / S; ++kb) {
-    std::memcpy(t + kb * 16 * S + r * S, b + kb * S, S);
-    std::memcpy(t + 16 * K + kb * 16 * S + r * S, b + K + kb * S, S);
+    std::memcpy(to.hi + kb * to.cs, from.hi + kb * from.cs, S);
+    std::memcpy(to.lo + kb * to.cs, from.lo + kb * from.cs, S);
   }
-  const float* xs = reinterpret_cast<const float*>(b + 2 * K);
-  float* txs = reinterpret_cast<float*>(t + 32 * K);
-  txs[r] = xs[0];
-  for (int64_t g = 0; g < G; ++g) txs[16 + g * 16 + r] = xs[1 + g];
+  *to.xs = *from.xs;
+  for (int64_t g = 0; g < G; ++g) to.xsum[g * to.gs] = from.xsum[g * from.gs];
 }
 
 }  // namespace kt
