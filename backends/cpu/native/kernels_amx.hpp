@@ -165,30 +165,6 @@ inline int64_t panel_bytes(const Weight& w) {
   return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
 }
 
-// The caller's next panels (a, b), fetched into L2 a few lines a tile step while the tiles
-// multiply (and the kernels decode their own panels a block a step), so the DRAM stream overlaps
-// the call's work instead of stalling the next panel's decode
-struct PanelFetch {
-  const char *f0 = nullptr, *t0 = nullptr, *f1 = nullptr, *t1 = nullptr;
-  int64_t per_step = 0;
-  PanelFetch(PanelRef a, PanelRef b, int64_t steps) {
-    if (a.w) t0 = (f0 = static_cast<const char*>(a.w->data) + a.p * panel_bytes(*a.w)) + panel_bytes(*a.w);
-    if (b.w) t1 = (f1 = static_cast<const char*>(b.w->data) + b.p * panel_bytes(*b.w)) + panel_bytes(*b.w);
-    per_step = steps > 0 ? ((t0 - f0) + (t1 - f1) + 64 * steps - 1) / (64 * steps) : 0;
-  }
-  void step() {
-    for (int64_t l = 0; l < per_step; ++l) {
-      if (f0 < t0) {
-        _mm_prefetch(f0, _MM_HINT_T1);
-        f0 += 64;
-      } else if (f1 < t1) {
-        _mm_prefetch(f1, _MM_HINT_T1);
-        f1 += 64;
-      }
-    }
-  }
-};
-
 // Inputs [32 kb, 32 kb + 32) of bf16 panel p ([K][16]) -> B tile kb of buf ([K/2][16] input pairs):
 // inputs k and k + 1 of each row side by side (exact). A fixed 32 inputs: the tile loop's bf16 step
 KT_AMX inline void decode_block_bf16(const Weight& w, int64_t p, int64_t kb, uint32_t* buf) {
@@ -344,20 +320,22 @@ KT_AMX inline void weight_tiles(const Weight& w, int64_t total, const float* X, 
 
 // out_a[i][j] = row i of the tiled bf16 block Xt . row 16 a.p + j of a.w, for n rows; the same for
 // b into out_b when b.w is set (same K: gate and up, or two panels of one projection), sharing
-// every A tile load. While the tiles multiply, the caller's next panels (next_a, next_b) are
-// fetched into L2, so the DRAM stream overlaps the tile work instead of stalling the next decode.
+// every A tile load. The panels are decoded a B tile at a time inside the first token tiles' steps
+// (their decoders prefetch KT_AMX_PREFETCH bytes ahead), so the DRAM stream runs through the tile
+// work. (Fetching the caller's next panels into L2 during the steps as well, PanelFetch until
+// 2026-12-03, took the line fill buffers the tile loads and that stream need: one MoE layer without
+// it, bench/ab_native.py on the 2-core AMX Xeon, bf16 T=512 80.3 -> 74.5 ms, T=128 62.3 -> 56.3;
+// int8 T=128 39.7 -> 34.6; int4 per row T=128 25.1 -> 22.1, T=512 42.3 -> 39.7.)
 KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a,
-                                   float* out_b, PanelRef next_a = {}, PanelRef next_b = {}) {
-  if (q8_takes(*a.w, n)) return panel_tiles_q8_amx(a, b, Xt, n, out_a, out_b, next_a, next_b);
+                                   float* out_b) {
+  if (q8_takes(*a.w, n)) return panel_tiles_q8_amx(a, b, Xt, n, out_a, out_b);
   const int64_t K = a.w->K, half = K / 2 * NR, E = tile_elems(*a.w);
   thread_local lvector<uint32_t> buf;
   if (static_cast<int64_t>(buf.size()) < 2 * half) buf.resize(2 * half);
-  // The panels are decoded a B tile at a time inside the first token tiles' steps, so the DRAM
-  // fetch of the next panels runs through the decode as well (bf16 T=512 79.7 -> 70.9 ms; fetching
-  // during a whole-panel decode instead made bf16 slower: 79.2 -> 86.6)
+  // Decoding each B tile inside the first token tiles' steps instead of the whole panel before
+  // them keeps DRAM busy through the call (bf16 T=512 79.7 -> 70.9 ms)
   const float* scale_a = row_scales_left(*a.w, a.p);
   const float* scale_b = b.w ? row_scales_left(*b.w, b.p) : nullptr;
-  PanelFetch fetch(next_a, next_b, K / 32 * ((n + 31) / 32));
   int cur0 = -1, cur1 = -1;
   for (int64_t i = 0; i < n; i += 32) {
     const int m0 = static_cast<int>(std::min<int64_t>(16, n - i));
@@ -369,7 +347,6 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
     if (m1) _tile_zero(1);
     if (m1 && b.w) _tile_zero(3);
     for (int64_t kb = 0; kb < K / 32; ++kb) {
-      fetch.step();
       if (i == 0) {
         decode_tile_bf16(*a.w, a.p, kb, buf.data());
         if (b.w) decode_tile_bf16(*b.w, b.p, kb, buf.data() + half);

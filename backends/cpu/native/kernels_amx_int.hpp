@@ -151,7 +151,7 @@ KT_AMX inline void store_q8_sums(int32_t (*c)[16 * 16], bool two) {
 
 // panel_tiles_amx for q8_takes calls (same contract; Xt holds q8 token tiles, whole ones: tiled_elems(w, n))
 KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a,
-                                      float* out_b, PanelRef next_a, PanelRef next_b) {
+                                      float* out_b) {
   const Weight& wa = *a.w;
   const int64_t K = wa.K, S = q8_step(wa), bytes = K * NR, E = tile_elems(wa);
   const bool per_row = wa.fmt == FMT_INT8 && wa.group == K, two = b.w != nullptr;
@@ -159,9 +159,7 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
   if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
   uint8_t* const ba = buf.data();  // (a thread_local's address costs a call to look up: once here)
   uint8_t* const bb = ba + bytes;
-  // The panels are decoded a K block at a time inside the first token tile's steps, so the fetch
-  // of the next panels into L2 runs through the decode too
-  PanelFetch fetch(next_a, next_b, K / S * ((n + 15) / 16));
+  // The panels are decoded a K block at a time inside the first token tile's steps (as panel_tiles_amx's)
   const int64_t per_group = wa.group / S;  // blocks of S inputs a weight group spans
   alignas(64) int32_t c[4][16 * 16];
   int cur = -1;
@@ -185,7 +183,6 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
       _tile_zero(3);
     }
     for (int64_t kb = 0; kb < K / S; ++kb) {
-      fetch.step();
       if (i == 0) {
         decode_quads_q8(wa, a.p, kb * S / 4, (kb + 1) * S / 4, ba);
         if (two) decode_quads_q8(*b.w, b.p, kb * S / 4, (kb + 1) * S / 4, bb);
