@@ -16,7 +16,8 @@ names the class ("ktkernel_class"), the build ("ktkernel_variant") and what it w
   amx:  bf16 AMXBF16_MOE; int4 AMXInt4_KGroup_MOE on our codes with bf16-rounded scales (same
         group; group 128 gives NaN in 0.7.2) and AMXInt4_MOE, which quantizes the bf16 weights
         itself per channel; int8 and w8a8 AMXInt8_MOE, which also quantizes them itself; fp8
-        AMXFP8_MOE on our 128x128-block codes; fp8_pc AMXFP8PerChannel_MOE on our codes.
+        AMXFP8_MOE on our 128x128-block codes; fp8_pc AMXFP8PerChannel_MOE on our codes;
+        int4_pr (ours with one scale per row) AMXInt4_MOE only.
   avx2: bf16 AVX2BF16_MOE; int4 AVX2RawInt4_MOE on our codes; fp8 AVX2FP8_MOE; int8 and w8a8
         its llamafile Q8_0 (MOE), which it quantizes itself.
 Where kt-kernel quantizes the weights itself, rel_err is against the original weights (so it
@@ -57,8 +58,9 @@ def make_weights(seed: int = 0):
 
 
 # --formats names -> (quant format, group size; None = --group)
+# (int4_pr: int4 with one scale per row, quant.group_size=0, kt-kernel's AMXInt4 layout)
 FORMATS = {"bf16": ("none", 0), "int8": ("int8", 0), "int8_g32": ("int8", 32), "w8a8": ("w8a8", 0),
-           "int4": ("int4", None), "fp8": ("fp8", 128), "fp8_pc": ("fp8", 0)}
+           "int4": ("int4", None), "int4_pr": ("int4", 0), "fp8": ("fp8", 128), "fp8_pc": ("fp8", 0)}
 
 
 def build(fmt: str, base, group: int, like_ktkernel: bool = False):
@@ -119,6 +121,8 @@ def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_exper
     from safetensors.torch import load_file, save_file
 
     cases = kt["cases"].get(fmt)
+    if fmt == "int4_pr":  # one scale per row: kt-kernel's per-channel class (it quantizes our bf16 weights)
+        cases = [c for c in kt["cases"].get("int4", []) if c[1] == "online"]
     info = {"ktkernel_family": kt["family"], "ktkernel_variant": kt["variant"]}
     if not cases:
         emit({"impl": "kt-kernel", "format": label(fmt, a.group), **info,
@@ -143,7 +147,7 @@ def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_exper
         for i, (ids, w) in enumerate(sets):
             t[f"ids_{T}_{i}"], t[f"w_{T}_{i}"] = ids.long().contiguous(), w.float().contiguous()
     with tempfile.TemporaryDirectory() as tmp:
-        job = {"E": E, "K": K, "H": H, "I": I, "format": fmt, "group": a.group, "cases": cases,
+        job = {"E": E, "K": K, "H": H, "I": I, "format": "int4" if fmt == "int4_pr" else fmt, "group": a.group, "cases": cases,
                "tokens": list(sets_by_t), "sets": a.sets, "repeats": a.repeats,
                "threads": list(range(1, a.threads + 1))}
         Path(tmp, "job.json").write_text(json.dumps(job))
@@ -173,7 +177,8 @@ def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_exper
 
 
 def label(fmt: str, group: int) -> str:
-    return {"int4": f"int4_g{group}", "fp8": "fp8_g128", "fp8_pc": "fp8_per_channel"}.get(fmt, fmt)
+    return {"int4": f"int4_g{group}", "int4_pr": "int4_per_row", "fp8": "fp8_g128",
+            "fp8_pc": "fp8_per_channel"}.get(fmt, fmt)
 
 
 def routes(T: int, seed: int):

@@ -103,7 +103,10 @@ class QuantConfig:
     # the experts' down projection; null = as quant.experts (llama.cpp's Q4_K_M keeps many at 6 bits:
     # quant=int4 quant.experts_down=int8 is that choice here)
     experts_down: Optional[WeightFormat] = None
-    group_size: int = 128  # int4 / fp8 group along the input dim (fp8: 0 = one scale per row)
+    # int4 / fp8 group along the input dim; 0 = one scale (and zero point) per row: int4 as kt-kernel's
+    # AMXInt4 keeps it, the fastest int4 on AMX and the least accurate (native CPU kernels: rows of up
+    # to 4096 inputs)
+    group_size: int = 128
     # int8 (weight-only): inputs per scale, a multiple of 4 up to 256 (32 = llama.cpp's Q8_0);
     # 0 = one scale per output row
     int8_group_size: int = 0

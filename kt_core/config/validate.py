@@ -306,11 +306,7 @@ def check_values(cfg: DictConfig) -> None:
     _positive(cfg.plan.batch, "plan.batch")
     _positive(cfg.plan.context_tokens, "plan.context_tokens")
     _positive(cfg.plan.prefill_chunk, "plan.prefill_chunk")
-    _positive(cfg.quant.group_size, "quant.group_size", allow_zero=True)
-    if cfg.quant.group_size == 0 and "int4" in (choice(cfg.quant.experts), choice(cfg.quant.dense),
-                                                 choice(cfg.quant.get("head") or "none")):
-        raise ConfigError("quant.group_size=0 (one scale per row) is for int8 / fp8; int4 needs a group size, "
-                          "e.g. quant.group_size=128")
+    _positive(cfg.quant.group_size, "quant.group_size", allow_zero=True)  # 0: one scale per row
     from kt_core.config.limits import INT8_MAX_GROUP, int8_group_ok
 
     g8 = cfg.quant.get("int8_group_size") or 0

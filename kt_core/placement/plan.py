@@ -111,7 +111,7 @@ def tensor_bytes(t: TensorInfo, fmt: str, dtype_bytes: int, group: int, symmetri
         return t.numel + rows * 4
     if fmt == "fp8":
         return t.numel + rows * max(k // group, 1) * 4 if group > 0 else t.numel + rows * 4
-    groups = rows * max(k // group, 1)
+    groups = rows * (max(k // group, 1) if group > 0 else 1)  # 0: one group a row
     return t.numel // 2 + groups * 2 * (1 if symmetric else 2)
 
 

@@ -197,7 +197,7 @@ def fp16_exact(t: Optional[torch.Tensor]) -> bool:
 def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
              symmetric: bool = True, int8_group: int = 0) -> Weight:
     """Quantize a float weight ``[..., out, in]`` into ``fmt`` (``none`` returns it unchanged).
-    ``group_size`` is int4's and fp8's group, ``int8_group`` int8's (0: one scale per row).
+    ``group_size`` is int4's and fp8's group, ``int8_group`` int8's (0: one scale per row, for each).
     Rows are converted to float32 a chunk at a time, so the peak beyond the result is bounded."""
     fmt = Quant(fmt)
     if fmt is Quant.NONE:
@@ -205,7 +205,7 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
     in_features = weight.shape[-1]
     if fmt is Quant.INT8:
         group = int8_group if 0 < int8_group < in_features else in_features
-    elif fmt is Quant.W8A8 or (fmt is Quant.FP8 and group_size <= 0):
+    elif fmt is Quant.W8A8 or (fmt in (Quant.FP8, Quant.INT4) and group_size <= 0):
         group = in_features
     else:
         group = group_size

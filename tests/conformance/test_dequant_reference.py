@@ -137,6 +137,7 @@ CASES = {  # id: (format, group size, symmetric)
     "int4sym-g64": ("int4", 64, True),
     "int4asym-g32": ("int4", 32, False),
     "int4asym-g128": ("int4", 128, False),
+    "int4sym-per-row": ("int4", 0, True),
     "fp8-g32": ("fp8", 32, True),
     "fp8-per-row": ("fp8", 0, True),
 }

@@ -60,9 +60,10 @@ int main() {
   std::mt19937 rng(7);
   const int64_t K = 512, P = 3;
   for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_W8A8, FMT_INT4})
-    for (int group : {32, 128})
+    for (int group : {32, 128, 512})  // 512: int4 with one group a row (K)
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;  // no groups
+        if (group == 512 && fmt != FMT_INT4) continue;
         if (zeros && fmt != FMT_INT4 && !(fmt == FMT_INT8 && group == 32)) continue;  // int8: grouped only
         const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
         // int8: groups of 32, and one scale per row (the group 128 pass)
@@ -141,9 +142,10 @@ int main() {
   std::printf("amx not compiled: this compiler predates GCC 11 / Clang 12\n");
 #else
   for (int fmt : {FMT_BF16, FMT_INT8, FMT_INT4, FMT_FP8, FMT_W8A8})
-    for (int group : {16, 32, 128})  // 16: a weight group boundary inside each 32-input B tile
+    for (int group : {16, 32, 128, 512})  // 16: a weight group boundary inside each 32-input B tile; 512: K
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;
+        if (group == 512 && fmt != FMT_INT4) continue;  // int4 with one group a row
         if (zeros && fmt != FMT_INT4 && !(fmt == FMT_INT8 && group <= 32)) continue;  // int8: grouped only
         const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
         // int8: groups of 16 and 32, and one scale per row (the group 128 pass)

@@ -66,8 +66,8 @@ class forced:
 
 
 CASES = [("bf16", 32, True), ("int8", 0, True), ("int8", 32, True), ("int8", 16, True), ("int8", 32, False),
-         ("int4", 32, True), ("int4", 64, False), ("int4", 128, True), ("fp8", 32, True), ("fp8", 0, True),
-         ("w8a8", 0, True)]
+         ("int4", 32, True), ("int4", 64, False), ("int4", 128, True), ("int4", 0, False), ("fp8", 32, True),
+         ("fp8", 0, True), ("w8a8", 0, True)]  # group 0: one scale per row
 
 
 @pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
@@ -113,7 +113,7 @@ def test_fp8_odd_input_count():
 
 
 @pytest.mark.parametrize("fmt,group,sym", [("int8", 0, True), ("int8", 64, True), ("int4", 128, True),
-                                           ("int4", 64, False)])
+                                           ("int4", 64, False), ("int4", 0, True)])
 def test_amx_integer_tiles_keep_int16_accuracy(fmt, group, sym):
     """On AMX, int8 / int4 experts of groups of 64+ (and per-row int8) run TDPBSSD with each bf16
     activation as two int8 codes (kernels_amx_int.hpp): the result must be as close to the float

@@ -11,8 +11,8 @@ from tests.unit.native_experts import int8_with_zeros
 
 pytestmark = pytest.mark.skipif(native_linear._lib() is None, reason=f"native CPU kernels: {native.status()}")
 
-CASES = [("int8", 0, True), ("int8", 32, False), ("int4", 32, True), ("int4", 64, False), ("fp8", 32, True),
-         ("fp8", 0, True), ("w8a8", 0, True)]
+CASES = [("int8", 0, True), ("int8", 32, False), ("int4", 32, True), ("int4", 64, False), ("int4", 0, True),
+         ("fp8", 32, True), ("fp8", 0, True), ("w8a8", 0, True)]
 
 
 @pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])

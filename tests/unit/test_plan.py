@@ -168,13 +168,13 @@ def test_memory_table_matches_the_loaded_model(tmp_path):
     shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64, vocab_size=152000)
     path = synthesize(tmp_path / "m", preset="tiny-qwen3-moe", layers=3, shape=shape, sample_tokens=32).path
-    for quant in ("none", "int8", "int4"):
-        overrides = [f"model.path={path}", f"quant={quant}", "quant.group_size=32"]
+    for quant, group in (("none", 32), ("int8", 32), ("int4", 32), ("int4", 0)):  # int4 0: one group a row
+        overrides = [f"model.path={path}", f"quant={quant}", f"quant.group_size={group}"]
         plan = plan_for(*overrides, check=True)
         engine = kt_core.Engine.from_pretrained(path, overrides=overrides)
         actual = engine.model.weight_bytes()
         planned = plan.devices["cpu:0"].weights_bytes
-        assert abs(planned - actual) / actual < 0.05, (quant, planned, actual)
+        assert abs(planned - actual) / actual < 0.05, (quant, group, planned, actual)
 
 
 def test_kt_plan_cli_table_and_json(capsys):

@@ -79,6 +79,19 @@ def test_quantize_in_chunks_matches_one_pass(monkeypatch):
         assert whole.qdata.shape[:2] == (4, 24) and whole.scales.shape[:2] == (4, 24)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_int4_group_zero_is_one_group_a_row(sym):
+    """quant.group_size=0: one scale (and zero point) per row, kt-kernel's AMXInt4 layout: a row's
+    codes use the row's range, within one step of it as every int4 group."""
+    w = torch.randn(3, 16, 96, generator=torch.Generator().manual_seed(4))
+    q = quantize(w, "int4", group_size=0, symmetric=sym)
+    assert q.group_size == 96 and q.scales.shape == (3, 16, 1) and (q.zeros is None) == sym
+    rng = w.abs().amax(-1, keepdim=True) if sym else w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)
+    assert bool(((dequantize(q) - w).abs() <= rng / 7.5 + 1e-6).all())
+    per_row = (dequantize(q) - w).pow(2).mean()
+    assert per_row > (dequantize(quantize(w, "int4", group_size=32, symmetric=sym)) - w).pow(2).mean()
+
+
 def test_bad_group_size_is_a_clear_error():
     with pytest.raises(ValueError, match="group_size=48 must divide the input dim 64"):
         quantize(torch.randn(4, 64), "int4", group_size=48)

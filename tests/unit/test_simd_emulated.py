@@ -75,15 +75,17 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
     assert run.stdout.count("ok  ") >= 150  # every case ran
     assert run.stdout.count("ok   rows_t avx512") == 42  # (bf16, fp8, w8a8, 2 int8 and 2 int4 kinds) x 2 K x 3 n
     if "amx not compiled" not in run.stdout:  # compilers before GCC 11 / Clang 12 build no AMX kernels
-        # bf16, 3 int8 kinds (per row, groups, groups with zero points), 4 int4 kinds, 2 fp8 groups x 8 token
+        # (at least) bf16, 3 int8 kinds (per row, groups, groups with zero points), 4 int4 kinds, 2 fp8 groups x 8 token
         # counts x 3 panels, alone and paired with the next panel (both outputs); w8a8 x 8 counts x 3 (where
         # amx_q8_takes them)
         assert run.stdout.count("ok   amx") >= 2 * 9 * 8 * 3 + 6 * 3
         assert "ok   amx fmt=1 group=32 zeros=1" in run.stdout and "ok   fmt=1 group=32 zeros=1" in run.stdout
         # groups of 16: a weight group boundary inside each 32-input B tile (decode_inputs_bf16)
         assert all(f"ok   amx fmt={f} group=16 zeros={z}" in run.stdout for f, z in ((1, 1), (2, 0), (2, 1), (3, 0)))
+        # int4 with one group a row (K = 512: quant.group_size=0), on the integer tiles and the vector kernels
+        assert all(f"ok   {v}fmt=2 group=512 zeros={z}" in run.stdout for v in ("amx ", "") for z in (0, 1))
         assert "FAIL amx" not in run.stdout
         assert run.stdout.count("ok   amx attention") == 16  # 2 head groups x 4 key counts x 2 products
         assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
-        assert run.stdout.count("ok   avx_vnni") == 168  # (3 int8 kinds, w8a8, 4 int4 kinds) x 7 token counts x 3 panels
+        assert run.stdout.count("ok   avx_vnni") == 210  # (3 int8 kinds, w8a8, 6 int4 kinds) x 7 token counts x 3 panels
         assert run.stdout.count("ok   avx512bf16") == 18  # 6 token counts of 16+ x 3 panels

@@ -264,9 +264,10 @@ inline const float* row_scales_left(const Weight& w, int64_t p) {
 
 // The fewest tokens of one expert (rows of one dense call) from which the tile kernels beat the
 // vector ones, per format: bench/ab_native.py on a 2-core AMX Xeon (Qwen3-30B-A3B MoE layer,
-// T=32..128; KT_AMX_MIN_TOKENS=n overrides them all, for such measurements). The tests'
-// tolerance table asks for it through kt_bf16_tile_tokens.
-inline int64_t amx_tile_min_tokens(int fmt) {
+// T=32..128; KT_AMX_MIN_TOKENS=n overrides them all, for such measurements). per_row: one weight
+// group a row (int4 as kt-kernel's AMXInt4 keeps it), whose integer tiles drain no group sums. The
+// tests' tolerance table asks for the fewest of a format through kt_bf16_tile_tokens.
+inline int64_t amx_tile_min_tokens(int fmt, bool per_row) {
   static const int64_t env = [] {
     const char* v = std::getenv("KT_AMX_MIN_TOKENS");
     return v ? std::atoll(v) : 0;
@@ -276,13 +277,15 @@ inline int64_t amx_tile_min_tokens(int fmt) {
     case FMT_BF16: return 2;  // decoding bf16 or fp8 costs little next to their vector kernels
     case FMT_FP8: return 2;
     case FMT_INT8: return 2;  // integer tiles (T=128: 30.0 -> 28.5 ms, T=16: 18.0 -> 16.8; 4 before them)
-    case FMT_INT4: return 6;  // the int16 kernels read int4 codes as they are; decoding costs more
+    // the int16 kernels read int4 codes as they are; grouped codes cost the tiles a drain per group
+    // (T=128: per row 30.5 -> 26.2 ms at 2 tokens instead of 6; g32 34.8 -> 34.1 at 4, T=64 29.6 -> 28.9)
+    case FMT_INT4: return per_row ? 2 : 4;
     default: return 0;  // w8a8: amx_q8_takes
   }
 }
 
 inline bool amx_tiles_take(const Weight& w, int64_t n) {
-  const int64_t least = amx_tile_min_tokens(w.fmt);
+  const int64_t least = amx_tile_min_tokens(w.fmt, w.group == w.K);
   return least > 0 && n >= least && w.K % 32 == 0 && (w.fmt != FMT_FP8 || w.group % 2 == 0);
 }
 
