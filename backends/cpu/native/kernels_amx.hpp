@@ -15,6 +15,7 @@
 #include "kernels_avx512.hpp"
 
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 namespace kt {
