@@ -353,13 +353,16 @@ KT_TARGET("avx2,fma,f16c") inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// out[0..16) = silu(g) * u = g / (1 + e^-g) * u: the MoE's activation for one panel's 16 outputs
-KT_TARGET("avx2,fma,f16c") inline void silu_mul16_avx2(const float* g, const float* u, float* out) {
-  for (int h = 0; h < 16; h += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + h);
-    const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
-    _mm256_storeu_ps(out + h, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + h)));
-  }
+// out[0..16) = silu(g) * u = g / (1 + e^-g) * u: the MoE's activation for one panel's 16 outputs, for
+// n rows of 16: g, u rows 16 apart, out rows ldo apart (a call a block of rows: callers built
+// without AVX2 cannot inline it)
+KT_TARGET("avx2,fma,f16c") inline void silu_mul16_avx2(const float* g, const float* u, int64_t n, float* out, int64_t ldo) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int h = 0; h < 16; h += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + r * 16 + h);
+      const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+      _mm256_storeu_ps(out + r * ldo + h, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + r * 16 + h)));
+    }
 }
 
 // One row of quantize_rows (kt_cpu.cpp): codes in [-qmax, qmax] of x / (amax / qmax), rounded
