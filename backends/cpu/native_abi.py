@@ -17,8 +17,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # zero points in fp16); 15: kt_mla_decode, DeepSeek MLA decode over the latent cache (native_mla.py); 16: grouped
 # int8 takes zero points (value = (code - zero) * scale: GGUF Q5_1 / Q5_K / Q2_K kept exactly); 17: MoeArgs.save_gu
 # and kt_expert_rows_t, training's backward products through frozen experts (native_grad.py); 18: kt_expert_rows,
-# their forward products one by one (LoRA-adapted experts)
-ABI_VERSION = 18
+# their forward products one by one (LoRA-adapted experts); 19: kt_silu_mul_backward, the SwiGLU activation's
+# gradients between them
+ABI_VERSION = 19
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
@@ -81,6 +82,12 @@ class _RowsTArgs(ctypes.Structure):  # expert_grad.inc RowsTArgs
                 ("scale_f16", ctypes.c_int), ("accumulate", ctypes.c_int), ("round_bf16", ctypes.c_int),
                 ("pool", ctypes.c_int), ("offsets", ctypes.c_void_p), ("proj", _Proj), ("A", ctypes.c_void_p),
                 ("C", ctypes.c_void_p)]
+
+
+class _ActGradArgs(ctypes.Structure):  # act_grad.inc ActGradArgs
+    _fields_ = [("rows", ctypes.c_int64), ("I", ctypes.c_int64), ("pool", ctypes.c_int), ("gu", ctypes.c_void_p),
+                ("z", ctypes.c_void_p), ("w", ctypes.c_void_p), ("dg", ctypes.c_void_p), ("du", ctypes.c_void_p),
+                ("dw", ctypes.c_void_p)]
 
 
 class _AttnDecodeArgs(ctypes.Structure):  # attention_decode.inc AttnDecodeArgs

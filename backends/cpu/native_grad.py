@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native
-from kt_backends.cpu.native_abi import _check_rc, _RowsTArgs
+from kt_backends.cpu.native_abi import _ActGradArgs, _check_rc, _RowsTArgs
 from kt_backends.cpu.native_pack import PackedExperts
 
 _lib_ready = False
@@ -28,8 +28,12 @@ def _lib() -> ctypes.CDLL:
         for fn in (lib.kt_expert_rows_t, lib.kt_expert_rows):
             fn.argtypes = [ctypes.POINTER(_RowsTArgs)]
             fn.restype = ctypes.c_int
+        lib.kt_silu_mul_backward.argtypes = [ctypes.POINTER(_ActGradArgs)]
+        lib.kt_silu_mul_backward.restype = ctypes.c_int
         lib.kt_expert_rows_t_args_size.restype = ctypes.c_int64
-        if lib.kt_expert_rows_t_args_size() != ctypes.sizeof(_RowsTArgs):
+        lib.kt_act_grad_args_size.restype = ctypes.c_int64
+        if lib.kt_expert_rows_t_args_size() != ctypes.sizeof(_RowsTArgs) \
+                or lib.kt_act_grad_args_size() != ctypes.sizeof(_ActGradArgs):
             raise RuntimeError("kt_expert_rows_t: argument layout mismatch between Python and the built extension: "
                                "reinstall kt-core")
         _lib_ready = True
@@ -135,3 +139,34 @@ def expert_rows(packed: PackedExperts, proj: str, A: torch.Tensor, counts: torch
                       offsets.data_ptr(), p, A.data_ptr(), C.data_ptr())
     _check_rc(lib.kt_expert_rows(ctypes.byref(args)), f"expert_rows({proj})")
     return C
+
+
+def silu_mul_backward(gu: torch.Tensor, z: torch.Tensor, w: torch.Tensor, dg: Optional[torch.Tensor] = None,
+                      du: Optional[torch.Tensor] = None, pool: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dg, du, dw): the gradients of a = silu(g) * u times each route's weight, in one native pass
+    (act_grad.inc): gu [rows, 2 I] (moe_forward_saving's gate then up outputs), z [rows, I] the
+    gradient of a, w [rows] the routing weights; dg = w z u s (1 + g (1 - s)), du = w z g s
+    (s = sigmoid(g)), dw = <z, a> a row. ``dg`` / ``du``: float32 [rows, I] buffers to write into."""
+    lib = _lib()
+
+    def ok(t, shape) -> bool:
+        return (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+                and t.is_contiguous() and tuple(t.shape) == shape)
+
+    rows = gu.shape[0] if isinstance(gu, torch.Tensor) and gu.dim() == 2 else -1
+    I = gu.shape[1] // 2 if rows >= 0 else 0
+    if rows < 0 or gu.shape[1] % 2 or not ok(gu, (rows, 2 * I)) or not ok(z, (rows, I)) or not ok(w, (rows,)):
+        raise ValueError(f"silu_mul_backward: gu [rows, 2 I], z [rows, I] and w [rows] must be contiguous float32 "
+                         f"CPU tensors, got {tuple(getattr(gu, 'shape', ()))}, {tuple(getattr(z, 'shape', ()))}, "
+                         f"{tuple(getattr(w, 'shape', ()))}")
+    dg = torch.empty(rows, I, dtype=torch.float32) if dg is None else dg
+    du = torch.empty(rows, I, dtype=torch.float32) if du is None else du
+    if not ok(dg, (rows, I)) or not ok(du, (rows, I)) or (rows and dg.data_ptr() == du.data_ptr()):
+        raise ValueError(f"silu_mul_backward: dg and du must be two contiguous float32 CPU tensors [{rows}, {I}]")
+    dw = torch.empty(rows, dtype=torch.float32)
+    if rows:
+        args = _ActGradArgs(rows, I, int(pool), gu.data_ptr(), z.data_ptr(), w.data_ptr(), dg.data_ptr(),
+                            du.data_ptr(), dw.data_ptr())
+        _check_rc(lib.kt_silu_mul_backward(ctypes.byref(args)), "silu_mul_backward")
+    return dg, du, dw

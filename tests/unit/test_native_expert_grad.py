@@ -92,6 +92,57 @@ def test_rows_t_refuses_what_does_not_fit():
         native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), accumulate=True)
 
 
+@pytest.mark.parametrize("I", [100, 768])  # 100: rows that end in a partial 8-lane step
+def test_silu_mul_backward_equals_float64_autograd(I):
+    """The SwiGLU activation's gradients in one native pass (act_grad.inc) against float64 torch
+    autograd of silu(g) * u with the routing weight applied, and the routing weight's gradient
+    <z, a>, on every variant; large |g| where the sigmoid saturates."""
+    from kt_backends.cpu import native_grad
+
+    g = torch.Generator().manual_seed(9)
+    R = 131
+    gu, z, w = torch.randn(R, 2 * I, generator=g) * 4, torch.randn(R, I, generator=g), torch.rand(R, generator=g)
+    gu[0, :8] = torch.tensor([-100.0, -30.0, -10.0, 0.0, 10.0, 30.0, 100.0, 1e-3])
+    gg, uu = gu[:, :I].double().requires_grad_(), gu[:, I:].double().requires_grad_()
+    a = torch.nn.functional.silu(gg) * uu
+    want = (*torch.autograd.grad(a, (gg, uu), z.double() * w.double()[:, None]), (z.double() * a.detach()).sum(-1))
+    for variant in _variants():
+        native.set_variant(variant)
+        got = native_grad.silu_mul_backward(gu, z, w)
+        for name, x, y in zip(("dg", "du", "dw"), got, want):
+            assert x.dtype == torch.float32 and x.shape == y.shape
+            assert float((x.double() - y).abs().max()) <= 1e-6 * float(y.abs().max()), (variant, name)
+
+
+def test_silu_mul_backward_checks_what_it_is_given():
+    from kt_backends.cpu import native_grad
+
+    gu, z, w = torch.zeros(4, 20), torch.zeros(4, 10), torch.zeros(4)
+    for bad in ((torch.zeros(4, 21), z, w), (gu, torch.zeros(4, 9), w), (gu, z, torch.zeros(5)),
+                (gu.double(), z, w), (gu, z.t().contiguous().t(), w), (gu, z, w.bfloat16())):
+        with pytest.raises(ValueError, match="silu_mul_backward: gu"):
+            native_grad.silu_mul_backward(*bad)
+    same = torch.zeros(4, 10)
+    with pytest.raises(ValueError, match="dg and du must be two"):
+        native_grad.silu_mul_backward(gu, z, w, dg=same, du=same)
+    dg, du, dw = native_grad.silu_mul_backward(torch.zeros(0, 20), torch.zeros(0, 10), torch.zeros(0))
+    assert dg.shape == du.shape == (0, 10) and dw.shape == (0,)
+    # the library checks its argument block itself (sizes, pool, pointers)
+    import ctypes
+
+    from kt_backends.cpu.native_abi import _ActGradArgs
+
+    lib = native_grad._lib()
+    out = [torch.zeros(4, 10), torch.zeros(4, 10), torch.zeros(4)]
+    ok = dict(rows=4, I=10, pool=0, gu=gu.data_ptr(), z=z.data_ptr(), w=w.data_ptr(), dg=out[0].data_ptr(),
+              du=out[1].data_ptr(), dw=out[2].data_ptr())
+    assert lib.kt_silu_mul_backward(ctypes.byref(_ActGradArgs(**ok))) == 0
+    for override, code in [(dict(rows=-1), -5), (dict(I=0), -5), (dict(I=1 << 30), -5), (dict(rows=1 << 40), -5),
+                           (dict(pool=-2), -2), (dict(pool=64), -2), (dict(gu=None), -6), (dict(dw=None), -6)]:
+        assert lib.kt_silu_mul_backward(ctypes.byref(_ActGradArgs(**{**ok, **override}))) == code, override
+    assert lib.kt_silu_mul_backward(None) == -6
+
+
 def _grads(moe, x, ids, weights, dy):
     x = x.clone().requires_grad_()
     w = weights.clone().requires_grad_()

@@ -214,14 +214,16 @@ namespace kt {
 #include "mla_decode.inc"  // DeepSeek MLA decode (absorbed) over the latent cache
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
 #include "expert_grad.inc"  // training's backward products through frozen experts (kt_expert_rows_t)
+#include "act_grad.inc"     // and the SwiGLU activation's gradients between them (kt_silu_mul_backward)
 }  // namespace kt
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
 // kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc);
 // 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
 // 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly);
-// 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts); 18: kt_expert_rows
-KT_API int kt_abi_version() { return 18; }
+// 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts); 18: kt_expert_rows;
+// 19: kt_silu_mul_backward
+KT_API int kt_abi_version() { return 19; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -311,6 +313,14 @@ KT_API int kt_expert_rows_t(const kt::RowsTArgs* args) {
   });
 }
 KT_API int64_t kt_expert_rows_t_args_size() { return static_cast<int64_t>(sizeof(kt::RowsTArgs)); }
+KT_API int kt_silu_mul_backward(const kt::ActGradArgs* args) {
+  return kt::guarded([&] {
+    if (!args) return static_cast<int>(kt::ERR_NULL);
+    const int rc = kt::check_act_grad_args(*args);
+    return rc ? rc : kt::silu_mul_backward(*args);
+  });
+}
+KT_API int64_t kt_act_grad_args_size() { return static_cast<int64_t>(sizeof(kt::ActGradArgs)); }
 KT_API int kt_expert_rows(const kt::RowsTArgs* args) {
   return kt::guarded([&] {
     if (!args) return static_cast<int>(kt::ERR_NULL);
