@@ -34,8 +34,8 @@ def _lib() -> ctypes.CDLL:
         lib.kt_act_grad_args_size.restype = ctypes.c_int64
         if lib.kt_expert_rows_t_args_size() != ctypes.sizeof(_RowsTArgs) \
                 or lib.kt_act_grad_args_size() != ctypes.sizeof(_ActGradArgs):
-            raise RuntimeError("kt_expert_rows_t: argument layout mismatch between Python and the built extension: "
-                               "reinstall kt-core")
+            raise RuntimeError("kt_expert_rows_t / kt_silu_mul_backward: argument layout mismatch between Python "
+                               "and the built extension: reinstall kt-core")
         _lib_ready = True
     return lib
 
@@ -162,8 +162,18 @@ def silu_mul_backward(gu: torch.Tensor, z: torch.Tensor, w: torch.Tensor, dg: Op
                          f"{tuple(getattr(w, 'shape', ()))}")
     dg = torch.empty(rows, I, dtype=torch.float32) if dg is None else dg
     du = torch.empty(rows, I, dtype=torch.float32) if du is None else du
-    if not ok(dg, (rows, I)) or not ok(du, (rows, I)) or (rows and dg.data_ptr() == du.data_ptr()):
-        raise ValueError(f"silu_mul_backward: dg and du must be two contiguous float32 CPU tensors [{rows}, {I}]")
+
+    def span(t) -> tuple[int, int]:
+        return t.data_ptr(), t.data_ptr() + t.numel() * 4
+
+    def overlap(a, b) -> bool:
+        (a0, a1), (b0, b1) = span(a), span(b)
+        return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+
+    if not ok(dg, (rows, I)) or not ok(du, (rows, I)) or overlap(dg, du) \
+            or any(overlap(o, i) for o in (dg, du) for i in (gu, z, w)):
+        raise ValueError(f"silu_mul_backward: dg and du must be two contiguous float32 CPU tensors [{rows}, {I}] "
+                         f"that overlap neither each other nor the inputs (the pass reads the inputs as it writes)")
     dw = torch.empty(rows, dtype=torch.float32)
     if rows:
         args = _ActGradArgs(rows, I, int(pool), gu.data_ptr(), z.data_ptr(), w.data_ptr(), dg.data_ptr(),

@@ -30,7 +30,7 @@ class ExpertStrategy(str, Enum):
 class WeightFormat(str, Enum):
     none = "none"  # weights stay in model.dtype
     int8 = "int8"  # per-channel symmetric, weight-only
-    int4 = "int4"  # group-wise (quant.group_size), symmetric or not
+    int4 = "int4"  # group-wise (quant.group_size; 0 = one group a row), symmetric or not
     fp8 = "fp8"  # float8 e4m3, a scale per (row, group_size inputs); 0 = per channel
     w8a8 = "w8a8"  # int8 weights and int8 activations quantized per token at run time
 

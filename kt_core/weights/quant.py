@@ -5,7 +5,8 @@ Formats (all quantize along the *input* dim, the last dim of a weight):
 - ``int8``: symmetric, one float scale per output row (per channel), or per ``int8_group``
   inputs of a row (``group_size`` < ``in_features``; llama.cpp's Q8_0 is groups of 32).
 - ``int4``: group-wise, ``group_size`` inputs share a scale (and, when
-  asymmetric, a zero point). Two 4-bit codes pack into one byte, the even
+  asymmetric, a zero point); ``group_size`` 0: one group a row (kt-kernel's AMXInt4
+  layout). Two 4-bit codes pack into one byte, the even
   input index in the low nibble. Symmetric codes are -8..7 (stored +8) and the
   scale may be negative, so all 16 levels are used (``_int4_symmetric``).
 - ``fp8``: float8 e4m3 codes (stored as their bytes) with a float scale per

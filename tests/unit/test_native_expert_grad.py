@@ -20,6 +20,8 @@ def _weights(fmt, E, M, K, group, g):
         return t.bfloat16()
     if fmt == "int8z":
         return int8_with_zeros(t, group)
+    if fmt == "int4pr":  # one group a row (quant.group_size=0)
+        return quantize(t, "int4", 0)
     return quantize(t, fmt, group) if group else quantize(t, fmt)
 
 
@@ -39,8 +41,9 @@ def _restore_variant():
     native.set_variant(best)
 
 
-# (format, group): per-row and grouped int8, int8 with zero points, int4, fp8 in groups, w8a8
-KINDS = [("bf16", 0), ("int8", 0), ("int8", 8), ("int8z", 8), ("int4", 8), ("fp8", 8), ("fp8", 4), ("w8a8", 0)]
+# (format, group): per-row and grouped int8, int8 with zero points, int4 grouped and per row, fp8 in groups, w8a8
+KINDS = [("bf16", 0), ("int8", 0), ("int8", 8), ("int8z", 8), ("int4", 8), ("int4pr", 0), ("fp8", 8), ("fp8", 4),
+         ("w8a8", 0)]
 
 
 @pytest.mark.parametrize("fmt,group", KINDS)
@@ -125,6 +128,10 @@ def test_silu_mul_backward_checks_what_it_is_given():
     same = torch.zeros(4, 10)
     with pytest.raises(ValueError, match="dg and du must be two"):
         native_grad.silu_mul_backward(gu, z, w, dg=same, du=same)
+    with pytest.raises(ValueError, match="overlap neither"):  # in place over its own input
+        native_grad.silu_mul_backward(gu, z, w, dg=z, du=torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="overlap neither"):
+        native_grad.silu_mul_backward(gu, z, w, dg=torch.zeros(4, 10), du=gu.view(-1)[:40].view(4, 10))
     dg, du, dw = native_grad.silu_mul_backward(torch.zeros(0, 20), torch.zeros(0, 10), torch.zeros(0))
     assert dg.shape == du.shape == (0, 10) and dw.shape == (0,)
     # the library checks its argument block itself (sizes, pool, pointers)

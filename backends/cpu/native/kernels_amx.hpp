@@ -267,7 +267,7 @@ inline const float* row_scales_left(const Weight& w, int64_t p) {
 // vector ones, per format: bench/ab_native.py on a 2-core AMX Xeon (Qwen3-30B-A3B MoE layer,
 // T=32..128; KT_AMX_MIN_TOKENS=n overrides them all, for such measurements). per_row: one weight
 // group a row (int4 as kt-kernel's AMXInt4 keeps it), whose integer tiles drain no group sums. The
-// tests' tolerance table asks for the fewest of a format through kt_bf16_tile_tokens.
+// tests' tolerance table asks for a format's grouped count through kt_bf16_tile_tokens.
 inline int64_t amx_tile_min_tokens(int fmt, bool per_row) {
   static const int64_t env = [] {
     const char* v = std::getenv("KT_AMX_MIN_TOKENS");

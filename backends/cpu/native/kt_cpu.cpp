@@ -271,7 +271,9 @@ KT_API int kt_bf16_tile_tokens(const char* name, int fmt) {
     while (v < kt::kVariants && std::strcmp(name, kt::kVariantNames[v]) != 0) ++v;
     if (v == kt::kVariants) return -2;
 #if defined(KT_HAVE_AMX)
-    if (v >= kt::VARIANT_AMX && fmt != kt::FMT_W8A8) return static_cast<int>(kt::amx_tile_min_tokens(fmt, true));  // the fewest (int4: per row)
+    // grouped int4's count: per-row int4 takes the tiles from fewer tokens, but there the integer
+    // tiles (two int8 codes an activation), which round nothing to bf16
+    if (v >= kt::VARIANT_AMX && fmt != kt::FMT_W8A8) return static_cast<int>(kt::amx_tile_min_tokens(fmt, false));
 #endif
 #if defined(KT_HAVE_AVX512BF16)
     if (v >= kt::VARIANT_AVX512 && fmt == kt::FMT_BF16 && (kt::state().isa & kt::ISA_AVX512BF16)) return 16;
