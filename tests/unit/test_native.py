@@ -112,20 +112,22 @@ def test_fp8_odd_input_count():
             assert rel(native.moe_forward(packed, x, ids, w), ref) < tol("fp8", ids, variant), variant
 
 
-@pytest.mark.parametrize("fmt,group,sym", [("int8", 0, True), ("int8", 64, True), ("int4", 128, True),
-                                           ("int4", 64, False), ("int4", 0, True)])
-def test_amx_integer_tiles_keep_int16_accuracy(fmt, group, sym):
-    """On AMX, int8 / int4 experts of groups of 64+ (and per-row int8) run TDPBSSD with each bf16
-    activation as two int8 codes (kernels_amx_int.hpp): the result must be as close to the float
-    reference as the output's own bf16 rounding allows, not the 1e-2 a bf16-tile path may take
-    (one int8 code per activation alone was ~1.4% off here)."""
+@pytest.mark.parametrize("fmt,group,sym,T", [("int8", 0, True, 12), ("int8", 64, True, 37), ("int4", 128, True, 37),
+                                             ("int4", 64, False, 37), ("int4", 0, True, 37)])
+def test_amx_integer_tiles_keep_int16_accuracy(fmt, group, sym, T):
+    """On AMX, int8 / int4 experts of groups of 64+ (and per-row int8 in one token tile: from 17 tokens
+    an expert it takes bf16 tiles, its codes exact there) run TDPBSSD with each bf16 activation as two
+    int8 codes (kernels_amx_int.hpp): the result must be as close to the float reference as the
+    output's own bf16 rounding allows, not the 1e-2 a bf16-tile path may take (one int8 code per
+    activation alone was ~1.4% off here)."""
     if "amx" not in native.supported_variants():
         pytest.skip("this CPU (or build) has no AMX")
     ex = experts(fmt, H=128, I=128, group=group, symmetric=sym)
     packed = native.pack(ex)
-    x = torch.randn(37, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    ids, w = routes(37, ex)  # ~18 tokens an expert: every expert takes the tiles
+    x = torch.randn(T, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    ids, w = routes(T, ex)  # ~18 tokens an expert (T=12: ~6): every expert takes the tiles
     assert tokens_per_expert(ids) >= native.bf16_tile_tokens("amx", fmt) > 0
+    assert fmt != "int8" or group or tokens_per_expert(ids) <= 16
     ref = torch_moe(x.float(), ids, w, ex)
     with forced("amx"):
         out = native.moe_forward(packed, x, ids, w)

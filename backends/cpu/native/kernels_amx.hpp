@@ -36,11 +36,24 @@ inline bool int_tiles(const Weight& w) {
 }
 // Inputs per TDPBSSD step of an int_tiles weight (a weight group is whole steps)
 inline int64_t q8_step(const Weight& w) { return w.group % 64 == 0 ? 64 : 32; }
-// Whether a call of n rows takes the integer tiles (else bf16 tiles). Groups of 32 turn the integer
-// sums into floats every step; from two token tiles on, decoding the panel to bf16 once and running
-// TDPBF16PS costs less (one Qwen3-30B-A3B MoE layer, 2-core AMX Xeon, bench/ab_native.py: int8 g32
-// T=128 40.1 vs 41.1 ms, T=512 74.3 vs 64.5; int4 g32 30.8 vs 33.5 and 77.4 vs 55.0).
-inline bool q8_takes(const Weight& w, int64_t n) { return int_tiles(w) && (q8_step(w) == 64 || n <= 16); }
+// Whether a call of n rows takes the integer tiles (else bf16 tiles). From two token tiles on, the
+// bf16 kernel runs them in pairs against each B tile while it sits in L1, where the integer kernel
+// runs them one at a time, each over both activation halves, reading the decoded panel back from L2:
+// - groups of 32 also turn the integer sums into floats every step (one Qwen3-30B-A3B MoE layer,
+//   2-core AMX Xeon, bench/ab_native.py: int8 g32 T=128 40.1 vs 41.1 ms, T=512 74.3 vs 64.5; int4 g32
+//   30.8 vs 33.5 and 77.4 vs 55.0);
+// - per-row int8 codes are exact in bf16 (the row scales multiply the products), so bf16 tiles
+//   round only the activations, as for a bf16 model: T=512 57.4 -> 50.4 ms from 17 tokens an expert
+//   (from 33: 55.0);
+// - int4 of groups of 64+ stays on integer tiles: decoding its codes to bf16 costs more than the
+//   pairing saves (per row, T=512: 40.9 -> 46.0 ms), and grouped int8 (its scales folded into bf16
+//   weights would round them) too.
+inline bool q8_takes(const Weight& w, int64_t n) {
+  if (!int_tiles(w)) return false;
+  if (n <= 16) return true;
+  const bool int8_per_row = w.fmt == FMT_INT8 && w.group == w.K;
+  return q8_step(w) == 64 && !int8_per_row;
+}
 
 // Elements (uint16) apart that the 16-token tiles of activations for w lie, in either layout.
 // Tiled bf16: 16 K elements. Tiled q8 (q8_takes): bytes [0, 16 K) hi codes and [16 K, 32 K) lo
