@@ -170,8 +170,16 @@ KT_AMX inline __m512i bf16x32(__m512 lo, __m512 hi) {
 #endif
 }
 
+// Bytes ahead in a panel stream that the tile kernels' decoders prefetch. Farther is worse: the
+// hardware prefetchers already run ahead, and lines fetched early wait in the fill buffers the tile
+// loads need (one MoE layer, 2-core AMX Xeon, bench/ab_native.py, 2048 -> 512: bf16 T=128 -8%,
+// T=512 -13%; int4 per row T=128 -3%, T=512 -4%; fp8, int4 g32 -1..-2%; no prefetch: int8 T=512 +6%).
+// The int8 integer-tile decoder keeps 2048 (512: T=128 +2%).
 #ifndef KT_AMX_PREFETCH
-#define KT_AMX_PREFETCH 2048  // bytes ahead in a panel stream that the decoders prefetch
+#define KT_AMX_PREFETCH 512
+#endif
+#ifndef KT_AMX_PREFETCH_INT8
+#define KT_AMX_PREFETCH_INT8 2048
 #endif
 
 // Bytes of one panel's codes (what kernels.hpp's layouts store per 16 rows)

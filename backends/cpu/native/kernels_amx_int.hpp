@@ -80,7 +80,7 @@ KT_AMX inline void decode_quads_q8(const Weight& w, int64_t p, int64_t q0, int64
   if (w.fmt == FMT_INT8) {  // [K/2][16][2]: pair rows 2q and 2q + 1 side by side per output
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * K * NR;
     for (int64_t q = q0; q < q1; ++q) {
-      _mm_prefetch(reinterpret_cast<const char*>(wp + q * 64) + KT_AMX_PREFETCH, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wp + q * 64) + KT_AMX_PREFETCH_INT8, _MM_HINT_T0);
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64)));
       const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 64 + 32)));
       _mm512_storeu_si512(buf + q * 64, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
