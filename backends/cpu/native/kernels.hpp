@@ -84,52 +84,7 @@ inline float group_zero(const Weight& w, int64_t i) {
 inline bool int8_grouped(const Weight& w) { return w.fmt == FMT_INT8 && w.group > 0 && w.group < w.K; }
 
 // ---------------------------------------------------------------- generic (any CPU)
-inline float weight_at(const Weight& w, int64_t p, int64_t k, int j, float* scale, float* zero) {
-  if (w.fmt == FMT_BF16) return bf16_to_f32(static_cast<const uint16_t*>(w.data)[(p * w.K + k) * NR + j]);
-  if (w.fmt == FMT_INT8) {
-    const int64_t gi = (p * (w.K / w.group) + k / w.group) * NR + j;
-    *scale = int8_grouped(w) ? group_scale(w, gi) : w.scale[p * NR + j];
-    *zero = int8_grouped(w) ? group_zero(w, gi) : 0.f;
-    return static_cast<const int8_t*>(w.data)[((p * (w.K / 2) + k / 2) * NR + j) * 2 + (k & 1)];
-  }
-  if (w.fmt == FMT_FP8) {
-    int64_t G = w.K / w.group;
-    *scale = w.scale[(p * G + k / w.group) * NR + j];
-    *zero = 0.f;
-    return fp8_to_f32(static_cast<const uint8_t*>(w.data)[(p * w.K + k) * NR + j]);
-  }
-  const int l = j % 8, h = j / 8, s = static_cast<int>(k >> 1) & 1, e = static_cast<int>(k & 1);
-  const uint16_t word = static_cast<const uint16_t*>(w.data)[(p * (w.K / 4) + k / 4) * NR + 2 * l + e];
-  int64_t g = k / w.group, G = w.K / w.group;
-  *scale = group_scale(w, (p * G + g) * NR + j);
-  *zero = group_zero(w, (p * G + g) * NR + j);
-  return static_cast<float>((word >> (4 * (h + 2 * s))) & 15);
-}
-
-inline void panel_gemm_generic(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      double acc = 0;
-      for (int64_t k = 0; k < w.K; ++k) {
-        float s = 1.f, z = 0.f;
-        float q = weight_at(w, p, k, j, &s, &z);
-        acc += static_cast<double>(X[i * ldx + k]) * (w.fmt == FMT_BF16 ? q : (q - z) * s);
-      }
-      out[i * NR + j] = static_cast<float>(acc);
-    }
-  }
-}
-
-inline void panel_gemm_q8_generic(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
-                                  int64_t n, float* out) {
-  const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;
-  for (int64_t i = 0; i < n; ++i)
-    for (int j = 0; j < NR; ++j) {
-      int32_t acc = 0;
-      for (int64_t k = 0; k < w.K; ++k) acc += int32_t(wp[((k / 4) * NR + j) * 4 + k % 4]) * Xq[i * ldx + k];
-      out[i * NR + j] = static_cast<float>(acc) * w.scale[p * NR + j] * xs[i];
-    }
-}
+#include "kernels_generic.inc"
 
 // ---------------------------------------------------------------- AVX2 + FMA (+ F16C for fp8)
 #ifdef KT_X86

@@ -124,41 +124,7 @@ static void panel_x16(const Weight& w, int64_t p, const X16& x, int64_t n, float
 
 #include "self_check.inc"  // each SIMD kernel checked against AVX2 on first use
 
-// Rows of X -> integer codes in [-qmax, qmax] and one scale per row (amax / qmax, round half to
-// even); columns K..ld are zero. int8 (qmax 127) is w8a8's dynamic activation quantization, the
-// same arithmetic as fake_quant_activations in Python; int16 (qmax 32767) feeds the int8 / int4
-// kernels.
-template <typename Q>
-static void quantize_rows(const float* X, int64_t rows, int64_t ld, int64_t K, float qmax, Q* q, float* scale) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = X + r * ld;
-#if defined(KT_X86)
-    if (state().variant >= VARIANT_AVX2) {
-      scale[r] = quantize_row_avx2<Q>(x, ld, K, qmax, q + r * ld);
-      continue;
-    }
-#endif
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float s = std::max(amax, 1e-30f) / qmax;
-    scale[r] = s;
-    for (int64_t k = 0; k < ld; ++k)
-      q[r * ld + k] = static_cast<Q>(k < K ? std::min(qmax, std::max(-qmax, std::nearbyint(x[k] / s))) : 0.f);
-  }
-}
-
-// int16 rows plus, for weights with zero points (group > 0), the sum of the codes of every group
-static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
-                            float* scale, int32_t* gsum) {
-  quantize_rows<int16_t>(X, rows, ld, K, 32767.f, q, scale);
-  if (!gsum) return;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < K / group; ++g) {
-      int32_t sum = 0;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += q[r * ld + k];
-      gsum[r * (K / group) + g] = sum;
-    }
-}
+#include "quantize_rows.inc"  // activations to int8 / int16 codes for the integer kernels
 
 // ---------------------------------------------------------------- fused MoE
 #include "moe_forward.inc"  // the fused MoE op over the panel kernels above
