@@ -75,8 +75,8 @@ class CpuBackend(TorchBackend):
         return None  # CPU ops complete before they return
 
     def prepare_experts(self, experts, index: int = 0):
-        if native.available():
-            packed = native.pack(experts)
+        if native.available():  # experts are handed over (load time): pack lets go of each packed projection
+            packed = native.pack(experts, release=True)
             if packed is not None:
                 packed.pool = index
                 return packed

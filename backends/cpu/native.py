@@ -25,7 +25,8 @@ import torch
 from kt_backends.cpu.native_abi import (ABI_VERSION, ACTIVATIONS, FORMATS, MAX_DIM, MAX_POOLS,  # noqa: F401
                                         MAX_THREADS, MAX_TOPK, NR, _ERRORS, _check_rc, _index, _MoeArgs, _Proj)
 # packing lives in native_pack; these names stay reachable as native.X for callers
-from kt_backends.cpu.native_pack import PackedExperts, PackedProj, _pack_proj, _panels, _ptr, pack  # noqa: F401
+from kt_backends.cpu.native_pack import (PackedExperts, PackedProj, _pack_proj, _panels, _ptr, pack,  # noqa: F401
+                                         pack_formats)
 # loading lives in native_lib (torch-free, so `kt devices` can ask it); the names stay native.X
 from kt_backends.cpu.native_lib import _load, _need, available, library_path, status, variant  # noqa: F401
 

@@ -274,21 +274,37 @@ def _kind(ws: list) -> Optional[tuple[str, int]]:
     return "int4", group
 
 
-def pack(ex: ExpertWeights) -> Optional[PackedExperts]:
-    """The packed form, or None when the kernels do not take these formats (torch path then).
-    Gate and up share one format; down may have its own (a GGUF Q4_K_M layer: Q4_K gate / up, Q6_K
-    down). ValueError when the weights disagree with their own sizes."""
+def pack_formats(ex: ExpertWeights) -> Optional[tuple[str, str]]:
+    """(gate / up format, down format) as pack() would store them, or None when it would not pack
+    these experts (torch path then). ValueError when the weights disagree with their own sizes."""
     if any(w.device.type != "cpu" for w in (ex.gate, ex.up, ex.down)):
         return None
     _check_experts(ex)
     first, second = _kind([ex.gate, ex.up]), _kind([ex.down])
-    if first is None or second is None:
+    return None if first is None or second is None else (first[0], second[0])
+
+
+def pack(ex: ExpertWeights, release: bool = False) -> Optional[PackedExperts]:
+    """The packed form, or None when the kernels do not take these formats (torch path then).
+    Gate and up share one format; down may have its own (a GGUF Q4_K_M layer: Q4_K gate / up, Q6_K
+    down). ValueError when the weights disagree with their own sizes. ``release``: ``ex`` is handed
+    over (a backend's prepare_experts at load time): once a projection is packed, ``ex`` lets go of
+    it (None), so loading a layer holds one unpacked projection beside the packed ones, not all three
+    (a 2-layer Qwen3-30B-A3B-shaped bf16 model: peak RSS while loading 3.8 -> 3.0 GB). Nothing is let go when the
+    result is None."""
+    if pack_formats(ex) is None:
         return None
+    first, second = _kind([ex.gate, ex.up]), _kind([ex.down])
     H, I = ex.gate.shape[2], ex.gate.shape[1]
     f16, f16_down = _f16_scales([ex.gate, ex.up]), _f16_scales([ex.down])
-    return PackedExperts(ex.expert_ids.long().contiguous(), first[0], first[1], H, I,
-                         _pack_proj(ex.gate, ex.gate_bias, f16), _pack_proj(ex.up, ex.up_bias, f16),
-                         _pack_proj(ex.down, ex.down_bias, f16_down), down_fmt=second[0], down_group=second[1])
+    ids = ex.expert_ids.long().contiguous()
+    done = {}
+    for name, bias, half in (("gate", ex.gate_bias, f16), ("up", ex.up_bias, f16), ("down", ex.down_bias, f16_down)):
+        done[name] = _pack_proj(getattr(ex, name), bias, half)
+        if release:
+            setattr(ex, name, None)
+    return PackedExperts(ids, first[0], first[1], H, I, done["gate"], done["up"], done["down"],
+                         down_fmt=second[0], down_group=second[1])
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:

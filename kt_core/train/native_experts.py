@@ -36,10 +36,10 @@ def pack(experts):
 
     if not native.available():
         return None
-    packed = native.pack(experts)
-    if packed is None or packed.fmt not in FORMATS or (packed.down_fmt or packed.fmt) not in FORMATS:
+    formats = native.pack_formats(experts)
+    if formats is None or any(f not in FORMATS for f in formats):
         return None
-    return packed
+    return native.pack(experts, release=True)  # handed over at load time (prepare_experts)
 
 
 _scratch = threading.local()

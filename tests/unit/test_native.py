@@ -99,6 +99,22 @@ def test_native_matches_torch_path(fmt, group, sym, T, activation, bias, dtype):
         assert rel(out, ref) < tol(fmt, ids, variant, x), f"variant {variant}, path {path}"
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_pack_release_lets_go_of_each_packed_projection(fmt):
+    """pack(release=True) (a backend's prepare_experts at load time) gives what pack gives and drops
+    the experts' own projections as it packs them; experts it does not pack stay whole."""
+    ex, kept = experts(fmt, I=64, group=32), experts(fmt, I=64, group=32)
+    packed, want = native.pack(ex, release=True), native.pack(kept)
+    assert (ex.gate, ex.up, ex.down) == (None, None, None) and kept.gate is not None
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(1))
+    ids, w = routes(7, kept)
+    assert torch.equal(native.moe_forward(packed, x, ids, w), native.moe_forward(want, x, ids, w))
+    E = kept.expert_ids.numel()  # float32 experts: the torch path's, not packed, not let go of
+    f32 = ExpertWeights(kept.expert_ids, torch.randn(E, 64, 96), torch.randn(E, 64, 96), torch.randn(E, 96, 64))
+    assert native.pack_formats(f32) is None and native.pack(f32, release=True) is None
+    assert f32.gate is not None and f32.up is not None and f32.down is not None
+
+
 def test_fp8_odd_input_count():
     """fp8 kernels take inputs two at a time; an odd K (per-row scales) ends on one."""
     ex = experts("fp8", H=33, I=40, group=0)

@@ -194,12 +194,12 @@ def test_bf16_model_gradients_on_the_tiles_stay_close():
     from tests.unit.native_experts import H, experts
 
     ex = experts("bf16", E=4, seed=4)
-    packed = native_experts.pack(ex)
+    decoded = ExpertWeights(ex.expert_ids, ex.gate.float(), ex.up.float(), ex.down.float())
+    packed = native_experts.pack(ex)  # takes ex over (as at load time): decoded first
     g = torch.Generator().manual_seed(6)
     T = 64
     ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)])
     x, weights, dy = torch.randn(T, H, generator=g), torch.rand(T, 2, generator=g), torch.randn(T, H, generator=g)
-    decoded = ExpertWeights(ex.expert_ids, ex.gate.float(), ex.up.float(), ex.down.float())
     want = _grads(lambda *a: reference(*a, decoded, "silu"), x, ids, weights, dy)
     got = _grads(lambda *a: native_experts.moe_experts(*a, packed, "silu"), x.bfloat16(), ids, weights, dy.bfloat16())
     for a, b in zip(got, want):
