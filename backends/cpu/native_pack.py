@@ -290,8 +290,8 @@ def pack(ex: ExpertWeights, release: bool = False) -> Optional[PackedExperts]:
     down). ValueError when the weights disagree with their own sizes. ``release``: ``ex`` is handed
     over (a backend's prepare_experts at load time): once a projection is packed, ``ex`` lets go of
     it (None), so loading a layer holds one unpacked projection beside the packed ones, not all three
-    (a 2-layer Qwen3-30B-A3B-shaped bf16 model: peak RSS while loading 3.8 -> 3.0 GB). Nothing is let go when the
-    result is None."""
+    (a 2-layer Qwen3-30B-A3B-shaped bf16 model: peak RSS while loading 3.8 -> 3.0 GB). Nothing is
+    let go when the result is None."""
     if pack_formats(ex) is None:
         return None
     first, second = _kind([ex.gate, ex.up]), _kind([ex.down])
