@@ -141,57 +141,65 @@ int main() {
 #if !defined(KT_HAVE_AMX)
   std::printf("amx not compiled: this compiler predates GCC 11 / Clang 12\n");
 #else
+  // one weight of format fmt, K inputs, groups of g (zero points or not) against the generic kernel
+  const auto amx_case = [&](int fmt, int64_t K, int g, bool zeros) {
+    const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
+    std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
+    for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
+    for (auto& v : zero) v = static_cast<float>(rng() % 16);
+    Weight w{fmt, P * NR, K, g, data.data(), scale.data(), zeros ? zero.data() : nullptr};
+    for (int n : {1, 3, 16, 17, 19, 32, 35, 50}) {
+      std::vector<float> X(n * K), xs(n), a(n * NR), b(n * NR);
+      std::vector<int8_t> Xq(n * K);
+      for (auto& v : X) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+      if (int_tiles(w))  // int8 activation codes with a scale per token: rows they hold exactly
+        for (int i = 0; i < n; ++i) {
+          const float s = std::ldexp(1.f, -3 - static_cast<int>(rng() % 4));
+          for (int64_t k = 0; k < K; ++k)
+            X[i * K + k] = s * static_cast<float>(k == i % K ? 127 : static_cast<int>(rng() % 255) - 127);
+        }
+      for (auto& v : xs) v = 0.01f + static_cast<float>(rng() % 100) * 1e-4f;
+      for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
+      std::vector<uint16_t> Xt(tiled_elems(w, n));
+      weight_tiles(w, n, X.data(), n, K, Xt.data());
+      char what[96];
+      std::snprintf(what, sizeof what, "amx fmt=%d group=%d zeros=%d", fmt, g, zeros ? 1 : 0);
+      for (int64_t p = 0; p < P; ++p) {
+        if (fmt == FMT_W8A8) {
+          if (!amx_q8_takes(w, n)) continue;
+          panel_gemm_q8_amx(w, p, Xq.data(), K, xs.data(), n, a.data());
+          panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
+        } else {
+          std::vector<float> c(n * NR), d(n * NR);  // and two panels at once (gate and up)
+          panel_tiles_amx({&w, p}, {&w, (p + 1) % P}, Xt.data(), n, a.data(), c.data());
+          panel_gemm_generic(w, p, X.data(), K, n, b.data());
+          panel_gemm_generic(w, (p + 1) % P, X.data(), K, n, d.data());
+          compare(what, n, c, d);
+        }
+        compare(what, n, a, b);
+#if defined(KT_HAVE_AVX512BF16)
+        if (fmt == FMT_BF16 && bf16dp_takes(w, n)) {
+          panel_gemm_bf16dp_avx512(w, p, X.data(), K, n, a.data());
+          compare("avx512bf16", n, a, b);
+        }
+#endif
+      }
+    }
+  };
   for (int fmt : {FMT_BF16, FMT_INT8, FMT_INT4, FMT_FP8, FMT_W8A8})
     for (int group : {16, 32, 128, 512})  // 16: a weight group boundary inside each 32-input B tile; 512: K
       for (bool zeros : {false, true}) {
         if ((fmt != FMT_INT4 && fmt != FMT_FP8 && fmt != FMT_INT8) && group != 32) continue;
         if (group == 512 && fmt != FMT_INT4) continue;  // int4 with one group a row
         if (zeros && fmt != FMT_INT4 && !(fmt == FMT_INT8 && group <= 32)) continue;  // int8: grouped only
-        const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
         // int8: groups of 16 and 32, and one scale per row (the group 128 pass)
-        const int g = (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group <= 32)) ? group : static_cast<int>(K);
-        std::vector<float> scale(P * (K / g) * NR), zero(P * (K / g) * NR);
-        for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
-        for (auto& v : zero) v = static_cast<float>(rng() % 16);
-        Weight w{fmt, P * NR, K, g, data.data(), scale.data(), zeros ? zero.data() : nullptr};
-        for (int n : {1, 3, 16, 17, 19, 32, 35, 50}) {
-          std::vector<float> X(n * K), xs(n), a(n * NR), b(n * NR);
-          std::vector<int8_t> Xq(n * K);
-          for (auto& v : X) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
-          if (int_tiles(w))  // int8 activation codes with a scale per token: rows they hold exactly
-            for (int i = 0; i < n; ++i) {
-              const float s = std::ldexp(1.f, -3 - static_cast<int>(rng() % 4));
-              for (int64_t k = 0; k < K; ++k)
-                X[i * K + k] = s * static_cast<float>(k == i % K ? 127 : static_cast<int>(rng() % 255) - 127);
-            }
-          for (auto& v : xs) v = 0.01f + static_cast<float>(rng() % 100) * 1e-4f;
-          for (auto& v : Xq) v = static_cast<int8_t>(static_cast<int>(rng() % 255) - 127);
-          std::vector<uint16_t> Xt(tiled_elems(w, n));
-          weight_tiles(w, n, X.data(), n, K, Xt.data());
-          char what[96];
-          std::snprintf(what, sizeof what, "amx fmt=%d group=%d zeros=%d", fmt, g, zeros ? 1 : 0);
-          for (int64_t p = 0; p < P; ++p) {
-            if (fmt == FMT_W8A8) {
-              if (!amx_q8_takes(w, n)) continue;
-              panel_gemm_q8_amx(w, p, Xq.data(), K, xs.data(), n, a.data());
-              panel_gemm_q8_avx2(w, p, Xq.data(), K, xs.data(), n, b.data());
-            } else {
-              std::vector<float> c(n * NR), d(n * NR);  // and two panels at once (gate and up)
-              panel_tiles_amx({&w, p}, {&w, (p + 1) % P}, Xt.data(), n, a.data(), c.data());
-              panel_gemm_generic(w, p, X.data(), K, n, b.data());
-              panel_gemm_generic(w, (p + 1) % P, X.data(), K, n, d.data());
-              compare(what, n, c, d);
-            }
-            compare(what, n, a, b);
-#if defined(KT_HAVE_AVX512BF16)
-            if (fmt == FMT_BF16 && bf16dp_takes(w, n)) {
-              panel_gemm_bf16dp_avx512(w, p, X.data(), K, n, a.data());
-              compare("avx512bf16", n, a, b);
-            }
-#endif
-          }
-        }
+        amx_case(fmt, K, (fmt == FMT_INT4 || fmt == FMT_FP8 || (fmt == FMT_INT8 && group <= 32)) ? group : static_cast<int>(K),
+                 zeros);
       }
+  // rows that are not whole 64-input steps (K % 64 == 32): per-row int4 and int8 on 32-input integer
+  // steps up to 16 tokens, bf16 tiles above
+  for (bool zeros : {false, true}) amx_case(FMT_INT4, 544, 544, zeros);
+  amx_case(FMT_INT8, 544, 544, false);
   // Training's transposed products on the tiles (rows_t_amx) against the generic float64 sums, with
   // bf16-exact rows of A and power-of-two scales (every weight exact in bf16): 3 panels (an odd
   // one out of the two-panel tiles), 1..7 row tiles (two groups of up to six C tiles)

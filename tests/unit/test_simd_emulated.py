@@ -84,6 +84,8 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         assert all(f"ok   amx fmt={f} group=16 zeros={z}" in run.stdout for f, z in ((1, 1), (2, 0), (2, 1), (3, 0)))
         # int4 with one group a row (K = 512: quant.group_size=0), on the integer tiles and the vector kernels
         assert all(f"ok   {v}fmt=2 group=512 zeros={z}" in run.stdout for v in ("amx ", "") for z in (0, 1))
+        # and per-row int4 / int8 rows of 544 inputs (K % 64 == 32: 32-input integer steps, bf16 tiles from 17 tokens)
+        assert all(f"ok   amx fmt={f} group=544 zeros={z}" in run.stdout for f, z in ((2, 0), (2, 1), (1, 0)))
         assert "FAIL amx" not in run.stdout
         assert run.stdout.count("ok   amx attention") == 16  # 2 head groups x 4 key counts x 2 products
         assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
