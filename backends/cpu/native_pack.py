@@ -274,14 +274,20 @@ def _kind(ws: list) -> Optional[tuple[str, int]]:
     return "int4", group
 
 
-def pack_formats(ex: ExpertWeights) -> Optional[tuple[str, str]]:
-    """(gate / up format, down format) as pack() would store them, or None when it would not pack
-    these experts (torch path then). ValueError when the weights disagree with their own sizes."""
+def _kinds(ex: ExpertWeights) -> Optional[tuple[tuple[str, int], tuple[str, int]]]:
+    """((format, group) of gate / up, of down) as pack() stores them, or None (torch path)."""
     if any(w.device.type != "cpu" for w in (ex.gate, ex.up, ex.down)):
         return None
     _check_experts(ex)
     first, second = _kind([ex.gate, ex.up]), _kind([ex.down])
-    return None if first is None or second is None else (first[0], second[0])
+    return None if first is None or second is None else (first, second)
+
+
+def pack_formats(ex: ExpertWeights) -> Optional[tuple[str, str]]:
+    """(gate / up format, down format) as pack() would store them, or None when it would not pack
+    these experts (torch path then). ValueError when the weights disagree with their own sizes."""
+    kinds = _kinds(ex)
+    return None if kinds is None else (kinds[0][0], kinds[1][0])
 
 
 def pack(ex: ExpertWeights, release: bool = False) -> Optional[PackedExperts]:
@@ -292,9 +298,10 @@ def pack(ex: ExpertWeights, release: bool = False) -> Optional[PackedExperts]:
     it (None), so loading a layer holds one unpacked projection beside the packed ones, not all three
     (a 2-layer Qwen3-30B-A3B-shaped bf16 model: peak RSS while loading 3.8 -> 3.0 GB). Nothing is
     let go when the result is None."""
-    if pack_formats(ex) is None:
+    kinds = _kinds(ex)
+    if kinds is None:
         return None
-    first, second = _kind([ex.gate, ex.up]), _kind([ex.down])
+    first, second = kinds
     H, I = ex.gate.shape[2], ex.gate.shape[1]
     f16, f16_down = _f16_scales([ex.gate, ex.up]), _f16_scales([ex.down])
     ids = ex.expert_ids.long().contiguous()

@@ -31,7 +31,8 @@ FORMATS = ("bf16", "int8", "int4", "fp8")  # w8a8's dynamic activation quantizat
 
 def pack(experts):
     """The experts packed for the native kernels, or None when they do not take them (no native
-    library, a format outside FORMATS, float32 weights)."""
+    library, a format outside FORMATS, float32 weights). ``experts`` is handed over (load time): once
+    packed, it no longer holds its projections (native.pack's release); when None, it is left whole."""
     from kt_backends.cpu import native
 
     if not native.available():
