@@ -266,35 +266,19 @@ KT_API int kt_pool_threads(int pool) {
 }
 KT_API int kt_threads() { return kt_pool_threads(0); }
 KT_API int kt_moe_forward(const kt::MoeArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_moe_args(*args);
-    return rc ? rc : kt::moe_forward(*args);
-  });
+  return kt::checked_call(args, kt::check_moe_args, kt::moe_forward);
 }
 // Training's backward products through frozen experts (expert_grad.inc)
 KT_API int kt_expert_rows_t(const kt::RowsTArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_rows_t_args(*args);
-    return rc ? rc : kt::expert_rows_t(*args);
-  });
+  return kt::checked_call(args, kt::check_rows_t_args, kt::expert_rows_t);
 }
 KT_API int64_t kt_expert_rows_t_args_size() { return static_cast<int64_t>(sizeof(kt::RowsTArgs)); }
 KT_API int kt_silu_mul_backward(const kt::ActGradArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_act_grad_args(*args);
-    return rc ? rc : kt::silu_mul_backward(*args);
-  });
+  return kt::checked_call(args, kt::check_act_grad_args, kt::silu_mul_backward);
 }
 KT_API int64_t kt_act_grad_args_size() { return static_cast<int64_t>(sizeof(kt::ActGradArgs)); }
 KT_API int kt_expert_rows(const kt::RowsTArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_rows_args(*args);
-    return rc ? rc : kt::expert_rows(*args);
-  });
+  return kt::checked_call(args, kt::check_rows_args, kt::expert_rows);
 }
 KT_API int kt_linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, int64_t M, const float* bias,
                           float* out) {
@@ -307,43 +291,23 @@ KT_API int kt_linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* 
   });
 }
 KT_API int kt_linear_packed(const kt::LinearArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_linear_args(*args);
-    return rc ? rc : kt::linear_packed(*args);
-  });
+  return kt::checked_call(args, kt::check_linear_args, kt::linear_packed);
 }
 KT_API int64_t kt_linear_args_size() { return static_cast<int64_t>(sizeof(kt::LinearArgs)); }
 // The decode step's per-layer ops (norm_rope.inc, attention_decode.inc): each checks every size,
 // pointer and index it reads before any kernel runs.
 KT_API int kt_attention_decode(const kt::AttnDecodeArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_attn_decode_args(*args);
-    return rc ? rc : kt::attention_decode(*args);
-  });
+  // (attention_decode's trailing parameters have defaults, which a function pointer drops)
+  return kt::checked_call(args, kt::check_attn_decode_args,
+                          [](const kt::AttnDecodeArgs& a) { return kt::attention_decode(a); });
 }
 KT_API int kt_mla_decode(const kt::MlaDecodeArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_mla_decode_args(*args);
-    return rc ? rc : kt::mla_decode(*args);
-  });
+  return kt::checked_call(args, kt::check_mla_decode_args, kt::mla_decode);
 }
 KT_API int kt_rmsnorm(const kt::RmsNormArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_rmsnorm_args(*args);
-    return rc ? rc : kt::rmsnorm(*args);
-  });
+  return kt::checked_call(args, kt::check_rmsnorm_args, kt::rmsnorm);
 }
-KT_API int kt_rope(const kt::RopeArgs* args) {
-  return kt::guarded([&] {
-    if (!args) return static_cast<int>(kt::ERR_NULL);
-    const int rc = kt::check_rope_args(*args);
-    return rc ? rc : kt::rope(*args);
-  });
-}
+KT_API int kt_rope(const kt::RopeArgs* args) { return kt::checked_call(args, kt::check_rope_args, kt::rope); }
 KT_API int64_t kt_attention_decode_args_size() { return static_cast<int64_t>(sizeof(kt::AttnDecodeArgs)); }
 KT_API int64_t kt_mla_decode_args_size() { return static_cast<int64_t>(sizeof(kt::MlaDecodeArgs)); }
 KT_API int64_t kt_rmsnorm_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormArgs)); }
