@@ -8,7 +8,12 @@ logits is within BF16_BOUND. Measured (median / max over positions, ours vs tran
 own bf16): llama 0.008/0.013 vs 0.007/0.010, qwen3_moe 0.010/0.075 vs 0.009/0.076,
 deepseek_v3 0.010/0.39 vs 0.020/0.46. The max is not bounded: where two experts' router
 scores nearly tie, bf16 rounding flips the choice in either implementation and that
-position's logits jump; the median is what measures the arithmetic."""
+position's logits jump; the median is what measures the arithmetic.
+
+transformers' own bf16 error differs between CPUs (its bf16 products take other oneDNN paths):
+qwen3_next's tiny checkpoint measured 0.029 median on a Zen 4 EPYC (ours 0.028), above BF16_BOUND. So
+the bound is BF16_BOUND or 1.25x transformers' own bf16 median on the same CPU, whichever is larger:
+still a failure where our arithmetic is worse than bf16 itself is."""
 import pytest
 import torch
 
@@ -46,10 +51,13 @@ def test_bf16_logits_within_bound(name, tiny_checkpoint):
     engine = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=bfloat16"])
     with torch.no_grad():
         ref = hf_model(path)(torch.tensor([PROMPT])).logits[0].float()
-    ours = engine.logits(PROMPT)
-    per_position = (ours - ref).abs().amax(-1) / ref.abs().max()
-    err = float(per_position.median())
-    assert err <= BF16_BOUND, f"{name}: bf16 median position error {err:.3f} > {BF16_BOUND}"
+        theirs = hf_model(path, dtype=torch.bfloat16)(torch.tensor([PROMPT])).logits[0].float()
+
+    def median_error(logits):
+        return float(((logits - ref).abs().amax(-1) / ref.abs().max()).median())
+
+    err, bound = median_error(engine.logits(PROMPT)), max(BF16_BOUND, 1.25 * median_error(theirs))
+    assert err <= bound, f"{name}: bf16 median position error {err:.3f} > {bound:.3f}"
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "glm4_moe", "minimax_m2", "llama4", "qwen3_next", "deepseek_v4"])
