@@ -181,6 +181,13 @@ int main() {
         if (fmt == FMT_BF16 && bf16dp_takes(w, n)) {
           panel_gemm_bf16dp_avx512(w, p, X.data(), K, n, a.data());
           compare("avx512bf16", n, a, b);
+          std::vector<uint16_t> xh(n * K);  // and two panels at once (gate and up; down's q and q + 1)
+          std::vector<float> c(n * NR), d(n * NR), e(n * NR);
+          bf16_rows_avx512(X.data(), K, n, K, xh.data());
+          panels_bf16dp_avx512(w, p, &w, (p + 1) % P, xh.data(), K, n, c.data(), d.data());
+          panel_gemm_generic(w, (p + 1) % P, X.data(), K, n, e.data());
+          compare("avx512bf16 pair", n, c, b);
+          compare("avx512bf16 pair", n, d, e);
         }
 #endif
       }
@@ -200,6 +207,7 @@ int main() {
   // steps up to 16 tokens, bf16 tiles above
   for (bool zeros : {false, true}) amx_case(FMT_INT4, 544, 544, zeros);
   amx_case(FMT_INT8, 544, 544, false);
+  amx_case(FMT_BF16, 544, 544, false);  // and for the AVX512-BF16 pairs: two K blocks of 256, then 32
   // Training's transposed products on the tiles (rows_t_amx) against the generic float64 sums, with
   // bf16-exact rows of A and power-of-two scales (every weight exact in bf16): 3 panels (an odd
   // one out of the two-panel tiles), 1..7 row tiles (two groups of up to six C tiles)

@@ -90,4 +90,6 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         assert run.stdout.count("ok   amx attention") == 16  # 2 head groups x 4 key counts x 2 products
         assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
         assert run.stdout.count("ok   avx_vnni") == 210  # (3 int8 kinds, w8a8, 6 int4 kinds) x 7 token counts x 3 panels
-        assert run.stdout.count("ok   avx512bf16") == 18  # 6 token counts of 16+ x 3 panels
+        # 6 token counts of 8+ x 3 panels x 2 K (512; 544: a K block of 32 after two of 256), alone and paired
+        assert run.stdout.count("ok   avx512bf16") == 36 + 72
+        assert run.stdout.count("ok   avx512bf16 pair") == 72

@@ -71,13 +71,22 @@ static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K,
 
 // round: the caller's activations are bf16 values (a bf16 model), so kernels that round them to
 // bf16 (AVX512-BF16 pairs, AMX tiles) lose nothing the model keeps; float32 callers get float sums
+// weights of format fmt may take the AVX512-BF16 pair kernels (bf16dp_takes says for which calls)
+static bool bf16dp_on(int fmt) {
+#if defined(KT_HAVE_AVX512BF16)
+  return fmt == FMT_BF16 && state().variant >= VARIANT_AVX512 && (state().isa & ISA_AVX512BF16) &&
+         checked_ok(fmt, CHECK_AVX512BF16) && avx512_ok(fmt);
+#else
+  (void)fmt;
+  return false;
+#endif
+}
+
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out, bool round) {
 #if defined(KT_X86)
   if (w.fmt == FMT_BF16 || w.fmt == FMT_FP8) {  // int8 / int4 go through panel_x16
 #if defined(KT_HAVE_AVX512BF16)
-    if (round && state().variant >= VARIANT_AVX512 && (state().isa & ISA_AVX512BF16) && bf16dp_takes(w, n) &&
-        checked_ok(w.fmt, CHECK_AVX512BF16) && avx512_ok(w.fmt))
-      return panel_gemm_bf16dp_avx512(w, p, X, ldx, n, out);
+    if (round && bf16dp_takes(w, n) && bf16dp_on(w.fmt)) return panel_gemm_bf16dp_avx512(w, p, X, ldx, n, out);
 #endif
     if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_avx512(w, p, X, ldx, n, out);
     if (state().variant >= VARIANT_AVX2) return panel_gemm_avx2(w, p, X, ldx, n, out);
@@ -242,7 +251,8 @@ KT_API int kt_bf16_tile_tokens(const char* name, int fmt) {
     if (v >= kt::VARIANT_AMX && fmt != kt::FMT_W8A8) return static_cast<int>(kt::amx_tile_min_tokens(fmt, false));
 #endif
 #if defined(KT_HAVE_AVX512BF16)
-    if (v >= kt::VARIANT_AVX512 && fmt == kt::FMT_BF16 && (kt::state().isa & kt::ISA_AVX512BF16)) return 16;
+    if (v >= kt::VARIANT_AVX512 && fmt == kt::FMT_BF16 && (kt::state().isa & kt::ISA_AVX512BF16))
+      return static_cast<int>(kt::kDpMinRows);
 #endif
     return 0;
   });
