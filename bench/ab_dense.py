@@ -14,14 +14,13 @@ import ctypes
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
-from ab_native import compile_lib, sources  # noqa: E402
+from ab_native import alternate_blocks, compile_lib, sources  # noqa: E402
 
 
 def main() -> None:
@@ -44,19 +43,14 @@ def main() -> None:
             lib = ctypes.CDLL(str(compile_lib(sources(rev, Path(tmp)))))
             lib.kt_set_threads(a.threads)
             libs.append(lib)
-        times: list[list[float]] = [[] for _ in libs]
-        for _ in range(a.blocks):
-            for j, lib in enumerate(libs):
-                time.sleep(0.002)  # let the previous build's workers go to sleep
-                for c in range(6):
-                    t0 = time.perf_counter()
-                    rc = lib.kt_linear_bf16(ctypes.c_void_p(xs[c % 4].data_ptr()), ctypes.c_int64(1), ctypes.c_int64(K),
-                                            ctypes.c_void_p(w.data_ptr()), ctypes.c_int64(M), None,
-                                            ctypes.c_void_p(outs[j].data_ptr()))
-                    if rc != 0:
-                        sys.exit(f"{a.rev[j]}: kt_linear_bf16 returned {rc}")
-                    if c:  # the first call of a block wakes this build's workers
-                        times[j].append(time.perf_counter() - t0)
+
+        def call(j: int, i: int) -> None:
+            rc = libs[j].kt_linear_bf16(ctypes.c_void_p(xs[i % 4].data_ptr()), ctypes.c_int64(1), ctypes.c_int64(K),
+                                        ctypes.c_void_p(w.data_ptr()), ctypes.c_int64(M), None,
+                                        ctypes.c_void_p(outs[j].data_ptr()))
+            if rc != 0:
+                sys.exit(f"{a.rev[j]}: kt_linear_bf16 returned {rc}")
+        times = alternate_blocks(len(libs), a.blocks, 5, call)
     base = statistics.median(times[0])
     for rev, t, out in zip(a.rev, times, outs):
         s = statistics.median(t)

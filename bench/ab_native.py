@@ -70,6 +70,21 @@ def compile_lib(src: Path) -> Path:
     return out
 
 
+def alternate_blocks(n_builds: int, blocks: int, block: int, call) -> list[list[float]]:
+    """Seconds of call(build, i) for each build, in alternating blocks of block + 1 calls (the first
+    of a block wakes that build's workers and is not counted)."""
+    times: list[list[float]] = [[] for _ in range(n_builds)]
+    for b in range(blocks):
+        for j in range(n_builds):
+            time.sleep(0.002)  # let the previous build's workers go to sleep
+            for c in range(block + 1):
+                t0 = time.perf_counter()
+                call(j, b * block + c)
+                if c:
+                    times[j].append(time.perf_counter() - t0)
+    return times
+
+
 def load(path: Path, threads: int, rev: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.kt_abi_version() != native.ABI_VERSION or lib.kt_moe_args_size() != ctypes.sizeof(native._MoeArgs):
@@ -117,17 +132,11 @@ def main() -> None:
                 sys.exit(f"{rev}: kt_moe_forward refused the call (an ABI older than the worktree's?)")
             first.append(outs[0].clone())
         block = a.block_size or (20 if T == 1 else 2)
-        times: list[list[float]] = [[] for _ in libs]
-        for b in range(a.blocks):
-            for j, lib in enumerate(libs):
-                time.sleep(0.002)  # let the previous build's workers go to sleep
-                for c in range(block + 1):
-                    t0 = time.perf_counter()
-                    rc = lib.kt_moe_forward(ctypes.byref(args[(b * block + c) % len(args)]))
-                    if rc != 0:
-                        sys.exit(f"{a.rev[j]}: kt_moe_forward returned {rc}")
-                    if c:  # the first call of a block wakes this build's workers
-                        times[j].append(time.perf_counter() - t0)
+
+        def call(j: int, i: int) -> None:
+            if libs[j].kt_moe_forward(ctypes.byref(args[i % len(args)])) != 0:
+                sys.exit(f"{a.rev[j]}: kt_moe_forward refused call {i}")
+        times = alternate_blocks(len(libs), a.blocks, block, call)
     base = statistics.median(times[0])
     for rev, t, out in zip(a.rev, times, first):
         ms = statistics.median(t)
