@@ -69,8 +69,6 @@ static bool avxvnni_ok(int fmt) { return checked_ok(fmt, CHECK_AVXVNNI); }
 static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K, int64_t group, int16_t* q,
                             float* scale, int32_t* gsum);
 
-// round: the caller's activations are bf16 values (a bf16 model), so kernels that round them to
-// bf16 (AVX512-BF16 pairs, AMX tiles) lose nothing the model keeps; float32 callers get float sums
 // weights of format fmt may take the AVX512-BF16 pair kernels (bf16dp_takes says for which calls)
 static bool bf16dp_on(int fmt) {
 #if defined(KT_HAVE_AVX512BF16)
@@ -82,6 +80,8 @@ static bool bf16dp_on(int fmt) {
 #endif
 }
 
+// round: the caller's activations are bf16 values (a bf16 model), so kernels that round them to
+// bf16 (AVX512-BF16 pairs, AMX tiles) lose nothing the model keeps; float32 callers get float sums
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out, bool round) {
 #if defined(KT_X86)
   if (w.fmt == FMT_BF16 || w.fmt == FMT_FP8) {  // int8 / int4 go through panel_x16
