@@ -134,8 +134,9 @@ def main() -> None:
         block = a.block_size or (20 if T == 1 else 2)
 
         def call(j: int, i: int) -> None:
-            if libs[j].kt_moe_forward(ctypes.byref(args[i % len(args)])) != 0:
-                sys.exit(f"{a.rev[j]}: kt_moe_forward refused call {i}")
+            rc = libs[j].kt_moe_forward(ctypes.byref(args[i % len(args)]))
+            if rc != 0:
+                sys.exit(f"{a.rev[j]}: kt_moe_forward returned {rc}")
         times = alternate_blocks(len(libs), a.blocks, block, call)
     base = statistics.median(times[0])
     for rev, t, out in zip(a.rev, times, first):

@@ -224,7 +224,7 @@ KT_AVX512 inline __m256i bf16x16(const float* x) { return bf16x16_of(_mm512_load
 
 #ifndef KT_DENSE_PREFETCH
 #define KT_DENSE_PREFETCH 8192  // bytes ahead of each row (bench/ab_dense.py, Zen 4 EPYC, one token: 151936 x 2048
-// 0.77-0.81x the time of 2048 bytes, 32768 x 4096 0.77x; 4096: 0.83x; 16384: 0.9x)
+// 0.77-0.89x the time of 2048 bytes, 32768 x 4096 0.77x; 4096: 0.83x; 16384: 0.9x)
 #endif
 // One token against 4 bf16 rows (the row-major dense GEMV of decode): 16 inputs per step, so
 // one widening load per 32 weight bytes where the AVX2 form needs two.
