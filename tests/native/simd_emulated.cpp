@@ -134,6 +134,30 @@ int main() {
           compare(what, static_cast<int>(n), a, b);
         }
       }
+#if defined(KT_HAVE_AVX512BF16)
+  // and their AVX512-BF16 form (a bf16 model's backward without AMX), bf16 pairs of A's rows and the
+  // weights: bf16-exact A and power-of-two scales, so every product is exact in bf16; K = 512
+  for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_INT4})
+    for (bool zeros : {false, true}) {
+      if (zeros && fmt != FMT_INT4 && fmt != FMT_INT8) continue;
+      const int64_t Kt = 512;
+      const int g = fmt == FMT_INT8 && !zeros ? static_cast<int>(Kt) : fmt == FMT_BF16 ? 0 : 32;
+      const std::vector<uint8_t> data = random_codes(fmt, P * Kt * NR * 2, rng);
+      std::vector<float> scale(P * Kt * NR), zero(P * Kt * NR);
+      for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
+      for (auto& v : zero) v = static_cast<float>(rng() % 16);
+      Weight w{fmt, P * NR, Kt, g > 0 ? g : static_cast<int>(Kt), data.data(), scale.data(), zeros ? zero.data() : nullptr};
+      for (int64_t n : {1, 17, 40, 70}) {  // one tile, a tail, 3 tiles in a pass, 3 + 2
+        std::vector<float> A(n * P * NR), a(n * Kt, 0.5f), b(n * Kt, 0.5f);
+        for (auto& v : A) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+        rows_t_bf16dp_avx512(w, A.data(), P * NR, n, a.data(), Kt, 1, Kt / 16, true);  // input blocks 1.. of C
+        rows_t_generic(w, A.data(), P * NR, n, b.data(), Kt, 1, Kt / 16, true);
+        char what[96];
+        std::snprintf(what, sizeof what, "avx512bf16 rows_t fmt=%d zeros=%d", fmt, zeros ? 1 : 0);
+        compare(what, static_cast<int>(n), a, b);
+      }
+    }
+#endif
   // AMX: w8a8 over whole 16-token tiles plus tails; int8 / int4 on integer tiles (TDPBSSD, int8
   // activation codes that hold these activations exactly); every other format on bf16 tiles of up
   // to 16 tokens (panel_tiles_amx) against the generic kernel, with bf16-exact activations and

@@ -9,7 +9,9 @@
 //     vector, a broadcast weight per FMA, register blocks of up to 3 row vectors x 4 / 8 inputs;
 //   amx (bf16 models, whose forward rounds the activations to bf16 too): the blocks of a pair of
 //     panels rounded to bf16 are an A tile (16 inputs x 32 rows of W), A's columns in bf16 pairs a
-//     B tile (16 pairs of those rows x 16 rows of A), TDPBF16PS accumulating C^T tiles.
+//     B tile (16 pairs of those rows x 16 rows of A), TDPBF16PS accumulating C^T tiles;
+//   avx512bf16 (bf16 models without AMX): the float form's shape, VDPBF16PS reducing over pairs of
+//     W's rows (A^T in bf16 pairs, a bf16 panel's adjacent rows broadcast as one word).
 // Picked by expert_grad.inc; tests/native/simd_emulated.cpp compiles the SIMD ones without the ISA.
 #pragma once
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp, kernels.hpp
@@ -248,3 +250,4 @@ KT_AVX512 inline void decode_block_avx512(const Weight& w, int64_t p, int64_t k0
 
 }  // namespace kt
 #include "kernels_grad_amx.hpp"  // the AMX form
+#include "kernels_grad_dp.hpp"   // the AVX512-BF16 form

@@ -1,0 +1,124 @@
+// The AVX512-BF16 form of kernels_grad.hpp's transposed products (bf16 models on CPUs with
+// VDPBF16PS and no AMX tiles: Zen 4, Cooper Lake). C^T = W^T A^T as the float form computes it, a
+// vector of 16 rows of A at a time, but each instruction reduces over a pair of W's rows:
+//   lanes c of a vector: the bf16 pair (A[r][m], A[r][m + 1]) of row r = 16 t + c;
+//   the broadcast operand: the pair (W[m][k], W[m + 1][k]) of input k, which a bf16 panel ([K][16],
+//     16 rows of W side by side per input) holds as one 32-bit word as it lies (no decode at all);
+//     other formats decode a block to floats and round it to bf16 once for every row of A.
+// A and the weights are rounded to bf16 as the AMX form rounds them (round_bf16 callers only).
+// Included by kernels_grad.hpp; tests/native/simd_emulated.cpp compiles it under SIMDe.
+#pragma once
+#include "kernels_grad.hpp"
+
+namespace kt {
+
+#if defined(KT_X86) && defined(KT_HAVE_AVX512BF16)
+// A^T in bf16 pairs: Ap[(t MP2 + q) 16 + c] = (A[16t + c][2q], A[16t + c][2q + 1]) rounded to nearest
+// even, 0 past n or M; MP2 = 8 P
+KT_AVX512BF16 inline void at_pairs_bf16(const float* A, int64_t lda, int64_t n, int64_t M, int64_t P,
+                                        lvector<uint32_t>& Ap) {
+  const int64_t MP2 = P * NR / 2;
+  Ap.assign(((n + NR - 1) / NR) * MP2 * NR, 0u);
+  alignas(64) float row[NR];
+  alignas(64) uint32_t pairs[NR / 2];
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t p = 0; p < P; ++p) {
+      for (int j = 0; j < NR; ++j) row[j] = p * NR + j < M ? A[r * lda + p * NR + j] : 0.f;
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16x16_of(_mm512_load_ps(row)));
+      uint32_t* dst = &Ap[((r / NR) * MP2 + p * NR / 2) * NR + r % NR];
+      for (int q = 0; q < NR / 2; ++q) dst[q * NR] = pairs[q];
+    }
+}
+
+// decode_pairs_avx512's sink that rounds each row of the block to bf16: out [16][16]
+struct PutBf16 {
+  uint16_t* out;
+  KT_AVX512 void operator()(int kk, __m512 a, __m512 b) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kk * NR), bf16x16_of(a));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (kk + 1) * NR), bf16x16_of(b));
+  }
+};
+
+// C^T of inputs [kq, kq + 8) of one bf16 block per panel (panel p's at wb + p * pstride, [16][16]) for
+// RT tiles of 16 rows of A (ap: tile 0's pairs of panel 0, tiles MP2 pairs apart), added into
+// out[r][kq + i][16] (written when first)
+template <int RT>
+KT_AVX512BF16 inline void rows_t_dp_tile(const uint32_t* ap, int64_t MP2, const uint16_t* wb, int64_t pstride,
+                                         int64_t P, int kq, float* out, bool first) {
+  __m512 acc[RT][8];
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < 8; ++i) acc[r][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(out + (r * NR + kq + i) * NR);
+  for (int64_t p = 0; p < P; ++p) {
+    const uint16_t* wp = wb + p * pstride + kq * NR;
+    for (int q = 0; q < NR / 2; ++q) {
+      __m512bh a[RT];
+      for (int r = 0; r < RT; ++r) a[r] = bit_as<__m512bh>(_mm512_load_si512(ap + (r * MP2 + p * NR / 2 + q) * NR));
+      for (int i = 0; i < 8; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, wp + i * NR + 2 * q, 4);
+        const __m512bh b = bit_as<__m512bh>(_mm512_set1_epi32(pair));
+        for (int r = 0; r < RT; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], a[r], b);
+      }
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < 8; ++i) _mm512_store_ps(out + (r * NR + kq + i) * NR, acc[r][i]);
+}
+
+#ifndef KT_GRAD_DP_CHUNK
+#define KT_GRAD_DP_CHUNK 8
+#endif
+// panels whose A pairs (3 row tiles: 12 KB) stay in L1 while every input block passes: streamed
+// from L2 once per block instead, the whole of A^T (64 KB a tile at M = 2048) made the products wait
+constexpr int64_t kGradDpChunk = KT_GRAD_DP_CHUNK;
+#ifndef KT_GRAD_DP_AHEAD
+#define KT_GRAD_DP_AHEAD 2  // blocks ahead a bf16 weight's panels are prefetched into L2
+#endif
+
+// rows_t (kt_expert_rows_t's contract) with A and the weights rounded to bf16; w.K % 16 == 0, not w8a8.
+// Per group of up to 3 row tiles, a chunk of panels at a time meets every input block; the C^T tiles
+// of all blocks wait in an L2-resident buffer meanwhile (as rows_t_amx's do).
+KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, int64_t lda, int64_t n, float* C,
+                                               int64_t ldc, int64_t kb0, int64_t kb1, bool accumulate) {
+  const int64_t P = (w.M + NR - 1) / NR, MP2 = P * NR / 2, tiles = (n + NR - 1) / NR, NB = kb1 - kb0;
+  thread_local lvector<uint32_t> Ap;
+  thread_local lvector<uint16_t> blk;
+  thread_local lvector<float> Ct;  // [NB][row tile][input][row]
+  at_pairs_bf16(A, lda, n, w.M, P, Ap);
+  if (w.fmt != FMT_BF16) blk.resize(kGradDpChunk * NR * NR);
+  const char* data = static_cast<const char*>(w.data);
+  for (int64_t t = 0; t < tiles; t += 3) {  // up to 3 row tiles a pass: each broadcast feeds 3 of them
+    const int rt = static_cast<int>(std::min<int64_t>(3, tiles - t));
+    Ct.resize(NB * rt * NR * NR);
+    for (int64_t c0 = 0; c0 < P; c0 += kGradDpChunk) {
+      const int64_t pc = std::min(kGradDpChunk, P - c0);
+      const uint32_t* ap = &Ap[(t * MP2 + c0 * NR / 2) * NR];
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t k0 = kb * NR;
+        const uint16_t* wb = reinterpret_cast<const uint16_t*>(data + c0 * panel_bytes(w)) + k0 * NR;  // bf16: as they lie
+        int64_t pstride = w.K * NR;
+        if (w.fmt == FMT_BF16 && kb + KT_GRAD_DP_AHEAD < kb1)
+          for (int64_t p = 0; p < pc; ++p)
+            for (int l = 0; l < NR * NR * 2; l += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(wb + p * pstride + KT_GRAD_DP_AHEAD * NR * NR) + l, _MM_HINT_T1);
+        if (w.fmt != FMT_BF16) {
+          for (int64_t p = 0; p < pc; ++p) decode_pairs_avx512(w, c0 + p, k0, PutBf16{&blk[p * NR * NR]});
+          wb = blk.data();
+          pstride = NR * NR;
+        }
+        float* ct = &Ct[(kb - kb0) * rt * NR * NR];
+        for (int kq = 0; kq < NR; kq += 8) {
+          if (rt == 3) rows_t_dp_tile<3>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0);
+          else if (rt == 2) rows_t_dp_tile<2>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0);
+          else rows_t_dp_tile<1>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0);
+        }
+      }
+    }
+    for (int64_t kb = kb0; kb < kb1; ++kb)
+      for (int r = 0; r < rt; ++r)
+        add_block_t(&Ct[((kb - kb0) * rt + r) * NR * NR], NR, t + r, n, NR, C, ldc, kb * NR, accumulate);
+  }
+}
+#endif
+
+}  // namespace kt
