@@ -27,6 +27,7 @@
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
 #include "attention_tiles.hpp"
 #include "kernels_grad.hpp"
+#include "kernels_gemv_avx512.hpp"
 
 using namespace kt;
 
@@ -135,6 +136,29 @@ int main() {
         }
       }
 #if defined(KT_HAVE_AVX512BF16)
+  // The one-token bf16 GEMV (8 rows) on VDPBF16PS and in its AVX-512 float form against the AVX2 one,
+  // with bf16-exact inputs (what the pair form takes) and without (refused); K with and without a tail
+  for (int64_t Kd : {int64_t(512), int64_t(100), int64_t(8)}) {
+    std::vector<uint16_t> wd(8 * Kd), xh(Kd);
+    for (auto& v : wd) v = static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16);
+    std::vector<float> xd(Kd), a(8), b(8);
+    for (auto& v : xd) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+    const bool exact = bf16_exact_avx512(xd.data(), Kd, xh.data());
+    dense_rows_bf16dp<8>(wd.data(), Kd, xh.data(), xd.data(), a.data());
+    dense_quad_avx2(wd.data(), Kd, xd.data(), b.data());
+    dense_quad_avx2(wd.data() + 4 * Kd, Kd, xd.data(), b.data() + 4);
+    char what[96];
+    std::snprintf(what, sizeof what, "avx512bf16 gemv K=%lld", static_cast<long long>(Kd));
+    compare(what, 1, a, b);
+    dense_rows_avx512<8>(wd.data(), Kd, xd.data(), a.data());  // and the float form
+    std::snprintf(what, sizeof what, "gemv avx512 K=%lld", static_cast<long long>(Kd));
+    compare(what, 1, a, b);
+    xd[Kd - 1] += 1e-4f;  // one input that bf16 cannot hold
+    if (!exact || bf16_exact_avx512(xd.data(), Kd, xh.data())) {
+      std::printf("FAIL avx512bf16 gemv K=%lld: bf16_exact_avx512 misjudged the inputs\n", static_cast<long long>(Kd));
+      ++failures;
+    }
+  }
   // and their AVX512-BF16 form (a bf16 model's backward without AMX), bf16 pairs of A's rows and the
   // weights: bf16-exact A and power-of-two scales, so every product is exact in bf16; K = 512
   for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_INT4})

@@ -197,24 +197,28 @@ def test_memory_bandwidth_probe():
 @pytest.mark.parametrize("variant", ["default", "avx2", "avx512"])  # the dense GEMV's AVX2 / AVX-512 forms
 @pytest.mark.parametrize("T", [1, 3, 4, 17])
 @pytest.mark.parametrize("M,K", [(33, 64), (64, 100), (7, 8), (9, 40)])
-def test_dense_linear_matches_torch(T, M, K, variant):
+@pytest.mark.parametrize("bf16_x", [False, True])  # a bf16 model's activations (one token: AVX512-BF16's GEMV)
+def test_dense_linear_matches_torch(T, M, K, variant, bf16_x):
     if variant != "default":
         if variant not in native.supported_variants():
             pytest.skip(f"this CPU has no {variant} (its kernels run under tests/native's emulation)")
         before = native.variant()
         native.set_variant(variant)
         try:
-            return test_dense_linear_matches_torch(T, M, K, "default")
+            return test_dense_linear_matches_torch(T, M, K, "default", bf16_x)
         finally:
             native.set_variant(before)
     g = torch.Generator().manual_seed(T * M)
     w = torch.randn(M, K, generator=g).to(torch.bfloat16)
     b = torch.randn(M, generator=g)
-    x = torch.randn(2, T, K, generator=g)
+    B = 1 if T == 1 else 2  # T == 1: one row, the decode GEMV's case
+    x = torch.randn(B, T, K, generator=g)
+    if bf16_x:
+        x = x.bfloat16().float()
     assert native.takes_linear(x, w)
     ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
     out = native.linear(x, w, b)
-    assert out.shape == (2, T, M) and out.dtype == torch.float32
+    assert out.shape == (B, T, M) and out.dtype == torch.float32
     assert rel(out, ref) < 1e-5
     assert not native.takes_linear(x, w.float())
 

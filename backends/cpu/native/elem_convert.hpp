@@ -36,4 +36,12 @@ inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
+// float -> bf16 bits, round to nearest even; NaN -> the quiet NaN torch gives (c10::BFloat16)
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
 }  // namespace kt

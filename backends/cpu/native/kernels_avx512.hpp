@@ -222,34 +222,6 @@ KT_AVX512 inline __m256i bf16x16_of(__m512 x) {
 }
 KT_AVX512 inline __m256i bf16x16(const float* x) { return bf16x16_of(_mm512_loadu_ps(x)); }
 
-#ifndef KT_DENSE_PREFETCH
-#define KT_DENSE_PREFETCH 8192  // bytes ahead of each row (bench/ab_dense.py, Zen 4 EPYC, one token: 151936 x 2048
-// 0.77-0.89x the time of 2048 bytes, 32768 x 4096 0.77x; 4096: 0.83x; 16384: 0.9x)
-#endif
-// One token against 4 bf16 rows (the row-major dense GEMV of decode): 16 inputs per step, so
-// one widening load per 32 weight bytes where the AVX2 form needs two.
-KT_AVX512 inline void dense_quad_avx512(const uint16_t* w, int64_t K, const float* x, float* o) {
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
-    if ((k & 31) == 0)  // a cache line of each row per two steps
-      for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k) + KT_DENSE_PREFETCH, _MM_HINT_T0);
-    for (int j = 0; j < 4; ++j) {
-      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k))), 16));
-      a[j] = _mm512_fmadd_ps(xv, v, a[j]);
-    }
-  }
-  for (int j = 0; j < 4; ++j) {
-    float lanes[16], v = 0.f;  // (not _mm512_reduce_add_ps: SIMDe, which tests/native builds with, lacks it)
-    _mm512_storeu_ps(lanes, a[j]);
-    for (float l : lanes) v += l;
-    for (int64_t kk = k; kk < K; ++kk) v += x[kk] * bf16_to_f32(w[j * K + kk]);
-    o[j] = v;
-  }
-}
-
 // AVX512-BF16 (Zen 4, Cooper Lake): VDPBF16PS multiplies bf16 pairs into fp32 sums, twice the
 // FMA path's work per instruction. For prefill tiles of 16+ tokens of bf16 experts on CPUs
 // without AMX; like AMX it rounds the activations to bf16 (the MoE's inputs are bf16 hidden

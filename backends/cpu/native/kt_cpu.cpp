@@ -20,6 +20,7 @@
 
 #include "kernels.hpp"
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
+#include "kernels_gemv_avx512.hpp"  // the one-token bf16 GEMV on AVX-512 and AVX512-BF16
 #include "attention_tiles.hpp"  // decode attention of large head groups (MLA) on AMX tiles
 #include "kernels_grad.hpp"  // training's backward products through frozen experts
 #include "threadpool.hpp"
@@ -144,12 +145,21 @@ static int linear_bf16(const float* x, int64_t T, int64_t K, const uint16_t* w, 
   const int64_t RB = 32, blocks = (M + RB - 1) / RB;
   const bool avx2 = state().variant >= VARIANT_AVX2;
   const bool avx512 = state().variant >= VARIANT_AVX512;
+#if defined(KT_HAVE_AVX512BF16)
+  std::vector<uint16_t> xh;  // x in bf16, for the VDPBF16PS GEMV when it is bf16 values (a bf16 model's)
+  const bool dp = T == 1 && bf16dp_on(FMT_BF16) && (xh.resize(K), bf16_exact_avx512(x, K, xh.data()));
+  const uint16_t* xhp = xh.data();
+#endif
   state().threads().run(blocks, [&](int64_t b) {
     const int64_t r0 = b * RB, r1 = std::min(M, r0 + RB);
     int64_t r = r0;
+#if defined(KT_HAVE_AVX512BF16)
+    if (dp)
+      for (; r + kDenseRows <= r1; r += kDenseRows) dense_rows_bf16dp<kDenseRows>(w + r * K, K, xhp, x, out + r);
+#endif
 #if defined(KT_X86)
-    if (avx512 && T == 1)  // decode: 4 rows per pass
-      for (; r + 4 <= r1; r += 4) dense_quad_avx512(w + r * K, K, x, out + r);
+    if (avx512 && T == 1)  // decode: kDenseRows rows per pass, then 4
+      for (; r + kDenseRows <= r1; r += kDenseRows) dense_rows_avx512<kDenseRows>(w + r * K, K, x, out + r);
     if (avx2 && T == 1)
       for (; r + 4 <= r1; r += 4) dense_quad_avx2(w + r * K, K, x, out + r);
 #endif
