@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from kt_backends.cpu.hugepages import huge_copy
 from kt_backends.cpu.native_abi import FORMATS, MAX_DIM, NR, _index, _Proj
 from kt_core.weights.quant import (INT8_MAX_GROUP, ExpertWeights, Quant, QuantizedWeight, fp16_exact, int8_group_ok,
                                    weight_format)
@@ -178,7 +179,13 @@ def _f16_scales(ws: list) -> bool:
 
 def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False) -> PackedProj:
     """``f16``: grouped int8's or int4's scales (and zero points) stored as fp16 (the values must be
-    fp16's: _f16_scales)."""
+    fp16's: _f16_scales). The panels go into huge pages where the OS gives them (hugepages.py)."""
+    p = _pack_proj_pages(w, bias, f16)
+    p.data = huge_copy(p.data)
+    return p
+
+
+def _pack_proj_pages(w, bias: Optional[torch.Tensor], f16: bool) -> PackedProj:
     b = None if bias is None else bias.float().contiguous()
     if isinstance(w, torch.Tensor):
         return PackedProj(_panels(w.view(torch.int16)), None, None, b)
