@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <random>
 #include <vector>
 
@@ -159,28 +160,34 @@ int main() {
       ++failures;
     }
   }
-  // and their AVX512-BF16 form (a bf16 model's backward without AMX), bf16 pairs of A's rows and the
-  // weights: bf16-exact A and power-of-two scales, so every product is exact in bf16; K = 512
-  for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_INT4})
-    for (bool zeros : {false, true}) {
-      if (zeros && fmt != FMT_INT4 && fmt != FMT_INT8) continue;
-      const int64_t Kt = 512;
-      const int g = fmt == FMT_INT8 && !zeros ? static_cast<int>(Kt) : fmt == FMT_BF16 ? 0 : 32;
-      const std::vector<uint8_t> data = random_codes(fmt, P * Kt * NR * 2, rng);
-      std::vector<float> scale(P * Kt * NR), zero(P * Kt * NR);
-      for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
-      for (auto& v : zero) v = static_cast<float>(rng() % 16);
-      Weight w{fmt, P * NR, Kt, g > 0 ? g : static_cast<int>(Kt), data.data(), scale.data(), zeros ? zero.data() : nullptr};
-      for (int64_t n : {1, 17, 40, 70}) {  // one tile, a tail, 3 tiles in a pass, 3 + 2
-        std::vector<float> A(n * P * NR), a(n * Kt, 0.5f), b(n * Kt, 0.5f);
-        for (auto& v : A) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
-        rows_t_bf16dp_avx512(w, A.data(), P * NR, n, a.data(), Kt, 1, Kt / 16, true);  // input blocks 1.. of C
-        rows_t_generic(w, A.data(), P * NR, n, b.data(), Kt, 1, Kt / 16, true);
-        char what[96];
-        std::snprintf(what, sizeof what, "avx512bf16 rows_t fmt=%d zeros=%d", fmt, zeros ? 1 : 0);
-        compare(what, static_cast<int>(n), a, b);
+#endif
+  // Training's transposed products in bf16 (a bf16 model's backward: rows_t_bf16dp_avx512, rows_t_amx)
+  // against the generic float64 sums, with bf16-exact rows of A and power-of-two scales (every weight
+  // exact in bf16): 3 panels, n rows each, input blocks kb0.. of C
+  const auto bf16_rows_t_case = [&](const char* name, auto&& kernel, std::initializer_list<int64_t> ns, int64_t kb0) {
+    for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_INT4})
+      for (bool zeros : {false, true}) {
+        if (zeros && fmt != FMT_INT4 && fmt != FMT_INT8) continue;
+        const int g = fmt == FMT_INT8 && !zeros ? static_cast<int>(K) : fmt == FMT_BF16 ? static_cast<int>(K) : 32;
+        const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
+        std::vector<float> scale(P * K * NR), zero(P * K * NR);
+        for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
+        for (auto& v : zero) v = static_cast<float>(rng() % 16);
+        Weight w{fmt, P * NR, K, g, data.data(), scale.data(), zeros ? zero.data() : nullptr};
+        for (int64_t n : ns) {
+          std::vector<float> A(n * P * NR), a(n * K, 0.5f), b(n * K, 0.5f);
+          for (auto& v : A) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
+          kernel(w, A.data(), P * NR, n, a.data(), K, kb0, K / 16, true);
+          rows_t_generic(w, A.data(), P * NR, n, b.data(), K, kb0, K / 16, true);
+          char what[96];
+          std::snprintf(what, sizeof what, "%s fmt=%d zeros=%d", name, fmt, zeros ? 1 : 0);
+          compare(what, static_cast<int>(n), a, b);
+        }
       }
-    }
+  };
+#if defined(KT_HAVE_AVX512BF16)
+  // the AVX512-BF16 form (without AMX): one row tile, a tail, 3 tiles in a pass, 3 + 2
+  bf16_rows_t_case("avx512bf16 rows_t", [](auto&&... x) { rows_t_bf16dp_avx512(x...); }, {1, 17, 40, 70}, 1);
 #endif
   // AMX: w8a8 over whole 16-token tiles plus tails; int8 / int4 on integer tiles (TDPBSSD, int8
   // activation codes that hold these activations exactly); every other format on bf16 tiles of up
@@ -256,28 +263,9 @@ int main() {
   for (bool zeros : {false, true}) amx_case(FMT_INT4, 544, 544, zeros);
   amx_case(FMT_INT8, 544, 544, false);
   amx_case(FMT_BF16, 544, 544, false);  // and for the AVX512-BF16 pairs: two K blocks of 256, then 32
-  // Training's transposed products on the tiles (rows_t_amx) against the generic float64 sums, with
-  // bf16-exact rows of A and power-of-two scales (every weight exact in bf16): 3 panels (an odd
-  // one out of the two-panel tiles), 1..7 row tiles (two groups of up to six C tiles)
-  for (int fmt : {FMT_BF16, FMT_FP8, FMT_INT8, FMT_INT4})
-    for (bool zeros : {false, true}) {
-      if (zeros && fmt != FMT_INT4 && fmt != FMT_INT8) continue;
-      const int g = fmt == FMT_INT8 && !zeros ? static_cast<int>(K) : fmt == FMT_BF16 ? static_cast<int>(K) : 32;
-      const std::vector<uint8_t> data = random_codes(fmt, P * K * NR * 2, rng);
-      std::vector<float> scale(P * K * NR), zero(P * K * NR);
-      for (auto& v : scale) v = std::ldexp(1.f, -7 - static_cast<int>(rng() % 4));
-      for (auto& v : zero) v = static_cast<float>(rng() % 16);
-      Weight w{fmt, P * NR, K, g, data.data(), scale.data(), zeros ? zero.data() : nullptr};
-      for (int64_t n : {1, 16, 33, 100}) {
-        std::vector<float> A(n * P * NR), a(n * K, 0.5f), b(n * K, 0.5f);
-        for (auto& v : A) v = bf16_to_f32(static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16));
-        rows_t_amx(w, A.data(), P * NR, n, a.data(), K, 2, K / 16, true);  // input blocks 2.. of C
-        rows_t_generic(w, A.data(), P * NR, n, b.data(), K, 2, K / 16, true);
-        char what[96];
-        std::snprintf(what, sizeof what, "amx rows_t fmt=%d zeros=%d", fmt, zeros ? 1 : 0);
-        compare(what, static_cast<int>(n), a, b);
-      }
-    }
+  // Training's transposed products on the tiles: 3 panels (an odd one out of the two-panel tiles), 1..7
+  // row tiles (two groups of up to six C tiles)
+  bf16_rows_t_case("amx rows_t", [](auto&&... x) { rows_t_amx(x...); }, {1, 16, 33, 100}, 2);
   // Decode attention's two products on the tiles (attention_tiles.hpp): head groups of 16 and 20 (a
   // padded head tile), runs of keys that leave partial 16- and 32-key tiles, rows scattered as a paged
   // cache's, against double sums of the same bf16 operands (the query and the probabilities rounded)

@@ -47,7 +47,8 @@ KINDS = [("bf16", 0), ("int8", 0), ("int8", 8), ("int8z", 8), ("int4", 8), ("int
 
 
 @pytest.mark.parametrize("fmt,group", KINDS)
-@pytest.mark.parametrize("H,I", [(64, 48), (72, 40)])  # 72 / 40: input blocks shorter than 16
+# 72 / 40: input blocks shorter than 16; 272: 17 panels, chunks of 8 + 8 + 1 (kernels_grad.hpp's kGradChunk)
+@pytest.mark.parametrize("H,I", [(64, 48), (72, 40), (272, 48)])
 def test_rows_t_equals_float64_products_of_the_dequantized_weights(fmt, group, H, I):
     from kt_backends.cpu import native_grad
 

@@ -14,7 +14,7 @@ namespace kt {
 
 #if defined(KT_X86)
 // rows of a one-token GEMV streamed side by side (bench/ab_dense.py, Zen 4 EPYC, 151936 x 2048: 8 rows
-// 0.81-0.84x the time of 4, 16 rows 0.9x; 32768 x 4096: 0.92x)
+// 0.81-0.91x the time of 4, 16 rows 0.9x; 32768 x 4096: 0.92x)
 constexpr int kDenseRows = 8;
 #ifndef KT_DENSE_PREFETCH
 #define KT_DENSE_PREFETCH 8192  // bytes ahead of each row (bench/ab_dense.py, Zen 4 EPYC, one token: 151936 x 2048

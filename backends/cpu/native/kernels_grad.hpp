@@ -59,6 +59,14 @@ inline void rows_t_generic(const Weight& w, const float* A, int64_t lda, int64_t
   }
 }
 
+// panels of W whose rows of A^T stay in L1 while every input block passes (the vector forms: 3 row
+// tiles x 128 rows of W, 12-24 KB); the whole of A^T (64-128 KB a tile at M = 2048) streamed from L2
+// once per block made the products wait on it (one Qwen3-30B-A3B layer's products, T=512, Zen 4 EPYC)
+#ifndef KT_GRAD_CHUNK
+#define KT_GRAD_CHUNK 8
+#endif
+constexpr int64_t kGradChunk = KT_GRAD_CHUNK;
+
 // A^T in vectors of V rows: At[(t * Mp + m) * V + c] = A[t V + c][m] (0 past n or M), Mp = 16 P
 inline void transpose_rows(const float* A, int64_t lda, int64_t n, int64_t M, int64_t Mp, int V, std::vector<float>& At) {
   const int64_t tiles = (n + V - 1) / V;

@@ -65,12 +65,6 @@ KT_AVX512BF16 inline void rows_t_dp_tile(const uint32_t* ap, int64_t MP2, const 
     for (int i = 0; i < 8; ++i) _mm512_store_ps(out + (r * NR + kq + i) * NR, acc[r][i]);
 }
 
-#ifndef KT_GRAD_DP_CHUNK
-#define KT_GRAD_DP_CHUNK 8
-#endif
-// panels whose A pairs (3 row tiles: 12 KB) stay in L1 while every input block passes: streamed
-// from L2 once per block instead, the whole of A^T (64 KB a tile at M = 2048) made the products wait
-constexpr int64_t kGradDpChunk = KT_GRAD_DP_CHUNK;
 #ifndef KT_GRAD_DP_AHEAD
 #define KT_GRAD_DP_AHEAD 2  // blocks ahead a bf16 weight's panels are prefetched into L2
 #endif
@@ -85,13 +79,13 @@ KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, 
   thread_local lvector<uint16_t> blk;
   thread_local lvector<float> Ct;  // [NB][row tile][input][row]
   at_pairs_bf16(A, lda, n, w.M, P, Ap);
-  if (w.fmt != FMT_BF16) blk.resize(kGradDpChunk * NR * NR);
+  if (w.fmt != FMT_BF16) blk.resize(kGradChunk * NR * NR);
   const char* data = static_cast<const char*>(w.data);
   for (int64_t t = 0; t < tiles; t += 3) {  // up to 3 row tiles a pass: each broadcast feeds 3 of them
     const int rt = static_cast<int>(std::min<int64_t>(3, tiles - t));
     Ct.resize(NB * rt * NR * NR);
-    for (int64_t c0 = 0; c0 < P; c0 += kGradDpChunk) {
-      const int64_t pc = std::min(kGradDpChunk, P - c0);
+    for (int64_t c0 = 0; c0 < P; c0 += kGradChunk) {
+      const int64_t pc = std::min(kGradChunk, P - c0);
       const uint32_t* ap = &Ap[(t * MP2 + c0 * NR / 2) * NR];
       for (int64_t kb = kb0; kb < kb1; ++kb) {
         const int64_t k0 = kb * NR;
