@@ -14,7 +14,6 @@ from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import cpu_info
 from kt_backends.cpu import native, native_attention, native_linear, native_mla, native_ops
 from kt_backends.cpu import probe as cpu_probe
-from kt_backends.cpu.hugepages import huge_copy
 from kt_core.backend.torch_backend import TorchBackend
 from kt_core.weights.quant import Quant, QuantizedWeight
 
@@ -88,8 +87,6 @@ class CpuBackend(TorchBackend):
         if packed is None:
             if isinstance(weight, QuantizedWeight):
                 _slow_path_once(f"{weight.format.value} dense weights (group {weight.group_size})")
-            elif isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and weight.dim() == 2:
-                return huge_copy(weight)  # the row-major GEMV streams it: huge pages where the OS gives them
             return weight
         packed.pool = index
         return packed

@@ -1,11 +1,12 @@
 """Weights the CPU kernels stream, placed in transparent huge pages (Linux).
 
-Decode reads every weight of the active experts, the attention projections and the LM head once a
-token; with 4 KB pages that is a TLB walk per 4 KB of each of the 8-16 streams the kernels keep in
-flight. A weight copied into memory advised MADV_HUGEPAGE before its first touch gets 2 MB pages
-(the kernel's "madvise" THP mode, the common default). One-token bf16 GEMV of a 151936 x 2048 LM head
-on a Zen 4 EPYC: 0.92x the time in three alternating runs (bench/README.md). llama.cpp gets the same
-from the page cache's large folios of its mmap'ed GGUF file.
+Decode reads every weight of the active experts once a token; with 4 KB pages that is a TLB walk per
+4 KB of each stream the kernels keep in flight. A weight copied into memory advised MADV_HUGEPAGE
+before its first touch gets 2 MB pages (the kernel's "madvise" THP mode, the common default).
+native_pack.pack puts the packed experts there at load. A bf16 GEMV of 151936 x 2048 on such memory
+on a Zen 4 EPYC: 0.88-0.98x the time in three alternating runs (bench/README.md). llama.cpp gets the
+same from the page cache's large folios of its mmap'ed GGUF file. (The dense weights are not copied:
+the model reader hands unquantized ones to the layers without the backend's prepare_dense.)
 
 Elsewhere (Windows, macOS, THP "never", KT_HUGEPAGES=0, small tensors) ``huge_copy`` returns the
 tensor as it is: huge pages are a speed-up, never a requirement.

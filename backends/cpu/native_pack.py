@@ -179,13 +179,7 @@ def _f16_scales(ws: list) -> bool:
 
 def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False) -> PackedProj:
     """``f16``: grouped int8's or int4's scales (and zero points) stored as fp16 (the values must be
-    fp16's: _f16_scales). The panels go into huge pages where the OS gives them (hugepages.py)."""
-    p = _pack_proj_pages(w, bias, f16)
-    p.data = huge_copy(p.data)
-    return p
-
-
-def _pack_proj_pages(w, bias: Optional[torch.Tensor], f16: bool) -> PackedProj:
+    fp16's: _f16_scales)."""
     b = None if bias is None else bias.float().contiguous()
     if isinstance(w, torch.Tensor):
         return PackedProj(_panels(w.view(torch.int16)), None, None, b)
@@ -315,6 +309,7 @@ def pack(ex: ExpertWeights, release: bool = False) -> Optional[PackedExperts]:
     done = {}
     for name, bias, half in (("gate", ex.gate_bias, f16), ("up", ex.up_bias, f16), ("down", ex.down_bias, f16_down)):
         done[name] = _pack_proj(getattr(ex, name), bias, half)
+        done[name].data = huge_copy(done[name].data)  # streamed every step: huge pages where the OS gives them
         if release:
             setattr(ex, name, None)
     return PackedExperts(ids, first[0], first[1], H, I, done["gate"], done["up"], done["down"],

@@ -36,3 +36,28 @@ def test_kt_hugepages_0_turns_it_off(monkeypatch):
     finally:
         monkeypatch.delenv("KT_HUGEPAGES")
         hugepages._madvise.cache_clear()
+
+
+
+def test_packed_experts_land_on_huge_pages_with_the_same_panels(monkeypatch):
+    from kt_backends.cpu import native
+    from kt_core.weights.quant import ExpertWeights
+
+    if not native.available():
+        pytest.skip("native CPU kernels not built")
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 1024, 1024, generator=g).bfloat16() for _ in range(3)]  # 16 MB a projection
+    packed = native.pack(ExpertWeights(torch.arange(8), *ws))
+    monkeypatch.setenv("KT_HUGEPAGES", "0")
+    hugepages._madvise.cache_clear()
+    try:
+        plain = native.pack(ExpertWeights(torch.arange(8), *ws))
+    finally:
+        monkeypatch.delenv("KT_HUGEPAGES")
+        hugepages._madvise.cache_clear()
+    for proj, ref in ((packed.gate, plain.gate), (packed.up, plain.up), (packed.down, plain.down)):
+        assert torch.equal(proj.data, ref.data)
+        if hugepages.available():
+            assert proj.data.data_ptr() % hugepages.HUGE_PAGE == 0
+    x, ids, wts = torch.randn(3, 1024, generator=g), torch.tensor([[0, 1], [2, 3], [7, 0]]), torch.full((3, 2), 0.5)
+    assert torch.equal(native.moe_forward(packed, x, ids, wts), native.moe_forward(plain, x, ids, wts))
