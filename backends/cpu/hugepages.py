@@ -1,15 +1,15 @@
 """Weights the CPU kernels stream, placed in transparent huge pages (Linux).
 
 Decode reads every weight of the active experts once a token; with 4 KB pages that is a TLB walk per
-4 KB of each stream the kernels keep in flight. A weight copied into memory advised MADV_HUGEPAGE
+4 KB of each stream the kernels keep in flight. A weight written into memory advised MADV_HUGEPAGE
 before its first touch gets 2 MB pages (the kernel's "madvise" THP mode, the common default).
-native_pack.pack puts the packed experts there at load. A bf16 GEMV of 151936 x 2048 on such memory
+native_pack.pack packs the experts straight into such memory (``huge_empty``) at load. A bf16 GEMV of 151936 x 2048 on such memory
 on a Zen 4 EPYC: 0.88-0.98x the time in three alternating runs (bench/README.md). llama.cpp gets the
 same from the page cache's large folios of its mmap'ed GGUF file. (The dense weights are not copied:
 the model reader hands unquantized ones to the layers without the backend's prepare_dense.)
 
-Elsewhere (Windows, macOS, THP "never", KT_HUGEPAGES=0, small tensors) ``huge_copy`` returns the
-tensor as it is: huge pages are a speed-up, never a requirement.
+Elsewhere (Windows, macOS, THP "never", KT_HUGEPAGES=0, small tensors) ``huge_empty`` is a plain
+``torch.empty``: huge pages are a speed-up, never a requirement.
 """
 from __future__ import annotations
 
@@ -48,18 +48,17 @@ def available() -> bool:
     return _madvise() is not None
 
 
-def huge_copy(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s values in a fresh contiguous CPU tensor whose whole 2 MB spans the kernel backs with huge
-    pages; ``t`` itself (contiguous) where that does not apply. The result is a view into a slightly
-    larger buffer (aligned to 2 MB), which it keeps alive."""
-    n = t.numel() * t.element_size()
+def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor whose whole 2 MB spans the kernel backs with huge pages
+    once written (a view into a slightly larger buffer aligned to 2 MB, which it keeps alive); a
+    plain ``torch.empty`` where that does not apply."""
+    shape = tuple(shape)
+    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     madvise = _madvise()
-    if madvise is None or t.device.type != "cpu" or n < MIN_BYTES:
-        return t.contiguous()
+    if madvise is None or n < MIN_BYTES:
+        return torch.empty(shape, dtype=dtype)
     buf = torch.empty(n + HUGE_PAGE, dtype=torch.uint8)  # untouched: no page is mapped yet
     start = (-buf.data_ptr()) % HUGE_PAGE
     if madvise(buf.data_ptr() + start, n - n % HUGE_PAGE, _MADV_HUGEPAGE) != 0:
-        return t.contiguous()
-    out = buf[start:start + n].view(t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
+        return torch.empty(shape, dtype=dtype)
+    return buf[start:start + n].view(dtype).view(shape)

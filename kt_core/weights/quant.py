@@ -92,6 +92,11 @@ CHUNK_ELEMENTS = 1 << 22  # weights converted to float32 at a time while quantiz
 # int4's fits make tens of passes over a chunk: in 1 MB chunks they stay in L2 (a 4M-weight
 # tensor, 2 threads: asymmetric 0.19 -> 0.07 s, symmetric 0.041 -> 0.022 s)
 INT4_CHUNK_ELEMENTS = 1 << 18
+# asymmetric int4's fit: it starts from the group's range shrunk by these fractions (the extremes then
+# clip) and refits the least-squares line through the codes this many times from each (one source for
+# this path and the native one, backends/cpu/native/quantize_int4.inc, which takes them as arguments)
+INT4_ASYM_SHRINKS = (0.0, 0.05, 0.1)
+INT4_ASYM_REFITS = 3
 
 
 def _int4_symmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +139,10 @@ def _int4_asymmetric(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     gm = g.mean(dim=-1, keepdim=True)
     flat = hi - lo < 1e-12  # a constant group: scale |value| or 1 (zero point -1, 0 or 1, not -value / 1e-12)
     best = None
-    for shrink in (0.0, 0.05, 0.1):
+    for shrink in INT4_ASYM_SHRINKS:
         b = lo + (hi - lo) * (shrink / 2)
         s = torch.where(flat, lo.abs() + (lo == 0).float(), (hi - lo) * (1 - shrink) / 15.0).clamp_min(1e-12)
-        for _ in range(3):
+        for _ in range(INT4_ASYM_REFITS):
             q = torch.round((g - b) / s).clamp_(0, 15)
             qm = q.mean(dim=-1, keepdim=True)
             var = (q - qm).square().sum(dim=-1, keepdim=True)
@@ -167,22 +172,23 @@ def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
     return near if ok else scale
 
 
-def _int4_fp16(g: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> Optional[tuple]:
+def _int4_fp16(g: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> tuple:
     """int4 codes, scale and zero point (None: symmetric, zero 8) of ``g [rows, groups, group]`` with
     the scale and zero point rounded to the nearest fp16 values and the codes taken anew for them, so
     the packed weights keep them in 2 bytes each (GGUF's 16-bit block scales; int4 g32's scale and zero
     point otherwise cost 8 bytes a 16-byte group). Rounding moves a scale by at most 2^-11 of itself and
     a zero point by at most 2^-8 of a code: a twentieth of the half code step the codes already round.
-    None where a value would not survive fp16 (past its range, or a nonzero scale that would vanish):
-    the caller keeps float32 then."""
+    A group whose values would not survive fp16 (past its range, or a nonzero scale that would vanish)
+    keeps ``codes`` and its float32 values (the weight then packs with float32 scales)."""
     s = scale.half().float()
     z = None if zero is None else zero.half().float()
-    if not (bool(torch.isfinite(s).all()) and bool(((s != 0) | (scale == 0)).all())
-            and (z is None or bool(torch.isfinite(z).all()))):
-        return None
+    ok = torch.isfinite(s) & ((s != 0) | (scale == 0))
+    if z is not None:
+        ok &= torch.isfinite(z)
     d = torch.where(s == 0, torch.ones_like(s), s)
-    q = torch.round(g / d + (8.0 if z is None else z)).clamp_(0, 15)
-    return q, s, z
+    q = torch.round(g / d + (8.0 if z is None else torch.where(ok, z, 0.0))).clamp_(0, 15)
+    return (torch.where(ok, q, codes), torch.where(ok, s, scale),
+            None if z is None else torch.where(ok, z, zero))
 
 
 def fp16_exact(t: Optional[torch.Tensor]) -> bool:
@@ -193,6 +199,16 @@ def fp16_exact(t: Optional[torch.Tensor]) -> bool:
         return bool(torch.isfinite(t).all())
     h = t.half()
     return bool(torch.isfinite(h).all()) and bool((h.float() == t.float()).all())
+
+
+def _native_int4(rows: torch.Tensor, group: int, symmetric: bool) -> Optional[tuple]:
+    """The same fits (scales rounded to fp16 values) on the native CPU kernels, one pass per group:
+    (codes, scales, zero points or None), or None where they do not run (then the torch path)."""
+    try:
+        from kt_backends.cpu import native_quant
+    except ImportError:  # kt-core installed without its CPU backend
+        return None
+    return native_quant.try_int4(rows, group, symmetric, True, INT4_ASYM_SHRINKS, INT4_ASYM_REFITS)
 
 
 def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
@@ -215,6 +231,11 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
         raise ValueError(f"int4 needs an even input dim, got {in_features}")
     lead, G = weight.shape[:-1], in_features // group
     rows = weight.reshape(-1, in_features)
+    native = _native_int4(rows, group, symmetric) if fmt is Quant.INT4 else None
+    if native is not None:
+        codes, scales, zeros = native
+        return QuantizedWeight(fmt, codes.reshape(*lead, in_features // 2), scales.reshape(*lead, G),
+                               None if zeros is None else zeros.reshape(*lead, G), group, in_features)
     n = rows.shape[0]
     width = in_features // 2 if fmt is Quant.INT4 else in_features
     qdata = torch.empty(n, width, dtype=torch.int8 if fmt in (Quant.INT8, Quant.W8A8) else torch.uint8)
@@ -233,9 +254,7 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
             q = torch.round(g / scale).clamp_(-127, 127).to(torch.int8)
         else:
             codes, scale, zero = (*_int4_symmetric(g), None) if symmetric else _int4_asymmetric(g)
-            rounded = _int4_fp16(g, scale, zero)
-            if rounded is not None:
-                codes, scale, zero = rounded
+            codes, scale, zero = _int4_fp16(g, codes, scale, zero)
             if zero is not None:
                 zeros[r0:r0 + step] = zero.squeeze(-1)
             codes = codes.to(torch.uint8).reshape(g.shape[0], in_features)

@@ -1,5 +1,5 @@
-"""backends/cpu/hugepages.py: weights copied into memory advised for transparent huge pages keep their
-values, shape and dtype; where huge pages do not apply the tensor comes back as it is."""
+"""backends/cpu/hugepages.py: large weights get memory advised for transparent huge pages (aligned to
+2 MB, of the asked shape and dtype); where huge pages do not apply it is plain memory."""
 import sys
 
 import pytest
@@ -8,50 +8,53 @@ import torch
 from kt_backends.cpu import hugepages
 
 
-def test_a_large_weight_keeps_its_values_and_starts_on_a_huge_page():
-    t = torch.randn(4100, 2049).bfloat16()  # ~16.8 MB: over MIN_BYTES, not a whole number of 2 MB pages
-    assert t.numel() * 2 >= hugepages.MIN_BYTES
-    out = hugepages.huge_copy(t)
-    assert out.dtype == t.dtype and out.shape == t.shape and out.is_contiguous() and torch.equal(out, t)
+def test_a_large_weight_starts_on_a_huge_page_and_holds_what_is_written():
+    shape = (4100, 2049)  # ~16.8 MB of bf16: over MIN_BYTES, not a whole number of 2 MB pages
+    out = hugepages.huge_empty(shape, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and tuple(out.shape) == shape and out.is_contiguous()
+    t = torch.randn(shape).bfloat16()
+    out.copy_(t)
+    assert torch.equal(out, t)
     if hugepages.available():
-        assert out.data_ptr() % hugepages.HUGE_PAGE == 0 and out.data_ptr() != t.data_ptr()
+        assert out.data_ptr() % hugepages.HUGE_PAGE == 0
     elif sys.platform.startswith("linux"):
-        pytest.skip("transparent huge pages are off here (or KT_HUGEPAGES=0): the copy is the tensor itself")
+        pytest.skip("transparent huge pages are off here (or KT_HUGEPAGES=0): plain memory")
 
 
-def test_small_or_strided_tensors_come_back_contiguous_and_equal():
-    small = torch.randn(64, 64).bfloat16()
-    assert hugepages.huge_copy(small) is small
-    strided = torch.randn(3000, 3000)[:, ::2]  # 18 MB of floats, not contiguous
-    out = hugepages.huge_copy(strided)
-    assert out.is_contiguous() and torch.equal(out, strided)
+def test_small_tensors_get_plain_memory():
+    small = hugepages.huge_empty((64, 64), torch.float32)
+    assert tuple(small.shape) == (64, 64) and small.is_contiguous()
+    assert small.untyped_storage().nbytes() == 64 * 64 * 4  # not a view into a 2 MB-padded buffer
 
 
 def test_kt_hugepages_0_turns_it_off(monkeypatch):
     monkeypatch.setenv("KT_HUGEPAGES", "0")
     hugepages._madvise.cache_clear()
     try:
-        t = torch.randn(2100, 2048).bfloat16()
-        assert not hugepages.available() and hugepages.huge_copy(t) is t
+        out = hugepages.huge_empty((2100, 2048), torch.bfloat16)
+        assert not hugepages.available() and out.untyped_storage().nbytes() == 2100 * 2048 * 2
     finally:
         monkeypatch.delenv("KT_HUGEPAGES")
         hugepages._madvise.cache_clear()
 
 
-
-def test_packed_experts_land_on_huge_pages_with_the_same_panels(monkeypatch):
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_packed_experts_land_on_huge_pages_with_the_same_panels(fmt, monkeypatch):
     from kt_backends.cpu import native
-    from kt_core.weights.quant import ExpertWeights
+    from kt_core.weights.quant import ExpertWeights, quantize
 
     if not native.available():
         pytest.skip("native CPU kernels not built")
     g = torch.Generator().manual_seed(0)
-    ws = [torch.randn(8, 1024, 1024, generator=g).bfloat16() for _ in range(3)]  # 16 MB a projection
-    packed = native.pack(ExpertWeights(torch.arange(8), *ws))
+    E = 8 if fmt == "bf16" else 32  # 16 MB a projection's panels
+    ws = [torch.randn(E, 1024, 1024, generator=g).bfloat16() for _ in range(3)]
+    if fmt == "int4":
+        ws = [quantize(w, "int4", 32) for w in ws]
+    packed = native.pack(ExpertWeights(torch.arange(E), *ws))
     monkeypatch.setenv("KT_HUGEPAGES", "0")
     hugepages._madvise.cache_clear()
     try:
-        plain = native.pack(ExpertWeights(torch.arange(8), *ws))
+        plain = native.pack(ExpertWeights(torch.arange(E), *ws))
     finally:
         monkeypatch.delenv("KT_HUGEPAGES")
         hugepages._madvise.cache_clear()
@@ -59,5 +62,5 @@ def test_packed_experts_land_on_huge_pages_with_the_same_panels(monkeypatch):
         assert torch.equal(proj.data, ref.data)
         if hugepages.available():
             assert proj.data.data_ptr() % hugepages.HUGE_PAGE == 0
-    x, ids, wts = torch.randn(3, 1024, generator=g), torch.tensor([[0, 1], [2, 3], [7, 0]]), torch.full((3, 2), 0.5)
+    x, ids, wts = torch.randn(3, 1024, generator=g), torch.tensor([[0, 1], [2, 3], [E - 1, 0]]), torch.full((3, 2), 0.5)
     assert torch.equal(native.moe_forward(packed, x, ids, wts), native.moe_forward(plain, x, ids, wts))

@@ -200,6 +200,7 @@ namespace kt {
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
 #include "expert_grad.inc"  // training's backward products through frozen experts (kt_expert_rows_t)
 #include "act_grad.inc"     // and the SwiGLU activation's gradients between them (kt_silu_mul_backward)
+#include "quantize_int4.inc"  // weights -> int4 codes, group scales, panels at load (kt_quantize_int4, kt_pack_int4)
 }  // namespace kt
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
@@ -207,8 +208,8 @@ namespace kt {
 // 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
 // 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly);
 // 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts); 18: kt_expert_rows;
-// 19: kt_silu_mul_backward
-KT_API int kt_abi_version() { return 19; }
+// 19: kt_silu_mul_backward; 20: kt_quantize_int4, kt_pack_int4
+KT_API int kt_abi_version() { return 20; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -297,6 +298,15 @@ KT_API int kt_silu_mul_backward(const kt::ActGradArgs* args) {
   return kt::checked_call(args, kt::check_act_grad_args, kt::silu_mul_backward);
 }
 KT_API int64_t kt_act_grad_args_size() { return static_cast<int64_t>(sizeof(kt::ActGradArgs)); }
+// Load-time int4 quantization of weights (quantize_int4.inc)
+KT_API int kt_quantize_int4(const kt::QuantInt4Args* args) {
+  return kt::checked_call(args, kt::check_quant_int4_args, kt::quantize_int4);
+}
+KT_API int64_t kt_quantize_int4_args_size() { return static_cast<int64_t>(sizeof(kt::QuantInt4Args)); }
+KT_API int kt_pack_int4(const kt::PackInt4Args* args) {
+  return kt::checked_call(args, kt::check_pack_int4_args, kt::pack_int4);
+}
+KT_API int64_t kt_pack_int4_args_size() { return static_cast<int64_t>(sizeof(kt::PackInt4Args)); }
 KT_API int kt_expert_rows(const kt::RowsTArgs* args) {
   return kt::checked_call(args, kt::check_rows_args, kt::expert_rows);
 }

@@ -1,0 +1,100 @@
+"""Load-time int4 work on the native CPU kernels (``native/quantize_int4.inc``). ``try_int4``: the fits
+of ``kt_core.weights.quant`` (symmetric over 16 levels, asymmetric with a zero point, scales rounded to
+fp16 values) in one pass per group instead of ~25 torch passes over the weights; ``quantize()`` runs
+its torch reference when this returns None (no library, ``KT_NATIVE_QUANT=0``, a dtype or group the
+kernel does not take). ``try_pack_int4``: codes into the kernels' panel layout, for ``native_pack``."""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+import torch
+
+from kt_backends.cpu import native_lib
+from kt_backends.cpu.native_abi import DTYPE_CODES, NR, _check_rc, _PackInt4Args, _QuantInt4Args
+
+_DTYPES = {getattr(torch, name): code for name, code in DTYPE_CODES.items()}
+_MAX_GROUP = 4096  # quantize_int4.inc kQuantMaxGroup
+_lib_fns: Optional[ctypes.CDLL] = None
+_why: Optional[str] = None
+
+
+def _lib() -> Optional[ctypes.CDLL]:
+    """The library with kt_quantize_int4 / kt_pack_int4's signatures set, or None (``why_unavailable``)."""
+    global _lib_fns, _why
+    if _lib_fns is not None or _why is not None:
+        return _lib_fns
+    lib = native_lib._load()
+    if lib is None:
+        _why = f"native CPU kernels unavailable: {native_lib._why}"
+        return None
+    for name, args in (("kt_quantize_int4", _QuantInt4Args), ("kt_pack_int4", _PackInt4Args)):
+        try:
+            fn, size = getattr(lib, name), getattr(lib, name + "_args_size")
+        except AttributeError:
+            _why = f"the built extension lacks {name}: reinstall kt-core"
+            return None
+        fn.argtypes = [ctypes.POINTER(args)]
+        fn.restype = ctypes.c_int
+        size.restype = ctypes.c_int64
+        if size() != ctypes.sizeof(args):
+            _why = f"{name}: argument layout mismatch between Python and the built extension: reinstall kt-core"
+            return None
+    _lib_fns = lib
+    return lib
+
+
+def why_unavailable() -> Optional[str]:
+    return None if _lib() is not None else _why
+
+
+def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrinks, refits: int
+             ) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    """(codes uint8 [n, K/2] (input 2j in the low nibble), scale float32 [n, K/group], zero point
+    float32 [n, K/group] or None when symmetric) of the weight rows ``rows [n, K]``, or None when the
+    native kernel does not take them. ``fp16``: scales (and zero points) rounded to fp16 values,
+    each group's codes taken anew for them (a group whose values would not survive fp16 keeps its
+    float32 fit). ``shrinks`` / ``refits``: the asymmetric fit's starting ranges and refits."""
+    if os.environ.get("KT_NATIVE_QUANT", "1") == "0" or _lib() is None:
+        return None
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.device.type != "cpu" or rows.dtype not in _DTYPES:
+        return None
+    n, K = rows.shape
+    if group < 8 or group % 8 or group > _MAX_GROUP or K % group or not 0 < K < 1 << 24:
+        return None
+    rows = rows.contiguous()
+    codes = torch.empty(n, K // 2, dtype=torch.uint8)
+    scale = torch.empty(n, K // group, dtype=torch.float32)
+    zero = None if symmetric else torch.empty(n, K // group, dtype=torch.float32)
+    lo = torch.tensor([s / 2 for s in shrinks], dtype=torch.float32)
+    width = torch.tensor([1 - s for s in shrinks], dtype=torch.float32)
+    if n:
+        args = _QuantInt4Args(n, K, group, _DTYPES[rows.dtype], int(symmetric), int(fp16), len(shrinks), int(refits),
+                              0, lo.data_ptr(), width.data_ptr(), rows.data_ptr(), codes.data_ptr(),
+                              scale.data_ptr(), None if zero is None else zero.data_ptr())
+        _check_rc(_lib_fns.kt_quantize_int4(ctypes.byref(args)), "quantize_int4")
+    return codes, scale, zero
+
+
+def try_pack_int4(qdata: torch.Tensor, alloc=None) -> Optional[torch.Tensor]:
+    """int4 codes [E, M, K/2] (input 2j in the low nibble of byte j) in the kernels' quad layout
+    [E, P, K/4, 32] (native_pack._int4_quads says it; rows past M zero) in memory from ``alloc(shape,
+    dtype)``, or None without the library."""
+    if _lib() is None or not isinstance(qdata, torch.Tensor) or qdata.dim() != 3 or qdata.dtype != torch.uint8 \
+            or qdata.device.type != "cpu":
+        return None
+    E, M, half = qdata.shape
+    if half % 2 or not 0 < M < 1 << 24 or not 0 < half < 1 << 23:
+        return None
+    qdata = qdata.contiguous()
+    P = -(-M // NR)
+    shape = (E, P, half // 2, 2 * NR)
+    out = torch.empty(shape, dtype=torch.uint8) if alloc is None else alloc(shape, torch.uint8)
+    if not (out.is_contiguous() and tuple(out.shape) == shape and out.dtype == torch.uint8):
+        raise ValueError(f"pack_int4: alloc gave a {out.dtype} tensor of shape {tuple(out.shape)}; it must be a "
+                         f"contiguous uint8 tensor of shape {shape}")
+    if E:
+        args = _PackInt4Args(E, M, 2 * half, 0, qdata.data_ptr(), out.data_ptr())
+        _check_rc(_lib_fns.kt_pack_int4(ctypes.byref(args)), "pack_int4")
+    return out
