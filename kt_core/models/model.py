@@ -16,6 +16,7 @@ from kt_core.errors import KtError
 from kt_core.kvcache.paged import Batch, PagedKVCache
 from kt_core.models import deepseek_v4, linear_attn, shapes_v4
 from kt_core.models.layers import Attention, DenseMLP, MLAttention, MoEBlock
+from kt_core.models.expert_stream import Stacked
 from kt_core.models.names import moe_names
 from kt_core.models.spec import ModelSpec
 from kt_core.progress import progress
@@ -81,16 +82,6 @@ def _mlp(r: _Reader, p: str, H: int, inter: int, names=("gate_proj", "up_proj", 
     return DenseMLP(r.dense(f"{p}{g}.weight", (inter, H)), r.dense(f"{p}{u}.weight", (inter, H)), down, activation)
 
 
-def _stack(ck: Checkpoint, names: list[str], shape) -> torch.Tensor:
-    """The named tensors stacked, read one at a time into the result (no second full copy)."""
-    first = ck.get(names[0], shape)
-    out = torch.empty((len(names), *first.shape), dtype=first.dtype)
-    out[0] = first
-    for j, n in enumerate(names[1:], 1):
-        out[j] = ck.get(n, shape)
-    return out
-
-
 def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Optional[int] = None,
                  keep: bool = True) -> ExpertWeights:
     """The experts ``ids`` of one MoE layer, in the checkpoint's naming for this family
@@ -123,8 +114,7 @@ def load_experts(r: _Reader, p: str, spec: ModelSpec, ids: list[int], layer: Opt
         # an fp8 checkpoint served in fp8: keep its codes and block scales, no requantization
         g, u, d = (_stack_fp8(ck, ns, shape) for ns, shape in zip(lists, ((I, H), (I, H), (H, I))))
         return ExpertWeights(idx.to(r.device), g.to(r.device), u.to(r.device), d.to(r.device))
-    return r.experts(lambda: _stack(ck, lists[0], (I, H)), lambda: _stack(ck, lists[1], (I, H)),
-                     lambda: _stack(ck, lists[2], (H, I)), idx)
+    return r.experts(Stacked(ck, lists[0], (I, H)), Stacked(ck, lists[1], (I, H)), Stacked(ck, lists[2], (H, I)), idx)
 
 
 def _stack_fp8(ck: Checkpoint, names: list[str], shape) -> QuantizedWeight:

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from kt_core.errors import KtError
+from kt_core.models.expert_stream import Stacked
 from kt_core.models.kept import kept as _kept
 from kt_core.models.spec import ModelSpec
 from kt_core.weights.checkpoint import Checkpoint
@@ -135,10 +136,13 @@ class _Reader:
 
     def experts(self, gate, up, down, ids: torch.Tensor, **biases):
         """gate / up / down: tensors, or callables that read them (then each projection is read and
-        quantized before the next is read, so only one is ever held in the checkpoint's dtype)."""
+        quantized before the next is read, so only one is ever held in the checkpoint's dtype), or
+        ``Stacked`` experts (quantized a chunk at a time as the next chunk is read)."""
         qp = self.qp
 
         def q(w, fmt=qp.experts):
+            if isinstance(w, Stacked) and fmt is not Quant.NONE:
+                return w.quantized(self.dtype, lambda chunk: _quantize(chunk, fmt, qp, "experts")).to(self.device)
             w = (w() if callable(w) else w).to(self.dtype)
             if fmt is Quant.NONE:
                 return w.to(self.device)

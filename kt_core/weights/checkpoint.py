@@ -218,6 +218,20 @@ class Checkpoint:
             t = dequantize(self.fp8_weight(name, t), torch.float32)
         return t if dtype is None else t.to(dtype)
 
+    def read_into(self, name: str, out: torch.Tensor, shape: Iterable[int]) -> None:
+        """Tensor ``name`` (of ``shape``) into ``out`` (contiguous, that shape): read straight into it
+        where the file stores it in out's dtype (no second copy, no fresh pages), else converted."""
+        f = self._where.get(name)
+        if f is not None and name not in self._packed and name not in self._mx and tuple(out.shape) == tuple(shape):
+            handle = self._handle(f)
+            stored = self._stored.get(name, name)
+            entry = handle.entries.get(stored)
+            if entry is not None and list(entry[1]) == list(shape) and handle.stored_dtype(stored) == out.dtype \
+                    and out.is_contiguous():
+                handle.get_tensor(stored, out)
+                return
+        out.copy_(self.get(name, shape))
+
     def is_fp8(self, name: str) -> bool:
         return name in self and f"{name}_scale_inv" in self
 

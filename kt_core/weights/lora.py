@@ -143,6 +143,12 @@ class Adapted:
         w = w + self.adapter.scaling * (b.float() @ a.float())
         return w if dtype is None else w.to(dtype)
 
+    def read_into(self, name: str, out: torch.Tensor, shape) -> None:
+        if name in self.pairs or not hasattr(self.ck, "read_into"):
+            out.copy_(self.get(name, shape))
+        else:
+            self.ck.read_into(name, out, shape)
+
     def keeps(self, name: str) -> bool:
         return name not in self.pairs and hasattr(self.ck, "keeps") and self.ck.keeps(name)
 

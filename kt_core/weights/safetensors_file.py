@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -38,7 +39,14 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def stored_dtype(self, name: str):
+        """The torch dtype ``get_tensor`` returns for ``name`` (None: one it cannot read)."""
+        dtype = self.entries[name][0]
+        return torch.uint8 if dtype == "F4" else TORCH_DTYPES.get(dtype)
+
+    def get_tensor(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tensor, read into fresh memory, or into ``out`` (a contiguous CPU tensor of its dtype
+        and element count: a slot of a stacked tensor, a reused buffer) and returned reshaped."""
         dtype, shape, begin, end = self.entries[name]
         torch_dtype = torch.uint8 if dtype == "F4" else TORCH_DTYPES.get(dtype)  # F4: two codes a byte
         if dtype == "F4":
@@ -46,7 +54,14 @@ class SafetensorsFile:
         if torch_dtype is None or shape is None:
             raise KtError(f"tensor {show(name)} in {self.path.name} is {dtype}, which kt-core cannot read; "
                           "convert the checkpoint to bf16")
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        if out is not None:
+            if (out.dtype != torch_dtype or not out.is_contiguous() or out.device.type != "cpu"
+                    or out.numel() * out.element_size() != end - begin):
+                raise ValueError(f"cannot read tensor {name} ({dtype}, {end - begin} bytes) into a {out.dtype} "
+                                 f"tensor of {out.numel() * out.element_size()} bytes")
+            buf = out.view(-1).view(torch.uint8)
+        else:
+            buf = torch.empty(end - begin, dtype=torch.uint8)
         with self._lock:
             try:
                 if self._fh is None:
