@@ -18,8 +18,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # int8 takes zero points (value = (code - zero) * scale: GGUF Q5_1 / Q5_K / Q2_K kept exactly); 17: MoeArgs.save_gu
 # and kt_expert_rows_t, training's backward products through frozen experts (native_grad.py); 18: kt_expert_rows,
 # their forward products one by one (LoRA-adapted experts); 19: kt_silu_mul_backward, the SwiGLU activation's
-# gradients between them; 20: kt_quantize_int4 and kt_pack_int4,
-# load-time int4 quantization and packing (native_quant.py)
+# gradients between them; 20: kt_quantize_int4, kt_quantize_int8 and kt_pack_int4,
+# load-time quantization and int4 packing (native_quant.py)
 ABI_VERSION = 20
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
@@ -97,6 +97,12 @@ class _QuantInt4Args(ctypes.Structure):  # quantize_int4.inc QuantInt4Args
                 ("refits", ctypes.c_int), ("pool", ctypes.c_int), ("start_lo", ctypes.c_void_p),
                 ("start_width", ctypes.c_void_p), ("src", ctypes.c_void_p), ("codes", ctypes.c_void_p),
                 ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)]
+
+
+class _QuantInt8Args(ctypes.Structure):  # quantize_int4.inc QuantInt8Args
+    _fields_ = [("rows", ctypes.c_int64), ("K", ctypes.c_int64), ("group", ctypes.c_int64), ("src_dtype", ctypes.c_int),
+                ("fp16", ctypes.c_int), ("pool", ctypes.c_int), ("src", ctypes.c_void_p), ("codes", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p)]
 
 
 class _PackInt4Args(ctypes.Structure):  # quantize_int4.inc PackInt4Args

@@ -1,8 +1,9 @@
-"""Load-time int4 work on the native CPU kernels (``native/quantize_int4.inc``). ``try_int4``: the fits
+"""Load-time quantization on the native CPU kernels (``native/quantize_int4.inc``). ``try_int4``: the fits
 of ``kt_core.weights.quant`` (symmetric over 16 levels, asymmetric with a zero point, scales rounded to
 fp16 values) in one pass per group instead of ~25 torch passes over the weights; ``quantize()`` runs
 its torch reference when this returns None (no library, ``KT_NATIVE_QUANT=0``, a dtype or group the
-kernel does not take). ``try_pack_int4``: codes into the kernels' panel layout, for ``native_pack``."""
+kernel does not take). ``try_int8``: weight-only int8, exactly as the torch form. ``try_pack_int4``: int4
+codes into the kernels' panel layout, for ``native_pack``."""
 from __future__ import annotations
 
 import ctypes
@@ -12,10 +13,11 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native_lib
-from kt_backends.cpu.native_abi import DTYPE_CODES, NR, _check_rc, _PackInt4Args, _QuantInt4Args
+from kt_backends.cpu.native_abi import DTYPE_CODES, NR, _check_rc, _PackInt4Args, _QuantInt4Args, _QuantInt8Args
 
 _DTYPES = {getattr(torch, name): code for name, code in DTYPE_CODES.items()}
 _MAX_GROUP = 4096  # quantize_int4.inc kQuantMaxGroup
+_MAX_GROUP8 = 65536  # kQuantInt8MaxGroup
 _lib_fns: Optional[ctypes.CDLL] = None
 _why: Optional[str] = None
 
@@ -29,7 +31,8 @@ def _lib() -> Optional[ctypes.CDLL]:
     if lib is None:
         _why = f"native CPU kernels unavailable: {native_lib._why}"
         return None
-    for name, args in (("kt_quantize_int4", _QuantInt4Args), ("kt_pack_int4", _PackInt4Args)):
+    for name, args in (("kt_quantize_int4", _QuantInt4Args), ("kt_quantize_int8", _QuantInt8Args),
+                       ("kt_pack_int4", _PackInt4Args)):
         try:
             fn, size = getattr(lib, name), getattr(lib, name + "_args_size")
         except AttributeError:
@@ -75,6 +78,27 @@ def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrink
                               scale.data_ptr(), None if zero is None else zero.data_ptr())
         _check_rc(_lib_fns.kt_quantize_int4(ctypes.byref(args)), "quantize_int4")
     return codes, scale, zero
+
+
+def try_int8(rows: torch.Tensor, group: int, fp16: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(codes int8 [n, K], scale float32 [n, K/group]) of the weight rows ``rows [n, K]`` as
+    ``quantize()``'s int8 computes them (the largest magnitude over 127; ``fp16``: scales rounded to
+    fp16 values where they stay finite and positive), or None when the native kernel does not take them."""
+    if os.environ.get("KT_NATIVE_QUANT", "1") == "0" or _lib() is None:
+        return None
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.device.type != "cpu" or rows.dtype not in _DTYPES:
+        return None
+    n, K = rows.shape
+    if group < 8 or group % 8 or group > _MAX_GROUP8 or K % group or not 0 < K < 1 << 24:
+        return None
+    rows = rows.contiguous()
+    codes = torch.empty(n, K, dtype=torch.int8)
+    scale = torch.empty(n, K // group, dtype=torch.float32)
+    if n:
+        args = _QuantInt8Args(n, K, group, _DTYPES[rows.dtype], int(fp16), 0, rows.data_ptr(), codes.data_ptr(),
+                              scale.data_ptr())
+        _check_rc(_lib_fns.kt_quantize_int8(ctypes.byref(args)), "quantize_int8")
+    return codes, scale
 
 
 def try_pack_int4(qdata: torch.Tensor, alloc=None) -> Optional[torch.Tensor]:

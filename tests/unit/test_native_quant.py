@@ -1,15 +1,15 @@
-"""Load-time int4 on the native kernels (backends/cpu/native_quant.py, native/quantize_int4.inc): the
-fits agree with kt_core.weights.quant's torch reference (the oracle: same codes but where a group sits
-at a near-tie of two candidate fits, which its own summation order decides; the same weight error),
-the generic and AVX2 builds agree bit for bit, the panel packing equals the torch formulation of the
-kernels' layout, and the library refuses sizes it does not take."""
+"""Load-time quantization on the native kernels (backends/cpu/native_quant.py, native/quantize_int4.inc):
+the int4 fits agree with kt_core.weights.quant's torch reference (the oracle: same codes but where a
+group sits at a near-tie of two candidate fits, which its own summation order decides; the same weight
+error), int8 equals it exactly, the generic and AVX2 builds agree bit for bit, the panel packing equals
+the torch formulation of the kernels' layout, and the library refuses sizes it does not take."""
 import ctypes
 
 import pytest
 import torch
 
 from kt_backends.cpu import native, native_quant
-from kt_backends.cpu.native_abi import _PackInt4Args, _QuantInt4Args
+from kt_backends.cpu.native_abi import _PackInt4Args, _QuantInt4Args, _QuantInt8Args
 from kt_core.weights import quant
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels not built")
@@ -29,15 +29,15 @@ def _weights(kind: str, rows: int, K: int, dtype, seed: int = 0) -> torch.Tensor
         w[3, :] = 0.0
         w[3, 5] = 1.0
         w[4] *= 1e-9  # scales under fp16's smallest subnormal: kept in float32
-        w[5] *= 1e6   # scales past fp16's range: kept in float32
+        w[5] *= 1e8   # scales past fp16's range: kept in float32
         w[6, ::2] = 0.0
     return (w * 0.02 if kind != "edge" else w).to(dtype)
 
 
-def _torch_ref(w, group, symmetric, monkeypatch):
+def _torch_ref(w, group, symmetric, monkeypatch, fmt="int4", int8_group=0):
     monkeypatch.setenv("KT_NATIVE_QUANT", "0")
     try:
-        return quant.quantize(w, "int4", group, symmetric)
+        return quant.quantize(w, fmt, group, symmetric, int8_group)
     finally:
         monkeypatch.delenv("KT_NATIVE_QUANT")
 
@@ -69,7 +69,21 @@ def test_native_fits_agree_with_the_torch_reference(kind, symmetric, dtype, grou
         assert not bool(f16[5].any()), "scales past fp16's range stay float32"
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kind", ["normal", "edge"])
+@pytest.mark.parametrize("dtype,int8_group", [(torch.bfloat16, 0), (torch.float32, 32), (torch.bfloat16, 64)])
+def test_native_int8_equals_the_torch_form(kind, dtype, int8_group, monkeypatch):
+    w = _weights(kind, 40, 256, dtype)
+    ours = quant.quantize(w, "int8", int8_group=int8_group)
+    assert native_quant.try_int8(w, int8_group or 256, bool(int8_group)) is not None
+    ref = _torch_ref(w, 128, True, monkeypatch, "int8", int8_group)
+    assert ours.group_size == ref.group_size == (int8_group or 256)
+    assert torch.equal(ours.qdata, ref.qdata) and torch.equal(ours.scales, ref.scales)
+    if int8_group and kind == "edge":  # past fp16's range: that group's scale stays float32, the rest fp16
+        assert not bool((ours.scales[5].half().float() == ours.scales[5]).any())
+        assert bool((ours.scales[7].half().float() == ours.scales[7]).all())
+
+
+@pytest.mark.parametrize("symmetric", [True, False, "int8"])
 def test_generic_and_avx2_builds_give_the_same_bits(symmetric):
     if "avx2" not in native.supported_variants():
         pytest.skip("this CPU cannot run the avx2 build")
@@ -79,7 +93,8 @@ def test_generic_and_avx2_builds_give_the_same_bits(symmetric):
     try:
         for v in ("generic", "avx2"):
             native.set_variant(v)
-            outs.append(native_quant.try_int4(w, 32, symmetric, True, quant.INT4_ASYM_SHRINKS, quant.INT4_ASYM_REFITS))
+            outs.append(native_quant.try_int8(w, 32, True) if symmetric == "int8" else
+                        native_quant.try_int4(w, 32, symmetric, True, quant.INT4_ASYM_SHRINKS, quant.INT4_ASYM_REFITS))
     finally:
         native.set_variant(best)
     for a, b in zip(outs[0], outs[1]):
@@ -136,6 +151,17 @@ def test_the_library_refuses_what_it_cannot_take():
     assert q(symmetric=0) == -6  # asymmetric needs the zero points
     assert q(symmetric=0, zero=scale.data_ptr(), n_starts=0) == -5
     assert q(src=None) == -6 and q(pool=64) == -2
+    lib.kt_quantize_int8.argtypes = [ctypes.POINTER(_QuantInt8Args)]
+    codes8 = torch.zeros(4, 64, dtype=torch.int8)
+
+    def q8(**over):
+        f = dict(rows=4, K=64, group=32, src_dtype=0, fp16=1, pool=0, src=src.data_ptr(), codes=codes8.data_ptr(),
+                 scale=scale.data_ptr())
+        f.update(over)
+        return lib.kt_quantize_int8(ctypes.byref(_QuantInt8Args(**f)))
+
+    assert q8() == 0
+    assert q8(group=12) == -7 and q8(group=128) == -7 and q8(K=-4) == -5 and q8(fp16=2) == -3 and q8(codes=None) == -6
     out = torch.zeros(1, 1, 16, 32, dtype=torch.uint8)
     src8 = torch.zeros(1, 16, 32, dtype=torch.uint8)
 

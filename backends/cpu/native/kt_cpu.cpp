@@ -208,7 +208,7 @@ namespace kt {
 // 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
 // 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly);
 // 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts); 18: kt_expert_rows;
-// 19: kt_silu_mul_backward; 20: kt_quantize_int4, kt_pack_int4
+// 19: kt_silu_mul_backward; 20: kt_quantize_int4, kt_quantize_int8, kt_pack_int4
 KT_API int kt_abi_version() { return 20; }
 KT_API uint32_t kt_isa() {
   try {
@@ -303,6 +303,10 @@ KT_API int kt_quantize_int4(const kt::QuantInt4Args* args) {
   return kt::checked_call(args, kt::check_quant_int4_args, kt::quantize_int4);
 }
 KT_API int64_t kt_quantize_int4_args_size() { return static_cast<int64_t>(sizeof(kt::QuantInt4Args)); }
+KT_API int kt_quantize_int8(const kt::QuantInt8Args* args) {
+  return kt::checked_call(args, kt::check_quant_int8_args, kt::quantize_int8);
+}
+KT_API int64_t kt_quantize_int8_args_size() { return static_cast<int64_t>(sizeof(kt::QuantInt8Args)); }
 KT_API int kt_pack_int4(const kt::PackInt4Args* args) {
   return kt::checked_call(args, kt::check_pack_int4_args, kt::pack_int4);
 }
