@@ -91,7 +91,7 @@ class _ActGradArgs(ctypes.Structure):  # act_grad.inc ActGradArgs
                 ("dw", ctypes.c_void_p)]
 
 
-class _QuantInt4Args(ctypes.Structure):  # quantize_int4.inc QuantInt4Args
+class _QuantInt4Args(ctypes.Structure):  # quantize_load.inc QuantInt4Args
     _fields_ = [("rows", ctypes.c_int64), ("K", ctypes.c_int64), ("group", ctypes.c_int64), ("src_dtype", ctypes.c_int),
                 ("symmetric", ctypes.c_int), ("fp16", ctypes.c_int), ("n_starts", ctypes.c_int),
                 ("refits", ctypes.c_int), ("pool", ctypes.c_int), ("start_lo", ctypes.c_void_p),
@@ -99,13 +99,13 @@ class _QuantInt4Args(ctypes.Structure):  # quantize_int4.inc QuantInt4Args
                 ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p)]
 
 
-class _QuantInt8Args(ctypes.Structure):  # quantize_int4.inc QuantInt8Args
+class _QuantInt8Args(ctypes.Structure):  # quantize_load.inc QuantInt8Args
     _fields_ = [("rows", ctypes.c_int64), ("K", ctypes.c_int64), ("group", ctypes.c_int64), ("src_dtype", ctypes.c_int),
                 ("fp16", ctypes.c_int), ("pool", ctypes.c_int), ("src", ctypes.c_void_p), ("codes", ctypes.c_void_p),
                 ("scale", ctypes.c_void_p)]
 
 
-class _PackInt4Args(ctypes.Structure):  # quantize_int4.inc PackInt4Args
+class _PackInt4Args(ctypes.Structure):  # quantize_load.inc PackInt4Args
     _fields_ = [("E", ctypes.c_int64), ("M", ctypes.c_int64), ("K", ctypes.c_int64), ("pool", ctypes.c_int),
                 ("codes", ctypes.c_void_p), ("out", ctypes.c_void_p)]
 

@@ -1,4 +1,4 @@
-"""Load-time quantization on the native CPU kernels (``native/quantize_int4.inc``). ``try_int4``: the fits
+"""Load-time quantization on the native CPU kernels (``native/quantize_load.inc``). ``try_int4``: the fits
 of ``kt_core.weights.quant`` (symmetric over 16 levels, asymmetric with a zero point, scales rounded to
 fp16 values) in one pass per group instead of ~25 torch passes over the weights; ``quantize()`` runs
 its torch reference when this returns None (no library, ``KT_NATIVE_QUANT=0``, a dtype or group the
@@ -16,8 +16,9 @@ from kt_backends.cpu import native_lib
 from kt_backends.cpu.native_abi import DTYPE_CODES, NR, _check_rc, _PackInt4Args, _QuantInt4Args, _QuantInt8Args
 
 _DTYPES = {getattr(torch, name): code for name, code in DTYPE_CODES.items()}
-_MAX_GROUP = 4096  # quantize_int4.inc kQuantMaxGroup
+_MAX_GROUP = 4096  # quantize_load.inc kQuantMaxGroup
 _MAX_GROUP8 = 65536  # kQuantInt8MaxGroup
+_MAX_STARTS, _MAX_REFITS = 16, 64  # kQuantMaxStarts, kQuantMaxRefits
 _lib_fns: Optional[ctypes.CDLL] = None
 _why: Optional[str] = None
 
@@ -66,6 +67,8 @@ def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrink
     n, K = rows.shape
     if group < 8 or group % 8 or group > _MAX_GROUP or K % group or not 0 < K < 1 << 24:
         return None
+    if not symmetric and not (1 <= len(shrinks) <= _MAX_STARTS and 0 <= refits <= _MAX_REFITS):
+        return None  # a fit the kernel does not take: the torch path runs it
     rows = rows.contiguous()
     codes = torch.empty(n, K // 2, dtype=torch.uint8)
     scale = torch.empty(n, K // group, dtype=torch.float32)

@@ -94,7 +94,7 @@ CHUNK_ELEMENTS = 1 << 22  # weights converted to float32 at a time while quantiz
 INT4_CHUNK_ELEMENTS = 1 << 18
 # asymmetric int4's fit: it starts from the group's range shrunk by these fractions (the extremes then
 # clip) and refits the least-squares line through the codes this many times from each (one source for
-# this path and the native one, backends/cpu/native/quantize_int4.inc, which takes them as arguments)
+# this path and the native one, backends/cpu/native/quantize_load.inc, which takes them as arguments)
 INT4_ASYM_SHRINKS = (0.0, 0.05, 0.1)
 INT4_ASYM_REFITS = 3
 

@@ -1,4 +1,4 @@
-"""Load-time quantization on the native kernels (backends/cpu/native_quant.py, native/quantize_int4.inc):
+"""Load-time quantization on the native kernels (backends/cpu/native_quant.py, native/quantize_load.inc):
 the int4 fits agree with kt_core.weights.quant's torch reference (the oracle: same codes but where a
 group sits at a near-tie of two candidate fits, which its own summation order decides; the same weight
 error), int8 equals it exactly, the generic and AVX2 builds agree bit for bit, the panel packing equals
@@ -35,11 +35,16 @@ def _weights(kind: str, rows: int, K: int, dtype, seed: int = 0) -> torch.Tensor
 
 
 def _torch_ref(w, group, symmetric, monkeypatch, fmt="int4", int8_group=0):
-    monkeypatch.setenv("KT_NATIVE_QUANT", "0")
-    try:
+    """quantize()'s torch path (its native dispatch cut off, whatever KT_NATIVE_QUANT says)."""
+    with monkeypatch.context() as m:
+        m.setattr(quant, "_native", lambda *a, **k: None)
         return quant.quantize(w, fmt, group, symmetric, int8_group)
-    finally:
-        monkeypatch.delenv("KT_NATIVE_QUANT")
+
+
+def test_kt_native_quant_0_runs_the_torch_path(monkeypatch):
+    w = _weights("normal", 8, 64, torch.float32)
+    monkeypatch.setenv("KT_NATIVE_QUANT", "0")
+    assert native_quant.try_int4(w, 32, True, True, (0.0,), 1) is None and native_quant.try_int8(w, 32, True) is None
 
 
 @pytest.mark.parametrize("kind", ["normal", "t3", "edge"])
@@ -84,10 +89,12 @@ def test_native_int8_equals_the_torch_form(kind, dtype, int8_group, monkeypatch)
 
 
 @pytest.mark.parametrize("symmetric", [True, False, "int8"])
-def test_generic_and_avx2_builds_give_the_same_bits(symmetric):
+@pytest.mark.parametrize("kind,rows,K,dtype", [("t3", 64, 768, torch.bfloat16), ("edge", 8, 96, torch.float32),
+                                               ("normal", 3, 32, torch.bfloat16)])  # 3 groups: a partial block
+def test_generic_and_avx2_builds_give_the_same_bits(symmetric, kind, rows, K, dtype):
     if "avx2" not in native.supported_variants():
         pytest.skip("this CPU cannot run the avx2 build")
-    w = _weights("t3", 64, 768, torch.bfloat16, seed=3)
+    w = _weights(kind, rows, K, dtype, seed=3)
     best = native.variant()
     outs = []
     try:
@@ -97,8 +104,21 @@ def test_generic_and_avx2_builds_give_the_same_bits(symmetric):
                         native_quant.try_int4(w, 32, symmetric, True, quant.INT4_ASYM_SHRINKS, quant.INT4_ASYM_REFITS))
     finally:
         native.set_variant(best)
+    assert outs[0] is not None
     for a, b in zip(outs[0], outs[1]):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_partial_blocks_of_groups_match_whole_tensors(fmt):
+    """Groups quantized 8 at a time: a tensor of 13 groups equals the same rows quantized among others."""
+    w = _weights("t3", 40, 64, torch.bfloat16, seed=5)  # 80 groups of 32
+    fn = (lambda t: native_quant.try_int8(t, 32, True)) if fmt == "int8" else \
+        (lambda t: native_quant.try_int4(t, 32, False, True, quant.INT4_ASYM_SHRINKS, quant.INT4_ASYM_REFITS))
+    whole = fn(w)
+    part = fn(w[10:17].contiguous())  # 14 groups, starting mid-block
+    for a, b in zip(whole, part):
+        assert (a is None and b is None) or torch.equal(a[10:17], b)
 
 
 def test_groups_the_kernel_does_not_take_run_the_torch_path(monkeypatch):

@@ -200,7 +200,7 @@ namespace kt {
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
 #include "expert_grad.inc"  // training's backward products through frozen experts (kt_expert_rows_t)
 #include "act_grad.inc"     // and the SwiGLU activation's gradients between them (kt_silu_mul_backward)
-#include "quantize_int4.inc"  // weights -> int4 codes, group scales, panels at load (kt_quantize_int4, kt_pack_int4)
+#include "quantize_load.inc"  // weights -> int4 codes, group scales, panels at load (kt_quantize_int4, kt_pack_int4)
 }  // namespace kt
 
 // native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
@@ -298,7 +298,7 @@ KT_API int kt_silu_mul_backward(const kt::ActGradArgs* args) {
   return kt::checked_call(args, kt::check_act_grad_args, kt::silu_mul_backward);
 }
 KT_API int64_t kt_act_grad_args_size() { return static_cast<int64_t>(sizeof(kt::ActGradArgs)); }
-// Load-time int4 quantization of weights (quantize_int4.inc)
+// Load-time int4 quantization of weights (quantize_load.inc)
 KT_API int kt_quantize_int4(const kt::QuantInt4Args* args) {
   return kt::checked_call(args, kt::check_quant_int4_args, kt::quantize_int4);
 }
