@@ -32,6 +32,31 @@ struct MoeArgs {
   float* save_gu;
 };
 
+// Copies of quantize_load.inc's argument structs (load-time quantization, int4 packing)
+struct QuantInt4Args {
+  int64_t rows, K, group;
+  int src_dtype, symmetric, fp16, n_starts, refits, pool;
+  const float* start_lo;
+  const float* start_width;
+  const void* src;
+  uint8_t* codes;
+  float* scale;
+  float* zero;
+};
+struct QuantInt8Args {
+  int64_t rows, K, group;
+  int src_dtype, fp16, pool;
+  const void* src;
+  int8_t* codes;
+  float* scale;
+};
+struct PackInt4Args {
+  int64_t E, M, K;
+  int pool;
+  const uint8_t* codes;
+  uint8_t* out;
+};
+
 enum Fmt : int { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2, FMT_FP8 = 3, FMT_W8A8 = 4 };
 enum Act : int { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_SWIGLU_OAI = 2, ACT_SILU_CLAMP10 = 3 };
 constexpr int NR = 16;
@@ -49,6 +74,12 @@ struct Lib {
   int (*moe_forward)(const MoeArgs*);
   int64_t (*moe_args_size)();
   int (*bf16_tile_tokens)(const char*, int);
+  int (*quantize_int4)(const QuantInt4Args*);
+  int64_t (*quantize_int4_args_size)();
+  int (*quantize_int8)(const QuantInt8Args*);
+  int64_t (*quantize_int8_args_size)();
+  int (*pack_int4)(const PackInt4Args*);
+  int64_t (*pack_int4_args_size)();
 };
 
 #if defined(_WIN32)
@@ -88,10 +119,20 @@ static bool load(const char* path, Lib& lib) {
             bind(h, "kt_variant_supported", lib.variant_supported) & bind(h, "kt_set_threads", lib.set_threads) &
             bind(h, "kt_threads", lib.threads) & bind(h, "kt_set_pool_threads", lib.set_pool_threads) &
             bind(h, "kt_moe_forward", lib.moe_forward) & bind(h, "kt_moe_args_size", lib.moe_args_size) &
-            bind(h, "kt_bf16_tile_tokens", lib.bf16_tile_tokens);
+            bind(h, "kt_bf16_tile_tokens", lib.bf16_tile_tokens) & bind(h, "kt_quantize_int4", lib.quantize_int4) &
+            bind(h, "kt_quantize_int4_args_size", lib.quantize_int4_args_size) &
+            bind(h, "kt_quantize_int8", lib.quantize_int8) &
+            bind(h, "kt_quantize_int8_args_size", lib.quantize_int8_args_size) & bind(h, "kt_pack_int4", lib.pack_int4) &
+            bind(h, "kt_pack_int4_args_size", lib.pack_int4_args_size);
   if (ok && lib.moe_args_size() != static_cast<int64_t>(sizeof(MoeArgs))) {
     std::printf("FAIL load: kt_moe_args_size() is %lld, this program's MoeArgs is %lld bytes\n",
                 static_cast<long long>(lib.moe_args_size()), static_cast<long long>(sizeof(MoeArgs)));
+    ok = false;
+  }
+  if (ok && (lib.quantize_int4_args_size() != static_cast<int64_t>(sizeof(QuantInt4Args)) ||
+             lib.quantize_int8_args_size() != static_cast<int64_t>(sizeof(QuantInt8Args)) ||
+             lib.pack_int4_args_size() != static_cast<int64_t>(sizeof(PackInt4Args)))) {
+    std::printf("FAIL load: the quantization argument structs' sizes differ from this program's copies\n");
     ok = false;
   }
   return ok;

@@ -18,6 +18,7 @@
 //   - a repeated call with the first (same variant, same result: bit for bit), the call on thread
 //     pool 1 (2 workers) with the one on pool 0 (3), and, at T = 37, both at once from two threads
 //     (the hybrid executor's pattern) with the same calls made one at a time (bit for bit).
+// Then the load-time quantization (selftest_quant.h): each variant's bits against generic's.
 // One line per case, "ok <variant> <fmt> T=<n> ..." or "FAIL <variant> <fmt> T=<n> ...", and exit
 // status 1 on any failure.
 //
@@ -81,6 +82,8 @@ static std::string fmt_err(const char* label, double err, double tol) {
   std::snprintf(buf, sizeof buf, "%s=%.2e (bound %.0e)", label, err, tol);
   return buf;
 }
+
+#include "selftest_quant.h"  // the load-time quantization cases
 
 // One variant, every format, shape and token count; returns the number of failures.
 static int run_variant(const Lib& lib, const std::string& variant) {
@@ -194,6 +197,7 @@ static int run_variant(const Lib& lib, const std::string& variant) {
         }
         report(ok, variant, cfg.name, T, what + "; " + desc);
       }
+  check_quantization(lib, variant);
   return failures;
 }
 
