@@ -53,6 +53,17 @@ def why_unavailable() -> Optional[str]:
     return None if _lib() is not None else _why
 
 
+def _takes(rows, group: int, max_group: int) -> bool:
+    """Whether the quantization kernels take these weight rows [n, K] in groups of ``group``: the
+    library loaded (and not KT_NATIVE_QUANT=0), a float32 / bf16 CPU matrix, groups of 8k inputs."""
+    if os.environ.get("KT_NATIVE_QUANT", "1") == "0" or _lib() is None:
+        return False
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.device.type != "cpu" or rows.dtype not in _DTYPES:
+        return False
+    K = rows.shape[1]
+    return 8 <= group <= max_group and group % 8 == 0 and 0 < K < 1 << 24 and K % group == 0
+
+
 def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrinks, refits: int
              ) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """(codes uint8 [n, K/2] (input 2j in the low nibble), scale float32 [n, K/group], zero point
@@ -60,13 +71,9 @@ def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrink
     native kernel does not take them. ``fp16``: scales (and zero points) rounded to fp16 values,
     each group's codes taken anew for them (a group whose values would not survive fp16 keeps its
     float32 fit). ``shrinks`` / ``refits``: the asymmetric fit's starting ranges and refits."""
-    if os.environ.get("KT_NATIVE_QUANT", "1") == "0" or _lib() is None:
-        return None
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.device.type != "cpu" or rows.dtype not in _DTYPES:
+    if not _takes(rows, group, _MAX_GROUP):
         return None
     n, K = rows.shape
-    if group < 8 or group % 8 or group > _MAX_GROUP or K % group or not 0 < K < 1 << 24:
-        return None
     if not symmetric and not (1 <= len(shrinks) <= _MAX_STARTS and 0 <= refits <= _MAX_REFITS):
         return None  # a fit the kernel does not take: the torch path runs it
     rows = rows.contiguous()
@@ -87,13 +94,9 @@ def try_int8(rows: torch.Tensor, group: int, fp16: bool) -> Optional[tuple[torch
     """(codes int8 [n, K], scale float32 [n, K/group]) of the weight rows ``rows [n, K]`` as
     ``quantize()``'s int8 computes them (the largest magnitude over 127; ``fp16``: scales rounded to
     fp16 values where they stay finite and positive), or None when the native kernel does not take them."""
-    if os.environ.get("KT_NATIVE_QUANT", "1") == "0" or _lib() is None:
-        return None
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.device.type != "cpu" or rows.dtype not in _DTYPES:
+    if not _takes(rows, group, _MAX_GROUP8):
         return None
     n, K = rows.shape
-    if group < 8 or group % 8 or group > _MAX_GROUP8 or K % group or not 0 < K < 1 << 24:
-        return None
     rows = rows.contiguous()
     codes = torch.empty(n, K, dtype=torch.int8)
     scale = torch.empty(n, K // group, dtype=torch.float32)
