@@ -53,7 +53,7 @@ def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     once written (a view into a slightly larger buffer aligned to 2 MB, which it keeps alive); a
     plain ``torch.empty`` where that does not apply."""
     shape = tuple(shape)
-    n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    n = torch.Size(shape).numel() * dtype.itemsize
     madvise = _madvise()
     if madvise is None or n < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)

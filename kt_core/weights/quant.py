@@ -200,17 +200,18 @@ def fp16_exact(t: Optional[torch.Tensor]) -> bool:
     return bool(torch.isfinite(h).all()) and bool((h.float() == t.float()).all())
 
 
-def _native(kind: str, rows: torch.Tensor, group: int, flag: bool) -> Optional[tuple]:
-    """The same int4 fits (``flag``: symmetric; scales rounded to fp16 values) or int8 (``flag``: fp16
-    scales) on the native CPU kernels, one pass per group: (codes, scales[, zero points or None]), or
-    None where they do not run (then the torch path)."""
+def _native(fmt: Quant, rows: torch.Tensor, group: int, symmetric: bool) -> Optional[tuple]:
+    """The same int4 fits (scales rounded to fp16 values) or int8 (fp16 scales when grouped) on the
+    native CPU kernels, one pass per group: (codes, scales, zero points or None), or None where they
+    do not run (then the torch path)."""
     try:
         from kt_backends.cpu import native_quant
     except ImportError:  # kt-core installed without its CPU backend
         return None
-    if kind == "int8":
-        return native_quant.try_int8(rows, group, flag)
-    return native_quant.try_int4(rows, group, flag, True, INT4_ASYM_SHRINKS, INT4_ASYM_REFITS)
+    if fmt is Quant.INT8:
+        out = native_quant.try_int8(rows, group, group < rows.shape[-1])
+        return None if out is None else (*out, None)
+    return native_quant.try_int4(rows, group, symmetric, True, INT4_ASYM_SHRINKS, INT4_ASYM_REFITS)
 
 
 def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
@@ -233,15 +234,10 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
         raise ValueError(f"int4 needs an even input dim, got {in_features}")
     lead, G = weight.shape[:-1], in_features // group
     rows = weight.reshape(-1, in_features)
-    if fmt is Quant.INT8:
-        native = _native("int8", rows, group, group < in_features)
-        if native is not None:
-            return QuantizedWeight(fmt, native[0].reshape(*lead, in_features), native[1].reshape(*lead, G), None,
-                                   group, in_features)
-    native = _native("int4", rows, group, symmetric) if fmt is Quant.INT4 else None
+    native = _native(fmt, rows, group, symmetric) if fmt in (Quant.INT8, Quant.INT4) else None
     if native is not None:
         codes, scales, zeros = native
-        return QuantizedWeight(fmt, codes.reshape(*lead, in_features // 2), scales.reshape(*lead, G),
+        return QuantizedWeight(fmt, codes.reshape(*lead, -1), scales.reshape(*lead, G),
                                None if zeros is None else zeros.reshape(*lead, G), group, in_features)
     n = rows.shape[0]
     width = in_features // 2 if fmt is Quant.INT4 else in_features
