@@ -12,7 +12,7 @@ import torch
 
 from kt_core.backend.contract import DeviceInfo, MemoryInfo, ProbeResult
 from kt_core.backend.cpuinfo import cpu_info
-from kt_backends.cpu import native, native_attention, native_linear, native_mla, native_ops
+from kt_backends.cpu import hugepages, native, native_attention, native_linear, native_mla, native_ops
 from kt_backends.cpu import probe as cpu_probe
 from kt_core.backend.torch_backend import TorchBackend
 from kt_core.weights.quant import Quant, QuantizedWeight
@@ -90,6 +90,9 @@ class CpuBackend(TorchBackend):
             return weight
         packed.pool = index
         return packed
+
+    def dense_empty(self, shape, dtype, index: int = 0):
+        return hugepages.huge_or_none(shape, dtype)  # a GEMV streams it: 2 MB pages spare the TLB walks
 
     def linear(self, x, weight, bias=None):
         if isinstance(weight, native_linear.PackedLinear):

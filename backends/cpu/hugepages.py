@@ -5,8 +5,9 @@ Decode reads every weight of the active experts once a token; with 4 KB pages th
 before its first touch gets 2 MB pages (the kernel's "madvise" THP mode, the common default).
 native_pack.pack packs the experts straight into such memory (``huge_empty``) at load. A bf16 GEMV of 151936 x 2048 on such memory
 on a Zen 4 EPYC: 0.88-0.98x the time in three alternating runs (bench/README.md). llama.cpp gets the
-same from the page cache's large folios of its mmap'ed GGUF file. (The dense weights are not copied:
-the model reader hands unquantized ones to the layers without the backend's prepare_dense.)
+same from the page cache's large folios of its mmap'ed GGUF file. The dense weights (LM head, attention
+projections) are read straight into such memory too (``Backend.dense_empty``), and quantized ones
+packed into it.
 
 Elsewhere (Windows, macOS, THP "never", KT_HUGEPAGES=0, small tensors) ``huge_empty`` is a plain
 ``torch.empty``: huge pages are a speed-up, never a requirement.
@@ -48,17 +49,23 @@ def available() -> bool:
     return _madvise() is not None
 
 
-def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+def huge_or_none(shape, dtype: torch.dtype):
     """An uninitialised contiguous CPU tensor whose whole 2 MB spans the kernel backs with huge pages
-    once written (a view into a slightly larger buffer aligned to 2 MB, which it keeps alive); a
-    plain ``torch.empty`` where that does not apply."""
+    once written (a view into a slightly larger buffer aligned to 2 MB, which it keeps alive), or
+    None where that does not apply (the platform, THP "never", KT_HUGEPAGES=0, under MIN_BYTES)."""
     shape = tuple(shape)
     n = torch.Size(shape).numel() * dtype.itemsize
     madvise = _madvise()
     if madvise is None or n < MIN_BYTES:
-        return torch.empty(shape, dtype=dtype)
+        return None
     buf = torch.empty(n + HUGE_PAGE, dtype=torch.uint8)  # untouched: no page is mapped yet
     start = (-buf.data_ptr()) % HUGE_PAGE
     if madvise(buf.data_ptr() + start, n - n % HUGE_PAGE, _MADV_HUGEPAGE) != 0:
-        return torch.empty(shape, dtype=dtype)
+        return None
     return buf[start:start + n].view(dtype).view(shape)
+
+
+def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """``huge_or_none``'s memory, or a plain ``torch.empty`` where huge pages do not apply."""
+    out = huge_or_none(shape, dtype)
+    return torch.empty(tuple(shape), dtype=dtype) if out is None else out

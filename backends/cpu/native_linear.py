@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native
+from kt_backends.cpu.hugepages import huge_empty
 from kt_backends.cpu.native_pack import _f16_scales
 from kt_core.weights.quant import Quant, QuantizedWeight, int8_group_ok
 
@@ -115,7 +116,7 @@ def pack_linear(w) -> Optional[PackedLinear]:
             return None
     else:
         return None
-    return PackedLinear(w.format.value, group, native._pack_proj(_one(w), None, _f16_scales([w])), M, K)
+    return PackedLinear(w.format.value, group, native._pack_proj(_one(w), None, _f16_scales([w]), alloc=huge_empty), M, K)
 
 
 def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None,

@@ -138,6 +138,11 @@ class Backend(abc.ABC):
         load time; ``linear`` then receives the result. The default keeps it as it is."""
         return weight
 
+    def dense_empty(self, shape: Sequence[int], dtype: torch.dtype, index: int = 0) -> Optional[torch.Tensor]:
+        """Memory device ``index`` wants an unquantized dense weight of ``shape`` read straight into
+        (the CPU's huge pages), or None: the reader places its own tensor. The default: None."""
+        return None
+
     def moe_experts_async(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                           experts: Any, activation: str = "silu") -> "Future":
         """Start ``moe_experts`` and return a Future of its result, so the caller can compute

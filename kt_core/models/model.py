@@ -206,7 +206,8 @@ class CausalLM:
                 be, index = homes(i) if homes else (backend, 0)
                 device = be.torch_device(index)
                 r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index),
-                            fuse=getattr(be, "fuse_projections", True))
+                            fuse=getattr(be, "fuse_projections", True),
+                            alloc=lambda shape, dt, be=be, index=index: be.dense_empty(shape, dt, index))
                 p = f"model.layers.{i}."
                 if spec.v4 is not None:  # DeepSeek-V4: hyper-connected streams, compressed attention
                     if device not in tables:
@@ -236,7 +237,8 @@ class CausalLM:
                 advance()
         last_be = layers[-1].be
         first = _Reader(ck, spec, dtype, layers[0].device, qp)
-        last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, 0))
+        last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, 0),
+                       alloc=lambda shape, dt: last_be.dense_empty(shape, dt, 0))
         head = shapes_v4.GLOBALS["head"] if spec.v4 is not None else "lm_head.weight"
         tied = spec.tie_embeddings or head not in ck
         # a tied head multiplies the embedding: it stays in the model's dtype then

@@ -60,9 +60,10 @@ class _Reader:
     """Reads, checks, casts and places one layer's tensors."""
 
     def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan,
-                 prepare: Optional[Callable] = None, fuse: bool = False):
+                 prepare: Optional[Callable] = None, fuse: bool = False, alloc: Optional[Callable] = None):
         self.ck, self.spec, self.dtype, self.device, self.qp = ck, spec, dtype, device, qp
         self.prepare = prepare  # the device's Backend.prepare_dense for quantized dense weights
+        self.alloc = alloc  # the device's Backend.dense_empty for unquantized ones (or None)
         self.fuse = fuse  # q / k / v and gate / up as one weight each (inference; training adapts them apart)
 
     def t(self, name: str, shape, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -100,12 +101,31 @@ class _Reader:
         if kept is not None:
             q = kept.to(self.device)
             return self.prepare(q) if self.prepare is not None else q
-        w = self.t(name, shape)
         if fmt is Quant.NONE:
-            return w
+            return self.rows([name], [shape])
+        w = self.t(name, shape)
         q = _quantize(w, fmt, self.qp, name).to(self.device)
         del w  # the source is not held while the device packs the codes
         return self.prepare(q) if self.prepare is not None else q
+
+    def rows(self, names: list[str], shapes: list) -> torch.Tensor:
+        """Unquantized weights stacked by rows, read straight into the memory the device offers for them
+        (``Backend.dense_empty``: the CPU's huge pages), else into the reader's own tensor."""
+        shapes = [tuple(s) for s in shapes]
+        total = (sum(s[0] for s in shapes),) + shapes[0][1:]
+        same = all(s[1:] == shapes[0][1:] for s in shapes)
+        out = self.alloc(total, self.dtype) if self.alloc is not None and same else None
+        if out is None:
+            parts = [self.t(n, s) for n, s in zip(names, shapes)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        read_into, at = getattr(self.ck, "read_into", None), 0
+        for n, s in zip(names, shapes):
+            if read_into is not None:
+                read_into(n, out[at:at + s[0]], s)  # rows of a contiguous tensor: contiguous
+            else:
+                out[at:at + s[0]].copy_(self.t(n, s))
+            at += s[0]
+        return out
 
     def dense_rows(self, name: str, shape, parts: int, fmt: Optional[Quant] = None) -> list:
         """One weight cut into ``parts`` equal blocks of rows, each a dense weight in ``fmt`` (default:
@@ -127,9 +147,9 @@ class _Reader:
             return None
         if fmt is Quant.NONE and hasattr(self.ck, "keeps") and any(self.ck.keeps(n) for n in names):
             return None  # a GGUF's blocks: each stays in its own format
-        w = torch.cat([self.t(n, s) for n, s in zip(names, shapes)])
         if fmt is Quant.NONE:
-            return w
+            return self.rows(names, shapes)
+        w = torch.cat([self.t(n, s) for n, s in zip(names, shapes)])
         q = _quantize(w, fmt, self.qp, names[0]).to(self.device)
         del w
         return self.prepare(q) if self.prepare is not None else q

@@ -230,7 +230,7 @@ class Checkpoint:
                     and out.is_contiguous():
                 handle.get_tensor(stored, out)
                 return
-        out.copy_(self.get(name, shape))
+        out.copy_(self.get(name, shape, out.dtype))
 
     def is_fp8(self, name: str) -> bool:
         return name in self and f"{name}_scale_inv" in self

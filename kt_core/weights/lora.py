@@ -145,7 +145,7 @@ class Adapted:
 
     def read_into(self, name: str, out: torch.Tensor, shape) -> None:
         if name in self.pairs or not hasattr(self.ck, "read_into"):
-            out.copy_(self.get(name, shape))
+            out.copy_(self.get(name, shape, out.dtype))
         else:
             self.ck.read_into(name, out, shape)
 

@@ -64,3 +64,38 @@ def test_packed_experts_land_on_huge_pages_with_the_same_panels(fmt, monkeypatch
             assert proj.data.data_ptr() % hugepages.HUGE_PAGE == 0
     x, ids, wts = torch.randn(3, 1024, generator=g), torch.tensor([[0, 1], [2, 3], [E - 1, 0]]), torch.full((3, 2), 0.5)
     assert torch.equal(native.moe_forward(packed, x, ids, wts), native.moe_forward(plain, x, ids, wts))
+
+
+def _plain(monkeypatch, load):
+    """``load()`` with huge pages off."""
+    monkeypatch.setenv("KT_HUGEPAGES", "0")
+    hugepages._madvise.cache_clear()
+    try:
+        return load()
+    finally:
+        monkeypatch.delenv("KT_HUGEPAGES")
+        hugepages._madvise.cache_clear()
+
+
+@pytest.mark.parametrize("name,dense", [("qwen2", "none"), ("qwen3_moe", "int8")])
+def test_dense_weights_are_read_into_huge_pages_with_the_same_logits(name, dense, tiny_checkpoint, monkeypatch):
+    """The LM head and the attention projections (read straight into the CPU backend's dense_empty, or
+    packed into huge_empty when quantized) sit on 2 MB boundaries; the model computes what it did."""
+    import kt_core
+    from kt_backends.cpu import native_linear
+    from tests.unit.test_lora import PROMPT
+
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 0)  # tiny weights: every one qualifies
+    ov = ["model.dtype=float32", f"quant.dense={dense}", "quant.group_size=32"]
+    eng = kt_core.Engine.from_pretrained(tiny_checkpoint(name), overrides=ov)
+    plain = _plain(monkeypatch, lambda: kt_core.Engine.from_pretrained(tiny_checkpoint(name), overrides=ov))
+    attn = next(layer.attn for layer in eng.model.layers if hasattr(layer.attn, "w") and "o" in layer.attn.w)
+    weights = [eng.model.lm_head, attn.w["o"], attn.w.get("qkv", attn.w.get("q"))]
+    if dense != "none":
+        assert all(isinstance(w, native_linear.PackedLinear) for w in weights)
+        weights = [w.proj.data for w in weights]
+    assert all(isinstance(w, torch.Tensor) and w.is_contiguous() for w in weights)
+    if hugepages.available():
+        assert all(w.data_ptr() % hugepages.HUGE_PAGE == 0 for w in weights)
+    want = plain.logits(PROMPT)
+    assert torch.allclose(eng.logits(PROMPT), want, rtol=0, atol=1e-6 * float(want.abs().max()))
