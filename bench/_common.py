@@ -55,14 +55,16 @@ def default_bench_model() -> Path:
     return path
 
 
-def alternate(script: str, impls: list[str], repeats: int, child_args: list[str]) -> dict[str, list[dict]]:
+def alternate(script: str, impls: list[str], repeats: int, child_args: list[str],
+              flip: bool = False) -> dict[str, list[dict]]:
     """Run ``script --child IMPL *child_args`` once per implementation per repeat, alternating, each in
-    its own process; print each run's JSON line and return the runs per implementation."""
+    its own process (``flip``: every other repeat in reverse order, so neither side always runs first);
+    print each run's JSON line and return the runs per implementation."""
     import subprocess
 
     runs: dict[str, list[dict]] = {}
-    for _ in range(repeats):
-        for impl in impls:
+    for i in range(repeats):
+        for impl in (impls[::-1] if flip and i % 2 else impls):
             cmd = [sys.executable, script, "--child", impl, *child_args]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             print(out, flush=True)

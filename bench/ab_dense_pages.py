@@ -10,13 +10,11 @@ then the medians and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, median, peak_rss_mb, repo_on_path, set_threads  # noqa: E402
+from _common import alternate, emit, median, peak_rss_mb, repo_on_path, set_threads  # noqa: E402
 
 
 def child(args) -> dict:
@@ -31,18 +29,21 @@ def child(args) -> dict:
     if args.child == "off":
         CpuBackend.dense_empty = lambda self, shape, dtype, index=0: None
         native_linear.huge_empty = lambda shape, dtype: torch.empty(tuple(shape), dtype=dtype)
-    engine = kt_core.Engine.from_pretrained(args.model, overrides=[*args.override, f"device.cpu.threads={args.threads}"])
+    overrides = [*args.override, f"device.cpu.threads={args.threads}"]
+    engine = kt_core.Engine.from_pretrained(args.model, overrides=overrides)
     ids = [(i * 7919) % (engine.model.spec.vocab_size - 200) + 100 for i in range(16)]
     engine.generate(ids, max_new_tokens=4, ignore_eos=True)  # warm-up
-    runs = [engine.generate(ids, max_new_tokens=args.new_tokens + 1, ignore_eos=True).timing["decode_tokens_per_s"]
-            for _ in range(3)]
-    return {"dense_pages": args.child, "decode_tokens_per_s": median(runs), "runs": runs, "peak_rss_mb": round(peak_rss_mb())}
+    runs = [engine.generate(ids, max_new_tokens=args.new_tokens + 1, ignore_eos=True)
+            .timing["decode_tokens_per_s"] for _ in range(3)]
+    return {"dense_pages": args.child, "decode_tokens_per_s": median(runs), "runs": runs,
+            "peak_rss_mb": round(peak_rss_mb())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--override", action="append", default=["model.dtype=bfloat16"], help="a Hydra override (repeatable)")
+    ap.add_argument("--override", action="append", default=["model.dtype=bfloat16"],
+                    help="a Hydra override (repeatable)")
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -51,15 +52,8 @@ def main() -> None:
     if args.child:
         emit(child(args))
         return
-    rest = [a for a in sys.argv[1:]]
-    got: dict[str, list[float]] = {"on": [], "off": []}
-    for i in range(args.pairs):
-        for side in (("on", "off") if i % 2 == 0 else ("off", "on")):
-            out = subprocess.run([sys.executable, __file__, *rest, "--child", side], capture_output=True, text=True,
-                                 check=True).stdout.strip().splitlines()[-1]
-            print(out, flush=True)
-            got[side].append(json.loads(out)["decode_tokens_per_s"])
-    on, off = median(got["on"]), median(got["off"])
+    runs = alternate(__file__, ["on", "off"], args.pairs, list(sys.argv[1:]), flip=True)
+    on, off = (median([r["decode_tokens_per_s"] for r in runs[side]]) for side in ("on", "off"))
     emit({"summary": True, "on_tokens_per_s": on, "off_tokens_per_s": off, "on_vs_off": on / off})
 
 

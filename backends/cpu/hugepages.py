@@ -5,9 +5,11 @@ Decode reads every weight of the active experts once a token; with 4 KB pages th
 before its first touch gets 2 MB pages (the kernel's "madvise" THP mode, the common default).
 native_pack.pack packs the experts straight into such memory (``huge_empty``) at load. A bf16 GEMV of 151936 x 2048 on such memory
 on a Zen 4 EPYC: 0.88-0.98x the time in three alternating runs (bench/README.md). llama.cpp gets the
-same from the page cache's large folios of its mmap'ed GGUF file. The dense weights (LM head, attention
-projections) are read straight into such memory too (``Backend.dense_empty``), and quantized ones
-packed into it.
+same from the page cache's large folios of its mmap'ed GGUF file. The unquantized dense weights the
+reader stacks by rows (LM head, attention projections, dense MLPs, shared experts) are read into such
+memory too (``Backend.dense_empty``: straight from the file where it stores the model's dtype, else
+through a converted copy), and quantized ones packed into it; MLA's kv_b and DeepSeek-V4's grouped
+output projection stay in plain memory.
 
 Elsewhere (Windows, macOS, THP "never", KT_HUGEPAGES=0, small tensors) ``huge_empty`` is a plain
 ``torch.empty``: huge pages are a speed-up, never a requirement.

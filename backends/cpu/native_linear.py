@@ -116,7 +116,8 @@ def pack_linear(w) -> Optional[PackedLinear]:
             return None
     else:
         return None
-    return PackedLinear(w.format.value, group, native._pack_proj(_one(w), None, _f16_scales([w]), alloc=huge_empty), M, K)
+    data = native._pack_proj(_one(w), None, _f16_scales([w]), alloc=huge_empty)
+    return PackedLinear(w.format.value, group, data, M, K)
 
 
 def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None,

@@ -140,7 +140,8 @@ class Backend(abc.ABC):
 
     def dense_empty(self, shape: Sequence[int], dtype: torch.dtype, index: int = 0) -> Optional[torch.Tensor]:
         """Memory device ``index`` wants an unquantized dense weight of ``shape`` read straight into
-        (the CPU's huge pages), or None: the reader places its own tensor. The default: None."""
+        (the CPU's huge pages): a contiguous tensor of exactly ``shape`` and ``dtype`` on
+        ``torch_device(index)``, or None: the reader places its own tensor. The default: None."""
         return None
 
     def moe_experts_async(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

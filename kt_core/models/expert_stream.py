@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from kt_core.weights.checkpoint import read_into
 from kt_core.weights.quant import QuantizedWeight
 
 CHUNK_BYTES = 64 << 20  # a chunk of experts in the checkpoint's dtype (two are held while loading)
@@ -25,11 +26,7 @@ class Stacked:
     shape: tuple
 
     def _read(self, j: int, out: torch.Tensor) -> None:
-        read_into = getattr(self.ck, "read_into", None)  # straight into out where the file allows
-        if read_into is not None:
-            read_into(self.names[j], out, self.shape)
-        else:
-            out.copy_(self.ck.get(self.names[j], self.shape))
+        read_into(self.ck, self.names[j], out, self.shape)  # straight into out where the file allows
 
     def __call__(self) -> torch.Tensor:
         first = self.ck.get(self.names[0], self.shape)

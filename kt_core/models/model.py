@@ -235,10 +235,10 @@ class CausalLM:
                 layers.append(Layer(attn, ffn, r.norm(p + "input_layernorm.weight", (H,)),
                                     r.norm(p + "post_attention_layernorm.weight", (H,)), be, device, tables[device]))
                 advance()
-        last_be = layers[-1].be
+        last_be, last_index = homes(spec.num_layers - 1) if homes else (backend, 0)  # the head sits with the last layer
         first = _Reader(ck, spec, dtype, layers[0].device, qp)
-        last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, 0),
-                       alloc=lambda shape, dt: last_be.dense_empty(shape, dt, 0))
+        last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, last_index),
+                       alloc=lambda shape, dt: last_be.dense_empty(shape, dt, last_index))
         head = shapes_v4.GLOBALS["head"] if spec.v4 is not None else "lm_head.weight"
         tied = spec.tie_embeddings or head not in ck
         # a tied head multiplies the embedding: it stays in the model's dtype then

@@ -11,7 +11,7 @@ from kt_core.errors import KtError
 from kt_core.models.expert_stream import Stacked
 from kt_core.models.kept import kept as _kept
 from kt_core.models.spec import ModelSpec
-from kt_core.weights.checkpoint import Checkpoint
+from kt_core.weights.checkpoint import Checkpoint, read_into
 from kt_core.weights.quant import ExpertWeights, Quant, quantize
 
 
@@ -118,12 +118,13 @@ class _Reader:
         if out is None:
             parts = [self.t(n, s) for n, s in zip(names, shapes)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        read_into, at = getattr(self.ck, "read_into", None), 0
+        if tuple(out.shape) != total or out.dtype != self.dtype or not out.is_contiguous():
+            raise KtError(f"the backend's dense_empty{total} gave a {out.dtype} tensor of shape {tuple(out.shape)}"
+                          f"{'' if out.is_contiguous() else ' (not contiguous)'}; it must give a contiguous "
+                          f"{self.dtype} tensor of exactly that shape, or None")
+        at = 0
         for n, s in zip(names, shapes):
-            if read_into is not None:
-                read_into(n, out[at:at + s[0]], s)  # rows of a contiguous tensor: contiguous
-            else:
-                out[at:at + s[0]].copy_(self.t(n, s))
+            read_into(self.ck, n, out[at:at + s[0]], s)  # rows of a contiguous tensor: contiguous
             at += s[0]
         return out
 

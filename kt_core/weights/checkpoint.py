@@ -329,6 +329,16 @@ class Checkpoint:
         return Tokenizer.from_dir(self.path)
 
 
+def read_into(ck, name: str, out: torch.Tensor, shape) -> None:
+    """Tensor ``name`` of checkpoint ``ck`` (of ``shape``) into ``out``: straight into it where the
+    checkpoint can (``read_into``: safetensors), else a copy of ``get`` in out's dtype (GGUF files)."""
+    direct = getattr(ck, "read_into", None)
+    if direct is not None:
+        direct(name, out, shape)
+    else:
+        out.copy_(ck.get(name, shape, out.dtype))
+
+
 def generation_eos(path) -> tuple[int, ...]:
     """End-of-sequence ids from generation_config.json (what transformers' generate stops on)."""
     f = Path(path) / "generation_config.json"

@@ -7,6 +7,19 @@ import torch
 
 from kt_backends.cpu import hugepages
 
+PROMPT = [5, 17, 33, 2, 90, 41, 41, 7, 12, 64, 3, 88, 19, 27, 50, 61, 1, 9, 30, 77]
+
+
+def _plain(monkeypatch, load):
+    """``load()`` with huge pages off."""
+    monkeypatch.setenv("KT_HUGEPAGES", "0")
+    hugepages._madvise.cache_clear()
+    try:
+        return load()
+    finally:
+        monkeypatch.delenv("KT_HUGEPAGES")
+        hugepages._madvise.cache_clear()
+
 
 def test_a_large_weight_starts_on_a_huge_page_and_holds_what_is_written():
     shape = (4100, 2049)  # ~16.8 MB of bf16: over MIN_BYTES, not a whole number of 2 MB pages
@@ -28,14 +41,10 @@ def test_small_tensors_get_plain_memory():
 
 
 def test_kt_hugepages_0_turns_it_off(monkeypatch):
-    monkeypatch.setenv("KT_HUGEPAGES", "0")
-    hugepages._madvise.cache_clear()
-    try:
-        out = hugepages.huge_empty((2100, 2048), torch.bfloat16)
-        assert not hugepages.available() and out.untyped_storage().nbytes() == 2100 * 2048 * 2
-    finally:
-        monkeypatch.delenv("KT_HUGEPAGES")
-        hugepages._madvise.cache_clear()
+    def load():
+        assert not hugepages.available()
+        return hugepages.huge_empty((2100, 2048), torch.bfloat16)
+    assert _plain(monkeypatch, load).untyped_storage().nbytes() == 2100 * 2048 * 2
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
@@ -51,13 +60,7 @@ def test_packed_experts_land_on_huge_pages_with_the_same_panels(fmt, monkeypatch
     if fmt == "int4":
         ws = [quantize(w, "int4", 32) for w in ws]
     packed = native.pack(ExpertWeights(torch.arange(E), *ws))
-    monkeypatch.setenv("KT_HUGEPAGES", "0")
-    hugepages._madvise.cache_clear()
-    try:
-        plain = native.pack(ExpertWeights(torch.arange(E), *ws))
-    finally:
-        monkeypatch.delenv("KT_HUGEPAGES")
-        hugepages._madvise.cache_clear()
+    plain = _plain(monkeypatch, lambda: native.pack(ExpertWeights(torch.arange(E), *ws)))
     for proj, ref in ((packed.gate, plain.gate), (packed.up, plain.up), (packed.down, plain.down)):
         assert torch.equal(proj.data, ref.data)
         if hugepages.available():
@@ -66,27 +69,26 @@ def test_packed_experts_land_on_huge_pages_with_the_same_panels(fmt, monkeypatch
     assert torch.equal(native.moe_forward(packed, x, ids, wts), native.moe_forward(plain, x, ids, wts))
 
 
-def _plain(monkeypatch, load):
-    """``load()`` with huge pages off."""
-    monkeypatch.setenv("KT_HUGEPAGES", "0")
-    hugepages._madvise.cache_clear()
-    try:
-        return load()
-    finally:
-        monkeypatch.delenv("KT_HUGEPAGES")
-        hugepages._madvise.cache_clear()
-
-
-@pytest.mark.parametrize("name,dense", [("qwen2", "none"), ("qwen3_moe", "int8")])
-def test_dense_weights_are_read_into_huge_pages_with_the_same_logits(name, dense, tiny_checkpoint, monkeypatch):
+@pytest.mark.parametrize("name,dense,dtype,direct", [("qwen2", "none", "float32", True),
+                                                     ("qwen2", "none", "bfloat16", True),
+                                                     ("qwen2", "none", "float32", False),
+                                                     ("qwen3_moe", "int8", "float32", True)])
+def test_dense_weights_are_read_into_huge_pages_with_the_same_logits(name, dense, dtype, direct, tiny_checkpoint,
+                                                                     monkeypatch):
     """The LM head and the attention projections (read straight into the CPU backend's dense_empty, or
-    packed into huge_empty when quantized) sit on 2 MB boundaries; the model computes what it did."""
+    packed into huge_empty when quantized) sit on 2 MB boundaries; the model computes what it did. The
+    float32 checkpoints read as bfloat16 take the converting copy; ``direct=False``: a checkpoint without
+    read_into (as a GGUF file) takes the copy of ``get``."""
     import kt_core
-    from kt_backends.cpu import native_linear
-    from tests.unit.test_lora import PROMPT
+    from kt_backends.cpu import native, native_linear
+    from kt_core.weights.checkpoint import Checkpoint
 
+    if dense != "none" and not native.available():
+        pytest.skip("native CPU kernels not built: quantized dense weights stay unpacked")
+    if not direct:
+        monkeypatch.delattr(Checkpoint, "read_into")
     monkeypatch.setattr(hugepages, "MIN_BYTES", 0)  # tiny weights: every one qualifies
-    ov = ["model.dtype=float32", f"quant.dense={dense}", "quant.group_size=32"]
+    ov = [f"model.dtype={dtype}", f"quant.dense={dense}", "quant.group_size=32"]
     eng = kt_core.Engine.from_pretrained(tiny_checkpoint(name), overrides=ov)
     plain = _plain(monkeypatch, lambda: kt_core.Engine.from_pretrained(tiny_checkpoint(name), overrides=ov))
     attn = next(layer.attn for layer in eng.model.layers if hasattr(layer.attn, "w") and "o" in layer.attn.w)
