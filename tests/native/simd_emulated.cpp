@@ -261,6 +261,8 @@ int main() {
   // rows that are not whole 64-input steps (K % 64 == 32): per-row int4 and int8 on 32-input integer
   // steps up to 16 tokens, bf16 tiles above
   for (bool zeros : {false, true}) amx_case(FMT_INT4, 544, 544, zeros);
+  // per-row int4 over more K steps than a chunk of panel_tiles_q8_chunked (sums parked between chunks)
+  for (bool zeros : {false, true}) amx_case(FMT_INT4, 1024, 1024, zeros);
   amx_case(FMT_INT8, 544, 544, false);
   amx_case(FMT_BF16, 544, 544, false);  // and for the AVX512-BF16 pairs: two K blocks of 256, then 32
   // Training's transposed products on the tiles: 3 panels (an odd one out of the two-panel tiles), 1..7

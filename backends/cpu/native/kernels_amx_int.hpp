@@ -154,12 +154,101 @@ KT_AMX inline void store_q8_sums(int32_t (*c)[16 * 16], bool two) {
   KT_MEMORY_BARRIER();
 }
 
+// K steps a chunk of panel_tiles_q8_chunked: the chunk's B tiles of both panels (16 KB) stay in L1
+// while every token tile passes
+#ifndef KT_Q8_CHUNK_STEPS
+#define KT_Q8_CHUNK_STEPS 8
+#endif
+
+// C tiles 0..3 <-> c (row pitch 64 bytes); tile numbers are immediates
+KT_AMX inline void load_q8_sums(int32_t* c, bool two) {
+  _tile_loadd(0, c, 64);
+  _tile_loadd(1, c + 256, 64);
+  if (two) {
+    _tile_loadd(2, c + 512, 64);
+    _tile_loadd(3, c + 768, 64);
+  }
+}
+
+// panel_tiles_q8_amx for a weight of one group a row (int4 per row) and more than one token tile:
+// K in chunks, every token tile through a chunk before the next, its sums parked in memory between
+// chunks; otherwise the same steps and the same float drain, so the same bits. The panels' B tiles
+// are then read from L1 by every token tile, where the whole-K order read them back from L2.
+KT_AMX inline void panel_tiles_q8_chunked(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a,
+                                          float* out_b) {
+  const Weight& wa = *a.w;
+  const int64_t K = wa.K, S = q8_step(wa), bytes = K * NR, E = tile_elems(wa), steps = K / S;
+  const int64_t tiles = (n + 15) / 16;
+  const bool two = b.w != nullptr;
+  thread_local lvector<uint8_t> buf;
+  thread_local lvector<int32_t> sums;  // [tiles][4][16 x 16]: C hi / lo of a, of b
+  if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
+  if (static_cast<int64_t>(sums.size()) < tiles * 4 * 256) sums.resize(tiles * 4 * 256);
+  uint8_t* const ba = buf.data();
+  uint8_t* const bb = ba + bytes;
+  int32_t* const cs = sums.data();
+  amx_configure_q8_pair(16, static_cast<int>(S), two);
+  for (int64_t k0 = 0; k0 < steps; k0 += KT_Q8_CHUNK_STEPS) {
+    const int64_t k1 = std::min<int64_t>(steps, k0 + KT_Q8_CHUNK_STEPS);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const uint8_t* x = reinterpret_cast<const uint8_t*>(Xt + t * E);
+      int32_t* c = cs + t * 4 * 256;
+      if (k0 == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+          _tile_zero(2);
+          _tile_zero(3);
+        }
+      } else {
+        load_q8_sums(c, two);
+      }
+      for (int64_t kb = k0; kb < k1; ++kb) {
+        if (t == 0) {
+          decode_quads_q8(wa, a.p, kb * S / 4, (kb + 1) * S / 4, ba);
+          if (two) decode_quads_q8(*b.w, b.p, kb * S / 4, (kb + 1) * S / 4, bb);
+          KT_MEMORY_BARRIER();
+        }
+        _tile_loadd(6, ba + kb * S * 16, 64);
+        _tile_loadd(4, x + kb * 16 * S, S);
+        if (two) {
+          _tile_loadd(7, bb + kb * S * 16, 64);
+          _tile_dpbssd(0, 4, 6);
+          _tile_dpbssd(2, 4, 7);
+          _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+          _tile_dpbssd(1, 5, 6);
+          _tile_dpbssd(3, 5, 7);
+        } else {
+          _tile_dpbssd(0, 4, 6);
+          _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+          _tile_dpbssd(1, 5, 6);
+        }
+      }
+      store_q8_sums(reinterpret_cast<int32_t(*)[16 * 16]>(c), two);
+    }
+  }
+  _tile_release();
+  KT_MEMORY_BARRIER();
+  for (int64_t t = 0; t < tiles; ++t) {  // the one group's drain, as panel_tiles_q8_amx's
+    const int m = static_cast<int>(std::min<int64_t>(16, n - t * 16));
+    const float* xs = reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(Xt + t * E) + 32 * K);
+    const int32_t* c = cs + t * 4 * 256;
+    for (int j = 0; j < (two ? 2 : 1); ++j) {
+      float* o = (j ? out_b : out_a) + t * 16 * NR;
+      std::memset(o, 0, sizeof(float) * m * NR);
+      drain_q8(j ? *b.w : wa, j ? b.p : a.p, 0, c + 2 * j * 256, c + (2 * j + 1) * 256, xs + 16, m, o);
+      for (int r = 0; r < m; ++r) _mm512_storeu_ps(o + r * NR, _mm512_mul_ps(_mm512_loadu_ps(o + r * NR), _mm512_set1_ps(xs[r])));
+    }
+  }
+}
+
 // panel_tiles_amx for q8_takes calls (same contract; Xt holds q8 token tiles, whole ones: tiled_elems(w, n))
 KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt, int64_t n, float* out_a,
                                       float* out_b) {
   const Weight& wa = *a.w;
   const int64_t K = wa.K, S = q8_step(wa), bytes = K * NR, E = tile_elems(wa);
   const bool per_row = wa.fmt == FMT_INT8 && wa.group == K, two = b.w != nullptr;
+  if (!per_row && wa.group == K && n > 16) return panel_tiles_q8_chunked(a, b, Xt, n, out_a, out_b);
   thread_local lvector<uint8_t> buf;
   if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
   uint8_t* const ba = buf.data();  // (a thread_local's address costs a call to look up: once here)
