@@ -50,6 +50,7 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
               depends=["backends/cpu/native/kernels.hpp", "backends/cpu/native/kernels_avx512.hpp",
                        "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_int_avx2.inc",
                        "backends/cpu/native/isa.hpp", "backends/cpu/native/moe_forward.inc", "backends/cpu/native/linear_packed.inc",
+                       "backends/cpu/native/moe_args.inc",
                        "backends/cpu/native/abi_checks.inc", "backends/cpu/native/self_check.inc",
                        "backends/cpu/native/threadpool.hpp", "backends/cpu/native/attention_decode.inc",
                        "backends/cpu/native/attention_decode_avx2.inc",

@@ -12,5 +12,5 @@ def int8_group_ok(group: int) -> bool:
 
 
 # DeepSeek-V4's clamped SwiGLU (gate <= 10, |up| <= 10): the MoE activation silu_clamp10 (the native
-# kernels' moe_forward.inc spells the same 10)
+# kernels' moe_args.inc spells the same 10)
 DEEPSEEK_V4_SWIGLU_LIMIT = 10.0

@@ -6,7 +6,7 @@
 namespace {
 
 // ---------------------------------------------------------------- the library's C ABI
-// Copies of moe_forward.inc's argument structs; kt_moe_args_size() must agree with sizeof.
+// Copies of moe_args.inc's argument structs; kt_moe_args_size() must agree with sizeof.
 struct Proj {
   const void* data;
   const float* scale;
