@@ -154,6 +154,34 @@ KT_AMX inline void store_q8_sums(int32_t (*c)[16 * 16], bool two) {
   KT_MEMORY_BARRIER();
 }
 
+// K step kb of one token tile (q8 codes at x) against panels a and (when b.w is set) b, whose B tiles
+// are decoded into ba / bb first when `decode`: C tiles 0 / 1 (hi / lo) of a, 2 / 3 of b
+KT_AMX inline void q8_tile_step(PanelRef a, PanelRef b, const uint8_t* x, int64_t kb, bool decode, uint8_t* ba,
+                                uint8_t* bb) {
+  const int64_t K = a.w->K, S = q8_step(*a.w);
+  const bool two = b.w != nullptr;
+  if (decode) {
+    decode_quads_q8(*a.w, a.p, kb * S / 4, (kb + 1) * S / 4, ba);
+    if (two) decode_quads_q8(*b.w, b.p, kb * S / 4, (kb + 1) * S / 4, bb);
+    KT_MEMORY_BARRIER();
+  }
+  // each A tile's two uses are adjacent, so its next load waits on as little as possible
+  _tile_loadd(6, ba + kb * S * 16, 64);
+  _tile_loadd(4, x + kb * 16 * S, S);
+  if (two) {
+    _tile_loadd(7, bb + kb * S * 16, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(2, 4, 7);
+    _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+    _tile_dpbssd(1, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  } else {
+    _tile_dpbssd(0, 4, 6);
+    _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
+    _tile_dpbssd(1, 5, 6);
+  }
+}
+
 // K steps a chunk of panel_tiles_q8_chunked: the chunk's B tiles of both panels (16 KB) stay in L1
 // while every token tile passes
 #ifndef KT_Q8_CHUNK_STEPS
@@ -204,25 +232,7 @@ KT_AMX inline void panel_tiles_q8_chunked(PanelRef a, PanelRef b, const uint16_t
         load_q8_sums(c, two);
       }
       for (int64_t kb = k0; kb < k1; ++kb) {
-        if (t == 0) {
-          decode_quads_q8(wa, a.p, kb * S / 4, (kb + 1) * S / 4, ba);
-          if (two) decode_quads_q8(*b.w, b.p, kb * S / 4, (kb + 1) * S / 4, bb);
-          KT_MEMORY_BARRIER();
-        }
-        _tile_loadd(6, ba + kb * S * 16, 64);
-        _tile_loadd(4, x + kb * 16 * S, S);
-        if (two) {
-          _tile_loadd(7, bb + kb * S * 16, 64);
-          _tile_dpbssd(0, 4, 6);
-          _tile_dpbssd(2, 4, 7);
-          _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
-          _tile_dpbssd(1, 5, 6);
-          _tile_dpbssd(3, 5, 7);
-        } else {
-          _tile_dpbssd(0, 4, 6);
-          _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
-          _tile_dpbssd(1, 5, 6);
-        }
+        q8_tile_step(a, b, x, kb, t == 0, ba, bb);
       }
       store_q8_sums(reinterpret_cast<int32_t(*)[16 * 16]>(c), two);
     }
@@ -277,26 +287,7 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
       _tile_zero(3);
     }
     for (int64_t kb = 0; kb < K / S; ++kb) {
-      if (i == 0) {
-        decode_quads_q8(wa, a.p, kb * S / 4, (kb + 1) * S / 4, ba);
-        if (two) decode_quads_q8(*b.w, b.p, kb * S / 4, (kb + 1) * S / 4, bb);
-        KT_MEMORY_BARRIER();
-      }
-      // each A tile's two uses are adjacent, so its next load waits on as little as possible
-      _tile_loadd(6, ba + kb * S * 16, 64);
-      _tile_loadd(4, x + kb * 16 * S, S);
-      if (two) {
-        _tile_loadd(7, bb + kb * S * 16, 64);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(2, 4, 7);
-        _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
-        _tile_dpbssd(1, 5, 6);
-        _tile_dpbssd(3, 5, 7);
-      } else {
-        _tile_dpbssd(0, 4, 6);
-        _tile_loadd(5, x + 16 * K + kb * 16 * S, S);
-        _tile_dpbssd(1, 5, 6);
-      }
+      q8_tile_step(a, b, x, kb, i == 0, ba, bb);
       if (per_row || (kb + 1) % per_group) continue;
       store_q8_sums(c, two);  // the end of a weight group: its sums into the float accumulators
       _tile_zero(0);
