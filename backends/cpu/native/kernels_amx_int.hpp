@@ -79,7 +79,8 @@ KT_AMX inline void q8_tile_row(const Weight& w, const float* x, uint8_t* tile, i
 }
 
 // Quads [q0, q1) (inputs 4 q0 .. 4 q1) of panel p of an int8 / int4 weight -> the same quads of
-// buf [K/4][16][4] int8 codes, TDPBSSD's B-tile layout
+// buf [K/4][16][4] int8 codes, TDPBSSD's B-tile layout; q0 and q1 even (whole K steps: int4 decodes two
+// quads at a time)
 KT_AMX inline void decode_quads_q8(const Weight& w, int64_t p, int64_t q0, int64_t q1, uint8_t* buf) {
   const int64_t K = w.K;
   if (w.fmt == FMT_INT8) {  // [K/2][16][2]: pair rows 2q and 2q + 1 side by side per output
@@ -154,6 +155,13 @@ KT_AMX inline void store_q8_sums(int32_t (*c)[16 * 16], bool two) {
   KT_MEMORY_BARRIER();
 }
 
+// This thread's decoded B tiles of two panels of `bytes` codes each (both q8 tile paths share it)
+inline uint8_t* q8_panel_buf(int64_t bytes) {
+  thread_local lvector<uint8_t> buf;
+  if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
+  return buf.data();
+}
+
 // K step kb of one token tile (q8 codes at x) against panels a and (when b.w is set) b, whose B tiles
 // are decoded into ba / bb first when `decode`: C tiles 0 / 1 (hi / lo) of a, 2 / 3 of b
 KT_AMX inline void q8_tile_step(PanelRef a, PanelRef b, const uint8_t* x, int64_t kb, bool decode, uint8_t* ba,
@@ -187,6 +195,7 @@ KT_AMX inline void q8_tile_step(PanelRef a, PanelRef b, const uint8_t* x, int64_
 #ifndef KT_Q8_CHUNK_STEPS
 #define KT_Q8_CHUNK_STEPS 8
 #endif
+static_assert(KT_Q8_CHUNK_STEPS > 0, "KT_Q8_CHUNK_STEPS: K steps a chunk, at least 1");
 
 // C tiles 0..3 <-> c (row pitch 64 bytes); tile numbers are immediates
 KT_AMX inline void load_q8_sums(int32_t* c, bool two) {
@@ -208,11 +217,9 @@ KT_AMX inline void panel_tiles_q8_chunked(PanelRef a, PanelRef b, const uint16_t
   const int64_t K = wa.K, S = q8_step(wa), bytes = K * NR, E = tile_elems(wa), steps = K / S;
   const int64_t tiles = (n + 15) / 16;
   const bool two = b.w != nullptr;
-  thread_local lvector<uint8_t> buf;
   thread_local lvector<int32_t> sums;  // [tiles][4][16 x 16]: C hi / lo of a, of b
-  if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
   if (static_cast<int64_t>(sums.size()) < tiles * 4 * 256) sums.resize(tiles * 4 * 256);
-  uint8_t* const ba = buf.data();
+  uint8_t* const ba = q8_panel_buf(bytes);
   uint8_t* const bb = ba + bytes;
   int32_t* const cs = sums.data();
   amx_configure_q8_pair(16, static_cast<int>(S), two);
@@ -259,9 +266,7 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
   const int64_t K = wa.K, S = q8_step(wa), bytes = K * NR, E = tile_elems(wa);
   const bool per_row = wa.fmt == FMT_INT8 && wa.group == K, two = b.w != nullptr;
   if (!per_row && wa.group == K && n > 16) return panel_tiles_q8_chunked(a, b, Xt, n, out_a, out_b);
-  thread_local lvector<uint8_t> buf;
-  if (static_cast<int64_t>(buf.size()) < 2 * bytes) buf.resize(2 * bytes);
-  uint8_t* const ba = buf.data();  // (a thread_local's address costs a call to look up: once here)
+  uint8_t* const ba = q8_panel_buf(bytes);  // (a thread_local's address costs a call to look up: once here)
   uint8_t* const bb = ba + bytes;
   // The panels are decoded a K block at a time inside the first token tile's steps (as panel_tiles_amx's)
   const int64_t per_group = wa.group / S;  // blocks of S inputs a weight group spans
