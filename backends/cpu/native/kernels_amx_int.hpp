@@ -79,8 +79,7 @@ KT_AMX inline void q8_tile_row(const Weight& w, const float* x, uint8_t* tile, i
 }
 
 // Quads [q0, q1) (inputs 4 q0 .. 4 q1) of panel p of an int8 / int4 weight -> the same quads of
-// buf [K/4][16][4] int8 codes, TDPBSSD's B-tile layout; q0 and q1 even (whole K steps: int4 decodes two
-// quads at a time)
+// buf [K/4][16][4] int8 codes, TDPBSSD's B-tile layout
 KT_AMX inline void decode_quads_q8(const Weight& w, int64_t p, int64_t q0, int64_t q1, uint8_t* buf) {
   const int64_t K = w.K;
   if (w.fmt == FMT_INT8) {  // [K/2][16][2]: pair rows 2q and 2q + 1 side by side per output
@@ -95,16 +94,16 @@ KT_AMX inline void decode_quads_q8(const Weight& w, int64_t p, int64_t q0, int64
   }
   // int4 [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e. Dword l of a quad holds
   // words 2l and 2l+1; its low nibbles (h = 0) are inputs 0, 2, 1, 3 of row l, the high ones of row
-  // l+8: as they stand, since q8_codes stores an int4 weight's activations in that order. Two quads a
-  // step. (A shuffle of every quad here, 256 bits a step, cost 3-7% of a 512-token int4 layer.)
+  // l+8: as they stand, since q8_codes stores an int4 weight's activations in that order (a byte
+  // shuffle of each half here cost per-row int4 ~5% at T=128, ~3% at T=512; two quads a step in 512
+  // bits, halves joined by VSHUFI64X2, was slower at T=128)
   const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
-  const __m512i mask = _mm512_set1_epi8(0x0F);
-  for (int64_t q = q0; q < q1; q += 2) {  // q1 - q0: a step's 8 or 16 quads
-    _mm_prefetch(reinterpret_cast<const char*>(wp + q * 32) + KT_AMX_PREFETCH, _MM_HINT_T0);
-    const __m512i d = _mm512_loadu_si512(wp + q * 32);
-    const __m512i lo = _mm512_and_si512(d, mask), hi = _mm512_and_si512(_mm512_srli_epi16(d, 4), mask);
-    _mm512_storeu_si512(buf + q * 64, _mm512_shuffle_i64x2(lo, hi, 0x44));
-    _mm512_storeu_si512(buf + q * 64 + 64, _mm512_shuffle_i64x2(lo, hi, 0xEE));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  for (int64_t q = q0; q < q1; ++q) {
+    if ((q & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + q * 32) + KT_AMX_PREFETCH, _MM_HINT_T0);
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 32));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64), _mm256_and_si256(d, mask));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64 + 32), _mm256_and_si256(_mm256_srli_epi16(d, 4), mask));
   }
 }
 
