@@ -20,6 +20,7 @@ import torch
 
 from kt_core.errors import KtError
 from kt_core.jsonfile import read_json
+from kt_core.weights.checkpoint import read_into
 
 PREFIX = "base_model.model."
 
@@ -144,10 +145,10 @@ class Adapted:
         return w if dtype is None else w.to(dtype)
 
     def read_into(self, name: str, out: torch.Tensor, shape) -> None:
-        if name in self.pairs or not hasattr(self.ck, "read_into"):
+        if name in self.pairs:
             out.copy_(self.get(name, shape, out.dtype))
         else:
-            self.ck.read_into(name, out, shape)
+            read_into(self.ck, name, out, shape)
 
     def keeps(self, name: str) -> bool:
         return name not in self.pairs and hasattr(self.ck, "keeps") and self.ck.keeps(name)
