@@ -25,6 +25,7 @@
 #define KT_AVX512BF16 KT_TARGET("avx2,fma,f16c")
 #define KT_AMX KT_TARGET("avx2,fma,f16c")
 #define KT_EMULATED_CVTNE2PS 1  // SIMDe has no VCVTNE2PS2BF16: kernels_amx.hpp rounds in integer steps
+#define KT_EMULATED_CVTEPI8_EPI32 1  // nor a 512-bit VPMOVSXBD: two widening steps
 #include "kernels_amx.hpp"  // and kernels_avx512.hpp
 #include "attention_tiles.hpp"
 #include "kernels_grad.hpp"

@@ -201,6 +201,16 @@ KT_AMX inline void decode_block_bf16(const Weight& w, int64_t p, int64_t kb, uin
   }
 }
 
+// 16 int8 codes at p, sign-extended to int32 lanes straight from memory (VPMOVSXBD: one shuffle-port
+// op where widening 32 codes to int16 and each half again took four)
+KT_AMX inline __m512i int8x16_at(const int8_t* p) {
+#if defined(KT_EMULATED_CVTEPI8_EPI32)  // the emulation harness: SIMDe has no 512-bit VPMOVSXBD
+  return _mm512_cvtepi16_epi32(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+}
+
 // Inputs [k0, k1) (even; int4: multiples of 4; bf16: of 32) of panel p of w -> the same inputs of buf[K/2][16]
 // input pairs (the B tiles, back to back). Each step makes the 32 (row, input) values of rows 0-7
 // and then 8-15 in B-tile order as floats and rounds them once (bf16: moves them, exact).
@@ -216,10 +226,8 @@ KT_AMX inline void decode_inputs_bf16(const Weight& w, int64_t p, int64_t k0, in
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
     for (int64_t k = k0; k < k1; k += 2) {
       if ((k & 3) == 0) fetch(wp + k * NR);
-      const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
-      _mm512_storeu_si512(buf + k / 2 * NR,
-                          bf16x32(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))),
-                                  _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)))));
+      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_cvtepi32_ps(int8x16_at(wp + k * NR)),
+                                                    _mm512_cvtepi32_ps(int8x16_at(wp + k * NR + 16))));
     }
     return;
   }
@@ -249,10 +257,8 @@ KT_AMX inline void decode_inputs_bf16(const Weight& w, int64_t p, int64_t k0, in
       const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
       for (; k < end; k += 2) {
         if ((k & 3) == 0) fetch(wp + k * NR);
-        const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * NR)));
-        _mm512_storeu_si512(buf + k / 2 * NR,
-                            bf16x32(_mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v))), s0, z0),
-                                    _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1))), s1, z1)));
+        _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_fmsub_ps(_mm512_cvtepi32_ps(int8x16_at(wp + k * NR)), s0, z0),
+                                                      _mm512_fmsub_ps(_mm512_cvtepi32_ps(int8x16_at(wp + k * NR + 16)), s1, z1)));
       }
       continue;
     }
