@@ -87,13 +87,17 @@ def alternate_blocks(n_builds: int, blocks: int, block: int, call) -> list[list[
     return times
 
 
-def load(path: Path, threads: int, rev: str) -> ctypes.CDLL:
+def load(path: Path, threads: int, rev: str, variant: str | None = None) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.kt_abi_version() != native.ABI_VERSION or lib.kt_moe_args_size() != ctypes.sizeof(native._MoeArgs):
         sys.exit(f"--rev {rev}: native ABI {lib.kt_abi_version()}, the worktree packs weights for "
                  f"ABI {native.ABI_VERSION}: compare revisions that share it")
     lib.kt_moe_forward.argtypes = [ctypes.POINTER(native._MoeArgs)]
     lib.kt_set_threads(threads)
+    if variant is not None:
+        lib.kt_set_variant.argtypes = [ctypes.c_char_p]
+        if lib.kt_set_variant(variant.encode()):
+            sys.exit(f"--variant {variant}: unknown, or not supported by this CPU")
     return lib
 
 
@@ -107,6 +111,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=15, help="alternating blocks per revision")
     ap.add_argument("--block-size", type=int, default=0, help="calls per block (default: 20 at T=1, else 2)")
+    ap.add_argument("--variant", default=None,
+                    help="force a kernel variant in every build (avx2, avx512, ...: what a CPU without AMX runs)")
     a = ap.parse_args()
     if len(a.rev) < 2:
         sys.exit("give at least two --rev (e.g. --rev HEAD --rev worktree)")
@@ -127,7 +133,7 @@ def main() -> None:
                             out.data_ptr(), 0, 1, dfmt, dgroup, *f16)  # revisions before ABI 13 ignore f16
             for (ids, w), out in zip(sets, outs)]
     with tempfile.TemporaryDirectory() as tmp:
-        libs = [load(compile_lib(sources(rev, Path(tmp))), a.threads, rev) for rev in a.rev]
+        libs = [load(compile_lib(sources(rev, Path(tmp))), a.threads, rev, a.variant) for rev in a.rev]
         first = []
         for rev, lib in zip(a.rev, libs):
             if lib.kt_moe_forward(ctypes.byref(args[0])) != 0:
@@ -143,7 +149,8 @@ def main() -> None:
     base = statistics.median(times[0])
     for rev, t, out in zip(a.rev, times, first):
         ms = statistics.median(t)
-        emit({"impl": "ab", "rev": rev, "format": a.format, "tokens": T, "threads": a.threads, "ms": ms * 1e3,
+        emit({"impl": "ab", "rev": rev, "variant": a.variant or "default", "format": a.format, "tokens": T,
+              "threads": a.threads, "ms": ms * 1e3,
               "p25_ms": statistics.quantiles(t, n=4)[0] * 1e3, "ratio_vs_first": ms / base,
               "max_abs_diff_vs_first": float((out - first[0]).abs().max())})
 
