@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def export(rev: str, into: Path) -> Path:
     if blob.returncode:
         sys.exit(f"--rev {rev}: {blob.stderr.decode().strip()}")
     with tarfile.open(fileobj=io.BytesIO(blob.stdout)) as tar:
-        tar.extractall(dst, filter="data")
+        # our own repository's archive; the "data" filter where this Python has it (3.11.4+, 3.12)
+        tar.extractall(dst, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return dst
 
 
@@ -72,8 +74,6 @@ def build(tree: Path, into: Path, name: str) -> Path:
     """tree's native sources compiled (bench/ab_native.py's flags) into a copy of tree's packages
     when tree is this checkout (its installed library may be built differently), else in place."""
     src = into / f"{name}-native"
-    import shutil
-
     shutil.copytree(tree / "backends" / "cpu" / "native", src)
     lib = compile_lib(src)
     if tree == ROOT:  # a copy of the packages the child imports, with the fresh library
