@@ -273,10 +273,13 @@ KT_AMX inline void panel_tiles_q8_amx(PanelRef a, PanelRef b, const uint16_t* Xt
   int cur = -1;
   for (int64_t i = 0; i < n; i += 16) {
     const int m = static_cast<int>(std::min<int64_t>(16, n - i));
-    // Every token tile runs 16 rows: a partial one's rows past n lie in Xt's whole tiles (their
-    // sums go unused), and a tile configuration per partial tile cost more than its smaller
-    // TDPBSSDs saved (one MoE layer int8 T=512 55.0 -> 52.2 ms)
-    if (cur < 0) amx_configure_q8_pair(cur = 16, static_cast<int>(S), two);
+    // Of several token tiles, each runs 16 rows: a partial one's rows past n lie in Xt's whole
+    // tiles (their sums go unused), and a tile configuration per partial tile cost more than its
+    // smaller TDPBSSDs saved (one MoE layer int8 T=512 55.0 -> 52.2 ms; in K chunks, per-row int4
+    // T=512 1.05x). A call of one tile (n <= 16: most experts at T=128) is configured with its n rows
+    // once, so the products and the A loads cover only them (bench/ab_native.py, AMX Xeon: T=128
+    // int8 0.94x, per-row int4 0.95-0.98x, int4 g32 0.98x; T=16 per-row int4 0.95x)
+    if (cur < 0) amx_configure_q8_pair(cur = n <= 16 ? m : 16, static_cast<int>(S), two);
     const uint8_t* x = reinterpret_cast<const uint8_t*>(Xt + (i / 16) * E);
     const float* xs = reinterpret_cast<const float*>(x + 32 * K);
     float *oa = out_a + i * NR, *ob = two ? out_b + i * NR : nullptr;
