@@ -160,6 +160,10 @@ def test_dpo_loss_and_gradients_equal_the_formula_on_peft(experts, tiny_checkpoi
 
     base = tiny_checkpoint("qwen3_moe")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # peft draws lora_A from torch's global generator: without a seed the adapter (and so the size
+    # of the int8 path's activation-code error in the gradients, 8e-6..5e-5 over 16 seeds) depended
+    # on which tests ran before; one CI run drew an adapter whose q_proj gradient differed by 2.2e-4
+    torch.manual_seed(0)
     if experts == "float32":
         ref = make_adapter(base, tmp_path / "a", targets)
     else:
