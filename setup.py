@@ -50,7 +50,7 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
               depends=["backends/cpu/native/kernels.hpp", "backends/cpu/native/kernels_avx512.hpp",
                        "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_int_avx2.inc",
                        "backends/cpu/native/isa.hpp", "backends/cpu/native/moe_forward.inc", "backends/cpu/native/linear_packed.inc",
-                       "backends/cpu/native/moe_args.inc",
+                       "backends/cpu/native/moe_args.inc", "backends/cpu/native/kt_limits.h",
                        "backends/cpu/native/abi_checks.inc", "backends/cpu/native/self_check.inc",
                        "backends/cpu/native/threadpool.hpp", "backends/cpu/native/attention_decode.inc",
                        "backends/cpu/native/attention_decode_avx2.inc",
@@ -78,7 +78,7 @@ setup(
     packages=find_packages(include=["kt_core", "kt_core.*"]) + ["kt_backends", "kt_conf"]
     + [f"kt_backends.{b}" for b in BACKENDS],
     package_dir={"kt_backends": "backends", "kt_conf": "conf"},
-    package_data={"kt_conf": ["*.yaml", "*/*.yaml"], "kt_backends.cpu": ["native/*.cpp", "native/*.hpp", "native/*.inc"]},
+    package_data={"kt_conf": ["*.yaml", "*/*.yaml"], "kt_backends.cpu": ["native/*.cpp", "native/*.hpp", "native/*.h", "native/*.inc"]},
     ext_modules=NATIVE,
     cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
