@@ -33,8 +33,9 @@ def native_header() -> str:
 
 
 if __name__ == "__main__":
+    import sys
     from pathlib import Path
 
     out = Path(__file__).resolve().parents[2] / HEADER
     out.write_text(native_header(), encoding="utf-8", newline="\n")
-    print(f"wrote {out}")
+    sys.stdout.write(f"wrote {out}\n")
