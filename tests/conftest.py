@@ -7,6 +7,8 @@ plugin is a parameter and the absent ones skip with their probe's reason.
 from __future__ import annotations
 
 import os
+import random
+import sys
 
 import pytest
 
@@ -52,6 +54,19 @@ def backend(backend_name, request):
     return registry().get(backend_name)
 
 
+
+
+@pytest.fixture(autouse=True)
+def _seeded_generators():
+    """Every test starts from the same random state, whichever tests ran before it: a test that
+    draws without seeding (peft's lora_A init, torch.randn in a helper) then gets the same numbers
+    alone, in a subset or in the whole suite. Torch and numpy are seeded only once something
+    imported them, so torch-free tests stay torch-free."""
+    random.seed(0)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(0)
 
 
 @pytest.fixture(scope="session")
