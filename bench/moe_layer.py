@@ -25,6 +25,10 @@ includes its quantization error); elsewhere against our dequantized weights.
 kt-kernel runs in the interpreter given by --ktkernel-python (default: this one, when it can
 import kt_kernel), via bench/_ktkernel_runner.py.
 
+With --vs-ktkernel, one line per format and T has impl "ratio": kt-kernel's fastest class and thread
+count over kt-core's time, per round (--rounds N: kt-core and kt-kernel timed N times, alternating,
+so a drift of the machine between the two shows as spread, not as a ratio), their median and min.
+
 One JSON line per (impl, format, tokens): ms (median), tokens_per_s, weight_gbps (bytes of
 the experts the tokens touched / time), bw_fraction (of the memory bandwidth measured in this
 run by the extension's native multi-threaded streaming loop), rel_err (max error against an
@@ -112,8 +116,9 @@ KT_WEIGHTS = {"bf16": "our bf16 weights", "raw": "our codes and scales",
               "q8_0": "llamafile Q8_0 made by kt-kernel from our bf16 weights"}
 
 
-def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt):
-    """kt-kernel's operators on the same weights and inputs, in its own interpreter; JSON rows."""
+def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt, tag):
+    """kt-kernel's operators on the same weights and inputs, in its own interpreter: JSON rows (with
+    tag's keys), and {tokens: ms of its fastest class and thread count}."""
     import json
     import subprocess
     import tempfile
@@ -127,7 +132,7 @@ def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_exper
     if not cases:
         emit({"impl": "kt-kernel", "format": label(fmt, a.group), **info,
               "skipped": f"no kt-kernel {kt['family']} operator for it"})
-        return
+        return {}
     t = {}
     if any(kind != "raw" for _, kind in cases):
         t.update(gate=base[0], up=base[1], down=base[2])
@@ -160,8 +165,9 @@ def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_exper
             emit({"impl": "kt-kernel", "format": label(fmt, a.group), **info,
                   "ktkernel_class": ",".join(c for c, _ in cases), "returncode": proc.returncode,
                   "error": (proc.stderr.strip() or proc.stdout.strip())[-400:]})
-            return
+            return {}
         outs = load_file(str(Path(tmp, "outputs.safetensors")))
+        best: dict = {}
         for r in json.loads(Path(tmp, "results.json").read_text()):
             T, s, kind = r["tokens"], r["ms"] / 1e3, r["kind"]
             on_orig = kind in ("online", "q8_0")
@@ -169,11 +175,13 @@ def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_exper
             out = outs[f"out_{r['case']}_{T}_{r['threads']}"].float()
             # bytes as our format stores them (kt-kernel's own layout may differ, e.g. per channel)
             touched = median([int(i.unique().numel()) for i, _ in sets_by_t[T]]) * per_expert
+            best[T] = min(best.get(T, float("inf")), r["ms"])
             emit({"impl": "kt-kernel", "format": label(fmt, a.group), "ktkernel_class": r["class"], **info,
-                  "ktkernel_weights": KT_WEIGHTS[kind], "tokens": T, "threads": r["threads"], "ms": r["ms"],
+                  "ktkernel_weights": KT_WEIGHTS[kind], "tokens": T, "threads": r["threads"], "ms": r["ms"], **tag,
                   "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9, "bw_fraction": touched / s / 1e9 / bw,
                   "rel_err": float((out - ref).abs().max() / ref.abs().max()),
                   "rel_err_basis": "original weights" if on_orig else "dequantized weights"})
+    return best
 
 
 def label(fmt: str, group: int) -> str:
@@ -209,6 +217,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch-path rows (slow at large T)")
     ap.add_argument("--sets", type=int, default=16, help="distinct routings cycled while timing")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --vs-ktkernel: time kt-core and kt-kernel this many times, alternating, and "
+                         "print each round's ratio (impl \"ratio\": kt-kernel's fastest class / kt-core)")
     ap.add_argument("--vs-ktkernel", action="store_true", help="add kt-kernel rows (see the module doc)")
     ap.add_argument("--ktkernel-python", default=None, help="interpreter with kt-kernel installed")
     ap.add_argument("--ktkernel-family", choices=("auto", "amx", "avx2"), default="auto",
@@ -221,6 +232,8 @@ def main() -> None:
             sys.exit("--vs-ktkernel: kt_kernel is not importable here; pass --ktkernel-python PATH "
                      "(see ../shared/tools/ktkernel-bench/README.md for its venv)")
         a.ktkernel_python = sys.executable
+    if a.rounds < 1:
+        sys.exit(f"--rounds must be at least 1, got {a.rounds}")
     kt = ktkernel_probe(a) if a.vs_ktkernel else None
     set_threads(a.threads)
     if not native.available():
@@ -242,24 +255,41 @@ def main() -> None:
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
             sets = [routes(T, T * 1000 + i) for i in range(a.sets)]
             ids, w = sets[0]
-            touched = median([int(i.unique().numel()) for i, _ in sets]) * per_expert
             # the reference on the dequantized weights (w8a8: and the same activation quantization)
-            ref = torch_moe(x.float(), ids, w, ref_ex if FORMATS[fmt][0] != "w8a8" else ex)
-            xs[T], sets_by_t[T], refs[T] = x, sets, ref
+            xs[T], sets_by_t[T] = x, sets
+            refs[T] = torch_moe(x.float(), ids, w, ref_ex if FORMATS[fmt][0] != "w8a8" else ex)
             if a.vs_ktkernel:
                 ref_orig[T] = torch_moe(x.float(), ids, w, orig_ex)
-            impls = [("kt-core", lambda i: native.moe_forward(packed, x, *sets[i]))]
-            if not a.no_torch:
-                impls.append(("torch", lambda i: torch_moe(x, *sets[i], ex)))
-            for impl, fn in impls:
-                out = fn(0)
-                s = timed(fn, a.repeats, a.sets)
-                emit({"impl": impl, "format": label(fmt, a.group), "tokens": T,
-                      "threads": a.threads, "ms": s * 1e3, "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9,
-                      "bw_fraction": touched / s / 1e9 / bw,
-                      "rel_err": float((out.float() - ref).abs().max() / ref.abs().max()), "quant_err": quant_err})
-        if a.vs_ktkernel:
-            ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt)
+        ours: dict = {T: [] for T in xs}
+        theirs: dict = {T: [] for T in xs}
+        for rnd in range(a.rounds):  # kt-core, then kt-kernel, again each round
+            tag = {"round": rnd} if a.rounds > 1 else {}
+            for T, x in xs.items():
+                sets = sets_by_t[T]
+                touched = median([int(i.unique().numel()) for i, _ in sets]) * per_expert
+                impls = [("kt-core", lambda i: native.moe_forward(packed, x, *sets[i]))]
+                if not a.no_torch and rnd == 0:
+                    impls.append(("torch", lambda i: torch_moe(x, *sets[i], ex)))
+                for impl, fn in impls:
+                    out = fn(0)
+                    s = timed(fn, a.repeats, a.sets)
+                    if impl == "kt-core":
+                        ours[T].append(s * 1e3)
+                    emit({"impl": impl, "format": label(fmt, a.group), "tokens": T, **tag,
+                          "threads": a.threads, "ms": s * 1e3, "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9,
+                          "bw_fraction": touched / s / 1e9 / bw,
+                          "rel_err": float((out.float() - refs[T]).abs().max() / refs[T].abs().max()),
+                          "quant_err": quant_err})
+            if a.vs_ktkernel:
+                best = ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt, tag)
+                for T, ms in best.items():
+                    theirs[T].append(ms)
+        for T in xs:  # kt-kernel's fastest over ours, round by round
+            if theirs[T] and len(theirs[T]) == len(ours[T]):
+                ratios = [k / o for k, o in zip(theirs[T], ours[T])]
+                emit({"impl": "ratio", "format": label(fmt, a.group), "tokens": T, "rounds": len(ratios),
+                      "kt_core_ms": ours[T], "ktkernel_fastest_ms": theirs[T], "ratios": ratios,
+                      "ratio_median": median(ratios), "ratio_min": min(ratios)})
 
 
 if __name__ == "__main__":
