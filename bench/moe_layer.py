@@ -116,7 +116,7 @@ KT_WEIGHTS = {"bf16": "our bf16 weights", "raw": "our codes and scales",
               "q8_0": "llamafile Q8_0 made by kt-kernel from our bf16 weights"}
 
 
-def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt, tag):
+def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, touched, kt, tag):
     """kt-kernel's operators on the same weights and inputs, in its own interpreter: JSON rows (with
     tag's keys), and {tokens: ms of its fastest class and thread count}."""
     import json
@@ -173,12 +173,11 @@ def ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_exper
             on_orig = kind in ("online", "q8_0")
             ref = ref_orig[T] if on_orig else refs[T]
             out = outs[f"out_{r['case']}_{T}_{r['threads']}"].float()
-            # bytes as our format stores them (kt-kernel's own layout may differ, e.g. per channel)
-            touched = median([int(i.unique().numel()) for i, _ in sets_by_t[T]]) * per_expert
+            # touched[T]: bytes as our format stores them (kt-kernel's own layout may differ, e.g. per channel)
             best[T] = min(best.get(T, float("inf")), r["ms"])
             emit({"impl": "kt-kernel", "format": label(fmt, a.group), "ktkernel_class": r["class"], **info,
                   "ktkernel_weights": KT_WEIGHTS[kind], "tokens": T, "threads": r["threads"], "ms": r["ms"], **tag,
-                  "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9, "bw_fraction": touched / s / 1e9 / bw,
+                  "tokens_per_s": T / s, "weight_gbps": touched[T] / s / 1e9, "bw_fraction": touched[T] / s / 1e9 / bw,
                   "rel_err": float((out - ref).abs().max() / ref.abs().max()),
                   "rel_err_basis": "original weights" if on_orig else "dequantized weights"})
     return best
@@ -249,7 +248,7 @@ def main() -> None:
         ref_ex = ExpertWeights(torch.arange(E), *deq)
         quant_err = max(float((d - b.float()).abs().max() / b.float().abs().max()) for d, b in zip(deq, base))
         per_expert = packed.nbytes() / E
-        xs, sets_by_t, refs, ref_orig = {}, {}, {}, {}
+        xs, sets_by_t, refs, ref_orig, touched = {}, {}, {}, {}, {}
         orig_ex = ExpertWeights(torch.arange(E), *[b.float() for b in base])
         for T in [int(t) for t in a.tokens.split(",")]:
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
@@ -257,6 +256,7 @@ def main() -> None:
             ids, w = sets[0]
             # the reference on the dequantized weights (w8a8: and the same activation quantization)
             xs[T], sets_by_t[T] = x, sets
+            touched[T] = median([int(i.unique().numel()) for i, _ in sets]) * per_expert
             refs[T] = torch_moe(x.float(), ids, w, ref_ex if FORMATS[fmt][0] != "w8a8" else ex)
             if a.vs_ktkernel:
                 ref_orig[T] = torch_moe(x.float(), ids, w, orig_ex)
@@ -266,7 +266,6 @@ def main() -> None:
             tag = {"round": rnd} if a.rounds > 1 else {}
             for T, x in xs.items():
                 sets = sets_by_t[T]
-                touched = median([int(i.unique().numel()) for i, _ in sets]) * per_expert
                 impls = [("kt-core", lambda i: native.moe_forward(packed, x, *sets[i]))]
                 if not a.no_torch and rnd == 0:
                     impls.append(("torch", lambda i: torch_moe(x, *sets[i], ex)))
@@ -276,12 +275,12 @@ def main() -> None:
                     if impl == "kt-core":
                         ours[T].append(s * 1e3)
                     emit({"impl": impl, "format": label(fmt, a.group), "tokens": T, **tag,
-                          "threads": a.threads, "ms": s * 1e3, "tokens_per_s": T / s, "weight_gbps": touched / s / 1e9,
-                          "bw_fraction": touched / s / 1e9 / bw,
+                          "threads": a.threads, "ms": s * 1e3, "tokens_per_s": T / s, "weight_gbps": touched[T] / s / 1e9,
+                          "bw_fraction": touched[T] / s / 1e9 / bw,
                           "rel_err": float((out.float() - refs[T]).abs().max() / refs[T].abs().max()),
                           "quant_err": quant_err})
             if a.vs_ktkernel:
-                best = ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, per_expert, kt, tag)
+                best = ktkernel_rows(fmt, ex, base, xs, sets_by_t, refs, ref_orig, a, bw, touched, kt, tag)
                 for T, ms in best.items():
                     theirs[T].append(ms)
         for T in xs:  # kt-kernel's fastest over ours, round by round
