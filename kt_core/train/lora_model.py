@@ -114,8 +114,10 @@ class LoraModel:
         """``targets``: module name endings (``q_proj``...); ``init``: a PEFT adapter folder to start from
         (its r / alpha win), else PEFT's initialisation (A Kaiming-uniform, B zero); ``dropout``: PEFT's
         lora_dropout on the adapters' inputs while training."""
+        from kt_core.runtime.heap import keep_freed_memory
         from kt_core.train import expert_lora
 
+        keep_freed_memory()  # each step's tensors on the pages the last step freed, not fresh ones
         if not 0.0 <= dropout < 1.0:
             raise KtError(f"train.lora.dropout={dropout} must be in [0, 1)")
         if dropout and set(targets) & set(expert_lora.TARGETS):
