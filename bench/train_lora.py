@@ -30,11 +30,16 @@ def default_model() -> Path:
 
 
 def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none",
-            expert_lora: bool = False, profile: bool = False) -> dict:
+            expert_lora: bool = False, profile: bool = False, same_heap: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
     set_threads(threads)
+    if same_heap and not impl.startswith("kt-core"):  # kt-core's LoraModel sets it itself
+        repo_on_path()
+        from kt_core.runtime.heap import keep_freed_memory
+
+        keep_freed_memory()
     ids = [(i * 7919) % 30000 + 100 for i in range(seq)]
     first = seq // 4  # the loss covers the last three quarters, as an answer would
     fwd = bwd = optim = 0.0
@@ -100,6 +105,7 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
         step()
     elapsed = time.perf_counter() - t
     out = {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "expert_lora": expert_lora,
+           "same_heap": same_heap or impl.startswith("kt-core"),
            "seq": seq, "steps": steps, "threads": threads, "tokens_per_s": seq * steps / elapsed,
            "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
            "optimizer_s_per_step": optim / steps, "peak_rss_mb": round(peak_rss_mb())}
@@ -150,15 +156,19 @@ def main() -> None:
                          "matmul, optimizer, other")
     ap.add_argument("--expert-lora", action="store_true",
                     help="LoRA on the routed experts too (one adapter an expert; peft's target_parameters)")
+    ap.add_argument("--same-heap", action="store_true",
+                    help="transformers' process keeps freed memory for reuse as kt-core's trainer does "
+                         "(kt_core/runtime/heap.py, glibc): the ratio then leaves the allocator out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora, a.profile))
+        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora, a.profile, a.same_heap))
         return
     model = a.model or default_model()
     runs = alternate(__file__, a.impls.split(","), a.repeats,
                      ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads),
                       "--quant", a.quant] + (["--expert-lora"] if a.expert_lora else [])
+                     + (["--same-heap"] if a.same_heap else [])
                      + (["--profile"] if a.profile else []))
     summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'optimizer_s_per_step',
                      'peak_rss_mb'],
