@@ -30,7 +30,8 @@ def default_model() -> Path:
 
 
 def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none",
-            expert_lora: bool = False, profile: bool = False, same_heap: bool = False) -> dict:
+            expert_lora: bool = False, profile: bool = False, same_heap: bool = False,
+            checkpoint_layers: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -59,6 +60,7 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
         # on the torch reference (the path before native backward products, and LoRA on the experts)
         m = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_experts=impl == "kt-core"),
                           torch.bfloat16, plan)
+        m.checkpoint_layers = checkpoint_layers  # kt sft's train.checkpoint_layers
         lora = LoraModel(m, TARGETS + (["experts.gate_up_proj", "experts.down_proj"] if expert_lora else []),
                          r=16, alpha=32)
         opt = torch.optim.AdamW(lora.parameters(), lr=1e-4)
@@ -106,6 +108,7 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
     elapsed = time.perf_counter() - t
     out = {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "expert_lora": expert_lora,
            "same_heap": same_heap or impl.startswith("kt-core"),
+           "checkpoint_layers": checkpoint_layers and impl.startswith("kt-core"),
            "seq": seq, "steps": steps, "threads": threads, "tokens_per_s": seq * steps / elapsed,
            "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
            "optimizer_s_per_step": optim / steps, "peak_rss_mb": round(peak_rss_mb())}
@@ -159,16 +162,19 @@ def main() -> None:
     ap.add_argument("--same-heap", action="store_true",
                     help="transformers' process keeps freed memory for reuse as kt-core's trainer does "
                          "(kt_core/runtime/heap.py, glibc): the ratio then leaves the allocator out")
+    ap.add_argument("--checkpoint-layers", action="store_true",
+                    help="kt-core recomputes each layer in the backward pass (kt sft's train.checkpoint_layers=true)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora, a.profile, a.same_heap))
+        emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora, a.profile, a.same_heap,
+                     a.checkpoint_layers))
         return
     model = a.model or default_model()
     runs = alternate(__file__, a.impls.split(","), a.repeats,
                      ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads),
                       "--quant", a.quant] + (["--expert-lora"] if a.expert_lora else [])
-                     + (["--same-heap"] if a.same_heap else [])
+                     + (["--same-heap"] if a.same_heap else []) + (["--checkpoint-layers"] if a.checkpoint_layers else [])
                      + (["--profile"] if a.profile else []))
     summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'optimizer_s_per_step',
                      'peak_rss_mb'],

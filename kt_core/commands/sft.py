@@ -69,7 +69,13 @@ def train_command(overrides: list[str], mode: str) -> int:
     at = place(cfg, spec, native_experts=True)  # the topology group: attention on its device, experts in host RAM
     model = CausalLM.load(ck, spec, at.backend, torch_dtype(choice(cfg.model.dtype)),
                           QuantPlan.from_config(cfg.quant), placer=at.placer, homes=at.homes)
-    model.checkpoint_layers = bool(t.checkpoint_layers)
+    import psutil
+
+    from kt_core.train.placement import checkpointing
+
+    tokens = int(t.max_seq_len) * (int(t.batch) if t.get("packing", False) else 1) * (2 if mode == "dpo" else 1)
+    model.checkpoint_layers, why = checkpointing(t.checkpoint_layers, spec, tokens,
+                                                 at.backend.device_type != "cpu", psutil.virtual_memory().available)
     lora = LoraModel(model, list(t.lora.targets), int(t.lora.r), float(t.lora.alpha),
                      init=Path(t.init).expanduser() if t.init else None, seed=int(t.seed),
                      dropout=float(t.lora.dropout))
@@ -92,7 +98,7 @@ def train_command(overrides: list[str], mode: str) -> int:
 
     on_experts = f" and {len(lora.experts)} on the routed experts (one an expert)" if lora.experts else ""
     print(f"training {len(lora.modules)} LoRA adapters{on_experts} (r={lora.r}) of {spec.arch} by {mode} on {len(examples)} "
-          f"{'pairs' if mode == 'dpo' else 'examples'}; {at.where}", file=sys.stderr)
+          f"{'pairs' if mode == 'dpo' else 'examples'}; {at.where}; activation checkpointing {why}", file=sys.stderr)
     from kt_core.train.dpo import dpo_loss
 
     beta, smoothing = float(t.beta), float(t.label_smoothing)

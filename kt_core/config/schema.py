@@ -204,7 +204,9 @@ class TrainConfig:
     init: Optional[str] = None  # an adapter folder to start from (its r / alpha win)
     beta: float = 0.1  # DPO: the strength of the preference (kt dpo)
     label_smoothing: float = 0.0  # DPO: the assumed share of flipped preference labels
-    checkpoint_layers: bool = True  # activation checkpointing: each layer recomputed in the backward pass
+    # activation checkpointing, each layer recomputed in the backward pass; null (auto): on when the
+    # activations might take over a quarter of the free RAM, or the attention runs on an accelerator
+    checkpoint_layers: Optional[bool] = None
     save_every: int = 50  # steps between checkpoints (<output>.ckpt: adapters, optimizer, data position, RNG)
     resume: bool = False  # continue from <output>.ckpt: the same loss curve as an uninterrupted run
     lora: TrainLoraConfig = field(default_factory=TrainLoraConfig)

@@ -13,7 +13,7 @@ experts train where the attention does, on torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from kt_core.errors import KtError
 
@@ -52,3 +52,34 @@ def place(cfg, spec, native_experts: bool) -> TrainPlacement:
              f"{host.label if host is not None else attn.label}")
     return TrainPlacement(dense, lambda layer: (dense, attn.index), lambda layer: [(experts, index, list(range(E)))],
                           where)
+
+
+def activation_bytes(spec, tokens: int) -> int:
+    """An upper estimate of what the backward pass keeps of one forward of ``tokens`` tokens through
+    every layer, without activation checkpointing: float32 throughout (a bf16 model keeps less), per
+    token and layer the residual stream and norms (8 hidden), q / k / v before and after rope and the
+    attention output (3 x all heads), and the MLP's inputs and gate / up outputs (3 x its width, top_k
+    times for routed experts, whose gate / up outputs the native backward keeps). On the 2-layer
+    benchmark model at 512 tokens it says 205 MB where the process grew by ~90 MB (bench/README)."""
+    attn = 8 * spec.hidden_size + 3 * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    mlp = 3 * (spec.moe.top_k * spec.moe.intermediate + spec.moe.num_experts if spec.moe is not None
+               else spec.intermediate_size)
+    return 4 * tokens * spec.num_layers * (attn + mlp)
+
+
+def checkpointing(setting: Optional[bool], spec, tokens: int, on_accelerator: bool,
+                  available: int) -> tuple[bool, str]:
+    """Whether to recompute each layer in the backward pass (train.checkpoint_layers), and why, for
+    the log. ``None`` (auto): on when the attention sits on an accelerator (its memory is the scarce
+    one) or ``activation_bytes`` exceeds a quarter of the ``available`` host RAM; off otherwise, since
+    recomputing costs a second forward of every layer (the 2-layer benchmark model: ~0.8x tokens/s)."""
+    if setting is not None:
+        return bool(setting), f"train.checkpoint_layers={str(bool(setting)).lower()}"
+    need = activation_bytes(spec, tokens)
+    size = f"{need / 2**30:.1f} GB" if need >= 2**30 else f"{need / 2**20:.0f} MB"
+    gb = f"~{size} of activations at {tokens} tokens, {available / 2**30:.1f} GB of RAM free"
+    if on_accelerator:
+        return True, "auto: on, the attention runs on an accelerator"
+    if need > available // 4:
+        return True, f"auto: on ({gb})"
+    return False, f"auto: off ({gb}; train.checkpoint_layers=true to save that memory)"

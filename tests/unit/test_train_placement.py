@@ -79,3 +79,24 @@ def test_a_topology_that_splits_attention_is_refused(tmp_path):
         place(cfg, parse_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
                                  "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128,
                                  "intermediate_size": 96}), native_experts=True)
+
+
+def test_checkpointing_auto_follows_memory_and_device():
+    """train.checkpoint_layers unset: on for an accelerator's attention or activations past a quarter of
+    the free RAM, off otherwise; a set value wins either way."""
+    from types import SimpleNamespace
+
+    from kt_core.train.placement import activation_bytes, checkpointing
+
+    moe = SimpleNamespace(top_k=8, intermediate=768, num_experts=128)
+    spec = SimpleNamespace(hidden_size=2048, num_heads=32, num_kv_heads=4, head_dim=128, num_layers=48, moe=moe,
+                           intermediate_size=6144)
+    need = activation_bytes(spec, 4096)
+    assert need == 4 * 4096 * 48 * (8 * 2048 + 3 * 40 * 128 + 3 * (8 * 768 + 128))
+    assert activation_bytes(spec, 2048) * 2 == need  # linear in the tokens
+    assert checkpointing(None, spec, 4096, False, 4 * need + 4)[0] is False
+    on, why = checkpointing(None, spec, 4096, False, 4 * need - 4)
+    assert on and why.startswith("auto: on") and "GB of activations" in why
+    assert checkpointing(None, spec, 16, True, 1 << 50)[0] is True  # attention on an accelerator
+    assert checkpointing(False, spec, 4096, True, 0) == (False, "train.checkpoint_layers=false")
+    assert checkpointing(True, spec, 16, False, 1 << 50) == (True, "train.checkpoint_layers=true")
