@@ -60,7 +60,7 @@ def activation_bytes(spec, tokens: int) -> int:
     token and layer the residual stream and norms (8 hidden), q / k / v before and after rope and the
     attention output (3 x all heads), and the MLP's inputs and gate / up outputs (3 x its width, top_k
     times for routed experts, whose gate / up outputs the native backward keeps). On the 2-layer
-    benchmark model at 512 tokens it says 205 MB where the process grew by ~90 MB (bench/README)."""
+    benchmark model at 512 tokens it says 207 MB; its peak RSS is ~90 MB higher without checkpointing."""
     attn = 8 * spec.hidden_size + 3 * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
     mlp = 3 * (spec.moe.top_k * spec.moe.intermediate + spec.moe.num_experts if spec.moe is not None
                else spec.intermediate_size)
