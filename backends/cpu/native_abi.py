@@ -47,9 +47,10 @@ _ERRORS = {
     -11: (MemoryError, "the native kernels ran out of memory; pass fewer tokens per call or free memory"),
     -12: (RuntimeError, "internal error in the native kernels (a C++ exception); please report it with "
                         "`kt doctor` output"),
-    -13: (ValueError, "a value read from an index tensor is out of range (a block table entry outside the "
-                      "cache's blocks, a sequence length outside 1..max_blocks*block_size, or a position past "
-                      "the rope table); check block_tables / seq_lens / positions"),
+    -13: (ValueError, "a value read from an index tensor is out of range (attention: a block table entry "
+                      "outside the cache's blocks, a sequence length outside 1..max_blocks*block_size, or a "
+                      "position past the rope table: check block_tables / seq_lens / positions; expert products: "
+                      "per-expert row counts that are negative or do not add up to the rows)"),
 }
 
 

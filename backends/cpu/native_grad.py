@@ -82,9 +82,11 @@ def _check_rows(what: str, packed: PackedExperts, A, width: int, counts) -> tupl
         raise ValueError(f"{what}: A must be a contiguous float32 CPU tensor [rows, {width}], got "
                          f"{getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
     rows = A.shape[0]
-    if not isinstance(counts, torch.Tensor) or counts.numel() != E or (E and int(counts.min()) < 0) \
+    if not isinstance(counts, torch.Tensor) or counts.dtype.is_floating_point or counts.dtype.is_complex \
+            or counts.dtype == torch.bool or counts.numel() != E or (E and int(counts.min()) < 0) \
             or int(counts.sum()) != rows:
-        raise ValueError(f"{what}: counts must hold {E} non-negative row counts summing to the {rows} rows of A")
+        raise ValueError(f"{what}: counts must hold {E} non-negative integer row counts summing to the {rows} rows "
+                         f"of A")
     return E, rows
 
 
@@ -116,7 +118,7 @@ def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: tor
         return C
     offsets = torch.zeros(E + 1, dtype=torch.long)
     offsets[1:] = counts.long().cumsum(0)
-    args = _RowsTArgs(M, K, E, rows, M, K, fmt, group, f16, acc, int(bool(round_bf16)), int(pool),
+    args = _RowsTArgs(M, K, E, rows, M, K, fmt, group, f16, acc, int(bool(round_bf16)), native._pool(pool),
                       offsets.data_ptr(), p, A.data_ptr(), C.data_ptr())
     _check_rc(lib.kt_expert_rows_t(ctypes.byref(args)), f"expert_rows_t({proj})")
     return C
@@ -135,7 +137,7 @@ def expert_rows(packed: PackedExperts, proj: str, A: torch.Tensor, counts: torch
         return C
     offsets = torch.zeros(E + 1, dtype=torch.long)
     offsets[1:] = counts.long().cumsum(0)
-    args = _RowsTArgs(M, K, E, rows, K, M, fmt, group, f16, 0, int(bool(round_bf16)), int(pool),
+    args = _RowsTArgs(M, K, E, rows, K, M, fmt, group, f16, 0, int(bool(round_bf16)), native._pool(pool),
                       offsets.data_ptr(), p, A.data_ptr(), C.data_ptr())
     _check_rc(lib.kt_expert_rows(ctypes.byref(args)), f"expert_rows({proj})")
     return C
@@ -176,7 +178,7 @@ def silu_mul_backward(gu: torch.Tensor, z: torch.Tensor, w: torch.Tensor, dg: Op
                          f"that overlap neither each other nor the inputs (the pass reads the inputs as it writes)")
     dw = torch.empty(rows, dtype=torch.float32)
     if rows:
-        args = _ActGradArgs(rows, I, int(pool), gu.data_ptr(), z.data_ptr(), w.data_ptr(), dg.data_ptr(),
+        args = _ActGradArgs(rows, I, native._pool(pool), gu.data_ptr(), z.data_ptr(), w.data_ptr(), dg.data_ptr(),
                             du.data_ptr(), dw.data_ptr())
         _check_rc(lib.kt_silu_mul_backward(ctypes.byref(args)), "silu_mul_backward")
     return dg, du, dw

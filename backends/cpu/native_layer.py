@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
-from kt_backends.cpu import native
+from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.native_abi import ACTIVATIONS, FORMATS, _check_rc, _MoeArgs
-from kt_backends.cpu.native_linear import PackedLinear, _LinearArgs
+from kt_backends.cpu.native_linear import PackedLinear, _LinearArgs, check_packed_linear
 
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _FFN_DENSE, _FFN_MOE = 1, 2
@@ -90,7 +90,7 @@ def _linear(w, bias, keep: list, router: bool = False) -> Optional[_LayerLinear]
         keep.append(b)
     if isinstance(w, PackedLinear):
         p = w.proj
-        if w.pool != 0 or (b is not None and b.numel() != w.out_features):
+        if check_packed_linear(w) != 0 or (b is not None and b.numel() != w.out_features):
             return None
         a = _LinearArgs(0, w.in_features, w.out_features, FORMATS[w.fmt], w.group, None, p.data.data_ptr(),
                         native._ptr(p.scale), native._ptr(p.zero), native._ptr(b),
@@ -236,8 +236,8 @@ class DecodePlan:
         h = h.contiguous().clone()
         pos = batch.positions.to(torch.int64).contiguous()
         slots = batch.slot_mapping.to(torch.int64).contiguous()
-        tables = batch.block_tables.to(torch.int32).contiguous()
-        lens = batch.seq_lens.to(torch.int32).contiguous()
+        # clamped, not wrapped: a block id or length past int32 must stay out of range for the library's checks
+        tables, lens = native_ops._tables32(batch.block_tables, batch.seq_lens, native_ops._INT32_MAX)
         if pos.numel() != B or slots.numel() != B or tables.shape[0] != B or lens.numel() != B:
             return None
         step = _StepArgs(B, j - i, tables.shape[1], _DT[h.dtype], 0, h.data_ptr(), pos.data_ptr(), slots.data_ptr(),

@@ -17,7 +17,8 @@ import torch
 
 from kt_backends.cpu import native
 from kt_backends.cpu.hugepages import huge_empty
-from kt_backends.cpu.native_pack import _f16_scales
+from kt_backends.cpu.native_abi import MAX_DIM, _check_rc, _index
+from kt_backends.cpu.native_pack import _check_kind, _check_proj, _f16_scales
 from kt_core.weights.quant import Quant, QuantizedWeight, int8_group_ok
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,25 @@ def pack_linear(w) -> Optional[PackedLinear]:
     return PackedLinear(w.format.value, group, data, M, K)
 
 
+_REPACK_LINEAR = "pack the weight with native_linear.pack_linear(QuantizedWeight)"
+
+
+def check_packed_linear(w) -> int:
+    """Everything the kernels read of a PackedLinear, against its sizes (a field changed after packing,
+    e.g. its group, would have them read past its scales); its pool index."""
+    where = "packed linear"
+    if not isinstance(w, PackedLinear):
+        raise ValueError(f"{where}: expected a PackedLinear, got {type(w).__name__}; {_REPACK_LINEAR}")
+    if w.fmt not in native.FORMATS:
+        raise ValueError(f"{where}: unknown format {w.fmt!r}; {_REPACK_LINEAR}")
+    M = _index(w.out_features, f"{where}: out_features", 1, MAX_DIM)
+    K = _index(w.in_features, f"{where}: in_features", 1, MAX_DIM)
+    group = _index(w.group, f"{where}: group size", 0, MAX_DIM)
+    _check_kind(where, "weight", w.fmt, group, K)
+    _check_proj(where, "weight", w.proj, w.fmt, group, 1, M, K, _REPACK_LINEAR)
+    return native._pool(w.pool)
+
+
 def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None,
            round_bf16: Optional[bool] = None) -> torch.Tensor:
     """``x @ W.T + bias`` on the packed weight; float32 math, x's dtype out. ``round_bf16``: the kernels
@@ -127,10 +147,17 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None
     lib = _lib()
     if lib is None:
         raise RuntimeError(f"native CPU kernels unavailable for packed dense weights: {native.status()}")
+    pool = check_packed_linear(w)
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or not (x.is_floating_point() and x.dim() >= 1):
+        raise ValueError(f"linear: the input must be a floating-point CPU tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} on {getattr(x, 'device', '?')}")
     if x.shape[-1] != w.in_features:
         raise ValueError(f"linear: the input has {x.shape[-1]} features but the weight takes {w.in_features}")
-    if bias is not None and bias.numel() != w.out_features:
-        raise ValueError(f"linear: bias has {bias.numel()} values for {w.out_features} outputs")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.device.type != "cpu"
+                             or not bias.is_floating_point() or bias.numel() != w.out_features):
+        raise ValueError(f"linear: bias must be {w.out_features} floating-point values on the CPU, got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))} on "
+                         f"{getattr(bias, 'device', '?')}")
     lead = x.shape[:-1]
     xf = x.reshape(-1, w.in_features).float().contiguous()
     out = torch.empty(xf.shape[0], w.out_features, dtype=torch.float32)
@@ -138,9 +165,7 @@ def linear(x: torch.Tensor, w: PackedLinear, bias: Optional[torch.Tensor] = None
     p = w.proj
     args = _LinearArgs(xf.shape[0], w.in_features, w.out_features, native.FORMATS[w.fmt], w.group, xf.data_ptr(),
                        p.data.data_ptr(), native._ptr(p.scale), native._ptr(p.zero), native._ptr(b),
-                       p.data.numel() * p.data.element_size(), out.data_ptr(), w.pool,
+                       p.data.numel() * p.data.element_size(), out.data_ptr(), pool,
                        int(x.dtype == torch.bfloat16 if round_bf16 is None else round_bf16), p.scale_f16)
-    rc = lib.kt_linear_packed(ctypes.byref(args))
-    if rc:
-        raise RuntimeError(f"native linear on a packed {w.fmt} weight failed with code {rc}")
+    _check_rc(lib.kt_linear_packed(ctypes.byref(args)), f"linear on a packed {w.fmt} weight")
     return out.reshape(*lead, w.out_features).to(x.dtype)

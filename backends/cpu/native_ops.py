@@ -150,8 +150,8 @@ def _positive_int(value, name: str, strict: bool, op: str):
 def _index32(t: torch.Tensor, hi: int) -> torch.Tensor:
     """An integer index tensor as contiguous int32; values outside [-1, hi] clamp to -1 or hi, which the
     library refuses where it reads them (so a value past int32 never wraps into range)."""
-    if t.dtype != torch.int32:
-        t = t.clamp(-1, min(hi, _INT32_MAX)).to(torch.int32)
+    if t.dtype != torch.int32:  # clamped as int64: a narrow dtype (uint8, int8, int16) cannot hold the bounds
+        t = t.long().clamp(-1, min(hi, _INT32_MAX)).to(torch.int32)
     return t.contiguous()
 
 

@@ -89,13 +89,13 @@ def _packed_layout(fmt: str, group: int, E: int, M: int, K: int) -> tuple:
     return (E, P, K, NR), torch.uint8, (E, P, G, NR)  # fp8
 
 
-def _check_tensor(t, what: str, shape: tuple, dtype: torch.dtype) -> None:
+def _check_tensor(t, what: str, shape: tuple, dtype: torch.dtype, fix: str = _REPACK) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{what} must be a tensor, got {type(t).__name__}; {_REPACK}")
+        raise ValueError(f"{what} must be a tensor, got {type(t).__name__}; {fix}")
     if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
         raise ValueError(f"{what} is a {'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} tensor of shape "
                          f"{tuple(t.shape)} on {t.device}; the kernels read a contiguous {dtype} CPU tensor of "
-                         f"shape {shape}; {_REPACK}")
+                         f"shape {shape}; {fix}")
 
 
 def _check_packed(p: PackedExperts) -> tuple:
@@ -123,25 +123,29 @@ def _check_packed(p: PackedExperts) -> tuple:
     _check_kind(where, "down", dfmt, dgroup, I)
     for name, proj, M, K in (("gate", p.gate, I, H), ("up", p.up, I, H), ("down", p.down, H, I)):
         fmt, grp = (dfmt, dgroup) if name == "down" else (p.fmt, group)
-        if not isinstance(proj, PackedProj):
-            raise ValueError(f"{where}: {name} must be a PackedProj, got {type(proj).__name__}; {_REPACK}")
-        data_shape, data_dtype, scale_shape = _packed_layout(fmt, grp, E, M, K)
-        _check_tensor(proj.data, f"{where}: {name}.data", data_shape, data_dtype)
-        if scale_shape is None:
-            if proj.scale is not None or proj.zero is not None:
-                raise ValueError(f"{where}: {name} has scales, but {fmt} weights take none; {_REPACK}")
-        else:
-            f16 = ((fmt == "int4" or (fmt == "int8" and grp > 0)) and proj.scale is not None
-                   and proj.scale.dtype == torch.float16)
-            _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float16 if f16 else torch.float32)
-            if proj.zero is not None:
-                if fmt != "int4" and not (fmt == "int8" and 0 < grp < K):
-                    raise ValueError(f"{where}: {name} has zero points, which only int4 and grouped int8 take; "
-                                     f"{_REPACK}")
-                _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float16 if f16 else torch.float32)
-        if proj.bias is not None:
-            _check_tensor(proj.bias, f"{where}: {name}.bias", (E, M), torch.float32)
+        _check_proj(where, name, proj, fmt, grp, E, M, K)
     return H, I, FORMATS[p.fmt], group, E, FORMATS[dfmt], dgroup
+
+
+def _check_proj(where: str, name: str, proj, fmt: str, grp: int, E: int, M: int, K: int, fix: str = _REPACK) -> None:
+    """One packed projection (E experts of M x K in fmt, groups of grp) against what the kernels read."""
+    if not isinstance(proj, PackedProj):
+        raise ValueError(f"{where}: {name} must be a PackedProj, got {type(proj).__name__}; {fix}")
+    data_shape, data_dtype, scale_shape = _packed_layout(fmt, grp, E, M, K)
+    _check_tensor(proj.data, f"{where}: {name}.data", data_shape, data_dtype, fix)
+    if scale_shape is None:
+        if proj.scale is not None or proj.zero is not None:
+            raise ValueError(f"{where}: {name} has scales, but {fmt} weights take none; {fix}")
+    else:
+        f16 = ((fmt == "int4" or (fmt == "int8" and grp > 0)) and proj.scale is not None
+               and proj.scale.dtype == torch.float16)
+        _check_tensor(proj.scale, f"{where}: {name}.scale", scale_shape, torch.float16 if f16 else torch.float32, fix)
+        if proj.zero is not None:
+            if fmt != "int4" and not (fmt == "int8" and 0 < grp < K):
+                raise ValueError(f"{where}: {name} has zero points, which only int4 and grouped int8 take; {fix}")
+            _check_tensor(proj.zero, f"{where}: {name}.zero", scale_shape, torch.float16 if f16 else torch.float32, fix)
+    if proj.bias is not None:
+        _check_tensor(proj.bias, f"{where}: {name}.bias", (E, M), torch.float32, fix)
 
 
 def _check_kind(where: str, what: str, fmt: str, group: int, K: int) -> None:

@@ -190,3 +190,20 @@ def test_the_packed_argument_blocks_are_the_abi_structs():
         assert getattr(lib(), name + "_args_size")() == ctypes.sizeof(struct_type) == packer.size, name
         values = [math.pi if t is ctypes.c_float else 3 * i + 1 for i, (_, t) in enumerate(struct_type._fields_)]
         assert packer.pack(*values) == bytes(struct_type(*values)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16])
+def test_narrow_index_dtypes_give_the_int64_result(dtype):
+    """Block tables and lengths in any integer dtype the wrappers accept: a narrow one cannot hold the
+    int32 clamp bounds, so it is widened first (it used to raise from inside the clamp)."""
+    from kt_backends.cpu import native_mla
+
+    q, kc = torch.randn(1, 4, 16), torch.randn(4, 4, 2, 16)
+    bt, sl = torch.tensor([[1, 2]]), torch.tensor([6])
+    want = native_ops.attention_decode(q, kc, kc, bt, sl, 0.25)
+    torch.testing.assert_close(native_ops.try_attention_decode(q, kc, kc, bt.to(dtype), sl.to(dtype), 0.25), want)
+    H, dn, dr, lora, dv = 2, 8, 4, 16, 8
+    mla = (torch.randn(1, H, dn), torch.randn(1, H, dr), torch.randn(4, 4, 1, lora + dr), torch.randn(H, dn, lora),
+           torch.randn(H, dv, lora))
+    torch.testing.assert_close(native_mla.mla_decode(*mla, bt.to(dtype), sl.to(dtype), 0.3),
+                               native_mla.mla_decode(*mla, bt, sl, 0.3))

@@ -216,3 +216,26 @@ def test_forward_saving_checks_the_rows_it_writes():
     x, ids, w = call()
     with pytest.raises(ValueError, match=r"save_gu must be .*\[6, 64\]"):
         native.moe_forward(packed, x, ids, w, save_gu=torch.empty(5, 64))
+
+
+def test_pool_and_counts_are_checked_not_truncated():
+    """A pool index goes through the same check as every other call (ctypes would truncate 2**32 to pool
+    0), and row counts must be integers."""
+    from kt_backends.cpu import native_grad
+
+    g = torch.Generator().manual_seed(0)
+    ws = [(torch.randn(3, *shape, generator=g) * 0.1).bfloat16() for shape in ((32, 64), (32, 64), (64, 32))]
+    ex = native.pack(ExpertWeights(torch.arange(3), *ws))
+    E, I, H = ex.expert_ids.numel(), ex.inter, ex.hidden
+    counts = torch.zeros(E, dtype=torch.long)
+    counts[0] = 2
+    A = torch.randn(2, H)  # down is H x I: its transposed product takes H-wide rows
+    for pool in (2**32, 64, -1, "3", 1.9):
+        with pytest.raises(ValueError, match="pool"):
+            native_grad.expert_rows_t(ex, "down", A, counts, pool=pool)
+    with pytest.raises(ValueError, match="integer row counts"):
+        native_grad.expert_rows_t(ex, "down", A, counts.float())
+    gu, z, w = torch.randn(2, 2 * I), torch.randn(2, I), torch.rand(2)
+    with pytest.raises(ValueError, match="pool"):
+        native_grad.silu_mul_backward(gu, z, w, pool=2**32)
+    assert native_grad.expert_rows_t(ex, "down", A, counts).shape == (2, I)

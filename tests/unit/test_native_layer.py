@@ -115,3 +115,44 @@ def test_indices_out_of_range_are_refused_not_read(tiny_checkpoint):
                 batch(0, 4, 0, pos=model.cos_sin.shape[0])):
         with pytest.raises(ValueError, match="out of range"):
             plan.run(h, bad, 0, 1)
+    # int64 values past int32 clamp, not wrap into range (2**32 would read as block 0, 2**32 + 4 as length 4)
+    for lens, tables in ((torch.tensor([4]), torch.tensor([[2**32]])), (torch.tensor([2**32 + 4]), torch.tensor([[0]]))):
+        wide = Batch(torch.tensor([1]), torch.tensor([3]), torch.tensor([0, 1], dtype=torch.int32), lens, tables,
+                     torch.tensor([0]), True, torch.tensor([0]))
+        with pytest.raises(ValueError, match="out of range"):
+            plan.run(h, wide, 0, 1)
+
+
+def test_more_kv_heads_than_query_heads_is_refused_before_any_write():
+    """kt_decode_layers with separate q / k / v projections wrote k's rows into a scratch sized for the
+    query heads before checking Hkv against Hq (a heap overrun); the step's check refuses it first."""
+    import ctypes
+
+    from kt_backends.cpu import native, native_layer as nl
+    from kt_backends.cpu.native_linear import _LinearArgs
+
+    fn, keep = nl._lib(), []
+    if fn is None:
+        pytest.skip(f"native CPU kernels: {native.status()}")
+    B, H, Hq, Hkv, D, I = 1, 16, 1, 64, 16, 8
+
+    def bf16(M, K):
+        w = torch.randn(M, K).bfloat16()
+        keep.append(w)
+        return nl._LayerLinear(1, 0, _LinearArgs(0, K, M, 0, 0, None, w.data_ptr(), None, None, None, w.numel() * 2,
+                                                 None, 0, 0))
+
+    L = nl._LayerArgs()
+    L.H, L.Hq, L.Hkv, L.D, L.I_dense = H, Hq, Hkv, D, I
+    L.q, L.k, L.v, L.o = bf16(Hq * D, H), bf16(Hkv * D, H), bf16(Hkv * D, H), bf16(H, Hq * D)
+    L.gate_up, L.down, L.ffn = bf16(2 * I, H), bf16(H, I), 1
+    norm, kc = torch.ones(H), torch.zeros(4, 4, Hkv, D)
+    L.norm1 = L.norm2 = norm.data_ptr()
+    L.k_cache = L.v_cache = kc.data_ptr()
+    L.num_blocks, L.block_size, L.attn_scale, L.eps = 4, 4, 0.25, 1e-6
+    h, pos, slots = torch.randn(B, H), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    tables, lens = torch.zeros(B, 1, dtype=torch.int32), torch.ones(B, dtype=torch.int32)
+    layers, failed = (nl._LayerArgs * 1)(L), ctypes.c_int64(-1)
+    step = nl._StepArgs(B, 1, 1, 0, 0, h.data_ptr(), pos.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                        lens.data_ptr(), ctypes.addressof(layers), ctypes.addressof(failed))
+    assert fn(ctypes.byref(step)) == -5  # ERR_SIZE, from the step's check

@@ -51,6 +51,25 @@ def test_bad_inputs_are_refused_with_a_message():
     assert native_linear.pack_linear(torch.randn(4, 4)) is None  # a float weight keeps its own path
 
 
+def test_a_packed_linear_changed_after_packing_is_refused_not_read():
+    """The kernels read scales by the PackedLinear's group and sizes: one that no longer matches its
+    tensors (a group changed, a format relabelled) is refused, as are operands on another device."""
+    import dataclasses
+
+    q = quantize(torch.randn(32, 64), "int4", group_size=32)
+    packed = native_linear.pack_linear(q)
+    x = torch.randn(3, 64)
+    ok = native_linear.linear(x, packed)
+    for change in ({"group": 8}, {"fmt": "int8"}, {"fmt": "fp8"}, {"in_features": 32}, {"pool": 64}):
+        with pytest.raises(ValueError, match="packed linear|pool"):
+            native_linear.linear(x[:, :32] if change.get("in_features") else x, dataclasses.replace(packed, **change))
+    with pytest.raises(ValueError, match="on the CPU"):
+        native_linear.linear(x, packed, torch.zeros(32, device="meta"))
+    with pytest.raises(ValueError, match="CPU tensor"):
+        native_linear.linear(x.to("meta"), packed)
+    torch.testing.assert_close(native_linear.linear(x, packed), ok)  # the checks left the weight alone
+
+
 def test_quant_dense_model_runs_packed_and_matches_the_torch_path(tmp_path, monkeypatch):
     """A model loaded with quant.dense=int8 holds packed dense weights and gives the logits of
     the same quantized model on the torch path (dense weights left unpacked)."""
