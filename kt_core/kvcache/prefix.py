@@ -120,13 +120,18 @@ class PrefixCache:
         wanted = chain_hashes(self.seed, tokens[: max_blocks * bs], bs)
         if usable is not None:
             wanted = wanted[:max((j + 1 for j, h in enumerate(wanted) if usable(h)), default=0)]
-        for h in wanted:
-            found = self._find(h)
-            if found is None:
-                break
-            blocks.append(found[0])
-            tiers.append(found[1])
-            hashes.append(h)
+        try:
+            for h in wanted:
+                found = self._find(h)
+                if found is None:
+                    break
+                blocks.append(found[0])
+                tiers.append(found[1])
+                hashes.append(h)
+        except BaseException:  # a tier failed part way (a disk read): the blocks taken so far go back
+            for b in blocks:
+                self.cache.release_block(b)
+            raise
         if usable is not None:
             keep = max((j + 1 for j, h in enumerate(hashes) if usable(h)), default=0)
             for b in blocks[keep:]:
@@ -159,7 +164,11 @@ class PrefixCache:
         if parts is None:
             return None
         b = self.cache.alloc()
-        self.cache.write_block(b, parts)
+        try:
+            self.cache.write_block(b, parts)
+        except BaseException:
+            self.cache.release_block(b)
+            raise
         self._adopt(b, h)
         return b, tier
 

@@ -140,10 +140,11 @@ class TextStream:
             if cut is not None:
                 self.text, reason = self.text[:cut], "stop"
         stable = len(self.text)
-        if reason is None:
-            for s in self.stops:
+        if reason is None and self.text:
+            last = self.text[-1]
+            for s in self.stops:  # the longest tail that begins s (a character compared before a slice)
                 for k in range(min(len(s) - 1, stable), 0, -1):
-                    if self.text.endswith(s[:k]):
+                    if s[k - 1] == last and self.text.endswith(s[:k]):
                         stable = min(stable, len(self.text) - k)
                         break
         new = self.text[self.emitted:stable] if stable > self.emitted else ""

@@ -32,7 +32,7 @@ from kt_core.errors import KtError
 from kt_core.runtime.sampling import SamplingError, SamplingParams
 from kt_core.runtime.scheduler import QueueFull, Request, Scheduler
 from kt_core.server import openapi
-from kt_core.server.asgi import ApiKeyMiddleware, wait_for_disconnect
+from kt_core.server.asgi import ApiKeyMiddleware, BodyLimitMiddleware, wait_for_disconnect
 from kt_core.server.metrics import prometheus_text
 from kt_core.server.protocol import (ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse,
                                      ModelCard, ModelList, error_body)
@@ -101,6 +101,12 @@ class ApiError(Exception):
         self.status, self.body = status, error_body(message, type_, param, code)
 
 
+def body_limit(max_seq_len: int) -> int:
+    """The largest request body taken: 1 MB plus 32 bytes a token of context (a prompt of that many
+    tokens, as text JSON-escaped or as token ids, fits well inside)."""
+    return (1 << 20) + 32 * int(max_seq_len)
+
+
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -109,6 +115,7 @@ def create_app(state: ServerState) -> FastAPI:
         await asyncio.get_running_loop().run_in_executor(None, state.close)
 
     app = FastAPI(title="kt-core", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimitMiddleware, limit=body_limit(state.engine.max_seq_len))
     app.add_middleware(ApiKeyMiddleware, get_key=lambda: state.api_key, env_name=state.cfg.api_key_env or "")
     engine = state.engine
     openapi.install(app, engine.model.spec.vocab_size)
@@ -167,7 +174,7 @@ def create_app(state: ServerState) -> FastAPI:
             if len(prompt) != 1:
                 raise ApiError(400, "send one prompt per request (batched prompts are not supported)", param="prompt")
             prompt = prompt[0]
-        ids = _encode(engine, prompt)
+        ids = await asyncio.to_thread(_encode, engine, prompt, "prompt")  # off the event loop: other streams go on
         return await _respond(state, request, body, ids, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None,
@@ -178,10 +185,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(400, "logprobs and tools are not supported by kt-core", param="logprobs")
         if engine.tokenizer is None or not engine.tokenizer.chat_template:
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-        try:
-            ids = engine.encode_prompt([m.plain() for m in body.messages])
-        except KtError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
+        ids = await asyncio.to_thread(_encode, engine, [m.plain() for m in body.messages], "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await _respond(state, request, body, ids, max_tokens, chat=True)
 
@@ -195,15 +199,36 @@ def _model_card(state: ServerState) -> dict:
 
 def _check_model(state: ServerState, name: str) -> None:
     if name != state.model_id:
-        raise ApiError(404, f"the model '{name}' does not exist on this server; it serves '{state.model_id}'",
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate, escaped
+        raise ApiError(404, f"the model '{shown}' does not exist on this server; it serves '{state.model_id}'",
                        param="model", code="model_not_found")
 
 
-def _encode(engine, prompt) -> list[int]:
+def _encode(engine, prompt, param: str) -> list[int]:
     try:
         return engine.encode_prompt(prompt)
-    except KtError as exc:  # no tokenizer for a text prompt
-        raise ApiError(400, str(exc), param="prompt") from None
+    except KtError as exc:  # no tokenizer for a text prompt, a chat template that refuses the messages
+        raise ApiError(400, str(exc), param=param) from None
+    except (TypeError, ValueError, UnicodeError) as exc:  # what a tokenizer says of text it cannot take
+        bad = _not_unicode(prompt)
+        raise ApiError(400, f"the {param} {bad or f'could not be tokenized ({type(exc).__name__}: {exc})'}",
+                       param=param) from None
+
+
+def _not_unicode(value) -> str:
+    """Why value's text is not valid Unicode (JSON's \\ud800 escapes parse to lone surrogates), or ''."""
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list):  # chat messages (dicts of strings) or one text in a list
+        texts = [v for m in value for v in (m.values() if isinstance(m, dict) else [m]) if isinstance(v, str)]
+    else:
+        texts = []
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds text that is not valid Unicode (a lone surrogate at character {exc.start}); send UTF-8 text"
+    return ""
 
 
 async def _respond(state: ServerState, http, body, ids: list[int], max_tokens: Optional[int], chat: bool):

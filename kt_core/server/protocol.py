@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI-compatible API (the subset kt-core implements, plus
 vLLM-style extensions top_k, min_p, repetition_penalty, ignore_eos) and the OpenAI
 error body. Unknown fields are ignored, as the OpenAI API ignores most of them;
-fields kt-core cannot honour (n > 1, logprobs, echo) are refused with a clear 400.
+fields kt-core cannot honour (n > 1, logprobs, echo, presence / frequency penalties, logit_bias,
+a JSON response_format, tools) are refused with a clear 400 unless sent at their no-op value.
 
 Sampling fields are bounded to what the sampler can take (the ranges of
 ``kt_core.runtime.sampling``); NaN and infinities are refused. The response models at
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from kt_core.runtime.sampling import (REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, SEED_MIN,
                                       TEMPERATURE_FLOOR, TOP_K_MAX)
 
+
+STOP_MAX_CHARS = 1024  # a stop sequence's length at most: each token checks the text's tail against it
 
 # What the OpenAPI document says a field takes, where the server's own checks (which answer with
 # a clear 400 naming the field) accept less than the Python type does: the document describes
@@ -53,22 +56,66 @@ class _Sampling(BaseModel):
     stop: Annotated[Optional[Union[str, List[str]]], STOP_SCHEMA] = None
     seed: Annotated[Optional[int], WithJsonSchema({"anyOf": [{"type": "integer", "minimum": SEED_MIN,
                                                                 "maximum": SEED_MAX}, _NULL]})] = \
-        Field(None, ge=SEED_MIN, le=SEED_MAX)
+        Field(None, ge=SEED_MIN, le=SEED_MAX, strict=True)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, strict=True)
     user: Optional[str] = None
     # extensions (as in vLLM)
-    top_k: int = Field(0, ge=0, le=TOP_K_MAX, description="0, or any value >= the vocabulary size: off")
+    top_k: int = Field(0, ge=0, le=TOP_K_MAX, strict=True, description="0, or any value >= the vocabulary size: off")
     min_p: float = Field(0.0, ge=0.0, le=1.0, strict=True)
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX,
                                       description="1: off", strict=True)
     ignore_eos: bool = False
+
+    # sent but not honoured by kt-core: refused unless at their no-op value (a client that sets them
+    # expects them to act)
+    logit_bias: Annotated[Optional[dict], WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, _NULL],
+                                                           "description": "not supported by kt-core"})] = None
+    response_format: Annotated[Optional[dict], WithJsonSchema({"anyOf": [
+        {"type": "object", "properties": {"type": {"enum": ["text"]}}}, _NULL],
+        "description": "only {'type': 'text'}: kt-core has no JSON mode"})] = None
+    top_logprobs: Annotated[Optional[int], UNSUPPORTED] = None
+    tool_choice: Annotated[Optional[Any], WithJsonSchema({"anyOf": [{"enum": ["none"]}, _NULL],
+                                                         "description": "tools are not supported by kt-core"})] = None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        for s in [v] if isinstance(v, str) else v or []:
+            if len(s) > STOP_MAX_CHARS:
+                raise ValueError(f"a stop sequence is {len(s)} characters; at most {STOP_MAX_CHARS}")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v, info):
+        if v != 0:
+            raise ValueError(f"{info.field_name} is not supported by kt-core (send 0 or omit it); "
+                             "repetition_penalty is")
+        return v
+
+    @field_validator("logit_bias", "top_logprobs")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by kt-core: omit it")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        if v and v.get("type", "text") != "text":
+            raise ValueError(f"response_format {v.get('type')!r} is not supported by kt-core (no JSON mode): "
+                             "omit it or send {'type': 'text'}")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v):
+        if v not in (None, "none"):
+            raise ValueError("tools are not supported by kt-core: omit tool_choice or send 'none'")
         return v
 
     def stop_list(self) -> list[str]:
@@ -79,7 +126,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: Annotated[Union[str, List[int], List[str], List[List[int]]], PROMPT_SCHEMA]
-    max_tokens: Optional[int] = Field(16, ge=0)
+    max_tokens: Optional[int] = Field(16, ge=0, strict=True)
     logprobs: Annotated[Optional[int], UNSUPPORTED] = None
     echo: Annotated[Optional[bool], FALSE_ONLY] = False
     suffix: Annotated[Optional[str], UNSUPPORTED] = None
@@ -106,8 +153,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: List[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=0)
-    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    max_tokens: Optional[int] = Field(None, ge=0, strict=True)
+    max_completion_tokens: Optional[int] = Field(None, ge=0, strict=True)
     logprobs: Annotated[Optional[bool], FALSE_ONLY] = None
     tools: Annotated[Optional[List[Any]], NO_TOOLS] = None
 

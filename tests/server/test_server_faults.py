@@ -34,6 +34,17 @@ def _post(srv, body, path="/v1/completions", **kw):
     ({"top_p": NAN}, "top_p"),
     ({"min_p": INF}, "min_p"),
     ({"presence_penalty": NAN}, "presence_penalty"),
+    # fields kt-core does not honour: refused when set, not served as if they had acted
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"logit_bias": {"5": 100}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"top_k": True}, "top_k"),  # integers are strict too: a boolean is not 1
+    ({"seed": True}, "seed"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"stop": ["x" * 1025]}, "stop"),
 ])
 def test_parameters_the_sampler_cannot_take_get_400_naming_the_field(live, extra, param):
     for path, base in (("/v1/completions", {"prompt": "hi"}),
@@ -45,7 +56,10 @@ def test_parameters_the_sampler_cannot_take_get_400_naming_the_field(live, extra
 
 
 @pytest.mark.parametrize("extra", [{"temperature": 1e-45}, {"seed": 2**64 - 1}, {"seed": -(2**63)},
-                                   {"top_k": 2**31 - 1, "temperature": 0.7}, {"repetition_penalty": 0.01}])
+                                   {"top_k": 2**31 - 1, "temperature": 0.7}, {"repetition_penalty": 0.01},
+                                   {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+                                    "response_format": {"type": "text"}, "tool_choice": "none",
+                                    "stop": ["y" * 1024]}])
 def test_extreme_values_inside_the_ranges_are_served(live, extra):
     r = _post(live, {"model": "tiny", "prompt": "hi", "max_tokens": 3, "ignore_eos": True, **extra})
     assert r.status_code == 200, r.text
@@ -222,3 +236,26 @@ def test_sampling_numbers_are_numbers_not_booleans(live, field):
     r = httpx.post(live.url + "/v1/completions", headers=live.headers(), timeout=60,
                    json={"model": "tiny", "prompt": "hi", "max_tokens": 1, field: True})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_text_that_is_not_unicode_gets_400_and_a_huge_body_413_before_parsing(live):
+    """JSON's \\ud800 parses to a lone surrogate, which no tokenizer takes: a 400 naming the field, not a
+    500; a body past the server's limit is answered 413 without being parsed or tokenized (a 20 MB
+    prompt held the event loop, and every stream, for 23 s), and the server serves on."""
+    for path, body, param in (("/v1/completions", '{"model": "tiny", "prompt": "hi \\ud800", "max_tokens": 2}',
+                               "prompt"),
+                              ("/v1/chat/completions", '{"model": "tiny", "max_tokens": 2, "messages": '
+                               '[{"role": "user", "content": "\\udfff"}]}', "messages")):
+        r = httpx.post(live.url + path, content=body, timeout=60,
+                       headers={"content-type": "application/json", **live.headers()})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert "not valid Unicode" in r.json()["error"]["message"]
+    r = httpx.post(live.url + "/v1/completions", content='{"model": "tiny\\ud800", "prompt": "hi"}', timeout=60,
+                   headers={"content-type": "application/json", **live.headers()})
+    assert r.status_code == 404 and "\\ud800" in r.json()["error"]["message"], r.text
+    t = time.perf_counter()
+    r = _post(live, {"model": "tiny", "prompt": "word " * 4_000_000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert time.perf_counter() - t < 10
+    r = _post(live, {"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text

@@ -197,3 +197,27 @@ def test_a_process_that_exits_with_writes_queued_exits_cleanly(tmp_path):
         r = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         assert len(list(folder.glob(f"*{SUFFIX}"))) == 40  # every queued entry landed before exit
+
+
+def test_a_tier_that_fails_mid_lookup_gives_back_the_blocks_taken(model_path):
+    """A lookup takes a reference on each block it finds; when a later block's tier raises (a disk read),
+    the ones taken so far go back, so the cache does not shrink by them for good."""
+    e = _engine(model_path)
+    pc = e.enable_prefix_cache(host_bytes=1 << 30)
+    prompt = _prompt(6 * e.cache.block_size + 1, seed=7)
+    _run(e, [prompt])  # its blocks named in the cache, idle once it ends
+    c = e.cache
+    free_before = c.available_blocks
+    calls, real = [0], pc._find
+
+    def flaky(h):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError("simulated disk-tier read error")
+        return real(h)
+
+    pc._find = flaky
+    with pytest.raises(OSError):
+        pc.lookup(prompt, 6)
+    pc._find = real
+    assert calls[0] == 3 and c.available_blocks == free_before and all(int(r) == 0 for r in c.refs)
