@@ -52,6 +52,9 @@ def train_command(overrides: list[str], mode: str) -> int:
         raise KtError("train.packing applies to kt sft; kt dpo runs each preference pair on its own: drop it")
     if t.max_steps < 1 or t.batch < 1 or t.lr <= 0:
         raise KtError(f"train.max_steps={t.max_steps}, train.batch={t.batch} and train.lr={t.lr} must be positive")
+    from kt_core.train.lora_model import check_output
+
+    check_output(t.output, cfg.model.path)  # before hours of training, not at the save
     ck = open_checkpoint(cfg.model.path)
     spec = parse_config(ck.config)
     tokenizer = ck.tokenizer()

@@ -199,13 +199,14 @@ class LoraModel:
         return out
 
     def save(self, folder: Path, base_model: str) -> Path:
-        """Write a PEFT LoRA adapter folder (written beside, then renamed into place)."""
+        """Write a PEFT LoRA adapter folder (written beside, then renamed into place; an adapter
+        already there is replaced, any other folder refused: ``check_output``)."""
         import os
         import shutil
 
         from safetensors.torch import save_file
 
-        folder = Path(folder)
+        folder = check_output(folder, base_model)
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -222,3 +223,27 @@ class LoraModel:
             shutil.rmtree(folder)
         os.replace(tmp, folder)
         return folder
+
+
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+
+
+def check_output(folder, model_path=None) -> Path:
+    """``folder`` as an adapter's destination: a new or empty folder, or an adapter folder (its files
+    only: ADAPTER_FILES), which is replaced; never the model's own folder or one holding other files,
+    which saving would delete."""
+    folder = Path(folder).expanduser()
+    if not folder.resolve().name:
+        raise KtError(f"train.output={folder} names no folder (the root or '.'); give a new folder's path")
+    if model_path is not None and Path(str(model_path)).expanduser().exists() and \
+            folder.resolve() == Path(str(model_path)).expanduser().resolve():
+        raise KtError(f"train.output={folder} is the model's own folder; give a new folder for the adapter")
+    if folder.exists():
+        if not folder.is_dir():
+            raise KtError(f"train.output={folder} is a file; give a folder for the adapter")
+        other = sorted(p.name for p in folder.iterdir() if p.name not in ADAPTER_FILES)
+        if other:
+            raise KtError(f"train.output={folder} holds files that are not a LoRA adapter ({', '.join(other[:3])}"
+                          f"{', ...' if len(other) > 3 else ''}), which writing the adapter would delete; pick a new "
+                          "folder or empty it")
+    return folder

@@ -127,6 +127,25 @@ def test_kt_sft_command_writes_an_adapter_kt_run_uses(tmp_path):
     assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={out}"]) == 2  # names line 2
 
 
+def test_kt_sft_never_writes_over_a_folder_that_is_not_an_adapter(tmp_path):
+    """Writing the adapter replaces its folder: one holding anything else, or the model's own folder, is
+    refused before training starts (it used to be deleted), with its files left as they were."""
+    from kt_core.cli import main
+
+    path, data = tiny_sft_run(tmp_path)
+    victim = tmp_path / "notes"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious")
+    run = ["train.max_steps=1", "train.lora.r=2", "model.dtype=float32"]
+    assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={victim}", *run]) == 2
+    assert (victim / "notes.txt").read_text() == "precious" and sorted(p.name for p in victim.iterdir()) == ["notes.txt"]
+    before = sorted(p.name for p in path.iterdir())
+    assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={path}", *run]) == 2
+    assert sorted(p.name for p in path.iterdir()) == before
+    (tmp_path / "file").write_text("x")
+    assert main(["sft", f"model.path={path}", f"train.data={data}", f"train.output={tmp_path / 'file'}", *run]) == 2
+
+
 def test_resume_continues_the_same_loss_curve(tiny_checkpoint, tmp_path):
     from kt_core.train.sft import Example
     from kt_core.train.trainer import Trainer
