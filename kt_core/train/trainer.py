@@ -105,6 +105,7 @@ class Trainer:
         save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
         old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)  # a run killed while removing it left one: the rename needs room
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
@@ -118,19 +119,37 @@ class Trainer:
         try:
             meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
             tensors = load_file(str(folder / "state.safetensors"))
-        except (OSError, ValueError) as exc:
-            raise KtError(f"{folder} is not a readable kt sft checkpoint ({exc}); start without resume") from None
+            if not isinstance(meta, dict):
+                raise ValueError("state.json is not an object")
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file, whatever its reader raises
+            raise KtError(f"{folder} is not a readable kt sft checkpoint ({type(exc).__name__}: {exc}); start "
+                          "without resume") from None
         if meta.get("format") != "kt-core-lora-train" or meta.get("n_params") != len(self.params) or \
                 sorted(meta.get("order", [])) != list(range(len(self.examples))):
             raise KtError(f"{folder} was written for other adapters or other data; start without resume")
+        for i, p in enumerate(self.params):  # the same adapters: each tensor's shape (train.lora.r) as this run's
+            for key in (f"param.{i}", f"opt.{i}.exp_avg", f"opt.{i}.exp_avg_sq"):
+                t = tensors.get(key)
+                if (t is None and key.startswith("param")) or (t is not None and tuple(t.shape) != tuple(p.shape)):
+                    got = "missing" if t is None else f"shaped {tuple(t.shape)}"
+                    raise KtError(f"{folder}: {key} is {got} where this run's adapter is {tuple(p.shape)} (another "
+                                  "train.lora.r or targets?); resume with the settings it was written with, or "
+                                  "start without resume")
+        at, step = meta.get("at"), meta.get("step")
+        if not (isinstance(at, int) and 0 <= at <= len(self.examples) and isinstance(step, int) and step >= 0
+                and isinstance(meta.get("adam_steps"), dict) and isinstance(meta.get("rng"), list)):
+            raise KtError(f"{folder}/state.json is damaged (its step, data position or RNG state); start without "
+                          "resume")
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(tensors[f"param.{i}"])
         for i, p in enumerate(self.params):
             if str(i) in meta["adam_steps"]:
+                # copies: load_file's tensors map the file, which the next save renames away (on
+                # Windows a mapped file cannot be renamed; anywhere, a file cut short under them faults)
                 self.opt.state[p] = {"step": torch.tensor(meta["adam_steps"][str(i)]),
-                                     "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
-                                     "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device)}
+                                     "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device, copy=True),
+                                     "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device, copy=True)}
         version, internal, gauss = meta["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.order, self.at, self.step = list(meta["order"]), int(meta["at"]), int(meta["step"])

@@ -19,7 +19,7 @@ CASES = {  # the linears adapted (routed experts are not trained yet)
 FIRST_LABEL = 8  # the loss covers positions 8.. (the "answer")
 
 
-def load(path, targets, init=None, native_int8=False):
+def load(path, targets, init=None, native_int8=False, r=4):
     """``native_int8``: the routed experts int8 (groups of 32) on the native kernels."""
     from kt_core.models.model import CausalLM, QuantPlan
     from kt_core.models.spec import parse_config
@@ -30,7 +30,7 @@ def load(path, targets, init=None, native_int8=False):
     ck = Checkpoint(path)
     plan = QuantPlan(experts=Quant.INT8, group_size=32) if native_int8 else QuantPlan()
     model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(native_int8), torch.float32, plan)
-    return LoraModel(model, targets, r=4, alpha=8, init=init)
+    return LoraModel(model, targets, r=r, alpha=8, init=init)
 
 
 def peft_grads(ref) -> dict:
@@ -167,6 +167,17 @@ def test_resume_continues_the_same_loss_curve(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 6
     with pytest.raises(Exception, match="other adapters or other data"):
         Trainer(load(base, ["q_proj"]), examples, lr=1e-2).load(tmp_path / "at3")
+    other_r = Trainer(load(base, ["q_proj", "v_proj"], r=2), examples, lr=1e-2)
+    with pytest.raises(Exception, match="another train.lora.r"):  # was broadcast into the new shape, or a traceback
+        other_r.load(tmp_path / "at3")
+    (tmp_path / "at3" / "state.safetensors").write_bytes(b"\x08\x00")  # truncated: a one-line error
+    with pytest.raises(Exception, match="not a readable kt sft checkpoint"):
+        Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2).load(tmp_path / "at3")
+    stale = tmp_path / "ckpt.old"  # left by a run killed while removing it: the next save goes on
+    stale.mkdir()
+    (stale / "x").write_text("x")
+    resumed.save(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 6 and not stale.exists()
 
 
 @pytest.mark.parametrize("experts", ["float32", "int8-native"])
