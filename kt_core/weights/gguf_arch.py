@@ -81,12 +81,39 @@ def _get(meta: Callable[[str, Any], Any], arch: str, key: str, default: Any = No
     return v
 
 
+MAX_LAYERS = 4096  # more than any model has (DeepSeek-V3: 61 and its MTP layer)
+
+
+def _dims(shapes: dict[str, tuple], name: str, least: int) -> tuple:
+    """A tensor's shape, which the loader indexes: at least ``least`` dims, none of them zero."""
+    shape = tuple(shapes[name])
+    if len(shape) < least or any(int(d) <= 0 for d in shape):
+        raise KtError(f"the GGUF's tensor {name} has shape {list(shape)}, where at least {least} non-zero dims "
+                      "belong; the file is damaged: convert it again")
+    return shape
+
+
+def _count(meta: Callable[[str, Any], Any], arch: str, key: str, most: int, default: Any = None,
+           need: bool = False) -> int:
+    """An integer the loader loops over, read from the file and so checked before any loop: 0..most."""
+    v = _get(meta, arch, key, default, need)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= most:
+        raise KtError(f"the GGUF metadata's {arch}.{key} is {v!r}, where an integer in 0..{most} belongs; the file "
+                      "is damaged: convert it again")
+    return v
+
+
 def hf_config(arch: str, meta: Callable[[str, Any], Any], shapes: dict[str, tuple]) -> dict:
     """The config.json of the model this GGUF holds (``shapes``: GGUF tensor name -> torch shape)."""
     if arch not in ARCHS:
         raise KtError(f"GGUF architecture {arch!r} is not supported; kt-core reads GGUF files of "
                       f"{', '.join(sorted(ARCHS))}")
-    n_exp = int(_get(meta, arch, "expert_count", 0) or 0)
+    # what later loops run over is checked first: a layer count past 4096 or an expert count past 2^16 is
+    # a damaged or hostile header (one of 10^12 layers ran for minutes)
+    _count(meta, arch, "block_count", MAX_LAYERS, need=True)
+    n_exp = _count(meta, arch, "expert_count", 1 << 16, 0) if _get(meta, arch, "expert_count") is not None else 0
+    if "token_embd.weight" in shapes:
+        _dims(shapes, "token_embd.weight", 2)
     dense_arch, moe_arch = ARCHS[arch]
     hf_arch = moe_arch if n_exp else dense_arch
     if hf_arch is None:
@@ -248,6 +275,9 @@ def tensor_names(config: dict, arch: str, gguf_names: list[str], shapes: dict[st
             raise KtError(f"GGUF tensor {name!r} is not one kt-core knows for a {arch} model")
         p = f"model.layers.{int(parts[1])}."
         base, rest = parts[2], ".".join(parts[3:])
+        if base in EXPERTS and rest in ("weight", "bias") and _dims(shapes, name, 2)[0] > (1 << 16):
+            raise KtError(f"the GGUF's tensor {name} holds {shapes[name][0]} experts, more than 65536; the file is "
+                          "damaged: convert it again")
         if arch == "gpt-oss" and base in EXPERTS and rest in ("weight", "bias"):
             _gpt_oss_experts(out, p, name, base, rest, names, shapes[name][0])
             continue
@@ -274,7 +304,7 @@ def tensor_names(config: dict, arch: str, gguf_names: list[str], shapes: dict[st
             raise KtError(f"GGUF tensor {name!r} is not one kt-core knows for a {arch} model")
         hf = layer[base].replace("{mlp}", mlp)
         if base == "ffn_gate_inp_shexp":  # the converter squeezed [1, H] to [H]
-            out[f"{p}{hf}.{rest}"] = Source(name, reshape=(1, shapes[name][-1]))
+            out[f"{p}{hf}.{rest}"] = Source(name, reshape=(1, _dims(shapes, name, 1)[-1]))
             continue
         unpermute = 0
         if arch == "llama" and base in ("attn_q", "attn_k"):

@@ -141,6 +141,9 @@ def open_gguf(path: str | Path) -> list[GGUFPart]:
     if len(parts) > 1:
         for i, part in enumerate(parts):
             no, count = part.value("split.no"), part.value("split.count")
+            if no is not None and not (isinstance(no, int) and isinstance(count, int)):
+                raise KtError(f"{part.path.name}: split.no / split.count are {no!r} / {count!r}, not integers; the "
+                              "file is damaged")
             if no is not None and (no != i or count != len(parts)):
                 raise KtError(f"{part.path.name} says it is part {no + 1} of {count}, but its name makes it part "
                               f"{i + 1} of {len(parts)}; the split files do not belong together")

@@ -126,6 +126,27 @@ def test_deepseek2_metadata_variants():
         _config("deepseek2", {**DS2, "expert_count": 0})
 
 
+def test_sizes_read_from_the_header_are_bounded_before_any_loop():
+    """A layer or expert count the loader would loop over is checked first (10^12 layers ran for minutes
+    and GBs), and a tensor it indexes must have the dims it indexes."""
+    import time
+
+    from kt_core.weights.gguf_arch import hf_config, tensor_names
+
+    t = time.perf_counter()
+    for bad in ({"block_count": 10**12}, {"block_count": "2"}, {"expert_count": 2**31 - 1}):
+        with pytest.raises(KtError, match="the file is damaged"):
+            _config("deepseek2", {**DS2, **bad})
+    assert time.perf_counter() - t < 5
+    meta = lambda k, d=None: DS2.get(k[len("deepseek2") + 1:], d) if k.startswith("deepseek2.") else d  # noqa: E731
+    with pytest.raises(KtError, match="token_embd.weight has shape"):
+        hf_config("deepseek2", meta, {"token_embd.weight": ()})
+    config = _config("deepseek2", DS2)
+    for shape in ((0, 4, 10**12), (8,)):
+        with pytest.raises(KtError, match="ffn_gate_exps.weight has shape"):
+            tensor_names(config, "deepseek2", ["blk.0.ffn_gate_exps.weight"], {"blk.0.ffn_gate_exps.weight": shape})
+
+
 def test_gpt_oss_unsupported_metadata_and_mxfp4_experts(tmp_path):
     import gguf
     import numpy as np
