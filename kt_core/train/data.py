@@ -40,17 +40,19 @@ def _text_rows(path: Path, f) -> Iterator[tuple[str, object]]:
     if head.startswith("["):  # a JSON array
         try:
             items = json.load(f)
-        except ValueError as exc:
-            raise KtError(f"{path.name} starts like a JSON array but does not parse ({exc}); fix the file") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+            raise KtError(f"{path.name} starts like a JSON array but does not parse ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); fix the file") from None
         for n, item in enumerate(items, 1):
             yield f"{path.name} item {n}", item
         return
     for n, line in enumerate(f, 1):
         if line.strip():
             try:
-                yield f"{path.name} line {n}", json.loads(line)
-            except ValueError as exc:
-                yield f"{path.name} line {n}", KtError(f"not JSON ({exc})")
+                row = json.loads(line)
+            except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+                row = KtError(f"not JSON ({type(exc).__name__}: {str(exc)[:200]})")
+            yield f"{path.name} line {n}", row
 
 
 def _dataset_rows(path: Path) -> Iterator[tuple[str, object]]:
@@ -104,14 +106,29 @@ def messages_of(row) -> list[dict]:
             if isinstance(row.get("system"), str) and row["system"]:
                 msgs = [{"role": "system", "content": row["system"]}, *msgs]
         if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                             for m in msgs):
-            raise KtError("'messages' / 'conversations' must be a non-empty list of {role, content} / {from, value}")
+                                                             and isinstance(m.get("role"), str) for m in msgs):
+            raise KtError("'messages' / 'conversations' must be a non-empty list of {role, content} / {from, value}, "
+                          "each with a role and text")
         if msgs[-1].get("role") != "assistant":
             raise KtError("the last message must be the assistant's answer")
         return msgs
     if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+        if row.get("input") is not None and not isinstance(row["input"], str):
+            raise KtError(f"'input' must be text, got {type(row['input']).__name__}")
         text = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
         system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) and \
             row["system"] else []
         return [*system, {"role": "user", "content": text}, {"role": "assistant", "content": row["output"]}]
     raise KtError("no 'messages', 'conversations' or 'instruction' / 'output'")
+
+
+def chat_prompt(tokenizer, messages: list, where: str) -> list[int]:
+    """The token ids of ``messages`` through the model's chat template, ending where the assistant's
+    answer starts; a template that refuses them (roles out of order, a field it needs) fails naming
+    the record."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - jinja's TemplateError, or whatever the template raises
+        raise KtError(f"{where}: the model's chat template refused these messages ({type(exc).__name__}: "
+                      f"{' '.join(str(exc).split())[:200]}); fix the record") from None
+    return tokenizer.encode(text, add_special_tokens=False)

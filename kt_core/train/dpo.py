@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kt_core.errors import KtError
-from kt_core.train.data import records
+from kt_core.train.data import chat_prompt, records
 from kt_core.train.sft import Example
 from kt_core.train.token_logprobs import answer_logprobs
 
@@ -36,8 +36,9 @@ def _pair_fields(row) -> tuple[list[dict], str, str]:
         raise KtError("'chosen' and 'rejected' must be strings")
     prompt = row.get("prompt")
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
-        raise KtError("'prompt' must be a string or a list of messages")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                         and isinstance(m.get("content"), str) for m in msgs):
+        raise KtError("'prompt' must be a string or a list of messages, each with a role and text content")
     return msgs, row["chosen"], row["rejected"]
 
 
@@ -46,8 +47,7 @@ def read_pairs(path, tokenizer, max_len: int) -> list[Pair]:
     out = []
     shape = "a JSON object with 'prompt', 'chosen' and 'rejected'"
     for where, (msgs, chosen, rejected) in records(path, "preference pairs", shape, _pair_fields):
-        head = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True),
-                                add_special_tokens=False)
+        head = chat_prompt(tokenizer, msgs, where)
         pair = []
         for answer in (chosen, rejected):
             tokens = head + tokenizer.encode(answer, add_special_tokens=False) + eos

@@ -26,14 +26,13 @@ class Example:
 def read_examples(path, tokenizer, max_len: int) -> list[Example]:
     """The file's examples, tokenized; a malformed line fails naming the file and line, an example
     over ``max_len`` tokens fails naming it and the limit, an empty file says so."""
-    from kt_core.train.data import messages_of, records
+    from kt_core.train.data import chat_prompt, messages_of, records
 
     out = []
     shape = ("an object with 'messages' / ShareGPT's 'conversations' (ending with the assistant's answer) or "
              "alpaca's 'instruction' / 'output'")
     for where, messages in records(path, "examples", shape, messages_of):
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True),
-                                  add_special_tokens=False)
+        prompt = chat_prompt(tokenizer, messages[:-1], where)
         answer = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         tokens = prompt + answer + eos

@@ -62,6 +62,28 @@ def test_bad_records_are_named(tok, tmp_path):
         read_examples(_jsonl(tmp_path / "b.jsonl", ALPACA), tok, 5)
     with pytest.raises(KtError, match="does not exist"):
         read_examples(tmp_path / "none.jsonl", tok, 256)
+    # each of these was a traceback, or an error naming no line
+    deep = _jsonl(tmp_path / "deep.jsonl", [ALPACA[0]])
+    deep.write_text(deep.read_text() + "[" * 100_000 + "\n")
+    with pytest.raises(KtError, match=r"deep.jsonl line 2: not JSON \(RecursionError"):
+        read_examples(deep, tok, 256)
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(KtError, match="deep.json starts like a JSON array but does not parse"):
+        read_examples(tmp_path / "deep.json", tok, 256)
+    with pytest.raises(KtError, match=r"n.jsonl line 1: 'input' must be text"):
+        read_examples(_jsonl(tmp_path / "n.jsonl", [{**ALPACA[0], "input": 5}]), tok, 256)
+    no_role = {"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(KtError, match=r"r.jsonl line 1: 'messages'"):
+        read_examples(_jsonl(tmp_path / "r.jsonl", [no_role]), tok, 256)
+
+
+def test_a_chat_template_that_refuses_a_record_names_it(tok, tmp_path, monkeypatch):
+    def strict(messages, add_generation_prompt=False):  # as templates that demand alternating roles do
+        raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    monkeypatch.setattr(tok, "apply_chat_template", strict)
+    with pytest.raises(KtError, match=r"t.jsonl line 1: the model's chat template refused these messages"):
+        read_examples(_jsonl(tmp_path / "t.jsonl", OPENAI), tok, 256)
 
 
 def test_windows_encodings(tok, tmp_path):
