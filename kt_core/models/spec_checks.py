@@ -91,6 +91,10 @@ def _is_list_of(v: Any, kind: type) -> bool:
     return isinstance(v, list) and all(isinstance(x, kind) and not isinstance(x, bool) for x in v)
 
 
+# true / false fields the parser reads (spec.py, spec_families.py)
+_FLAGS = ("tie_word_embeddings", "attention_bias", "norm_topk_prob", "use_qk_norm", "rope_interleave")
+
+
 def _check_config(c: Any) -> None:
     """Types and ranges of every config.json field the parser reads (present fields only)."""
     if not isinstance(c, dict):
@@ -111,6 +115,9 @@ def _check_config(c: Any) -> None:
         if rope and "original_max_position_embeddings" in rope:
             _check_int(f"{key}.original_max_position_embeddings", rope["original_max_position_embeddings"], 1,
                        INT_MAX, False)
+    for key in _FLAGS:  # "false" as a string would read as true
+        if c.get(key) is not None and not isinstance(c[key], bool):
+            raise _invalid(key, c[key], "true or false")
     for key in ("architectures", "layer_types"):
         if c.get(key) is not None and not _is_list_of(c[key], str):
             raise _invalid(key, c[key], "a list of strings")

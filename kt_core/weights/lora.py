@@ -67,6 +67,9 @@ class Adapter:
             raise KtError(f"{self.path / 'adapter_config.json'}: kt-core does not read this adapter: "
                           f"{'; '.join(problems)}")
         self.r = r
+        if cfg.get("use_rslora") is not None and not isinstance(cfg["use_rslora"], bool):
+            raise KtError(f"{self.path / 'adapter_config.json'}: use_rslora is {cfg['use_rslora']!r}; it must be true "
+                          "or false")
         self.scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         self.base_model = cfg.get("base_model_name_or_path")
         self.pairs = self._read_tensors()

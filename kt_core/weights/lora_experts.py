@@ -30,6 +30,8 @@ def targets(config_targets) -> list[str]:
     """The adapted expert tensors (gate_up_proj / down_proj) in the order PEFT wrapped them; a name of
     anything else is refused."""
     out = []
+    if config_targets is not None and not isinstance(config_targets, list):
+        raise KtError(f"target_parameters is {config_targets!r}; it must be a list of tensor names")
     for t in config_targets or []:
         leaf = str(t).rsplit(".", 1)[-1]
         if not (isinstance(t, str) and t.rsplit(".", 2)[-2:-1] == ["experts"] and leaf in PARAMS):

@@ -75,6 +75,8 @@ CONFIG_CASES = [  # what escaped before (the exception class), and what the mess
      "layer_types has 1 entries for 2 layers"),  # IndexError in window()
     (_config(architectures="Qwen3MoeForCausalLM"), "architectures='Qwen3MoeForCausalLM' is invalid"),
     (_config(architectures=["FalconForCausalLM"]), "config.json: unsupported architecture"),
+    (_config(tie_word_embeddings="false"), "tie_word_embeddings='false' is invalid"),  # read as true
+    (_config(norm_topk_prob=1), "norm_topk_prob=1 is invalid"),
 ]
 
 

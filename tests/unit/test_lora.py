@@ -68,6 +68,12 @@ def test_adapter_for_another_model_or_of_another_kind_is_refused(tiny_checkpoint
         kt_core.Engine.from_pretrained(tiny_checkpoint("qwen3_moe"), overrides=[f"lora.path={tmp_path / 'a'}"])
     with pytest.raises(KtError, match="no adapter_config.json"):
         kt_core.Engine.from_pretrained(tiny_checkpoint("qwen3_moe"), overrides=[f"lora.path={tmp_path}"])
+    cfg["use_dora"] = False
+    for key, value, match in (("use_rslora", "false", "use_rslora is 'false'"),  # a string read as true
+                              ("target_parameters", 5, "must be a list")):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(KtError, match=match):
+            kt_core.Engine.from_pretrained(tiny_checkpoint("qwen3_moe"), overrides=[f"lora.path={tmp_path / 'a'}"])
 
 
 def test_kt_merge_writes_the_merged_checkpoint(tiny_checkpoint, tmp_path):
