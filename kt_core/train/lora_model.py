@@ -126,7 +126,7 @@ class LoraModel:
         if dropout and "kv_b_proj" in targets:
             raise KtError("train.lora.dropout cannot apply to kv_b_proj, whose update is absorbed into MLA's "
                           "attention weights: drop kv_b_proj from train.lora.targets or set train.lora.dropout=0")
-        self.model, self.r, self.alpha, self.dropout = model, r, alpha, float(dropout)
+        self.model, self.r, self.alpha, self.dropout, self.rslora = model, r, alpha, float(dropout), False
         slots = linear_slots(model)
         chosen = {m: s for m, s in slots.items() if m.rsplit(".", 1)[-1] in targets}
         missing = sorted(set(targets) - {m.rsplit(".", 1)[-1] for m in chosen} - set(expert_lora.TARGETS))
@@ -141,14 +141,21 @@ class LoraModel:
 
             adapter = Adapter(init)
             self.r, self.alpha = adapter.r, adapter.config["lora_alpha"]
+            self.rslora = bool(adapter.config.get("use_rslora", False))  # its scale alpha / sqrt(r), kept
             pairs = adapter.pairs
+            foreign = sorted(name[:-len(".weight")] for name in pairs
+                             if name.endswith(".weight") and name[:-len(".weight")] not in chosen)
+            if foreign:
+                raise KtError(f"train.init={init} adapts {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                              f"which this model's train.lora.targets do not name (or it lacks): it was made for "
+                              f"another base model ({adapter.base_model or 'not recorded'}) or other targets")
             fused = stacked(adapter.expert_lora, model.spec, init) if adapter.expert_lora else {}
             dropped = sorted({param for _, param in fused} - {expert_lora.TARGETS[t] for t in targets
                                                               if t in expert_lora.TARGETS})
             if dropped:
                 raise KtError(f"train.init={init} adapts the routed experts' {', '.join(dropped)}, which "
                               f"train.lora.targets does not name: add experts.{dropped[0]} to the targets")
-        scaling = self.alpha / self.r
+        scaling = self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
         g = torch.Generator().manual_seed(seed)
         self.modules: dict[str, LoraWeight] = {}
         for module, (holder, key) in sorted(chosen.items()):
@@ -156,6 +163,9 @@ class LoraModel:
             out_f, in_f = base.shape
             if module + ".weight" in pairs:
                 a, b = (t.float().clone() for t in pairs[module + ".weight"])
+                if tuple(a.shape) != (self.r, in_f) or tuple(b.shape) != (out_f, self.r):
+                    raise KtError(f"train.init={init}: {module}'s A / B are {tuple(a.shape)} / {tuple(b.shape)}, but "
+                                  f"this model's weight is {tuple(base.shape)}: it was made for another base model")
             else:
                 bound = 1 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)), as torch.nn.Linear and peft
                 a = (torch.rand(self.r, in_f, generator=g) * 2 - 1) * bound
@@ -212,7 +222,7 @@ class LoraModel:
         tmp.mkdir(parents=True)
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
                   "lora_dropout": self.dropout, "target_modules": self.targets, "base_model_name_or_path": base_model,
-                  "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+                  "bias": "none", "fan_in_fan_out": False, "use_rslora": self.rslora, "use_dora": False,
                   "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
                   "rank_pattern": {}, "alpha_pattern": {}}
         if self.expert_targets:  # LoRA on the routed experts: PEFT's adapters on fused parameters

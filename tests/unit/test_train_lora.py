@@ -1,6 +1,7 @@
 """LoRA fine-tuning (first slice of issue 12): gradients equal transformers + peft autograd's on tiny
 checkpoints, a small task is learnt, and the adapter written loads in peft and in kt-core alike."""
 import json
+import math
 
 import pytest
 import torch
@@ -358,3 +359,20 @@ def test_lora_dropout_is_refused_where_it_cannot_apply(tiny_checkpoint):
         LoraModel(lora.model, ["q_proj", "experts.down_proj"], r=4, alpha=8, dropout=0.1)
     with pytest.raises(KtError, match=r"\[0, 1\)"):
         LoraModel(lora.model, ["q_proj"], r=4, alpha=8, dropout=1.0)
+
+
+def test_an_init_adapter_is_checked_against_the_model_and_keeps_its_scale(tiny_checkpoint, tmp_path):
+    """train.init: an adapter of modules this run does not adapt, or of other shapes, is refused (it was
+    ignored, or a shape error deep in a product); rsLoRA's alpha / sqrt(r) scale is kept and saved."""
+    from kt_core.errors import KtError
+
+    base = tiny_checkpoint("llama")
+    load(base, ["q_proj"]).save(tmp_path / "q", str(base))
+    with pytest.raises(KtError, match="do not name"):
+        load(base, ["v_proj"], init=tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
+    (tmp_path / "q" / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    lora = load(base, ["q_proj"], init=tmp_path / "q")
+    assert all(lw.scaling == pytest.approx(cfg["lora_alpha"] / math.sqrt(cfg["r"])) for lw in lora.modules.values())
+    lora.save(tmp_path / "q2", str(base))
+    assert json.loads((tmp_path / "q2" / "adapter_config.json").read_text())["use_rslora"] is True
