@@ -245,8 +245,8 @@ def check_output(folder, model_path=None) -> Path:
     folder = Path(folder).expanduser()
     if not folder.resolve().name:
         raise KtError(f"train.output={folder} names no folder (the root or '.'); give a new folder's path")
-    if model_path is not None and Path(str(model_path)).expanduser().exists() and \
-            folder.resolve() == Path(str(model_path)).expanduser().resolve():
+    model = Path(str(model_path)).expanduser() if model_path is not None else None
+    if model is not None and model.exists() and folder.resolve() == model.resolve():
         raise KtError(f"train.output={folder} is the model's own folder; give a new folder for the adapter")
     if folder.exists():
         if not folder.is_dir():

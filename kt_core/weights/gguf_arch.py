@@ -111,7 +111,7 @@ def hf_config(arch: str, meta: Callable[[str, Any], Any], shapes: dict[str, tupl
     # what later loops run over is checked first: a layer count past 4096 or an expert count past 2^16 is
     # a damaged or hostile header (one of 10^12 layers ran for minutes)
     _count(meta, arch, "block_count", MAX_LAYERS, need=True)
-    n_exp = _count(meta, arch, "expert_count", 1 << 16, 0) if _get(meta, arch, "expert_count") is not None else 0
+    n_exp = _count(meta, arch, "expert_count", 1 << 16, 0)
     if "token_embd.weight" in shapes:
         _dims(shapes, "token_embd.weight", 2)
     dense_arch, moe_arch = ARCHS[arch]
