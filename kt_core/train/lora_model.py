@@ -209,17 +209,15 @@ class LoraModel:
         return out
 
     def save(self, folder: Path, base_model: str) -> Path:
-        """Write a PEFT LoRA adapter folder (written beside, then renamed into place; an adapter
-        already there is replaced, any other folder refused: ``check_output``)."""
-        import os
-        import shutil
-
+        """Write a PEFT LoRA adapter folder (written beside, flushed, then renamed into place:
+        runtime/folder_swap.py; an adapter already there is replaced, any other folder refused:
+        ``check_output``)."""
         from safetensors.torch import save_file
 
+        from kt_core.runtime.folder_swap import partial_of, swap_in
+
         folder = check_output(folder, base_model)
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = partial_of(folder)
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
                   "lora_dropout": self.dropout, "target_modules": self.targets, "base_model_name_or_path": base_model,
                   "bias": "none", "fan_in_fan_out": False, "use_rslora": self.rslora, "use_dora": False,
@@ -229,10 +227,7 @@ class LoraModel:
             config["target_parameters"] = self.expert_targets
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         save_file(self.state(), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return folder
+        return swap_in(tmp, folder)
 
 
 ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})

@@ -2,21 +2,21 @@
 
 A checkpoint is a folder: ``state.safetensors`` (the adapters' A / B and AdamW's moments, tensors
 only) and ``state.json`` (the step, the data order and position, the shuffling RNG's state, AdamW's
-hyper-parameters and step counts): written beside, then renamed into place, so a crash mid-write
-leaves the previous one. Nothing is unpickled to resume.
+hyper-parameters and step counts): written beside, flushed to disk, then renamed into place
+(runtime/folder_swap.py), so a crash or power cut at any point leaves the previous one or the new one.
+Nothing is unpickled to resume.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from kt_core.errors import KtError
+from kt_core.runtime.folder_swap import partial_of, recover, swap_in
 
 STEP_FN = Callable[[int, float, int], None]
 
@@ -99,23 +99,17 @@ class Trainer:
         meta = {"format": "kt-core-lora-train", "version": 1, "step": self.step, "order": self.order, "at": self.at,
                 "rng": [version, list(internal), gauss], "adam_steps": steps,
                 "lr": self.opt.param_groups[0]["lr"], "n_params": len(self.params)}
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = partial_of(folder)
         save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)  # a run killed while removing it left one: the rename needs room
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder)
 
     def load(self, folder: Path) -> None:
         """Continue from a checkpoint written by ``save`` for the same adapters and data."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
+        recover(folder)  # a save cut between its renames left only <folder>.old: the checkpoint before it
         try:
             meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
             tensors = load_file(str(folder / "state.safetensors"))

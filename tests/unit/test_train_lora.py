@@ -179,6 +179,10 @@ def test_resume_continues_the_same_loss_curve(tiny_checkpoint, tmp_path):
     (stale / "x").write_text("x")
     resumed.save(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 6 and not stale.exists()
+    (tmp_path / "ckpt").rename(stale)  # a save killed between its two renames left only ckpt.old
+    found = Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2, batch=2, seed=3)
+    found.load(tmp_path / "ckpt")  # recovered (it was "not a readable checkpoint", and the next save removed it)
+    assert found.step == 6 and (tmp_path / "ckpt" / "state.json").is_file() and not stale.exists()
 
 
 @pytest.mark.parametrize("experts", ["float32", "int8-native"])
