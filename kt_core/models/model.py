@@ -314,6 +314,11 @@ class CausalLM:
 
         return run_hidden(self, batch, cache)
 
+    def head_products(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's products on final hidden states, in the model's dtype (fine-tuning's
+        log-probabilities take them a block at a time: train/token_logprobs.py)."""
+        return self.be.linear(h, self.lm_head)
+
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head on final hidden states: float32 logits."""
-        return self.be.linear(h, self.lm_head).float()
+        return self.head_products(h).float()

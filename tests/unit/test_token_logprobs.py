@@ -11,15 +11,16 @@ class Head:
     def __init__(self, w):
         self.w, self.spec = w, type("S", (), {"vocab_size": w.shape[0]})()
 
-    def head_logits(self, h):
-        return (h @ self.w.T).float()
+    def head_products(self, h):
+        return h @ self.w.T
 
 
 def test_chunks_give_autograds_values_and_gradients(monkeypatch):
     g = torch.Generator().manual_seed(0)
     w, h0 = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(9, 16, generator=g, dtype=torch.float64)
     targets, up = torch.randint(0, 50, (9,), generator=g), torch.randn(9, generator=g, dtype=torch.float64)
-    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 120)  # 2 rows a chunk, a short last one
+    monkeypatch.setattr(tl, "LOGITS_ELEMENTS", 250)  # blocks of 5 rows, a short last one ...
+    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 120)  # ... of 2-row chunks, a short last one in each
     monkeypatch.setattr(tl, "MIN_ROWS", 1)
     model = Head(w)
     h = h0.clone().requires_grad_()
