@@ -19,8 +19,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # and kt_expert_rows_t, training's backward products through frozen experts (native_grad.py); 18: kt_expert_rows,
 # their forward products one by one (LoRA-adapted experts); 19: kt_silu_mul_backward, the SwiGLU activation's
 # gradients between them; 20: kt_quantize_int4, kt_quantize_int8 and kt_pack_int4,
-# load-time quantization and int4 packing (native_quant.py)
-ABI_VERSION = 20
+# load-time quantization and int4 packing (native_quant.py); 21: kt_rmsnorm_backward, rmsnorm's input gradient
+# (fine-tuning: kt_core/train/native_norm_rope.py)
+ABI_VERSION = 21
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
@@ -135,6 +136,10 @@ class _RmsNormArgs(ctypes.Structure):  # norm_rope.inc RmsNormArgs
     _fields_ = [("rows", ctypes.c_int64), ("D", ctypes.c_int64), ("eps", ctypes.c_float), ("x_dtype", ctypes.c_int),
                 ("w_dtype", ctypes.c_int), ("pool", ctypes.c_int), ("x", ctypes.c_void_p), ("w", ctypes.c_void_p),
                 ("out", ctypes.c_void_p)]
+
+
+class _RmsNormGradArgs(ctypes.Structure):  # norm_grad.inc RmsNormGradArgs
+    _fields_ = _RmsNormArgs._fields_[:-1] + [("g", ctypes.c_void_p), ("dx", ctypes.c_void_p)]
 
 
 class _RopeArgs(ctypes.Structure):  # norm_rope.inc RopeArgs

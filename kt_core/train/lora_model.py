@@ -64,6 +64,24 @@ class AutogradBackend(TorchBackend):
                 return packed
         return super().prepare_experts(experts, index)
 
+    def rmsnorm(self, x, weight, eps):
+        if self.device_type == "cpu":  # the native kernels, forward and backward (train/native_norm_rope.py)
+            from kt_core.train import native_norm_rope
+
+            out = native_norm_rope.rmsnorm(x, weight, eps)
+            if out is not None:
+                return out
+        return super().rmsnorm(x, weight, eps)
+
+    def rope(self, q, k, positions, cos_sin, interleaved=False):
+        if self.device_type == "cpu":
+            from kt_core.train import native_norm_rope
+
+            out = native_norm_rope.rope(q, k, positions, cos_sin, interleaved)
+            if out is not None:
+                return out
+        return super().rope(q, k, positions, cos_sin, interleaved)
+
     def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
         from kt_core.train import native_experts
 

@@ -195,6 +195,7 @@ namespace kt {
 #include "abi_checks.inc"  // error codes, the exception guard, argument checks
 #include "linear_packed.inc"  // quantized dense projections on the same panel kernels
 #include "norm_rope.inc"  // rmsnorm, rope; the element helpers attention_decode.inc uses
+#include "norm_grad.inc"  // and rmsnorm's input gradient (kt_rmsnorm_backward, fine-tuning)
 #include "attention_decode.inc"  // decode attention over the paged KV cache
 #include "mla_decode.inc"  // DeepSeek MLA decode (absorbed) over the latent cache
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
@@ -208,8 +209,8 @@ namespace kt {
 // 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
 // 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly);
 // 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts); 18: kt_expert_rows;
-// 19: kt_silu_mul_backward; 20: kt_quantize_int4, kt_quantize_int8, kt_pack_int4
-KT_API int kt_abi_version() { return 20; }
+// 19: kt_silu_mul_backward; 20: kt_quantize_int4, kt_quantize_int8, kt_pack_int4; 21: kt_rmsnorm_backward
+KT_API int kt_abi_version() { return 21; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -342,6 +343,10 @@ KT_API int kt_rmsnorm(const kt::RmsNormArgs* args) {
   return kt::checked_call(args, kt::check_rmsnorm_args, kt::rmsnorm);
 }
 KT_API int kt_rope(const kt::RopeArgs* args) { return kt::checked_call(args, kt::check_rope_args, kt::rope); }
+KT_API int kt_rmsnorm_backward(const kt::RmsNormGradArgs* args) {
+  return kt::checked_call(args, kt::check_rmsnorm_grad_args, kt::rmsnorm_grad);
+}
+KT_API int64_t kt_rmsnorm_backward_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormGradArgs)); }
 KT_API int64_t kt_attention_decode_args_size() { return static_cast<int64_t>(sizeof(kt::AttnDecodeArgs)); }
 KT_API int64_t kt_mla_decode_args_size() { return static_cast<int64_t>(sizeof(kt::MlaDecodeArgs)); }
 KT_API int64_t kt_rmsnorm_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormArgs)); }
