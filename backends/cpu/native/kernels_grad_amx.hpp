@@ -11,12 +11,13 @@ namespace kt {
 #if defined(KT_HAVE_AMX)
 // tmm0-5: C^T of up to 6 row tiles (16 inputs x 16 rows, float32); tmm6: a block of W^T of two
 // panels (16 inputs x 32 rows of W, bf16); tmm7: a row tile's A pairs (16 pairs of those W rows x
-// 16 rows of A, bf16 pairs)
-KT_AMX inline void amx_configure_grad(int tiles) {
+// 16 rows of A, bf16 pairs). one_panel (bf16 weights): tmm6 is one panel's block as it lies in
+// memory (16 inputs x 16 rows of W, rows 32 bytes apart) and tmm7 its 8 pairs.
+KT_AMX inline void amx_configure_grad(int tiles, bool one_panel = false) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = t < tiles || t >= 6 ? 16 : 0;
-    cfg.colsb[t] = t < tiles || t >= 6 ? 64 : 0;
+    cfg.rows[t] = t < tiles || t == 6 ? 16 : t == 7 ? (one_panel ? 8 : 16) : 0;
+    cfg.colsb[t] = t < tiles || t == 7 ? 64 : t == 6 ? (one_panel ? 32 : 64) : 0;
   }
   KT_MEMORY_BARRIER();
   _tile_loadconfig(&cfg);
@@ -30,6 +31,16 @@ constexpr int64_t kGradPairs = KT_GRAD_PAIRS;  // pairs of panels the AMX produc
 #define KT_GRAD_AHEAD 4
 #endif
 constexpr int64_t kGradAhead = KT_GRAD_AHEAD;  // blocks ahead in each panel it prefetches
+// bf16 weights (A tiles loaded where they lie): fewer streams, fetched further ahead (the gate
+// projection's product at T=512, three alternating runs: 4 pairs / 4 blocks 18.0-19.0 ms, 2 / 8
+// 17.5-19.2, 2 / 16 20.6-24.1, 1 / 8 19.9-20.2, 4 / 8 20.0-21.8; before, copied: 20.0-20.4; int4
+// was slower at 2 / 8)
+#ifndef KT_GRAD_PAIRS_BF16
+#define KT_GRAD_PAIRS_BF16 2
+#endif
+#ifndef KT_GRAD_AHEAD_BF16
+#define KT_GRAD_AHEAD_BF16 8
+#endif
 
 // C tile c (0-5) += tmm6 . tmm7; stored; loaded (the tile numbers are immediates)
 #define KT_GRAD_SWITCH(c, X) \
@@ -145,24 +156,41 @@ KT_AMX inline void rows_t_amx(const Weight& w, const float* A, int64_t lda, int6
     }
   alignas(64) uint16_t wb[kGradPairs * 2 * NR * NR];
   alignas(64) float fa[NR * NR], fb[NR * NR];
+  // bf16 weights: each panel's block is an A tile where it lies, half the K of a pair's but nothing
+  // to copy (the copy cost the gate projection's product at T=512 ~27%: 19.5 -> 14.2 ms without it)
+  const bool one_panel = w.fmt == FMT_BF16;
+  const int64_t group = one_panel ? KT_GRAD_PAIRS_BF16 : kGradPairs, ahead = one_panel ? KT_GRAD_AHEAD_BF16 : kGradAhead;
   for (int64_t t0 = 0; t0 < T; t0 += 6) {
     const int nt = static_cast<int>(std::min<int64_t>(6, T - t0));
     Ct.assign(NB * nt * NR * NR, 0.f);
-    amx_configure_grad(nt);
-    for (int64_t pp0 = 0; pp0 < PP; pp0 += kGradPairs) {
-      const int64_t npp = std::min<int64_t>(kGradPairs, PP - pp0);
+    amx_configure_grad(nt, one_panel);
+    for (int64_t pp0 = 0; pp0 < PP; pp0 += group) {
+      const int64_t npp = std::min<int64_t>(group, PP - pp0);
       for (int64_t b = 0; b < NB; ++b) {
         float* ct = &Ct[b * nt * NR * NR];
         const int64_t k0 = (kb0 + b) * NR;
         for (int64_t i = 0; i < 2 * npp; ++i) {
           const int64_t p = 2 * pp0 + i;
-          if (b + kGradAhead < NB && p < P) {  // a tile load would wait for its data
-            const char* ahead = static_cast<const char*>(w.data) + p * panel_bytes(w) + (k0 + kGradAhead * NR) * step;
-            for (int64_t l = 0; l < step * NR; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+          if (b + ahead < NB && p < P) {  // a tile load would wait for its data
+            const char* at = static_cast<const char*>(w.data) + p * panel_bytes(w) + (k0 + ahead * NR) * step;
+            for (int64_t l = 0; l < step * NR; l += 64) _mm_prefetch(at + l, _MM_HINT_T0);
           }
         }
         // every block of the group laid out before the first tile load: a tile load of a buffer
         // just stored waits for those stores to leave the core
+        if (one_panel) {
+          for (int t = 0; t < nt; ++t) grad_tile_load(t, ct + t * NR * NR);
+          for (int64_t p = 2 * pp0; p < std::min(P, 2 * (pp0 + npp)); ++p) {
+            _tile_loadd(6, static_cast<const uint16_t*>(w.data) + (p * w.K + k0) * NR, 2 * NR);
+            const uint32_t* g = &Gb[(p / 2) * T * 256 + t0 * 256 + (p % 2) * 8 * NR];
+            for (int t = 0; t < nt; ++t) {
+              _tile_loadd(7, g + t * 256, 64);
+              grad_tile_dp(t);
+            }
+          }
+          for (int t = 0; t < nt; ++t) grad_tile_store(t, ct + t * NR * NR);
+          continue;
+        }
         for (int64_t i = 0; i < npp; ++i) pair_block_bf16(w, 2 * (pp0 + i), k0, &wb[i * 2 * NR * NR], fa, fb);
         KT_MEMORY_BARRIER();
         for (int t = 0; t < nt; ++t) grad_tile_load(t, ct + t * NR * NR);
