@@ -49,17 +49,20 @@ def _work(rows: int, cols: int, device: torch.device) -> torch.Tensor:
 
 
 def _chunk(z: torch.Tensor, targets: torch.Tensor, want: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(z)[target] for each row of the float32 logits z [m, V] (targets [m, 1]), and when
-    ``want`` its gradient with respect to z, one-hot(target) - softmax(z), in the work buffer (valid
-    until the next call)."""
+    """log softmax(z)[target] for each row of the logits z [m, V] (any float dtype; worked in float32;
+    targets [m, 1]), and when ``want`` its gradient with respect to z, one-hot(target) - softmax(z), in
+    the work buffer (valid until the next call)."""
     buf = _work(z.shape[0], z.shape[1], z.device)
-    top = z.amax(-1, keepdim=True)
-    torch.sub(z, top, out=buf).exp_()
+    buf.copy_(z)
+    top = buf.amax(-1, keepdim=True)
+    picked = buf.gather(1, targets)
+    buf.sub_(top).exp_()
     total = buf.sum(-1, keepdim=True)
-    lp = (z.gather(1, targets) - top - total.log()).squeeze(1)
+    lp = (picked - top - total.log()).squeeze(1)
     if not want:
         return lp, None
-    buf.div_(total).neg_().scatter_add_(1, targets, torch.ones(targets.shape, dtype=buf.dtype, device=buf.device))
+    buf.mul_(total.reciprocal().neg_()).scatter_add_(1, targets, torch.ones(targets.shape, dtype=buf.dtype,
+                                                                            device=buf.device))
     return lp, buf
 
 
@@ -82,7 +85,7 @@ class _TokenLogprobs(torch.autograd.Function):
             zd = z.detach()  # the chunks' gradients are written over it (no product saved z for its backward)
             for s0 in range(0, zd.shape[0], sub):
                 s1 = min(s0 + sub, zd.shape[0])
-                lp, dz = _chunk(zd[s0:s1].float(), targets[r0 + s0:r0 + s1, None], want)
+                lp, dz = _chunk(zd[s0:s1], targets[r0 + s0:r0 + s1, None], want)
                 out[r0 + s0:r0 + s1] = lp
                 if want:
                     zd[s0:s1].copy_(dz)
