@@ -110,12 +110,12 @@ def train_command(overrides: list[str], mode: str) -> int:
                       packing=bool(t.get("packing", False)))
     ckpt = out.with_name(out.name + ".ckpt")
     if t.resume:
-        from kt_core.runtime.folder_swap import recover
+        from kt_core.runtime.folder_swap import current
 
-        if recover(ckpt):
-            print(f"{ckpt}: the last save was cut between its renames; resuming from the checkpoint before it",
-                  file=sys.stderr)
-        if not (ckpt / "state.json").is_file():
+        if current(ckpt) != ckpt:
+            print(f"{ckpt}: the last save was cut between its renames; resuming from the checkpoint before it "
+                  f"({current(ckpt)})", file=sys.stderr)
+        if not (current(ckpt) / "state.json").is_file():
             raise KtError(f"train.resume=true but there is no checkpoint at {ckpt}; drop train.resume")
         trainer.load(ckpt)
         print(f"resuming at step {trainer.step} from {ckpt}", file=sys.stderr)

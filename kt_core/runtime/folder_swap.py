@@ -1,12 +1,15 @@
-"""Put a folder written beside its destination (``<name>.partial``) in place so that a crash or power
-cut at any moment leaves either the previous folder or the new one, never neither, and a later run
-finds whichever it is.
+"""Put a folder written beside its destination in place so that a crash or power cut at any moment
+leaves either the previous folder or the new one, never neither, and a later run finds whichever
+it is.
 
-``swap_in``: the new files are flushed to disk (fsync) before any rename, the previous folder is
-renamed to ``<name>.old`` (kept until the new one is in place), the new one renamed into place and the
-parent directory flushed; only then is ``.old`` removed. ``recover``: a run killed between the two
-renames left ``<name>.old`` and no ``<name>``; it is renamed back. Directory fsync is POSIX only (on
-Windows a directory cannot be opened to flush; NTFS journals the renames).
+``partial_of(folder)`` is where the new contents are written (``<name>.kt-partial``). ``swap_in``
+flushes them to disk (fsync), renames the previous folder to ``<name>.kt-old`` (kept until the new one
+is in place), renames the new one into place, flushes the parent directory, and only then removes
+``.kt-old``. ``current(folder)``: the folder a reader should use: ``folder``, or ``<name>.kt-old`` when
+a run was killed between the two renames (nothing is renamed by reading it); ``recover`` renames it
+back (the next save does that itself). The suffixes are kt-core's own: a user's ``<name>.old`` or
+``<name>.partial`` is never touched. Directory fsync is POSIX only (on Windows a directory cannot be
+opened to flush; NTFS journals the renames).
 """
 from __future__ import annotations
 
@@ -15,34 +18,47 @@ import shutil
 import sys
 from pathlib import Path
 
+PARTIAL, OLD = ".kt-partial", ".kt-old"
+
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
     if directory and sys.platform == "win32":
         return
-    fd = os.open(str(path), os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    # a writable handle: Windows' fsync (FlushFileBuffers) refuses a read-only one
+    flags = (getattr(os, "O_DIRECTORY", 0) | os.O_RDONLY) if directory else (os.O_RDWR | getattr(os, "O_BINARY", 0))
+    fd = os.open(str(path), flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _old(folder: Path) -> Path:
+    return folder.with_name(folder.name + OLD)
+
+
 def partial_of(folder: Path) -> Path:
     """Where to write the new contents of ``folder`` (emptied, created)."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = folder.with_name(folder.name + PARTIAL)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def recover(folder: Path) -> bool:
-    """Rename ``<folder>.old`` back to ``folder`` when a save was cut between its renames (no
-    ``folder``, an ``.old``); whether it did."""
+def current(folder: Path) -> Path:
+    """``folder``, or the previous one (``<name>.kt-old``) when a save was cut between its renames."""
     folder = Path(folder)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists() or not old.is_dir():
+    return _old(folder) if not folder.exists() and _old(folder).is_dir() else folder
+
+
+def recover(folder: Path) -> bool:
+    """Rename ``<folder>.kt-old`` back to ``folder`` when a save was cut between its renames; whether
+    it did."""
+    folder = Path(folder)
+    if current(folder) == folder:
         return False
-    os.replace(old, folder)
+    os.replace(_old(folder), folder)
     _fsync_path(folder.parent, directory=True)
     return True
 
@@ -54,8 +70,8 @@ def swap_in(tmp: Path, folder: Path) -> Path:
         if f.is_file():
             _fsync_path(f)
     _fsync_path(tmp, directory=True)
-    recover(folder)  # a previous save cut between its renames: its .old is the folder to keep until now
-    old = folder.with_name(folder.name + ".old")
+    recover(folder)  # a previous save cut between its renames: its .kt-old is the folder to keep until now
+    old = _old(folder)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)  # a run killed while removing it left one: the rename needs room
         os.replace(folder, old)

@@ -32,7 +32,8 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class AutogradBackend(TorchBackend):
-    """The reference torch ops on the CPU, which autograd differentiates (no native kernels)."""
+    """The reference torch ops, which autograd differentiates; on the CPU, rmsnorm, rope and (with
+    ``native_experts``) the frozen experts run on the native kernels with their own backward passes."""
 
     name = "autograd"
     device_type = "cpu"

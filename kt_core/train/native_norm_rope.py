@@ -50,8 +50,9 @@ def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor, eps
         return dx
     lib = native_ops._need()
     codes = native_ops._DTYPES
-    args = native_ops._PACKERS["kt_rmsnorm_backward"][0].pack(rows, D, float(eps), codes[x.dtype], codes[weight.dtype], native_ops._pool(pool), x.data_ptr(),
-                 weight.data_ptr(), g.data_ptr(), dx.data_ptr())
+    pack = native_ops._PACKERS["kt_rmsnorm_backward"][0].pack  # norm_grad.inc RmsNormGradArgs
+    args = pack(rows, D, float(eps), codes[x.dtype], codes[weight.dtype], native_ops._pool(pool), x.data_ptr(),
+                weight.data_ptr(), g.data_ptr(), dx.data_ptr())
     native_ops._check_rc(lib.kt_rmsnorm_backward(args), "rmsnorm_backward")
     return dx
 
@@ -99,7 +100,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch
     if ops is None or not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) \
             or x.device.type != "cpu" or weight.device.type != "cpu" or weight.requires_grad \
             or x.dtype not in ops._DTYPES or weight.dtype not in ops._DTYPES or weight.dim() != 1 \
-            or x.dim() < 1 or x.shape[-1] != weight.shape[0] or x.numel() == 0:
+            or x.dim() < 1 or x.shape[-1] != weight.shape[0] or x.numel() == 0 or x.shape[-1] > ops.MAX_DIM:
         return None
     return _RmsNorm.apply(x, weight, float(eps))
 
@@ -108,7 +109,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
          ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """The reference's rope with autograd on the native kernels, or None where they do not take it."""
     ops = _ops()
-    if ops is None or any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" for t in (q, k, positions, cos_sin)):
+    if ops is None or any(not isinstance(t, torch.Tensor) or t.device.type != "cpu"
+                          for t in (q, k, positions, cos_sin)):
         return None
     if cos_sin.requires_grad or cos_sin.dtype != torch.float32 or cos_sin.dim() != 2 or q.dim() != 3 or k.dim() != 3 \
             or q.dtype not in ops._DTYPES or k.dtype not in ops._DTYPES or positions.dim() != 1 \

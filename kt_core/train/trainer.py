@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from kt_core.errors import KtError
-from kt_core.runtime.folder_swap import partial_of, recover, swap_in
+from kt_core.runtime.folder_swap import current, partial_of, swap_in
 
 STEP_FN = Callable[[int, float, int], None]
 
@@ -108,8 +108,7 @@ class Trainer:
         """Continue from a checkpoint written by ``save`` for the same adapters and data."""
         from safetensors.torch import load_file
 
-        folder = Path(folder)
-        recover(folder)  # a save cut between its renames left only <folder>.old: the checkpoint before it
+        folder = current(Path(folder))  # a save cut between its renames left the checkpoint before it beside
         try:
             meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
             tensors = load_file(str(folder / "state.safetensors"))

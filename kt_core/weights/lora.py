@@ -40,7 +40,9 @@ class LoraWeight:
 
 class Adapter:
     def __init__(self, path) -> None:
-        self.path = Path(path).expanduser()
+        from kt_core.runtime.folder_swap import current
+
+        self.path = current(Path(path).expanduser())  # kt sft's save cut between its renames: the one before
         if not (self.path / "adapter_config.json").is_file():
             raise KtError(f"lora.path={self.path} holds no adapter_config.json; point it at a PEFT LoRA adapter folder")
         cfg = read_json(self.path / "adapter_config.json", "adapter_config.json")

@@ -50,10 +50,11 @@ def test_a_save_cut_between_its_renames_is_recovered(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         folder_swap.swap_in(_write(out, "2"), out)
     monkeypatch.setattr(folder_swap.os, "replace", real_replace)
-    assert not out.exists() and (tmp_path / "ckpt.old" / "state.json").read_text() == "1"
-    # the next save keeps the old one until the new one is in place (it used to remove .old first)
+    assert not out.exists() and (tmp_path / "ckpt.kt-old" / "state.json").read_text() == "1"
+    assert folder_swap.current(out) == tmp_path / "ckpt.kt-old"  # what a reader uses meanwhile
+    # the next save keeps the old one until the new one is in place (it used to remove it first)
     folder_swap.swap_in(_write(out, "3"), out)
-    assert (out / "state.json").read_text() == "3" and not (tmp_path / "ckpt.old").exists()
+    assert (out / "state.json").read_text() == "3" and not (tmp_path / "ckpt.kt-old").exists()
     # and a load (recover) finds the previous checkpoint
     with pytest.raises(KeyboardInterrupt):
         monkeypatch.setattr(folder_swap.os, "replace", crash_on_second)
@@ -62,3 +63,15 @@ def test_a_save_cut_between_its_renames_is_recovered(tmp_path, monkeypatch):
     monkeypatch.setattr(folder_swap.os, "replace", real_replace)
     assert folder_swap.recover(out) and (out / "state.json").read_text() == "3"
     assert not folder_swap.recover(out)  # nothing to do when the folder is there
+
+
+def test_a_users_own_old_and_partial_folders_are_left_alone(tmp_path):
+    out = tmp_path / "adapter"
+    for name in ("adapter.old", "adapter.partial"):  # a user's backups beside the output
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "precious.bin").write_bytes(b"x")
+    folder_swap.swap_in(_write(out, "1"), out)
+    folder_swap.swap_in(_write(out, "2"), out)
+    for name in ("adapter.old", "adapter.partial"):
+        assert (tmp_path / name / "precious.bin").is_file()
+    assert not folder_swap.recover(out) and folder_swap.current(out) == out

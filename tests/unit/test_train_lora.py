@@ -174,15 +174,17 @@ def test_resume_continues_the_same_loss_curve(tiny_checkpoint, tmp_path):
     (tmp_path / "at3" / "state.safetensors").write_bytes(b"\x08\x00")  # truncated: a one-line error
     with pytest.raises(Exception, match="not a readable kt sft checkpoint"):
         Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2).load(tmp_path / "at3")
-    stale = tmp_path / "ckpt.old"  # left by a run killed while removing it: the next save goes on
+    stale = tmp_path / "ckpt.kt-old"  # left by a run killed while removing it: the next save goes on
     stale.mkdir()
     (stale / "x").write_text("x")
     resumed.save(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 6 and not stale.exists()
-    (tmp_path / "ckpt").rename(stale)  # a save killed between its two renames left only ckpt.old
+    (tmp_path / "ckpt").rename(stale)  # a save killed between its two renames left only ckpt.kt-old
     found = Trainer(load(base, ["q_proj", "v_proj"]), examples, lr=1e-2, batch=2, seed=3)
-    found.load(tmp_path / "ckpt")  # recovered (it was "not a readable checkpoint", and the next save removed it)
-    assert found.step == 6 and (tmp_path / "ckpt" / "state.json").is_file() and not stale.exists()
+    found.load(tmp_path / "ckpt")  # found (it was "not a readable checkpoint", and the next save removed it)
+    assert found.step == 6 and stale.is_dir()  # read where it lies
+    found.save(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "state.json").is_file() and not stale.exists()
 
 
 @pytest.mark.parametrize("experts", ["float32", "int8-native"])
