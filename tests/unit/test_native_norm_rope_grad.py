@@ -72,3 +72,24 @@ def test_what_the_kernels_do_not_take_falls_back():
                     ref.rope_cos_sin(10, 4)) is None  # rot_dim past head_dim
     with pytest.raises(ValueError, match="one shape"):
         nnr.rmsnorm_backward(x, w, torch.randn(3, 7), 1e-6)
+
+
+def test_the_backward_abi_rejects_what_it_cannot_trust():
+    """kt_rmsnorm_backward checks what kt_rmsnorm does, and the gradient's pointer."""
+    import ctypes
+
+    from kt_backends.cpu import native_lib
+    from kt_backends.cpu.native_abi import _RmsNormGradArgs
+
+    lib = native_lib._load()  # (argtypes left as native_ops sets them: byref and packed bytes both pass)
+    x, w, g, dx = torch.randn(3, 64), torch.randn(64), torch.randn(3, 64), torch.empty(3, 64)
+    ok = dict(rows=3, D=64, eps=1e-6, x_dtype=0, w_dtype=0, pool=0, x=x.data_ptr(), w=w.data_ptr(), g=g.data_ptr(),
+              dx=dx.data_ptr())
+    assert lib.kt_rmsnorm_backward(ctypes.byref(_RmsNormGradArgs(**ok))) == 0
+    torch.testing.assert_close(dx, nnr.rmsnorm_backward(x, w, g, 1e-6))
+    for override, code in [(dict(D=0), -5), (dict(rows=-1), -5), (dict(D=1 << 25), -5), (dict(rows=1 << 40), -5),
+                           (dict(x_dtype=2), -3), (dict(w_dtype=7), -3), (dict(pool=99), -2), (dict(x=None), -6),
+                           (dict(w=None), -6), (dict(g=None), -6), (dict(dx=None), -6)]:
+        assert lib.kt_rmsnorm_backward(ctypes.byref(_RmsNormGradArgs(**{**ok, **override}))) == code, override
+    assert lib.kt_rmsnorm_backward(None) == -6
+    assert ctypes.sizeof(_RmsNormGradArgs) == lib.kt_rmsnorm_backward_args_size()
