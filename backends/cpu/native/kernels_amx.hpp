@@ -209,6 +209,15 @@ KT_AMX inline void decode_block_bf16(const Weight& w, int64_t p, int64_t kb, uin
   }
 }
 
+// The int4 code at bits 19-22 of each lane of x (other bits ignored) as (q - z) s, given s16 = 16 s
+// and c = 16 s + z s: ORed onto the mantissa of 1.0 (one VPTERNLOGD) it is 1 + q/16, exact, and one
+// FMA makes (1 + q/16) 16 s - c. Half the vector work of masking, converting and scaling the code.
+KT_AMX inline __m512 int4_at_bit19(__m512i x, __m512 s16, __m512 c) {
+  const __m512i mantissa = _mm512_ternarylogic_epi32(x, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000),
+                                                     0xEA);  // (x & mask) | 1.0
+  return _mm512_fmsub_ps(_mm512_castsi512_ps(mantissa), s16, c);
+}
+
 // 16 int8 codes at p, sign-extended to int32 lanes straight from memory (VPMOVSXBD: one shuffle-port
 // op where widening 32 codes to int16 and each half again took four)
 KT_AMX inline __m512i int8x16_at(const int8_t* p) {
@@ -270,21 +279,18 @@ KT_AMX inline void decode_inputs_bf16(const Weight& w, int64_t p, int64_t k0, in
       }
       continue;
     }
-    // FMT_INT4 [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e. Nibble i of a word
-    // shifted onto bits 19-22 with the mantissa of 1.0 ORed in (VPTERNLOGD) is 1 + q/16, exact; one FMA
-    // makes (1 + q/16) 16s - (16s + zs) = (q - z) s (as kernels_grad_amx.hpp's pair_block_bf16_int4)
+    // FMT_INT4 [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e; nibble i shifted onto
+    // bit 19 (int4_at_bit19)
     const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
     const __m512 t0 = _mm512_mul_ps(s0, _mm512_set1_ps(16.f)), t1 = _mm512_mul_ps(s1, _mm512_set1_ps(16.f));
     const __m512 c0 = _mm512_add_ps(t0, z0), c1 = _mm512_add_ps(t1, z1);
-    const __m512i mask = _mm512_set1_epi32(0x00780000), one = _mm512_set1_epi32(0x3F800000);
     for (; k < end; k += 4) {
       fetch(wp + k * 8);
       const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 8)));
-#define KT_NIBBLE(shift, t, c) \
-  _mm512_fmsub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_slli_epi32(v, shift), mask, one, 0xEA)), t, c)
-      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(KT_NIBBLE(19, t0, c0), KT_NIBBLE(15, t1, c1)));       // s = 0
-      _mm512_storeu_si512(buf + (k / 2 + 1) * NR, bf16x32(KT_NIBBLE(11, t0, c0), KT_NIBBLE(7, t1, c1)));  // s = 1
-#undef KT_NIBBLE
+      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(int4_at_bit19(_mm512_slli_epi32(v, 19), t0, c0),
+                                                    int4_at_bit19(_mm512_slli_epi32(v, 15), t1, c1)));  // s = 0
+      _mm512_storeu_si512(buf + (k / 2 + 1) * NR, bf16x32(int4_at_bit19(_mm512_slli_epi32(v, 11), t0, c0),
+                                                          int4_at_bit19(_mm512_slli_epi32(v, 7), t1, c1)));  // s = 1
     }
   }
 }

@@ -72,9 +72,8 @@ KT_AMX inline void grad_tile_load(int c, const float* in) {
 // pair_block_bf16 of an int4 weight whose groups hold whole blocks (group % 16 == 0): both panels
 // decoded together straight into the tile rows, no float scratch. A quad's 32 bytes broadcast to both
 // halves: lane j is dword j % 8 (words 2l, 2l + 1), so input 4q + 2s + e of row l + 8h is its nibble at
-// bit 16e + 8s + 4h. A rotate puts it at bits 19-22 of the mantissa of 1.0 (one VPTERNLOGD: 1 + q/16,
-// exact), and one FMA makes (1 + q/16) 16s - (16 + z) s = (q - z) s: half the vector work of decoding
-// to integers, converting and scaling, and no permutes (the rows come out in order). The backward's
+// bit 16e + 8s + 4h; a rotate puts it at bit 19 (int4_at_bit19: VPTERNLOGD and one FMA), with no
+// permutes (the rows come out in order). The backward's
 // int4 transposed products spent ~60% of their time decoding (gate T=512: 22.5 ms, 8.7 without).
 KT_AMX inline void pair_block_bf16_int4(const Weight& w, int64_t p, int64_t k0, uint16_t* wb) {
   const bool second = (p + 1) * NR < w.M;
@@ -89,7 +88,6 @@ KT_AMX inline void pair_block_bf16_int4(const Weight& w, int64_t p, int64_t k0, 
     c[i] = _mm512_mul_ps(_mm512_add_ps(group_zeros16(w, gi), _mm512_set1_ps(16.f)), s);
     wp[i] = static_cast<const uint8_t*>(w.data) + pi * (w.K / 2) * NR + k0 * 8;
   }
-  const __m512i mask = _mm512_set1_epi32(0x00780000), one = _mm512_set1_epi32(0x3F800000);
   __m512i rot[4];  // input 2s + e of a quad: rotate left by 19 - (16e + 8s + 4h), h = lane / 8
   for (int se = 0; se < 4; ++se) {
     const int off = 16 * (se & 1) + 8 * (se >> 1);
@@ -101,11 +99,8 @@ KT_AMX inline void pair_block_bf16_int4(const Weight& w, int64_t p, int64_t k0, 
     const __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[0] + qq * 32)));
     const __m512i x1 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp[1] + qq * 32)));
     for (int se = 0; se < 4; ++se) {
-      const __m512 a = _mm512_fmsub_ps(
-          _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_rolv_epi32(x0, rot[se]), mask, one, 0xEA)), s16[0], c[0]);
-      const __m512 b = second ? _mm512_fmsub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32(
-                                    _mm512_rolv_epi32(x1, rot[se]), mask, one, 0xEA)), s16[1], c[1])
-                              : _mm512_setzero_ps();
+      const __m512 a = int4_at_bit19(_mm512_rolv_epi32(x0, rot[se]), s16[0], c[0]);
+      const __m512 b = second ? int4_at_bit19(_mm512_rolv_epi32(x1, rot[se]), s16[1], c[1]) : _mm512_setzero_ps();
       _mm512_store_si512(wb + (4 * qq + se) * 2 * NR, bf16x32(a, b));
     }
   }
