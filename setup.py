@@ -55,6 +55,7 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
                        "backends/cpu/native/threadpool.hpp", "backends/cpu/native/attention_decode.inc",
                        "backends/cpu/native/attention_decode_avx2.inc",
                        "backends/cpu/native/norm_rope.inc", "backends/cpu/native/norm_grad.inc",
+                       "backends/cpu/native/attn_grad.inc",
                        "backends/cpu/native/kernels_amx_int.hpp",
                        "backends/cpu/native/tile_dispatch.inc", "backends/cpu/native/decode_layer.inc",
                        "backends/cpu/native/mla_decode.inc", "backends/cpu/native/elem_convert.hpp",

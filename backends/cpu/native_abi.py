@@ -20,8 +20,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # their forward products one by one (LoRA-adapted experts); 19: kt_silu_mul_backward, the SwiGLU activation's
 # gradients between them; 20: kt_quantize_int4, kt_quantize_int8 and kt_pack_int4,
 # load-time quantization and int4 packing (native_quant.py); 21: kt_rmsnorm_backward, rmsnorm's input gradient
-# (fine-tuning: kt_core/train/native_norm_rope.py)
-ABI_VERSION = 21
+# (fine-tuning: kt_core/train/native_norm_rope.py); 22: kt_attn_softmax_grad, causal attention's backward softmax
+# (fine-tuning: kt_core/train/native_attention.py)
+ABI_VERSION = 22
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
@@ -140,6 +141,13 @@ class _RmsNormArgs(ctypes.Structure):  # norm_rope.inc RmsNormArgs
 
 class _RmsNormGradArgs(ctypes.Structure):  # norm_grad.inc RmsNormGradArgs
     _fields_ = _RmsNormArgs._fields_[:-1] + [("g", ctypes.c_void_p), ("dx", ctypes.c_void_p)]
+
+
+class _AttnSoftmaxGradArgs(ctypes.Structure):  # attn_grad.inc AttnSoftmaxGradArgs
+    _fields_ = [("rows", ctypes.c_int64), ("keys", ctypes.c_int64), ("ld", ctypes.c_int64),
+                ("period", ctypes.c_int64), ("pos0", ctypes.c_int64), ("dh", ctypes.c_int64),
+                ("scale", ctypes.c_float), ("pool", ctypes.c_int), ("S", ctypes.c_void_p), ("dP", ctypes.c_void_p),
+                ("O", ctypes.c_void_p), ("dO", ctypes.c_void_p), ("P", ctypes.c_void_p), ("dS", ctypes.c_void_p)]
 
 
 class _RopeArgs(ctypes.Structure):  # norm_rope.inc RopeArgs

@@ -32,8 +32,9 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class AutogradBackend(TorchBackend):
-    """The reference torch ops, which autograd differentiates; on the CPU, rmsnorm, rope and (with
-    ``native_experts``) the frozen experts run on the native kernels with their own backward passes."""
+    """The reference torch ops, which autograd differentiates; on the CPU, rmsnorm, rope, causal attention's
+    backward and (with ``native_experts``) the frozen experts run on the native kernels with their own
+    backward passes."""
 
     name = "autograd"
     device_type = "cpu"
@@ -82,6 +83,17 @@ class AutogradBackend(TorchBackend):
             if out is not None:
                 return out
         return super().rope(q, k, positions, cos_sin, interleaved)
+
+    def attention_prefill(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                          causal=True, sliding_window=None, sinks=None, chunk=None):
+        if self.device_type != "cpu":
+            return super().attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                             causal, sliding_window, sinks, chunk)
+        from kt_core.backend.torch_ops import attention
+        from kt_core.train import native_attention  # causal attention's backward on the tiles
+
+        return attention.attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                           causal, sliding_window, sinks, chunk, attend_fn=native_attention.attend)
 
     def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
         from kt_core.train import native_experts

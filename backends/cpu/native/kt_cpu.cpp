@@ -196,6 +196,7 @@ namespace kt {
 #include "linear_packed.inc"  // quantized dense projections on the same panel kernels
 #include "norm_rope.inc"  // rmsnorm, rope; the element helpers attention_decode.inc uses
 #include "norm_grad.inc"  // and rmsnorm's input gradient (kt_rmsnorm_backward, fine-tuning)
+#include "attn_grad.inc"  // causal attention's backward softmax (kt_attn_softmax_grad, fine-tuning)
 #include "attention_decode.inc"  // decode attention over the paged KV cache
 #include "mla_decode.inc"  // DeepSeek MLA decode (absorbed) over the latent cache
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
@@ -204,13 +205,8 @@ namespace kt {
 #include "quantize_load.inc"  // weights -> int4 codes, group scales, panels at load (kt_quantize_int4, kt_pack_int4)
 }  // namespace kt
 
-// native_abi.py ABI_VERSION: 11 adds activation 3 (silu_clamp10); 12 adds kt_attention_decode, kt_rmsnorm,
-// kt_rope (and their *_args_size) and error code -13 (ERR_INDEX); 13 adds kt_decode_layers (decode_layer.inc);
-// 14: fp16 scales and zero points for int4 (MoeArgs.scale_f16, LinearArgs.scale_f16); 15 adds kt_mla_decode;
-// 16: grouped int8 takes zero points (Proj.zero, LinearArgs.zero: GGUF Q5_1 / Q5_K / Q2_K kept exactly);
-// 17: MoeArgs.save_gu and kt_expert_rows_t (training's backward through frozen experts); 18: kt_expert_rows;
-// 19: kt_silu_mul_backward; 20: kt_quantize_int4, kt_quantize_int8, kt_pack_int4; 21: kt_rmsnorm_backward
-KT_API int kt_abi_version() { return 21; }
+// native_abi.py ABI_VERSION (its comment says what each version added; 22: kt_attn_softmax_grad)
+KT_API int kt_abi_version() { return 22; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;
@@ -347,6 +343,10 @@ KT_API int kt_rmsnorm_backward(const kt::RmsNormGradArgs* args) {
   return kt::checked_call(args, kt::check_rmsnorm_grad_args, kt::rmsnorm_grad);
 }
 KT_API int64_t kt_rmsnorm_backward_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormGradArgs)); }
+KT_API int kt_attn_softmax_grad(const kt::AttnSoftmaxGradArgs* args) {
+  return kt::checked_call(args, kt::check_attn_softmax_grad_args, kt::attn_softmax_grad);
+}
+KT_API int64_t kt_attn_softmax_grad_args_size() { return static_cast<int64_t>(sizeof(kt::AttnSoftmaxGradArgs)); }
 KT_API int64_t kt_attention_decode_args_size() { return static_cast<int64_t>(sizeof(kt::AttnDecodeArgs)); }
 KT_API int64_t kt_mla_decode_args_size() { return static_cast<int64_t>(sizeof(kt::MlaDecodeArgs)); }
 KT_API int64_t kt_rmsnorm_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormArgs)); }

@@ -67,7 +67,9 @@ def sequences(seq_lens: torch.Tensor, query_start_loc: torch.Tensor):
 
 
 def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                      causal=True, sliding_window=None, sinks=None, chunk=None) -> torch.Tensor:
+                      causal=True, sliding_window=None, sinks=None, chunk=None, attend_fn=None) -> torch.Tensor:
+    """``attend_fn``: ``attend``'s stand-in (fine-tuning's backward: kt_core/train/native_attention.py)."""
+    attend_fn = attend_fn or attend
     out = torch.empty_like(q)
     for b, qs, qe, length in sequences(seq_lens, query_start_loc):
         n = qe - qs
@@ -77,7 +79,7 @@ def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_l
         k_pos = torch.arange(length, device=q.device)
         plain = causal and sliding_window is None and chunk is None and n == length  # a whole sequence
         mask = None if plain else _visible(q_pos, k_pos, causal, sliding_window, chunk)
-        o = attend(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale, sinks)
+        o = attend_fn(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask, scale, sinks)
         out[qs:qe] = o.transpose(0, 1)
     return out
 

@@ -1,0 +1,180 @@
+"""Causal self-attention's backward pass while fine-tuning a bf16 model on a CPU with AMX.
+
+torch's fused CPU attention (SDPA's flash kernel) runs the forward of a 512-token, 32-head layer in
+~5 ms on 2 threads of an AMX Xeon, but its backward in ~29 ms: a sixth of the benchmark's LoRA step
+(bench/train_lora.py). Here the forward stays torch's and the backward is five matrix products on the
+tiles plus one native element-wise pass (``native/attn_grad.inc``). Per KV head, its G query heads'
+rows stacked ([G x positions] rows, so GQA needs no repeated keys), in query chunks whose scores
+fit SCORE_BYTES (a chunk sees keys up to its last position only):
+
+    S  = Q K^T,  dP = dO V^T             float32 out, bf16 products (exact: the operands are bf16)
+    P  = softmax(scale S), dS = P (dP - <dO, O>) scale       native, bf16 out, zeros past causal
+    dV += P^T dO,  dK += dS^T Q,  dQ = dS K                 bf16 products, float32 sums
+
+S and dP need float32 results of bf16 operands, which torch's CPU bf16 products round away; its
+float32 products on the tiles (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, set for
+these two calls only) give them, as exact float32 sums of the bf16 operands' products. The
+probabilities and dS are rounded to bf16 for the last three products, as flash attention rounds P.
+Against float64, the gradients are as close as torch's own backward's, or closer (tests).
+
+``attend`` has ``torch_ops.attention.attend``'s contract and takes this path only for plain causal
+attention of bf16 tensors that want gradients, with the native ops loaded, a torch that has the
+precision switch, and AMX (elsewhere float32 products would be slower than torch's backward; the
+tests pass ``any_cpu``).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kt_core.backend.torch_ops import attention as torch_attention
+
+SCORE_BYTES = 32 << 20  # float32 scores of one query chunk of one KV head (and as much of dP)
+CHUNK = 256  # query positions a chunk at most
+
+
+def _ops():
+    try:
+        from kt_backends.cpu import native, native_ops
+    except ImportError:
+        return None, None
+    return (native, native_ops) if native_ops.available() else (None, None)
+
+
+def _precision_switch() -> bool:
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return matmul is not None and hasattr(matmul, "fp32_precision")
+
+
+def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sinks, any_cpu: bool = False) -> bool:
+    """Whether ``attend`` runs this path for these inputs."""
+    if mask is not None or sinks is not None or os.environ.get("KT_NATIVE_ATTENTION_GRAD", "1") == "0":
+        return False
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return False
+    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 3 for t in (q, k, v)):
+        return False
+    if q.shape[-2] != k.shape[-2] or q.shape[0] % k.shape[0] or v.shape != k.shape or q.shape[-1] != k.shape[-1]:
+        return False
+    native, _ = _ops()
+    return native is not None and _precision_switch() and (any_cpu or native.variant() == "amx")
+
+
+def softmax_grad(S: torch.Tensor, dP: torch.Tensor, O: torch.Tensor, dO: torch.Tensor, period: int, pos0: int,
+                 scale: float, P: torch.Tensor, dS: torch.Tensor, pool: int = 0) -> None:
+    """The native element-wise pass: S, dP float32 [rows, keys], O, dO bf16 [rows, head_dim] (contiguous);
+    row r is query position pos0 + r % period, which sees keys 0..position. Writes P and dS (bf16 [rows,
+    keys]): softmax(scale S) and P (dP - <dO, O>) scale, zero past the keys the row sees."""
+    _, native_ops = _ops()
+    if native_ops is None:
+        raise RuntimeError("native CPU ops unavailable for attention's backward pass: reinstall kt-core")
+    rows, keys = S.shape
+    ok = (S.dtype == dP.dtype == torch.float32 and P.dtype == dS.dtype == O.dtype == dO.dtype == torch.bfloat16
+          and S.shape == dP.shape == P.shape == dS.shape and O.dim() == 2 and O.shape == dO.shape
+          and O.shape[0] == rows and all(t.is_contiguous() and t.device.type == "cpu" for t in (S, dP, O, dO, P, dS))
+          and period >= 1 and rows % period == 0 and pos0 >= 0)
+    if not ok:
+        raise ValueError(f"softmax_grad: S, dP float32 [rows, keys], O, dO bf16 [rows, head_dim], P, dS bf16 [rows, "
+                         f"keys], contiguous CPU tensors, rows a multiple of period; got S {tuple(S.shape)} {S.dtype}, "
+                         f"dP {tuple(dP.shape)} {dP.dtype}, O {tuple(O.shape)} {O.dtype}, dO {tuple(dO.shape)} "
+                         f"{dO.dtype}, P {tuple(P.shape)} {P.dtype}, dS {tuple(dS.shape)} {dS.dtype}, period {period}, "
+                         f"pos0 {pos0}")
+    if rows == 0:
+        return
+    pack = native_ops._PACKERS["kt_attn_softmax_grad"][0].pack  # attn_grad.inc AttnSoftmaxGradArgs
+    args = pack(rows, keys, keys, period, pos0, O.shape[1], float(scale), native_ops._pool(pool), S.data_ptr(),
+                dP.data_ptr(), O.data_ptr(), dO.data_ptr(), P.data_ptr(), dS.data_ptr())
+    native_ops._check_rc(native_ops._need().kt_attn_softmax_grad(args), "attn_softmax_grad")
+
+
+_scratch = threading.local()
+
+
+def _work(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's flat work buffer ``name``, kept between calls (grown when short): fresh pages for
+    8 MB of scores cost more than the product that fills them."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    t = bufs.get(name)
+    if t is None or t.numel() < numel:
+        t = bufs[name] = torch.empty(numel, dtype=dtype)
+    return t[:numel]
+
+
+def _products_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """a @ b_t^T in float32 from bf16 a, b_t, on the tiles (exact products, float32 sums)."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        return torch.mm(a.float(), b_t.float().t(), out=out)
+    finally:
+        matmul.fp32_precision = before
+
+
+def _chunks(n: int, G: int) -> list[tuple[int, int]]:
+    """Query position chunks [c0, c1): at most CHUNK positions (a chunk's products stop at its last
+    key, so smaller chunks skip more of the causal mask's zeros), scores within SCORE_BYTES."""
+    per = max(1, min(CHUNK, SCORE_BYTES // (4 * G * n)))
+    return [(c0, min(n, c0 + per)) for c0 in range(0, n, per)]
+
+
+def attention_backward(q, k, v, o, do, scale: float):
+    """(dq, dk, dv) of causal attention o = softmax(scale q k^T) v: q, o, do [Hq, n, D], k, v [Hkv, n, D]
+    (bf16; GQA by head groups); float32 sums, results in bf16."""
+    Hq, n, D = q.shape
+    Hkv = k.shape[0]
+    G = Hq // Hkv
+    dq = torch.empty(Hq, n, D, dtype=q.dtype)
+    dk = torch.zeros(Hkv, n, D, dtype=torch.float32)
+    dv = torch.zeros(Hkv, n, D, dtype=torch.float32)
+    for h in range(Hkv):
+        heads = slice(h * G, (h + 1) * G)
+        kh, vh = k[h], v[h]
+        for c0, c1 in _chunks(n, G):
+            m = c1 - c0
+            rows = G * m
+            qc = q[heads, c0:c1].reshape(rows, D).contiguous()  # (SDPA's output lies [n, Hq, D])
+            doc = do[heads, c0:c1].reshape(rows, D).contiguous()
+            S = _products_fp32(qc, kh[:c1], _work("S", rows * c1, torch.float32).view(rows, c1))
+            dP = _products_fp32(doc, vh[:c1], _work("dP", rows * c1, torch.float32).view(rows, c1))
+            P = _work("P", rows * c1, torch.bfloat16).view(rows, c1)
+            dS = _work("dS", rows * c1, torch.bfloat16).view(rows, c1)
+            softmax_grad(S, dP, o[heads, c0:c1].reshape(rows, D).contiguous(), doc, m, c0, scale, P, dS)
+            dv[h, :c1] += P.t() @ doc
+            dk[h, :c1] += dS.t() @ qc
+            dq[heads, c0:c1] = (dS @ kh[:c1]).view(G, m, D)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        with torch.no_grad():
+            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                               enable_gqa=q.shape[0] != k.shape[0])[0]
+        ctx.save_for_backward(q, k, v, o)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors
+        dq, dk, dv = attention_backward(q, k, v, o, do, ctx.scale)
+        return dq, dk, dv, None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+           sinks: Optional[torch.Tensor] = None, any_cpu: bool = False) -> torch.Tensor:
+    """``torch_ops.attention.attend``'s contract (q [Hq, n, D], k / v [Hkv, L, D] here), with this
+    module's backward pass where ``takes`` says so."""
+    if takes(q, k, v, mask, sinks, any_cpu):
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        return _CausalAttention.apply(q, k, v, float(scale))
+    return torch_attention.attend(q, k, v, mask, scale, sinks)

@@ -1,0 +1,157 @@
+"""Fine-tuning's causal attention backward (kt_core/train/native_attention.py, native/attn_grad.inc):
+the native element-wise pass against float64 formulas in every kernel variant, and the gradients of
+the whole path against float64 autograd through torch's SDPA, no further from it than torch's own
+bf16 backward; what the path does not take goes to torch's."""
+import ctypes
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kt_backends.cpu import native, native_ops
+from kt_backends.cpu.native_abi import _AttnSoftmaxGradArgs
+from kt_core.train import native_attention as na
+
+pytestmark = pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built")
+
+
+@pytest.fixture(autouse=True)
+def _restore_variant():
+    best = native.variant()
+    yield
+    native.set_variant(best)
+
+
+def _expected(S, dP, O, dO, period, pos0, scale):
+    """float64 P and dS of the kernel's contract."""
+    rows, keys = S.shape
+    pos = pos0 + torch.arange(rows) % period
+    seen = torch.arange(keys)[None, :] <= pos[:, None]
+    z = (S.double() * scale).masked_fill(~seen, float("-inf"))
+    P = torch.softmax(z, -1)
+    D = (O.double() * dO.double()).sum(-1, keepdim=True)
+    return P, P * (dP.double() - D) * scale
+
+
+@pytest.mark.parametrize("rows,keys,period,pos0,dh", [(12, 37, 6, 31, 20), (64, 64, 64, 0, 128), (8, 9, 2, 0, 7),
+                                                      (6, 40, 3, 100, 16)])
+def test_softmax_grad_matches_float64_in_every_variant(rows, keys, period, pos0, dh):
+    g = torch.Generator().manual_seed(rows + keys)
+    S, dP = torch.randn(rows, keys, generator=g) * 8, torch.randn(rows, keys, generator=g)
+    O, dO = torch.randn(rows, dh, generator=g).bfloat16(), torch.randn(rows, dh, generator=g).bfloat16()
+    scale = 0.3
+    P0, dS0 = _expected(S, dP, O, dO, period, pos0, scale)
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        P = torch.full((rows, keys), 7.0, dtype=torch.bfloat16)  # every element must be written
+        dS = torch.full_like(P, 7.0)
+        na.softmax_grad(S, dP, O, dO, period, pos0, scale, P, dS)
+        torch.testing.assert_close(P.double(), P0, rtol=8e-3, atol=1e-6, msg=variant)
+        torch.testing.assert_close(dS.double(), dS0, rtol=8e-3, atol=1e-4 * dS0.abs().max().item(), msg=variant)
+        hidden = (P0 == 0)
+        assert (P.double()[hidden] == 0).all() and (dS.double()[hidden] == 0).all(), variant
+
+
+def test_softmax_grad_checks_its_arguments():
+    lib = native_ops._need()
+    S, dP = torch.zeros(4, 8), torch.zeros(4, 8)
+    O, dO = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.bfloat16)
+    P, dS = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16)
+    ok = dict(rows=4, keys=8, ld=8, period=4, pos0=0, dh=16, scale=0.5, pool=0, S=S.data_ptr(), dP=dP.data_ptr(),
+              O=O.data_ptr(), dO=dO.data_ptr(), P=P.data_ptr(), dS=dS.data_ptr())
+    assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**ok))) == 0
+    for override, code in [({"ld": 7}, -5), ({"keys": 0}, -5), ({"period": 0}, -5), ({"pos0": -1}, -5),
+                           ({"dh": 0}, -5), ({"scale": float("nan")}, -5), ({"scale": 0.0}, -5), ({"rows": -1}, -5),
+                           ({"pool": 64}, -2), ({"S": None}, -6), ({"dO": None}, -6), ({"dS": None}, -6)]:
+        assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**{**ok, **override}))) == code, override
+    assert lib.kt_attn_softmax_grad(None) == -6
+    assert ctypes.sizeof(_AttnSoftmaxGradArgs) == lib.kt_attn_softmax_grad_args_size()
+    with pytest.raises(ValueError, match="multiple of period"):
+        na.softmax_grad(S, dP, O, dO, 3, 0, 0.5, P, dS)
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = fn(q, k, v)
+    o.backward(do)
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("Hq,Hkv,n,D,chunk", [(8, 2, 37, 32, 256), (4, 4, 50, 16, 16), (6, 1, 24, 64, 7)])
+def test_gradients_are_as_close_to_float64_as_torchs(Hq, Hkv, n, D, chunk, monkeypatch):
+    if not na._precision_switch():
+        pytest.skip("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
+    monkeypatch.setattr(na, "CHUNK", chunk)  # several query chunks, each stopping at its last key
+    g = torch.Generator().manual_seed(Hq * n + D)
+    q = (torch.randn(n, Hq, D, generator=g) * 2).bfloat16().transpose(0, 1)  # strided, as attention_prefill's
+    k, v = (torch.randn(Hkv, n, D, generator=g) * 2).bfloat16(), torch.randn(Hkv, n, D, generator=g).bfloat16()
+    do = torch.randn(Hq, n, D, generator=g).bfloat16()
+    scale = 1 / math.sqrt(D)
+    assert na.takes(q.requires_grad_(), k, v, None, None, any_cpu=True)
+
+    def sdpa(a, b, c):
+        return F.scaled_dot_product_attention(a[None], b[None], c[None], is_causal=True, scale=scale,
+                                              enable_gqa=Hq != Hkv)[0]
+
+    ref = _grads(sdpa, q.double(), k.double(), v.double(), do.double())
+    theirs = _grads(sdpa, q, k, v, do)
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        ours = _grads(lambda a, b, c: na.attend(a, b, c, None, scale, any_cpu=True), q, k, v, do)
+        for name, o, t, r in zip(("out", "dq", "dk", "dv"), ours, theirs, ref):
+            assert o.dtype == torch.bfloat16 and o.shape == r.shape
+            err, torch_err = (o.double() - r).norm() / r.norm(), (t.double() - r).norm() / r.norm()
+            assert err <= 1.5 * torch_err + 2e-3, (variant, name, float(err), float(torch_err))
+
+
+def test_what_the_path_does_not_take_goes_to_torch():
+    q = torch.randn(4, 6, 8, dtype=torch.bfloat16, requires_grad=True)
+    k = v = torch.randn(2, 6, 8, dtype=torch.bfloat16)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert not na.takes(q, k, v, mask, None, any_cpu=True)  # a mask (sliding window, chunked attention)
+    assert not na.takes(q, k, v, None, torch.zeros(4), any_cpu=True)  # attention sinks
+    assert not na.takes(q.float(), k.float(), v.float(), None, None, any_cpu=True)  # float32 models
+    assert not na.takes(q[:, :3], k, v, None, None, any_cpu=True)  # queries after a cached context
+    with torch.no_grad():
+        assert not na.takes(q, k, v, None, None, any_cpu=True)
+    out = na.attend(q, k, v, mask, 0.5, any_cpu=True)  # torch's path, the same result
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), attn_mask=mask,
+                                          scale=0.5)
+    torch.testing.assert_close(out, want)
+
+
+def test_a_bf16_lora_step_on_the_cpu_takes_this_backward(tiny_checkpoint, monkeypatch):
+    """AutogradBackend routes a bf16 model's causal attention here (forced on every CPU), and the
+    adapters' gradients agree with torch's backward to bf16's precision."""
+    if not na._precision_switch():
+        pytest.skip("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
+    from kt_core.models.model import CausalLM
+    from kt_core.models.spec import parse_config
+    from kt_core.train.lora_model import AutogradBackend, LoraModel
+    from kt_core.train.sft import Example, loss_of
+    from kt_core.weights.checkpoint import Checkpoint
+
+    ck = Checkpoint(tiny_checkpoint("llama"))
+    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.bfloat16)
+    lora = LoraModel(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    for p in lora.parameters():  # B is zero at the start: give the gradients of A something to carry
+        torch.nn.init.normal_(p, std=0.05)
+    calls = []
+    takes = na.takes
+    monkeypatch.setattr(na, "takes", lambda *a, **k: calls.append(1) or takes(*a[:5], any_cpu=True))
+    example = Example([(i * 37) % 90 + 3 for i in range(40)], 10)
+
+    def grads():
+        for p in lora.parameters():
+            p.grad = None
+        loss, n = loss_of(model, example)
+        loss.backward()
+        return [p.grad.clone() for p in lora.parameters()]
+
+    ours = grads()
+    assert calls, "the backend did not route its attention through native_attention.attend"
+    monkeypatch.setenv("KT_NATIVE_ATTENTION_GRAD", "0")
+    theirs = grads()
+    for a, b in zip(ours, theirs):
+        assert float((a - b).norm() / b.norm()) < 5e-2
