@@ -84,16 +84,22 @@ class AutogradBackend(TorchBackend):
                 return out
         return super().rope(q, k, positions, cos_sin, interleaved)
 
+    def write_kv(self, k, v, k_cache, v_cache, slot_mapping):
+        super().write_kv(k, v, k_cache, v_cache, slot_mapping)
+        # what attention_prefill may read in place of the cache (same values: the same dtype)
+        same = v is not None and v_cache is not None and k.dtype == k_cache.dtype and v.dtype == v_cache.dtype
+        self._written = (k_cache, v_cache, k, v) if same else None
+
     def attention_prefill(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           causal=True, sliding_window=None, sinks=None, chunk=None):
-        if self.device_type != "cpu":
-            return super().attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                             causal, sliding_window, sinks, chunk)
         from kt_core.backend.torch_ops import attention
         from kt_core.train import native_attention  # causal attention's backward on the tiles
 
+        written, self._written = getattr(self, "_written", None), None
+        fresh = written[2:] if written is not None and written[0] is k_cache and written[1] is v_cache else None
+        attend_fn = native_attention.attend if self.device_type == "cpu" else None
         return attention.attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                           causal, sliding_window, sinks, chunk, attend_fn=native_attention.attend)
+                                           causal, sliding_window, sinks, chunk, attend_fn=attend_fn, fresh_kv=fresh)
 
     def moe_experts(self, hidden, topk_ids, topk_weights, experts, activation="silu"):
         from kt_core.train import native_experts

@@ -67,14 +67,21 @@ def sequences(seq_lens: torch.Tensor, query_start_loc: torch.Tensor):
 
 
 def attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                      causal=True, sliding_window=None, sinks=None, chunk=None, attend_fn=None) -> torch.Tensor:
-    """``attend_fn``: ``attend``'s stand-in (fine-tuning's backward: kt_core/train/native_attention.py)."""
+                      causal=True, sliding_window=None, sinks=None, chunk=None, attend_fn=None,
+                      fresh_kv=None) -> torch.Tensor:
+    """``attend_fn``: ``attend``'s stand-in (fine-tuning's backward: kt_core/train/native_attention.py).
+    ``fresh_kv``: (k, v) [tokens, Hkv, D] just written to the caches for these tokens: a sequence with no
+    context before them attends to those rows as they are (fine-tuning: no gather from the cache, and
+    no gradient scattered back into it)."""
     attend_fn = attend_fn or attend
     out = torch.empty_like(q)
     for b, qs, qe, length in sequences(seq_lens, query_start_loc):
         n = qe - qs
-        k = gather_context(k_cache, block_tables[b], length)
-        v = gather_context(v_cache, block_tables[b], length)
+        if fresh_kv is not None and n == length:
+            k, v = fresh_kv[0][qs:qe], fresh_kv[1][qs:qe]
+        else:
+            k = gather_context(k_cache, block_tables[b], length)
+            v = gather_context(v_cache, block_tables[b], length)
         q_pos = torch.arange(length - n, length, device=q.device)
         k_pos = torch.arange(length, device=q.device)
         plain = causal and sliding_window is None and chunk is None and n == length  # a whole sequence

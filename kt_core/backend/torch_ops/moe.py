@@ -21,7 +21,8 @@ def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None)
         xl = x.float()
         if getattr(weight, "dropout", 0.0) and torch.is_grad_enabled():  # PEFT's lora_dropout, training only
             xl = F.dropout(xl, weight.dropout, training=True)
-        delta = (xl @ weight.a.T) @ weight.b.T * weight.scaling
+        # the scaling on the rank-r intermediate, not on the [tokens, out] delta (a pass less each way)
+        delta = ((xl @ weight.a.T) * weight.scaling) @ weight.b.T
         return linear(x, weight.base, bias) + delta.to(x.dtype)
     if weight_format(weight) is Quant.W8A8:
         x = fake_quant_activations(x)
