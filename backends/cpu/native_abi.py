@@ -21,7 +21,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # gradients between them; 20: kt_quantize_int4, kt_quantize_int8 and kt_pack_int4,
 # load-time quantization and int4 packing (native_quant.py); 21: kt_rmsnorm_backward, rmsnorm's input gradient
 # (fine-tuning: kt_core/train/native_norm_rope.py); 22: kt_attn_softmax_grad, causal attention's backward softmax
-# (fine-tuning: kt_core/train/native_attention.py)
+# (fine-tuning: kt_core/train/native_attention.py), and kt_logsoftmax_grad, the LM head's log-probabilities and
+# their gradient (kt_core/train/token_logprobs.py)
 ABI_VERSION = 22
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
@@ -148,6 +149,12 @@ class _AttnSoftmaxGradArgs(ctypes.Structure):  # attn_grad.inc AttnSoftmaxGradAr
                 ("period", ctypes.c_int64), ("pos0", ctypes.c_int64), ("dh", ctypes.c_int64),
                 ("scale", ctypes.c_float), ("pool", ctypes.c_int), ("S", ctypes.c_void_p), ("dP", ctypes.c_void_p),
                 ("O", ctypes.c_void_p), ("dO", ctypes.c_void_p), ("P", ctypes.c_void_p), ("dS", ctypes.c_void_p)]
+
+
+class _LogSoftmaxGradArgs(ctypes.Structure):  # logsoftmax_grad.inc LogSoftmaxGradArgs
+    _fields_ = [("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("dtype", ctypes.c_int),
+                ("want_grad", ctypes.c_int), ("pool", ctypes.c_int), ("pad", ctypes.c_int), ("z", ctypes.c_void_p),
+                ("targets", ctypes.c_void_p), ("logp", ctypes.c_void_p)]
 
 
 class _RopeArgs(ctypes.Structure):  # norm_rope.inc RopeArgs

@@ -15,8 +15,10 @@ nothing is recomputed. Each product reads the whole head (131 MB at 32000 x 2048
 Qwen's 151936): 128-row blocks made 3 of each for 384 answer tokens, 75 ms of a 650 ms step on the
 2-core AMX Xeon; one 384-row block 53 ms.
 
-A chunk's log-softmax and its gradient (one-hot(target) - softmax) are worked out in one float32
-buffer kept between chunks and steps, not by autograd through ``log_softmax`` and ``gather``: those
+With the native ops loaded, a block's log-softmax and gradient are one pass a row
+(native/logsoftmax_grad.inc: 384 rows of 32000 bf16 logits ~10 -> ~3 ms). Elsewhere, a chunk's
+log-softmax and its gradient (one-hot(target) - softmax) are worked out in one float32 buffer kept
+between chunks and steps, not by autograd through ``log_softmax`` and ``gather``: those
 made three more chunk-sized tensors a chunk (the gather's zero-filled gradient, the log-softmax and its
 gradient), each on fresh pages, 70 ms of a 2-layer 512-token step (bench/train_lora.py --profile).
 """
@@ -66,6 +68,28 @@ def _chunk(z: torch.Tensor, targets: torch.Tensor, want: bool) -> tuple[torch.Te
     return lp, buf
 
 
+def _native_block(z: torch.Tensor, targets: torch.Tensor, out: torch.Tensor, want: bool) -> bool:
+    """A block's log-probabilities (into ``out``) and, when ``want``, its gradient written over the logits z
+    [rows, V] in one native pass a row (native/logsoftmax_grad.inc); False where the kernels do not take it
+    (then the float32 chunks do)."""
+    if z.device.type != "cpu" or z.dtype not in (torch.bfloat16, torch.float32) or not z.is_contiguous():
+        return False
+    try:
+        from kt_backends.cpu import native_ops
+    except ImportError:
+        return False
+    if not native_ops.available():
+        return False
+    t = targets.to(torch.int64).contiguous()
+    if not (out.is_contiguous() and out.dtype == torch.float32 and t.shape == (z.shape[0],) == out.shape):
+        return False
+    pack = native_ops._PACKERS["kt_logsoftmax_grad"][0].pack  # logsoftmax_grad.inc LogSoftmaxGradArgs
+    args = pack(z.shape[0], z.shape[1], native_ops._DTYPES[z.dtype], int(want), 0, 0, z.data_ptr(), t.data_ptr(),
+                out.data_ptr())
+    native_ops._check_rc(native_ops._need().kt_logsoftmax_grad(args), "logsoftmax_grad")
+    return True
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, targets: torch.Tensor, head: Callable, vocab: int) -> torch.Tensor:
@@ -83,12 +107,14 @@ class _TokenLogprobs(torch.autograd.Function):
             else:
                 z = head(hc)
             zd = z.detach()  # the chunks' gradients are written over it (no product saved z for its backward)
-            for s0 in range(0, zd.shape[0], sub):
-                s1 = min(s0 + sub, zd.shape[0])
-                lp, dz = _chunk(zd[s0:s1], targets[r0 + s0:r0 + s1, None], want)
-                out[r0 + s0:r0 + s1] = lp
-                if want:
-                    zd[s0:s1].copy_(dz)
+            rows = zd.shape[0]
+            if not _native_block(zd, targets[r0:r0 + rows], out[r0:r0 + rows], want):
+                for s0 in range(0, rows, sub):
+                    s1 = min(s0 + sub, rows)
+                    lp, dz = _chunk(zd[s0:s1], targets[r0 + s0:r0 + s1, None], want)
+                    out[r0 + s0:r0 + s1] = lp
+                    if want:
+                        zd[s0:s1].copy_(dz)
             if want:
                 grads[r0:r0 + block], = torch.autograd.grad(z, hc, zd)
         ctx.save_for_backward(grads)

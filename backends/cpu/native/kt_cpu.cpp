@@ -197,6 +197,7 @@ namespace kt {
 #include "norm_rope.inc"  // rmsnorm, rope; the element helpers attention_decode.inc uses
 #include "norm_grad.inc"  // and rmsnorm's input gradient (kt_rmsnorm_backward, fine-tuning)
 #include "attn_grad.inc"  // causal attention's backward softmax (kt_attn_softmax_grad, fine-tuning)
+#include "logsoftmax_grad.inc"  // the LM head's log-softmax and its gradient (kt_logsoftmax_grad, fine-tuning)
 #include "attention_decode.inc"  // decode attention over the paged KV cache
 #include "mla_decode.inc"  // DeepSeek MLA decode (absorbed) over the latent cache
 #include "decode_layer.inc"  // a decode step's decoder layers in one call, over the ops above
@@ -205,7 +206,7 @@ namespace kt {
 #include "quantize_load.inc"  // weights -> int4 codes, group scales, panels at load (kt_quantize_int4, kt_pack_int4)
 }  // namespace kt
 
-// native_abi.py ABI_VERSION (its comment says what each version added; 22: kt_attn_softmax_grad)
+// native_abi.py ABI_VERSION (its comment says what each version added; 22: kt_attn_softmax_grad, kt_logsoftmax_grad)
 KT_API int kt_abi_version() { return 22; }
 KT_API uint32_t kt_isa() {
   try {
@@ -347,6 +348,10 @@ KT_API int kt_attn_softmax_grad(const kt::AttnSoftmaxGradArgs* args) {
   return kt::checked_call(args, kt::check_attn_softmax_grad_args, kt::attn_softmax_grad);
 }
 KT_API int64_t kt_attn_softmax_grad_args_size() { return static_cast<int64_t>(sizeof(kt::AttnSoftmaxGradArgs)); }
+KT_API int kt_logsoftmax_grad(const kt::LogSoftmaxGradArgs* args) {
+  return kt::checked_call(args, kt::check_logsoftmax_grad_args, kt::logsoftmax_grad);
+}
+KT_API int64_t kt_logsoftmax_grad_args_size() { return static_cast<int64_t>(sizeof(kt::LogSoftmaxGradArgs)); }
 KT_API int64_t kt_attention_decode_args_size() { return static_cast<int64_t>(sizeof(kt::AttnDecodeArgs)); }
 KT_API int64_t kt_mla_decode_args_size() { return static_cast<int64_t>(sizeof(kt::MlaDecodeArgs)); }
 KT_API int64_t kt_rmsnorm_args_size() { return static_cast<int64_t>(sizeof(kt::RmsNormArgs)); }
@@ -358,39 +363,7 @@ KT_API int kt_decode_layers(const kt::DecodeStepArgs* args) {
 KT_API int64_t kt_decode_layer_args_size() { return static_cast<int64_t>(sizeof(kt::DecodeLayerArgs)); }
 KT_API int64_t kt_decode_step_args_size() { return static_cast<int64_t>(sizeof(kt::DecodeStepArgs)); }
 
-// Multi-threaded streaming read over a buffer of n floats, `iters` times; returns GB/s, or an
-// error code (< 0) as a double.
-KT_API double kt_membw(const float* buf, int64_t n, int iters) {
-  int rc = 0;
-  double gbps = 0.0;
-  if (!buf) return kt::ERR_NULL;
-  if (n <= 0 || iters <= 0) return kt::ERR_SIZE;
-  rc = kt::guarded([&] {
-    kt::ThreadPool& pool = kt::state().threads();
-    const int64_t parts = pool.size();
-    std::vector<float> sink(parts, 0.f);
-    auto run_once = [&] {
-      pool.run(parts, [&](int64_t i) {
-        const int64_t lo = n * i / parts, hi = n * (i + 1) / parts;
-#if defined(KT_X86)
-        sink[i] += kt::state().variant >= kt::VARIANT_AVX2 ? kt::stream_sum_avx2(buf + lo, hi - lo)
-                                                            : kt::stream_sum_generic(buf + lo, hi - lo);
-#else
-        sink[i] += kt::stream_sum_generic(buf + lo, hi - lo);
-#endif
-      });
-    };
-    run_once();  // warm-up: page in, spin up workers
-    auto t0 = std::chrono::steady_clock::now();
-    for (int it = 0; it < iters; ++it) run_once();
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    volatile float keep = 0;
-    for (float v : sink) keep = keep + v;
-    gbps = static_cast<double>(n) * sizeof(float) * iters / std::max(s, 1e-9) / 1e9;
-    return 0;
-  });
-  return rc ? static_cast<double>(rc) : gbps;
-}
+#include "membw.inc"  // kt_membw, the benchmarks' bandwidth probe
 
 // A CPython module so setuptools builds and names it like any extension; the functions
 // above are reached through ctypes on this same file.
