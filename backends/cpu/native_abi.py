@@ -22,7 +22,7 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # load-time quantization and int4 packing (native_quant.py); 21: kt_rmsnorm_backward, rmsnorm's input gradient
 # (fine-tuning: kt_core/train/native_norm_rope.py); 22: kt_attn_softmax_grad, causal attention's backward softmax
 # (fine-tuning: kt_core/train/native_attention.py), and kt_logsoftmax_grad, the LM head's log-probabilities and
-# their gradient (kt_core/train/token_logprobs.py)
+# their gradient (kt_core/train/token_logprobs.py); RowsTArgs.a_rows / a_count (the routes' rows read in place)
 ABI_VERSION = 22
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
@@ -86,7 +86,7 @@ class _RowsTArgs(ctypes.Structure):  # expert_grad.inc RowsTArgs
                 ("lda", ctypes.c_int64), ("ldc", ctypes.c_int64), ("fmt", ctypes.c_int), ("group", ctypes.c_int),
                 ("scale_f16", ctypes.c_int), ("accumulate", ctypes.c_int), ("round_bf16", ctypes.c_int),
                 ("pool", ctypes.c_int), ("offsets", ctypes.c_void_p), ("proj", _Proj), ("A", ctypes.c_void_p),
-                ("C", ctypes.c_void_p)]
+                ("C", ctypes.c_void_p), ("a_rows", ctypes.c_void_p), ("a_count", ctypes.c_int64)]
 
 
 class _ActGradArgs(ctypes.Structure):  # act_grad.inc ActGradArgs

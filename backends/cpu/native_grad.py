@@ -81,25 +81,41 @@ def _check_rows(what: str, packed: PackedExperts, A, width: int, counts) -> tupl
             or not A.is_contiguous() or A.device.type != "cpu":
         raise ValueError(f"{what}: A must be a contiguous float32 CPU tensor [rows, {width}], got "
                          f"{getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
-    rows = A.shape[0]
+    return E, _check_counts(what, E, counts, A.shape[0])
+
+
+def _check_counts(what: str, E: int, counts, rows: int) -> int:
     if not isinstance(counts, torch.Tensor) or counts.dtype.is_floating_point or counts.dtype.is_complex \
             or counts.dtype == torch.bool or counts.numel() != E or (E and int(counts.min()) < 0) \
             or int(counts.sum()) != rows:
         raise ValueError(f"{what}: counts must hold {E} non-negative integer row counts summing to the {rows} rows "
                          f"of A")
-    return E, rows
+    return rows
 
 
 def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: torch.Tensor,
                   out: Optional[torch.Tensor] = None, accumulate: bool = False, round_bf16: bool = False,
-                  pool: int = 0) -> torch.Tensor:
+                  pool: int = 0, a_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """C[r] = A[r] . W_e for the rows of each local expert e (``counts[e]`` rows each, in order):
     A [rows, M] float32, C [rows, K] float32 (M x K: gate / up I x H, down H x I), written into
     ``out`` when given (added to it with ``accumulate``). ``round_bf16``: a bf16 model's gradients
-    (the AMX tiles round A to bf16)."""
+    (the AMX tiles round A to bf16). ``a_rows`` (int64 [rows]): row r's A is A[a_rows[r]] instead, A
+    then any number of rows (the tokens' gradients, which the routes read in place)."""
     lib = _lib()
     M, K, fmt, group, f16, p = _sizes(packed, proj)
-    E, rows = _check_rows(f"expert_rows_t({proj})", packed, A, M, counts)
+    a_count = 0
+    if a_rows is not None:
+        if not isinstance(a_rows, torch.Tensor) or a_rows.dtype != torch.int64 or a_rows.dim() != 1 \
+                or not a_rows.is_contiguous() or a_rows.device.type != "cpu":
+            raise ValueError(f"expert_rows_t({proj}): a_rows must be a contiguous int64 CPU tensor [rows]")
+        if not isinstance(A, torch.Tensor) or A.dtype != torch.float32 or A.dim() != 2 or A.shape[1] != M \
+                or not A.is_contiguous() or A.device.type != "cpu" or (a_rows.numel() and A.shape[0] == 0):
+            raise ValueError(f"expert_rows_t({proj}): A must be a contiguous float32 CPU tensor [n, {M}] that a_rows "
+                             f"indexes, got {getattr(A, 'dtype', type(A).__name__)} {tuple(getattr(A, 'shape', ()))}")
+        a_count, E = A.shape[0], int(packed.expert_ids.numel())
+        rows = _check_counts(f"expert_rows_t({proj})", E, counts, a_rows.numel())
+    else:
+        E, rows = _check_rows(f"expert_rows_t({proj})", packed, A, M, counts)
     if out is None:
         if accumulate:
             raise ValueError(f"expert_rows_t({proj}): accumulate=True adds into out: pass out")
@@ -119,7 +135,8 @@ def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: tor
     offsets = torch.zeros(E + 1, dtype=torch.long)
     offsets[1:] = counts.long().cumsum(0)
     args = _RowsTArgs(M, K, E, rows, M, K, fmt, group, f16, acc, int(bool(round_bf16)), native._pool(pool),
-                      offsets.data_ptr(), p, A.data_ptr(), C.data_ptr())
+                      offsets.data_ptr(), p, A.data_ptr(), C.data_ptr(), None if a_rows is None else a_rows.data_ptr(),
+                      a_count)
     _check_rc(lib.kt_expert_rows_t(ctypes.byref(args)), f"expert_rows_t({proj})")
     return C
 

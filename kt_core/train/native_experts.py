@@ -83,9 +83,9 @@ class _Experts(torch.autograd.Function):
         tokens = routes // ctx.top_k
         w = topk_weights.reshape(-1)[routes].float()
         R = tokens.numel()
-        dy = torch.index_select(dout.float(), 0, tokens, out=_buffer("dy", R, H))
+        dy = dout.float().contiguous()  # each route's row read in place by the product (a_rows), not gathered
         z = native_grad.expert_rows_t(packed, "down", dy, counts, out=_buffer("z", R, I), round_bf16=bf16,
-                                      pool=packed.pool)
+                                      pool=packed.pool, a_rows=tokens.contiguous())
         if ctx.activation == "silu":  # one native pass (torch autograd made six, ~25 ms a layer)
             dg, du, dw = native_grad.silu_mul_backward(gu, z, w, _buffer("dg", R, I), _buffer("du", R, I),
                                                        pool=packed.pool)
@@ -98,7 +98,7 @@ class _Experts(torch.autograd.Function):
             dw = (z * a.detach()).sum(-1)
         if packed.down.bias is not None:  # y_r = a_r W^T + b_e: the bias is weighted too
             expert_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-            dw = dw + (dy * packed.down.bias[expert_of]).sum(-1)
+            dw = dw + (dy[tokens] * packed.down.bias[expert_of]).sum(-1)
         dx_rows = native_grad.expert_rows_t(packed, "gate", dg.contiguous(), counts, out=_buffer("dx", R, H),
                                             round_bf16=bf16, pool=packed.pool)
         native_grad.expert_rows_t(packed, "up", du.contiguous(), counts, out=dx_rows, accumulate=True,

@@ -77,6 +77,11 @@ def test_rows_t_equals_float64_products_of_the_dequantized_weights(fmt, group, H
                 scale = want.abs().max()
                 assert (got - want).abs().max() <= tol * scale, (variant, proj, round_bf16)
                 assert (added - base - want).abs().max() <= tol * scale, (variant, proj, round_bf16)
+                # the rows read in place through an index (the backward's routes into the tokens' rows)
+                src, index = A.flip(0).contiguous(), torch.arange(A.shape[0] - 1, -1, -1)
+                indexed = native_grad.expert_rows_t(packed, proj, torch.cat([src, src[:1]]), counts,
+                                                    round_bf16=round_bf16, a_rows=index)
+                torch.testing.assert_close(indexed, got, rtol=0, atol=0)
 
 
 def test_rows_t_refuses_what_does_not_fit():
@@ -98,6 +103,12 @@ def test_rows_t_refuses_what_does_not_fit():
         native_grad.expert_rows_t(packed, "gate", buf[:96].view(3, 32), torch.tensor([1, 1, 1, 0]), out=buf.view(3, 64))
     with pytest.raises(ValueError, match="pass out"):
         native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), accumulate=True)
+    with pytest.raises(ValueError, match="counts"):  # the counts sum to the index's rows, not A's
+        native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), a_rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="int64"):
+        native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 0, 0, 0]), a_rows=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="out of range"):  # an index past A's rows: the library's ERR_INDEX
+        native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 0, 0]), a_rows=torch.tensor([0, 3]))
 
 
 @pytest.mark.parametrize("I", [100, 768])  # 100: rows that end in a partial 8-lane step
