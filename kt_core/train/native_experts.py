@@ -83,7 +83,7 @@ class _Experts(torch.autograd.Function):
         tokens = routes // ctx.top_k
         w = topk_weights.reshape(-1)[routes].float()
         R = tokens.numel()
-        dy = dout.float().contiguous()  # each route's row read in place by the product (a_rows), not gathered
+        dy = _buffer("dy", T, H).copy_(dout)  # each route's row read in place by the product (a_rows)
         z = native_grad.expert_rows_t(packed, "down", dy, counts, out=_buffer("z", R, I), round_bf16=bf16,
                                       pool=packed.pool, a_rows=tokens.contiguous())
         if ctx.activation == "silu":  # one native pass (torch autograd made six, ~25 ms a layer)
@@ -103,7 +103,9 @@ class _Experts(torch.autograd.Function):
                                             round_bf16=bf16, pool=packed.pool)
         native_grad.expert_rows_t(packed, "up", du.contiguous(), counts, out=dx_rows, accumulate=True,
                                   round_bf16=bf16, pool=packed.pool)
-        dx = torch.zeros(T, H, dtype=torch.float32).index_add_(0, tokens, dx_rows)
+        # summed in a kept buffer unless it is what leaves (float32 states: .to is then no copy)
+        dx = _buffer("dx_tokens", T, H) if hidden_dtype != torch.float32 else torch.empty(T, H)
+        dx.zero_().index_add_(0, tokens, dx_rows)
         dweights = torch.zeros(topk_weights.numel(), dtype=torch.float32)
         dweights[routes] = dw
         return dx.to(hidden_dtype), dweights.view(topk_weights.shape).to(weights_dtype), None, None, None
