@@ -20,7 +20,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # their forward products one by one (LoRA-adapted experts); 19: kt_silu_mul_backward, the SwiGLU activation's
 # gradients between them; 20: kt_quantize_int4, kt_quantize_int8 and kt_pack_int4,
 # load-time quantization and int4 packing (native_quant.py); 21: kt_rmsnorm_backward, rmsnorm's input gradient
-# (fine-tuning: kt_core/train/native_norm_rope.py); 22: kt_attn_softmax_grad, causal attention's backward softmax
+# (fine-tuning: kt_core/train/native_norm_rope.py); 22: kt_attn_softmax_grad and kt_attn_scores_grad, causal attention's backward softmax
+# (the second with its two products on the AMX tiles)
 # (fine-tuning: kt_core/train/native_attention.py), and kt_logsoftmax_grad, the LM head's log-probabilities and
 # their gradient (kt_core/train/token_logprobs.py); RowsTArgs.a_rows / a_count (the routes' rows read in place)
 ABI_VERSION = 22
@@ -149,6 +150,13 @@ class _AttnSoftmaxGradArgs(ctypes.Structure):  # attn_grad.inc AttnSoftmaxGradAr
                 ("period", ctypes.c_int64), ("pos0", ctypes.c_int64), ("dh", ctypes.c_int64),
                 ("scale", ctypes.c_float), ("pool", ctypes.c_int), ("S", ctypes.c_void_p), ("dP", ctypes.c_void_p),
                 ("O", ctypes.c_void_p), ("dO", ctypes.c_void_p), ("P", ctypes.c_void_p), ("dS", ctypes.c_void_p)]
+
+
+class _AttnScoresGradArgs(ctypes.Structure):  # attn_grad.inc AttnScoresGradArgs
+    _fields_ = [(name, ctypes.c_int64) for name in ("H", "G", "D", "c0", "c1", "q_hs", "q_ps", "do_hs", "do_ps",
+                                                    "o_hs", "o_ps", "kv_hs", "kv_ps")] + \
+        [("scale", ctypes.c_float), ("pool", ctypes.c_int)] + \
+        [(name, ctypes.c_void_p) for name in ("q", "dO", "O", "k", "v", "P", "dS")]
 
 
 class _LogSoftmaxGradArgs(ctypes.Structure):  # logsoftmax_grad.inc LogSoftmaxGradArgs

@@ -106,6 +106,39 @@ def _work(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return t[:numel]
 
 
+def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c0: int,
+                c1: int, scale: float, P: torch.Tensor, dS: torch.Tensor, pool: int = 0) -> bool:
+    """``softmax_grad`` for every head with S = q k^T and dP = dO v^T made on the AMX tiles by the same
+    native call (``kt_attn_scores_grad``), every tensor read where it lies: q, do, o [Hq, n, D], k, v
+    [Hkv, >= c1, D] (bf16, any head and position strides, GQA by head groups); query positions
+    [c0, c1), keys [0, c1); writes P, dS [Hkv, G, c1 - c0, c1]. False where the tiles are off (then the
+    caller runs the products)."""
+    native, native_ops = _ops()
+    if native is None or native.variant() != "amx":
+        return False
+    Hq, _, D = q.shape
+    H = k.shape[0]
+    G, m = Hq // H, c1 - c0
+    ok = (all(t.dtype == torch.bfloat16 and t.dim() == 3 and t.shape[0] == Hq and t.shape[2] == D and t.stride(2) == 1
+              for t in (q, do, o))
+          and all(t.dtype == torch.bfloat16 and t.dim() == 3 and t.shape[0] == H and t.shape[1] >= c1
+                  and t.shape[2] == D and t.stride(2) == 1 for t in (k, v))
+          and k.stride()[:2] == v.stride()[:2] and P.shape == dS.shape == (H, G, m, c1)
+          and P.dtype == dS.dtype == torch.bfloat16 and P.is_contiguous() and dS.is_contiguous()
+          and 0 <= c0 < c1 <= q.shape[1] and D % 32 == 0 and Hq % H == 0)
+    if not ok:
+        return False
+    pack = native_ops._PACKERS["kt_attn_scores_grad"][0].pack  # attn_grad.inc AttnScoresGradArgs
+    args = pack(H, G, D, c0, c1, q.stride(0), q.stride(1), do.stride(0), do.stride(1), o.stride(0), o.stride(1),
+                k.stride(0), k.stride(1), float(scale), native_ops._pool(pool), q.data_ptr(), do.data_ptr(),
+                o.data_ptr(), k.data_ptr(), v.data_ptr(), P.data_ptr(), dS.data_ptr())
+    rc = native_ops._need().kt_attn_scores_grad(args)
+    if rc == -3:  # ERR_FORMAT: the library's tiles are off (its first-use check)
+        return False
+    native_ops._check_rc(rc, "attn_scores_grad")
+    return True
+
+
 def _products_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """a @ b_t^T in float32 from bf16 a, b_t, on the tiles (exact products, float32 sums)."""
     matmul = torch.backends.mkldnn.matmul
@@ -133,22 +166,24 @@ def attention_backward(q, k, v, o, do, scale: float):
     dq = torch.empty(Hq, n, D, dtype=q.dtype)
     dk = torch.zeros(Hkv, n, D, dtype=torch.float32)
     dv = torch.zeros(Hkv, n, D, dtype=torch.float32)
-    for h in range(Hkv):
-        heads = slice(h * G, (h + 1) * G)
-        kh, vh = k[h], v[h]
-        for c0, c1 in _chunks(n, G):
-            m = c1 - c0
-            rows = G * m
+    for c0, c1 in _chunks(n, G):
+        m = c1 - c0
+        rows = G * m
+        P = _work("P", Hkv * rows * c1, torch.bfloat16).view(Hkv, rows, c1)
+        dS = _work("dS", Hkv * rows * c1, torch.bfloat16).view(Hkv, rows, c1)
+        tiles = scores_grad(q, do, o, k, v, c0, c1, scale, P.view(Hkv, G, m, c1), dS.view(Hkv, G, m, c1))
+        for h in range(Hkv):
+            heads = slice(h * G, (h + 1) * G)
+            kh, vh = k[h, :c1], v[h, :c1]
             qc = q[heads, c0:c1].reshape(rows, D).contiguous()  # (SDPA's output lies [n, Hq, D])
             doc = do[heads, c0:c1].reshape(rows, D).contiguous()
-            S = _products_fp32(qc, kh[:c1], _work("S", rows * c1, torch.float32).view(rows, c1))
-            dP = _products_fp32(doc, vh[:c1], _work("dP", rows * c1, torch.float32).view(rows, c1))
-            P = _work("P", rows * c1, torch.bfloat16).view(rows, c1)
-            dS = _work("dS", rows * c1, torch.bfloat16).view(rows, c1)
-            softmax_grad(S, dP, o[heads, c0:c1].reshape(rows, D).contiguous(), doc, m, c0, scale, P, dS)
-            dv[h, :c1] += P.t() @ doc
-            dk[h, :c1] += dS.t() @ qc
-            dq[heads, c0:c1] = (dS @ kh[:c1]).view(G, m, D)
+            if not tiles:
+                S = _products_fp32(qc, kh, _work("S", rows * c1, torch.float32).view(rows, c1))
+                dP = _products_fp32(doc, vh, _work("dP", rows * c1, torch.float32).view(rows, c1))
+                softmax_grad(S, dP, o[heads, c0:c1].reshape(rows, D).contiguous(), doc, m, c0, scale, P[h], dS[h])
+            dv[h, :c1] += P[h].t() @ doc
+            dk[h, :c1] += dS[h].t() @ qc
+            dq[heads, c0:c1] = (dS[h] @ kh).view(G, m, D)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -304,6 +304,54 @@ int main() {
       std::snprintf(what, sizeof what, "amx attention values G=%lld", static_cast<long long>(G));
       compare(what, static_cast<int>(n), acc, want_acc);
     }
+  // Fine-tuning's attention backward (attention_tiles.hpp): keys packed as B tiles, 16 query rows'
+  // scores against them (rows strided, keys past a 16-key tile), and one row's softmax gradient,
+  // against double sums and the scalar formulas
+  for (int64_t n : {16, 37}) {
+    const int64_t D = 64, lda = 96, ldk = 80;
+    std::vector<uint16_t> A(16 * lda), Kr(n * ldk);
+    for (auto& v : A) v = static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16);
+    for (auto& v : Kr) v = static_cast<uint16_t>(f32_bits(static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f) >> 16);
+    lvector<uint32_t> kp;
+    attn_pack_keys(Kr.data(), ldk, n, D, kp);
+    const int64_t nb = (n + 15) / 16, lds = nb * 16 + 8;
+    std::vector<float> S(16 * lds, -1.f), got, want;
+    attn_rows_scores_amx(A.data(), lda, D, kp.data(), nb, S.data(), lds);
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t j = 0; j < n; ++j) {
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += double(bf16_to_f32(A[r * lda + d])) * bf16_to_f32(Kr[j * ldk + d]);
+        want.push_back(static_cast<float>(dot));
+        got.push_back(S[r * lds + j]);
+      }
+    compare("amx attention training scores", static_cast<int>(n), got, want);
+    // row 3 sees keys [0, n - 5): P and dS against the scalar formulas (bf16 rounding apart)
+    const int64_t vis = n - 5, width = n + 3;
+    std::vector<float> dp(n), e(n);
+    for (auto& v : dp) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f;
+    std::vector<uint16_t> P(width, 0x7777), dS(width, 0x7777);
+    const float* s3 = &S[3 * lds];
+    attn_softmax_grad_row16(s3, dp.data(), 0.25f, vis, width, 0.5f, P.data(), dS.data(), e.data());
+    double m = -1e30, sum = 0;
+    for (int64_t j = 0; j < vis; ++j) m = std::max(m, 0.5 * s3[j]);
+    for (int64_t j = 0; j < vis; ++j) sum += std::exp(0.5 * s3[j] - m);
+    std::vector<float> gp, wp, gd, wd;
+    for (int64_t j = 0; j < width; ++j) {
+      const double pj = j < vis ? std::exp(0.5 * s3[j] - m) / sum : 0.0;
+      wp.push_back(static_cast<float>(pj));
+      wd.push_back(static_cast<float>(pj * (dp[j] - 0.25) * 0.5));
+      gp.push_back(bf16_to_f32(P[j]));
+      gd.push_back(bf16_to_f32(dS[j]));
+    }
+    float err = 0.f, mag = 1e-30f;
+    for (size_t j = 0; j < wp.size(); ++j) {
+      err = std::max({err, std::fabs(gp[j] - wp[j]) / 256.f, std::fabs(gd[j] - wd[j]) / 256.f});
+      mag = std::max({mag, std::fabs(wp[j]), std::fabs(wd[j])});
+    }
+    const bool ok = err <= 1e-5f * mag;  // bf16: 2^-8 relative, so the error is scaled down by 256
+    std::printf("%s amx attention training softmax row n=%lld\n", ok ? "ok  " : "FAIL", static_cast<long long>(n));
+    if (!ok) ++failures;
+  }
 #endif
   std::printf("%d failures\n", failures);
   return failures ? 1 : 0;

@@ -155,3 +155,44 @@ def test_a_bf16_lora_step_on_the_cpu_takes_this_backward(tiny_checkpoint, monkey
     theirs = grads()
     for a, b in zip(ours, theirs):
         assert float((a - b).norm() / b.norm()) < 5e-2
+
+
+def test_the_tiles_make_the_same_probabilities_and_score_gradients():
+    """kt_attn_scores_grad (the products on the AMX tiles, q / do / o read where they lie) against the
+    float64 formulas, for a chunk of query positions past the first and rows short of a tile."""
+    if native.variant() != "amx":
+        pytest.skip(f"needs AMX tiles (variant {native.variant()})")
+    g = torch.Generator().manual_seed(5)
+    H, G, n, D, c0, c1 = 2, 3, 45, 64, 13, 41
+    q = torch.randn(n, H * G, D, generator=g).bfloat16().transpose(0, 1)  # strided
+    do, o = torch.randn(H * G, n, D, generator=g).bfloat16(), torch.randn(n, H * G, D, generator=g).bfloat16()
+    o = o.transpose(0, 1)
+    k, v = torch.randn(n, H, D, generator=g).bfloat16().transpose(0, 1), torch.randn(H, n, D, generator=g).bfloat16()
+    v = v.transpose(1, 2).contiguous().transpose(1, 2)  # not k's strides: refused, then the same as k's
+    P, dS = (torch.full((H, G, c1 - c0, c1), 7.0, dtype=torch.bfloat16) for _ in range(2))
+    assert not na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS)
+    v = v.transpose(0, 1).contiguous().transpose(0, 1)
+    assert k.stride() == v.stride() and na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS)
+    for h in range(H):
+        heads = slice(h * G, (h + 1) * G)
+        S = (q[heads, c0:c1].double() @ k[h, :c1].double().T).reshape(-1, c1)
+        dP = (do[heads, c0:c1].double() @ v[h, :c1].double().T).reshape(-1, c1)
+        P0, dS0 = _expected(S, dP, o[heads, c0:c1].reshape(-1, D), do[heads, c0:c1].reshape(-1, D), c1 - c0, c0, 0.3)
+        torch.testing.assert_close(P[h].reshape(-1, c1).double(), P0, rtol=8e-3, atol=1e-6)
+        torch.testing.assert_close(dS[h].reshape(-1, c1).double(), dS0, rtol=8e-3, atol=1e-4 * dS0.abs().max().item())
+
+
+def test_scores_grad_checks_its_arguments():
+    from kt_backends.cpu.native_abi import _AttnScoresGradArgs
+
+    lib = native_ops._need()
+    assert ctypes.sizeof(_AttnScoresGradArgs) == lib.kt_attn_scores_grad_args_size()
+    x = torch.zeros(4 * 64, dtype=torch.bfloat16)
+    ok = dict(H=1, G=1, D=32, c0=0, c1=2, q_hs=0, q_ps=32, do_hs=0, do_ps=32, o_hs=0, o_ps=32, kv_hs=0, kv_ps=32,
+              scale=0.5, pool=0, **{name: x.data_ptr() for name in ("q", "dO", "O", "k", "v", "P", "dS")})
+    assert lib.kt_attn_scores_grad(ctypes.byref(_AttnScoresGradArgs(**ok))) in (0, -3)  # -3: no AMX tiles here
+    for override, code in [({"D": 16}, -5), ({"D": 48}, -5), ({"c1": 0}, -5), ({"c0": 2}, -5), ({"H": 0}, -5),
+                           ({"scale": float("inf")}, -5), ({"q_ps": -1}, -9), ({"kv_ps": 1 << 40}, -9),
+                           ({"pool": -1}, -2), ({"k": None}, -6), ({"dS": None}, -6)]:
+        assert lib.kt_attn_scores_grad(ctypes.byref(_AttnScoresGradArgs(**{**ok, **override}))) == code, override
+    assert lib.kt_attn_scores_grad(None) == -6

@@ -88,7 +88,9 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         # and per-row int4 / int8 rows of 544 inputs (K % 64 == 32: 32-input integer steps, bf16 tiles from 17 tokens)
         assert all(f"ok   amx fmt={f} group=544 zeros={z}" in run.stdout for f, z in ((2, 0), (2, 1), (1, 0)))
         assert "FAIL amx" not in run.stdout
-        assert run.stdout.count("ok   amx attention") == 16  # 2 head groups x 4 key counts x 2 products
+        assert run.stdout.count("ok   amx attention") == 16 + 4  # 2 head groups x 4 key counts x 2 products
+        # and fine-tuning's: 2 key counts x (the scores, a row's softmax gradient)
+        assert run.stdout.count("ok   amx attention training") == 4
         assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
         assert run.stdout.count("ok   avx_vnni") == 210  # (3 int8 kinds, w8a8, 6 int4 kinds) x 7 token counts x 3 panels
         # 6 token counts of 8+ x 3 panels x 2 K (512; 544: a K block of 32 after two of 256), alone and paired

@@ -15,6 +15,7 @@
 
 #if defined(KT_HAVE_AMX)
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -162,6 +163,107 @@ KT_AMX inline void attn_values_amx(const float* p, int64_t G, int64_t Dv, const 
     }
   _tile_release();
   KT_MEMORY_BARRIER();
+}
+
+
+// Fine-tuning's attention backward (attn_grad.inc): the scores of 16 query rows against keys packed
+// once per call. kp: K [n][D] (rows ldk elements apart, bf16; D % 32 == 0) as B tiles
+// [ceil(n / 16)][D / 32][16][16] dwords: (key block b, dims 32 s..) dword (r, c) = dims (32 s + 2r,
+// 32 s + 2r + 1) of key 16 b + c; zero past n.
+KT_AMX inline void attn_pack_keys(const uint16_t* K, int64_t ldk, int64_t n, int64_t D, lvector<uint32_t>& kp) {
+  const int64_t ds = D / 32;
+  kp.assign(static_cast<size_t>((n + 15) / 16 * ds * 256), 0u);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < D / 2; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, K + j * ldk + 2 * p, 4);
+      kp[static_cast<size_t>(((j / 16) * ds + p / 16) * 256 + (p % 16) * 16 + j % 16)] = pair;
+    }
+}
+
+// S [16][lds] (float32, columns [0, 16 nb)) = A [16][D] (bf16 rows lda elements apart) . the first
+// nb key blocks of kp^T: exact float32 sums of the bf16 products. A tile load of A reads 16 rows.
+KT_AMX inline void attn_rows_scores_amx(const uint16_t* A, int64_t lda, int64_t D, const uint32_t* kp, int64_t nb,
+                                        float* S, int64_t lds) {
+  const int64_t ds = D / 32;
+  attn_tiles_configure();
+  for (int64_t b0 = 0; b0 < nb; b0 += 4) {  // four C tiles: 64 keys an A load
+    const int nt = static_cast<int>(std::min<int64_t>(4, nb - b0));
+    attn_tiles_zero(nt);
+    for (int64_t s = 0; s < ds; ++s) {
+      KT_MEMORY_BARRIER();
+      _tile_loadd(4, A + 32 * s, lda * 2);
+      for (int j = 0; j < nt; ++j) attn_tile_dp(j, kp + ((b0 + j) * ds + s) * 256, 64);
+    }
+    float* c = S + b0 * 16;
+    _tile_stored(0, c, lds * 4);
+    if (nt > 1) _tile_stored(1, c + 16, lds * 4);
+    if (nt > 2) _tile_stored(2, c + 32, lds * 4);
+    if (nt > 3) _tile_stored(3, c + 48, lds * 4);
+    KT_MEMORY_BARRIER();
+  }
+  _tile_release();
+  KT_MEMORY_BARRIER();
+}
+
+
+// e^x as kernels.hpp's exp_avx2 (the same steps, so the same values), 16 lanes
+KT_AMX inline __m512 attn_exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  for (float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// One row of the backward softmax (attn_grad.inc's contract): s, dp float32 scores of keys [0, vis),
+// d = <dO, O>; writes P = softmax(scale s) and dS = P (dp - d) scale as bf16 to pr, dsr for columns
+// [0, width), zeros past vis; e: float32 scratch of vis
+KT_AMX inline void attn_softmax_grad_row16(const float* s, const float* dp, float d, int64_t vis, int64_t width,
+                                           float scale, uint16_t* pr, uint16_t* dsr, float* e) {
+  auto lanes = [](int64_t left) {
+    return static_cast<__mmask16>(left >= 16 ? 0xFFFF : left <= 0 ? 0 : (1u << left) - 1u);
+  };
+  const __m512 vs = _mm512_set1_ps(scale);
+  __m512 vm = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < vis; j += 16)
+    vm = _mm512_max_ps(vm, _mm512_mul_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes(vis - j), s + j), vs));
+  const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < vis; j += 16) {
+    const __mmask16 k = lanes(vis - j);
+    const __m512 x = attn_exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), vs, vmax));
+    _mm512_mask_storeu_ps(e + j, k, x);
+    vsum = _mm512_mask_add_ps(vsum, k, vsum, x);
+  }
+  alignas(64) float part[16];  // (SIMDe, the emulation harness's, has no _mm512_reduce_add_ps)
+  _mm512_store_ps(part, vsum);
+  float sum = 0.f;
+  for (float x : part) sum += x;
+  const __m512 vinv = _mm512_set1_ps(1.f / sum), vd = _mm512_set1_ps(d);
+  for (int64_t j = 0; j < width; j += 32) {
+    __m512 p[2], g[2];
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 k = lanes(vis - j - 16 * h);
+      p[h] = _mm512_maskz_mul_ps(k, _mm512_maskz_loadu_ps(k, e + j + 16 * h), vinv);
+      g[h] = _mm512_maskz_mul_ps(k, _mm512_mul_ps(p[h], _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + j + 16 * h), vd)), vs);
+    }
+    const __m512i pb = bf16x32(p[0], p[1]), gb = bf16x32(g[0], g[1]);
+    if (width - j >= 32) {
+      _mm512_storeu_si512(pr + j, pb);
+      _mm512_storeu_si512(dsr + j, gb);
+    } else {
+      alignas(64) uint16_t t[64];
+      _mm512_store_si512(t, pb);
+      _mm512_store_si512(t + 32, gb);
+      std::memcpy(pr + j, t, static_cast<size_t>(width - j) * 2);
+      std::memcpy(dsr + j, t + 32, static_cast<size_t>(width - j) * 2);
+    }
+  }
 }
 
 }  // namespace kt

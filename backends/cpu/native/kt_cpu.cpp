@@ -206,7 +206,8 @@ namespace kt {
 #include "quantize_load.inc"  // weights -> int4 codes, group scales, panels at load (kt_quantize_int4, kt_pack_int4)
 }  // namespace kt
 
-// native_abi.py ABI_VERSION (its comment says what each version added; 22: kt_attn_softmax_grad, kt_logsoftmax_grad)
+// native_abi.py ABI_VERSION (its comment says what each version added; 22: kt_attn_softmax_grad, kt_attn_scores_grad,
+// kt_logsoftmax_grad)
 KT_API int kt_abi_version() { return 22; }
 KT_API uint32_t kt_isa() {
   try {
@@ -348,6 +349,10 @@ KT_API int kt_attn_softmax_grad(const kt::AttnSoftmaxGradArgs* args) {
   return kt::checked_call(args, kt::check_attn_softmax_grad_args, kt::attn_softmax_grad);
 }
 KT_API int64_t kt_attn_softmax_grad_args_size() { return static_cast<int64_t>(sizeof(kt::AttnSoftmaxGradArgs)); }
+KT_API int kt_attn_scores_grad(const kt::AttnScoresGradArgs* args) {
+  return kt::checked_call(args, kt::check_attn_scores_grad_args, kt::attn_scores_grad);
+}
+KT_API int64_t kt_attn_scores_grad_args_size() { return static_cast<int64_t>(sizeof(kt::AttnScoresGradArgs)); }
 KT_API int kt_logsoftmax_grad(const kt::LogSoftmaxGradArgs* args) {
   return kt::checked_call(args, kt::check_logsoftmax_grad_args, kt::logsoftmax_grad);
 }
