@@ -2,25 +2,27 @@
 
 torch's fused CPU attention (SDPA's flash kernel) runs the forward of a 512-token, 32-head layer in
 ~5 ms on 2 threads of an AMX Xeon, but its backward in ~29 ms: a sixth of the benchmark's LoRA step
-(bench/train_lora.py). Here the forward stays torch's and the backward is five matrix products on the
-tiles plus one native element-wise pass (``native/attn_grad.inc``). Per KV head, its G query heads'
-rows stacked ([G x positions] rows, so GQA needs no repeated keys), in query chunks whose scores
-fit SCORE_BYTES (a chunk sees keys up to its last position only):
+(bench/train_lora.py). Here the forward stays torch's; the backward, per chunk of query positions
+(a chunk sees keys up to its last position only), is:
 
-    S  = Q K^T,  dP = dO V^T             float32 out, bf16 products (exact: the operands are bf16)
-    P  = softmax(scale S), dS = P (dP - <dO, O>) scale       native, bf16 out, zeros past causal
-    dV += P^T dO,  dK += dS^T Q,  dQ = dS K                 bf16 products, float32 sums
+    S  = Q K^T,  dP = dO V^T                          float32 sums of the bf16 products
+    P  = softmax(scale S),  dS = P (dP - <dO, O>) scale      bf16, zeros past the causal limit
+    dV += P^T dO,  dK += dS^T Q,  dQ = dS K            torch's bf16 products, float32 sums
 
-S and dP need float32 results of bf16 operands, which torch's CPU bf16 products round away; its
-float32 products on the tiles (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, set for
-these two calls only) give them, as exact float32 sums of the bf16 operands' products. The
-probabilities and dS are rounded to bf16 for the last three products, as flash attention rounds P.
-Against float64, the gradients are as close as torch's own backward's, or closer (tests).
+The first two lines are one native call for every head (``kt_attn_scores_grad``, native/attn_grad.inc):
+the keys packed as AMX B tiles once, 16 query rows a tile against them, S and dP kept in L2 for the
+rows' AVX-512 pass, q / dO / O read where they lie. Without the tiles (the native ops' other variants,
+``any_cpu`` in the tests) torch makes S and dP (its float32 products on the tiles' bf16 mode,
+``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, exact for bf16 operands) and
+``kt_attn_softmax_grad`` the rest. Each KV head's G query heads are stacked as [G x positions] rows,
+so GQA needs no repeated keys. P and dS are rounded to bf16 for the last three products, as flash
+attention rounds P. Against float64 the gradients are as close as torch's own backward's, or closer
+(tests). A 512-token layer's forward + backward: ~22 ms against torch's 33-34.
 
 ``attend`` has ``torch_ops.attention.attend``'s contract and takes this path only for plain causal
 attention of bf16 tensors that want gradients, with the native ops loaded, a torch that has the
-precision switch, and AMX (elsewhere float32 products would be slower than torch's backward; the
-tests pass ``any_cpu``).
+precision switch, and AMX (elsewhere the float32 products would be slower than torch's backward; the
+tests pass ``any_cpu``); ``KT_NATIVE_ATTENTION_GRAD=0`` turns it off.
 """
 from __future__ import annotations
 
