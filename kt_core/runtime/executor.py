@@ -73,7 +73,9 @@ def run_hidden(model, batch: Batch, cache: PagedKVCache) -> torch.Tensor:
     for fut in carry:
         h = h + fut.result().to(h.device)
     be = model.be
-    h = h[on.setdefault(model.device, batch.to(model.device)).logits_rows]
+    rows = on.setdefault(model.device, batch.to(model.device)).logits_rows
+    if not (rows.numel() == h.shape[0] and torch.equal(rows, torch.arange(h.shape[0], device=rows.device))):
+        h = h[rows]  # (every row, as fine-tuning asks, is h itself: no copy, and no scatter back in its backward)
     if model.hc_head is not None:
         h = deepseek_v4.collapse(h, model.hc_head, spec)
     return be.rmsnorm(h, model.norm, eps)

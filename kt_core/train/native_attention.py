@@ -174,18 +174,18 @@ def attention_backward(q, k, v, o, do, scale: float):
         P = _work("P", Hkv * rows * c1, torch.bfloat16).view(Hkv, rows, c1)
         dS = _work("dS", Hkv * rows * c1, torch.bfloat16).view(Hkv, rows, c1)
         tiles = scores_grad(q, do, o, k, v, c0, c1, scale, P.view(Hkv, G, m, c1), dS.view(Hkv, G, m, c1))
-        for h in range(Hkv):
-            heads = slice(h * G, (h + 1) * G)
-            kh, vh = k[h, :c1], v[h, :c1]
-            qc = q[heads, c0:c1].reshape(rows, D).contiguous()  # (SDPA's output lies [n, Hq, D])
-            doc = do[heads, c0:c1].reshape(rows, D).contiguous()
-            if not tiles:
-                S = _products_fp32(qc, kh, _work("S", rows * c1, torch.float32).view(rows, c1))
-                dP = _products_fp32(doc, vh, _work("dP", rows * c1, torch.float32).view(rows, c1))
-                softmax_grad(S, dP, o[heads, c0:c1].reshape(rows, D).contiguous(), doc, m, c0, scale, P[h], dS[h])
-            dv[h, :c1] += P[h].t() @ doc
-            dk[h, :c1] += dS[h].t() @ qc
-            dq[heads, c0:c1] = (dS[h] @ kh).view(G, m, D)
+        qc = q[:, c0:c1].reshape(Hkv, rows, D)  # each KV head's query rows stacked (a copy: q lies [n, Hq, D])
+        doc = do[:, c0:c1].reshape(Hkv, rows, D)
+        if not tiles:
+            for h in range(Hkv):
+                heads = slice(h * G, (h + 1) * G)
+                S = _products_fp32(qc[h], k[h, :c1], _work("S", rows * c1, torch.float32).view(rows, c1))
+                dP = _products_fp32(doc[h], v[h, :c1], _work("dP", rows * c1, torch.float32).view(rows, c1))
+                softmax_grad(S, dP, o[heads, c0:c1].reshape(rows, D).contiguous(), doc[h].contiguous(), m, c0, scale,
+                             P[h], dS[h])
+        dv[:, :c1] += torch.bmm(P.transpose(1, 2), doc)
+        dk[:, :c1] += torch.bmm(dS.transpose(1, 2), qc)
+        dq[:, c0:c1] = torch.bmm(dS, k[:, :c1]).view(Hq, m, D)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
