@@ -69,6 +69,17 @@ def _seeded_generators():
         sys.modules["numpy"].random.seed(0)
 
 
+@pytest.fixture
+def restore_native_variant():
+    """The native kernels' variant as it was before the test (tests that loop over
+    native.supported_variants() set it)."""
+    from kt_backends.cpu import native
+
+    best = native.variant()
+    yield
+    native.set_variant(best)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """tiny_checkpoint(name) -> folder with a random checkpoint written by transformers (cached)."""

@@ -13,14 +13,8 @@ from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.native_abi import _AttnSoftmaxGradArgs
 from kt_core.train import native_attention as na
 
-pytestmark = pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built")
-
-
-@pytest.fixture(autouse=True)
-def _restore_variant():
-    best = native.variant()
-    yield
-    native.set_variant(best)
+pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
+              pytest.mark.usefixtures("restore_native_variant")]
 
 
 def _expected(S, dP, O, dO, period, pos0, scale):

@@ -11,7 +11,8 @@ from kt_core.weights.quant import ExpertWeights, quantize
 from tests.conformance.dequant_reference import dequantize as reference_dequantize
 from tests.unit.native_experts import int8_with_zeros
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="native CPU kernels not built")
+pytestmark = [pytest.mark.skipif(not native.available(), reason="native CPU kernels not built"),
+              pytest.mark.usefixtures("restore_native_variant")]
 
 
 def _weights(fmt, E, M, K, group, g):
@@ -32,13 +33,6 @@ def _dense(w, e):
 
 def _variants():
     return native.supported_variants()
-
-
-@pytest.fixture(autouse=True)
-def _restore_variant():
-    best = native.variant()
-    yield
-    native.set_variant(best)
 
 
 # (format, group): per-row and grouped int8, int8 with zero points, int4 grouped and per row, fp8 in groups, w8a8

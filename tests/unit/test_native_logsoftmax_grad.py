@@ -10,14 +10,8 @@ from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.native_abi import _LogSoftmaxGradArgs
 from kt_core.train import token_logprobs as tl
 
-pytestmark = pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built")
-
-
-@pytest.fixture(autouse=True)
-def _restore_variant():
-    best = native.variant()
-    yield
-    native.set_variant(best)
+pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
+              pytest.mark.usefixtures("restore_native_variant")]
 
 
 class Head:

@@ -8,14 +8,8 @@ from kt_backends.cpu import native, native_ops
 from kt_core.backend.torch_ops import norm_rope as ref
 from kt_core.train import native_norm_rope as nnr
 
-pytestmark = pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built")
-
-
-@pytest.fixture(autouse=True)
-def _restore_variant():
-    best = native.variant()
-    yield
-    native.set_variant(best)
+pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
+              pytest.mark.usefixtures("restore_native_variant")]
 
 
 @pytest.mark.parametrize("shape", [(5, 48), (3, 4, 40), (2, 7)])  # D past, at and under a vector's 8 lanes
