@@ -12,8 +12,14 @@ openai = pytest.importorskip("openai")
 OV = ["quant=int8", "topology=hybrid_cpu", "device.cpu.threads=2", "topology.expert_policy.fraction=0.5"]
 
 
-@pytest.mark.parametrize("arch", ["glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe", "deepseek_v32",
-                                  "glm_moe_dsa", "deepseek_v4"])
+# two in the default run (Qwen3-Next: a recurrent state resumed from the prefix cache; DeepSeek-V4: hc residual
+# streams and its own cache), the rest in the marked set .ci/run also runs (~4.5 s each)
+DEFAULT = ("qwen3_next", "deepseek_v4")
+
+
+@pytest.mark.parametrize("arch", [a if a in DEFAULT else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in ("glm4_moe", "minimax_m2", "llama4", "qwen3_next", "qwen3_5_moe",
+                                            "deepseek_v32", "glm_moe_dsa", "deepseek_v4")])
 def test_served_greedy_completion_matches_the_engine(arch, tmp_path):
     path = synthesize(tmp_path / arch, arch=arch, layers=2, shape=SMALL[arch], sample_tokens=48).path
     srv = Live(path, tmp_path / "prefix", *OV)
