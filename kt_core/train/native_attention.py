@@ -121,8 +121,8 @@ def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Ten
     Hq, _, D = q.shape
     H = k.shape[0]
     G, m = Hq // H, c1 - c0
-    ok = (all(t.dtype == torch.bfloat16 and t.dim() == 3 and t.shape[0] == Hq and t.shape[2] == D and t.stride(2) == 1
-              for t in (q, do, o))
+    ok = (all(t.device.type == "cpu" for t in (q, do, o, k, v, P, dS))
+          and all(t.dtype == torch.bfloat16 and t.shape == q.shape and t.stride(2) == 1 for t in (q, do, o))
           and all(t.dtype == torch.bfloat16 and t.dim() == 3 and t.shape[0] == H and t.shape[1] >= c1
                   and t.shape[2] == D and t.stride(2) == 1 for t in (k, v))
           and k.stride()[:2] == v.stride()[:2] and P.shape == dS.shape == (H, G, m, c1)
