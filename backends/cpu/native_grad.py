@@ -124,10 +124,11 @@ def expert_rows_t(packed: PackedExperts, proj: str, A: torch.Tensor, counts: tor
         if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != (rows, K) \
                 or not out.is_contiguous() or out.device.type != "cpu":
             raise ValueError(f"expert_rows_t({proj}): out must be a contiguous float32 CPU tensor [{rows}, {K}]")
-        a0, a1 = A.data_ptr(), A.data_ptr() + A.numel() * 4
         c0, c1 = out.data_ptr(), out.data_ptr() + out.numel() * 4
-        if a0 < c1 and c0 < a1:
-            raise ValueError(f"expert_rows_t({proj}): out overlaps A; the products read A while writing out")
+        for what, t in (("A", A), ("a_rows", a_rows)):  # the library reads both while it writes out
+            if t is not None and t.data_ptr() < c1 and c0 < t.data_ptr() + t.numel() * t.element_size():
+                raise ValueError(f"expert_rows_t({proj}): out overlaps {what}; the products read {what} while "
+                                 f"writing out")
         C = out
     acc = int(bool(accumulate))
     if rows == 0:

@@ -90,6 +90,12 @@ class AutogradBackend(TorchBackend):
         same = v is not None and v_cache is not None and k.dtype == k_cache.dtype and v.dtype == v_cache.dtype
         self._written = (k_cache, v_cache, k, v) if same else None
 
+    def attention_decode(self, q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None,
+                         sinks=None, chunk=None):
+        self._written = None  # (what write_kv kept is for a prefill only)
+        return super().attention_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, sinks,
+                                        chunk)
+
     def attention_prefill(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           causal=True, sliding_window=None, sinks=None, chunk=None):
         from kt_core.backend.torch_ops import attention

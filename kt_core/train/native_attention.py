@@ -60,7 +60,8 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sinks, any_cp
         return False
     if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 3 for t in (q, k, v)):
         return False
-    if q.shape[-2] != k.shape[-2] or q.shape[0] % k.shape[0] or v.shape != k.shape or q.shape[-1] != k.shape[-1]:
+    if not k.shape[0] or q.shape[-2] != k.shape[-2] or q.shape[0] % k.shape[0] or v.shape != k.shape \
+            or q.shape[-1] != k.shape[-1]:
         return False
     native, _ = _ops()
     return native is not None and _precision_switch() and (any_cpu or native.variant() == "amx")
@@ -200,6 +201,7 @@ class _CausalAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (P and dS are native: no graph for second derivatives)
     def backward(ctx, do):
         q, k, v, o = ctx.saved_tensors
         dq, dk, dv = attention_backward(q, k, v, o, do, ctx.scale)

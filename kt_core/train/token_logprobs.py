@@ -83,6 +83,9 @@ def _native_block(z: torch.Tensor, targets: torch.Tensor, out: torch.Tensor, wan
     t = targets.to(torch.int64).contiguous()
     if not (out.is_contiguous() and out.dtype == torch.float32 and t.shape == (z.shape[0],) == out.shape):
         return False
+    z0, z1 = z.data_ptr(), z.data_ptr() + z.numel() * z.element_size()
+    if any(x.data_ptr() < z1 and z0 < x.data_ptr() + x.numel() * x.element_size() for x in (t, out)):
+        return False  # (the pass writes z while it reads the targets: never over them)
     pack = native_ops._PACKERS["kt_logsoftmax_grad"][0].pack  # logsoftmax_grad.inc LogSoftmaxGradArgs
     args = pack(z.shape[0], z.shape[1], native_ops._DTYPES[z.dtype], int(want), 0, 0, z.data_ptr(), t.data_ptr(),
                 out.data_ptr())

@@ -47,6 +47,17 @@ def test_softmax_grad_matches_float64_in_every_variant(rows, keys, period, pos0,
         assert (P.double()[hidden] == 0).all() and (dS.double()[hidden] == 0).all(), variant
 
 
+def test_a_nan_score_is_not_clamped_away_in_any_variant():
+    S, dP = torch.randn(4, 24), torch.randn(4, 24)
+    S[1, 3] = float("nan")
+    O, dO = torch.randn(4, 16).bfloat16(), torch.randn(4, 16).bfloat16()
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        P, dS = torch.zeros(4, 24, dtype=torch.bfloat16), torch.zeros(4, 24, dtype=torch.bfloat16)
+        na.softmax_grad(S, dP, O, dO, 4, 20, 0.5, P, dS)
+        assert torch.isnan(P[1, :20].float()).any() and torch.isfinite(P[[0, 2, 3]].float()).all(), variant
+
+
 def test_softmax_grad_checks_its_arguments():
     lib = native_ops._need()
     S, dP = torch.zeros(4, 8), torch.zeros(4, 8)

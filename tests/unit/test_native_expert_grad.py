@@ -101,6 +101,10 @@ def test_rows_t_refuses_what_does_not_fit():
         native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 1, 0]), a_rows=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="int64"):
         native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 0, 0, 0]), a_rows=torch.tensor([0.0]))
+    shared = torch.zeros(3 * 64)  # an index the products would overwrite after the library checked it
+    with pytest.raises(ValueError, match="overlaps a_rows"):
+        native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 0, 0]), out=shared[:128].view(2, 64),
+                                  a_rows=shared[124:128].view(torch.int64))
     with pytest.raises(ValueError, match="out of range"):  # an index past A's rows: the library's ERR_INDEX
         native_grad.expert_rows_t(packed, "gate", A, torch.tensor([1, 1, 0, 0]), a_rows=torch.tensor([0, 3]))
 

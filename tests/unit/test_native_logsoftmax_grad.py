@@ -66,3 +66,16 @@ def test_logsoftmax_grad_checks_its_arguments():
         assert lib.kt_logsoftmax_grad(ctypes.byref(_LogSoftmaxGradArgs(**{**ok, **override}))) == code, override
     assert lib.kt_logsoftmax_grad(None) == -6
     assert ctypes.sizeof(_LogSoftmaxGradArgs) == lib.kt_logsoftmax_grad_args_size()
+
+
+def test_a_nan_logit_gives_a_nan_log_probability_in_every_variant():
+    """A diverged run shows NaN, as torch would, never a finite loss (a NaN is not clamped away)."""
+    z0 = torch.randn(3, 40)
+    z0[1, 17] = float("nan")
+    z0[2, 5] = float("inf")
+    t = torch.tensor([0, 3, 9])
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        lp = torch.empty(3)
+        assert tl._native_block(z0.clone(), t, lp, True)
+        assert torch.isfinite(lp[0]) and torch.isnan(lp[1]) and not torch.isfinite(lp[2]), (variant, lp)

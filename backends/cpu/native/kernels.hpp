@@ -297,7 +297,8 @@ KT_TARGET("avx2,fma,f16c") inline void dense_pair_avx2(const uint16_t* w0, const
 // e^x, x = n ln2 + r with |r| <= ln2/2 and e^r by its Taylor series to r^6 (relative error
 // < 1e-7 over the clamped range, which keeps 2^n a normal float).
 KT_TARGET("avx2,fma,f16c") inline __m256 exp_avx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  // (the bound first: MAXPS / MINPS return their second operand when either is NaN, so NaN stays NaN)
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts (exact n * hi)
