@@ -140,14 +140,30 @@ KT_AMX inline void rows_t_amx(const Weight& w, const float* A, int64_t lda, int6
   // Gb[((pp T + t) 16 + q) 16 + c] = bf16 pair (A[16t + c][32pp + 2q], A[16t + c][32pp + 2q + 1])
   thread_local lvector<uint32_t> Gb;
   thread_local lvector<float> Ct;  // [NB][nt][16][16]: the C^T tiles of a group of row tiles
-  Gb.assign(PP * T * 256, 0u);
-  alignas(64) float row[NR];
-  alignas(64) uint32_t pairs[NR / 2];
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t p = 0; p < P; ++p) {
-      for (int j = 0; j < NR; ++j) row[j] = p * NR + j < w.M ? A[r * lda + p * NR + j] : 0.f;
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16x16_of(_mm512_load_ps(row)));
-      for (int q = 0; q < NR / 2; ++q) Gb[(((p / 2) * T + r / 16) * 16 + (p % 2) * 8 + q) * 16 + r % 16] = pairs[q];
+  // a block of 16 rows x one panel's 16 values a step: the rows' bf16 pairs [16][8] dwords, then
+  // transposed into the 8 B-tile rows [8][16] by masked permutes (lane 2k + e of row q takes pair q of
+  // row 2k + e: 8 registers of two rows each); zeros past n and M
+  Gb.resize(static_cast<size_t>(PP * T * 256));
+  alignas(64) uint32_t pairs[16 * NR / 2];
+  const __m512i odd8 = _mm512_set_epi32(8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0);  // lane & 1 ? 8 : 0
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t p = 0; p < 2 * PP; ++p) {
+      const int64_t cols = std::min<int64_t>(NR, std::max<int64_t>(0, w.M - p * NR));
+      const __mmask16 valid = static_cast<__mmask16>(cols >= NR ? 0xFFFF : (1u << cols) - 1u);
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t r = 16 * t + i;
+        const __m512 x = r < n && cols ? _mm512_maskz_loadu_ps(valid, A + r * lda + p * NR) : _mm512_setzero_ps();
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + i * NR / 2), bf16x16_of(x));
+      }
+      uint32_t* dst = &Gb[static_cast<size_t>((((p / 2) * T + t) * 16 + (p % 2) * 8) * 16)];
+      __m512i two[8];
+      for (int k = 0; k < 8; ++k) two[k] = _mm512_load_si512(pairs + 16 * k);
+      for (int q = 0; q < NR / 2; ++q) {
+        const __m512i idx = _mm512_add_epi32(odd8, _mm512_set1_epi32(q));
+        __m512i out = _mm512_setzero_si512();
+        for (int k = 0; k < 8; ++k) out = _mm512_mask_permutexvar_epi32(out, static_cast<__mmask16>(3u << (2 * k)), idx, two[k]);
+        _mm512_store_si512(dst + q * 16, out);
+      }
     }
   alignas(64) uint16_t wb[kGradPairs * 2 * NR * NR];
   alignas(64) float fa[NR * NR], fb[NR * NR];
