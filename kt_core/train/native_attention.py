@@ -27,13 +27,13 @@ tests pass ``any_cpu``); ``KT_NATIVE_ATTENTION_GRAD=0`` turns it off.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from kt_core.backend.torch_ops import attention as torch_attention
+from kt_core.train.scratch import work
 
 SCORE_BYTES = 32 << 20  # float32 scores of one query chunk of one KV head (and as much of dP)
 CHUNK = 256  # query positions a chunk at most
@@ -92,21 +92,6 @@ def softmax_grad(S: torch.Tensor, dP: torch.Tensor, O: torch.Tensor, dO: torch.T
     args = pack(rows, keys, keys, period, pos0, O.shape[1], float(scale), native_ops._pool(pool), S.data_ptr(),
                 dP.data_ptr(), O.data_ptr(), dO.data_ptr(), P.data_ptr(), dS.data_ptr())
     native_ops._check_rc(native_ops._need().kt_attn_softmax_grad(args), "attn_softmax_grad")
-
-
-_scratch = threading.local()
-
-
-def _work(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's flat work buffer ``name``, kept between calls (grown when short): fresh pages for
-    8 MB of scores cost more than the product that fills them."""
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    t = bufs.get(name)
-    if t is None or t.numel() < numel:
-        t = bufs[name] = torch.empty(numel, dtype=dtype)
-    return t[:numel]
 
 
 def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c0: int,
@@ -172,16 +157,16 @@ def attention_backward(q, k, v, o, do, scale: float):
     for c0, c1 in _chunks(n, G):
         m = c1 - c0
         rows = G * m
-        P = _work("P", Hkv * rows * c1, torch.bfloat16).view(Hkv, rows, c1)
-        dS = _work("dS", Hkv * rows * c1, torch.bfloat16).view(Hkv, rows, c1)
+        P = work("attention.P", Hkv * rows, c1, torch.bfloat16).view(Hkv, rows, c1)
+        dS = work("attention.dS", Hkv * rows, c1, torch.bfloat16).view(Hkv, rows, c1)
         tiles = scores_grad(q, do, o, k, v, c0, c1, scale, P.view(Hkv, G, m, c1), dS.view(Hkv, G, m, c1))
         qc = q[:, c0:c1].reshape(Hkv, rows, D)  # each KV head's query rows stacked (a copy: q lies [n, Hq, D])
         doc = do[:, c0:c1].reshape(Hkv, rows, D)
         if not tiles:
             for h in range(Hkv):
                 heads = slice(h * G, (h + 1) * G)
-                S = _products_fp32(qc[h], k[h, :c1], _work("S", rows * c1, torch.float32).view(rows, c1))
-                dP = _products_fp32(doc[h], v[h, :c1], _work("dP", rows * c1, torch.float32).view(rows, c1))
+                S = _products_fp32(qc[h], k[h, :c1], work("attention.S", rows, c1))
+                dP = _products_fp32(doc[h], v[h, :c1], work("attention.dP", rows, c1))
                 softmax_grad(S, dP, o[heads, c0:c1].reshape(rows, D).contiguous(), doc[h].contiguous(), m, c0, scale,
                              P[h], dS[h])
         dv[:, :c1] += torch.bmm(P.transpose(1, 2), doc)

@@ -20,11 +20,10 @@ backward), the adapters' low-rank products and the activation in torch between t
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from kt_core.backend.torch_ops.moe import gated_activation
+from kt_core.train.scratch import work
 
 FORMATS = ("bf16", "int8", "int4", "fp8")  # w8a8's dynamic activation quantization has no gradient here
 
@@ -41,22 +40,6 @@ def pack(experts):
     if formats is None or any(f not in FORMATS for f in formats):
         return None
     return native.pack(experts, release=True)  # handed over at load time (prepare_experts)
-
-
-_scratch = threading.local()
-
-
-def _buffer(name: str, rows: int, cols: int) -> torch.Tensor:
-    """A float32 [rows, cols] work buffer of the backward pass, kept per thread between calls: the
-    gradient rows are tens of MB a layer, and fresh pages cost a fault each (a third of the time of
-    the products they feed). Never handed out of backward."""
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    t = bufs.get(name)
-    if t is None or t.numel() < rows * cols:
-        t = bufs[name] = torch.empty(rows * cols, dtype=torch.float32)
-    return t[:rows * cols].view(rows, cols)
 
 
 class _Experts(torch.autograd.Function):
@@ -83,11 +66,11 @@ class _Experts(torch.autograd.Function):
         tokens = routes // ctx.top_k
         w = topk_weights.reshape(-1)[routes].float()
         R = tokens.numel()
-        dy = _buffer("dy", T, H).copy_(dout)  # each route's row read in place by the product (a_rows)
-        z = native_grad.expert_rows_t(packed, "down", dy, counts, out=_buffer("z", R, I), round_bf16=bf16,
+        dy = work("experts.dy", T, H).copy_(dout)  # each route's row read in place by the product (a_rows)
+        z = native_grad.expert_rows_t(packed, "down", dy, counts, out=work("experts.z", R, I), round_bf16=bf16,
                                       pool=packed.pool, a_rows=tokens.contiguous())
         if ctx.activation == "silu":  # one native pass (torch autograd made six, ~25 ms a layer)
-            dg, du, dw = native_grad.silu_mul_backward(gu, z, w, _buffer("dg", R, I), _buffer("du", R, I),
+            dg, du, dw = native_grad.silu_mul_backward(gu, z, w, work("experts.dg", R, I), work("experts.du", R, I),
                                                        pool=packed.pool)
         else:
             with torch.enable_grad():
@@ -99,12 +82,12 @@ class _Experts(torch.autograd.Function):
         if packed.down.bias is not None:  # y_r = a_r W^T + b_e: the bias is weighted too
             expert_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
             dw = dw + (dy[tokens] * packed.down.bias[expert_of]).sum(-1)
-        dx_rows = native_grad.expert_rows_t(packed, "gate", dg.contiguous(), counts, out=_buffer("dx", R, H),
+        dx_rows = native_grad.expert_rows_t(packed, "gate", dg.contiguous(), counts, out=work("experts.dx", R, H),
                                             round_bf16=bf16, pool=packed.pool)
         native_grad.expert_rows_t(packed, "up", du.contiguous(), counts, out=dx_rows, accumulate=True,
                                   round_bf16=bf16, pool=packed.pool)
         # summed in a kept buffer unless it is what leaves (float32 states: .to is then no copy)
-        dx = _buffer("dx_tokens", T, H) if hidden_dtype != torch.float32 else torch.empty(T, H)
+        dx = work("experts.dx_tokens", T, H) if hidden_dtype != torch.float32 else torch.empty(T, H)
         dx.zero_().index_add_(0, tokens, dx_rows)
         dweights = torch.zeros(topk_weights.numel(), dtype=torch.float32)
         dweights[routes] = dw

@@ -25,10 +25,11 @@ gradient), each on fresh pages, 70 ms of a 2-layer 512-token step (bench/train_l
 from __future__ import annotations
 
 import math
-import threading
 from typing import Callable
 
 import torch
+
+from kt_core.train.scratch import work
 
 LOGITS_ELEMENTS = 1 << 24  # logits of one block of rows, in the model's dtype (32 MB of bf16) ...
 MIN_ROWS = 128  # ... but at least this many rows: each block reads the whole head twice (Qwen's 151936-row
@@ -36,25 +37,11 @@ MIN_ROWS = 128  # ... but at least this many rows: each block reads the whole he
 CHUNK_ELEMENTS = 1 << 21  # logits a float32 pass of the log-softmax holds (8 MB)
 
 
-_scratch = threading.local()
-
-
-def _work(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """This thread's float32 [rows, cols] work buffer on device, kept between calls (grown when short)."""
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    t = bufs.get(device)
-    if t is None or t.numel() < rows * cols:
-        t = bufs[device] = torch.empty(rows * cols, dtype=torch.float32, device=device)
-    return t[:rows * cols].view(rows, cols)
-
-
 def _chunk(z: torch.Tensor, targets: torch.Tensor, want: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(z)[target] for each row of the logits z [m, V] (any float dtype; worked in float32;
     targets [m, 1]), and when ``want`` its gradient with respect to z, one-hot(target) - softmax(z), in
     the work buffer (valid until the next call)."""
-    buf = _work(z.shape[0], z.shape[1], z.device)
+    buf = work("logsoftmax", z.shape[0], z.shape[1], device=z.device)
     buf.copy_(z)
     top = buf.amax(-1, keepdim=True)
     picked = buf.gather(1, targets)
