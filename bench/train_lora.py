@@ -3,13 +3,16 @@ same checkpoint, same sequences, same thread count, each in its own process (so 
 alternating; prints one JSON line per run and a summary per implementation (medians, ratios).
 
     python bench/train_lora.py                                 # builds the default model once
-    python bench/train_lora.py --model DIR --seq 512 --steps 3 --repeats 2 --threads 2
+    python bench/train_lora.py --model DIR --seq 512 --steps 10 --repeats 3 --threads 2
     python bench/train_lora.py --quant int4 --impls kt-core,kt-core-torch-experts,transformers   # QLoRA
 
 Default model: 2 layers of Qwen3-30B-A3B (hidden 2048, 128 experts top-8, vocab 32000), bf16, LoRA r=16
-on q / k / v / o. A step is one sequence of --seq tokens, forward + backward + AdamW; the first step
-of each run is a warm-up and is not timed. The profile line splits kt-core's step into forward and
-backward time.
+on q / k / v / o. A step is one sequence of --seq tokens, forward + backward + AdamW; the first
+--warmup steps of each run are not timed, then --steps are. transformers' first steps run slower
+while glibc's allocator settles (its big temporaries mmapped and faulted in afresh each time): 3
+steps after 1 warm-up measured it at 320 tokens/s where 10 after 2 gave 392, and 394 in 3 steps with
+--same-heap. So the defaults time 10 steps after 2, which a long training run sees. The profile line
+splits kt-core's step into forward and backward time.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def default_model() -> Path:
 
 def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none",
             expert_lora: bool = False, profile: bool = False, same_heap: bool = False,
-            checkpoint_layers: bool = False) -> dict:
+            checkpoint_layers: bool = False, warmup: int = 2) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -100,16 +103,20 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
             opt.step()
             opt.zero_grad(set_to_none=True)
             fwd, bwd, optim = fwd + t2 - t, bwd + t3 - t2, optim + time.perf_counter() - t3
-    step()  # warm-up
-    fwd = bwd = optim = 0.0
-    t = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(warmup):
         step()
-    elapsed = time.perf_counter() - t
+    fwd = bwd = optim = 0.0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    elapsed = sum(times)
     out = {"impl": impl, "quant": quant if impl.startswith("kt-core") else "none", "expert_lora": expert_lora,
            "same_heap": same_heap or impl.startswith("kt-core"),
            "checkpoint_layers": checkpoint_layers and impl.startswith("kt-core"),
-           "seq": seq, "steps": steps, "threads": threads, "tokens_per_s": seq * steps / elapsed,
+           "seq": seq, "steps": steps, "warmup": warmup, "threads": threads, "tokens_per_s": seq * steps / elapsed,
+           "step_ms_median": round(sorted(times)[len(times) // 2] * 1e3, 1),
            "forward_s_per_step": fwd / steps, "backward_s_per_step": bwd / steps,
            "optimizer_s_per_step": optim / steps, "peak_rss_mb": round(peak_rss_mb())}
     if profile:
@@ -147,8 +154,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps a run")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocators and caches settle)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--impls", default="kt-core,transformers",
                     help="kt-core (native expert kernels), kt-core-torch-experts, transformers")
@@ -168,16 +176,17 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         emit(run_one(a.child, a.model, a.seq, a.steps, a.threads, a.quant, a.expert_lora, a.profile, a.same_heap,
-                     a.checkpoint_layers))
+                     a.checkpoint_layers, a.warmup))
         return
     model = a.model or default_model()
     runs = alternate(__file__, a.impls.split(","), a.repeats,
-                     ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads),
+                     ["--model", str(model), "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                      "--threads", str(a.threads),
                       "--quant", a.quant] + (["--expert-lora"] if a.expert_lora else [])
                      + (["--same-heap"] if a.same_heap else []) + (["--checkpoint-layers"] if a.checkpoint_layers else [])
                      + (["--profile"] if a.profile else []))
-    summarize(runs, ['tokens_per_s', 'forward_s_per_step', 'backward_s_per_step', 'optimizer_s_per_step',
-                     'peak_rss_mb'],
+    summarize(runs, ['tokens_per_s', 'step_ms_median', 'forward_s_per_step', 'backward_s_per_step',
+                     'optimizer_s_per_step', 'peak_rss_mb'],
               {'tokens_per_s': 'tokens_per_s_vs_transformers', 'peak_rss_mb': 'peak_rss_vs_transformers'})
 
 
