@@ -44,7 +44,7 @@ struct PutBf16 {
 // out[r][kq + i][16] (written when first)
 template <int RT>
 KT_AVX512BF16 inline void rows_t_dp_tile(const uint32_t* ap, int64_t MP2, const uint16_t* wb, int64_t pstride,
-                                         int64_t P, int kq, float* out, bool first) {
+                                         int64_t P, int kq, float* out, bool first, const char* pf) {
   __m512 acc[RT][8];
   for (int r = 0; r < RT; ++r)
     for (int i = 0; i < 8; ++i) acc[r][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(out + (r * NR + kq + i) * NR);
@@ -53,6 +53,7 @@ KT_AVX512BF16 inline void rows_t_dp_tile(const uint32_t* ap, int64_t MP2, const 
     for (int q = 0; q < NR / 2; ++q) {
       __m512bh a[RT];
       for (int r = 0; r < RT; ++r) a[r] = bit_as<__m512bh>(_mm512_load_si512(ap + (r * MP2 + p * NR / 2 + q) * NR));
+      if (pf) KT_DP_FETCH(pf + p * pstride * 2 + q * 64);  // a line of a later block of the panel
       for (int i = 0; i < 8; ++i) {
         int32_t pair;
         std::memcpy(&pair, wp + i * NR + 2 * q, 4);
@@ -91,10 +92,9 @@ KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, 
         const int64_t k0 = kb * NR;
         const uint16_t* wb = reinterpret_cast<const uint16_t*>(data + c0 * panel_bytes(w)) + k0 * NR;  // bf16: as they lie
         int64_t pstride = w.K * NR;
-        if (w.fmt == FMT_BF16 && kb + KT_GRAD_DP_AHEAD < kb1)
-          for (int64_t p = 0; p < pc; ++p)
-            for (int l = 0; l < NR * NR * 2; l += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(wb + p * pstride + KT_GRAD_DP_AHEAD * NR * NR) + l, _MM_HINT_T1);
+        // bf16: each panel's block KT_GRAD_DP_AHEAD on, fetched a line a pair of inputs while the first 8 inputs run
+        const char* pf = w.fmt == FMT_BF16 && kb + KT_GRAD_DP_AHEAD < kb1
+                             ? reinterpret_cast<const char*>(wb + KT_GRAD_DP_AHEAD * NR * NR) : nullptr;
         if (w.fmt != FMT_BF16) {
           for (int64_t p = 0; p < pc; ++p) decode_pairs_avx512(w, c0 + p, k0, PutBf16{&blk[p * NR * NR]});
           wb = blk.data();
@@ -102,9 +102,10 @@ KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, 
         }
         float* ct = &Ct[(kb - kb0) * rt * NR * NR];
         for (int kq = 0; kq < NR; kq += 8) {
-          if (rt == 3) rows_t_dp_tile<3>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0);
-          else if (rt == 2) rows_t_dp_tile<2>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0);
-          else rows_t_dp_tile<1>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0);
+          const char* f = kq ? nullptr : pf;
+          if (rt == 3) rows_t_dp_tile<3>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0, f);
+          else if (rt == 2) rows_t_dp_tile<2>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0, f);
+          else rows_t_dp_tile<1>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0, f);
         }
       }
     }
