@@ -1,4 +1,5 @@
-"""Causal self-attention's backward pass while fine-tuning a bf16 model on a CPU with AMX.
+"""Causal self-attention's backward pass (and, without AMX, its forward) while fine-tuning a bf16 model on
+a CPU that multiplies bf16 pairs (AMX tiles, AVX512-BF16).
 
 torch's fused CPU attention (SDPA's flash kernel) runs the forward of a 512-token, 32-head layer in
 ~5 ms on 2 threads of an AMX Xeon, but its backward in ~29 ms: a sixth of the benchmark's LoRA step
@@ -19,10 +20,14 @@ so GQA needs no repeated keys. P and dS are rounded to bf16 for the last three p
 attention rounds P. Against float64 the gradients are as close as torch's own backward's, or closer
 (tests). A 512-token layer's forward + backward: ~22 ms against torch's 33-34.
 
+Without AMX (Zen 4 / 5) torch's fused forward is slow too (24 ms for that layer on 2 threads of a Zen 5
+EPYC); ``attention_forward`` runs it as the same chunks (S in float32 sums, the native softmax writing P in
+bf16, then P v): forward + backward 67 -> 28 ms there.
+
 ``attend`` has ``torch_ops.attention.attend``'s contract and takes this path only for plain causal
 attention of bf16 tensors that want gradients, with the native ops loaded, a torch that has the
-precision switch, and AMX (elsewhere the float32 products would be slower than torch's backward; the
-tests pass ``any_cpu``); ``KT_NATIVE_ATTENTION_GRAD=0`` turns it off.
+precision switch, and bf16 pair products in hardware (elsewhere the float32 products would be slower
+than torch's backward; the tests pass ``any_cpu``); ``KT_NATIVE_ATTENTION_GRAD=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -64,7 +69,16 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sinks, any_cp
             or q.shape[-1] != k.shape[-1]:
         return False
     native, _ = _ops()
-    return native is not None and _precision_switch() and (any_cpu or native.variant() == "amx")
+    return native is not None and _precision_switch() and (any_cpu or _bf16_products(native))
+
+
+def _bf16_products(native) -> bool:
+    """Whether this CPU's kernels multiply bf16 pairs in hardware (AMX tiles, AVX512-BF16), which
+    torch's float32 products take in their bf16 mode too: then this path beats torch's backward (Zen 5
+    EPYC, 2 threads, a 512-token 32-head layer's forward + backward: 46 against 67 ms). Without them
+    the float32 products are slower than torch's."""
+    variant = native.variant()
+    return variant == "amx" or native.bf16_tile_tokens(variant, "bf16") > 0
 
 
 def softmax_grad(S: torch.Tensor, dP: torch.Tensor, O: torch.Tensor, dO: torch.Tensor, period: int, pos0: int,
@@ -92,6 +106,26 @@ def softmax_grad(S: torch.Tensor, dP: torch.Tensor, O: torch.Tensor, dO: torch.T
     args = pack(rows, keys, keys, period, pos0, O.shape[1], float(scale), native_ops._pool(pool), S.data_ptr(),
                 dP.data_ptr(), O.data_ptr(), dO.data_ptr(), P.data_ptr(), dS.data_ptr())
     native_ops._check_rc(native_ops._need().kt_attn_softmax_grad(args), "attn_softmax_grad")
+
+
+def softmax(S: torch.Tensor, period: int, pos0: int, scale: float, P: torch.Tensor, pool: int = 0) -> None:
+    """The forward pass's probabilities: P = softmax(scale S) (bf16 [rows, keys]) of S float32 [rows, keys],
+    row r at query position pos0 + r % period seeing keys 0..position, zeros past them (one native pass)."""
+    _, native_ops = _ops()
+    if native_ops is None:
+        raise RuntimeError("native CPU ops unavailable for attention's softmax: reinstall kt-core")
+    rows, keys = S.shape
+    if not (S.dtype == torch.float32 and P.dtype == torch.bfloat16 and S.shape == P.shape and S.is_contiguous()
+            and P.is_contiguous() and S.device.type == P.device.type == "cpu" and period >= 1 and rows % period == 0
+            and pos0 >= 0):
+        raise ValueError(f"softmax: S float32 and P bf16 [rows, keys], contiguous CPU tensors, rows a multiple of "
+                         f"period; got S {tuple(S.shape)} {S.dtype}, P {tuple(P.shape)} {P.dtype}, period {period}")
+    if rows == 0:
+        return
+    pack = native_ops._PACKERS["kt_attn_softmax_grad"][0].pack  # dP, O, dO, dS null: P alone
+    args = pack(rows, keys, keys, period, pos0, 1, float(scale), native_ops._pool(pool), S.data_ptr(), 0, 0, 0,
+                P.data_ptr(), 0)
+    native_ops._check_rc(native_ops._need().kt_attn_softmax_grad(args), "attn_softmax")
 
 
 def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c0: int,
@@ -175,12 +209,37 @@ def attention_backward(q, k, v, o, do, scale: float):
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+def attention_forward(q, k, v, scale: float) -> torch.Tensor:
+    """Causal attention o = softmax(scale q k^T) v, q [Hq, n, D], k, v [Hkv, n, D] bf16 (GQA by head
+    groups): per query chunk, S in float32 sums of the bf16 products, P rounded to bf16 (as flash attention
+    and the backward round it) for P v. Where the kernels multiply bf16 pairs without tiles (AVX512-BF16:
+    Zen 4 / 5) this beats torch's fused kernel (Zen 5 EPYC, 2 threads, 512 tokens, 32 heads: ~8 against 24
+    ms); with AMX torch's is faster (~5 ms) and runs instead."""
+    Hq, n, D = q.shape
+    Hkv = k.shape[0]
+    G = Hq // Hkv
+    o = torch.empty(Hq, n, D, dtype=q.dtype)
+    for c0, c1 in _chunks(n, G):
+        m = c1 - c0
+        rows = G * m
+        P = work("attention.P", Hkv * rows, c1, torch.bfloat16).view(Hkv, rows, c1)
+        qc = q[:, c0:c1].reshape(Hkv, rows, D)
+        for h in range(Hkv):
+            softmax(_products_fp32(qc[h], k[h, :c1], work("attention.S", rows, c1)), m, c0, scale, P[h])
+        o[:, c0:c1] = torch.bmm(P, v[:, :c1]).view(Hq, m, D)
+    return o
+
+
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
+        native, _ = _ops()
         with torch.no_grad():
-            o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
-                                               enable_gqa=q.shape[0] != k.shape[0])[0]
+            if native is not None and native.variant() != "amx":
+                o = attention_forward(q, k, v, scale)
+            else:
+                o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                                   enable_gqa=q.shape[0] != k.shape[0])[0]
         ctx.save_for_backward(q, k, v, o)
         ctx.scale = scale
         return o

@@ -47,6 +47,19 @@ def test_softmax_grad_matches_float64_in_every_variant(rows, keys, period, pos0,
         assert (P.double()[hidden] == 0).all() and (dS.double()[hidden] == 0).all(), variant
 
 
+@pytest.mark.parametrize("rows,keys,period,pos0", [(12, 37, 6, 31), (64, 64, 64, 0), (8, 9, 2, 0), (6, 40, 3, 100)])
+def test_the_forward_softmax_matches_float64_in_every_variant(rows, keys, period, pos0):
+    g = torch.Generator().manual_seed(rows * keys)
+    S = torch.randn(rows, keys, generator=g) * 8
+    P0, _ = _expected(S, S, torch.zeros(rows, 1), torch.zeros(rows, 1), period, pos0, 0.3)
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        P = torch.full((rows, keys), 7.0, dtype=torch.bfloat16)  # every element must be written
+        na.softmax(S, period, pos0, 0.3, P)
+        torch.testing.assert_close(P.double(), P0, rtol=8e-3, atol=1e-6, msg=variant)
+        assert (P.double()[P0 == 0] == 0).all(), variant
+
+
 def test_a_nan_score_is_not_clamped_away_in_any_variant():
     S, dP = torch.randn(4, 24), torch.randn(4, 24)
     S[1, 3] = float("nan")
@@ -71,6 +84,10 @@ def test_softmax_grad_checks_its_arguments():
                            ({"pool": 64}, -2), ({"S": None}, -6), ({"dO": None}, -6), ({"dS": None}, -6)]:
         assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**{**ok, **override}))) == code, override
     assert lib.kt_attn_softmax_grad(None) == -6
+    forward = {**ok, "dP": None, "O": None, "dO": None, "dS": None}  # P alone: all four null, or none
+    assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**forward))) == 0
+    assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**{**forward, "O": O.data_ptr()}))) == -6
+    assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**{**forward, "P": None}))) == -6
     assert ctypes.sizeof(_AttnSoftmaxGradArgs) == lib.kt_attn_softmax_grad_args_size()
     with pytest.raises(ValueError, match="multiple of period"):
         na.softmax_grad(S, dP, O, dO, 3, 0, 0.5, P, dS)
