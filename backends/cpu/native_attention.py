@@ -84,11 +84,40 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tens
             out[r0:r1, h * G:(h + 1) * G] = o.transpose(0, 1).to(out.dtype)
 
 
+def _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) -> bool:
+    """Whether plain causal attention takes fine-tuning's chunked forward instead (S in float32 sums, the
+    native softmax, P v: kt_core/train/native_attention.py), which beats both torch's and the panel path
+    where the kernels multiply bf16 pairs without AMX (Zen 5 EPYC, 2 threads, 512 tokens, 32 heads: ~5
+    against 25 / 26 ms). ``chunked``: force it (True) or the panel path (False); None: decide."""
+    if not (causal and sliding_window is None and chunk is None and sinks is None and q.dtype == torch.bfloat16
+            and os.environ.get("KT_NATIVE_PREFILL_ATTENTION", "1") != "0"):
+        return False
+    from kt_core.train import native_attention as chunked_attention
+
+    if chunked is None:
+        return not any_variant and chunked_attention.takes_forward()
+    return chunked and chunked_attention._ops()[0] is not None and chunked_attention._precision_switch()
+
+
 def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, causal=True,
-                          sliding_window=None, sinks=None, chunk=None, any_variant=False) -> Optional[torch.Tensor]:
+                          sliding_window=None, sinks=None, chunk=None, any_variant=False,
+                          chunked=None) -> Optional[torch.Tensor]:
     """The torch reference's (kt_core.backend.torch_ops.attention.attention_prefill) result, or None
     when this path does not take the inputs. ``any_variant``: on every kernel variant, not only AMX
-    (the vector kernels give the same products; the tests run the glue on every CPU this way)."""
+    (the vector kernels give the same products; the tests run the glue on every CPU this way);
+    ``chunked``: see ``_chunked``."""
+    if _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) and q.dim() == 3 \
+            and k_cache.dim() == 4 and q.shape[1] % k_cache.shape[2] == 0 and v_cache.shape[-1] == q.shape[2] \
+            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k_cache, v_cache)):
+        from kt_core.train.native_attention import attention_forward
+
+        out = torch.empty_like(q)
+        for b, qs, qe, length in sequences(seq_lens, query_start_loc):
+            k = gather_context(k_cache, block_tables[b], length)  # [L, Hkv, D]
+            v = gather_context(v_cache, block_tables[b], length)
+            attention_forward(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale,
+                              out=out[qs:qe].transpose(0, 1))
+        return out
     if not _takes(q, k_cache, v_cache, sinks, any_variant):
         return None
     Hq, D = q.shape[1], q.shape[2]

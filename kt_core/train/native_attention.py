@@ -172,10 +172,11 @@ def _products_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> tor
         matmul.fp32_precision = before
 
 
-def _chunks(n: int, G: int) -> list[tuple[int, int]]:
+def _chunks(n: int, G: int, keys: Optional[int] = None) -> list[tuple[int, int]]:
     """Query position chunks [c0, c1): at most CHUNK positions (a chunk's products stop at its last
-    key, so smaller chunks skip more of the causal mask's zeros), scores within SCORE_BYTES."""
-    per = max(1, min(CHUNK, SCORE_BYTES // (4 * G * n)))
+    key, so smaller chunks skip more of the causal mask's zeros), scores of ``keys`` (default n) within
+    SCORE_BYTES."""
+    per = max(1, min(CHUNK, SCORE_BYTES // (4 * G * (keys or n))))
     return [(c0, min(n, c0 + per)) for c0 in range(0, n, per)]
 
 
@@ -209,33 +210,41 @@ def attention_backward(q, k, v, o, do, scale: float):
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-def attention_forward(q, k, v, scale: float) -> torch.Tensor:
-    """Causal attention o = softmax(scale q k^T) v, q [Hq, n, D], k, v [Hkv, n, D] bf16 (GQA by head
-    groups): per query chunk, S in float32 sums of the bf16 products, P rounded to bf16 (as flash attention
-    and the backward round it) for P v. Where the kernels multiply bf16 pairs without tiles (AVX512-BF16:
-    Zen 4 / 5) this beats torch's fused kernel (Zen 5 EPYC, 2 threads, 512 tokens, 32 heads: ~8 against 24
-    ms); with AMX torch's is faster (~5 ms) and runs instead."""
+def takes_forward() -> bool:
+    """Whether ``attention_forward`` beats torch's fused kernel here: the native ops loaded, torch's
+    precision switch, and bf16 pair products without AMX (with the tiles torch's kernel is faster)."""
+    native, _ = _ops()
+    return native is not None and _precision_switch() and native.variant() != "amx" and _bf16_products(native)
+
+
+def attention_forward(q, k, v, scale: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention o = softmax(scale q k^T) v, q [Hq, n, D] (any strides), k, v [Hkv, L, D] with
+    L >= n (the queries are the last n positions: a cached prefix before them), bf16, GQA by head groups;
+    ``out``: [Hq, n, D] to write (a view may be passed). Per query chunk, S in float32 sums of the bf16
+    products, P rounded to bf16 (as flash attention and the backward round it) for P v. Where the kernels
+    multiply bf16 pairs without tiles (AVX512-BF16: Zen 4 / 5) this beats torch's fused kernel (Zen 5
+    EPYC, 2 threads, 512 tokens, 32 heads: ~5 against 24 ms); with AMX torch's is faster (~5 ms). Also
+    the CPU backend's prefill attention there (backends/cpu/native_attention.py)."""
     Hq, n, D = q.shape
-    Hkv = k.shape[0]
-    G = Hq // Hkv
-    o = torch.empty(Hq, n, D, dtype=q.dtype)
-    for c0, c1 in _chunks(n, G):
-        m = c1 - c0
+    Hkv, L = k.shape[0], k.shape[1]
+    G, off = Hq // Hkv, L - n
+    o = torch.empty(Hq, n, D, dtype=q.dtype) if out is None else out
+    for c0, c1 in _chunks(n, G, L):
+        m, keys = c1 - c0, off + c1
         rows = G * m
-        P = work("attention.P", Hkv * rows, c1, torch.bfloat16).view(Hkv, rows, c1)
+        P = work("attention.P", Hkv * rows, keys, torch.bfloat16).view(Hkv, rows, keys)
         qc = q[:, c0:c1].reshape(Hkv, rows, D)
         for h in range(Hkv):
-            softmax(_products_fp32(qc[h], k[h, :c1], work("attention.S", rows, c1)), m, c0, scale, P[h])
-        o[:, c0:c1] = torch.bmm(P, v[:, :c1]).view(Hq, m, D)
+            softmax(_products_fp32(qc[h], k[h, :keys], work("attention.S", rows, keys)), m, off + c0, scale, P[h])
+        o[:, c0:c1] = torch.bmm(P, v[:, :keys]).view(Hq, m, D)
     return o
 
 
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        native, _ = _ops()
         with torch.no_grad():
-            if native is not None and native.variant() != "amx":
+            if takes_forward():
                 o = attention_forward(q, k, v, scale)
             else:
                 o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
