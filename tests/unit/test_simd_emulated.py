@@ -93,9 +93,9 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         assert run.stdout.count("ok   amx attention training") == 4
         assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
         assert run.stdout.count("ok   avx_vnni") == 210  # (3 int8 kinds, w8a8, 6 int4 kinds) x 7 token counts x 3 panels
-        # 6 token counts of 8+ x 3 panels x 2 K (512; 544: a K block of 32 after two of 256), alone and paired
-        # and training's transposed products: (bf16, fp8, 2 int8 and 2 int4 kinds) x 4 row counts
-        assert run.stdout.count("ok   avx512bf16") == 36 + 72 + 24 + 3  # and the one-token GEMV at 3 K
+        # 7 token counts of 2+ (kDpMinRows) x 3 panels x 2 K (512; 544: a K block of 32 after two of 256), alone
+        # and paired, and training's transposed products: (bf16, fp8, 2 int8 and 2 int4 kinds) x 4 row counts
+        assert run.stdout.count("ok   avx512bf16") == 42 + 84 + 24 + 3  # and the one-token GEMV at 3 K
         assert run.stdout.count("ok   gemv avx512") == 3
         assert run.stdout.count("ok   avx512bf16 rows_t") == 24
-        assert run.stdout.count("ok   avx512bf16 pair") == 72
+        assert run.stdout.count("ok   avx512bf16 pair") == 84

@@ -306,8 +306,9 @@ KT_AVX512BF16 inline void dp_rows_n(int m, const uint32_t* b0, const uint32_t* b
   }
 }
 
-constexpr int64_t kDpMinRows = 8;  // rows a call from which bf16 weights take these kernels (round callers; one
-// Qwen3-30B-A3B MoE layer on a Zen 4 EPYC, T=128 (~8 rows an expert): 8 rows 0.92x the time of 16)
+constexpr int64_t kDpMinRows = 2;  // rows a call from which bf16 weights take these kernels (round callers; one
+// Qwen3-30B-A3B MoE layer on a Zen 4 EPYC, T=128 (~8 rows an expert): 8 rows 0.92x the time of 16; on a Zen 5
+// EPYC, skewed routing, 2 rows against 8: T=32 0.85x, T=128 0.85x, T=512 ~0.92x (4 rows); 1 row no better)
 constexpr int64_t kDpBlock = 256;   // inputs of a K block: two panels' pairs, 16 KB, stay in L1 for every row group
 
 inline bool bf16dp_takes(const Weight& w, int64_t n) { return w.fmt == FMT_BF16 && n >= kDpMinRows && w.K % 16 == 0; }
