@@ -82,8 +82,11 @@ KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, 
   at_pairs_bf16(A, lda, n, w.M, P, Ap);
   if (w.fmt != FMT_BF16) blk.resize(kGradChunk * NR * NR);
   const char* data = static_cast<const char*>(w.data);
-  for (int64_t t = 0; t < tiles; t += 3) {  // up to 3 row tiles a pass: each broadcast feeds 3 of them
-    const int rt = static_cast<int>(std::min<int64_t>(3, tiles - t));
+  // up to 3 row tiles a pass (each broadcast feeds 3 of them), as even as the passes allow: 4 tiles as
+  // 2 + 2, not 3 + 1 (a pass of one tile is a broadcast a product; Zen 5, skewed routing, T=512: 0.98-0.99x)
+  for (int64_t t = 0, rt = 0; t < tiles; t += rt) {
+    const int64_t left = tiles - t, passes = (left + 2) / 3;
+    rt = (left + passes - 1) / passes;
     Ct.resize(NB * rt * NR * NR);
     for (int64_t c0 = 0; c0 < P; c0 += kGradChunk) {
       const int64_t pc = std::min(kGradChunk, P - c0);
