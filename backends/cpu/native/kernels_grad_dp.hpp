@@ -13,20 +13,46 @@
 namespace kt {
 
 #if defined(KT_X86) && defined(KT_HAVE_AVX512BF16)
+// 8 x 8 32-bit words r[0..8) transposed in place (the AVX2 unpack / permute network)
+KT_AVX512BF16 inline void transpose8x8_epi32(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 4) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    t[i + 2] = _mm256_unpacklo_epi32(r[i + 2], r[i + 3]);
+    t[i + 3] = _mm256_unpackhi_epi32(r[i + 2], r[i + 3]);
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    r[q] = _mm256_permute2x128_si256(u[q], u[q + 4], 0x20);
+    r[q + 4] = _mm256_permute2x128_si256(u[q], u[q + 4], 0x31);
+  }
+}
+
 // A^T in bf16 pairs: Ap[(t MP2 + q) 16 + c] = (A[16t + c][2q], A[16t + c][2q + 1]) rounded to nearest
-// even, 0 past n or M; MP2 = 8 P
+// even, 0 past n or M; MP2 = 8 P. A tile's 16 rows of a panel's 16 columns go through registers: each row
+// rounded to 8 pairs, the two 8 x 8 halves transposed, each pair index's 16 rows stored as one vector
+// (the scalar scatter it replaced was ~11% of a skewed gate_t call on a Zen 5 EPYC)
 KT_AVX512BF16 inline void at_pairs_bf16(const float* A, int64_t lda, int64_t n, int64_t M, int64_t P,
                                         lvector<uint32_t>& Ap) {
-  const int64_t MP2 = P * NR / 2;
-  Ap.assign(((n + NR - 1) / NR) * MP2 * NR, 0u);
-  alignas(64) float row[NR];
-  alignas(64) uint32_t pairs[NR / 2];
-  for (int64_t r = 0; r < n; ++r)
+  const int64_t MP2 = P * NR / 2, tiles = (n + NR - 1) / NR;
+  Ap.resize(tiles * MP2 * NR);  // every element written below
+  for (int64_t t = 0; t < tiles; ++t)
     for (int64_t p = 0; p < P; ++p) {
-      for (int j = 0; j < NR; ++j) row[j] = p * NR + j < M ? A[r * lda + p * NR + j] : 0.f;
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16x16_of(_mm512_load_ps(row)));
-      uint32_t* dst = &Ap[((r / NR) * MP2 + p * NR / 2) * NR + r % NR];
-      for (int q = 0; q < NR / 2; ++q) dst[q * NR] = pairs[q];
+      const int64_t left = M - p * NR;
+      const __mmask16 cols = left >= NR ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      __m256i r[NR];
+      for (int c = 0; c < NR; ++c)
+        r[c] = t * NR + c < n ? bf16x16_of(_mm512_maskz_loadu_ps(cols, A + (t * NR + c) * lda + p * NR))
+                              : _mm256_setzero_si256();
+      transpose8x8_epi32(r);
+      transpose8x8_epi32(r + 8);
+      uint32_t* dst = &Ap[(t * MP2 + p * NR / 2) * NR];
+      for (int q = 0; q < NR / 2; ++q)
+        _mm512_store_si512(dst + q * NR, _mm512_inserti64x4(_mm512_castsi256_si512(r[q]), r[q + 8], 1));
     }
 }
 
