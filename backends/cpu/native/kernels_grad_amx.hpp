@@ -129,46 +129,7 @@ KT_AMX inline void pair_block_bf16(const Weight& w, int64_t p, int64_t k0, uint1
                                                  second ? _mm512_load_ps(fb + kk * NR) : _mm512_setzero_ps()));
 }
 
-// r[i][j] -> r[j][i] for a 16 x 16 block of floats in registers (unpacks within 128-bit lanes, then lanes)
-KT_AMX inline void transpose16x16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(u[i], u[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(u[i], u[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(u[i + 8], u[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(u[i + 8], u[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
-  }
-}
-
-// add_block_t of a whole C^T tile (16 inputs x 16 rows, 64-byte aligned): transposed in registers, a
-// row's 16 inputs one store
-KT_AMX inline void add_tile_t(const float* acc, int64_t t, int64_t n, float* C, int64_t ldc, int64_t k0,
-                              bool accumulate) {
-  __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(acc + 16 * i);
-  transpose16x16(r);
-  const int64_t rows = std::min<int64_t>(16, n - 16 * t);
-  for (int64_t c = 0; c < rows; ++c) {
-    float* row = C + (16 * t + c) * ldc + k0;
-    _mm512_storeu_ps(row, accumulate ? _mm512_add_ps(_mm512_loadu_ps(row), r[c]) : r[c]);
-  }
-}
+// (transpose16x16, add_tile_t: kernels_grad.hpp, shared with the AVX512-BF16 form)
 
 // rows_t with A rounded to bf16 and the blocks decoded to bf16; w.K % 16 == 0, not w8a8. A TDPBF16PS
 // reduces over two panels (32 rows of W). Panels are read kGradPairs pairs at a time, each as a

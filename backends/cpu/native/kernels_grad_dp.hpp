@@ -140,7 +140,7 @@ KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, 
     }
     for (int r = 0; r < rt; ++r)  // a row tile at a time: its rows of C written along
       for (int64_t kb = kb0; kb < kb1; ++kb)
-        add_block_t(&Ct[((kb - kb0) * rt + r) * NR * NR], NR, t + r, n, NR, C, ldc, kb * NR, accumulate);
+        add_tile_t(&Ct[((kb - kb0) * rt + r) * NR * NR], t + r, n, C, ldc, kb * NR, accumulate);
   }
 }
 #endif
