@@ -36,3 +36,32 @@ def test_chunks_give_autograds_values_and_gradients(monkeypatch):
     none = tl.token_logprobs(model, h[:0], targets[:0])  # an answer of no tokens: a zero loss, still in the graph
     assert none.shape == (0,)
     none.sum().backward()
+
+
+class LinearHead(Head):
+    """A model whose head is the backend's plain linear over a frozen weight, as CausalLM's is."""
+
+    def __init__(self, w):
+        from kt_core.backend.torch_backend import TorchBackend
+
+        super().__init__(w)
+        self.lm_head, self.be = w, TorchBackend()
+
+    def head_products(self, h):
+        return self.be.linear(h, self.lm_head)
+
+
+def test_a_plain_head_takes_the_transposed_gradient_product_with_autograds_values(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    w, h0 = torch.randn(70, 16, generator=g, dtype=torch.float64), torch.randn(11, 16, generator=g, dtype=torch.float64)
+    targets, up = torch.randint(0, 70, (11,), generator=g), torch.randn(11, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(tl, "LOGITS_ELEMENTS", 280)  # blocks of 4 rows, a short last one
+    monkeypatch.setattr(tl, "MIN_ROWS", 1)
+    model = LinearHead(w)
+    assert tl._plain_head(model, h0) is w
+    assert tl._plain_head(model, h0.float()) is None  # another dtype than the head's: autograd's path
+    h = h0.clone().requires_grad_()
+    (tl.token_logprobs(model, h, targets) * up).sum().backward()
+    ref_h = h0.clone().requires_grad_()
+    ((ref_h @ w.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1) * up).sum().backward()
+    torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-6, atol=1e-6)
