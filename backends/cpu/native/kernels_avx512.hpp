@@ -105,7 +105,7 @@ KT_AVX512 inline void rows_f_avx512(const Weight& w, int64_t p, const float* X, 
 
 // a[i] += the 16 rows' int16 input pairs (k, k+1) . row i of X
 template <int MR>
-KT_AVX512 inline void madd_pairs_512(__m512i w, const X16& x, int64_t k, __m512i (&a)[4]) {
+KT_AVX512 inline void madd_pairs_512(__m512i w, const X16& x, int64_t k, __m512i (&a)[MR]) {
   for (int i = 0; i < MR; ++i) {
     int32_t pair;
     std::memcpy(&pair, x.q + i * x.ldx + k, 4);
@@ -128,9 +128,9 @@ KT_AVX512 inline __m512 group_zeros16(const Weight& w, int64_t i) {
 
 template <int MR>
 KT_AVX512 inline void rows_x16_avx512(const Weight& w, int64_t p, const X16& x, float* out) {
-  __m512 acc[4];
+  __m512 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
-  __m512i a[4];
+  __m512i a[MR];
   if (w.fmt == FMT_INT8) {  // int32 sums flushed every 256 inputs, or every group times its scales
     const int8_t* wp = static_cast<const int8_t*>(w.data) + p * w.K * NR;  // (and zero points: rows_i8's)
     const bool grouped = int8_grouped(w), zp = has_zeros(w);
@@ -371,11 +371,16 @@ KT_AVX512 inline X16 x16_rows(const X16& x, int64_t i) {
   return X16{x.q + i * x.ldx, x.scale + i, x.gsum ? x.gsum + i * x.ldg : nullptr, x.ldx, x.ldg};
 }
 
+// 8 rows a call while 8 are left (each decoded weight vector feeds 8 rows, not 4), then tiles of up to 4
 KT_AVX512 inline void panel_gemm_x16_avx512(const Weight& w, int64_t p, const X16& x, int64_t n, float* out) {
-  KT_TILES_512(n, rows_x16_avx512<4>(w, p, x16_rows(x, i), out + i * NR),
-               rows_x16_avx512<3>(w, p, x16_rows(x, i), out + i * NR),
-               rows_x16_avx512<2>(w, p, x16_rows(x, i), out + i * NR),
-               rows_x16_avx512<1>(w, p, x16_rows(x, i), out + i * NR));
+  int64_t r0 = 0;
+  for (; r0 + 8 <= n; r0 += 8) rows_x16_avx512<8>(w, p, x16_rows(x, r0), out + r0 * NR);
+  const X16 xr = x16_rows(x, r0);
+  float* o = out + r0 * NR;
+  KT_TILES_512(n - r0, rows_x16_avx512<4>(w, p, x16_rows(xr, i), o + i * NR),
+               rows_x16_avx512<3>(w, p, x16_rows(xr, i), o + i * NR),
+               rows_x16_avx512<2>(w, p, x16_rows(xr, i), o + i * NR),
+               rows_x16_avx512<1>(w, p, x16_rows(xr, i), o + i * NR));
 }
 
 KT_AVX512 inline void panel_gemm_q8_avx512(const Weight& w, int64_t p, const int8_t* Xq, int64_t ldx, const float* xs,
