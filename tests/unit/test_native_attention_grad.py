@@ -180,10 +180,18 @@ def test_a_bf16_lora_step_on_the_cpu_takes_this_backward(tiny_checkpoint, monkey
 
 
 def test_the_tiles_make_the_same_probabilities_and_score_gradients():
-    """kt_attn_scores_grad (the products on the AMX tiles, q / do / o read where they lie) against the
-    float64 formulas, for a chunk of query positions past the first and rows short of a tile."""
-    if native.variant() != "amx":
-        pytest.skip(f"needs AMX tiles (variant {native.variant()})")
+    """kt_attn_scores_grad (the products on the AMX tiles or the AVX512-BF16 pair kernels, q / do / o read
+    where they lie) against the float64 formulas, for a chunk of query positions past the first and rows
+    short of a tile, in every variant that takes it."""
+    takers = [v for v in native.supported_variants() if v == "amx" or native.bf16_tile_tokens(v, "bf16") > 0]
+    if not takers:
+        pytest.skip("needs AMX tiles or AVX512-BF16")
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        _scores_grad_case(variant in takers)
+
+
+def _scores_grad_case(takes: bool):
     g = torch.Generator().manual_seed(5)
     H, G, n, D, c0, c1 = 2, 3, 45, 64, 13, 41
     q = torch.randn(n, H * G, D, generator=g).bfloat16().transpose(0, 1)  # strided
@@ -194,7 +202,9 @@ def test_the_tiles_make_the_same_probabilities_and_score_gradients():
     P, dS = (torch.full((H, G, c1 - c0, c1), 7.0, dtype=torch.bfloat16) for _ in range(2))
     assert not na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS)
     v = v.transpose(0, 1).contiguous().transpose(0, 1)
-    assert k.stride() == v.stride() and na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS)
+    assert k.stride() == v.stride() and na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS) == takes
+    if not takes:
+        return
     for h in range(H):
         heads = slice(h * G, (h + 1) * G)
         S = (q[heads, c0:c1].double() @ k[h, :c1].double().T).reshape(-1, c1)

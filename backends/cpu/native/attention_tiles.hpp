@@ -13,10 +13,30 @@
 #pragma once
 #include "kernels_amx.hpp"
 
+#include <cstring>
+
+namespace kt {
+// Fine-tuning's attention backward (attn_grad.inc): the scores of 16 query rows against keys packed
+// once per call. kp: K [n][D] (rows ldk elements apart, bf16; D % 32 == 0) as B tiles
+// [ceil(n / 16)][D / 32][16][16] dwords: (key block b, dims 32 s..) dword (r, c) = dims (32 s + 2r,
+// 32 s + 2r + 1) of key 16 b + c; zero past n. A key block is then [D / 2][16] dim pairs, the layout
+// the AVX512-BF16 pair kernels' panels take (dp_rows) too.
+inline void attn_pack_keys(const uint16_t* K, int64_t ldk, int64_t n, int64_t D, lvector<uint32_t>& kp) {
+  const int64_t ds = D / 32;
+  kp.assign(static_cast<size_t>((n + 15) / 16 * ds * 256), 0u);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < D / 2; ++p) {
+      uint32_t pair;
+      std::memcpy(&pair, K + j * ldk + 2 * p, 4);
+      kp[static_cast<size_t>(((j / 16) * ds + p / 16) * 256 + (p % 16) * 16 + j % 16)] = pair;
+    }
+}
+
+}  // namespace kt
+
 #if defined(KT_HAVE_AMX)
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace kt {
@@ -165,21 +185,6 @@ KT_AMX inline void attn_values_amx(const float* p, int64_t G, int64_t Dv, const 
   KT_MEMORY_BARRIER();
 }
 
-
-// Fine-tuning's attention backward (attn_grad.inc): the scores of 16 query rows against keys packed
-// once per call. kp: K [n][D] (rows ldk elements apart, bf16; D % 32 == 0) as B tiles
-// [ceil(n / 16)][D / 32][16][16] dwords: (key block b, dims 32 s..) dword (r, c) = dims (32 s + 2r,
-// 32 s + 2r + 1) of key 16 b + c; zero past n.
-KT_AMX inline void attn_pack_keys(const uint16_t* K, int64_t ldk, int64_t n, int64_t D, lvector<uint32_t>& kp) {
-  const int64_t ds = D / 32;
-  kp.assign(static_cast<size_t>((n + 15) / 16 * ds * 256), 0u);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t p = 0; p < D / 2; ++p) {
-      uint32_t pair;
-      std::memcpy(&pair, K + j * ldk + 2 * p, 4);
-      kp[static_cast<size_t>(((j / 16) * ds + p / 16) * 256 + (p % 16) * 16 + j % 16)] = pair;
-    }
-}
 
 // S [16][lds] (float32, columns [0, 16 nb)) = A [16][D] (bf16 rows lda elements apart) . the first
 // nb key blocks of kp^T: exact float32 sums of the bf16 products. A tile load of A reads 16 rows.

@@ -266,11 +266,11 @@ KT_AVX512BF16 inline void dp_pairs(const Weight& w, int64_t p, int64_t k0, int64
 // activation pair feeds both panels.
 template <int MR, bool TWO>
 KT_AVX512BF16 inline void dp_rows(const uint32_t* b0, const uint32_t* b1, int64_t kp, const uint16_t* xh, int64_t ldx,
-                                  float* o0, float* o1, bool first, const char* pf0, const char* pf1) {
+                                  float* o0, float* o1, bool first, const char* pf0, const char* pf1, int64_t ldo = NR) {
   __m512 a0[MR], a1[MR];
   for (int i = 0; i < MR; ++i) {
-    a0[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o0 + i * NR);
-    if (TWO) a1[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o1 + i * NR);
+    a0[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o0 + i * ldo);
+    if (TWO) a1[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o1 + i * ldo);
   }
   for (int64_t j = 0; j < kp; ++j) {
     const __m512bh w0 = bit_as<__m512bh>(_mm512_load_si512(b0 + j * NR));
@@ -286,23 +286,24 @@ KT_AVX512BF16 inline void dp_rows(const uint32_t* b0, const uint32_t* b1, int64_
     }
   }
   for (int i = 0; i < MR; ++i) {
-    _mm512_storeu_ps(o0 + i * NR, a0[i]);
-    if (TWO) _mm512_storeu_ps(o1 + i * NR, a1[i]);
+    _mm512_storeu_ps(o0 + i * ldo, a0[i]);
+    if (TWO) _mm512_storeu_ps(o1 + i * ldo, a1[i]);
   }
 }
 
 template <bool TWO>
 KT_AVX512BF16 inline void dp_rows_n(int m, const uint32_t* b0, const uint32_t* b1, int64_t kp, const uint16_t* xh,
-                                    int64_t ldx, float* o0, float* o1, bool first, const char* pf0, const char* pf1) {
+                                    int64_t ldx, float* o0, float* o1, bool first, const char* pf0, const char* pf1,
+                                    int64_t ldo = NR) {
   switch (m) {
-    case 1: return dp_rows<1, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
-    case 2: return dp_rows<2, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
-    case 3: return dp_rows<3, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
-    case 4: return dp_rows<4, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
-    case 5: return dp_rows<5, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
-    case 6: return dp_rows<6, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
-    case 7: return dp_rows<7, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
-    default: return dp_rows<8, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1);
+    case 1: return dp_rows<1, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
+    case 2: return dp_rows<2, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
+    case 3: return dp_rows<3, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
+    case 4: return dp_rows<4, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
+    case 5: return dp_rows<5, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
+    case 6: return dp_rows<6, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
+    case 7: return dp_rows<7, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
+    default: return dp_rows<8, TWO>(b0, b1, kp, xh, ldx, o0, o1, first, pf0, pf1, ldo);
   }
 }
 
