@@ -24,8 +24,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # (the second with its two products on the AMX tiles)
 # (fine-tuning: kt_core/train/native_attention.py), and kt_logsoftmax_grad, the LM head's log-probabilities and
 # their gradient (kt_core/train/token_logprobs.py); RowsTArgs.a_rows / a_count (the routes' rows read in place);
-# 23: kt_attn_softmax_grad writes P alone when dP, O, dO and dS are null (fine-tuning's attention forward)
-ABI_VERSION = 23
+# 23: kt_attn_softmax_grad writes P alone when dP, O, dO and dS are null (fine-tuning's attention forward);
+# 24: so does kt_attn_scores_grad when dO, O, v and dS are null, and it runs on AVX512-BF16 without AMX
+ABI_VERSION = 24
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts

@@ -163,6 +163,34 @@ def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Ten
     return True
 
 
+def scores_softmax(q: torch.Tensor, k: torch.Tensor, c0: int, c1: int, scale: float, P: torch.Tensor,
+                   pool: int = 0) -> bool:
+    """The forward's P = softmax(scale q k^T) for query positions [c0, c1) against keys [0, c1) of every
+    head (q [Hq, n, D], k [Hkv, >= c1, D], bf16, any head and position strides), written to P [Hkv, G,
+    c1 - c0, c1] by one native call (``kt_attn_scores_grad``'s forward form: S on the AVX512-BF16 pair
+    kernels, never in memory). False where the kernels do not take it (then the caller runs the products)."""
+    native, native_ops = _ops()
+    if native is None or not _bf16_products(native):
+        return False
+    Hq, _, D = q.shape
+    H = k.shape[0]
+    G, m = Hq // H, c1 - c0
+    ok = (q.device.type == k.device.type == P.device.type == "cpu" and q.dtype == k.dtype == P.dtype == torch.bfloat16
+          and q.stride(2) == 1 and k.dim() == 3 and k.stride(2) == 1 and k.shape[1] >= c1 and k.shape[2] == D
+          and P.shape == (H, G, m, c1) and P.is_contiguous() and 0 <= c0 < c1 <= q.shape[1] and D % 32 == 0
+          and Hq % H == 0)
+    if not ok:
+        return False
+    pack = native_ops._PACKERS["kt_attn_scores_grad"][0].pack  # attn_grad.inc AttnScoresGradArgs, forward form
+    args = pack(H, G, D, c0, c1, q.stride(0), q.stride(1), 0, 0, 0, 0, k.stride(0), k.stride(1), float(scale),
+                native_ops._pool(pool), q.data_ptr(), 0, 0, k.data_ptr(), 0, P.data_ptr(), 0)
+    rc = native_ops._need().kt_attn_scores_grad(args)
+    if rc == -3:  # ERR_FORMAT: no pair kernels in this library
+        return False
+    native_ops._check_rc(rc, "attn_scores_softmax")
+    return True
+
+
 def _products_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """a @ b_t^T in float32 from bf16 a, b_t, on the tiles (exact products, float32 sums)."""
     matmul = torch.backends.mkldnn.matmul
@@ -235,9 +263,11 @@ def attention_forward(q, k, v, scale: float, out: Optional[torch.Tensor] = None)
         m, keys = c1 - c0, off + c1
         rows = G * m
         P = work("attention.P", Hkv * rows, keys, torch.bfloat16).view(Hkv, rows, keys)
-        qc = q[:, c0:c1].reshape(Hkv, rows, D)
-        for h in range(Hkv):
-            softmax(_products_fp32(qc[h], k[h, :keys], work("attention.S", rows, keys)), m, off + c0, scale, P[h])
+        if off or not scores_softmax(q, k, c0, c1, scale, P.view(Hkv, G, m, keys)):  # (positions: from 0)
+            qc = q[:, c0:c1].reshape(Hkv, rows, D)
+            for h in range(Hkv):
+                softmax(_products_fp32(qc[h], k[h, :keys], work("attention.S", rows, keys)), m, off + c0, scale,
+                        P[h])
         o[:, c0:c1] = torch.bmm(P, v[:, :keys]).view(Hq, m, D)
     return o
 

@@ -205,6 +205,8 @@ def _scores_grad_case(takes: bool):
     assert k.stride() == v.stride() and na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS) == takes
     if not takes:
         return
+    fwd = torch.full_like(P, 7.0)  # the forward's form: P alone (on the pair kernels, AMX CPUs too)
+    assert na.scores_softmax(q, k, c0, c1, 0.3, fwd)
     for h in range(H):
         heads = slice(h * G, (h + 1) * G)
         S = (q[heads, c0:c1].double() @ k[h, :c1].double().T).reshape(-1, c1)
@@ -212,6 +214,7 @@ def _scores_grad_case(takes: bool):
         P0, dS0 = _expected(S, dP, o[heads, c0:c1].reshape(-1, D), do[heads, c0:c1].reshape(-1, D), c1 - c0, c0, 0.3)
         torch.testing.assert_close(P[h].reshape(-1, c1).double(), P0, rtol=8e-3, atol=1e-6)
         torch.testing.assert_close(dS[h].reshape(-1, c1).double(), dS0, rtol=8e-3, atol=1e-4 * dS0.abs().max().item())
+        torch.testing.assert_close(fwd[h].reshape(-1, c1).double(), P0, rtol=8e-3, atol=1e-6)
 
 
 def test_scores_grad_checks_its_arguments():
@@ -228,3 +231,7 @@ def test_scores_grad_checks_its_arguments():
                            ({"pool": -1}, -2), ({"k": None}, -6), ({"dS": None}, -6)]:
         assert lib.kt_attn_scores_grad(ctypes.byref(_AttnScoresGradArgs(**{**ok, **override}))) == code, override
     assert lib.kt_attn_scores_grad(None) == -6
+    forward = {**ok, "dO": None, "O": None, "v": None, "dS": None}  # P alone: the four null, or none
+    assert lib.kt_attn_scores_grad(ctypes.byref(_AttnScoresGradArgs(**forward))) in (0, -3)  # -3: no pair kernels
+    for half in ({"v": x.data_ptr()}, {"dS": x.data_ptr()}, {"P": None}, {"q": None}):
+        assert lib.kt_attn_scores_grad(ctypes.byref(_AttnScoresGradArgs(**{**forward, **half}))) == -6, half
