@@ -137,7 +137,7 @@ def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Ten
     it lies: q, do, o [Hq, n, D], k, v [Hkv, >= c1, D] (bf16, any head and position strides, GQA by head
     groups); query positions [c0, c1), keys [0, c1); writes P, dS [Hkv, G, c1 - c0, c1]. False where
     neither is on (then the caller runs the products)."""
-    native, native_ops = _ops()
+    native, _ = _ops()
     if native is None or not _bf16_products(native):
         return False
     Hq, _, D = q.shape
@@ -152,14 +152,21 @@ def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Ten
           and 0 <= c0 < c1 <= q.shape[1] and D % 32 == 0 and Hq % H == 0)
     if not ok:
         return False
-    pack = native_ops._PACKERS["kt_attn_scores_grad"][0].pack  # attn_grad.inc AttnScoresGradArgs
-    args = pack(H, G, D, c0, c1, q.stride(0), q.stride(1), do.stride(0), do.stride(1), o.stride(0), o.stride(1),
-                k.stride(0), k.stride(1), float(scale), native_ops._pool(pool), q.data_ptr(), do.data_ptr(),
-                o.data_ptr(), k.data_ptr(), v.data_ptr(), P.data_ptr(), dS.data_ptr())
-    rc = native_ops._need().kt_attn_scores_grad(args)
-    if rc == -3:  # ERR_FORMAT: the library's tiles are off (its first-use check)
+    return _scores_call((H, G, D, c0, c1, q.stride(0), q.stride(1), do.stride(0), do.stride(1), o.stride(0),
+                         o.stride(1), k.stride(0), k.stride(1)), scale, pool,
+                        (q.data_ptr(), do.data_ptr(), o.data_ptr(), k.data_ptr(), v.data_ptr(), P.data_ptr(),
+                         dS.data_ptr()), "attn_scores_grad")
+
+
+def _scores_call(sizes: tuple, scale: float, pool: int, pointers: tuple, op: str) -> bool:
+    """kt_attn_scores_grad (attn_grad.inc AttnScoresGradArgs: sizes and strides, scale, pool, pointers);
+    False where the library takes it on neither the tiles nor the pair kernels (ERR_FORMAT)."""
+    _, native_ops = _ops()
+    pack = native_ops._PACKERS["kt_attn_scores_grad"][0].pack
+    rc = native_ops._need().kt_attn_scores_grad(pack(*sizes, float(scale), native_ops._pool(pool), *pointers))
+    if rc == -3:  # ERR_FORMAT: the library's tiles are off (its first-use check), and no pair kernels
         return False
-    native_ops._check_rc(rc, "attn_scores_grad")
+    native_ops._check_rc(rc, op)
     return True
 
 
@@ -169,7 +176,7 @@ def scores_softmax(q: torch.Tensor, k: torch.Tensor, c0: int, c1: int, scale: fl
     head (q [Hq, n, D], k [Hkv, >= c1, D], bf16, any head and position strides), written to P [Hkv, G,
     c1 - c0, c1] by one native call (``kt_attn_scores_grad``'s forward form: S on the AVX512-BF16 pair
     kernels, never in memory). False where the kernels do not take it (then the caller runs the products)."""
-    native, native_ops = _ops()
+    native, _ = _ops()
     if native is None or not _bf16_products(native):
         return False
     Hq, _, D = q.shape
@@ -181,14 +188,8 @@ def scores_softmax(q: torch.Tensor, k: torch.Tensor, c0: int, c1: int, scale: fl
           and Hq % H == 0)
     if not ok:
         return False
-    pack = native_ops._PACKERS["kt_attn_scores_grad"][0].pack  # attn_grad.inc AttnScoresGradArgs, forward form
-    args = pack(H, G, D, c0, c1, q.stride(0), q.stride(1), 0, 0, 0, 0, k.stride(0), k.stride(1), float(scale),
-                native_ops._pool(pool), q.data_ptr(), 0, 0, k.data_ptr(), 0, P.data_ptr(), 0)
-    rc = native_ops._need().kt_attn_scores_grad(args)
-    if rc == -3:  # ERR_FORMAT: no pair kernels in this library
-        return False
-    native_ops._check_rc(rc, "attn_scores_softmax")
-    return True
+    return _scores_call((H, G, D, c0, c1, q.stride(0), q.stride(1), 0, 0, 0, 0, k.stride(0), k.stride(1)), scale, pool,
+                        (q.data_ptr(), 0, 0, k.data_ptr(), 0, P.data_ptr(), 0), "attn_scores_softmax")  # forward form
 
 
 def _products_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -241,8 +241,9 @@ KT_AVX512 inline __m256i bf16x16(const float* x) { return bf16x16_of(_mm512_load
 #define KT_DP_PREFETCH 32768
 #endif
 // dp_rows fetches the next K block of its panels into L1 while it runs, a line a pair (one MoE layer, Zen 5
-// EPYC, bf16, T=512, skewed routing: 0.80x the time; dp_pairs' loads had waited on memory). GCC 12 spilled every sum to
-// the stack on each pass when that was _mm_prefetch, or came before the pass's loads: hence the builtin.
+// EPYC, bf16, T=512, skewed routing: 0.80x the time; dp_pairs' loads had waited on memory). GCC 12 spilled
+// every sum to the stack on each pass when that was _mm_prefetch, or came before the pass's loads: hence
+// the builtin.
 #if defined(_MSC_VER) && !defined(__clang__)
 #define KT_DP_FETCH(p) _mm_prefetch((p), _MM_HINT_T0)
 #else
@@ -266,7 +267,8 @@ KT_AVX512BF16 inline void dp_pairs(const Weight& w, int64_t p, int64_t k0, int64
 // activation pair feeds both panels.
 template <int MR, bool TWO>
 KT_AVX512BF16 inline void dp_rows(const uint32_t* b0, const uint32_t* b1, int64_t kp, const uint16_t* xh, int64_t ldx,
-                                  float* o0, float* o1, bool first, const char* pf0, const char* pf1, int64_t ldo = NR) {
+                                  float* o0, float* o1, bool first, const char* pf0, const char* pf1,
+                                  int64_t ldo = NR) {
   __m512 a0[MR], a1[MR];
   for (int i = 0; i < MR; ++i) {
     a0[i] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o0 + i * ldo);
@@ -331,8 +333,8 @@ KT_AVX512BF16 inline void panels_bf16dp_avx512(const Weight& w0, int64_t p0, con
     if (w1) dp_pairs(*w1, p1, k0, k1, b1);
     // the next K block of both panels (past the last: the next panels), a line a pair while the rows run
     const char* pf0 = reinterpret_cast<const char*>(static_cast<const uint16_t*>(w0.data) + (p0 * w0.K + k1) * NR);
-    const char* pf1 = w1 ? reinterpret_cast<const char*>(static_cast<const uint16_t*>(w1->data) + (p1 * w1->K + k1) * NR)
-                         : pf0;
+    const char* pf1 =
+        w1 ? reinterpret_cast<const char*>(static_cast<const uint16_t*>(w1->data) + (p1 * w1->K + k1) * NR) : pf0;
     for (int64_t i = 0; i < n; i += per) {
       const int m = static_cast<int>(std::min(per, n - i));
       if (w1)
