@@ -89,7 +89,7 @@ def _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) -> b
     native softmax, P v: kt_core/train/native_attention.py), which beats both torch's and the panel path
     where the kernels multiply bf16 pairs without AMX (Zen 5 EPYC, 2 threads, 512 tokens, 32 heads: ~5
     against 25 / 26 ms). ``chunked``: force it (True) or the panel path (False); None: decide."""
-    if not (causal and sliding_window is None and chunk is None and sinks is None and q.dtype == torch.bfloat16
+    if not (causal and sliding_window is None and chunk is None and sinks is None
             and os.environ.get("KT_NATIVE_PREFILL_ATTENTION", "1") != "0"):
         return False
     from kt_core.train import native_attention as chunked_attention

@@ -74,6 +74,12 @@ def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sinks, any_cp
     return native is not None and _precision_switch() and (any_cpu or _bf16_products(native))
 
 
+def _pair_products() -> bool:
+    """The native ops loaded, on kernels that multiply bf16 pairs (``_bf16_products``)."""
+    native, _ = _ops()
+    return native is not None and _bf16_products(native)
+
+
 def _bf16_products(native) -> bool:
     """Whether this CPU's kernels multiply bf16 pairs in hardware (AMX tiles, AVX512-BF16), which
     torch's float32 products take in their bf16 mode too: then this path beats torch's backward (Zen 5
@@ -137,8 +143,7 @@ def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Ten
     it lies: q, do, o [Hq, n, D], k, v [Hkv, >= c1, D] (bf16, any head and position strides, GQA by head
     groups); query positions [c0, c1), keys [0, c1); writes P, dS [Hkv, G, c1 - c0, c1]. False where
     neither is on (then the caller runs the products)."""
-    native, _ = _ops()
-    if native is None or not _bf16_products(native):
+    if not _pair_products():
         return False
     Hq, _, D = q.shape
     H = k.shape[0]
@@ -176,8 +181,7 @@ def scores_softmax(q: torch.Tensor, k: torch.Tensor, c0: int, c1: int, scale: fl
     head (q [Hq, n, D], k [Hkv, >= c1, D], bf16, any head and position strides), written to P [Hkv, G,
     c1 - c0, c1] by one native call (``kt_attn_scores_grad``'s forward form: S on the AVX512-BF16 pair
     kernels, never in memory). False where the kernels do not take it (then the caller runs the products)."""
-    native, _ = _ops()
-    if native is None or not _bf16_products(native):
+    if not _pair_products():
         return False
     Hq, _, D = q.shape
     H = k.shape[0]

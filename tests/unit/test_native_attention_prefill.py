@@ -94,7 +94,7 @@ def test_a_cache_in_another_dtype_is_left_to_torch():
 
 
 @pytest.mark.parametrize("lens,news", [([200], [200]), ([300], [45]), ([96, 130], [96, 17])])
-def test_the_chunked_causal_forward_matches_the_float32_reference(lens, news, monkeypatch):
+def test_the_chunked_causal_forward_matches_the_float32_reference(lens, news, monkeypatch, restore_native_variant):
     """Fine-tuning's chunked forward (kt_core/train/native_attention.py), which plain causal prefill
     takes where the kernels multiply bf16 pairs without AMX: a fresh prompt, a cached prefix, two
     sequences, in several query chunks, in every variant (its softmax is native)."""
@@ -106,15 +106,12 @@ def test_the_chunked_causal_forward_matches_the_float32_reference(lens, news, mo
     q, k, v, table, sl, qsl = _case(lens, news, seed=7)
     scale = q.shape[-1] ** -0.5
     ref = attention_prefill(q.float(), k.float(), v.float(), table, sl, qsl, scale)
-    try:
-        for variant in native.supported_variants():
-            native.set_variant(variant)
-            got = native_attention.try_attention_prefill(q, k, v, table, sl, qsl, scale, chunked=True)
-            assert got is not None and got.dtype == torch.bfloat16 and got.shape == q.shape
-            err = float((got.float() - ref).abs().max() / ref.abs().max())
-            assert err < 1e-2, (variant, err)
-    finally:
-        native.set_variant(native.supported_variants()[-1])
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        got = native_attention.try_attention_prefill(q, k, v, table, sl, qsl, scale, chunked=True)
+        assert got is not None and got.dtype == torch.bfloat16 and got.shape == q.shape
+        err = float((got.float() - ref).abs().max() / ref.abs().max())
+        assert err < 1e-2, (variant, err)
     for kw in ({"sliding_window": 40}, {"chunk": 64}, {"causal": False}):  # masks it does not take: the panels
         assert native_attention._chunked(q, kw.get("causal", True), kw.get("sliding_window"), None, kw.get("chunk"),
                                          False, True) is False
