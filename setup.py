@@ -48,7 +48,8 @@ class OptionalBuildExt(build_ext):
 NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
     Extension("kt_backends.cpu._kt_cpu", sources=["backends/cpu/native/kt_cpu.cpp"],
               depends=["backends/cpu/native/kernels.hpp", "backends/cpu/native/kernels_avx512.hpp",
-                       "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_int_avx2.inc",
+                       "backends/cpu/native/kernels_amx.hpp", "backends/cpu/native/kernels_bf16dp.hpp",
+                       "backends/cpu/native/kernels_int_avx2.inc",
                        "backends/cpu/native/isa.hpp", "backends/cpu/native/moe_forward.inc", "backends/cpu/native/linear_packed.inc",
                        "backends/cpu/native/moe_args.inc", "backends/cpu/native/kt_limits.h",
                        "backends/cpu/native/abi_checks.inc", "backends/cpu/native/self_check.inc",

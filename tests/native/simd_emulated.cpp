@@ -234,16 +234,17 @@ int main() {
         }
         compare(what, n, a, b);
 #if defined(KT_HAVE_AVX512BF16)
-        if (fmt == FMT_BF16 && bf16dp_takes(w, n)) {
+        if (bf16dp_takes(w, n)) {  // every weight-only format (dequantized weights bf16-exact here)
           panel_gemm_bf16dp_avx512(w, p, X.data(), K, n, a.data());
-          compare("avx512bf16", n, a, b);
+          const bool decoded = fmt != FMT_BF16;  // int8 / int4 / fp8 decoded to bf16 pairs a K block at a time
+          compare(decoded ? "avx512bf16 decoded" : "avx512bf16", n, a, b);
           std::vector<uint16_t> xh(n * K);  // and two panels at once (gate and up; down's q and q + 1)
           std::vector<float> c(n * NR), d(n * NR), e(n * NR);
           bf16_rows_avx512(X.data(), K, n, K, xh.data());
           panels_bf16dp_avx512(w, p, &w, (p + 1) % P, xh.data(), K, n, c.data(), d.data());
           panel_gemm_generic(w, (p + 1) % P, X.data(), K, n, e.data());
-          compare("avx512bf16 pair", n, c, b);
-          compare("avx512bf16 pair", n, d, e);
+          compare(decoded ? "avx512bf16 decoded pair" : "avx512bf16 pair", n, c, b);
+          compare(decoded ? "avx512bf16 decoded pair" : "avx512bf16 pair", n, d, e);
         }
 #endif
       }

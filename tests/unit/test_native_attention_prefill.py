@@ -50,7 +50,7 @@ def test_matches_the_float32_reference(lens, news, kw):
 def test_query_rows_are_chunked_to_bound_the_scores(monkeypatch):
     # 124 rows in chunks of 8: the last chunk ragged (4 rows), and every chunk's products at least 16
     # rows (4 query heads a KV head), which the vector kernels need to be chunk-invariant: AVX512-BF16
-    # rounds activations to bf16 from 2 rows (kDpMinRows), the float FMA path below does not (AMX tiles take
+    # rounds activations to bf16 from 2 rows (dp_min_rows), the float FMA path below does not (AMX tiles take
     # every row count alike; only AMX CPUs run this path outside tests)
     q, k, v, table, sl, qsl = _case([124], [124], seed=3)
     scale = q.shape[-1] ** -0.5

@@ -41,6 +41,43 @@ def test_packed_linear_matches_the_reference(fmt, group, sym, T, dtype):
         assert err < native_moe_tolerance(fmt, variant, T, dtype == torch.bfloat16), (variant, err)
 
 
+PAIR_CASES = [("int8", 0, True), ("int8", 32, False), ("int4", 32, True), ("int4", 64, False), ("int4", 0, True),
+              ("fp8", 32, True)]
+
+
+@pytest.mark.parametrize("fmt,group,sym", PAIR_CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in PAIR_CASES])
+def test_avx512_bf16_pairs_take_the_weights_rounded_to_bf16(fmt, group, sym):
+    """On an AVX512-BF16 CPU the avx512 variant runs a rounding call (a bf16 model's) of enough rows
+    (native.bf16_tile_tokens) on the pair kernels whatever the weight format: the dequantized weights are
+    rounded to bf16 once (per-row int8: its codes, exact; the row scales multiply the sums), then float32
+    sums of bf16 products. So the result is float32-close to a float64 product of those rounded weights,
+    and one row fewer (the int16-activation / float kernels, which keep the weights unrounded) is not."""
+    least = native.bf16_tile_tokens("avx512", fmt)
+    if "avx512" not in native.supported_variants() or least <= 0:
+        pytest.skip("this CPU (or build) has no AVX512-BF16 pair kernels")
+    g = torch.Generator().manual_seed(11)
+    M, K = 70, 576  # two K blocks of 256 and one of 64; the last panel partial
+    w = torch.randn(M, K, generator=g)
+    q = int8_with_zeros(w, group) if fmt == "int8" and not sym else quantize(w, fmt, group_size=group or K, symmetric=sym)
+    packed = native_linear.pack_linear(q)
+    exact = oracle.dequantize(q)
+    per_row = fmt == "int8" and not group
+    rounded = exact if per_row else exact.to(torch.bfloat16).double()
+    best = native.variant()
+    native.set_variant("avx512")
+    try:
+        for T in (least, least + 9, least - 1):
+            x = torch.randn(T, K, generator=g).to(torch.bfloat16).float()  # bf16 values, float32 calls
+            out = native_linear.linear(x, packed, round_bf16=True).double()
+            err = float((out - x.double() @ rounded.T).abs().max() / out.abs().max())
+            if T >= least:
+                assert err < 1e-4, (T, err)  # (grouped int8 with zero points: q s - z s, then rounded)
+            elif not per_row:
+                assert err > 5e-4, (T, err)  # the weights unrounded (~1.5e-3 here): not the pair kernels
+    finally:
+        native.set_variant(best)
+
+
 def test_bad_inputs_are_refused_with_a_message():
     q = quantize(torch.randn(32, 64), "int8", group_size=64)
     packed = native_linear.pack_linear(q)

@@ -41,10 +41,7 @@ def _simde_include() -> str | None:
 def simde_map() -> str:
     """#defines that send every _mm512_* intrinsic (and the 512-bit types) the AVX-512
     kernels use to SIMDe's implementation of it."""
-    src = "".join((NATIVE_SRC / name).read_text()
-                  for name in ("kernels_avx512.hpp", "kernels_amx.hpp", "kernels_amx_int.hpp", "attention_tiles.hpp",
-                               "kernels_grad.hpp", "kernels_grad_amx.hpp", "kernels_grad_dp.hpp", "kernels_gemv_avx512.hpp",
-                               "rows_t_vec.inc"))
+    src = "".join(path.read_text() for path in sorted(NATIVE_SRC.glob("*.hpp")) + sorted(NATIVE_SRC.glob("*.inc")))
     names = sorted(set(re.findall(r"\b_mm512_\w+", src)))
     lines = ["#pragma once"] + [f"#define __{t} simde__{t}" for t in ("m512", "m512i", "m512d", "m512bh")]
     lines += [f"#define {n} simde{n}" for n in names]
@@ -93,9 +90,12 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         assert run.stdout.count("ok   amx attention training") == 4
         assert run.stdout.count("ok   amx rows_t") == 24  # bf16, fp8, 2 int8 and 2 int4 kinds x 4 row counts
         assert run.stdout.count("ok   avx_vnni") == 210  # (3 int8 kinds, w8a8, 6 int4 kinds) x 7 token counts x 3 panels
-        # 7 token counts of 2+ (kDpMinRows) x 3 panels x 2 K (512; 544: a K block of 32 after two of 256), alone
+        # 7 token counts of 2+ (dp_min_rows of bf16) x 3 panels x 2 K (512; 544: a K block of 32 after two of 256), alone
         # and paired, and training's transposed products: (bf16, fp8, 2 int8 and 2 int4 kinds) x 4 row counts
-        assert run.stdout.count("ok   avx512bf16") == 42 + 84 + 24 + 3  # and the one-token GEMV at 3 K
+        # int8 / int4 / fp8 decoded to bf16 pairs: 21 weight kinds (the amx cases') x the 6 token counts past
+        # dp_min_rows (fp8 4, int8 / int4 8) x 3 panels x (alone, paired twice)
+        assert run.stdout.count("ok   avx512bf16 decoded") == 21 * 6 * 3 * 3
+        assert run.stdout.count("ok   avx512bf16") == 42 + 84 + 24 + 3 + 21 * 6 * 3 * 3  # and the one-token GEMV at 3 K
         assert run.stdout.count("ok   gemv avx512") == 3
         assert run.stdout.count("ok   avx512bf16 rows_t") == 24
         assert run.stdout.count("ok   avx512bf16 pair") == 84

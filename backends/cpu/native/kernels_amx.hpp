@@ -12,7 +12,7 @@
 // (kt_cpu.cpp), and each format checked against AVX2 on first use. GCC 11+ / Clang 12+ only
 // (KT_HAVE_AMX; MSVC: not yet).
 #pragma once
-#include "kernels_avx512.hpp"
+#include "kernels_bf16dp.hpp"  // the pair decoders the bf16 tiles read (and kernels_avx512.hpp)
 
 #include <cstdlib>
 #include <type_traits>
@@ -89,6 +89,12 @@ namespace kt {
 // read memory: this barrier makes the buffers written just before them really be there.
 #define KT_MEMORY_BARRIER() __asm__ __volatile__("" ::: "memory")
 
+// Bytes ahead in a panel stream that the int8 integer-tile decoder prefetches (KT_DECODE_PREFETCH, 512:
+// one MoE layer, 2-core AMX Xeon, T=128 +2%)
+#ifndef KT_AMX_PREFETCH_INT8
+#define KT_AMX_PREFETCH_INT8 2048
+#endif
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -159,152 +165,11 @@ inline bool amx_q8_takes(const Weight& w, int64_t n) {
 // their group scales in; per-row int8 codes are exact in bf16 and the row scales multiply the outputs. Tiles of fewer
 // than 16 tokens are configured with fewer rows (MoE routing gives an expert ~8 tokens at T=128).
 
-// 32 floats -> 32 bf16 in the same order (lo's 16, then hi's 16), rounded to nearest even:
-// VCVTNE2PS2BF16, which every AMX CPU has (AVX512-BF16). The emulation harness (SIMDe has no
-// such intrinsic) defines KT_EMULATED_CVTNE2PS and gets the same rounding from integer steps.
-KT_AMX inline __m512i bf16x32(__m512 lo, __m512 hi) {
-#if defined(KT_EMULATED_CVTNE2PS)
-  return _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16_of(lo)), bf16x16_of(hi), 1);
-#else
-  return bit_as<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-#endif
-}
-
-// Bytes ahead in a panel stream that the tile kernels' decoders prefetch. Farther is worse: the
-// hardware prefetchers already run ahead, and lines fetched early wait in the fill buffers the tile
-// loads need (one MoE layer, 2-core AMX Xeon, bench/ab_native.py, 2048 -> 512: bf16 T=128 -8%,
-// T=512 -13%; int4 per row T=128 -3%, T=512 -4%; fp8, int4 g32 -1..-2%; no prefetch: int8 T=512 +6%).
-// The int8 integer-tile decoder keeps 2048 (512: T=128 +2%).
-#ifndef KT_AMX_PREFETCH
-#define KT_AMX_PREFETCH 512
-#endif
-#ifndef KT_AMX_PREFETCH_INT8
-#define KT_AMX_PREFETCH_INT8 2048
-#endif
-
-// Bytes of one panel's codes (what kernels.hpp's layouts store per 16 rows)
-inline int64_t panel_bytes(const Weight& w) {
-  return w.fmt == FMT_BF16 ? w.K * NR * 2 : w.fmt == FMT_INT4 ? w.K * NR / 2 : w.K * NR;
-}
-
-// Inputs [32 kb, 32 kb + 32) of bf16 panel p ([K][16]) -> B tile kb of buf ([K/2][16] input pairs):
-// inputs k and k + 1 of each row side by side (exact). A fixed 32 inputs: the tile loop's bf16 step
-// The 64 bytes at p as 32 words, its two 32-byte halves interleaved word by word (word 2j: the
-// first half's word j, 2j + 1: the second's): bf16 rows k and k + 1 as B-tile input pairs. One
-// VPERMW; two widenings, a shift and an OR before (one bf16 MoE layer T=512: 0.949-0.953 the time,
-// T=128 0.94; bit-identical). The int8 quads (decode_quads_q8) read 3.3-4.2% slower with it at T=128.
-KT_AMX inline __m512i halves_interleaved(const void* p) {
-  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(order, _mm512_loadu_si512(p));
-}
-
-KT_AMX inline void decode_block_bf16(const Weight& w, int64_t p, int64_t kb, uint32_t* buf) {
-  const uint16_t* wp = static_cast<const uint16_t*>(w.data) + (p * w.K + kb * 32) * NR;
-  uint32_t* out = buf + kb * 16 * NR;
-  for (int64_t k = 0; k < 32; k += 2) {
-    // every other line: a prefetch a line was slower (one MoE layer T=512 73.9 -> 77.4 ms)
-    if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_AMX_PREFETCH, _MM_HINT_T0);
-    _mm512_storeu_si512(out + k / 2 * NR, halves_interleaved(wp + k * NR));
-  }
-}
-
-// The int4 code at bits 19-22 of each lane of x (other bits ignored) as (q - z) s, given s16 = 16 s
-// and c = 16 s + z s: ORed onto the mantissa of 1.0 (one VPTERNLOGD) it is 1 + q/16, exact, and one
-// FMA makes (1 + q/16) 16 s - c. Half the vector work of masking, converting and scaling the code.
-KT_AMX inline __m512 int4_at_bit19(__m512i x, __m512 s16, __m512 c) {
-  const __m512i mantissa = _mm512_ternarylogic_epi32(x, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000),
-                                                     0xEA);  // (x & mask) | 1.0
-  return _mm512_fmsub_ps(_mm512_castsi512_ps(mantissa), s16, c);
-}
-
-// 16 int8 codes at p, sign-extended to int32 lanes straight from memory (VPMOVSXBD: one shuffle-port
-// op where widening 32 codes to int16 and each half again took four)
-KT_AMX inline __m512i int8x16_at(const int8_t* p) {
-#if defined(KT_EMULATED_CVTEPI8_EPI32)  // the emulation harness: SIMDe has no 512-bit VPMOVSXBD
-  return _mm512_cvtepi16_epi32(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#endif
-}
-
-// Inputs [k0, k1) (even; int4: multiples of 4; bf16: of 32) of panel p of w -> the same inputs of buf[K/2][16]
-// input pairs (the B tiles, back to back). Each step makes the 32 (row, input) values of rows 0-7
-// and then 8-15 in B-tile order as floats and rounds them once (bf16: moves them, exact).
-// int8 per row leaves its row scales to the caller (row_scales_left).
-KT_AMX inline void decode_inputs_bf16(const Weight& w, int64_t p, int64_t k0, int64_t k1, uint32_t* buf) {
-  const int64_t K = w.K;
-  const auto fetch = [](const void* at) { _mm_prefetch(static_cast<const char*>(at) + KT_AMX_PREFETCH, _MM_HINT_T0); };
-  if (w.fmt == FMT_BF16) {  // multiples of 32 inputs here
-    for (int64_t kb = k0 / 32; kb < k1 / 32; ++kb) decode_block_bf16(w, p, kb, buf);
-    return;
-  }
-  if (w.fmt == FMT_INT8 && !int8_grouped(w)) {  // [K/2][16][2]: already B-tile order; |code| <= 127 is exact in bf16
-    const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
-    for (int64_t k = k0; k < k1; k += 2) {
-      if ((k & 3) == 0) fetch(wp + k * NR);
-      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_cvtepi32_ps(int8x16_at(wp + k * NR)),
-                                                    _mm512_cvtepi32_ps(int8x16_at(wp + k * NR + 16))));
-    }
-    return;
-  }
-  // group scales (and zero points) repeated per input of a pair: rows 0-7 and rows 8-15
-  const __m512i rows_lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i rows_hi = _mm512_add_epi32(rows_lo, _mm512_set1_epi32(8));
-  const int64_t G = K / w.group;
-  for (int64_t k = k0; k < k1;) {  // one weight group's part of [k0, k1) at a time
-    const int64_t g = k / w.group, end = std::min(k1, (g + 1) * w.group);
-    if (w.fmt == FMT_FP8) {  // [K][16], even groups
-      const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * K * NR;
-      const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(w.scale + (p * G + g) * NR), _mm512_set1_ps(256.f));
-      const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
-      for (; k < end; k += 2) {
-        if ((k & 3) == 0) fetch(wp + k * NR);
-        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR));
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + (k + 1) * NR));
-        _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_mul_ps(fp8x16_of(_mm_unpacklo_epi8(a, b)), s0),
-                                                      _mm512_mul_ps(fp8x16_of(_mm_unpackhi_epi8(a, b)), s1)));
-      }
-      continue;
-    }
-    const __m512 s = group_scales16(w, (p * G + g) * NR), zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
-    const __m512 s0 = _mm512_permutexvar_ps(rows_lo, s), s1 = _mm512_permutexvar_ps(rows_hi, s);
-    const __m512 z0 = _mm512_permutexvar_ps(rows_lo, zs), z1 = _mm512_permutexvar_ps(rows_hi, zs);
-    if (w.fmt == FMT_INT8) {  // grouped: [K/2][16][2] in B-tile order; the group's scales (and zeros) folded in
-      const int8_t* wp = static_cast<const int8_t*>(w.data) + p * K * NR;
-      for (; k < end; k += 2) {
-        if ((k & 3) == 0) fetch(wp + k * NR);
-        _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(_mm512_fmsub_ps(_mm512_cvtepi32_ps(int8x16_at(wp + k * NR)), s0, z0),
-                                                      _mm512_fmsub_ps(_mm512_cvtepi32_ps(int8x16_at(wp + k * NR + 16)), s1, z1)));
-      }
-      continue;
-    }
-    // FMT_INT4 [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e; nibble i shifted onto
-    // bit 19 (int4_at_bit19)
-    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
-    const __m512 t0 = _mm512_mul_ps(s0, _mm512_set1_ps(16.f)), t1 = _mm512_mul_ps(s1, _mm512_set1_ps(16.f));
-    const __m512 c0 = _mm512_add_ps(t0, z0), c1 = _mm512_add_ps(t1, z1);
-    for (; k < end; k += 4) {
-      fetch(wp + k * 8);
-      const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 8)));
-      _mm512_storeu_si512(buf + k / 2 * NR, bf16x32(int4_at_bit19(_mm512_slli_epi32(v, 19), t0, c0),
-                                                    int4_at_bit19(_mm512_slli_epi32(v, 15), t1, c1)));  // s = 0
-      _mm512_storeu_si512(buf + (k / 2 + 1) * NR, bf16x32(int4_at_bit19(_mm512_slli_epi32(v, 11), t0, c0),
-                                                          int4_at_bit19(_mm512_slli_epi32(v, 7), t1, c1)));  // s = 1
-    }
-  }
-}
-
 // B tile kb of panel p into buf (inside a tile loop: bf16 straight to its fixed-size block, where
 // the general decoder cost ~5%)
 KT_AMX inline void decode_tile_bf16(const Weight& w, int64_t p, int64_t kb, uint32_t* buf) {
-  if (w.fmt == FMT_BF16) decode_block_bf16(w, p, kb, buf);
-  else decode_inputs_bf16(w, p, kb * 32, kb * 32 + 32, buf);
-}
-
-// The per-output scales decode_inputs_bf16 leaves to apply to the products (int8 per row), or null
-inline const float* row_scales_left(const Weight& w, int64_t p) {
-  return w.fmt == FMT_INT8 && !int8_grouped(w) ? w.scale + p * NR : nullptr;
+  if (w.fmt == FMT_BF16) decode_block_bf16(w, p, kb, buf + kb * 16 * NR);
+  else decode_inputs_bf16(w, p, kb * 32, kb * 32 + 32, buf + kb * 16 * NR);
 }
 
 // The fewest tokens of one expert (rows of one dense call) from which the tile kernels beat the
@@ -369,7 +234,7 @@ KT_AMX inline void weight_tiles(const Weight& w, int64_t total, const float* X, 
 // out_a[i][j] = row i of the tiled bf16 block Xt . row 16 a.p + j of a.w, for n rows; the same for
 // b into out_b when b.w is set (same K: gate and up, or two panels of one projection), sharing
 // every A tile load. The panels are decoded a B tile at a time inside the first token tiles' steps
-// (their decoders prefetch KT_AMX_PREFETCH bytes ahead), so the DRAM stream runs through the tile
+// (their decoders prefetch KT_DECODE_PREFETCH bytes ahead), so the DRAM stream runs through the tile
 // work. (Fetching the caller's next panels into L2 during the steps as well, PanelFetch until
 // 2026-12-03, took the line fill buffers the tile loads and that stream need: one MoE layer without
 // it, bench/ab_native.py on the 2-core AMX Xeon, bf16 T=512 80.3 -> 74.5 ms, T=128 62.3 -> 56.3;

@@ -100,7 +100,7 @@ KT_AMX inline void decode_quads_q8(const Weight& w, int64_t p, int64_t q0, int64
   const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR;
   const __m256i mask = _mm256_set1_epi8(0x0F);
   for (int64_t q = q0; q < q1; ++q) {
-    if ((q & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + q * 32) + KT_AMX_PREFETCH, _MM_HINT_T0);
+    if ((q & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + q * 32) + KT_DECODE_PREFETCH, _MM_HINT_T0);
     const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + q * 32));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64), _mm256_and_si256(d, mask));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + q * 64 + 32), _mm256_and_si256(_mm256_srli_epi16(d, 4), mask));

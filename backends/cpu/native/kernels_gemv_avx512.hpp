@@ -8,7 +8,7 @@
 // takes 0.97x the float form's time (bench/ab_dense.py, 151936 x 2048 and 32768 x 4096, 12
 // alternating blocks each). tests/native/simd_emulated.cpp compiles both under SIMDe.
 #pragma once
-#include "kernels_avx512.hpp"
+#include "kernels_bf16dp.hpp"  // (and kernels_avx512.hpp)
 
 namespace kt {
 

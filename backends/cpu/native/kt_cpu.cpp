@@ -73,7 +73,7 @@ static void quantize_rows16(const float* X, int64_t rows, int64_t ld, int64_t K,
 // weights of format fmt may take the AVX512-BF16 pair kernels (bf16dp_takes says for which calls)
 static bool bf16dp_on(int fmt) {
 #if defined(KT_HAVE_AVX512BF16)
-  return fmt == FMT_BF16 && state().variant >= VARIANT_AVX512 && (state().isa & ISA_AVX512BF16) &&
+  return fmt != FMT_W8A8 && state().variant >= VARIANT_AVX512 && (state().isa & ISA_AVX512BF16) &&
          checked_ok(fmt, CHECK_AVX512BF16) && avx512_ok(fmt);
 #else
   (void)fmt;
@@ -84,11 +84,11 @@ static bool bf16dp_on(int fmt) {
 // round: the caller's activations are bf16 values (a bf16 model), so kernels that round them to
 // bf16 (AVX512-BF16 pairs, AMX tiles) lose nothing the model keeps; float32 callers get float sums
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out, bool round) {
+#if defined(KT_HAVE_AVX512BF16)
+  if (round && bf16dp_takes(w, n) && bf16dp_on(w.fmt)) return panel_gemm_bf16dp_avx512(w, p, X, ldx, n, out);
+#endif
 #if defined(KT_X86)
   if (w.fmt == FMT_BF16 || w.fmt == FMT_FP8) {  // int8 / int4 go through panel_x16
-#if defined(KT_HAVE_AVX512BF16)
-    if (round && bf16dp_takes(w, n) && bf16dp_on(w.fmt)) return panel_gemm_bf16dp_avx512(w, p, X, ldx, n, out);
-#endif
     if (state().variant >= VARIANT_AVX512 && avx512_ok(w.fmt)) return panel_gemm_avx512(w, p, X, ldx, n, out);
     if (state().variant >= VARIANT_AVX2) return panel_gemm_avx2(w, p, X, ldx, n, out);
   }
@@ -247,8 +247,8 @@ KT_API int kt_variant_supported(const char* name) {
 }
 // The fewest tokens of one expert (rows of one dense call) from which variant `name` runs format
 // fmt on a tile kernel (AMX: bf16 tiles, or for int8 / int4 integer tiles whose two int8 codes per
-// activation lose less; AVX512-BF16 pairs for bf16), whose activations are rounded: what the
-// tests' tolerance table asks. 0: never; -2: no such variant or format.
+// activation lose less; AVX512-BF16 pairs for the weight-only formats), whose activations are rounded:
+// what the tests' tolerance table asks. 0: never; -2: no such variant or format.
 KT_API int kt_bf16_tile_tokens(const char* name, int fmt) {
   return kt::guarded([&] {
     if (!name || fmt < kt::FMT_BF16 || fmt > kt::FMT_W8A8) return -2;
@@ -261,8 +261,8 @@ KT_API int kt_bf16_tile_tokens(const char* name, int fmt) {
     if (v >= kt::VARIANT_AMX && fmt != kt::FMT_W8A8) return static_cast<int>(kt::amx_tile_min_tokens(fmt, false));
 #endif
 #if defined(KT_HAVE_AVX512BF16)
-    if (v >= kt::VARIANT_AVX512 && fmt == kt::FMT_BF16 && (kt::state().isa & kt::ISA_AVX512BF16))
-      return static_cast<int>(kt::kDpMinRows);
+    if (v >= kt::VARIANT_AVX512 && fmt != kt::FMT_W8A8 && (kt::state().isa & kt::ISA_AVX512BF16))
+      return static_cast<int>(kt::dp_min_rows(fmt));
 #endif
     return 0;
   });
