@@ -64,7 +64,7 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
                        "backends/cpu/native/attention_tiles.hpp", "backends/cpu/native/kernels_grad.hpp",
                        "backends/cpu/native/kernels_grad_amx.hpp", "backends/cpu/native/expert_grad.inc",
                        "backends/cpu/native/kernels_grad_dp.hpp", "backends/cpu/native/kernels_gemv_avx512.hpp",
-                       "backends/cpu/native/aligned.hpp", "backends/cpu/native/rows_t_vec.inc",
+                       "backends/cpu/native/aligned.hpp", "backends/cpu/native/rows_t_vec.inc", "backends/cpu/native/decode_pairs.inc",
                        "backends/cpu/native/act_grad.inc", "backends/cpu/native/kernels_generic.inc",
                        "backends/cpu/native/quantize_rows.inc",
                        "backends/cpu/native/rows_t_vec_undef.inc", "backends/cpu/native/quantize_load.inc",

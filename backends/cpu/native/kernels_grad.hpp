@@ -216,80 +216,9 @@ KT_AVX512 inline __m512 bf16_row16(const uint16_t* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
 }
 
-// The rows of a whole block (k0 + 16 <= K) of a bf16, int8, int4 or fp8 weight as decode_block_generic
-// makes them, two at a time: put(kk, row kk, row kk + 1) for kk = 0, 2, ..., 14
-template <typename Put>
-KT_AVX512 inline void decode_pairs_avx512(const Weight& w, int64_t p, int64_t k0, Put&& put) {
-  const int64_t K = w.K;
-  if (w.fmt == FMT_BF16) {  // [K][16]
-    const uint16_t* wp = static_cast<const uint16_t*>(w.data) + (p * K + k0) * NR;
-    for (int kk = 0; kk < NR; kk += 2) put(kk, bf16_row16(wp + kk * NR), bf16_row16(wp + (kk + 1) * NR));
-    return;
-  }
-  // a group's scales (and zero points) are read when the block enters it (groups are even, and
-  // whole multiples of 4 inputs for int4), not again for each pair of rows: grouped int8's backward
-  // spent about a third of its decode on them (fp16 scales are two conversions each)
-  const int64_t G = K / w.group;
-  if (w.fmt == FMT_INT8) {  // [K/2][16][2]: a row's two inputs side by side
-    const int8_t* wp = static_cast<const int8_t*>(w.data) + (p * K + k0) * NR;
-    const bool grouped = int8_grouped(w);
-    __m512 s = grouped ? _mm512_setzero_ps() : _mm512_loadu_ps(w.scale + p * NR), zs = _mm512_setzero_ps();
-    for (int64_t kk = 0, next = grouped ? 0 : NR; kk < NR; kk += 2) {
-      if (kk >= next) {  // the first pair of a group
-        const int64_t g = (k0 + kk) / w.group;
-        s = group_scales16(w, (p * G + g) * NR);
-        zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
-        next = (g + 1) * w.group - k0;
-      }
-      const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + kk * NR)));
-      const __m512 even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16));
-      put(kk, _mm512_fmsub_ps(even, s, zs), _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16)), s, zs));
-    }
-    return;
-  }
-  if (w.fmt == FMT_INT4) {  // [K/4][16] words; word 2l+e, nibble h+2s: row l+8h, input 4q+2s+e
-    const uint8_t* wp = static_cast<const uint8_t*>(w.data) + p * (K / 2) * NR + k0 * 8;
-    const __m512i mask = _mm512_set1_epi32(0xF);
-    // row j < 8: lane 2j + e of the h = 0 nibbles; row 8 + l: lane 2l + e of the h = 1 nibbles
-    const __m512i e0 = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i e1 = _mm512_add_epi32(e0, _mm512_set1_epi32(1));
-    __m512 s = _mm512_setzero_ps(), zs = s;
-    for (int64_t kk = 0, next = 0; kk < NR; kk += 4) {
-      if (kk >= next) {  // the first quad of a group
-        const int64_t g = (k0 + kk) / w.group;
-        s = group_scales16(w, (p * G + g) * NR);
-        zs = _mm512_mul_ps(group_zeros16(w, (p * G + g) * NR), s);
-        next = (g + 1) * w.group - k0;
-      }
-      const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + kk * 8)));
-      const __m512i lo0 = _mm512_and_si512(v, mask), hi0 = _mm512_and_si512(_mm512_srli_epi32(v, 4), mask);  // s = 0
-      const __m512i lo1 = _mm512_and_si512(_mm512_srli_epi32(v, 8), mask), hi1 = _mm512_srli_epi32(v, 12);    // s = 1
-      put(kk, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo0, e0, hi0)), s, zs),
-          _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo0, e1, hi0)), s, zs));
-      put(kk + 2, _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo1, e0, hi1)), s, zs),
-          _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(lo1, e1, hi1)), s, zs));
-    }
-    return;
-  }
-  const uint8_t* wp = static_cast<const uint8_t*>(w.data) + (p * K + k0) * NR;  // FMT_FP8 [K][16]
-  __m512 s = _mm512_setzero_ps(), s1 = s;  // rows kk and kk + 1 (any group size: they may differ)
-  for (int64_t kk = 0, next = 0; kk < NR; kk += 2) {
-    if (kk >= next) {
-      const int64_t g = (k0 + kk) / w.group;
-      s = _mm512_mul_ps(_mm512_loadu_ps(w.scale + (p * G + g) * NR), _mm512_set1_ps(256.f));
-      next = (g + 1) * w.group - k0;
-    }
-    if (kk + 1 >= next) {
-      const int64_t g = (k0 + kk + 1) / w.group;
-      s1 = _mm512_mul_ps(_mm512_loadu_ps(w.scale + (p * G + g) * NR), _mm512_set1_ps(256.f));
-      next = (g + 1) * w.group - k0;
-    } else {
-      s1 = s;
-    }
-    put(kk, _mm512_mul_ps(fp8x16_512(wp + kk * NR), s), _mm512_mul_ps(fp8x16_512(wp + (kk + 1) * NR), s1));
-    s = s1;
-  }
-}
+#define KT_DECODE_PAIRS_TARGET KT_AVX512
+#define KT_DECODE_PAIRS_NAME decode_pairs_avx512
+#include "decode_pairs.inc"  // decode_pairs_avx512
 
 // decode_pairs_avx512's sinks (functors: a lambda would not take the function's target ISA)
 struct PutFloats {  // rows as float32 [16][16]

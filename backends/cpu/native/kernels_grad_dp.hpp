@@ -56,12 +56,16 @@ KT_AVX512BF16 inline void at_pairs_bf16(const float* A, int64_t lda, int64_t n, 
     }
 }
 
-// decode_pairs_avx512's sink that rounds each row of the block to bf16: out [16][16]
+#define KT_DECODE_PAIRS_TARGET KT_AVX512BF16
+#define KT_DECODE_PAIRS_NAME decode_pairs_bf16
+#include "decode_pairs.inc"  // decode_pairs_bf16: decode_pairs_avx512 for this target (PutBf16 inlined)
+
+// decode_pairs_bf16's sink that rounds each row of the block to bf16: out [16][16], rows kk and kk + 1 one
+// VCVTNE2PS2BF16
 struct PutBf16 {
   uint16_t* out;
-  KT_AVX512 void operator()(int kk, __m512 a, __m512 b) const {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kk * NR), bf16x16_of(a));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (kk + 1) * NR), bf16x16_of(b));
+  KT_AVX512BF16 void operator()(int kk, __m512 a, __m512 b) const {
+    _mm512_storeu_si512(out + kk * NR, bf16x32(a, b));
   }
 };
 
@@ -125,7 +129,7 @@ KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, 
         const char* pf = w.fmt == FMT_BF16 && kb + KT_GRAD_DP_AHEAD < kb1
                              ? reinterpret_cast<const char*>(wb + KT_GRAD_DP_AHEAD * NR * NR) : nullptr;
         if (w.fmt != FMT_BF16) {
-          for (int64_t p = 0; p < pc; ++p) decode_pairs_avx512(w, c0 + p, k0, PutBf16{&blk[p * NR * NR]});
+          for (int64_t p = 0; p < pc; ++p) decode_pairs_bf16(w, c0 + p, k0, PutBf16{&blk[p * NR * NR]});
           wb = blk.data();
           pstride = NR * NR;
         }
