@@ -93,7 +93,7 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
         # 7 token counts of 2+ (dp_min_rows of bf16) x 3 panels x 2 K (512; 544: a K block of 32 after two of 256), alone
         # and paired, and training's transposed products: (bf16, fp8, 2 int8 and 2 int4 kinds) x 4 row counts
         # int8 / int4 / fp8 decoded to bf16 pairs: 21 weight kinds (the amx cases') x the 6 token counts past
-        # dp_min_rows (fp8 4, int8 / int4 8) x 3 panels x (alone, paired twice)
+        # dp_min_rows (fp8 6, int8 / int4 16) x 3 panels x (alone, paired twice)
         assert run.stdout.count("ok   avx512bf16 decoded") == 21 * 6 * 3 * 3
         assert run.stdout.count("ok   avx512bf16") == 42 + 84 + 24 + 3 + 21 * 6 * 3 * 3  # and the one-token GEMV at 3 K
         assert run.stdout.count("ok   gemv avx512") == 3

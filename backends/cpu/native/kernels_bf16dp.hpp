@@ -238,15 +238,16 @@ KT_AVX512BF16 inline void dp_rows_n(int m, const uint32_t* b0, const uint32_t* b
 // 8 rows 0.92x the time of 16; on a Zen 5 EPYC, skewed routing, 2 rows against 8: T=32 0.85x, T=128 0.85x,
 // T=512 ~0.92x (4 rows); 1 row no better). int8 / int4 / fp8: decoded to bf16 pairs once a K block for all
 // the rows, where the int16-activation kernels decode once for every 8 rows and fp8's float kernels once for
-// every 4; that MoE layer on the Zen 5, skewed routing, against those kernels: int4 g32 from 8 rows T=512
-// 0.86x the time, T=128 0.98x, T=32 1.01x (from 2 rows: T=32 1.34x, from 4: 1.08x; 16 like 8); int8 per row
-// from 8 T=512 0.75x, T=128 0.88x; fp8 g128 from 4 T=512 0.43x, T=128 0.66x, T=32 0.93x (from 2: 1.02x)
+// every 4. Zen 5 EPYC, 2 threads, against those kernels: a 4096 x 2048 quantized dense projection of T rows
+// (alternating, medians) int8 per row T=8 1.22x the time, 16 0.89x, 48 0.74x; int4 g32 8 1.15x, 16 0.92x, 24
+// 0.85x; fp8 g128 4 1.18x, 6 0.66x; one MoE layer, skewed routing, int4 g32 from 8 rows T=512 0.86x, T=128
+// 0.98x (from 16: 0.87x, 0.98x; from 2: T=32 1.34x); int8 per row T=512 0.75x; fp8 g128 T=512 0.43x
 inline int64_t dp_min_rows(int fmt) {
   switch (fmt) {
     case FMT_BF16: return 2;
-    case FMT_FP8: return 4;
+    case FMT_FP8: return 6;
     case FMT_INT8:
-    case FMT_INT4: return 8;
+    case FMT_INT4: return 16;
     default: return 0;  // w8a8: its integer kernels
   }
 }
