@@ -82,7 +82,8 @@ static bool bf16dp_on(int fmt) {
 }
 
 // round: the caller's activations are bf16 values (a bf16 model), so kernels that round them to
-// bf16 (AVX512-BF16 pairs, AMX tiles) lose nothing the model keeps; float32 callers get float sums
+// bf16 (AVX512-BF16 pairs, AMX tiles) lose nothing the model keeps (they round dequantized int4 / fp8 /
+// grouped int8 weights to bf16 too, as a bf16 model's dequantized matmul would); float32 callers get float sums
 static void panel_gemm(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n, float* out, bool round) {
 #if defined(KT_HAVE_AVX512BF16)
   if (round && bf16dp_takes(w, n) && bf16dp_on(w.fmt)) return panel_gemm_bf16dp_avx512(w, p, X, ldx, n, out);
