@@ -285,13 +285,8 @@ KT_AMX inline void panel_tiles_amx(PanelRef a, PanelRef b, const uint16_t* Xt, i
   }
   _tile_release();
   KT_MEMORY_BARRIER();
-  for (int j = 0; j < 2; ++j) {
-    const float* cs = j ? scale_b : scale_a;
-    float* out = j ? out_b : out_a;
-    if (!cs) continue;
-    const __m512 sv = _mm512_loadu_ps(cs);
-    for (int64_t i = 0; i < n; ++i) _mm512_storeu_ps(out + i * NR, _mm512_mul_ps(_mm512_loadu_ps(out + i * NR), sv));
-  }
+  if (scale_a) scale_rows16(out_a, n, scale_a);  // per-row int8 (row_scales_left)
+  if (scale_b) scale_rows16(out_b, n, scale_b);
 }
 
 }  // namespace kt
