@@ -53,6 +53,7 @@ class SeqState:
     blocks: list[int] = field(default_factory=list)
     length: int = 0
     hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks, in order
+    seed: Optional[bytes] = None  # its chain's seed when a cache salt scopes it (PrefixCache.salted), else the cache's
 
 
 class PagedKVCache:
@@ -163,15 +164,16 @@ class PagedKVCache:
         return self.seqs[seq_id].length if seq_id in self.seqs else 0
 
     # ---- prefix sharing -----------------------------------------------------------
-    def attach_prefix(self, seq_id: int, tokens: list[int]) -> int:
+    def attach_prefix(self, seq_id: int, tokens: list[int], salt: Optional[str] = None) -> int:
         """Start ``seq_id`` with the longest cached prefix of ``tokens`` (whole blocks, leaving
-        at least one token to compute). Returns the number of tokens whose KV is reused."""
+        at least one token to compute). Returns the number of tokens whose KV is reused. ``salt``
+        (a request's ``cache_salt``): the sequence shares blocks only with sequences of the same salt."""
         if self.prefix is None or seq_id in self.seqs:
             return 0
-        seq = self.seqs[seq_id] = SeqState()
+        seq = self.seqs[seq_id] = SeqState(seed=self.prefix.salted(salt) if salt else None)
         # a model with linear-attention state reuses a prefix only up to a block whose state was kept
         usable = self.states.has if self.states is not None else None
-        seq.blocks, seq.hashes = self.prefix.lookup(tokens, (len(tokens) - 1) // self.block_size, usable)
+        seq.blocks, seq.hashes = self.prefix.lookup(tokens, (len(tokens) - 1) // self.block_size, usable, seq.seed)
         seq.length = len(seq.blocks) * self.block_size
         if self.states is not None and seq.hashes:
             self.states.restore(seq_id, seq.hashes[-1])

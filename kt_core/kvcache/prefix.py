@@ -109,15 +109,21 @@ class PrefixCache:
         return b
 
     # ---- lookups and registration ------------------------------------------------------
-    def lookup(self, tokens: list[int], max_blocks: int,
-               usable: Optional[Callable[[bytes], bool]] = None) -> tuple[list[int], list[bytes]]:
+    def salted(self, salt: str) -> bytes:
+        """The chain seed of sequences sent with cache salt ``salt`` (a server request's ``cache_salt``):
+        their blocks' hashes, in every tier, differ from those of any other salt or of none, so one
+        tenant's prompts can neither reuse nor reveal (through usage.cached_tokens or timing) another's."""
+        return hashlib.sha256(self.seed + b"\x00cache_salt\x00" + salt.encode("utf-8", "surrogatepass")).digest()
+
+    def lookup(self, tokens: list[int], max_blocks: int, usable: Optional[Callable[[bytes], bool]] = None,
+               seed: Optional[bytes] = None) -> tuple[list[int], list[bytes]]:
         """The blocks (referenced for the caller) and hashes of the longest cached prefix; with
         ``usable``, the longest whose last block's hash it accepts (linear-attention models resume
-        from a state kept at that block)."""
+        from a state kept at that block); ``seed``: a salted chain's (``salted``), else the model's."""
         blocks, hashes, tiers = [], [], []
         bs = self.cache.block_size
         self.stats["queries"] += max(max_blocks, 0)
-        wanted = chain_hashes(self.seed, tokens[: max_blocks * bs], bs)
+        wanted = chain_hashes(seed or self.seed, tokens[: max_blocks * bs], bs)
         if usable is not None:
             wanted = wanted[:max((j + 1 for j, h in enumerate(wanted) if usable(h)), default=0)]
         try:
@@ -183,7 +189,8 @@ class PrefixCache:
         full = min(len(tokens), seq.length) // bs
         if full <= len(seq.hashes):
             return
-        new = chain_hashes(self.seed, tokens[: full * bs], bs, len(seq.hashes), seq.hashes[-1] if seq.hashes else None)
+        new = chain_hashes(seq.seed or self.seed, tokens[: full * bs], bs, len(seq.hashes),
+                           seq.hashes[-1] if seq.hashes else None)
         for i, h in enumerate(new, start=len(seq.hashes)):
             b = seq.blocks[i]
             if h not in self.on_device and b not in self.block_hash:

@@ -61,6 +61,7 @@ class Request:
     finish_reason: Optional[str] = None  # "stop", "length", "cancelled", "timeout", "abort" (shutdown), "error"
     error: Optional[str] = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    cache_salt: Optional[str] = None  # shares cached prefixes only with requests of the same salt (kvcache/prefix.py)
     computed: int = 0  # prompt tokens whose KV exists
     reserved_blocks: int = 0
     stop_ids: set = field(default_factory=set)  # token ids that end it (its own + eos unless ignore_eos)
@@ -328,7 +329,7 @@ class Scheduler:
                 self.waiting.popleft()
             r.seq = self.engine._new_seq()
             try:
-                r.cached_tokens = r.computed = self.cache.attach_prefix(r.seq, r.prompt)
+                r.cached_tokens = r.computed = self.cache.attach_prefix(r.seq, r.prompt, r.cache_salt)
             except Exception as exc:  # e.g. the prefix cache's disk tier: this request fails, not the batch
                 self._fail(r, "looking up its prompt in the prefix cache", exc)
                 continue

@@ -253,7 +253,7 @@ async def _respond(state: ServerState, http, body, ids: list[int], max_tokens: O
     def sink(r: Request, tok: Optional[int], text: str) -> None:  # scheduler thread
         loop.call_soon_threadsafe(queue.put_nowait, (tok, text))
 
-    req = Request(ids, params, sink, timeout_s=float(state.cfg.request_timeout_s))
+    req = Request(ids, params, sink, timeout_s=float(state.cfg.request_timeout_s), cache_salt=body.cache_salt)
     try:
         state.scheduler.submit(req)
     except QueueFull as exc:

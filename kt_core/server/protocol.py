@@ -18,6 +18,7 @@ from kt_core.runtime.sampling import (REPETITION_PENALTY_MAX, REPETITION_PENALTY
 
 
 STOP_MAX_CHARS = 1024  # a stop sequence's length at most: each token checks the text's tail against it
+CACHE_SALT_MAX_CHARS = 1024  # a request's cache_salt at most (it is hashed into every block name of its prompt)
 
 # What the OpenAPI document says a field takes, where the server's own checks (which answer with
 # a clear 400 naming the field) accept less than the Python type does: the document describes
@@ -66,6 +67,9 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX,
                                       description="1: off", strict=True)
     ignore_eos: bool = False
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=CACHE_SALT_MAX_CHARS, strict=True, description=(
+        "requests share cached prompt prefixes (and usage.prompt_tokens_details.cached_tokens counts them) only with "
+        "requests of the same cache_salt: give each tenant its own to keep their prompts apart"))
 
     # sent but not honoured by kt-core: refused unless at their no-op value (a client that sets them
     # expects them to act)

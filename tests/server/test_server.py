@@ -74,6 +74,26 @@ def test_prefix_cache_reuse_keeps_outputs(live):
     assert live.metrics()["kt_prefix_cache_hit_rate"] > 0
 
 
+def test_cache_salt_keeps_tenants_prefixes_apart(live):
+    shared = " ".join(f"salted{i}" for i in range(60))
+    kw = dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+
+    def cached(salt=None, prompt=shared + " beta"):
+        body = dict(kw["extra_body"], **({"cache_salt": salt} if salt else {}))
+        r = live.client.completions.create(prompt=prompt, **dict(kw, extra_body=body))
+        return r.usage.prompt_tokens_details.cached_tokens, r.choices[0].text
+
+    n0, text = cached()  # unsalted: cached for unsalted requests only
+    assert cached("tenant-a") == (0, text), "a salted request must not reuse (or reveal) an unsalted prefix"
+    n_a, text_a = cached("tenant-a")
+    assert n_a >= 16 and text_a == text, "the same salt shares its own prefix, with the same output"
+    assert cached("tenant-b")[0] == 0
+    assert cached()[0] >= 16
+    bad = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "cache_salt": ""},
+                     headers=live.headers())
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+
+
 @pytest.mark.parametrize("body,status,param", [
     ("{not json", 400, None),
     ({"model": "nope", "prompt": "hi"}, 404, "model"),

@@ -112,6 +112,34 @@ def test_prefix_cache_reuses_blocks_and_keeps_outputs(model_path):
     assert torch.allclose(seen[0][0].cpu(), cold, rtol=1e-4, atol=1e-4)
 
 
+def test_cache_salt_scopes_prefix_sharing_in_every_tier(model_path, tmp_path):
+    e = _engine(model_path)
+    pc = e.enable_prefix_cache(host_bytes=1 << 20, disk_dir=tmp_path, disk_bytes=1 << 30)
+    prompt = _prompt(70, 7)
+
+    def run(salt):
+        s = Scheduler(e)
+        r = s.submit(Request(prompt, GREEDY, cache_salt=salt))
+        while s.has_work():
+            s.step()
+        return r.cached_tokens, r.output
+
+    plain = run(None)
+    assert plain[0] == 0
+    assert run("a") == (0, plain[1]), "a salted request reused an unsalted prefix"
+    assert run("a") == (64, plain[1]) and run("b")[0] == 0 and run(None)[0] == 64
+    assert pc.salted("a") != pc.salted("b") != pc.seed and pc.salted("a") == pc.salted("a")
+    # the disk tier is named by the same hashes: a salted block there is not found unsalted
+    pc.flush()
+    other = _engine(model_path)
+    other.enable_prefix_cache(disk_dir=tmp_path, disk_bytes=1 << 30)
+    s = Scheduler(other)
+    r = s.submit(Request(prompt, GREEDY, cache_salt="c"))
+    while s.has_work():
+        s.step()
+    assert r.cached_tokens == 0 and r.output == plain[1]
+
+
 def _disk_engine(path, folder, **kw):
     e = _engine(path)
     return e, e.enable_prefix_cache(host_bytes=kw.get("host", 0), disk_dir=folder, disk_bytes=kw.get("disk", 1 << 30))
