@@ -23,6 +23,8 @@ def _weights(fmt, E, M, K, group, g):
         return int8_with_zeros(t, group)
     if fmt == "int4pr":  # one group a row (quant.group_size=0)
         return quantize(t, "int4", 0)
+    if fmt == "int4z":  # a zero point a group (quant.symmetric=false; GGUF's Q4_1)
+        return quantize(t, "int4", group, symmetric=False)
     return quantize(t, fmt, group) if group else quantize(t, fmt)
 
 
@@ -35,9 +37,10 @@ def _variants():
     return native.supported_variants()
 
 
-# (format, group): per-row and grouped int8, int8 with zero points, int4 grouped and per row, fp8 in groups, w8a8
-KINDS = [("bf16", 0), ("int8", 0), ("int8", 8), ("int8z", 8), ("int4", 8), ("int4", 16), ("int4pr", 0), ("fp8", 8), ("fp8", 4), ("fp8", 1),
-         ("w8a8", 0)]
+# (format, group): per-row and grouped int8, int8 with zero points, int4 grouped, with zero points and per row,
+# fp8 in groups, w8a8
+KINDS = [("bf16", 0), ("int8", 0), ("int8", 8), ("int8z", 8), ("int4", 8), ("int4", 16), ("int4z", 16), ("int4pr", 0),
+         ("fp8", 8), ("fp8", 4), ("fp8", 1), ("w8a8", 0)]
 
 
 @pytest.mark.parametrize("fmt,group", KINDS)
