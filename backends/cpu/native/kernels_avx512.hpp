@@ -14,6 +14,16 @@ namespace kt {
 #define KT_AVX512 KT_TARGET("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
 #endif
 
+// The int4 code at bits 19-22 of each lane of x (other bits ignored) as (q - z) s, given s16 = 16 s
+// and c = 16 s + z s: ORed onto the mantissa of 1.0 (one VPTERNLOGD) it is 1 + q/16, exact, and one
+// FMA makes (1 + q/16) 16 s - c. Half the vector work of masking, converting and scaling the code.
+// AVX-512F only, so the AVX-512 decoders (decode_pairs.inc) inline it as well as the AVX512-BF16 and AMX ones.
+KT_AVX512 inline __m512 int4_at_bit19(__m512i x, __m512 s16, __m512 c) {
+  const __m512i mantissa = _mm512_ternarylogic_epi32(x, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000),
+                                                     0xEA);  // (x & mask) | 1.0
+  return _mm512_fmsub_ps(_mm512_castsi512_ps(mantissa), s16, c);
+}
+
 // 16 fp8 e4m3 bytes -> 16 floats times 2^-8 (see tile_f8_group in kernels.hpp)
 KT_AVX512 inline __m512 fp8x16_of(__m128i bytes) {
   __m256i h = _mm256_cvtepu8_epi16(bytes);

@@ -68,15 +68,6 @@ KT_AVX512BF16 inline void decode_block_bf16(const Weight& w, int64_t p, int64_t 
   }
 }
 
-// The int4 code at bits 19-22 of each lane of x (other bits ignored) as (q - z) s, given s16 = 16 s
-// and c = 16 s + z s: ORed onto the mantissa of 1.0 (one VPTERNLOGD) it is 1 + q/16, exact, and one
-// FMA makes (1 + q/16) 16 s - c. Half the vector work of masking, converting and scaling the code.
-KT_AVX512BF16 inline __m512 int4_at_bit19(__m512i x, __m512 s16, __m512 c) {
-  const __m512i mantissa = _mm512_ternarylogic_epi32(x, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000),
-                                                     0xEA);  // (x & mask) | 1.0
-  return _mm512_fmsub_ps(_mm512_castsi512_ps(mantissa), s16, c);
-}
-
 // 16 int8 codes at p, sign-extended to int32 lanes straight from memory (VPMOVSXBD: one shuffle-port
 // op where widening 32 codes to int16 and each half again took four)
 KT_AVX512BF16 inline __m512i int8x16_at(const int8_t* p) {
