@@ -69,22 +69,23 @@ struct PutBf16 {
   }
 };
 
-// C^T of inputs [kq, kq + 8) of one bf16 block per panel (panel p's at wb + p * pstride, [16][16]) for
+// C^T of inputs [kq, kq + NI) of one bf16 block per panel (panel p's at wb + p * pstride, [16][16]) for
 // RT tiles of 16 rows of A (ap: tile 0's pairs of panel 0, tiles MP2 pairs apart), added into
-// out[r][kq + i][16] (written when first)
-template <int RT>
+// out[r][kq + i][16] (written when first). RT x NI sums in registers: one tile takes all 16 inputs at
+// once, as 8 its sums' chains waited on the products' latency (each pair a product per sum)
+template <int RT, int NI = 8>
 KT_AVX512BF16 inline void rows_t_dp_tile(const uint32_t* ap, int64_t MP2, const uint16_t* wb, int64_t pstride,
                                          int64_t P, int kq, float* out, bool first, const char* pf) {
-  __m512 acc[RT][8];
+  __m512 acc[RT][NI];
   for (int r = 0; r < RT; ++r)
-    for (int i = 0; i < 8; ++i) acc[r][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(out + (r * NR + kq + i) * NR);
+    for (int i = 0; i < NI; ++i) acc[r][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(out + (r * NR + kq + i) * NR);
   for (int64_t p = 0; p < P; ++p) {
     const uint16_t* wp = wb + p * pstride + kq * NR;
     for (int q = 0; q < NR / 2; ++q) {
       __m512bh a[RT];
       for (int r = 0; r < RT; ++r) a[r] = bit_as<__m512bh>(_mm512_load_si512(ap + (r * MP2 + p * NR / 2 + q) * NR));
       if (pf) KT_DP_FETCH(pf + p * pstride * 2 + q * 64);  // a line of a later block of the panel
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < NI; ++i) {
         int32_t pair;
         std::memcpy(&pair, wp + i * NR + 2 * q, 4);
         const __m512bh b = bit_as<__m512bh>(_mm512_set1_epi32(pair));
@@ -93,7 +94,7 @@ KT_AVX512BF16 inline void rows_t_dp_tile(const uint32_t* ap, int64_t MP2, const 
     }
   }
   for (int r = 0; r < RT; ++r)
-    for (int i = 0; i < 8; ++i) _mm512_store_ps(out + (r * NR + kq + i) * NR, acc[r][i]);
+    for (int i = 0; i < NI; ++i) _mm512_store_ps(out + (r * NR + kq + i) * NR, acc[r][i]);
 }
 
 #ifndef KT_GRAD_DP_AHEAD
@@ -134,11 +135,14 @@ KT_AVX512BF16 inline void rows_t_bf16dp_avx512(const Weight& w, const float* A, 
           pstride = NR * NR;
         }
         float* ct = &Ct[(kb - kb0) * rt * NR * NR];
+        if (rt == 1) {
+          rows_t_dp_tile<1, NR>(ap, MP2, wb, pstride, pc, 0, ct, c0 == 0, pf);
+          continue;
+        }
         for (int kq = 0; kq < NR; kq += 8) {
           const char* f = kq ? nullptr : pf;
           if (rt == 3) rows_t_dp_tile<3>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0, f);
-          else if (rt == 2) rows_t_dp_tile<2>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0, f);
-          else rows_t_dp_tile<1>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0, f);
+          else rows_t_dp_tile<2>(ap, MP2, wb, pstride, pc, kq, ct, c0 == 0, f);
         }
       }
     }
