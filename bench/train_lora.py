@@ -35,6 +35,11 @@ def default_model() -> Path:
 def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: str = "none",
             expert_lora: bool = False, profile: bool = False, same_heap: bool = False,
             checkpoint_layers: bool = False, warmup: int = 2) -> dict:
+    if impl.startswith("kt-core"):  # as `kt sft` runs: OpenMP's idle spin shortened before torch loads
+        repo_on_path()
+        from kt_core.runtime.omp import shorten_idle_spin
+
+        shorten_idle_spin()
     import torch
     import torch.nn.functional as F
 

@@ -80,8 +80,11 @@ def kt_child(model: Path, precision: str, prompt_tokens: int, new_tokens: int, t
              logits_out: Path | None, gguf_dir: Path, stem: str) -> dict:
     import time
 
-    set_threads(threads)
     repo_on_path()
+    from kt_core.runtime.omp import shorten_idle_spin
+
+    shorten_idle_spin()  # as `kt run` does, before torch loads
+    set_threads(threads)
     import torch
 
     import kt_core

@@ -29,6 +29,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Never let torch auto-import out-of-tree device modules (a mismatched torch_npu
     # breaks `import torch`); the ascend plugin imports torch_npu itself when it matches.
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+    from kt_core.runtime.omp import shorten_idle_spin  # (torch-free) before anything loads torch
+
+    shorten_idle_spin()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
