@@ -317,11 +317,14 @@ KT_AVX512BF16 inline void panels_bf16dp_avx512(const Weight& w0, int64_t p0, con
     if (const float* s = row_scales_left(*w1, p1)) scale_rows16(out1, n, s);
 }
 
-// n rows of floats (row i at X + i * ldx, K % 16 == 0) -> bf16 (to nearest even), row i at xh + i * K
-KT_AVX512 inline void bf16_rows_avx512(const float* X, int64_t ldx, int64_t n, int64_t K, uint16_t* xh) {
+// n rows of floats (row i at X + i * ldx, K % 16 == 0) -> bf16 (to nearest even), row i at xh + i * ldh
+// (default K)
+KT_AVX512 inline void bf16_rows_avx512(const float* X, int64_t ldx, int64_t n, int64_t K, uint16_t* xh,
+                                       int64_t ldh = 0) {
+  if (ldh == 0) ldh = K;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < K; k += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xh + i * K + k), bf16x16(X + i * ldx + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xh + i * ldh + k), bf16x16(X + i * ldx + k));
 }
 
 // panel p of w against n float rows of X, rounded to bf16 once per call
