@@ -1,6 +1,7 @@
-"""Causal attention forward + backward while fine-tuning: kt-core's (kt_core/train/native_attention.py:
-its backward, and its forward without AMX; torch's forward with AMX) vs torch's SDPA forward + backward,
-same inputs, same process, the two alternating; one JSON line per round and a summary (medians, ratio).
+"""Causal attention forward + backward while fine-tuning: kt-core's (kt_core/train/native_attention.py on
+backends/cpu/chunked_attention.py: its backward, and its forward without AMX; torch's forward with AMX) vs
+torch's SDPA forward + backward, same inputs, same process, the two alternating; one JSON line per round
+and a summary (medians, ratio).
 
     python bench/attention_grad.py                       # Qwen3-30B-A3B's attention: 32 / 4 heads of 128
     python bench/attention_grad.py --tokens 512,2048 --rounds 5 --threads 2

@@ -22,7 +22,7 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # load-time quantization and int4 packing (native_quant.py); 21: kt_rmsnorm_backward, rmsnorm's input gradient
 # (fine-tuning: kt_core/train/native_norm_rope.py); 22: kt_attn_softmax_grad and kt_attn_scores_grad, causal attention's backward softmax
 # (the second with its two products on the AMX tiles)
-# (fine-tuning: kt_core/train/native_attention.py), and kt_logsoftmax_grad, the LM head's log-probabilities and
+# (fine-tuning and prefill: backends/cpu/chunked_attention.py), and kt_logsoftmax_grad, the LM head's log-probabilities and
 # their gradient (kt_core/train/token_logprobs.py); RowsTArgs.a_rows / a_count (the routes' rows read in place);
 # 23: kt_attn_softmax_grad writes P alone when dP, O, dO and dS are null (fine-tuning's attention forward);
 # 24: so does kt_attn_scores_grad when dO, O, v and dS are null, and it runs on AVX512-BF16 without AMX

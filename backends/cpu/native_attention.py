@@ -86,13 +86,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tens
 
 def _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) -> bool:
     """Whether plain causal attention takes fine-tuning's chunked forward instead (S in float32 sums, the
-    native softmax, P v: kt_core/train/native_attention.py), which beats both torch's and the panel path
+    native softmax, P v: chunked_attention.py), which beats both torch's and the panel path
     where the kernels multiply bf16 pairs without AMX (Zen 5 EPYC, 2 threads, 512 tokens, 32 heads: ~5
     against 25 / 26 ms). ``chunked``: force it (True) or the panel path (False); None: decide."""
     if not (causal and sliding_window is None and chunk is None and sinks is None
             and os.environ.get("KT_NATIVE_PREFILL_ATTENTION", "1") != "0"):
         return False
-    from kt_core.train import native_attention as chunked_attention
+    from kt_backends.cpu import chunked_attention
 
     if chunked is None:
         return not any_variant and chunked_attention.takes_forward()
@@ -109,7 +109,7 @@ def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_sta
     if _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) and q.dim() == 3 \
             and k_cache.dim() == 4 and q.shape[1] % k_cache.shape[2] == 0 and v_cache.shape[-1] == q.shape[2] \
             and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k_cache, v_cache)):
-        from kt_core.train.native_attention import attention_forward
+        from kt_backends.cpu.chunked_attention import attention_forward
 
         out = torch.empty_like(q)
         for b, qs, qe, length in sequences(seq_lens, query_start_loc):

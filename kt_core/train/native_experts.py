@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from kt_core.backend.torch_ops.moe import gated_activation
-from kt_core.train.scratch import work
+from kt_core.runtime.scratch import work
 
 FORMATS = ("bf16", "int8", "int4", "fp8")  # w8a8's dynamic activation quantization has no gradient here
 

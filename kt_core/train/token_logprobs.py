@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kt_core.train.scratch import work
+from kt_core.runtime.scratch import work
 
 LOGITS_ELEMENTS = 1 << 24  # logits of one block of rows, in the model's dtype (32 MB of bf16) ...
 MIN_ROWS = 128  # ... but at least this many rows: each block reads the whole head twice (Qwen's 151936-row

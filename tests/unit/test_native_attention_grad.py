@@ -1,4 +1,5 @@
-"""Fine-tuning's causal attention backward (kt_core/train/native_attention.py, native/attn_grad.inc):
+"""Fine-tuning's causal attention backward (kt_core/train/native_attention.py, its native pieces in
+backends/cpu/chunked_attention.py, native/attn_grad.inc):
 the native element-wise pass against float64 formulas in every kernel variant, and the gradients of
 the whole path against float64 autograd through torch's SDPA, no further from it than torch's own
 bf16 backward; what the path does not take goes to torch's."""
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kt_backends.cpu import chunked_attention as ca
 from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.native_abi import _AttnSoftmaxGradArgs
 from kt_core.train import native_attention as na
@@ -40,7 +42,7 @@ def test_softmax_grad_matches_float64_in_every_variant(rows, keys, period, pos0,
         native.set_variant(variant)
         P = torch.full((rows, keys), 7.0, dtype=torch.bfloat16)  # every element must be written
         dS = torch.full_like(P, 7.0)
-        na.softmax_grad(S, dP, O, dO, period, pos0, scale, P, dS)
+        ca.softmax_grad(S, dP, O, dO, period, pos0, scale, P, dS)
         torch.testing.assert_close(P.double(), P0, rtol=8e-3, atol=1e-6, msg=variant)
         torch.testing.assert_close(dS.double(), dS0, rtol=8e-3, atol=1e-4 * dS0.abs().max().item(), msg=variant)
         hidden = (P0 == 0)
@@ -55,7 +57,7 @@ def test_the_forward_softmax_matches_float64_in_every_variant(rows, keys, period
     for variant in native.supported_variants():
         native.set_variant(variant)
         P = torch.full((rows, keys), 7.0, dtype=torch.bfloat16)  # every element must be written
-        na.softmax(S, period, pos0, 0.3, P)
+        ca.softmax(S, period, pos0, 0.3, P)
         torch.testing.assert_close(P.double(), P0, rtol=8e-3, atol=1e-6, msg=variant)
         assert (P.double()[P0 == 0] == 0).all(), variant
 
@@ -67,7 +69,7 @@ def test_a_nan_score_is_not_clamped_away_in_any_variant():
     for variant in native.supported_variants():
         native.set_variant(variant)
         P, dS = torch.zeros(4, 24, dtype=torch.bfloat16), torch.zeros(4, 24, dtype=torch.bfloat16)
-        na.softmax_grad(S, dP, O, dO, 4, 20, 0.5, P, dS)
+        ca.softmax_grad(S, dP, O, dO, 4, 20, 0.5, P, dS)
         assert torch.isnan(P[1, :20].float()).any() and torch.isfinite(P[[0, 2, 3]].float()).all(), variant
 
 
@@ -90,7 +92,7 @@ def test_softmax_grad_checks_its_arguments():
     assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**{**forward, "P": None}))) == -6
     assert ctypes.sizeof(_AttnSoftmaxGradArgs) == lib.kt_attn_softmax_grad_args_size()
     with pytest.raises(ValueError, match="multiple of period"):
-        na.softmax_grad(S, dP, O, dO, 3, 0, 0.5, P, dS)
+        ca.softmax_grad(S, dP, O, dO, 3, 0, 0.5, P, dS)
 
 
 def _grads(fn, q, k, v, do):
@@ -102,9 +104,9 @@ def _grads(fn, q, k, v, do):
 
 @pytest.mark.parametrize("Hq,Hkv,n,D,chunk", [(8, 2, 37, 32, 256), (4, 4, 50, 16, 16), (6, 1, 24, 64, 7)])
 def test_gradients_are_as_close_to_float64_as_torchs(Hq, Hkv, n, D, chunk, monkeypatch):
-    if not na._precision_switch():
+    if not ca._precision_switch():
         pytest.skip("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
-    monkeypatch.setattr(na, "CHUNK", chunk)  # several query chunks, each stopping at its last key
+    monkeypatch.setattr(ca, "CHUNK", chunk)  # several query chunks, each stopping at its last key
     g = torch.Generator().manual_seed(Hq * n + D)
     q = (torch.randn(n, Hq, D, generator=g) * 2).bfloat16().transpose(0, 1)  # strided, as attention_prefill's
     k, v = (torch.randn(Hkv, n, D, generator=g) * 2).bfloat16(), torch.randn(Hkv, n, D, generator=g).bfloat16()
@@ -146,7 +148,7 @@ def test_what_the_path_does_not_take_goes_to_torch():
 def test_a_bf16_lora_step_on_the_cpu_takes_this_backward(tiny_checkpoint, monkeypatch):
     """AutogradBackend routes a bf16 model's causal attention here (forced on every CPU), and the
     adapters' gradients agree with torch's backward to bf16's precision."""
-    if not na._precision_switch():
+    if not ca._precision_switch():
         pytest.skip("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
     from kt_core.models.model import CausalLM
     from kt_core.models.spec import parse_config
@@ -200,13 +202,13 @@ def _scores_grad_case(takes: bool):
     k, v = torch.randn(n, H, D, generator=g).bfloat16().transpose(0, 1), torch.randn(H, n, D, generator=g).bfloat16()
     v = v.transpose(1, 2).contiguous().transpose(1, 2)  # not k's strides: refused, then the same as k's
     P, dS = (torch.full((H, G, c1 - c0, c1), 7.0, dtype=torch.bfloat16) for _ in range(2))
-    assert not na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS)
+    assert not ca.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS)
     v = v.transpose(0, 1).contiguous().transpose(0, 1)
-    assert k.stride() == v.stride() and na.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS) == takes
+    assert k.stride() == v.stride() and ca.scores_grad(q, do, o, k, v, c0, c1, 0.3, P, dS) == takes
     if not takes:
         return
     fwd = torch.full_like(P, 7.0)  # the forward's form: P alone (on the pair kernels, AMX CPUs too)
-    assert na.scores_softmax(q, k, c0, c1, 0.3, fwd)
+    assert ca.scores_softmax(q, k, c0, c1, 0.3, fwd)
     for h in range(H):
         heads = slice(h * G, (h + 1) * G)
         S = (q[heads, c0:c1].double() @ k[h, :c1].double().T).reshape(-1, c1)

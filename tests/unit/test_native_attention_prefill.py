@@ -95,10 +95,10 @@ def test_a_cache_in_another_dtype_is_left_to_torch():
 
 @pytest.mark.parametrize("lens,news", [([200], [200]), ([300], [45]), ([96, 130], [96, 17])])
 def test_the_chunked_causal_forward_matches_the_float32_reference(lens, news, monkeypatch, restore_native_variant):
-    """Fine-tuning's chunked forward (kt_core/train/native_attention.py), which plain causal prefill
+    """The chunked forward (backends/cpu/chunked_attention.py, fine-tuning's too), which plain causal prefill
     takes where the kernels multiply bf16 pairs without AMX: a fresh prompt, a cached prefix, two
     sequences, in several query chunks, in every variant (its softmax is native)."""
-    from kt_core.train import native_attention as chunked
+    from kt_backends.cpu import chunked_attention as chunked
 
     if not chunked._precision_switch():
         pytest.skip("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
