@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 HELP = "preference-tune LoRA adapters by DPO on prompt / chosen / rejected pairs; writes a PEFT adapter"
-USAGE = """kt dpo model.path=DIR train.data=PAIRS.jsonl train.output=OUT [train.beta=0.1]
+USAGE = """kt dpo [model.path=DIR] train.data=PAIRS.jsonl train.output=OUT [train.beta=0.1]
        [train.label_smoothing=0] [train.max_steps=N] [train.lr=X] [train.lora.r=16] [train.init=SFT_ADAPTER]
 
   kt dpo model.path=/models/Qwen3-30B-A3B train.data=prefs.jsonl train.output=/runs/dpo train.init=/runs/sft

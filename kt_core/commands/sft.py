@@ -4,12 +4,15 @@ from __future__ import annotations
 import sys
 
 HELP = "fine-tune LoRA adapters on a JSON-lines dataset (supervised); writes a PEFT adapter folder"
-USAGE = """kt sft model.path=DIR train.data=FILE.jsonl train.output=OUT [train.max_steps=N] [train.lr=X]
+USAGE = """kt sft [model.path=DIR] train.data=FILE.jsonl train.output=OUT [train.max_steps=N] [train.lr=X]
        [train.batch=N] [train.lora.r=16] [train.lora.alpha=32] [train.lora.dropout=0.05]
        [train.lora.targets=[q_proj,v_proj]] [topology=hybrid_1gpu] [quant=int4]
 
   kt sft model.path=/models/Qwen3-30B-A3B train.data=chat.jsonl train.output=/runs/qa train.max_steps=200
   kt run model.path=/models/Qwen3-30B-A3B lora.path=/runs/qa prompt="..."
+
+Without model.path the embedded synthetic model of kt run trains (random weights: a smoke test of the
+machinery, nothing downloaded); kt run lora.path=OUT then loads its adapter on it.
 
 Each line of the data is {"messages": [..., {"role": "assistant", "content": ...}]} or alpaca's
 {"instruction": ..., "input": ..., "output": ...}; the loss covers the answer's tokens. Prints a line
@@ -46,8 +49,15 @@ def train_command(overrides: list[str], mode: str) -> int:
 
     cfg = compose(([] if mode == "sft" else [f"train={mode}"]) + overrides)
     t = cfg.train
-    if cfg.model.path is None or not t.data or not t.output:
-        raise KtError(f"kt {mode} needs model.path=DIR train.data=FILE.jsonl train.output=OUT")
+    if not t.data or not t.output:
+        raise KtError(f"kt {mode} needs train.data=FILE.jsonl train.output=OUT (and model.path=DIR: without it the "
+                      "embedded synthetic model trains, a smoke test of the machinery)")
+    if cfg.model.path is None:  # as kt run: the embedded synthetic model (random weights), said first
+        from kt_core.commands._engine import default_model_notice
+        from kt_core.models.synthetic import default_checkpoint
+
+        print(default_model_notice(mode), file=sys.stderr, flush=True)
+        cfg.model.path = str(default_checkpoint())
     if mode == "dpo" and t.get("packing", False):
         raise KtError("train.packing applies to kt sft; kt dpo runs each preference pair on its own: drop it")
     if t.max_steps < 1 or t.batch < 1 or t.lr <= 0:

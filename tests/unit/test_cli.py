@@ -115,6 +115,25 @@ def test_kt_run_builds_the_embedded_default_once_and_generates(cache_env):
     assert "loading Qwen3MoeForCausalLM (4 layers): 4/4 done in" in again.stderr
 
 
+def test_kt_sft_without_a_model_trains_the_embedded_default_and_kt_run_uses_it(cache_env, tmp_path):
+    """kt sft's smoke test needs no model.path, as kt run's: the embedded synthetic model trains (said
+    first), and kt run lora.path=OUT, again without model.path, loads the adapter on it."""
+    import json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi there"}) + "\n")
+    out = tmp_path / "run"
+    proc = kt(cache_env, "sft", f"train.data={data}", f"train.output={out}", "train.max_steps=2", "train.lora.r=2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("kt sft: the default model is a synthetic Qwen3-MoE-shaped checkpoint")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    run = kt(cache_env, "run", f"lora.path={out}", "generate.max_new_tokens=3", "prompt=Hello")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("Hello") and "3 new tokens" in run.stderr
+    missing = kt(cache_env, "sft", f"train.output={out}")
+    assert missing.returncode == 2 and "needs train.data=FILE.jsonl train.output=OUT" in missing.stderr
+
+
 def test_kt_run_profile_prints_every_part_per_phase(cache_env):
     proc = kt(cache_env, "run", "--profile", "generate.max_new_tokens=5", "prompt=Hello there")
     assert proc.returncode == 0, proc.stderr
