@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from kt_core.backend.torch_ops import wide_mm
 from kt_core.runtime.scratch import work
 
 LOGITS_ELEMENTS = 1 << 24  # logits of one block of rows, in the model's dtype (32 MB of bf16) ...
@@ -106,7 +107,9 @@ class _TokenLogprobs(torch.autograd.Function):
                     out[r0 + s0:r0 + s1] = lp
                     if want:
                         zd[s0:s1].copy_(dz)
-            if want and weight is not None:  # head(h) = h W^T: the gradient dz W, as (W^T dz^T)^T
+            if want and weight is not None and wide_mm.takes(zd, weight):  # dz W, W widened a block at a time
+                grads[r0:r0 + block] = wide_mm.mm_nn(zd.float(), weight)
+            elif want and weight is not None:  # head(h) = h W^T: the gradient dz W, as (W^T dz^T)^T
                 grads[r0:r0 + block] = torch.mm(weight.t(), zd.t()).t()
             elif want:
                 grads[r0:r0 + block], = torch.autograd.grad(z, hc, zd)

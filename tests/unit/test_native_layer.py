@@ -55,8 +55,10 @@ def test_fused_decode_matches_the_per_op_path(name, overrides, tiny_checkpoint, 
     for a, b in zip(got, ref):
         err = float((a - b).abs().max() / b.abs().max())
         # the same kernels and roundings but for a few float32 ops the per-op path runs in torch (an
-        # exp's last bit): measured up to 2.6e-5 (the sanitizer build, -O1), bit-identical elsewhere
-        assert err <= (2e-3 if "bfloat16" in overrides[0] else 5e-5), f"{name}: decode logits differ by {err:.2e}"
+        # exp's last bit): measured up to 2.6e-5 (the sanitizer build, -O1), and 5.5e-5 on a Zen 3 EPYC
+        # (avx2 variant, int8 weights: a last-bit difference upstream can move one of the int16
+        # activation codes by one, 2^-15 of the row's largest value); bit-identical on AVX-512 CPUs
+        assert err <= (2e-3 if "bfloat16" in overrides[0] else 1e-4), f"{name}: decode logits differ by {err:.2e}"
 
 
 def _split_qkv(engine):

@@ -65,3 +65,31 @@ def test_a_plain_head_takes_the_transposed_gradient_product_with_autograds_value
     ref_h = h0.clone().requires_grad_()
     ((ref_h @ w.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1) * up).sum().backward()
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_a_bf16_head_without_onednn_bf16_takes_float32_blocks_with_autograds_values(monkeypatch):
+    """Where torch's bf16 products are its scalar loop (AVX2-only CPUs: forced here on any CPU), the
+    head's products and its gradient run widened to float32 a block of vocabulary rows at a time."""
+    from kt_core.backend.torch_ops import wide_mm
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(300, 32, generator=g).bfloat16()
+    h0 = torch.randn(40, 32, generator=g).bfloat16()
+    targets, up = torch.randint(0, 300, (40,), generator=g), torch.randn(40, generator=g)
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(wide_mm, "BLOCK_BYTES", 64 * 32 * 4)  # blocks of 64 vocabulary rows, a short last one
+    monkeypatch.setattr(tl, "MIN_ROWS", 1)
+    calls = []
+    monkeypatch.setattr(wide_mm, "mm_nn", lambda a, b, f=wide_mm.mm_nn: calls.append(a.shape) or f(a, b))
+    model = LinearHead(w)
+    h = h0.clone().requires_grad_()
+    got = tl.token_logprobs(model, h, targets)
+    (got * up).sum().backward()
+    assert calls, "the head's gradient product did not take the widened blocks"
+    ref_h = h0.double().requires_grad_()
+    want = (ref_h @ w.double().T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (want * up.double()).sum().backward()
+    # bf16 logits (one rounding of exact float32 sums: 2^-8 of the largest) and a bf16 gradient
+    logits = (h0.double() @ w.double().T).abs().max().item()
+    assert (got.double() - want.detach()).abs().max() <= 2 ** -8 * logits * 2
+    assert (h.grad.double() - ref_h.grad).abs().max() <= 2 ** -7 * ref_h.grad.abs().max()

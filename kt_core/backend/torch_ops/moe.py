@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kt_core.backend.torch_ops import wide_mm
 from kt_core.config.limits import DEEPSEEK_V4_SWIGLU_LIMIT
 from kt_core.weights.quant import ExpertWeights, Quant, Weight, dequantize, fake_quant_activations, weight_format
 
@@ -27,7 +28,7 @@ def linear(x: torch.Tensor, weight: Weight, bias: Optional[torch.Tensor] = None)
     if weight_format(weight) is Quant.W8A8:
         x = fake_quant_activations(x)
     w = dequantize(weight, x.dtype) if not isinstance(weight, torch.Tensor) else weight
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return wide_mm.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""kt_core.backend.torch_ops.wide_mm: bf16 products widened to float32 where torch's own bf16 GEMM is its
+scalar loop (forced here on any CPU): values and gradients of float64 references, blocks of any size."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kt_core.backend.torch_ops import attention, wide_mm
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("block_rows", [7, 64, 10_000])  # uneven blocks, a short last one, a single block
+def test_linear_values_and_every_gradient_match_float64(monkeypatch, block_rows):
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(wide_mm, "BLOCK_BYTES", block_rows * 48 * 4)
+    g = torch.Generator().manual_seed(block_rows)
+    x = torch.randn(3, 20, 48, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(100, 48, generator=g).bfloat16().requires_grad_()
+    b = torch.randn(100, generator=g).bfloat16().requires_grad_()
+    assert wide_mm.takes(x, w)
+    y = wide_mm.linear(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 20, 100)
+    up = torch.randn(y.shape, generator=g)
+    (y.float() * up).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    want = F.linear(*ref)
+    (want * up.double()).sum().backward()
+    assert _rel(y, want.detach()) <= 2 ** -8  # one bf16 rounding (exact products, float32 sums)
+    for got, r in zip((x.grad, w.grad, b.grad), ref):  # and the incoming gradient's own (y is bf16)
+        assert got.dtype == torch.bfloat16 and got.shape == r.shape
+        assert _rel(got, r.grad) <= 2 ** -7
+
+
+def test_frozen_weight_keeps_no_input_and_takes_no_gradient(monkeypatch):
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    x = torch.randn(32, 16).bfloat16().requires_grad_()
+    w = torch.randn(24, 16).bfloat16()
+    y = wide_mm.linear(x, w)
+    assert y.grad_fn.saved_tensors[0] is None  # x is not kept for a weight gradient nobody wants
+    y.float().sum().backward()
+    assert w.grad is None and x.grad is not None
+
+
+def test_what_it_takes(monkeypatch):
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    w = torch.zeros(8, 16, dtype=torch.bfloat16)
+    assert wide_mm.takes(torch.zeros(16, 16, dtype=torch.bfloat16), w)
+    assert not wide_mm.takes(torch.zeros(15, 16, dtype=torch.bfloat16), w)  # a GEMV's rows: torch's product
+    assert not wide_mm.takes(torch.zeros(16, 16), w.float())  # float32: torch's product as it is
+    y = wide_mm.linear(torch.ones(4, 16, dtype=torch.bfloat16), w)  # below MIN_ROWS: F.linear, no custom node
+    assert y.grad_fn is None
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: True)  # torch's bf16 GEMM on oneDNN: left to it
+    assert not wide_mm.takes(torch.zeros(16, 16, dtype=torch.bfloat16), w)
+
+
+def test_onednn_bf16_is_what_torch_reports():
+    assert wide_mm.onednn_bf16() == bool(torch.backends.mkldnn.is_available()
+                                         and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_attention_with_gradients_runs_widened_with_float64s_values(monkeypatch, masked):
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 10, 16, generator=g).bfloat16().requires_grad_()
+    k = torch.randn(2, 10, 16, generator=g).bfloat16().requires_grad_()
+    v = torch.randn(2, 10, 16, generator=g).bfloat16().requires_grad_()
+    mask = torch.ones(10, 10, dtype=torch.bool).tril() if masked else None
+    seen = []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, f=F.scaled_dot_product_attention, **kw: seen.append(a[0].dtype) or f(*a, **kw))
+    o = attention.attend(q, k, v, mask, 0.25)
+    assert o.dtype == torch.bfloat16 and seen == [torch.float32]
+    up = torch.randn(o.shape, generator=g)
+    (o.float() * up).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rk, rv = (t.repeat_interleave(2, dim=0) for t in ref[1:])
+    s = (ref[0] @ rk.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(10, 10, dtype=torch.bool).tril(), float("-inf"))
+    want = s.softmax(-1) @ rv
+    (want * up.double()).sum().backward()
+    assert _rel(o, want.detach()) <= 2 ** -7
+    for got, r in zip((q.grad, k.grad, v.grad), ref):
+        assert _rel(got, r.grad) <= 2 ** -7
+    with torch.no_grad():  # no gradient: torch's bf16 kernel as before
+        seen.clear()
+        attention.attend(q, k, v, mask, 0.25)
+        assert seen == [torch.bfloat16]
