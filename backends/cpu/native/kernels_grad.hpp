@@ -158,6 +158,7 @@ KT_TARGET("avx2,fma,f16c") inline void decode_block_avx2(const Weight& w, int64_
 #define KT_RT(name) name##_avx2
 #define KT_RT_V 8
 #define KT_RT_IN 4
+#define KT_RT_IN1 8  // 8 sums + A^T + a broadcast of 16 registers
 #define KT_RT_VEC __m256
 #define KT_RT_ZERO() _mm256_setzero_ps()
 #define KT_RT_LOAD(p) _mm256_loadu_ps(p)
@@ -238,6 +239,7 @@ KT_AVX512 inline void decode_block_avx512(const Weight& w, int64_t p, int64_t k0
 #define KT_RT(name) name##_avx512
 #define KT_RT_V 16
 #define KT_RT_IN 8
+#define KT_RT_IN1 16
 #define KT_RT_VEC __m512
 #define KT_RT_ZERO() _mm512_setzero_ps()
 #define KT_RT_LOAD(p) _mm512_loadu_ps(p)
