@@ -88,7 +88,10 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
         import peft
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+        # transformers-fp32: the model in float32, what escapes torch's scalar bf16 products on CPUs
+        # without oneDNN bf16 (AVX2-only: kt_core/backend/torch_ops/wide_mm.py)
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32 if impl == "transformers-fp32"
+                                                  else torch.bfloat16)
         extra = {"target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]} if expert_lora else {}
         pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0,
                                                      **extra))
@@ -165,7 +168,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--impls", default="kt-core,transformers",
-                    help="kt-core (native expert kernels), kt-core-torch-experts, transformers")
+                    help="kt-core (native expert kernels), kt-core-torch-experts, transformers, transformers-fp32 "
+                         "(the model in float32)")
     ap.add_argument("--quant", default="none", choices=["none", "int4", "int8", "fp8"],
                     help="kt-core's frozen experts (QLoRA: int4, g32); transformers stays bf16")
     ap.add_argument("--profile", action="store_true",
