@@ -87,3 +87,25 @@ def test_bf16_attention_with_gradients_runs_widened_with_float64s_values(monkeyp
         seen.clear()
         attention.attend(q, k, v, mask, 0.25)
         assert seen == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("rows,wide", [(63, False), (64, True)])
+def test_the_cpu_backends_bf16_prefill_takes_float32_products_without_bf16_units(monkeypatch, rows, wide):
+    """The CPU backend's bf16 linear from WIDE_ROWS rows where neither the CPU (AMX / AVX512-BF16) nor
+    torch (oneDNN bf16) multiplies bf16: float32 products, as exact as the native kernel's."""
+    from kt_backends.cpu import backend as cpu_backend, native
+
+    if not native.available():
+        pytest.skip("native CPU kernels not built: the backend's bf16 linear is torch's")
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(cpu_backend, "_bf16_matrix_units", lambda: False)
+    taken = []
+    monkeypatch.setattr(wide_mm, "mm_nt", lambda a, b, f=wide_mm.mm_nt: taken.append(a.shape) or f(a, b))
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    w, b = torch.randn(40, 96, generator=g).bfloat16(), torch.randn(40, generator=g)
+    with torch.inference_mode():
+        y = cpu_backend.CpuBackend().linear(x, w, b)
+    assert bool(taken) == wide and y.dtype == torch.bfloat16 and y.shape == (rows, 40)
+    want = F.linear(x.double(), w.double(), b.bfloat16().double())
+    assert _rel(y, want) <= 2 ** -8
