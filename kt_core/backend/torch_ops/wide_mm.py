@@ -3,8 +3,8 @@
 torch multiplies bf16 matrices on the CPU with oneDNN only where oneDNN takes bf16 (AVX-512 or AMX,
 ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``); elsewhere (AVX2-only CPUs: most desktops, Zen 2 / 3)
 it runs a scalar loop on one thread. On a 2-core Zen 3 EPYC: 512 x 2048 x 4096 took 399 ms (21 GFLOPS)
-against 75 ms in float32, and a fine-tuning step's LM-head products with transposed operands ran at
-~0.5 GFLOPS (274 s of a 303 s step). Here the bf16 operands are widened to float32 (exact) a block
+against 51 ms in float32, and a fine-tuning step's products (the LM head's with a transposed operand)
+took 274 s of a 303 s step, under 1 GFLOPS. Here the bf16 operands are widened to float32 (exact) a block
 of weight rows at a time into a kept buffer (converted while in cache; a whole float32 copy of a 32000-
 row head would be 262 MB) and multiplied by torch's float32 GEMM: the same products and float32
 sums as a bf16 GEMM, one rounding at the end. ``linear`` takes torch's ``F.linear`` contract, with
