@@ -34,8 +34,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     repeating the kv heads), boolean mask broadcastable to [..., Hq, n, L], or None: plain causal
     attention of n == L tokens. ``sinks [Hq]``: a learned logit per head that joins the softmax
     denominator but attends to nothing (GPT-OSS)."""
-    if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled()
-            and any(t.requires_grad for t in (q, k, v)) and not wide_mm.onednn_bf16()):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and wide_mm.scalar_bf16(q):
         # torch's bf16 backward there runs its products on a scalar loop (Zen 3, 512 tokens, 32 heads:
         # 642 ms forward + backward, 107 in float32)
         return attend(q.float(), k.float(), v.float(), mask, scale, sinks).to(q.dtype)

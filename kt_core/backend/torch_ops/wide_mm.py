@@ -33,10 +33,15 @@ def onednn_bf16() -> bool:
         return False
 
 
+def scalar_bf16(t: torch.Tensor) -> bool:
+    """Whether torch's products of ``t`` run its scalar bf16 loop: a bf16 CPU tensor without oneDNN bf16."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not onednn_bf16()
+
+
 def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``x @ w^T`` (bf16 CPU tensors, w 2-D) runs faster here than torch's bf16 product."""
-    return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == w.device.type == "cpu" and w.dim() == 2
-            and x.dim() >= 1 and x.numel() >= MIN_ROWS * max(1, x.shape[-1]) and not onednn_bf16())
+    return (w.dim() == 2 and x.dim() >= 1 and x.numel() >= MIN_ROWS * max(1, x.shape[-1]) and scalar_bf16(x)
+            and scalar_bf16(w))
 
 
 def _block(w: torch.Tensor) -> int:
