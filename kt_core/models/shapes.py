@@ -5,6 +5,7 @@ writer (which fills the same names), so both agree with what the loader reads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,10 +29,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _attention(spec: ModelSpec, i: int) -> list[TensorInfo]:

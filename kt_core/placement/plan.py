@@ -225,11 +225,12 @@ def make_plan(spec: ModelSpec, cfg: DictConfig, topo: ResolvedTopology, check_de
     per_expert: dict[int, int] = {}
     expert_total: dict[int, int] = {}
     qdown = choice(q.experts_down) if q.get("experts_down") is not None else qe
+    int8_group = int(q.get("int8_group_size") or 0)  # read once: a config lookup per tensor cost seconds
     for t in tensors:
         fmt = fmt_of.get(t.group, qd)
         if t.group == "experts" and (".down_proj" in t.name or ".w2." in t.name):
             fmt = qdown
-        b = tensor_bytes(t, fmt, dtype_bytes, group, sym, int(q.get("int8_group_size") or 0))
+        b = tensor_bytes(t, fmt, dtype_bytes, group, sym, int8_group)
         if t.group == "experts":  # per-expert tensors, or GPT-OSS's fused [E, ...] ones
             per_expert[t.layer] = per_expert.get(t.layer, 0) + (b if t.expert is None else 0)
             expert_total[t.layer] = expert_total.get(t.layer, 0) + b
