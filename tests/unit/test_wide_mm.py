@@ -55,6 +55,27 @@ def test_what_it_takes(monkeypatch):
     assert not wide_mm.takes(torch.zeros(16, 16, dtype=torch.bfloat16), w)
 
 
+def test_a_few_rows_with_gradients_keep_torchs_forward_and_widen_the_backward(monkeypatch):
+    """Below MIN_ROWS torch's bf16 x w^T stays (a GEMV), but its g @ w is the scalar loop's worst case at any
+    row count: the backward widens w."""
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    assert wide_mm.takes_nn(torch.zeros(1, 8, dtype=torch.bfloat16), torch.zeros(8, 16, dtype=torch.bfloat16))
+    assert not wide_mm.takes_nn(torch.zeros(1, 8), torch.zeros(8, 16))
+    calls = []
+    monkeypatch.setattr(wide_mm, "mm_nn", lambda a, b, f=wide_mm.mm_nn: calls.append(a.shape) or f(a, b))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 48, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(100, 48, generator=g).bfloat16()
+    y = wide_mm.linear(x, w)
+    assert y.grad_fn is not None and torch.equal(y, F.linear(x.detach(), w))  # torch's own forward
+    up = torch.randn(y.shape, generator=g)
+    (y.float() * up).sum().backward()
+    assert calls == [(6, 100)]
+    assert _rel(x.grad, up.double() @ w.double()) <= 2 ** -7
+    with torch.no_grad():
+        assert wide_mm.linear(x, w).grad_fn is None
+
+
 def test_onednn_bf16_is_what_torch_reports():
     assert wide_mm.onednn_bf16() == bool(torch.backends.mkldnn.is_available()
                                          and torch.ops.mkldnn._is_mkldnn_bf16_supported())

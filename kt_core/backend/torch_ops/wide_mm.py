@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from kt_core.runtime.scratch import work
 
 BLOCK_BYTES = 8 << 20  # a block of weight rows widened at a time (float32): within L2 + L3 of a desktop
-MIN_ROWS = 16  # fewer input rows: torch's bf16 product (a GEMV reads each weight once; widening costs more)
+MIN_ROWS = 16  # fewer input rows: torch's bf16 x w^T (a GEMV reads each weight once; widening costs more) ...
+# ... but never its g @ w (a gradient's product, the sum over w's rows): that one is slow at any row count
+# (Zen 3, 2 threads, one row of 32000 x 2048: 464 ms against 13 widened; a 4096 x 2048 row 59 against 4.3)
 
 
 @lru_cache(maxsize=None)
@@ -42,6 +44,12 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``x @ w^T`` (bf16 CPU tensors, w 2-D) runs faster here than torch's bf16 product."""
     return (w.dim() == 2 and x.dim() >= 1 and x.numel() >= MIN_ROWS * max(1, x.shape[-1]) and scalar_bf16(x)
             and scalar_bf16(w))
+
+
+def takes_nn(g: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``g @ w`` (bf16 CPU tensors, w 2-D: a linear's input gradient) runs faster here widened:
+    wherever torch's bf16 product is its scalar loop, whatever the rows."""
+    return w.dim() == 2 and g.numel() > 0 and scalar_bf16(g) and scalar_bf16(w)
 
 
 def _block(w: torch.Tensor) -> int:
@@ -81,12 +89,13 @@ def mm_nn(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class _WideLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        out = mm_nt(x2, w)
-        if bias is not None:
-            out += bias.float()
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)
         ctx.lead = x.shape[:-1]
+        if not takes(x, w):  # a few rows with a gradient to come: torch's forward, the backward widened
+            return F.linear(x, w, bias)
+        out = mm_nt(x.reshape(-1, x.shape[-1]).float(), w)
+        if bias is not None:
+            out += bias.float()
         return out.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -104,8 +113,10 @@ class _WideLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, w, bias)``; in float32 products where ``takes`` says they are faster."""
-    if not takes(x, w):
+    """``F.linear(x, w, bias)``; in float32 products where ``takes`` says they are faster, and its
+    backward's always where torch's bf16 products are the scalar loop (``takes_nn``)."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias))
+    if not (takes(x, w) or (grad and takes_nn(x, w))):
         return F.linear(x, w, bias)
     b = None if bias is None else bias.to(x.dtype)
     return _WideLinear.apply(x, w, b)
