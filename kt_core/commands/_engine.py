@@ -32,9 +32,9 @@ def check_config(overrides, verb: Optional[str], generate: bool = True):
 
 
 def load_engine(overrides, verb: str = "run", generate: bool = True, notice: bool = True):
+    check_config(overrides, verb if notice else None, generate)  # before torch loads: a bad value fails fast
     from kt_core.runtime.engine import Engine
 
-    check_config(overrides, verb if notice else None, generate)
     return Engine.from_pretrained(None, overrides=overrides)
 
 

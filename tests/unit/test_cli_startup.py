@@ -62,3 +62,13 @@ def test_verbs_that_ask_the_device_plugins_import_torch_only_when_a_probe_needs_
     assert result["codes"] == [0, 0, 0, 0], proc.stderr
     if quick:
         assert "torch" not in result["imported"], "kt devices / kt config imported torch"
+
+
+def test_run_refuses_bad_values_before_torch_loads(tmp_path):
+    """kt run / chat check every value first; a bad one fails without the seconds torch's import takes."""
+    runs = [["run", "generate.top_p=2"], ["run", "generate.temperature=-1"], ["chat", "generate.top_k=-3"],
+            ["run", f"model.path={tmp_path / 'missing'}"]]
+    result, proc = imported_after(runs, tmp_path)
+    assert result["codes"] == [2, 2, 2, 2], proc.stderr
+    assert "torch" not in result["imported"], proc.stderr
+    assert "top_p must be in (0, 1]" in proc.stderr and "top_k must be in" in proc.stderr
