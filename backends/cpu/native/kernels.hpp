@@ -180,12 +180,14 @@ KT_TARGET("avx2,fma,f16c") inline void tile_f8_group(const uint8_t* wp, const fl
 // (GCC 11+, Clang 12+; MSVC: not yet). kt_cpu.cpp uses the latter on CPUs that have it.
 #define KT_INT_TARGET KT_TARGET("avx2,fma,f16c")
 #define KT_INT(name) name##_avx2
+#define KT_I8_MR 3
 #define KT_DPWSSD(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 #define KT_DPBUSD(acc, u, s) \
   _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
 #include "kernels_int_avx2.inc"
 #undef KT_INT_TARGET
 #undef KT_INT
+#undef KT_I8_MR
 #undef KT_DPWSSD
 #undef KT_DPBUSD
 
@@ -196,11 +198,13 @@ KT_TARGET("avx2,fma,f16c") inline void tile_f8_group(const uint8_t* wp, const fl
 #endif
 #define KT_INT_TARGET KT_AVXVNNI
 #define KT_INT(name) name##_avxvnni
+#define KT_I8_MR 4
 #define KT_DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32(acc, a, b)
 #define KT_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 #include "kernels_int_avx2.inc"
 #undef KT_INT_TARGET
 #undef KT_INT
+#undef KT_I8_MR
 #undef KT_DPWSSD
 #undef KT_DPBUSD
 #endif
