@@ -40,16 +40,15 @@ def scalar_bf16(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not onednn_bf16()
 
 
-def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x @ w^T`` (bf16 CPU tensors, w 2-D) runs faster here than torch's bf16 product."""
-    return (w.dim() == 2 and x.dim() >= 1 and x.numel() >= MIN_ROWS * max(1, x.shape[-1]) and scalar_bf16(x)
-            and scalar_bf16(w))
-
-
 def takes_nn(g: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``g @ w`` (bf16 CPU tensors, w 2-D: a linear's input gradient) runs faster here widened:
     wherever torch's bf16 product is its scalar loop, whatever the rows."""
     return w.dim() == 2 and g.numel() > 0 and scalar_bf16(g) and scalar_bf16(w)
+
+
+def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x @ w^T`` (bf16 CPU tensors, w 2-D) runs faster here than torch's bf16 product."""
+    return x.dim() >= 1 and x.numel() >= MIN_ROWS * max(1, x.shape[-1]) and takes_nn(x, w)
 
 
 def _block(w: torch.Tensor) -> int:
