@@ -127,7 +127,7 @@ int main() {
         for (auto& v : scale) v = 0.001f + static_cast<float>(rng() % 1000) * 1e-5f;
         for (auto& v : zero) v = static_cast<float>(rng() % 16);
         Weight w{fmt, P * NR, Kt, g > 0 ? g : static_cast<int>(Kt), data.data(), scale.data(), zeros ? zero.data() : nullptr};
-        for (int64_t n : {1, 17, 40}) {
+        for (int64_t n : {1, 17, 40, 64, 200}) {  // 64: 4 row tiles as 2 + 2; 200: two shares of tiles
           std::vector<float> A(n * P * NR), a(n * Kt, 1.f), b(n * Kt, 1.f);
           for (auto& v : A) v = static_cast<float>(static_cast<int>(rng() % 2001) - 1000) * 1e-3f;
           rows_t_avx512(w, A.data(), P * NR, n, a.data(), Kt, 0, (Kt + 15) / 16, true);

@@ -71,7 +71,7 @@ def test_avx512_amx_and_avx_vnni_kernels_match_avx2_under_emulation(tmp_path):
     assert run.returncode == 0 and not failed, "\n".join(failed[:20]) or run.stderr[-2000:]
     assert re.search(r"^0 failures$", run.stdout, re.M), run.stdout[-2000:]
     assert run.stdout.count("ok  ") >= 150  # every case ran
-    assert run.stdout.count("ok   rows_t avx512") == 42  # (bf16, fp8, w8a8, 2 int8 and 2 int4 kinds) x 2 K x 3 n
+    assert run.stdout.count("ok   rows_t avx512") == 70  # (bf16, fp8, w8a8, 2 int8 and 2 int4 kinds) x 2 K x 5 n
     if "amx not compiled" not in run.stdout:  # compilers before GCC 11 / Clang 12 build no AMX kernels
         # (at least) bf16, 3 int8 kinds (per row, groups, groups with zero points), 4 int4 kinds, 2 fp8 groups x 8 token
         # counts x 3 panels, alone and paired with the next panel (both outputs); w8a8 x 8 counts x 3 (where
