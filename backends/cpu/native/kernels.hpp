@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 #include "aligned.hpp"  // lvector: vectors on 64-byte lines for tile and 512-bit loads
 #include "elem_convert.hpp"  // fp8 / bf16 / fp16 -> float
 
@@ -36,6 +37,15 @@
 #define KT_TARGET(x)  // MSVC compiles intrinsics of any ISA without per-function flags
 #else
 #define KT_TARGET(x) __attribute__((target(x)))
+#endif
+// Unrolls the loop that follows completely (a register block's loads and stores: GCC 12 at -O3 left
+// the loop that loads 12 sums a loop, and then kept every sum on the stack)
+#if defined(__clang__)
+#define KT_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define KT_UNROLL _Pragma("GCC unroll 16")
+#else
+#define KT_UNROLL
 #endif
 
 namespace kt {
@@ -228,8 +238,11 @@ KT_TARGET("avx2,fma,f16c") inline void rows_avx2(const Weight& w, int64_t p, con
   }
 }
 
+#include "panel_f32_avx2.inc"  // panel_bf16_f32_avx2
+
 KT_TARGET("avx2,fma,f16c") inline void panel_gemm_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
                                                   float* out) {
+  if (w.fmt == FMT_BF16 && n >= kPanelF32Rows) return panel_bf16_f32_avx2(w, p, X, ldx, n, out);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) rows_avx2<4>(w, p, X + i * ldx, ldx, out + i * NR);
   switch (n - i) {
