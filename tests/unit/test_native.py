@@ -99,20 +99,22 @@ def test_native_matches_torch_path(fmt, group, sym, T, activation, bias, dtype):
         assert rel(out, ref) < tol(fmt, ids, variant, x), f"variant {variant}, path {path}"
 
 
-@pytest.mark.parametrize("T", [6, 7, 13, 40])  # AVX2's decoded bf16 panels: passes 6, 4 + 3, 5 + 4 + 4, 6 x 5 + 5 x 2
-def test_bf16_experts_against_many_tokens(T):
-    """Every token on both experts: each panel meets 6+ tokens (AVX2 decodes its 300 inputs 128 at a
-    time, the next chunk prefetched, the last chunk short) in every variant, against the torch path."""
-    ex = experts("bf16", E=2, H=300, I=40)
+@pytest.mark.parametrize("fmt,group", [("bf16", 0), ("fp8", 0), ("fp8", 32)])
+@pytest.mark.parametrize("T", [6, 7, 13, 40])  # AVX2's decoded panels: passes 6, 4 + 3, 5 + 4 + 4, 6 x 5 + 5 x 2
+def test_experts_against_many_tokens(fmt, group, T):
+    """Every token on both experts: each panel meets 6+ tokens (AVX2 decodes its 320 inputs 128 at a
+    time, the next chunk prefetched, the last chunk short; fp8 per row: one group over three chunks) in
+    every variant, against the torch path."""
+    ex = experts(fmt, E=2, H=320, I=64, group=group)
     packed = native.pack(ex)
-    x = torch.randn(T, 300, generator=torch.Generator().manual_seed(T))
+    x = torch.randn(T, 320, generator=torch.Generator().manual_seed(T))
     ids = ex.expert_ids.repeat(T, 1).contiguous()
     w = torch.rand(T, 2, generator=torch.Generator().manual_seed(1))
     ref = torch_moe(x, ids, w, ex, "silu")
     for variant in native.supported_variants():
         with forced(variant):
             out = native.moe_forward(packed, x, ids, w)
-        assert rel(out, ref) < tol("bf16", ids, variant, x), variant
+        assert rel(out, ref) < tol(fmt, ids, variant, x), variant
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])

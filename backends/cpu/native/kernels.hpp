@@ -238,11 +238,12 @@ KT_TARGET("avx2,fma,f16c") inline void rows_avx2(const Weight& w, int64_t p, con
   }
 }
 
-#include "panel_f32_avx2.inc"  // panel_bf16_f32_avx2
+#include "panel_f32_avx2.inc"  // panel_bf16_f32_avx2, panel_fp8_f32_avx2
 
 KT_TARGET("avx2,fma,f16c") inline void panel_gemm_avx2(const Weight& w, int64_t p, const float* X, int64_t ldx, int64_t n,
                                                   float* out) {
   if (w.fmt == FMT_BF16 && n >= kPanelF32Rows) return panel_bf16_f32_avx2(w, p, X, ldx, n, out);
+  if (w.fmt == FMT_FP8 && n >= kPanelF32Rows) return panel_fp8_f32_avx2(w, p, X, ldx, n, out);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) rows_avx2<4>(w, p, X + i * ldx, ldx, out + i * NR);
   switch (n - i) {
