@@ -68,7 +68,8 @@ NATIVE = [] if os.environ.get("KT_NO_NATIVE_BUILD") else [
                        "backends/cpu/native/act_grad.inc", "backends/cpu/native/kernels_generic.inc",
                        "backends/cpu/native/quantize_rows.inc",
                        "backends/cpu/native/rows_t_vec_undef.inc", "backends/cpu/native/quantize_load.inc",
-                       "backends/cpu/native/quantize_load_fit.inc", "backends/cpu/native/quantize_load_undef.inc"],
+                       "backends/cpu/native/quantize_load_fit.inc", "backends/cpu/native/quantize_load_undef.inc",
+                       "backends/cpu/native/panel_f32_avx2.inc", "backends/cpu/native/dense_rows_avx2.inc"],
               language="c++")
 ]
 

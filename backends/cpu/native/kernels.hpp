@@ -254,63 +254,7 @@ KT_TARGET("avx2,fma,f16c") inline void panel_gemm_avx2(const Weight& w, int64_t 
   }
 }
 
-// Dense rows (row-major bf16 [M][K], the checkpoint's own layout): out[t][r] = X[t] . W[r]
-// for MR tokens and 2 rows at a time; memory-bound at decode, no repacking needed.
-template <int MR>
-KT_TARGET("avx2,fma,f16c") inline void dense_rows_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t ldx,
-                                                  int64_t K, float* o0, float* o1, int64_t ldo) {
-  __m256 a[MR][2];
-  for (int i = 0; i < MR; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 v0 = load_bf16x8(w0 + k), v1 = load_bf16x8(w1 + k);
-    for (int i = 0; i < MR; ++i) {
-      __m256 x = _mm256_loadu_ps(X + i * ldx + k);
-      a[i][0] = _mm256_fmadd_ps(x, v0, a[i][0]);
-      a[i][1] = _mm256_fmadd_ps(x, v1, a[i][1]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < 2; ++r) {
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(a[i][r]), _mm256_extractf128_ps(a[i][r], 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      float v = _mm_cvtss_f32(h);
-      const uint16_t* w = r ? w1 : w0;
-      for (int64_t kk = k; kk < K; ++kk) v += X[i * ldx + kk] * bf16_to_f32(w[kk]);
-      (r ? o1 : o0)[i * ldo] = v;
-    }
-}
-
-// One token against 4 rows: four independent weight streams keep more loads in flight.
-KT_TARGET("avx2,fma,f16c") inline void dense_quad_avx2(const uint16_t* w, int64_t K, const float* x, float* o) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv = _mm256_loadu_ps(x + k);
-    a0 = _mm256_fmadd_ps(xv, load_bf16x8(w + k), a0);
-    a1 = _mm256_fmadd_ps(xv, load_bf16x8(w + K + k), a1);
-    a2 = _mm256_fmadd_ps(xv, load_bf16x8(w + 2 * K + k), a2);
-    a3 = _mm256_fmadd_ps(xv, load_bf16x8(w + 3 * K + k), a3);
-  }
-  // horizontal sums of the four accumulators at once
-  __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
-  __m256 s = _mm256_hadd_ps(s01, s23);
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  float v[4];
-  _mm_storeu_ps(v, r);
-  for (int j = 0; j < 4; ++j) {
-    for (int64_t kk = k; kk < K; ++kk) v[j] += x[kk] * bf16_to_f32(w[j * K + kk]);
-    o[j] = v[j];
-  }
-}
-
-KT_TARGET("avx2,fma,f16c") inline void dense_pair_avx2(const uint16_t* w0, const uint16_t* w1, const float* X, int64_t n,
-                                                  int64_t K, float* o0, float* o1, int64_t ldo) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) dense_rows_avx2<4>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
-  for (; i < n; ++i) dense_rows_avx2<1>(w0, w1, X + i * K, K, K, o0 + i * ldo, o1 + i * ldo, ldo);
-}
+#include "dense_rows_avx2.inc"  // dense_rows_avx2, dense_quad_avx2, dense_pair_avx2
 
 // e^x, x = n ln2 + r with |r| <= ln2/2 and e^r by its Taylor series to r^6 (relative error
 // < 1e-7 over the clamped range, which keeps 2^n a normal float).
