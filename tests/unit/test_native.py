@@ -117,6 +117,22 @@ def test_experts_against_many_tokens(fmt, group, T):
         assert rel(out, ref) < tol(fmt, ids, variant, x), variant
 
 
+@pytest.mark.parametrize("fmt,group", [("bf16", 0), ("fp8", 0), ("fp8", 32)])
+def test_avx2_decoded_panels_keep_the_bits_of_one_token(fmt, group):
+    """AVX2 takes 6+ tokens of an expert on decoded float32 panels, fewer on tile_rows / tile_f8_group:
+    the same sums in the same order, so each token's output is bit-identical either way."""
+    if "avx2" not in native.supported_variants():
+        pytest.skip("this CPU has no AVX2")
+    ex = experts(fmt, E=2, H=320, I=64, group=group)
+    packed = native.pack(ex)
+    x = torch.randn(7, 320, generator=torch.Generator().manual_seed(3))
+    ids, w = ex.expert_ids[:1].repeat(7, 1).contiguous(), torch.ones(7, 1)
+    with forced("avx2"):
+        together = native.moe_forward(packed, x, ids, w)
+        alone = torch.cat([native.moe_forward(packed, x[i:i + 1], ids[i:i + 1], w[i:i + 1]) for i in range(7)])
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_pack_release_lets_go_of_each_packed_projection(fmt):
     """pack(release=True) (a backend's prepare_experts at load time) gives what pack gives and drops

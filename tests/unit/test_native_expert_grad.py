@@ -52,18 +52,20 @@ def test_rows_t_equals_float64_products_of_the_dequantized_weights(fmt, group, H
     if group and (H % group or I % group):
         pytest.skip(f"groups of {group} do not divide {H} and {I}")
     g = torch.Generator().manual_seed(H + I)
-    E = 3
+    E = 4
     ws = [_weights(fmt, E, I, H, group, g), _weights(fmt, E, I, H, group, g), _weights(fmt, E, H, I, group, g)]
-    packed = native.pack(ExpertWeights(torch.tensor([4, 1, 2]), *ws))
+    packed = native.pack(ExpertWeights(torch.tensor([4, 1, 2, 3]), *ws))
     assert packed is not None
     # an expert without rows; 6 row tiles (bf16: passes of 3 + 3, decoded formats one of 6), 7 (3 + 2 + 2,
     # 4 + 3); set 37 rows for the last one to give one of three tiles. The vector forms' 8-row tiles
-    # (AVX2): 90 rows in 3 + 3 + 3 + 3, 100 in those and one more share of 1, 30 in 2 + 2, 37 in 3 + 2
+    # (AVX2): 90 rows in 3 + 3 + 3 + 3, 100 in those and one more share of 1, 30 in 2 + 2, 37 in 3 + 2;
+    # the last expert's 5 rows: less than one tile of any width
     n0, n2 = (90, 100) if I != 40 else (30, 37)
-    counts = torch.tensor([n0, 0, n2])
+    counts = torch.tensor([n0, 0, n2, 5])
     for proj, w, M, K in (("gate", ws[0], I, H), ("up", ws[1], I, H), ("down", ws[2], H, I)):
         A = torch.randn(int(counts.sum()), M, generator=g)
-        want = torch.cat([A[:n0].double() @ _dense(w, 0), A[n0:].double() @ _dense(w, 2)]).float()
+        want = torch.cat([A[:n0].double() @ _dense(w, 0), A[n0:n0 + n2].double() @ _dense(w, 2),
+                          A[n0 + n2:].double() @ _dense(w, 3)]).float()
         base = torch.randn(want.shape, generator=g)
         for variant in _variants():
             native.set_variant(variant)

@@ -59,18 +59,21 @@ inline void rows_t_generic(const Weight& w, const float* A, int64_t lda, int64_t
   }
 }
 
-// panels of W whose rows of A^T stay in L1 while every input block passes (the vector forms: 3 row
-// tiles x 128 rows of W, 12-24 KB); the whole of A^T (64-128 KB a tile at M = 2048) streamed from L2
-// once per block made the products wait on it (one Qwen3-30B-A3B layer's products, T=512, Zen 4 EPYC)
+// panels of W whose rows of A^T stay near while every input block passes (the vector forms: a pass's
+// 3 row tiles x 128 rows of W, 12-24 KB, in L1; a share's 12 tiles, 48-96 KB, in L2); the whole of A^T
+// (64-128 KB a tile at M = 2048) streamed from L2 once per block made the products wait on it (one
+// Qwen3-30B-A3B layer's products, T=512, Zen 4 EPYC)
 #ifndef KT_GRAD_CHUNK
 #define KT_GRAD_CHUNK 8
 #endif
 constexpr int64_t kGradChunk = KT_GRAD_CHUNK;
-// row tiles of the vector forms that share each decoded block (their C^T tiles: 768 KB at 2048 inputs
-// on AVX2); 6 and 12 read the same at 32 rows an expert (one Qwen3-30B-A3B layer, T=512, Zen 3 EPYC)
+// row tiles of the vector forms that share each decoded block: up to 12 (6 and 12 read the same at 32
+// rows an expert, one Qwen3-30B-A3B layer, T=512, Zen 3 EPYC), fewer where their C^T tiles would pass
+// kRtShareBytes (AVX2 at 2048 inputs: 64 KB a tile; AVX-512 at DeepSeek-V3's 7168: 448 KB), never < 3
 #ifndef KT_RT_SHARE
 #define KT_RT_SHARE 12
 #endif
+constexpr int64_t kRtShareBytes = int64_t(2) << 20;
 
 // A^T in vectors of V rows: At[(t * Mp + m) * V + c] = A[t V + c][m] (0 past n or M), Mp = 16 P
 inline void transpose_rows(const float* A, int64_t lda, int64_t n, int64_t M, int64_t Mp, int V, std::vector<float>& At) {
@@ -172,6 +175,7 @@ inline void fetch_block(const Weight& w, int64_t p, int64_t k0) {
 #define KT_RT(name) name##_avx2
 #define KT_RT_V 8
 #define KT_RT_IN 4
+#define KT_RT_IN2 6  // 12 sums + A^T's 2 + a broadcast; passes of 6, 6, 4
 #define KT_RT_IN1 8  // 8 sums + A^T + a broadcast of 16 registers
 #define KT_RT_VEC __m256
 #define KT_RT_ZERO() _mm256_setzero_ps()
@@ -253,6 +257,7 @@ KT_AVX512 inline void decode_block_avx512(const Weight& w, int64_t p, int64_t k0
 #define KT_RT(name) name##_avx512
 #define KT_RT_V 16
 #define KT_RT_IN 8
+#define KT_RT_IN2 12  // passes of 12, 4
 #define KT_RT_IN1 16
 #define KT_RT_VEC __m512
 #define KT_RT_ZERO() _mm512_setzero_ps()
