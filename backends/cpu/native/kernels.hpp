@@ -140,6 +140,16 @@ struct X16 {
   int64_t ldx, ldg;
 };
 
+// 16 e4m3 codes -> two vectors of 2^-8 their values (rows 0-7, 8-15), exact: the sign, exponent and
+// mantissa shifted into fp16's places (subnormals come out right), then F16C
+KT_TARGET("avx2,fma,f16c") inline void fp8x16_avx2(const uint8_t* p, __m256& lo, __m256& hi) {
+  const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7),
+                                       _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(bits));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(bits, 1));
+}
+
 // fp8 over one group: e4m3 bytes -> fp16 bits (sign, then exponent and mantissa shifted
 // into place; subnormals come out right), F16C converts, the 2^8 bias gap goes into the scale.
 template <int MR>
@@ -165,13 +175,10 @@ KT_TARGET("avx2,fma,f16c") inline void tile_f8_group(const uint8_t* wp, const fl
       ga[i][1] = _mm256_fmadd_ps(x1, w11, _mm256_fmadd_ps(x0, w01, ga[i][1]));
     }
   }
-  const __m256i m7f = _mm256_set1_epi16(0x7F), m80 = _mm256_set1_epi16(0x80);
   for (; k < k0 + g; ++k) {  // an odd group's last input
     if ((k & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + k * NR) + KT_PREFETCH, _MM_HINT_T0);
-    __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + k * NR)));
-    __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, m7f), 7),
-                                   _mm256_slli_epi16(_mm256_and_si256(h, m80), 8));
-    __m256 w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(bits)), w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(bits, 1));
+    __m256 w0, w1;
+    fp8x16_avx2(wp + k * NR, w0, w1);
     for (int i = 0; i < MR; ++i) {
       __m256 x = _mm256_broadcast_ss(X + i * ldx + k);
       ga[i][0] = _mm256_fmadd_ps(x, w0, ga[i][0]);

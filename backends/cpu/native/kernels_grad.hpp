@@ -148,17 +148,13 @@ KT_TARGET("avx2,fma,f16c") inline void decode_block_avx2(const Weight& w, int64_
     return;
   }
   const uint8_t* wp = static_cast<const uint8_t*>(w.data) + (p * K + k0) * NR;  // FMT_FP8 [K][16]
-  const __m256i m7f = _mm256_set1_epi16(0x7F), m80 = _mm256_set1_epi16(0x80);
-  for (int kk = 0; kk < NR; ++kk) {  // e4m3 -> fp16 bits (2^-8 of the value), then F16C
-    const __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + kk * NR)));
-    const __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, m7f), 7),
-                                         _mm256_slli_epi16(_mm256_and_si256(h, m80), 8));
+  for (int kk = 0; kk < NR; ++kk) {  // 2^-8 of the value, times the scale times 2^8
+    __m256 lo, hi;
+    fp8x16_avx2(wp + kk * NR, lo, hi);
     const float* sc = w.scale + (p * G + (k0 + kk) / w.group) * NR;
     const __m256 k256 = _mm256_set1_ps(256.f);
-    _mm256_storeu_ps(out + kk * NR, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(bits)),
-                                                  _mm256_mul_ps(_mm256_loadu_ps(sc), k256)));
-    _mm256_storeu_ps(out + kk * NR + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(bits, 1)),
-                                                      _mm256_mul_ps(_mm256_loadu_ps(sc + 8), k256)));
+    _mm256_storeu_ps(out + kk * NR, _mm256_mul_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(sc), k256)));
+    _mm256_storeu_ps(out + kk * NR + 8, _mm256_mul_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(sc + 8), k256)));
   }
 }
 
