@@ -134,7 +134,8 @@ def run_one(impl: str, model: Path, seq: int, steps: int, threads: int, quant: s
 
 # torch.profiler op names -> what they are in a kt-core step (self CPU time; the rest is "other")
 PROFILE_GROUPS = {"experts_forward": ("_Experts", "_Rows"), "experts_backward": ("_ExpertsBackward", "_RowsBackward"),
-                  "attention": ("scaled_dot_product", "_CausalAttention", "_CausalAttentionBackward"),
+                  "attention": ("scaled_dot_product", "_CausalAttention", "_CausalAttentionBackward",
+                                "_CausalAttentionF32", "_CausalAttentionF32Backward"),
                   "matmul": ("aten::mm", "aten::addmm", "aten::bmm"),
                   "optimizer": ("Optimizer.step", "aten::_foreach")}
 

@@ -54,48 +54,53 @@ def _bf16_products(native) -> bool:
 
 def softmax_grad(S: torch.Tensor, dP: torch.Tensor, O: torch.Tensor, dO: torch.Tensor, period: int, pos0: int,
                  scale: float, P: torch.Tensor, dS: torch.Tensor, pool: int = 0) -> None:
-    """The native element-wise pass: S, dP float32 [rows, keys], O, dO bf16 [rows, head_dim] (contiguous);
-    row r is query position pos0 + r % period, which sees keys 0..position. Writes P and dS (bf16 [rows,
-    keys]): softmax(scale S) and P (dP - <dO, O>) scale, zero past the keys the row sees."""
+    """The native element-wise pass: S, dP float32 [rows, keys], O, dO [rows, head_dim] (contiguous);
+    row r is query position pos0 + r % period, which sees keys 0..position. Writes P and dS ([rows,
+    keys]): softmax(scale S) and P (dP - <dO, O>) scale, zero past the keys the row sees. O, dO, P and
+    dS are all bf16 or all float32; float32 P and dS may be S and dP themselves (written in place)."""
     _, native_ops = _ops()
     if native_ops is None:
         raise RuntimeError("native CPU ops unavailable for attention's backward pass: reinstall kt-core")
     rows, keys = S.shape
-    ok = (S.dtype == dP.dtype == torch.float32 and P.dtype == dS.dtype == O.dtype == dO.dtype == torch.bfloat16
+    ok = (S.dtype == dP.dtype == torch.float32 and P.dtype in (torch.bfloat16, torch.float32)
+          and P.dtype == dS.dtype == O.dtype == dO.dtype
           and S.shape == dP.shape == P.shape == dS.shape and O.dim() == 2 and O.shape == dO.shape
           and O.shape[0] == rows and all(t.is_contiguous() and t.device.type == "cpu" for t in (S, dP, O, dO, P, dS))
           and period >= 1 and rows % period == 0 and pos0 >= 0)
     if not ok:
-        raise ValueError(f"softmax_grad: S, dP float32 [rows, keys], O, dO bf16 [rows, head_dim], P, dS bf16 [rows, "
-                         f"keys], contiguous CPU tensors, rows a multiple of period; got S {tuple(S.shape)} {S.dtype}, "
-                         f"dP {tuple(dP.shape)} {dP.dtype}, O {tuple(O.shape)} {O.dtype}, dO {tuple(dO.shape)} "
-                         f"{dO.dtype}, P {tuple(P.shape)} {P.dtype}, dS {tuple(dS.shape)} {dS.dtype}, period {period}, "
-                         f"pos0 {pos0}")
+        raise ValueError(f"softmax_grad: S, dP float32 [rows, keys], O, dO [rows, head_dim] and P, dS [rows, keys] "
+                         f"all bf16 or all float32, contiguous CPU tensors, rows a multiple of period; got S "
+                         f"{tuple(S.shape)} {S.dtype}, dP {tuple(dP.shape)} {dP.dtype}, O {tuple(O.shape)} {O.dtype}, "
+                         f"dO {tuple(dO.shape)} {dO.dtype}, P {tuple(P.shape)} {P.dtype}, dS {tuple(dS.shape)} "
+                         f"{dS.dtype}, period {period}, pos0 {pos0}")
     if rows == 0:
         return
     pack = native_ops._PACKERS["kt_attn_softmax_grad"][0].pack  # attn_grad.inc AttnSoftmaxGradArgs
-    args = pack(rows, keys, keys, period, pos0, O.shape[1], float(scale), native_ops._pool(pool), S.data_ptr(),
-                dP.data_ptr(), O.data_ptr(), dO.data_ptr(), P.data_ptr(), dS.data_ptr())
+    args = pack(rows, keys, keys, period, pos0, O.shape[1], float(scale), native_ops._pool(pool),
+                native_ops._DTYPES[P.dtype], 0, S.data_ptr(), dP.data_ptr(), O.data_ptr(), dO.data_ptr(), P.data_ptr(),
+                dS.data_ptr())
     native_ops._check_rc(native_ops._need().kt_attn_softmax_grad(args), "attn_softmax_grad")
 
 
 def softmax(S: torch.Tensor, period: int, pos0: int, scale: float, P: torch.Tensor, pool: int = 0) -> None:
-    """The forward pass's probabilities: P = softmax(scale S) (bf16 [rows, keys]) of S float32 [rows, keys],
-    row r at query position pos0 + r % period seeing keys 0..position, zeros past them (one native pass)."""
+    """The forward pass's probabilities: P = softmax(scale S) ([rows, keys], bf16 or float32, which may be
+    S itself) of S float32 [rows, keys], row r at query position pos0 + r % period seeing keys 0..position,
+    zeros past them (one native pass)."""
     _, native_ops = _ops()
     if native_ops is None:
         raise RuntimeError("native CPU ops unavailable for attention's softmax: reinstall kt-core")
     rows, keys = S.shape
-    if not (S.dtype == torch.float32 and P.dtype == torch.bfloat16 and S.shape == P.shape and S.is_contiguous()
-            and P.is_contiguous() and S.device.type == P.device.type == "cpu" and period >= 1 and rows % period == 0
-            and pos0 >= 0):
-        raise ValueError(f"softmax: S float32 and P bf16 [rows, keys], contiguous CPU tensors, rows a multiple of "
-                         f"period; got S {tuple(S.shape)} {S.dtype}, P {tuple(P.shape)} {P.dtype}, period {period}")
+    if not (S.dtype == torch.float32 and P.dtype in (torch.bfloat16, torch.float32) and S.shape == P.shape
+            and S.is_contiguous() and P.is_contiguous() and S.device.type == P.device.type == "cpu" and period >= 1
+            and rows % period == 0 and pos0 >= 0):
+        raise ValueError(f"softmax: S float32 and P bf16 or float32 [rows, keys], contiguous CPU tensors, rows a "
+                         f"multiple of period; got S {tuple(S.shape)} {S.dtype}, P {tuple(P.shape)} {P.dtype}, "
+                         f"period {period}")
     if rows == 0:
         return
     pack = native_ops._PACKERS["kt_attn_softmax_grad"][0].pack  # dP, O, dO, dS null: P alone
-    args = pack(rows, keys, keys, period, pos0, 1, float(scale), native_ops._pool(pool), S.data_ptr(), 0, 0, 0,
-                P.data_ptr(), 0)
+    args = pack(rows, keys, keys, period, pos0, 1, float(scale), native_ops._pool(pool), native_ops._DTYPES[P.dtype],
+                0, S.data_ptr(), 0, 0, 0, P.data_ptr(), 0)
     native_ops._check_rc(native_ops._need().kt_attn_softmax_grad(args), "attn_softmax")
 
 
@@ -170,11 +175,11 @@ def _products_fp32(a: torch.Tensor, b_t: torch.Tensor, out: torch.Tensor) -> tor
         matmul.fp32_precision = before
 
 
-def _chunks(n: int, G: int, keys: Optional[int] = None) -> list[tuple[int, int]]:
-    """Query position chunks [c0, c1): at most CHUNK positions (a chunk's products stop at its last
-    key, so smaller chunks skip more of the causal mask's zeros), scores of ``keys`` (default n) within
-    SCORE_BYTES."""
-    per = max(1, min(CHUNK, SCORE_BYTES // (4 * G * (keys or n))))
+def _chunks(n: int, G: int, keys: Optional[int] = None, most: Optional[int] = None) -> list[tuple[int, int]]:
+    """Query position chunks [c0, c1): at most ``most`` (default CHUNK) positions (a chunk's products stop
+    at its last key, so smaller chunks skip more of the causal mask's zeros), scores of ``keys`` (default
+    n) within SCORE_BYTES."""
+    per = max(1, min(most or CHUNK, SCORE_BYTES // (4 * G * (keys or n))))
     return [(c0, min(n, c0 + per)) for c0 in range(0, n, per)]
 
 

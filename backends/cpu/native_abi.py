@@ -25,8 +25,9 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2, "silu_clamp10": 3}
 # (fine-tuning and prefill: backends/cpu/chunked_attention.py), and kt_logsoftmax_grad, the LM head's log-probabilities and
 # their gradient (kt_core/train/token_logprobs.py); RowsTArgs.a_rows / a_count (the routes' rows read in place);
 # 23: kt_attn_softmax_grad writes P alone when dP, O, dO and dS are null (fine-tuning's attention forward);
-# 24: so does kt_attn_scores_grad when dO, O, v and dS are null, and it runs on AVX512-BF16 without AMX
-ABI_VERSION = 24
+# 24: so does kt_attn_scores_grad when dO, O, v and dS are null, and it runs on AVX512-BF16 without AMX;
+# 25: AttnSoftmaxGradArgs.dtype: kt_attn_softmax_grad's O, dO, P and dS float32 (P / dS may be S / dP themselves)
+ABI_VERSION = 25
 MAX_POOLS = 64  # logical CPU devices cpu:0..cpu:63, one thread pool each
 MAX_THREADS = 4096  # per pool
 MAX_DIM = 1 << 24  # hidden size, expert width, tokens per call, expert ids: what the library accepts
@@ -150,7 +151,8 @@ class _RmsNormGradArgs(ctypes.Structure):  # norm_grad.inc RmsNormGradArgs
 class _AttnSoftmaxGradArgs(ctypes.Structure):  # attn_grad.inc AttnSoftmaxGradArgs
     _fields_ = [("rows", ctypes.c_int64), ("keys", ctypes.c_int64), ("ld", ctypes.c_int64),
                 ("period", ctypes.c_int64), ("pos0", ctypes.c_int64), ("dh", ctypes.c_int64),
-                ("scale", ctypes.c_float), ("pool", ctypes.c_int), ("S", ctypes.c_void_p), ("dP", ctypes.c_void_p),
+                ("scale", ctypes.c_float), ("pool", ctypes.c_int), ("dtype", ctypes.c_int), ("pad", ctypes.c_int),
+                ("S", ctypes.c_void_p), ("dP", ctypes.c_void_p),
                 ("O", ctypes.c_void_p), ("dO", ctypes.c_void_p), ("P", ctypes.c_void_p), ("dS", ctypes.c_void_p)]
 
 

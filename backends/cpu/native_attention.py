@@ -6,8 +6,10 @@ alike (no tile units); this takes ~20 ms with the same inputs and a comparable e
 exact float32 sums of bf16 products; the probabilities are rounded to bf16 for P.V, as the tiles take
 bf16 operands). Each KV head's keys and values are packed into the kernels' panels once per call (a
 copy of L x D); the queries of its head group go through together, in row chunks that bound the
-scores' memory. Layers with attention sinks, float32 models and CPUs without AMX keep torch's path
-(try_attention_prefill returns None); so does ``KT_NATIVE_PREFILL_ATTENTION=0`` (benchmarks, bisecting)."""
+scores' memory. Plain causal attention takes a chunked forward instead where that is faster (``_chunked``:
+AVX512-BF16 without AMX, and CPUs where torch's bf16 products are its scalar loop, bf16 or float32 models).
+Layers with attention sinks, float32 models elsewhere and other CPUs keep torch's path (try_attention_prefill
+returns None); so does ``KT_NATIVE_PREFILL_ATTENTION=0`` (benchmarks, bisecting)."""
 from __future__ import annotations
 
 import os
@@ -17,6 +19,7 @@ import torch
 
 from kt_backends.cpu import native, native_linear
 from kt_backends.cpu.native_abi import NR
+from kt_core.backend.torch_ops import wide_mm
 from kt_core.backend.torch_ops.attention import _visible, gather_context, sequences
 
 SCORE_BYTES = 32 << 20  # float32 scores held at once per KV head: query rows are chunked to fit
@@ -84,19 +87,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tens
             out[r0:r1, h * G:(h + 1) * G] = o.transpose(0, 1).to(out.dtype)
 
 
-def _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) -> bool:
-    """Whether plain causal attention takes fine-tuning's chunked forward instead (S in float32 sums, the
-    native softmax, P v: chunked_attention.py), which beats both torch's and the panel path
-    where the kernels multiply bf16 pairs without AMX (Zen 5 EPYC, 2 threads, 512 tokens, 32 heads: ~5
-    against 25 / 26 ms). ``chunked``: force it (True) or the panel path (False); None: decide."""
+def _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) -> Optional[str]:
+    """Whether plain causal attention takes a chunked forward instead, and which: "bf16", fine-tuning's
+    (S in float32 sums, the native softmax, P v in bf16: chunked_attention.py), which beats both torch's
+    and the panel path where the kernels multiply bf16 pairs without AMX (Zen 5 EPYC, 2 threads, 512
+    tokens, 32 heads: ~5 against 25 / 26 ms); "float32" (chunked_attention_f32.py) where torch's bf16
+    products are its scalar loop (AVX2-only: Zen 3 EPYC, the same layer 19 ms against torch's 34 in bf16,
+    30 in float32); None: neither. ``chunked``: force one ("bf16" or True, "float32"), or the panel path
+    (False); None: decide."""
     if not (causal and sliding_window is None and chunk is None and sinks is None
             and os.environ.get("KT_NATIVE_PREFILL_ATTENTION", "1") != "0"):
-        return False
+        return None
     from kt_backends.cpu import chunked_attention
 
     if chunked is None:
-        return not any_variant and chunked_attention.takes_forward()
-    return chunked and chunked_attention._ops()[0] is not None and chunked_attention._precision_switch()
+        if any_variant:
+            return None
+        if chunked_attention.takes_forward():
+            return "bf16"
+        return "float32" if chunked_attention._ops()[0] is not None and not wide_mm.onednn_bf16() else None
+    if chunked == "float32":
+        return chunked if chunked_attention._ops()[0] is not None else None
+    ok = chunked and chunked_attention._ops()[0] is not None and chunked_attention._precision_switch()
+    return "bf16" if ok else None
 
 
 def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, causal=True,
@@ -106,17 +119,23 @@ def try_attention_prefill(q, k_cache, v_cache, block_tables, seq_lens, query_sta
     when this path does not take the inputs. ``any_variant``: on every kernel variant, not only AMX
     (the vector kernels give the same products; the tests run the glue on every CPU this way);
     ``chunked``: see ``_chunked``."""
-    if _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) and q.dim() == 3 \
-            and k_cache.dim() == 4 and q.shape[1] % k_cache.shape[2] == 0 and v_cache.shape[-1] == q.shape[2] \
-            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in (q, k_cache, v_cache)):
+    path = _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked)
+    dtypes = (torch.bfloat16,) if path == "bf16" else (torch.bfloat16, torch.float32)
+    if path and q.dim() == 3 and k_cache.dim() == 4 and q.shape[1] % k_cache.shape[2] == 0 \
+            and v_cache.shape[-1] == q.shape[2] \
+            and all(t.dtype in dtypes and t.dtype == q.dtype and t.device.type == "cpu" for t in (q, k_cache, v_cache)):
+        from kt_backends.cpu import chunked_attention_f32
         from kt_backends.cpu.chunked_attention import attention_forward
 
         out = torch.empty_like(q)
         for b, qs, qe, length in sequences(seq_lens, query_start_loc):
-            k = gather_context(k_cache, block_tables[b], length)  # [L, Hkv, D]
-            v = gather_context(v_cache, block_tables[b], length)
-            attention_forward(q[qs:qe].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale,
-                              out=out[qs:qe].transpose(0, 1))
+            k = gather_context(k_cache, block_tables[b], length).transpose(0, 1)  # [Hkv, L, D]
+            v = gather_context(v_cache, block_tables[b], length).transpose(0, 1)
+            if path == "bf16":
+                attention_forward(q[qs:qe].transpose(0, 1), k, v, scale, out=out[qs:qe].transpose(0, 1))
+            else:
+                o = chunked_attention_f32.forward(q[qs:qe].transpose(0, 1).float(), k.float(), v.float(), scale)
+                out[qs:qe] = o.transpose(0, 1)
         return out
     if not _takes(q, k_cache, v_cache, sinks, any_variant):
         return None

@@ -39,7 +39,7 @@ _INT32_MAX = 2**31 - 1
 _PACKERS = {"kt_attention_decode": (struct.Struct("@9qf3i7P"), _AttnDecodeArgs),
             "kt_rmsnorm": (struct.Struct("@2qf3i3P"), _RmsNormArgs),
             "kt_rmsnorm_backward": (struct.Struct("@2qf3i4P"), _RmsNormGradArgs),  # kt_core/train/native_norm_rope.py
-            "kt_attn_softmax_grad": (struct.Struct("@6qfi6P"), _AttnSoftmaxGradArgs),  # chunked_attention.py
+            "kt_attn_softmax_grad": (struct.Struct("@6qfiii6P"), _AttnSoftmaxGradArgs),  # chunked_attention.py
             "kt_attn_scores_grad": (struct.Struct("@13qfi7P"), _AttnScoresGradArgs),  # chunked_attention.py
             "kt_logsoftmax_grad": (struct.Struct("@2q4i3P"), _LogSoftmaxGradArgs),  # kt_core/train/token_logprobs.py
             "kt_rope": (struct.Struct("@10q4i6P"), _RopeArgs),

@@ -27,10 +27,15 @@ EPYC); ``attention_forward`` runs it as the same chunks (S in float32 sums, the 
 bf16, then P v): forward + backward 67 -> 28 ms there. The chunks, the forward and the native calls live in
 the CPU backend (backends/cpu/chunked_attention.py), whose plain causal prefill runs the same forward.
 
-``attend`` has ``torch_ops.attention.attend``'s contract and takes this path only for plain causal
-attention of bf16 tensors that want gradients, with the native ops loaded, a torch that has the
-precision switch, and bf16 pair products in hardware (elsewhere the float32 products would be slower
-than torch's backward; the tests pass ``any_cpu``); ``KT_NATIVE_ATTENTION_GRAD=0`` turns it off.
+Where torch's bf16 products are its scalar loop (AVX2-only CPUs), bf16 and float32 models take the float32
+chunks instead (backends/cpu/chunked_attention_f32.py): a 512-token layer's forward + backward 105 -> 64 ms
+on 2 threads of a Zen 3 EPYC, float32 throughout.
+
+``attend`` has ``torch_ops.attention.attend``'s contract and takes these paths only for plain causal
+attention that wants gradients, with the native ops loaded: the bf16 chunks for bf16 tensors with a torch
+that has the precision switch and bf16 pair products in hardware (elsewhere their float32 products would
+be slower than torch's backward; the tests pass ``any_cpu``), the float32 chunks as above (``_path``);
+``KT_NATIVE_ATTENTION_GRAD=0`` turns both off.
 """
 from __future__ import annotations
 
@@ -40,26 +45,41 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kt_backends.cpu import chunked_attention_f32 as attention_f32
 from kt_backends.cpu.chunked_attention import (_bf16_products, _chunks, _ops, _precision_switch,
                                                _products_fp32, attention_forward, scores_grad, softmax_grad,
                                                takes_forward)
 from kt_core.backend.torch_ops import attention as torch_attention
+from kt_core.backend.torch_ops import wide_mm
 from kt_core.runtime.scratch import work
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sinks, any_cpu: bool = False) -> bool:
-    """Whether ``attend`` runs this path for these inputs."""
+    """Whether ``attend`` runs this module's path for these inputs (``_path``)."""
+    return _path(q, k, v, mask, sinks, any_cpu) is not None
+
+
+def _path(q, k, v, mask, sinks, any_cpu: bool = False) -> Optional[str]:
+    """"pairs": the bf16 chunks on bf16 pair products (``any_cpu``: on any CPU, for the tests);
+    "float32": the float32 chunks (backends/cpu/chunked_attention_f32.py), for bf16 and float32 models
+    where torch's bf16 products are its scalar loop (AVX2-only CPUs); None: torch's attention."""
     if mask is not None or sinks is not None or os.environ.get("KT_NATIVE_ATTENTION_GRAD", "1") == "0":
-        return False
+        return None
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return False
-    if not all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.dim() == 3 for t in (q, k, v)):
-        return False
+        return None
+    if not all(t.dtype == q.dtype and t.device.type == "cpu" and t.dim() == 3 for t in (q, k, v)):
+        return None
     if not k.shape[0] or q.shape[-2] != k.shape[-2] or q.shape[0] % k.shape[0] or v.shape != k.shape \
             or q.shape[-1] != k.shape[-1]:
-        return False
+        return None
     native, _ = _ops()
-    return native is not None and _precision_switch() and (any_cpu or _bf16_products(native))
+    if native is None:
+        return None
+    if q.dtype == torch.bfloat16 and _precision_switch() and (any_cpu or _bf16_products(native)):
+        return "pairs"
+    if q.dtype in (torch.bfloat16, torch.float32) and not wide_mm.onednn_bf16():
+        return "float32"
+    return None
 
 
 def attention_backward(q, k, v, o, do, scale: float):
@@ -113,12 +133,32 @@ class _CausalAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class _CausalAttentionF32(torch.autograd.Function):
+    """The float32 chunks (chunked_attention_f32): float32 q, k, v; o in float32 kept for <dO, O>."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        with torch.no_grad():
+            o = attention_f32.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors
+        return (*attention_f32.backward(q, k, v, o, do.float(), ctx.scale), None)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
            sinks: Optional[torch.Tensor] = None, any_cpu: bool = False) -> torch.Tensor:
     """``torch_ops.attention.attend``'s contract (q [Hq, n, D], k / v [Hkv, L, D] here), with this
-    module's backward pass where ``takes`` says so."""
-    if takes(q, k, v, mask, sinks, any_cpu):
-        if scale is None:
-            scale = q.shape[-1] ** -0.5
-        return _CausalAttention.apply(q, k, v, float(scale))
-    return torch_attention.attend(q, k, v, mask, scale, sinks)
+    module's paths where ``_path`` takes them."""
+    path = _path(q, k, v, mask, sinks, any_cpu)
+    if path is None:
+        return torch_attention.attend(q, k, v, mask, scale, sinks)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if path == "pairs":
+        return _CausalAttention.apply(q, k, v, scale)
+    return _CausalAttentionF32.apply(q.float(), k.float(), v.float(), scale).to(q.dtype)

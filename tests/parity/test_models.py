@@ -13,15 +13,22 @@ position's logits jump; the median is what measures the arithmetic.
 transformers' own bf16 error differs between CPUs (its bf16 products take other oneDNN paths):
 qwen3_next's tiny checkpoint measured 0.029 median on a Zen 4 EPYC (ours 0.028), above BF16_BOUND. So
 the bound is BF16_BOUND or 1.25x transformers' own bf16 median on the same CPU, whichever is larger:
-still a failure where our arithmetic is worse than bf16 itself is."""
+still a failure where our arithmetic is worse than bf16 itself is.
+
+In a recurrent model a flipped choice also moves every later position, so the median is no shield:
+qwen3_next's seed-0 checkpoint has two of layer 1's router scores 1e-3 apart at position 2 (0.292 vs
+0.291), and attention outputs 0.2% apart (bf16 rounding of the same float32 result, or SDPA's bf16
+kernel against it) gave medians of either ~0.025 or ~0.088 (eight random perturbations: three flipped).
+Its bf16 check builds seed 1 (eight perturbations: 0.017-0.022; seeds 2 and 3 alike), BF16_SEEDS."""
 import pytest
 import torch
 
 import kt_core
-from tests.parity.tiny import CONFIGS, hf_model
+from tests.parity.tiny import CONFIGS, build, hf_model
 
 FP32_BOUND = 1e-4
 BF16_BOUND = 2.5e-2
+BF16_SEEDS = {"qwen3_next": 1}  # checkpoints without a router near-tie on PROMPT (see above)
 PROMPT = [5, 17, 33, 2, 90, 41, 41, 7, 12, 64, 3, 88, 19, 27, 50, 61, 1, 9, 30, 77]
 
 
@@ -46,8 +53,8 @@ def test_fp32_logits_and_greedy_tokens(name, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_bf16_logits_within_bound(name, tiny_checkpoint):
-    path = tiny_checkpoint(name)
+def test_bf16_logits_within_bound(name, tiny_checkpoint, tmp_path):
+    path = build(name, tmp_path, seed=BF16_SEEDS[name]) if name in BF16_SEEDS else tiny_checkpoint(name)
     engine = kt_core.Engine.from_pretrained(path, overrides=["model.dtype=bfloat16"])
     with torch.no_grad():
         ref = hf_model(path)(torch.tensor([PROMPT])).logits[0].float()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kt_backends.cpu import chunked_attention as ca
 from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.native_abi import _AttnSoftmaxGradArgs
+from kt_core.backend.torch_ops import wide_mm
 from kt_core.train import native_attention as na
 
 pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
@@ -78,12 +79,13 @@ def test_softmax_grad_checks_its_arguments():
     S, dP = torch.zeros(4, 8), torch.zeros(4, 8)
     O, dO = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.bfloat16)
     P, dS = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16)
-    ok = dict(rows=4, keys=8, ld=8, period=4, pos0=0, dh=16, scale=0.5, pool=0, S=S.data_ptr(), dP=dP.data_ptr(),
+    ok = dict(rows=4, keys=8, ld=8, period=4, pos0=0, dh=16, scale=0.5, pool=0, dtype=1, S=S.data_ptr(), dP=dP.data_ptr(),
               O=O.data_ptr(), dO=dO.data_ptr(), P=P.data_ptr(), dS=dS.data_ptr())
     assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**ok))) == 0
     for override, code in [({"ld": 7}, -5), ({"keys": 0}, -5), ({"period": 0}, -5), ({"pos0": -1}, -5),
                            ({"dh": 0}, -5), ({"scale": float("nan")}, -5), ({"scale": 0.0}, -5), ({"rows": -1}, -5),
-                           ({"pool": 64}, -2), ({"S": None}, -6), ({"dO": None}, -6), ({"dS": None}, -6)]:
+                           ({"pool": 64}, -2), ({"dtype": 2}, -3), ({"S": None}, -6), ({"dO": None}, -6),
+                           ({"dS": None}, -6)]:
         assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**{**ok, **override}))) == code, override
     assert lib.kt_attn_softmax_grad(None) == -6
     forward = {**ok, "dP": None, "O": None, "dO": None, "dS": None}  # P alone: all four null, or none
@@ -135,7 +137,8 @@ def test_what_the_path_does_not_take_goes_to_torch():
     mask = torch.ones(6, 6, dtype=torch.bool).tril()
     assert not na.takes(q, k, v, mask, None, any_cpu=True)  # a mask (sliding window, chunked attention)
     assert not na.takes(q, k, v, None, torch.zeros(4), any_cpu=True)  # attention sinks
-    assert not na.takes(q.float(), k.float(), v.float(), None, None, any_cpu=True)  # float32 models
+    # float32 models: the float32 chunks where torch's bf16 products are scalar (test_chunked_attention_f32.py)
+    assert na.takes(q.float(), k.float(), v.float(), None, None, any_cpu=True) == (not wide_mm.onednn_bf16())
     assert not na.takes(q[:, :3], k, v, None, None, any_cpu=True)  # queries after a cached context
     with torch.no_grad():
         assert not na.takes(q, k, v, None, None, any_cpu=True)
@@ -162,8 +165,8 @@ def test_a_bf16_lora_step_on_the_cpu_takes_this_backward(tiny_checkpoint, monkey
     for p in lora.parameters():  # B is zero at the start: give the gradients of A something to carry
         torch.nn.init.normal_(p, std=0.05)
     calls = []
-    takes = na.takes
-    monkeypatch.setattr(na, "takes", lambda *a, **k: calls.append(1) or takes(*a[:5], any_cpu=True))
+    path = na._path
+    monkeypatch.setattr(na, "_path", lambda *a, **k: calls.append(1) or path(*a[:5], any_cpu=True))
     example = Example([(i * 37) % 90 + 3 for i in range(40)], 10)
 
     def grads():

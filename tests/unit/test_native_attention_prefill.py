@@ -114,4 +114,29 @@ def test_the_chunked_causal_forward_matches_the_float32_reference(lens, news, mo
         assert err < 1e-2, (variant, err)
     for kw in ({"sliding_window": 40}, {"chunk": 64}, {"causal": False}):  # masks it does not take: the panels
         assert native_attention._chunked(q, kw.get("causal", True), kw.get("sliding_window"), None, kw.get("chunk"),
-                                         False, True) is False
+                                         False, True) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_float32_chunks_match_the_float32_reference(dtype, monkeypatch, restore_native_variant):
+    """The float32 chunked forward (backends/cpu/chunked_attention_f32.py), which plain causal prefill takes
+    where torch's bf16 products are its scalar loop: a fresh prompt, a cached prefix, two sequences, in
+    several query chunks, in every variant; forced here, and chosen when oneDNN has no bf16."""
+    from kt_backends.cpu import chunked_attention, chunked_attention_f32
+    from kt_core.backend.torch_ops import wide_mm
+
+    monkeypatch.setattr(chunked_attention_f32, "CHUNK", 16)
+    q, k, v, table, sl, qsl = _case([96, 130], [96, 17], seed=11)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = q.shape[-1] ** -0.5
+    ref = attention_prefill(q.double(), k.double(), v.double(), table, sl, qsl, scale)
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        got = native_attention.try_attention_prefill(q, k, v, table, sl, qsl, scale, chunked="float32")
+        assert got is not None and got.dtype == dtype and got.shape == q.shape
+        err = float((got.double() - ref).abs().max() / ref.abs().max())
+        assert err < (1e-5 if dtype == torch.float32 else 8e-3), (variant, err)
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(chunked_attention, "takes_forward", lambda: False)  # no bf16 pair products either
+    assert native_attention._chunked(q, True, None, None, None, False, None) == "float32"
+    assert native_attention._chunked(q, True, 40, None, None, False, None) is None  # a sliding window: not these

@@ -207,9 +207,8 @@ namespace kt {
 #include "quantize_load.inc"  // weights -> int4 codes, group scales, panels at load (kt_quantize_int4, kt_pack_int4)
 }  // namespace kt
 
-// native_abi.py ABI_VERSION (its comment says what each version added; 24: kt_attn_scores_grad's forward form and
-// its AVX512-BF16 path)
-KT_API int kt_abi_version() { return 24; }
+// native_abi.py ABI_VERSION (its comment says what each version added; 25: kt_attn_softmax_grad's float32 form)
+KT_API int kt_abi_version() { return 25; }
 KT_API uint32_t kt_isa() {
   try {
     return kt::state().isa;

@@ -1,0 +1,129 @@
+"""The float32 chunked causal attention (backends/cpu/chunked_attention_f32.py) and the float32 form of
+the native softmax pass it uses (native/attn_grad.inc, P / dS written over S / dP): against float64
+formulas and float64 autograd through torch's SDPA, in every kernel variant; fine-tuning's attention
+takes it where torch's bf16 products are its scalar loop (forced here on every CPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kt_backends.cpu import chunked_attention as ca
+from kt_backends.cpu import chunked_attention_f32 as cf
+from kt_backends.cpu import native, native_ops
+from kt_core.backend.torch_ops import wide_mm
+from kt_core.train import native_attention as na
+
+pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
+              pytest.mark.usefixtures("restore_native_variant")]
+
+
+def _expected(S, dP, O, dO, period, pos0, scale):
+    rows, keys = S.shape
+    seen = torch.arange(keys)[None, :] <= (pos0 + torch.arange(rows) % period)[:, None]
+    P = torch.softmax((S.double() * scale).masked_fill(~seen, float("-inf")), -1)
+    return P, P * (dP.double() - (O.double() * dO.double()).sum(-1, keepdim=True)) * scale
+
+
+@pytest.mark.parametrize("rows,keys,period,pos0,dh", [(12, 37, 6, 31, 20), (64, 64, 64, 0, 128), (8, 9, 2, 0, 7)])
+def test_the_float32_pass_in_place_matches_float64_in_every_variant(rows, keys, period, pos0, dh):
+    g = torch.Generator().manual_seed(rows + keys + dh)
+    S0, dP0 = torch.randn(rows, keys, generator=g) * 8, torch.randn(rows, keys, generator=g)
+    O, dO = torch.randn(rows, dh, generator=g), torch.randn(rows, dh, generator=g)
+    P_want, dS_want = _expected(S0, dP0, O, dO, period, pos0, 0.3)
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        S, dP = S0.clone(), dP0.clone()
+        ca.softmax_grad(S, dP, O, dO, period, pos0, 0.3, S, dP)  # P over S, dS over dP
+        torch.testing.assert_close(S.double(), P_want, rtol=1e-5, atol=1e-7, msg=variant)
+        torch.testing.assert_close(dS := dP.double(), dS_want, rtol=1e-4, atol=1e-6 * dS_want.abs().max().item(),
+                                   msg=variant)
+        assert (S[P_want == 0] == 0).all() and (dS[P_want == 0] == 0).all(), variant
+        P = torch.full((rows, keys), 7.0)  # the forward's P alone, in its own buffer
+        ca.softmax(S0, period, pos0, 0.3, P)
+        torch.testing.assert_close(P.double(), P_want, rtol=1e-5, atol=1e-7, msg=variant)
+
+
+def test_the_pass_takes_one_element_type():
+    S = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="all bf16 or all float32"):
+        ca.softmax_grad(S, S.clone(), torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 16), 4, 0, 0.5,
+                        torch.zeros(4, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="P bf16 or float32"):
+        ca.softmax(S, 4, 0, 0.5, torch.zeros(4, 8, dtype=torch.float16))
+
+
+def _sdpa64(q, k, v, do):
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=1 / math.sqrt(q.shape[-1]),
+                                       enable_gqa=q.shape[0] != k.shape[0])[0]
+    o.backward(do.double())
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("Hq,Hkv,n,D,chunk", [(8, 2, 37, 32, 16), (4, 4, 50, 16, 64), (6, 1, 24, 64, 7)])
+def test_forward_and_backward_match_float64_in_every_variant(Hq, Hkv, n, D, chunk, monkeypatch):
+    monkeypatch.setattr(cf, "CHUNK", chunk)  # several query chunks, each stopping at its last key
+    g = torch.Generator().manual_seed(Hq * n + D)
+    q = (torch.randn(n, Hq, D, generator=g) * 2).transpose(0, 1)  # strided, as the model's
+    k, v = torch.randn(Hkv, n, D, generator=g) * 2, torch.randn(Hkv, n, D, generator=g)
+    do = torch.randn(Hq, n, D, generator=g)
+    want = _sdpa64(q, k, v, do)
+    for variant in native.supported_variants():
+        native.set_variant(variant)
+        o = cf.forward(q, k, v, 1 / math.sqrt(D))
+        got = [o, *cf.backward(q, k, v, o, do, 1 / math.sqrt(D))]
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            assert a.dtype == torch.float32 and a.shape == b.shape, name
+            assert float((a.double() - b).norm() / b.norm()) < 1e-5, (variant, name)
+
+
+def test_the_forward_after_a_cached_prefix():
+    """Queries that are the last n of L positions see the whole prefix and their own causal part."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(4, 5, 16, generator=g), torch.randn(2, 12, 16, generator=g), torch.randn(2, 12, 16,
+                                                                                                 generator=g)
+    hidden = torch.arange(12)[None, :] > torch.arange(7, 12)[:, None]
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0),
+                                          attn_mask=~hidden, scale=0.25)
+    out = torch.zeros(4, 5, 16)
+    assert cf.forward(q, k, v, 0.25, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_lora_step_takes_the_float32_chunks_where_bf16_products_are_scalar(dtype, tiny_checkpoint, monkeypatch):
+    """With torch's bf16 products on its scalar loop (AVX2-only CPUs; forced here), the trainer's causal
+    attention runs the float32 chunks, and the adapters' gradients are torch's (float32 SDPA) ones."""
+    from kt_core.models.model import CausalLM
+    from kt_core.models.spec import parse_config
+    from kt_core.train.lora_model import AutogradBackend, LoraModel
+    from kt_core.train.sft import Example, loss_of
+    from kt_core.weights.checkpoint import Checkpoint
+
+    monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(na, "_bf16_products", lambda native: False)  # no pair products: the float32 chunks
+    ck = Checkpoint(tiny_checkpoint("llama"))
+    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), dtype)
+    lora = LoraModel(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    for p in lora.parameters():  # B is zero at the start: give the gradients of A something to carry
+        torch.nn.init.normal_(p, std=0.05)
+    calls = []
+    forward = cf.forward
+    monkeypatch.setattr(cf, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    example = Example([(i * 37) % 90 + 3 for i in range(40)], 10)
+
+    def grads():
+        for p in lora.parameters():
+            p.grad = None
+        loss, n = loss_of(model, example)
+        loss.backward()
+        return [p.grad.clone() for p in lora.parameters()]
+
+    ours = grads()
+    assert calls, "the trainer's attention did not run the float32 chunks"
+    monkeypatch.setenv("KT_NATIVE_ATTENTION_GRAD", "0")
+    theirs = grads()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, b in zip(ours, theirs):
+        assert float((a - b).norm() / b.norm()) < tol
