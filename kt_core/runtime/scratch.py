@@ -21,5 +21,7 @@ def work(name: str, rows: int, cols: int, dtype: torch.dtype = torch.float32, de
     key = (name, dtype, device)
     t = bufs.get(key)
     if t is None or t.numel() < rows * cols:
-        t = bufs[key] = torch.empty(rows * cols, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: one made under inference mode (a prefill's
+            #                                attention) could not be written outside it (fine-tuning's)
+            t = bufs[key] = torch.empty(rows * cols, dtype=dtype, device=device)
     return t[:rows * cols].view(rows, cols)
