@@ -28,8 +28,8 @@ bf16, then P v): forward + backward 67 -> 28 ms there. The chunks, the forward a
 the CPU backend (backends/cpu/chunked_attention.py), whose plain causal prefill runs the same forward.
 
 Where torch's bf16 products are its scalar loop (AVX2-only CPUs), bf16 and float32 models take the float32
-chunks instead (backends/cpu/chunked_attention_f32.py): a 512-token layer's forward + backward 105 -> 64 ms
-on 2 threads of a Zen 3 EPYC, float32 throughout.
+chunks instead (backends/cpu/chunked_attention_f32.py): a 512-token layer's forward + backward 119 -> 71 ms
+on 2 threads of a Zen 3 EPYC with the casts (bench/attention_grad.py), float32 throughout.
 
 ``attend`` has ``torch_ops.attention.attend``'s contract and takes these paths only for plain causal
 attention that wants gradients, with the native ops loaded: the bf16 chunks for bf16 tensors with a torch

@@ -18,7 +18,7 @@ still a failure where our arithmetic is worse than bf16 itself is.
 In a recurrent model a flipped choice also moves every later position, so the median is no shield:
 qwen3_next's seed-0 checkpoint has two of layer 1's router scores 1e-3 apart at position 2 (0.292 vs
 0.291), and attention outputs 0.2% apart (bf16 rounding of the same float32 result, or SDPA's bf16
-kernel against it) gave medians of either ~0.025 or ~0.088 (eight random perturbations: three flipped).
+kernel against it) gave medians of either ~0.025 or ~0.088 (six random perturbations: two flipped).
 Its bf16 check builds seed 1 (eight perturbations: 0.017-0.022; seeds 2 and 3 alike), BF16_SEEDS."""
 import pytest
 import torch
