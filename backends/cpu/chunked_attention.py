@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from kt_backends.cpu.native_abi import overlaps
 from kt_core.runtime.scratch import work
 
 SCORE_BYTES = 32 << 20  # float32 scores of one query chunk of one KV head (and as much of dP)
@@ -66,10 +67,11 @@ def softmax_grad(S: torch.Tensor, dP: torch.Tensor, O: torch.Tensor, dO: torch.T
           and P.dtype == dS.dtype == O.dtype == dO.dtype
           and S.shape == dP.shape == P.shape == dS.shape and O.dim() == 2 and O.shape == dO.shape
           and O.shape[0] == rows and all(t.is_contiguous() and t.device.type == "cpu" for t in (S, dP, O, dO, P, dS))
-          and period >= 1 and rows % period == 0 and pos0 >= 0)
+          and period >= 1 and rows % period == 0 and pos0 >= 0 and _apart((P, dS), (S, dP, O, dO), P.dtype))
     if not ok:
         raise ValueError(f"softmax_grad: S, dP float32 [rows, keys], O, dO [rows, head_dim] and P, dS [rows, keys] "
-                         f"all bf16 or all float32, contiguous CPU tensors, rows a multiple of period; got S "
+                         f"all bf16 or all float32, contiguous CPU tensors, rows a multiple of period, P and dS "
+                         f"apart from each other and the inputs (float32 P may be S, dS dP); got S "
                          f"{tuple(S.shape)} {S.dtype}, dP {tuple(dP.shape)} {dP.dtype}, O {tuple(O.shape)} {O.dtype}, "
                          f"dO {tuple(dO.shape)} {dO.dtype}, P {tuple(P.shape)} {P.dtype}, dS {tuple(dS.shape)} "
                          f"{dS.dtype}, period {period}, pos0 {pos0}")
@@ -92,16 +94,30 @@ def softmax(S: torch.Tensor, period: int, pos0: int, scale: float, P: torch.Tens
     rows, keys = S.shape
     if not (S.dtype == torch.float32 and P.dtype in (torch.bfloat16, torch.float32) and S.shape == P.shape
             and S.is_contiguous() and P.is_contiguous() and S.device.type == P.device.type == "cpu" and period >= 1
-            and rows % period == 0 and pos0 >= 0):
+            and rows % period == 0 and pos0 >= 0 and _apart((P,), (S,), P.dtype)):
         raise ValueError(f"softmax: S float32 and P bf16 or float32 [rows, keys], contiguous CPU tensors, rows a "
-                         f"multiple of period; got S {tuple(S.shape)} {S.dtype}, P {tuple(P.shape)} {P.dtype}, "
-                         f"period {period}")
+                         f"multiple of period, P S itself or apart from it; got S {tuple(S.shape)} {S.dtype}, P "
+                         f"{tuple(P.shape)} {P.dtype}, period {period}")
     if rows == 0:
         return
     pack = native_ops._PACKERS["kt_attn_softmax_grad"][0].pack  # dP, O, dO, dS null: P alone
     args = pack(rows, keys, keys, period, pos0, 1, float(scale), native_ops._pool(pool), native_ops._DTYPES[P.dtype],
                 0, S.data_ptr(), 0, 0, 0, P.data_ptr(), 0)
     native_ops._check_rc(native_ops._need().kt_attn_softmax_grad(args), "attn_softmax")
+
+
+def _apart(outs: tuple, ins: tuple, dtype: torch.dtype) -> bool:
+    """The pass's outputs share no byte with each other or its inputs, except that a float32 output may be
+    exactly its own input (P over S, dS over dP: ins[i] for outs[i]), which the pass reads before it writes."""
+    def same(a, b) -> bool:
+        return dtype == torch.float32 and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+    for i, o in enumerate(outs):
+        if any(overlaps(o, x) for x in outs[i + 1:]):
+            return False
+        if any(overlaps(o, x) and not (j == i and same(o, x)) for j, x in enumerate(ins)):
+            return False
+    return True
 
 
 def scores_grad(q: torch.Tensor, do: torch.Tensor, o: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c0: int,
@@ -179,7 +195,7 @@ def _chunks(n: int, G: int, keys: Optional[int] = None, most: Optional[int] = No
     """Query position chunks [c0, c1): at most ``most`` (default CHUNK) positions (a chunk's products stop
     at its last key, so smaller chunks skip more of the causal mask's zeros), scores of ``keys`` (default
     n) within SCORE_BYTES."""
-    per = max(1, min(most or CHUNK, SCORE_BYTES // (4 * G * (keys or n))))
+    per = max(1, min(most or CHUNK, SCORE_BYTES // (4 * G * max(1, keys or n))))
     return [(c0, min(n, c0 + per)) for c0 in range(0, n, per)]
 
 

@@ -21,10 +21,19 @@ from typing import Optional
 
 import torch
 
-from kt_backends.cpu.chunked_attention import _chunks, softmax, softmax_grad
+from kt_backends.cpu.chunked_attention import _chunks, _ops, softmax, softmax_grad
+from kt_core.backend.torch_ops import wide_mm
 from kt_core.runtime.scratch import work
 
 CHUNK = 64  # query positions a chunk (512 tokens on the Zen 3: products 46 ms at 64, 51 at 128, more at 256)
+
+
+def takes() -> bool:
+    """Whether these chunks are the causal attention to run here: torch's bf16 products are its scalar loop
+    (no oneDNN bf16: AVX2-only CPUs, where they were measured) and the native ops are loaded with a vector
+    variant (the pass between the products)."""
+    native, _ = _ops()
+    return native is not None and native.variant() != "generic" and not wide_mm.onednn_bf16()
 
 
 def _stacked(x: torch.Tensor, H: int, c0: int, c1: int) -> torch.Tensor:
@@ -55,6 +64,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     Hq, n, D = q.shape
     H = k.shape[0]
     G = Hq // H
+    o, do = o.contiguous(), do.contiguous()  # (an expanded gradient: the pass reads rows of O and dO in place)
     dq = torch.empty(Hq, n, D, dtype=torch.float32)
     dk = torch.zeros(H, n, D, dtype=torch.float32)
     dv = torch.zeros(H, n, D, dtype=torch.float32)

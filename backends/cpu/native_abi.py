@@ -189,3 +189,12 @@ def _index(value, what: str, lo: int, hi: int) -> int:
     if not lo <= v <= hi:
         raise ValueError(f"{what} must be in {lo}..{hi}, got {v}")
     return v
+
+
+def overlaps(a, b) -> bool:
+    """Whether two contiguous tensors share any byte (an empty one shares none): what a native pass that
+    reads one while it writes the other must be told apart from."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()

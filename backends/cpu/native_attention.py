@@ -19,7 +19,6 @@ import torch
 
 from kt_backends.cpu import native, native_linear
 from kt_backends.cpu.native_abi import NR
-from kt_core.backend.torch_ops import wide_mm
 from kt_core.backend.torch_ops.attention import _visible, gather_context, sequences
 
 SCORE_BYTES = 32 << 20  # float32 scores held at once per KV head: query rows are chunked to fit
@@ -98,14 +97,14 @@ def _chunked(q, causal, sliding_window, sinks, chunk, any_variant, chunked) -> O
     if not (causal and sliding_window is None and chunk is None and sinks is None
             and os.environ.get("KT_NATIVE_PREFILL_ATTENTION", "1") != "0"):
         return None
-    from kt_backends.cpu import chunked_attention
+    from kt_backends.cpu import chunked_attention, chunked_attention_f32
 
     if chunked is None:
         if any_variant:
             return None
         if chunked_attention.takes_forward():
             return "bf16"
-        return "float32" if chunked_attention._ops()[0] is not None and not wide_mm.onednn_bf16() else None
+        return "float32" if chunked_attention_f32.takes() else None
     if chunked == "float32":
         return chunked if chunked_attention._ops()[0] is not None else None
     ok = chunked and chunked_attention._ops()[0] is not None and chunked_attention._precision_switch()

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from kt_backends.cpu import native
-from kt_backends.cpu.native_abi import _ActGradArgs, _check_rc, _RowsTArgs
+from kt_backends.cpu.native_abi import _ActGradArgs, _check_rc, _RowsTArgs, overlaps
 from kt_backends.cpu.native_pack import PackedExperts
 
 _lib_ready = False
@@ -183,15 +183,8 @@ def silu_mul_backward(gu: torch.Tensor, z: torch.Tensor, w: torch.Tensor, dg: Op
     dg = torch.empty(rows, I, dtype=torch.float32) if dg is None else dg
     du = torch.empty(rows, I, dtype=torch.float32) if du is None else du
 
-    def span(t) -> tuple[int, int]:
-        return t.data_ptr(), t.data_ptr() + t.numel() * 4
-
-    def overlap(a, b) -> bool:
-        (a0, a1), (b0, b1) = span(a), span(b)
-        return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
-
-    if not ok(dg, (rows, I)) or not ok(du, (rows, I)) or overlap(dg, du) \
-            or any(overlap(o, i) for o in (dg, du) for i in (gu, z, w)):
+    if not ok(dg, (rows, I)) or not ok(du, (rows, I)) or overlaps(dg, du) \
+            or any(overlaps(o, i) for o in (dg, du) for i in (gu, z, w)):
         raise ValueError(f"silu_mul_backward: dg and du must be two contiguous float32 CPU tensors [{rows}, {I}] "
                          f"that overlap neither each other nor the inputs (the pass reads the inputs as it writes)")
     dw = torch.empty(rows, dtype=torch.float32)

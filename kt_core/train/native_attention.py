@@ -50,7 +50,6 @@ from kt_backends.cpu.chunked_attention import (_bf16_products, _chunks, _ops, _p
                                                _products_fp32, attention_forward, scores_grad, softmax_grad,
                                                takes_forward)
 from kt_core.backend.torch_ops import attention as torch_attention
-from kt_core.backend.torch_ops import wide_mm
 from kt_core.runtime.scratch import work
 
 
@@ -69,15 +68,15 @@ def _path(q, k, v, mask, sinks, any_cpu: bool = False) -> Optional[str]:
         return None
     if not all(t.dtype == q.dtype and t.device.type == "cpu" and t.dim() == 3 for t in (q, k, v)):
         return None
-    if not k.shape[0] or q.shape[-2] != k.shape[-2] or q.shape[0] % k.shape[0] or v.shape != k.shape \
-            or q.shape[-1] != k.shape[-1]:
+    if not k.shape[0] or not q.shape[-2] or q.shape[-2] != k.shape[-2] or q.shape[0] % k.shape[0] \
+            or v.shape != k.shape or q.shape[-1] != k.shape[-1]:
         return None
     native, _ = _ops()
     if native is None:
         return None
     if q.dtype == torch.bfloat16 and _precision_switch() and (any_cpu or _bf16_products(native)):
         return "pairs"
-    if q.dtype in (torch.bfloat16, torch.float32) and not wide_mm.onednn_bf16():
+    if q.dtype in (torch.bfloat16, torch.float32) and attention_f32.takes():
         return "float32"
     return None
 

@@ -64,7 +64,7 @@ def _native_block(z: torch.Tensor, targets: torch.Tensor, out: torch.Tensor, wan
     if z.device.type != "cpu" or z.dtype not in (torch.bfloat16, torch.float32) or not z.is_contiguous():
         return False
     try:
-        from kt_backends.cpu import native_ops
+        from kt_backends.cpu import native_abi, native_ops
     except ImportError:
         return False
     if not native_ops.available():
@@ -72,8 +72,7 @@ def _native_block(z: torch.Tensor, targets: torch.Tensor, out: torch.Tensor, wan
     t = targets.to(torch.int64).contiguous()
     if not (out.is_contiguous() and out.dtype == torch.float32 and t.shape == (z.shape[0],) == out.shape):
         return False
-    z0, z1 = z.data_ptr(), z.data_ptr() + z.numel() * z.element_size()
-    if any(x.data_ptr() < z1 and z0 < x.data_ptr() + x.numel() * x.element_size() for x in (t, out)):
+    if any(native_abi.overlaps(z, x) for x in (t, out)):
         return False  # (the pass writes z while it reads the targets: never over them)
     pack = native_ops._PACKERS["kt_logsoftmax_grad"][0].pack  # logsoftmax_grad.inc LogSoftmaxGradArgs
     args = pack(z.shape[0], z.shape[1], native_ops._DTYPES[z.dtype], int(want), 0, 0, z.data_ptr(), t.data_ptr(),

@@ -44,13 +44,38 @@ def test_the_float32_pass_in_place_matches_float64_in_every_variant(rows, keys, 
         torch.testing.assert_close(P.double(), P_want, rtol=1e-5, atol=1e-7, msg=variant)
 
 
-def test_the_pass_takes_one_element_type():
-    S = torch.zeros(4, 8)
+def test_the_pass_takes_one_element_type_and_writes_over_nothing_it_reads():
+    S, dP, O, dO = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(4, 16), torch.zeros(4, 16)
     with pytest.raises(ValueError, match="all bf16 or all float32"):
-        ca.softmax_grad(S, S.clone(), torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 16), 4, 0, 0.5,
-                        torch.zeros(4, 8), torch.zeros(4, 8))
+        ca.softmax_grad(S, dP, O.bfloat16(), dO, 4, 0, 0.5, torch.zeros(4, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match="P bf16 or float32"):
         ca.softmax(S, 4, 0, 0.5, torch.zeros(4, 8, dtype=torch.float16))
+    for P, dS in [(dP, S), (S, S), (dP, dP), (O.view(-1)[:32].view(4, 8), dP)]:  # crossed, shared, over O
+        with pytest.raises(ValueError, match="apart"):
+            ca.softmax_grad(S, dP, O, dO, 4, 0, 0.5, P, dS)
+    with pytest.raises(ValueError, match="apart"):  # a bf16 P over the first 64 bytes of float32 S
+        ca.softmax(S, 4, 0, 0.5, S.view(-1).view(torch.bfloat16)[:32].view(4, 8))
+    ca.softmax(S, 4, 0, 0.5, torch.zeros(4, 8, dtype=torch.bfloat16))  # the same apart
+    ca.softmax_grad(S, dP, O, dO, 4, 0, 0.5, S, dP)  # in place: P is S, dS is dP
+    ca.softmax(S, 4, 0, 0.5, S)
+
+
+def test_an_expanded_gradient_and_no_tokens():
+    """A float32 model's loss summed over the output hands the backward an expanded (stride 0) gradient;
+    a sequence of no tokens is torch's to handle."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(h, 30, 16, generator=g).requires_grad_() for h in (4, 2, 2))
+    with torch.enable_grad():
+        if not na.takes(q, k, v, None, None):
+            pytest.skip("the float32 chunks are not this CPU's path (oneDNN multiplies bf16 here)")
+        na.attend(q, k, v, None, 0.25).sum().backward()
+    qq, kk, vv = (t.detach().double().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=0.25, enable_gqa=True).sum().backward()
+    for a, b in ((q, qq), (k, kk), (v, vv)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+    empty = [torch.zeros(h, 0, 16, requires_grad=True) for h in (4, 2, 2)]
+    assert not na.takes(*empty, None, None)
+    assert na.attend(*empty, None, 0.25).shape == (4, 0, 16)
 
 
 def _sdpa64(q, k, v, do):

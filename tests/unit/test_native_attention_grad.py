@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from kt_backends.cpu import chunked_attention as ca
+from kt_backends.cpu import chunked_attention_f32
 from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.native_abi import _AttnSoftmaxGradArgs
-from kt_core.backend.torch_ops import wide_mm
 from kt_core.train import native_attention as na
 
 pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
@@ -79,8 +79,8 @@ def test_softmax_grad_checks_its_arguments():
     S, dP = torch.zeros(4, 8), torch.zeros(4, 8)
     O, dO = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(4, 16, dtype=torch.bfloat16)
     P, dS = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16)
-    ok = dict(rows=4, keys=8, ld=8, period=4, pos0=0, dh=16, scale=0.5, pool=0, dtype=1, S=S.data_ptr(), dP=dP.data_ptr(),
-              O=O.data_ptr(), dO=dO.data_ptr(), P=P.data_ptr(), dS=dS.data_ptr())
+    ok = dict(rows=4, keys=8, ld=8, period=4, pos0=0, dh=16, scale=0.5, pool=0, dtype=1, S=S.data_ptr(),
+              dP=dP.data_ptr(), O=O.data_ptr(), dO=dO.data_ptr(), P=P.data_ptr(), dS=dS.data_ptr())
     assert lib.kt_attn_softmax_grad(ctypes.byref(_AttnSoftmaxGradArgs(**ok))) == 0
     for override, code in [({"ld": 7}, -5), ({"keys": 0}, -5), ({"period": 0}, -5), ({"pos0": -1}, -5),
                            ({"dh": 0}, -5), ({"scale": float("nan")}, -5), ({"scale": 0.0}, -5), ({"rows": -1}, -5),
@@ -138,7 +138,7 @@ def test_what_the_path_does_not_take_goes_to_torch():
     assert not na.takes(q, k, v, mask, None, any_cpu=True)  # a mask (sliding window, chunked attention)
     assert not na.takes(q, k, v, None, torch.zeros(4), any_cpu=True)  # attention sinks
     # float32 models: the float32 chunks where torch's bf16 products are scalar (test_chunked_attention_f32.py)
-    assert na.takes(q.float(), k.float(), v.float(), None, None, any_cpu=True) == (not wide_mm.onednn_bf16())
+    assert na.takes(q.float(), k.float(), v.float(), None, None, any_cpu=True) == chunked_attention_f32.takes()
     assert not na.takes(q[:, :3], k, v, None, None, any_cpu=True)  # queries after a cached context
     with torch.no_grad():
         assert not na.takes(q, k, v, None, None, any_cpu=True)
