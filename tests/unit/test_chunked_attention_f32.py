@@ -13,6 +13,7 @@ from kt_backends.cpu import chunked_attention_f32 as cf
 from kt_backends.cpu import native, native_ops
 from kt_core.backend.torch_ops import wide_mm
 from kt_core.train import native_attention as na
+from tests.unit.lora_attention_cases import adapter_grads_with_and_without
 
 pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
               pytest.mark.usefixtures("restore_native_variant")]
@@ -120,35 +121,15 @@ def test_the_forward_after_a_cached_prefix():
 def test_a_lora_step_takes_the_float32_chunks_where_bf16_products_are_scalar(dtype, tiny_checkpoint, monkeypatch):
     """With torch's bf16 products on its scalar loop (AVX2-only CPUs; forced here), the trainer's causal
     attention runs the float32 chunks, and the adapters' gradients are torch's (float32 SDPA) ones."""
-    from kt_core.models.model import CausalLM
-    from kt_core.models.spec import parse_config
-    from kt_core.train.lora_model import AutogradBackend, LoraModel
-    from kt_core.train.sft import Example, loss_of
-    from kt_core.weights.checkpoint import Checkpoint
-
     monkeypatch.setattr(wide_mm, "onednn_bf16", lambda: False)
     monkeypatch.setattr(na, "_bf16_products", lambda native: False)  # no pair products: the float32 chunks
-    ck = Checkpoint(tiny_checkpoint("llama"))
-    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), dtype)
-    lora = LoraModel(model, ["q_proj", "v_proj"], r=4, alpha=8)
-    for p in lora.parameters():  # B is zero at the start: give the gradients of A something to carry
-        torch.nn.init.normal_(p, std=0.05)
+    if not cf.takes():
+        pytest.skip("the native ops' generic variant: the float32 chunks are taken with vector variants only")
     calls = []
     forward = cf.forward
     monkeypatch.setattr(cf, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    example = Example([(i * 37) % 90 + 3 for i in range(40)], 10)
-
-    def grads():
-        for p in lora.parameters():
-            p.grad = None
-        loss, n = loss_of(model, example)
-        loss.backward()
-        return [p.grad.clone() for p in lora.parameters()]
-
-    ours = grads()
+    ours, theirs = adapter_grads_with_and_without(tiny_checkpoint("llama"), dtype, monkeypatch)
     assert calls, "the trainer's attention did not run the float32 chunks"
-    monkeypatch.setenv("KT_NATIVE_ATTENTION_GRAD", "0")
-    theirs = grads()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, b in zip(ours, theirs):
         assert float((a - b).norm() / b.norm()) < tol

@@ -15,6 +15,7 @@ from kt_backends.cpu import chunked_attention_f32
 from kt_backends.cpu import native, native_ops
 from kt_backends.cpu.native_abi import _AttnSoftmaxGradArgs
 from kt_core.train import native_attention as na
+from tests.unit.lora_attention_cases import adapter_grads_with_and_without
 
 pytestmark = [pytest.mark.skipif(not native_ops.available(), reason="native CPU kernels not built"),
               pytest.mark.usefixtures("restore_native_variant")]
@@ -153,33 +154,11 @@ def test_a_bf16_lora_step_on_the_cpu_takes_this_backward(tiny_checkpoint, monkey
     adapters' gradients agree with torch's backward to bf16's precision."""
     if not ca._precision_switch():
         pytest.skip("this torch has no torch.backends.mkldnn.matmul.fp32_precision")
-    from kt_core.models.model import CausalLM
-    from kt_core.models.spec import parse_config
-    from kt_core.train.lora_model import AutogradBackend, LoraModel
-    from kt_core.train.sft import Example, loss_of
-    from kt_core.weights.checkpoint import Checkpoint
-
-    ck = Checkpoint(tiny_checkpoint("llama"))
-    model = CausalLM.load(ck, parse_config(ck.config), AutogradBackend(), torch.bfloat16)
-    lora = LoraModel(model, ["q_proj", "v_proj"], r=4, alpha=8)
-    for p in lora.parameters():  # B is zero at the start: give the gradients of A something to carry
-        torch.nn.init.normal_(p, std=0.05)
     calls = []
     path = na._path
     monkeypatch.setattr(na, "_path", lambda *a, **k: calls.append(1) or path(*a[:5], any_cpu=True))
-    example = Example([(i * 37) % 90 + 3 for i in range(40)], 10)
-
-    def grads():
-        for p in lora.parameters():
-            p.grad = None
-        loss, n = loss_of(model, example)
-        loss.backward()
-        return [p.grad.clone() for p in lora.parameters()]
-
-    ours = grads()
+    ours, theirs = adapter_grads_with_and_without(tiny_checkpoint("llama"), torch.bfloat16, monkeypatch)
     assert calls, "the backend did not route its attention through native_attention.attend"
-    monkeypatch.setenv("KT_NATIVE_ATTENTION_GRAD", "0")
-    theirs = grads()
     for a, b in zip(ours, theirs):
         assert float((a - b).norm() / b.norm()) < 5e-2
 
