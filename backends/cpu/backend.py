@@ -84,8 +84,8 @@ class CpuBackend(TorchBackend):
                 return packed
         return experts
 
-    def prepare_dense(self, weight, index: int = 0):
-        packed = native_linear.pack_linear(weight)
+    def prepare_dense(self, weight, index: int = 0, owned: bool = False):
+        packed = native_linear.pack_linear(weight, in_place=owned)
         if packed is None:
             if isinstance(weight, QuantizedWeight):
                 _slow_path_once(f"{weight.format.value} dense weights (group {weight.group_size})")

@@ -92,9 +92,11 @@ def _consistent(w: QuantizedWeight) -> bool:
     return tuple(w.qdata.shape) == (M, width) and all(tuple(t.shape) == (M, K // g) for t in params)
 
 
-def pack_linear(w) -> Optional[PackedLinear]:
+def pack_linear(w, in_place: bool = False) -> Optional[PackedLinear]:
     """The packed form of a quantized dense weight, or None when the kernels do not take it
-    (then the torch path keeps serving it)."""
+    (then the torch path keeps serving it). ``in_place``: the codes are the caller's to give up, and
+    their panels are laid out in their own memory where the layout allows (no second copy of the
+    codes alive: a 151936 x 2048 int8 LM head's 311 MB)."""
     if not isinstance(w, QuantizedWeight) or w.device.type != "cpu" or w.qdata.dim() != 2 or _lib() is None:
         return None
     M, K = w.shape
@@ -117,7 +119,7 @@ def pack_linear(w) -> Optional[PackedLinear]:
             return None
     else:
         return None
-    data = native._pack_proj(_one(w), None, _f16_scales([w]), alloc=huge_empty)
+    data = native._pack_proj(_one(w), None, _f16_scales([w]), alloc=huge_empty, in_place=in_place)
     return PackedLinear(w.format.value, group, data, M, K)
 
 

@@ -188,9 +188,10 @@ def _f16_scales(ws: list) -> bool:
                and fp16_exact(w.scales) and (w.zeros is None or fp16_exact(w.zeros)) for w in ws)
 
 
-def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False, alloc=None) -> PackedProj:
+def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False, alloc=None, in_place: bool = False) -> PackedProj:
     """``f16``: grouped int8's or int4's scales (and zero points) stored as fp16 (the values must be
-    fp16's: _f16_scales); ``alloc(shape, dtype)``: the packed codes' memory."""
+    fp16's: _f16_scales); ``alloc(shape, dtype)``: the packed codes' memory; ``in_place``: a quantized
+    weight's codes are the caller's to give up: laid out in their own memory where ``_in_place`` can."""
     b = None if bias is None else bias.float().contiguous()
     if isinstance(w, torch.Tensor):
         return PackedProj(_panels(w.view(torch.int16), alloc), None, None, b)
@@ -202,13 +203,52 @@ def _pack_proj(w, bias: Optional[torch.Tensor], f16: bool = False, alloc=None) -
         # inputs of a row side by side, [E, P, K/step, 16, step]: the panels of step-byte words
         step, word = (4, torch.int32) if w.format is Quant.W8A8 else (2, torch.int16)
         E, M, K = w.qdata.shape
-        data = _panels(w.qdata.contiguous().view(word), alloc).view(torch.int8)
+        words = w.qdata.contiguous().view(word)
+        data = _in_place(words, _panel_block) if in_place else None
+        data = (_panels(words, alloc) if data is None else data).view(torch.int8)
         return PackedProj(data.view(E, -(-M // NR), K // step, NR, step), scale, zero, b)
     half = f16 and w.format is Quant.INT4
     scale = _panels(w.scales.half() if half else w.scales.float())  # [E, P, G, 16]
     zero = None if w.zeros is None else _panels(w.zeros.half() if half else w.zeros.float())
-    data = _panels(w.qdata, alloc) if w.format is Quant.FP8 else _int4_quads(w.qdata, alloc)
+    data = _in_place(w.qdata, _panel_block if w.format is Quant.FP8 else _quad_block) if in_place else None
+    if data is None:
+        data = _panels(w.qdata, alloc) if w.format is Quant.FP8 else _int4_quads(w.qdata, alloc)
     return PackedProj(data, scale, zero, b)
+
+
+IN_PLACE_BYTES = 4 << 20  # codes laid out in their own memory this many at a time (a copy of them held)
+
+
+def _in_place(t: torch.Tensor, block) -> Optional[torch.Tensor]:
+    """Codes [E, M, X] laid out as their panels in their own memory (each panel of NR rows takes the bytes
+    its rows did: M a multiple of NR, no padding), a block of panels at a time: ``block(codes, out)``
+    writes the packed form of a copy of the block's codes [panels, NR, X] into its bytes ``out``. The
+    packed tensor (a view of t's memory, t's codes gone), or None where the layout does not allow it."""
+    if t.dim() != 3 or not t.is_contiguous() or t.device.type != "cpu" or t.shape[1] % NR or not t.numel():
+        return None
+    E, M, X = t.shape
+    panels = E * M // NR
+    src, flat = t.view(panels, NR, X), t.view(-1)
+    per = max(1, IN_PLACE_BYTES // (NR * X * t.element_size()))
+    for p0 in range(0, panels, per):
+        p1 = min(panels, p0 + per)
+        block(src[p0:p1].clone(), flat[p0 * NR * X:p1 * NR * X])
+    return flat.view((E, M // NR) + block.packed(X))
+
+
+def _panel_block(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """``_panels``' layout [P, X, NR] of codes [P, NR, X] written into ``out`` (their bytes)."""
+    out.view(codes.shape[0], codes.shape[2], NR).copy_(codes.transpose(1, 2))
+
+
+def _quad_block(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """``_int4_quads``' layout [P, K/4, 32] of int4 codes [P, NR, K/2] written into ``out`` (their bytes)."""
+    P, _, half = codes.shape
+    _int4_quads(codes.reshape(1, P * NR, half), lambda shape, dtype: out.view(dtype).view(shape))
+
+
+_panel_block.packed = lambda X: (X, NR)  # a panel's packed shape, from its rows' width X
+_quad_block.packed = lambda X: (X // 2, 2 * NR)
 
 
 def _int4_quads(qdata: torch.Tensor, alloc=None) -> torch.Tensor:

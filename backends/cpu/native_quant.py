@@ -14,6 +14,7 @@ import torch
 
 from kt_backends.cpu import native_lib
 from kt_backends.cpu.native_abi import DTYPE_CODES, NR, _check_rc, _PackInt4Args, _QuantInt4Args, _QuantInt8Args
+from kt_core.weights.quant import codes_empty
 
 _DTYPES = {getattr(torch, name): code for name, code in DTYPE_CODES.items()}
 _MAX_GROUP = 4096  # quantize_load.inc kQuantMaxGroup
@@ -64,20 +65,21 @@ def _takes(rows, group: int, max_group: int) -> bool:
     return 8 <= group <= max_group and group % 8 == 0 and 0 < K < 1 << 24 and K % group == 0
 
 
-def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrinks, refits: int
+def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrinks, refits: int, alloc=None
              ) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """(codes uint8 [n, K/2] (input 2j in the low nibble), scale float32 [n, K/group], zero point
     float32 [n, K/group] or None when symmetric) of the weight rows ``rows [n, K]``, or None when the
     native kernel does not take them. ``fp16``: scales (and zero points) rounded to fp16 values,
     each group's codes taken anew for them (a group whose values would not survive fp16 keeps its
-    float32 fit). ``shrinks`` / ``refits``: the asymmetric fit's starting ranges and refits."""
+    float32 fit). ``shrinks`` / ``refits``: the asymmetric fit's starting ranges and refits. ``alloc``: the
+    codes' memory (quant.codes_empty)."""
     if not _takes(rows, group, _MAX_GROUP):
         return None
     n, K = rows.shape
     if not symmetric and not (1 <= len(shrinks) <= _MAX_STARTS and 0 <= refits <= _MAX_REFITS):
         return None  # a fit the kernel does not take: the torch path runs it
     rows = rows.contiguous()
-    codes = torch.empty(n, K // 2, dtype=torch.uint8)
+    codes = codes_empty((n, K // 2), torch.uint8, alloc)
     scale = torch.empty(n, K // group, dtype=torch.float32)
     zero = None if symmetric else torch.empty(n, K // group, dtype=torch.float32)
     lo = torch.tensor([s / 2 for s in shrinks], dtype=torch.float32)
@@ -90,15 +92,16 @@ def try_int4(rows: torch.Tensor, group: int, symmetric: bool, fp16: bool, shrink
     return codes, scale, zero
 
 
-def try_int8(rows: torch.Tensor, group: int, fp16: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def try_int8(rows: torch.Tensor, group: int, fp16: bool, alloc=None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(codes int8 [n, K], scale float32 [n, K/group]) of the weight rows ``rows [n, K]`` as
     ``quantize()``'s int8 computes them (the largest magnitude over 127; ``fp16``: scales rounded to
-    fp16 values where they stay finite and positive), or None when the native kernel does not take them."""
+    fp16 values where they stay finite and positive), or None when the native kernel does not take them.
+    ``alloc``: the codes' memory (quant.codes_empty)."""
     if not _takes(rows, group, _MAX_GROUP8):
         return None
     n, K = rows.shape
     rows = rows.contiguous()
-    codes = torch.empty(n, K, dtype=torch.int8)
+    codes = codes_empty((n, K), torch.int8, alloc)
     scale = torch.empty(n, K // group, dtype=torch.float32)
     if n:
         args = _QuantInt8Args(n, K, group, _DTYPES[rows.dtype], int(fp16), 0, rows.data_ptr(), codes.data_ptr(),

@@ -133,15 +133,18 @@ class Backend(abc.ABC):
         The result is what ``moe_experts`` then receives; the default keeps them as they are."""
         return experts
 
-    def prepare_dense(self, weight: Any, index: int = 0) -> Any:
+    def prepare_dense(self, weight: Any, index: int = 0, owned: bool = False) -> Any:
         """Repack a dense (attention / MLP / lm_head) weight device ``index`` will hold, once, at
-        load time; ``linear`` then receives the result. The default keeps it as it is."""
+        load time; ``linear`` then receives the result. ``owned``: the caller hands the weight's memory
+        over (codes it has just quantized, into ``dense_empty``'s memory), so the repacking may lay them
+        out where they lie. The default keeps it as it is."""
         return weight
 
     def dense_empty(self, shape: Sequence[int], dtype: torch.dtype, index: int = 0) -> Optional[torch.Tensor]:
-        """Memory device ``index`` wants an unquantized dense weight of ``shape`` read straight into
-        (the CPU's huge pages): a contiguous tensor of exactly ``shape`` and ``dtype`` on
-        ``torch_device(index)``, or None: the reader places its own tensor. The default: None."""
+        """Memory device ``index`` wants an unquantized dense weight of ``shape`` read straight into, or a
+        quantized one's codes made in (the CPU's huge pages): a contiguous tensor of exactly ``shape``
+        and ``dtype`` on ``torch_device(index)``, or None: the reader places its own tensor. The
+        default: None."""
         return None
 
     def moe_experts_async(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

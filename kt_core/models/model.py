@@ -205,7 +205,8 @@ class CausalLM:
             for i in range(spec.num_layers):
                 be, index = homes(i) if homes else (backend, 0)
                 device = be.torch_device(index)
-                r = _Reader(ck, spec, dtype, device, qp, lambda w, be=be, index=index: be.prepare_dense(w, index),
+                r = _Reader(ck, spec, dtype, device, qp,
+                            lambda w, owned=False, be=be, index=index: be.prepare_dense(w, index, owned),
                             fuse=getattr(be, "fuse_projections", True),
                             alloc=lambda shape, dt, be=be, index=index: be.dense_empty(shape, dt, index))
                 p = f"model.layers.{i}."
@@ -237,7 +238,8 @@ class CausalLM:
                 advance()
         last_be, last_index = homes(spec.num_layers - 1) if homes else (backend, 0)  # the head sits with the last layer
         first = _Reader(ck, spec, dtype, layers[0].device, qp)
-        last = _Reader(ck, spec, dtype, layers[-1].device, qp, lambda w: last_be.prepare_dense(w, last_index),
+        last = _Reader(ck, spec, dtype, layers[-1].device, qp,
+                       lambda w, owned=False: last_be.prepare_dense(w, last_index, owned),
                        alloc=lambda shape, dt: last_be.dense_empty(shape, dt, last_index))
         head = shapes_v4.GLOBALS["head"] if spec.v4 is not None else "lm_head.weight"
         tied = spec.tie_embeddings or head not in ck

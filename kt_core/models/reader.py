@@ -12,7 +12,7 @@ from kt_core.models.expert_stream import Stacked
 from kt_core.models.kept import kept as _kept
 from kt_core.models.spec import ModelSpec
 from kt_core.weights.checkpoint import Checkpoint, read_into
-from kt_core.weights.quant import ExpertWeights, Quant, quantize
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, codes_empty, quantize
 
 
 @dataclass
@@ -56,13 +56,17 @@ class QuantPlan:
         return self.dense if self.head is None else self.head
 
 
+STREAM_BYTES = 64 << 20  # a quantized dense weight larger than this (in the model's dtype) is read in blocks ...
+STREAM_BLOCK_BYTES = 8 << 20  # ... of rows this large
+
+
 class _Reader:
     """Reads, checks, casts and places one layer's tensors."""
 
     def __init__(self, ck: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device, qp: QuantPlan,
                  prepare: Optional[Callable] = None, fuse: bool = False, alloc: Optional[Callable] = None):
         self.ck, self.spec, self.dtype, self.device, self.qp = ck, spec, dtype, device, qp
-        self.prepare = prepare  # the device's Backend.prepare_dense for quantized dense weights
+        self.prepare = prepare  # the device's Backend.prepare_dense(w, owned) for quantized dense weights
         self.alloc = alloc  # the device's Backend.dense_empty for unquantized ones (or None)
         self.fuse = fuse  # q / k / v and gate / up as one weight each (inference; training adapts them apart)
 
@@ -103,10 +107,42 @@ class _Reader:
             return self.prepare(q) if self.prepare is not None else q
         if fmt is Quant.NONE:
             return self.rows([name], [shape])
-        w = self.t(name, shape)
-        q = _quantize(w, fmt, self.qp, name).to(self.device)
-        del w  # the source is not held while the device packs the codes
-        return self.prepare(q) if self.prepare is not None else q
+        cpu = self.device.type == "cpu"  # the codes quantized into the device's memory, handed over to its packer
+        q = self._streamed([name], [shape], fmt) if cpu else None
+        if q is None:
+            w = self.t(name, shape)
+            q = _quantize(w, fmt, self.qp, name, self.alloc if cpu else None).to(self.device)
+            del w  # the source is not held while the device packs the codes
+        return self.prepare(q, cpu) if self.prepare is not None else q
+
+    def _streamed(self, names: list[str], shapes: list, fmt: Quant) -> Optional[QuantizedWeight]:
+        """Weights (stacked by rows) over STREAM_BYTES read and quantized a block of rows at a time, so
+        their float rows are never all in memory beside the codes (an 8-bit 151936 x 2048 LM head peaked
+        with its 622 MB of bf16 and its 311 MB of codes together), or None where the checkpoint reads them
+        only whole. Each row's codes and scales depend on that row alone: the result is the whole weight's."""
+        read = getattr(self.ck, "read_rows", None)
+        K = shapes[0][1]
+        M = sum(s[0] for s in shapes)
+        if read is None or M * K * self.dtype.itemsize <= STREAM_BYTES or any(len(s) != 2 or s[1] != K for s in shapes):
+            return None
+        step = max(1, STREAM_BLOCK_BYTES // (K * self.dtype.itemsize))
+        out, at, q = None, 0, None
+        for name, shape in zip(names, shapes):
+            for r0 in range(0, shape[0], step):
+                r1 = min(shape[0], r0 + step)
+                rows = read(name, shape, r0, r1, self.dtype)
+                if rows is None:
+                    return None
+                q = _quantize(rows, fmt, self.qp, name)
+                if out is None:
+                    out = [codes_empty((M, *q.qdata.shape[1:]), q.qdata.dtype, self.alloc),
+                           torch.empty((M, *q.scales.shape[1:]), dtype=q.scales.dtype),
+                           None if q.zeros is None else torch.empty((M, *q.zeros.shape[1:]), dtype=q.zeros.dtype)]
+                for whole, part in zip(out, (q.qdata, q.scales, q.zeros)):
+                    if whole is not None:
+                        whole[at + r0:at + r1] = part
+            at += shape[0]
+        return QuantizedWeight(fmt, out[0], out[1], out[2], q.group_size, K)
 
     def rows(self, names: list[str], shapes: list) -> torch.Tensor:
         """Unquantized weights stacked by rows, read straight into the memory the device offers for them
@@ -150,10 +186,13 @@ class _Reader:
             return None  # a GGUF's blocks: each stays in its own format
         if fmt is Quant.NONE:
             return self.rows(names, shapes)
-        w = torch.cat([self.t(n, s) for n, s in zip(names, shapes)])
-        q = _quantize(w, fmt, self.qp, names[0]).to(self.device)
-        del w
-        return self.prepare(q) if self.prepare is not None else q
+        cpu = self.device.type == "cpu"  # as dense()
+        q = self._streamed(names, [tuple(s) for s in shapes], fmt) if cpu else None
+        if q is None:
+            w = torch.cat([self.t(n, s) for n, s in zip(names, shapes)])
+            q = _quantize(w, fmt, self.qp, names[0], self.alloc if cpu else None).to(self.device)
+            del w
+        return self.prepare(q, cpu) if self.prepare is not None else q
 
     def experts(self, gate, up, down, ids: torch.Tensor, **biases):
         """gate / up / down: tensors, or callables that read them (then each projection is read and
@@ -173,8 +212,8 @@ class _Reader:
         return ExpertWeights(ids.to(self.device), q(gate), q(up), q(down, qp.down_format), **placed)
 
 
-def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str):
-    try:
-        return quantize(w, fmt, qp.group_size, qp.symmetric, qp.int8_group)  # a chunk of rows at a time
+def _quantize(w: torch.Tensor, fmt: Quant, qp: QuantPlan, what: str, alloc=None):
+    try:  # a chunk of rows at a time; alloc: the codes' memory (quant.codes_empty)
+        return quantize(w, fmt, qp.group_size, qp.symmetric, qp.int8_group, alloc)
     except ValueError as exc:
         raise KtError(f"cannot quantize {what} to {fmt.value}: {exc}") from None

@@ -232,6 +232,20 @@ class Checkpoint:
                 return
         out.copy_(self.get(name, shape, out.dtype))
 
+    def read_rows(self, name: str, shape, r0: int, r1: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Rows [r0, r1) of the 2-D float tensor ``name`` (of ``shape``) in ``dtype``, read alone (a
+        safetensors file's byte range), or None where this tensor is not stored so (then ``get`` it whole)."""
+        f = self._where.get(name)
+        if f is None or name in self._packed or name in self._mx or len(tuple(shape)) != 2:
+            return None
+        handle = self._handle(f)
+        stored = self._stored.get(name, name)
+        entry = handle.entries.get(stored)
+        if entry is None or list(entry[1]) != list(shape) or \
+                handle.stored_dtype(stored) not in (torch.bfloat16, torch.float16, torch.float32):
+            return None
+        return handle.get_rows(stored, r0, r1).to(dtype)
+
     def is_fp8(self, name: str) -> bool:
         return name in self and f"{name}_scale_inv" in self
 

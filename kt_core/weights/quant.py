@@ -200,7 +200,20 @@ def fp16_exact(t: Optional[torch.Tensor]) -> bool:
     return bool(torch.isfinite(h).all()) and bool((h.float() == t.float()).all())
 
 
-def _native(fmt: Quant, rows: torch.Tensor, group: int, symmetric: bool) -> Optional[tuple]:
+def codes_empty(shape, dtype: torch.dtype, alloc=None) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor for a weight's codes: from ``alloc(shape, dtype)`` (a backend's
+    ``dense_empty``: the CPU's huge pages, where its packer may then lay the panels out in place) when it
+    gives one, else torch's."""
+    out = None if alloc is None else alloc(tuple(shape), dtype)
+    if out is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    if not (out.is_contiguous() and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.device.type == "cpu"):
+        raise ValueError(f"the codes' allocator gave a {out.dtype} tensor of shape {tuple(out.shape)}; it must give "
+                         f"a contiguous {dtype} CPU tensor of shape {tuple(shape)}, or None")
+    return out
+
+
+def _native(fmt: Quant, rows: torch.Tensor, group: int, symmetric: bool, alloc=None) -> Optional[tuple]:
     """The same int4 fits (scales rounded to fp16 values) or int8 (fp16 scales when grouped) on the
     native CPU kernels, one pass per group: (codes, scales, zero points or None), or None where they
     do not run (then the torch path)."""
@@ -209,16 +222,17 @@ def _native(fmt: Quant, rows: torch.Tensor, group: int, symmetric: bool) -> Opti
     except ImportError:  # kt-core installed without its CPU backend
         return None
     if fmt is Quant.INT8:
-        out = native_quant.try_int8(rows, group, group < rows.shape[-1])
+        out = native_quant.try_int8(rows, group, group < rows.shape[-1], alloc)
         return None if out is None else (*out, None)
-    return native_quant.try_int4(rows, group, symmetric, True, INT4_ASYM_SHRINKS, INT4_ASYM_REFITS)
+    return native_quant.try_int4(rows, group, symmetric, True, INT4_ASYM_SHRINKS, INT4_ASYM_REFITS, alloc)
 
 
 def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128,
-             symmetric: bool = True, int8_group: int = 0) -> Weight:
+             symmetric: bool = True, int8_group: int = 0, alloc=None) -> Weight:
     """Quantize a float weight ``[..., out, in]`` into ``fmt`` (``none`` returns it unchanged).
     ``group_size`` is int4's and fp8's group, ``int8_group`` int8's (0: one scale per row, for each).
-    Rows are converted to float32 a chunk at a time, so the peak beyond the result is bounded."""
+    Rows are converted to float32 a chunk at a time, so the peak beyond the result is bounded.
+    ``alloc``: the codes' memory (``codes_empty``)."""
     fmt = Quant(fmt)
     if fmt is Quant.NONE:
         return weight
@@ -234,14 +248,14 @@ def quantize(weight: torch.Tensor, fmt: Union[Quant, str], group_size: int = 128
         raise ValueError(f"int4 needs an even input dim, got {in_features}")
     lead, G = weight.shape[:-1], in_features // group
     rows = weight.reshape(-1, in_features)
-    native = _native(fmt, rows, group, symmetric) if fmt in (Quant.INT8, Quant.INT4) else None
+    native = _native(fmt, rows, group, symmetric, alloc) if fmt in (Quant.INT8, Quant.INT4) else None
     if native is not None:
         codes, scales, zeros = native
         return QuantizedWeight(fmt, codes.reshape(*lead, -1), scales.reshape(*lead, G),
                                None if zeros is None else zeros.reshape(*lead, G), group, in_features)
     n = rows.shape[0]
     width = in_features // 2 if fmt is Quant.INT4 else in_features
-    qdata = torch.empty(n, width, dtype=torch.int8 if fmt in (Quant.INT8, Quant.W8A8) else torch.uint8)
+    qdata = codes_empty((n, width), torch.int8 if fmt in (Quant.INT8, Quant.W8A8) else torch.uint8, alloc)
     scales = torch.empty(n, G, dtype=torch.float32)
     zeros = torch.empty(n, G, dtype=torch.float32) if fmt is Quant.INT4 and not symmetric else None
     step = max(1, (INT4_CHUNK_ELEMENTS if fmt is Quant.INT4 else CHUNK_ELEMENTS) // in_features)

@@ -62,6 +62,24 @@ class SafetensorsFile:
             buf = out.view(-1).view(torch.uint8)
         else:
             buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._read(name, begin, end, buf)
+        return buf.view(torch_dtype).reshape(shape)
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the tensor (along its first dim), read alone into fresh memory: a large weight
+        converted a block of rows at a time without the whole of it in memory."""
+        dtype, shape, begin, end = self.entries[name]
+        torch_dtype = TORCH_DTYPES.get(dtype)
+        if torch_dtype is None or not shape or not 0 <= r0 <= r1 <= shape[0]:
+            raise KtError(f"rows {r0}..{r1} of tensor {show(name)} in {self.path.name} ({dtype}, shape {shape}) "
+                          "cannot be read")
+        row = (end - begin) // shape[0] if shape[0] else 0
+        buf = torch.empty((r1 - r0) * row, dtype=torch.uint8)
+        self._read(name, begin + r0 * row, begin + r1 * row, buf)
+        return buf.view(torch_dtype).reshape(r1 - r0, *shape[1:])
+
+    def _read(self, name: str, begin: int, end: int, buf: torch.Tensor) -> None:
+        """Bytes [begin, end) of the data section into ``buf`` (uint8, that many)."""
         with self._lock:
             try:
                 if self._fh is None:
@@ -74,7 +92,6 @@ class SafetensorsFile:
         if got != end - begin:  # the file shrank since its header was checked
             raise KtError(f"tensor {show(name)} in {self.path.name} could not be read (the file ends after "
                           f"{got} of its {end - begin} bytes); it is truncated: download it again")
-        return buf.view(torch_dtype).reshape(shape)
 
     def close(self) -> None:
         with self._lock:

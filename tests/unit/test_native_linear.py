@@ -124,8 +124,32 @@ def test_quant_dense_model_runs_packed_and_matches_the_torch_path(tmp_path, monk
     packed = kt_core.Engine.from_pretrained(path, overrides=ov)
     assert isinstance(packed.model.layers[0].attn.w["qkv"], native_linear.PackedLinear)  # q / k / v fused
     ours = packed.logits(ids)
-    monkeypatch.setattr(CpuBackend, "prepare_dense", lambda self, w, index=0: w)
+    monkeypatch.setattr(CpuBackend, "prepare_dense", lambda self, w, index=0, owned=False: w)
     plain = kt_core.Engine.from_pretrained(path, overrides=ov)
     assert isinstance(plain.model.layers[0].attn.w["qkv"], QuantizedWeight)
     ref = plain.logits(ids)
     assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("fmt,group,sym", CASES, ids=[f"{f}-g{g}-{'sym' if s else 'asym'}" for f, g, s in CASES])
+@pytest.mark.parametrize("M", [80, 70])
+def test_codes_handed_over_are_packed_where_they_lie_with_the_same_bytes(fmt, group, sym, M, monkeypatch):
+    """pack_linear(in_place=True) (a quantized weight the loader hands over) lays the panels out in the
+    codes' own memory, a few panels at a time, with the bytes the copying packer writes; where the rows
+    do not fill whole panels (70) it copies as before."""
+    from kt_backends.cpu import native_pack
+
+    monkeypatch.setattr(native_pack, "IN_PLACE_BYTES", 1)  # a panel at a time: every block boundary crossed
+    g = torch.Generator().manual_seed(M)
+    w = torch.randn(M, 128, generator=g)
+    q = int8_with_zeros(w, group) if fmt == "int8" and not sym else quantize(w, fmt, group_size=group or 128,
+                                                                             symmetric=sym)
+    want = native_linear.pack_linear(q)
+    codes = q.qdata.clone()
+    q.qdata = codes
+    got = native_linear.pack_linear(q, in_place=True)
+    assert torch.equal(got.proj.data.view(torch.uint8), want.proj.data.view(torch.uint8))
+    assert got.proj.data.shape == want.proj.data.shape and got.proj.data.dtype == want.proj.data.dtype
+    assert (got.proj.data.data_ptr() == codes.data_ptr()) == (M % 16 == 0)  # in the codes' memory, or a copy
+    x = torch.randn(3, 128, generator=g)
+    assert torch.equal(native_linear.linear(x, got), native_linear.linear(x, want))

@@ -53,3 +53,44 @@ def test_loading_maps_nothing(tmp_path):
     engine = kt_core.Engine.from_pretrained(path)
     assert not [line for line in proc.read_text().splitlines() if ".safetensors" in line]
     assert engine.generate([5, 6], max_new_tokens=1, ignore_eos=True).token_ids
+
+
+def test_rows_read_alone_are_the_tensors_rows(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 6, generator=g).bfloat16()
+    f = tmp_path / "m.safetensors"
+    save_file({"w": w, "v": torch.randn(4, 2, 3, generator=g)}, str(f))
+    ours = SafetensorsFile(f, *check_safetensors_header(f))
+    for r0, r1 in [(0, 37), (0, 1), (5, 17), (36, 37), (20, 20)]:
+        assert torch.equal(ours.get_rows("w", r0, r1), w[r0:r1])
+    assert torch.equal(ours.get_rows("v", 1, 3), ours.get_tensor("v")[1:3])
+    for r0, r1 in [(-1, 3), (5, 4), (0, 38)]:
+        with pytest.raises(KtError, match="cannot be read"):
+            ours.get_rows("w", r0, r1)
+
+
+def test_a_large_weight_quantized_a_block_of_rows_at_a_time_loads_the_same_model(tmp_path, monkeypatch):
+    """A quantized dense weight over reader.STREAM_BYTES is read and quantized a block of rows at a time
+    (Checkpoint.read_rows); the model it loads is bit for bit the one whole-tensor quantization gives."""
+    import kt_core
+    from kt_core.models import reader
+    from kt_core.models.synthetic import synthesize
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=256,
+                 tie_word_embeddings=False)
+    path = tmp_path / "m"
+    synthesize(path, preset="tiny-qwen3-moe", layers=2, shape=shape, sample_tokens=16, tokenizer="deepseek")
+    ov = ["model.dtype=bfloat16", "quant.dense=int8"]  # (int4's panels in place: test_native_linear.py)
+    ids = list(range(5, 40))
+    whole = kt_core.Engine.from_pretrained(path, overrides=ov).logits(ids)
+    reads = []
+    monkeypatch.setattr(reader, "STREAM_BYTES", 0)  # every quantized dense weight streamed ...
+    monkeypatch.setattr(reader, "STREAM_BLOCK_BYTES", 64 * 2 * 5)  # ... 5 rows of 64 inputs at a time
+    from kt_core.weights.checkpoint import Checkpoint
+
+    read_rows = Checkpoint.read_rows
+    monkeypatch.setattr(Checkpoint, "read_rows", lambda self, *a: reads.append(a[0]) or read_rows(self, *a))
+    streamed = kt_core.Engine.from_pretrained(path, overrides=ov).logits(ids)
+    assert any("lm_head" in n for n in reads) and any("q_proj" in n for n in reads)
+    assert torch.equal(streamed, whole)
