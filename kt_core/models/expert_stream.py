@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from kt_core.weights.checkpoint import read_into
-from kt_core.weights.quant import QuantizedWeight
+from kt_core.weights.quant import QuantizedWeight, rows_into
 
 CHUNK_BYTES = 64 << 20  # a chunk of experts in the checkpoint's dtype (two are held while loading)
 
@@ -63,17 +63,5 @@ class Stacked:
                 w = pending.result()
                 if i + 1 < chunks:
                     pending = reader.submit(fill, i + 1)  # into the other buffer, while this one quantizes
-                q = quantize(w.to(dtype))
-                if out is None:
-                    out = QuantizedWeight(q.format, _like(q.qdata, E), _like(q.scales, E),
-                                          None if q.zeros is None else _like(q.zeros, E), q.group_size, q.in_features)
-                lo = i * n
-                out.qdata[lo:lo + len(w)] = q.qdata
-                out.scales[lo:lo + len(w)] = q.scales
-                if q.zeros is not None:
-                    out.zeros[lo:lo + len(w)] = q.zeros
+                out = rows_into(out, quantize(w.to(dtype)), i * n, E)
         return out
-
-
-def _like(t: torch.Tensor, E: int) -> torch.Tensor:
-    return torch.empty((E, *t.shape[1:]), dtype=t.dtype)

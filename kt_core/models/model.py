@@ -168,6 +168,12 @@ def _moe(r: _Reader, p: str, spec: ModelSpec, i: int, be: Backend, placer: Optio
 LayerPlacer = Callable[[int], tuple[Backend, int]]
 
 
+def _prepare(be: Backend, w, index: int, owned: bool):
+    """``be.prepare_dense``, told ``owned`` only when true (a backend plugin written before the argument
+    keeps working)."""
+    return be.prepare_dense(w, index, owned=True) if owned else be.prepare_dense(w, index)
+
+
 class Layer:
     def __init__(self, attn, ffn, norm1: torch.Tensor, norm2: torch.Tensor, be: Backend, device: torch.device,
                  cos_sin: torch.Tensor) -> None:
@@ -206,7 +212,7 @@ class CausalLM:
                 be, index = homes(i) if homes else (backend, 0)
                 device = be.torch_device(index)
                 r = _Reader(ck, spec, dtype, device, qp,
-                            lambda w, owned=False, be=be, index=index: be.prepare_dense(w, index, owned),
+                            lambda w, owned=False, be=be, index=index: _prepare(be, w, index, owned),
                             fuse=getattr(be, "fuse_projections", True),
                             alloc=lambda shape, dt, be=be, index=index: be.dense_empty(shape, dt, index))
                 p = f"model.layers.{i}."
@@ -239,7 +245,7 @@ class CausalLM:
         last_be, last_index = homes(spec.num_layers - 1) if homes else (backend, 0)  # the head sits with the last layer
         first = _Reader(ck, spec, dtype, layers[0].device, qp)
         last = _Reader(ck, spec, dtype, layers[-1].device, qp,
-                       lambda w, owned=False: last_be.prepare_dense(w, last_index, owned),
+                       lambda w, owned=False: _prepare(last_be, w, last_index, owned),
                        alloc=lambda shape, dt: last_be.dense_empty(shape, dt, last_index))
         head = shapes_v4.GLOBALS["head"] if spec.v4 is not None else "lm_head.weight"
         tied = spec.tie_embeddings or head not in ck

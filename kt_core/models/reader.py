@@ -12,7 +12,7 @@ from kt_core.models.expert_stream import Stacked
 from kt_core.models.kept import kept as _kept
 from kt_core.models.spec import ModelSpec
 from kt_core.weights.checkpoint import Checkpoint, read_into
-from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, codes_empty, quantize
+from kt_core.weights.quant import ExpertWeights, Quant, QuantizedWeight, quantize, rows_into
 
 
 @dataclass
@@ -121,28 +121,21 @@ class _Reader:
         with its 622 MB of bf16 and its 311 MB of codes together), or None where the checkpoint reads them
         only whole. Each row's codes and scales depend on that row alone: the result is the whole weight's."""
         read = getattr(self.ck, "read_rows", None)
-        K = shapes[0][1]
-        M = sum(s[0] for s in shapes)
-        if read is None or M * K * self.dtype.itemsize <= STREAM_BYTES or any(len(s) != 2 or s[1] != K for s in shapes):
+        if read is None or any(len(s) != 2 or s[1] != shapes[0][1] for s in shapes):
+            return None
+        K, M = shapes[0][1], sum(s[0] for s in shapes)
+        if M * K * self.dtype.itemsize <= STREAM_BYTES:
             return None
         step = max(1, STREAM_BLOCK_BYTES // (K * self.dtype.itemsize))
-        out, at, q = None, 0, None
+        out, at = None, 0
         for name, shape in zip(names, shapes):
             for r0 in range(0, shape[0], step):
-                r1 = min(shape[0], r0 + step)
-                rows = read(name, shape, r0, r1, self.dtype)
+                rows = read(name, shape, r0, min(shape[0], r0 + step), self.dtype)
                 if rows is None:
                     return None
-                q = _quantize(rows, fmt, self.qp, name)
-                if out is None:
-                    out = [codes_empty((M, *q.qdata.shape[1:]), q.qdata.dtype, self.alloc),
-                           torch.empty((M, *q.scales.shape[1:]), dtype=q.scales.dtype),
-                           None if q.zeros is None else torch.empty((M, *q.zeros.shape[1:]), dtype=q.zeros.dtype)]
-                for whole, part in zip(out, (q.qdata, q.scales, q.zeros)):
-                    if whole is not None:
-                        whole[at + r0:at + r1] = part
+                out = rows_into(out, _quantize(rows, fmt, self.qp, name), at + r0, M, self.alloc)
             at += shape[0]
-        return QuantizedWeight(fmt, out[0], out[1], out[2], q.group_size, K)
+        return out
 
     def rows(self, names: list[str], shapes: list) -> torch.Tensor:
         """Unquantized weights stacked by rows, read straight into the memory the device offers for them

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -154,6 +154,12 @@ class Adapted:
             out.copy_(self.get(name, shape, out.dtype))
         else:
             read_into(self.ck, name, out, shape)
+
+    def read_rows(self, name: str, shape, r0: int, r1: int, dtype) -> Optional[torch.Tensor]:
+        """The base's rows of a weight the adapter leaves alone; None for an adapted one (``get`` merges it
+        whole) or where the base cannot (a loader then reads the weight whole)."""
+        read = None if name in self.pairs else getattr(self.ck, "read_rows", None)
+        return None if read is None else read(name, shape, r0, r1, dtype)
 
     def keeps(self, name: str) -> bool:
         return name not in self.pairs and hasattr(self.ck, "keeps") and self.ck.keeps(name)

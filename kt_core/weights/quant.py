@@ -213,6 +213,25 @@ def codes_empty(shape, dtype: torch.dtype, alloc=None) -> torch.Tensor:
     return out
 
 
+def rows_into(out: Optional["QuantizedWeight"], q: "QuantizedWeight", lo: int, total: int,
+              alloc=None) -> "QuantizedWeight":
+    """A weight of ``total`` rows quantized a block of rows at a time: ``q`` (its rows [lo, lo + len)) written
+    into ``out``, which the first block makes (None: from q's formats and widths; codes from ``alloc``,
+    ``codes_empty``). Each row's codes and scales depend on that row alone: the whole weight's result."""
+    if out is None:
+        def like(t):
+            return torch.empty((total, *t.shape[1:]), dtype=t.dtype)
+
+        out = QuantizedWeight(q.format, codes_empty((total, *q.qdata.shape[1:]), q.qdata.dtype, alloc), like(q.scales),
+                              None if q.zeros is None else like(q.zeros), q.group_size, q.in_features)
+    n = q.qdata.shape[0]
+    out.qdata[lo:lo + n] = q.qdata
+    out.scales[lo:lo + n] = q.scales
+    if q.zeros is not None:
+        out.zeros[lo:lo + n] = q.zeros
+    return out
+
+
 def _native(fmt: Quant, rows: torch.Tensor, group: int, symmetric: bool, alloc=None) -> Optional[tuple]:
     """The same int4 fits (scales rounded to fp16 values) or int8 (fp16 scales when grouped) on the
     native CPU kernels, one pass per group: (codes, scales, zero points or None), or None where they

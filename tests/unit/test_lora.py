@@ -94,3 +94,20 @@ def test_kt_merge_writes_the_merged_checkpoint(tiny_checkpoint, tmp_path):
     make_adapter(base, tmp_path / "experts", ["q_a_proj", "gate_proj", "up_proj"])
     with pytest.raises(KtError, match="target_parameters"):
         kt_core.Engine.from_pretrained(base, overrides=[f"lora.path={tmp_path / 'experts'}"])
+
+
+def test_an_adapter_on_weights_quantized_a_block_of_rows_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
+    """With quant.dense and every dense weight read a block of rows at a time (reader.STREAM_BYTES 0),
+    the adapted weights are still merged (read whole), the others streamed: the logits of the whole-tensor
+    load, bit for bit, and not the base model's."""
+    from kt_core.models import reader
+
+    base = tiny_checkpoint("qwen2_moe")
+    make_adapter(base, tmp_path / "adapter", ["q_proj", "gate_proj"])
+    ov = ["model.dtype=float32", "quant.dense=int8", f"lora.path={tmp_path / 'adapter'}"]
+    whole = kt_core.Engine.from_pretrained(base, overrides=ov).logits(PROMPT)
+    monkeypatch.setattr(reader, "STREAM_BYTES", 0)
+    monkeypatch.setattr(reader, "STREAM_BLOCK_BYTES", 256)
+    streamed = kt_core.Engine.from_pretrained(base, overrides=ov).logits(PROMPT)
+    plain = kt_core.Engine.from_pretrained(base, overrides=ov[:2]).logits(PROMPT)
+    assert torch.equal(streamed, whole) and not torch.equal(streamed, plain)
