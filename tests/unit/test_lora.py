@@ -96,6 +96,7 @@ def test_kt_merge_writes_the_merged_checkpoint(tiny_checkpoint, tmp_path):
         kt_core.Engine.from_pretrained(base, overrides=[f"lora.path={tmp_path / 'experts'}"])
 
 
+@pytest.mark.slow  # three loads of a tiny model: ~6 s on 2 cores
 def test_an_adapter_on_weights_quantized_a_block_of_rows_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
     """With quant.dense and every dense weight read a block of rows at a time (reader.STREAM_BYTES 0),
     the adapted weights are still merged (read whole), the others streamed: the logits of the whole-tensor

@@ -69,6 +69,7 @@ def test_rows_read_alone_are_the_tensors_rows(tmp_path):
             ours.get_rows("w", r0, r1)
 
 
+@pytest.mark.slow  # two loads of a tiny model: ~5 s on 2 cores
 def test_a_large_weight_quantized_a_block_of_rows_at_a_time_loads_the_same_model(tmp_path, monkeypatch):
     """A quantized dense weight over reader.STREAM_BYTES is read and quantized a block of rows at a time
     (Checkpoint.read_rows); the model it loads is bit for bit the one whole-tensor quantization gives."""
