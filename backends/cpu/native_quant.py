@@ -123,10 +123,7 @@ def try_pack_int4(qdata: torch.Tensor, alloc=None) -> Optional[torch.Tensor]:
     qdata = qdata.contiguous()
     P = -(-M // NR)
     shape = (E, P, half // 2, 2 * NR)
-    out = torch.empty(shape, dtype=torch.uint8) if alloc is None else alloc(shape, torch.uint8)
-    if not (out.is_contiguous() and tuple(out.shape) == shape and out.dtype == torch.uint8):
-        raise ValueError(f"pack_int4: alloc gave a {out.dtype} tensor of shape {tuple(out.shape)}; it must be a "
-                         f"contiguous uint8 tensor of shape {shape}")
+    out = codes_empty(shape, torch.uint8, alloc)
     if E:
         args = _PackInt4Args(E, M, 2 * half, 0, qdata.data_ptr(), out.data_ptr())
         _check_rc(_lib_fns.kt_pack_int4(ctypes.byref(args)), "pack_int4")

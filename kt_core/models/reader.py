@@ -107,11 +107,19 @@ class _Reader:
             return self.prepare(q) if self.prepare is not None else q
         if fmt is Quant.NONE:
             return self.rows([name], [shape])
-        cpu = self.device.type == "cpu"  # the codes quantized into the device's memory, handed over to its packer
-        q = self._streamed([name], [shape], fmt) if cpu else None
+        return self._quantized([name], [tuple(shape)], fmt)
+
+    def _quantized(self, names: list[str], shapes: list, fmt: Quant):
+        """The named weights stacked by rows, quantized to ``fmt`` and prepared for the device: on a CPU
+        device streamed where they can be (``_streamed``) and their codes, made in its memory, handed over
+        to its packer."""
+        cpu = self.device.type == "cpu"
+        q = self._streamed(names, shapes, fmt) if cpu else None
         if q is None:
-            w = self.t(name, shape)
-            q = _quantize(w, fmt, self.qp, name, self.alloc if cpu else None).to(self.device)
+            parts = [self.t(n, s) for n, s in zip(names, shapes)]
+            w = parts[0] if len(parts) == 1 else torch.cat(parts)
+            del parts
+            q = _quantize(w, fmt, self.qp, names[0], self.alloc if cpu else None).to(self.device)
             del w  # the source is not held while the device packs the codes
         return self.prepare(q, cpu) if self.prepare is not None else q
 
@@ -179,13 +187,7 @@ class _Reader:
             return None  # a GGUF's blocks: each stays in its own format
         if fmt is Quant.NONE:
             return self.rows(names, shapes)
-        cpu = self.device.type == "cpu"  # as dense()
-        q = self._streamed(names, [tuple(s) for s in shapes], fmt) if cpu else None
-        if q is None:
-            w = torch.cat([self.t(n, s) for n, s in zip(names, shapes)])
-            q = _quantize(w, fmt, self.qp, names[0], self.alloc if cpu else None).to(self.device)
-            del w
-        return self.prepare(q, cpu) if self.prepare is not None else q
+        return self._quantized(names, [tuple(s) for s in shapes], fmt)
 
     def experts(self, gate, up, down, ids: torch.Tensor, **biases):
         """gate / up / down: tensors, or callables that read them (then each projection is read and
